@@ -1,0 +1,1 @@
+"""Pallas kernels for lsm_jax. Imports nothing from lsm_jax."""

@@ -1,0 +1,115 @@
+"""Public API of decay-scan linear attention and its backend dispatch (recurrentgemma-style).
+
+Layout: q, k [batch, time, heads, dim_k]; v [batch, time, heads, dim_v]. Three decay modes, chosen by
+the shape of `log_decay` (natural-log decay per step, every value <= 0):
+  * None                       no decay (cosFormer2)
+  * [heads]                    fixed scalar decay per head (TNL)
+  * [batch, time, heads, dim_k] data-dependent decay per key channel (HGRN2)
+States are [batch, heads, dim_k, dim_v] float32. `segment_ids` [batch, time] marks packed documents: the
+state is reset wherever the id changes, so documents never share state. `initial_state` feeds the first
+document of each row. No query scaling is applied: callers scale q themselves.
+
+Backends compute the same function:
+  "reference"   naive recurrent scan (ground truth, slow)
+  "xla"         chunked two-level algorithm in plain JAX (portable; any T)
+  "pallas_tpu"  Mosaic TPU kernels
+  "pallas_gpu"  Pallas GPU kernels for Hopper
+  "auto"        Pallas on TPU and GPU, "xla" elsewhere
+"""
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.linear_attention import reference
+
+BACKENDS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu")
+# Module (inside this package) and function implementing each concrete backend. Each function has the
+# signature fn(q, k, v, log_decay, initial_state, segment_ids, chunk_size) -> (o, final_state).
+_BACKEND_IMPLS = {
+    "reference": ("reference", "linear_attention_recurrent_with_chunk"),
+    "xla": ("chunked", "linear_attention_chunked"),
+    "pallas_tpu": ("tpu", "linear_attention_tpu"),
+    "pallas_gpu": ("gpu", "linear_attention_gpu"),
+}
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
+
+
+def resolve_backend(backend: str) -> str:
+  """Maps "auto" to the best backend for the default device's platform."""
+  if backend not in BACKENDS:
+    raise ValueError(f"Unknown linear-attention backend {backend!r}; valid: {', '.join(BACKENDS)}.")
+  if backend != "auto":
+    return backend
+  platform = jax.default_backend()
+  if platform == "tpu":
+    return "pallas_tpu"
+  if platform == "gpu":
+    return "pallas_gpu"
+  return "xla"
+
+
+def _impl(backend: str):
+  module_name, fn_name = _BACKEND_IMPLS[backend]
+  module = importlib.import_module(f"pallas_kernels.linear_attention.{module_name}")
+  return getattr(module, fn_name)
+
+
+def _check_inputs(q, k, v, log_decay, initial_state, segment_ids):
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError("linear_attention expects q, k, v of rank 4 [batch, time, heads, dim]; got shapes "
+                     f"q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}.")
+  if q.shape != k.shape:
+    raise ValueError(f"q and k must have the same shape [batch, time, heads, dim_k]; got q{tuple(q.shape)} "
+                     f"and k{tuple(k.shape)}.")
+  if v.shape[:3] != q.shape[:3]:
+    raise ValueError(f"v must share [batch, time, heads] with q; got v{tuple(v.shape)} and q{tuple(q.shape)}.")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x.dtype not in _FLOAT_DTYPES:
+      raise TypeError(f"{name} has dtype {x.dtype}; valid: float32, bfloat16, float16, float64.")
+  batch, time, heads, dim_k = q.shape
+  if log_decay is not None:
+    valid = ((heads,), (batch, time, heads, dim_k))
+    if tuple(log_decay.shape) not in valid:
+      raise ValueError(f"log_decay has shape {tuple(log_decay.shape)}; valid: None (no decay), [heads]={valid[0]} "
+                       f"(fixed per head) or [batch, time, heads, dim_k]={valid[1]} (per key channel).")
+    if log_decay.dtype not in _FLOAT_DTYPES:
+      raise TypeError(f"log_decay has dtype {log_decay.dtype}; valid: a floating dtype (float32 recommended).")
+  if initial_state is not None:
+    expected = (batch, heads, dim_k, v.shape[-1])
+    if tuple(initial_state.shape) != expected:
+      raise ValueError(f"initial_state has shape {tuple(initial_state.shape)}; expected [batch, heads, dim_k, "
+                       f"dim_v]={expected}.")
+  if segment_ids is not None:
+    if tuple(segment_ids.shape) != (batch, time):
+      raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}; expected [batch, time]={(batch, time)}.")
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+      raise TypeError(f"segment_ids has dtype {segment_ids.dtype}; valid: an integer dtype.")
+
+
+def linear_attention(q, k, v, log_decay=None, *, initial_state=None, segment_ids=None,
+                     return_final_state=False, backend="auto", chunk_size=None):
+  """Causal decay-scan linear attention. Returns o [B,T,H,Dv] (v.dtype), plus the final state if asked."""
+  _check_inputs(q, k, v, log_decay, initial_state, segment_ids)
+  impl = _impl(resolve_backend(backend))
+  out, final_state = impl(q, k, v, log_decay, initial_state, segment_ids, chunk_size)
+  return (out, final_state) if return_final_state else out
+
+
+def linear_attention_step(q, k, v, state, log_decay=None):
+  """One decoding step with an O(1) state: q,k [B,H,Dk], v [B,H,Dv], state [B,H,Dk,Dv] float32,
+  log_decay None / [H] / [B,H,Dk]. Returns (o [B,H,Dv] in v.dtype, new state)."""
+  batch, heads, dim_k = q.shape
+  dtype = reference.compute_dtype(q, k, v, state)
+  if log_decay is None:
+    decay = jnp.zeros((batch, heads, dim_k), dtype)
+  elif log_decay.ndim == 1:
+    decay = jnp.broadcast_to(log_decay.astype(dtype)[None, :, None], (batch, heads, dim_k))
+  else:
+    decay = log_decay.astype(dtype)
+  with jax.default_matmul_precision("highest"):
+    out, state = reference.recurrent_step(q.astype(dtype), k.astype(dtype), v.astype(dtype), decay,
+                                          state.astype(dtype))
+  return out.astype(v.dtype), state
