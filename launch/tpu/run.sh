@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs training on all workers and relaunches after preemption or failure. The run resumes by itself from
+# its latest complete checkpoint under MODEL_DIR, so a relaunch loses at most the steps since that checkpoint.
+# Example: launch/tpu/run.sh --name=lsm-hgrn2 --zone=us-east5-a --accelerator=v5p-128 \
+#            --gin_file=gin/hgrn2_7b.gin --bucket=gs://my-bucket/lsm
+source "$(dirname "$0")/common.sh"
+source "$(dirname "$0")/flags.sh"
+parse_flags "$@"
+require name zone accelerator gin_file bucket
+tpu_generation "${TPU_ACCELERATOR}" >/dev/null || exit 2
+model_dir="${BUCKET%/}/${RUN_NAME}"
+train_cmd="cd ~/${REMOTE_DIR} && export LIBTPU_INIT_ARGS='$(libtpu_init_args "${TPU_ACCELERATOR}")' \
+&& python3 -m lsm_jax.train --gin_file=${GIN_FILE} --gin.MODEL_DIR=\"'${model_dir}'\" 2>&1 | tee -a ~/train.log"
+
+attempt=0
+while true; do
+  if on_all_workers "${train_cmd}"; then
+    [[ "${DRY_RUN}" == 1 ]] || echo "training finished: ${model_dir}"
+    exit 0
+  fi
+  attempt=$((attempt + 1))
+  if (( attempt > RETRIES )); then
+    echo "giving up after ${RETRIES} relaunches; the checkpoints in ${model_dir} are intact" >&2
+    exit 1
+  fi
+  # A preempted spot pod is gone: recreate it and reinstall before relaunching.
+  # shellcheck disable=SC2046
+  state=$(gcloud alpha compute tpus queued-resources describe "${TPU_NAME}" $(location_flags) \
+            --format='value(state.state)' 2>/dev/null || echo MISSING)
+  if [[ "${state}" != ACTIVE ]]; then
+    echo "pod ${TPU_NAME} is ${state}: recreating (relaunch ${attempt}/${RETRIES})" >&2
+    "$(dirname "$0")/stop.sh" "$@" || true
+    "$(dirname "$0")/create.sh" "$@"
+    "$(dirname "$0")/setup.sh" "$@"
+  else
+    echo "training exited with an error; relaunching (${attempt}/${RETRIES})" >&2
+    sleep 60
+  fi
+done
