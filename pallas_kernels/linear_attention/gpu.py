@@ -1,0 +1,610 @@
+"""Pallas GPU (Hopper) kernels for chunked linear attention, lowered through Triton ("pallas_gpu" backend).
+
+fla's decomposition, which keeps every SM busy when batch·heads is small:
+  forward   1. state scan: one program per (batch·head, Dk tile, Dv tile) walks the chunks and writes the
+               state entering each chunk (h) and the final state;
+            2. output: fully parallel over (chunk, batch·head, Dv tile): o = q̄·h + (masked, decayed q·kᵀ)·v.
+  backward  the state scan again (recomputes h), the reverse scan of the state gradient (dh, dh0), then two
+            chunk-parallel kernels: dv (Dv tiles) and dq, dk (Dk tiles).
+Decay factors use chunk-local cumulative log-decays g so that every exponent is <= 0 (kernels.md §7).
+Data-dependent (per key channel) decay walks 16-token sub-chunks inside each chunk with a running fp32 state,
+and computes the diagonal 16×16 blocks elementwise in fp32 (exact for any gate strength).
+Segment resets become masks from a chunk-local count of document starts (`resets`): a query sees the
+carried state only before the chunk's first reset, a key feeds the outgoing state only after its last one.
+States travel between kernels value-major ([.., Dv, Dk]) so that per-key-channel decays scale columns.
+The decay gradient uses d log α_r = Σ_{t≥r} (q·dq − k·dk)_t + Σ_v S_T·dS_T (kernels.md §3.3), in XLA. That sum
+cancels heavily, so only when a decay gradient is wanted (HGRN2; TNL's decay is a fixed buffer) does the
+backward keep fp32 states and fp32 dq/dk matmul operands; otherwise states and operands are bf16 for bf16 inputs.
+Off the GPU the kernels run in Pallas interpret mode (for tests on CPU).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.linear_attention import reference
+
+DEFAULT_CHUNK_SIZE = 64
+SUB_CHUNK = 16  # vector decay: diagonal blocks computed elementwise at this size (fla's chunk_gla)
+SCAN_TILE = 64  # Dk and Dv tile of the state scans: B·H·(Dk/64)·(Dv/64) sequential programs
+_SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+class _Config:
+  """Static kernel configuration (hashable, a nondiff argument of the custom_vjp)."""
+
+  def __init__(self, mode, has_segments, chunk, num_warps, num_stages, scan_tile):
+    self.mode, self.has_segments, self.chunk = mode, has_segments, chunk
+    self.num_warps, self.num_stages, self.scan_tile = num_warps, num_stages, scan_tile
+    self.sub_chunk = min(SUB_CHUNK, chunk) if mode == "vector" else chunk
+    self._key = (mode, has_segments, chunk, num_warps, num_stages, scan_tile)
+
+  def __hash__(self):
+    return hash(self._key)
+
+  def __eq__(self, other):
+    return isinstance(other, _Config) and self._key == other._key
+
+
+def _is_power_of_two(n):
+  return n > 0 and n & (n - 1) == 0
+
+
+def _compiler_params(config, num_warps=None):
+  return pltriton.CompilerParams(num_warps=num_warps or config.num_warps, num_stages=config.num_stages)
+
+
+def _interpret():
+  return jax.default_backend() != "gpu"
+
+
+def _dot(a, b, contract=((1,), (0,))):
+  """2-D matmul with fp32 accumulation. fp32 operands keep fp32 accuracy (plain TF32 would cost ~1e-3): three
+  TF32 passes on the GPU's tensor cores, exact fp32 in interpret mode."""
+  precision = None
+  if a.dtype == jnp.float32:
+    precision = lax.Precision.HIGHEST if _interpret() else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+  return lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32)
+
+
+def _dot_nt(a, b):  # a·bᵀ
+  return _dot(a, b, ((1,), (1,)))
+
+
+def _dot_tn(a, b):  # aᵀ·b
+  return _dot(a, b, ((0,), (0,)))
+
+
+def _scalar(ref, index):
+  """One element of a 1-D ref as a 0-d value (Triton loads need a power-of-two shape, so load 1 and sum)."""
+  return jnp.sum(ref[pl.ds(index, 1)])
+
+
+def _row(ref, index, columns=slice(None)):
+  return ref[pl.ds(index, 1), columns].astype(jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------ chunk helpers
+def _intra_mask(config, g, resets):
+  """[C,C] fp32 decay-and-mask matrix of a chunk for scalar/no decay: exp(g_i − g_j) for i ≥ j in one document."""
+  size = config.chunk
+  rows = lax.broadcasted_iota(jnp.int32, (size, size), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (size, size), 1)
+  keep = rows >= cols
+  if config.has_segments:
+    keep = keep & (resets[:, None] == resets[None, :])
+  if config.mode == "scalar":
+    diff = jnp.where(keep, g[:, None] - g[None, :], 0.0)
+    return jnp.where(keep, jnp.exp(diff), 0.0)
+  return keep.astype(jnp.float32)
+
+
+def _diag_block(q_sub, k_ref, g_sub, g_ref, resets_sub, resets_ref, start, sub, columns=slice(None)):
+  """Vector decay: the [c,c] block A_ij = Σ_d q_id k_jd exp(g_id − g_jd) (i ≥ j, same document), elementwise in
+  fp32 one key at a time, so no exponent is ever positive."""
+  rows = lax.broadcasted_iota(jnp.int32, (sub, 1), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (sub, sub), 1)
+
+  def add_column(j, block):
+    k_j = _row(k_ref, start + j, columns)
+    exponent = jnp.where(rows >= j, g_sub - _row(g_ref, start + j, columns), -jnp.inf)
+    column = jnp.sum(q_sub * k_j * jnp.exp(exponent), axis=1)
+    if resets_ref is not None:
+      column = jnp.where(resets_sub == _scalar(resets_ref, start + j), column, 0.0)
+    return jnp.where(cols == j, column[:, None], block)
+
+  # A loop, not unrolled: keeps the Triton program (and its compile time) small.
+  return lax.fori_loop(0, sub, add_column, jnp.zeros((sub, sub), jnp.float32))
+
+
+class _SubChunk:
+  """Decay factors and masks of the sub-chunk [start, start+size) of a chunk (vector decay, or the whole chunk).
+
+  q_factor = exp(g_i − g_before) (≤ 1) scales queries against the state entering the sub-chunk, k_factor =
+  exp(g_end − g_j) scales keys into the state leaving it, state_decay = exp(g_end − g_before) (× 0 when a
+  document starts inside) carries the state across. None means "no scaling"."""
+
+  def __init__(self, config, g_ref, resets_ref, start, size, columns=slice(None)):
+    mode = config.mode
+    self.g = self.q_factor = self.k_factor = self.state_decay = None
+    if mode == "scalar":
+      self.g = g_ref[pl.ds(start, size)].astype(jnp.float32)
+      g_before = _scalar(g_ref, start - 1) if start > 0 else 0.0
+      g_end = _scalar(g_ref, start + size - 1)
+      self.q_factor = jnp.exp(self.g - g_before)[:, None]
+      self.k_factor = jnp.exp(g_end - self.g)[:, None]
+      self.state_decay = jnp.exp(g_end - g_before)
+    elif mode == "vector":
+      self.g = g_ref[pl.ds(start, size), columns].astype(jnp.float32)
+      g_before = _row(g_ref, start - 1, columns) if start > 0 else jnp.zeros_like(self.g[:1])
+      g_end = _row(g_ref, start + size - 1, columns)
+      self.q_factor = jnp.exp(self.g - g_before)
+      self.k_factor = jnp.exp(g_end - self.g)
+      self.state_decay = jnp.exp(g_end - g_before)
+    self.resets = None
+    if config.has_segments:
+      self.resets = resets_ref[pl.ds(start, size)]
+      resets_before = _scalar(resets_ref, start - 1) if start > 0 else 0
+      resets_end = _scalar(resets_ref, start + size - 1)
+      query_sees_state = (self.resets == resets_before)[:, None]
+      key_reaches_end = (self.resets == resets_end)[:, None]
+      carried = (resets_end == resets_before).astype(jnp.float32)
+      self.q_factor = _and_mask(self.q_factor, query_sees_state)
+      self.k_factor = _and_mask(self.k_factor, key_reaches_end)
+      self.state_decay = carried if self.state_decay is None else self.state_decay * carried
+
+  @staticmethod
+  def scale(x, factor):
+    return x if factor is None else x * factor
+
+
+def _and_mask(factor, mask):
+  return mask.astype(jnp.float32) if factor is None else jnp.where(mask, factor, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+def _state_scan_kernel(*refs, config, num_chunks, reverse):
+  """Forward (a=k, b=v): S ← decay·S + (k ⊙ k_factor)ᵀv, storing S entering each chunk.
+  Reverse (a=q, b=do): dS ← decay·dS + (q ⊙ q_factor)ᵀdo, storing dS leaving each chunk; S is [Dv, Dk]."""
+  refs = list(refs)
+  a_ref, b_ref = refs.pop(0), refs.pop(0)
+  g_ref = refs.pop(0) if config.mode != "none" else None
+  resets_ref = refs.pop(0) if config.has_segments else None
+  init_ref, states_ref, last_ref = refs
+  chunk = config.chunk
+  operand_dtype = a_ref.dtype
+
+  def body(step, state):
+    n = num_chunks - 1 - step if reverse else step
+    states_ref[n] = state.astype(states_ref.dtype)
+    start = pl.multiple_of(n * chunk, chunk)
+    offset = lambda ref: None if ref is None else _Offset(ref, start)
+    sub = _SubChunk(config, offset(g_ref), offset(resets_ref), 0, chunk)
+    factor = sub.q_factor if reverse else sub.k_factor
+    a = _SubChunk.scale(a_ref[pl.ds(start, chunk), :].astype(jnp.float32), factor).astype(operand_dtype)
+    b = b_ref[pl.ds(start, chunk), :]
+    return _SubChunk.scale(state, sub.state_decay) + _dot_tn(b, a)
+
+  last_ref[...] = lax.fori_loop(0, num_chunks, body, init_ref[...].astype(jnp.float32))
+
+
+class _Offset:
+  """A 1-D/2-D ref viewed from a dynamic row offset (the state scans index chunks inside a full-T block)."""
+
+  def __init__(self, ref, offset):
+    self.ref, self.offset = ref, offset
+
+  def __getitem__(self, index):
+    rows, *rest = index if isinstance(index, tuple) else (index,)
+    return self.ref[(pl.ds(self.offset + rows.start, rows.size), *rest)]
+
+
+def _output_kernel(*refs, config):
+  """o = q̄·h + A·v for one chunk and Dv tile; A decayed and masked (sub-chunk walk for vector decay)."""
+  refs = list(refs)
+  q_ref, k_ref, v_ref = refs.pop(0), refs.pop(0), refs.pop(0)
+  g_ref = refs.pop(0) if config.mode != "none" else None
+  resets_ref = refs.pop(0) if config.has_segments else None
+  h_ref, o_ref = refs
+  dtype = q_ref.dtype
+  if config.mode != "vector":
+    sub = _SubChunk(config, g_ref, resets_ref, 0, config.chunk)
+    q = q_ref[...]
+    scores = _dot_nt(q, k_ref[...]) * _intra_mask(config, sub.g, sub.resets)
+    q_bar = _SubChunk.scale(q.astype(jnp.float32), sub.q_factor).astype(dtype)
+    out = _dot_nt(q_bar, h_ref[...].astype(dtype)) + _dot(scores.astype(dtype), v_ref[...])
+    o_ref[...] = out.astype(o_ref.dtype)
+    return
+  size = config.sub_chunk
+  state = h_ref[...].astype(jnp.float32)
+  for index in range(config.chunk // size):
+    start = index * size
+    sub = _SubChunk(config, g_ref, resets_ref, start, size)
+    q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
+    k = k_ref[pl.ds(start, size), :].astype(jnp.float32)
+    v = v_ref[pl.ds(start, size), :]
+    block = _diag_block(q, k_ref, sub.g, g_ref, sub.resets, resets_ref, start, size)
+    out = _dot_nt((q * sub.q_factor).astype(dtype), state.astype(dtype)) + _dot(block.astype(dtype), v)
+    o_ref[pl.ds(start, size), :] = out.astype(o_ref.dtype)
+    if index + 1 < config.chunk // size:
+      state = state * sub.state_decay + _dot_tn(v, (k * sub.k_factor).astype(dtype))
+
+
+def _dv_kernel(*refs, config):
+  """dv = Aᵀ·do + (k ⊙ k_factor)·dS for one chunk and Dv tile (reverse sub-chunk walk for vector decay)."""
+  refs = list(refs)
+  q_ref, k_ref, do_ref = refs.pop(0), refs.pop(0), refs.pop(0)
+  g_ref = refs.pop(0) if config.mode != "none" else None
+  resets_ref = refs.pop(0) if config.has_segments else None
+  dh_ref, dv_ref = refs
+  dtype = q_ref.dtype
+  if config.mode != "vector":
+    sub = _SubChunk(config, g_ref, resets_ref, 0, config.chunk)
+    k = k_ref[...]
+    scores = _dot_nt(q_ref[...], k) * _intra_mask(config, sub.g, sub.resets)
+    k_hat = _SubChunk.scale(k.astype(jnp.float32), sub.k_factor).astype(dtype)
+    dv = _dot_tn(scores.astype(dtype), do_ref[...]) + _dot_nt(k_hat, dh_ref[...].astype(dtype))
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+    return
+  size = config.sub_chunk
+  d_state = dh_ref[...].astype(jnp.float32)
+  for index in reversed(range(config.chunk // size)):
+    start = index * size
+    sub = _SubChunk(config, g_ref, resets_ref, start, size)
+    q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
+    k = k_ref[pl.ds(start, size), :].astype(jnp.float32)
+    do = do_ref[pl.ds(start, size), :]
+    block = _diag_block(q, k_ref, sub.g, g_ref, sub.resets, resets_ref, start, size)
+    dv = _dot_nt((k * sub.k_factor).astype(dtype), d_state.astype(dtype)) + _dot_tn(block.astype(dtype), do)
+    dv_ref[pl.ds(start, size), :] = dv.astype(dv_ref.dtype)
+    if index > 0:
+      d_state = d_state * sub.state_decay + _dot_tn(do, (q * sub.q_factor).astype(dtype))
+
+
+def _dqdk_kernel(*refs, config, operand_dtype):
+  """dq = (do·h) ⊙ q_factor + (dA ⊙ D)·k and dk = (v·dS) ⊙ k_factor + (dA ⊙ D)ᵀ·q for one chunk and Dk tile.
+
+  operand_dtype is float32 when the decay gradient is wanted: it sums q·dq − k·dk, which cancels heavily, so
+  dq and dk need more than bf16-operand accuracy."""
+  refs = list(refs)
+  q_ref, k_ref, v_ref, do_ref = refs.pop(0), refs.pop(0), refs.pop(0), refs.pop(0)
+  g_ref = refs.pop(0) if config.mode != "none" else None
+  resets_ref = refs.pop(0) if config.has_segments else None
+  h_ref, dh_ref, dq_ref, dk_ref = refs
+  dtype = operand_dtype
+  if config.mode != "vector":
+    sub = _SubChunk(config, g_ref, resets_ref, 0, config.chunk)
+    q, k, do, v = (ref[...].astype(dtype) for ref in (q_ref, k_ref, do_ref, v_ref))
+    d_scores = (_dot_nt(do, v) * _intra_mask(config, sub.g, sub.resets)).astype(dtype)
+    dq = _SubChunk.scale(_dot(do, h_ref[...].astype(dtype)), sub.q_factor) + _dot(d_scores, k)
+    dk = _SubChunk.scale(_dot(v, dh_ref[...].astype(dtype)), sub.k_factor) + _dot_tn(d_scores, q)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    return
+  size = config.sub_chunk
+  num_subs = config.chunk // size
+  rows = lax.broadcasted_iota(jnp.int32, (size, size), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (size, size), 1)
+  row_index = lax.broadcasted_iota(jnp.int32, (size, 1), 0)
+  subs = [_SubChunk(config, g_ref, resets_ref, i * size, size) for i in range(num_subs)]
+  load = lambda ref, start: ref[pl.ds(start, size), :].astype(dtype)
+
+  def diag_scores(start, sub):
+    keep = rows >= cols
+    if config.has_segments:
+      keep = keep & (sub.resets[:, None] == sub.resets[None, :])
+    return jnp.where(keep, _dot_nt(load(do_ref, start), load(v_ref, start)), 0.0)
+
+  state = h_ref[...].astype(jnp.float32)
+  for index, sub in enumerate(subs):
+    start = index * size
+    d_scores = diag_scores(start, sub)
+
+    def add_key(j, dq, start=start, sub=sub, d_scores=d_scores):  # dq_i += dA_ij k_j exp(g_i − g_j), i ≥ j
+      d_score = jnp.sum(jnp.where(cols == j, d_scores, 0.0), axis=1)[:, None]
+      exponent = jnp.where(row_index >= j, sub.g - _row(g_ref, start + j), -jnp.inf)
+      return dq + d_score * _row(k_ref, start + j) * jnp.exp(exponent)
+
+    dq = _dot(load(do_ref, start), state.astype(dtype)) * sub.q_factor
+    dq_ref[pl.ds(start, size), :] = lax.fori_loop(0, size, add_key, dq).astype(dq_ref.dtype)
+    if index + 1 < num_subs:
+      k_hat = (k_ref[pl.ds(start, size), :].astype(jnp.float32) * sub.k_factor).astype(dtype)
+      state = state * sub.state_decay + _dot_tn(load(v_ref, start), k_hat)
+  d_state = dh_ref[...].astype(jnp.float32)
+  for index in reversed(range(num_subs)):
+    sub, start = subs[index], index * size
+    d_scores = diag_scores(start, sub)
+
+    def add_query(i, dk, start=start, sub=sub, d_scores=d_scores):  # dk_j += dA_ij q_i exp(g_i − g_j), j ≤ i
+      d_score = jnp.sum(jnp.where(rows == i, d_scores, 0.0), axis=0)[:, None]
+      exponent = jnp.where(row_index <= i, _row(g_ref, start + i) - sub.g, -jnp.inf)
+      return dk + d_score * _row(q_ref, start + i) * jnp.exp(exponent)
+
+    dk = _dot(load(v_ref, start), d_state.astype(dtype)) * sub.k_factor
+    dk_ref[pl.ds(start, size), :] = lax.fori_loop(0, size, add_query, dk).astype(dk_ref.dtype)
+    if index > 0:
+      q_bar = (q_ref[pl.ds(start, size), :].astype(jnp.float32) * sub.q_factor).astype(dtype)
+      d_state = d_state * sub.state_decay + _dot_tn(load(do_ref, start), q_bar)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+class _Layout:
+  """Shapes and BlockSpecs shared by the launches of one call."""
+
+  def __init__(self, config, batch, padded_time, heads, dim_k, dim_v):
+    self.config, self.batch, self.time, self.heads = config, batch, padded_time, heads
+    self.dim_k, self.dim_v = dim_k, dim_v
+    self.num_chunks = padded_time // config.chunk
+
+  # Chunk-parallel grid (chunk, batch·head, tile).
+  def chunk_spec(self, width, tiled=False):
+    heads = self.heads
+    return pl.BlockSpec((None, self.config.chunk, None, width),
+                        lambda n, bh, t: (bh // heads, n, bh % heads, t if tiled else 0))
+
+  def chunk_g_spec(self, width=None, tiled=False):
+    heads = self.heads
+    if self.config.mode == "scalar":
+      return pl.BlockSpec((self.config.chunk, None), lambda n, bh, t: (n, bh % heads))
+    return self.chunk_spec(width or self.dim_k, tiled)
+
+  def chunk_resets_spec(self):
+    heads = self.heads
+    return pl.BlockSpec((None, self.config.chunk), lambda n, bh, t: (bh // heads, n))
+
+  def chunk_state_spec(self, rows, columns, tile_rows):
+    heads = self.heads
+    return pl.BlockSpec((None, None, None, rows, columns),
+                        lambda n, bh, t: (bh // heads, n, bh % heads, t if tile_rows else 0, 0 if tile_rows else t))
+
+  # State-scan grid (batch·head, Dk tile, Dv tile).
+  def scan_spec(self, width, tile_axis):
+    heads = self.heads
+    return pl.BlockSpec((None, self.time, None, width),
+                        lambda bh, ik, iv: (bh // heads, 0, bh % heads, (ik, iv)[tile_axis]))
+
+  def scan_g_spec(self, width):
+    heads = self.heads
+    if self.config.mode == "scalar":
+      return pl.BlockSpec((self.time, None), lambda bh, ik, iv: (0, bh % heads))
+    return self.scan_spec(width, 0)
+
+  def scan_resets_spec(self):
+    heads = self.heads
+    return pl.BlockSpec((None, self.time), lambda bh, ik, iv: (bh // heads, 0))
+
+  def scan_state_spec(self, tile_k, tile_v, per_chunk):
+    heads = self.heads
+    if per_chunk:
+      return pl.BlockSpec((None, self.num_chunks, None, tile_v, tile_k),
+                          lambda bh, ik, iv: (bh // heads, 0, bh % heads, iv, ik))
+    return pl.BlockSpec((None, None, tile_v, tile_k), lambda bh, ik, iv: (bh // heads, bh % heads, iv, ik))
+
+  def extras(self, g, resets):
+    return [x for x in (g, resets) if x is not None]
+
+
+def _state_scan(layout, a, b, g, resets, init, state_dtype, reverse):
+  """Runs the state scan; returns (per-chunk states [B,N,H,Dv,Dk] state_dtype, last state [B,H,Dv,Dk] f32)."""
+  config = layout.config
+  tile_k, tile_v = min(config.scan_tile, layout.dim_k), min(config.scan_tile, layout.dim_v)
+  grid = (layout.batch * layout.heads, layout.dim_k // tile_k, layout.dim_v // tile_v)
+  in_specs = [layout.scan_spec(tile_k, 0), layout.scan_spec(tile_v, 1)]
+  if g is not None:
+    in_specs.append(layout.scan_g_spec(tile_k))
+  if resets is not None:
+    in_specs.append(layout.scan_resets_spec())
+  in_specs.append(layout.scan_state_spec(tile_k, tile_v, per_chunk=False))
+  state_shape = (layout.batch, layout.heads, layout.dim_v, layout.dim_k)
+  kernel = functools.partial(_state_scan_kernel, config=config, num_chunks=layout.num_chunks, reverse=reverse)
+  return pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs,
+      out_specs=[layout.scan_state_spec(tile_k, tile_v, per_chunk=True),
+                 layout.scan_state_spec(tile_k, tile_v, per_chunk=False)],
+      out_shape=[jax.ShapeDtypeStruct((layout.batch, layout.num_chunks, layout.heads, layout.dim_v, layout.dim_k),
+                                      state_dtype),
+                 jax.ShapeDtypeStruct(state_shape, jnp.float32)],
+      compiler_params=_compiler_params(config, num_warps=4), interpret=_interpret(),
+      name="linear_attention_state_scan_reverse" if reverse else "linear_attention_state_scan",
+  )(a, b, *layout.extras(g, resets), init)
+
+
+def _value_tile(layout):
+  return min(128, layout.dim_v)
+
+
+def _key_tile(layout):
+  return min(128, layout.dim_k)
+
+
+def _output(layout, q, k, v, g, resets, states, out_dtype):
+  config = layout.config
+  tile_v = _value_tile(layout)
+  in_specs = [layout.chunk_spec(layout.dim_k), layout.chunk_spec(layout.dim_k), layout.chunk_spec(tile_v, True)]
+  if g is not None:
+    in_specs.append(layout.chunk_g_spec())
+  if resets is not None:
+    in_specs.append(layout.chunk_resets_spec())
+  in_specs.append(layout.chunk_state_spec(tile_v, layout.dim_k, tile_rows=True))
+  return pl.pallas_call(
+      functools.partial(_output_kernel, config=config),
+      grid=(layout.num_chunks, layout.batch * layout.heads, layout.dim_v // tile_v), in_specs=in_specs,
+      out_specs=layout.chunk_spec(tile_v, True),
+      out_shape=jax.ShapeDtypeStruct((layout.batch, layout.time, layout.heads, layout.dim_v), out_dtype),
+      compiler_params=_compiler_params(config), interpret=_interpret(), name="linear_attention_output",
+  )(q, k, v, *layout.extras(g, resets), states)
+
+
+def _grad_dv(layout, q, k, do, g, resets, d_states, out_dtype):
+  config = layout.config
+  tile_v = _value_tile(layout)
+  in_specs = [layout.chunk_spec(layout.dim_k), layout.chunk_spec(layout.dim_k), layout.chunk_spec(tile_v, True)]
+  if g is not None:
+    in_specs.append(layout.chunk_g_spec())
+  if resets is not None:
+    in_specs.append(layout.chunk_resets_spec())
+  in_specs.append(layout.chunk_state_spec(tile_v, layout.dim_k, tile_rows=True))
+  return pl.pallas_call(
+      functools.partial(_dv_kernel, config=config),
+      grid=(layout.num_chunks, layout.batch * layout.heads, layout.dim_v // tile_v), in_specs=in_specs,
+      out_specs=layout.chunk_spec(tile_v, True),
+      out_shape=jax.ShapeDtypeStruct((layout.batch, layout.time, layout.heads, layout.dim_v), out_dtype),
+      compiler_params=_compiler_params(config), interpret=_interpret(), name="linear_attention_grad_v",
+  )(q, k, do, *layout.extras(g, resets), d_states)
+
+
+def _grad_dqdk(layout, q, k, v, do, g, resets, states, d_states, out_dtype, operand_dtype):
+  config = layout.config
+  tile_k = _key_tile(layout)
+  in_specs = [layout.chunk_spec(tile_k, True), layout.chunk_spec(tile_k, True),
+              layout.chunk_spec(layout.dim_v), layout.chunk_spec(layout.dim_v)]
+  if g is not None:
+    in_specs.append(layout.chunk_g_spec(tile_k, True))
+  if resets is not None:
+    in_specs.append(layout.chunk_resets_spec())
+  in_specs += [layout.chunk_state_spec(layout.dim_v, tile_k, tile_rows=False)] * 2
+  shape = jax.ShapeDtypeStruct((layout.batch, layout.time, layout.heads, layout.dim_k), out_dtype)
+  return pl.pallas_call(
+      functools.partial(_dqdk_kernel, config=config, operand_dtype=operand_dtype),
+      grid=(layout.num_chunks, layout.batch * layout.heads, layout.dim_k // tile_k), in_specs=in_specs,
+      out_specs=[layout.chunk_spec(tile_k, True)] * 2, out_shape=[shape, shape],
+      compiler_params=_compiler_params(config), interpret=_interpret(), name="linear_attention_grad_qk",
+  )(q, k, v, do, *layout.extras(g, resets), states, d_states)
+
+
+# ------------------------------------------------------------------------------------------- the custom op
+def _pad_time(x, padded_time):
+  if x is None or x.shape[1] == padded_time:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[1] = (0, padded_time - x.shape[1])
+  return jnp.pad(x, widths)
+
+
+def _chunk_cumsum(x, chunk):
+  """Inclusive cumulative sum along axis 1 (time), restarting at every chunk."""
+  shape = x.shape
+  return jnp.cumsum(x.reshape(shape[0], shape[1] // chunk, chunk, *shape[2:]), axis=2).reshape(shape)
+
+
+def _prepare(config, q, k, v, log_decay, segment_ids):
+  """Pads time to whole chunks (zero q/k/v, zero log-decay) and builds the chunk-local g and reset counts."""
+  batch, time, heads, _ = q.shape
+  chunk = config.chunk
+  padded_time = -(-time // chunk) * chunk
+  q, k, v = (_pad_time(x, padded_time) for x in (q, k, v))
+  g = None
+  if config.mode == "scalar":
+    per_step = jnp.where(jnp.arange(padded_time)[:, None] < time, log_decay.astype(jnp.float32)[None, :], 0.0)
+    g = _chunk_cumsum(per_step[None], chunk)[0]  # [T, H]: the same for every batch row
+  elif config.mode == "vector":
+    g = _chunk_cumsum(_pad_time(log_decay.astype(jnp.float32), padded_time), chunk)
+  resets = None
+  if config.has_segments:
+    starts = _pad_time(reference.segment_starts(segment_ids, batch, time).astype(jnp.int32), padded_time)
+    resets = _chunk_cumsum(starts, chunk)
+  return q, k, v, g, resets, padded_time
+
+
+def _state_dtype(dtype):
+  # bf16 states halve the traffic of the materialised per-chunk states (fla does the same); fp16 would overflow.
+  return jnp.bfloat16 if dtype == jnp.bfloat16 else jnp.float32
+
+
+def _forward(config, q, k, v, log_decay, initial_state, segment_ids):
+  batch, time, heads, dim_k = q.shape
+  dim_v = v.shape[-1]
+  qp, kp, vp, g, resets, padded_time = _prepare(config, q, k, v, log_decay, segment_ids)
+  layout = _Layout(config, batch, padded_time, heads, dim_k, dim_v)
+  init = jnp.swapaxes(initial_state.astype(jnp.float32), -1, -2)
+  states, last = _state_scan(layout, kp, vp, g, resets, init, _state_dtype(q.dtype), reverse=False)
+  out = _output(layout, qp, kp, vp, g, resets, states, v.dtype)
+  return out[:, :time], jnp.swapaxes(last, -1, -2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _linear_attention(q, k, v, log_decay, initial_state, segment_ids, config):
+  return _forward(config, q, k, v, log_decay, initial_state, segment_ids)
+
+
+def _linear_attention_fwd(q, k, v, log_decay, initial_state, segment_ids, config):
+  # symbolic_zeros: the primals arrive wrapped, telling whether a decay gradient is wanted at all (TNL's decay
+  # is a fixed buffer); only then does the backward pay for fp32 dq/dk.
+  values = [None if x is None else x.value for x in (q, k, v, log_decay, initial_state, segment_ids)]
+  wants_decay_grad = log_decay is not None and log_decay.perturbed
+  out, final_state = _forward(config, *values)
+  marker = jnp.zeros((0,), jnp.float32) if wants_decay_grad else None
+  return (out, final_state), (*values, final_state, marker)
+
+
+def _dense(cotangent, like):
+  if isinstance(cotangent, jax.custom_derivatives.SymbolicZero):
+    return jnp.zeros(like.shape, like.dtype)
+  return cotangent
+
+
+def _linear_attention_bwd(config, residuals, cotangents):
+  q, k, v, log_decay, initial_state, segment_ids, final_state, marker = residuals
+  wants_decay_grad = marker is not None
+  d_out = _dense(cotangents[0], v)
+  d_final = _dense(cotangents[1], final_state)
+  batch, time, heads, dim_k = q.shape
+  dim_v = v.shape[-1]
+  qp, kp, vp, g, resets, padded_time = _prepare(config, q, k, v, log_decay, segment_ids)
+  dop = _pad_time(d_out.astype(v.dtype), padded_time)
+  layout = _Layout(config, batch, padded_time, heads, dim_k, dim_v)
+  state_dtype = jnp.float32 if wants_decay_grad else _state_dtype(q.dtype)
+  init = jnp.swapaxes(initial_state.astype(jnp.float32), -1, -2)
+  states, _ = _state_scan(layout, kp, vp, g, resets, init, state_dtype, reverse=False)
+  d_states, d_init = _state_scan(layout, qp, dop, g, resets, jnp.swapaxes(d_final.astype(jnp.float32), -1, -2),
+                                 state_dtype, reverse=True)
+  dv = _grad_dv(layout, qp, kp, dop, g, resets, d_states, v.dtype)[:, :time]
+  grad_dtype = jnp.float32 if wants_decay_grad else q.dtype
+  dq, dk = (x[:, :time] for x in _grad_dqdk(layout, qp, kp, vp, dop, g, resets, states, d_states, grad_dtype,
+                                            grad_dtype))
+  d_log_decay = None
+  if wants_decay_grad:
+    per_step = q.astype(jnp.float32) * dq - k.astype(jnp.float32) * dk  # [B,T,H,Dk]
+    final_term = jnp.sum(final_state * d_final.astype(jnp.float32), axis=-1)  # [B,H,Dk]
+    if config.mode == "vector":
+      suffix_sums = jnp.flip(jnp.cumsum(jnp.flip(per_step, 1), axis=1), 1)
+      d_log_decay = suffix_sums + final_term[:, None]
+    else:  # one decay per head acts at every step: Σ_r Σ_{t≥r} x_t = Σ_t (t+1) x_t
+      steps = jnp.arange(1, time + 1, dtype=jnp.float32)[None, :, None]
+      d_log_decay = (jnp.sum(per_step.sum(-1) * steps, axis=(0, 1)) + time * final_term.sum(axis=(0, 2)))
+    d_log_decay = d_log_decay.astype(log_decay.dtype)
+  d_initial = jnp.swapaxes(d_init, -1, -2).astype(initial_state.dtype)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv, d_log_decay, d_initial, None)
+
+
+_linear_attention.defvjp(_linear_attention_fwd, _linear_attention_bwd, symbolic_zeros=True)
+
+
+def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_size, *, num_warps=4, num_stages=2,
+                         scan_tile=SCAN_TILE):
+  """"pallas_gpu" backend: (o [B,T,H,Dv] in v.dtype, final_state [B,H,Dk,Dv] f32). See the module docstring."""
+  batch, time, heads, dim_k = q.shape
+  dim_v = v.shape[-1]
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x.dtype not in _SUPPORTED_DTYPES:
+      raise TypeError(f"pallas_gpu: {name} has dtype {x.dtype}; valid: float32, bfloat16, float16.")
+  if not (q.dtype == k.dtype == v.dtype):
+    raise TypeError(f"pallas_gpu: q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}.")
+  for name, dim in (("dim_k", dim_k), ("dim_v", dim_v)):
+    if not _is_power_of_two(dim) or dim < 16:
+      raise ValueError(f"pallas_gpu: {name}={dim}; valid: a power of two >= 16 (Triton block rule).")
+  requested = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+  if not _is_power_of_two(requested) or requested < 16:
+    raise ValueError(f"pallas_gpu: chunk_size={chunk_size}; valid: None or a power of two >= 16.")
+  # Short sequences use a smaller chunk (as fla does), never below the 16-row Triton matmul minimum.
+  chunk = min(requested, max(16, 1 << max(time - 1, 0).bit_length()))
+  mode = "none" if log_decay is None else ("scalar" if log_decay.ndim == 1 else "vector")
+  config = _Config(mode, segment_ids is not None, chunk, num_warps, num_stages, scan_tile)
+  if initial_state is None:
+    initial_state = jnp.zeros((batch, heads, dim_k, dim_v), jnp.float32)
+  return _linear_attention(q, k, v, log_decay, initial_state, segment_ids, config)

@@ -1,0 +1,111 @@
+"""The "pallas_gpu" backend (Pallas Triton kernels, interpret mode on CPU) against the float64 recurrence.
+
+Each case compares the output, the final state and the gradients of q, k, v, log_decay and the initial state
+of the loss Σ o·do + Σ S_T·dS_T. Shapes are tiny (interpret mode is slow) but cover several chunks, T not a
+multiple of the chunk, Dk ≠ Dv, segment resets with repeating ids, strong decay and bf16."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.linear_attention import gpu, testing
+
+FP32_BOUND = 1e-4
+BF16_BOUND = 1e-2
+
+
+def _cotangents(seed, v, state_shape):
+  """do and dS_T drawn bf16-representable, so bf16 runs see exactly the cotangents the reference sees."""
+  rng = np.random.default_rng(seed)
+  draw = lambda shape: jnp.asarray(rng.normal(size=shape), jnp.bfloat16).astype(jnp.float32)
+  return draw(v.shape), draw(state_shape)
+
+
+def _kernel_with_grads(chunk_size, q, k, v, log_decay, initial_state, segment_ids, d_out, d_state):
+  present = {name: x for name, x in dict(q=q, k=k, v=v, log_decay=log_decay, initial_state=initial_state).items()
+             if x is not None}
+
+  @jax.jit
+  def run(present, segment_ids, d_out, d_state):
+    def op(present):
+      merged = {"log_decay": None, "initial_state": None, **present}
+      return gpu.linear_attention_gpu(merged["q"], merged["k"], merged["v"], merged["log_decay"],
+                                      merged["initial_state"], segment_ids, chunk_size)
+
+    (out, final_state), vjp = jax.vjp(op, present)
+    (grads,) = vjp((d_out.astype(out.dtype), d_state))
+    return out, final_state, grads
+
+  return run(present, segment_ids, d_out, d_state)
+
+
+def _assert_matches_reference(seed, *, decay_mode, dim_k, dim_v, time, chunk_size, dtype=jnp.float32,
+                              strength="weak", segments=True, initial_state=True, batch=2, heads=2):
+  q, k, v, log_decay, state, segment_ids = testing.random_inputs(
+      seed, batch=batch, time=time, heads=heads, dim_k=dim_k, dim_v=dim_v, decay_mode=decay_mode,
+      strength=strength, dtype=dtype, segments=segments, initial_state=initial_state)
+  d_out, d_state = _cotangents(seed + 1, v, (batch, heads, dim_k, dim_v))
+  expected_out, expected_state, expected_grads = testing.reference_float64(
+      q, k, v, log_decay, state, segment_ids, d_out, d_state)
+  out, final_state, grads = _kernel_with_grads(chunk_size, q, k, v, log_decay, state, segment_ids, d_out, d_state)
+  assert out.dtype == v.dtype and final_state.dtype == jnp.float32
+  bound = FP32_BOUND if dtype == jnp.float32 else BF16_BOUND
+  errors = {"o": testing.relative_rms_error(out, expected_out),
+            "final_state": testing.relative_rms_error(final_state, expected_state)}
+  errors.update({f"d{name}": testing.relative_rms_error(grads[name], expected_grads[name])
+                 for name in expected_grads})
+  assert set(grads) == set(expected_grads)
+  assert max(errors.values()) <= bound, errors
+
+
+@pytest.mark.parametrize("decay_mode,dim_k,dim_v", [("scalar", 32, 16), ("none", 32, 16)])
+def test_matches_reference_fp32(decay_mode, dim_k, dim_v):
+  # T=40 with chunk 16: three chunks, the last one padded; a reset lands in every chunk on average.
+  _assert_matches_reference(0, decay_mode=decay_mode, dim_k=dim_k, dim_v=dim_v, time=40, chunk_size=16)
+
+
+def test_vector_decay_strong_gates_fp32():
+  # Per-step decays down to e^-10 (HGRN2 gates near 0) with 16-token sub-chunks inside 32-token chunks.
+  _assert_matches_reference(1, decay_mode="vector", dim_k=32, dim_v=16, time=72, chunk_size=32, strength="strong")
+
+
+def test_vector_decay_bf16_with_decay_gradient():
+  _assert_matches_reference(2, decay_mode="vector", dim_k=16, dim_v=32, time=48, chunk_size=32,
+                            dtype=jnp.bfloat16, strength="strong")
+
+
+def test_no_decay_bf16_sequence_shorter_than_chunk():
+  # T=9 < chunk 64: the chunk shrinks to 16 and most of it is padding; no initial state, no segments.
+  _assert_matches_reference(3, decay_mode="none", dim_k=32, dim_v=16, time=9, chunk_size=64, dtype=jnp.bfloat16,
+                            segments=False, initial_state=False)
+
+
+def test_fixed_decay_bf16_without_decay_gradient():
+  # TNL's decay is a buffer: with no decay gradient asked for, the backward takes the bf16 path (bf16 states
+  # and matmul operands) that the benchmark times.
+  q, k, v, log_decay, state, segment_ids = testing.random_inputs(
+      5, batch=1, time=50, heads=2, dim_k=16, dim_v=16, decay_mode="scalar", dtype=jnp.bfloat16)
+  d_out, _ = _cotangents(6, v, state.shape)
+  op = functools.partial(gpu.linear_attention_gpu, chunk_size=16)
+  loss = lambda q, k, v: jnp.sum(op(q, k, v, log_decay, state, segment_ids)[0].astype(jnp.float32) * d_out)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  _, _, expected = testing.reference_float64(q, k, v, log_decay, state, segment_ids, d_out, jnp.zeros_like(state))
+  for name, grad in zip("qkv", grads):
+    assert testing.relative_rms_error(grad, expected[name]) <= BF16_BOUND, name
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(chunk_size=24), "chunk_size=24"),
+    (dict(dim_k=24), "dim_k=24"),
+    (dict(dtype=jnp.float64), "float64"),
+])
+def test_bad_input_names_the_problem(bad, message):
+  dim_k = bad.get("dim_k", 16)
+  with jax.enable_x64(True):
+    dtype = bad.get("dtype", jnp.float32)
+    q = jnp.ones((1, 8, 1, dim_k), dtype)
+    v = jnp.ones((1, 8, 1, 16), dtype)
+    with pytest.raises((ValueError, TypeError), match=message):
+      gpu.linear_attention_gpu(q, q, v, None, None, None, bad.get("chunk_size"))
