@@ -1,0 +1,106 @@
+"""Model configurations: the four architectures at the paper's six sizes (reconciled shapes).
+
+The shapes follow the reconciled table of reference/paper.md §1.2, which reproduces every row of the
+paper's Table 7 (non-embedding parameters and PFLOPs/step): head dim 128 everywhere, so heads = d/128;
+the 1B FFN width is 4096 (Table 7 prints 5632, which contradicts its own parameter column); TNL and
+cosFormer2 use 25 layers at 410M to pay for their output-gate parameters.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+ARCHS = ("llama", "tnl", "hgrn2", "cosformer2")
+SIZES = ("70m", "160m", "410m", "1b", "3b", "7b")
+DTYPES = ("float32", "bfloat16", "float16")
+LINEAR_ATTENTION_BACKENDS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu")
+# "none": keep every activation; "full": recompute the whole layer in the backward pass; the others are
+# jax.checkpoint_policies of the same name (save matmul outputs, recompute the cheap elementwise work).
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+# "auto": cuDNN flash attention on GPU for 16-bit compute, XLA elsewhere (jax 0.10's implementation=None
+# always picks XLA, so the choice is made here).
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+# size -> (num_layers, d_model, ffn_dim); heads = d_model / 128.
+_SHAPES = {
+    "70m": (6, 512, 1536),
+    "160m": (12, 768, 2048),
+    "410m": (26, 1024, 2816),
+    "1b": (32, 1536, 4096),
+    "3b": (35, 2560, 6912),
+    "7b": (32, 4096, 11008),
+}
+_HEAD_DIM = 128
+# TNL and cosFormer2 drop one layer at 410M (paper Table 7).
+_LAYER_OVERRIDES = {("tnl", "410m"): 25, ("cosformer2", "410m"): 25}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything needed to build a LanguageModel. JSON-able: `ModelConfig(**dataclasses.asdict(c))`."""
+  arch: str
+  size: str
+  num_layers: int
+  d_model: int
+  num_heads: int
+  ffn_dim: int
+  head_dim: int = _HEAD_DIM
+  vocab_size: int = 100280
+  dtype: str = "bfloat16"            # compute dtype
+  param_dtype: str = "float32"
+  linear_attention_backend: str = "auto"
+  chunk_size: int | None = None      # None: the backend's default
+  scan_layers: bool = True           # stack layers and lax.scan them (one layer compiled, not L)
+  remat_policy: str = "none"
+  attention_impl: str = "auto"       # LLaMA only
+  norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  init_std: float = 0.02             # normal(0, 0.02) for every linear and the embedding (OpenNLPLab)
+
+  def __post_init__(self):
+    _check_choice("arch", self.arch, ARCHS)
+    for name in ("num_layers", "d_model", "num_heads", "ffn_dim", "head_dim", "vocab_size"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"ModelConfig.{name} must be a positive int; got {value!r}.")
+    if self.num_heads * self.head_dim != self.d_model:
+      raise ValueError(f"ModelConfig needs num_heads * head_dim == d_model; got {self.num_heads} * "
+                       f"{self.head_dim} != {self.d_model}.")
+    if self.head_dim % 2:
+      raise ValueError(f"ModelConfig.head_dim must be even (RoPE/LRPE rotate channel pairs); got {self.head_dim}.")
+    _check_choice("dtype", self.dtype, DTYPES)
+    _check_choice("param_dtype", self.param_dtype, DTYPES)
+    _check_choice("linear_attention_backend", self.linear_attention_backend, LINEAR_ATTENTION_BACKENDS)
+    _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+    _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size <= 0):
+      raise ValueError(f"ModelConfig.chunk_size must be None or a positive int; got {self.chunk_size!r}.")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"ModelConfig.scan_layers must be a bool; got {self.scan_layers!r}.")
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> "ModelConfig":
+    return cls(**json.loads(text))
+
+
+def _check_choice(name, value, valid):
+  if value not in valid:
+    raise ValueError(f"Unknown {name} {value!r}; valid: {', '.join(map(str, valid))}.")
+
+
+def get_config(arch: str, size: str, **overrides) -> ModelConfig:
+  """The reconciled paper configuration for (arch, size), with any ModelConfig field overridden."""
+  _check_choice("arch", arch, ARCHS)
+  _check_choice("size", size, SIZES)
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"Unknown ModelConfig field(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}.")
+  num_layers, d_model, ffn_dim = _SHAPES[size]
+  values = dict(arch=arch, size=size, num_layers=_LAYER_OVERRIDES.get((arch, size), num_layers),
+                d_model=d_model, num_heads=d_model // _HEAD_DIM, head_dim=_HEAD_DIM, ffn_dim=ffn_dim)
+  values.update(overrides)
+  return ModelConfig(**values)

@@ -1,0 +1,204 @@
+"""Building blocks shared by the four architectures.
+
+Conventions: parameters are created in `param_dtype` (fp32) with normal(0, init_std) (OpenNLPLab's 0.02
+for linears and the embedding; norm gains start at one) and carry logical axis names in their sharding
+metadata; they are cast to the compute dtype at use. Norms and positional phases are computed in fp32.
+Variables are created unsharded (`eager_sharding=False`): the trainer places them by jitting the init with
+shardings derived from `nnx.get_partition_spec` under the logical-axis rules of `lsm_jax.sharding`.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen
+from flax import nnx
+
+
+def make_param(rngs: nnx.Rngs, shape, axis_names, *, std: float, dtype, init: str = "normal") -> nnx.Param:
+  """An nnx.Param holding normal(0, std), ones or zeros, with logical axis names as sharding metadata."""
+  if len(shape) != len(axis_names):
+    raise ValueError(f"axis names {axis_names} do not match parameter shape {shape}.")
+  if init == "normal":
+    value = std * jax.random.normal(rngs.params(), shape, dtype)
+  elif init in ("ones", "zeros"):
+    value = (jnp.ones if init == "ones" else jnp.zeros)(shape, dtype)
+  else:
+    raise ValueError(f"Unknown init {init!r}; valid: normal, ones, zeros.")
+  return nnx.Param(value, out_sharding=tuple(axis_names), eager_sharding=False)
+
+
+def constrain(x, axis_names):
+  """Logical sharding constraint on an activation; a no-op unless logical axis rules and a mesh are set."""
+  return linen.with_logical_constraint(x, axis_names)
+
+
+class Linear(nnx.Module):
+  """y = x @ W with W [in_features, *out_shape]; no bias (all OpenNLPLab configs use bias=False)."""
+
+  def __init__(self, in_features: int, out_shape, axis_names, *, std: float, param_dtype, rngs: nnx.Rngs):
+    self.out_shape = tuple(out_shape) if isinstance(out_shape, (tuple, list)) else (out_shape,)
+    self.kernel = make_param(rngs, (in_features, *self.out_shape), axis_names, std=std, dtype=param_dtype)
+
+  def __call__(self, x, dtype):
+    kernel = self.kernel[...].astype(dtype)
+    out = jnp.dot(x.astype(dtype), kernel.reshape(kernel.shape[0], -1))
+    return out.reshape(*x.shape[:-1], *self.out_shape)
+
+
+def simple_rms_norm(x, eps: float):
+  """SRMSNorm: x / sqrt(mean(x^2) + eps) over the last axis, no gain (OpenNLPLab SimpleRMSNorm)."""
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class SRMSNorm(nnx.Module):
+  """Parameter-free RMS norm of the linear models (TNL, HGRN2, cosFormer2)."""
+
+  def __init__(self, eps: float):
+    self.eps = eps
+
+  def __call__(self, x):
+    return simple_rms_norm(x, self.eps)
+
+
+class RMSNorm(nnx.Module):
+  """RMS norm with a learned gain (LLaMA)."""
+
+  def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = make_param(rngs, (dim,), ("embed",), std=0.0, dtype=param_dtype, init="ones")
+
+  def __call__(self, x):
+    return simple_rms_norm(x, self.eps) * self.scale[...].astype(x.dtype)
+
+
+class GatedMLP(nnx.Module):
+  """GLU channel mixer: (x W_u ⊙ act(x W_v)) W_down. act = SiLU gives SwiGLU (LLaMA); act = identity gives
+  SGLU, the activation-free GLU of TNL, HGRN2 and cosFormer2 (paper eqs. 10, 14, 18)."""
+
+  def __init__(self, d_model: int, ffn_dim: int, *, swish: bool, std: float, param_dtype, rngs: nnx.Rngs):
+    self.swish = swish
+    self.up = Linear(d_model, ffn_dim, ("embed", "mlp"), std=std, param_dtype=param_dtype, rngs=rngs)
+    self.gate = Linear(d_model, ffn_dim, ("embed", "mlp"), std=std, param_dtype=param_dtype, rngs=rngs)
+    self.down = Linear(ffn_dim, d_model, ("mlp", "embed"), std=std, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x, dtype):
+    gate = self.gate(x, dtype)
+    if self.swish:
+      gate = jax.nn.silu(gate)
+    hidden = constrain(self.up(x, dtype) * gate, ("activation_batch", "activation_length", "mlp"))
+    return self.down(hidden, dtype)
+
+
+class LowRankOutputGate(nnx.Module):
+  """TNL's output gate sigmoid(x W_down W_up) with a d -> rank -> d bottleneck (rank = d/h = 128)."""
+
+  def __init__(self, d_model: int, rank: int, *, std: float, param_dtype, rngs: nnx.Rngs):
+    self.down = Linear(d_model, rank, ("embed", "kv"), std=std, param_dtype=param_dtype, rngs=rngs)
+    self.up = Linear(rank, d_model, ("kv", "embed"), std=std, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x, dtype):
+    return jax.nn.sigmoid(self.up(self.down(x, dtype), dtype))
+
+
+def rotary_embedding(x, positions, theta: float):
+  """RoPE on [B,T,H,D] with per-token positions [B,T]; rotates (first half, second half) channel pairs with
+  frequencies theta^(-2j/D), computed in fp32."""
+  half = x.shape[-1] // 2
+  frequencies = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
+  angles = positions.astype(jnp.float32)[:, :, None, None] * frequencies
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+def lrpe_frequencies(head_dim: int, theta: float = 10000.0):
+  """Fixed LRPE frequencies: theta^(-2c/D) on the first half of the channels and 0 on the second half
+  (xmixers "lrpe_type 6"): half the channels carry relative-position phases, half are position free."""
+  half = head_dim // 2
+  rotating = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / head_dim)
+  return jnp.concatenate([rotating, jnp.zeros((head_dim - half,), jnp.float32)])
+
+
+def lrpe(x, positions, theta: float = 10000.0):
+  """Cosine LRPE: [B,T,H,D] -> [cos(θ t) ⊙ x, sin(θ t) ⊙ x] of width 2D, so that
+  q̃_t · k̃_s = Σ_c q_c k_c cos(θ_c (t - s)): a per-channel relative cosine reweighting."""
+  angles = positions.astype(jnp.float32)[:, :, None, None] * lrpe_frequencies(x.shape[-1], theta)
+  x32 = x.astype(jnp.float32)
+  return jnp.concatenate([x32 * jnp.cos(angles), x32 * jnp.sin(angles)], axis=-1).astype(x.dtype)
+
+
+def alibi_slopes(num_heads: int):
+  """ALiBi head slopes: 2^(-8(h+1)/H) for a power of two H; otherwise those of the nearest lower power of
+  two c followed by every other slope of 2c (ALiBi paper, lightning-attention utils)."""
+  def power_of_two(n):
+    start = 2.0 ** (-8.0 / n)
+    return [start ** (i + 1) for i in range(n)]
+  if math.log2(num_heads).is_integer():
+    return power_of_two(num_heads)
+  closest = 2 ** math.floor(math.log2(num_heads))
+  return power_of_two(closest) + power_of_two(2 * closest)[0::2][: num_heads - closest]
+
+
+def tnl_log_decays(num_layers: int, num_heads: int):
+  """[L, H] fixed log-decays of TNL: -s_h · (1 - l/(L-1) + 1e-5); layer 0 decays fastest, the last ~1."""
+  slopes = jnp.asarray(alibi_slopes(num_heads), jnp.float32)
+  depth = jnp.arange(num_layers, dtype=jnp.float32) / max(num_layers - 1, 1)
+  return -slopes[None, :] * (1.0 - depth[:, None] + 1e-5)
+
+
+def segment_starts(segment_ids):
+  """[B,T] bool: true where a new document starts (never at t = 0)."""
+  starts = segment_ids[:, 1:] != segment_ids[:, :-1]
+  return jnp.concatenate([jnp.zeros((segment_ids.shape[0], 1), bool), starts], axis=1)
+
+
+def positions_from_segments(segment_ids):
+  """Positions that restart at 0 at every document start: t - (index where its document began)."""
+  time = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None, :]
+  start_index = jax.lax.cummax(jnp.where(segment_starts(segment_ids), time, 0), axis=1)
+  return time - start_index
+
+
+class ToeplitzPositionalEncoding(nnx.Module):
+  """TPE of cosFormer2 (applied once after the embedding). The paper gives only its cost: de parameters with
+  e = d/h, an up-projection (2nde), a recurrence (nde) and a down-projection. Our choice, flagged as an
+  approximation of LightNet's TPE:
+      u_t = x_t W            W [d, e], normal(0, init_std)      (the de parameters)
+      h_t = λ ⊙ h_{t-1} + u_t  per channel, fixed λ_c = exp(-1/τ_c), τ_c log-spaced in [1, 8192]
+      y_t = x_t + h_t Wᵀ      tied down-projection (no extra parameters)
+  The recurrence is an exponential (Toeplitz) kernel over relative positions; it restarts at every
+  document start, so packed documents never leak into each other, and runs as an associative scan in
+  fp32. Decoding carries h [B, e]."""
+
+  def __init__(self, d_model: int, dim: int, *, std: float, param_dtype, rngs: nnx.Rngs):
+    self.kernel = make_param(rngs, (d_model, dim), ("embed", "kv"), std=std, dtype=param_dtype)
+    self.dim = dim
+
+  def log_decay(self):
+    timescales = jnp.exp(jnp.linspace(0.0, math.log(8192.0), self.dim, dtype=jnp.float32))
+    return -1.0 / timescales
+
+  def __call__(self, x, segment_ids):
+    """x [B,T,d], segment_ids [B,T] -> (y [B,T,d], final recurrent state [B,e] fp32)."""
+    kernel = self.kernel[...].astype(jnp.float32)
+    inputs = jnp.dot(x.astype(jnp.float32), kernel)
+    decay = jnp.broadcast_to(jnp.exp(self.log_decay()), inputs.shape)
+    decay = jnp.where(segment_starts(segment_ids)[..., None], 0.0, decay)
+
+    def combine(earlier, later):
+      decay_a, value_a = earlier
+      decay_b, value_b = later
+      return decay_a * decay_b, decay_b * value_a + value_b
+
+    _, states = jax.lax.associative_scan(combine, (decay, inputs), axis=1)
+    return x + jnp.dot(states, kernel.T).astype(x.dtype), states[:, -1]
+
+  def step(self, x, state):
+    """x [B,d], state [B,e] -> (y [B,d], new state)."""
+    kernel = self.kernel[...].astype(jnp.float32)
+    state = jnp.exp(self.log_decay()) * state + jnp.dot(x.astype(jnp.float32), kernel)
+    return x + jnp.dot(state, kernel.T).astype(x.dtype), state

@@ -1,0 +1,80 @@
+"""HGRN2 token mixer: gated linear RNN with outer-product state expansion (paper eqs. 12-13,
+reference/paper.md §4.3; code semantics of hgru2-pytorch and FLA).
+
+  v, q, f = split(x W_in)                   one d -> 3d projection, in that order
+  q = SiLU(q)
+  λ = lb_l + (1 - lb_l) σ(f)                per key channel; lb_l from `layer_inputs["lower_bound"]`
+  log λ = logaddexp(log lb_l, log1p(-lb_l) + logσ(f))   (stable; layer 0 has lb = 0 so log λ = logσ(f))
+  k = 1 - λ
+  S_t = Diag(λ_t) S_{t-1} + k_tᵀ v_t,  o_t = q_t S_t      (head dim d/h = 128, state 128 × 128 per head)
+  y = SRMSNorm(concat_h o) W_out
+There is no output gate beyond q. The lower bounds (lb = exclusive cumsum over layers of softmax of a
+learned [L, d] parameter) are computed once per forward by the model and scanned in with the layer index.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lsm_jax.models import layers
+from pallas_kernels.linear_attention import linear_attention, linear_attention_step
+
+
+def hgrn2_lower_bounds(lower_bound_logits):
+  """[L, d] learned logits -> [L, d] lower bounds: exclusive cumsum over layers of their softmax, so layer 0
+  has bound 0 and the bounds rise with depth (l/L at a uniform init)."""
+  layer_weights = jax.nn.softmax(lower_bound_logits.astype(jnp.float32), axis=0)
+  return jnp.cumsum(layer_weights, axis=0) - layer_weights
+
+
+def hgrn2_log_forget_gate(forget_logits, lower_bound, layer_index):
+  """log λ in fp32 for forget logits [..., H, D], lower bound [H, D] and the (possibly traced) layer index.
+  Layer 0 takes logσ(f) exactly; the `where` on the bound keeps log(0) out of every gradient."""
+  log_sigmoid = jax.nn.log_sigmoid(forget_logits)
+  is_first = layer_index == 0
+  safe_bound = jnp.where(is_first, 0.5, lower_bound)
+  bounded = jnp.logaddexp(jnp.log(safe_bound), jnp.log1p(-safe_bound) + log_sigmoid)
+  return jnp.where(is_first, log_sigmoid, bounded)
+
+
+class HGRN2Mixer(nnx.Module):
+
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    self.config = config
+    d, heads, head_dim = config.d_model, config.num_heads, config.head_dim
+    kwargs = dict(std=config.init_std, param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
+    self.in_proj = layers.Linear(d, (3, heads, head_dim), ("embed", None, "heads", "kv"), **kwargs)
+    self.out_proj = layers.Linear(heads * head_dim, d, ("heads", "embed"), **kwargs)
+
+  def _project(self, x, layer_inputs):
+    dtype = jnp.dtype(self.config.dtype)
+    proj = self.in_proj(x, dtype)
+    v, q, forget_logits = proj[..., 0, :, :], proj[..., 1, :, :], proj[..., 2, :, :]
+    lower_bound = layer_inputs["lower_bound"].reshape(self.config.num_heads, self.config.head_dim)
+    log_decay = hgrn2_log_forget_gate(forget_logits.astype(jnp.float32), lower_bound, layer_inputs["index"])
+    k = (-jnp.expm1(log_decay)).astype(dtype)
+    return jax.nn.silu(q), k, v, log_decay
+
+  def _output(self, attended):
+    dtype = jnp.dtype(self.config.dtype)
+    attended = layers.constrain(attended, ("activation_batch", "activation_length", "activation_heads", None))
+    normed = layers.simple_rms_norm(attended.reshape(*attended.shape[:-2], -1), self.config.norm_eps)
+    return self.out_proj(normed, dtype)
+
+  def __call__(self, x, *, segment_ids, positions, layer_inputs, max_length=None):
+    del positions
+    q, k, v, log_decay = self._project(x, layer_inputs)
+    result = linear_attention(q, k, v, log_decay, segment_ids=segment_ids,
+                              return_final_state=max_length is not None,
+                              backend=self.config.linear_attention_backend, chunk_size=self.config.chunk_size)
+    if max_length is None:
+      return self._output(result), None
+    attended, state = result
+    return self._output(attended), {"state": state}
+
+  def decode(self, x, cache, *, positions, layer_inputs, context):
+    del positions, context
+    q, k, v, log_decay = self._project(x, layer_inputs)
+    attended, state = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], cache["state"], log_decay[:, 0])
+    return self._output(attended[:, None]), {"state": state}

@@ -1,0 +1,62 @@
+"""TNL token mixer (TransNormerLLM with Lightning Attention; paper eq. 9, reference/paper.md §4.2).
+
+  q = SiLU(x W_q), k = SiLU(x W_k), v = x W_v                 (no activation on v, as in the paper)
+  o = LA(q, k, v; λ_h^(l))    λ_h^(l) = exp(-s_h (1 - l/(L-1) + 1e-5)), s_h the ALiBi slopes (fixed)
+  y = (SRMSNorm(concat_h o) ⊙ sigmoid(x W_gdown W_gup)) W_o   (low-rank gate, rank d/h)
+No query scaling and no denominator: the norm after the attention keeps it stable. The per-layer
+log-decays arrive in `layer_inputs["log_decay"]` ([H]) so stacked, scanned layers share one code path.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lsm_jax.models import layers
+from pallas_kernels.linear_attention import linear_attention, linear_attention_step
+
+
+class TNLAttention(nnx.Module):
+
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    self.config = config
+    d, heads, head_dim = config.d_model, config.num_heads, config.head_dim
+    kwargs = dict(std=config.init_std, param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
+    self.qkv = layers.Linear(d, (3, heads, head_dim), ("embed", None, "heads", "kv"), **kwargs)
+    self.gate = layers.LowRankOutputGate(d, head_dim, **kwargs)
+    self.out = layers.Linear(heads * head_dim, d, ("heads", "embed"), **kwargs)
+
+  def _feature_map(self, q, k, positions):
+    del positions
+    return jax.nn.silu(q), jax.nn.silu(k)
+
+  def _log_decay(self, layer_inputs):
+    return layer_inputs["log_decay"]
+
+  def _project(self, x, positions):
+    qkv = self.qkv(x, jnp.dtype(self.config.dtype))
+    q, k = self._feature_map(qkv[..., 0, :, :], qkv[..., 1, :, :], positions)
+    return q, k, qkv[..., 2, :, :]
+
+  def _output(self, attended, x):
+    dtype = jnp.dtype(self.config.dtype)
+    attended = layers.constrain(attended, ("activation_batch", "activation_length", "activation_heads", None))
+    normed = layers.simple_rms_norm(attended.reshape(*attended.shape[:-2], -1), self.config.norm_eps)
+    return self.out(normed * self.gate(x, dtype), dtype)
+
+  def __call__(self, x, *, segment_ids, positions, layer_inputs, max_length=None):
+    q, k, v = self._project(x, positions)
+    result = linear_attention(q, k, v, self._log_decay(layer_inputs), segment_ids=segment_ids,
+                              return_final_state=max_length is not None,
+                              backend=self.config.linear_attention_backend, chunk_size=self.config.chunk_size)
+    if max_length is None:
+      return self._output(result, x), None
+    attended, state = result
+    return self._output(attended, x), {"state": state}
+
+  def decode(self, x, cache, *, positions, layer_inputs, context):
+    del context
+    q, k, v = self._project(x, positions)
+    attended, state = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], cache["state"],
+                                            self._log_decay(layer_inputs))
+    return self._output(attended[:, None], x), {"state": state}

@@ -1,0 +1,76 @@
+"""ModelConfig, get_config and the 24 gin model files."""
+import dataclasses
+import glob
+import os
+
+import gin
+import pytest
+
+from lsm_jax.models import configs
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# reference/paper.md §1.2, reconciled table: size -> (layers, d, heads, GLU width).
+RECONCILED = {"70m": (6, 512, 4, 1536), "160m": (12, 768, 6, 2048), "410m": (26, 1024, 8, 2816),
+              "1b": (32, 1536, 12, 4096), "3b": (35, 2560, 20, 6912), "7b": (32, 4096, 32, 11008)}
+
+
+@pytest.mark.parametrize("arch", configs.ARCHS)
+@pytest.mark.parametrize("size", configs.SIZES)
+def test_reconciled_shapes(arch, size):
+  config = configs.get_config(arch, size)
+  layers, d_model, heads, ffn = RECONCILED[size]
+  if size == "410m" and arch in ("tnl", "cosformer2"):
+    layers = 25
+  assert (config.num_layers, config.d_model, config.num_heads, config.ffn_dim) == (layers, d_model, heads, ffn)
+  assert (config.head_dim, config.vocab_size, config.dtype, config.param_dtype) == (128, 100280, "bfloat16",
+                                                                                    "float32")
+
+
+def test_json_round_trip_and_overrides():
+  config = configs.get_config("hgrn2", "1b", scan_layers=False, remat_policy="full", chunk_size=32)
+  assert configs.ModelConfig.from_json(config.to_json()) == config
+  assert configs.ModelConfig(**dataclasses.asdict(config)) == config
+  assert (config.scan_layers, config.remat_policy, config.chunk_size) == (False, "full", 32)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    config.num_layers = 3
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: configs.get_config("mamba", "1b"), "Unknown arch 'mamba'; valid: llama, tnl, hgrn2, cosformer2"),
+    (lambda: configs.get_config("tnl", "13b"), "Unknown size '13b'; valid: 70m, 160m, 410m, 1b, 3b, 7b"),
+    (lambda: configs.get_config("tnl", "1b", n_layers=3), "Unknown ModelConfig field.* n_layers; valid: .*num_layers"),
+    (lambda: configs.get_config("tnl", "1b", dtype="int8"), "Unknown dtype 'int8'; valid: float32, bfloat16"),
+    (lambda: configs.get_config("tnl", "1b", remat_policy="some"), "Unknown remat_policy 'some'; valid: none, full"),
+    (lambda: configs.get_config("tnl", "1b", linear_attention_backend="cuda"),
+     "Unknown linear_attention_backend 'cuda'; valid: auto, reference, xla"),
+    (lambda: configs.get_config("llama", "1b", attention_impl="flash"), "Unknown attention_impl 'flash'"),
+    (lambda: configs.get_config("tnl", "1b", d_model=1000), r"num_heads \* head_dim == d_model"),
+    (lambda: configs.get_config("tnl", "1b", num_layers=0), "num_layers must be a positive int"),
+    (lambda: configs.get_config("tnl", "1b", chunk_size=-4), "chunk_size must be None or a positive int"),
+])
+def test_bad_configs_raise_clear_errors(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()
+
+
+def _parse(path):
+  gin.clear_config()
+  gin.add_config_file_search_path(REPO_ROOT)
+  gin.parse_config_files_and_bindings([path], [], skip_unknown=False)
+  model_config = gin.query_parameter("%MODEL_CONFIG").scoped_configurable_fn()
+  paper_config = gin.get_configurable("lsm_jax.models.configs.get_config")()
+  gin.clear_config()
+  return model_config, paper_config
+
+
+def test_every_model_gin_file_parses_to_get_config():
+  files = sorted(glob.glob(os.path.join(REPO_ROOT, "gin", "models", "*", "*.gin")))
+  expected = {f"{arch}/{size}" for arch in configs.ARCHS for size in configs.SIZES}
+  sized = {os.path.relpath(f, os.path.join(REPO_ROOT, "gin", "models"))[:-4] for f in files}
+  assert sized == expected | {f"{arch}/base" for arch in configs.ARCHS}
+  for arch in configs.ARCHS:
+    for size in configs.SIZES:
+      model_config, paper_config = _parse(os.path.join(REPO_ROOT, "gin", "models", arch, f"{size}.gin"))
+      assert model_config == configs.get_config(arch, size), (arch, size)
+      assert paper_config == configs.get_config(arch, size), (arch, size)

@@ -1,0 +1,186 @@
+"""Building blocks and token mixers against float64 NumPy references written from the paper's equations."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lsm_jax.models import get_config, layers
+from lsm_jax.models.mixers import HGRN2Mixer, SoftmaxAttention, TNLAttention
+from lsm_jax.models.mixers.hgrn2 import hgrn2_log_forget_gate, hgrn2_lower_bounds
+
+TINY = dict(num_layers=3, d_model=16, num_heads=2, head_dim=8, ffn_dim=24, vocab_size=64, dtype="float32",
+            linear_attention_backend="xla", chunk_size=4)
+
+
+def f64(x):
+  return np.asarray(x, np.float64)
+
+
+def srms(x, eps=1e-6):
+  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+def silu(x):
+  return x * sigmoid(x)
+
+
+def test_alibi_slopes_match_the_alibi_schedule():
+  np.testing.assert_allclose(layers.alibi_slopes(8), [2.0 ** -i for i in range(1, 9)])
+  # Non-power-of-two: the 8-head slopes, then every other slope of the 16-head schedule.
+  np.testing.assert_allclose(layers.alibi_slopes(12), [2.0 ** -i for i in range(1, 9)] +
+                             [2.0 ** -0.5, 2.0 ** -1.5, 2.0 ** -2.5, 2.0 ** -3.5])
+  assert len(layers.alibi_slopes(20)) == 20
+
+
+def test_tnl_log_decays_scale_per_layer():
+  log_decay = np.asarray(layers.tnl_log_decays(4, 8))
+  slopes = np.asarray([2.0 ** -i for i in range(1, 9)])
+  for layer in range(4):
+    np.testing.assert_allclose(log_decay[layer], -slopes * (1 - layer / 3 + 1e-5), rtol=1e-6)
+  # Layer 0, H = 8 (reference/paper.md §4.2): λ from 0.607 to 0.996.
+  np.testing.assert_allclose(np.exp(log_decay[0, [0, -1]]), [0.607, 0.996], atol=1e-3)
+
+
+def test_hgrn2_log_forget_gate_is_stable_and_exact():
+  forget = np.linspace(-40.0, 40.0, 81)
+  for layer_index, bound in ((0, 0.0), (1, 0.3), (2, 0.9)):
+    got = np.asarray(hgrn2_log_forget_gate(jnp.asarray(forget, jnp.float32), jnp.float32(bound), layer_index))
+    expected = np.log(bound + (1 - bound) * sigmoid(forget))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert np.isfinite(got).all()
+
+  # Layer 0's bound is exactly 0; its gradient must stay finite (no log(0) leaking into it).
+  def loss(bound, forget):
+    return jnp.sum(hgrn2_log_forget_gate(forget, bound, jnp.int32(0)))
+  grads = jax.grad(loss, argnums=(0, 1))(jnp.float32(0.0), jnp.asarray(forget, jnp.float32))
+  assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+
+
+def test_hgrn2_lower_bounds_are_an_exclusive_cumsum_over_layers():
+  # At the (zero) init the softmax over layers is uniform: lb_l = l / L.
+  np.testing.assert_allclose(hgrn2_lower_bounds(jnp.zeros((4, 3))), np.broadcast_to(np.arange(4)[:, None] / 4, (4, 3)),
+                             atol=1e-7)
+  logits = np.random.default_rng(7).normal(size=(5, 3))
+  weights = np.exp(logits) / np.exp(logits).sum(0)
+  expected = np.stack([weights[:layer].sum(0) for layer in range(5)])   # Σ_{i<l}
+  np.testing.assert_allclose(hgrn2_lower_bounds(jnp.asarray(logits, jnp.float32)), expected, atol=1e-6)
+
+
+def test_lrpe_is_a_relative_per_channel_cosine():
+  rng = np.random.default_rng(0)
+  head_dim, time = 8, 6
+  q, k = rng.normal(size=(1, time, 1, head_dim)), rng.normal(size=(1, time, 1, head_dim))
+  positions = jnp.asarray([[3, 4, 5, 9, 10, 11]], jnp.int32)
+  q_tilde = f64(layers.lrpe(jnp.asarray(q, jnp.float32), positions))[0, :, 0]
+  k_tilde = f64(layers.lrpe(jnp.asarray(k, jnp.float32), positions))[0, :, 0]
+  assert q_tilde.shape == (time, 2 * head_dim)
+  theta = np.concatenate([10000.0 ** (-2 * np.arange(4) / head_dim), np.zeros(4)])
+  pos = np.asarray(positions[0], np.float64)
+  expected = np.einsum("tc,sc,tsc->ts", q[0, :, 0], k[0, :, 0], np.cos(theta * (pos[:, None, None] - pos[None, :, None])))
+  np.testing.assert_allclose(q_tilde @ k_tilde.T, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_embedding_depends_only_on_relative_position():
+  rng = np.random.default_rng(1)
+  q, k = jnp.asarray(rng.normal(size=(1, 1, 1, 8)), jnp.float32), jnp.asarray(rng.normal(size=(1, 1, 1, 8)), jnp.float32)
+  def score(t, s):
+    rq = layers.rotary_embedding(q, jnp.asarray([[t]]), 10000.0)
+    rk = layers.rotary_embedding(k, jnp.asarray([[s]]), 10000.0)
+    return float(jnp.sum(rq * rk))
+  assert score(7, 3) == pytest.approx(score(104, 100), rel=1e-5)
+  assert score(7, 3) != pytest.approx(score(7, 5), rel=1e-3)
+  # Against the complex-rotation form on (first half, second half) pairs.
+  theta = 10000.0 ** (-2 * np.arange(4) / 8)
+  rotate = lambda x, p: (x[:4] + 1j * x[4:]) * np.exp(1j * theta * p)
+  expected = np.real(np.sum(rotate(f64(q).ravel(), 7) * np.conj(rotate(f64(k).ravel(), 3))))
+  assert score(7, 3) == pytest.approx(expected, rel=1e-5)
+
+
+def test_positions_restart_at_every_document():
+  segment_ids = jnp.asarray([[1, 1, 2, 2, 2, 3], [0, 0, 1, 1, 1, 1]], jnp.int32)
+  np.testing.assert_array_equal(layers.positions_from_segments(segment_ids),
+                                [[0, 1, 0, 1, 2, 0], [0, 1, 0, 1, 2, 3]])
+
+
+def test_tpe_matches_a_float64_recurrence_with_resets_and_steps():
+  tpe = layers.ToeplitzPositionalEncoding(6, 4, std=0.5, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(1, 7, 6))
+  segment_ids = jnp.asarray([[1, 1, 1, 2, 2, 2, 2]], jnp.int32)
+  out, final_state = tpe(jnp.asarray(x, jnp.float32), segment_ids)
+  kernel, decay = f64(tpe.kernel[...]), np.exp(f64(tpe.log_decay()))
+  state, expected = np.zeros(4), []
+  for t in range(7):
+    state = (0 if t == 3 else decay * state) + x[0, t] @ kernel
+    expected.append(x[0, t] + state @ kernel.T)
+  np.testing.assert_allclose(out[0], np.stack(expected), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(final_state[0], state, rtol=1e-5, atol=1e-6)
+  # Decoding step by step from the start of document 2 gives the same outputs.
+  step_state = jnp.zeros((1, 4))
+  for t in range(3, 7):
+    y, step_state = tpe.step(jnp.asarray(x[:, t], jnp.float32), step_state)
+    np.testing.assert_allclose(y[0], expected[t], rtol=1e-5, atol=1e-5)
+
+
+def _mixer_inputs(seed, time=9):
+  rng = np.random.default_rng(seed)
+  return rng.normal(size=(1, time, 16))
+
+
+def test_tnl_mixer_matches_masked_parallel_form():
+  config = get_config("tnl", "70m", **TINY)
+  mixer = TNLAttention(config, rngs=nnx.Rngs(3))
+  x = _mixer_inputs(3)
+  layer = 1
+  log_decay = layers.tnl_log_decays(3, 2)[layer]
+  y, _ = nnx.jit(lambda m, x: m(x, segment_ids=None, positions=None, layer_inputs={"log_decay": log_decay}))(
+      mixer, jnp.asarray(x, jnp.float32))
+  qkv = np.einsum("btd,dnhk->btnhk", x, f64(mixer.qkv.kernel[...]))
+  q, k, v = silu(qkv[0, :, 0]), silu(qkv[0, :, 1]), qkv[0, :, 2]          # [T, H, D]
+  t = np.arange(9)
+  mask = np.tril(np.exp(f64(log_decay)[:, None, None] * (t[:, None] - t[None, :])))   # λ^(t-s), s <= t
+  attended = np.einsum("thd,shd,hts,she->the", q, k, mask, v).reshape(9, 16)
+  gate = sigmoid(x[0] @ f64(mixer.gate.down.kernel[...]) @ f64(mixer.gate.up.kernel[...]))
+  expected = (srms(attended) * gate) @ f64(mixer.out.kernel[...])
+  np.testing.assert_allclose(y[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_hgrn2_mixer_matches_float64_recurrence():
+  config = get_config("hgrn2", "70m", **TINY)
+  mixer = HGRN2Mixer(config, rngs=nnx.Rngs(4))
+  x = _mixer_inputs(4)
+  lower_bound = np.random.default_rng(5).uniform(0.1, 0.8, size=16)
+  layer_inputs = {"index": jnp.int32(2), "lower_bound": jnp.asarray(lower_bound, jnp.float32)}
+  y, _ = nnx.jit(lambda m, x: m(x, segment_ids=None, positions=None, layer_inputs=layer_inputs))(
+      mixer, jnp.asarray(x, jnp.float32))
+  proj = np.einsum("btd,dnhk->btnhk", x, f64(mixer.in_proj.kernel[...]))[0]
+  v, q, forget = proj[:, 0], silu(proj[:, 1]), proj[:, 2]                    # [T, H, D]
+  forget_gate = lower_bound.reshape(2, 8) + (1 - lower_bound.reshape(2, 8)) * sigmoid(forget)
+  state, outs = np.zeros((2, 8, 8)), []
+  for t in range(9):
+    state = forget_gate[t][:, :, None] * state + (1 - forget_gate[t])[:, :, None] * v[t][:, None, :]
+    outs.append(np.einsum("hk,hkv->hv", q[t], state).reshape(16))
+  expected = srms(np.stack(outs)) @ f64(mixer.out_proj.kernel[...])
+  np.testing.assert_allclose(y[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_softmax_mixer_matches_float64_attention():
+  config = get_config("llama", "70m", **TINY)
+  mixer = SoftmaxAttention(config, rngs=nnx.Rngs(6))
+  x = _mixer_inputs(6, time=7)
+  positions = jnp.arange(7)[None]
+  y, _ = mixer(jnp.asarray(x, jnp.float32), segment_ids=None, positions=positions, layer_inputs={})
+  qkv = np.einsum("btd,dnhk->btnhk", x, f64(mixer.qkv.kernel[...]))
+  q = f64(layers.rotary_embedding(jnp.asarray(qkv[:, :, 0], jnp.float32), positions, 10000.0))[0]
+  k = f64(layers.rotary_embedding(jnp.asarray(qkv[:, :, 1], jnp.float32), positions, 10000.0))[0]
+  v = qkv[0, :, 2]
+  scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(8) + np.where(np.tri(7, dtype=bool), 0, -np.inf)
+  weights = np.exp(scores - scores.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  expected = np.einsum("hts,shd->thd", weights, v).reshape(7, 16) @ f64(mixer.out.kernel[...])
+  np.testing.assert_allclose(y[0], expected, rtol=1e-4, atol=1e-5)
