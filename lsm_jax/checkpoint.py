@@ -1,0 +1,427 @@
+"""Orbax checkpoints: a rolling full-state `resume/` manager and a kept-forever params-only `milestones/` manager.
+
+Layout under MODEL_DIR (docs/interfaces.md):
+  checkpoints/resume/<step>/{state,metadata}      params, optimizer state, step, RNG; asynchronous; latest N kept;
+                                                  saved every K steps, when forced (end of training) and on
+                                                  preemption (JAX's preemption sync point; SIGTERM in one process)
+  checkpoints/milestones/<step>/{params,metadata} params cast to bfloat16 or float32 on the milestone schedule
+  checkpoints/quarantine/                         resume checkpoints that failed to restore, moved aside
+  run_metadata.json                               the run's description plus `milestone_steps` and `code_version`
+
+Every checkpoint carries a JSON `metadata` item: step, arch, size, model_config, tokens_seen,
+compute_pflops_days, code_version (`git describe`), the gin config text (MODEL_DIR/config.gin), the save time,
+and for milestones the parameter layout (tree path, shape, dtype) so they load without a model.
+
+Milestone schedule (Pythia-style, see `milestone_schedule`): with the paper's 300B tokens at 3,932,160 tokens
+per step (76,294 steps) the default 57 milestones per run give 57 x 24 = 1,368 milestones over the 24 main
+runs; the paper reports 1,376 (= 57.33 x 24) including its ablation runs and does not state the spacing.
+
+Only the V0 `CheckpointManager` + args API is used: it exists in every orbax-checkpoint version we target.
+Paths go through etils.epath, so MODEL_DIR may be local or gs://.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import subprocess
+import threading
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+from lsm_jax.flops import PFLOP_S_DAY
+
+MILESTONE_DTYPES = ("bfloat16", "float32")
+RUN_METADATA_FILE = "run_metadata.json"
+_STATE_ITEM, _PARAMS_ITEM, _METADATA_ITEM = "state", "params", "metadata"
+
+
+def milestone_schedule(total_steps: int, num_checkpoints: int = 57) -> list[int]:
+  """Pythia-style milestone steps: 0, then 1, 2, 4, ... (powers of two), then evenly spaced up to total_steps.
+
+  The even part is `total_steps * j // n_even` for j = 1..n_even; the log part is every power of two below the
+  first even step, so the two never collide. n_even is the smallest count that makes the schedule exactly
+  `num_checkpoints` distinct steps, ending at `total_steps`. With total_steps=143,000 and 154 checkpoints this is
+  Pythia's schedule (0, 1, ..., 512, 1000, 2000, ..., 143000).
+
+  Fewer steps are returned only when total_steps + 1 < num_checkpoints (then every step 0..total_steps).
+  When num_checkpoints cannot hold every power of two below total_steps (e.g. 6 milestones of a 60-step smoke
+  run), the schedule is 0, num_checkpoints - 2 powers of two with exponents spread evenly, and total_steps.
+
+  The paper's grid default: 76,294 steps (300B tokens / 3,932,160 per step), 57 per run -> 24 runs x 57 =
+  1,368 milestones (the paper's 1,376 includes ablation runs; its spacing is unpublished).
+  """
+  if isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)) or total_steps < 0:
+    raise ValueError(f"total_steps must be a non-negative int, got {total_steps!r}")
+  if isinstance(num_checkpoints, bool) or not isinstance(num_checkpoints, (int, np.integer)) or num_checkpoints < 2:
+    raise ValueError(f"num_checkpoints must be an int >= 2 (step 0 and the last step), got {num_checkpoints!r}")
+  total_steps, num_checkpoints = int(total_steps), int(num_checkpoints)
+  if total_steps + 1 <= num_checkpoints:
+    return list(range(total_steps + 1))
+
+  def powers_of_two_below(limit: int) -> list[int]:
+    powers = []
+    while (power := 2 ** len(powers)) < limit:
+      powers.append(power)
+    return powers
+
+  for num_even in range(1, num_checkpoints):
+    log_part = powers_of_two_below(total_steps // num_even)
+    if 1 + len(log_part) + num_even == num_checkpoints:
+      even_part = [total_steps * j // num_even for j in range(1, num_even + 1)]
+      return [0, *log_part, *even_part]
+  largest_exponent = len(powers_of_two_below(total_steps)) - 1
+  exponents = np.rint(np.linspace(0, largest_exponent, num_checkpoints - 2)).astype(int)
+  return [0, *(2 ** int(exponent) for exponent in exponents), total_steps]
+
+
+def code_version() -> str:
+  """`git describe --always --dirty --tags` of the lsm_jax checkout, else the package version."""
+  package_dir = os.path.dirname(os.path.abspath(__file__))
+  try:
+    described = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=package_dir,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    if described:
+      return described
+  except (OSError, subprocess.SubprocessError):
+    pass
+  from lsm_jax import __version__
+  return f"lsm_jax-{__version__}"
+
+
+def _jsonable(value: Any, where: str) -> Any:
+  """Converts numpy/jax scalars and arrays to Python values; rejects anything JSON cannot hold."""
+  if isinstance(value, Mapping):
+    return {str(key): _jsonable(item, f"{where}.{key}") for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(item, f"{where}[{index}]") for index, item in enumerate(value)]
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+    return np.asarray(value).tolist()
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  raise TypeError(f"{where} must be JSON-serializable (dict, list, str, number, bool, None or an array), "
+                  f"got {type(value).__name__}")
+
+
+def _as_path(directory: str | os.PathLike) -> epath.Path:
+  """Local directories become absolute (Orbax needs that); gs:// and other URLs stay as they are."""
+  path = epath.Path(directory)
+  return path if "://" in str(directory) else path.absolute()
+
+
+def _write_json_atomically(path: epath.Path, payload: Mapping[str, Any]) -> None:
+  temporary = path.parent / f"{path.name}.tmp-{os.getpid()}"
+  temporary.write_text(json.dumps(payload, indent=2, sort_keys=True))
+  temporary.replace(path)
+
+
+def read_run_metadata(run_dir: str) -> dict:
+  """The run's metadata (arch, size, model_config, ..., milestone_steps, code_version)."""
+  path = _as_path(run_dir) / RUN_METADATA_FILE
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist: run_dir must be a MODEL_DIR written by lsm_jax training")
+  return json.loads(path.read_text())
+
+
+def _param_layout(params: Any) -> list[dict]:
+  """(tree path, shape, dtype) of every leaf; JSON keeps int keys distinct from str keys inside lists."""
+  layout = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = []
+    for entry in path:
+      if not isinstance(entry, jax.tree_util.DictKey):
+        raise TypeError(f"params must be a pure nested dict of arrays; found {type(entry).__name__} at "
+                        f"{jax.tree_util.keystr(path)}")
+      keys.append(entry.key if isinstance(entry.key, (int, str)) else str(entry.key))
+    layout.append({"path": keys, "shape": list(leaf.shape), "dtype": str(leaf.dtype)})
+  return layout
+
+
+def _nested_dict_from_layout(layout: list[dict], make_leaf) -> dict:
+  tree: dict = {}
+  for entry in layout:
+    node = tree
+    for key in entry["path"][:-1]:
+      node = node.setdefault(key, {})
+    node[entry["path"][-1]] = make_leaf(entry)
+  return tree
+
+
+def _cast_floating(tree: Any, dtype: str) -> Any:
+  return jax.tree.map(lambda leaf: leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf, tree)
+
+
+def _check_abstract_state(abstract_state: Any) -> None:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+    if getattr(leaf, "sharding", None) is None or not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+      raise ValueError(f"abstract_state leaf {jax.tree_util.keystr(path)} must be a jax.ShapeDtypeStruct carrying "
+                       f"the current sharding (e.g. jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(...)));"
+                       f" got {leaf!r}")
+
+
+def _incomplete_reason(step_dir: epath.Path, items: Iterable[str]) -> str | None:
+  """Why a finalized-looking step directory cannot be a whole checkpoint, or None when its files are present."""
+  if not (step_dir / "_CHECKPOINT_METADATA").exists():
+    return "its _CHECKPOINT_METADATA file is missing (the save never finished)"
+  for item in items:
+    if not (step_dir / item).is_dir():
+      return f"its '{item}' item is missing"
+  return None
+
+
+class Checkpointer:
+  """The two checkpoint managers of one run. Every process calls every method (Orbax saves collectively).
+
+  Training loop protocol (trainer): `restore_latest(abstract_state)` once; if it returns None call
+  `save(0, state)` (milestone 0 = initialization); after each step `save(step, state, metadata=...)`, then stop
+  if `reached_preemption(step)`; after the last step `save(last, state, force=True)`; finally `close()`.
+  """
+
+  def __init__(self, model_dir: str, *, save_interval_steps: int, max_to_keep: int, milestone_steps: Iterable[int],
+               milestone_dtype: str = "bfloat16", async_save: bool = True, run_metadata: Mapping[str, Any]):
+    if isinstance(save_interval_steps, bool) or not isinstance(save_interval_steps, int) or save_interval_steps < 1:
+      raise ValueError(f"save_interval_steps must be a positive int, got {save_interval_steps!r}")
+    if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be a positive int, got {max_to_keep!r}")
+    if milestone_dtype not in MILESTONE_DTYPES:
+      raise ValueError(f"milestone_dtype must be one of {MILESTONE_DTYPES}, got {milestone_dtype!r}")
+    steps = list(milestone_steps)
+    if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in steps):
+      raise ValueError(f"milestone_steps must be non-negative ints, got {steps!r}")
+    if not isinstance(run_metadata, Mapping):
+      raise TypeError(f"run_metadata must be a dict, got {type(run_metadata).__name__}")
+
+    self.model_dir = _as_path(model_dir)
+    self.save_interval_steps = save_interval_steps
+    self.milestone_steps = sorted({int(s) for s in steps})
+    self.milestone_dtype = milestone_dtype
+    self.run_metadata = _jsonable({
+        **run_metadata,
+        "milestone_steps": self.milestone_steps,
+        "milestone_dtype": milestone_dtype,
+        "save_interval_steps": save_interval_steps,
+        "max_to_keep": max_to_keep,
+        "code_version": run_metadata.get("code_version") or code_version(),
+    }, "run_metadata")
+    if jax.process_index() == 0:
+      self.model_dir.mkdir(parents=True, exist_ok=True)
+      _write_json_atomically(self.model_dir / RUN_METADATA_FILE, self.run_metadata)
+
+    policies = ocp.checkpoint_managers
+    self._resume = ocp.CheckpointManager(
+        self.model_dir / "checkpoints" / "resume",
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+            save_decision_policy=policies.AnySavePolicy([policies.FixedIntervalPolicy(save_interval_steps),
+                                                         policies.PreemptionCheckpointingPolicy()])))
+    # Milestones are saved on exactly `milestone_steps` (decided in `save`) and never deleted.
+    self._milestones = ocp.CheckpointManager(
+        self.model_dir / "checkpoints" / "milestones",
+        options=ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=async_save,
+                                             cleanup_tmp_directories=True))
+
+    # With jax.distributed, JAX's preemption notifier owns SIGTERM and `reached_preemption_sync_point` reports
+    # it; in a single process that service does not run, so a Python handler records the signal instead.
+    self._sigterm_received = False
+    self._previous_sigterm_handler = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous_sigterm_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+    self._preemption_step: int | None = None
+
+  def _on_sigterm(self, signum, frame) -> None:
+    del signum, frame
+    self._sigterm_received = True
+
+  def reached_preemption(self, step: int) -> bool:
+    """True once a preemption notice (SIGTERM) reached every process; the caller saves and stops at `step`."""
+    if self._preemption_step is not None:
+      return step >= self._preemption_step
+    if self._sigterm_received or self._resume.reached_preemption(int(step)):
+      self._preemption_step = int(step)
+      return True
+    return False
+
+  def _checkpoint_metadata(self, step: int, metadata: Mapping[str, Any] | None) -> dict:
+    record = {key: self.run_metadata[key] for key in ("arch", "size", "model_config", "code_version")
+              if key in self.run_metadata}
+    batch_tokens = self.run_metadata.get("global_batch_size"), self.run_metadata.get("seq_len")
+    if all(isinstance(value, int) for value in batch_tokens):
+      record["tokens_seen"] = step * batch_tokens[0] * batch_tokens[1]
+    if isinstance(self.run_metadata.get("flops_per_step"), (int, float)):
+      record["compute_pflops_days"] = step * self.run_metadata["flops_per_step"] / PFLOP_S_DAY
+    gin_path = self.model_dir / "config.gin"
+    if gin_path.exists():
+      record["gin_config"] = gin_path.read_text()
+    record.update(_jsonable(dict(metadata or {}), "metadata"))
+    record["step"] = step
+    record["saved_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    return record
+
+  def save(self, step: int, state: Mapping[str, Any], *, force: bool = False,
+           metadata: Mapping[str, Any] | None = None) -> None:
+    """Saves the milestone (step in milestone_steps) and the resume checkpoint (interval, force or preemption)."""
+    step = int(step)
+    if not isinstance(state, Mapping) or "params" not in state:
+      raise ValueError(f"state must be a dict with at least 'params' (train state: params, opt_state, step, rng); "
+                       f"got {type(state).__name__} with keys {list(state) if isinstance(state, Mapping) else None}")
+    save_milestone = step in self.milestone_steps and step not in self._milestones.all_steps()
+    # Orbax's policies decide the regular saves (every K steps; preemption through JAX's sync point). Step 0,
+    # the untrained initialization, needs no resume checkpoint unless forced.
+    save_resume = step not in self._resume.all_steps() and (
+        force or self.reached_preemption(step) or (step > 0 and self._resume.should_save(step)))
+    if not (save_milestone or save_resume):
+      return
+    record = self._checkpoint_metadata(step, metadata)
+    if save_milestone:
+      params = _cast_floating(state["params"], self.milestone_dtype)
+      milestone_record = {**record, "param_layout": _param_layout(params), "dtype": self.milestone_dtype}
+      self._milestones.save(step, force=True, args=ocp.args.Composite(**{
+          _PARAMS_ITEM: ocp.args.StandardSave(params), _METADATA_ITEM: ocp.args.JsonSave(milestone_record)}))
+    if save_resume:
+      self._resume.save(step, force=True, args=ocp.args.Composite(**{
+          _STATE_ITEM: ocp.args.StandardSave(dict(state)), _METADATA_ITEM: ocp.args.JsonSave(record)}))
+
+  def restore_latest(self, abstract_state: Any) -> tuple[Any, int] | None:
+    """Restores the newest complete resume checkpoint into `abstract_state`'s shapes, dtypes and shardings.
+
+    Checkpoints that are incomplete or fail to restore are skipped with a warning naming their directory;
+    once an older one restores, the skipped newer ones are moved to checkpoints/quarantine/ so later saves at
+    those steps are possible. Returns None when there is no checkpoint; raises when checkpoints exist but none
+    restores (so a run never silently restarts from scratch over them).
+    """
+    _check_abstract_state(abstract_state)
+    self._resume.reload()
+    skipped = []
+    for step in sorted(self._resume.all_steps(), reverse=True):
+      step_dir = epath.Path(self._resume.directory) / str(step)
+      problem = _incomplete_reason(step_dir, (_STATE_ITEM, _METADATA_ITEM))
+      if problem is None:
+        try:
+          restored = self._resume.restore(step, args=ocp.args.Composite(**{
+              _STATE_ITEM: ocp.args.StandardRestore(abstract_state), _METADATA_ITEM: ocp.args.JsonRestore()}))
+        except Exception as error:  # Orbax/TensorStore raise many types for damaged files.
+          problem = f"restoring it failed: {type(error).__name__}: {str(error)[:300]}"
+      if problem is not None:
+        warnings.warn(f"skipping resume checkpoint {step_dir}: {problem}", RuntimeWarning, stacklevel=2)
+        skipped.append((step, step_dir, problem))
+        continue
+      self._quarantine([step_dir for _, step_dir, _ in skipped])
+      return restored[_STATE_ITEM], step
+    if skipped:
+      details = "; ".join(f"{step_dir}: {problem}" for _, step_dir, problem in skipped)
+      raise RuntimeError(f"none of the resume checkpoints under {self._resume.directory} could be restored "
+                         f"({details}). Check that the model and optimizer match the run, or move these "
+                         f"directories away to start from scratch.")
+    return None
+
+  def _quarantine(self, step_dirs: list[str]) -> None:
+    if not step_dirs:
+      return
+    if jax.process_index() == 0:
+      quarantine_dir = self.model_dir / "checkpoints" / "quarantine"
+      quarantine_dir.mkdir(parents=True, exist_ok=True)
+      stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+      for step_dir in step_dirs:
+        destination = quarantine_dir / f"resume-{step_dir.name}-{stamp}"
+        step_dir.rename(destination)
+        warnings.warn(f"moved unrestorable checkpoint {step_dir} to {destination}", RuntimeWarning, stacklevel=3)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("lsm_jax.checkpoint.quarantine")
+    self._resume.reload()
+
+  def resume_steps(self) -> list[int]:
+    """Steps of the resume checkpoints on disk (finished saves only)."""
+    self._resume.reload()
+    return sorted(self._resume.all_steps())
+
+  def wait_until_finished(self) -> None:
+    self._resume.wait_until_finished()
+    self._milestones.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for asynchronous saves, releases the managers and restores the previous SIGTERM handler."""
+    self._resume.close()
+    self._milestones.close()
+    if self._previous_sigterm_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_sigterm_handler)
+      self._previous_sigterm_handler = None
+
+
+def _milestones_dir(run_dir: str) -> epath.Path:
+  directory = _as_path(run_dir) / "checkpoints" / "milestones"
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{directory} does not exist: run_dir must be a MODEL_DIR with milestone checkpoints")
+  return directory
+
+
+def _step_numbers(directory: epath.Path) -> list[int]:
+  """Finished step directories are named by their number; saves in progress have temporary names."""
+  return sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit())
+
+
+def list_milestones(run_dir: str) -> list[int]:
+  """Steps of the complete milestone checkpoints of a run; incomplete ones are skipped with a warning.
+
+  Reads the directory itself (no CheckpointManager), so evaluation can list a run that is still training;
+  saves in progress live in temporary directories whose names are not plain step numbers.
+  """
+  directory = _milestones_dir(run_dir)
+  complete = []
+  for step in _step_numbers(directory):
+    step_dir = directory / str(step)
+    problem = _incomplete_reason(step_dir, (_PARAMS_ITEM, _METADATA_ITEM))
+    if problem:
+      warnings.warn(f"skipping milestone checkpoint {step_dir}: {problem}", RuntimeWarning, stacklevel=2)
+    else:
+      complete.append(step)
+  return complete
+
+
+def load_milestone(run_dir: str, step: int, *, dtype: str | None = None, sharding: Any = None) -> tuple[dict, dict]:
+  """Params (pure nested dict) and metadata of milestone `step`; no model code needed.
+
+  dtype: cast floating params on restore (default: as saved). sharding (an extension of the interface, for
+  sharded evaluation): one jax Sharding for every leaf, or a pure dict of Shardings shaped like the params;
+  default: the first local device.
+  """
+  if dtype is not None and dtype not in MILESTONE_DTYPES:
+    raise ValueError(f"dtype must be None or one of {MILESTONE_DTYPES}, got {dtype!r}")
+  directory = _milestones_dir(run_dir)
+  steps = _step_numbers(directory)
+  if step not in steps:
+    raise ValueError(f"no milestone at step {step} in {directory}; available steps: {steps}")
+  step_dir = directory / str(step)
+  problem = _incomplete_reason(step_dir, (_PARAMS_ITEM, _METADATA_ITEM))
+  if problem:
+    raise ValueError(f"milestone checkpoint {step_dir} is incomplete: {problem}")
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
+    metadata = reader.restore(step_dir / _METADATA_ITEM)
+
+  def abstract_leaf(entry):
+    saved = jnp.dtype(entry["dtype"])
+    wanted = jnp.dtype(dtype) if dtype is not None and jnp.issubdtype(saved, jnp.floating) else saved
+    return jax.ShapeDtypeStruct(tuple(entry["shape"]), wanted)
+
+  abstract_params = _nested_dict_from_layout(metadata["param_layout"], abstract_leaf)
+  if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+    target = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: target, abstract_params)
+  else:
+    shardings = sharding
+    if jax.tree.structure(shardings) != jax.tree.structure(abstract_params):
+      raise ValueError(f"sharding must be one jax Sharding or a dict of Shardings shaped like the params of "
+                       f"{step_dir}; got a tree with structure {jax.tree.structure(shardings)}")
+  abstract_params = jax.tree.map(lambda leaf, target: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target),
+                                 abstract_params, shardings)
+  with ocp.StandardCheckpointer() as reader:
+    params = reader.restore(step_dir / _PARAMS_ITEM, abstract_params)
+  return params, metadata

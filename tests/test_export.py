@@ -1,0 +1,143 @@
+"""lsm_jax.export: safetensors + config.json from milestones of real (tiny) models, checked tensor by tensor."""
+import dataclasses
+import json
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors
+import safetensors.numpy
+from flax import nnx
+
+from lsm_jax import checkpoint
+from lsm_jax import export
+from lsm_jax.models import build_model, get_config
+
+NUM_LAYERS = 2
+
+
+def tiny_params(arch, scan_layers, seed=3):
+  """The real model's parameter tree (shapes from nnx.eval_shape) filled with seeded normal values."""
+  config = get_config(arch, "70m", num_layers=NUM_LAYERS, d_model=256, num_heads=2, ffn_dim=384, vocab_size=320,
+                      scan_layers=scan_layers)
+  abstract = nnx.state(nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0))), nnx.Param).to_pure_dict()
+  rng = np.random.default_rng(seed)
+  return config, jax.tree.map(lambda leaf: rng.standard_normal(leaf.shape, dtype=np.float32), abstract)
+
+
+def save_milestone(run_dir, config, params, dtype="float32"):
+  checkpointer = checkpoint.Checkpointer(
+      str(run_dir), save_interval_steps=100, max_to_keep=1, milestone_steps=[0, 4], milestone_dtype=dtype,
+      async_save=False, run_metadata={"arch": config.arch, "size": config.size,
+                                      "model_config": dataclasses.asdict(config)})
+  checkpointer.save(4, {"params": params}, metadata={"tokens_seen": 4096})
+  checkpointer.close()
+
+
+def expected_tensors(arch, params):
+  """The documented mapping, written out by hand per architecture (stacked or unstacked layers)."""
+  def layer(tree, index):
+    layers = tree["layers"]
+    if index in layers:
+      return layers[index]
+    return jax.tree.map(lambda leaf: np.asarray(leaf)[index], layers)
+
+  def linear(kernel):
+    kernel = np.asarray(kernel)
+    return kernel.reshape(kernel.shape[0], -1).T
+
+  expected = {"embed_tokens.weight": np.asarray(params["embedding"])}
+  for index in range(NUM_LAYERS):
+    block, prefix = layer(params, index), f"layers.{index}."
+    mixer, mlp = block["mixer"], block["mlp"]
+    for name in ("gate", "up", "down"):
+      expected[f"{prefix}channel_mixer.{name}_proj.weight"] = linear(mlp[name]["kernel"])
+    if arch == "hgrn2":
+      fused = np.asarray(mixer["in_proj"]["kernel"])
+      for part, name in enumerate("vqf"):
+        expected[f"{prefix}token_mixer.{name}_proj.weight"] = linear(fused[:, part])
+      expected[f"{prefix}token_mixer.o_proj.weight"] = linear(mixer["out_proj"]["kernel"])
+    else:
+      fused = np.asarray(mixer["qkv"]["kernel"])
+      for part, name in enumerate("qkv"):
+        expected[f"{prefix}token_mixer.{name}_proj.weight"] = linear(fused[:, part])
+      expected[f"{prefix}token_mixer.o_proj.weight"] = linear(mixer["out"]["kernel"])
+    if arch in ("tnl", "cosformer2"):
+      for name in ("down", "up"):
+        expected[f"{prefix}token_mixer.output_gate.{name}_proj.weight"] = linear(mixer["gate"][name]["kernel"])
+    if arch == "llama":
+      expected[f"{prefix}token_mixer_norm.weight"] = np.asarray(block["mixer_norm"]["scale"])
+      expected[f"{prefix}channel_mixer_norm.weight"] = np.asarray(block["mlp_norm"]["scale"])
+  if arch == "llama":
+    expected["norm.weight"] = np.asarray(params["final_norm"]["scale"])
+  if arch == "hgrn2":
+    expected["lower_bound_logits"] = np.asarray(params["lower_bound_logits"])
+  if arch == "cosformer2":
+    expected["tpe.up_proj.weight"] = np.asarray(params["tpe"]["kernel"]).T
+  return expected
+
+
+@pytest.mark.parametrize("arch", ["llama", "tnl", "hgrn2", "cosformer2"])
+def test_export_matches_every_parameter(tmp_path, arch):
+  config, params = tiny_params(arch, scan_layers=True)
+  save_milestone(tmp_path / "run", config, params)
+  export.main([f"--checkpoint={tmp_path / 'run'}", f"--out={tmp_path / 'out'}"])
+
+  loaded = safetensors.numpy.load_file(str(tmp_path / "out" / "model.safetensors"))
+  expected = expected_tensors(arch, params)
+  assert sorted(loaded) == sorted(expected)
+  for name, tensor in expected.items():
+    assert loaded[name].dtype == np.float32
+    np.testing.assert_array_equal(loaded[name], tensor, err_msg=name)
+  # Nothing dropped: the exported elements are exactly the model's parameters.
+  assert sum(t.size for t in loaded.values()) == sum(np.size(leaf) for leaf in jax.tree.leaves(params))
+
+  exported_config = json.loads((tmp_path / "out" / "config.json").read_text())
+  assert exported_config["arch"] == arch and exported_config["step"] == 4 and exported_config["tokens_seen"] == 4096
+  assert exported_config["num_hidden_layers"] == NUM_LAYERS and exported_config["hidden_size"] == 256
+  assert exported_config["tie_word_embeddings"] is True and exported_config["torch_dtype"] == "float32"
+  assert sorted(exported_config["tensor_sources"]) == sorted(expected)
+
+
+def test_stacked_and_unstacked_layers_export_identically(tmp_path):
+  stacked_config, stacked_params = tiny_params("tnl", scan_layers=True)
+  unstacked_config, unstacked_layout = tiny_params("tnl", scan_layers=False)
+  unstacked_params = {**stacked_params, "layers": {
+      index: jax.tree.map(lambda leaf, i=index: leaf[i], stacked_params["layers"]) for index in range(NUM_LAYERS)}}
+  assert jax.tree.structure(unstacked_params) == jax.tree.structure(unstacked_layout)
+  for name, config, params in (("stacked", stacked_config, stacked_params),
+                               ("unstacked", unstacked_config, unstacked_params)):
+    save_milestone(tmp_path / name, config, params)
+    export.export(str(tmp_path / name / "checkpoints" / "milestones" / "4"), str(tmp_path / f"{name}_out"))
+  stacked = safetensors.numpy.load_file(str(tmp_path / "stacked_out" / "model.safetensors"))
+  unstacked = safetensors.numpy.load_file(str(tmp_path / "unstacked_out" / "model.safetensors"))
+  assert sorted(stacked) == sorted(unstacked)
+  for name in stacked:
+    np.testing.assert_array_equal(stacked[name], unstacked[name], err_msg=name)
+
+
+def test_bfloat16_export_is_bit_exact(tmp_path):
+  config, params = tiny_params("hgrn2", scan_layers=True)
+  save_milestone(tmp_path / "run", config, params, dtype="bfloat16")
+  export.export(str(tmp_path / "run"), str(tmp_path / "out"), step=4)
+  raw = (tmp_path / "out" / "model.safetensors").read_bytes()
+  header_size = int.from_bytes(raw[:8], "little")
+  assert json.loads(raw[8:8 + header_size])["__metadata__"] == {"format": "pt", "arch": "hgrn2", "step": "4"}
+  loaded = {name: np.frombuffer(view["data"], dtype=ml_dtypes.bfloat16).reshape(view["shape"])
+            for name, view in safetensors.deserialize(raw) if view["dtype"] == "BF16"}
+  expected = expected_tensors("hgrn2", params)
+  assert sorted(loaded) == sorted(expected)
+  for name, tensor in expected.items():
+    np.testing.assert_array_equal(loaded[name], tensor.astype(ml_dtypes.bfloat16), err_msg=name)
+
+
+def test_bad_arguments_are_named(tmp_path):
+  with pytest.raises(ValueError, match="must be a run directory"):
+    export.export(str(tmp_path), str(tmp_path / "out"))
+  config, params = tiny_params("llama", scan_layers=True)
+  save_milestone(tmp_path / "run", config, params)
+  with pytest.raises(ValueError, match=r"no milestone at step 3 .*available steps: \[4\]"):
+    export.export(str(tmp_path / "run"), str(tmp_path / "out"), step=3)
+  with pytest.raises(ValueError, match="dtype must be one of"):
+    export.export(str(tmp_path / "run"), str(tmp_path / "out"), dtype="float16")
