@@ -1,0 +1,238 @@
+"""Evaluate every milestone checkpoint of a run into one tidy table (the input of lsm_jax.scaling).
+
+Rows: arch, size, step, tokens, compute_pflops_days, task, metric, value. The table is written as JSON lines
+(the source of truth, appended after each finished (step, task) so an interrupted sweep resumes where it
+stopped) and mirrored to CSV. A (step, task) pair already in the table is skipped.
+
+Tasks (TASKS) and the rows they write:
+  val_loss       val_loss/loss, val_loss/perplexity: mean next-token loss on the run's validation split
+  wikitext       wikitext/word_perplexity                    (lm-eval task lsm_wikitext)
+  lambada        lambada/perplexity, lambada/acc             (lsm_lambada)
+  csr            <task>/<paper metric> for the 7 CSR tasks, csr/average (the paper's CSR avg)
+  scrolls        <task>/rouge1|rouge2|rougeL|f1|em, scrolls/average (mean of the available numbers)
+  niah, niah_standard   niah_easy|niah_standard/acc@2k ... weighted_avg, niah_score (+ heatmap PNG)
+Accuracies are percentages, as in the paper's tables; perplexities are plain.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
+
+from lsm_jax.evaluate import scorers
+
+COLUMNS = ("arch", "size", "step", "tokens", "compute_pflops_days", "task", "metric", "value")
+LM_EVAL_TASKS = ("wikitext", "lambada", "csr", "scrolls")
+TASKS = ("val_loss",) + LM_EVAL_TASKS + ("niah", "niah_standard")
+# The table task whose row marks a sweep task as done at a step (a task's rows are appended in one write).
+_COMPLETION_TASK = {"val_loss": "val_loss", "wikitext": "wikitext", "lambada": "lambada", "csr": "csr",
+                    "scrolls": "scrolls", "niah": "niah_easy", "niah_standard": "niah_standard"}
+_CSR_LM_EVAL_NAMES = {task: f"lsm_{task}" for task in scorers.CSR_METRICS}
+_SCROLLS_LM_EVAL_NAMES = {task: f"lsm_scrolls_{task}" for task in scorers.SCROLLS_METRICS}
+
+
+def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
+  names = [name.strip() for name in (tasks.split(",") if isinstance(tasks, str) else tasks) if name.strip()]
+  unknown = [name for name in names if name not in TASKS]
+  if unknown or not names:
+    raise ValueError(f"unknown or no evaluation task(s) {unknown or names}; valid: {', '.join(TASKS)}")
+  return list(dict.fromkeys(names))
+
+
+def table_paths(output: str) -> tuple[str, str]:
+  """(jsonl, csv) paths of the tidy table named by `output` (either extension, or none)."""
+  stem, extension = os.path.splitext(output)
+  if extension not in (".jsonl", ".csv"):
+    stem = output
+  return stem + ".jsonl", stem + ".csv"
+
+
+def read_table(output: str) -> list[dict]:
+  jsonl_path, _ = table_paths(output)
+  if not os.path.exists(jsonl_path):
+    return []
+  with open(jsonl_path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _append_rows(output: str, rows: list[dict]) -> None:
+  jsonl_path, csv_path = table_paths(output)
+  os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
+  with open(jsonl_path, "a", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+  # The CSV is rewritten from the JSON lines, so it can never disagree with them.
+  temporary = csv_path + ".tmp"
+  with open(temporary, "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(read_table(output))
+  os.replace(temporary, csv_path)
+
+
+# ------------------------------------------------------------------------------------------ task runners
+
+def validation_loss(engine, run_metadata: dict, *, max_batches: int | None = None) -> dict[str, float]:
+  """Mean next-token loss over the run's validation split (each record once, `engine.batch_size` rows a batch)."""
+  from lsm_jax.data import loader as loader_lib
+
+  loader = loader_lib.make_loader(run_metadata["data_dir"], split="validation", seq_len=run_metadata["seq_len"],
+                                  global_batch_size=engine.batch_size, seed=run_metadata.get("seed", 0))
+  num_batches = max(1, loader.num_records // engine.batch_size)
+  if max_batches is not None:
+    num_batches = min(num_batches, max_batches)
+  loss_sum = token_count = 0.0
+  for step in range(num_batches):
+    batch = loader.global_batch(step)
+    log_probs = engine.batch_log_probs(batch)
+    loss_sum -= float((log_probs * batch["loss_mask"]).sum())
+    token_count += float(batch["loss_mask"].sum())
+  loss = loss_sum / token_count
+  return {"loss": loss, "perplexity": math.exp(loss)}
+
+
+def _lm_eval_results(engine, task_names: list[str], *, limit: int | None, eval_data_dir: str | None) -> dict:
+  import lm_eval
+  from lm_eval.tasks import TaskManager
+
+  from lsm_jax.evaluate import harness, lm_eval_cli
+
+  metadata = {"data_dir": eval_data_dir} if eval_data_dir else None
+  task_manager = TaskManager(include_path=lm_eval_cli.TASKS_DIR, include_defaults=False, metadata=metadata)
+  output = lm_eval.simple_evaluate(model=harness.LsmJaxLM.from_engine(engine), tasks=task_names,
+                                   task_manager=task_manager, limit=limit, log_samples=False,
+                                   bootstrap_iters=0)
+  return output["results"]
+
+
+def _metric(results: dict, task_name: str, metric: str) -> float:
+  return float(results[task_name][f"{metric},none"])
+
+
+def lm_eval_task_scores(engine, task: str, *, limit: int | None = None,
+                        eval_data_dir: str | None = None) -> list[tuple[str, str, float]]:
+  """(task, metric, value) rows of one LM_EVAL_TASKS entry."""
+  if task == "wikitext":
+    results = _lm_eval_results(engine, ["lsm_wikitext"], limit=limit, eval_data_dir=eval_data_dir)
+    return [("wikitext", "word_perplexity", _metric(results, "lsm_wikitext", "word_perplexity"))]
+  if task == "lambada":
+    results = _lm_eval_results(engine, ["lsm_lambada"], limit=limit, eval_data_dir=eval_data_dir)
+    return [("lambada", "perplexity", _metric(results, "lsm_lambada", "perplexity")),
+            ("lambada", "acc", 100.0 * _metric(results, "lsm_lambada", "acc"))]
+  if task == "csr":
+    results = _lm_eval_results(engine, list(_CSR_LM_EVAL_NAMES.values()), limit=limit, eval_data_dir=eval_data_dir)
+    scores = {name: 100.0 * _metric(results, _CSR_LM_EVAL_NAMES[name], metric)
+              for name, metric in scorers.CSR_METRICS.items()}
+    return ([(name, scorers.CSR_METRICS[name], value) for name, value in scores.items()]
+            + [("csr", "average", scorers.csr_average(scores))])
+  if task == "scrolls":
+    rows, scores = [], {}
+    for name, metrics in scorers.SCROLLS_METRICS.items():
+      # One lm-eval call per task: a failing task (e.g. missing data) is left out, as the paper does.
+      try:
+        results = _lm_eval_results(engine, [_SCROLLS_LM_EVAL_NAMES[name]], limit=limit, eval_data_dir=eval_data_dir)
+      except (FileNotFoundError, ValueError) as error:
+        print(f"SCROLLS task {name} failed and is left out of the average: {error}")
+        continue
+      scores[name] = {metric: _metric(results, _SCROLLS_LM_EVAL_NAMES[name], metric) for metric in metrics}
+      rows.extend((name, metric, value) for metric, value in scores[name].items())
+    if scores:
+      rows.append(("scrolls", "average", scorers.scrolls_average(scores)))
+    return rows
+  raise ValueError(f"{task!r} is not an lm-eval task; valid: {', '.join(LM_EVAL_TASKS)}")
+
+
+def niah_scores(engine, mode: str, *, haystack_text: str, output_dir: str, config_overrides: dict | None = None):
+  from lsm_jax.evaluate import niah
+
+  config = niah.NIAHConfig(mode=mode, **(config_overrides or {}))
+  # NIAH deliberately runs past the training context (the paper goes to 16K after 8K training).
+  max_context = max(config.context_lengths) + config.max_new_tokens
+
+  def generate(prompts, max_new_tokens):
+    return engine.generate(prompts, max_new_tokens, max_context=max_context)
+
+  result = niah.run_niah(generate, engine.tokenizer, haystack_text, config, batch_size=engine.batch_size)
+  result.save(output_dir)
+  return [(f"niah_{mode}", metric, value) for metric, value in result.summary().items()]
+
+
+def default_haystack_text() -> str:
+  """The data package's embedded corpus (Python's own documentation text), joined into one haystack."""
+  from lsm_jax.data import corpora
+  return "\n\n".join(corpora.embedded_documents())
+
+
+# ----------------------------------------------------------------------------------------------- sweep
+
+def evaluate_run(run_dir: str, tasks: str | Sequence[str], output: str | None = None, *,
+                 steps: Sequence[int] | None = None, batch_size: int = 8, compute_dtype: str | None = None,
+                 val_max_batches: int | None = None, lm_eval_limit: int | None = None,
+                 eval_data_dir: str | None = None, haystack_file: str | None = None,
+                 niah_overrides: dict | None = None, progress: bool = True) -> list[dict]:
+  """Evaluates `tasks` on every milestone of `run_dir` (or `steps`) not yet in `output`; returns the new rows.
+
+  output defaults to RUN_DIR/eval/results.jsonl (+ .csv). NIAH heatmaps go to <output dir>/niah/step_<N>/.
+  Runs sharing an output must differ in (arch, size) (the table has no other run column): give ablation runs of
+  one shape their own output.
+  """
+  from lsm_jax import checkpoint
+  from lsm_jax.evaluate import engine as engine_lib
+
+  tasks = parse_tasks(tasks)
+  output = output or os.path.join(run_dir, "eval", "results.jsonl")
+  available = checkpoint.list_milestones(run_dir)
+  if steps is not None:
+    missing = sorted(set(steps) - set(available))
+    if missing:
+      raise ValueError(f"steps {missing} are not milestones of {run_dir}; available: {available}")
+    available = sorted(set(steps))
+  # One table may hold several runs; a run is identified by its (arch, size), the table's only run columns.
+  run_metadata = checkpoint.read_run_metadata(run_dir)
+  done = {(row["step"], row["task"]) for row in read_table(output)
+          if (row["arch"], row["size"]) == (run_metadata["arch"], run_metadata["size"])}
+  pending = [(step, task) for step in available for task in tasks if (step, _COMPLETION_TASK[task]) not in done]
+  haystack_text = None
+  new_rows: list[dict] = []
+  bar = _progress_bar(len(pending), progress)
+  for step in sorted({step for step, _ in pending}):
+    overrides = {"dtype": compute_dtype} if compute_dtype else {}
+    model, tokenizer, run_metadata, checkpoint_metadata = engine_lib.load_model(run_dir, step, **overrides)
+    engine = engine_lib.InferenceEngine(model, tokenizer, max_length=run_metadata["seq_len"], batch_size=batch_size)
+    identity = {"arch": run_metadata["arch"], "size": run_metadata["size"], "step": step,
+                "tokens": checkpoint_metadata.get("tokens_seen"),
+                "compute_pflops_days": checkpoint_metadata.get("compute_pflops_days")}
+    for task in [task for pending_step, task in pending if pending_step == step]:
+      bar.set_description(f"step {step} {task}")
+      if task == "val_loss":
+        scores = [("val_loss", metric, value)
+                  for metric, value in validation_loss(engine, run_metadata, max_batches=val_max_batches).items()]
+      elif task in LM_EVAL_TASKS:
+        scores = lm_eval_task_scores(engine, task, limit=lm_eval_limit, eval_data_dir=eval_data_dir)
+      else:
+        if haystack_text is None:
+          haystack_text = _read_text(haystack_file) if haystack_file else default_haystack_text()
+        niah_dir = os.path.join(os.path.dirname(os.path.abspath(output)), "niah", f"step_{step}")
+        scores = niah_scores(engine, "easy" if task == "niah" else "standard", haystack_text=haystack_text,
+                             output_dir=niah_dir, config_overrides=niah_overrides)
+      rows = [{**identity, "task": name, "metric": metric, "value": float(value)}
+              for name, metric, value in scores]
+      _append_rows(output, rows)
+      new_rows.extend(rows)
+      bar.update(1)
+  bar.close()
+  return new_rows
+
+
+def _read_text(path: str) -> str:
+  with open(path, encoding="utf-8") as f:
+    return f.read()
+
+
+def _progress_bar(total: int, enabled: bool):
+  from tqdm import tqdm
+  return tqdm(total=total, disable=not enabled, unit="eval")
