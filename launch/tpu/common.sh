@@ -9,6 +9,8 @@
 #   --runtime=VERSION        TPU software version (default per generation, see flags.sh)
 #   --gin_file=FILE          experiment gin file, e.g. gin/hgrn2_7b.gin
 #   --bucket=gs://BUCKET     where runs live; MODEL_DIR = BUCKET/RUN_NAME
+#   --data_dir=PATH          the dataset (DATA_DIR), e.g. gs://bucket/data/corpus from lsm_jax.data.build
+#   --gin.NAME=VALUE         passed through to lsm_jax.train (repeatable)
 #   --run_name=NAME          default: the gin file's base name
 #   --capacity=spot|best-effort|reserved|on-demand   queued-resource capacity (default spot)
 #   --retries=N              run.sh: relaunches after preemption or failure (default 10)
@@ -25,6 +27,8 @@ TPU_ACCELERATOR="${LSM_TPU_ACCELERATOR:-}"
 TPU_RUNTIME=""
 GIN_FILE=""
 BUCKET=""
+DATA_DIR=""
+GIN_OVERRIDES=()
 RUN_NAME=""
 CAPACITY="spot"
 RETRIES=10
@@ -48,12 +52,14 @@ parse_flags() {
       --runtime=*) TPU_RUNTIME="${arg#*=}" ;;
       --gin_file=*) GIN_FILE="${arg#*=}" ;;
       --bucket=*) BUCKET="${arg#*=}" ;;
+      --data_dir=*) DATA_DIR="${arg#*=}" ;;
+      --gin.*=*) GIN_OVERRIDES+=("${arg}") ;;
       --run_name=*) RUN_NAME="${arg#*=}" ;;
       --capacity=*) CAPACITY="${arg#*=}" ;;
       --retries=*) RETRIES="${arg#*=}" ;;
       --repo=*) REPO_DIR="${arg#*=}" ;;
       --dry-run) DRY_RUN=1 ;;
-      --help|-h) sed -n '2,20p' "${LAUNCH_DIR}/common.sh"; exit 0 ;;
+      --help|-h) sed -n '2,22p' "${LAUNCH_DIR}/common.sh"; exit 0 ;;
       *) usage_error "unknown flag '${arg}'" ;;
     esac
   done
@@ -68,6 +74,7 @@ require() {
       accelerator) value="${TPU_ACCELERATOR}" ;;
       gin_file) value="${GIN_FILE}" ;;
       bucket) value="${BUCKET}" ;;
+      data_dir) value="${DATA_DIR}" ;;
     esac
     [[ -n "${value}" ]] || usage_error "--${flag} is required"
   done

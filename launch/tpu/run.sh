@@ -2,15 +2,18 @@
 # Runs training on all workers and relaunches after preemption or failure. The run resumes by itself from
 # its latest complete checkpoint under MODEL_DIR, so a relaunch loses at most the steps since that checkpoint.
 # Example: launch/tpu/run.sh --name=lsm-hgrn2 --zone=us-east5-a --accelerator=v5p-128 \
-#            --gin_file=gin/hgrn2_7b.gin --bucket=gs://my-bucket/lsm
+#            --gin_file=gin/hgrn2_7b.gin --bucket=gs://my-bucket/lsm --data_dir=gs://my-bucket/data/corpus
 source "$(dirname "$0")/common.sh"
 source "$(dirname "$0")/flags.sh"
 parse_flags "$@"
-require name zone accelerator gin_file bucket
+require name zone accelerator gin_file bucket data_dir
 tpu_generation "${TPU_ACCELERATOR}" >/dev/null || exit 2
 model_dir="${BUCKET%/}/${RUN_NAME}"
+overrides=""
+for override in "${GIN_OVERRIDES[@]}"; do overrides+=" $(printf '%q' "${override}")"; done
 train_cmd="cd ~/${REMOTE_DIR} && export LIBTPU_INIT_ARGS='$(libtpu_init_args "${TPU_ACCELERATOR}")' \
-&& python3 -m lsm_jax.train --gin_file=${GIN_FILE} --gin.MODEL_DIR=\"'${model_dir}'\" 2>&1 | tee -a ~/train.log"
+&& python3 -m lsm_jax.train --gin_file=${GIN_FILE} --gin.MODEL_DIR=\"'${model_dir}'\" \
+--gin.DATA_DIR=\"'${DATA_DIR}'\"${overrides} 2>&1 | tee -a ~/train.log"
 
 attempt=0
 while true; do
