@@ -221,13 +221,17 @@ class Checkpointer:
         self.model_dir / "checkpoints" / "resume",
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="resume"),
             save_decision_policy=policies.AnySavePolicy([policies.FixedIntervalPolicy(save_interval_steps),
                                                          policies.PreemptionCheckpointingPolicy()])))
     # Milestones are saved on exactly `milestone_steps` (decided in `save`) and never deleted.
+    # Both managers name their multi-process barriers after the step ("async_commit_complete.<step>"); when
+    # they save the same step concurrently the barriers collide unless each has its own prefix.
     self._milestones = ocp.CheckpointManager(
         self.model_dir / "checkpoints" / "milestones",
-        options=ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=async_save,
-                                             cleanup_tmp_directories=True))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=None, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="milestones")))
 
     # With jax.distributed, JAX's preemption notifier owns SIGTERM and `reached_preemption_sync_point` reports
     # it; in a single process that service does not run, so a Python handler records the signal instead.
