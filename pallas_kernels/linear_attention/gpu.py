@@ -422,7 +422,9 @@ def _key_tile(layout):
   return min(128, layout.dim_k)
 
 
-def _output(layout, q, k, v, g, resets, states, out_dtype):
+def _value_tiled_call(kernel, name, layout, q, k, value_like, g, resets, states, out_dtype):
+  """A chunk-parallel kernel over (chunk, batch·head, value tile) reading q, k, a [B,T,H,Dv] operand and the
+  per-chunk states, writing a [B,T,H,Dv] result: the forward output (v → o) and the dv gradient (do → dv)."""
   config = layout.config
   tile_v = _value_tile(layout)
   in_specs = [layout.chunk_spec(layout.dim_k), layout.chunk_spec(layout.dim_k), layout.chunk_spec(tile_v, True)]
@@ -432,30 +434,22 @@ def _output(layout, q, k, v, g, resets, states, out_dtype):
     in_specs.append(layout.chunk_resets_spec())
   in_specs.append(layout.chunk_state_spec(tile_v, layout.dim_k, tile_rows=True))
   return pl.pallas_call(
-      functools.partial(_output_kernel, config=config),
+      functools.partial(kernel, config=config),
       grid=(layout.num_chunks, layout.batch * layout.heads, layout.dim_v // tile_v), in_specs=in_specs,
       out_specs=layout.chunk_spec(tile_v, True),
       out_shape=jax.ShapeDtypeStruct((layout.batch, layout.time, layout.heads, layout.dim_v), out_dtype),
-      compiler_params=_compiler_params(config), interpret=_interpret(), name="linear_attention_output",
-  )(q, k, v, *layout.extras(g, resets), states)
+      compiler_params=_compiler_params(config), interpret=_interpret(), name=name,
+  )(q, k, value_like, *layout.extras(g, resets), states)
+
+
+def _output(layout, q, k, v, g, resets, states, out_dtype):
+  return _value_tiled_call(_output_kernel, "linear_attention_output", layout, q, k, v, g, resets, states,
+                           out_dtype)
 
 
 def _grad_dv(layout, q, k, do, g, resets, d_states, out_dtype):
-  config = layout.config
-  tile_v = _value_tile(layout)
-  in_specs = [layout.chunk_spec(layout.dim_k), layout.chunk_spec(layout.dim_k), layout.chunk_spec(tile_v, True)]
-  if g is not None:
-    in_specs.append(layout.chunk_g_spec())
-  if resets is not None:
-    in_specs.append(layout.chunk_resets_spec())
-  in_specs.append(layout.chunk_state_spec(tile_v, layout.dim_k, tile_rows=True))
-  return pl.pallas_call(
-      functools.partial(_dv_kernel, config=config),
-      grid=(layout.num_chunks, layout.batch * layout.heads, layout.dim_v // tile_v), in_specs=in_specs,
-      out_specs=layout.chunk_spec(tile_v, True),
-      out_shape=jax.ShapeDtypeStruct((layout.batch, layout.time, layout.heads, layout.dim_v), out_dtype),
-      compiler_params=_compiler_params(config), interpret=_interpret(), name="linear_attention_grad_v",
-  )(q, k, do, *layout.extras(g, resets), d_states)
+  return _value_tiled_call(_dv_kernel, "linear_attention_grad_v", layout, q, k, do, g, resets, d_states,
+                           out_dtype)
 
 
 def _grad_dqdk(layout, q, k, v, do, g, resets, states, d_states, out_dtype, operand_dtype):
