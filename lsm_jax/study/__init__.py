@@ -108,7 +108,7 @@ def write_report(out_dir, *, fits, figures, scaling_report, run_dirs, descriptio
   from lsm_jax.scaling import paper
   paper_table = paper.paper_fits()
   lines = [
-      "# Mini scaling study", "",
+      "# Scaling study", "",
       f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
       f"- device: {jax.device_count()} × {jax.devices()[0].device_kind} (jax {jax.__version__}, "
       f"Python {platform.python_version()})",
@@ -122,10 +122,11 @@ def write_report(out_dir, *, fits, figures, scaling_report, run_dirs, descriptio
             "|---|---|---|---|---|---|---|"]
   for arch, fit in fits.items():
     reference = paper_table.get(arch)
-    ref = (lambda law: f"{law.exponent:.4f}") if reference else (lambda law: "—")
-    lines.append(f"| {arch} | {fit.loss.exponent:.4f} | {ref(reference.loss) if reference else '—'} | "
-                 f"{fit.n_opt.exponent:.4f} | {ref(reference.n_opt) if reference else '—'} | "
-                 f"{fit.d_opt.exponent:.4f} | {ref(reference.d_opt) if reference else '—'} |")
+    exponents = []
+    for law in ("loss", "n_opt", "d_opt"):
+      exponents.append(f"{getattr(fit, law).exponent:.4f}")
+      exponents.append(f"{getattr(reference, law).exponent:.4f}" if reference else "—")
+    lines.append(f"| {arch} | " + " | ".join(exponents) + " |")
   with open(scaling_report, encoding="utf-8") as f:
     lines += ["", f.read().strip(), ""]
   lines += ["## Figures", ""]
