@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from flax import linen
 from flax import nnx
 
+from pallas_kernels.linear_attention import api as linear_attention_api
+
 
 def make_param(rngs: nnx.Rngs, shape, axis_names, *, std: float, dtype, init: str = "normal") -> nnx.Param:
   """An nnx.Param holding normal(0, std), ones or zeros, with logical axis names as sharding metadata."""
@@ -202,3 +204,38 @@ class ToeplitzPositionalEncoding(nnx.Module):
     kernel = self.kernel[...].astype(jnp.float32)
     state = jnp.exp(self.log_decay()) * state + jnp.dot(x.astype(jnp.float32), kernel)
     return x + jnp.dot(state, kernel.T).astype(x.dtype), state
+
+
+def sharded_linear_attention(q, k, v, log_decay=None, *, segment_ids=None, return_final_state=False,
+                             backend="auto", chunk_size=None):
+  """`pallas_kernels.linear_attention` that also runs Pallas kernels on a multi-device mesh.
+
+  XLA cannot partition a Pallas (Mosaic / Triton) custom call, so under a mesh those backends run per shard
+  in a shard_map: batch over the `activation_batch` mesh axes, heads over `activation_heads` (the op is
+  independent across both). The "xla" and "reference" backends stay plain JAX for GSPMD to partition.
+  """
+  backend = linear_attention_api.resolve_backend(backend)
+  call = lambda *args: linear_attention_api.linear_attention(  # noqa: E731
+      *args[:4], segment_ids=args[4], return_final_state=return_final_state, backend=backend,
+      chunk_size=chunk_size)
+  mesh = jax.sharding.get_abstract_mesh()
+  if not backend.startswith("pallas") or mesh.empty or mesh.size == 1:
+    return call(q, k, v, log_decay, segment_ids)
+  batch_axes, _, heads_axes, _ = linen.logical_to_mesh_axes(
+      ("activation_batch", "activation_length", "activation_heads", None))
+
+  def usable(axes, size):
+    # Axes that the dimension divides; anything else stays replicated inside the shard_map.
+    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ())) if mesh.shape[a] > 1)
+    return axes if axes and size % math.prod(mesh.shape[a] for a in axes) == 0 else None
+
+  batch_axes = usable(batch_axes, q.shape[0])
+  heads_axes = usable(heads_axes, q.shape[2])
+  P = jax.sharding.PartitionSpec
+  activation = P(batch_axes, None, heads_axes, None)
+  decay_spec = None if log_decay is None else P(heads_axes) if log_decay.ndim == 1 else activation
+  segment_spec = None if segment_ids is None else P(batch_axes, None)
+  out_specs = (activation, P(batch_axes, heads_axes, None, None)) if return_final_state else activation
+  # check_vma off: pallas_call has no replication rule; the specs above state the layout exactly.
+  return jax.shard_map(call, mesh=mesh, in_specs=(activation, activation, activation, decay_spec, segment_spec),
+                       out_specs=out_specs, check_vma=False)(q, k, v, log_decay, segment_ids)

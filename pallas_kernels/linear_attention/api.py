@@ -37,13 +37,17 @@ _BACKEND_IMPLS = {
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 
 
-def resolve_backend(backend: str) -> str:
-  """Maps "auto" to the best backend for the default device's platform."""
+def resolve_backend(backend: str, platform: str | None = None) -> str:
+  """Maps "auto" to the best backend for `platform` ("tpu", "gpu", "cpu"; None: the default device's).
+
+  Pass the platform when compiling ahead of time for another target (e.g. a TPU topology from a CPU host,
+  where jax.default_backend() is still "cpu").
+  """
   if backend not in BACKENDS:
     raise ValueError(f"Unknown linear-attention backend {backend!r}; valid: {', '.join(BACKENDS)}.")
   if backend != "auto":
     return backend
-  platform = jax.default_backend()
+  platform = platform or jax.default_backend()
   if platform == "tpu":
     return "pallas_tpu"
   if platform == "gpu":

@@ -130,8 +130,10 @@ class _VectorChunk(_Chunk):
     super().__init__(rows, q_ref, k_ref, v_ref, sees_ref, last_ref)
     self.mask = _causal_same_document(doc_col_ref[rows, :], doc_rows_ref[index:index + 1, :], VECTOR_CHUNK)
     b = b_ref[rows, :]
-    exponent = jnp.where(self.mask[:, :, None], b[:, None, :] - b[None, :, :], 0.0)
-    self.pair_decay = jnp.where(self.mask[:, :, None], jnp.exp(exponent), 0.0)  # [16,16,Dk] e^{b_i−b_j}
+    # The mask enters as float32 multiples: Mosaic cannot reshape a boolean [16,16] vector to [16,16,1].
+    # Zeroing the exponent first keeps exp finite where b_i − b_j > 0 (masked pairs).
+    mask = self.mask.astype(jnp.float32)[:, :, None]
+    self.pair_decay = jnp.exp((b[:, None, :] - b[None, :, :]) * mask) * mask  # [16,16,Dk] e^{b_i−b_j}
     total = b[-1:, :]
     self.query_decay = jnp.exp(b)
     self.key_decay = jnp.exp(total - b)

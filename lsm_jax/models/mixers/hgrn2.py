@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lsm_jax.models import layers
-from pallas_kernels.linear_attention import linear_attention, linear_attention_step
+from pallas_kernels.linear_attention import linear_attention_step
 
 
 def hgrn2_lower_bounds(lower_bound_logits):
@@ -65,9 +65,10 @@ class HGRN2Mixer(nnx.Module):
   def __call__(self, x, *, segment_ids, positions, layer_inputs, max_length=None):
     del positions
     q, k, v, log_decay = self._project(x, layer_inputs)
-    result = linear_attention(q, k, v, log_decay, segment_ids=segment_ids,
-                              return_final_state=max_length is not None,
-                              backend=self.config.linear_attention_backend, chunk_size=self.config.chunk_size)
+    result = layers.sharded_linear_attention(q, k, v, log_decay, segment_ids=segment_ids,
+                                             return_final_state=max_length is not None,
+                                             backend=self.config.linear_attention_backend,
+                                             chunk_size=self.config.chunk_size)
     if max_length is None:
       return self._output(result), None
     attended, state = result

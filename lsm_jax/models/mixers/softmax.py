@@ -14,11 +14,12 @@ from flax import nnx
 from lsm_jax.models import layers
 
 
-def resolve_attention_impl(attention_impl: str, dtype) -> str:
-  """"auto" -> cuDNN flash attention on GPU for 16-bit inputs, else XLA."""
+def resolve_attention_impl(attention_impl: str, dtype, platform: str | None = None) -> str:
+  """"auto" -> cuDNN flash attention on GPU for 16-bit inputs, else XLA. `platform`: the target's (None: the
+  default device's)."""
   if attention_impl != "auto":
     return attention_impl
-  if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+  if (platform or jax.default_backend()) == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     return "cudnn"
   return "xla"
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lsm_jax.models import layers
-from pallas_kernels.linear_attention import linear_attention, linear_attention_step
+from pallas_kernels.linear_attention import linear_attention_step
 
 
 class TNLAttention(nnx.Module):
@@ -46,9 +46,10 @@ class TNLAttention(nnx.Module):
 
   def __call__(self, x, *, segment_ids, positions, layer_inputs, max_length=None):
     q, k, v = self._project(x, positions)
-    result = linear_attention(q, k, v, self._log_decay(layer_inputs), segment_ids=segment_ids,
-                              return_final_state=max_length is not None,
-                              backend=self.config.linear_attention_backend, chunk_size=self.config.chunk_size)
+    result = layers.sharded_linear_attention(q, k, v, self._log_decay(layer_inputs), segment_ids=segment_ids,
+                                             return_final_state=max_length is not None,
+                                             backend=self.config.linear_attention_backend,
+                                             chunk_size=self.config.chunk_size)
     if max_length is None:
       return self._output(result, x), None
     attended, state = result

@@ -1,0 +1,204 @@
+r"""Training-step benchmark: the trainer's own program (`trainer.build_train_program`) on the available devices.
+
+For each architecture × size × sequence length at a fixed number of tokens per step (default 32,768, the peers'
+setting), bf16 compute with fp32 parameters and AdamW: compile time (separately), step time (median of --steps
+after --warmup, each step ended by block_until_ready), tokens/s, MFU (Appendix A.1 model FLOPs from
+`lsm_jax.flops.flops_per_step(..., ffn_dim=, vocab_size=)` over the lsm_jax.metrics peak) and peak device
+memory (`device.memory_stats()['peak_bytes_in_use']`, where the backend reports it; the peak is process-wide, so
+it never decreases from row to row: run one shape per process for exact per-shape peaks). Batches are
+synthetic (random tokens, one document per row). Rows are appended to
+benchmarks/results/train_step_<device>.json and the .md table is rewritten after every row, so a run cut off by
+a time limit keeps what it measured. Failures (e.g. out of memory) become rows with an error.
+
+On the H200 (device tool; nothing to install: jax[cuda] is on the image), then the PyTorch peers the same way:
+  python3 benchmarks/train_step.py --out_dir $OUT                       # 4 archs × 410M, 1B × 2K, 8K, 32K
+  python3 benchmarks/train_step.py --out_dir $OUT --archs hgrn2,llama --sizes 1b --seq_lens 8192 \
+      --remat_policy dots_saveable --per_device_microbatch 2
+  OUT=$OUT python3 /work/shared/bench/peer_models.py   # fla HGRN2 + HF LLaMA, same shapes and tokens per step
+The markdown's "peer" column is read from /work/shared/bench/h200_peer_models.json (--peers), labelled with
+that file's date and device; match rows by (arch, size, seq_len).
+
+CPU check (tiny shapes, known to run here):
+  python benchmarks/train_step.py --archs hgrn2,llama --sizes tiny --seq_lens 128 --tokens_per_step 1024 \
+      --steps 2 --warmup 1 --out_dir /tmp/bench
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # peak memory then reflects the program
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lsm_jax import metrics, optim, sharding, trainer  # noqa: E402
+from lsm_jax.models import configs  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEERS_PATH = "/work/shared/bench/h200_peer_models.json"
+# "tiny": a CPU-sized shape with 128-wide heads, for checking that the script runs.
+TINY_SHAPE = dict(num_layers=2, d_model=256, num_heads=2, ffn_dim=512, vocab_size=1024)
+
+
+def model_config(arch: str, size: str, remat_policy: str) -> configs.ModelConfig:
+  if size == "tiny":
+    return configs.ModelConfig(arch=arch, size="tiny", remat_policy=remat_policy, **TINY_SHAPE)
+  return configs.get_config(arch, size, remat_policy=remat_policy)
+
+
+def synthetic_batch(program: trainer.TrainProgram, seed: int) -> dict:
+  rng = np.random.default_rng(seed)
+  shape = (program.global_batch_size, program.seq_len)
+  tokens = rng.integers(0, program.model_config.vocab_size, size=(shape[0], shape[1] + 1), dtype=np.int32)
+  host = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones(shape, np.int32),
+          "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
+          "loss_mask": np.ones(shape, np.float32)}
+  return {key: jax.device_put(value, program.batch_sharding) for key, value in host.items()}
+
+
+def peak_memory_bytes(devices) -> int | None:
+  peaks = [(device.memory_stats() or {}).get("peak_bytes_in_use") for device in devices]
+  return max(peaks) if peaks and all(p is not None for p in peaks) else None
+
+
+def measure(arch, size, seq_len, args, mesh) -> dict:
+  config = model_config(arch, size, args.remat_policy)
+  global_batch = args.tokens_per_step // seq_len
+  shards = sharding.batch_shards(mesh)
+  per_shard_microbatch = args.per_device_microbatch
+  if per_shard_microbatch is not None and per_shard_microbatch * shards >= global_batch:
+    per_shard_microbatch = None  # the whole batch already fits in one microbatch
+  program = trainer.build_train_program(
+      config, mesh=mesh, train_steps=1000, seq_len=seq_len, global_batch_size=global_batch,
+      optimizer=optim.OptimizerConfig(warmup_steps=10), per_shard_microbatch_size=per_shard_microbatch,
+      loss_chunk_length=args.loss_chunk_length if args.loss_chunk_length < seq_len else None)
+  row = {"arch": arch, "size": size, "seq_len": seq_len, "global_batch_size": global_batch,
+         "num_microbatches": program.num_microbatches, "num_params": program.num_params,
+         "remat_policy": config.remat_policy,
+         "linear_attention_backend": program.model_config.linear_attention_backend,
+         "attention_impl": program.model_config.attention_impl}
+  start = time.perf_counter()
+  compiled = program.lower_train_step().compile()
+  row["compile_s"] = time.perf_counter() - start
+  state, rest = program.init()
+  batch = synthetic_batch(program, seed=0)
+  times = []
+  for index in range(args.warmup + args.steps):
+    start = time.perf_counter()
+    state, step_metrics = compiled(state, rest, batch)
+    jax.block_until_ready((state, step_metrics))
+    if index >= args.warmup:
+      times.append(time.perf_counter() - start)
+  loss = float(step_metrics["loss"])
+  if not np.isfinite(loss):
+    raise FloatingPointError(f"loss {loss}")
+  step_s = statistics.median(times)
+  devices = list(mesh.devices.flat)
+  peak_flops = metrics.peak_flops_per_device(devices[0].device_kind, args.peak_flops_per_device)
+  peak = peak_memory_bytes(devices)
+  row.update(step_s=step_s, tokens_per_s=global_batch * seq_len / step_s,
+             mfu=program.flops_per_step_model / step_s / (peak_flops * len(devices)),
+             model_flops_per_step=program.flops_per_step_model, loss=loss,
+             peak_gib=None if peak is None else peak / 2**30)
+  del state, rest, batch, compiled
+  return row
+
+
+def load_peers(path: str) -> tuple[dict, str]:
+  if not path or not os.path.exists(path):
+    return {}, ""
+  with open(path, encoding="utf-8") as f:
+    peers = json.load(f)
+  table = {(r["model"], r["size"], r["seq"]): r for r in peers.get("results", [])}
+  label = f"{os.path.basename(path)}, {peers.get('date', '?')}, {peers.get('device', '?')}"
+  return table, label
+
+
+def _format(value, pattern):
+  return "" if value is None else format(value, pattern)
+
+
+def write_markdown(path: str, header: dict, rows: list[dict], peers: dict, peer_label: str) -> None:
+  lines = [f"# Training step on {header['device']}", "",
+           f"Date: {header['date']}. {header['versions']}. Command: `{header['command']}`.", "",
+           f"{header['tokens_per_step']:,} tokens per step, bf16 compute, fp32 parameters and AdamW, synthetic "
+           "batches. step = median after warm-up; MFU = Appendix A.1 FLOPs / (step time × peak × devices); "
+           "peak memory is the process-wide peak so far.",
+           f"Peer column: PyTorch (fla HGRN2 / HF LLaMA) from {peer_label or 'n/a'}.", "",
+           "| arch | size | T | batch (micro) | remat | compile s | step s | tokens/s | MFU | peak GiB "
+           "| peer tokens/s | peer peak GiB |",
+           "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for row in rows:
+    peer = peers.get((row["arch"], row["size"], row["seq_len"]), {})
+    peer_tokens = _format(peer.get("tokens_per_s"), ",.0f") or ("error" if "error" in peer else "")
+    if "error" in row:
+      lines.append(f"| {row['arch']} | {row['size']} | {row['seq_len']} | | | | error: {row['error'][:80]} "
+                   f"| | | | {peer_tokens} | {_format(peer.get('peak_gib'), '.1f')} |")
+      continue
+    lines.append(
+        f"| {row['arch']} | {row['size']} | {row['seq_len']} | {row['global_batch_size']} "
+        f"({row['num_microbatches']}) | {row['remat_policy']} | {row['compile_s']:.1f} | {row['step_s']:.4f} | "
+        f"{row['tokens_per_s']:,.0f} | {100 * row['mfu']:.1f}% | {_format(row['peak_gib'], '.1f')} | "
+        f"{peer_tokens} | {_format(peer.get('peak_gib'), '.1f')} |")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--archs", default=",".join(configs.ARCHS))
+  parser.add_argument("--sizes", default="410m,1b", help="comma-separated sizes, or 'tiny' (CPU check)")
+  parser.add_argument("--seq_lens", default="2048,8192,32768")
+  parser.add_argument("--tokens_per_step", type=int, default=32768)
+  parser.add_argument("--remat_policy", default="none", choices=configs.REMAT_POLICIES)
+  parser.add_argument("--per_device_microbatch", type=int, default=None,
+                      help="rows per batch shard per microbatch (gradient accumulation); default: one microbatch")
+  parser.add_argument("--loss_chunk_length", type=int, default=1024)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--peak_flops_per_device", type=float, default=None)
+  parser.add_argument("--peers", default=PEERS_PATH)
+  parser.add_argument("--out_dir", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
+  args = parser.parse_args(argv)
+
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=-1, tensor=1))
+  device = jax.devices()[0]
+  device_name = device.device_kind.lower().replace("nvidia ", "").replace(" ", "_")
+  os.makedirs(args.out_dir, exist_ok=True)
+  base = os.path.join(args.out_dir, f"train_step_{device_name}")
+  header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": f"{jax.device_count()} × {device.device_kind}",
+            "versions": f"jax {jax.__version__}, Python {platform.python_version()}",
+            "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "tokens_per_step": args.tokens_per_step}
+  peers, peer_label = load_peers(args.peers)
+  rows = []
+  for size in args.sizes.split(","):
+    for seq_len in (int(t) for t in args.seq_lens.split(",")):
+      for arch in args.archs.split(","):
+        print(f"--- {arch} {size} T={seq_len}", flush=True)
+        try:
+          row = measure(arch, size, seq_len, args, mesh)
+        except Exception as error:  # one failing shape (e.g. out of memory) must not stop the table
+          traceback.print_exc()
+          row = {"arch": arch, "size": size, "seq_len": seq_len, "error": f"{type(error).__name__}: {error}"[:500]}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        with open(base + ".json", "w", encoding="utf-8") as f:
+          json.dump({**header, "peers": peer_label, "rows": rows}, f, indent=2)
+        write_markdown(base + ".md", header, rows, peers, peer_label)
+  return rows
+
+
+if __name__ == "__main__":
+  main()
