@@ -168,14 +168,19 @@ def _and_mask(factor, mask):
 
 
 # ------------------------------------------------------------------------------------------------ kernels
+def _split_refs(refs, config, num_leading):
+  """Kernel refs in call order: `num_leading` operands, the optional gate and reset refs (present as
+  `layout.extras` passed them), then the rest."""
+  leading, rest = list(refs[:num_leading]), list(refs[num_leading:])
+  g_ref = rest.pop(0) if config.mode != "none" else None
+  resets_ref = rest.pop(0) if config.has_segments else None
+  return leading, g_ref, resets_ref, rest
+
+
 def _state_scan_kernel(*refs, config, num_chunks, reverse):
   """Forward (a=k, b=v): S ← decay·S + (k ⊙ k_factor)ᵀv, storing S entering each chunk.
   Reverse (a=q, b=do): dS ← decay·dS + (q ⊙ q_factor)ᵀdo, storing dS leaving each chunk; S is [Dv, Dk]."""
-  refs = list(refs)
-  a_ref, b_ref = refs.pop(0), refs.pop(0)
-  g_ref = refs.pop(0) if config.mode != "none" else None
-  resets_ref = refs.pop(0) if config.has_segments else None
-  init_ref, states_ref, last_ref = refs
+  (a_ref, b_ref), g_ref, resets_ref, (init_ref, states_ref, last_ref) = _split_refs(refs, config, 2)
   chunk = config.chunk
   operand_dtype = a_ref.dtype
 
@@ -206,11 +211,7 @@ class _Offset:
 
 def _output_kernel(*refs, config):
   """o = q̄·h + A·v for one chunk and Dv tile; A decayed and masked (sub-chunk walk for vector decay)."""
-  refs = list(refs)
-  q_ref, k_ref, v_ref = refs.pop(0), refs.pop(0), refs.pop(0)
-  g_ref = refs.pop(0) if config.mode != "none" else None
-  resets_ref = refs.pop(0) if config.has_segments else None
-  h_ref, o_ref = refs
+  (q_ref, k_ref, v_ref), g_ref, resets_ref, (h_ref, o_ref) = _split_refs(refs, config, 3)
   dtype = q_ref.dtype
   if config.mode != "vector":
     sub = _SubChunk(config, g_ref, resets_ref, 0, config.chunk)
@@ -237,11 +238,7 @@ def _output_kernel(*refs, config):
 
 def _dv_kernel(*refs, config):
   """dv = Aᵀ·do + (k ⊙ k_factor)·dS for one chunk and Dv tile (reverse sub-chunk walk for vector decay)."""
-  refs = list(refs)
-  q_ref, k_ref, do_ref = refs.pop(0), refs.pop(0), refs.pop(0)
-  g_ref = refs.pop(0) if config.mode != "none" else None
-  resets_ref = refs.pop(0) if config.has_segments else None
-  dh_ref, dv_ref = refs
+  (q_ref, k_ref, do_ref), g_ref, resets_ref, (dh_ref, dv_ref) = _split_refs(refs, config, 3)
   dtype = q_ref.dtype
   if config.mode != "vector":
     sub = _SubChunk(config, g_ref, resets_ref, 0, config.chunk)
@@ -271,11 +268,7 @@ def _dqdk_kernel(*refs, config, operand_dtype):
 
   operand_dtype is float32 when the decay gradient is wanted: it sums q·dq − k·dk, which cancels heavily, so
   dq and dk need more than bf16-operand accuracy."""
-  refs = list(refs)
-  q_ref, k_ref, v_ref, do_ref = refs.pop(0), refs.pop(0), refs.pop(0), refs.pop(0)
-  g_ref = refs.pop(0) if config.mode != "none" else None
-  resets_ref = refs.pop(0) if config.has_segments else None
-  h_ref, dh_ref, dq_ref, dk_ref = refs
+  (q_ref, k_ref, v_ref, do_ref), g_ref, resets_ref, (h_ref, dh_ref, dq_ref, dk_ref) = _split_refs(refs, config, 4)
   dtype = operand_dtype
   if config.mode != "vector":
     sub = _SubChunk(config, g_ref, resets_ref, 0, config.chunk)
