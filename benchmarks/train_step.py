@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -70,20 +71,48 @@ def peak_memory_bytes(devices) -> int | None:
   return max(peaks) if peaks and all(p is not None for p in peaks) else None
 
 
-def measure(arch, size, seq_len, args, mesh) -> dict:
-  config = model_config(arch, size, args.remat_policy)
+def cli_spec(arch, size, seq_len, args, mesh) -> dict:
+  """What one row trains, from the command-line grid."""
   global_batch = args.tokens_per_step // seq_len
-  shards = sharding.batch_shards(mesh)
   per_shard_microbatch = args.per_device_microbatch
-  if per_shard_microbatch is not None and per_shard_microbatch * shards >= global_batch:
+  if per_shard_microbatch is not None and per_shard_microbatch * sharding.batch_shards(mesh) >= global_batch:
     per_shard_microbatch = None  # the whole batch already fits in one microbatch
+  return dict(model_config=model_config(arch, size, args.remat_policy), mesh=mesh, seq_len=seq_len,
+              global_batch_size=global_batch, per_shard_microbatch_size=per_shard_microbatch,
+              loss_chunk_length=args.loss_chunk_length if args.loss_chunk_length < seq_len else None,
+              optimizer=optim.OptimizerConfig(warmup_steps=10))
+
+
+def gin_spec(gin_files, bindings) -> dict:
+  """What one row trains, from an experiment's gin files: the model, mesh, batch, microbatching, loss chunking
+  and optimizer that `python -m lsm_jax.train` would use (data and run directory are not needed)."""
+  import gin
+  from lsm_jax import train as train_cli
+  with gin.unlock_config():
+    gin.clear_config()
+    train_cli.parse_gin(gin_files, ["MODEL_DIR = '/tmp/unused'", "DATA_DIR = 'unused'", *bindings])
+  bound = gin.get_bindings(trainer.train)
+  missing = [name for name in ("model_config", "seq_len", "global_batch_size") if name not in bound]
+  if missing:
+    raise ValueError(f"--gin_file {gin_files}: trainer.train has no binding for {missing}")
+  mesh = sharding.make_mesh(bound.get("mesh_config", sharding.MeshConfig()))
+  return dict(model_config=bound["model_config"], mesh=mesh, seq_len=bound["seq_len"],
+              global_batch_size=bound["global_batch_size"],
+              per_shard_microbatch_size=bound.get("per_shard_microbatch_size"),
+              loss_chunk_length=bound.get("loss_chunk_length"),
+              optimizer=bound.get("optimizer", optim.OptimizerConfig()))
+
+
+def measure(spec: dict, args) -> dict:
+  config, mesh, seq_len = spec["model_config"], spec["mesh"], spec["seq_len"]
+  global_batch = spec["global_batch_size"]
   program = trainer.build_train_program(
       config, mesh=mesh, train_steps=1000, seq_len=seq_len, global_batch_size=global_batch,
-      optimizer=optim.OptimizerConfig(warmup_steps=10), per_shard_microbatch_size=per_shard_microbatch,
-      loss_chunk_length=args.loss_chunk_length if args.loss_chunk_length < seq_len else None)
-  row = {"arch": arch, "size": size, "seq_len": seq_len, "global_batch_size": global_batch,
+      optimizer=spec["optimizer"], per_shard_microbatch_size=spec["per_shard_microbatch_size"],
+      loss_chunk_length=spec["loss_chunk_length"])
+  row = {"arch": config.arch, "size": config.size, "seq_len": seq_len, "global_batch_size": global_batch,
          "num_microbatches": program.num_microbatches, "num_params": program.num_params,
-         "remat_policy": config.remat_policy,
+         "mesh": dict(mesh.shape), "remat_policy": config.remat_policy,
          "linear_attention_backend": program.model_config.linear_attention_backend,
          "attention_impl": program.model_config.attention_impl}
   start = time.perf_counter()
@@ -127,26 +156,32 @@ def _format(value, pattern):
   return "" if value is None else format(value, pattern)
 
 
+def _mesh_label(mesh) -> str:
+  return "" if not mesh else " ".join(f"{axis}{size}" for axis, size in mesh.items() if size > 1) or "1 device"
+
+
 def write_markdown(path: str, header: dict, rows: list[dict], peers: dict, peer_label: str) -> None:
   lines = [f"# Training step on {header['device']}", "",
-           f"Date: {header['date']}. {header['versions']}. Command: `{header['command']}`.", "",
-           f"{header['tokens_per_step']:,} tokens per step, bf16 compute, fp32 parameters and AdamW, synthetic "
-           "batches. step = median after warm-up; MFU = Appendix A.1 FLOPs / (step time × peak × devices); "
-           "peak memory is the process-wide peak so far.",
+           f"Date: {header['date']}. {header['versions']}. "
+           f"Command(s): {'; '.join(f'`{c}`' for c in header['commands'])}.", "",
+           "Tokens per step = batch × T; bf16 compute, fp32 parameters and AdamW, synthetic batches. step = median "
+           "after warm-up; MFU = Appendix A.1 FLOPs / (step time × peak × devices); peak memory = the largest "
+           "per-device peak of the process so far.",
            f"Peer column: PyTorch (fla HGRN2 / HF LLaMA) from {peer_label or 'n/a'}.", "",
-           "| arch | size | T | batch (micro) | remat | compile s | step s | tokens/s | MFU | peak GiB "
+           "| arch | size | T | batch (micro) | mesh | remat | compile s | step s | tokens/s | MFU | peak GiB "
            "| peer tokens/s | peer peak GiB |",
-           "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
   for row in rows:
     peer = peers.get((row["arch"], row["size"], row["seq_len"]), {})
     peer_tokens = _format(peer.get("tokens_per_s"), ",.0f") or ("error" if "error" in peer else "")
     if "error" in row:
-      lines.append(f"| {row['arch']} | {row['size']} | {row['seq_len']} | | | | error: {row['error'][:80]} "
+      lines.append(f"| {row['arch']} | {row['size']} | {row['seq_len']} | | | | | error: {row['error'][:80]} "
                    f"| | | | {peer_tokens} | {_format(peer.get('peak_gib'), '.1f')} |")
       continue
     lines.append(
         f"| {row['arch']} | {row['size']} | {row['seq_len']} | {row['global_batch_size']} "
-        f"({row['num_microbatches']}) | {row['remat_policy']} | {row['compile_s']:.1f} | {row['step_s']:.4f} | "
+        f"({row['num_microbatches']}) | {_mesh_label(row.get('mesh'))} | {row['remat_policy']} | "
+        f"{row['compile_s']:.1f} | {row['step_s']:.4f} | "
         f"{row['tokens_per_s']:,.0f} | {100 * row['mfu']:.1f}% | {_format(row['peak_gib'], '.1f')} | "
         f"{peer_tokens} | {_format(peer.get('peak_gib'), '.1f')} |")
   with open(path, "w", encoding="utf-8") as f:
@@ -163,39 +198,67 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--per_device_microbatch", type=int, default=None,
                       help="rows per batch shard per microbatch (gradient accumulation); default: one microbatch")
   parser.add_argument("--loss_chunk_length", type=int, default=1024)
+  parser.add_argument("--gin_file", action="append", default=[],
+                      help="measure one experiment file instead of the grid (e.g. gin/hgrn2_7b.gin); repeatable")
+  parser.add_argument("--gin", action="append", default=[], help="gin binding for --gin_file, e.g. "
+                      "GLOBAL_BATCH_SIZE=8")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--peak_flops_per_device", type=float, default=None)
   parser.add_argument("--peers", default=PEERS_PATH)
   parser.add_argument("--out_dir", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
+  parser.add_argument("--name", default=None, help="results file stem (default train_step_<device>)")
+  parser.add_argument("--append", action="store_true",
+                      help="add rows to an existing results file (one process per row gives exact peaks)")
+  parser.add_argument("--render", default=None, metavar="JSON",
+                      help="only rewrite the markdown of an existing results file (e.g. with --peers)")
   args = parser.parse_args(argv)
+  peers, peer_label = load_peers(args.peers)
+  if args.render:
+    with open(args.render, encoding="utf-8") as f:
+      results = json.load(f)
+    write_markdown(os.path.splitext(args.render)[0] + ".md", results, results["rows"], peers, peer_label)
+    return results["rows"]
 
-  mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=-1, tensor=1))
   device = jax.devices()[0]
   device_name = device.device_kind.lower().replace("nvidia ", "").replace(" ", "_")
   os.makedirs(args.out_dir, exist_ok=True)
-  base = os.path.join(args.out_dir, f"train_step_{device_name}")
+  base = os.path.join(args.out_dir, args.name or f"train_step_{device_name}")
+  command = "python benchmarks/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
   header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": f"{jax.device_count()} × {device.device_kind}",
             "versions": f"jax {jax.__version__}, Python {platform.python_version()}",
-            "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "tokens_per_step": args.tokens_per_step}
-  peers, peer_label = load_peers(args.peers)
+            "commands": [command]}
   rows = []
-  for size in args.sizes.split(","):
-    for seq_len in (int(t) for t in args.seq_lens.split(",")):
-      for arch in args.archs.split(","):
-        print(f"--- {arch} {size} T={seq_len}", flush=True)
-        try:
-          row = measure(arch, size, seq_len, args, mesh)
-        except Exception as error:  # one failing shape (e.g. out of memory) must not stop the table
-          traceback.print_exc()
-          row = {"arch": arch, "size": size, "seq_len": seq_len, "error": f"{type(error).__name__}: {error}"[:500]}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-        with open(base + ".json", "w", encoding="utf-8") as f:
-          json.dump({**header, "peers": peer_label, "rows": rows}, f, indent=2)
-        write_markdown(base + ".md", header, rows, peers, peer_label)
+  if args.append and os.path.exists(base + ".json"):
+    with open(base + ".json", encoding="utf-8") as f:
+      previous = json.load(f)
+    rows = previous["rows"]
+    header["date"] = previous["date"]
+    header["commands"] = previous["commands"] + [command]
+  if args.gin_file:
+    jobs = [("gin", lambda: gin_spec(args.gin_file, args.gin), "", "", 0)]
+  else:
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=-1, tensor=1))
+    jobs = [("grid", functools.partial(cli_spec, arch, size, seq_len, args, mesh), arch, size, seq_len)
+            for size in args.sizes.split(",") for seq_len in (int(t) for t in args.seq_lens.split(","))
+            for arch in args.archs.split(",")]
+  for _, make_spec, arch, size, seq_len in jobs:
+    print(f"--- {arch or args.gin_file} {size} T={seq_len or ''}", flush=True)
+    try:
+      spec = make_spec()
+      arch, size, seq_len = spec["model_config"].arch, spec["model_config"].size, spec["seq_len"]
+      row = measure(spec, args)
+    except Exception as error:  # one failing shape (e.g. out of memory) must not stop the table
+      traceback.print_exc()
+      row = {"arch": arch, "size": size, "seq_len": seq_len, "error": f"{type(error).__name__}: {error}"[:500]}
+    if args.gin_file:
+      row["gin_files"] = args.gin_file + [f"--gin={binding}" for binding in args.gin]
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+    with open(base + ".json", "w", encoding="utf-8") as f:
+      json.dump({**header, "peers": peer_label, "rows": rows}, f, indent=2)
+    write_markdown(base + ".md", header, rows, peers, peer_label)
   return rows
 
 
