@@ -25,6 +25,7 @@ CPU check (tiny shapes, known to run here):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -103,6 +104,20 @@ def gin_spec(gin_files, bindings) -> dict:
               optimizer=bound.get("optimizer", optim.OptimizerConfig()))
 
 
+def planned_memory_gib(compiled) -> float | None:
+  """XLA's own per-device plan (arguments + outputs − aliased + temporaries): a per-row number even when many
+  rows share one process, whose allocator peak only grows."""
+  try:
+    analysis = compiled.memory_analysis()
+  except NotImplementedError:
+    return None
+  if analysis is None:
+    return None
+  total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+           + analysis.temp_size_in_bytes)
+  return total / 2**30
+
+
 def measure(spec: dict, args) -> dict:
   config, mesh, seq_len = spec["model_config"], spec["mesh"], spec["seq_len"]
   global_batch = spec["global_batch_size"]
@@ -118,6 +133,7 @@ def measure(spec: dict, args) -> dict:
   start = time.perf_counter()
   compiled = program.lower_train_step().compile()
   row["compile_s"] = time.perf_counter() - start
+  row["planned_gib"] = planned_memory_gib(compiled)
   state, rest = program.init()
   batch = synthetic_batch(program, seed=0)
   times = []
@@ -168,24 +184,36 @@ def write_markdown(path: str, header: dict, rows: list[dict], peers: dict, peer_
            "after warm-up; MFU = Appendix A.1 FLOPs / (step time × peak × devices); peak memory = the largest "
            "per-device peak of the process so far.",
            f"Peer column: PyTorch (fla HGRN2 / HF LLaMA) from {peer_label or 'n/a'}.", "",
-           "| arch | size | T | batch (micro) | mesh | remat | compile s | step s | tokens/s | MFU | peak GiB "
+           "| arch | size | T | batch (micro) | mesh | remat | compile s | step s | tokens/s | MFU | XLA plan GiB "
+           "| peak GiB "
            "| peer tokens/s | peer peak GiB |",
-           "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for row in rows:
     peer = peers.get((row["arch"], row["size"], row["seq_len"]), {})
     peer_tokens = _format(peer.get("tokens_per_s"), ",.0f") or ("error" if "error" in peer else "")
     if "error" in row:
-      lines.append(f"| {row['arch']} | {row['size']} | {row['seq_len']} | | | | | error: {row['error'][:80]} "
-                   f"| | | | {peer_tokens} | {_format(peer.get('peak_gib'), '.1f')} |")
+      lines.append(f"| {row['arch']} | {row['size']} | {row['seq_len']} | | | {row.get('remat_policy') or ''} | | | "
+                   f"error: {row['error'][:80]} | | | | {peer_tokens} | {_format(peer.get('peak_gib'), '.1f')} |")
       continue
     lines.append(
         f"| {row['arch']} | {row['size']} | {row['seq_len']} | {row['global_batch_size']} "
         f"({row['num_microbatches']}) | {_mesh_label(row.get('mesh'))} | {row['remat_policy']} | "
         f"{row['compile_s']:.1f} | {row['step_s']:.4f} | "
-        f"{row['tokens_per_s']:,.0f} | {100 * row['mfu']:.1f}% | {_format(row['peak_gib'], '.1f')} | "
+        f"{row['tokens_per_s']:,.0f} | {100 * row['mfu']:.1f}% | {_format(row.get('planned_gib'), '.1f')} | "
+        f"{_format(row['peak_gib'], '.1f')} | "
         f"{peer_tokens} | {_format(peer.get('peak_gib'), '.1f')} |")
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
+
+
+def _error_row(arch, size, seq_len, error, remat_policy=None) -> dict:
+  return {"arch": arch, "size": size, "seq_len": seq_len, "remat_policy": remat_policy,
+          "error": f"{type(error).__name__}: {error}"[:500]}
+
+
+def _out_of_memory(error) -> bool:
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
 def main(argv=None) -> list[dict]:
@@ -195,6 +223,8 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--seq_lens", default="2048,8192,32768")
   parser.add_argument("--tokens_per_step", type=int, default=32768)
   parser.add_argument("--remat_policy", default="none", choices=configs.REMAT_POLICIES)
+  parser.add_argument("--remat_fallbacks", default="",
+                      help="remat policies to retry a shape with when it runs out of memory, e.g. dots_saveable,full")
   parser.add_argument("--per_device_microbatch", type=int, default=None,
                       help="rows per batch shard per microbatch (gradient accumulation); default: one microbatch")
   parser.add_argument("--loss_chunk_length", type=int, default=1024)
@@ -204,6 +234,8 @@ def main(argv=None) -> list[dict]:
                       "GLOBAL_BATCH_SIZE=8")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--budget_s", type=float, default=None,
+                      help="start no new row after this many seconds (a device call's time limit)")
   parser.add_argument("--peak_flops_per_device", type=float, default=None)
   parser.add_argument("--peers", default=PEERS_PATH)
   parser.add_argument("--out_dir", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
@@ -243,19 +275,38 @@ def main(argv=None) -> list[dict]:
     jobs = [("grid", functools.partial(cli_spec, arch, size, seq_len, args, mesh), arch, size, seq_len)
             for size in args.sizes.split(",") for seq_len in (int(t) for t in args.seq_lens.split(","))
             for arch in args.archs.split(",")]
+  started = time.perf_counter()
   for _, make_spec, arch, size, seq_len in jobs:
+    if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+      print(f"--- budget of {args.budget_s:.0f} s spent; rows not started: from {arch} {size} {seq_len}", flush=True)
+      break
     print(f"--- {arch or args.gin_file} {size} T={seq_len or ''}", flush=True)
     try:
       spec = make_spec()
-      arch, size, seq_len = spec["model_config"].arch, spec["model_config"].size, spec["seq_len"]
-      row = measure(spec, args)
-    except Exception as error:  # one failing shape (e.g. out of memory) must not stop the table
+    except Exception as error:
       traceback.print_exc()
-      row = {"arch": arch, "size": size, "seq_len": seq_len, "error": f"{type(error).__name__}: {error}"[:500]}
-    if args.gin_file:
-      row["gin_files"] = args.gin_file + [f"--gin={binding}" for binding in args.gin]
-    print(json.dumps(row), flush=True)
-    rows.append(row)
+      spec = None
+      outcomes = [_error_row(arch, size, seq_len, error)]
+    if spec is not None:
+      arch, size, seq_len = spec["model_config"].arch, spec["model_config"].size, spec["seq_len"]
+      outcomes = []
+      # The configured remat policy first; a shape that runs out of memory is retried with the fallbacks.
+      for policy in [None, *filter(None, args.remat_fallbacks.split(","))]:
+        if policy is not None:
+          spec["model_config"] = dataclasses.replace(spec["model_config"], remat_policy=policy)
+        try:
+          outcomes.append(measure(spec, args))
+          break
+        except Exception as error:  # one failing shape (e.g. out of memory) must not stop the table
+          traceback.print_exc()
+          outcomes.append(_error_row(arch, size, seq_len, error, spec["model_config"].remat_policy))
+          if not _out_of_memory(error):
+            break
+    for row in outcomes:
+      if args.gin_file:
+        row["gin_files"] = args.gin_file + [f"--gin={binding}" for binding in args.gin]
+      print(json.dumps(row), flush=True)
+      rows.append(row)
     with open(base + ".json", "w", encoding="utf-8") as f:
       json.dump({**header, "peers": peer_label, "rows": rows}, f, indent=2)
     write_markdown(base + ".md", header, rows, peers, peer_label)
