@@ -3,17 +3,24 @@
 Runs on the H200 through the device tool. fla travels as wheels (see /work/.library/device/README.md):
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/fla_core-0.6.0-*.whl \
       .whl/flash_linear_attention-0.6.0-*.whl && export PYTHONPATH=/tmp/site
-  python3 benchmarks/kernels.py --out $OUT [--check] [--variants]
+  python3 benchmarks/kernels.py --out $OUT [--budget_s 240] [--chunk_sizes 64,128] [--check] [--variants c128w4]
 
 Ops (bf16, D=128 unless noted), each forward and forward+backward (grads of q, k, v and, for the HGRN2 gate,
 the log-decay; the TNL decay is a fixed buffer, as in fla's g_gamma):
-  tnl         ours: log_decay [H]           fla: chunk_simple_gla(g_gamma=...)
   hgrn2       ours: log_decay [B,T,H,Dk]    fla: chunk_gla(g=...)
+  tnl         ours: log_decay [H]           fla: chunk_simple_gla(g_gamma=...)
   cosformer2  ours: no decay                fla: chunk_linear_attn(normalize=False)
-plus our "xla" chunked backend and JAX cuDNN causal flash attention. JAX ops are timed as the median over
+plus, at every shape, our "xla" chunked backend (TNL) and JAX cuDNN causal flash attention.
+Order: the hgrn2 rows first (all shapes), then the JAX baselines, then the other ops, then --variants.
+JAX ops are compiled ahead (lower().compile(), timed and recorded as compile_s) and timed as the median over
 --reps repetitions of (--calls back-to-back calls, then block_until_ready) / --calls, after warm-up; torch
-ops with triton.testing.do_bench (median, CUDA events). --check first compares the pallas_gpu backend with the
-float64 recurrent reference on the GPU (outputs, final state and all gradients).
+ops with triton.testing.do_bench (median, CUDA events), fla's first call (Triton JIT + autotune) timed apart.
+--chunk_sizes times our forward at each chunk size and reports the fastest (fwd+bwd uses the first size).
+--budget_s: no measurement starts once that many seconds have passed since start; JSON and markdown are
+rewritten after every measurement, so a run cut short keeps what it measured. --check first compares the
+pallas_gpu backend with the float64 recurrent reference on the GPU (outputs, final state and all gradients).
+--shapes takes indices into SHAPES or explicit BxTxHxD shapes; a CPU smoke (kernels in interpret mode):
+  python3 benchmarks/kernels.py --out /tmp/kernels_smoke --shapes 1x64x2x16 --reps 1 --calls 1
 """
 from __future__ import annotations
 
@@ -27,6 +34,8 @@ import sys
 import time
 import traceback
 
+_STARTED = time.monotonic()  # --budget_s counts from here, JAX start-up included
+
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,7 +46,7 @@ import numpy as np  # noqa: E402
 from pallas_kernels.linear_attention import api, gpu, testing  # noqa: E402
 
 SHAPES = ((8, 2048, 16, 128), (2, 8192, 16, 128), (1, 32768, 16, 128))
-OPS = ("tnl", "hgrn2", "cosformer2")
+OPS = ("hgrn2", "tnl", "cosformer2")  # measurement order: HGRN2 (the slowest compile) first
 HBM_BYTES_PER_S = 4.3e12  # device-to-device copy measured on this H200 (KINDS.md)
 FLA_NAMES = {"tnl": "chunk_simple_gla(g_gamma)", "hgrn2": "chunk_gla", "cosformer2": "chunk_linear_attn"}
 
@@ -55,17 +64,26 @@ def forward_floor_ms(op, batch, time_, heads, dim):
   return total / HBM_BYTES_PER_S * 1e3
 
 
+def compile_jax(fn, args):
+  """(compiled executable, seconds spent in lower().compile())."""
+  start = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
 def time_jax(fn, args, reps, calls):
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
+  """{"ms": median ms per call, "compile_s": lower+compile seconds} of a jitted fn."""
+  compiled, compile_s = compile_jax(fn, args)
+  jax.block_until_ready(compiled(*args))
+  jax.block_until_ready(compiled(*args))
   samples = []
   for _ in range(reps):
     start = time.perf_counter()
     for _ in range(calls):
-      out = fn(*args)
+      out = compiled(*args)
     jax.block_until_ready(out)
     samples.append((time.perf_counter() - start) / calls * 1e3)
-  return statistics.median(samples)
+  return {"ms": statistics.median(samples), "compile_s": compile_s}
 
 
 def jax_inputs(op, batch, time_, heads, dim, seed=0):
@@ -106,23 +124,22 @@ def xla_chunked(q, k, v, log_decay):
   return api.linear_attention(q, k, v, log_decay, backend="xla")
 
 
-def time_ours(op, shape, reps, calls, op_fn=None):
+def ours_fns(op, shape, op_fn=None):
+  """(forward fn, its args, forward+backward fn, its args) of our op (or op_fn) on the benchmark inputs."""
   q, k, v, log_decay, d_out = jax_inputs(op, *shape)
   forward, backward = jax_fns(op_fn or ours(), op == "hgrn2")
-  fwd = time_jax(forward, (q, k, v, log_decay), reps, calls)
-  fwd_bwd = time_jax(backward, (q, k, v, log_decay, d_out), reps, calls)
-  return fwd, fwd_bwd
+  return forward, (q, k, v, log_decay), backward, (q, k, v, log_decay, d_out)
 
 
-def time_cudnn(shape, reps, calls):
+def cudnn_fns(shape):
   q, k, v, _, d_out = jax_inputs("cosformer2", *shape)
   attention = lambda q, k, v, _: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
   forward, backward = jax_fns(attention, False)
-  return (time_jax(forward, (q, k, v, None), reps, calls),
-          time_jax(backward, (q, k, v, None, d_out), reps, calls))
+  return forward, (q, k, v, None), backward, (q, k, v, None, d_out)
 
 
 def time_fla(op, shape):
+  """{"fwd"|"fwd_bwd": {"ms", "first_call_s"}} of the fla op."""
   import torch
   from triton.testing import do_bench
   from fla.ops.gla import chunk_gla
@@ -146,8 +163,14 @@ def time_fla(op, shape):
   def fn_bwd():
     fn().backward(d_out)
 
-  return (do_bench(fn, warmup=25, rep=100, return_mode="median"),
-          do_bench(fn_bwd, warmup=25, rep=100, return_mode="median"))
+  results = {}
+  for name, bench in (("fwd", fn), ("fwd_bwd", fn_bwd)):
+    start = time.perf_counter()
+    bench()
+    torch.cuda.synchronize()
+    first_call_s = time.perf_counter() - start
+    results[name] = {"ms": do_bench(bench, warmup=25, rep=100, return_mode="median"), "first_call_s": first_call_s}
+  return results
 
 
 def _kernel_with_grads(q, k, v, log_decay, state, segment_ids, d_out, d_state):
@@ -192,35 +215,59 @@ def check_against_reference():
   return worst
 
 
+def _fmt(x, digits=3):
+  return "—" if x is None else f"{x:.{digits}f}"
+
+
 def write_markdown(path, record):
   lines = [f"# Linear-attention kernels on {record['device']}", "",
            f"Date: {record['date']}. jax {record['jax_version']}, fla {record.get('fla_version', '?')}. "
            f"Command: `{record['command']}`.", "",
            "bf16, D=128 (cosFormer2 timed at Dk=Dv=128 to match fla). ms = median; ratio = fla_ms / ours_ms "
-           "(> 1: ours faster). Floor: fused forward HBM bytes at 4.3 TB/s.", "",
-           "| op | B×T×H×D | ours fwd | fla fwd | ratio | ours fwd+bwd | fla fwd+bwd | ratio | fwd / floor |",
-           "|---|---|---|---|---|---|---|---|---|"]
-  fmt = lambda x: "—" if x is None else f"{x:.3f}"
+           "(> 1: ours faster). Floor: fused forward HBM bytes at 4.3 TB/s. Chunk: our chunk size (forward: the "
+           "fastest of --chunk_sizes). Compile: seconds of our lower().compile(); fla 1st: seconds of fla's first "
+           "call (Triton JIT and autotune).", "",
+           "| op | B×T×H×D | ours fwd | chunk | fla fwd | ratio | ours fwd+bwd | fla fwd+bwd | ratio | fwd / floor "
+           "| compile fwd s | compile fwd+bwd s | fla 1st fwd s | fla 1st fwd+bwd s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for row in record["results"]:
-    lines.append(f"| {row['op']} | {row['shape']} | {fmt(row['fwd']['ours_ms'])} | {fmt(row['fwd']['fla_ms'])} | "
-                 f"{fmt(row['fwd']['ratio'])} | {fmt(row['fwd_bwd']['ours_ms'])} | {fmt(row['fwd_bwd']['fla_ms'])} | "
-                 f"{fmt(row['fwd_bwd']['ratio'])} | {fmt(row['fwd_over_floor'])} |")
-  if record.get("others"):
-    lines += ["", "| other (JAX) | B×T×H×D | fwd ms | fwd+bwd ms |", "|---|---|---|---|"]
-    for row in record["others"]:
-      lines.append(f"| {row['name']} | {row['shape']} | {fmt(row['fwd_ms'])} | {fmt(row['fwd_bwd_ms'])} |")
-  if record.get("variants"):
-    lines += ["", "Kernel-configuration sweep (ours):", "", "| op | B×T×H×D | config | fwd ms | fwd+bwd ms |",
+    fwd, fwd_bwd = row["fwd"], row["fwd_bwd"]
+    lines.append(
+        f"| {row['op']} | {row['shape']} | {_fmt(fwd.get('ours_ms'))} | {fwd.get('chunk') or '—'} | "
+        f"{_fmt(fwd.get('fla_ms'))} | {_fmt(fwd.get('ratio'))} | {_fmt(fwd_bwd.get('ours_ms'))} | "
+        f"{_fmt(fwd_bwd.get('fla_ms'))} | {_fmt(fwd_bwd.get('ratio'))} | {_fmt(row.get('fwd_over_floor'))} | "
+        f"{_fmt(fwd.get('compile_s'), 1)} | {_fmt(fwd_bwd.get('compile_s'), 1)} | "
+        f"{_fmt(fwd.get('fla_first_call_s'), 1)} | {_fmt(fwd_bwd.get('fla_first_call_s'), 1)} |")
+  swept = [row for row in record["results"] if len(row["fwd"].get("by_chunk", {})) > 1]
+  if swept:
+    lines += ["", "Forward chunk-size sweep (ours):", "", "| op | B×T×H×D | chunk | fwd ms | compile s |",
               "|---|---|---|---|---|"]
+    for row in swept:
+      for chunk, entry in row["fwd"]["by_chunk"].items():
+        lines.append(f"| {row['op']} | {row['shape']} | {chunk} | {_fmt(entry['ms'])} | "
+                     f"{_fmt(entry['compile_s'], 1)} |")
+  if record.get("others"):
+    lines += ["", "| other (JAX) | B×T×H×D | fwd ms | fwd+bwd ms | compile fwd s | compile fwd+bwd s |",
+              "|---|---|---|---|---|---|"]
+    for row in record["others"]:
+      lines.append(f"| {row['name']} | {row['shape']} | {_fmt(row.get('fwd_ms'))} | {_fmt(row.get('fwd_bwd_ms'))} | "
+                   f"{_fmt(row.get('fwd_compile_s'), 1)} | {_fmt(row.get('fwd_bwd_compile_s'), 1)} |")
+  if record.get("variants"):
+    lines += ["", "Kernel-configuration sweep (ours):", "",
+              "| op | B×T×H×D | config | fwd ms | fwd+bwd ms | compile fwd s | compile fwd+bwd s |",
+              "|---|---|---|---|---|---|---|"]
     for row in record["variants"]:
-      lines.append(f"| {row['op']} | {row['shape']} | {row['config']} | {fmt(row['fwd_ms'])} | "
-                   f"{fmt(row['fwd_bwd_ms'])} |")
+      lines.append(f"| {row['op']} | {row['shape']} | {row['config']} | {_fmt(row.get('fwd_ms'))} | "
+                   f"{_fmt(row.get('fwd_bwd_ms'))} | {_fmt(row.get('fwd_compile_s'), 1)} | "
+                   f"{_fmt(row.get('fwd_bwd_compile_s'), 1)} |")
   if record.get("check"):
     lines += ["", "Correctness on the device (pallas_gpu vs float64 recurrent reference, B=2 T=300 H=2, "
               "segment resets and initial state; worst relative RMS over o, final state and all gradients):", "",
               "| case | worst error | bound |", "|---|---|---|"]
     for name, entry in record["check"].items():
       lines.append(f"| {name} | {entry['max_error']:.2e} | {entry['bound']:.0e} |")
+  if record.get("skipped"):
+    lines += ["", f"Not measured (--budget_s {record['budget_s']} spent): " + "; ".join(record["skipped"]) + "."]
   with open(path, "w") as handle:
     handle.write("\n".join(lines) + "\n")
 
@@ -231,6 +278,88 @@ def save(out_dir, record):
   write_markdown(os.path.join(out_dir, "kernels_h200.md"), record)
 
 
+class Runner:
+  """Runs measurements in order until --budget_s is spent, saving the record after each one."""
+
+  def __init__(self, record, out_dir, budget_s):
+    self.record, self.out_dir = record, out_dir
+    self.deadline = None if budget_s is None else _STARTED + budget_s
+
+  def measure(self, what, thunk):
+    """thunk()'s result, or None when it failed or the budget was spent before it could start."""
+    if self.deadline is not None and time.monotonic() >= self.deadline:
+      log("budget spent, not measuring", what)
+      self.record["skipped"].append(what)
+      result = None
+    else:
+      log("measuring", what, "at %.0f s" % (time.monotonic() - _STARTED))
+      try:
+        result = thunk()
+      except Exception:  # report and keep measuring the rest
+        traceback.print_exc()
+        result = None
+      log(what, json.dumps(result))
+    save(self.out_dir, self.record)  # after every measurement, so a run cut short keeps its numbers
+    return result
+
+
+def measure_op(runner, op, shape, args, chunk_sizes, with_fla):
+  label = "x".join(map(str, shape))
+  row = {"op": op, "shape": label, "fla_op": FLA_NAMES[op], "fwd": {"by_chunk": {}},
+         "fwd_bwd": {"chunk": chunk_sizes[0]}, "fwd_floor_ms": forward_floor_ms(op, *shape)}
+  runner.record["results"].append(row)
+  for chunk in chunk_sizes:
+    forward, forward_args, _, _ = ours_fns(op, shape, ours(chunk))
+    result = runner.measure(f"ours {op} {label} fwd chunk={chunk}",
+                            lambda: time_jax(forward, forward_args, args.reps, args.calls))
+    if result is not None:
+      row["fwd"]["by_chunk"][str(chunk)] = result
+  if row["fwd"]["by_chunk"]:
+    chunk, best = min(row["fwd"]["by_chunk"].items(), key=lambda item: item[1]["ms"])
+    row["fwd"].update(ours_ms=best["ms"], chunk=int(chunk), compile_s=best["compile_s"])
+    row["fwd_over_floor"] = best["ms"] / row["fwd_floor_ms"]
+  _, _, backward, backward_args = ours_fns(op, shape, ours(chunk_sizes[0]))
+  result = runner.measure(f"ours {op} {label} fwd+bwd chunk={chunk_sizes[0]}",
+                          lambda: time_jax(backward, backward_args, args.reps, args.calls))
+  if result is not None:
+    row["fwd_bwd"].update(ours_ms=result["ms"], compile_s=result["compile_s"])
+  if with_fla:
+    result = runner.measure(f"fla {FLA_NAMES[op]} {label} fwd, fwd+bwd", lambda: time_fla(op, shape))
+    for part in ("fwd", "fwd_bwd"):
+      if result is not None:
+        row[part].update(fla_ms=result[part]["ms"], fla_first_call_s=result[part]["first_call_s"])
+  for part in ("fwd", "fwd_bwd"):
+    mine, peer = row[part].get("ours_ms"), row[part].get("fla_ms")
+    row[part]["ratio"] = None if mine is None or peer is None else peer / mine
+  save(runner.out_dir, runner.record)
+
+
+def measure_baseline(runner, name, shape, args):
+  label = "x".join(map(str, shape))
+  forward, forward_args, backward, backward_args = (cudnn_fns(shape) if name == "cudnn_flash_causal"
+                                                    else ours_fns("tnl", shape, xla_chunked))
+  row = {"name": name, "shape": label}
+  runner.record["others"].append(row)
+  for part, fn, fn_args in (("fwd", forward, forward_args), ("fwd_bwd", backward, backward_args)):
+    result = runner.measure(f"{name} {label} {part}", lambda: time_jax(fn, fn_args, args.reps, args.calls))
+    if result is not None:
+      row[f"{part}_ms"], row[f"{part}_compile_s"] = result["ms"], result["compile_s"]
+  save(runner.out_dir, runner.record)
+
+
+def parse_shapes(text):
+  """Comma-separated indices into SHAPES or explicit BxTxHxD shapes."""
+  shapes = []
+  for item in filter(None, text.split(",")):
+    if item.isdigit() and int(item) < len(SHAPES):
+      shapes.append(SHAPES[int(item)])
+    elif "x" in item and all(part.isdigit() for part in item.split("x")) and len(item.split("x")) == 4:
+      shapes.append(tuple(int(part) for part in item.split("x")))
+    else:
+      raise SystemExit(f"--shapes: {item!r}; valid: an index 0..{len(SHAPES) - 1} or BxTxHxD (e.g. 1x64x2x16).")
+  return shapes
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -238,75 +367,63 @@ def main():
   parser.add_argument("--calls", type=int, default=5)
   parser.add_argument("--check", action="store_true", help="compare with the float64 reference first")
   parser.add_argument("--variants", default="", help="extra configs, e.g. 'c128w4,c64w8' (chunk, warps)")
-  parser.add_argument("--skip_peers", action="store_true", help="time ours only")
+  parser.add_argument("--skip_peers", action="store_true", help="time ours only (no fla, no JAX baselines)")
   parser.add_argument("--ops", default=",".join(OPS), help="subset of " + ",".join(OPS))
-  parser.add_argument("--shapes", default="0,1,2", help="indices into SHAPES")
+  parser.add_argument("--shapes", default="0,1,2", help="indices into SHAPES or BxTxHxD shapes")
+  parser.add_argument("--chunk_sizes", default=str(gpu.DEFAULT_CHUNK_SIZE),
+                      help="our forward's chunk sizes to try, e.g. 64,128 (fwd+bwd uses the first)")
+  parser.add_argument("--budget_s", type=float, default=None,
+                      help="start no measurement after this many seconds from start-up")
   args = parser.parse_args()
+  ops = [op for op in args.ops.split(",") if op]
+  unknown = [op for op in ops if op not in OPS]
+  if unknown:
+    raise SystemExit(f"--ops: unknown {unknown}; valid: {', '.join(OPS)}.")
+  ops = sorted(ops, key=OPS.index)
+  shapes = parse_shapes(args.shapes)
+  chunk_sizes = [int(x) for x in args.chunk_sizes.split(",") if x]
   device = jax.devices()[0]
   record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": getattr(device, "device_kind", str(device)), "jax_version": jax.__version__,
             "python": platform.python_version(), "command": "python3 benchmarks/kernels.py " + " ".join(sys.argv[1:]),
-            "timing": f"JAX: median of {args.reps} x ({args.calls} calls, block_until_ready); "
-                      "torch: triton do_bench median", "results": [], "others": [], "variants": []}
+            "timing": f"JAX: median of {args.reps} x ({args.calls} calls, block_until_ready) after lower().compile(); "
+                      "torch: triton do_bench median", "budget_s": args.budget_s,
+            "results": [], "others": [], "variants": [], "skipped": []}
   try:
     import fla
     record["fla_version"] = getattr(fla, "__version__", "?")
   except ImportError:
     record["fla_version"] = None
   log("device", record["device"], "jax", jax.__version__, "fla", record["fla_version"])
-  if args.check:
-    try:
-      record["check"] = check_against_reference()
-    except Exception:  # still time the kernels
-      traceback.print_exc()
   os.makedirs(args.out, exist_ok=True)
-  ops = [op for op in args.ops.split(",") if op]
-  for shape in [SHAPES[int(i)] for i in args.shapes.split(",")]:
-    label = "x".join(map(str, shape))
+  runner = Runner(record, args.out, args.budget_s)
+  if args.check:
+    record["check"] = runner.measure("check against the float64 reference", check_against_reference)
+  with_fla = not args.skip_peers and record["fla_version"] is not None
+  first = [op for op in ops if op == "hgrn2"]
+  for op in first:
+    for shape in shapes:
+      measure_op(runner, op, shape, args, chunk_sizes, with_fla)
+  if not args.skip_peers:
+    for shape in shapes:
+      for name in ("cudnn_flash_causal", "xla_chunked_tnl"):
+        measure_baseline(runner, name, shape, args)
+  for shape in shapes:
     for op in ops:
-      row = {"op": op, "shape": label, "fla_op": FLA_NAMES[op]}
-      try:
-        ours_fwd, ours_fwd_bwd = time_ours(op, shape, args.reps, args.calls)
-      except Exception:  # report and keep timing the rest
-        traceback.print_exc()
-        ours_fwd = ours_fwd_bwd = None
-      fla_fwd = fla_fwd_bwd = None
-      if not args.skip_peers and record["fla_version"] is not None:
-        try:
-          fla_fwd, fla_fwd_bwd = time_fla(op, shape)
-        except Exception:
-          traceback.print_exc()
-      ratio = lambda peer, mine: None if peer is None or mine is None else peer / mine
-      row["fwd"] = {"ours_ms": ours_fwd, "fla_ms": fla_fwd, "ratio": ratio(fla_fwd, ours_fwd)}
-      row["fwd_bwd"] = {"ours_ms": ours_fwd_bwd, "fla_ms": fla_fwd_bwd, "ratio": ratio(fla_fwd_bwd, ours_fwd_bwd)}
-      floor = forward_floor_ms(op, *shape)
-      row["fwd_floor_ms"] = floor
-      row["fwd_over_floor"] = None if ours_fwd is None else ours_fwd / floor
-      record["results"].append(row)
-      save(args.out, record)  # after every row, so a run cut short still leaves its numbers
-      log(op, label, json.dumps({"fwd": row["fwd"], "fwd_bwd": row["fwd_bwd"], "floor": floor}))
-    if not args.skip_peers:
-      for name, timer in (("cudnn_flash_causal", lambda: time_cudnn(shape, args.reps, args.calls)),
-                          ("xla_chunked_tnl", lambda: time_ours("tnl", shape, args.reps, args.calls, xla_chunked))):
-        try:
-          fwd, fwd_bwd = timer()
-        except Exception:
-          traceback.print_exc()
-          fwd = fwd_bwd = None
-        record["others"].append({"name": name, "shape": label, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd})
-        log(name, label, fwd, fwd_bwd)
+      if op not in first:
+        measure_op(runner, op, shape, args, chunk_sizes, with_fla)
   for variant in filter(None, args.variants.split(",")):
     chunk, warps = (int(x) for x in variant[1:].split("w"))
+    shape = shapes[-1]
     for op in ops:
-      shape = SHAPES[-1]
-      try:
-        fwd, fwd_bwd = time_ours(op, shape, args.reps, args.calls, ours(chunk, num_warps=warps))
-      except Exception:
-        traceback.print_exc()
-        fwd = fwd_bwd = None
-      record["variants"].append({"op": op, "shape": "x".join(map(str, shape)), "config": variant,
-                                 "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd})
-      log("variant", variant, op, fwd, fwd_bwd)
+      forward, forward_args, backward, backward_args = ours_fns(op, shape, ours(chunk, num_warps=warps))
+      row = {"op": op, "shape": "x".join(map(str, shape)), "config": variant}
+      record["variants"].append(row)
+      for part, fn, fn_args in (("fwd", forward, forward_args), ("fwd_bwd", backward, backward_args)):
+        result = runner.measure(f"variant {variant} {op} {row['shape']} {part}",
+                                lambda: time_jax(fn, fn_args, args.reps, args.calls))
+        if result is not None:
+          row[f"{part}_ms"], row[f"{part}_compile_s"] = result["ms"], result["compile_s"]
   save(args.out, record)
   log(open(os.path.join(args.out, "kernels_h200.md")).read())
 

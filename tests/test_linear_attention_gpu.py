@@ -71,6 +71,13 @@ def test_vector_decay_strong_gates_fp32():
   _assert_matches_reference(1, decay_mode="vector", dim_k=32, dim_v=16, time=72, chunk_size=32, strength="strong")
 
 
+def test_vector_decay_four_sub_chunks_fp32():
+  # The default 64-token chunk: the sub-chunk walks are loops with a traced start, so the middle sub-chunks
+  # (start − 1 inside the chunk, state carried both ways) only run at chunk >= 48.
+  _assert_matches_reference(4, decay_mode="vector", dim_k=16, dim_v=32, time=150, chunk_size=64, strength="strong",
+                            heads=1)
+
+
 def test_vector_decay_bf16_with_decay_gradient():
   _assert_matches_reference(2, decay_mode="vector", dim_k=16, dim_v=32, time=48, chunk_size=32,
                             dtype=jnp.bfloat16, strength="strong")

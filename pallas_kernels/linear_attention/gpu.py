@@ -8,7 +8,9 @@ fla's decomposition, which keeps every SM busy when batch·heads is small:
             chunk-parallel kernels: dv (Dv tiles) and dq, dk (Dk tiles).
 Decay factors use chunk-local cumulative log-decays g so that every exponent is <= 0 (kernels.md §7).
 Data-dependent (per key channel) decay walks 16-token sub-chunks inside each chunk with a running fp32 state,
-and computes the diagonal 16×16 blocks elementwise in fp32 (exact for any gate strength).
+and computes the diagonal 16×16 blocks elementwise in fp32 (exact for any gate strength). Every walk is a loop
+with dynamic offsets, never Python-unrolled: Triton keeps scf.for rolled, so the program (and its compile time)
+stays the size of one sub-chunk body.
 Segment resets become masks from a chunk-local count of document starts (`resets`): a query sees the
 carried state only before the chunk's first reset, a key feeds the outgoing state only after its last one.
 States travel between kernels value-major ([.., Dv, Dk]) so that per-key-channel decays scale columns.
@@ -127,21 +129,22 @@ class _SubChunk:
 
   q_factor = exp(g_i − g_before) (≤ 1) scales queries against the state entering the sub-chunk, k_factor =
   exp(g_end − g_j) scales keys into the state leaving it, state_decay = exp(g_end − g_before) (× 0 when a
-  document starts inside) carries the state across. None means "no scaling"."""
+  document starts inside) carries the state across. None means "no scaling". `start` may be traced (the
+  sub-chunk walks are loops, not unrolled)."""
 
   def __init__(self, config, g_ref, resets_ref, start, size, columns=slice(None)):
     mode = config.mode
     self.g = self.q_factor = self.k_factor = self.state_decay = None
     if mode == "scalar":
       self.g = g_ref[pl.ds(start, size)].astype(jnp.float32)
-      g_before = _scalar(g_ref, start - 1) if start > 0 else 0.0
+      g_before = _before(lambda index: _scalar(g_ref, index), start, 0.0)
       g_end = _scalar(g_ref, start + size - 1)
       self.q_factor = jnp.exp(self.g - g_before)[:, None]
       self.k_factor = jnp.exp(g_end - self.g)[:, None]
       self.state_decay = jnp.exp(g_end - g_before)
     elif mode == "vector":
       self.g = g_ref[pl.ds(start, size), columns].astype(jnp.float32)
-      g_before = _row(g_ref, start - 1, columns) if start > 0 else jnp.zeros_like(self.g[:1])
+      g_before = _before(lambda index: _row(g_ref, index, columns), start, 0.0)
       g_end = _row(g_ref, start + size - 1, columns)
       self.q_factor = jnp.exp(self.g - g_before)
       self.k_factor = jnp.exp(g_end - self.g)
@@ -149,7 +152,7 @@ class _SubChunk:
     self.resets = None
     if config.has_segments:
       self.resets = resets_ref[pl.ds(start, size)]
-      resets_before = _scalar(resets_ref, start - 1) if start > 0 else 0
+      resets_before = _before(lambda index: _scalar(resets_ref, index), start, 0)
       resets_end = _scalar(resets_ref, start + size - 1)
       query_sees_state = (self.resets == resets_before)[:, None]
       key_reaches_end = (self.resets == resets_end)[:, None]
@@ -161,6 +164,18 @@ class _SubChunk:
   @staticmethod
   def scale(x, factor):
     return x if factor is None else x * factor
+
+
+def _before(load, start, at_chunk_start):
+  """load(start − 1): the value just before the sub-chunk, or `at_chunk_start` when it opens the chunk."""
+  if isinstance(start, int):
+    return load(start - 1) if start > 0 else at_chunk_start
+  return jnp.where(start > 0, load(jnp.maximum(start - 1, 0)), at_chunk_start)
+
+
+def _carry_unless(done, update, carry):
+  """update(carry), skipped once the sub-chunk walk has no sub-chunk left (`done` traced)."""
+  return lax.cond(done, lambda carry: carry, update, carry)
 
 
 def _and_mask(factor, mask):
@@ -221,19 +236,20 @@ def _output_kernel(*refs, config):
     out = _dot_nt(q_bar, h_ref[...].astype(dtype)) + _dot(scores.astype(dtype), v_ref[...])
     o_ref[...] = out.astype(o_ref.dtype)
     return
-  size = config.sub_chunk
-  state = h_ref[...].astype(jnp.float32)
-  for index in range(config.chunk // size):
-    start = index * size
+  size, num_subs = config.sub_chunk, config.chunk // config.sub_chunk
+
+  def sub_chunk(index, state):
+    start = pl.multiple_of(index * size, size)
     sub = _SubChunk(config, g_ref, resets_ref, start, size)
     q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
-    k = k_ref[pl.ds(start, size), :].astype(jnp.float32)
     v = v_ref[pl.ds(start, size), :]
     block = _diag_block(q, k_ref, sub.g, g_ref, sub.resets, resets_ref, start, size)
     out = _dot_nt((q * sub.q_factor).astype(dtype), state.astype(dtype)) + _dot(block.astype(dtype), v)
     o_ref[pl.ds(start, size), :] = out.astype(o_ref.dtype)
-    if index + 1 < config.chunk // size:
-      state = state * sub.state_decay + _dot_tn(v, (k * sub.k_factor).astype(dtype))
+    k_hat = lambda: (k_ref[pl.ds(start, size), :].astype(jnp.float32) * sub.k_factor).astype(dtype)
+    return _carry_unless(index + 1 == num_subs, lambda state: state * sub.state_decay + _dot_tn(v, k_hat()), state)
+
+  lax.fori_loop(0, num_subs, sub_chunk, h_ref[...].astype(jnp.float32))
 
 
 def _dv_kernel(*refs, config):
@@ -248,81 +264,89 @@ def _dv_kernel(*refs, config):
     dv = _dot_tn(scores.astype(dtype), do_ref[...]) + _dot_nt(k_hat, dh_ref[...].astype(dtype))
     dv_ref[...] = dv.astype(dv_ref.dtype)
     return
-  size = config.sub_chunk
-  d_state = dh_ref[...].astype(jnp.float32)
-  for index in reversed(range(config.chunk // size)):
-    start = index * size
+  size, num_subs = config.sub_chunk, config.chunk // config.sub_chunk
+
+  def sub_chunk(step, d_state):
+    index = num_subs - 1 - step
+    start = pl.multiple_of(index * size, size)
     sub = _SubChunk(config, g_ref, resets_ref, start, size)
     q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
-    k = k_ref[pl.ds(start, size), :].astype(jnp.float32)
     do = do_ref[pl.ds(start, size), :]
     block = _diag_block(q, k_ref, sub.g, g_ref, sub.resets, resets_ref, start, size)
-    dv = _dot_nt((k * sub.k_factor).astype(dtype), d_state.astype(dtype)) + _dot_tn(block.astype(dtype), do)
+    k_hat = (k_ref[pl.ds(start, size), :].astype(jnp.float32) * sub.k_factor).astype(dtype)
+    dv = _dot_nt(k_hat, d_state.astype(dtype)) + _dot_tn(block.astype(dtype), do)
     dv_ref[pl.ds(start, size), :] = dv.astype(dv_ref.dtype)
-    if index > 0:
-      d_state = d_state * sub.state_decay + _dot_tn(do, (q * sub.q_factor).astype(dtype))
+    q_bar = lambda: (q * sub.q_factor).astype(dtype)
+    return _carry_unless(index == 0, lambda d_state: d_state * sub.state_decay + _dot_tn(do, q_bar()), d_state)
+
+  lax.fori_loop(0, num_subs, sub_chunk, dh_ref[...].astype(jnp.float32))
 
 
 def _dqdk_kernel(*refs, config, operand_dtype):
   """dq = (do·h) ⊙ q_factor + (dA ⊙ D)·k and dk = (v·dS) ⊙ k_factor + (dA ⊙ D)ᵀ·q for one chunk and Dk tile.
 
   operand_dtype is float32 when the decay gradient is wanted: it sums q·dq − k·dk, which cancels heavily, so
-  dq and dk need more than bf16-operand accuracy."""
+  dq and dk need more than bf16-operand accuracy. dA = do·vᵀ keeps the input dtype: 16-bit products are exact
+  in the fp32 accumulator, so it needs one tensor-core pass, not three."""
   (q_ref, k_ref, v_ref, do_ref), g_ref, resets_ref, (h_ref, dh_ref, dq_ref, dk_ref) = _split_refs(refs, config, 4)
   dtype = operand_dtype
   if config.mode != "vector":
     sub = _SubChunk(config, g_ref, resets_ref, 0, config.chunk)
-    q, k, do, v = (ref[...].astype(dtype) for ref in (q_ref, k_ref, do_ref, v_ref))
+    q, k, do, v = (ref[...] for ref in (q_ref, k_ref, do_ref, v_ref))
     d_scores = (_dot_nt(do, v) * _intra_mask(config, sub.g, sub.resets)).astype(dtype)
+    q, k, do, v = (x.astype(dtype) for x in (q, k, do, v))
     dq = _SubChunk.scale(_dot(do, h_ref[...].astype(dtype)), sub.q_factor) + _dot(d_scores, k)
     dk = _SubChunk.scale(_dot(v, dh_ref[...].astype(dtype)), sub.k_factor) + _dot_tn(d_scores, q)
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     return
-  size = config.sub_chunk
-  num_subs = config.chunk // size
+  size, num_subs = config.sub_chunk, config.chunk // config.sub_chunk
   rows = lax.broadcasted_iota(jnp.int32, (size, size), 0)
   cols = lax.broadcasted_iota(jnp.int32, (size, size), 1)
   row_index = lax.broadcasted_iota(jnp.int32, (size, 1), 0)
-  subs = [_SubChunk(config, g_ref, resets_ref, i * size, size) for i in range(num_subs)]
-  load = lambda ref, start: ref[pl.ds(start, size), :].astype(dtype)
 
-  def diag_scores(start, sub):
+  def sub_chunk_operands(index):
+    """The sub-chunk's factors, do and v (input dtype) and its diagonal block of dA (causal, one document).
+    Both walks rebuild them: a Triton loop carry cannot hold a per-sub-chunk list."""
+    start = pl.multiple_of(index * size, size)
+    sub = _SubChunk(config, g_ref, resets_ref, start, size)
+    do, v = do_ref[pl.ds(start, size), :], v_ref[pl.ds(start, size), :]
     keep = rows >= cols
     if config.has_segments:
       keep = keep & (sub.resets[:, None] == sub.resets[None, :])
-    return jnp.where(keep, _dot_nt(load(do_ref, start), load(v_ref, start)), 0.0)
+    return start, sub, do, v, jnp.where(keep, _dot_nt(do, v), 0.0)
 
-  state = h_ref[...].astype(jnp.float32)
-  for index, sub in enumerate(subs):
-    start = index * size
-    d_scores = diag_scores(start, sub)
+  def forward(index, state):  # dq, carrying the state entering each sub-chunk
+    start, sub, do, v, d_scores = sub_chunk_operands(index)
 
-    def add_key(j, dq, start=start, sub=sub, d_scores=d_scores):  # dq_i += dA_ij k_j exp(g_i − g_j), i ≥ j
+    def add_key(j, dq):  # dq_i += dA_ij k_j exp(g_i − g_j), i ≥ j
       d_score = jnp.sum(jnp.where(cols == j, d_scores, 0.0), axis=1)[:, None]
       exponent = jnp.where(row_index >= j, sub.g - _row(g_ref, start + j), -jnp.inf)
       return dq + d_score * _row(k_ref, start + j) * jnp.exp(exponent)
 
-    dq = _dot(load(do_ref, start), state.astype(dtype)) * sub.q_factor
+    dq = _dot(do.astype(dtype), state.astype(dtype)) * sub.q_factor
     dq_ref[pl.ds(start, size), :] = lax.fori_loop(0, size, add_key, dq).astype(dq_ref.dtype)
-    if index + 1 < num_subs:
-      k_hat = (k_ref[pl.ds(start, size), :].astype(jnp.float32) * sub.k_factor).astype(dtype)
-      state = state * sub.state_decay + _dot_tn(load(v_ref, start), k_hat)
-  d_state = dh_ref[...].astype(jnp.float32)
-  for index in reversed(range(num_subs)):
-    sub, start = subs[index], index * size
-    d_scores = diag_scores(start, sub)
+    k_hat = lambda: (k_ref[pl.ds(start, size), :].astype(jnp.float32) * sub.k_factor).astype(dtype)
+    update = lambda state: state * sub.state_decay + _dot_tn(v.astype(dtype), k_hat())
+    return _carry_unless(index + 1 == num_subs, update, state)
 
-    def add_query(i, dk, start=start, sub=sub, d_scores=d_scores):  # dk_j += dA_ij q_i exp(g_i − g_j), j ≤ i
+  def backward(step, d_state):  # dk, carrying the state gradient leaving each sub-chunk
+    index = num_subs - 1 - step
+    start, sub, do, v, d_scores = sub_chunk_operands(index)
+
+    def add_query(i, dk):  # dk_j += dA_ij q_i exp(g_i − g_j), j ≤ i
       d_score = jnp.sum(jnp.where(rows == i, d_scores, 0.0), axis=0)[:, None]
       exponent = jnp.where(row_index <= i, _row(g_ref, start + i) - sub.g, -jnp.inf)
       return dk + d_score * _row(q_ref, start + i) * jnp.exp(exponent)
 
-    dk = _dot(load(v_ref, start), d_state.astype(dtype)) * sub.k_factor
+    dk = _dot(v.astype(dtype), d_state.astype(dtype)) * sub.k_factor
     dk_ref[pl.ds(start, size), :] = lax.fori_loop(0, size, add_query, dk).astype(dk_ref.dtype)
-    if index > 0:
-      q_bar = (q_ref[pl.ds(start, size), :].astype(jnp.float32) * sub.q_factor).astype(dtype)
-      d_state = d_state * sub.state_decay + _dot_tn(load(do_ref, start), q_bar)
+    q_bar = lambda: (q_ref[pl.ds(start, size), :].astype(jnp.float32) * sub.q_factor).astype(dtype)
+    update = lambda d_state: d_state * sub.state_decay + _dot_tn(do.astype(dtype), q_bar())
+    return _carry_unless(index == 0, update, d_state)
+
+  lax.fori_loop(0, num_subs, forward, h_ref[...].astype(jnp.float32))
+  lax.fori_loop(0, num_subs, backward, dh_ref[...].astype(jnp.float32))
 
 
 # ---------------------------------------------------------------------------------------------- launchers
