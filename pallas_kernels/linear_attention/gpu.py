@@ -192,12 +192,11 @@ def _split_refs(refs, config, num_leading):
   return leading, g_ref, resets_ref, rest
 
 
-def _state_scan_kernel(*refs, config, num_chunks, reverse):
+def _state_scan_kernel(*refs, config, num_chunks, reverse, operand_dtype):
   """Forward (a=k, b=v): S ← decay·S + (k ⊙ k_factor)ᵀv, storing S entering each chunk.
   Reverse (a=q, b=do): dS ← decay·dS + (q ⊙ q_factor)ᵀdo, storing dS leaving each chunk; S is [Dv, Dk]."""
   (a_ref, b_ref), g_ref, resets_ref, (init_ref, states_ref, last_ref) = _split_refs(refs, config, 2)
   chunk = config.chunk
-  operand_dtype = a_ref.dtype
 
   def body(step, state):
     n = num_chunks - 1 - step if reverse else step
@@ -207,7 +206,7 @@ def _state_scan_kernel(*refs, config, num_chunks, reverse):
     sub = _SubChunk(config, offset(g_ref), offset(resets_ref), 0, chunk)
     factor = sub.q_factor if reverse else sub.k_factor
     a = _SubChunk.scale(a_ref[pl.ds(start, chunk), :].astype(jnp.float32), factor).astype(operand_dtype)
-    b = b_ref[pl.ds(start, chunk), :]
+    b = b_ref[pl.ds(start, chunk), :].astype(operand_dtype)
     return _SubChunk.scale(state, sub.state_decay) + _dot_tn(b, a)
 
   last_ref[...] = lax.fori_loop(0, num_chunks, body, init_ref[...].astype(jnp.float32))
@@ -353,9 +352,10 @@ def _dqdk_kernel(*refs, config, operand_dtype):
 class _Layout:
   """Shapes and BlockSpecs shared by the launches of one call."""
 
-  def __init__(self, config, batch, padded_time, heads, dim_k, dim_v):
+  def __init__(self, config, batch, padded_time, heads, dim_k, dim_v, dtype):
     self.config, self.batch, self.time, self.heads = config, batch, padded_time, heads
     self.dim_k, self.dim_v = dim_k, dim_v
+    self.wide_operands = jnp.dtype(dtype).itemsize >= 4
     self.num_chunks = padded_time // config.chunk
 
   # Chunk-parallel grid (chunk, batch·head, tile).
@@ -406,8 +406,10 @@ class _Layout:
     return [x for x in (g, resets) if x is not None]
 
 
-def _state_scan(layout, a, b, g, resets, init, state_dtype, reverse):
-  """Runs the state scan; returns (per-chunk states [B,N,H,Dv,Dk] state_dtype, last state [B,H,Dv,Dk] f32)."""
+def _state_scan(layout, a, b, g, resets, init, state_dtype, reverse, operand_dtype=None):
+  """Runs the state scan; returns (per-chunk states [B,N,H,Dv,Dk] state_dtype, last state [B,H,Dv,Dk] f32).
+  The matmul operands are `operand_dtype` (default: the inputs'); float32 keeps the scaled keys/queries exact
+  where the decay gradient's cancelling sum needs it."""
   config = layout.config
   tile_k, tile_v = min(config.scan_tile, layout.dim_k), min(config.scan_tile, layout.dim_v)
   grid = (layout.batch * layout.heads, layout.dim_k // tile_k, layout.dim_v // tile_v)
@@ -418,7 +420,8 @@ def _state_scan(layout, a, b, g, resets, init, state_dtype, reverse):
     in_specs.append(layout.scan_resets_spec())
   in_specs.append(layout.scan_state_spec(tile_k, tile_v, per_chunk=False))
   state_shape = (layout.batch, layout.heads, layout.dim_v, layout.dim_k)
-  kernel = functools.partial(_state_scan_kernel, config=config, num_chunks=layout.num_chunks, reverse=reverse)
+  kernel = functools.partial(_state_scan_kernel, config=config, num_chunks=layout.num_chunks, reverse=reverse,
+                             operand_dtype=jnp.dtype(operand_dtype or a.dtype))
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs,
       out_specs=[layout.scan_state_spec(tile_k, tile_v, per_chunk=True),
@@ -431,12 +434,14 @@ def _state_scan(layout, a, b, g, resets, init, state_dtype, reverse):
   )(a, b, *layout.extras(g, resets), init)
 
 
+# 32-bit operands take twice the shared memory: 128-wide tiles with Dk = 256 asked for 320 KB on the H200
+# (227 KB available), so they use 64-wide tiles.
 def _value_tile(layout):
-  return min(128, layout.dim_v)
+  return min(64 if layout.wide_operands else 128, layout.dim_v)
 
 
 def _key_tile(layout):
-  return min(128, layout.dim_k)
+  return min(64 if layout.wide_operands else 128, layout.dim_k)
 
 
 def _value_tiled_call(kernel, name, layout, q, k, value_like, g, resets, states, out_dtype):
@@ -531,7 +536,7 @@ def _forward(config, q, k, v, log_decay, initial_state, segment_ids):
   batch, time, heads, dim_k = q.shape
   dim_v = v.shape[-1]
   qp, kp, vp, g, resets, padded_time = _prepare(config, q, k, v, log_decay, segment_ids)
-  layout = _Layout(config, batch, padded_time, heads, dim_k, dim_v)
+  layout = _Layout(config, batch, padded_time, heads, dim_k, dim_v, q.dtype)
   init = jnp.swapaxes(initial_state.astype(jnp.float32), -1, -2)
   states, last = _state_scan(layout, kp, vp, g, resets, init, _state_dtype(q.dtype), reverse=False)
   out = _output(layout, qp, kp, vp, g, resets, states, v.dtype)
@@ -568,20 +573,22 @@ def _linear_attention_bwd(config, residuals, cotangents):
   dim_v = v.shape[-1]
   qp, kp, vp, g, resets, padded_time = _prepare(config, q, k, v, log_decay, segment_ids)
   dop = _pad_time(d_out.astype(v.dtype), padded_time)
-  layout = _Layout(config, batch, padded_time, heads, dim_k, dim_v)
+  layout = _Layout(config, batch, padded_time, heads, dim_k, dim_v, q.dtype)
   state_dtype = jnp.float32 if wants_decay_grad else _state_dtype(q.dtype)
   init = jnp.swapaxes(initial_state.astype(jnp.float32), -1, -2)
-  states, _ = _state_scan(layout, kp, vp, g, resets, init, state_dtype, reverse=False)
-  d_states, d_init = _state_scan(layout, qp, dop, g, resets, jnp.swapaxes(d_final.astype(jnp.float32), -1, -2),
-                                 state_dtype, reverse=True)
-  dv = _grad_dv(layout, qp, kp, dop, g, resets, d_states, v.dtype)[:, :time]
   grad_dtype = jnp.float32 if wants_decay_grad else q.dtype
+  states, last = _state_scan(layout, kp, vp, g, resets, init, state_dtype, reverse=False,
+                             operand_dtype=grad_dtype)
+  d_states, d_init = _state_scan(layout, qp, dop, g, resets, jnp.swapaxes(d_final.astype(jnp.float32), -1, -2),
+                                 state_dtype, reverse=True, operand_dtype=grad_dtype)
+  dv = _grad_dv(layout, qp, kp, dop, g, resets, d_states, v.dtype)[:, :time]
   dq, dk = (x[:, :time] for x in _grad_dqdk(layout, qp, kp, vp, dop, g, resets, states, d_states, grad_dtype,
                                             grad_dtype))
   d_log_decay = None
   if wants_decay_grad:
     per_step = q.astype(jnp.float32) * dq - k.astype(jnp.float32) * dk  # [B,T,H,Dk]
-    final_term = jnp.sum(final_state * d_final.astype(jnp.float32), axis=-1)  # [B,H,Dk]
+    # The recomputed final state (fp32 operands), not the forward's (bf16 operands for bf16 inputs).
+    final_term = jnp.sum(jnp.swapaxes(last, -1, -2) * d_final.astype(jnp.float32), axis=-1)  # [B,H,Dk]
     if config.mode == "vector":
       suffix_sums = jnp.flip(jnp.cumsum(jnp.flip(per_step, 1), axis=1), 1)
       d_log_decay = suffix_sums + final_term[:, None]
