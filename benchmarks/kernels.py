@@ -369,6 +369,9 @@ def main():
   parser.add_argument("--variants", default="", help="extra configs, e.g. 'c128w4,c64w8' (chunk, warps)")
   parser.add_argument("--skip_peers", action="store_true", help="time ours only (no fla, no JAX baselines)")
   parser.add_argument("--ops", default=",".join(OPS), help="subset of " + ",".join(OPS))
+  parser.add_argument("--skip_fla_ops", default="",
+                      help="ops timed without their fla peer, e.g. hgrn2 (chunk_gla's first-call autotuning took "
+                           "over 200 s on the H200)")
   parser.add_argument("--shapes", default="0,1,2", help="indices into SHAPES or BxTxHxD shapes")
   parser.add_argument("--chunk_sizes", default=str(gpu.DEFAULT_CHUNK_SIZE),
                       help="our forward's chunk sizes to try, e.g. 64,128 (fwd+bwd uses the first)")
@@ -401,9 +404,10 @@ def main():
     record["check"] = runner.measure("check against the float64 reference", check_against_reference)
   with_fla = not args.skip_peers and record["fla_version"] is not None
   first = [op for op in ops if op == "hgrn2"]
+  skip_fla = set(filter(None, args.skip_fla_ops.split(",")))
   for op in first:
     for shape in shapes:
-      measure_op(runner, op, shape, args, chunk_sizes, with_fla)
+      measure_op(runner, op, shape, args, chunk_sizes, with_fla and op not in skip_fla)
   if not args.skip_peers:
     for shape in shapes:
       for name in ("cudnn_flash_causal", "xla_chunked_tnl"):
@@ -411,7 +415,7 @@ def main():
   for shape in shapes:
     for op in ops:
       if op not in first:
-        measure_op(runner, op, shape, args, chunk_sizes, with_fla)
+        measure_op(runner, op, shape, args, chunk_sizes, with_fla and op not in skip_fla)
   for variant in filter(None, args.variants.split(",")):
     chunk, warps = (int(x) for x in variant[1:].split("w"))
     shape = shapes[-1]

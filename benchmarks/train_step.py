@@ -185,23 +185,23 @@ def write_markdown(path: str, header: dict, rows: list[dict], peers: dict, peer_
            "per-device peak of the process so far.",
            f"Peer column: PyTorch (fla HGRN2 / HF LLaMA) from {peer_label or 'n/a'}.", "",
            "| arch | size | T | batch (micro) | mesh | remat | compile s | step s | tokens/s | MFU | XLA plan GiB "
-           "| peak GiB "
-           "| peer tokens/s | peer peak GiB |",
-           "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| peak GiB | peer tokens/s | ours / peer | peer peak GiB |",
+           "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for row in rows:
     peer = peers.get((row["arch"], row["size"], row["seq_len"]), {})
     peer_tokens = _format(peer.get("tokens_per_s"), ",.0f") or ("error" if "error" in peer else "")
     if "error" in row:
       lines.append(f"| {row['arch']} | {row['size']} | {row['seq_len']} | | | {row.get('remat_policy') or ''} | | | "
-                   f"error: {row['error'][:80]} | | | | {peer_tokens} | {_format(peer.get('peak_gib'), '.1f')} |")
+                   f"error: {row['error'][:80]} | | | | {peer_tokens} | | {_format(peer.get('peak_gib'), '.1f')} |")
       continue
     lines.append(
         f"| {row['arch']} | {row['size']} | {row['seq_len']} | {row['global_batch_size']} "
         f"({row['num_microbatches']}) | {_mesh_label(row.get('mesh'))} | {row['remat_policy']} | "
         f"{row['compile_s']:.1f} | {row['step_s']:.4f} | "
         f"{row['tokens_per_s']:,.0f} | {100 * row['mfu']:.1f}% | {_format(row.get('planned_gib'), '.1f')} | "
-        f"{_format(row['peak_gib'], '.1f')} | "
-        f"{peer_tokens} | {_format(peer.get('peak_gib'), '.1f')} |")
+        f"{_format(row['peak_gib'], '.1f')} | {peer_tokens} | "
+        f"{_format(row['tokens_per_s'] / peer['tokens_per_s'] if peer.get('tokens_per_s') else None, '.2f')} | "
+        f"{_format(peer.get('peak_gib'), '.1f')} |")
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
 
