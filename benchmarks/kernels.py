@@ -29,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -366,7 +367,8 @@ def main():
   parser.add_argument("--reps", type=int, default=20)
   parser.add_argument("--calls", type=int, default=5)
   parser.add_argument("--check", action="store_true", help="compare with the float64 reference first")
-  parser.add_argument("--variants", default="", help="extra configs, e.g. 'c128w4,c64w8' (chunk, warps)")
+  parser.add_argument("--variants", default="",
+                      help="extra configs, e.g. 'c128w4,c64w8,c64w4b' (chunk, warps, b: vector_forward 'blocks')")
   parser.add_argument("--skip_peers", action="store_true", help="time ours only (no fla, no JAX baselines)")
   parser.add_argument("--ops", default=",".join(OPS), help="subset of " + ",".join(OPS))
   parser.add_argument("--skip_fla_ops", default="",
@@ -417,10 +419,14 @@ def main():
       if op not in first:
         measure_op(runner, op, shape, args, chunk_sizes, with_fla and op not in skip_fla)
   for variant in filter(None, args.variants.split(",")):
-    chunk, warps = (int(x) for x in variant[1:].split("w"))
+    match = re.fullmatch(r"c(\d+)w(\d+)(b?)", variant)
+    if match is None:
+      raise SystemExit(f"--variants: {variant!r}; valid: c<chunk>w<warps>[b], b = vector_forward 'blocks'.")
+    chunk, warps = int(match.group(1)), int(match.group(2))
+    options = dict(num_warps=warps, vector_forward="blocks" if match.group(3) else "walk")
     shape = shapes[-1]
     for op in ops:
-      forward, forward_args, backward, backward_args = ours_fns(op, shape, ours(chunk, num_warps=warps))
+      forward, forward_args, backward, backward_args = ours_fns(op, shape, ours(chunk, **options))
       row = {"op": op, "shape": "x".join(map(str, shape)), "config": variant}
       record["variants"].append(row)
       for part, fn, fn_args in (("fwd", forward, forward_args), ("fwd_bwd", backward, backward_args)):

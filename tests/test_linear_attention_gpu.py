@@ -129,3 +129,16 @@ def test_bf16_decay_gradient_uses_the_exact_final_state():
   _, _, expected = testing.reference_float64(q, k, v, log_decay, state, segment_ids, d_out, d_state)
   _, _, grads = _kernel_with_grads(64, q, k, v, log_decay, state, segment_ids, d_out, d_state)
   assert testing.relative_rms_error(grads["log_decay"], expected["log_decay"]) <= 1e-3
+
+
+@pytest.mark.parametrize("dtype,bound", [(jnp.float32, FP32_BOUND), (jnp.bfloat16, BF16_BOUND)])
+def test_vector_forward_blocks_matches_reference(dtype, bound):
+  """The carried-state-free forward (earlier keys through one matmul per sub-chunk) with strong gates, resets
+  inside chunks and four sub-chunks per chunk."""
+  q, k, v, log_decay, state, segment_ids = testing.random_inputs(
+      11, batch=2, time=150, heads=2, dim_k=32, dim_v=16, decay_mode="vector", strength="strong", dtype=dtype)
+  expected_out, expected_state = testing.reference_float64(
+      q, k, v, log_decay, state, segment_ids, jnp.zeros(v.shape), jnp.zeros(state.shape))[:2]
+  out, final_state = gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 64, vector_forward="blocks")
+  assert testing.relative_rms_error(out, expected_out) <= bound
+  assert testing.relative_rms_error(final_state, expected_state) <= bound

@@ -1,31 +1,53 @@
 r"""A scaling study end to end: train a grid, evaluate every milestone, fit the laws, write the report.
 
-  python -m lsm_jax.study --gin_file=gin/study/mini/grid.gin --out=DIR [--gin.NAME=VALUE ...]
+  python -m lsm_jax.study --gin_file=gin/study/mini/grid.gin --out=DIR [--parallel=N [--gpus=0,1]]
+      [--time_limit_s=SECONDS] [--gin.NAME=VALUE ...]
 
-The grid file binds `study.StudyGrid` (architectures, size files, the run file, evaluation tasks). Each run
+The grid file binds `study.StudyGrid` (architectures, size files, the run file, evaluation settings). Each run
 `<arch>_<size>` is trained by `trainer.train` from three gin files — `gin/models/<arch>/base.gin`, the size
-file and the run file — in `DIR/runs/<arch>_<size>`; rerunning the command resumes unfinished runs from their
-checkpoints and skips finished ones, so the grid can be trained across several sessions. Overrides: a
-`--gin.study.…` binding configures the grid; any other `--gin.…` binding is applied to every run (e.g.
-`--gin.TRAIN_STEPS=40`). Then every milestone of every run is evaluated (`lsm_jax.evaluate`), training curves
-become scaling-law inputs (`lsm_jax.scaling`), and `DIR/report.md` collects the Table-3-style fits, the
-Figure-1/2-style PNGs and the raw tidy tables (`curves.csv`, `eval.csv`).
+file and the run file — in `DIR/runs/<arch>_<size>`, and right after training every one of its milestones is
+evaluated (`lsm_jax.evaluate`) into `DIR/runs/<arch>_<size>/eval/`. A run that finished both writes
+`study_run.json`; rerunning the command skips those runs and resumes the others from their checkpoints, so a
+grid can be trained across several sessions. Overrides: a `--gin.study.…` binding configures the grid; any
+other `--gin.…` binding is applied to every run (e.g. `--gin.TRAIN_STEPS=300` halves the mini study).
+
+Parallelism (`parallel` ≥ 1): each run is a separate `python -m lsm_jax.study --out=DIR --run=<arch>_<size>`
+worker process, `parallel` at a time, largest runs first (longest-processing-time order), so XLA compilation
+(CPU-bound) of one run overlaps the training and evaluation of others. `gpus` assigns worker slots round-robin
+to GPUs through CUDA_VISIBLE_DEVICES, and a run starts in a free slot of the GPU with the least running work;
+workers do not preallocate GPU memory, so several share a GPU. Worker output goes to `DIR/runs/<run>/log.txt`.
+`time_limit_s` bounds the training phase: then no run starts, running workers are stopped (SIGTERM: they save a
+resume checkpoint) and the study fits what finished. A failed run is named with its log tail in the report and on stderr;
+architectures with at least two finished sizes are still fitted, and the command then fails. `parallel` = 0
+trains in this process, one run after another.
+
+Then the training curves become scaling-law inputs (`lsm_jax.scaling`) and `DIR/report.md` collects the
+Table-3-style fits, the Figure-1/2-style PNGs and the raw tidy tables (`curves.csv`, `eval.csv`).
 """
 from __future__ import annotations
 
+import collections
+import csv
 import dataclasses
 import datetime
 import json
 import os
 import platform
+import shlex
+import subprocess
 import sys
+import time
 from typing import Sequence
 
 import gin
-import jax
 from absl import logging
 
 GRID_SCOPE = "study."
+GRID_FILE = "study_grid.json"        # DIR/study_grid.json: the grid, read by worker processes
+RUN_RESULT_FILE = "study_run.json"   # DIR/runs/<run>/study_run.json: written when the run is trained and evaluated
+RUN_LOG_FILE = "log.txt"
+_LOG_TAIL_LINES = 30
+_STOP_GRACE_S = 30  # SIGTERM lets the trainer save a resume checkpoint before the worker is killed
 
 
 def split_bindings(bindings: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -48,75 +70,329 @@ def train_run(run_dir: str, gin_files: Sequence[str], bindings: Sequence[str]) -
 @dataclasses.dataclass(frozen=True)
 class StudyGrid:
   """What a study trains: `archs` × `size_files` (size name → gin file setting configs.ModelConfig's shape),
-  each with `run_file` (data, steps, optimizer, milestones) and `run_bindings`; `eval_tasks` for the sweep."""
+  each with `run_file` (data, steps, optimizer, milestones), the architecture's `arch_bindings` (arch →
+  bindings) and then `run_bindings`. Every milestone is evaluated on `eval_tasks` in batches of `eval_batch_size`
+  rows; `val_max_batches` caps the validation batches (None: the whole validation split)."""
   archs: Sequence[str]
   size_files: dict
   run_file: str
   eval_tasks: Sequence[str] = ("val_loss",)
+  eval_batch_size: int = 32
+  val_max_batches: int | None = None
   run_bindings: Sequence[str] = ()
+  arch_bindings: dict = dataclasses.field(default_factory=dict)
   description: str = ""
 
 
-def run_study(out_dir: str, grid: StudyGrid) -> str:
-  """Trains every arch × size, evaluates every milestone, fits the scaling laws; returns report.md's path."""
-  from lsm_jax import scaling
-  from lsm_jax.evaluate import sweep
+@dataclasses.dataclass(frozen=True)
+class StudyRun:
+  """One run of a grid: its name (`<arch>_<size>`), directory, gin files and bindings."""
+  name: str
+  arch: str
+  size: str
+  run_dir: str
+  gin_files: tuple[str, ...]
+  bindings: tuple[str, ...]
+
+
+def grid_runs(out_dir: str, grid: StudyGrid) -> list[StudyRun]:
+  """The grid's runs in (arch, size) order, after checking the grid."""
+  from lsm_jax import train as train_cli
   from lsm_jax.models import configs
 
-  from lsm_jax import train as train_cli
-  archs, size_files, run_file = grid.archs, grid.size_files, grid.run_file
-
-  unknown = sorted(set(archs) - set(configs.ARCHS))
-  if unknown:
-    raise ValueError(f"study.StudyGrid.archs has unknown architectures {unknown}; valid: {configs.ARCHS}")
-  if len(size_files) < 2:
-    raise ValueError(f"study.StudyGrid.size_files has {len(size_files)} size(s); a scaling fit needs at least 2")
-  for path in (run_file, *size_files.values()):
+  for field in ("archs", "arch_bindings"):
+    unknown = sorted(set(getattr(grid, field)) - set(configs.ARCHS))
+    if unknown:
+      raise ValueError(f"study.StudyGrid.{field} has unknown architectures {unknown}; valid: {configs.ARCHS}")
+  if len(grid.size_files) < 2:
+    raise ValueError(f"study.StudyGrid.size_files has {len(grid.size_files)} size(s); a scaling fit needs at least 2")
+  for path in (grid.run_file, *grid.size_files.values()):
     if not os.path.exists(os.path.join(train_cli.REPO_ROOT, path)) and not os.path.exists(path):
       raise ValueError(f"gin file {path!r} of the study grid does not exist")
+  return [StudyRun(f"{arch}_{size}", arch, size, os.path.join(out_dir, "runs", f"{arch}_{size}"),
+                   (f"gin/models/{arch}/base.gin", size_file, grid.run_file),
+                   (*grid.arch_bindings.get(arch, ()), *grid.run_bindings))  # command-line bindings win
+          for arch in grid.archs for size, size_file in grid.size_files.items()]
+
+
+def _run_identity(run: StudyRun, grid: StudyGrid) -> dict:
+  """What a finished run's result must match to be reused: its gin files, bindings and evaluation."""
+  return {"gin_files": list(run.gin_files), "bindings": list(run.bindings),
+          "eval_tasks": list(grid.eval_tasks), "val_max_batches": grid.val_max_batches}
+
+
+def read_run_result(run: StudyRun, grid: StudyGrid) -> dict | None:
+  """The run's study_run.json if it finished with this grid's settings, else None."""
+  path = os.path.join(run.run_dir, RUN_RESULT_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    result = json.load(f)
+  return result if result.get("identity") == _run_identity(run, grid) else None
+
+
+def train_and_evaluate(run: StudyRun, grid: StudyGrid) -> dict:
+  """Trains `run` to its last step, evaluates every milestone into RUN_DIR/eval/, writes study_run.json."""
+  import jax
+
+  from lsm_jax import checkpoint
+  from lsm_jax.evaluate import sweep
+
+  start = time.perf_counter()
+  logging.info("study: training %s", run.run_dir)
+  summary = train_run(run.run_dir, run.gin_files, run.bindings)
+  train_steps = checkpoint.read_run_metadata(run.run_dir)["train_steps"]
+  if summary["step"] != train_steps:
+    raise RuntimeError(f"run {run.name} stopped at step {summary['step']} of {train_steps} (preempted); "
+                       "rerun the study to resume it")
+  trained = time.perf_counter()
+  logging.info("study: evaluating %s", run.run_dir)
+  sweep.evaluate_run(run.run_dir, tasks=list(grid.eval_tasks), batch_size=grid.eval_batch_size,
+                     val_max_batches=grid.val_max_batches, progress=False)
+  result = {"run": run.name, "identity": _run_identity(run, grid), "final_loss": _final_loss(run.run_dir),
+            "train_s": round(trained - start, 1), "eval_s": round(time.perf_counter() - trained, 1),
+            "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+  with open(os.path.join(run.run_dir, RUN_RESULT_FILE), "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=1)
+  return result
+
+
+def _final_loss(run_dir: str) -> float:
+  """The training loss of the last logged step (a run resumed at its end logs nothing new)."""
+  with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return [record["loss"] for record in records if record.get("loss") is not None][-1]
+
+
+def write_grid(out_dir: str, grid: StudyGrid) -> None:
+  with open(os.path.join(out_dir, GRID_FILE), "w", encoding="utf-8") as f:
+    json.dump(dataclasses.asdict(grid), f, indent=1)
+
+
+def read_grid(out_dir: str) -> StudyGrid:
+  with open(os.path.join(out_dir, GRID_FILE), encoding="utf-8") as f:
+    return StudyGrid(**json.load(f))
+
+
+def run_worker(out_dir: str, run_name: str) -> dict:
+  """A worker process's job: train and evaluate the run named `run_name` of the grid in DIR/study_grid.json."""
+  grid = read_grid(out_dir)
+  runs = {run.name: run for run in grid_runs(out_dir, grid)}
+  if run_name not in runs:
+    raise ValueError(f"--run={run_name!r} is not a run of the grid in {out_dir}; valid: {', '.join(runs)}")
+  return train_and_evaluate(runs[run_name], grid)
+
+
+def run_cost(run: StudyRun) -> float:
+  """Relative training cost of a run (its non-embedding parameters; every run sees the same tokens)."""
+  from lsm_jax import flops
+  from lsm_jax import train as train_cli
+  from lsm_jax.models import configs
+  with gin.unlock_config():
+    gin.clear_config()
+    train_cli.parse_gin(run.gin_files[:2], [])  # the model files: its shape
+  config = gin.get_configurable(configs.ModelConfig)()
+  with gin.unlock_config():
+    gin.clear_config()
+  return flops.non_embedding_params(run.arch, config.num_layers, config.d_model, config.num_heads,
+                                    ffn_dim=config.ffn_dim)
+
+
+def _log_tail(path: str) -> str:
+  if not os.path.exists(path):
+    return "(no log)"
+  with open(path, encoding="utf-8", errors="replace") as f:
+    return "".join(collections.deque(f, maxlen=_LOG_TAIL_LINES)).rstrip()
+
+
+def _train_in_workers(out_dir: str, grid: StudyGrid, runs: list[StudyRun], *, parallel: int,
+                      gpus: Sequence[str], deadline: float | None) -> tuple[dict, dict]:
+  """Runs `runs` in `parallel` worker processes, largest first; returns ({name: result}, {name: failure})."""
+  write_grid(out_dir, grid)
+  costs = {run.name: run_cost(run) for run in runs}
+  queue = sorted(runs, key=lambda run: costs[run.name], reverse=True)
+  logging.info("study: %d run(s) in %d worker(s), largest first: %s", len(queue), parallel,
+               ", ".join(run.name for run in queue))
+  base_env = dict(os.environ)
+  # Several processes share a GPU: each allocates what it uses instead of 75% of the memory up front.
+  if "XLA_PYTHON_CLIENT_MEM_FRACTION" not in base_env:
+    base_env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  active = {}   # slot → (run, process, log file)
+  results, failures = {}, {}
+  stopping = False
+
+  def gpu_load(slot):  # slots belong to GPUs round-robin; a run starts on the least loaded GPU's free slot
+    return sum(costs[running.name] for other, (running, _, _) in active.items()
+               if gpus and other % len(gpus) == slot % len(gpus))
+
+  try:
+    while queue or active:
+      if deadline is not None and time.monotonic() > deadline and not stopping:
+        stopping = True
+        logging.warning("study: time limit reached; stopping %d worker(s), %d run(s) not started",
+                        len(active), len(queue))
+        for run in queue:
+          failures[run.name] = "not started: the time limit was reached"
+        queue = []
+        for _, process, _ in active.values():
+          process.terminate()
+        stop_by = time.monotonic() + _STOP_GRACE_S
+      while queue and len(active) < parallel:
+        slot = min((slot for slot in range(parallel) if slot not in active), key=gpu_load)
+        run = queue.pop(0)
+        env = dict(base_env)
+        if gpus:
+          env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+        os.makedirs(run.run_dir, exist_ok=True)
+        log = open(os.path.join(run.run_dir, RUN_LOG_FILE), "a", encoding="utf-8")
+        command = [sys.executable, "-m", "lsm_jax.study", f"--out={out_dir}", f"--run={run.name}"]
+        log.write(f"$ {shlex.join(command)}  (CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')})\n")
+        log.flush()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+        active[slot] = (run, process, log)
+        logging.info("study: started %s (slot %d, pid %d)", run.name, slot, process.pid)
+      for slot, (run, process, log) in list(active.items()):
+        if stopping and time.monotonic() > stop_by and process.poll() is None:
+          process.kill()
+        if process.poll() is None:
+          continue
+        log.close()
+        del active[slot]
+        result = read_run_result(run, grid)
+        if process.returncode == 0 and result is not None:
+          results[run.name] = result
+          logging.info("study: finished %s (train %.0f s, eval %.0f s)", run.name, result["train_s"], result["eval_s"])
+        else:
+          reason = "stopped at the time limit" if stopping else f"worker exited with status {process.returncode}"
+          log_path = os.path.join(run.run_dir, RUN_LOG_FILE)
+          failures[run.name] = f"{reason}; last lines of {log_path}:\n{_log_tail(log_path)}"
+          logging.error("study: run %s failed: %s", run.name, failures[run.name])
+      time.sleep(0.2)
+  finally:  # this process failing (or interrupted) takes its workers along
+    for _, process, log in active.values():
+      process.kill()
+      log.close()
+  return results, failures
+
+
+def _merge_eval_tables(runs: Sequence[StudyRun], output: str) -> str:
+  """DIR/eval.jsonl + eval.csv: every run's RUN_DIR/eval/results table, in run order."""
+  from lsm_jax.evaluate import sweep
+  rows = [row for run in runs for row in sweep.read_table(os.path.join(run.run_dir, "eval", "results.jsonl"))]
+  jsonl_path, csv_path = sweep.table_paths(output)
+  with open(jsonl_path, "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(row) + "\n" for row in rows)
+  with open(csv_path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, fieldnames=sweep.COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+  return csv_path
+
+
+def _device_line(results: dict, parallel: int, gpus: Sequence[str]) -> str:
+  """The devices of the runs: this process's, or those the workers reported (`results`)."""
+  import jax
+  if not parallel:
+    return f"{jax.device_count()} × {jax.devices()[0].device_kind}"
+  # This process stays off the accelerators (a backend here would take GPU memory from the workers).
+  kinds = sorted({result["device_kind"] for result in results.values()})
+  counts = sorted({result["device_count"] for result in results.values()})
+  placement = f"GPUs {','.join(gpus)} (CUDA_VISIBLE_DEVICES)" if gpus else "every visible device"
+  return (f"{len(gpus) or 'all visible'} × {', '.join(kinds)}: {parallel} worker processes over {placement}, "
+          f"each run on {' or '.join(map(str, counts))} device(s)")
+
+
+def run_study(out_dir: str, grid: StudyGrid, *, parallel: int = 0, gpus: Sequence[str] = (),
+              time_limit_s: float | None = None) -> str:
+  """Trains and evaluates every arch × size, fits the scaling laws, writes report.md; returns its path.
+
+  parallel: worker processes (0: train in this process); gpus: CUDA_VISIBLE_DEVICES values for the worker
+  slots, round-robin; time_limit_s: after this many seconds no run starts and running workers are stopped,
+  and the study fits what finished. Raises RuntimeError naming the failed runs (after writing the report when
+  at least one architecture has two finished sizes).
+  """
+  from lsm_jax import scaling
+
+  if parallel < 0:
+    raise ValueError(f"parallel must be >= 0 (0: train in this process), got {parallel}")
+  if gpus and not parallel:
+    raise ValueError("gpus assigns worker processes to GPUs; give parallel >= 1 with it")
+  started = time.monotonic()
+  deadline = started + time_limit_s if time_limit_s else None
+  runs = grid_runs(out_dir, grid)
   os.makedirs(out_dir, exist_ok=True)
-  run_dirs = []
-  for arch in archs:
-    for size, size_file in size_files.items():
-      run_dir = os.path.join(out_dir, "runs", f"{arch}_{size}")
-      logging.info("study: training %s", run_dir)
-      train_run(run_dir, [f"gin/models/{arch}/base.gin", size_file, run_file], grid.run_bindings)
-      run_dirs.append(run_dir)
+  results = {run.name: result for run in runs if (result := read_run_result(run, grid)) is not None}
+  skipped = list(results)
+  todo = [run for run in runs if run.name not in results]
+  if skipped:
+    logging.info("study: %d finished run(s) skipped: %s", len(skipped), ", ".join(skipped))
+  failures = {}
+  if parallel:
+    new_results, failures = _train_in_workers(out_dir, grid, todo, parallel=parallel, gpus=gpus, deadline=deadline)
+  else:
+    new_results = {}
+    for run in todo:
+      if deadline is not None and time.monotonic() > deadline:
+        failures[run.name] = "not started: the time limit was reached"
+        continue
+      new_results[run.name] = train_and_evaluate(run, grid)
+  results.update(new_results)
 
-  eval_path = os.path.join(out_dir, "eval.csv")
-  for run_dir in run_dirs:
-    logging.info("study: evaluating %s", run_dir)
-    sweep.evaluate_run(run_dir, tasks=list(grid.eval_tasks), output=eval_path)
-
+  finished = [run for run in runs if run.name in results]
+  sizes_per_arch = collections.Counter(run.arch for run in finished)
+  fitted_archs = [arch for arch in grid.archs if sizes_per_arch[arch] >= 2]
+  failure_text = "\n".join(f"- {name}: {reason}" for name, reason in failures.items())
+  if not fitted_archs:
+    finished_text = ", ".join(run.name for run in finished) or "none"
+    raise RuntimeError(f"no architecture has two finished sizes to fit (finished runs: {finished_text}); failed "
+                       f"runs:\n{failure_text}")
+  fitted_runs = [run for run in finished if run.arch in fitted_archs]
+  run_dirs = [run.run_dir for run in fitted_runs]
+  eval_path = _merge_eval_tables(fitted_runs, os.path.join(out_dir, "eval.csv"))
   curves_path = os.path.join(out_dir, "curves.csv")
   scaling.write_curves(scaling.curves_from_run_dirs(run_dirs), curves_path)
-  runs = scaling.load_curves(curves_path)
-  fits = scaling.fit_all(runs)
+  curves = scaling.load_curves(curves_path)
+  fits = scaling.fit_all(curves)
   with open(os.path.join(out_dir, "fits.json"), "w", encoding="utf-8") as f:
     json.dump(scaling.fits_to_json(fits), f, indent=1)
   plot_dir = os.path.join(out_dir, "plots")
-  figures = scaling.plot_fits(fits, runs, plot_dir)
+  figures = scaling.plot_fits(fits, curves, plot_dir)
   figures += scaling.plot_downstream(scaling.load_eval_table(eval_path), plot_dir)
   scaling_report = os.path.join(out_dir, "scaling.md")
   scaling.write_report(fits, scaling_report)
-  return write_report(out_dir, fits=fits, figures=figures, scaling_report=scaling_report,
-                      run_dirs=run_dirs, description=grid.description)
+  report = write_report(out_dir, fits=fits, figures=figures, scaling_report=scaling_report,
+                        results={run.name: results[run.name] for run in finished}, skipped=skipped,
+                        failures=failures, device=_device_line(results, parallel, gpus),
+                        wall_s=time.monotonic() - started, description=grid.description)
+  if failures:
+    raise RuntimeError(f"{len(failures)} run(s) failed (report without them: {report}):\n{failure_text}")
+  return report
 
 
-def write_report(out_dir, *, fits, figures, scaling_report, run_dirs, description) -> str:
-  """report.md: provenance, the fits beside the paper's Table 3, figures and the raw tables."""
+def write_report(out_dir, *, fits, figures, scaling_report, results, skipped, failures, device, wall_s,
+                 description) -> str:
+  """report.md: provenance, the fits beside the paper's Table 3, per-run timings, figures and the raw tables."""
+  import jax
+
   from lsm_jax.scaling import paper
   paper_table = paper.paper_fits()
   lines = [
       "# Scaling study", "",
       f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-      f"- device: {jax.device_count()} × {jax.devices()[0].device_kind} (jax {jax.__version__}, "
-      f"Python {platform.python_version()})",
-      f"- command: `python -m lsm_jax.study {' '.join(sys.argv[1:])}`",
-      f"- runs: {', '.join(os.path.basename(d) for d in run_dirs)}", "",
+      f"- device: {device} (jax {jax.__version__}, Python {platform.python_version()})",
+      f"- wall time: {wall_s:.0f} s ({len(results) - len(skipped)} run(s) trained and evaluated, "
+      f"{len(skipped)} finished earlier and skipped)",
+      f"- command: `python -m lsm_jax.study {shlex.join(sys.argv[1:])}`",
+      f"- runs: {', '.join(results)}", "",
   ]
   if description:
     lines += [description, ""]
+  if failures:
+    lines += ["## Failed runs (left out of the fits)", ""]
+    for name, reason in failures.items():
+      lines += [f"### {name}", "", "```", reason, "```", ""]
   lines += ["## Fitted exponents beside the paper's Table 3", "",
             "| Arch | α_L (ours) | α_L (paper) | a, N_opt (ours) | a (paper) | b, D_opt (ours) | b (paper) |",
             "|---|---|---|---|---|---|---|"]
@@ -129,12 +405,19 @@ def write_report(out_dir, *, fits, figures, scaling_report, run_dirs, descriptio
     lines.append(f"| {arch} | " + " | ".join(exponents) + " |")
   with open(scaling_report, encoding="utf-8") as f:
     lines += ["", f.read().strip(), ""]
-  lines += ["## Figures", ""]
+  lines += ["## Runs", "", "| Run | final train loss | train s | eval s | CUDA_VISIBLE_DEVICES | finished |",
+            "|---|---|---|---|---|---|"]
+  for name, result in results.items():
+    lines.append(f"| {name} | {result['final_loss']:.4f} | {result['train_s']:.0f} | {result['eval_s']:.0f} | "
+                 f"{result['cuda_visible_devices'] or '—'} | {result['finished_at'][:19]} |")
+  lines += ["", "## Figures", ""]
   lines += [f"![{os.path.basename(path)}]({os.path.relpath(path, out_dir)})" for path in figures]
   lines += ["", "## Raw tables", "", "- `curves.csv`: training loss per logged step (arch, size, "
             "non_embedding_params, tokens, compute_pflops_days, loss)",
             "- `eval.csv`: every milestone's evaluation (arch, size, step, tokens, compute_pflops_days, task, "
-            "metric, value)", "- `fits.json`: the fitted coefficients with bootstrap intervals", ""]
+            "metric, value)", "- `fits.json`: the fitted coefficients with bootstrap intervals",
+            "- `runs/<run>/log.txt` (worker processes) and `runs/<run>/study_run.json`: each run's log and timings",
+            ""]
   path = os.path.join(out_dir, "report.md")
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines))

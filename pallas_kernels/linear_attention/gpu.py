@@ -35,16 +35,20 @@ DEFAULT_CHUNK_SIZE = 64
 SUB_CHUNK = 16  # vector decay: diagonal blocks computed elementwise at this size (fla's chunk_gla)
 SCAN_TILE = 64  # Dk and Dv tile of the state scans: B·H·(Dk/64)·(Dv/64) sequential programs
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Vector-decay forward output: "walk" carries the [Dv tile, Dk] state through the sub-chunks; "blocks" reads
+# the incoming state and the earlier keys through matmuls instead (no carried state).
+VECTOR_FORWARDS = ("walk", "blocks")
 
 
 class _Config:
   """Static kernel configuration (hashable, a nondiff argument of the custom_vjp)."""
 
-  def __init__(self, mode, has_segments, chunk, num_warps, num_stages, scan_tile):
+  def __init__(self, mode, has_segments, chunk, num_warps, num_stages, scan_tile, vector_forward):
     self.mode, self.has_segments, self.chunk = mode, has_segments, chunk
     self.num_warps, self.num_stages, self.scan_tile = num_warps, num_stages, scan_tile
+    self.vector_forward = vector_forward
     self.sub_chunk = min(SUB_CHUNK, chunk) if mode == "vector" else chunk
-    self._key = (mode, has_segments, chunk, num_warps, num_stages, scan_tile)
+    self._key = (mode, has_segments, chunk, num_warps, num_stages, scan_tile, vector_forward)
 
   def __hash__(self):
     return hash(self._key)
@@ -235,6 +239,9 @@ def _output_kernel(*refs, config):
     out = _dot_nt(q_bar, h_ref[...].astype(dtype)) + _dot(scores.astype(dtype), v_ref[...])
     o_ref[...] = out.astype(o_ref.dtype)
     return
+  if config.vector_forward == "blocks":
+    _output_vector_blocks(q_ref, k_ref, v_ref, g_ref, resets_ref, h_ref, o_ref, config)
+    return
   size, num_subs = config.sub_chunk, config.chunk // config.sub_chunk
 
   def sub_chunk(index, state):
@@ -249,6 +256,43 @@ def _output_kernel(*refs, config):
     return _carry_unless(index + 1 == num_subs, lambda state: state * sub.state_decay + _dot_tn(v, k_hat()), state)
 
   lax.fori_loop(0, num_subs, sub_chunk, h_ref[...].astype(jnp.float32))
+
+
+def _output_vector_blocks(q_ref, k_ref, v_ref, g_ref, resets_ref, h_ref, o_ref, config):
+  """Vector decay without a carried state: each sub-chunk of queries reads the chunk's incoming state h, the
+  chunk's earlier keys through one masked matmul whose factors are referenced to the row just before the
+  sub-chunk (q ⊙ exp(g_i − g_r) and k ⊙ exp(g_r − g_j), both ≤ 1), and its own diagonal block."""
+  dtype = q_ref.dtype
+  size, chunk = config.sub_chunk, config.chunk
+  g_keys = g_ref[...].astype(jnp.float32)
+  k_all = k_ref[...].astype(jnp.float32)
+  v_all = v_ref[...]
+  h = h_ref[...].astype(dtype)
+  key_index = lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
+  resets_keys = resets_ref[...] if config.has_segments else None
+
+  def sub_chunk(index, carry):
+    start = pl.multiple_of(index * size, size)
+    q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
+    g_q = g_ref[pl.ds(start, size), :].astype(jnp.float32)
+    g_r = _before(lambda row: _row(g_ref, row), start, 0.0)
+    to_chunk_start = jnp.exp(g_q)
+    resets_q = None
+    if config.has_segments:
+      resets_q = resets_ref[pl.ds(start, size)]
+      to_chunk_start = jnp.where((resets_q == 0)[:, None], to_chunk_start, 0.0)
+    out = _dot_nt((q * to_chunk_start).astype(dtype), h)
+    earlier = key_index < start
+    k_tilde = jnp.where(earlier, k_all * jnp.exp(jnp.where(earlier, g_r - g_keys, 0.0)), 0.0)
+    scores = _dot_nt((q * jnp.exp(g_q - g_r)).astype(dtype), k_tilde.astype(dtype))
+    if config.has_segments:
+      scores = jnp.where(resets_q[:, None] == resets_keys[None, :], scores, 0.0)
+    block = _diag_block(q, k_ref, g_q, g_ref, resets_q, resets_ref, start, size)
+    out = out + _dot(scores.astype(dtype), v_all) + _dot(block.astype(dtype), v_ref[pl.ds(start, size), :])
+    o_ref[pl.ds(start, size), :] = out.astype(o_ref.dtype)
+    return carry
+
+  lax.fori_loop(0, chunk // size, sub_chunk, 0)
 
 
 def _dv_kernel(*refs, config):
@@ -604,7 +648,7 @@ _linear_attention.defvjp(_linear_attention_fwd, _linear_attention_bwd, symbolic_
 
 
 def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_size, *, num_warps=4, num_stages=2,
-                         scan_tile=SCAN_TILE):
+                         scan_tile=SCAN_TILE, vector_forward="walk"):
   """"pallas_gpu" backend: (o [B,T,H,Dv] in v.dtype, final_state [B,H,Dk,Dv] f32). See the module docstring."""
   batch, time, heads, dim_k = q.shape
   dim_v = v.shape[-1]
@@ -622,7 +666,9 @@ def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
   # Short sequences use a smaller chunk (as fla does), never below the 16-row Triton matmul minimum.
   chunk = min(requested, max(16, 1 << max(time - 1, 0).bit_length()))
   mode = "none" if log_decay is None else ("scalar" if log_decay.ndim == 1 else "vector")
-  config = _Config(mode, segment_ids is not None, chunk, num_warps, num_stages, scan_tile)
+  if vector_forward not in VECTOR_FORWARDS:
+    raise ValueError(f"pallas_gpu: vector_forward={vector_forward!r}; valid: {', '.join(VECTOR_FORWARDS)}.")
+  config = _Config(mode, segment_ids is not None, chunk, num_warps, num_stages, scan_tile, vector_forward)
   if initial_state is None:
     initial_state = jnp.zeros((batch, heads, dim_k, dim_v), jnp.float32)
   return _linear_attention(q, k, v, log_decay, initial_state, segment_ids, config)
