@@ -2,8 +2,9 @@
 
 Models annotate every parameter with logical axis names (`embed, mlp, heads, kv, vocab, layers`) and constrain
 activations with `activation_*` names; this module is the only place that says which mesh axis each name lands
-on. The mesh has the axes (data, fsdp, tensor); a `sequence` axis can be added later by appending it to
-MESH_AXES and mapping `activation_length` to it.
+on. The mesh has the axes (data, sequence, fsdp, tensor); every axis is always present (size 1 when unused), so
+rules and specs never depend on the configuration. `sequence` splits the time axis of activations and batches
+(sequence parallelism of the linear models: lsm_jax.models.layers.sharded_linear_attention).
 """
 import contextlib
 import dataclasses
@@ -17,8 +18,11 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# Outermost to innermost (jax.make_mesh puts the last axes on the closest devices): tensor and fsdp move the
+# most bytes per layer; sequence exchanges only per-shard states [B,H,Dk,Dv]; data all-reduces once per step.
+MESH_AXES = ("data", "sequence", "fsdp", "tensor")
 BATCH_MESH_AXES = ("data", "fsdp")
+SEQUENCE_MESH_AXIS = "sequence"
 
 # FSDP shards the model dimension of every weight; tensor parallelism (Megatron style) shards heads, FFN and
 # vocabulary, so hidden activations between blocks stay replicated over `tensor`.
@@ -32,7 +36,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     # activations
     ("activation_batch", BATCH_MESH_AXES),
-    ("activation_length", None),  # the future `sequence` axis
+    ("activation_length", SEQUENCE_MESH_AXIS),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
 )
@@ -43,11 +47,14 @@ LOGICAL_AXIS_NAMES = tuple(name for name, _ in LOGICAL_AXIS_RULES)
 class MeshConfig:
   """Mesh axis sizes; at most one may be -1, meaning "all remaining devices".
 
+  `sequence` > 1 splits the time axis (sequence parallelism): seq_len must be divisible by it, and the linear
+  models exchange states between the shards; see gin/mesh/sequence.gin.
   `num_devices`: use only the first n devices (None: all), e.g. one device for debugging.
   """
   data: int = 1
   fsdp: int = -1
   tensor: int = 1
+  sequence: int = 1
   num_devices: int | None = None
 
   def resolve(self, num_devices: int) -> dict[str, int]:
@@ -172,9 +179,17 @@ def like_tree_shardings(tree, reference_shardings: Mapping, reference_tree, mesh
   return jax.tree_util.tree_map_with_path(sharding_for, tree)
 
 
+def sequence_shards(mesh: Mesh) -> int:
+  return mesh.shape.get(SEQUENCE_MESH_AXIS, 1)
+
+
+def batch_spec(mesh: Mesh) -> PartitionSpec:
+  """[batch, length] arrays: batch split over data × fsdp, length over `sequence` when it has > 1 device."""
+  return PartitionSpec(BATCH_MESH_AXES, SEQUENCE_MESH_AXIS if sequence_shards(mesh) > 1 else None)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """[batch, length] arrays: batch split over data × fsdp."""
-  return NamedSharding(mesh, PartitionSpec(BATCH_MESH_AXES, None))
+  return NamedSharding(mesh, batch_spec(mesh))
 
 
 def batch_shards(mesh: Mesh) -> int:
@@ -186,6 +201,13 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "global batch
   if batch_size % shards:
     raise ValueError(f"{what} {batch_size} is not divisible by data × fsdp = "
                      f"{mesh.shape['data']} × {mesh.shape['fsdp']} = {shards} batch shards of the mesh")
+
+
+def check_sequence_divisible(seq_len: int, mesh: Mesh, what: str = "seq_len") -> None:
+  shards = sequence_shards(mesh)
+  if seq_len % shards:
+    raise ValueError(f"{what} {seq_len} is not divisible by the {shards} devices of mesh axis "
+                     f"{SEQUENCE_MESH_AXIS!r}; use a seq_len that is a multiple of {shards}")
 
 
 @contextlib.contextmanager

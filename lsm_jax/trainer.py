@@ -196,6 +196,7 @@ def build_train_program(
                        global_batch_size=global_batch_size)
   shards = sharding.batch_shards(mesh)
   sharding.check_batch_divisible(global_batch_size, mesh, "trainer.train.global_batch_size")
+  sharding.check_sequence_divisible(seq_len, mesh, "trainer.train.seq_len")
   if per_shard_microbatch_size is None:
     microbatch_size = global_batch_size
   else:
@@ -271,7 +272,7 @@ def build_train_program(
         x = x.reshape(microbatch_size, num_microbatches, *x.shape[1:])
         x = jnp.swapaxes(x, 0, 1)
         return jax.lax.with_sharding_constraint(
-            x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_MESH_AXES)))
+            x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *sharding.batch_spec(mesh))))
 
       def accumulate(carry, microbatch):
         microbatch = jax.lax.with_sharding_constraint(microbatch, batch_shardings)

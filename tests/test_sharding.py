@@ -11,9 +11,9 @@ from lsm_jax import sharding
 
 
 def test_fill_axis_takes_the_remaining_devices():
-  assert sharding.MeshConfig(data=2, fsdp=-1, tensor=1).resolve(8) == {"data": 2, "fsdp": 4, "tensor": 1}
-  assert sharding.MeshConfig(data=-1, fsdp=2, tensor=2).resolve(8) == {"data": 2, "fsdp": 2, "tensor": 2}
-  assert sharding.MeshConfig(data=1, fsdp=8, tensor=1).resolve(8) == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert sharding.MeshConfig(data=2, fsdp=-1, tensor=1).resolve(8) == {"data": 2, "sequence": 1, "fsdp": 4, "tensor": 1}
+  assert sharding.MeshConfig(data=-1, fsdp=2, tensor=2).resolve(8) == {"data": 2, "sequence": 1, "fsdp": 2, "tensor": 2}
+  assert sharding.MeshConfig(data=1, fsdp=8, tensor=1).resolve(8) == {"data": 1, "sequence": 1, "fsdp": 8, "tensor": 1}
 
 
 @pytest.mark.parametrize("config, message", [
@@ -30,7 +30,7 @@ def test_mesh_shapes_that_do_not_tile_the_devices_fail_clearly(config, message):
 def test_make_mesh_uses_all_devices_or_the_first_n():
   assert jax.device_count() == 8
   mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=-1, tensor=2))
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert dict(mesh.shape) == {"data": 2, "sequence": 1, "fsdp": 2, "tensor": 2}
   assert mesh.axis_names == sharding.MESH_AXES
   single = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1, tensor=1, num_devices=1))
   assert single.devices.size == 1 and single.devices.flat[0] == jax.devices()[0]

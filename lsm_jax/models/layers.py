@@ -16,6 +16,7 @@ from flax import linen
 from flax import nnx
 
 from pallas_kernels.linear_attention import api as linear_attention_api
+from pallas_kernels.linear_attention import sequence_parallel
 
 
 def make_param(rngs: nnx.Rngs, shape, axis_names, *, std: float, dtype, init: str = "normal") -> nnx.Param:
@@ -208,29 +209,42 @@ class ToeplitzPositionalEncoding(nnx.Module):
 
 def sharded_linear_attention(q, k, v, log_decay=None, *, segment_ids=None, return_final_state=False,
                              backend="auto", chunk_size=None):
-  """`pallas_kernels.linear_attention` that also runs Pallas kernels on a multi-device mesh.
+  """`pallas_kernels.linear_attention` under the active mesh: sequence-parallel or per-shard Pallas kernels.
 
-  XLA cannot partition a Pallas (Mosaic / Triton) custom call, so under a mesh those backends run per shard
-  in a shard_map: batch over the `activation_batch` mesh axes, heads over `activation_heads` (the op is
-  independent across both). The "xla" and "reference" backends stay plain JAX for GSPMD to partition.
+  When `activation_length` maps to a mesh axis of > 1 devices that divides the time length (sequence
+  parallelism), every backend runs `sequence_parallel_linear_attention`: each shard computes its time slice
+  and the shards exchange their states, so the result equals the unsharded op. Otherwise XLA cannot partition
+  a Pallas (Mosaic / Triton) custom call, so those backends run per shard in a shard_map (batch over the
+  `activation_batch` mesh axes, heads over `activation_heads`: the op is independent across both), while the
+  "xla" and "reference" backends stay plain JAX for GSPMD to partition.
   """
   backend = linear_attention_api.resolve_backend(backend)
   call = lambda *args: linear_attention_api.linear_attention(  # noqa: E731
       *args[:4], segment_ids=args[4], return_final_state=return_final_state, backend=backend,
       chunk_size=chunk_size)
   mesh = jax.sharding.get_abstract_mesh()
-  if not backend.startswith("pallas") or mesh.empty or mesh.size == 1:
+  if mesh.empty or mesh.size == 1:
     return call(q, k, v, log_decay, segment_ids)
-  batch_axes, _, heads_axes, _ = linen.logical_to_mesh_axes(
+  batch_axes, length_axes, heads_axes, _ = linen.logical_to_mesh_axes(
       ("activation_batch", "activation_length", "activation_heads", None))
 
   def usable(axes, size):
     # Axes that the dimension divides; anything else stays replicated inside the shard_map.
-    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ())) if mesh.shape[a] > 1)
+    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ())) if mesh.shape.get(a, 1) > 1)
     return axes if axes and size % math.prod(mesh.shape[a] for a in axes) == 0 else None
 
   batch_axes = usable(batch_axes, q.shape[0])
   heads_axes = usable(heads_axes, q.shape[2])
+  length_axes = usable(length_axes, q.shape[1])
+  if length_axes is not None:
+    if len(length_axes) != 1:
+      raise ValueError(f"sequence parallelism needs activation_length on one mesh axis; got {length_axes}.")
+    return sequence_parallel.sequence_parallel_linear_attention(
+        q, k, v, log_decay, mesh=mesh, sequence_axis=length_axes[0], batch_axis=batch_axes,
+        head_axis=heads_axes, segment_ids=segment_ids, return_final_state=return_final_state, backend=backend,
+        chunk_size=chunk_size)
+  if not backend.startswith("pallas"):
+    return call(q, k, v, log_decay, segment_ids)
   P = jax.sharding.PartitionSpec
   activation = P(batch_axes, None, heads_axes, None)
   decay_spec = None if log_decay is None else P(heads_axes) if log_decay.ndim == 1 else activation
