@@ -368,7 +368,7 @@ def main():
   parser.add_argument("--calls", type=int, default=5)
   parser.add_argument("--check", action="store_true", help="compare with the float64 reference first")
   parser.add_argument("--variants", default="",
-                      help="extra configs, e.g. 'c128w4,c64w8,c64w4b' (chunk, warps, b: vector_forward 'blocks')")
+                      help="extra configs, e.g. 'c128w4,c64w8' (chunk, warps)")
   parser.add_argument("--skip_peers", action="store_true", help="time ours only (no fla, no JAX baselines)")
   parser.add_argument("--ops", default=",".join(OPS), help="subset of " + ",".join(OPS))
   parser.add_argument("--skip_fla_ops", default="",
@@ -419,11 +419,11 @@ def main():
       if op not in first:
         measure_op(runner, op, shape, args, chunk_sizes, with_fla and op not in skip_fla)
   for variant in filter(None, args.variants.split(",")):
-    match = re.fullmatch(r"c(\d+)w(\d+)(b?)", variant)
+    match = re.fullmatch(r"c(\d+)w(\d+)", variant)
     if match is None:
-      raise SystemExit(f"--variants: {variant!r}; valid: c<chunk>w<warps>[b], b = vector_forward 'blocks'.")
+      raise SystemExit(f"--variants: {variant!r}; valid: c<chunk>w<warps>, e.g. c64w8.")
     chunk, warps = int(match.group(1)), int(match.group(2))
-    options = dict(num_warps=warps, vector_forward="blocks" if match.group(3) else "walk")
+    options = dict(num_warps=warps)
     shape = shapes[-1]
     for op in ops:
       forward, forward_args, backward, backward_args = ours_fns(op, shape, ours(chunk, **options))

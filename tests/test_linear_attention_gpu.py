@@ -107,6 +107,7 @@ def test_fixed_decay_bf16_without_decay_gradient():
     (dict(chunk_size=24), "chunk_size=24"),
     (dict(dim_k=24), "dim_k=24"),
     (dict(dtype=jnp.float64), "float64"),
+    (dict(dim_k=256), "float32 inputs with dim_k=256"),  # over the H200's shared memory per block
 ])
 def test_bad_input_names_the_problem(bad, message):
   dim_k = bad.get("dim_k", 16)
@@ -132,13 +133,26 @@ def test_bf16_decay_gradient_uses_the_exact_final_state():
 
 
 @pytest.mark.parametrize("dtype,bound", [(jnp.float32, FP32_BOUND), (jnp.bfloat16, BF16_BOUND)])
-def test_vector_forward_blocks_matches_reference(dtype, bound):
-  """The carried-state-free forward (earlier keys through one matmul per sub-chunk) with strong gates, resets
-  inside chunks and four sub-chunks per chunk."""
+def test_vector_forward_forward_only_matches_reference(dtype, bound):
+  """The forward alone (no VJP: the primal rule, as in evaluation) with strong gates, resets inside chunks and
+  four sub-chunks per chunk, whose earlier keys go through the per-sub-chunk matmul."""
   q, k, v, log_decay, state, segment_ids = testing.random_inputs(
       11, batch=2, time=150, heads=2, dim_k=32, dim_v=16, decay_mode="vector", strength="strong", dtype=dtype)
   expected_out, expected_state = testing.reference_float64(
       q, k, v, log_decay, state, segment_ids, jnp.zeros(v.shape), jnp.zeros(state.shape))[:2]
-  out, final_state = gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 64, vector_forward="blocks")
+  out, final_state = gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 64)
   assert testing.relative_rms_error(out, expected_out) <= bound
   assert testing.relative_rms_error(final_state, expected_state) <= bound
+
+
+def test_auto_backend_falls_back_to_xla_where_the_gpu_blocks_would_not_fit(monkeypatch):
+  """float32 with Dk = 256 (cosFormer2) on a GPU: "auto" takes the chunked XLA path instead of failing."""
+  from pallas_kernels.linear_attention import api, chunked
+  monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+  calls = []
+  original = chunked.linear_attention_chunked
+  monkeypatch.setattr(chunked, "linear_attention_chunked", lambda *a, **k: calls.append(1) or original(*a, **k))
+  q = jnp.ones((1, 8, 1, 256), jnp.float32)
+  v = jnp.ones((1, 8, 1, 128), jnp.float32)
+  out = api.linear_attention(q, q, v)
+  assert calls and out.shape == (1, 8, 1, 128)

@@ -97,7 +97,12 @@ def linear_attention(q, k, v, log_decay=None, *, initial_state=None, segment_ids
                      return_final_state=False, backend="auto", chunk_size=None):
   """Causal decay-scan linear attention. Returns o [B,T,H,Dv] (v.dtype), plus the final state if asked."""
   _check_inputs(q, k, v, log_decay, initial_state, segment_ids)
-  impl = _impl(resolve_backend(backend))
+  resolved = resolve_backend(backend)
+  if backend == "auto" and resolved == "pallas_gpu":
+    from pallas_kernels.linear_attention import gpu
+    if not gpu.fits_shared_memory(q.dtype, q.shape[-1], v.shape[-1]):
+      resolved = "xla"  # e.g. float32 cosFormer2 (Dk = 256): the GPU kernels' blocks would not fit
+  impl = _impl(resolved)
   out, final_state = impl(q, k, v, log_decay, initial_state, segment_ids, chunk_size)
   return (out, final_state) if return_final_state else out
 

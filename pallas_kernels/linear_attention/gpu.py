@@ -7,10 +7,11 @@ fla's decomposition, which keeps every SM busy when batch·heads is small:
   backward  the state scan again (recomputes h), the reverse scan of the state gradient (dh, dh0), then two
             chunk-parallel kernels: dv (Dv tiles) and dq, dk (Dk tiles).
 Decay factors use chunk-local cumulative log-decays g so that every exponent is <= 0 (kernels.md §7).
-Data-dependent (per key channel) decay walks 16-token sub-chunks inside each chunk with a running fp32 state,
-and computes the diagonal 16×16 blocks elementwise in fp32 (exact for any gate strength). Every walk is a loop
-with dynamic offsets, never Python-unrolled: Triton keeps scf.for rolled, so the program (and its compile time)
-stays the size of one sub-chunk body.
+Data-dependent (per key channel) decay works on 16-token sub-chunks inside each chunk: the forward output reads
+earlier keys through one matmul per sub-chunk with factors referenced to the row before it (both ≤ 1), the
+backward walks the sub-chunks with a running fp32 state, and the diagonal 16×16 blocks are computed elementwise
+in fp32 (exact for any gate strength). Every sub-chunk loop is a loop with dynamic offsets, never
+Python-unrolled: Triton keeps scf.for rolled, so the program (and its compile time) stays the size of one body.
 Segment resets become masks from a chunk-local count of document starts (`resets`): a query sees the
 carried state only before the chunk's first reset, a key feeds the outgoing state only after its last one.
 States travel between kernels value-major ([.., Dv, Dk]) so that per-key-channel decays scale columns.
@@ -35,26 +36,28 @@ DEFAULT_CHUNK_SIZE = 64
 SUB_CHUNK = 16  # vector decay: diagonal blocks computed elementwise at this size (fla's chunk_gla)
 SCAN_TILE = 64  # Dk and Dv tile of the state scans: B·H·(Dk/64)·(Dv/64) sequential programs
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-# Vector-decay forward output: "walk" carries the [Dv tile, Dk] state through the sub-chunks; "blocks" reads
-# the incoming state and the earlier keys through matmuls instead (no carried state).
-VECTOR_FORWARDS = ("walk", "blocks")
+MAX_WIDE_DIM = 128  # largest Dk/Dv the kernels take with 32-bit inputs
 
 
 class _Config:
   """Static kernel configuration (hashable, a nondiff argument of the custom_vjp)."""
 
-  def __init__(self, mode, has_segments, chunk, num_warps, num_stages, scan_tile, vector_forward):
+  def __init__(self, mode, has_segments, chunk, num_warps, num_stages, scan_tile):
     self.mode, self.has_segments, self.chunk = mode, has_segments, chunk
     self.num_warps, self.num_stages, self.scan_tile = num_warps, num_stages, scan_tile
-    self.vector_forward = vector_forward
     self.sub_chunk = min(SUB_CHUNK, chunk) if mode == "vector" else chunk
-    self._key = (mode, has_segments, chunk, num_warps, num_stages, scan_tile, vector_forward)
+    self._key = (mode, has_segments, chunk, num_warps, num_stages, scan_tile)
 
   def __hash__(self):
     return hash(self._key)
 
   def __eq__(self, other):
     return isinstance(other, _Config) and self._key == other._key
+
+
+def fits_shared_memory(dtype, dim_k, dim_v) -> bool:
+  """32-bit inputs with a 256-wide head asked for 256–320 KB per block on the H200 (227 KB available)."""
+  return jnp.dtype(dtype).itemsize < 4 or max(dim_k, dim_v) <= MAX_WIDE_DIM
 
 
 def _is_power_of_two(n):
@@ -228,7 +231,7 @@ class _Offset:
 
 
 def _output_kernel(*refs, config):
-  """o = q̄·h + A·v for one chunk and Dv tile; A decayed and masked (sub-chunk walk for vector decay)."""
+  """o = q̄·h + A·v for one chunk and Dv tile; A decayed and masked (per sub-chunk for vector decay)."""
   (q_ref, k_ref, v_ref), g_ref, resets_ref, (h_ref, o_ref) = _split_refs(refs, config, 3)
   dtype = q_ref.dtype
   if config.mode != "vector":
@@ -239,29 +242,15 @@ def _output_kernel(*refs, config):
     out = _dot_nt(q_bar, h_ref[...].astype(dtype)) + _dot(scores.astype(dtype), v_ref[...])
     o_ref[...] = out.astype(o_ref.dtype)
     return
-  if config.vector_forward == "blocks":
-    _output_vector_blocks(q_ref, k_ref, v_ref, g_ref, resets_ref, h_ref, o_ref, config)
-    return
-  size, num_subs = config.sub_chunk, config.chunk // config.sub_chunk
-
-  def sub_chunk(index, state):
-    start = pl.multiple_of(index * size, size)
-    sub = _SubChunk(config, g_ref, resets_ref, start, size)
-    q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
-    v = v_ref[pl.ds(start, size), :]
-    block = _diag_block(q, k_ref, sub.g, g_ref, sub.resets, resets_ref, start, size)
-    out = _dot_nt((q * sub.q_factor).astype(dtype), state.astype(dtype)) + _dot(block.astype(dtype), v)
-    o_ref[pl.ds(start, size), :] = out.astype(o_ref.dtype)
-    k_hat = lambda: (k_ref[pl.ds(start, size), :].astype(jnp.float32) * sub.k_factor).astype(dtype)
-    return _carry_unless(index + 1 == num_subs, lambda state: state * sub.state_decay + _dot_tn(v, k_hat()), state)
-
-  lax.fori_loop(0, num_subs, sub_chunk, h_ref[...].astype(jnp.float32))
+  _output_vector_blocks(q_ref, k_ref, v_ref, g_ref, resets_ref, h_ref, o_ref, config)
 
 
 def _output_vector_blocks(q_ref, k_ref, v_ref, g_ref, resets_ref, h_ref, o_ref, config):
   """Vector decay without a carried state: each sub-chunk of queries reads the chunk's incoming state h, the
   chunk's earlier keys through one masked matmul whose factors are referenced to the row just before the
-  sub-chunk (q ⊙ exp(g_i − g_r) and k ⊙ exp(g_r − g_j), both ≤ 1), and its own diagonal block."""
+  sub-chunk (q ⊙ exp(g_i − g_r) and k ⊙ exp(g_r − g_j), both ≤ 1), and its own diagonal block. On the H200
+  this took 1.86 ms at 8×2048×16×128 where carrying the [Dv tile, Dk] fp32 state through the sub-chunks took
+  3.51 ms (register spills; benchmarks/results/kernels_h200.md, variants)."""
   dtype = q_ref.dtype
   size, chunk = config.sub_chunk, config.chunk
   g_keys = g_ref[...].astype(jnp.float32)
@@ -648,7 +637,7 @@ _linear_attention.defvjp(_linear_attention_fwd, _linear_attention_bwd, symbolic_
 
 
 def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_size, *, num_warps=4, num_stages=2,
-                         scan_tile=SCAN_TILE, vector_forward="walk"):
+                         scan_tile=SCAN_TILE):
   """"pallas_gpu" backend: (o [B,T,H,Dv] in v.dtype, final_state [B,H,Dk,Dv] f32). See the module docstring."""
   batch, time, heads, dim_k = q.shape
   dim_v = v.shape[-1]
@@ -660,15 +649,17 @@ def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
   for name, dim in (("dim_k", dim_k), ("dim_v", dim_v)):
     if not _is_power_of_two(dim) or dim < 16:
       raise ValueError(f"pallas_gpu: {name}={dim}; valid: a power of two >= 16 (Triton block rule).")
+  if not fits_shared_memory(q.dtype, dim_k, dim_v):
+    raise ValueError(f"pallas_gpu: {jnp.dtype(q.dtype).name} inputs with dim_k={dim_k}, dim_v={dim_v} need more "
+                     f"shared memory than an H100/H200 block has (227 KB); valid: dims <= {MAX_WIDE_DIM} for "
+                     "32-bit inputs, or bfloat16/float16 inputs (backend='xla' takes any).")
   requested = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
   if not _is_power_of_two(requested) or requested < 16:
     raise ValueError(f"pallas_gpu: chunk_size={chunk_size}; valid: None or a power of two >= 16.")
   # Short sequences use a smaller chunk (as fla does), never below the 16-row Triton matmul minimum.
   chunk = min(requested, max(16, 1 << max(time - 1, 0).bit_length()))
   mode = "none" if log_decay is None else ("scalar" if log_decay.ndim == 1 else "vector")
-  if vector_forward not in VECTOR_FORWARDS:
-    raise ValueError(f"pallas_gpu: vector_forward={vector_forward!r}; valid: {', '.join(VECTOR_FORWARDS)}.")
-  config = _Config(mode, segment_ids is not None, chunk, num_warps, num_stages, scan_tile, vector_forward)
+  config = _Config(mode, segment_ids is not None, chunk, num_warps, num_stages, scan_tile)
   if initial_state is None:
     initial_state = jnp.zeros((batch, heads, dim_k, dim_v), jnp.float32)
   return _linear_attention(q, k, v, log_decay, initial_state, segment_ids, config)
