@@ -7,11 +7,12 @@ fla's decomposition, which keeps every SM busy when batch·heads is small:
   backward  the state scan again (recomputes h), the reverse scan of the state gradient (dh, dh0), then two
             chunk-parallel kernels: dv (Dv tiles) and dq, dk (Dk tiles).
 Decay factors use chunk-local cumulative log-decays g so that every exponent is <= 0 (kernels.md §7).
-Data-dependent (per key channel) decay works on 16-token sub-chunks inside each chunk: the forward output reads
-earlier keys through one matmul per sub-chunk with factors referenced to the row before it (both ≤ 1), the
-backward walks the sub-chunks with a running fp32 state, and the diagonal 16×16 blocks are computed elementwise
-in fp32 (exact for any gate strength). Every sub-chunk loop is a loop with dynamic offsets, never
-Python-unrolled: Triton keeps scf.for rolled, so the program (and its compile time) stays the size of one body.
+Data-dependent (per key channel) decay works on 16-token sub-chunks inside each chunk, with no state carried
+through them: a sub-chunk's queries read the chunk's earlier keys (and its keys the chunk's later queries)
+through one matmul whose factors are referenced to the row at the sub-chunk's edge (both ≤ 1, never overflowing),
+and the diagonal 16×16 blocks are computed elementwise in fp32 (exact for any gate strength). Every sub-chunk
+loop is a loop with dynamic offsets, never Python-unrolled: Triton keeps scf.for rolled, so the program (and its
+compile time) stays the size of one body.
 Segment resets become masks from a chunk-local count of document starts (`resets`): a query sees the
 carried state only before the chunk's first reset, a key feeds the outgoing state only after its last one.
 States travel between kernels value-major ([.., Dv, Dk]) so that per-key-channel decays scale columns.
@@ -137,7 +138,7 @@ class _SubChunk:
   q_factor = exp(g_i − g_before) (≤ 1) scales queries against the state entering the sub-chunk, k_factor =
   exp(g_end − g_j) scales keys into the state leaving it, state_decay = exp(g_end − g_before) (× 0 when a
   document starts inside) carries the state across. None means "no scaling". `start` may be traced (the
-  sub-chunk walks are loops, not unrolled)."""
+  sub-chunk loops are loops, not unrolled)."""
 
   def __init__(self, config, g_ref, resets_ref, start, size, columns=slice(None)):
     mode = config.mode
@@ -180,9 +181,14 @@ def _before(load, start, at_chunk_start):
   return jnp.where(start > 0, load(jnp.maximum(start - 1, 0)), at_chunk_start)
 
 
-def _carry_unless(done, update, carry):
-  """update(carry), skipped once the sub-chunk walk has no sub-chunk left (`done` traced)."""
-  return lax.cond(done, lambda carry: carry, update, carry)
+def _chunk_factors(config, g_sub, g_last, resets_sub, resets_last):
+  """Vector decay, rows of a sub-chunk against the chunk's boundaries: exp(g_i) scales queries against the state
+  entering the chunk, exp(g_last − g_j) keys into the state leaving it; zero across a document start."""
+  q_factor, k_factor = jnp.exp(g_sub), jnp.exp(g_last - g_sub)
+  if config.has_segments:
+    q_factor = jnp.where((resets_sub == 0)[:, None], q_factor, 0.0)
+    k_factor = jnp.where((resets_sub == resets_last)[:, None], k_factor, 0.0)
+  return q_factor, k_factor
 
 
 def _and_mask(factor, mask):
@@ -285,7 +291,7 @@ def _output_vector_blocks(q_ref, k_ref, v_ref, g_ref, resets_ref, h_ref, o_ref, 
 
 
 def _dv_kernel(*refs, config):
-  """dv = Aᵀ·do + (k ⊙ k_factor)·dS for one chunk and Dv tile (reverse sub-chunk walk for vector decay)."""
+  """dv = Aᵀ·do + (k ⊙ k_factor)·dS for one chunk and Dv tile (per sub-chunk of keys for vector decay)."""
   (q_ref, k_ref, do_ref), g_ref, resets_ref, (dh_ref, dv_ref) = _split_refs(refs, config, 3)
   dtype = q_ref.dtype
   if config.mode != "vector":
@@ -296,22 +302,35 @@ def _dv_kernel(*refs, config):
     dv = _dot_tn(scores.astype(dtype), do_ref[...]) + _dot_nt(k_hat, dh_ref[...].astype(dtype))
     dv_ref[...] = dv.astype(dv_ref.dtype)
     return
-  size, num_subs = config.sub_chunk, config.chunk // config.sub_chunk
+  size, chunk = config.sub_chunk, config.chunk
+  g_all, q_all, do_all = g_ref[...].astype(jnp.float32), q_ref[...].astype(jnp.float32), do_ref[...]
+  d_state = dh_ref[...].astype(dtype)
+  g_last = _row(g_ref, chunk - 1)
+  query_index = lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
+  resets_all = resets_ref[...] if config.has_segments else None
+  resets_last = _scalar(resets_ref, chunk - 1) if config.has_segments else None
 
-  def sub_chunk(step, d_state):
-    index = num_subs - 1 - step
+  def sub_chunk(index, carry):  # keys of one sub-chunk: the outgoing state gradient, later queries, diagonal
     start = pl.multiple_of(index * size, size)
-    sub = _SubChunk(config, g_ref, resets_ref, start, size)
+    end = start + size - 1
+    g_sub = g_ref[pl.ds(start, size), :].astype(jnp.float32)
+    k = k_ref[pl.ds(start, size), :].astype(jnp.float32)
+    resets_sub = resets_ref[pl.ds(start, size)] if config.has_segments else None
+    _, k_factor = _chunk_factors(config, g_sub, g_last, resets_sub, resets_last)
+    g_end = _row(g_ref, end)
+    later = query_index > end
+    q_tilde = jnp.where(later, q_all * jnp.exp(jnp.where(later, g_all - g_end, 0.0)), 0.0)
+    scores = _dot_nt((k * jnp.exp(g_end - g_sub)).astype(dtype), q_tilde.astype(dtype))  # [key j, query i]
+    if config.has_segments:
+      scores = jnp.where(resets_sub[:, None] == resets_all[None, :], scores, 0.0)
     q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
-    do = do_ref[pl.ds(start, size), :]
-    block = _diag_block(q, k_ref, sub.g, g_ref, sub.resets, resets_ref, start, size)
-    k_hat = (k_ref[pl.ds(start, size), :].astype(jnp.float32) * sub.k_factor).astype(dtype)
-    dv = _dot_nt(k_hat, d_state.astype(dtype)) + _dot_tn(block.astype(dtype), do)
+    block = _diag_block(q, k_ref, g_sub, g_ref, resets_sub, resets_ref, start, size)
+    dv = (_dot_nt((k * k_factor).astype(dtype), d_state) + _dot(scores.astype(dtype), do_all)
+          + _dot_tn(block.astype(dtype), do_ref[pl.ds(start, size), :]))
     dv_ref[pl.ds(start, size), :] = dv.astype(dv_ref.dtype)
-    q_bar = lambda: (q * sub.q_factor).astype(dtype)
-    return _carry_unless(index == 0, lambda d_state: d_state * sub.state_decay + _dot_tn(do, q_bar()), d_state)
+    return carry
 
-  lax.fori_loop(0, num_subs, sub_chunk, dh_ref[...].astype(jnp.float32))
+  lax.fori_loop(0, chunk // size, sub_chunk, 0)
 
 
 def _dqdk_kernel(*refs, config, operand_dtype):
@@ -332,53 +351,68 @@ def _dqdk_kernel(*refs, config, operand_dtype):
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     return
-  size, num_subs = config.sub_chunk, config.chunk // config.sub_chunk
+  size, chunk = config.sub_chunk, config.chunk
   rows = lax.broadcasted_iota(jnp.int32, (size, size), 0)
   cols = lax.broadcasted_iota(jnp.int32, (size, size), 1)
   row_index = lax.broadcasted_iota(jnp.int32, (size, 1), 0)
+  chunk_rows = lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
+  chunk_cols = lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
+  g_all = g_ref[...].astype(jnp.float32)
+  q_all, k_all = q_ref[...].astype(jnp.float32), k_ref[...].astype(jnp.float32)
+  do_all, v_all = do_ref[...], v_ref[...]
+  state, d_state = h_ref[...].astype(dtype), dh_ref[...].astype(dtype)
+  g_last = _row(g_ref, chunk - 1)
+  resets_all = resets_ref[...] if config.has_segments else None
+  resets_last = _scalar(resets_ref, chunk - 1) if config.has_segments else None
 
-  def sub_chunk_operands(index):
-    """The sub-chunk's factors, do and v (input dtype) and its diagonal block of dA (causal, one document).
-    Both walks rebuild them: a Triton loop carry cannot hold a per-sub-chunk list."""
+  def sub_chunk(index, carry):
     start = pl.multiple_of(index * size, size)
-    sub = _SubChunk(config, g_ref, resets_ref, start, size)
+    end = start + size - 1
+    g_sub = g_ref[pl.ds(start, size), :].astype(jnp.float32)
     do, v = do_ref[pl.ds(start, size), :], v_ref[pl.ds(start, size), :]
+    resets_sub = resets_ref[pl.ds(start, size)] if config.has_segments else None
+    q_factor, k_factor = _chunk_factors(config, g_sub, g_last, resets_sub, resets_last)
     keep = rows >= cols
+    same_document = True
     if config.has_segments:
-      keep = keep & (sub.resets[:, None] == sub.resets[None, :])
-    return start, sub, do, v, jnp.where(keep, _dot_nt(do, v), 0.0)
+      keep = keep & (resets_sub[:, None] == resets_sub[None, :])
+      same_document = resets_sub[:, None] == resets_all[None, :]
+    d_scores = jnp.where(keep, _dot_nt(do, v), 0.0)  # the diagonal block of dA = do·vᵀ
 
-  def forward(index, state):  # dq, carrying the state entering each sub-chunk
-    start, sub, do, v, d_scores = sub_chunk_operands(index)
+    # dq of this sub-chunk's queries: the incoming state, the chunk's earlier keys (factors referenced to the
+    # row before the sub-chunk, both ≤ 1), the diagonal block elementwise.
+    g_before = _before(lambda row: _row(g_ref, row), start, 0.0)
+    earlier = chunk_rows < start
+    k_tilde = jnp.where(earlier, k_all * jnp.exp(jnp.where(earlier, g_before - g_all, 0.0)), 0.0)
+    d_earlier = jnp.where((chunk_cols < start) & same_document, _dot_nt(do, v_all), 0.0)
+    dq = (_dot(do.astype(dtype), state) * q_factor
+          + jnp.exp(g_sub - g_before) * _dot(d_earlier.astype(dtype), k_tilde.astype(dtype)))
 
     def add_key(j, dq):  # dq_i += dA_ij k_j exp(g_i − g_j), i ≥ j
       d_score = jnp.sum(jnp.where(cols == j, d_scores, 0.0), axis=1)[:, None]
-      exponent = jnp.where(row_index >= j, sub.g - _row(g_ref, start + j), -jnp.inf)
+      exponent = jnp.where(row_index >= j, g_sub - _row(g_ref, start + j), -jnp.inf)
       return dq + d_score * _row(k_ref, start + j) * jnp.exp(exponent)
 
-    dq = _dot(do.astype(dtype), state.astype(dtype)) * sub.q_factor
     dq_ref[pl.ds(start, size), :] = lax.fori_loop(0, size, add_key, dq).astype(dq_ref.dtype)
-    k_hat = lambda: (k_ref[pl.ds(start, size), :].astype(jnp.float32) * sub.k_factor).astype(dtype)
-    update = lambda state: state * sub.state_decay + _dot_tn(v.astype(dtype), k_hat())
-    return _carry_unless(index + 1 == num_subs, update, state)
 
-  def backward(step, d_state):  # dk, carrying the state gradient leaving each sub-chunk
-    index = num_subs - 1 - step
-    start, sub, do, v, d_scores = sub_chunk_operands(index)
+    # dk of this sub-chunk's keys: the outgoing state gradient, the chunk's later queries (referenced to the
+    # sub-chunk's last row), the diagonal block elementwise.
+    g_end = _row(g_ref, end)
+    later = chunk_rows > end
+    q_tilde = jnp.where(later, q_all * jnp.exp(jnp.where(later, g_all - g_end, 0.0)), 0.0)
+    d_later = jnp.where((chunk_cols > end) & same_document, _dot_nt(v, do_all), 0.0)  # dA_ij at [key j, query i]
+    dk = (_dot(v.astype(dtype), d_state) * k_factor
+          + jnp.exp(g_end - g_sub) * _dot(d_later.astype(dtype), q_tilde.astype(dtype)))
 
     def add_query(i, dk):  # dk_j += dA_ij q_i exp(g_i − g_j), j ≤ i
       d_score = jnp.sum(jnp.where(rows == i, d_scores, 0.0), axis=0)[:, None]
-      exponent = jnp.where(row_index <= i, _row(g_ref, start + i) - sub.g, -jnp.inf)
+      exponent = jnp.where(row_index <= i, _row(g_ref, start + i) - g_sub, -jnp.inf)
       return dk + d_score * _row(q_ref, start + i) * jnp.exp(exponent)
 
-    dk = _dot(v.astype(dtype), d_state.astype(dtype)) * sub.k_factor
     dk_ref[pl.ds(start, size), :] = lax.fori_loop(0, size, add_query, dk).astype(dk_ref.dtype)
-    q_bar = lambda: (q_ref[pl.ds(start, size), :].astype(jnp.float32) * sub.q_factor).astype(dtype)
-    update = lambda d_state: d_state * sub.state_decay + _dot_tn(do.astype(dtype), q_bar())
-    return _carry_unless(index == 0, update, d_state)
+    return carry
 
-  lax.fori_loop(0, num_subs, forward, h_ref[...].astype(jnp.float32))
-  lax.fori_loop(0, num_subs, backward, dh_ref[...].astype(jnp.float32))
+  lax.fori_loop(0, chunk // size, sub_chunk, 0)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
