@@ -462,10 +462,12 @@ def train(
   else:
     state, rest = program.init()
     start_step = 0
-  compile_start = time.perf_counter()
-  compiled_step = program.lower_train_step().compile()
-  compiled_eval = program.lower_eval_step().compile() if validation_loader is not None else None
-  logging.info("compiled in %.1f s; %d parameters", time.perf_counter() - compile_start, program.num_params)
+  compiled_step = compiled_eval = None
+  if start_step < train_steps:  # a finished run (e.g. a study's rerun) restores and returns without compiling
+    compile_start = time.perf_counter()
+    compiled_step = program.lower_train_step().compile()
+    compiled_eval = program.lower_eval_step().compile() if validation_loader is not None else None
+    logging.info("compiled in %.1f s; %d parameters", time.perf_counter() - compile_start, program.num_params)
 
   def global_batch(batch_loader, index):
     local = batch_loader.local_batch(index, jax.process_index(), jax.process_count())

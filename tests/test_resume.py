@@ -170,3 +170,19 @@ def test_sigterm_saves_and_exits_cleanly(runs, tmp_path):
   last_step = max(read_metrics(model_dir))
   assert last_step < 10_000 and resume_steps(model_dir) == [10, last_step]
   assert os.path.isfile(model_dir / "checkpoints" / "resume" / str(last_step) / "_CHECKPOINT_METADATA")
+
+
+def test_rerunning_a_finished_run_restores_without_compiling(runs, tmp_path, monkeypatch):
+  """A study resumes its grid by rerunning every run: a finished one must return at once, without compiling
+  the training step (seconds on a CPU, more for a big model) and without writing anything."""
+  from lsm_jax import trainer
+  model_dir = copy_of_first_ten(runs, tmp_path, "finished")
+  before = read_metrics(model_dir)
+
+  def no_compile(self):
+    raise AssertionError("compiled the training step of a finished run")
+
+  monkeypatch.setattr(trainer.TrainProgram, "lower_train_step", no_compile)
+  summary = run_training(model_dir, 10)
+  assert summary["step"] == 10
+  assert read_metrics(model_dir) == before and resume_steps(model_dir) == [8, 10]
