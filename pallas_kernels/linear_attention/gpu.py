@@ -303,8 +303,6 @@ def _dv_kernel(*refs, config):
     dv_ref[...] = dv.astype(dv_ref.dtype)
     return
   size, chunk = config.sub_chunk, config.chunk
-  g_all, q_all, do_all = g_ref[...].astype(jnp.float32), q_ref[...].astype(jnp.float32), do_ref[...]
-  d_state = dh_ref[...].astype(dtype)
   g_last = _row(g_ref, chunk - 1)
   query_index = lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
   resets_all = resets_ref[...] if config.has_segments else None
@@ -317,6 +315,8 @@ def _dv_kernel(*refs, config):
     k = k_ref[pl.ds(start, size), :].astype(jnp.float32)
     resets_sub = resets_ref[pl.ds(start, size)] if config.has_segments else None
     _, k_factor = _chunk_factors(config, g_sub, g_last, resets_sub, resets_last)
+    # Whole-chunk operands are (re)loaded inside the loop: short live ranges, no spills; they sit in L2.
+    g_all, q_all = g_ref[...].astype(jnp.float32), q_ref[...].astype(jnp.float32)
     g_end = _row(g_ref, end)
     later = query_index > end
     q_tilde = jnp.where(later, q_all * jnp.exp(jnp.where(later, g_all - g_end, 0.0)), 0.0)
@@ -325,7 +325,7 @@ def _dv_kernel(*refs, config):
       scores = jnp.where(resets_sub[:, None] == resets_all[None, :], scores, 0.0)
     q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
     block = _diag_block(q, k_ref, g_sub, g_ref, resets_sub, resets_ref, start, size)
-    dv = (_dot_nt((k * k_factor).astype(dtype), d_state) + _dot(scores.astype(dtype), do_all)
+    dv = (_dot_nt((k * k_factor).astype(dtype), dh_ref[...].astype(dtype)) + _dot(scores.astype(dtype), do_ref[...])
           + _dot_tn(block.astype(dtype), do_ref[pl.ds(start, size), :]))
     dv_ref[pl.ds(start, size), :] = dv.astype(dv_ref.dtype)
     return carry
@@ -357,10 +357,6 @@ def _dqdk_kernel(*refs, config, operand_dtype):
   row_index = lax.broadcasted_iota(jnp.int32, (size, 1), 0)
   chunk_rows = lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
   chunk_cols = lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
-  g_all = g_ref[...].astype(jnp.float32)
-  q_all, k_all = q_ref[...].astype(jnp.float32), k_ref[...].astype(jnp.float32)
-  do_all, v_all = do_ref[...], v_ref[...]
-  state, d_state = h_ref[...].astype(dtype), dh_ref[...].astype(dtype)
   g_last = _row(g_ref, chunk - 1)
   resets_all = resets_ref[...] if config.has_segments else None
   resets_last = _scalar(resets_ref, chunk - 1) if config.has_segments else None
@@ -380,12 +376,15 @@ def _dqdk_kernel(*refs, config, operand_dtype):
     d_scores = jnp.where(keep, _dot_nt(do, v), 0.0)  # the diagonal block of dA = do·vᵀ
 
     # dq of this sub-chunk's queries: the incoming state, the chunk's earlier keys (factors referenced to the
-    # row before the sub-chunk, both ≤ 1), the diagonal block elementwise.
+    # row before the sub-chunk, both ≤ 1), the diagonal block elementwise. Whole-chunk operands are loaded
+    # where they are used (short live ranges; they sit in L2).
     g_before = _before(lambda row: _row(g_ref, row), start, 0.0)
     earlier = chunk_rows < start
-    k_tilde = jnp.where(earlier, k_all * jnp.exp(jnp.where(earlier, g_before - g_all, 0.0)), 0.0)
-    d_earlier = jnp.where((chunk_cols < start) & same_document, _dot_nt(do, v_all), 0.0)
-    dq = (_dot(do.astype(dtype), state) * q_factor
+    g_all = g_ref[...].astype(jnp.float32)
+    k_tilde = jnp.where(earlier, k_ref[...].astype(jnp.float32) * jnp.exp(jnp.where(earlier, g_before - g_all, 0.0)),
+                        0.0)
+    d_earlier = jnp.where((chunk_cols < start) & same_document, _dot_nt(do, v_ref[...]), 0.0)
+    dq = (_dot(do.astype(dtype), h_ref[...].astype(dtype)) * q_factor
           + jnp.exp(g_sub - g_before) * _dot(d_earlier.astype(dtype), k_tilde.astype(dtype)))
 
     def add_key(j, dq):  # dq_i += dA_ij k_j exp(g_i − g_j), i ≥ j
@@ -399,9 +398,9 @@ def _dqdk_kernel(*refs, config, operand_dtype):
     # sub-chunk's last row), the diagonal block elementwise.
     g_end = _row(g_ref, end)
     later = chunk_rows > end
-    q_tilde = jnp.where(later, q_all * jnp.exp(jnp.where(later, g_all - g_end, 0.0)), 0.0)
-    d_later = jnp.where((chunk_cols > end) & same_document, _dot_nt(v, do_all), 0.0)  # dA_ij at [key j, query i]
-    dk = (_dot(v.astype(dtype), d_state) * k_factor
+    q_tilde = jnp.where(later, q_ref[...].astype(jnp.float32) * jnp.exp(jnp.where(later, g_all - g_end, 0.0)), 0.0)
+    d_later = jnp.where((chunk_cols > end) & same_document, _dot_nt(v, do_ref[...]), 0.0)  # dA_ij at [key j, query i]
+    dk = (_dot(v.astype(dtype), dh_ref[...].astype(dtype)) * k_factor
           + jnp.exp(g_end - g_sub) * _dot(d_later.astype(dtype), q_tilde.astype(dtype)))
 
     def add_query(i, dk):  # dk_j += dA_ij q_i exp(g_i − g_j), j ≤ i
