@@ -34,6 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
+from lsm_jax import metrics  # noqa: E402
 from pallas_kernels.linear_attention import api  # noqa: E402
 from pallas_kernels.linear_attention.sequence_parallel import sequence_parallel_linear_attention  # noqa: E402
 
@@ -86,22 +87,6 @@ def placed_step(op, mode, inputs, devices, backend, chunk_size):
   return jax.jit(fwd_bwd_fn(op, attention)), args
 
 
-def per_device_bytes(compiled):
-  """XLA's buffer-assignment peak of one device's program, or None where the backend does not report it."""
-  try:
-    stats = compiled.memory_analysis()
-  except Exception:  # not every backend implements it
-    return None
-  if stats is None:
-    return None
-  return (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-          - stats.alias_size_in_bytes)
-
-
-def is_out_of_memory(error):
-  return "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
-
-
 def measure(op, mode, length, args, devices):
   inputs = make_inputs(op, args.batch, length, args.heads, args.dim, jnp.dtype(args.dtype))
   row = {"op": op, "mode": mode, "devices": 1 if mode == "single" else len(devices),
@@ -111,8 +96,8 @@ def measure(op, mode, length, args, devices):
     start = time.perf_counter()
     compiled = step.lower(*placed).compile()
     row["compile_s"] = time.perf_counter() - start
-    memory = per_device_bytes(compiled)
-    row["memory_gib_per_device"] = None if memory is None else memory / GIB
+    memory = metrics.compiled_memory_bytes(compiled)
+    row["memory_gib_per_device"] = None if memory is None else memory["total"] / GIB
     jax.block_until_ready(compiled(*placed))
     samples = []
     for _ in range(args.reps):
@@ -124,7 +109,7 @@ def measure(op, mode, length, args, devices):
     row["fwd_bwd_ms"] = statistics.median(samples)
     row["status"] = "ok"
   except Exception as error:  # record the row (out of memory is a result) and go on
-    if is_out_of_memory(error):
+    if metrics.is_out_of_memory(error):
       row["status"] = "out of memory"
     else:
       traceback.print_exc()

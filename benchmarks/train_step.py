@@ -104,20 +104,6 @@ def gin_spec(gin_files, bindings) -> dict:
               optimizer=bound.get("optimizer", optim.OptimizerConfig()))
 
 
-def planned_memory_gib(compiled) -> float | None:
-  """XLA's own per-device plan (arguments + outputs − aliased + temporaries): a per-row number even when many
-  rows share one process, whose allocator peak only grows."""
-  try:
-    analysis = compiled.memory_analysis()
-  except NotImplementedError:
-    return None
-  if analysis is None:
-    return None
-  total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
-           + analysis.temp_size_in_bytes)
-  return total / 2**30
-
-
 def measure(spec: dict, args) -> dict:
   config, mesh, seq_len = spec["model_config"], spec["mesh"], spec["seq_len"]
   global_batch = spec["global_batch_size"]
@@ -133,7 +119,8 @@ def measure(spec: dict, args) -> dict:
   start = time.perf_counter()
   compiled = program.lower_train_step().compile()
   row["compile_s"] = time.perf_counter() - start
-  row["planned_gib"] = planned_memory_gib(compiled)
+  planned = metrics.compiled_memory_bytes(compiled)  # per row, although the allocator's peak only grows
+  row["planned_gib"] = None if planned is None else planned["total"] / 2**30
   state, rest = program.init()
   batch = synthetic_batch(program, seed=0)
   times = []
@@ -209,11 +196,6 @@ def write_markdown(path: str, header: dict, rows: list[dict], peers: dict, peer_
 def _error_row(arch, size, seq_len, error, remat_policy=None) -> dict:
   return {"arch": arch, "size": size, "seq_len": seq_len, "remat_policy": remat_policy,
           "error": f"{type(error).__name__}: {error}"[:500]}
-
-
-def _out_of_memory(error) -> bool:
-  text = str(error)
-  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
 def main(argv=None) -> list[dict]:
@@ -300,7 +282,7 @@ def main(argv=None) -> list[dict]:
         except Exception as error:  # one failing shape (e.g. out of memory) must not stop the table
           traceback.print_exc()
           outcomes.append(_error_row(arch, size, seq_len, error, spec["model_config"].remat_policy))
-          if not _out_of_memory(error):
+          if not metrics.is_out_of_memory(error):
             break
     for row in outcomes:
       if args.gin_file:

@@ -117,6 +117,7 @@ def _cost_flops(compiled) -> float | None:
 def compile_for_topology(topology_name: str, arguments: dict) -> dict:
   """Builds, lowers and compiles the train step for `topology_name`; returns the measurements."""
   import jax
+  from lsm_jax import metrics
   from lsm_jax import trainer
   topology = tpu_topology(topology_name)
   mesh = topology_mesh(arguments["mesh_config"], topology.devices)
@@ -128,15 +129,9 @@ def compile_for_topology(topology_name: str, arguments: dict) -> dict:
   start = time.perf_counter()
   compiled = lowered.compile()
   compile_seconds = time.perf_counter() - start
-  memory = compiled.memory_analysis()
-  memory_bytes = {
-      "argument": int(memory.argument_size_in_bytes), "output": int(memory.output_size_in_bytes),
-      "alias": int(memory.alias_size_in_bytes), "temp": int(memory.temp_size_in_bytes),
-      "generated_code": int(memory.generated_code_size_in_bytes),
-  }
-  # Donated state aliases the outputs, so aliased bytes are counted once.
-  memory_bytes["total"] = (memory_bytes["argument"] + memory_bytes["output"] - memory_bytes["alias"]
-                           + memory_bytes["temp"] + memory_bytes["generated_code"])
+  memory_bytes = metrics.compiled_memory_bytes(compiled)
+  if memory_bytes is None:
+    raise RuntimeError(f"the {device_kind} compiler reported no memory plan for {topology_name}")
   capacity = hbm_bytes(device_kind)
   num_devices = mesh.devices.size
   model_config = program.model_config

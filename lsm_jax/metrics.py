@@ -38,6 +38,26 @@ def peak_flops_per_device(device_kind: str, override: float | None = None) -> fl
                    "Set trainer.train.peak_flops_per_device in gin.")
 
 
+def compiled_memory_bytes(compiled: jax.stages.Compiled) -> dict[str, int] | None:
+  """XLA's per-device memory plan of a compiled program (buffer assignment: the same number whatever ran
+  before in the process): argument, output, alias, temp and generated-code bytes, and their total, in which
+  donated inputs that alias outputs count once. None where the backend reports no plan."""
+  memory = compiled.memory_analysis()
+  if memory is None:
+    return None
+  parts = {"argument": int(memory.argument_size_in_bytes), "output": int(memory.output_size_in_bytes),
+           "alias": int(memory.alias_size_in_bytes), "temp": int(memory.temp_size_in_bytes),
+           "generated_code": int(memory.generated_code_size_in_bytes)}
+  parts["total"] = parts["argument"] + parts["output"] - parts["alias"] + parts["temp"] + parts["generated_code"]
+  return parts
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+  """Whether a JAX/XLA error is a failed allocation (at compile or run time)."""
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
 def _jsonable(value):
   if hasattr(value, "item"):
     value = value.item()

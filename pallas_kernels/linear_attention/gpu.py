@@ -191,6 +191,12 @@ def _chunk_factors(config, g_sub, g_last, resets_sub, resets_last):
   return q_factor, k_factor
 
 
+def _rescaled_rows(x, exponent, rows):
+  """x ⊙ exp(exponent) on `rows`, zero elsewhere. The exponent is ≤ 0 on `rows` (rows of the chunk referenced
+  to a sub-chunk's edge) but may be large elsewhere, so it is masked before the exp."""
+  return jnp.where(rows, x * jnp.exp(jnp.where(rows, exponent, 0.0)), 0.0)
+
+
 def _and_mask(factor, mask):
   return mask.astype(jnp.float32) if factor is None else jnp.where(mask, factor, 0.0)
 
@@ -278,7 +284,7 @@ def _output_vector_blocks(q_ref, k_ref, v_ref, g_ref, resets_ref, h_ref, o_ref, 
       to_chunk_start = jnp.where((resets_q == 0)[:, None], to_chunk_start, 0.0)
     out = _dot_nt((q * to_chunk_start).astype(dtype), h)
     earlier = key_index < start
-    k_tilde = jnp.where(earlier, k_all * jnp.exp(jnp.where(earlier, g_r - g_keys, 0.0)), 0.0)
+    k_tilde = _rescaled_rows(k_all, g_r - g_keys, earlier)
     scores = _dot_nt((q * jnp.exp(g_q - g_r)).astype(dtype), k_tilde.astype(dtype))
     if config.has_segments:
       scores = jnp.where(resets_q[:, None] == resets_keys[None, :], scores, 0.0)
@@ -319,7 +325,7 @@ def _dv_kernel(*refs, config):
     g_all, q_all = g_ref[...].astype(jnp.float32), q_ref[...].astype(jnp.float32)
     g_end = _row(g_ref, end)
     later = query_index > end
-    q_tilde = jnp.where(later, q_all * jnp.exp(jnp.where(later, g_all - g_end, 0.0)), 0.0)
+    q_tilde = _rescaled_rows(q_all, g_all - g_end, later)
     scores = _dot_nt((k * jnp.exp(g_end - g_sub)).astype(dtype), q_tilde.astype(dtype))  # [key j, query i]
     if config.has_segments:
       scores = jnp.where(resets_sub[:, None] == resets_all[None, :], scores, 0.0)
@@ -381,8 +387,7 @@ def _dqdk_kernel(*refs, config, operand_dtype):
     g_before = _before(lambda row: _row(g_ref, row), start, 0.0)
     earlier = chunk_rows < start
     g_all = g_ref[...].astype(jnp.float32)
-    k_tilde = jnp.where(earlier, k_ref[...].astype(jnp.float32) * jnp.exp(jnp.where(earlier, g_before - g_all, 0.0)),
-                        0.0)
+    k_tilde = _rescaled_rows(k_ref[...].astype(jnp.float32), g_before - g_all, earlier)
     d_earlier = jnp.where((chunk_cols < start) & same_document, _dot_nt(do, v_ref[...]), 0.0)
     dq = (_dot(do.astype(dtype), h_ref[...].astype(dtype)) * q_factor
           + jnp.exp(g_sub - g_before) * _dot(d_earlier.astype(dtype), k_tilde.astype(dtype)))
@@ -398,7 +403,7 @@ def _dqdk_kernel(*refs, config, operand_dtype):
     # sub-chunk's last row), the diagonal block elementwise.
     g_end = _row(g_ref, end)
     later = chunk_rows > end
-    q_tilde = jnp.where(later, q_ref[...].astype(jnp.float32) * jnp.exp(jnp.where(later, g_all - g_end, 0.0)), 0.0)
+    q_tilde = _rescaled_rows(q_ref[...].astype(jnp.float32), g_all - g_end, later)
     d_later = jnp.where((chunk_cols > end) & same_document, _dot_nt(v, do_ref[...]), 0.0)  # dA_ij at [key j, query i]
     dk = (_dot(v.astype(dtype), dh_ref[...].astype(dtype)) * k_factor
           + jnp.exp(g_end - g_sub) * _dot(d_later.astype(dtype), q_tilde.astype(dtype)))
