@@ -350,6 +350,20 @@ def measure_baseline(runner, name, shape, args):
   save(runner.out_dir, runner.record)
 
 
+def parse_variant(text):
+  """'c<chunk>w<warps>[s<scan tile>][k<dq/dk key tile>][p]' -> (chunk, linear_attention_gpu options)."""
+  match = re.fullmatch(r"c(\d+)w(\d+)(?:s(\d+))?(?:k(\d+))?(p?)", text)
+  if match is None:
+    raise SystemExit(f"variant {text!r}; valid: c<chunk>w<warps>[s<scan tile>][k<key tile>][p], e.g. c64w8, "
+                     "c64w4s32 or c64w8k64p (p: one program per HGRN2 sub-chunk).")
+  options = dict(num_warps=int(match.group(2)), split_sub_chunks=bool(match.group(5)))
+  if match.group(3):
+    options["scan_tile"] = int(match.group(3))  # smaller state tiles: more scan programs when B·H is small
+  if match.group(4):
+    options["key_tile"] = int(match.group(4))
+  return int(match.group(1)), options
+
+
 def parse_shapes(text):
   """Comma-separated indices into SHAPES or explicit BxTxHxD shapes."""
   shapes = []
@@ -370,7 +384,8 @@ def main():
   parser.add_argument("--calls", type=int, default=5)
   parser.add_argument("--check", action="store_true", help="compare with the float64 reference first")
   parser.add_argument("--variants", default="",
-                      help="extra configs, e.g. 'c128w4,c64w8,c64w4s32' (chunk, warps, state-scan tile)")
+                      help="extra configs, e.g. 'c128w4,c64w8,c64w4s32,c64w8k64p' (chunk, warps, state-scan tile, "
+                           "dq/dk key tile, p: one program per HGRN2 sub-chunk)")
   parser.add_argument("--skip_peers", action="store_true", help="time ours only (no fla, no JAX baselines)")
   parser.add_argument("--ops", default=",".join(OPS), help="subset of " + ",".join(OPS))
   parser.add_argument("--skip_fla_ops", default="",
@@ -421,13 +436,7 @@ def main():
       if op not in first:
         measure_op(runner, op, shape, args, chunk_sizes, with_fla and op not in skip_fla)
   for variant in filter(None, args.variants.split(",")):
-    match = re.fullmatch(r"c(\d+)w(\d+)(?:s(\d+))?", variant)
-    if match is None:
-      raise SystemExit(f"--variants: {variant!r}; valid: c<chunk>w<warps>[s<scan tile>], e.g. c64w8 or c64w4s32.")
-    chunk, warps = int(match.group(1)), int(match.group(2))
-    options = dict(num_warps=warps)
-    if match.group(3):
-      options["scan_tile"] = int(match.group(3))  # smaller state tiles: more scan programs when B·H is small
+    chunk, options = parse_variant(variant)
     shape = shapes[-1]
     for op in ops:
       forward, forward_args, backward, backward_args = ours_fns(op, shape, ours(chunk, **options))

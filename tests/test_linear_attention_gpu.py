@@ -23,7 +23,7 @@ def _cotangents(seed, v, state_shape):
   return draw(v.shape), draw(state_shape)
 
 
-def _kernel_with_grads(chunk_size, q, k, v, log_decay, initial_state, segment_ids, d_out, d_state):
+def _kernel_with_grads(chunk_size, q, k, v, log_decay, initial_state, segment_ids, d_out, d_state, **options):
   present = {name: x for name, x in dict(q=q, k=k, v=v, log_decay=log_decay, initial_state=initial_state).items()
              if x is not None}
 
@@ -32,7 +32,7 @@ def _kernel_with_grads(chunk_size, q, k, v, log_decay, initial_state, segment_id
     def op(present):
       merged = {"log_decay": None, "initial_state": None, **present}
       return gpu.linear_attention_gpu(merged["q"], merged["k"], merged["v"], merged["log_decay"],
-                                      merged["initial_state"], segment_ids, chunk_size)
+                                      merged["initial_state"], segment_ids, chunk_size, **options)
 
     (out, final_state), vjp = jax.vjp(op, present)
     (grads,) = vjp((d_out.astype(out.dtype), d_state))
@@ -42,14 +42,15 @@ def _kernel_with_grads(chunk_size, q, k, v, log_decay, initial_state, segment_id
 
 
 def _assert_matches_reference(seed, *, decay_mode, dim_k, dim_v, time, chunk_size, dtype=jnp.float32,
-                              strength="weak", segments=True, initial_state=True, batch=2, heads=2):
+                              strength="weak", segments=True, initial_state=True, batch=2, heads=2, **options):
   q, k, v, log_decay, state, segment_ids = testing.random_inputs(
       seed, batch=batch, time=time, heads=heads, dim_k=dim_k, dim_v=dim_v, decay_mode=decay_mode,
       strength=strength, dtype=dtype, segments=segments, initial_state=initial_state)
   d_out, d_state = _cotangents(seed + 1, v, (batch, heads, dim_k, dim_v))
   expected_out, expected_state, expected_grads = testing.reference_float64(
       q, k, v, log_decay, state, segment_ids, d_out, d_state)
-  out, final_state, grads = _kernel_with_grads(chunk_size, q, k, v, log_decay, state, segment_ids, d_out, d_state)
+  out, final_state, grads = _kernel_with_grads(chunk_size, q, k, v, log_decay, state, segment_ids, d_out, d_state,
+                                               **options)
   assert out.dtype == v.dtype and final_state.dtype == jnp.float32
   bound = FP32_BOUND if dtype == jnp.float32 else BF16_BOUND
   errors = {"o": testing.relative_rms_error(out, expected_out),
@@ -71,11 +72,12 @@ def test_vector_decay_strong_gates_fp32():
   _assert_matches_reference(1, decay_mode="vector", dim_k=32, dim_v=16, time=72, chunk_size=32, strength="strong")
 
 
-def test_vector_decay_four_sub_chunks_fp32():
-  # The default 64-token chunk: the sub-chunk walks are loops with a traced start, so the middle sub-chunks
-  # (start − 1 inside the chunk, state carried both ways) only run at chunk >= 48.
+@pytest.mark.parametrize("split_sub_chunks", [False, True])
+def test_vector_decay_four_sub_chunks_fp32(split_sub_chunks):
+  # The default 64-token chunk: the middle sub-chunks (start − 1 inside the chunk, earlier and later rows on both
+  # sides) only exist at chunk >= 48; their start is traced, from the loop or (split) from the grid.
   _assert_matches_reference(4, decay_mode="vector", dim_k=16, dim_v=32, time=150, chunk_size=64, strength="strong",
-                            heads=1)
+                            heads=1, split_sub_chunks=split_sub_chunks)
 
 
 def test_vector_decay_bf16_with_decay_gradient():

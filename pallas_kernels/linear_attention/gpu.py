@@ -43,11 +43,13 @@ MAX_WIDE_DIM = 128  # largest Dk/Dv the kernels take with 32-bit inputs
 class _Config:
   """Static kernel configuration (hashable, a nondiff argument of the custom_vjp)."""
 
-  def __init__(self, mode, has_segments, chunk, num_warps, num_stages, scan_tile):
+  def __init__(self, mode, has_segments, chunk, num_warps, num_stages, scan_tile, split_sub_chunks, key_tile):
     self.mode, self.has_segments, self.chunk = mode, has_segments, chunk
-    self.num_warps, self.num_stages, self.scan_tile = num_warps, num_stages, scan_tile
+    self.num_warps, self.num_stages, self.scan_tile, self.key_tile = num_warps, num_stages, scan_tile, key_tile
     self.sub_chunk = min(SUB_CHUNK, chunk) if mode == "vector" else chunk
-    self._key = (mode, has_segments, chunk, num_warps, num_stages, scan_tile)
+    # Vector decay: one program per sub-chunk (`parts` per chunk) instead of one looping over the chunk's.
+    self.parts = chunk // self.sub_chunk if split_sub_chunks and mode == "vector" else 1
+    self._key = (mode, has_segments, chunk, num_warps, num_stages, scan_tile, self.parts, key_tile)
 
   def __hash__(self):
     return hash(self._key)
@@ -191,6 +193,24 @@ def _chunk_factors(config, g_sub, g_last, resets_sub, resets_last):
   return q_factor, k_factor
 
 
+def _for_each_sub_chunk(config, body):
+  """Vector decay: body(start, out_start) for the sub-chunks this program owns, `start` the row in the chunk and
+  `out_start` the row in the output block. All of the chunk's in a loop, or (config.parts > 1) the one the grid
+  names, whose output block is that sub-chunk alone."""
+  size = config.sub_chunk
+  if config.parts > 1:
+    start = pl.multiple_of((pl.program_id(0) % config.parts) * size, size)
+    body(start, 0)
+    return
+
+  def step(index, carry):
+    start = pl.multiple_of(index * size, size)
+    body(start, start)
+    return carry
+
+  lax.fori_loop(0, config.chunk // size, step, 0)
+
+
 def _rescaled_rows(x, exponent, rows):
   """x ⊙ exp(exponent) on `rows`, zero elsewhere. The exponent is ≤ 0 on `rows` (rows of the chunk referenced
   to a sub-chunk's edge) but may be large elsewhere, so it is masked before the exp."""
@@ -272,8 +292,7 @@ def _output_vector_blocks(q_ref, k_ref, v_ref, g_ref, resets_ref, h_ref, o_ref, 
   key_index = lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
   resets_keys = resets_ref[...] if config.has_segments else None
 
-  def sub_chunk(index, carry):
-    start = pl.multiple_of(index * size, size)
+  def sub_chunk(start, out_start):
     q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
     g_q = g_ref[pl.ds(start, size), :].astype(jnp.float32)
     g_r = _before(lambda row: _row(g_ref, row), start, 0.0)
@@ -290,10 +309,9 @@ def _output_vector_blocks(q_ref, k_ref, v_ref, g_ref, resets_ref, h_ref, o_ref, 
       scores = jnp.where(resets_q[:, None] == resets_keys[None, :], scores, 0.0)
     block = _diag_block(q, k_ref, g_q, g_ref, resets_q, resets_ref, start, size)
     out = out + _dot(scores.astype(dtype), v_all) + _dot(block.astype(dtype), v_ref[pl.ds(start, size), :])
-    o_ref[pl.ds(start, size), :] = out.astype(o_ref.dtype)
-    return carry
+    o_ref[pl.ds(out_start, size), :] = out.astype(o_ref.dtype)
 
-  lax.fori_loop(0, chunk // size, sub_chunk, 0)
+  _for_each_sub_chunk(config, sub_chunk)
 
 
 def _dv_kernel(*refs, config):
@@ -314,8 +332,7 @@ def _dv_kernel(*refs, config):
   resets_all = resets_ref[...] if config.has_segments else None
   resets_last = _scalar(resets_ref, chunk - 1) if config.has_segments else None
 
-  def sub_chunk(index, carry):  # keys of one sub-chunk: the outgoing state gradient, later queries, diagonal
-    start = pl.multiple_of(index * size, size)
+  def sub_chunk(start, out_start):  # keys of one sub-chunk: the outgoing state gradient, later queries, diagonal
     end = start + size - 1
     g_sub = g_ref[pl.ds(start, size), :].astype(jnp.float32)
     k = k_ref[pl.ds(start, size), :].astype(jnp.float32)
@@ -333,10 +350,9 @@ def _dv_kernel(*refs, config):
     block = _diag_block(q, k_ref, g_sub, g_ref, resets_sub, resets_ref, start, size)
     dv = (_dot_nt((k * k_factor).astype(dtype), dh_ref[...].astype(dtype)) + _dot(scores.astype(dtype), do_ref[...])
           + _dot_tn(block.astype(dtype), do_ref[pl.ds(start, size), :]))
-    dv_ref[pl.ds(start, size), :] = dv.astype(dv_ref.dtype)
-    return carry
+    dv_ref[pl.ds(out_start, size), :] = dv.astype(dv_ref.dtype)
 
-  lax.fori_loop(0, chunk // size, sub_chunk, 0)
+  _for_each_sub_chunk(config, sub_chunk)
 
 
 def _dqdk_kernel(*refs, config, operand_dtype):
@@ -367,8 +383,7 @@ def _dqdk_kernel(*refs, config, operand_dtype):
   resets_all = resets_ref[...] if config.has_segments else None
   resets_last = _scalar(resets_ref, chunk - 1) if config.has_segments else None
 
-  def sub_chunk(index, carry):
-    start = pl.multiple_of(index * size, size)
+  def sub_chunk(start, out_start):
     end = start + size - 1
     g_sub = g_ref[pl.ds(start, size), :].astype(jnp.float32)
     do, v = do_ref[pl.ds(start, size), :], v_ref[pl.ds(start, size), :]
@@ -397,7 +412,7 @@ def _dqdk_kernel(*refs, config, operand_dtype):
       exponent = jnp.where(row_index >= j, g_sub - _row(g_ref, start + j), -jnp.inf)
       return dq + d_score * _row(k_ref, start + j) * jnp.exp(exponent)
 
-    dq_ref[pl.ds(start, size), :] = lax.fori_loop(0, size, add_key, dq).astype(dq_ref.dtype)
+    dq_ref[pl.ds(out_start, size), :] = lax.fori_loop(0, size, add_key, dq).astype(dq_ref.dtype)
 
     # dk of this sub-chunk's keys: the outgoing state gradient, the chunk's later queries (referenced to the
     # sub-chunk's last row), the diagonal block elementwise.
@@ -413,10 +428,9 @@ def _dqdk_kernel(*refs, config, operand_dtype):
       exponent = jnp.where(row_index <= i, _row(g_ref, start + i) - g_sub, -jnp.inf)
       return dk + d_score * _row(q_ref, start + i) * jnp.exp(exponent)
 
-    dk_ref[pl.ds(start, size), :] = lax.fori_loop(0, size, add_query, dk).astype(dk_ref.dtype)
-    return carry
+    dk_ref[pl.ds(out_start, size), :] = lax.fori_loop(0, size, add_query, dk).astype(dk_ref.dtype)
 
-  lax.fori_loop(0, chunk // size, sub_chunk, 0)
+  _for_each_sub_chunk(config, sub_chunk)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -429,26 +443,35 @@ class _Layout:
     self.wide_operands = jnp.dtype(dtype).itemsize >= 4
     self.num_chunks = padded_time // config.chunk
 
-  # Chunk-parallel grid (chunk, batch·head, tile).
+  # Chunk-parallel grid (chunk·parts, batch·head, tile): `parts` programs per chunk each write 1/parts of its rows.
+  def chunk_grid(self, tiles):
+    return (self.num_chunks * self.config.parts, self.batch * self.heads, tiles)
+
   def chunk_spec(self, width, tiled=False):
-    heads = self.heads
+    heads, parts = self.heads, self.config.parts
     return pl.BlockSpec((None, self.config.chunk, None, width),
+                        lambda n, bh, t: (bh // heads, n // parts, bh % heads, t if tiled else 0))
+
+  def result_spec(self, width, tiled=False):
+    heads = self.heads
+    return pl.BlockSpec((None, self.config.chunk // self.config.parts, None, width),
                         lambda n, bh, t: (bh // heads, n, bh % heads, t if tiled else 0))
 
   def chunk_g_spec(self, width=None, tiled=False):
-    heads = self.heads
+    heads, parts = self.heads, self.config.parts
     if self.config.mode == "scalar":
-      return pl.BlockSpec((self.config.chunk, None), lambda n, bh, t: (n, bh % heads))
+      return pl.BlockSpec((self.config.chunk, None), lambda n, bh, t: (n // parts, bh % heads))
     return self.chunk_spec(width or self.dim_k, tiled)
 
   def chunk_resets_spec(self):
-    heads = self.heads
-    return pl.BlockSpec((None, self.config.chunk), lambda n, bh, t: (bh // heads, n))
+    heads, parts = self.heads, self.config.parts
+    return pl.BlockSpec((None, self.config.chunk), lambda n, bh, t: (bh // heads, n // parts))
 
   def chunk_state_spec(self, rows, columns, tile_rows):
-    heads = self.heads
+    heads, parts = self.heads, self.config.parts
     return pl.BlockSpec((None, None, None, rows, columns),
-                        lambda n, bh, t: (bh // heads, n, bh % heads, t if tile_rows else 0, 0 if tile_rows else t))
+                        lambda n, bh, t: (bh // heads, n // parts, bh % heads, t if tile_rows else 0,
+                                          0 if tile_rows else t))
 
   # State-scan grid (batch·head, Dk tile, Dv tile).
   def scan_spec(self, width, tile_axis):
@@ -512,7 +535,8 @@ def _value_tile(layout):
 
 
 def _key_tile(layout):
-  return min(64 if layout.wide_operands else 128, layout.dim_k)
+  """Dk tile of the dq/dk kernel: config.key_tile when given (more programs, fewer registers each)."""
+  return min(layout.config.key_tile or (64 if layout.wide_operands else 128), layout.dim_k)
 
 
 def _value_tiled_call(kernel, name, layout, q, k, value_like, g, resets, states, out_dtype):
@@ -528,8 +552,7 @@ def _value_tiled_call(kernel, name, layout, q, k, value_like, g, resets, states,
   in_specs.append(layout.chunk_state_spec(tile_v, layout.dim_k, tile_rows=True))
   return pl.pallas_call(
       functools.partial(kernel, config=config),
-      grid=(layout.num_chunks, layout.batch * layout.heads, layout.dim_v // tile_v), in_specs=in_specs,
-      out_specs=layout.chunk_spec(tile_v, True),
+      grid=layout.chunk_grid(layout.dim_v // tile_v), in_specs=in_specs, out_specs=layout.result_spec(tile_v, True),
       out_shape=jax.ShapeDtypeStruct((layout.batch, layout.time, layout.heads, layout.dim_v), out_dtype),
       compiler_params=_compiler_params(config), interpret=_interpret(), name=name,
   )(q, k, value_like, *layout.extras(g, resets), states)
@@ -558,8 +581,8 @@ def _grad_dqdk(layout, q, k, v, do, g, resets, states, d_states, out_dtype, oper
   shape = jax.ShapeDtypeStruct((layout.batch, layout.time, layout.heads, layout.dim_k), out_dtype)
   return pl.pallas_call(
       functools.partial(_dqdk_kernel, config=config, operand_dtype=operand_dtype),
-      grid=(layout.num_chunks, layout.batch * layout.heads, layout.dim_k // tile_k), in_specs=in_specs,
-      out_specs=[layout.chunk_spec(tile_k, True)] * 2, out_shape=[shape, shape],
+      grid=layout.chunk_grid(layout.dim_k // tile_k), in_specs=in_specs,
+      out_specs=[layout.result_spec(tile_k, True)] * 2, out_shape=[shape, shape],
       compiler_params=_compiler_params(config), interpret=_interpret(), name="linear_attention_grad_qk",
   )(q, k, v, do, *layout.extras(g, resets), states, d_states)
 
@@ -675,7 +698,7 @@ _linear_attention.defvjp(_linear_attention_fwd, _linear_attention_bwd, symbolic_
 
 
 def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_size, *, num_warps=4, num_stages=2,
-                         scan_tile=SCAN_TILE):
+                         scan_tile=SCAN_TILE, split_sub_chunks=False, key_tile=None):
   """"pallas_gpu" backend: (o [B,T,H,Dv] in v.dtype, final_state [B,H,Dk,Dv] f32). See the module docstring."""
   batch, time, heads, dim_k = q.shape
   dim_v = v.shape[-1]
@@ -697,7 +720,8 @@ def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
   # Short sequences use a smaller chunk (as fla does), never below the 16-row Triton matmul minimum.
   chunk = min(requested, max(16, 1 << max(time - 1, 0).bit_length()))
   mode = "none" if log_decay is None else ("scalar" if log_decay.ndim == 1 else "vector")
-  config = _Config(mode, segment_ids is not None, chunk, num_warps, num_stages, scan_tile)
+  config = _Config(mode, segment_ids is not None, chunk, num_warps, num_stages, scan_tile, split_sub_chunks,
+                   key_tile)
   if initial_state is None:
     initial_state = jnp.zeros((batch, heads, dim_k, dim_v), jnp.float32)
   return _linear_attention(q, k, v, log_decay, initial_state, segment_ids, config)

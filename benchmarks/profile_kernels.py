@@ -1,0 +1,119 @@
+"""Per-kernel GPU time of our linear-attention ops: where a forward or forward+backward spends its time.
+
+Runs each (op, variant) under `jax.profiler.trace` and sums the device events of the Perfetto trace by kernel
+name (our pallas_calls are named linear_attention_*; XLA's fusions keep theirs), per call. Complements
+benchmarks/kernels.py, whose medians are end-to-end.
+  python3 benchmarks/profile_kernels.py --out $OUT --ops hgrn2 --shape 8x2048x16x128 --variants c64w4,c64w8p
+Variants use kernels.py's syntax (c<chunk>w<warps>[s<scan tile>][p]). CPU smoke (interpret mode; the trace then
+holds host events, summed the same way):
+  python3 benchmarks/profile_kernels.py --out /tmp/profile_smoke --shape 1x64x2x16 --calls 1
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import glob
+import gzip
+import json
+import os
+import platform
+import sys
+import tempfile
+
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kernels  # noqa: E402  (benchmarks/kernels.py: inputs, jitted closures, variant syntax)
+
+
+def device_kernel_us(trace_dir: str) -> tuple[dict[str, list[float]], str]:
+  """({event name: [durations in µs]}, source): the kernels on the device's streams ("device"), or every host
+  event when the trace has no device process ("host": the CPU smoke). The device's "XLA Modules"/"XLA Ops" lines
+  span the same kernels and are left out."""
+  (path,) = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+  with gzip.open(path) as handle:
+    trace = json.load(handle)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  metadata = [e for e in events if e.get("ph") == "M"]
+  device_pids = {e["pid"] for e in metadata if e.get("name") == "process_name" and "/device:" in e["args"]["name"]}
+  streams = {(e["pid"], e["tid"]) for e in metadata
+             if e.get("name") == "thread_name" and e["pid"] in device_pids and e["args"]["name"].startswith("Stream")}
+  if device_pids:
+    keep = lambda e: (e["pid"], e.get("tid")) in streams if streams else e["pid"] in device_pids
+  else:
+    keep = lambda e: True
+  durations = collections.defaultdict(list)
+  for event in events:
+    if event.get("ph") == "X" and keep(event):
+      durations[event["name"]].append(float(event["dur"]))
+  return durations, "device" if device_pids else "host"
+
+
+def profile(fn, fn_args, calls: int) -> tuple[list[dict], str]:
+  """Kernels of `calls` calls of fn after a warm-up (name, launches per call, µs per call; slowest first) and
+  the events' source."""
+  jax.block_until_ready(fn(*fn_args))
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(calls):
+        jax.block_until_ready(fn(*fn_args))
+    durations, source = device_kernel_us(trace_dir)
+  rows = [{"kernel": name, "launches": len(times) / calls, "us": sum(times) / calls}
+          for name, times in durations.items()]
+  return sorted(rows, key=lambda row: -row["us"]), source
+
+
+def write_markdown(path: str, record: dict) -> None:
+  lines = [f"# Linear-attention kernel profile on {record['device']}", "",
+           f"Date: {record['date']}. jax {record['jax']}. Command: `{record['command']}`.", "",
+           "Device time per call, summed by kernel name over the profiled calls (jax.profiler trace; rows of a run "
+           "whose trace had no device events are host events, marked 'host').", "",
+           "| op | B×T×H×D | config | part | kernel | launches | µs | share |", "|---|---|---|---|---|---:|---:|---:|"]
+  for run in record["runs"]:
+    total = sum(row["us"] for row in run["kernels"])
+    for row in run["kernels"]:
+      part = run["part"] + (" (host)" if run["events"] == "host" else "")
+      lines.append(f"| {run['op']} | {run['shape']} | {run['config']} | {part} | {row['kernel'][:60]} | "
+                   f"{row['launches']:g} | {row['us']:.1f} | {row['us'] / total:.0%} |")
+    lines.append(f"| {run['op']} | {run['shape']} | {run['config']} | {run['part']} | **total** | | "
+                 f"**{total:.1f}** | |")
+  with open(path, "w") as handle:
+    handle.write("\n".join(lines) + "\n")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--name", default="kernel_profile_h200", help="results file stem")
+  parser.add_argument("--ops", default="hgrn2", help="subset of " + ",".join(kernels.OPS))
+  parser.add_argument("--shape", default="8x2048x16x128", help="BxTxHxD or an index into kernels.SHAPES")
+  parser.add_argument("--variants", default="c64w4", help="comma-separated c<chunk>w<warps>[s<scan tile>][p]")
+  parser.add_argument("--calls", type=int, default=5)
+  args = parser.parse_args()
+  (shape,) = kernels.parse_shapes(args.shape)
+  ops = [op for op in args.ops.split(",") if op]
+  for op in ops:
+    if op not in kernels.OPS:
+      raise SystemExit(f"--ops: {op!r}; valid: {', '.join(kernels.OPS)}.")
+  variants = [(text, *kernels.parse_variant(text)) for text in args.variants.split(",") if text]
+  os.makedirs(args.out, exist_ok=True)
+  record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": jax.devices()[0].device_kind, "jax": jax.__version__, "python": platform.python_version(),
+            "command": "python3 " + " ".join(sys.argv), "runs": []}
+  label = "x".join(map(str, shape))
+  for op in ops:
+    for text, chunk, options in variants:
+      forward, forward_args, backward, backward_args = kernels.ours_fns(op, shape, kernels.ours(chunk, **options))
+      for part, fn, fn_args in (("fwd", forward, forward_args), ("fwd_bwd", backward, backward_args)):
+        rows, source = profile(fn, fn_args, args.calls)
+        run = {"op": op, "shape": label, "config": text, "part": part, "events": source, "kernels": rows}
+        record["runs"].append(run)
+        kernels.log(op, label, text, part, json.dumps(run["kernels"][:8]))
+        with open(os.path.join(args.out, args.name + ".json"), "w") as handle:
+          json.dump(record, handle, indent=1)
+        write_markdown(os.path.join(args.out, args.name + ".md"), record)
+
+
+if __name__ == "__main__":
+  main()
