@@ -351,12 +351,13 @@ def measure_baseline(runner, name, shape, args):
 
 
 def parse_variant(text):
-  """'c<chunk>w<warps>[s<scan tile>][k<dq/dk key tile>][p]' -> (chunk, linear_attention_gpu options)."""
-  match = re.fullmatch(r"c(\d+)w(\d+)(?:s(\d+))?(?:k(\d+))?(p?)", text)
+  """'c<chunk>w<warps>[s<scan tile>][k<dq/dk key tile>][p][b]' -> (chunk, linear_attention_gpu options)."""
+  match = re.fullmatch(r"c(\d+)w(\d+)(?:s(\d+))?(?:k(\d+))?(p?)(b?)", text)
   if match is None:
-    raise SystemExit(f"variant {text!r}; valid: c<chunk>w<warps>[s<scan tile>][k<key tile>][p], e.g. c64w8, "
-                     "c64w4s32 or c64w8k64p (p: one program per HGRN2 sub-chunk).")
-  options = dict(num_warps=int(match.group(2)), split_sub_chunks=bool(match.group(5)))
+    raise SystemExit(f"variant {text!r}; valid: c<chunk>w<warps>[s<scan tile>][k<key tile>][p][b], e.g. c64w8, "
+                     "c64w4s32 or c64w8k64pb (p: one program per HGRN2 sub-chunk, b: broadcast diagonal blocks).")
+  options = dict(num_warps=int(match.group(2)), split_sub_chunks=bool(match.group(5)),
+                 broadcast_diag=bool(match.group(6)))
   if match.group(3):
     options["scan_tile"] = int(match.group(3))  # smaller state tiles: more scan programs when B·H is small
   if match.group(4):
@@ -385,7 +386,7 @@ def main():
   parser.add_argument("--check", action="store_true", help="compare with the float64 reference first")
   parser.add_argument("--variants", default="",
                       help="extra configs, e.g. 'c128w4,c64w8,c64w4s32,c64w8k64p' (chunk, warps, state-scan tile, "
-                           "dq/dk key tile, p: one program per HGRN2 sub-chunk)")
+                           "dq/dk key tile, p: one program per HGRN2 sub-chunk, b: broadcast diagonal blocks)")
   parser.add_argument("--skip_peers", action="store_true", help="time ours only (no fla, no JAX baselines)")
   parser.add_argument("--ops", default=",".join(OPS), help="subset of " + ",".join(OPS))
   parser.add_argument("--skip_fla_ops", default="",

@@ -43,13 +43,15 @@ MAX_WIDE_DIM = 128  # largest Dk/Dv the kernels take with 32-bit inputs
 class _Config:
   """Static kernel configuration (hashable, a nondiff argument of the custom_vjp)."""
 
-  def __init__(self, mode, has_segments, chunk, num_warps, num_stages, scan_tile, split_sub_chunks, key_tile):
+  def __init__(self, mode, has_segments, chunk, num_warps, num_stages, scan_tile, split_sub_chunks, key_tile,
+               broadcast_diag):
     self.mode, self.has_segments, self.chunk = mode, has_segments, chunk
     self.num_warps, self.num_stages, self.scan_tile, self.key_tile = num_warps, num_stages, scan_tile, key_tile
     self.sub_chunk = min(SUB_CHUNK, chunk) if mode == "vector" else chunk
     # Vector decay: one program per sub-chunk (`parts` per chunk) instead of one looping over the chunk's.
     self.parts = chunk // self.sub_chunk if split_sub_chunks and mode == "vector" else 1
-    self._key = (mode, has_segments, chunk, num_warps, num_stages, scan_tile, self.parts, key_tile)
+    self.broadcast_diag = broadcast_diag
+    self._key = (mode, has_segments, chunk, num_warps, num_stages, scan_tile, self.parts, key_tile, broadcast_diag)
 
   def __hash__(self):
     return hash(self._key)
@@ -132,6 +134,35 @@ def _diag_block(q_sub, k_ref, g_sub, g_ref, resets_sub, resets_ref, start, sub, 
 
   # A loop, not unrolled: keeps the Triton program (and its compile time) small.
   return lax.fori_loop(0, sub, add_column, jnp.zeros((sub, sub), jnp.float32))
+
+
+DIAG_PIECE = 32  # key-dim slice of the broadcast diagonal block: [16, 16, 32] fp32 per step
+
+
+def _diag_decay(g_ref, start, sub, columns):
+  """E[i, j, d] = exp(g_id − g_jd) for j ≤ i in the sub-chunk [start, start+sub), else 0 (masked before the exp:
+  no exponent is ever positive); [sub, sub, width of `columns`]."""
+  g = g_ref[pl.ds(start, sub), columns].astype(jnp.float32)
+  rows = lax.broadcasted_iota(jnp.int32, (sub, sub, 1), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (sub, sub, 1), 1)
+  return jnp.exp(jnp.where(rows >= cols, g[:, None, :] - g[None, :, :], -jnp.inf))
+
+
+def _diag_block_broadcast(q_ref, k_ref, g_ref, resets_sub, start, sub, width):
+  """_diag_block as [sub, sub, DIAG_PIECE] broadcasts summed over the key dim, a loop over its slices: no
+  column-by-column reductions and block rebuilds."""
+  piece = min(DIAG_PIECE, width)
+
+  def add_piece(index, block):
+    columns = pl.ds(pl.multiple_of(index * piece, piece), piece)
+    q = q_ref[pl.ds(start, sub), columns].astype(jnp.float32)
+    k = k_ref[pl.ds(start, sub), columns].astype(jnp.float32)
+    return block + jnp.sum(q[:, None, :] * k[None, :, :] * _diag_decay(g_ref, start, sub, columns), axis=2)
+
+  block = lax.fori_loop(0, width // piece, add_piece, jnp.zeros((sub, sub), jnp.float32))
+  if resets_sub is not None:
+    block = jnp.where(resets_sub[:, None] == resets_sub[None, :], block, 0.0)
+  return block
 
 
 class _SubChunk:
@@ -307,7 +338,10 @@ def _output_vector_blocks(q_ref, k_ref, v_ref, g_ref, resets_ref, h_ref, o_ref, 
     scores = _dot_nt((q * jnp.exp(g_q - g_r)).astype(dtype), k_tilde.astype(dtype))
     if config.has_segments:
       scores = jnp.where(resets_q[:, None] == resets_keys[None, :], scores, 0.0)
-    block = _diag_block(q, k_ref, g_q, g_ref, resets_q, resets_ref, start, size)
+    if config.broadcast_diag:
+      block = _diag_block_broadcast(q_ref, k_ref, g_ref, resets_q, start, size, q_ref.shape[-1])
+    else:
+      block = _diag_block(q, k_ref, g_q, g_ref, resets_q, resets_ref, start, size)
     out = out + _dot(scores.astype(dtype), v_all) + _dot(block.astype(dtype), v_ref[pl.ds(start, size), :])
     o_ref[pl.ds(out_start, size), :] = out.astype(o_ref.dtype)
 
@@ -347,7 +381,10 @@ def _dv_kernel(*refs, config):
     if config.has_segments:
       scores = jnp.where(resets_sub[:, None] == resets_all[None, :], scores, 0.0)
     q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
-    block = _diag_block(q, k_ref, g_sub, g_ref, resets_sub, resets_ref, start, size)
+    if config.broadcast_diag:
+      block = _diag_block_broadcast(q_ref, k_ref, g_ref, resets_sub, start, size, q_ref.shape[-1])
+    else:
+      block = _diag_block(q, k_ref, g_sub, g_ref, resets_sub, resets_ref, start, size)
     dv = (_dot_nt((k * k_factor).astype(dtype), dh_ref[...].astype(dtype)) + _dot(scores.astype(dtype), do_ref[...])
           + _dot_tn(block.astype(dtype), do_ref[pl.ds(start, size), :]))
     dv_ref[pl.ds(out_start, size), :] = dv.astype(dv_ref.dtype)
@@ -412,7 +449,13 @@ def _dqdk_kernel(*refs, config, operand_dtype):
       exponent = jnp.where(row_index >= j, g_sub - _row(g_ref, start + j), -jnp.inf)
       return dq + d_score * _row(k_ref, start + j) * jnp.exp(exponent)
 
-    dq_ref[pl.ds(out_start, size), :] = lax.fori_loop(0, size, add_key, dq).astype(dq_ref.dtype)
+    if config.broadcast_diag:  # the Dk tile is at most DIAG_PIECE wide: one [c, c, tile] broadcast serves dq, dk
+      decay = _diag_decay(g_ref, start, size, slice(None))
+      k = k_ref[pl.ds(start, size), :].astype(jnp.float32)
+      dq = dq + jnp.sum(d_scores[:, :, None] * k[None, :, :] * decay, axis=1)
+    else:
+      dq = lax.fori_loop(0, size, add_key, dq)
+    dq_ref[pl.ds(out_start, size), :] = dq.astype(dq_ref.dtype)
 
     # dk of this sub-chunk's keys: the outgoing state gradient, the chunk's later queries (referenced to the
     # sub-chunk's last row), the diagonal block elementwise.
@@ -428,7 +471,12 @@ def _dqdk_kernel(*refs, config, operand_dtype):
       exponent = jnp.where(row_index <= i, _row(g_ref, start + i) - g_sub, -jnp.inf)
       return dk + d_score * _row(q_ref, start + i) * jnp.exp(exponent)
 
-    dk_ref[pl.ds(out_start, size), :] = lax.fori_loop(0, size, add_query, dk).astype(dk_ref.dtype)
+    if config.broadcast_diag:
+      q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
+      dk = dk + jnp.sum(d_scores[:, :, None] * q[:, None, :] * decay, axis=0)
+    else:
+      dk = lax.fori_loop(0, size, add_query, dk)
+    dk_ref[pl.ds(out_start, size), :] = dk.astype(dk_ref.dtype)
 
   _for_each_sub_chunk(config, sub_chunk)
 
@@ -535,8 +583,13 @@ def _value_tile(layout):
 
 
 def _key_tile(layout):
-  """Dk tile of the dq/dk kernel: config.key_tile when given (more programs, fewer registers each)."""
-  return min(layout.config.key_tile or (64 if layout.wide_operands else 128), layout.dim_k)
+  """Dk tile of the dq/dk kernel: config.key_tile when given (more programs, fewer registers each); at most
+  DIAG_PIECE with the broadcast diagonal blocks of vector decay ([c, c, tile] in registers)."""
+  config = layout.config
+  tile = config.key_tile or (64 if layout.wide_operands else 128)
+  if config.broadcast_diag and config.mode == "vector":
+    tile = min(tile, DIAG_PIECE)
+  return min(tile, layout.dim_k)
 
 
 def _value_tiled_call(kernel, name, layout, q, k, value_like, g, resets, states, out_dtype):
@@ -698,7 +751,7 @@ _linear_attention.defvjp(_linear_attention_fwd, _linear_attention_bwd, symbolic_
 
 
 def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_size, *, num_warps=4, num_stages=2,
-                         scan_tile=SCAN_TILE, split_sub_chunks=False, key_tile=None):
+                         scan_tile=SCAN_TILE, split_sub_chunks=False, key_tile=None, broadcast_diag=False):
   """"pallas_gpu" backend: (o [B,T,H,Dv] in v.dtype, final_state [B,H,Dk,Dv] f32). See the module docstring."""
   batch, time, heads, dim_k = q.shape
   dim_v = v.shape[-1]
@@ -721,7 +774,7 @@ def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
   chunk = min(requested, max(16, 1 << max(time - 1, 0).bit_length()))
   mode = "none" if log_decay is None else ("scalar" if log_decay.ndim == 1 else "vector")
   config = _Config(mode, segment_ids is not None, chunk, num_warps, num_stages, scan_tile, split_sub_chunks,
-                   key_tile)
+                   key_tile, broadcast_diag)
   if initial_state is None:
     initial_state = jnp.zeros((batch, heads, dim_k, dim_v), jnp.float32)
   return _linear_attention(q, k, v, log_decay, initial_state, segment_ids, config)
