@@ -351,13 +351,16 @@ def measure_baseline(runner, name, shape, args):
 
 
 def parse_variant(text):
-  """'c<chunk>w<warps>[s<scan tile>][k<dq/dk key tile>][p][b]' -> (chunk, linear_attention_gpu options)."""
-  match = re.fullmatch(r"c(\d+)w(\d+)(?:s(\d+))?(?:k(\d+))?(p?)(b?)", text)
+  """'c<chunk>w<warps>[s<scan tile>][k<dq/dk key tile>][u<scan unroll>][p][b]' -> (chunk, linear_attention_gpu
+  options)."""
+  match = re.fullmatch(r"c(\d+)w(\d+)(?:s(\d+))?(?:k(\d+))?(?:u(\d+))?(p?)(b?)", text)
   if match is None:
-    raise SystemExit(f"variant {text!r}; valid: c<chunk>w<warps>[s<scan tile>][k<key tile>][p][b], e.g. c64w8, "
-                     "c64w4s32 or c64w8k64pb (p: one program per HGRN2 sub-chunk, b: broadcast diagonal blocks).")
-  options = dict(num_warps=int(match.group(2)), split_sub_chunks=bool(match.group(5)),
-                 broadcast_diag=bool(match.group(6)))
+    raise SystemExit(f"variant {text!r}; valid: c<chunk>w<warps>[s<scan tile>][k<key tile>][u<unroll>][p][b], e.g. "
+                     "c64w8, c64w4s32u4 or c32w4pb (p: one program per HGRN2 sub-chunk, b: broadcast diagonal blocks).")
+  options = dict(num_warps=int(match.group(2)), split_sub_chunks=bool(match.group(6)),
+                 broadcast_diag=bool(match.group(7)))
+  if match.group(5):
+    options["scan_unroll"] = int(match.group(5))
   if match.group(3):
     options["scan_tile"] = int(match.group(3))  # smaller state tiles: more scan programs when B·H is small
   if match.group(4):

@@ -44,14 +44,15 @@ class _Config:
   """Static kernel configuration (hashable, a nondiff argument of the custom_vjp)."""
 
   def __init__(self, mode, has_segments, chunk, num_warps, num_stages, scan_tile, split_sub_chunks, key_tile,
-               broadcast_diag):
+               broadcast_diag, scan_unroll):
     self.mode, self.has_segments, self.chunk = mode, has_segments, chunk
     self.num_warps, self.num_stages, self.scan_tile, self.key_tile = num_warps, num_stages, scan_tile, key_tile
     self.sub_chunk = min(SUB_CHUNK, chunk) if mode == "vector" else chunk
     # Vector decay: one program per sub-chunk (`parts` per chunk) instead of one looping over the chunk's.
     self.parts = chunk // self.sub_chunk if split_sub_chunks and mode == "vector" else 1
-    self.broadcast_diag = broadcast_diag
-    self._key = (mode, has_segments, chunk, num_warps, num_stages, scan_tile, self.parts, key_tile, broadcast_diag)
+    self.broadcast_diag, self.scan_unroll = broadcast_diag, scan_unroll
+    self._key = (mode, has_segments, chunk, num_warps, num_stages, scan_tile, self.parts, key_tile, broadcast_diag,
+                 scan_unroll)
 
   def __hash__(self):
     return hash(self._key)
@@ -268,18 +269,34 @@ def _state_scan_kernel(*refs, config, num_chunks, reverse, operand_dtype):
   (a_ref, b_ref), g_ref, resets_ref, (init_ref, states_ref, last_ref) = _split_refs(refs, config, 2)
   chunk = config.chunk
 
-  def body(step, state):
-    n = num_chunks - 1 - step if reverse else step
-    states_ref[n] = state.astype(states_ref.dtype)
+  def chunk_update(n):
+    """(decay, b̂ᵀâ) of chunk n: independent of the carried state, so loads and matmul can run ahead of it."""
     start = pl.multiple_of(n * chunk, chunk)
     offset = lambda ref: None if ref is None else _Offset(ref, start)
     sub = _SubChunk(config, offset(g_ref), offset(resets_ref), 0, chunk)
     factor = sub.q_factor if reverse else sub.k_factor
     a = _SubChunk.scale(a_ref[pl.ds(start, chunk), :].astype(jnp.float32), factor).astype(operand_dtype)
     b = b_ref[pl.ds(start, chunk), :].astype(operand_dtype)
-    return _SubChunk.scale(state, sub.state_decay) + _dot_tn(b, a)
+    return sub.state_decay, _dot_tn(b, a)
 
-  last_ref[...] = lax.fori_loop(0, num_chunks, body, init_ref[...].astype(jnp.float32))
+  def steps(unroll):
+    """A loop body over `unroll` consecutive chunks: all their loads and matmuls first, then the short chain of
+    state updates (the scan is latency-bound: one chunk per iteration leaves the loads' latency exposed)."""
+    def body(step, state):
+      chunks = [num_chunks - 1 - (step * unroll + u) if reverse else step * unroll + u for u in range(unroll)]
+      updates = [chunk_update(n) for n in chunks]
+      for n, (decay, update) in zip(chunks, updates):
+        states_ref[n] = state.astype(states_ref.dtype)
+        state = _SubChunk.scale(state, decay) + update
+      return state
+    return body
+
+  unroll = min(config.scan_unroll, num_chunks)
+  whole = num_chunks // unroll
+  state = lax.fori_loop(0, whole, steps(unroll), init_ref[...].astype(jnp.float32))
+  if num_chunks % unroll:  # the remainder, one chunk at a time
+    state = lax.fori_loop(whole * unroll, num_chunks, steps(1), state)
+  last_ref[...] = state
 
 
 class _Offset:
@@ -751,7 +768,8 @@ _linear_attention.defvjp(_linear_attention_fwd, _linear_attention_bwd, symbolic_
 
 
 def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_size, *, num_warps=4, num_stages=2,
-                         scan_tile=SCAN_TILE, split_sub_chunks=False, key_tile=None, broadcast_diag=False):
+                         scan_tile=SCAN_TILE, split_sub_chunks=False, key_tile=None, broadcast_diag=False,
+                         scan_unroll=1):
   """"pallas_gpu" backend: (o [B,T,H,Dv] in v.dtype, final_state [B,H,Dk,Dv] f32). See the module docstring."""
   batch, time, heads, dim_k = q.shape
   dim_v = v.shape[-1]
@@ -774,7 +792,7 @@ def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
   chunk = min(requested, max(16, 1 << max(time - 1, 0).bit_length()))
   mode = "none" if log_decay is None else ("scalar" if log_decay.ndim == 1 else "vector")
   config = _Config(mode, segment_ids is not None, chunk, num_warps, num_stages, scan_tile, split_sub_chunks,
-                   key_tile, broadcast_diag)
+                   key_tile, broadcast_diag, scan_unroll)
   if initial_state is None:
     initial_state = jnp.zeros((batch, heads, dim_k, dim_v), jnp.float32)
   return _linear_attention(q, k, v, log_decay, initial_state, segment_ids, config)
