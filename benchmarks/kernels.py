@@ -50,6 +50,9 @@ SHAPES = ((8, 2048, 16, 128), (2, 8192, 16, 128), (1, 32768, 16, 128))
 OPS = ("hgrn2", "tnl", "cosformer2")  # measurement order: HGRN2 (the slowest compile) first
 HBM_BYTES_PER_S = 4.3e12  # device-to-device copy measured on this H200 (KINDS.md)
 FLA_NAMES = {"tnl": "chunk_simple_gla(g_gamma)", "hgrn2": "chunk_gla", "cosformer2": "chunk_linear_attn"}
+# Keys of ../shared/bench/h200_peers.json (fla 0.6.0 on this H200 model, [fwd_ms, fwd_bwd_ms]).
+REFERENCE_PEER_NAMES = {"tnl": "chunk_simple_gla (TNL decay)", "hgrn2": "chunk_gla (HGRN2-like)",
+                        "cosformer2": "chunk_linear_attn (no decay)"}
 
 
 def log(*parts):
@@ -229,16 +232,19 @@ def write_markdown(path, record):
            "bf16, D=128 (cosFormer2 timed at Dk=Dv=128 to match fla). ms = median; ratio = fla_ms / ours_ms "
            "(> 1: ours faster). Floor: fused forward HBM bytes at 4.3 TB/s. Chunk: our chunk size (forward: the "
            "fastest of --chunk_sizes). Compile: seconds of our lower().compile(); fla 1st: seconds of fla's first "
-           "call (Triton JIT and autotune).", "",
+           "call (Triton JIT and autotune). † fla not run in this process: its time from the reference "
+           f"measurements {os.path.basename(record.get('reference_peers') or 'h200_peers.json')} of ../shared/bench "
+           "(same H200 model, fla 0.6.0, triton do_bench).", "",
            "| op | B×T×H×D | ours fwd | chunk | fla fwd | ratio | ours fwd+bwd | fla fwd+bwd | ratio | fwd / floor "
            "| compile fwd s | compile fwd+bwd s | fla 1st fwd s | fla 1st fwd+bwd s |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for row in record["results"]:
     fwd, fwd_bwd = row["fwd"], row["fwd_bwd"]
+    peer = lambda part: _fmt(part.get("fla_ms")) + ("†" if part.get("fla_source") == "reference" else "")
     lines.append(
         f"| {row['op']} | {row['shape']} | {_fmt(fwd.get('ours_ms'))} | {fwd.get('chunk') or '—'} | "
-        f"{_fmt(fwd.get('fla_ms'))} | {_fmt(fwd.get('ratio'))} | {_fmt(fwd_bwd.get('ours_ms'))} | "
-        f"{_fmt(fwd_bwd.get('fla_ms'))} | {_fmt(fwd_bwd.get('ratio'))} | {_fmt(row.get('fwd_over_floor'))} | "
+        f"{peer(fwd)} | {_fmt(fwd.get('ratio'))} | {_fmt(fwd_bwd.get('ours_ms'))} | "
+        f"{peer(fwd_bwd)} | {_fmt(fwd_bwd.get('ratio'))} | {_fmt(row.get('fwd_over_floor'))} | "
         f"{_fmt(fwd.get('compile_s'), 1)} | {_fmt(fwd_bwd.get('compile_s'), 1)} | "
         f"{_fmt(fwd.get('fla_first_call_s'), 1)} | {_fmt(fwd_bwd.get('fla_first_call_s'), 1)} |")
   swept = [row for row in record["results"] if len(row["fwd"].get("by_chunk", {})) > 1]
@@ -284,8 +290,8 @@ def save(out_dir, record):
 class Runner:
   """Runs measurements in order until --budget_s is spent, saving the record after each one."""
 
-  def __init__(self, record, out_dir, budget_s):
-    self.record, self.out_dir = record, out_dir
+  def __init__(self, record, out_dir, budget_s, reference_peers):
+    self.record, self.out_dir, self.reference_peers = record, out_dir, reference_peers
     self.deadline = None if budget_s is None else _STARTED + budget_s
 
   def measure(self, what, thunk):
@@ -308,6 +314,7 @@ class Runner:
 
 def measure_op(runner, op, shape, args, chunk_sizes, with_fla):
   label = "x".join(map(str, shape))
+  chunk_sizes = [chunk or gpu.default_chunk_size(op == "hgrn2") for chunk in chunk_sizes]
   row = {"op": op, "shape": label, "fla_op": FLA_NAMES[op], "fwd": {"by_chunk": {}},
          "fwd_bwd": {"chunk": chunk_sizes[0]}, "fwd_floor_ms": forward_floor_ms(op, *shape)}
   runner.record["results"].append(row)
@@ -331,7 +338,10 @@ def measure_op(runner, op, shape, args, chunk_sizes, with_fla):
     for part in ("fwd", "fwd_bwd"):
       if result is not None:
         row[part].update(fla_ms=result[part]["ms"], fla_first_call_s=result[part]["first_call_s"])
-  for part in ("fwd", "fwd_bwd"):
+  reference = runner.reference_peers.get(f"fla {REFERENCE_PEER_NAMES[op]} {label}")
+  for index, part in enumerate(("fwd", "fwd_bwd")):
+    if "fla_ms" not in row[part] and reference is not None:
+      row[part].update(fla_ms=reference[index], fla_source="reference")
     mine, peer = row[part].get("ours_ms"), row[part].get("fla_ms")
     row[part]["ratio"] = None if mine is None or peer is None else peer / mine
   save(runner.out_dir, runner.record)
@@ -396,8 +406,14 @@ def main():
                       help="ops timed without their fla peer, e.g. hgrn2 (chunk_gla's first-call autotuning took "
                            "over 200 s on the H200)")
   parser.add_argument("--shapes", default="0,1,2", help="indices into SHAPES or BxTxHxD shapes")
-  parser.add_argument("--chunk_sizes", default=str(gpu.DEFAULT_CHUNK_SIZE),
-                      help="our forward's chunk sizes to try, e.g. 64,128 (fwd+bwd uses the first)")
+  parser.add_argument("--fla_shapes", default="",
+                      help="shapes at which fla runs here (default: all); its first-call autotuning takes 26-200 s "
+                           "per op and shape")
+  parser.add_argument("--chunk_sizes", default="",
+                      help="our forward's chunk sizes to try, e.g. 64,128 (fwd+bwd uses the first); default: the "
+                           "op's default chunk")
+  parser.add_argument("--reference_peers", default="",
+                      help="fla timings to show where fla was not run here (shared/bench/h200_peers.json), marked †")
   parser.add_argument("--budget_s", type=float, default=None,
                       help="start no measurement after this many seconds from start-up")
   args = parser.parse_args()
@@ -407,7 +423,7 @@ def main():
     raise SystemExit(f"--ops: unknown {unknown}; valid: {', '.join(OPS)}.")
   ops = sorted(ops, key=OPS.index)
   shapes = parse_shapes(args.shapes)
-  chunk_sizes = [int(x) for x in args.chunk_sizes.split(",") if x]
+  chunk_sizes = [int(x) for x in args.chunk_sizes.split(",") if x] or [None]
   device = jax.devices()[0]
   record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": getattr(device, "device_kind", str(device)), "jax_version": jax.__version__,
@@ -422,15 +438,21 @@ def main():
     record["fla_version"] = None
   log("device", record["device"], "jax", jax.__version__, "fla", record["fla_version"])
   os.makedirs(args.out, exist_ok=True)
-  runner = Runner(record, args.out, args.budget_s)
+  reference_peers = {}
+  if args.reference_peers:
+    with open(args.reference_peers) as handle:
+      reference_peers = json.load(handle)
+    record["reference_peers"] = args.reference_peers
+  runner = Runner(record, args.out, args.budget_s, reference_peers)
   if args.check:
     record["check"] = runner.measure("check against the float64 reference", check_against_reference)
   with_fla = not args.skip_peers and record["fla_version"] is not None
   first = [op for op in ops if op == "hgrn2"]
   skip_fla = set(filter(None, args.skip_fla_ops.split(",")))
+  fla_shapes = parse_shapes(args.fla_shapes) if args.fla_shapes else shapes
   for op in first:
     for shape in shapes:
-      measure_op(runner, op, shape, args, chunk_sizes, with_fla and op not in skip_fla)
+      measure_op(runner, op, shape, args, chunk_sizes, with_fla and op not in skip_fla and shape in fla_shapes)
   if not args.skip_peers:
     for shape in shapes:
       for name in ("cudnn_flash_causal", "xla_chunked_tnl"):
@@ -438,7 +460,7 @@ def main():
   for shape in shapes:
     for op in ops:
       if op not in first:
-        measure_op(runner, op, shape, args, chunk_sizes, with_fla and op not in skip_fla)
+        measure_op(runner, op, shape, args, chunk_sizes, with_fla and op not in skip_fla and shape in fla_shapes)
   for variant in filter(None, args.variants.split(",")):
     chunk, options = parse_variant(variant)
     shape = shapes[-1]

@@ -72,17 +72,25 @@ def test_vector_decay_strong_gates_fp32():
   _assert_matches_reference(1, decay_mode="vector", dim_k=32, dim_v=16, time=72, chunk_size=32, strength="strong")
 
 
-@pytest.mark.parametrize("split_sub_chunks", [False, True])
-def test_vector_decay_four_sub_chunks_fp32(split_sub_chunks):
-  # The default 64-token chunk: the middle sub-chunks (start − 1 inside the chunk, earlier and later rows on both
-  # sides) only exist at chunk >= 48; their start is traced, from the loop or (split) from the grid.
-  _assert_matches_reference(4, decay_mode="vector", dim_k=16, dim_v=32, time=150, chunk_size=64, strength="strong",
-                            heads=1, split_sub_chunks=split_sub_chunks)
+@pytest.mark.parametrize("split_sub_chunks,broadcast_diag", [(False, False), (True, True)])
+def test_vector_decay_four_sub_chunks_fp32(split_sub_chunks, broadcast_diag):
+  # 64-token chunks: the middle sub-chunks (start − 1 inside the chunk, earlier and later rows on both sides) only
+  # exist at chunk >= 48; their start is traced, from the loop or (split) from the grid. Diagonal blocks column
+  # by column, or as broadcasts (Dk = 64: two 32-wide slices in the forward, two Dk tiles in dq/dk).
+  _assert_matches_reference(4, decay_mode="vector", dim_k=64, dim_v=16, time=150, chunk_size=64, strength="strong",
+                            heads=1, split_sub_chunks=split_sub_chunks, broadcast_diag=broadcast_diag)
 
 
 def test_vector_decay_bf16_with_decay_gradient():
   _assert_matches_reference(2, decay_mode="vector", dim_k=16, dim_v=32, time=48, chunk_size=32,
                             dtype=jnp.bfloat16, strength="strong")
+
+
+@pytest.mark.parametrize("decay_mode", ["scalar", "vector", "none"])
+def test_unrolled_state_scans_bf16(decay_mode):
+  # Six chunks through scans unrolled by 4: one unrolled step, then two chunks one at a time (both directions).
+  _assert_matches_reference(8, decay_mode=decay_mode, dim_k=16, dim_v=32, time=90, chunk_size=16,
+                            dtype=jnp.bfloat16, strength="strong", scan_unroll=4)
 
 
 def test_no_decay_bf16_sequence_shorter_than_chunk():

@@ -34,8 +34,16 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.linear_attention import reference
 
 DEFAULT_CHUNK_SIZE = 64
+# Per-key-channel decay: 32-token chunks of two 16-token sub-chunks, one program each, broadcast diagonal blocks.
+# Measured on the H200 at 8×2048×16×128, forward+backward: 5.87 ms against 6.28 at 64 tokens and 12.4 with a
+# program looping over a 64-token chunk's sub-chunks (benchmarks/results/kernel_profile_h200.md).
+VECTOR_CHUNK_SIZE = 32
 SUB_CHUNK = 16  # vector decay: diagonal blocks computed elementwise at this size (fla's chunk_gla)
 SCAN_TILE = 64  # Dk and Dv tile of the state scans: B·H·(Dk/64)·(Dv/64) sequential programs
+# State scans with fewer programs than this (about two per H200 SM) are latency-bound: they unroll SCAN_UNROLL
+# chunks per iteration. TNL at 1×32768×16×128: scan 613 → 408 µs; unrolling 8 exceeded shared memory.
+LATENCY_BOUND_PROGRAMS = 256
+SCAN_UNROLL = 4
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_WIDE_DIM = 128  # largest Dk/Dv the kernels take with 32-bit inputs
 
@@ -291,7 +299,8 @@ def _state_scan_kernel(*refs, config, num_chunks, reverse, operand_dtype):
       return state
     return body
 
-  unroll = min(config.scan_unroll, num_chunks)
+  # 32-bit operands (the decay gradient's fp32 backward) stay rolled: twice the shared memory, and measured slower.
+  unroll = min(config.scan_unroll if operand_dtype.itemsize < 4 else 1, num_chunks)
   whole = num_chunks // unroll
   state = lax.fori_loop(0, whole, steps(unroll), init_ref[...].astype(jnp.float32))
   if num_chunks % unroll:  # the remainder, one chunk at a time
@@ -767,10 +776,18 @@ def _linear_attention_bwd(config, residuals, cotangents):
 _linear_attention.defvjp(_linear_attention_fwd, _linear_attention_bwd, symbolic_zeros=True)
 
 
+def default_chunk_size(vector_decay: bool) -> int:
+  return VECTOR_CHUNK_SIZE if vector_decay else DEFAULT_CHUNK_SIZE
+
+
 def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_size, *, num_warps=4, num_stages=2,
-                         scan_tile=SCAN_TILE, split_sub_chunks=False, key_tile=None, broadcast_diag=False,
-                         scan_unroll=1):
-  """"pallas_gpu" backend: (o [B,T,H,Dv] in v.dtype, final_state [B,H,Dk,Dv] f32). See the module docstring."""
+                         scan_tile=SCAN_TILE, split_sub_chunks=None, key_tile=None, broadcast_diag=None,
+                         scan_unroll=None):
+  """"pallas_gpu" backend: (o [B,T,H,Dv] in v.dtype, final_state [B,H,Dk,Dv] f32). See the module docstring.
+
+  The keyword options tune the kernels (benchmarks/kernels.py --variants); None picks the measured default:
+  split_sub_chunks and broadcast_diag on for per-key-channel decay, scan_unroll SCAN_UNROLL for latency-bound
+  scans with 16-bit operands."""
   batch, time, heads, dim_k = q.shape
   dim_v = v.shape[-1]
   for name, x in (("q", q), ("k", k), ("v", v)):
@@ -785,14 +802,19 @@ def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
     raise ValueError(f"pallas_gpu: {jnp.dtype(q.dtype).name} inputs with dim_k={dim_k}, dim_v={dim_v} need more "
                      f"shared memory than an H100/H200 block has (227 KB); valid: dims <= {MAX_WIDE_DIM} for "
                      "32-bit inputs, or bfloat16/float16 inputs (backend='xla' takes any).")
-  requested = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+  vector_decay = log_decay is not None and log_decay.ndim > 1
+  requested = default_chunk_size(vector_decay) if chunk_size is None else chunk_size
   if not _is_power_of_two(requested) or requested < 16:
     raise ValueError(f"pallas_gpu: chunk_size={chunk_size}; valid: None or a power of two >= 16.")
   # Short sequences use a smaller chunk (as fla does), never below the 16-row Triton matmul minimum.
   chunk = min(requested, max(16, 1 << max(time - 1, 0).bit_length()))
   mode = "none" if log_decay is None else ("scalar" if log_decay.ndim == 1 else "vector")
-  config = _Config(mode, segment_ids is not None, chunk, num_warps, num_stages, scan_tile, split_sub_chunks,
-                   key_tile, broadcast_diag, scan_unroll)
+  if scan_unroll is None:
+    scan_programs = batch * heads * -(-dim_k // scan_tile) * -(-dim_v // scan_tile)
+    scan_unroll = SCAN_UNROLL if scan_programs < LATENCY_BOUND_PROGRAMS else 1
+  config = _Config(mode, segment_ids is not None, chunk, num_warps, num_stages, scan_tile,
+                   vector_decay if split_sub_chunks is None else split_sub_chunks, key_tile,
+                   vector_decay if broadcast_diag is None else broadcast_diag, scan_unroll)
   if initial_state is None:
     initial_state = jnp.zeros((batch, heads, dim_k, dim_v), jnp.float32)
   return _linear_attention(q, k, v, log_decay, initial_state, segment_ids, config)
