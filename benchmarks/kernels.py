@@ -362,7 +362,9 @@ def measure_baseline(runner, name, shape, args):
 
 def parse_variant(text):
   """'c<chunk>w<warps>[s<scan tile>][k<dq/dk key tile>][u<scan unroll>][p][b]' -> (chunk, linear_attention_gpu
-  options)."""
+  options); 'default' -> (None, {}): the op's defaults."""
+  if text == "default":
+    return None, {}
   match = re.fullmatch(r"c(\d+)w(\d+)(?:s(\d+))?(?:k(\d+))?(?:u(\d+))?(p?)(b?)", text)
   if match is None:
     raise SystemExit(f"variant {text!r}; valid: c<chunk>w<warps>[s<scan tile>][k<key tile>][u<unroll>][p][b], e.g. "
