@@ -10,9 +10,11 @@ Decay factors use chunk-local cumulative log-decays g so that every exponent is 
 Data-dependent (per key channel) decay works on 16-token sub-chunks inside each chunk, with no state carried
 through them: a sub-chunk's queries read the chunk's earlier keys (and its keys the chunk's later queries)
 through one matmul whose factors are referenced to the row at the sub-chunk's edge (both ≤ 1, never overflowing),
-and the diagonal 16×16 blocks are computed elementwise in fp32 (exact for any gate strength). Every sub-chunk
-loop is a loop with dynamic offsets, never Python-unrolled: Triton keeps scf.for rolled, so the program (and its
-compile time) stays the size of one body.
+and the diagonal 16×16 blocks are computed elementwise in fp32 (exact for any gate strength), by default as
+[16, 16, 32] broadcasts summed over the key dimension, with one program per sub-chunk. Loops have dynamic
+offsets, never Python-unrolled: Triton keeps scf.for rolled, so the program (and its compile time) stays the
+size of one body. The exception is the state scans' deliberate unroll of SCAN_UNROLL chunks when few programs
+run (latency-bound), whose body is small.
 Segment resets become masks from a chunk-local count of document starts (`resets`): a query sees the
 carried state only before the chunk's first reset, a key feeds the outgoing state only after its last one.
 States travel between kernels value-major ([.., Dv, Dk]) so that per-key-channel decays scale columns.
@@ -35,8 +37,8 @@ from pallas_kernels.linear_attention import reference
 
 DEFAULT_CHUNK_SIZE = 64
 # Per-key-channel decay: 32-token chunks of two 16-token sub-chunks, one program each, broadcast diagonal blocks.
-# Measured on the H200 at 8×2048×16×128, forward+backward: 5.87 ms against 6.28 at 64 tokens and 12.4 with a
-# program looping over a 64-token chunk's sub-chunks (benchmarks/results/kernel_profile_h200.md).
+# H200, 8×2048×16×128, forward+backward kernel time: 5.75 ms against 6.16 at 64 tokens and 12.43 with one program
+# looping over a 64-token chunk's sub-chunks (benchmarks/results/kernel_profile_h200_sweeps.md).
 VECTOR_CHUNK_SIZE = 32
 SUB_CHUNK = 16  # vector decay: diagonal blocks computed elementwise at this size (fla's chunk_gla)
 SCAN_TILE = 64  # Dk and Dv tile of the state scans: B·H·(Dk/64)·(Dv/64) sequential programs
@@ -339,7 +341,7 @@ def _output_vector_blocks(q_ref, k_ref, v_ref, g_ref, resets_ref, h_ref, o_ref, 
   chunk's earlier keys through one masked matmul whose factors are referenced to the row just before the
   sub-chunk (q ⊙ exp(g_i − g_r) and k ⊙ exp(g_r − g_j), both ≤ 1), and its own diagonal block. On the H200
   this took 1.86 ms at 8×2048×16×128 where carrying the [Dv tile, Dk] fp32 state through the sub-chunks took
-  3.51 ms (register spills; benchmarks/results/kernels_h200.md, variants)."""
+  3.51 ms (register spills; benchmarks/results/kernels_h200_variants.md)."""
   dtype = q_ref.dtype
   size, chunk = config.sub_chunk, config.chunk
   g_keys = g_ref[...].astype(jnp.float32)
