@@ -1,0 +1,60 @@
+"""The benchmark scripts' own logic: kernel-variant parsing and the per-kernel profile's trace reduction."""
+import gzip
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import kernels  # noqa: E402
+import profile_kernels  # noqa: E402
+
+
+def test_parse_variant():
+  assert kernels.parse_variant("default") == (None, {})
+  assert kernels.parse_variant("c64w8") == (64, {"num_warps": 8, "split_sub_chunks": False, "broadcast_diag": False})
+  chunk, options = kernels.parse_variant("c32w4s32k16u4pb")
+  assert chunk == 32
+  assert options == {"num_warps": 4, "split_sub_chunks": True, "broadcast_diag": True, "scan_tile": 32,
+                     "key_tile": 16, "scan_unroll": 4}
+  with pytest.raises(SystemExit, match="c64x8.*valid: c<chunk>w<warps>"):
+    kernels.parse_variant("c64x8")
+
+
+def _write_trace(directory, events):
+  path = os.path.join(directory, "plugins", "profile", "run")
+  os.makedirs(path)
+  with gzip.open(os.path.join(path, "perfetto_trace.json.gz"), "wt") as handle:
+    json.dump({"traceEvents": events}, handle)
+
+
+def _metadata(kind, pid, name, tid=None):
+  event = {"ph": "M", "name": kind, "pid": pid, "args": {"name": name}}
+  if tid is not None:
+    event["tid"] = tid
+  return event
+
+
+def test_device_kernel_times_sum_stream_events_only(tmp_path):
+  # A GPU trace: kernels on two streams, the same kernels again on the device's "XLA Ops" line, host events.
+  _write_trace(str(tmp_path), [
+      _metadata("process_name", 1, "/host:CPU"), _metadata("process_name", 7, "/device:GPU:0"),
+      _metadata("thread_name", 7, "Stream #13(Compute)", 13), _metadata("thread_name", 7, "Stream #14", 14),
+      _metadata("thread_name", 7, "XLA Ops", 2),
+      {"ph": "X", "name": "linear_attention_output", "pid": 7, "tid": 13, "dur": 10.0},
+      {"ph": "X", "name": "linear_attention_output", "pid": 7, "tid": 14, "dur": 12.0},
+      {"ph": "X", "name": "loop_add_fusion", "pid": 7, "tid": 13, "dur": 1.5},
+      {"ph": "X", "name": "linear_attention_output", "pid": 7, "tid": 2, "dur": 22.0},
+      {"ph": "X", "name": "PjitFunction(op)", "pid": 1, "tid": 5, "dur": 99.0},
+  ])
+  durations, source = profile_kernels.device_kernel_us(str(tmp_path))
+  assert source == "device"
+  assert dict(durations) == {"linear_attention_output": [10.0, 12.0], "loop_add_fusion": [1.5]}
+
+
+def test_host_only_trace_is_marked_host(tmp_path):
+  _write_trace(str(tmp_path), [_metadata("process_name", 1, "/host:CPU"),
+                               {"ph": "X", "name": "while.5", "pid": 1, "tid": 3, "dur": 4.0}])
+  durations, source = profile_kernels.device_kernel_us(str(tmp_path))
+  assert source == "host" and dict(durations) == {"while.5": [4.0]}
