@@ -400,8 +400,9 @@ def main():
   parser.add_argument("--calls", type=int, default=5)
   parser.add_argument("--check", action="store_true", help="compare with the float64 reference first")
   parser.add_argument("--variants", default="",
-                      help="extra configs, e.g. 'c128w4,c64w8,c64w4s32,c64w8k64p' (chunk, warps, state-scan tile, "
-                           "dq/dk key tile, p: one program per HGRN2 sub-chunk, b: broadcast diagonal blocks)")
+                      help="extra configs c<chunk>w<warps>[s<scan tile>][k<dq/dk key tile>][u<scan unroll>][p][b], "
+                           "e.g. 'c64w8,c64w4s32u4,c32w4pb' (p: one program per HGRN2 sub-chunk, b: broadcast "
+                           "diagonal blocks)")
   parser.add_argument("--skip_peers", action="store_true", help="time ours only (no fla, no JAX baselines)")
   parser.add_argument("--ops", default=",".join(OPS), help="subset of " + ",".join(OPS))
   parser.add_argument("--skip_fla_ops", default="",

@@ -88,7 +88,8 @@ def test_vector_decay_bf16_with_decay_gradient():
 
 @pytest.mark.parametrize("decay_mode", ["scalar", "vector", "none"])
 def test_unrolled_state_scans_bf16(decay_mode):
-  # Six chunks through scans unrolled by 4: one unrolled step, then two chunks one at a time (both directions).
+  # Six chunks through scans unrolled by 4: one unrolled step, then two chunks one at a time. The forward scans
+  # unroll in every mode; the reverse scan only with 16-bit operands, i.e. without a decay gradient ("none").
   _assert_matches_reference(8, decay_mode=decay_mode, dim_k=16, dim_v=32, time=90, chunk_size=16,
                             dtype=jnp.bfloat16, strength="strong", scan_unroll=4)
 

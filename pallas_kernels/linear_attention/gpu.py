@@ -150,10 +150,10 @@ def _diag_block(q_sub, k_ref, g_sub, g_ref, resets_sub, resets_ref, start, sub, 
 DIAG_PIECE = 32  # key-dim slice of the broadcast diagonal block: [16, 16, 32] fp32 per step
 
 
-def _diag_decay(g_ref, start, sub, columns):
-  """E[i, j, d] = exp(g_id − g_jd) for j ≤ i in the sub-chunk [start, start+sub), else 0 (masked before the exp:
-  no exponent is ever positive); [sub, sub, width of `columns`]."""
-  g = g_ref[pl.ds(start, sub), columns].astype(jnp.float32)
+def _diag_decay(g):
+  """E[i, j, d] = exp(g_id − g_jd) for j ≤ i of a sub-chunk's fp32 gate rows g [c, width], else 0 (masked before
+  the exp: no exponent is ever positive); [c, c, width]."""
+  sub = g.shape[0]
   rows = lax.broadcasted_iota(jnp.int32, (sub, sub, 1), 0)
   cols = lax.broadcasted_iota(jnp.int32, (sub, sub, 1), 1)
   return jnp.exp(jnp.where(rows >= cols, g[:, None, :] - g[None, :, :], -jnp.inf))
@@ -168,7 +168,8 @@ def _diag_block_broadcast(q_ref, k_ref, g_ref, resets_sub, start, sub, width):
     columns = pl.ds(pl.multiple_of(index * piece, piece), piece)
     q = q_ref[pl.ds(start, sub), columns].astype(jnp.float32)
     k = k_ref[pl.ds(start, sub), columns].astype(jnp.float32)
-    return block + jnp.sum(q[:, None, :] * k[None, :, :] * _diag_decay(g_ref, start, sub, columns), axis=2)
+    decay = _diag_decay(g_ref[pl.ds(start, sub), columns].astype(jnp.float32))
+    return block + jnp.sum(q[:, None, :] * k[None, :, :] * decay, axis=2)
 
   block = lax.fori_loop(0, width // piece, add_piece, jnp.zeros((sub, sub), jnp.float32))
   if resets_sub is not None:
@@ -478,7 +479,7 @@ def _dqdk_kernel(*refs, config, operand_dtype):
       return dq + d_score * _row(k_ref, start + j) * jnp.exp(exponent)
 
     if config.broadcast_diag:  # the Dk tile is at most DIAG_PIECE wide: one [c, c, tile] broadcast serves dq, dk
-      decay = _diag_decay(g_ref, start, size, slice(None))
+      decay = _diag_decay(g_sub)
       k = k_ref[pl.ds(start, size), :].astype(jnp.float32)
       dq = dq + jnp.sum(d_scores[:, :, None] * k[None, :, :] * decay, axis=1)
     else:
@@ -576,12 +577,17 @@ class _Layout:
     return [x for x in (g, resets) if x is not None]
 
 
+def _scan_tiles(scan_tile, dim_k, dim_v):
+  """(Dk tile, Dv tile) of the state scans."""
+  return min(scan_tile, dim_k), min(scan_tile, dim_v)
+
+
 def _state_scan(layout, a, b, g, resets, init, state_dtype, reverse, operand_dtype=None):
   """Runs the state scan; returns (per-chunk states [B,N,H,Dv,Dk] state_dtype, last state [B,H,Dv,Dk] f32).
   The matmul operands are `operand_dtype` (default: the inputs'); float32 keeps the scaled keys/queries exact
   where the decay gradient's cancelling sum needs it."""
   config = layout.config
-  tile_k, tile_v = min(config.scan_tile, layout.dim_k), min(config.scan_tile, layout.dim_v)
+  tile_k, tile_v = _scan_tiles(config.scan_tile, layout.dim_k, layout.dim_v)
   grid = (layout.batch * layout.heads, layout.dim_k // tile_k, layout.dim_v // tile_v)
   in_specs = [layout.scan_spec(tile_k, 0), layout.scan_spec(tile_v, 1)]
   if g is not None:
@@ -804,15 +810,16 @@ def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
     raise ValueError(f"pallas_gpu: {jnp.dtype(q.dtype).name} inputs with dim_k={dim_k}, dim_v={dim_v} need more "
                      f"shared memory than an H100/H200 block has (227 KB); valid: dims <= {MAX_WIDE_DIM} for "
                      "32-bit inputs, or bfloat16/float16 inputs (backend='xla' takes any).")
-  vector_decay = log_decay is not None and log_decay.ndim > 1
+  mode = "none" if log_decay is None else ("scalar" if log_decay.ndim == 1 else "vector")
+  vector_decay = mode == "vector"
   requested = default_chunk_size(vector_decay) if chunk_size is None else chunk_size
   if not _is_power_of_two(requested) or requested < 16:
     raise ValueError(f"pallas_gpu: chunk_size={chunk_size}; valid: None or a power of two >= 16.")
   # Short sequences use a smaller chunk (as fla does), never below the 16-row Triton matmul minimum.
   chunk = min(requested, max(16, 1 << max(time - 1, 0).bit_length()))
-  mode = "none" if log_decay is None else ("scalar" if log_decay.ndim == 1 else "vector")
   if scan_unroll is None:
-    scan_programs = batch * heads * -(-dim_k // scan_tile) * -(-dim_v // scan_tile)
+    tile_k, tile_v = _scan_tiles(scan_tile, dim_k, dim_v)
+    scan_programs = batch * heads * (dim_k // tile_k) * (dim_v // tile_v)
     scan_unroll = SCAN_UNROLL if scan_programs < LATENCY_BOUND_PROGRAMS else 1
   config = _Config(mode, segment_ids is not None, chunk, num_warps, num_stages, scan_tile,
                    vector_decay if split_sub_chunks is None else split_sub_chunks, key_tile,
