@@ -130,17 +130,18 @@ def test_bad_input_names_the_problem(bad, message):
       gpu.linear_attention_gpu(q, q, v, None, None, None, bad.get("chunk_size"))
 
 
-def test_bf16_decay_gradient_uses_the_exact_final_state():
-  """The decay gradient's final-state term Σ_v S_T·dS_T cancels against the per-step sum; with the forward's
-  bf16-operand final state it missed the bound (1.1e-2 on the H200 and here); the backward's fp32 recomputation
-  keeps it near fp32 accuracy although the inputs are bf16."""
-  q, k, v, log_decay, state, segment_ids = testing.random_inputs(
-      7, batch=2, time=300, heads=2, dim_k=128, dim_v=64, decay_mode="vector", strength="strong",
-      dtype=jnp.bfloat16)
-  d_out, d_state = _cotangents(3, v, state.shape)
-  _, _, expected = testing.reference_float64(q, k, v, log_decay, state, segment_ids, d_out, d_state)
-  _, _, grads = _kernel_with_grads(64, q, k, v, log_decay, state, segment_ids, d_out, d_state)
-  assert testing.relative_rms_error(grads["log_decay"], expected["log_decay"]) <= 1e-3
+def test_bf16_decay_gradient_error_does_not_grow_with_sequence_length():
+  """The decay gradient's suffix sum of q·dq − k·dk cancels heavily. Summed over the whole sequence with bf16
+  states its error grew with T (9.0e-3 at T=1024 in this case, 1.7e-1 with bf16 dq/dk operands too); telescoped
+  only to each chunk's end it is 1.6e-3 at T=1024 (chunk 32, the HGRN2 default)."""
+  for time in (300, 1024):
+    q, k, v, log_decay, state, segment_ids = testing.random_inputs(
+        7, batch=1, time=time, heads=2, dim_k=64, dim_v=32, decay_mode="vector", strength="strong",
+        dtype=jnp.bfloat16)
+    d_out, d_state = _cotangents(3, v, state.shape)
+    _, _, expected = testing.reference_float64(q, k, v, log_decay, state, segment_ids, d_out, d_state)
+    _, _, grads = _kernel_with_grads(32, q, k, v, log_decay, state, segment_ids, d_out, d_state)
+    assert testing.relative_rms_error(grads["log_decay"], expected["log_decay"]) <= 4e-3, time
 
 
 @pytest.mark.parametrize("dtype,bound", [(jnp.float32, FP32_BOUND), (jnp.bfloat16, BF16_BOUND)])

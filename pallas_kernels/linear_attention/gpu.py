@@ -18,9 +18,11 @@ run (latency-bound), whose body is small.
 Segment resets become masks from a chunk-local count of document starts (`resets`): a query sees the
 carried state only before the chunk's first reset, a key feeds the outgoing state only after its last one.
 States travel between kernels value-major ([.., Dv, Dk]) so that per-key-channel decays scale columns.
-The decay gradient uses d log α_r = Σ_{t≥r} (q·dq − k·dk)_t + Σ_v S_T·dS_T (kernels.md §3.3), in XLA. That sum
-cancels heavily, so only when a decay gradient is wanted (HGRN2; TNL's decay is a fixed buffer) does the
-backward keep fp32 states and fp32 dq/dk matmul operands; otherwise states and operands are bf16 for bf16 inputs.
+The decay gradient telescopes only to the end of each chunk (as fla's chunk_gla does), in XLA:
+d log α_r = Σ_{r≤t≤e} (q·dq − k·dk)_t + Σ_v S_e·dS_e, e the chunk's last row, S_e the state leaving the chunk and
+dS_e its gradient from later rows. The suffix sum cancels heavily; summed over the whole sequence (kernels.md
+§3.3) its error grows with T, which forced fp32 states. Chunk-local, bf16 states suffice: only the intra-chunk
+dq/dk matmuls keep fp32 operands, and only when a decay gradient is wanted (HGRN2; TNL's decay is a fixed buffer).
 Off the GPU the kernels run in Pallas interpret mode (for tests on CPU).
 """
 from __future__ import annotations
@@ -274,11 +276,11 @@ def _split_refs(refs, config, num_leading):
   return leading, g_ref, resets_ref, rest
 
 
-def _state_scan_kernel(*refs, config, num_chunks, reverse, operand_dtype):
+def _state_scan_kernel(*refs, config, num_chunks, reverse):
   """Forward (a=k, b=v): S ← decay·S + (k ⊙ k_factor)ᵀv, storing S entering each chunk.
   Reverse (a=q, b=do): dS ← decay·dS + (q ⊙ q_factor)ᵀdo, storing dS leaving each chunk; S is [Dv, Dk]."""
   (a_ref, b_ref), g_ref, resets_ref, (init_ref, states_ref, last_ref) = _split_refs(refs, config, 2)
-  chunk = config.chunk
+  chunk, operand_dtype = config.chunk, a_ref.dtype
 
   def chunk_update(n):
     """(decay, b̂ᵀâ) of chunk n: independent of the carried state, so loads and matmul can run ahead of it."""
@@ -302,7 +304,7 @@ def _state_scan_kernel(*refs, config, num_chunks, reverse, operand_dtype):
       return state
     return body
 
-  # 32-bit operands (the decay gradient's fp32 backward) stay rolled: twice the shared memory, and measured slower.
+  # 32-bit operands stay rolled: twice the shared memory, and measured slower (fp32 scans of an earlier backward).
   unroll = min(config.scan_unroll if operand_dtype.itemsize < 4 else 1, num_chunks)
   whole = num_chunks // unroll
   state = lax.fori_loop(0, whole, steps(unroll), init_ref[...].astype(jnp.float32))
@@ -424,18 +426,19 @@ def _dv_kernel(*refs, config):
 def _dqdk_kernel(*refs, config, operand_dtype):
   """dq = (do·h) ⊙ q_factor + (dA ⊙ D)·k and dk = (v·dS) ⊙ k_factor + (dA ⊙ D)ᵀ·q for one chunk and Dk tile.
 
-  operand_dtype is float32 when the decay gradient is wanted: it sums q·dq − k·dk, which cancels heavily, so
-  dq and dk need more than bf16-operand accuracy. dA = do·vᵀ keeps the input dtype: 16-bit products are exact
-  in the fp32 accumulator, so it needs one tensor-core pass, not three."""
+  operand_dtype is float32 when the decay gradient is wanted: it sums q·dq − k·dk, which cancels, so the
+  intra-chunk terms (scaled by fp32 decay factors) need more than bf16-operand accuracy. The state terms do·h and
+  v·dS, like dA = do·vᵀ, multiply values already in the input/state dtype: 16-bit products are exact in the fp32
+  accumulator, so they take one tensor-core pass, not three."""
   (q_ref, k_ref, v_ref, do_ref), g_ref, resets_ref, (h_ref, dh_ref, dq_ref, dk_ref) = _split_refs(refs, config, 4)
   dtype = operand_dtype
   if config.mode != "vector":
     sub = _SubChunk(config, g_ref, resets_ref, 0, config.chunk)
     q, k, do, v = (ref[...] for ref in (q_ref, k_ref, do_ref, v_ref))
     d_scores = (_dot_nt(do, v) * _intra_mask(config, sub.g, sub.resets)).astype(dtype)
-    q, k, do, v = (x.astype(dtype) for x in (q, k, do, v))
-    dq = _SubChunk.scale(_dot(do, h_ref[...].astype(dtype)), sub.q_factor) + _dot(d_scores, k)
-    dk = _SubChunk.scale(_dot(v, dh_ref[...].astype(dtype)), sub.k_factor) + _dot_tn(d_scores, q)
+    dq_state, dk_state = _state_terms(do, v, h_ref, dh_ref)
+    dq = _SubChunk.scale(dq_state, sub.q_factor) + _dot(d_scores, k.astype(dtype))
+    dk = _SubChunk.scale(dk_state, sub.k_factor) + _dot_tn(d_scores, q.astype(dtype))
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     return
@@ -470,8 +473,8 @@ def _dqdk_kernel(*refs, config, operand_dtype):
     g_all = g_ref[...].astype(jnp.float32)
     k_tilde = _rescaled_rows(k_ref[...].astype(jnp.float32), g_before - g_all, earlier)
     d_earlier = jnp.where((chunk_cols < start) & same_document, _dot_nt(do, v_ref[...]), 0.0)
-    dq = (_dot(do.astype(dtype), h_ref[...].astype(dtype)) * q_factor
-          + jnp.exp(g_sub - g_before) * _dot(d_earlier.astype(dtype), k_tilde.astype(dtype)))
+    dq_state, dk_state = _state_terms(do, v, h_ref, dh_ref)
+    dq = dq_state * q_factor + jnp.exp(g_sub - g_before) * _dot(d_earlier.astype(dtype), k_tilde.astype(dtype))
 
     def add_key(j, dq):  # dq_i += dA_ij k_j exp(g_i − g_j), i ≥ j
       d_score = jnp.sum(jnp.where(cols == j, d_scores, 0.0), axis=1)[:, None]
@@ -492,8 +495,7 @@ def _dqdk_kernel(*refs, config, operand_dtype):
     later = chunk_rows > end
     q_tilde = _rescaled_rows(q_ref[...].astype(jnp.float32), g_all - g_end, later)
     d_later = jnp.where((chunk_cols > end) & same_document, _dot_nt(v, do_ref[...]), 0.0)  # dA_ij at [key j, query i]
-    dk = (_dot(v.astype(dtype), dh_ref[...].astype(dtype)) * k_factor
-          + jnp.exp(g_end - g_sub) * _dot(d_later.astype(dtype), q_tilde.astype(dtype)))
+    dk = dk_state * k_factor + jnp.exp(g_end - g_sub) * _dot(d_later.astype(dtype), q_tilde.astype(dtype))
 
     def add_query(i, dk):  # dk_j += dA_ij q_i exp(g_i − g_j), j ≤ i
       d_score = jnp.sum(jnp.where(rows == i, d_scores, 0.0), axis=0)[:, None]
@@ -508,6 +510,11 @@ def _dqdk_kernel(*refs, config, operand_dtype):
     dk_ref[pl.ds(out_start, size), :] = dk.astype(dk_ref.dtype)
 
   _for_each_sub_chunk(config, sub_chunk)
+
+
+def _state_terms(do, v, h_ref, dh_ref):
+  """(do·h, v·dS) of a chunk's rows in the states' dtype (bf16 states for bf16 inputs: one exact pass)."""
+  return _dot(do.astype(h_ref.dtype), h_ref[...]), _dot(v.astype(dh_ref.dtype), dh_ref[...])
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -582,10 +589,8 @@ def _scan_tiles(scan_tile, dim_k, dim_v):
   return min(scan_tile, dim_k), min(scan_tile, dim_v)
 
 
-def _state_scan(layout, a, b, g, resets, init, state_dtype, reverse, operand_dtype=None):
-  """Runs the state scan; returns (per-chunk states [B,N,H,Dv,Dk] state_dtype, last state [B,H,Dv,Dk] f32).
-  The matmul operands are `operand_dtype` (default: the inputs'); float32 keeps the scaled keys/queries exact
-  where the decay gradient's cancelling sum needs it."""
+def _state_scan(layout, a, b, g, resets, init, state_dtype, reverse):
+  """Runs the state scan; returns (per-chunk states [B,N,H,Dv,Dk] state_dtype, last state [B,H,Dv,Dk] f32)."""
   config = layout.config
   tile_k, tile_v = _scan_tiles(config.scan_tile, layout.dim_k, layout.dim_v)
   grid = (layout.batch * layout.heads, layout.dim_k // tile_k, layout.dim_v // tile_v)
@@ -596,8 +601,7 @@ def _state_scan(layout, a, b, g, resets, init, state_dtype, reverse, operand_dty
     in_specs.append(layout.scan_resets_spec())
   in_specs.append(layout.scan_state_spec(tile_k, tile_v, per_chunk=False))
   state_shape = (layout.batch, layout.heads, layout.dim_v, layout.dim_k)
-  kernel = functools.partial(_state_scan_kernel, config=config, num_chunks=layout.num_chunks, reverse=reverse,
-                             operand_dtype=jnp.dtype(operand_dtype or a.dtype))
+  kernel = functools.partial(_state_scan_kernel, config=config, num_chunks=layout.num_chunks, reverse=reverse)
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs,
       out_specs=[layout.scan_state_spec(tile_k, tile_v, per_chunk=True),
@@ -755,30 +759,34 @@ def _linear_attention_bwd(config, residuals, cotangents):
   qp, kp, vp, g, resets, padded_time = _prepare(config, q, k, v, log_decay, segment_ids)
   dop = _pad_time(d_out.astype(v.dtype), padded_time)
   layout = _Layout(config, batch, padded_time, heads, dim_k, dim_v, q.dtype)
-  state_dtype = jnp.float32 if wants_decay_grad else _state_dtype(q.dtype)
+  state_dtype = _state_dtype(q.dtype)
   init = jnp.swapaxes(initial_state.astype(jnp.float32), -1, -2)
-  grad_dtype = jnp.float32 if wants_decay_grad else q.dtype
-  states, last = _state_scan(layout, kp, vp, g, resets, init, state_dtype, reverse=False,
-                             operand_dtype=grad_dtype)
+  states, last = _state_scan(layout, kp, vp, g, resets, init, state_dtype, reverse=False)
   d_states, d_init = _state_scan(layout, qp, dop, g, resets, jnp.swapaxes(d_final.astype(jnp.float32), -1, -2),
-                                 state_dtype, reverse=True, operand_dtype=grad_dtype)
+                                 state_dtype, reverse=True)
   dv = _grad_dv(layout, qp, kp, dop, g, resets, d_states, v.dtype)[:, :time]
-  dq, dk = (x[:, :time] for x in _grad_dqdk(layout, qp, kp, vp, dop, g, resets, states, d_states, grad_dtype,
-                                            grad_dtype))
+  grad_dtype = jnp.float32 if wants_decay_grad else q.dtype
+  dq, dk = _grad_dqdk(layout, qp, kp, vp, dop, g, resets, states, d_states, grad_dtype, grad_dtype)
   d_log_decay = None
   if wants_decay_grad:
-    per_step = q.astype(jnp.float32) * dq - k.astype(jnp.float32) * dk  # [B,T,H,Dk]
-    # The recomputed final state (fp32 operands), not the forward's (bf16 operands for bf16 inputs).
-    final_term = jnp.sum(jnp.swapaxes(last, -1, -2) * d_final.astype(jnp.float32), axis=-1)  # [B,H,Dk]
-    if config.mode == "vector":
-      suffix_sums = jnp.flip(jnp.cumsum(jnp.flip(per_step, 1), axis=1), 1)
-      d_log_decay = suffix_sums + final_term[:, None]
-    else:  # one decay per head acts at every step: Σ_r Σ_{t≥r} x_t = Σ_t (t+1) x_t
-      steps = jnp.arange(1, time + 1, dtype=jnp.float32)[None, :, None]
-      d_log_decay = (jnp.sum(per_step.sum(-1) * steps, axis=(0, 1)) + time * final_term.sum(axis=(0, 2)))
-    d_log_decay = d_log_decay.astype(log_decay.dtype)
+    d_log_decay = _decay_grad(config, qp, kp, dq, dk, states, last, d_states, time).astype(log_decay.dtype)
   d_initial = jnp.swapaxes(d_init, -1, -2).astype(initial_state.dtype)
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv, d_log_decay, d_initial, None)
+  return (dq[:, :time].astype(q.dtype), dk[:, :time].astype(k.dtype), dv, d_log_decay, d_initial, None)
+
+
+def _decay_grad(config, q, k, dq, dk, states, last, d_states, time):
+  """d log α from chunk-padded q, k, dq, dk: per row r, Σ_{r≤t≤e} (q·dq − k·dk)_t + Σ_v S_e·dS_e (module
+  docstring); [B,T,H,Dk] for vector decay, [H] for a scalar decay per head (which acts on every row and channel)."""
+  batch, padded_time, heads, dim_k = q.shape
+  num_chunks = states.shape[1]
+  per_step = q.astype(jnp.float32) * dq - k.astype(jnp.float32) * dk
+  per_step = per_step.reshape(batch, num_chunks, config.chunk, heads, dim_k)
+  within_chunk = jnp.flip(jnp.cumsum(jnp.flip(per_step, 2), axis=2), 2)
+  # S_e of chunk n is the state entering chunk n+1, or the final state after the last chunk; dS_e = d_states[n].
+  leaving = jnp.concatenate([states[:, 1:].astype(jnp.float32), last[:, None]], axis=1)  # [B,N,H,Dv,Dk]
+  state_term = jnp.sum(leaving * d_states.astype(jnp.float32), axis=-2)  # [B,N,H,Dk]
+  per_row = (within_chunk + state_term[:, :, None]).reshape(batch, padded_time, heads, dim_k)[:, :time]
+  return per_row if config.mode == "vector" else per_row.sum(axis=(0, 1, 3))
 
 
 _linear_attention.defvjp(_linear_attention_fwd, _linear_attention_bwd, symbolic_zeros=True)
