@@ -27,6 +27,7 @@ Off the GPU the kernels run in Pallas interpret mode (for tests on CPU).
 """
 from __future__ import annotations
 
+import copy
 import functools
 
 import jax
@@ -324,103 +325,71 @@ class _Offset:
     return self.ref[(pl.ds(self.offset + rows.start, rows.size), *rest)]
 
 
-def _output_kernel(*refs, config):
-  """o = q̄·h + A·v for one chunk and Dv tile; A decayed and masked (per sub-chunk for vector decay)."""
-  (q_ref, k_ref, v_ref), g_ref, resets_ref, (h_ref, o_ref) = _split_refs(refs, config, 3)
-  dtype = q_ref.dtype
-  if config.mode != "vector":
-    sub = _SubChunk(config, g_ref, resets_ref, 0, config.chunk)
-    q = q_ref[...]
-    scores = _dot_nt(q, k_ref[...]) * _intra_mask(config, sub.g, sub.resets)
-    q_bar = _SubChunk.scale(q.astype(jnp.float32), sub.q_factor).astype(dtype)
-    out = _dot_nt(q_bar, h_ref[...].astype(dtype)) + _dot(scores.astype(dtype), v_ref[...])
-    o_ref[...] = out.astype(o_ref.dtype)
-    return
-  _output_vector_blocks(q_ref, k_ref, v_ref, g_ref, resets_ref, h_ref, o_ref, config)
-
-
-def _output_vector_blocks(q_ref, k_ref, v_ref, g_ref, resets_ref, h_ref, o_ref, config):
-  """Vector decay without a carried state: each sub-chunk of queries reads the chunk's incoming state h, the
-  chunk's earlier keys through one masked matmul whose factors are referenced to the row just before the
-  sub-chunk (q ⊙ exp(g_i − g_r) and k ⊙ exp(g_r − g_j), both ≤ 1), and its own diagonal block. On the H200
-  this took 1.86 ms at 8×2048×16×128 where carrying the [Dv tile, Dk] fp32 state through the sub-chunks took
-  3.51 ms (register spills; benchmarks/results/kernels_h200_variants.md)."""
+def _intra_scores_kernel(*refs, config):
+  """Vector decay: the rows of one sub-chunk of queries of the chunk's masked, decayed attention matrix
+  A_ij = Σ_d q_id k_jd exp(g_id − g_jd) (j ≤ i, one document), [C, C] per chunk, which the output and dv kernels
+  then use as plain matmul operands. The chunk's earlier keys go through one matmul whose factors are referenced
+  to the row just before the sub-chunk (q ⊙ exp(g_i − g_r) and k ⊙ exp(g_r − g_j), both ≤ 1), the diagonal block
+  is elementwise. Kept apart from the matmul-heavy output kernel: fused, the two took 1.19 ms of a 1.58 ms
+  forward at 8×2048×16×128 on the H200 (benchmarks/results/kernel_profile_h200.md)."""
+  (q_ref, k_ref), g_ref, resets_ref, (a_ref,) = _split_refs(refs, config, 2)
   dtype = q_ref.dtype
   size, chunk = config.sub_chunk, config.chunk
-  g_keys = g_ref[...].astype(jnp.float32)
-  k_all = k_ref[...].astype(jnp.float32)
-  v_all = v_ref[...]
-  h = h_ref[...].astype(dtype)
-  key_index = lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
-  resets_keys = resets_ref[...] if config.has_segments else None
+  key_rows = lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
+  block_rows = lax.broadcasted_iota(jnp.int32, (size, chunk), 0)
+  block_cols = lax.broadcasted_iota(jnp.int32, (size, chunk), 1)
 
   def sub_chunk(start, out_start):
     q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
     g_q = g_ref[pl.ds(start, size), :].astype(jnp.float32)
     g_r = _before(lambda row: _row(g_ref, row), start, 0.0)
-    to_chunk_start = jnp.exp(g_q)
-    resets_q = None
+    k_tilde = _rescaled_rows(k_ref[...].astype(jnp.float32), g_r - g_ref[...].astype(jnp.float32),
+                             key_rows < start)
+    scores = _dot_nt((q * jnp.exp(g_q - g_r)).astype(dtype), k_tilde.astype(dtype))  # zero from column `start` on
+    if config.broadcast_diag:
+      block = _diag_block_broadcast(q_ref, k_ref, g_ref, None, start, size, q_ref.shape[-1])
+    else:
+      block = _diag_block(q, k_ref, g_q, g_ref, None, None, start, size)
+    # The [c, c] diagonal block into columns [start, start + c): a one-hot matmul (no dynamic column slicing).
+    scores = scores + _dot(block, (block_cols == start + block_rows).astype(jnp.float32))
     if config.has_segments:
       resets_q = resets_ref[pl.ds(start, size)]
-      to_chunk_start = jnp.where((resets_q == 0)[:, None], to_chunk_start, 0.0)
-    out = _dot_nt((q * to_chunk_start).astype(dtype), h)
-    earlier = key_index < start
-    k_tilde = _rescaled_rows(k_all, g_r - g_keys, earlier)
-    scores = _dot_nt((q * jnp.exp(g_q - g_r)).astype(dtype), k_tilde.astype(dtype))
-    if config.has_segments:
-      scores = jnp.where(resets_q[:, None] == resets_keys[None, :], scores, 0.0)
-    if config.broadcast_diag:
-      block = _diag_block_broadcast(q_ref, k_ref, g_ref, resets_q, start, size, q_ref.shape[-1])
-    else:
-      block = _diag_block(q, k_ref, g_q, g_ref, resets_q, resets_ref, start, size)
-    out = out + _dot(scores.astype(dtype), v_all) + _dot(block.astype(dtype), v_ref[pl.ds(start, size), :])
-    o_ref[pl.ds(out_start, size), :] = out.astype(o_ref.dtype)
+      scores = jnp.where(resets_q[:, None] == resets_ref[...][None, :], scores, 0.0)
+    a_ref[pl.ds(out_start, size), :] = scores.astype(a_ref.dtype)
 
   _for_each_sub_chunk(config, sub_chunk)
+
+
+def _chunk_scores(config, sub, q, k, scores_ref=None):
+  """The chunk's masked, decayed q·kᵀ [C, C] in fp32: the intra-score kernel's A for vector decay (the loads of
+  q and k then go unused and are dropped), else computed here."""
+  if config.mode == "vector":
+    return scores_ref[...].astype(jnp.float32)
+  return _dot_nt(q, k) * _intra_mask(config, sub.g, sub.resets)
+
+
+def _output_kernel(*refs, config):
+  """o = q̄·h + A·v for one chunk and Dv tile."""
+  (q_ref, k_ref, v_ref), g_ref, resets_ref, (h_ref, *scores_ref, o_ref) = _split_refs(refs, config, 3)
+  dtype = q_ref.dtype
+  sub = _SubChunk(config, g_ref, resets_ref, 0, config.chunk)
+  q = q_ref[...]
+  scores = _chunk_scores(config, sub, q, k_ref[...], *scores_ref)
+  q_bar = _SubChunk.scale(q.astype(jnp.float32), sub.q_factor).astype(dtype)
+  out = _dot_nt(q_bar, h_ref[...].astype(dtype)) + _dot(scores.astype(dtype), v_ref[...])
+  o_ref[...] = out.astype(o_ref.dtype)
 
 
 def _dv_kernel(*refs, config):
-  """dv = Aᵀ·do + (k ⊙ k_factor)·dS for one chunk and Dv tile (per sub-chunk of keys for vector decay)."""
-  (q_ref, k_ref, do_ref), g_ref, resets_ref, (dh_ref, dv_ref) = _split_refs(refs, config, 3)
+  """dv = Aᵀ·do + (k ⊙ k_factor)·dS for one chunk and Dv tile."""
+  (q_ref, k_ref, do_ref), g_ref, resets_ref, (dh_ref, *scores_ref, dv_ref) = _split_refs(refs, config, 3)
   dtype = q_ref.dtype
-  if config.mode != "vector":
-    sub = _SubChunk(config, g_ref, resets_ref, 0, config.chunk)
-    k = k_ref[...]
-    scores = _dot_nt(q_ref[...], k) * _intra_mask(config, sub.g, sub.resets)
-    k_hat = _SubChunk.scale(k.astype(jnp.float32), sub.k_factor).astype(dtype)
-    dv = _dot_tn(scores.astype(dtype), do_ref[...]) + _dot_nt(k_hat, dh_ref[...].astype(dtype))
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-    return
-  size, chunk = config.sub_chunk, config.chunk
-  g_last = _row(g_ref, chunk - 1)
-  query_index = lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
-  resets_all = resets_ref[...] if config.has_segments else None
-  resets_last = _scalar(resets_ref, chunk - 1) if config.has_segments else None
-
-  def sub_chunk(start, out_start):  # keys of one sub-chunk: the outgoing state gradient, later queries, diagonal
-    end = start + size - 1
-    g_sub = g_ref[pl.ds(start, size), :].astype(jnp.float32)
-    k = k_ref[pl.ds(start, size), :].astype(jnp.float32)
-    resets_sub = resets_ref[pl.ds(start, size)] if config.has_segments else None
-    _, k_factor = _chunk_factors(config, g_sub, g_last, resets_sub, resets_last)
-    # Whole-chunk operands are (re)loaded inside the loop: short live ranges, no spills; they sit in L2.
-    g_all, q_all = g_ref[...].astype(jnp.float32), q_ref[...].astype(jnp.float32)
-    g_end = _row(g_ref, end)
-    later = query_index > end
-    q_tilde = _rescaled_rows(q_all, g_all - g_end, later)
-    scores = _dot_nt((k * jnp.exp(g_end - g_sub)).astype(dtype), q_tilde.astype(dtype))  # [key j, query i]
-    if config.has_segments:
-      scores = jnp.where(resets_sub[:, None] == resets_all[None, :], scores, 0.0)
-    q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
-    if config.broadcast_diag:
-      block = _diag_block_broadcast(q_ref, k_ref, g_ref, resets_sub, start, size, q_ref.shape[-1])
-    else:
-      block = _diag_block(q, k_ref, g_sub, g_ref, resets_sub, resets_ref, start, size)
-    dv = (_dot_nt((k * k_factor).astype(dtype), dh_ref[...].astype(dtype)) + _dot(scores.astype(dtype), do_ref[...])
-          + _dot_tn(block.astype(dtype), do_ref[pl.ds(start, size), :]))
-    dv_ref[pl.ds(out_start, size), :] = dv.astype(dv_ref.dtype)
-
-  _for_each_sub_chunk(config, sub_chunk)
+  sub = _SubChunk(config, g_ref, resets_ref, 0, config.chunk)
+  k = k_ref[...]
+  scores = _chunk_scores(config, sub, q_ref[...], k, *scores_ref)
+  k_hat = _SubChunk.scale(k.astype(jnp.float32), sub.k_factor).astype(dtype)
+  dv = _dot_tn(scores.astype(dtype), do_ref[...]) + _dot_nt(k_hat, dh_ref[...].astype(dtype))
+  dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _dqdk_kernel(*refs, config, operand_dtype):
@@ -526,33 +495,40 @@ class _Layout:
     self.dim_k, self.dim_v = dim_k, dim_v
     self.wide_operands = jnp.dtype(dtype).itemsize >= 4
     self.num_chunks = padded_time // config.chunk
+    self.parts = config.parts
+
+  def whole_chunks(self):
+    """This layout with one program per chunk (kernels that do not split sub-chunks)."""
+    layout = copy.copy(self)
+    layout.parts = 1
+    return layout
 
   # Chunk-parallel grid (chunk·parts, batch·head, tile): `parts` programs per chunk each write 1/parts of its rows.
   def chunk_grid(self, tiles):
-    return (self.num_chunks * self.config.parts, self.batch * self.heads, tiles)
+    return (self.num_chunks * self.parts, self.batch * self.heads, tiles)
 
   def chunk_spec(self, width, tiled=False):
-    heads, parts = self.heads, self.config.parts
+    heads, parts = self.heads, self.parts
     return pl.BlockSpec((None, self.config.chunk, None, width),
                         lambda n, bh, t: (bh // heads, n // parts, bh % heads, t if tiled else 0))
 
   def result_spec(self, width, tiled=False):
     heads = self.heads
-    return pl.BlockSpec((None, self.config.chunk // self.config.parts, None, width),
+    return pl.BlockSpec((None, self.config.chunk // self.parts, None, width),
                         lambda n, bh, t: (bh // heads, n, bh % heads, t if tiled else 0))
 
   def chunk_g_spec(self, width=None, tiled=False):
-    heads, parts = self.heads, self.config.parts
+    heads, parts = self.heads, self.parts
     if self.config.mode == "scalar":
       return pl.BlockSpec((self.config.chunk, None), lambda n, bh, t: (n // parts, bh % heads))
     return self.chunk_spec(width or self.dim_k, tiled)
 
   def chunk_resets_spec(self):
-    heads, parts = self.heads, self.config.parts
+    heads, parts = self.heads, self.parts
     return pl.BlockSpec((None, self.config.chunk), lambda n, bh, t: (bh // heads, n // parts))
 
   def chunk_state_spec(self, rows, columns, tile_rows):
-    heads, parts = self.heads, self.config.parts
+    heads, parts = self.heads, self.parts
     return pl.BlockSpec((None, None, None, rows, columns),
                         lambda n, bh, t: (bh // heads, n // parts, bh % heads, t if tile_rows else 0,
                                           0 if tile_rows else t))
@@ -630,9 +606,26 @@ def _key_tile(layout):
   return min(tile, layout.dim_k)
 
 
-def _value_tiled_call(kernel, name, layout, q, k, value_like, g, resets, states, out_dtype):
-  """A chunk-parallel kernel over (chunk, batch·head, value tile) reading q, k, a [B,T,H,Dv] operand and the
-  per-chunk states, writing a [B,T,H,Dv] result: the forward output (v → o) and the dv gradient (do → dv)."""
+def _intra_scores(layout, q, k, g, resets):
+  """Vector decay: A [B,T,H,C], row t holding A_tj for the keys j of t's chunk (in q's dtype, as the output and
+  dv kernels use it)."""
+  config = layout.config
+  in_specs = [layout.chunk_spec(layout.dim_k), layout.chunk_spec(layout.dim_k), layout.chunk_g_spec()]
+  if resets is not None:
+    in_specs.append(layout.chunk_resets_spec())
+  return pl.pallas_call(
+      functools.partial(_intra_scores_kernel, config=config),
+      grid=layout.chunk_grid(1), in_specs=in_specs, out_specs=layout.result_spec(config.chunk),
+      out_shape=jax.ShapeDtypeStruct((layout.batch, layout.time, layout.heads, config.chunk), q.dtype),
+      compiler_params=_compiler_params(config), interpret=_interpret(), name="linear_attention_intra_scores",
+  )(q, k, *layout.extras(g, resets))
+
+
+def _value_tiled_call(kernel, name, layout, q, k, value_like, g, resets, states, scores, out_dtype):
+  """A chunk-parallel kernel over (chunk, batch·head, value tile) reading q, k, a [B,T,H,Dv] operand, the
+  per-chunk states and (vector decay) the intra-chunk scores, writing a [B,T,H,Dv] result: the forward output
+  (v → o) and the dv gradient (do → dv). One program per chunk: only matmuls and per-row factors."""
+  layout = layout.whole_chunks()
   config = layout.config
   tile_v = _value_tile(layout)
   in_specs = [layout.chunk_spec(layout.dim_k), layout.chunk_spec(layout.dim_k), layout.chunk_spec(tile_v, True)]
@@ -641,21 +634,25 @@ def _value_tiled_call(kernel, name, layout, q, k, value_like, g, resets, states,
   if resets is not None:
     in_specs.append(layout.chunk_resets_spec())
   in_specs.append(layout.chunk_state_spec(tile_v, layout.dim_k, tile_rows=True))
+  extra = []
+  if scores is not None:
+    in_specs.append(layout.chunk_spec(config.chunk))
+    extra.append(scores)
   return pl.pallas_call(
       functools.partial(kernel, config=config),
       grid=layout.chunk_grid(layout.dim_v // tile_v), in_specs=in_specs, out_specs=layout.result_spec(tile_v, True),
       out_shape=jax.ShapeDtypeStruct((layout.batch, layout.time, layout.heads, layout.dim_v), out_dtype),
       compiler_params=_compiler_params(config), interpret=_interpret(), name=name,
-  )(q, k, value_like, *layout.extras(g, resets), states)
+  )(q, k, value_like, *layout.extras(g, resets), states, *extra)
 
 
-def _output(layout, q, k, v, g, resets, states, out_dtype):
-  return _value_tiled_call(_output_kernel, "linear_attention_output", layout, q, k, v, g, resets, states,
+def _output(layout, q, k, v, g, resets, states, scores, out_dtype):
+  return _value_tiled_call(_output_kernel, "linear_attention_output", layout, q, k, v, g, resets, states, scores,
                            out_dtype)
 
 
-def _grad_dv(layout, q, k, do, g, resets, d_states, out_dtype):
-  return _value_tiled_call(_dv_kernel, "linear_attention_grad_v", layout, q, k, do, g, resets, d_states,
+def _grad_dv(layout, q, k, do, g, resets, d_states, scores, out_dtype):
+  return _value_tiled_call(_dv_kernel, "linear_attention_grad_v", layout, q, k, do, g, resets, d_states, scores,
                            out_dtype)
 
 
@@ -718,19 +715,21 @@ def _state_dtype(dtype):
 
 
 def _forward(config, q, k, v, log_decay, initial_state, segment_ids):
+  """((o, final state), intra-chunk scores A: the backward's dv kernel reuses them; None without vector decay)."""
   batch, time, heads, dim_k = q.shape
   dim_v = v.shape[-1]
   qp, kp, vp, g, resets, padded_time = _prepare(config, q, k, v, log_decay, segment_ids)
   layout = _Layout(config, batch, padded_time, heads, dim_k, dim_v, q.dtype)
   init = jnp.swapaxes(initial_state.astype(jnp.float32), -1, -2)
   states, last = _state_scan(layout, kp, vp, g, resets, init, _state_dtype(q.dtype), reverse=False)
-  out = _output(layout, qp, kp, vp, g, resets, states, v.dtype)
-  return out[:, :time], jnp.swapaxes(last, -1, -2)
+  scores = _intra_scores(layout, qp, kp, g, resets) if config.mode == "vector" else None
+  out = _output(layout, qp, kp, vp, g, resets, states, scores, v.dtype)
+  return (out[:, :time], jnp.swapaxes(last, -1, -2)), scores
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _linear_attention(q, k, v, log_decay, initial_state, segment_ids, config):
-  return _forward(config, q, k, v, log_decay, initial_state, segment_ids)
+  return _forward(config, q, k, v, log_decay, initial_state, segment_ids)[0]
 
 
 def _linear_attention_fwd(q, k, v, log_decay, initial_state, segment_ids, config):
@@ -738,9 +737,9 @@ def _linear_attention_fwd(q, k, v, log_decay, initial_state, segment_ids, config
   # is a fixed buffer); only then does the backward pay for fp32 dq/dk.
   values = [None if x is None else x.value for x in (q, k, v, log_decay, initial_state, segment_ids)]
   wants_decay_grad = log_decay is not None and log_decay.perturbed
-  out, final_state = _forward(config, *values)
+  (out, final_state), scores = _forward(config, *values)
   marker = jnp.zeros((0,), jnp.float32) if wants_decay_grad else None
-  return (out, final_state), (*values, final_state, marker)
+  return (out, final_state), (*values, final_state, scores, marker)
 
 
 def _dense(cotangent, like):
@@ -750,7 +749,7 @@ def _dense(cotangent, like):
 
 
 def _linear_attention_bwd(config, residuals, cotangents):
-  q, k, v, log_decay, initial_state, segment_ids, final_state, marker = residuals
+  q, k, v, log_decay, initial_state, segment_ids, final_state, scores, marker = residuals
   wants_decay_grad = marker is not None
   d_out = _dense(cotangents[0], v)
   d_final = _dense(cotangents[1], final_state)
@@ -764,7 +763,7 @@ def _linear_attention_bwd(config, residuals, cotangents):
   states, last = _state_scan(layout, kp, vp, g, resets, init, state_dtype, reverse=False)
   d_states, d_init = _state_scan(layout, qp, dop, g, resets, jnp.swapaxes(d_final.astype(jnp.float32), -1, -2),
                                  state_dtype, reverse=True)
-  dv = _grad_dv(layout, qp, kp, dop, g, resets, d_states, v.dtype)[:, :time]
+  dv = _grad_dv(layout, qp, kp, dop, g, resets, d_states, scores, v.dtype)[:, :time]
   grad_dtype = jnp.float32 if wants_decay_grad else q.dtype
   dq, dk = _grad_dqdk(layout, qp, kp, vp, dop, g, resets, states, d_states, grad_dtype, grad_dtype)
   d_log_decay = None
