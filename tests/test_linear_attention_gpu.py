@@ -133,7 +133,7 @@ def test_bad_input_names_the_problem(bad, message):
 def test_bf16_decay_gradient_error_does_not_grow_with_sequence_length():
   """The decay gradient's suffix sum of q·dq − k·dk cancels heavily. Summed over the whole sequence with bf16
   states its error grew with T (9.0e-3 at T=1024 in this case, 1.7e-1 with bf16 dq/dk operands too); telescoped
-  only to each chunk's end it is 1.6e-3 at T=1024 (chunk 32, the HGRN2 default)."""
+  only to each chunk's end it is 2.5e-3 at T=1024 (chunk 32, the HGRN2 default)."""
   for time in (300, 1024):
     q, k, v, log_decay, state, segment_ids = testing.random_inputs(
         7, batch=1, time=time, heads=2, dim_k=64, dim_v=32, decay_mode="vector", strength="strong",
