@@ -144,6 +144,23 @@ def test_bf16_decay_gradient_error_does_not_grow_with_sequence_length():
     assert testing.relative_rms_error(grads["log_decay"], expected["log_decay"]) <= 4e-3, time
 
 
+@pytest.mark.parametrize("decay_mode", ["vector", "scalar"])
+def test_bf16_decay_gradient_with_an_unrounded_final_state_cotangent(decay_mode):
+  """dS_T in fp32 (as a loss on the final state gives it): the last chunk's Σ_v S_e·dS_e must use dS_T as the
+  kernels' bf16 state gradients carry it, or it stops cancelling their q·dq − k·dk (8.8e-3 vector, 4.1e-2
+  scalar); a scalar decay's gradient also needs fp32 states (1.0e-2 with bf16 ones)."""
+  q, k, v, log_decay, state, segment_ids = testing.random_inputs(
+      5, batch=1, time=200, heads=2, dim_k=64, dim_v=32, decay_mode=decay_mode, strength="strong",
+      dtype=jnp.bfloat16)
+  rng = np.random.default_rng(3)
+  d_out = jnp.asarray(rng.normal(size=v.shape), jnp.bfloat16).astype(jnp.float32)
+  d_state = jnp.asarray(rng.normal(size=state.shape), jnp.float32)
+  _, _, expected = testing.reference_float64(q, k, v, log_decay, state, segment_ids, d_out, d_state)
+  _, _, grads = _kernel_with_grads(None, q, k, v, log_decay, state, segment_ids, d_out, d_state)
+  errors = {name: testing.relative_rms_error(grads[name], expected[name]) for name in expected}
+  assert max(errors.values()) <= 5e-3, errors
+
+
 @pytest.mark.parametrize("dtype,bound", [(jnp.float32, FP32_BOUND), (jnp.bfloat16, BF16_BOUND)])
 def test_vector_forward_forward_only_matches_reference(dtype, bound):
   """The forward alone (no VJP: the primal rule, as in evaluation) with strong gates, resets inside chunks and
