@@ -702,38 +702,63 @@ def _pad_time(x, padded_time):
   return jnp.pad(x, widths)
 
 
-def _chunk_cumsum(x, chunk, reverse=False):
-  """Inclusive cumulative sum along axis 1 (time), restarting at every chunk (from its end when `reverse`).
-  Floats go through one exact fp32 matmul with a triangular [C, C] matrix: XLA's cumsum of the per-channel gates
-  took 161 µs at 8×2048×16×128 on the H200 (1.7 TB/s)."""
+def _chunk_cumsum(x, chunk):
+  """Inclusive cumulative sum along axis 1 (time), restarting at every chunk (small arrays: XLA)."""
   shape = x.shape
-  blocks = x.reshape(shape[0], shape[1] // chunk, chunk, -1)
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    assert not reverse
-    return jnp.cumsum(blocks, axis=2).reshape(shape)
-  rows, cols = jnp.arange(chunk)[:, None], jnp.arange(chunk)[None, :]
-  triangle = (rows <= cols if reverse else rows >= cols).astype(jnp.float32)
-  summed = jnp.einsum("ij,bnjr->bnir", triangle, blocks.astype(jnp.float32), precision=lax.Precision.HIGHEST)
-  return summed.reshape(shape)
+  return jnp.cumsum(x.reshape(shape[0], shape[1] // chunk, chunk, *shape[2:]), axis=2).reshape(shape)
+
+
+def _chunk_sums_kernel(*refs, reverse):
+  """One chunk's fp32 cumulative sums over its rows; reverse: suffix sums plus the chunk's row `offset_ref`."""
+  x_ref, *offset_ref, out_ref = refs
+  x = x_ref[...].astype(jnp.float32)
+  prefix = jnp.cumsum(x, axis=0)  # Triton scans run forward only
+  out = (jnp.sum(x, axis=0)[None, :] - prefix + x) if reverse else prefix
+  if offset_ref:
+    out = out + offset_ref[0][...][None, :]
+  out_ref[...] = out
+
+
+def _chunk_sums(layout, x, reverse=False, offsets=None):
+  """Per-chunk cumulative sums over time of x [B,T,H,W] (prefix sums, or suffix sums + offsets [B,N,H,W]), fp32,
+  one program per chunk: the gates' chunk-local g and the decay gradient's suffix sums. XLA took 161 µs for the
+  first at 8×2048×16×128 on the H200 (1.7 TB/s; as a triangular matmul 192 µs)."""
+  layout = layout.whole_chunks()
+  width = x.shape[-1]
+  heads = layout.heads
+  in_specs = [layout.chunk_spec(width)]
+  operands = [x]
+  if offsets is not None:
+    in_specs.append(pl.BlockSpec((None, None, None, width), lambda n, bh, t: (bh // heads, n, bh % heads, 0)))
+    operands.append(offsets)
+  return pl.pallas_call(
+      functools.partial(_chunk_sums_kernel, reverse=reverse),
+      grid=layout.chunk_grid(1), in_specs=in_specs, out_specs=layout.result_spec(width),
+      out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
+      compiler_params=_compiler_params(layout.config, num_warps=4), interpret=_interpret(),
+      name="linear_attention_chunk_sums",
+  )(*operands)
 
 
 def _prepare(config, q, k, v, log_decay, segment_ids):
-  """Pads time to whole chunks (zero q/k/v, zero log-decay) and builds the chunk-local g and reset counts."""
-  batch, time, heads, _ = q.shape
+  """Pads time to whole chunks (zero q/k/v, zero log-decay) and builds the chunk-local g and reset counts;
+  returns them with the calls' _Layout."""
+  batch, time, heads, dim_k = q.shape
   chunk = config.chunk
   padded_time = -(-time // chunk) * chunk
+  layout = _Layout(config, batch, padded_time, heads, dim_k, v.shape[-1], q.dtype)
   q, k, v = (_pad_time(x, padded_time) for x in (q, k, v))
   g = None
   if config.mode == "scalar":
     per_step = jnp.where(jnp.arange(padded_time)[:, None] < time, log_decay.astype(jnp.float32)[None, :], 0.0)
     g = _chunk_cumsum(per_step[None], chunk)[0]  # [T, H]: the same for every batch row
   elif config.mode == "vector":
-    g = _chunk_cumsum(_pad_time(log_decay.astype(jnp.float32), padded_time), chunk)
+    g = _chunk_sums(layout, _pad_time(log_decay, padded_time))
   resets = None
   if config.has_segments:
     starts = _pad_time(reference.segment_starts(segment_ids, batch, time).astype(jnp.int32), padded_time)
     resets = _chunk_cumsum(starts, chunk)
-  return q, k, v, g, resets, padded_time
+  return q, k, v, g, resets, layout
 
 
 def _state_dtype(dtype):
@@ -743,10 +768,8 @@ def _state_dtype(dtype):
 
 def _forward(config, q, k, v, log_decay, initial_state, segment_ids):
   """((o, final state), intra-chunk scores A: the backward's dv kernel reuses them; None without vector decay)."""
-  batch, time, heads, dim_k = q.shape
-  dim_v = v.shape[-1]
-  qp, kp, vp, g, resets, padded_time = _prepare(config, q, k, v, log_decay, segment_ids)
-  layout = _Layout(config, batch, padded_time, heads, dim_k, dim_v, q.dtype)
+  time = q.shape[1]
+  qp, kp, vp, g, resets, layout = _prepare(config, q, k, v, log_decay, segment_ids)
   init = jnp.swapaxes(initial_state.astype(jnp.float32), -1, -2)
   states, last = _state_scan(layout, kp, vp, g, resets, init, _state_dtype(q.dtype), reverse=False)
   scores = _intra_scores(layout, qp, kp, g, resets) if config.mode == "vector" else None
@@ -780,11 +803,9 @@ def _linear_attention_bwd(config, residuals, cotangents):
   wants_decay_grad = marker is not None
   d_out = _dense(cotangents[0], v)
   d_final = _dense(cotangents[1], final_state)
-  batch, time, heads, dim_k = q.shape
-  dim_v = v.shape[-1]
-  qp, kp, vp, g, resets, padded_time = _prepare(config, q, k, v, log_decay, segment_ids)
-  dop = _pad_time(d_out.astype(v.dtype), padded_time)
-  layout = _Layout(config, batch, padded_time, heads, dim_k, dim_v, q.dtype)
+  time = q.shape[1]
+  qp, kp, vp, g, resets, layout = _prepare(config, q, k, v, log_decay, segment_ids)
+  dop = _pad_time(d_out.astype(v.dtype), layout.time)
   # One decay per head sums the per-row decay gradients over the whole sequence, which cancels again: bf16
   # states gave it 1.0e-2 of relative error with strong decay (a trainable TNL decay; HGRN2 keeps bf16 states).
   state_dtype = jnp.float32 if (wants_decay_grad and config.mode == "scalar") else _state_dtype(q.dtype)
@@ -802,20 +823,17 @@ def _linear_attention_bwd(config, residuals, cotangents):
     # relative error (scalar decay), the unrounded dS_T 1.1e-2 (vector), this 2.9e-3 (benchmarks/kernels.py --check).
     final_term = jnp.sum(last * d_states[:, -1].astype(jnp.float32), axis=-2)  # [B,H,Dk]
     state_term = state_term[0].sum(axis=3).at[:, -1].set(final_term)
-    d_log_decay = _decay_grad(config, *per_step, state_term, time).astype(log_decay.dtype)
+    d_log_decay = _decay_grad(layout, *per_step, state_term, time).astype(log_decay.dtype)
   d_initial = jnp.swapaxes(d_init, -1, -2).astype(initial_state.dtype)
   return (dq[:, :time], dk[:, :time], dv[:, :time], d_log_decay, d_initial, None)
 
 
-def _decay_grad(config, per_step, state_term, time):
+def _decay_grad(layout, per_step, state_term, time):
   """d log α: per row r, Σ_{r≤t≤e} (q·dq − k·dk)_t + Σ_v S_e·dS_e (module docstring) from the per-row
   q·dq − k·dk [B,T,H,Dk] (chunk-padded) and Σ_v S_e·dS_e per chunk [B,N,H,Dk]; [B,T,H,Dk] for vector decay, [H]
   for a scalar decay per head (which acts on every row and channel)."""
-  batch, padded_time, heads, dim_k = per_step.shape
-  within_chunk = _chunk_cumsum(per_step, config.chunk, reverse=True)
-  within_chunk = within_chunk.reshape(batch, padded_time // config.chunk, config.chunk, heads, dim_k)
-  per_row = (within_chunk + state_term[:, :, None]).reshape(per_step.shape)[:, :time]
-  return per_row if config.mode == "vector" else per_row.sum(axis=(0, 1, 3))
+  per_row = _chunk_sums(layout, per_step, reverse=True, offsets=state_term)[:, :time]
+  return per_row if layout.config.mode == "vector" else per_row.sum(axis=(0, 1, 3))
 
 
 _linear_attention.defvjp(_linear_attention_fwd, _linear_attention_bwd, symbolic_zeros=True)
