@@ -228,7 +228,7 @@ def _for_each_sub_chunk(config, body):
   names, whose output block is that sub-chunk alone."""
   size = config.sub_chunk
   if config.parts > 1:
-    start = pl.multiple_of((pl.program_id(0) % config.parts) * size, size)
+    start = pl.multiple_of((pl.program_id(1) % config.parts) * size, size)
     body(start, 0)
     return
 
@@ -498,29 +498,31 @@ class _Layout:
     layout.parts = 1
     return layout
 
-  # Chunk-parallel grid (chunk·parts, batch·head, tile): `parts` programs per chunk each write 1/parts of its rows.
+  # Chunk-parallel grid (tile, chunk·parts, batch·head): `parts` programs per chunk each write 1/parts of its rows.
+  # The first axis varies fastest in launch order, so the programs sharing a chunk's operands run together and
+  # find them in L2 (tiles last: the dq/dk kernel re-read v and do from HBM once per Dk tile).
   def chunk_grid(self, tiles):
-    return (self.num_chunks * self.parts, self.batch * self.heads, tiles)
+    return (tiles, self.num_chunks * self.parts, self.batch * self.heads)
 
   def chunk_spec(self, width, tiled=False):
     heads, parts = self.heads, self.parts
     return pl.BlockSpec((None, self.config.chunk, None, width),
-                        lambda n, bh, t: (bh // heads, n // parts, bh % heads, t if tiled else 0))
+                        lambda t, n, bh: (bh // heads, n // parts, bh % heads, t if tiled else 0))
 
   def result_spec(self, width, tiled=False):
     heads = self.heads
     return pl.BlockSpec((None, self.config.chunk // self.parts, None, width),
-                        lambda n, bh, t: (bh // heads, n, bh % heads, t if tiled else 0))
+                        lambda t, n, bh: (bh // heads, n, bh % heads, t if tiled else 0))
 
   def chunk_g_spec(self, width=None, tiled=False):
     heads, parts = self.heads, self.parts
     if self.config.mode == "scalar":
-      return pl.BlockSpec((self.config.chunk, None), lambda n, bh, t: (n // parts, bh % heads))
+      return pl.BlockSpec((self.config.chunk, None), lambda t, n, bh: (n // parts, bh % heads))
     return self.chunk_spec(width or self.dim_k, tiled)
 
   def chunk_resets_spec(self):
     heads, parts = self.heads, self.parts
-    return pl.BlockSpec((None, self.config.chunk), lambda n, bh, t: (bh // heads, n // parts))
+    return pl.BlockSpec((None, self.config.chunk), lambda t, n, bh: (bh // heads, n // parts))
 
   def chunk_state_spec(self, rows, columns, tile_rows, next_chunk=False):
     """The state [rows, columns] of each chunk; next_chunk: of the chunk after it, the state leaving it (the last
@@ -528,13 +530,13 @@ class _Layout:
     heads, parts, last = self.heads, self.parts, self.num_chunks - 1
     chunk = (lambda n: jnp.minimum(n // parts + 1, last)) if next_chunk else (lambda n: n // parts)
     return pl.BlockSpec((None, None, None, rows, columns),
-                        lambda n, bh, t: (bh // heads, chunk(n), bh % heads, t if tile_rows else 0,
+                        lambda t, n, bh: (bh // heads, chunk(n), bh % heads, t if tile_rows else 0,
                                           0 if tile_rows else t))
 
   def chunk_row_spec(self, width):
     """One [width] row per chunk and value tile: [B, N, H, tiles, width] (the decay gradient's state term)."""
     heads = self.heads
-    return pl.BlockSpec((None, None, None, None, width), lambda n, bh, t: (bh // heads, n, bh % heads, t, 0))
+    return pl.BlockSpec((None, None, None, None, width), lambda t, n, bh: (bh // heads, n, bh % heads, t, 0))
 
   # State-scan grid (batch·head, Dk tile, Dv tile).
   def scan_spec(self, width, tile_axis):
@@ -729,7 +731,7 @@ def _chunk_sums(layout, x, reverse=False, offsets=None):
   in_specs = [layout.chunk_spec(width)]
   operands = [x]
   if offsets is not None:
-    in_specs.append(pl.BlockSpec((None, None, None, width), lambda n, bh, t: (bh // heads, n, bh % heads, 0)))
+    in_specs.append(pl.BlockSpec((None, None, None, width), lambda t, n, bh: (bh // heads, n, bh % heads, 0)))
     operands.append(offsets)
   return pl.pallas_call(
       functools.partial(_chunk_sums_kernel, reverse=reverse),
