@@ -43,6 +43,11 @@ DEFAULT_CHUNK_SIZE = 64
 # H200, 8×2048×16×128, forward+backward kernel time: 5.75 ms against 6.16 at 64 tokens and 12.43 with one program
 # looping over a 64-token chunk's sub-chunks (benchmarks/results/kernel_profile_h200_sweeps.md).
 VECTOR_CHUNK_SIZE = 32
+# Warps of the chunk-parallel kernels (output, dv, dq/dk). Per-key-channel decay's 16-row sub-chunk programs run
+# best with 2: HGRN2 forward+backward 3.15 ms against 3.65 with 4 at 8×2048 (7.59 vs 8.58 ms at 1×32768; 1 warp
+# 5.13 ms); the 64-row chunks of fixed and no decay with 4 (2 and 8 warps slower; kernel_profile_h200_sweeps_session4).
+VECTOR_NUM_WARPS = 2
+DEFAULT_NUM_WARPS = 4
 SUB_CHUNK = 16  # vector decay: diagonal blocks computed elementwise at this size (fla's chunk_gla)
 SCORES_WARPS = 8  # the intra-chunk score kernel's warps (its own measured best; see _intra_scores_kernel)
 SCAN_TILE = 64  # Dk and Dv tile of the state scans: B·H·(Dk/64)·(Dv/64) sequential programs
@@ -845,14 +850,14 @@ def default_chunk_size(vector_decay: bool) -> int:
   return VECTOR_CHUNK_SIZE if vector_decay else DEFAULT_CHUNK_SIZE
 
 
-def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_size, *, num_warps=4, num_stages=2,
+def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_size, *, num_warps=None, num_stages=2,
                          scan_tile=SCAN_TILE, split_sub_chunks=None, key_tile=None, broadcast_diag=None,
                          scan_unroll=None):
   """"pallas_gpu" backend: (o [B,T,H,Dv] in v.dtype, final_state [B,H,Dk,Dv] f32). See the module docstring.
 
   The keyword options tune the kernels (benchmarks/kernels.py --variants); None picks the measured default:
-  split_sub_chunks and broadcast_diag on for per-key-channel decay, scan_unroll SCAN_UNROLL for latency-bound
-  scans with 16-bit operands."""
+  num_warps VECTOR_NUM_WARPS or DEFAULT_NUM_WARPS, split_sub_chunks and broadcast_diag on for per-key-channel
+  decay, scan_unroll SCAN_UNROLL for latency-bound scans with 16-bit operands."""
   batch, time, heads, dim_k = q.shape
   dim_v = v.shape[-1]
   for name, x in (("q", q), ("k", k), ("v", v)):
@@ -878,6 +883,8 @@ def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
     tile_k, tile_v = _scan_tiles(scan_tile, dim_k, dim_v)
     scan_programs = batch * heads * (dim_k // tile_k) * (dim_v // tile_v)
     scan_unroll = SCAN_UNROLL if scan_programs < LATENCY_BOUND_PROGRAMS else 1
+  if num_warps is None:
+    num_warps = VECTOR_NUM_WARPS if vector_decay else DEFAULT_NUM_WARPS
   config = _Config(mode, segment_ids is not None, chunk, num_warps, num_stages, scan_tile,
                    vector_decay if split_sub_chunks is None else split_sub_chunks, key_tile,
                    vector_decay if broadcast_diag is None else broadcast_diag, scan_unroll)
