@@ -20,8 +20,9 @@ carried state only before the chunk's first reset, a key feeds the outgoing stat
 States travel between kernels value-major ([.., Dv, Dk]) so that per-key-channel decays scale columns.
 The decay gradient telescopes only to the end of each chunk (as fla's chunk_gla does):
 d log α_r = Σ_{r≤t≤e} (q·dq − k·dk)_t + Σ_v S_e·dS_e, e the chunk's last row, S_e the state leaving the chunk and
-dS_e its gradient from later rows; the dq/dk kernel emits q·dq − k·dk, the dv kernel Σ_v S_e·dS_e, XLA the sums. The suffix sum cancels heavily; summed over the whole sequence (kernels.md
-§3.3) its error grows with T, which forced fp32 states. Chunk-local, bf16 states suffice: only the intra-chunk
+dS_e its gradient from later rows; the dq/dk kernel emits q·dq − k·dk, the dv kernel Σ_v S_e·dS_e, a small kernel
+the sums. The suffix sum cancels heavily; summed over the whole sequence (kernels.md §3.3) its error grows with T,
+which forced fp32 states. Chunk-local, bf16 states suffice: only the intra-chunk
 dq/dk matmuls keep fp32 operands, and only when a decay gradient is wanted (HGRN2; TNL's decay is a fixed buffer).
 Off the GPU the kernels run in Pallas interpret mode (for tests on CPU).
 """
@@ -320,7 +321,8 @@ def _intra_scores_kernel(*refs, config):
   to the row just before the sub-chunk (q ⊙ exp(g_i − g_r) and k ⊙ exp(g_r − g_j), both ≤ 1), the diagonal block
   is elementwise, column by column at SCORES_WARPS warps (H200, 8×2048×16×128: 581 µs; 658 µs as [16, 16, 32]
   broadcasts at 4 warps, the dq/dk kernel's best; 728 and 918 µs the other two pairings). Kept apart from the
-  matmul-heavy output kernel: fused, the two took 1.19 ms of a 1.58 ms forward (kernel_profile_h200.md)."""
+  matmul-heavy output kernel: fused, the two took 1.19 ms of a 1.58 ms forward
+  (kernel_profile_h200_session3.md)."""
   (q_ref, k_ref), g_ref, resets_ref, (a_ref,) = _split_refs(refs, config, 2)
   dtype = q_ref.dtype
   size, chunk = config.sub_chunk, config.chunk
