@@ -120,8 +120,8 @@ def _scalar(ref, index):
   return jnp.sum(ref[pl.ds(index, 1)])
 
 
-def _row(ref, index, columns=slice(None)):
-  return ref[pl.ds(index, 1), columns].astype(jnp.float32)
+def _row(ref, index):
+  return ref[pl.ds(index, 1), :].astype(jnp.float32)
 
 
 # ------------------------------------------------------------------------------------------ chunk helpers
@@ -139,18 +139,16 @@ def _intra_mask(config, g, resets):
   return keep.astype(jnp.float32)
 
 
-def _diag_block(q_sub, k_ref, g_sub, g_ref, resets_sub, resets_ref, start, sub, columns=slice(None)):
-  """Vector decay: the [c,c] block A_ij = Σ_d q_id k_jd exp(g_id − g_jd) (i ≥ j, same document), elementwise in
-  fp32 one key at a time, so no exponent is ever positive."""
+def _diag_block(q_sub, k_ref, g_sub, g_ref, start, sub):
+  """Vector decay: the [c,c] block A_ij = Σ_d q_id k_jd exp(g_id − g_jd) (i ≥ j; document masks are the
+  caller's), elementwise in fp32 one key at a time, so no exponent is ever positive."""
   rows = lax.broadcasted_iota(jnp.int32, (sub, 1), 0)
   cols = lax.broadcasted_iota(jnp.int32, (sub, sub), 1)
 
   def add_column(j, block):
-    k_j = _row(k_ref, start + j, columns)
-    exponent = jnp.where(rows >= j, g_sub - _row(g_ref, start + j, columns), -jnp.inf)
+    k_j = _row(k_ref, start + j)
+    exponent = jnp.where(rows >= j, g_sub - _row(g_ref, start + j), -jnp.inf)
     column = jnp.sum(q_sub * k_j * jnp.exp(exponent), axis=1)
-    if resets_ref is not None:
-      column = jnp.where(resets_sub == _scalar(resets_ref, start + j), column, 0.0)
     return jnp.where(cols == j, column[:, None], block)
 
   # A loop, not unrolled: keeps the Triton program (and its compile time) small.
@@ -169,41 +167,30 @@ def _diag_decay(g):
   return jnp.exp(jnp.where(rows >= cols, g[:, None, :] - g[None, :, :], -jnp.inf))
 
 
-class _SubChunk:
-  """Decay factors and masks of the sub-chunk [start, start+size) of a chunk (vector decay, or the whole chunk).
+class _ChunkFactors:
+  """Decay factors and masks of a whole chunk of `size` rows (g is chunk-local: 0 before its first row).
 
-  q_factor = exp(g_i − g_before) (≤ 1) scales queries against the state entering the sub-chunk, k_factor =
-  exp(g_end − g_j) scales keys into the state leaving it, state_decay = exp(g_end − g_before) (× 0 when a
-  document starts inside) carries the state across. None means "no scaling". `start` may be traced (the
-  sub-chunk loops are loops, not unrolled)."""
+  q_factor = exp(g_i) (≤ 1) scales queries against the state entering the chunk, k_factor = exp(g_end − g_j)
+  keys into the state leaving it, state_decay = exp(g_end) (× 0 when a document starts inside) carries the state
+  across. None means "no scaling"."""
 
-  def __init__(self, config, g_ref, resets_ref, start, size, columns=slice(None)):
-    mode = config.mode
+  def __init__(self, config, g_ref, resets_ref, size):
     self.g = self.q_factor = self.k_factor = self.state_decay = None
-    if mode == "scalar":
-      self.g = g_ref[pl.ds(start, size)].astype(jnp.float32)
-      g_before = _before(lambda index: _scalar(g_ref, index), start, 0.0)
-      g_end = _scalar(g_ref, start + size - 1)
-      self.q_factor = jnp.exp(self.g - g_before)[:, None]
-      self.k_factor = jnp.exp(g_end - self.g)[:, None]
-      self.state_decay = jnp.exp(g_end - g_before)
-    elif mode == "vector":
-      self.g = g_ref[pl.ds(start, size), columns].astype(jnp.float32)
-      g_before = _before(lambda index: _row(g_ref, index, columns), start, 0.0)
-      g_end = _row(g_ref, start + size - 1, columns)
-      self.q_factor = jnp.exp(self.g - g_before)
-      self.k_factor = jnp.exp(g_end - self.g)
-      self.state_decay = jnp.exp(g_end - g_before)
+    if config.mode != "none":
+      scalar = config.mode == "scalar"
+      self.g = (g_ref[pl.ds(0, size)] if scalar else g_ref[pl.ds(0, size), :]).astype(jnp.float32)  # [C] / [C, Dk]
+      g_end = _scalar(g_ref, size - 1) if scalar else _row(g_ref, size - 1)
+      to_rows = (lambda x: x[:, None]) if scalar else (lambda x: x)
+      self.q_factor = to_rows(jnp.exp(self.g))
+      self.k_factor = to_rows(jnp.exp(g_end - self.g))
+      self.state_decay = jnp.exp(g_end)
     self.resets = None
     if config.has_segments:
-      self.resets = resets_ref[pl.ds(start, size)]
-      resets_before = _before(lambda index: _scalar(resets_ref, index), start, 0)
-      resets_end = _scalar(resets_ref, start + size - 1)
-      query_sees_state = (self.resets == resets_before)[:, None]
-      key_reaches_end = (self.resets == resets_end)[:, None]
-      carried = (resets_end == resets_before).astype(jnp.float32)
-      self.q_factor = _and_mask(self.q_factor, query_sees_state)
-      self.k_factor = _and_mask(self.k_factor, key_reaches_end)
+      self.resets = resets_ref[pl.ds(0, size)]
+      resets_end = _scalar(resets_ref, size - 1)
+      self.q_factor = _and_mask(self.q_factor, (self.resets == 0)[:, None])
+      self.k_factor = _and_mask(self.k_factor, (self.resets == resets_end)[:, None])
+      carried = (resets_end == 0).astype(jnp.float32)
       self.state_decay = carried if self.state_decay is None else self.state_decay * carried
 
   @staticmethod
@@ -276,9 +263,9 @@ def _state_scan_kernel(*refs, config, num_chunks, reverse):
     """(decay, b̂ᵀâ) of chunk n: independent of the carried state, so loads and matmul can run ahead of it."""
     start = pl.multiple_of(n * chunk, chunk)
     offset = lambda ref: None if ref is None else _Offset(ref, start)
-    sub = _SubChunk(config, offset(g_ref), offset(resets_ref), 0, chunk)
+    sub = _ChunkFactors(config, offset(g_ref), offset(resets_ref), chunk)
     factor = sub.q_factor if reverse else sub.k_factor
-    a = _SubChunk.scale(a_ref[pl.ds(start, chunk), :].astype(jnp.float32), factor).astype(operand_dtype)
+    a = _ChunkFactors.scale(a_ref[pl.ds(start, chunk), :].astype(jnp.float32), factor).astype(operand_dtype)
     b = b_ref[pl.ds(start, chunk), :].astype(operand_dtype)
     return sub.state_decay, _dot_tn(b, a)
 
@@ -290,7 +277,7 @@ def _state_scan_kernel(*refs, config, num_chunks, reverse):
       updates = [chunk_update(n) for n in chunks]
       for n, (decay, update) in zip(chunks, updates):
         states_ref[n] = state.astype(states_ref.dtype)
-        state = _SubChunk.scale(state, decay) + update
+        state = _ChunkFactors.scale(state, decay) + update
       return state
     return body
 
@@ -337,7 +324,7 @@ def _intra_scores_kernel(*refs, config):
     k_tilde = _rescaled_rows(k_ref[...].astype(jnp.float32), g_r - g_ref[...].astype(jnp.float32),
                              key_rows < start)
     scores = _dot_nt((q * jnp.exp(g_q - g_r)).astype(dtype), k_tilde.astype(dtype))  # zero from column `start` on
-    block = _diag_block(q, k_ref, g_q, g_ref, None, None, start, size)
+    block = _diag_block(q, k_ref, g_q, g_ref, start, size)
     # The [c, c] diagonal block into columns [start, start + c): a one-hot matmul (no dynamic column slicing).
     scores = scores + _dot(block, (block_cols == start + block_rows).astype(jnp.float32))
     if config.has_segments:
@@ -360,10 +347,10 @@ def _output_kernel(*refs, config):
   """o = q̄·h + A·v for one chunk and Dv tile."""
   (q_ref, k_ref, v_ref), g_ref, resets_ref, (h_ref, *scores_ref, o_ref) = _split_refs(refs, config, 3)
   dtype = q_ref.dtype
-  sub = _SubChunk(config, g_ref, resets_ref, 0, config.chunk)
+  sub = _ChunkFactors(config, g_ref, resets_ref, config.chunk)
   q = q_ref[...]
   scores = _chunk_scores(config, sub, q, k_ref[...], *scores_ref)
-  q_bar = _SubChunk.scale(q.astype(jnp.float32), sub.q_factor).astype(dtype)
+  q_bar = _ChunkFactors.scale(q.astype(jnp.float32), sub.q_factor).astype(dtype)
   out = _dot_nt(q_bar, h_ref[...].astype(dtype)) + _dot(scores.astype(dtype), v_ref[...])
   o_ref[...] = out.astype(o_ref.dtype)
 
@@ -379,10 +366,10 @@ def _dv_kernel(*refs, config, decay_grad):
   else:
     (dv_ref,) = rest
   dtype = q_ref.dtype
-  sub = _SubChunk(config, g_ref, resets_ref, 0, config.chunk)
+  sub = _ChunkFactors(config, g_ref, resets_ref, config.chunk)
   k = k_ref[...]
   scores = _chunk_scores(config, sub, q_ref[...], k, scores_ref)
-  k_hat = _SubChunk.scale(k.astype(jnp.float32), sub.k_factor).astype(dtype)
+  k_hat = _ChunkFactors.scale(k.astype(jnp.float32), sub.k_factor).astype(dtype)
   dv = _dot_tn(scores.astype(dtype), do_ref[...]) + _dot_nt(k_hat, dh_ref[...].astype(dtype))
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -406,12 +393,12 @@ def _dqdk_kernel(*refs, config, operand_dtype):
       x_ref[0][out_rows, :] = (q_ref[rows, :].astype(jnp.float32) * dq - k_ref[rows, :].astype(jnp.float32) * dk)
 
   if config.mode != "vector":
-    sub = _SubChunk(config, g_ref, resets_ref, 0, config.chunk)
+    sub = _ChunkFactors(config, g_ref, resets_ref, config.chunk)
     q, k, do, v = (ref[...] for ref in (q_ref, k_ref, do_ref, v_ref))
     d_scores = (_dot_nt(do, v) * _intra_mask(config, sub.g, sub.resets)).astype(dtype)
     dq_state, dk_state = _state_terms(do, v, h_ref, dh_ref)
-    dq = _SubChunk.scale(dq_state, sub.q_factor) + _dot(d_scores, k.astype(dtype))
-    dk = _SubChunk.scale(dk_state, sub.k_factor) + _dot_tn(d_scores, q.astype(dtype))
+    dq = _ChunkFactors.scale(dq_state, sub.q_factor) + _dot(d_scores, k.astype(dtype))
+    dk = _ChunkFactors.scale(dk_state, sub.k_factor) + _dot_tn(d_scores, q.astype(dtype))
     store(slice(None), slice(None), dq, dk)
     return
   size, chunk = config.sub_chunk, config.chunk
