@@ -53,6 +53,9 @@ FLA_NAMES = {"tnl": "chunk_simple_gla(g_gamma)", "hgrn2": "chunk_gla", "cosforme
 # Keys of ../shared/bench/h200_peers.json (fla 0.6.0 on this H200 model, [fwd_ms, fwd_bwd_ms]).
 REFERENCE_PEER_NAMES = {"tnl": "chunk_simple_gla (TNL decay)", "hgrn2": "chunk_gla (HGRN2-like)",
                         "cosformer2": "chunk_linear_attn (no decay)"}
+VARIANT_SYNTAX = "c<chunk>w<warps>[s<scan tile>][k<dq/dk key tile>][u<scan unroll>][p][b]"
+VARIANT_HELP = (f"{VARIANT_SYNTAX}, e.g. c64w8, c64w4s32u4 or c32w4pb (p: one program per HGRN2 sub-chunk, "
+                "b: broadcast diagonal blocks in the dq/dk kernel)")
 
 
 def log(*parts):
@@ -75,9 +78,9 @@ def compile_jax(fn, args):
   return compiled, time.perf_counter() - start
 
 
-def time_jax(fn, args, reps, calls):
-  """{"ms": median ms per call, "compile_s": lower+compile seconds} of a jitted fn."""
-  compiled, compile_s = compile_jax(fn, args)
+def time_compiled(compiled, args, reps, calls):
+  """Median ms per call of a compiled executable: reps × (calls back-to-back calls, block_until_ready), after
+  warm-up."""
   jax.block_until_ready(compiled(*args))
   jax.block_until_ready(compiled(*args))
   samples = []
@@ -87,22 +90,28 @@ def time_jax(fn, args, reps, calls):
       out = compiled(*args)
     jax.block_until_ready(out)
     samples.append((time.perf_counter() - start) / calls * 1e3)
-  return {"ms": statistics.median(samples), "compile_s": compile_s}
+  return statistics.median(samples)
 
 
-def jax_inputs(op, batch, time_, heads, dim, seed=0):
+def time_jax(fn, args, reps, calls):
+  """{"ms": median ms per call, "compile_s": lower+compile seconds} of a jitted fn."""
+  compiled, compile_s = compile_jax(fn, args)
+  return {"ms": time_compiled(compiled, args, reps, calls), "compile_s": compile_s}
+
+
+def jax_inputs(op, batch, time_, heads, dim, seed=0, dtype=jnp.bfloat16):
   keys = jax.random.split(jax.random.key(seed), 5)
   normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32)
-  q = (normal(keys[0], (batch, time_, heads, dim)) * 0.1).astype(jnp.bfloat16)
-  k = (normal(keys[1], (batch, time_, heads, dim)) * 0.1).astype(jnp.bfloat16)
-  v = (normal(keys[2], (batch, time_, heads, dim)) * 0.1).astype(jnp.bfloat16)
+  q = (normal(keys[0], (batch, time_, heads, dim)) * 0.1).astype(dtype)
+  k = (normal(keys[1], (batch, time_, heads, dim)) * 0.1).astype(dtype)
+  v = (normal(keys[2], (batch, time_, heads, dim)) * 0.1).astype(dtype)
   if op == "tnl":
     log_decay = -jnp.exp(jax.random.uniform(keys[3], (heads,), minval=-6.0, maxval=-1.0))
   elif op == "hgrn2":  # the peer benchmark's mild gate: logsigmoid(N(0,1) + 4)
     log_decay = jax.nn.log_sigmoid(normal(keys[3], (batch, time_, heads, dim)) + 4.0)
   else:
     log_decay = None
-  d_out = normal(keys[4], (batch, time_, heads, dim)).astype(jnp.bfloat16)
+  d_out = normal(keys[4], (batch, time_, heads, dim)).astype(dtype)
   return q, k, v, log_decay, d_out
 
 
@@ -361,14 +370,12 @@ def measure_baseline(runner, name, shape, args):
 
 
 def parse_variant(text):
-  """'c<chunk>w<warps>[s<scan tile>][k<dq/dk key tile>][u<scan unroll>][p][b]' -> (chunk, linear_attention_gpu
-  options); 'default' -> (None, {}): the op's defaults."""
+  """VARIANT_SYNTAX -> (chunk, linear_attention_gpu options); 'default' -> (None, {}): the op's defaults."""
   if text == "default":
     return None, {}
   match = re.fullmatch(r"c(\d+)w(\d+)(?:s(\d+))?(?:k(\d+))?(?:u(\d+))?(p?)(b?)", text)
   if match is None:
-    raise SystemExit(f"variant {text!r}; valid: c<chunk>w<warps>[s<scan tile>][k<key tile>][u<unroll>][p][b], e.g. "
-                     "c64w8, c64w4s32u4 or c32w4pb (p: one program per HGRN2 sub-chunk, b: broadcast diagonal blocks).")
+    raise SystemExit(f"variant {text!r}; valid: {VARIANT_HELP}.")
   options = dict(num_warps=int(match.group(2)), split_sub_chunks=bool(match.group(6)),
                  broadcast_diag=bool(match.group(7)))
   if match.group(5):
@@ -399,10 +406,7 @@ def main():
   parser.add_argument("--reps", type=int, default=20)
   parser.add_argument("--calls", type=int, default=5)
   parser.add_argument("--check", action="store_true", help="compare with the float64 reference first")
-  parser.add_argument("--variants", default="",
-                      help="extra configs c<chunk>w<warps>[s<scan tile>][k<dq/dk key tile>][u<scan unroll>][p][b], "
-                           "e.g. 'c64w8,c64w4s32u4,c32w4pb' (p: one program per HGRN2 sub-chunk, b: broadcast "
-                           "diagonal blocks)")
+  parser.add_argument("--variants", default="", help="comma-separated extra configs " + VARIANT_HELP)
   parser.add_argument("--skip_peers", action="store_true", help="time ours only (no fla, no JAX baselines)")
   parser.add_argument("--ops", default=",".join(OPS), help="subset of " + ",".join(OPS))
   parser.add_argument("--skip_fla_ops", default="",

@@ -4,8 +4,8 @@ Runs each (op, variant) under `jax.profiler.trace` and sums the device events of
 name (our pallas_calls are named linear_attention_*; XLA's fusions keep theirs), per call. Complements
 benchmarks/kernels.py, whose medians are end-to-end.
   python3 benchmarks/profile_kernels.py --out $OUT --ops hgrn2 --shape 8x2048x16x128 --variants c64w4,c64w8p
-Variants use kernels.py's syntax ('default', or c<chunk>w<warps>[s<scan tile>][k<key tile>][u<unroll>][p][b]). CPU smoke (interpret mode; the trace then
-holds host events, summed the same way):
+Variants use kernels.py's syntax ('default', or kernels.VARIANT_SYNTAX). CPU smoke (interpret mode; the trace
+then holds host events, summed the same way):
   python3 benchmarks/profile_kernels.py --out /tmp/profile_smoke --shape 1x64x2x16 --calls 1
 """
 from __future__ import annotations
@@ -88,8 +88,7 @@ def main():
   parser.add_argument("--name", default="kernel_profile_h200", help="results file stem")
   parser.add_argument("--ops", default="hgrn2", help="subset of " + ",".join(kernels.OPS))
   parser.add_argument("--shape", default="8x2048x16x128", help="BxTxHxD or an index into kernels.SHAPES")
-  parser.add_argument("--variants", default="default",
-                      help="comma-separated 'default' or c<chunk>w<warps>[s<scan tile>][k<key tile>][u<unroll>][p][b]")
+  parser.add_argument("--variants", default="default", help="comma-separated 'default' or " + kernels.VARIANT_HELP)
   parser.add_argument("--calls", type=int, default=5)
   args = parser.parse_args()
   (shape,) = kernels.parse_shapes(args.shape)

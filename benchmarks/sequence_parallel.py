@@ -21,7 +21,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -34,37 +33,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
+import kernels  # noqa: E402  (benchmarks/kernels.py: inputs, the fwd+bwd closure, compile and timing, log)
 from lsm_jax import metrics  # noqa: E402
 from pallas_kernels.linear_attention import api  # noqa: E402
 from pallas_kernels.linear_attention.sequence_parallel import sequence_parallel_linear_attention  # noqa: E402
 
 OPS = ("tnl", "hgrn2", "cosformer2")  # decay per head, per token and key channel, none
 GIB = 2.0 ** 30
-
-
-def log(*parts):
-  print(*parts, flush=True)
-
-
-def make_inputs(op, batch, length, heads, dim, dtype, seed=0):
-  keys = jax.random.split(jax.random.key(seed), 5)
-  normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32)
-  q, k, v, d_out = ((normal(key, (batch, length, heads, dim)) * 0.1).astype(dtype)
-                    for key in (keys[0], keys[1], keys[2], keys[4]))
-  if op == "tnl":
-    log_decay = -jnp.exp(jax.random.uniform(keys[3], (heads,), minval=-6.0, maxval=-1.0))
-  elif op == "hgrn2":
-    log_decay = jax.nn.log_sigmoid(normal(keys[3], (batch, length, heads, dim)) + 4.0)
-  else:
-    log_decay = None
-  return q, k, v, log_decay, d_out
-
-
-def fwd_bwd_fn(op, attention):
-  """jax.grad of sum(attention(q, k, v, log_decay) · d_out) over q, k, v (and the HGRN2 log-decay)."""
-  def loss(q, k, v, log_decay, d_out):
-    return jnp.sum(attention(q, k, v, log_decay).astype(jnp.float32) * d_out.astype(jnp.float32))
-  return jax.grad(loss, argnums=(0, 1, 2, 3) if op == "hgrn2" else (0, 1, 2))
 
 
 def placed_step(op, mode, inputs, devices, backend, chunk_size):
@@ -74,7 +49,7 @@ def placed_step(op, mode, inputs, devices, backend, chunk_size):
     attention = lambda q, k, v, log_decay: api.linear_attention(  # noqa: E731
         q, k, v, log_decay, backend=backend, chunk_size=chunk_size)
     place = lambda x: None if x is None else jax.device_put(x, devices[0])  # noqa: E731
-    return jax.jit(fwd_bwd_fn(op, attention)), [place(x) for x in inputs]
+    return kernels.jax_fns(attention, op == "hgrn2")[1], [place(x) for x in inputs]
   mesh = Mesh(np.asarray(devices), ("sequence",))
   attention = lambda q, k, v, log_decay: sequence_parallel_linear_attention(  # noqa: E731
       q, k, v, log_decay, mesh=mesh, backend=backend, chunk_size=chunk_size)
@@ -84,29 +59,19 @@ def placed_step(op, mode, inputs, devices, backend, chunk_size):
   decay_sharding = replicated if log_decay is None or log_decay.ndim == 1 else split_time
   args = [place(q, split_time), place(k, split_time), place(v, split_time), place(log_decay, decay_sharding),
           place(d_out, split_time)]
-  return jax.jit(fwd_bwd_fn(op, attention)), args
+  return kernels.jax_fns(attention, op == "hgrn2")[1], args
 
 
 def measure(op, mode, length, args, devices):
-  inputs = make_inputs(op, args.batch, length, args.heads, args.dim, jnp.dtype(args.dtype))
+  inputs = kernels.jax_inputs(op, args.batch, length, args.heads, args.dim, dtype=jnp.dtype(args.dtype))
   row = {"op": op, "mode": mode, "devices": 1 if mode == "single" else len(devices),
          "shape": f"{args.batch}x{length}x{args.heads}x{args.dim}", "seq_len": length}
   try:
     step, placed = placed_step(op, mode, inputs, devices, args.backend, args.chunk_size)
-    start = time.perf_counter()
-    compiled = step.lower(*placed).compile()
-    row["compile_s"] = time.perf_counter() - start
+    compiled, row["compile_s"] = kernels.compile_jax(step, placed)
     memory = metrics.compiled_memory_bytes(compiled)
     row["memory_gib_per_device"] = None if memory is None else memory["total"] / GIB
-    jax.block_until_ready(compiled(*placed))
-    samples = []
-    for _ in range(args.reps):
-      start = time.perf_counter()
-      for _ in range(args.calls):
-        out = compiled(*placed)
-      jax.block_until_ready(out)
-      samples.append((time.perf_counter() - start) / args.calls * 1e3)
-    row["fwd_bwd_ms"] = statistics.median(samples)
+    row["fwd_bwd_ms"] = kernels.time_compiled(compiled, placed, args.reps, args.calls)
     row["status"] = "ok"
   except Exception as error:  # record the row (out of memory is a result) and go on
     if metrics.is_out_of_memory(error):
@@ -190,7 +155,7 @@ def main(argv=None):
             "backend": api.resolve_backend(args.backend, devices[0].platform), "dtype": args.dtype,
             "reps": args.reps, "calls": args.calls,
             "command": "python3 benchmarks/sequence_parallel.py " + " ".join(sys.argv[1:]), "results": []}
-  log("devices", len(devices), record["device"], "jax", jax.__version__, "backend", record["backend"])
+  kernels.log("devices", len(devices), record["device"], "jax", jax.__version__, "backend", record["backend"])
   started = time.perf_counter()
   for op in args.ops:
     for length in args.seq_lens:
@@ -200,12 +165,12 @@ def main(argv=None):
           record["stopped"] = (f"--budget_s {args.budget_s:g} reached after {elapsed:.0f} s, "
                                f"before {op} T={length} {mode}")
           save(args.out_dir, args.name, record)
-          log(record["stopped"])
+          kernels.log(record["stopped"])
           return record
         row = measure(op, mode, length, args, devices)
         record["results"].append(row)
         save(args.out_dir, args.name, record)
-        log(json.dumps(row))
+        kernels.log(json.dumps(row))
   return record
 
 

@@ -57,7 +57,8 @@ def read_table(output: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def _append_rows(output: str, rows: list[dict]) -> None:
+def append_rows(output: str, rows: list[dict]) -> None:
+  """Appends rows to OUTPUT's JSON lines (fsynced) and rebuilds its CSV from them, atomically."""
   jsonl_path, csv_path = table_paths(output)
   os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
   with open(jsonl_path, "a", encoding="utf-8") as f:
@@ -221,7 +222,7 @@ def evaluate_run(run_dir: str, tasks: str | Sequence[str], output: str | None = 
                              output_dir=niah_dir, config_overrides=niah_overrides)
       rows = [{**identity, "task": name, "metric": metric, "value": float(value)}
               for name, metric, value in scores]
-      _append_rows(output, rows)
+      append_rows(output, rows)
       new_rows.extend(rows)
       bar.update(1)
   bar.close()

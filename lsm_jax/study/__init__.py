@@ -27,7 +27,6 @@ Table-3-style fits, the Figure-1/2-style PNGs and the raw tidy tables (`curves.c
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
 import datetime
 import json
@@ -161,9 +160,8 @@ def train_and_evaluate(run: StudyRun, grid: StudyGrid) -> dict:
 
 def _final_loss(run_dir: str) -> float:
   """The training loss of the last logged step (a run resumed at its end logs nothing new)."""
-  with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-    records = [json.loads(line) for line in f if line.strip()]
-  return [record["loss"] for record in records if record.get("loss") is not None][-1]
+  from lsm_jax import metrics
+  return [record["loss"] for record in metrics.read_metrics(run_dir) if record.get("loss") is not None][-1]
 
 
 def write_grid(out_dir: str, grid: StudyGrid) -> None:
@@ -207,12 +205,18 @@ def _log_tail(path: str) -> str:
     return "".join(collections.deque(f, maxlen=_LOG_TAIL_LINES)).rstrip()
 
 
+def largest_first(runs: Sequence[StudyRun], costs: dict[str, float]) -> list[StudyRun]:
+  """The workers' queue: runs by cost ({name: run_cost}), largest first, so the longest start while every
+  worker is free."""
+  return sorted(runs, key=lambda run: costs[run.name], reverse=True)
+
+
 def _train_in_workers(out_dir: str, grid: StudyGrid, runs: list[StudyRun], *, parallel: int,
                       gpus: Sequence[str], deadline: float | None) -> tuple[dict, dict]:
   """Runs `runs` in `parallel` worker processes, largest first; returns ({name: result}, {name: failure})."""
   write_grid(out_dir, grid)
   costs = {run.name: run_cost(run) for run in runs}
-  queue = sorted(runs, key=lambda run: costs[run.name], reverse=True)
+  queue = largest_first(runs, costs)
   logging.info("study: %d run(s) in %d worker(s), largest first: %s", len(queue), parallel,
                ", ".join(run.name for run in queue))
   base_env = dict(os.environ)
@@ -282,12 +286,9 @@ def _merge_eval_tables(runs: Sequence[StudyRun], output: str) -> str:
   from lsm_jax.evaluate import sweep
   rows = [row for run in runs for row in sweep.read_table(os.path.join(run.run_dir, "eval", "results.jsonl"))]
   jsonl_path, csv_path = sweep.table_paths(output)
-  with open(jsonl_path, "w", encoding="utf-8") as f:
-    f.writelines(json.dumps(row) + "\n" for row in rows)
-  with open(csv_path, "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=sweep.COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
+  if os.path.exists(jsonl_path):  # rebuilt from the runs' tables every time
+    os.remove(jsonl_path)
+  sweep.append_rows(output, rows)
   return csv_path
 
 

@@ -40,9 +40,9 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.linear_attention import reference
 
 DEFAULT_CHUNK_SIZE = 64
-# Per-key-channel decay: 32-token chunks of two 16-token sub-chunks, one program each, broadcast diagonal blocks.
-# H200, 8×2048×16×128, forward+backward kernel time: 5.75 ms against 6.16 at 64 tokens and 12.43 with one program
-# looping over a 64-token chunk's sub-chunks (benchmarks/results/kernel_profile_h200_sweeps.md).
+# Per-key-channel decay: 32-token chunks of two 16-token sub-chunks, one program each. H200, 8×2048×16×128,
+# forward+backward kernel time: 3.15 ms against 4.22 at 64 tokens (2 warps; 3.65 vs 3.92 at 4 warps;
+# benchmarks/results/kernel_profile_h200_sweeps_session4.md).
 VECTOR_CHUNK_SIZE = 32
 # Warps of the chunk-parallel kernels (output, dv, dq/dk). Per-key-channel decay's 16-row sub-chunk programs run
 # best with 2: HGRN2 forward+backward 3.15 ms against 3.65 with 4 at 8×2048 (7.59 vs 8.58 ms at 1×32768; 1 warp
@@ -175,43 +175,46 @@ class _ChunkFactors:
   across. None means "no scaling"."""
 
   def __init__(self, config, g_ref, resets_ref, size):
-    self.g = self.q_factor = self.k_factor = self.state_decay = None
-    if config.mode != "none":
-      scalar = config.mode == "scalar"
-      self.g = (g_ref[pl.ds(0, size)] if scalar else g_ref[pl.ds(0, size), :]).astype(jnp.float32)  # [C] / [C, Dk]
-      g_end = _scalar(g_ref, size - 1) if scalar else _row(g_ref, size - 1)
-      to_rows = (lambda x: x[:, None]) if scalar else (lambda x: x)
-      self.q_factor = to_rows(jnp.exp(self.g))
-      self.k_factor = to_rows(jnp.exp(g_end - self.g))
+    self.g = g_rows = g_end = self.state_decay = None
+    if config.mode == "scalar":
+      self.g = g_ref[pl.ds(0, size)].astype(jnp.float32)  # [C]
+      g_rows, g_end = self.g[:, None], _scalar(g_ref, size - 1)
+    elif config.mode == "vector":
+      self.g = g_rows = g_ref[pl.ds(0, size), :].astype(jnp.float32)  # [C, Dk]
+      g_end = _row(g_ref, size - 1)
+    if g_end is not None:
       self.state_decay = jnp.exp(g_end)
-    self.resets = None
+    self.resets = resets_end = None
     if config.has_segments:
       self.resets = resets_ref[pl.ds(0, size)]
       resets_end = _scalar(resets_ref, size - 1)
-      self.q_factor = _and_mask(self.q_factor, (self.resets == 0)[:, None])
-      self.k_factor = _and_mask(self.k_factor, (self.resets == resets_end)[:, None])
       carried = (resets_end == 0).astype(jnp.float32)
       self.state_decay = carried if self.state_decay is None else self.state_decay * carried
+    self.q_factor, self.k_factor = _edge_factors(config, g_rows, g_end, self.resets, resets_end)
 
   @staticmethod
   def scale(x, factor):
     return x if factor is None else x * factor
 
 
-def _before(load, start, at_chunk_start):
-  """load(start − 1): the value just before the sub-chunk, or `at_chunk_start` when it opens the chunk."""
-  if isinstance(start, int):
-    return load(start - 1) if start > 0 else at_chunk_start
-  return jnp.where(start > 0, load(jnp.maximum(start - 1, 0)), at_chunk_start)
+def _earlier_rows(x_ref, g_ref, start):
+  """(g_r, the chunk's rows before `start` referenced to the row r just before it: x_j ⊙ exp(g_r − g_j) (≤ 1),
+  zero from `start` on). g_r is 0 when the sub-chunk opens the chunk; `start` is traced."""
+  g_r = jnp.where(start > 0, _row(g_ref, jnp.maximum(start - 1, 0)), 0.0)
+  rows = lax.broadcasted_iota(jnp.int32, (x_ref.shape[0], 1), 0)
+  return g_r, _rescaled_rows(x_ref[...].astype(jnp.float32), g_r - g_ref[...].astype(jnp.float32), rows < start)
 
 
-def _chunk_factors(config, g_sub, g_last, resets_sub, resets_last):
-  """Vector decay, rows of a sub-chunk against the chunk's boundaries: exp(g_i) scales queries against the state
-  entering the chunk, exp(g_last − g_j) keys into the state leaving it; zero across a document start."""
-  q_factor, k_factor = jnp.exp(g_sub), jnp.exp(g_last - g_sub)
+def _edge_factors(config, g, g_end, resets, resets_end):
+  """Rows of a chunk against its edges: exp(g_i) (≤ 1) scales queries against the state entering the chunk,
+  exp(g_end − g_j) keys into the state leaving it, zero across a document start. g is [rows, 1 or Dk], or None
+  without decay; a None factor means "no scaling"."""
+  q_factor = k_factor = None
+  if g is not None:
+    q_factor, k_factor = jnp.exp(g), jnp.exp(g_end - g)
   if config.has_segments:
-    q_factor = jnp.where((resets_sub == 0)[:, None], q_factor, 0.0)
-    k_factor = jnp.where((resets_sub == resets_last)[:, None], k_factor, 0.0)
+    q_factor = _and_mask(q_factor, (resets == 0)[:, None])
+    k_factor = _and_mask(k_factor, (resets == resets_end)[:, None])
   return q_factor, k_factor
 
 
@@ -313,16 +316,13 @@ def _intra_scores_kernel(*refs, config):
   (q_ref, k_ref), g_ref, resets_ref, (a_ref,) = _split_refs(refs, config, 2)
   dtype = q_ref.dtype
   size, chunk = config.sub_chunk, config.chunk
-  key_rows = lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
   block_rows = lax.broadcasted_iota(jnp.int32, (size, chunk), 0)
   block_cols = lax.broadcasted_iota(jnp.int32, (size, chunk), 1)
 
   def sub_chunk(start, out_start):
     q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
     g_q = g_ref[pl.ds(start, size), :].astype(jnp.float32)
-    g_r = _before(lambda row: _row(g_ref, row), start, 0.0)
-    k_tilde = _rescaled_rows(k_ref[...].astype(jnp.float32), g_r - g_ref[...].astype(jnp.float32),
-                             key_rows < start)
+    g_r, k_tilde = _earlier_rows(k_ref, g_ref, start)
     scores = _dot_nt((q * jnp.exp(g_q - g_r)).astype(dtype), k_tilde.astype(dtype))  # zero from column `start` on
     block = _diag_block(q, k_ref, g_q, g_ref, start, size)
     # The [c, c] diagonal block into columns [start, start + c): a one-hot matmul (no dynamic column slicing).
@@ -416,7 +416,7 @@ def _dqdk_kernel(*refs, config, operand_dtype):
     g_sub = g_ref[pl.ds(start, size), :].astype(jnp.float32)
     do, v = do_ref[pl.ds(start, size), :], v_ref[pl.ds(start, size), :]
     resets_sub = resets_ref[pl.ds(start, size)] if config.has_segments else None
-    q_factor, k_factor = _chunk_factors(config, g_sub, g_last, resets_sub, resets_last)
+    q_factor, k_factor = _edge_factors(config, g_sub, g_last, resets_sub, resets_last)
     keep = rows >= cols
     same_document = True
     if config.has_segments:
@@ -427,10 +427,7 @@ def _dqdk_kernel(*refs, config, operand_dtype):
     # dq of this sub-chunk's queries: the incoming state, the chunk's earlier keys (factors referenced to the
     # row before the sub-chunk, both ≤ 1), the diagonal block elementwise. Whole-chunk operands are loaded
     # where they are used (short live ranges; they sit in L2).
-    g_before = _before(lambda row: _row(g_ref, row), start, 0.0)
-    earlier = chunk_rows < start
-    g_all = g_ref[...].astype(jnp.float32)
-    k_tilde = _rescaled_rows(k_ref[...].astype(jnp.float32), g_before - g_all, earlier)
+    g_before, k_tilde = _earlier_rows(k_ref, g_ref, start)
     d_earlier = jnp.where((chunk_cols < start) & same_document, _dot_nt(do, v_ref[...]), 0.0)
     dq_state, dk_state = _state_terms(do, v, h_ref, dh_ref)
     dq = dq_state * q_factor + jnp.exp(g_sub - g_before) * _dot(d_earlier.astype(dtype), k_tilde.astype(dtype))
@@ -450,8 +447,8 @@ def _dqdk_kernel(*refs, config, operand_dtype):
     # dk of this sub-chunk's keys: the outgoing state gradient, the chunk's later queries (referenced to the
     # sub-chunk's last row), the diagonal block elementwise.
     g_end = _row(g_ref, end)
-    later = chunk_rows > end
-    q_tilde = _rescaled_rows(q_ref[...].astype(jnp.float32), g_all - g_end, later)
+    q_tilde = _rescaled_rows(q_ref[...].astype(jnp.float32), g_ref[...].astype(jnp.float32) - g_end,
+                             chunk_rows > end)
     d_later = jnp.where((chunk_cols > end) & same_document, _dot_nt(v, do_ref[...]), 0.0)  # dA_ij at [key j, query i]
     dk = dk_state * k_factor + jnp.exp(g_end - g_sub) * _dot(d_later.astype(dtype), q_tilde.astype(dtype))
 
@@ -622,7 +619,7 @@ def _intra_scores(layout, q, k, g, resets):
 
 
 def _value_tiled_call(kernel, name, layout, q, k, value_like, g, resets, states, scores, out_dtype, leaving=None):
-  """A chunk-parallel kernel over (chunk, batch·head, value tile) reading q, k, a [B,T,H,Dv] operand, the
+  """A chunk-parallel kernel over (value tile, chunk, batch·head) reading q, k, a [B,T,H,Dv] operand, the
   per-chunk states and (vector decay) the intra-chunk scores, writing a [B,T,H,Dv] result: the forward output
   (v → o) and the dv gradient (do → dv; given the states `leaving` each chunk, also the decay gradient's state
   term). One program per chunk: only matmuls and per-row factors."""
@@ -661,7 +658,8 @@ def _output(layout, q, k, v, g, resets, states, scores, out_dtype):
 
 
 def _grad_dv(layout, q, k, do, g, resets, d_states, scores, out_dtype, states=None):
-  """dv, and given the per-chunk `states` (with the final one), the decay gradient's state term."""
+  """dv, and given the per-chunk `states`, the decay gradient's state term per chunk and Dv tile (the last
+  chunk's a placeholder: its leaving state is the final one, which the caller has)."""
   kernel = functools.partial(_dv_kernel, config=layout.config, decay_grad=states is not None)
   return _value_tiled_call(kernel, "linear_attention_grad_v", layout, q, k, do, g, resets, d_states, scores,
                            out_dtype, leaving=states)
