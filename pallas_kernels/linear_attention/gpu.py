@@ -197,12 +197,12 @@ class _ChunkFactors:
     return x if factor is None else x * factor
 
 
-def _earlier_rows(x_ref, g_ref, start):
+def _earlier_rows(x_ref, g_ref, g_all, start):
   """(g_r, the chunk's rows before `start` referenced to the row r just before it: x_j ⊙ exp(g_r − g_j) (≤ 1),
-  zero from `start` on). g_r is 0 when the sub-chunk opens the chunk; `start` is traced."""
+  zero from `start` on). g_all is the chunk's fp32 gate rows; g_r is 0 when the sub-chunk opens the chunk."""
   g_r = jnp.where(start > 0, _row(g_ref, jnp.maximum(start - 1, 0)), 0.0)
-  rows = lax.broadcasted_iota(jnp.int32, (x_ref.shape[0], 1), 0)
-  return g_r, _rescaled_rows(x_ref[...].astype(jnp.float32), g_r - g_ref[...].astype(jnp.float32), rows < start)
+  rows = lax.broadcasted_iota(jnp.int32, (g_all.shape[0], 1), 0)
+  return g_r, _rescaled_rows(x_ref[...].astype(jnp.float32), g_r - g_all, rows < start)
 
 
 def _edge_factors(config, g, g_end, resets, resets_end):
@@ -322,7 +322,7 @@ def _intra_scores_kernel(*refs, config):
   def sub_chunk(start, out_start):
     q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
     g_q = g_ref[pl.ds(start, size), :].astype(jnp.float32)
-    g_r, k_tilde = _earlier_rows(k_ref, g_ref, start)
+    g_r, k_tilde = _earlier_rows(k_ref, g_ref, g_ref[...].astype(jnp.float32), start)
     scores = _dot_nt((q * jnp.exp(g_q - g_r)).astype(dtype), k_tilde.astype(dtype))  # zero from column `start` on
     block = _diag_block(q, k_ref, g_q, g_ref, start, size)
     # The [c, c] diagonal block into columns [start, start + c): a one-hot matmul (no dynamic column slicing).
@@ -427,7 +427,8 @@ def _dqdk_kernel(*refs, config, operand_dtype):
     # dq of this sub-chunk's queries: the incoming state, the chunk's earlier keys (factors referenced to the
     # row before the sub-chunk, both ≤ 1), the diagonal block elementwise. Whole-chunk operands are loaded
     # where they are used (short live ranges; they sit in L2).
-    g_before, k_tilde = _earlier_rows(k_ref, g_ref, start)
+    g_all = g_ref[...].astype(jnp.float32)
+    g_before, k_tilde = _earlier_rows(k_ref, g_ref, g_all, start)
     d_earlier = jnp.where((chunk_cols < start) & same_document, _dot_nt(do, v_ref[...]), 0.0)
     dq_state, dk_state = _state_terms(do, v, h_ref, dh_ref)
     dq = dq_state * q_factor + jnp.exp(g_sub - g_before) * _dot(d_earlier.astype(dtype), k_tilde.astype(dtype))
@@ -447,8 +448,7 @@ def _dqdk_kernel(*refs, config, operand_dtype):
     # dk of this sub-chunk's keys: the outgoing state gradient, the chunk's later queries (referenced to the
     # sub-chunk's last row), the diagonal block elementwise.
     g_end = _row(g_ref, end)
-    q_tilde = _rescaled_rows(q_ref[...].astype(jnp.float32), g_ref[...].astype(jnp.float32) - g_end,
-                             chunk_rows > end)
+    q_tilde = _rescaled_rows(q_ref[...].astype(jnp.float32), g_all - g_end, chunk_rows > end)
     d_later = jnp.where((chunk_cols > end) & same_document, _dot_nt(v, do_ref[...]), 0.0)  # dA_ij at [key j, query i]
     dk = dk_state * k_factor + jnp.exp(g_end - g_sub) * _dot(d_later.astype(dtype), q_tilde.astype(dtype))
 
