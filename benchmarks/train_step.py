@@ -45,9 +45,13 @@ import numpy as np  # noqa: E402
 from lsm_jax import metrics, optim, sharding, trainer  # noqa: E402
 from lsm_jax.models import configs  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import profile_kernels  # noqa: E402  (benchmarks/profile_kernels.py: trace → device time per kernel)
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS_PATH = "/work/shared/bench/h200_peer_models.json"
 # "tiny": a CPU-sized shape with 128-wide heads, for checking that the script runs.
+PROFILE_TOP = 30  # kernels listed per profiled row
 TINY_SHAPE = dict(num_layers=2, d_model=256, num_heads=2, ffn_dim=512, vocab_size=1024)
 
 
@@ -133,6 +137,16 @@ def measure(spec: dict, args) -> dict:
   loss = float(step_metrics["loss"])
   if not np.isfinite(loss):
     raise FloatingPointError(f"loss {loss}")
+  if args.profile_steps:
+    carried = [state]
+
+    def next_step():  # the step donates its state: each call continues from the last
+      carried[0], step_metrics = compiled(carried[0], rest, batch)
+      return carried[0], step_metrics
+
+    kernels, events = profile_kernels.profile(next_step, (), args.profile_steps)
+    row["profile"] = {"events": events, "total_us": sum(k["us"] for k in kernels), "kernels": kernels[:PROFILE_TOP]}
+    state = carried[0]
   step_s = statistics.median(times)
   devices = list(mesh.devices.flat)
   peak_flops = metrics.peak_flops_per_device(devices[0].device_kind, args.peak_flops_per_device)
@@ -189,6 +203,15 @@ def write_markdown(path: str, header: dict, rows: list[dict], peers: dict, peer_
         f"{_format(row['peak_gib'], '.1f')} | {peer_tokens} | "
         f"{_format(row['tokens_per_s'] / peer['tokens_per_s'] if peer.get('tokens_per_s') else None, '.2f')} | "
         f"{_format(peer.get('peak_gib'), '.1f')} |")
+  for row in rows:
+    if "profile" in row:
+      profile = row["profile"]
+      lines += ["", f"## Profile: {row['arch']} {row['size']} T={row['seq_len']} ({row['remat_policy']})", "",
+                f"Device time per step by kernel ({profile['events']} events; {profile['total_us'] / 1e3:.1f} ms "
+                f"in all; the {len(profile['kernels'])} longest):", "",
+                "| kernel | launches | ms | share |", "|---|---:|---:|---:|"]
+      lines += [f"| {k['kernel'][:70]} | {k['launches']:g} | {k['us'] / 1e3:.2f} | {k['us'] / profile['total_us']:.1%} |"
+                for k in profile["kernels"]]
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
 
@@ -218,6 +241,8 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--budget_s", type=float, default=None,
                       help="start no new row after this many seconds (a device call's time limit)")
+  parser.add_argument("--profile_steps", type=int, default=0,
+                      help="after timing, trace this many steps and list the longest kernels (per step)")
   parser.add_argument("--peak_flops_per_device", type=float, default=None)
   parser.add_argument("--peers", default=PEERS_PATH)
   parser.add_argument("--out_dir", default=os.path.join(REPO_ROOT, "benchmarks", "results"))

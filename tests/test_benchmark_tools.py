@@ -18,6 +18,9 @@ def test_parse_variant():
   assert chunk == 32
   assert options == {"num_warps": 4, "split_sub_chunks": True, "broadcast_diag": True, "scan_tile": 32,
                      "key_tile": 16, "scan_unroll": 4}
+  chunk, options = kernels.parse_variant("c64w4g0n")
+  assert options == {"num_warps": 4, "split_sub_chunks": False, "broadcast_diag": False, "segment_programs": 0,
+                     "fused_forward": False}
   with pytest.raises(SystemExit, match="c64x8.*valid: c<chunk>w<warps>"):
     kernels.parse_variant("c64x8")
 

@@ -1,4 +1,5 @@
 """Behaviour of the four tiny models: causality, decoding == forward, packing, scan/remat equivalence, errors."""
+import collections
 import functools
 
 import jax
@@ -6,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax._src import core as jax_core
 
 from lsm_jax.models import ARCHS, build_model, get_config
 
@@ -166,6 +168,42 @@ def test_scan_and_remat_gradients_match_unscanned(arch, remat_policy, scan_layer
   np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, grads_ref)
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(grads))
+
+
+def _kernel_launches(jaxpr, counts):
+  """Pallas kernel launches by kernel name in a jaxpr and all its sub-jaxprs (remat, scan bodies)."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      info = eqn.params.get("name_and_src_info")  # jax 0.10 passes the kernel's name as "name"
+      counts[eqn.params["name"] if info is None else info.name] += 1
+    for sub in jax_core.jaxprs_in_params(eqn.params):
+      _kernel_launches(sub, counts)
+  return counts
+
+
+def test_mixer_kernel_remat_policy_runs_the_kernel_forward_once():
+  """dots_and_mixer_kernels_saveable keeps the linear-attention kernels' outputs and residuals: the gradient
+  launches each forward kernel once per layer (dots_saveable re-runs them in the backward), with the same loss
+  and gradients as no remat. Pallas GPU kernels in interpret mode."""
+  tokens = random_tokens(6, (2, 40))
+  segment_ids = jnp.asarray([[1] * 25 + [2] * 15, [1] * 40], jnp.int32)
+  kernels = dict(linear_attention_backend="pallas_gpu", chunk_size=16, scan_layers=False)
+  launches = {}
+  for policy in ("dots_saveable", "dots_and_mixer_kernels_saveable"):
+    config = tiny_config("hgrn2", **kernels, remat_policy=policy)
+    model = build_model(config, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    loss_fn = lambda p: nnx.merge(graphdef, p)(tokens, segment_ids=segment_ids).mean()
+    launches[policy] = _kernel_launches(jax.make_jaxpr(jax.grad(loss_fn))(params).jaxpr, collections.Counter())
+  layers = TINY["num_layers"]
+  for forward_kernel in ("linear_attention_intra_scores", "linear_attention_output"):
+    assert launches["dots_saveable"][forward_kernel] == 2 * layers
+    assert launches["dots_and_mixer_kernels_saveable"][forward_kernel] == layers
+  loss_ref, grads_ref, _ = _loss_and_grads(tiny_config("hgrn2", **kernels), tokens, segment_ids)
+  loss, grads, _ = _loss_and_grads(tiny_config("hgrn2", **kernels, remat_policy="dots_and_mixer_kernels_saveable"),
+                                   tokens, segment_ids)
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, grads_ref)
 
 
 def test_bf16_compute_keeps_fp32_params_and_logits():

@@ -4,19 +4,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax._src import core as jax_core
 
 from lsm_jax import metrics
 from lsm_jax import trainer
 
 
 class _LinearHead:
-  """Stands in for LanguageModel.logits_from_hidden: a plain projection to the vocabulary."""
+  """Stands in for LanguageModel.head: a plain fp32 projection to the vocabulary (weights [d, V])."""
 
   def __init__(self, weights):
     self.weights = weights
 
-  def logits_from_hidden(self, hidden):
-    return hidden @ self.weights
+  def head(self):
+    return self.weights.T, jnp.float32
 
 
 def _reference_sums(weights, hidden, targets, mask):
@@ -45,6 +46,46 @@ def test_chunked_cross_entropy_matches_optax_in_value_and_gradient(chunk):
       weights, hidden)
   for grad, reference_grad in zip(grads, reference_grads):
     np.testing.assert_allclose(grad, reference_grad, rtol=1e-4, atol=1e-5)
+
+
+class _Bf16Head(_LinearHead):
+  def head(self):
+    return self.weights.T, jnp.bfloat16
+
+
+def test_bf16_head_loss_gradient_matches_autodiff_and_is_formed_once():
+  """bf16 compute: the fused loss's gradient equals plain autodiff through the same bf16 head (to bf16
+  rounding), and its gradient program multiplies by the vocabulary three times per chunk (logits, d hidden,
+  d W), not four (remat recomputes the logits)."""
+  keys = jax.random.split(jax.random.key(1), 4)
+  hidden = jax.random.normal(keys[0], (2, 32, 16))
+  weights = jax.random.normal(keys[1], (16, 97)) * 0.3
+  targets = jax.random.randint(keys[2], (2, 32), 0, 97)
+  mask = (jax.random.uniform(keys[3], (2, 32)) > 0.2).astype(jnp.float32)
+
+  def reference(w, h):
+    logits = jnp.einsum("btd,dv->btv", h.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
+                        preferred_element_type=jnp.float32)
+    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * mask)
+
+  ours = lambda w, h: trainer.masked_cross_entropy_sums(_Bf16Head(w), h, targets, mask, 8)[0]
+  np.testing.assert_allclose(jax.jit(ours)(weights, hidden), reference(weights, hidden), rtol=1e-5)
+  grads = jax.jit(jax.grad(ours, argnums=(0, 1)))(weights, hidden)
+  for grad, reference_grad in zip(grads, jax.grad(reference, argnums=(0, 1))(weights, hidden)):
+    relative_rms = jnp.sqrt(jnp.mean(jnp.square(grad - reference_grad)) / jnp.mean(jnp.square(reference_grad)))
+    assert float(relative_rms) < 5e-3
+  jaxpr = jax.make_jaxpr(jax.grad(ours, argnums=(0, 1)))(weights, hidden).jaxpr
+  vocab_matmuls = []
+
+  def collect(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general" and any(97 in v.aval.shape for v in (*eqn.invars, *eqn.outvars)):
+        vocab_matmuls.append(eqn)
+      for sub in jax_core.jaxprs_in_params(eqn.params):
+        collect(sub)
+
+  collect(jaxpr)
+  assert len(vocab_matmuls) == 3
 
 
 def test_masked_positions_do_not_contribute():

@@ -16,7 +16,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 LINEAR_ATTENTION_BACKENDS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu")
 # "none": keep every activation; "full": recompute the whole layer in the backward pass; the others are
 # jax.checkpoint_policies of the same name (save matmul outputs, recompute the cheap elementwise work).
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "dots_and_mixer_kernels_saveable")
 # "auto": cuDNN flash attention on GPU for 16-bit compute, XLA elsewhere (jax 0.10's implementation=None
 # always picks XLA, so the choice is made here).
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")

@@ -25,10 +25,24 @@ from lsm_jax.models.configs import ModelConfig
 from lsm_jax.models.mixers import MIXERS
 from lsm_jax.models.mixers.hgrn2 import hgrn2_lower_bounds
 
+# Primitives of the token mixers' fused kernels: the Pallas linear-attention kernels and cuDNN flash attention's
+# forward (its output and softmax statistics). jax 0.10 and 0.11 name them so.
+_MIXER_KERNEL_PRIMITIVES = frozenset({"pallas_call", "dot_product_attention_fwd_wrapper"})
+
+
+def _mixer_kernel_outputs(prim, *_, **__):
+  """Under dots_saveable alone the backward re-runs every layer's attention forward (its outputs are not dots):
+  a third of HGRN2's kernel time per layer. Only the kernels' values the backward reads are kept (the output and
+  the op's residuals, e.g. HGRN2's intra-chunk scores), not their internal per-chunk states."""
+  return prim.name in _MIXER_KERNEL_PRIMITIVES
+
+
 _REMAT_POLICIES = {
     "full": None,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_and_mixer_kernels_saveable": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_saveable, _mixer_kernel_outputs),
 }
 
 
@@ -163,13 +177,17 @@ class LanguageModel(nnx.Module):
     attention and positions never cross a change of id); positions default to per-document offsets."""
     return self.logits_from_hidden(self.hidden_states(tokens, segment_ids=segment_ids, positions=positions))
 
+  def head(self):
+    """(W [V, d], compute dtype) of the vocabulary head: logits = hidden·Wᵀ in that dtype with fp32
+    accumulation. W is the tied embedding (the trainer's fused loss takes it from here)."""
+    return self.embedding[...], self._dtype
+
   def logits_from_hidden(self, hidden):
     """Tied head: hidden [..., d] @ Embedᵀ with fp32 accumulation -> [..., V] float32."""
     if hidden.shape[-1] != self.config.d_model:
       raise ValueError(f"hidden must end in d_model={self.config.d_model}; got shape {tuple(hidden.shape)}.")
-    embedding = self.embedding[...].astype(self._dtype)
-    logits = jnp.einsum("...d,vd->...v", hidden.astype(self._dtype), embedding, preferred_element_type=jnp.float32)
-    return logits.astype(jnp.float32)
+    weight, dtype = self.head()
+    return jnp.einsum("...d,vd->...v", hidden.astype(dtype), weight.astype(dtype), preferred_element_type=jnp.float32)
 
   def _forward(self, tokens, segment_ids, positions, max_length):
     positions = self._check_tokens(tokens, segment_ids, positions, require_segments=max_length is not None)

@@ -56,6 +56,13 @@ SCAN_TILE = 64  # Dk and Dv tile of the state scans: B·H·(Dk/64)·(Dv/64) sequ
 # chunks per iteration. TNL at 1×32768×16×128: scan 613 → 408 µs; unrolling 8 exceeded shared memory.
 LATENCY_BOUND_PROGRAMS = 256
 SCAN_UNROLL = 4
+# Sequential kernels (state scans, the fused forward) with fewer programs than this split the time axis into
+# segments walked in parallel (two-level scan): each segment's local final state from zero, a short combine over
+# segments in XLA, then the segments again from their true starting states. Segments keep at least
+# MIN_SEGMENT_CHUNKS chunks.
+SEGMENT_PROGRAMS = 512
+MIN_SEGMENT_CHUNKS = 8
+FUSED_VALUE_TILE = 64  # Dv tile of the fused forward: its fp32 state [64, Dk] stays in registers
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_WIDE_DIM = 128  # largest Dk/Dv the kernels take with 32-bit inputs
 
@@ -64,15 +71,16 @@ class _Config:
   """Static kernel configuration (hashable, a nondiff argument of the custom_vjp)."""
 
   def __init__(self, mode, has_segments, chunk, num_warps, num_stages, scan_tile, split_sub_chunks, key_tile,
-               broadcast_diag, scan_unroll):
+               broadcast_diag, scan_unroll, fused_forward, segment_programs):
     self.mode, self.has_segments, self.chunk = mode, has_segments, chunk
     self.num_warps, self.num_stages, self.scan_tile, self.key_tile = num_warps, num_stages, scan_tile, key_tile
     self.sub_chunk = min(SUB_CHUNK, chunk) if mode == "vector" else chunk
     # Vector decay: one program per sub-chunk (`parts` per chunk) instead of one looping over the chunk's.
     self.parts = chunk // self.sub_chunk if split_sub_chunks and mode == "vector" else 1
     self.broadcast_diag, self.scan_unroll = broadcast_diag, scan_unroll
+    self.fused_forward, self.segment_programs = fused_forward, segment_programs
     self._key = (mode, has_segments, chunk, num_warps, num_stages, scan_tile, self.parts, key_tile, broadcast_diag,
-                 scan_unroll)
+                 scan_unroll, fused_forward, segment_programs)
 
   def __hash__(self):
     return hash(self._key)
@@ -256,10 +264,11 @@ def _split_refs(refs, config, num_leading):
   return leading, g_ref, resets_ref, rest
 
 
-def _state_scan_kernel(*refs, config, num_chunks, reverse):
+def _state_scan_kernel(*refs, config, num_chunks, reverse, per_chunk):
   """Forward (a=k, b=v): S ← decay·S + (k ⊙ k_factor)ᵀv, storing S entering each chunk.
-  Reverse (a=q, b=do): dS ← decay·dS + (q ⊙ q_factor)ᵀdo, storing dS leaving each chunk; S is [Dv, Dk]."""
-  (a_ref, b_ref), g_ref, resets_ref, (init_ref, states_ref, last_ref) = _split_refs(refs, config, 2)
+  Reverse (a=q, b=do): dS ← decay·dS + (q ⊙ q_factor)ᵀdo, storing dS leaving each chunk; S is [Dv, Dk].
+  One segment of `num_chunks` chunks from the state in init_ref; per_chunk False stores only the last state."""
+  (a_ref, b_ref), g_ref, resets_ref, (init_ref, *states_ref, last_ref) = _split_refs(refs, config, 2)
   chunk, operand_dtype = config.chunk, a_ref.dtype
 
   def chunk_update(n):
@@ -279,7 +288,8 @@ def _state_scan_kernel(*refs, config, num_chunks, reverse):
       chunks = [num_chunks - 1 - (step * unroll + u) if reverse else step * unroll + u for u in range(unroll)]
       updates = [chunk_update(n) for n in chunks]
       for n, (decay, update) in zip(chunks, updates):
-        states_ref[n] = state.astype(states_ref.dtype)
+        if per_chunk:
+          states_ref[0][n] = state.astype(states_ref[0].dtype)
         state = _ChunkFactors.scale(state, decay) + update
       return state
     return body
@@ -335,11 +345,11 @@ def _intra_scores_kernel(*refs, config):
   _for_each_sub_chunk(config, sub_chunk)
 
 
-def _chunk_scores(config, sub, q, k, scores_ref=None):
-  """The chunk's masked, decayed q·kᵀ [C, C] in fp32: the intra-score kernel's A for vector decay (the loads of
-  q and k then go unused and are dropped), else computed here."""
+def _chunk_scores(config, sub, q, k, scores=None):
+  """The chunk's masked, decayed q·kᵀ [C, C] in fp32: the intra-score kernel's A (`scores`) for vector decay,
+  else computed here."""
   if config.mode == "vector":
-    return scores_ref[...].astype(jnp.float32)
+    return scores.astype(jnp.float32)
   return _dot_nt(q, k) * _intra_mask(config, sub.g, sub.resets)
 
 
@@ -348,11 +358,40 @@ def _output_kernel(*refs, config):
   (q_ref, k_ref, v_ref), g_ref, resets_ref, (h_ref, *scores_ref, o_ref) = _split_refs(refs, config, 3)
   dtype = q_ref.dtype
   sub = _ChunkFactors(config, g_ref, resets_ref, config.chunk)
-  q = q_ref[...]
-  scores = _chunk_scores(config, sub, q, k_ref[...], *scores_ref)
+  o_ref[...] = _chunk_output(config, sub, q_ref[...], k_ref[...], v_ref[...], h_ref[...],
+                             *[ref[...] for ref in scores_ref]).astype(o_ref.dtype)
+
+
+def _chunk_output(config, sub, q, k, v, state, scores=None):
+  """o = q̄·hᵀ + A·v of one chunk (fp32) from its rows and the state entering it [Dv tile, Dk]."""
+  dtype = q.dtype
+  scores = _chunk_scores(config, sub, q, k, scores)
   q_bar = _ChunkFactors.scale(q.astype(jnp.float32), sub.q_factor).astype(dtype)
-  out = _dot_nt(q_bar, h_ref[...].astype(dtype)) + _dot(scores.astype(dtype), v_ref[...])
-  o_ref[...] = out.astype(o_ref.dtype)
+  return _dot_nt(q_bar, state.astype(dtype)) + _dot(scores.astype(dtype), v)
+
+
+def _fused_forward_kernel(*refs, config, num_chunks):
+  """The forward without materialised states: one program per (Dv tile, segment, batch·head) walks the
+  segment's chunks from the state entering it, o = q̄·hᵀ + A·v then h ← decay·h + v̂ᵀk̂, the fp32 state
+  [Dv tile, Dk] in registers (rounded to the inputs' dtype for the q̄·hᵀ matmul, as the stored per-chunk states of
+  the unfused path are); stores the state leaving the segment."""
+  (q_ref, k_ref, v_ref), g_ref, resets_ref, (init_ref, *rest) = _split_refs(refs, config, 3)
+  scores_ref = rest.pop(0) if config.mode == "vector" else None
+  o_ref, last_ref = rest
+  chunk, dtype = config.chunk, q_ref.dtype
+
+  def step(n, state):
+    start = pl.multiple_of(n * chunk, chunk)
+    rows = pl.ds(start, chunk)
+    offset = lambda ref: None if ref is None else _Offset(ref, start)
+    sub = _ChunkFactors(config, offset(g_ref), offset(resets_ref), chunk)
+    q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
+    scores = None if scores_ref is None else scores_ref[rows, :]
+    o_ref[rows, :] = _chunk_output(config, sub, q, k, v, state.astype(dtype), scores).astype(o_ref.dtype)
+    k_hat = _ChunkFactors.scale(k.astype(jnp.float32), sub.k_factor).astype(dtype)
+    return _ChunkFactors.scale(state, sub.state_decay) + _dot_tn(v, k_hat)
+
+  last_ref[...] = lax.fori_loop(0, num_chunks, step, init_ref[...].astype(jnp.float32))
 
 
 def _dv_kernel(*refs, config, decay_grad):
@@ -368,7 +407,7 @@ def _dv_kernel(*refs, config, decay_grad):
   dtype = q_ref.dtype
   sub = _ChunkFactors(config, g_ref, resets_ref, config.chunk)
   k = k_ref[...]
-  scores = _chunk_scores(config, sub, q_ref[...], k, scores_ref)
+  scores = _chunk_scores(config, sub, q_ref[...], k, None if scores_ref is None else scores_ref[...])
   k_hat = _ChunkFactors.scale(k.astype(jnp.float32), sub.k_factor).astype(dtype)
   dv = _dot_tn(scores.astype(dtype), do_ref[...]) + _dot_nt(k_hat, dh_ref[...].astype(dtype))
   dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -529,28 +568,32 @@ class _Layout:
     heads = self.heads
     return pl.BlockSpec((None, None, None, None, width), lambda t, n, bh: (bh // heads, n, bh % heads, t, 0))
 
-  # State-scan grid (batch·head, Dk tile, Dv tile).
-  def scan_spec(self, width, tile_axis):
-    heads = self.heads
-    return pl.BlockSpec((None, self.time, None, width),
-                        lambda bh, ik, iv: (bh // heads, 0, bh % heads, (ik, iv)[tile_axis]))
+  # Grid of the sequential kernels (segment·batch·head, Dk tile, Dv tile): each program walks one of `segments`
+  # equal stretches of time (all of it when segments is 1).
+  def _segment_index(self):
+    rows, heads = self.batch * self.heads, self.heads
+    return lambda i: (i % rows // heads, i // rows, i % heads)  # (batch, segment, head)
 
-  def scan_g_spec(self, width):
-    heads = self.heads
+  def scan_spec(self, width, tile_axis, segments):
+    index = self._segment_index()
+    return pl.BlockSpec((None, self.time // segments, None, width),
+                        lambda i, ik, iv: (*index(i), (ik, iv)[tile_axis]))
+
+  def scan_g_spec(self, width, segments):
     if self.config.mode == "scalar":
-      return pl.BlockSpec((self.time, None), lambda bh, ik, iv: (0, bh % heads))
-    return self.scan_spec(width, 0)
+      index = self._segment_index()
+      return pl.BlockSpec((self.time // segments, None), lambda i, ik, iv: index(i)[1:])
+    return self.scan_spec(width, 0, segments)
 
-  def scan_resets_spec(self):
-    heads = self.heads
-    return pl.BlockSpec((None, self.time), lambda bh, ik, iv: (bh // heads, 0))
+  def scan_resets_spec(self, segments):
+    index = self._segment_index()
+    return pl.BlockSpec((None, self.time // segments), lambda i, ik, iv: index(i)[:2])
 
-  def scan_state_spec(self, tile_k, tile_v, per_chunk):
-    heads = self.heads
-    if per_chunk:
-      return pl.BlockSpec((None, self.num_chunks, None, tile_v, tile_k),
-                          lambda bh, ik, iv: (bh // heads, 0, bh % heads, iv, ik))
-    return pl.BlockSpec((None, None, tile_v, tile_k), lambda bh, ik, iv: (bh // heads, bh % heads, iv, ik))
+  def scan_state_spec(self, tile_k, tile_v, segments, per_chunk):
+    """Per chunk: [B,N,H,Dv,Dk], a segment's chunks per program; else one state per segment [B,S,H,Dv,Dk]."""
+    index = self._segment_index()
+    rows = self.num_chunks // segments if per_chunk else None
+    return pl.BlockSpec((None, rows, None, tile_v, tile_k), lambda i, ik, iv: (*index(i), iv, ik))
 
   def extras(self, g, resets):
     return [x for x in (g, resets) if x is not None]
@@ -561,29 +604,91 @@ def _scan_tiles(scan_tile, dim_k, dim_v):
   return min(scan_tile, dim_k), min(scan_tile, dim_v)
 
 
-def _state_scan(layout, a, b, g, resets, init, state_dtype, reverse):
-  """Runs the state scan; returns (per-chunk states [B,N,H,Dv,Dk] state_dtype, last state [B,H,Dv,Dk] f32)."""
+def _segments(num_chunks, programs, target):
+  """Segments for a sequential kernel of `programs` programs over num_chunks chunks: doubled while the programs
+  stay under `target` and each segment keeps MIN_SEGMENT_CHUNKS chunks (equal segments: a power of two dividing
+  num_chunks). target 0: one segment."""
+  segments = 1
+  while (programs * segments < target and num_chunks % (2 * segments) == 0
+         and num_chunks // (2 * segments) >= MIN_SEGMENT_CHUNKS):
+    segments *= 2
+  return segments
+
+
+def _state_scan_call(layout, a, b, g, resets, init, state_dtype, reverse, segments, per_chunk):
+  """The state scan over each of `segments` segments from init [B,S,H,Dv,Dk] f32 (the state entering each segment
+  in the scan's direction); returns ([per-chunk states [B,N,H,Dv,Dk] state_dtype] if per_chunk, the state leaving
+  each segment [B,S,H,Dv,Dk] f32)."""
   config = layout.config
   tile_k, tile_v = _scan_tiles(config.scan_tile, layout.dim_k, layout.dim_v)
-  grid = (layout.batch * layout.heads, layout.dim_k // tile_k, layout.dim_v // tile_v)
-  in_specs = [layout.scan_spec(tile_k, 0), layout.scan_spec(tile_v, 1)]
+  grid = (segments * layout.batch * layout.heads, layout.dim_k // tile_k, layout.dim_v // tile_v)
+  in_specs = [layout.scan_spec(tile_k, 0, segments), layout.scan_spec(tile_v, 1, segments)]
   if g is not None:
-    in_specs.append(layout.scan_g_spec(tile_k))
+    in_specs.append(layout.scan_g_spec(tile_k, segments))
   if resets is not None:
-    in_specs.append(layout.scan_resets_spec())
-  in_specs.append(layout.scan_state_spec(tile_k, tile_v, per_chunk=False))
-  state_shape = (layout.batch, layout.heads, layout.dim_v, layout.dim_k)
-  kernel = functools.partial(_state_scan_kernel, config=config, num_chunks=layout.num_chunks, reverse=reverse)
+    in_specs.append(layout.scan_resets_spec(segments))
+  segment_state = layout.scan_state_spec(tile_k, tile_v, segments, per_chunk=False)
+  in_specs.append(segment_state)
+  per_segment = (layout.batch, segments, layout.heads, layout.dim_v, layout.dim_k)
+  out_specs, out_shape = [segment_state], [jax.ShapeDtypeStruct(per_segment, jnp.float32)]
+  if per_chunk:
+    out_specs.insert(0, layout.scan_state_spec(tile_k, tile_v, segments, per_chunk=True))
+    out_shape.insert(0, jax.ShapeDtypeStruct(
+        (layout.batch, layout.num_chunks, layout.heads, layout.dim_v, layout.dim_k), state_dtype))
+  kernel = functools.partial(_state_scan_kernel, config=config, num_chunks=layout.num_chunks // segments,
+                             reverse=reverse, per_chunk=per_chunk)
   return pl.pallas_call(
-      kernel, grid=grid, in_specs=in_specs,
-      out_specs=[layout.scan_state_spec(tile_k, tile_v, per_chunk=True),
-                 layout.scan_state_spec(tile_k, tile_v, per_chunk=False)],
-      out_shape=[jax.ShapeDtypeStruct((layout.batch, layout.num_chunks, layout.heads, layout.dim_v, layout.dim_k),
-                                      state_dtype),
-                 jax.ShapeDtypeStruct(state_shape, jnp.float32)],
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=_compiler_params(config, num_warps=4), interpret=_interpret(),
-      name="linear_attention_state_scan_reverse" if reverse else "linear_attention_state_scan",
+      name="linear_attention_state_scan" + ("_reverse" if reverse else "") + ("" if per_chunk else "_segments"),
   )(a, b, *layout.extras(g, resets), init)
+
+
+def _segment_decays(layout, g, resets, segments):
+  """The factor each segment applies to the state crossing it, broadcastable to [B,S,H,Dk]: the product of its
+  chunks' state decays, exp(Σ of the chunks' last g) and zero where a document starts inside."""
+  config, chunk = layout.config, layout.config.chunk
+  per_segment = layout.num_chunks // segments
+  decay = jnp.ones((1, segments, 1, 1), jnp.float32)
+  if config.mode == "scalar":  # g [T, H]
+    ends = g[chunk - 1::chunk].reshape(segments, per_segment, layout.heads)
+    decay = jnp.exp(ends.sum(axis=1))[None, :, :, None]
+  elif config.mode == "vector":  # g [B, T, H, Dk]
+    ends = g[:, chunk - 1::chunk].reshape(layout.batch, segments, per_segment, layout.heads, layout.dim_k)
+    decay = jnp.exp(ends.sum(axis=2))
+  if resets is not None:
+    carried = (resets[:, chunk - 1::chunk] == 0).reshape(layout.batch, segments, per_segment).all(axis=-1)
+    decay = decay * carried[:, :, None, None]
+  return decay
+
+
+def _segment_starts(layout, a, b, g, resets, init, reverse, segments):
+  """Two-level scan, levels 1 and 2: every segment's local final state from zero (in parallel), then the
+  sequential combine over the few segments. Returns (the state entering each segment [B,S,H,Dv,Dk], the last
+  state [B,H,Dv,Dk]), both f32; init [B,H,Dv,Dk] enters the first segment (the last one when reverse)."""
+  zeros = jnp.zeros((layout.batch, segments, layout.heads, layout.dim_v, layout.dim_k), jnp.float32)
+  (local,) = _state_scan_call(layout, a, b, g, resets, zeros, None, reverse, segments, per_chunk=False)
+  decay = _segment_decays(layout, g, resets, segments)
+  starts, state = [None] * segments, init
+  for index in (reversed(range(segments)) if reverse else range(segments)):
+    starts[index] = state
+    state = state * decay[:, index][..., None, :] + local[:, index]
+  return jnp.stack(starts, axis=1), state
+
+
+def _state_scan(layout, a, b, g, resets, init, state_dtype, reverse):
+  """Runs the state scan; returns (per-chunk states [B,N,H,Dv,Dk] state_dtype, last state [B,H,Dv,Dk] f32).
+  Latency-bound shapes (few programs, many chunks) run it as a two-level scan over segments."""
+  config = layout.config
+  tile_k, tile_v = _scan_tiles(config.scan_tile, layout.dim_k, layout.dim_v)
+  programs = layout.batch * layout.heads * (layout.dim_k // tile_k) * (layout.dim_v // tile_v)
+  segments = _segments(layout.num_chunks, programs, config.segment_programs)
+  if segments == 1:
+    states, last = _state_scan_call(layout, a, b, g, resets, init[:, None], state_dtype, reverse, 1, True)
+    return states, last[:, 0]
+  starts, last = _segment_starts(layout, a, b, g, resets, init, reverse, segments)
+  states, _ = _state_scan_call(layout, a, b, g, resets, starts, state_dtype, reverse, segments, True)
+  return states, last
 
 
 # 32-bit operands take twice the shared memory: 128-wide tiles with Dk = 256 asked for 320 KB on the H200
@@ -655,6 +760,45 @@ def _output(layout, q, k, v, g, resets, states, scores, out_dtype):
   (out,) = _value_tiled_call(functools.partial(_output_kernel, config=layout.config), "linear_attention_output",
                              layout, q, k, v, g, resets, states, scores, out_dtype)
   return out
+
+
+def _fused_forward(layout, q, k, v, g, resets, init, scores, out_dtype):
+  """(o [B,T,H,Dv], last state [B,H,Dv,Dk] f32) by the fused kernel; with few programs the segments' starting
+  states come from the first two levels of the two-level scan."""
+  config, heads = layout.config, layout.heads
+  tile_v = min(FUSED_VALUE_TILE, layout.dim_v)
+  tiles = layout.dim_v // tile_v
+  segments = _segments(layout.num_chunks, tiles * layout.batch * layout.heads, config.segment_programs)
+  starts = init[:, None]
+  if segments > 1:
+    starts, _ = _segment_starts(layout, k, v, g, resets, init, False, segments)
+  rows = layout.time // segments
+  time_spec = lambda width, tiled=False: pl.BlockSpec(
+      (None, rows, None, width), lambda t, s, bh: (bh // heads, s, bh % heads, t if tiled else 0))
+  state_spec = pl.BlockSpec((None, None, None, tile_v, layout.dim_k),
+                            lambda t, s, bh: (bh // heads, s, bh % heads, t, 0))
+  in_specs = [time_spec(layout.dim_k), time_spec(layout.dim_k), time_spec(tile_v, True)]
+  if config.mode == "scalar":
+    in_specs.append(pl.BlockSpec((rows, None), lambda t, s, bh: (s, bh % heads)))
+  elif config.mode == "vector":
+    in_specs.append(time_spec(layout.dim_k))
+  if resets is not None:
+    in_specs.append(pl.BlockSpec((None, rows), lambda t, s, bh: (bh // heads, s)))
+  in_specs.append(state_spec)
+  operands = [q, k, v, *layout.extras(g, resets), starts]
+  if scores is not None:
+    in_specs.append(time_spec(config.chunk))
+    operands.append(scores)
+  out, last = pl.pallas_call(
+      functools.partial(_fused_forward_kernel, config=config, num_chunks=layout.num_chunks // segments),
+      grid=(tiles, segments, layout.batch * heads), in_specs=in_specs,
+      out_specs=[time_spec(tile_v, True), state_spec],
+      out_shape=[jax.ShapeDtypeStruct((layout.batch, layout.time, heads, layout.dim_v), out_dtype),
+                 jax.ShapeDtypeStruct(starts.shape, jnp.float32)],
+      compiler_params=_compiler_params(config, num_warps=4), interpret=_interpret(),
+      name="linear_attention_fused_forward",
+  )(*operands)
+  return out, last[:, -1]
 
 
 def _grad_dv(layout, q, k, do, g, resets, d_states, scores, out_dtype, states=None):
@@ -765,9 +909,12 @@ def _forward(config, q, k, v, log_decay, initial_state, segment_ids):
   time = q.shape[1]
   qp, kp, vp, g, resets, layout = _prepare(config, q, k, v, log_decay, segment_ids)
   init = jnp.swapaxes(initial_state.astype(jnp.float32), -1, -2)
-  states, last = _state_scan(layout, kp, vp, g, resets, init, _state_dtype(q.dtype), reverse=False)
   scores = _intra_scores(layout, qp, kp, g, resets) if config.mode == "vector" else None
-  out = _output(layout, qp, kp, vp, g, resets, states, scores, v.dtype)
+  if config.fused_forward:
+    out, last = _fused_forward(layout, qp, kp, vp, g, resets, init, scores, v.dtype)
+  else:
+    states, last = _state_scan(layout, kp, vp, g, resets, init, _state_dtype(q.dtype), reverse=False)
+    out = _output(layout, qp, kp, vp, g, resets, states, scores, v.dtype)
   return (out[:, :time], jnp.swapaxes(last, -1, -2)), scores
 
 
@@ -839,12 +986,14 @@ def default_chunk_size(vector_decay: bool) -> int:
 
 def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_size, *, num_warps=None, num_stages=2,
                          scan_tile=SCAN_TILE, split_sub_chunks=None, key_tile=None, broadcast_diag=None,
-                         scan_unroll=None):
+                         scan_unroll=None, fused_forward=True, segment_programs=SEGMENT_PROGRAMS):
   """"pallas_gpu" backend: (o [B,T,H,Dv] in v.dtype, final_state [B,H,Dk,Dv] f32). See the module docstring.
 
   The keyword options tune the kernels (benchmarks/kernels.py --variants); None picks the measured default:
   num_warps VECTOR_NUM_WARPS or DEFAULT_NUM_WARPS, split_sub_chunks and broadcast_diag on for per-key-channel
-  decay, scan_unroll SCAN_UNROLL for latency-bound scans with 16-bit operands."""
+  decay, scan_unroll SCAN_UNROLL for latency-bound scans with 16-bit operands. fused_forward: the forward walks
+  the chunks in one kernel instead of storing every chunk's state (False: state scan + output kernel);
+  segment_programs: the program count under which sequential kernels split time into segments (0: never)."""
   batch, time, heads, dim_k = q.shape
   dim_v = v.shape[-1]
   for name, x in (("q", q), ("k", k), ("v", v)):
@@ -874,7 +1023,8 @@ def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
     num_warps = VECTOR_NUM_WARPS if vector_decay else DEFAULT_NUM_WARPS
   config = _Config(mode, segment_ids is not None, chunk, num_warps, num_stages, scan_tile,
                    vector_decay if split_sub_chunks is None else split_sub_chunks, key_tile,
-                   vector_decay if broadcast_diag is None else broadcast_diag, scan_unroll)
+                   vector_decay if broadcast_diag is None else broadcast_diag, scan_unroll, fused_forward,
+                   segment_programs)
   if initial_state is None:
     initial_state = jnp.zeros((batch, heads, dim_k, dim_v), jnp.float32)
   return _linear_attention(q, k, v, log_decay, initial_state, segment_ids, config)
