@@ -55,10 +55,11 @@ PROFILE_TOP = 30  # kernels listed per profiled row
 TINY_SHAPE = dict(num_layers=2, d_model=256, num_heads=2, ffn_dim=512, vocab_size=1024)
 
 
-def model_config(arch: str, size: str, remat_policy: str) -> configs.ModelConfig:
+def model_config(arch: str, size: str, remat_policy: str, scan_layers: bool = True) -> configs.ModelConfig:
   if size == "tiny":
-    return configs.ModelConfig(arch=arch, size="tiny", remat_policy=remat_policy, **TINY_SHAPE)
-  return configs.get_config(arch, size, remat_policy=remat_policy)
+    return configs.ModelConfig(arch=arch, size="tiny", remat_policy=remat_policy, scan_layers=scan_layers,
+                               **TINY_SHAPE)
+  return configs.get_config(arch, size, remat_policy=remat_policy, scan_layers=scan_layers)
 
 
 def synthetic_batch(program: trainer.TrainProgram, seed: int) -> dict:
@@ -82,7 +83,8 @@ def cli_spec(arch, size, seq_len, args, mesh) -> dict:
   per_shard_microbatch = args.per_device_microbatch
   if per_shard_microbatch is not None and per_shard_microbatch * sharding.batch_shards(mesh) >= global_batch:
     per_shard_microbatch = None  # the whole batch already fits in one microbatch
-  return dict(model_config=model_config(arch, size, args.remat_policy), mesh=mesh, seq_len=seq_len,
+  return dict(model_config=model_config(arch, size, args.remat_policy, not args.unrolled_layers), mesh=mesh,
+              seq_len=seq_len,
               global_batch_size=global_batch, per_shard_microbatch_size=per_shard_microbatch,
               loss_chunk_length=args.loss_chunk_length if args.loss_chunk_length < seq_len else None,
               optimizer=optim.OptimizerConfig(warmup_steps=10))
@@ -117,7 +119,7 @@ def measure(spec: dict, args) -> dict:
       loss_chunk_length=spec["loss_chunk_length"])
   row = {"arch": config.arch, "size": config.size, "seq_len": seq_len, "global_batch_size": global_batch,
          "num_microbatches": program.num_microbatches, "num_params": program.num_params,
-         "mesh": dict(mesh.shape), "remat_policy": config.remat_policy,
+         "mesh": dict(mesh.shape), "remat_policy": config.remat_policy, "scan_layers": config.scan_layers,
          "linear_attention_backend": program.model_config.linear_attention_backend,
          "attention_impl": program.model_config.attention_impl}
   start = time.perf_counter()
@@ -197,7 +199,8 @@ def write_markdown(path: str, header: dict, rows: list[dict], peers: dict, peer_
       continue
     lines.append(
         f"| {row['arch']} | {row['size']} | {row['seq_len']} | {row['global_batch_size']} "
-        f"({row['num_microbatches']}) | {_mesh_label(row.get('mesh'))} | {row['remat_policy']} | "
+        f"({row['num_microbatches']}) | {_mesh_label(row.get('mesh'))} | {row['remat_policy']}"
+        f"{'' if row.get('scan_layers', True) else ', unrolled layers'} | "
         f"{row['compile_s']:.1f} | {row['step_s']:.4f} | "
         f"{row['tokens_per_s']:,.0f} | {100 * row['mfu']:.1f}% | {_format(row.get('planned_gib'), '.1f')} | "
         f"{_format(row['peak_gib'], '.1f')} | {peer_tokens} | "
@@ -241,6 +244,8 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--budget_s", type=float, default=None,
                       help="start no new row after this many seconds (a device call's time limit)")
+  parser.add_argument("--unrolled_layers", action="store_true",
+                      help="compile every layer (scan_layers=False) instead of one scanned layer")
   parser.add_argument("--profile_steps", type=int, default=0,
                       help="after timing, trace this many steps and list the longest kernels (per step)")
   parser.add_argument("--peak_flops_per_device", type=float, default=None)

@@ -94,29 +94,30 @@ def test_unrolled_state_scans_bf16(decay_mode):
                             dtype=jnp.bfloat16, strength="strong", scan_unroll=4)
 
 
-@pytest.mark.parametrize("decay_mode,dtype", [("scalar", jnp.float32), ("vector", jnp.float32),
-                                              ("none", jnp.bfloat16)])
-def test_segment_parallel_scans_and_fused_forward(decay_mode, dtype, monkeypatch):
+@pytest.mark.parametrize("decay_mode,dtype,fused_forward", [
+    ("scalar", jnp.float32, None), ("vector", jnp.float32, True), ("vector", jnp.float32, None),
+    ("none", jnp.bfloat16, None)])
+def test_segment_parallel_scans_and_fused_forward(decay_mode, dtype, fused_forward, monkeypatch):
   # Eight 16-token chunks in four segments of two: the two-level scans (forward and reverse: level 1 from zero,
-  # the combine, level 2 from the true starts) and the fused forward from its segments' starts, with documents
-  # and strong decay crossing segment edges and an initial state.
+  # the combine, level 2 from the true starts) and the fused forward from its segments' starts (the default
+  # without per-key-channel decay), with documents and strong decay crossing segment edges and an initial state.
   monkeypatch.setattr(gpu, "MIN_SEGMENT_CHUNKS", 2)
   _assert_matches_reference(9, decay_mode=decay_mode, dim_k=32, dim_v=16, time=120, chunk_size=16, dtype=dtype,
-                            strength="strong")
+                            strength="strong", fused_forward=fused_forward)
   q, k, v, log_decay, state, segment_ids = testing.random_inputs(
       9, batch=2, time=120, heads=2, dim_k=32, dim_v=16, decay_mode=decay_mode, dtype=dtype)
-  op = lambda q: gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 16)[0].sum()
+  op = lambda q: gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 16,
+                                          fused_forward=fused_forward)[0].sum()
   launches = [eqn.params["name"] for eqn in jax.make_jaxpr(jax.grad(op))(q).jaxpr.eqns
               if eqn.primitive.name == "pallas_call"]
-  # level 1 of the fused forward's starts, of the backward's recomputed states and of its reverse scan
+  # level 1 of the forward's (fused or not), of the backward's recomputed states and of its reverse scan
   assert launches.count("linear_attention_state_scan_segments") == 2
   assert launches.count("linear_attention_state_scan_reverse_segments") == 1
 
 
-@pytest.mark.parametrize("decay_mode", ["scalar", "vector"])
-def test_unfused_forward_fp32(decay_mode):
-  # The state scan + output kernel forward (fused_forward=False), still timed against the fused one.
-  _assert_matches_reference(10, decay_mode=decay_mode, dim_k=32, dim_v=16, time=72, chunk_size=32,
+def test_unfused_forward_fixed_decay_fp32():
+  # The state scan + output kernel forward (the default for per-key-channel decay) with a fixed decay.
+  _assert_matches_reference(10, decay_mode="scalar", dim_k=32, dim_v=16, time=72, chunk_size=32,
                             fused_forward=False)
 
 

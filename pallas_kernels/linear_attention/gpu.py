@@ -71,7 +71,7 @@ class _Config:
   """Static kernel configuration (hashable, a nondiff argument of the custom_vjp)."""
 
   def __init__(self, mode, has_segments, chunk, num_warps, num_stages, scan_tile, split_sub_chunks, key_tile,
-               broadcast_diag, scan_unroll, fused_forward, segment_programs):
+               broadcast_diag, scan_unroll, fused_forward, segment_programs, fused_value_tile):
     self.mode, self.has_segments, self.chunk = mode, has_segments, chunk
     self.num_warps, self.num_stages, self.scan_tile, self.key_tile = num_warps, num_stages, scan_tile, key_tile
     self.sub_chunk = min(SUB_CHUNK, chunk) if mode == "vector" else chunk
@@ -79,8 +79,9 @@ class _Config:
     self.parts = chunk // self.sub_chunk if split_sub_chunks and mode == "vector" else 1
     self.broadcast_diag, self.scan_unroll = broadcast_diag, scan_unroll
     self.fused_forward, self.segment_programs = fused_forward, segment_programs
+    self.fused_value_tile = fused_value_tile
     self._key = (mode, has_segments, chunk, num_warps, num_stages, scan_tile, self.parts, key_tile, broadcast_diag,
-                 scan_unroll, fused_forward, segment_programs)
+                 scan_unroll, fused_forward, segment_programs, fused_value_tile)
 
   def __hash__(self):
     return hash(self._key)
@@ -264,7 +265,7 @@ def _split_refs(refs, config, num_leading):
   return leading, g_ref, resets_ref, rest
 
 
-def _state_scan_kernel(*refs, config, num_chunks, reverse, per_chunk):
+def _state_scan_kernel(*refs, config, num_chunks, reverse, per_chunk, unroll):
   """Forward (a=k, b=v): S ← decay·S + (k ⊙ k_factor)ᵀv, storing S entering each chunk.
   Reverse (a=q, b=do): dS ← decay·dS + (q ⊙ q_factor)ᵀdo, storing dS leaving each chunk; S is [Dv, Dk].
   One segment of `num_chunks` chunks from the state in init_ref; per_chunk False stores only the last state."""
@@ -295,7 +296,7 @@ def _state_scan_kernel(*refs, config, num_chunks, reverse, per_chunk):
     return body
 
   # 32-bit operands stay rolled: twice the shared memory, and measured slower (fp32 scans of an earlier backward).
-  unroll = min(config.scan_unroll if operand_dtype.itemsize < 4 else 1, num_chunks)
+  unroll = min(unroll if operand_dtype.itemsize < 4 else 1, num_chunks)
   whole = num_chunks // unroll
   state = lax.fori_loop(0, whole, steps(unroll), init_ref[...].astype(jnp.float32))
   if num_chunks % unroll:  # the remainder, one chunk at a time
@@ -635,8 +636,13 @@ def _state_scan_call(layout, a, b, g, resets, init, state_dtype, reverse, segmen
     out_specs.insert(0, layout.scan_state_spec(tile_k, tile_v, segments, per_chunk=True))
     out_shape.insert(0, jax.ShapeDtypeStruct(
         (layout.batch, layout.num_chunks, layout.heads, layout.dim_v, layout.dim_k), state_dtype))
+  programs = grid[0] * grid[1] * grid[2]
+  if config.scan_unroll is not None:
+    unroll = config.scan_unroll
+  else:
+    unroll = SCAN_UNROLL if programs < LATENCY_BOUND_PROGRAMS else 1
   kernel = functools.partial(_state_scan_kernel, config=config, num_chunks=layout.num_chunks // segments,
-                             reverse=reverse, per_chunk=per_chunk)
+                             reverse=reverse, per_chunk=per_chunk, unroll=unroll)
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=_compiler_params(config, num_warps=4), interpret=_interpret(),
@@ -766,7 +772,7 @@ def _fused_forward(layout, q, k, v, g, resets, init, scores, out_dtype):
   """(o [B,T,H,Dv], last state [B,H,Dv,Dk] f32) by the fused kernel; with few programs the segments' starting
   states come from the first two levels of the two-level scan."""
   config, heads = layout.config, layout.heads
-  tile_v = min(FUSED_VALUE_TILE, layout.dim_v)
+  tile_v = min(config.fused_value_tile, layout.dim_v)
   tiles = layout.dim_v // tile_v
   segments = _segments(layout.num_chunks, tiles * layout.batch * layout.heads, config.segment_programs)
   starts = init[:, None]
@@ -795,8 +801,7 @@ def _fused_forward(layout, q, k, v, g, resets, init, scores, out_dtype):
       out_specs=[time_spec(tile_v, True), state_spec],
       out_shape=[jax.ShapeDtypeStruct((layout.batch, layout.time, heads, layout.dim_v), out_dtype),
                  jax.ShapeDtypeStruct(starts.shape, jnp.float32)],
-      compiler_params=_compiler_params(config, num_warps=4), interpret=_interpret(),
-      name="linear_attention_fused_forward",
+      compiler_params=_compiler_params(config), interpret=_interpret(), name="linear_attention_fused_forward",
   )(*operands)
   return out, last[:, -1]
 
@@ -986,14 +991,17 @@ def default_chunk_size(vector_decay: bool) -> int:
 
 def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_size, *, num_warps=None, num_stages=2,
                          scan_tile=SCAN_TILE, split_sub_chunks=None, key_tile=None, broadcast_diag=None,
-                         scan_unroll=None, fused_forward=True, segment_programs=SEGMENT_PROGRAMS):
+                         scan_unroll=None, fused_forward=None, segment_programs=SEGMENT_PROGRAMS,
+                         fused_value_tile=FUSED_VALUE_TILE):
   """"pallas_gpu" backend: (o [B,T,H,Dv] in v.dtype, final_state [B,H,Dk,Dv] f32). See the module docstring.
 
   The keyword options tune the kernels (benchmarks/kernels.py --variants); None picks the measured default:
   num_warps VECTOR_NUM_WARPS or DEFAULT_NUM_WARPS, split_sub_chunks and broadcast_diag on for per-key-channel
-  decay, scan_unroll SCAN_UNROLL for latency-bound scans with 16-bit operands. fused_forward: the forward walks
-  the chunks in one kernel instead of storing every chunk's state (False: state scan + output kernel);
-  segment_programs: the program count under which sequential kernels split time into segments (0: never)."""
+  decay, scan_unroll SCAN_UNROLL for latency-bound scans with 16-bit operands (fewer than LATENCY_BOUND_PROGRAMS
+  programs after splitting time into segments). fused_forward (default: without per-key-channel decay): the forward
+  walks the chunks in one kernel instead of storing every chunk's state (else state scan + output kernel), with
+  fused_value_tile-wide Dv tiles; segment_programs: the program count under which sequential kernels split time
+  into segments (0: never)."""
   batch, time, heads, dim_k = q.shape
   dim_v = v.shape[-1]
   for name, x in (("q", q), ("k", k), ("v", v)):
@@ -1015,16 +1023,14 @@ def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
     raise ValueError(f"pallas_gpu: chunk_size={chunk_size}; valid: None or a power of two >= 16.")
   # Short sequences use a smaller chunk (as fla does), never below the 16-row Triton matmul minimum.
   chunk = min(requested, max(16, 1 << max(time - 1, 0).bit_length()))
-  if scan_unroll is None:
-    tile_k, tile_v = _scan_tiles(scan_tile, dim_k, dim_v)
-    scan_programs = batch * heads * (dim_k // tile_k) * (dim_v // tile_v)
-    scan_unroll = SCAN_UNROLL if scan_programs < LATENCY_BOUND_PROGRAMS else 1
   if num_warps is None:
     num_warps = VECTOR_NUM_WARPS if vector_decay else DEFAULT_NUM_WARPS
+  if fused_forward is None:
+    fused_forward = not vector_decay
   config = _Config(mode, segment_ids is not None, chunk, num_warps, num_stages, scan_tile,
                    vector_decay if split_sub_chunks is None else split_sub_chunks, key_tile,
                    vector_decay if broadcast_diag is None else broadcast_diag, scan_unroll, fused_forward,
-                   segment_programs)
+                   segment_programs, fused_value_tile)
   if initial_state is None:
     initial_state = jnp.zeros((batch, heads, dim_k, dim_v), jnp.float32)
   return _linear_attention(q, k, v, log_decay, initial_state, segment_ids, config)
