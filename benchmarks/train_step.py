@@ -213,8 +213,8 @@ def write_markdown(path: str, header: dict, rows: list[dict], peers: dict, peer_
                 f"Device time per step by kernel ({profile['events']} events; {profile['total_us'] / 1e3:.1f} ms "
                 f"in all; the {len(profile['kernels'])} longest):", "",
                 "| kernel | launches | ms | share |", "|---|---:|---:|---:|"]
-      lines += [f"| {k['kernel'][:70]} | {k['launches']:g} | {k['us'] / 1e3:.2f} | {k['us'] / profile['total_us']:.1%} |"
-                for k in profile["kernels"]]
+      lines += [f"| {k['kernel'][:70]} | {k['launches']:g} | {k['us'] / 1e3:.2f} | "
+                f"{k['us'] / profile['total_us']:.1%} |" for k in profile["kernels"]]
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
 

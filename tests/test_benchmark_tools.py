@@ -21,9 +21,9 @@ def test_parse_variant():
   chunk, options = kernels.parse_variant("c64w4g0n")
   assert options == {"num_warps": 4, "split_sub_chunks": False, "broadcast_diag": False, "segment_programs": 0,
                      "fused_forward": False}
-  chunk, options = kernels.parse_variant("c32w8v128pbf")
-  assert options == {"num_warps": 8, "split_sub_chunks": True, "broadcast_diag": True, "fused_value_tile": 128,
-                     "fused_forward": True}
+  chunk, options = kernels.parse_variant("c32w8e64v128pbf")
+  assert options == {"num_warps": 8, "split_sub_chunks": True, "broadcast_diag": True, "segment_scan_tile": 64,
+                     "fused_value_tile": 128, "fused_forward": True}
   with pytest.raises(SystemExit, match="c64x8.*valid: c<chunk>w<warps>"):
     kernels.parse_variant("c64x8")
 
