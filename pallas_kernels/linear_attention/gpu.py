@@ -56,13 +56,18 @@ SCAN_TILE = 64  # Dk and Dv tile of the state scans: B·H·(Dk/64)·(Dv/64) sequ
 # chunks per iteration. TNL at 1×32768×16×128: scan 613 → 408 µs; unrolling 8 exceeded shared memory.
 LATENCY_BOUND_PROGRAMS = 256
 SCAN_UNROLL = 4
-# Sequential kernels (state scans, the fused forward) with fewer programs than this split the time axis into
-# segments walked in parallel (two-level scan): each segment's local final state from zero, a short combine over
-# segments in XLA, then the segments again from their true starting states. Segments keep at least
-# MIN_SEGMENT_CHUNKS chunks.
+# Sequential kernels can split the time axis into segments walked in parallel (two-level scan): each segment's
+# local final state from zero, a short combine over the segments, then the segments again from their true
+# starting states. The fused forward splits while it has fewer than SEGMENT_PROGRAMS programs; the state scans
+# only below SEGMENT_SCANS_BELOW programs (B·H < 32 at 128×128 heads), with SEGMENT_SCAN_TILE-wide state tiles
+# (fewer re-reads of their operands) and then up to SEGMENT_PROGRAMS programs. H200, HGRN2 at 4×8192×12×128:
+# unsegmented 352 µs, four segments 926 µs; at 1×32768×16×128, 32 segments of 128-wide tiles 535 µs against 1.03 ms.
+# Segments keep at least MIN_SEGMENT_CHUNKS chunks.
 SEGMENT_PROGRAMS = 512
+SEGMENT_SCANS_BELOW = 128
+SEGMENT_SCAN_TILE = 128
 MIN_SEGMENT_CHUNKS = 8
-SEGMENT_SCAN_TILE = 128  # the state tile of segmented 16-bit scans (see _scan_tiles)
+COMBINE_TILE = 32  # the segment combine is elementwise: small tiles, many programs
 FUSED_VALUE_TILE = 64  # Dv tile of the fused forward: its fp32 state [64, Dk] stays in registers
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_WIDE_DIM = 128  # largest Dk/Dv the kernels take with 32-bit inputs
@@ -601,13 +606,17 @@ class _Layout:
     return [x for x in (g, resets) if x is not None]
 
 
-def _scan_tiles(layout, segments):
-  """(Dk tile, Dv tile) of the state scans. Split into segments, 16-bit scans take wider tiles (fewer re-reads of
-  their operands; H200, 1×32768×16×128: TNL's level 1 120 → 80 µs, HGRN2's scans 1.45 → 0.90 ms)."""
-  tile = layout.config.scan_tile
-  if segments > 1 and not layout.wide_operands:
-    tile = max(tile, layout.config.segment_scan_tile)
-  return min(tile, layout.dim_k), min(tile, layout.dim_v)
+def _scan_plan(layout):
+  """(segments, Dk tile, Dv tile) of the state scans (see SEGMENT_SCANS_BELOW)."""
+  config, batch_heads = layout.config, layout.batch * layout.heads
+  tiles = lambda width: (min(width, layout.dim_k), min(width, layout.dim_v))
+  programs = lambda tile_k, tile_v: batch_heads * (layout.dim_k // tile_k) * (layout.dim_v // tile_v)
+  tile_k, tile_v = tiles(config.scan_tile)
+  if programs(tile_k, tile_v) >= SEGMENT_SCANS_BELOW:
+    return 1, tile_k, tile_v
+  wide_k, wide_v = (tile_k, tile_v) if layout.wide_operands else tiles(max(config.scan_tile, config.segment_scan_tile))
+  segments = _segments(layout.num_chunks, programs(wide_k, wide_v), config.segment_programs)
+  return (1, tile_k, tile_v) if segments == 1 else (segments, wide_k, wide_v)
 
 
 def _segments(num_chunks, programs, target):
@@ -621,12 +630,12 @@ def _segments(num_chunks, programs, target):
   return segments
 
 
-def _state_scan_call(layout, a, b, g, resets, init, state_dtype, reverse, segments, per_chunk):
+def _state_scan_call(layout, a, b, g, resets, init, state_dtype, reverse, segments, tiles, per_chunk):
   """The state scan over each of `segments` segments from init [B,S,H,Dv,Dk] f32 (the state entering each segment
-  in the scan's direction); returns ([per-chunk states [B,N,H,Dv,Dk] state_dtype] if per_chunk, the state leaving
-  each segment [B,S,H,Dv,Dk] f32)."""
+  in the scan's direction) with (Dk, Dv) state `tiles`; returns ([per-chunk states [B,N,H,Dv,Dk] state_dtype] if
+  per_chunk, the state leaving each segment [B,S,H,Dv,Dk] f32)."""
   config = layout.config
-  tile_k, tile_v = _scan_tiles(layout, segments)
+  tile_k, tile_v = tiles
   grid = (segments * layout.batch * layout.heads, layout.dim_k // tile_k, layout.dim_v // tile_v)
   in_specs = [layout.scan_spec(tile_k, 0, segments), layout.scan_spec(tile_v, 1, segments)]
   if g is not None:
@@ -644,8 +653,8 @@ def _state_scan_call(layout, a, b, g, resets, init, state_dtype, reverse, segmen
   programs = grid[0] * grid[1] * grid[2]
   if config.scan_unroll is not None:
     unroll = config.scan_unroll
-  else:
-    unroll = SCAN_UNROLL if programs < LATENCY_BOUND_PROGRAMS else 1
+  else:  # 128-wide unrolled tiles asked for 257 KB of shared memory (227 KB on the H200)
+    unroll = SCAN_UNROLL if programs < LATENCY_BOUND_PROGRAMS and tile_k * tile_v <= 64 * 64 else 1
   kernel = functools.partial(_state_scan_kernel, config=config, num_chunks=layout.num_chunks // segments,
                              reverse=reverse, per_chunk=per_chunk, unroll=unroll)
   return pl.pallas_call(
@@ -684,16 +693,16 @@ def _combine_kernel(local_ref, decay_ref, init_ref, starts_ref, last_ref, *, seg
   last_ref[...] = lax.fori_loop(0, segments, step, init_ref[...])
 
 
-def _segment_starts(layout, a, b, g, resets, init, reverse, segments):
-  """Two-level scan, levels 1 and 2: every segment's local final state from zero (in parallel), then the
-  sequential combine over the few segments (a small kernel: as one XLA fusion of the chain it took 8–110 µs).
-  Returns (the state entering each segment [B,S,H,Dv,Dk], the last state [B,H,Dv,Dk]), both f32; init
+def _segment_starts(layout, a, b, g, resets, init, reverse, segments, tiles):
+  """Two-level scan, levels 1 and 2: every segment's local final state from zero (in parallel, state `tiles`),
+  then the sequential combine over the few segments (a small kernel: as one XLA fusion of the chain it took
+  8–110 µs). Returns (the state entering each segment [B,S,H,Dv,Dk], the last state [B,H,Dv,Dk]), both f32; init
   [B,H,Dv,Dk] enters the first segment (the last one when reverse)."""
   batch, heads, dim_k, dim_v = layout.batch, layout.heads, layout.dim_k, layout.dim_v
   zeros = jnp.zeros((batch, segments, heads, dim_v, dim_k), jnp.float32)
-  (local,) = _state_scan_call(layout, a, b, g, resets, zeros, None, reverse, segments, per_chunk=False)
+  (local,) = _state_scan_call(layout, a, b, g, resets, zeros, None, reverse, segments, tiles, per_chunk=False)
   decay = jnp.broadcast_to(_segment_decays(layout, g, resets, segments), (batch, segments, heads, dim_k))
-  tile_k, tile_v = _scan_tiles(layout, segments)
+  tile_k, tile_v = min(COMBINE_TILE, dim_k), min(COMBINE_TILE, dim_v)
   segment_tiles = pl.BlockSpec((None, segments, None, tile_v, tile_k),
                                lambda bh, ik, iv: (bh // heads, 0, bh % heads, iv, ik))
   state_tile = pl.BlockSpec((None, None, tile_v, tile_k), lambda bh, ik, iv: (bh // heads, bh % heads, iv, ik))
@@ -714,15 +723,12 @@ def _segment_starts(layout, a, b, g, resets, init, reverse, segments):
 def _state_scan(layout, a, b, g, resets, init, state_dtype, reverse):
   """Runs the state scan; returns (per-chunk states [B,N,H,Dv,Dk] state_dtype, last state [B,H,Dv,Dk] f32).
   Latency-bound shapes (few programs, many chunks) run it as a two-level scan over segments."""
-  config = layout.config
-  tile_k, tile_v = _scan_tiles(layout, 1)
-  programs = layout.batch * layout.heads * (layout.dim_k // tile_k) * (layout.dim_v // tile_v)
-  segments = _segments(layout.num_chunks, programs, config.segment_programs)
+  segments, *tiles = _scan_plan(layout)
   if segments == 1:
-    states, last = _state_scan_call(layout, a, b, g, resets, init[:, None], state_dtype, reverse, 1, True)
+    states, last = _state_scan_call(layout, a, b, g, resets, init[:, None], state_dtype, reverse, 1, tiles, True)
     return states, last[:, 0]
-  starts, last = _segment_starts(layout, a, b, g, resets, init, reverse, segments)
-  states, _ = _state_scan_call(layout, a, b, g, resets, starts, state_dtype, reverse, segments, True)
+  starts, last = _segment_starts(layout, a, b, g, resets, init, reverse, segments, tiles)
+  states, _ = _state_scan_call(layout, a, b, g, resets, starts, state_dtype, reverse, segments, tiles, True)
   return states, last
 
 
@@ -806,7 +812,9 @@ def _fused_forward(layout, q, k, v, g, resets, init, scores, out_dtype):
   segments = _segments(layout.num_chunks, tiles * layout.batch * layout.heads, config.segment_programs)
   starts = init[:, None]
   if segments > 1:
-    starts, _ = _segment_starts(layout, k, v, g, resets, init, False, segments)
+    width = layout.config.scan_tile if layout.wide_operands else layout.config.segment_scan_tile
+    scan_tiles = (min(width, layout.dim_k), min(width, layout.dim_v))
+    starts, _ = _segment_starts(layout, k, v, g, resets, init, False, segments, scan_tiles)
   rows = layout.time // segments
   time_spec = lambda width, tiled=False: pl.BlockSpec(
       (None, rows, None, width), lambda t, s, bh: (bh // heads, s, bh % heads, t if tiled else 0))
@@ -943,13 +951,11 @@ def _forward(config, q, k, v, log_decay, initial_state, segment_ids):
   time = q.shape[1]
   qp, kp, vp, g, resets, layout = _prepare(config, q, k, v, log_decay, segment_ids)
   init = jnp.swapaxes(initial_state.astype(jnp.float32), -1, -2)
-  intra_scores = lambda: _intra_scores(layout, qp, kp, g, resets) if config.mode == "vector" else None
+  scores = _intra_scores(layout, qp, kp, g, resets) if config.mode == "vector" else None
   if config.fused_forward:
-    scores = intra_scores()
     out, last = _fused_forward(layout, qp, kp, vp, g, resets, init, scores, v.dtype)
-  else:  # the scan first: launched after the score kernel, it took 300 µs instead of 180 (HGRN2, 8×2048)
+  else:
     states, last = _state_scan(layout, kp, vp, g, resets, init, _state_dtype(q.dtype), reverse=False)
-    scores = intra_scores()
     out = _output(layout, qp, kp, vp, g, resets, states, scores, v.dtype)
   return (out[:, :time], jnp.swapaxes(last, -1, -2)), scores
 
