@@ -52,7 +52,8 @@ class ModelConfig:
   linear_attention_backend: str = "auto"
   chunk_size: int | None = None      # None: the backend's default
   scan_layers: bool = True           # stack layers and lax.scan them (one layer compiled, not L)
-  remat_policy: str = "none"
+  remat_policy: str = "none"         # REMAT_POLICIES; where "none" does not fit, dots_and_mixer_kernels_saveable
+                                     # was the fastest on the H200 (benchmarks/results/train_step_h200_session5.md)
   attention_impl: str = "auto"       # LLaMA only
   norm_eps: float = 1e-6
   rope_theta: float = 10000.0

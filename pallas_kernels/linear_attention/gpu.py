@@ -7,6 +7,10 @@ fla's decomposition, which keeps every SM busy when batch·heads is small:
             3. output: fully parallel over (chunk, batch·head, Dv tile): o = q̄·h + A·v, matmuls only.
   backward  the state scan again (recomputes h), the reverse scan of the state gradient (dh, dh0), then two
             chunk-parallel kernels: dv = Aᵀ·do + k̄·dh (Dv tiles; A saved by the forward) and dq, dk (Dk tiles).
+Without per-key-channel decay the forward is instead one fused kernel that walks the chunks with the state in
+registers and never stores the per-chunk states (fla's fused_chunk form). Sequential kernels with few programs
+split time into segments (two-level scan): each segment's final state from zero, a small kernel combining the
+segments in order, then every segment from its true starting state.
 Decay factors use chunk-local cumulative log-decays g so that every exponent is <= 0 (kernels.md §7).
 Data-dependent (per key channel) decay works on 16-token sub-chunks inside each chunk, with no state carried
 through them: a sub-chunk's queries read the chunk's earlier keys (and its keys the chunk's later queries)
