@@ -72,8 +72,8 @@ def masked_cross_entropy_sums(model, hidden: jax.Array, targets: jax.Array, loss
   With `loss_chunk_length`, the head and the softmax run over time chunks, so the full [batch, length, vocab]
   logits (100K wide) are never alive at once. Under differentiation each chunk's gradient is formed right away in
   the forward pass (the softmax minus the one-hot target, times W and times the hidden states), so the backward
-  only scales it: the head's logits are computed once, not again in the backward as remat would (two matmuls
-  against the vocabulary instead of three per token in the backward, and no second softmax).
+  only scales it: the logits are computed once, not again in the backward as remat would (three matmuls against
+  the vocabulary per token instead of four, one softmax instead of two).
   """
   weight, dtype = model.head()
   length = hidden.shape[1]
