@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxpr_tools import pallas_kernel_names
 from pallas_kernels.linear_attention import gpu, testing
 
 FP32_BOUND = 1e-4
@@ -108,8 +109,7 @@ def test_segment_parallel_scans_and_fused_forward(decay_mode, dtype, fused_forwa
       9, batch=2, time=120, heads=2, dim_k=32, dim_v=16, decay_mode=decay_mode, dtype=dtype)
   op = lambda q: gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 16,
                                           fused_forward=fused_forward)[0].sum()
-  launches = [eqn.params["name"] for eqn in jax.make_jaxpr(jax.grad(op))(q).jaxpr.eqns
-              if eqn.primitive.name == "pallas_call"]
+  launches = pallas_kernel_names(jax.make_jaxpr(jax.grad(op))(q).jaxpr)
   # level 1 of the forward's (fused or not), of the backward's recomputed states and of its reverse scan
   assert launches.count("linear_attention_state_scan_segments") == 2
   assert launches.count("linear_attention_state_scan_reverse_segments") == 1

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax._src import core as jax_core
 
+from jaxpr_tools import pallas_kernel_names
 from lsm_jax.models import ARCHS, build_model, get_config
 
 VOCAB = 512
@@ -170,17 +170,6 @@ def test_scan_and_remat_gradients_match_unscanned(arch, remat_policy, scan_layer
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(grads))
 
 
-def _kernel_launches(jaxpr, counts):
-  """Pallas kernel launches by kernel name in a jaxpr and all its sub-jaxprs (remat, scan bodies)."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "pallas_call":
-      info = eqn.params.get("name_and_src_info")  # jax 0.10 passes the kernel's name as "name"
-      counts[eqn.params["name"] if info is None else info.name] += 1
-    for sub in jax_core.jaxprs_in_params(eqn.params):
-      _kernel_launches(sub, counts)
-  return counts
-
-
 def test_mixer_kernel_remat_policy_runs_the_kernel_forward_once():
   """dots_and_mixer_kernels_saveable keeps the linear-attention kernels' outputs and residuals: the gradient
   launches each forward kernel once per layer (dots_saveable re-runs them in the backward), with the same loss
@@ -194,7 +183,7 @@ def test_mixer_kernel_remat_policy_runs_the_kernel_forward_once():
     model = build_model(config, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     loss_fn = lambda p: nnx.merge(graphdef, p)(tokens, segment_ids=segment_ids).mean()
-    launches[policy] = _kernel_launches(jax.make_jaxpr(jax.grad(loss_fn))(params).jaxpr, collections.Counter())
+    launches[policy] = collections.Counter(pallas_kernel_names(jax.make_jaxpr(jax.grad(loss_fn))(params).jaxpr))
   layers = TINY["num_layers"]
   for forward_kernel in ("linear_attention_intra_scores", "linear_attention_output"):
     assert launches["dots_saveable"][forward_kernel] == 2 * layers

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax._src import core as jax_core
 
+from jaxpr_tools import equations
 from lsm_jax import metrics
 from lsm_jax import trainer
 
@@ -75,16 +75,8 @@ def test_bf16_head_loss_gradient_matches_autodiff_and_is_formed_once():
     relative_rms = jnp.sqrt(jnp.mean(jnp.square(grad - reference_grad)) / jnp.mean(jnp.square(reference_grad)))
     assert float(relative_rms) < 5e-3
   jaxpr = jax.make_jaxpr(jax.grad(ours, argnums=(0, 1)))(weights, hidden).jaxpr
-  vocab_matmuls = []
-
-  def collect(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "dot_general" and any(97 in v.aval.shape for v in (*eqn.invars, *eqn.outvars)):
-        vocab_matmuls.append(eqn)
-      for sub in jax_core.jaxprs_in_params(eqn.params):
-        collect(sub)
-
-  collect(jaxpr)
+  vocab_matmuls = [eqn for eqn in equations(jaxpr) if eqn.primitive.name == "dot_general"
+                   and any(97 in v.aval.shape for v in (*eqn.invars, *eqn.outvars))]
   assert len(vocab_matmuls) == 3
 
 

@@ -398,7 +398,7 @@ def _fused_forward_kernel(*refs, config, num_chunks):
     sub = _ChunkFactors(config, offset(g_ref), offset(resets_ref), chunk)
     q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
     scores = None if scores_ref is None else scores_ref[rows, :]
-    o_ref[rows, :] = _chunk_output(config, sub, q, k, v, state.astype(dtype), scores).astype(o_ref.dtype)
+    o_ref[rows, :] = _chunk_output(config, sub, q, k, v, state, scores).astype(o_ref.dtype)
     k_hat = _ChunkFactors.scale(k.astype(jnp.float32), sub.k_factor).astype(dtype)
     return _ChunkFactors.scale(state, sub.state_decay) + _dot_tn(v, k_hat)
 
@@ -610,17 +610,24 @@ class _Layout:
     return [x for x in (g, resets) if x is not None]
 
 
+def _state_tiles(layout, segmented):
+  """(Dk tile, Dv tile) of the state scans; segmented 16-bit scans take segment_scan_tile-wide tiles."""
+  config = layout.config
+  width = config.scan_tile
+  if segmented and not layout.wide_operands:
+    width = max(width, config.segment_scan_tile)
+  return min(width, layout.dim_k), min(width, layout.dim_v)
+
+
 def _scan_plan(layout):
   """(segments, Dk tile, Dv tile) of the state scans (see SEGMENT_SCANS_BELOW)."""
-  config, batch_heads = layout.config, layout.batch * layout.heads
-  tiles = lambda width: (min(width, layout.dim_k), min(width, layout.dim_v))
-  programs = lambda tile_k, tile_v: batch_heads * (layout.dim_k // tile_k) * (layout.dim_v // tile_v)
-  tile_k, tile_v = tiles(config.scan_tile)
-  if programs(tile_k, tile_v) >= SEGMENT_SCANS_BELOW:
-    return 1, tile_k, tile_v
-  wide_k, wide_v = (tile_k, tile_v) if layout.wide_operands else tiles(max(config.scan_tile, config.segment_scan_tile))
-  segments = _segments(layout.num_chunks, programs(wide_k, wide_v), config.segment_programs)
-  return (1, tile_k, tile_v) if segments == 1 else (segments, wide_k, wide_v)
+  programs = lambda tile_k, tile_v: layout.batch * layout.heads * (layout.dim_k // tile_k) * (layout.dim_v // tile_v)
+  tiles = _state_tiles(layout, segmented=False)
+  if programs(*tiles) >= SEGMENT_SCANS_BELOW:
+    return 1, *tiles
+  wide = _state_tiles(layout, segmented=True)
+  segments = _segments(layout.num_chunks, programs(*wide), layout.config.segment_programs)
+  return (1, *tiles) if segments == 1 else (segments, *wide)
 
 
 def _segments(num_chunks, programs, target):
@@ -816,9 +823,7 @@ def _fused_forward(layout, q, k, v, g, resets, init, scores, out_dtype):
   segments = _segments(layout.num_chunks, tiles * layout.batch * layout.heads, config.segment_programs)
   starts = init[:, None]
   if segments > 1:
-    width = layout.config.scan_tile if layout.wide_operands else layout.config.segment_scan_tile
-    scan_tiles = (min(width, layout.dim_k), min(width, layout.dim_v))
-    starts, _ = _segment_starts(layout, k, v, g, resets, init, False, segments, scan_tiles)
+    starts, _ = _segment_starts(layout, k, v, g, resets, init, False, segments, _state_tiles(layout, True))
   rows = layout.time // segments
   time_spec = lambda width, tiled=False: pl.BlockSpec(
       (None, rows, None, width), lambda t, s, bh: (bh // heads, s, bh % heads, t if tiled else 0))
