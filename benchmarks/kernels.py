@@ -13,7 +13,9 @@ the log-decay; the TNL decay is a fixed buffer, as in fla's g_gamma):
 plus, at every shape, our "xla" chunked backend (TNL) and JAX cuDNN causal flash attention.
 Order: the hgrn2 rows first (all shapes), then the JAX baselines, then the other ops, then --variants.
 JAX ops are compiled ahead (lower().compile(), timed and recorded as compile_s) and timed as the median over
---reps repetitions of (--calls back-to-back calls, then block_until_ready) / --calls, after warm-up; torch
+--reps repetitions of (--calls back-to-back calls, then block_until_ready) / --calls, after warm-up; JAX
+forward+backward is two calls as in a training step (ForwardThenBackward: forward with output and residuals,
+then the backward from them), torch
 ops with triton.testing.do_bench (median, CUDA events), fla's first call (Triton JIT + autotune) timed apart.
 --chunk_sizes times our forward at each chunk size and reports the fastest (fwd+bwd uses the first size).
 --budget_s: no measurement starts once that many seconds have passed since start; JSON and markdown are
@@ -54,9 +56,10 @@ FLA_NAMES = {"tnl": "chunk_simple_gla(g_gamma)", "hgrn2": "chunk_gla", "cosforme
 REFERENCE_PEER_NAMES = {"tnl": "chunk_simple_gla (TNL decay)", "hgrn2": "chunk_gla (HGRN2-like)",
                         "cosformer2": "chunk_linear_attn (no decay)"}
 VARIANT_SYNTAX = ("c<chunk>w<warps>[s<scan tile>][k<dq/dk key tile>][u<scan unroll>][g<segment programs>]"
-                  "[e<segmented scan tile>][v<fused forward Dv tile>][p][b][n|f]")
+                  "[e<segmented scan tile>][v<fused forward Dv tile>][p][b|l][n|f]")
 VARIANT_HELP = (f"{VARIANT_SYNTAX}, e.g. c64w8, c64w4s32u4 or c32w4pb (p: one program per HGRN2 sub-chunk, "
-                "b: broadcast diagonal blocks in the dq/dk kernel, g0: never split time into segments, "
+                "b / l: HGRN2's diagonal blocks as broadcasts in dq/dk / column by column instead of nested matmuls, "
+                "g0: never split time into segments, "
                 "n / f: state scan + output kernel / the fused forward, instead of the op's default)")
 
 
@@ -75,6 +78,8 @@ def forward_floor_ms(op, batch, time_, heads, dim):
 
 def compile_jax(fn, args):
   """(compiled executable, seconds spent in lower().compile())."""
+  if isinstance(fn, ForwardThenBackward):
+    return fn.compile(args)
   start = time.perf_counter()
   compiled = fn.lower(*args).compile()
   return compiled, time.perf_counter() - start
@@ -117,16 +122,44 @@ def jax_inputs(op, batch, time_, heads, dim, seed=0, dtype=jnp.bfloat16):
   return q, k, v, log_decay, d_out
 
 
-def jax_fns(op_fn, log_decay_is_learned):
-  """(forward, forward+backward) jitted closures of op_fn(q, k, v, log_decay) -> o."""
-  forward = jax.jit(op_fn)
-
+def gradient_fn(op_fn, log_decay_is_learned):
+  """One jitted gradient of Σ o·do (sequence_parallel.py: one executable for its memory analysis)."""
   def loss(q, k, v, log_decay, d_out):
     return jnp.sum(op_fn(q, k, v, log_decay).astype(jnp.float32) * d_out.astype(jnp.float32))
 
-  argnums = (0, 1, 2, 3) if log_decay_is_learned else (0, 1, 2)
-  backward = jax.jit(jax.grad(loss, argnums=argnums))
-  return forward, backward
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3) if log_decay_is_learned else (0, 1, 2)))
+
+
+class ForwardThenBackward:
+  """Forward+backward as a training step (and torch's o.backward(do)) runs it: the jitted forward returns the
+  output and the residuals, a second jitted call the gradients from them. One jitted jax.grad would let XLA drop
+  the output and merge the forward's kernels with the backward's recomputation of them."""
+
+  def __init__(self, op_fn, log_decay_is_learned):
+    def forward(q, k, v, log_decay):
+      if log_decay_is_learned:
+        return jax.vjp(op_fn, q, k, v, log_decay)
+      return jax.vjp(lambda q, k, v: op_fn(q, k, v, log_decay), q, k, v)
+
+    self.forward = jax.jit(forward)
+    self.backward = jax.jit(lambda pullback, d_out: pullback(d_out))
+
+  def __call__(self, q, k, v, log_decay, d_out):
+    out, pullback = self.forward(q, k, v, log_decay)
+    return self.backward(pullback, d_out.astype(out.dtype))
+
+  def compile(self, args):
+    """(a callable running both compiled calls, seconds spent compiling them)."""
+    *inputs, d_out = args
+    start = time.perf_counter()
+    forward = self.forward.lower(*inputs).compile()
+    seconds = time.perf_counter() - start
+    out, pullback = forward(*inputs)
+    d_out = d_out.astype(out.dtype)
+    start = time.perf_counter()
+    backward = self.backward.lower(pullback, d_out).compile()
+    seconds += time.perf_counter() - start
+    return (lambda *call_args: backward(forward(*call_args[:-1])[1], d_out)), seconds
 
 
 def ours(chunk_size=None, **options):
@@ -142,15 +175,15 @@ def xla_chunked(q, k, v, log_decay):
 def ours_fns(op, shape, op_fn=None):
   """(forward fn, its args, forward+backward fn, its args) of our op (or op_fn) on the benchmark inputs."""
   q, k, v, log_decay, d_out = jax_inputs(op, *shape)
-  forward, backward = jax_fns(op_fn or ours(), op == "hgrn2")
-  return forward, (q, k, v, log_decay), backward, (q, k, v, log_decay, d_out)
+  op_fn = op_fn or ours()
+  return (jax.jit(op_fn), (q, k, v, log_decay), ForwardThenBackward(op_fn, op == "hgrn2"),
+          (q, k, v, log_decay, d_out))
 
 
 def cudnn_fns(shape):
   q, k, v, _, d_out = jax_inputs("cosformer2", *shape)
   attention = lambda q, k, v, _: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-  forward, backward = jax_fns(attention, False)
-  return forward, (q, k, v, None), backward, (q, k, v, None, d_out)
+  return jax.jit(attention), (q, k, v, None), ForwardThenBackward(attention, False), (q, k, v, None, d_out)
 
 
 def time_fla(op, shape):
@@ -375,12 +408,12 @@ def parse_variant(text):
   """VARIANT_SYNTAX -> (chunk, linear_attention_gpu options); 'default' -> (None, {}): the op's defaults."""
   if text == "default":
     return None, {}
-  match = re.fullmatch(r"c(\d+)w(\d+)(?:s(\d+))?(?:k(\d+))?(?:u(\d+))?(?:g(\d+))?(?:e(\d+))?(?:v(\d+))?(p?)(b?)([nf]?)",
+  match = re.fullmatch(r"c(\d+)w(\d+)(?:s(\d+))?(?:k(\d+))?(?:u(\d+))?(?:g(\d+))?(?:e(\d+))?(?:v(\d+))?(p?)([bl]?)([nf]?)",
                        text)
   if match is None:
     raise SystemExit(f"variant {text!r}; valid: {VARIANT_HELP}.")
   options = dict(num_warps=int(match.group(2)), split_sub_chunks=bool(match.group(9)),
-                 broadcast_diag=bool(match.group(10)))
+                 diagonal={"b": "broadcast", "l": "loop", "": "nested"}[match.group(10)])
   for group, name in ((6, "segment_programs"), (7, "segment_scan_tile"), (8, "fused_value_tile")):
     if match.group(group):
       options[name] = int(match.group(group))

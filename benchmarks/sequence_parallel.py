@@ -49,7 +49,7 @@ def placed_step(op, mode, inputs, devices, backend, chunk_size):
     attention = lambda q, k, v, log_decay: api.linear_attention(  # noqa: E731
         q, k, v, log_decay, backend=backend, chunk_size=chunk_size)
     place = lambda x: None if x is None else jax.device_put(x, devices[0])  # noqa: E731
-    return kernels.jax_fns(attention, op == "hgrn2")[1], [place(x) for x in inputs]
+    return kernels.gradient_fn(attention, op == "hgrn2"), [place(x) for x in inputs]
   mesh = Mesh(np.asarray(devices), ("sequence",))
   attention = lambda q, k, v, log_decay: sequence_parallel_linear_attention(  # noqa: E731
       q, k, v, log_decay, mesh=mesh, backend=backend, chunk_size=chunk_size)
@@ -59,7 +59,7 @@ def placed_step(op, mode, inputs, devices, backend, chunk_size):
   decay_sharding = replicated if log_decay is None or log_decay.ndim == 1 else split_time
   args = [place(q, split_time), place(k, split_time), place(v, split_time), place(log_decay, decay_sharding),
           place(d_out, split_time)]
-  return kernels.jax_fns(attention, op == "hgrn2")[1], args
+  return kernels.gradient_fn(attention, op == "hgrn2"), args
 
 
 def measure(op, mode, length, args, devices):

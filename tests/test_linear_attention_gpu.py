@@ -73,13 +73,13 @@ def test_vector_decay_strong_gates_fp32():
   _assert_matches_reference(1, decay_mode="vector", dim_k=32, dim_v=16, time=72, chunk_size=32, strength="strong")
 
 
-@pytest.mark.parametrize("split_sub_chunks,broadcast_diag", [(False, False), (True, True)])
-def test_vector_decay_four_sub_chunks_fp32(split_sub_chunks, broadcast_diag):
+@pytest.mark.parametrize("split_sub_chunks,diagonal", [(False, "loop"), (True, "broadcast"), (False, "nested")])
+def test_vector_decay_four_sub_chunks_fp32(split_sub_chunks, diagonal):
   # 64-token chunks: the middle sub-chunks (start − 1 inside the chunk, earlier and later rows on both sides) only
   # exist at chunk >= 48; their start is traced, from the loop or (split) from the grid. Diagonal blocks column
   # by column, or as broadcasts (Dk = 64: two 32-wide slices in the forward, two Dk tiles in dq/dk).
   _assert_matches_reference(4, decay_mode="vector", dim_k=64, dim_v=16, time=150, chunk_size=64, strength="strong",
-                            heads=1, split_sub_chunks=split_sub_chunks, broadcast_diag=broadcast_diag)
+                            heads=1, split_sub_chunks=split_sub_chunks, diagonal=diagonal)
 
 
 def test_vector_decay_bf16_with_decay_gradient():

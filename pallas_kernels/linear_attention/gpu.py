@@ -53,7 +53,8 @@ VECTOR_CHUNK_SIZE = 32
 # 5.13 ms); the 64-row chunks of fixed and no decay with 4 (2 and 8 warps slower; kernel_profile_h200_sweeps_session4).
 VECTOR_NUM_WARPS = 2
 DEFAULT_NUM_WARPS = 4
-SUB_CHUNK = 16  # vector decay: diagonal blocks computed elementwise at this size (fla's chunk_gla)
+SUB_CHUNK = 16  # vector decay: the sub-chunks whose diagonal blocks need more than one matmul (fla's chunk_gla)
+DIAGONAL_FORMS = ("nested", "broadcast", "loop")  # how the dq/dk kernel forms them (see _nested_levels)
 SCORES_WARPS = 8  # the intra-chunk score kernel's warps (its own measured best; see _intra_scores_kernel)
 SCAN_TILE = 64  # Dk and Dv tile of the state scans: B·H·(Dk/64)·(Dv/64) sequential programs
 # State scans with fewer programs than this (about two per H200 SM) are latency-bound: they unroll SCAN_UNROLL
@@ -81,16 +82,16 @@ class _Config:
   """Static kernel configuration (hashable, a nondiff argument of the custom_vjp)."""
 
   def __init__(self, mode, has_segments, chunk, num_warps, num_stages, scan_tile, split_sub_chunks, key_tile,
-               broadcast_diag, scan_unroll, fused_forward, segment_programs, fused_value_tile, segment_scan_tile):
+               diagonal, scan_unroll, fused_forward, segment_programs, fused_value_tile, segment_scan_tile):
     self.mode, self.has_segments, self.chunk = mode, has_segments, chunk
     self.num_warps, self.num_stages, self.scan_tile, self.key_tile = num_warps, num_stages, scan_tile, key_tile
     self.sub_chunk = min(SUB_CHUNK, chunk) if mode == "vector" else chunk
     # Vector decay: one program per sub-chunk (`parts` per chunk) instead of one looping over the chunk's.
     self.parts = chunk // self.sub_chunk if split_sub_chunks and mode == "vector" else 1
-    self.broadcast_diag, self.scan_unroll = broadcast_diag, scan_unroll
+    self.diagonal, self.scan_unroll = diagonal, scan_unroll
     self.fused_forward, self.segment_programs = fused_forward, segment_programs
     self.fused_value_tile, self.segment_scan_tile = fused_value_tile, segment_scan_tile
-    self._key = (mode, has_segments, chunk, num_warps, num_stages, scan_tile, self.parts, key_tile, broadcast_diag,
+    self._key = (mode, has_segments, chunk, num_warps, num_stages, scan_tile, self.parts, key_tile, diagonal,
                  scan_unroll, fused_forward, segment_programs, fused_value_tile, segment_scan_tile)
 
   def __hash__(self):
@@ -156,6 +157,41 @@ def _intra_mask(config, g, resets):
     diff = jnp.where(keep, g[:, None] - g[None, :], 0.0)
     return jnp.where(keep, jnp.exp(diff), 0.0)
   return keep.astype(jnp.float32)
+
+
+def _nested_levels(g):
+  """Vector decay inside a sub-chunk without elementwise loops: every pair i > j of its c rows lies in exactly one
+  level s (c/2, …, 1), where both sit in one 2s-row block, i in its second half and j in its first. Through the
+  block's reference row r (the first half's last) exp(g_i − g_j) = exp(g_i − g_r)·exp(g_r − g_j), both factors
+  ≤ 1, so each level is one matmul of rescaled rows, exact for any gate strength. Yields per level (a, b, same):
+  a [c, W] the query-side factors (zero on first halves), b [c, W] the key-side ones (zero on second halves),
+  same [c, c] the same-block mask that the matmul's result needs. g: the sub-chunk's fp32 gate rows [c, W]."""
+  size = g.shape[0]
+  rows = lax.broadcasted_iota(jnp.int32, (size, 1), 0)
+  pair_rows = lax.broadcasted_iota(jnp.int32, (size, size), 0)
+  pair_cols = lax.broadcasted_iota(jnp.int32, (size, size), 1)
+  half = size // 2
+  while half >= 1:
+    shift = (2 * half).bit_length() - 1
+    second = (rows & (2 * half - 1)) >= half
+    reference = ((rows >> shift) << shift) + half - 1
+    # Each row's reference gate row by a one-hot matmul (no gathers in Triton); its rounding cancels in a·b.
+    g_reference = _dot((pair_cols == reference).astype(jnp.float32), g)
+    a = jnp.where(second, jnp.exp(jnp.where(second, g - g_reference, 0.0)), 0.0)
+    b = jnp.where(second, 0.0, jnp.exp(jnp.where(second, 0.0, g_reference - g)))
+    yield a, b, (pair_rows >> shift) == (pair_cols >> shift)
+    half //= 2
+
+
+def _nested_diag_scores(q, k, g):
+  """The [c, c] diagonal block A_ij = Σ_d q_id k_jd exp(g_id − g_jd) (i ≥ j) of a sub-chunk's fp32 rows, level by
+  level (_nested_levels) plus the diagonal Σ_d q_id k_id."""
+  size = q.shape[0]
+  eye = lax.broadcasted_iota(jnp.int32, (size, size), 0) == lax.broadcasted_iota(jnp.int32, (size, size), 1)
+  block = jnp.where(eye, jnp.sum(q * k, axis=1)[:, None], 0.0)
+  for a, b, same in _nested_levels(g):
+    block = block + jnp.where(same, _dot_nt(q * a, k * b), 0.0)
+  return block
 
 
 def _diag_block(q_sub, k_ref, g_sub, g_ref, start, sub):
@@ -345,7 +381,10 @@ def _intra_scores_kernel(*refs, config):
     g_q = g_ref[pl.ds(start, size), :].astype(jnp.float32)
     g_r, k_tilde = _earlier_rows(k_ref, g_ref, g_ref[...].astype(jnp.float32), start)
     scores = _dot_nt((q * jnp.exp(g_q - g_r)).astype(dtype), k_tilde.astype(dtype))  # zero from column `start` on
-    block = _diag_block(q, k_ref, g_q, g_ref, start, size)
+    if config.diagonal == "nested":
+      block = _nested_diag_scores(q, k_ref[pl.ds(start, size), :].astype(jnp.float32), g_q)
+    else:
+      block = _diag_block(q, k_ref, g_q, g_ref, start, size)
     # The [c, c] diagonal block into columns [start, start + c): a one-hot matmul (no dynamic column slicing).
     scores = scores + _dot(block, (block_cols == start + block_rows).astype(jnp.float32))
     if config.has_segments:
@@ -488,7 +527,15 @@ def _dqdk_kernel(*refs, config, operand_dtype):
       exponent = jnp.where(row_index >= j, g_sub - _row(g_ref, start + j), -jnp.inf)
       return dq + d_score * _row(k_ref, start + j) * jnp.exp(exponent)
 
-    if config.broadcast_diag:  # the Dk tile is at most DIAG_PIECE wide: one [c, c, tile] broadcast serves dq, dk
+    if config.diagonal == "nested":  # the diagonal block level by level, for dq and dk at once
+      k, q = (ref[pl.ds(start, size), :].astype(jnp.float32) for ref in (k_ref, q_ref))
+      d_diagonal = jnp.sum(jnp.where(rows == cols, d_scores, 0.0), axis=1)[:, None]
+      dq, dk_diagonal = dq + d_diagonal * k, d_diagonal * q
+      for a, b, same in _nested_levels(g_sub):
+        d_level = jnp.where(same, d_scores, 0.0)
+        dq = dq + a * _dot(d_level, k * b)
+        dk_diagonal = dk_diagonal + b * _dot_tn(d_level, q * a)
+    elif config.diagonal == "broadcast":  # the Dk tile is at most DIAG_PIECE wide: one [c, c, tile] broadcast
       decay = _diag_decay(g_sub)
       k = k_ref[pl.ds(start, size), :].astype(jnp.float32)
       dq = dq + jnp.sum(d_scores[:, :, None] * k[None, :, :] * decay, axis=1)
@@ -507,7 +554,9 @@ def _dqdk_kernel(*refs, config, operand_dtype):
       exponent = jnp.where(row_index <= i, _row(g_ref, start + i) - g_sub, -jnp.inf)
       return dk + d_score * _row(q_ref, start + i) * jnp.exp(exponent)
 
-    if config.broadcast_diag:
+    if config.diagonal == "nested":
+      dk = dk + dk_diagonal
+    elif config.diagonal == "broadcast":
       q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
       dk = dk + jnp.sum(d_scores[:, :, None] * q[:, None, :] * decay, axis=0)
     else:
@@ -753,8 +802,11 @@ def _key_tile(layout):
   """Dk tile of the dq/dk kernel: config.key_tile when given (more programs, fewer registers each); at most
   DIAG_PIECE with the broadcast diagonal blocks of vector decay ([c, c, tile] in registers)."""
   config = layout.config
-  tile = config.key_tile or (64 if layout.wide_operands else 128)
-  if config.broadcast_diag and config.mode == "vector":
+  default = 64 if layout.wide_operands else 128
+  if config.mode == "vector" and config.diagonal != "loop":
+    default = DIAG_PIECE
+  tile = config.key_tile or default
+  if config.mode == "vector" and config.diagonal == "broadcast":
     tile = min(tile, DIAG_PIECE)
   return min(tile, layout.dim_k)
 
@@ -1036,7 +1088,7 @@ def default_chunk_size(vector_decay: bool) -> int:
 
 
 def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_size, *, num_warps=None, num_stages=2,
-                         scan_tile=SCAN_TILE, split_sub_chunks=None, key_tile=None, broadcast_diag=None,
+                         scan_tile=SCAN_TILE, split_sub_chunks=None, key_tile=None, diagonal="nested",
                          scan_unroll=None, fused_forward=None, segment_programs=SEGMENT_PROGRAMS,
                          fused_value_tile=FUSED_VALUE_TILE, segment_scan_tile=SEGMENT_SCAN_TILE):
   """"pallas_gpu" backend: (o [B,T,H,Dv] in v.dtype, final_state [B,H,Dk,Dv] f32). See the module docstring.
@@ -1062,6 +1114,8 @@ def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
     raise ValueError(f"pallas_gpu: {jnp.dtype(q.dtype).name} inputs with dim_k={dim_k}, dim_v={dim_v} need more "
                      f"shared memory than an H100/H200 block has (227 KB); valid: dims <= {MAX_WIDE_DIM} for "
                      "32-bit inputs, or bfloat16/float16 inputs (backend='xla' takes any).")
+  if diagonal not in DIAGONAL_FORMS:
+    raise ValueError(f"pallas_gpu: diagonal={diagonal!r}; valid: {', '.join(DIAGONAL_FORMS)}.")
   mode = "none" if log_decay is None else ("scalar" if log_decay.ndim == 1 else "vector")
   vector_decay = mode == "vector"
   requested = default_chunk_size(vector_decay) if chunk_size is None else chunk_size
@@ -1075,7 +1129,7 @@ def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
     fused_forward = not vector_decay
   config = _Config(mode, segment_ids is not None, chunk, num_warps, num_stages, scan_tile,
                    vector_decay if split_sub_chunks is None else split_sub_chunks, key_tile,
-                   vector_decay if broadcast_diag is None else broadcast_diag, scan_unroll, fused_forward,
+                   diagonal, scan_unroll, fused_forward,
                    segment_programs, fused_value_tile, segment_scan_tile)
   if initial_state is None:
     initial_state = jnp.zeros((batch, heads, dim_k, dim_v), jnp.float32)
