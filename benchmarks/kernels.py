@@ -56,9 +56,8 @@ FLA_NAMES = {"tnl": "chunk_simple_gla(g_gamma)", "hgrn2": "chunk_gla", "cosforme
 REFERENCE_PEER_NAMES = {"tnl": "chunk_simple_gla (TNL decay)", "hgrn2": "chunk_gla (HGRN2-like)",
                         "cosformer2": "chunk_linear_attn (no decay)"}
 VARIANT_SYNTAX = ("c<chunk>w<warps>[s<scan tile>][k<dq/dk key tile>][u<scan unroll>][g<segment programs>]"
-                  "[e<segmented scan tile>][v<fused forward Dv tile>][p][b|l][n|f]")
-VARIANT_HELP = (f"{VARIANT_SYNTAX}, e.g. c64w8, c64w4s32u4 or c32w4pb (p: one program per HGRN2 sub-chunk, "
-                "b / l: HGRN2's diagonal blocks as broadcasts in dq/dk / column by column instead of nested matmuls, "
+                  "[e<segmented scan tile>][v<fused forward Dv tile>][p][n|f]")
+VARIANT_HELP = (f"{VARIANT_SYNTAX}, e.g. c64w8, c64w4s32u4 or c32w4p (p: one program per HGRN2 sub-chunk, "
                 "g0: never split time into segments, "
                 "n / f: state scan + output kernel / the fused forward, instead of the op's default)")
 
@@ -408,17 +407,16 @@ def parse_variant(text):
   """VARIANT_SYNTAX -> (chunk, linear_attention_gpu options); 'default' -> (None, {}): the op's defaults."""
   if text == "default":
     return None, {}
-  match = re.fullmatch(r"c(\d+)w(\d+)(?:s(\d+))?(?:k(\d+))?(?:u(\d+))?(?:g(\d+))?(?:e(\d+))?(?:v(\d+))?(p?)([bl]?)([nf]?)",
+  match = re.fullmatch(r"c(\d+)w(\d+)(?:s(\d+))?(?:k(\d+))?(?:u(\d+))?(?:g(\d+))?(?:e(\d+))?(?:v(\d+))?(p?)([nf]?)",
                        text)
   if match is None:
     raise SystemExit(f"variant {text!r}; valid: {VARIANT_HELP}.")
-  options = dict(num_warps=int(match.group(2)), split_sub_chunks=bool(match.group(9)),
-                 diagonal={"b": "broadcast", "l": "loop", "": "nested"}[match.group(10)])
+  options = dict(num_warps=int(match.group(2)), split_sub_chunks=bool(match.group(9)))
   for group, name in ((6, "segment_programs"), (7, "segment_scan_tile"), (8, "fused_value_tile")):
     if match.group(group):
       options[name] = int(match.group(group))
-  if match.group(11):
-    options["fused_forward"] = match.group(11) == "f"
+  if match.group(10):
+    options["fused_forward"] = match.group(10) == "f"
   if match.group(5):
     options["scan_unroll"] = int(match.group(5))
   if match.group(3):

@@ -13,16 +13,16 @@ import profile_kernels  # noqa: E402
 
 def test_parse_variant():
   assert kernels.parse_variant("default") == (None, {})
-  assert kernels.parse_variant("c64w8") == (64, {"num_warps": 8, "split_sub_chunks": False, "diagonal": "nested"})
-  chunk, options = kernels.parse_variant("c32w4s32k16u4pb")
+  assert kernels.parse_variant("c64w8") == (64, {"num_warps": 8, "split_sub_chunks": False})
+  chunk, options = kernels.parse_variant("c32w4s32k16u4p")
   assert chunk == 32
-  assert options == {"num_warps": 4, "split_sub_chunks": True, "diagonal": "broadcast", "scan_tile": 32,
+  assert options == {"num_warps": 4, "split_sub_chunks": True, "scan_tile": 32,
                      "key_tile": 16, "scan_unroll": 4}
   chunk, options = kernels.parse_variant("c64w4g0n")
-  assert options == {"num_warps": 4, "split_sub_chunks": False, "diagonal": "nested", "segment_programs": 0,
+  assert options == {"num_warps": 4, "split_sub_chunks": False, "segment_programs": 0,
                      "fused_forward": False}
-  chunk, options = kernels.parse_variant("c32w8e64v128plf")
-  assert options == {"num_warps": 8, "split_sub_chunks": True, "diagonal": "loop", "segment_scan_tile": 64,
+  chunk, options = kernels.parse_variant("c32w8e64v128pf")
+  assert options == {"num_warps": 8, "split_sub_chunks": True, "segment_scan_tile": 64,
                      "fused_value_tile": 128, "fused_forward": True}
   with pytest.raises(SystemExit, match="c64x8.*valid: c<chunk>w<warps>"):
     kernels.parse_variant("c64x8")

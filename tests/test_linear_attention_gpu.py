@@ -73,13 +73,13 @@ def test_vector_decay_strong_gates_fp32():
   _assert_matches_reference(1, decay_mode="vector", dim_k=32, dim_v=16, time=72, chunk_size=32, strength="strong")
 
 
-@pytest.mark.parametrize("split_sub_chunks,diagonal", [(False, "loop"), (True, "broadcast"), (False, "nested")])
-def test_vector_decay_four_sub_chunks_fp32(split_sub_chunks, diagonal):
+@pytest.mark.parametrize("split_sub_chunks,key_tile", [(False, None), (True, 32)])
+def test_vector_decay_four_sub_chunks_fp32(split_sub_chunks, key_tile):
   # 64-token chunks: the middle sub-chunks (start − 1 inside the chunk, earlier and later rows on both sides) only
-  # exist at chunk >= 48; their start is traced, from the loop or (split) from the grid. Diagonal blocks column
-  # by column, or as broadcasts (Dk = 64: two 32-wide slices in the forward, two Dk tiles in dq/dk).
+  # exist at chunk >= 48; their start is traced, from the loop or (split) from the grid. Dk = 64: one dq/dk key
+  # tile (nested diagonal levels over all of Dk), or two.
   _assert_matches_reference(4, decay_mode="vector", dim_k=64, dim_v=16, time=150, chunk_size=64, strength="strong",
-                            heads=1, split_sub_chunks=split_sub_chunks, diagonal=diagonal)
+                            heads=1, split_sub_chunks=split_sub_chunks, key_tile=key_tile)
 
 
 def test_vector_decay_bf16_with_decay_gradient():

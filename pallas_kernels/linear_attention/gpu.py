@@ -15,8 +15,8 @@ Decay factors use chunk-local cumulative log-decays g so that every exponent is 
 Data-dependent (per key channel) decay works on 16-token sub-chunks inside each chunk, with no state carried
 through them: a sub-chunk's queries read the chunk's earlier keys (and its keys the chunk's later queries)
 through one matmul whose factors are referenced to the row at the sub-chunk's edge (both ≤ 1, never overflowing),
-and the diagonal 16×16 blocks are computed elementwise in fp32 (exact for any gate strength), one program per
-sub-chunk. Loops have dynamic offsets, never Python-unrolled: Triton keeps scf.for rolled, so the program (and
+and the diagonal 16×16 blocks in fp32 (exact for any gate strength), one program per sub-chunk: the forward's
+elementwise key by key, the dq/dk kernel's as four nested levels of matmuls (_nested_levels). Loops have dynamic offsets, never Python-unrolled: Triton keeps scf.for rolled, so the program (and
 its compile time) stays the size of one body. The exception is the state scans' deliberate unroll of SCAN_UNROLL
 chunks when few programs run (latency-bound), whose body is small.
 Segment resets become masks from a chunk-local count of document starts (`resets`): a query sees the
@@ -53,8 +53,11 @@ VECTOR_CHUNK_SIZE = 32
 # 5.13 ms); the 64-row chunks of fixed and no decay with 4 (2 and 8 warps slower; kernel_profile_h200_sweeps_session4).
 VECTOR_NUM_WARPS = 2
 DEFAULT_NUM_WARPS = 4
+# The dq/dk kernel with per-key-channel decay: 64-wide Dk tiles at 4 warps. H200, 8×2048×16×128: 1.53 ms against
+# 1.68 at 32-wide tiles and 2 warps (4.14 ms at 64-wide and 2 warps: registers; kernel_profile_h200_session6.md).
+VECTOR_KEY_TILE = 64
+VECTOR_KEY_WARPS = 4
 SUB_CHUNK = 16  # vector decay: the sub-chunks whose diagonal blocks need more than one matmul (fla's chunk_gla)
-DIAGONAL_FORMS = ("nested", "broadcast", "loop")  # how the dq/dk kernel forms them (see _nested_levels)
 SCORES_WARPS = 8  # the intra-chunk score kernel's warps (its own measured best; see _intra_scores_kernel)
 SCAN_TILE = 64  # Dk and Dv tile of the state scans: B·H·(Dk/64)·(Dv/64) sequential programs
 # State scans with fewer programs than this (about two per H200 SM) are latency-bound: they unroll SCAN_UNROLL
@@ -82,16 +85,16 @@ class _Config:
   """Static kernel configuration (hashable, a nondiff argument of the custom_vjp)."""
 
   def __init__(self, mode, has_segments, chunk, num_warps, num_stages, scan_tile, split_sub_chunks, key_tile,
-               diagonal, scan_unroll, fused_forward, segment_programs, fused_value_tile, segment_scan_tile):
+               key_warps, scan_unroll, fused_forward, segment_programs, fused_value_tile, segment_scan_tile):
     self.mode, self.has_segments, self.chunk = mode, has_segments, chunk
     self.num_warps, self.num_stages, self.scan_tile, self.key_tile = num_warps, num_stages, scan_tile, key_tile
     self.sub_chunk = min(SUB_CHUNK, chunk) if mode == "vector" else chunk
     # Vector decay: one program per sub-chunk (`parts` per chunk) instead of one looping over the chunk's.
     self.parts = chunk // self.sub_chunk if split_sub_chunks and mode == "vector" else 1
-    self.diagonal, self.scan_unroll = diagonal, scan_unroll
+    self.key_warps, self.scan_unroll = key_warps, scan_unroll
     self.fused_forward, self.segment_programs = fused_forward, segment_programs
     self.fused_value_tile, self.segment_scan_tile = fused_value_tile, segment_scan_tile
-    self._key = (mode, has_segments, chunk, num_warps, num_stages, scan_tile, self.parts, key_tile, diagonal,
+    self._key = (mode, has_segments, chunk, num_warps, num_stages, scan_tile, self.parts, key_tile, key_warps,
                  scan_unroll, fused_forward, segment_programs, fused_value_tile, segment_scan_tile)
 
   def __hash__(self):
@@ -183,17 +186,6 @@ def _nested_levels(g):
     half //= 2
 
 
-def _nested_diag_scores(q, k, g):
-  """The [c, c] diagonal block A_ij = Σ_d q_id k_jd exp(g_id − g_jd) (i ≥ j) of a sub-chunk's fp32 rows, level by
-  level (_nested_levels) plus the diagonal Σ_d q_id k_id."""
-  size = q.shape[0]
-  eye = lax.broadcasted_iota(jnp.int32, (size, size), 0) == lax.broadcasted_iota(jnp.int32, (size, size), 1)
-  block = jnp.where(eye, jnp.sum(q * k, axis=1)[:, None], 0.0)
-  for a, b, same in _nested_levels(g):
-    block = block + jnp.where(same, _dot_nt(q * a, k * b), 0.0)
-  return block
-
-
 def _diag_block(q_sub, k_ref, g_sub, g_ref, start, sub):
   """Vector decay: the [c,c] block A_ij = Σ_d q_id k_jd exp(g_id − g_jd) (i ≥ j; document masks are the
   caller's), elementwise in fp32 one key at a time, so no exponent is ever positive."""
@@ -208,18 +200,6 @@ def _diag_block(q_sub, k_ref, g_sub, g_ref, start, sub):
 
   # A loop, not unrolled: keeps the Triton program (and its compile time) small.
   return lax.fori_loop(0, sub, add_column, jnp.zeros((sub, sub), jnp.float32))
-
-
-DIAG_PIECE = 32  # the dq/dk kernel's Dk tile with broadcast diagonal blocks: [16, 16, 32] fp32
-
-
-def _diag_decay(g):
-  """E[i, j, d] = exp(g_id − g_jd) for j ≤ i of a sub-chunk's fp32 gate rows g [c, width], else 0 (masked before
-  the exp: no exponent is ever positive); [c, c, width]."""
-  sub = g.shape[0]
-  rows = lax.broadcasted_iota(jnp.int32, (sub, sub, 1), 0)
-  cols = lax.broadcasted_iota(jnp.int32, (sub, sub, 1), 1)
-  return jnp.exp(jnp.where(rows >= cols, g[:, None, :] - g[None, :, :], -jnp.inf))
 
 
 class _ChunkFactors:
@@ -381,10 +361,7 @@ def _intra_scores_kernel(*refs, config):
     g_q = g_ref[pl.ds(start, size), :].astype(jnp.float32)
     g_r, k_tilde = _earlier_rows(k_ref, g_ref, g_ref[...].astype(jnp.float32), start)
     scores = _dot_nt((q * jnp.exp(g_q - g_r)).astype(dtype), k_tilde.astype(dtype))  # zero from column `start` on
-    if config.diagonal == "nested":
-      block = _nested_diag_scores(q, k_ref[pl.ds(start, size), :].astype(jnp.float32), g_q)
-    else:
-      block = _diag_block(q, k_ref, g_q, g_ref, start, size)
+    block = _diag_block(q, k_ref, g_q, g_ref, start, size)
     # The [c, c] diagonal block into columns [start, start + c): a one-hot matmul (no dynamic column slicing).
     scores = scores + _dot(block, (block_cols == start + block_rows).astype(jnp.float32))
     if config.has_segments:
@@ -522,25 +499,14 @@ def _dqdk_kernel(*refs, config, operand_dtype):
     dq_state, dk_state = _state_terms(do, v, h_ref, dh_ref)
     dq = dq_state * q_factor + jnp.exp(g_sub - g_before) * _dot(d_earlier.astype(dtype), k_tilde.astype(dtype))
 
-    def add_key(j, dq):  # dq_i += dA_ij k_j exp(g_i − g_j), i ≥ j
-      d_score = jnp.sum(jnp.where(cols == j, d_scores, 0.0), axis=1)[:, None]
-      exponent = jnp.where(row_index >= j, g_sub - _row(g_ref, start + j), -jnp.inf)
-      return dq + d_score * _row(k_ref, start + j) * jnp.exp(exponent)
-
-    if config.diagonal == "nested":  # the diagonal block level by level, for dq and dk at once
-      k, q = (ref[pl.ds(start, size), :].astype(jnp.float32) for ref in (k_ref, q_ref))
-      d_diagonal = jnp.sum(jnp.where(rows == cols, d_scores, 0.0), axis=1)[:, None]
-      dq, dk_diagonal = dq + d_diagonal * k, d_diagonal * q
-      for a, b, same in _nested_levels(g_sub):
-        d_level = jnp.where(same, d_scores, 0.0)
-        dq = dq + a * _dot(d_level, k * b)
-        dk_diagonal = dk_diagonal + b * _dot_tn(d_level, q * a)
-    elif config.diagonal == "broadcast":  # the Dk tile is at most DIAG_PIECE wide: one [c, c, tile] broadcast
-      decay = _diag_decay(g_sub)
-      k = k_ref[pl.ds(start, size), :].astype(jnp.float32)
-      dq = dq + jnp.sum(d_scores[:, :, None] * k[None, :, :] * decay, axis=1)
-    else:
-      dq = lax.fori_loop(0, size, add_key, dq)
+    # The diagonal block level by level (_nested_levels), for dq and dk at once.
+    k, q = (ref[pl.ds(start, size), :].astype(jnp.float32) for ref in (k_ref, q_ref))
+    d_diagonal = jnp.sum(jnp.where(rows == cols, d_scores, 0.0), axis=1)[:, None]
+    dq, dk_diagonal = dq + d_diagonal * k, d_diagonal * q
+    for a, b, same in _nested_levels(g_sub):
+      d_level = jnp.where(same, d_scores, 0.0)
+      dq = dq + a * _dot(d_level, k * b)
+      dk_diagonal = dk_diagonal + b * _dot_tn(d_level, q * a)
 
     # dk of this sub-chunk's keys: the outgoing state gradient, the chunk's later queries (referenced to the
     # sub-chunk's last row), the diagonal block elementwise.
@@ -549,18 +515,7 @@ def _dqdk_kernel(*refs, config, operand_dtype):
     d_later = jnp.where((chunk_cols > end) & same_document, _dot_nt(v, do_ref[...]), 0.0)  # dA_ij at [key j, query i]
     dk = dk_state * k_factor + jnp.exp(g_end - g_sub) * _dot(d_later.astype(dtype), q_tilde.astype(dtype))
 
-    def add_query(i, dk):  # dk_j += dA_ij q_i exp(g_i − g_j), j ≤ i
-      d_score = jnp.sum(jnp.where(rows == i, d_scores, 0.0), axis=0)[:, None]
-      exponent = jnp.where(row_index <= i, _row(g_ref, start + i) - g_sub, -jnp.inf)
-      return dk + d_score * _row(q_ref, start + i) * jnp.exp(exponent)
-
-    if config.diagonal == "nested":
-      dk = dk + dk_diagonal
-    elif config.diagonal == "broadcast":
-      q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
-      dk = dk + jnp.sum(d_scores[:, :, None] * q[:, None, :] * decay, axis=0)
-    else:
-      dk = lax.fori_loop(0, size, add_query, dk)
+    dk = dk + dk_diagonal
     store(pl.ds(start, size), pl.ds(out_start, size), dq, dk)
 
   _for_each_sub_chunk(config, sub_chunk)
@@ -799,16 +754,11 @@ def _value_tile(layout):
 
 
 def _key_tile(layout):
-  """Dk tile of the dq/dk kernel: config.key_tile when given (more programs, fewer registers each); at most
-  DIAG_PIECE with the broadcast diagonal blocks of vector decay ([c, c, tile] in registers)."""
+  """Dk tile of the dq/dk kernel: config.key_tile when given (more programs, fewer registers each), else
+  VECTOR_KEY_TILE with per-key-channel decay and the whole Dk (64 with 32-bit operands) without."""
   config = layout.config
-  default = 64 if layout.wide_operands else 128
-  if config.mode == "vector" and config.diagonal != "loop":
-    default = DIAG_PIECE
-  tile = config.key_tile or default
-  if config.mode == "vector" and config.diagonal == "broadcast":
-    tile = min(tile, DIAG_PIECE)
-  return min(tile, layout.dim_k)
+  default = VECTOR_KEY_TILE if config.mode == "vector" else (64 if layout.wide_operands else 128)
+  return min(config.key_tile or default, layout.dim_k)
 
 
 def _intra_scores(layout, q, k, g, resets):
@@ -930,7 +880,8 @@ def _grad_dqdk(layout, q, k, v, do, g, resets, states, d_states, out_dtype, deca
       functools.partial(_dqdk_kernel, config=config, operand_dtype=operand_dtype),
       grid=layout.chunk_grid(layout.dim_k // tile_k), in_specs=in_specs,
       out_specs=[layout.result_spec(tile_k, True)] * len(out_shape), out_shape=out_shape,
-      compiler_params=_compiler_params(config), interpret=_interpret(), name="linear_attention_grad_qk",
+      compiler_params=_compiler_params(config, num_warps=config.key_warps), interpret=_interpret(),
+      name="linear_attention_grad_qk",
   )(q, k, v, do, *layout.extras(g, resets), states, d_states)
 
 
@@ -1088,14 +1039,14 @@ def default_chunk_size(vector_decay: bool) -> int:
 
 
 def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_size, *, num_warps=None, num_stages=2,
-                         scan_tile=SCAN_TILE, split_sub_chunks=None, key_tile=None, diagonal="nested",
+                         scan_tile=SCAN_TILE, split_sub_chunks=None, key_tile=None, key_warps=None,
                          scan_unroll=None, fused_forward=None, segment_programs=SEGMENT_PROGRAMS,
                          fused_value_tile=FUSED_VALUE_TILE, segment_scan_tile=SEGMENT_SCAN_TILE):
   """"pallas_gpu" backend: (o [B,T,H,Dv] in v.dtype, final_state [B,H,Dk,Dv] f32). See the module docstring.
 
   The keyword options tune the kernels (benchmarks/kernels.py --variants); None picks the measured default:
-  num_warps VECTOR_NUM_WARPS or DEFAULT_NUM_WARPS, split_sub_chunks and broadcast_diag on for per-key-channel
-  decay, scan_unroll SCAN_UNROLL for latency-bound scans with 16-bit operands (fewer than LATENCY_BOUND_PROGRAMS
+  num_warps VECTOR_NUM_WARPS or DEFAULT_NUM_WARPS, split_sub_chunks on for per-key-channel decay, whose dq/dk
+  kernel takes key_tile VECTOR_KEY_TILE and key_warps VECTOR_KEY_WARPS (else the whole Dk at num_warps), scan_unroll SCAN_UNROLL for latency-bound scans with 16-bit operands (fewer than LATENCY_BOUND_PROGRAMS
   programs after splitting time into segments). fused_forward (default: without per-key-channel decay): the forward
   walks the chunks in one kernel instead of storing every chunk's state (else state scan + output kernel), with
   fused_value_tile-wide Dv tiles; segment_programs: the program count under which sequential kernels split time
@@ -1114,8 +1065,6 @@ def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
     raise ValueError(f"pallas_gpu: {jnp.dtype(q.dtype).name} inputs with dim_k={dim_k}, dim_v={dim_v} need more "
                      f"shared memory than an H100/H200 block has (227 KB); valid: dims <= {MAX_WIDE_DIM} for "
                      "32-bit inputs, or bfloat16/float16 inputs (backend='xla' takes any).")
-  if diagonal not in DIAGONAL_FORMS:
-    raise ValueError(f"pallas_gpu: diagonal={diagonal!r}; valid: {', '.join(DIAGONAL_FORMS)}.")
   mode = "none" if log_decay is None else ("scalar" if log_decay.ndim == 1 else "vector")
   vector_decay = mode == "vector"
   requested = default_chunk_size(vector_decay) if chunk_size is None else chunk_size
@@ -1129,7 +1078,7 @@ def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
     fused_forward = not vector_decay
   config = _Config(mode, segment_ids is not None, chunk, num_warps, num_stages, scan_tile,
                    vector_decay if split_sub_chunks is None else split_sub_chunks, key_tile,
-                   diagonal, scan_unroll, fused_forward,
+                   key_warps or (VECTOR_KEY_WARPS if vector_decay else num_warps), scan_unroll, fused_forward,
                    segment_programs, fused_value_tile, segment_scan_tile)
   if initial_state is None:
     initial_state = jnp.zeros((batch, heads, dim_k, dim_v), jnp.float32)
