@@ -186,13 +186,18 @@ def write_markdown(path: str, header: dict, rows: list[dict], peers: dict, peer_
            "Tokens per step = batch × T; bf16 compute, fp32 parameters and AdamW, synthetic batches. step = median "
            "after warm-up; MFU = Appendix A.1 FLOPs / (step time × peak × devices); peak memory = the largest "
            "per-device peak of the process so far.",
-           f"Peer column: PyTorch (fla HGRN2 / HF LLaMA) from {peer_label or 'n/a'}.", "",
+           f"Peer column: PyTorch (fla HGRN2 / HF LLaMA) from {peer_label or 'n/a'}."]
+  earlier = sorted({peer["source"] for peer in peers.values() if "source" in peer})
+  if earlier:  # peer rows the peers' run did not measure, carried from an earlier run
+    lines.append(f"‡ peer measured in an earlier run: {'; '.join(earlier)}.")
+  lines += ["",
            "| arch | size | T | batch (micro) | mesh | remat | compile s | step s | tokens/s | MFU | XLA plan GiB "
            "| peak GiB | peer tokens/s | ours / peer | peer peak GiB |",
            "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for row in rows:
     peer = peers.get((row["arch"], row["size"], row["seq_len"]), {})
     peer_tokens = _format(peer.get("tokens_per_s"), ",.0f") or ("error" if "error" in peer else "")
+    peer_tokens += "‡" if peer_tokens and "source" in peer else ""
     if "error" in row:
       lines.append(f"| {row['arch']} | {row['size']} | {row['seq_len']} | | | {row.get('remat_policy') or ''} | | | "
                    f"error: {row['error'][:80]} | | | | {peer_tokens} | | {_format(peer.get('peak_gib'), '.1f')} |")

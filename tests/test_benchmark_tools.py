@@ -64,3 +64,38 @@ def test_host_only_trace_is_marked_host(tmp_path):
                                {"ph": "X", "name": "while.5", "pid": 1, "tid": 3, "dur": 4.0}])
   durations, source = profile_kernels.device_kernel_us(str(tmp_path))
   assert source == "host" and dict(durations) == {"while.5": [4.0]}
+
+
+def test_forward_then_backward_gives_the_gradients_of_one_jitted_grad():
+  # A stand-in op with a learned decay: the two-call path (forward with residuals, then backward) and its compiled
+  # form return exactly the gradients of Σ o·do that one jitted grad returns.
+  import jax
+  import jax.numpy as jnp
+  op = lambda q, k, v, log_decay: jnp.cumsum(q * k * jnp.exp(log_decay), axis=1) * v  # noqa: E731
+  keys = jax.random.split(jax.random.key(0), 5)
+  args = [jax.random.normal(key, (2, 8, 3, 4)) for key in keys]
+  expected = kernels.gradient_fn(op, True)(*args)
+  two_calls = kernels.ForwardThenBackward(op, True)
+  compiled, seconds = kernels.compile_jax(two_calls, args)
+  assert seconds > 0
+  for grads in (two_calls(*args), compiled(*args)):
+    assert len(grads) == 4
+    for got, want in zip(grads, expected):
+      assert jnp.allclose(got, want, rtol=1e-6, atol=1e-6)
+  fixed = kernels.ForwardThenBackward(op, False)(*args)  # no decay gradient asked for: q, k, v only
+  assert len(fixed) == 3 and jnp.allclose(fixed[2], expected[2], rtol=1e-6, atol=1e-6)
+
+
+def test_train_step_table_marks_peers_carried_from_an_earlier_run(tmp_path):
+  import train_step
+  row = {"arch": "hgrn2", "size": "1b", "seq_len": 8192, "global_batch_size": 4, "num_microbatches": 1,
+         "mesh": {"data": 1}, "remat_policy": "full", "compile_s": 1.0, "step_s": 0.5, "tokens_per_s": 60000.0,
+         "mfu": 0.4, "planned_gib": 50.0, "peak_gib": 51.0}
+  header = {"device": "1 × GPU", "date": "2026-11-29", "versions": "jax", "commands": ["x"]}
+  peers = {("hgrn2", "1b", 8192): {"tokens_per_s": 50000.0, "peak_gib": 99.0, "source": "old.json (2026-11-28)"},
+           ("hgrn2", "1b", 2048): {"tokens_per_s": 48000.0, "peak_gib": 99.0}}
+  path = tmp_path / "table.md"
+  train_step.write_markdown(str(path), header, [row, dict(row, seq_len=2048)], peers, "peers.json")
+  text = path.read_text()
+  assert "‡ peer measured in an earlier run: old.json (2026-11-28)." in text
+  assert "| 50,000‡ | 1.20 |" in text and "| 48,000 | 1.25 |" in text
