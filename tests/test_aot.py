@@ -68,6 +68,20 @@ def test_tiny_hgrn2_compiles_for_tpu_with_mosaic_kernels(tmp_path):
   assert (tmp_path / "aot.json").exists() and "hgrn2" in (tmp_path / "aot.md").read_text()
 
 
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install 'jax[tpu]'; no TPU needed) to compile for "
+                                           "a TPU topology")
+def test_tiny_llama_compiles_for_tpu_with_splash_attention(tmp_path):
+  import gin
+  gin.clear_config()
+  llama = [flag.replace("hgrn2", "llama") for flag in TINY] + ["--gin.SEQ_LEN=256"]
+  try:
+    record = aot.main([*llama, f"--results={tmp_path / 'aot'}"])
+  finally:
+    gin.clear_config()
+  # "auto" attention follows the target: splash's Mosaic kernels (forward, dq, dk/dv), no [T, T] mask.
+  assert record["attention_impl"] == "splash" and record["mosaic_kernel_calls"] >= 3 and record["fits"]
+
+
 @pytest.mark.parametrize("decay_mode", ["head", "vector"])
 def test_pallas_backends_run_per_shard_on_a_mesh(monkeypatch, decay_mode):
   """XLA cannot partition Mosaic calls (the AOT check found this): layers.sharded_linear_attention runs them in a

@@ -20,7 +20,7 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
                   "dots_and_mixer_kernels_saveable")
 # "auto": cuDNN flash attention on GPU for 16-bit compute, XLA elsewhere (jax 0.10's implementation=None
 # always picks XLA, so the choice is made here).
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
 # size -> (num_layers, d_model, ffn_dim); heads = d_model / 128.
 _SHAPES = {

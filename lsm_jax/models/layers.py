@@ -207,49 +207,76 @@ class ToeplitzPositionalEncoding(nnx.Module):
     return x + jnp.dot(state, kernel.T).astype(x.dtype), state
 
 
+class KernelShards:
+  """How the active mesh splits a [B, T, H, D] activation for a Pallas kernel: the mesh axes of batch, length
+  and heads (None: not split), each kept only if the dimension divides over it. XLA cannot partition a Pallas
+  (Mosaic / Triton) custom call, so kernels run per shard in a shard_map over these axes."""
+
+  def __init__(self, x):
+    self.mesh = jax.sharding.get_abstract_mesh()
+    self.batch = self.length = self.heads = None
+    if self.mesh.empty or self.mesh.size == 1:
+      return
+    batch_axes, length_axes, heads_axes, _ = linen.logical_to_mesh_axes(
+        ("activation_batch", "activation_length", "activation_heads", None))
+    self.batch = self._usable(batch_axes, x.shape[0])
+    self.length = self._usable(length_axes, x.shape[1])
+    self.heads = self._usable(heads_axes, x.shape[2])
+
+  def _usable(self, axes, size):
+    # Axes that the dimension divides; anything else stays replicated inside the shard_map.
+    mesh = self.mesh
+    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ())) if mesh.shape.get(a, 1) > 1)
+    return axes if axes and size % math.prod(mesh.shape[a] for a in axes) == 0 else None
+
+  @property
+  def sharded(self):
+    return not self.mesh.empty and self.mesh.size > 1
+
+  def activation_spec(self):
+    return jax.sharding.PartitionSpec(self.batch, None, self.heads, None)
+
+  def segment_spec(self):
+    return jax.sharding.PartitionSpec(self.batch, None)
+
+  def per_shard(self, fn, in_specs, out_specs):
+    """fn under a shard_map with these specs; check_vma off: pallas_call has no replication rule, the specs
+    state the layout exactly."""
+    return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
 def sharded_linear_attention(q, k, v, log_decay=None, *, segment_ids=None, return_final_state=False,
                              backend="auto", chunk_size=None):
   """`pallas_kernels.linear_attention` under the active mesh: sequence-parallel or per-shard Pallas kernels.
 
   When `activation_length` maps to a mesh axis of > 1 devices that divides the time length (sequence
   parallelism), every backend runs `sequence_parallel_linear_attention`: each shard computes its time slice
-  and the shards exchange their states, so the result equals the unsharded op. Otherwise XLA cannot partition
-  a Pallas (Mosaic / Triton) custom call, so those backends run per shard in a shard_map (batch over the
-  `activation_batch` mesh axes, heads over `activation_heads`: the op is independent across both), while the
-  "xla" and "reference" backends stay plain JAX for GSPMD to partition.
+  and the shards exchange their states, so the result equals the unsharded op. Otherwise the Pallas backends
+  run per shard (KernelShards: batch over the `activation_batch` mesh axes, heads over `activation_heads`; the op
+  is independent across both), while the "xla" and "reference" backends stay plain JAX for GSPMD to partition.
   """
   backend = linear_attention_api.resolve_backend(backend)
   call = lambda *args: linear_attention_api.linear_attention(  # noqa: E731
       *args[:4], segment_ids=args[4], return_final_state=return_final_state, backend=backend,
       chunk_size=chunk_size)
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
+  shards = KernelShards(q)
+  if not shards.sharded:
     return call(q, k, v, log_decay, segment_ids)
-  batch_axes, length_axes, heads_axes, _ = linen.logical_to_mesh_axes(
-      ("activation_batch", "activation_length", "activation_heads", None))
-
-  def usable(axes, size):
-    # Axes that the dimension divides; anything else stays replicated inside the shard_map.
-    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ())) if mesh.shape.get(a, 1) > 1)
-    return axes if axes and size % math.prod(mesh.shape[a] for a in axes) == 0 else None
-
-  batch_axes = usable(batch_axes, q.shape[0])
-  heads_axes = usable(heads_axes, q.shape[2])
-  length_axes = usable(length_axes, q.shape[1])
-  if length_axes is not None:
-    if len(length_axes) != 1:
-      raise ValueError(f"sequence parallelism needs activation_length on one mesh axis; got {length_axes}.")
+  if shards.length is not None:
+    if len(shards.length) != 1:
+      raise ValueError(f"sequence parallelism needs activation_length on one mesh axis; got {shards.length}.")
     return sequence_parallel.sequence_parallel_linear_attention(
-        q, k, v, log_decay, mesh=mesh, sequence_axis=length_axes[0], batch_axis=batch_axes,
-        head_axis=heads_axes, segment_ids=segment_ids, return_final_state=return_final_state, backend=backend,
+        q, k, v, log_decay, mesh=shards.mesh, sequence_axis=shards.length[0], batch_axis=shards.batch,
+        head_axis=shards.heads, segment_ids=segment_ids, return_final_state=return_final_state, backend=backend,
         chunk_size=chunk_size)
   if not backend.startswith("pallas"):
     return call(q, k, v, log_decay, segment_ids)
-  P = jax.sharding.PartitionSpec
-  activation = P(batch_axes, None, heads_axes, None)
-  decay_spec = None if log_decay is None else P(heads_axes) if log_decay.ndim == 1 else activation
-  segment_spec = None if segment_ids is None else P(batch_axes, None)
-  out_specs = (activation, P(batch_axes, heads_axes, None, None)) if return_final_state else activation
-  # check_vma off: pallas_call has no replication rule; the specs above state the layout exactly.
-  return jax.shard_map(call, mesh=mesh, in_specs=(activation, activation, activation, decay_spec, segment_spec),
-                       out_specs=out_specs, check_vma=False)(q, k, v, log_decay, segment_ids)
+  activation = shards.activation_spec()
+  decay_spec = activation
+  if log_decay is None or log_decay.ndim == 1:  # none, or one decay per head
+    decay_spec = None if log_decay is None else jax.sharding.PartitionSpec(shards.heads)
+  segment_spec = None if segment_ids is None else shards.segment_spec()
+  state_spec = jax.sharding.PartitionSpec(shards.batch, shards.heads, None, None)
+  out_specs = (activation, state_spec) if return_final_state else activation
+  return shards.per_shard(call, (activation, activation, activation, decay_spec, segment_spec),
+                          out_specs)(q, k, v, log_decay, segment_ids)

@@ -4,24 +4,81 @@ Packed documents: keys are masked to the query's own segment and RoPE uses per-d
 document inside a packed row sees exactly what it would see alone. Decoding uses a KV cache of
 `max_length` slots; slots whose segment id differs from the current document's are masked out (this covers
 left padding, segment id 0, and unwritten slots).
+
+Implementations: "splash" (Pallas TPU splash attention: block-sparse causal mask, documents by segment ids, no
+[T, T] array), "cudnn" (cuDNN flash attention through jax.nn.dot_product_attention) and "xla" (the same call,
+plain XLA). The last two take the documents as a dense [B, 1, T, T] mask.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
 from lsm_jax.models import layers
 
+# Splash attention's query and key blocks: the largest of these dividing T (512 is MaxText's default).
+SPLASH_BLOCKS = (512, 256, 128)
+# CPU tests set this: splash then runs in Pallas' HLO interpreter, in seconds (pltpu.force_tpu_interpret_mode
+# took minutes on its grid and rejects a vmapped splash). Off means Mosaic, also when compiling ahead for a TPU
+# from a CPU host.
+INTERPRET_SPLASH = False
+
 
 def resolve_attention_impl(attention_impl: str, dtype, platform: str | None = None) -> str:
-  """"auto" -> cuDNN flash attention on GPU for 16-bit inputs, else XLA. `platform`: the target's (None: the
-  default device's)."""
+  """"auto" -> splash attention on TPU, cuDNN flash attention on GPU for 16-bit inputs, else XLA. `platform`:
+  the target's (None: the default device's)."""
   if attention_impl != "auto":
     return attention_impl
-  if (platform or jax.default_backend()) == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+  platform = platform or jax.default_backend()
+  if platform == "tpu":
+    return "splash"
+  if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     return "cudnn"
   return "xla"
+
+
+def splash_block(length: int) -> int | None:
+  """The splash block for a sequence of `length`, or None where splash cannot run it (T not a multiple of
+  128: the one model also serves evaluation prompts of any length, which then take the XLA path)."""
+  return next((block for block in SPLASH_BLOCKS if length % block == 0), None)
+
+
+def splash_attention(q, k, v, segment_ids):
+  """Causal splash attention of q, k, v [B, T, H, D] (keys limited to the query's segment when segment_ids
+  [B, T] are given) -> [B, T, H, D], per shard of the active mesh (batch and heads); None where it cannot run:
+  T not a multiple of 128, or the time axis split over the mesh. Off TPU the kernels need INTERPRET_SPLASH."""
+  batch, length, heads, head_dim = q.shape
+  block = splash_block(length)
+  shards = layers.KernelShards(q)
+  if block is None or shards.length is not None:
+    return None
+
+  def attend(q, k, v, segment_ids):
+    local_heads = q.shape[2]
+    mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((length, length))] * local_heads)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                    interpret=INTERPRET_SPLASH)
+    # The kernel neither scales the logits nor batches: heads-major [H, T, D] rows, vmapped over the examples.
+    q = (q.astype(jnp.float32) * head_dim ** -0.5).astype(q.dtype)
+    heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+    if segment_ids is None:
+      out = jax.vmap(kernel)(heads_major(q), heads_major(k), heads_major(v))
+    else:
+      out = jax.vmap(lambda q, k, v, ids: kernel(q, k, v, segment_ids=splash.SegmentIds(q=ids, kv=ids)))(
+          heads_major(q), heads_major(k), heads_major(v), segment_ids)
+    return heads_major(out)
+
+  if not shards.sharded:
+    return attend(q, k, v, segment_ids)
+  activation = shards.activation_spec()
+  segment_spec = None if segment_ids is None else shards.segment_spec()
+  return shards.per_shard(attend, (activation, activation, activation, segment_spec), activation)(
+      q, k, v, segment_ids)
 
 
 class SoftmaxAttention(nnx.Module):
@@ -48,12 +105,14 @@ class SoftmaxAttention(nnx.Module):
   def __call__(self, x, *, segment_ids, positions, layer_inputs, max_length=None):
     del layer_inputs
     q, k, v = self._project(x, positions)
-    mask = None
-    if segment_ids is not None:
-      mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-    attended = jax.nn.dot_product_attention(
-        q, k, v, mask=mask, is_causal=True,
-        implementation=resolve_attention_impl(self.config.attention_impl, q.dtype))
+    implementation = resolve_attention_impl(self.config.attention_impl, q.dtype)
+    attended = splash_attention(q, k, v, segment_ids) if implementation == "splash" else None
+    if attended is None:
+      mask = None
+      if segment_ids is not None:
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+      attended = jax.nn.dot_product_attention(
+          q, k, v, mask=mask, is_causal=True, implementation="xla" if implementation == "splash" else implementation)
     cache = None
     if max_length is not None:
       pad = [(0, 0), (0, max_length - k.shape[1]), (0, 0), (0, 0)]
