@@ -127,16 +127,10 @@ def compile_for_topology(topology_name: str, arguments: dict) -> dict:
   lowered = program.lower_train_step()
   lower_seconds = time.perf_counter() - start
   start = time.perf_counter()
-  compiled = lowered.compile()
-  compile_seconds = time.perf_counter() - start
-  memory_bytes = metrics.compiled_memory_bytes(compiled)
-  if memory_bytes is None:
-    raise RuntimeError(f"the {device_kind} compiler reported no memory plan for {topology_name}")
   capacity = hbm_bytes(device_kind)
   num_devices = mesh.devices.size
   model_config = program.model_config
-  hlo_text = compiled.as_text()
-  return {
+  record = {
       "topology": topology_name, "device_kind": device_kind, "num_devices": int(num_devices),
       "mesh": {axis: int(size) for axis, size in mesh.shape.items()},
       "host_default_backend": jax.default_backend(), "target_platform": program.platform,
@@ -145,14 +139,27 @@ def compile_for_topology(topology_name: str, arguments: dict) -> dict:
       "attention_impl": model_config.attention_impl, "remat_policy": model_config.remat_policy,
       "seq_len": program.seq_len, "global_batch_size": program.global_batch_size,
       "num_microbatches": program.num_microbatches, "microbatch_size": program.microbatch_size,
-      "loss_chunk_length": arguments["loss_chunk_length"],
+      "loss_chunk_length": arguments["loss_chunk_length"], "lower_seconds": round(lower_seconds, 2),
+      "hbm_bytes_per_device": capacity, "model_flops_per_device": program.flops_per_step_model / num_devices,
+  }
+  try:
+    compiled = lowered.compile()
+  except Exception as error:  # the compiler's out-of-memory verdict is a result: the step does not fit
+    if not metrics.is_out_of_memory(error):
+      raise
+    return {**record, "fits": False, "compile_error": str(error).strip().splitlines()[0][:300],
+            "compile_seconds": round(time.perf_counter() - start, 2)}
+  compile_seconds = time.perf_counter() - start
+  memory_bytes = metrics.compiled_memory_bytes(compiled)
+  if memory_bytes is None:
+    raise RuntimeError(f"the {device_kind} compiler reported no memory plan for {topology_name}")
+  hlo_text = compiled.as_text()
+  return {
+      **record, "compile_seconds": round(compile_seconds, 2),
       # Mosaic kernels appear as tpu_custom_call; XLA's FLOP count does not see inside them.
       "mosaic_kernel_calls": hlo_text.count('custom_call_target="tpu_custom_call"'),
-      "lower_seconds": round(lower_seconds, 2), "compile_seconds": round(compile_seconds, 2),
-      "memory_bytes_per_device": memory_bytes, "hbm_bytes_per_device": capacity,
-      "fits": memory_bytes["total"] <= capacity,
+      "memory_bytes_per_device": memory_bytes, "fits": memory_bytes["total"] <= capacity,
       "xla_flops_per_device": _cost_flops(compiled),
-      "model_flops_per_device": program.flops_per_step_model / num_devices,
   }
 
 
@@ -160,15 +167,25 @@ def _gib(value: float) -> str:
   return f"{value / GIB:.2f}"
 
 
+def _mixer_kernels(record: dict) -> str:
+  return record["attention_impl"] if record["arch"] == "llama" else record["linear_attention_backend"]
+
+
 def summary_text(record: dict) -> str:
-  memory = record["memory_bytes_per_device"]
-  xla_flops = record["xla_flops_per_device"]
   lines = [
       f"{record['arch']} {record['size']} ({record['num_params']:,} params) on {record['topology']} "
       f"({record['num_devices']} × {record['device_kind']}), mesh {record['mesh']}",
       f"  seq_len {record['seq_len']}, global batch {record['global_batch_size']} = {record['num_microbatches']} "
       f"microbatch(es) of {record['microbatch_size']}; linear attention {record['linear_attention_backend']}, "
       f"attention {record['attention_impl']}, remat {record['remat_policy']}",
+  ]
+  if "compile_error" in record:
+    lines.append(f"  DOES NOT FIT: the compiler gave up after {record['compile_seconds']} s: "
+                 f"{record['compile_error']}")
+    return "\n".join(lines)
+  memory = record["memory_bytes_per_device"]
+  xla_flops = record["xla_flops_per_device"]
+  lines += [
       f"  host jax.default_backend() = {record['host_default_backend']}, target platform = "
       f"{record['target_platform']}; Mosaic kernel calls in the compiled step: {record['mosaic_kernel_calls']}",
       f"  lowered in {record['lower_seconds']} s, compiled in {record['compile_seconds']} s",
@@ -192,22 +209,28 @@ def _markdown(records: list[dict]) -> str:
       "per-device analysis of the compiled step; total = arguments + outputs − aliased (donated state) + "
       "temporaries + generated code, compared with the chip's HBM. XLA's FLOP count is far below the model's "
       "Appendix A.1 count: it counts a loop body once (the microbatch and layer scans) and sees nothing inside "
-      "Mosaic kernels (custom calls), so only the model column is a per-step figure.",
+      "Mosaic kernels (custom calls), so only the model column is a per-step figure. Mixer kernels: the linear "
+      "models' linear-attention backend, LLaMA's attention implementation. A row whose compile the TPU compiler "
+      "refused for memory shows its message instead of a memory plan.",
       "",
-      "| date (UTC) | command | model | topology | mesh | T × batch (microbatches) | linear attn | Mosaic calls "
+      "| date (UTC) | command | model | topology | mesh | T × batch (microbatches) | mixer kernels | Mosaic calls "
       "| args GiB | out GiB | temp GiB | code GiB | total GiB | HBM GiB | fits | compile s | XLA TFLOP/dev | "
       "model TFLOP/dev |",
       "|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
   ]
   for record in records:
-    memory = record["memory_bytes_per_device"]
     mesh = "×".join(f"{axis}{size}" for axis, size in record["mesh"].items() if size > 1) or "1"
+    row = (f"| {record['date'][:16]} | `{record['command']}` | {record['arch']} {record['size']} | "
+           f"{record['topology']} ({record['device_kind']}) | {mesh} | {record['seq_len']} × "
+           f"{record['global_batch_size']} ({record['num_microbatches']}) | {_mixer_kernels(record)} | ")
+    if "compile_error" in record:
+      lines.append(row + f"| {record['compile_error']} | | | | | {_gib(record['hbm_bytes_per_device'])} | no | "
+                   f"{record['compile_seconds']} | | {record['model_flops_per_device'] / 1e12:.1f} |")
+      continue
+    memory = record["memory_bytes_per_device"]
     xla_flops = record["xla_flops_per_device"]
     lines.append(
-        f"| {record['date'][:16]} | `{record['command']}` | {record['arch']} {record['size']} | "
-        f"{record['topology']} ({record['device_kind']}) | {mesh} | {record['seq_len']} × "
-        f"{record['global_batch_size']} ({record['num_microbatches']}) | {record['linear_attention_backend']} | "
-        f"{record['mosaic_kernel_calls']} | {_gib(memory['argument'])} | {_gib(memory['output'])} | "
+        row + f"{record['mosaic_kernel_calls']} | {_gib(memory['argument'])} | {_gib(memory['output'])} | "
         f"{_gib(memory['temp'])} | {_gib(memory['generated_code'])} | {_gib(memory['total'])} | "
         f"{_gib(record['hbm_bytes_per_device'])} | {'yes' if record['fits'] else 'no'} | "
         f"{record['compile_seconds']} | {'n/a' if xla_flops is None else f'{xla_flops / 1e12:.1f}'} | "

@@ -121,3 +121,18 @@ def test_pallas_backends_run_per_shard_on_a_mesh(monkeypatch, decay_mode):
   seen_shapes.clear()
   layers.sharded_linear_attention(q, k, v, log_decay, segment_ids=segment_ids, backend="pallas_tpu")
   assert seen_shapes == [q.shape]
+
+
+def test_a_step_the_compiler_refuses_for_memory_is_a_row_that_does_not_fit():
+  record = {"date": "2026-11-29T05:10:00", "command": "python -m lsm_jax.aot x", "arch": "llama", "size": "1b",
+            "num_params": 10, "topology": "v5p:2x2x1", "device_kind": "TPU v5", "num_devices": 4,
+            "mesh": {"data": 1, "fsdp": 4}, "seq_len": 8192, "global_batch_size": 480, "num_microbatches": 40,
+            "microbatch_size": 12, "linear_attention_backend": "pallas_tpu", "attention_impl": "xla",
+            "remat_policy": "none", "hbm_bytes_per_device": 95 * aot.GIB, "model_flops_per_device": 2e15,
+            "fits": False, "compile_seconds": 2.0, "machine": "vm", "versions": "jax",
+            "compile_error": "RESOURCE_EXHAUSTED: Ran out of memory on HBM (509.74G)"}
+  assert "DOES NOT FIT" in aot.summary_text(record) and "509.74G" in aot.summary_text(record)
+  row = [line for line in aot._markdown([record]).splitlines() if line.startswith("| 2026")][0]
+  cells = [cell.strip() for cell in row.strip("|").split("|")]
+  assert len(cells) == 18  # as many cells as the header
+  assert cells[6] == "xla" and cells[8].startswith("RESOURCE_EXHAUSTED") and cells[14] == "no"
