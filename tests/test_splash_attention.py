@@ -79,6 +79,15 @@ def test_splash_runs_per_shard_of_batch_and_heads():
   _assert_close(actual, expected)
 
 
+def test_a_time_split_mesh_takes_the_xla_path():
+  # sequence 2 splits time: splash cannot run on a slice of the keys, so GSPMD partitions the XLA attention.
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=4, sequence=2))
+  expected, _ = _loss_and_grads("xla", 256)
+  actual, jaxpr = _loss_and_grads("splash", 256, mesh)
+  assert _kernel_calls(jaxpr) == 0
+  _assert_close(actual, expected)
+
+
 def test_lengths_splash_cannot_block_take_the_xla_path():
   # T = 200 is not a multiple of 128 (evaluation prompts have any length): same model, XLA attention.
   assert softmax.splash_block(200) is None and softmax.splash_block(384) == 128
