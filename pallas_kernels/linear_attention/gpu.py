@@ -16,8 +16,9 @@ Data-dependent (per key channel) decay works on 16-token sub-chunks inside each 
 through them: a sub-chunk's queries read the chunk's earlier keys (and its keys the chunk's later queries)
 through one matmul whose factors are referenced to the row at the sub-chunk's edge (both ≤ 1, never overflowing),
 and the diagonal 16×16 blocks in fp32 (exact for any gate strength), one program per sub-chunk: the forward's
-elementwise key by key, the dq/dk kernel's as four nested levels of matmuls (_nested_levels). Loops have dynamic offsets, never Python-unrolled: Triton keeps scf.for rolled, so the program (and
-its compile time) stays the size of one body. The exception is the state scans' deliberate unroll of SCAN_UNROLL
+elementwise key by key, the dq/dk kernel's as four nested levels of matmuls (_nested_levels). Loops have
+dynamic offsets, never Python-unrolled: Triton keeps scf.for rolled, so the program (and its compile time)
+stays the size of one body. The exception is the state scans' deliberate unroll of SCAN_UNROLL
 chunks when few programs run (latency-bound), whose body is small.
 Segment resets become masks from a chunk-local count of document starts (`resets`): a query sees the
 carried state only before the chunk's first reset, a key feeds the outgoing state only after its last one.
@@ -347,7 +348,8 @@ def _intra_scores_kernel(*refs, config):
   then use as plain matmul operands. The chunk's earlier keys go through one matmul whose factors are referenced
   to the row just before the sub-chunk (q ⊙ exp(g_i − g_r) and k ⊙ exp(g_r − g_j), both ≤ 1), the diagonal block
   is elementwise, column by column at SCORES_WARPS warps (H200, 8×2048×16×128: 581 µs; 658 µs as [16, 16, 32]
-  broadcasts at 4 warps, the dq/dk kernel's best; 728 and 918 µs the other two pairings). Kept apart from the
+  broadcasts at 4 warps, 728 and 918 µs the other two pairings; 1.32 ms as _nested_levels' matmuls,
+  kernel_profile_h200_session6.md). Kept apart from the
   matmul-heavy output kernel: fused, the two took 1.19 ms of a 1.58 ms forward
   (kernel_profile_h200_session3.md)."""
   (q_ref, k_ref), g_ref, resets_ref, (a_ref,) = _split_refs(refs, config, 2)
@@ -383,7 +385,6 @@ def _chunk_scores(config, sub, q, k, scores=None):
 def _output_kernel(*refs, config):
   """o = q̄·h + A·v for one chunk and Dv tile."""
   (q_ref, k_ref, v_ref), g_ref, resets_ref, (h_ref, *scores_ref, o_ref) = _split_refs(refs, config, 3)
-  dtype = q_ref.dtype
   sub = _ChunkFactors(config, g_ref, resets_ref, config.chunk)
   o_ref[...] = _chunk_output(config, sub, q_ref[...], k_ref[...], v_ref[...], h_ref[...],
                              *[ref[...] for ref in scores_ref]).astype(o_ref.dtype)
@@ -470,7 +471,6 @@ def _dqdk_kernel(*refs, config, operand_dtype):
   size, chunk = config.sub_chunk, config.chunk
   rows = lax.broadcasted_iota(jnp.int32, (size, size), 0)
   cols = lax.broadcasted_iota(jnp.int32, (size, size), 1)
-  row_index = lax.broadcasted_iota(jnp.int32, (size, 1), 0)
   chunk_rows = lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
   chunk_cols = lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
   g_last = _row(g_ref, chunk - 1)
@@ -491,7 +491,7 @@ def _dqdk_kernel(*refs, config, operand_dtype):
     d_scores = jnp.where(keep, _dot_nt(do, v), 0.0)  # the diagonal block of dA = do·vᵀ
 
     # dq of this sub-chunk's queries: the incoming state, the chunk's earlier keys (factors referenced to the
-    # row before the sub-chunk, both ≤ 1), the diagonal block elementwise. Whole-chunk operands are loaded
+    # row before the sub-chunk, both ≤ 1), the diagonal block below. Whole-chunk operands are loaded
     # where they are used (short live ranges; they sit in L2).
     g_all = g_ref[...].astype(jnp.float32)
     g_before, k_tilde = _earlier_rows(k_ref, g_ref, g_all, start)
@@ -509,12 +509,11 @@ def _dqdk_kernel(*refs, config, operand_dtype):
       dk_diagonal = dk_diagonal + b * _dot_tn(d_level, q * a)
 
     # dk of this sub-chunk's keys: the outgoing state gradient, the chunk's later queries (referenced to the
-    # sub-chunk's last row), the diagonal block elementwise.
+    # sub-chunk's last row), the diagonal block's part from above.
     g_end = _row(g_ref, end)
     q_tilde = _rescaled_rows(q_ref[...].astype(jnp.float32), g_all - g_end, chunk_rows > end)
     d_later = jnp.where((chunk_cols > end) & same_document, _dot_nt(v, do_ref[...]), 0.0)  # dA_ij at [key j, query i]
     dk = dk_state * k_factor + jnp.exp(g_end - g_sub) * _dot(d_later.astype(dtype), q_tilde.astype(dtype))
-
     dk = dk + dk_diagonal
     store(pl.ds(start, size), pl.ds(out_start, size), dq, dk)
 
