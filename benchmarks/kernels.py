@@ -10,7 +10,8 @@ the log-decay; the TNL decay is a fixed buffer, as in fla's g_gamma):
   hgrn2       ours: log_decay [B,T,H,Dk]    fla: chunk_gla(g=...)
   tnl         ours: log_decay [H]           fla: chunk_simple_gla(g_gamma=...)
   cosformer2  ours: no decay                fla: chunk_linear_attn(normalize=False)
-plus, at every shape, our "xla" chunked backend (TNL) and JAX cuDNN causal flash attention.
+plus, at every shape, our "xla" chunked backend (TNL) and JAX cuDNN causal flash attention, also with the
+dense document mask our LLaMA passes it (segment ids; all one document here).
 Order: the hgrn2 rows first (all shapes), then the JAX baselines, then the other ops, then --variants.
 JAX ops are compiled ahead (lower().compile(), timed and recorded as compile_s) and timed as the median over
 --reps repetitions of (--calls back-to-back calls, then block_until_ready) / --calls, after warm-up; JAX
@@ -179,10 +180,18 @@ def ours_fns(op, shape, op_fn=None):
           (q, k, v, log_decay, d_out))
 
 
-def cudnn_fns(shape):
+def cudnn_fns(shape, document_mask=False):
+  """cuDNN causal flash attention; document_mask: with the [B, 1, T, T] mask our LLaMA builds from segment ids
+  (one document per row here), passed as the 4th argument so that it is formed at run time as in training."""
   q, k, v, _, d_out = jax_inputs("cosformer2", *shape)
-  attention = lambda q, k, v, _: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-  return jax.jit(attention), (q, k, v, None), ForwardThenBackward(attention, False), (q, k, v, None, d_out)
+
+  def attention(q, k, v, segment_ids):
+    mask = None if segment_ids is None else (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
+
+  segment_ids = jnp.ones(q.shape[:2], jnp.int32) if document_mask else None
+  return (jax.jit(attention), (q, k, v, segment_ids), ForwardThenBackward(attention, False),
+          (q, k, v, segment_ids, d_out))
 
 
 def time_fla(op, shape):
@@ -392,8 +401,11 @@ def measure_op(runner, op, shape, args, chunk_sizes, with_fla):
 
 def measure_baseline(runner, name, shape, args):
   label = "x".join(map(str, shape))
-  forward, forward_args, backward, backward_args = (cudnn_fns(shape) if name == "cudnn_flash_causal"
-                                                    else ours_fns("tnl", shape, xla_chunked))
+  if name.startswith("cudnn_flash_causal"):
+    fns = cudnn_fns(shape, document_mask=name == "cudnn_flash_causal_document_mask")
+  else:
+    fns = ours_fns("tnl", shape, xla_chunked)
+  forward, forward_args, backward, backward_args = fns
   row = {"name": name, "shape": label}
   runner.record["others"].append(row)
   for part, fn, fn_args in (("fwd", forward, forward_args), ("fwd_bwd", backward, backward_args)):
@@ -501,7 +513,7 @@ def main():
       measure_op(runner, op, shape, args, chunk_sizes, with_fla and op not in skip_fla and shape in fla_shapes)
   if not args.skip_peers:
     for shape in shapes:
-      for name in ("cudnn_flash_causal", "xla_chunked_tnl"):
+      for name in ("cudnn_flash_causal", "cudnn_flash_causal_document_mask", "xla_chunked_tnl"):
         measure_baseline(runner, name, shape, args)
   for shape in shapes:
     for op in ops:
