@@ -84,8 +84,7 @@ def cli_spec(arch, size, seq_len, args, mesh) -> dict:
   if per_shard_microbatch is not None and per_shard_microbatch * sharding.batch_shards(mesh) >= global_batch:
     per_shard_microbatch = None  # the whole batch already fits in one microbatch
   return dict(model_config=model_config(arch, size, args.remat_policy, not args.unrolled_layers), mesh=mesh,
-              seq_len=seq_len,
-              global_batch_size=global_batch, per_shard_microbatch_size=per_shard_microbatch,
+              seq_len=seq_len, global_batch_size=global_batch, per_shard_microbatch_size=per_shard_microbatch,
               loss_chunk_length=args.loss_chunk_length if args.loss_chunk_length < seq_len else None,
               optimizer=optim.OptimizerConfig(warmup_steps=10))
 

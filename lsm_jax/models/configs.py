@@ -18,8 +18,8 @@ LINEAR_ATTENTION_BACKENDS = ("auto", "reference", "xla", "pallas_tpu", "pallas_g
 # jax.checkpoint_policies of the same name (save matmul outputs, recompute the cheap elementwise work).
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "dots_and_mixer_kernels_saveable")
-# "auto": cuDNN flash attention on GPU for 16-bit compute, XLA elsewhere (jax 0.10's implementation=None
-# always picks XLA, so the choice is made here).
+# "auto": splash attention on TPU, cuDNN flash attention on GPU for 16-bit compute, XLA elsewhere (jax 0.10's
+# implementation=None always picks XLA, so the choice is made here; mixers/softmax.py).
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
 # size -> (num_layers, d_model, ffn_dim); heads = d_model / 128.

@@ -215,7 +215,7 @@ class KernelShards:
   def __init__(self, x):
     self.mesh = jax.sharding.get_abstract_mesh()
     self.batch = self.length = self.heads = None
-    if self.mesh.empty or self.mesh.size == 1:
+    if not self.sharded:
       return
     batch_axes, length_axes, heads_axes, _ = linen.logical_to_mesh_axes(
         ("activation_batch", "activation_length", "activation_heads", None))

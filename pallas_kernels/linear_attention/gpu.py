@@ -349,9 +349,8 @@ def _intra_scores_kernel(*refs, config):
   to the row just before the sub-chunk (q ⊙ exp(g_i − g_r) and k ⊙ exp(g_r − g_j), both ≤ 1), the diagonal block
   is elementwise, column by column at SCORES_WARPS warps (H200, 8×2048×16×128: 581 µs; 658 µs as [16, 16, 32]
   broadcasts at 4 warps, 728 and 918 µs the other two pairings; 1.32 ms as _nested_levels' matmuls,
-  kernel_profile_h200_session6.md). Kept apart from the
-  matmul-heavy output kernel: fused, the two took 1.19 ms of a 1.58 ms forward
-  (kernel_profile_h200_session3.md)."""
+  kernel_profile_h200_session6.md). Kept apart from the matmul-heavy output kernel: fused, the two took 1.19 ms
+  of a 1.58 ms forward (kernel_profile_h200_session3.md)."""
   (q_ref, k_ref), g_ref, resets_ref, (a_ref,) = _split_refs(refs, config, 2)
   dtype = q_ref.dtype
   size, chunk = config.sub_chunk, config.chunk
@@ -1045,7 +1044,8 @@ def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
 
   The keyword options tune the kernels (benchmarks/kernels.py --variants); None picks the measured default:
   num_warps VECTOR_NUM_WARPS or DEFAULT_NUM_WARPS, split_sub_chunks on for per-key-channel decay, whose dq/dk
-  kernel takes key_tile VECTOR_KEY_TILE and key_warps VECTOR_KEY_WARPS (else the whole Dk at num_warps), scan_unroll SCAN_UNROLL for latency-bound scans with 16-bit operands (fewer than LATENCY_BOUND_PROGRAMS
+  kernel takes key_tile VECTOR_KEY_TILE and key_warps VECTOR_KEY_WARPS (else the whole Dk at num_warps),
+  scan_unroll SCAN_UNROLL for latency-bound scans with 16-bit operands (fewer than LATENCY_BOUND_PROGRAMS
   programs after splitting time into segments). fused_forward (default: without per-key-channel decay): the forward
   walks the chunks in one kernel instead of storing every chunk's state (else state scan + output kernel), with
   fused_value_tile-wide Dv tiles; segment_programs: the program count under which sequential kernels split time

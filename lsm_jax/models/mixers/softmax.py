@@ -50,7 +50,7 @@ def splash_attention(q, k, v, segment_ids):
   """Causal splash attention of q, k, v [B, T, H, D] (keys limited to the query's segment when segment_ids
   [B, T] are given) -> [B, T, H, D], per shard of the active mesh (batch and heads); None where it cannot run:
   T not a multiple of 128, or the time axis split over the mesh. Off TPU the kernels need INTERPRET_SPLASH."""
-  batch, length, heads, head_dim = q.shape
+  _, length, _, head_dim = q.shape
   block = splash_block(length)
   shards = layers.KernelShards(q)
   if block is None or shards.length is not None:
