@@ -133,20 +133,38 @@ def gradient_fn(op_fn, log_decay_is_learned):
 class ForwardThenBackward:
   """Forward+backward as a training step (and torch's o.backward(do)) runs it: the jitted forward returns the
   output and the residuals, a second jitted call the gradients from them. From one jitted jax.grad XLA drops the
-  unused output kernel, and with it the forward's state scan, which fla's o.backward(do) does run."""
+  unused output kernel, and with it the forward's state scan, which fla's o.backward(do) does run. Residuals that
+  are the inputs themselves are not returned by the forward (a jit output aliasing an input is a device copy,
+  163 µs of HGRN2's 8×2048 step on the H200, which neither a training step nor torch's saved tensors pay): the
+  backward takes the inputs again."""
 
   def __init__(self, op_fn, log_decay_is_learned):
+    self._structure = None  # (pullback treedef, per residual leaf: the input it is, or None), set when traced
+
     def forward(q, k, v, log_decay):
+      inputs = (q, k, v, log_decay)
       if log_decay_is_learned:
-        return jax.vjp(op_fn, q, k, v, log_decay)
-      return jax.vjp(lambda q, k, v: op_fn(q, k, v, log_decay), q, k, v)
+        out, pullback = jax.vjp(op_fn, *inputs)
+      else:
+        out, pullback = jax.vjp(lambda q, k, v: op_fn(q, k, v, log_decay), q, k, v)
+      leaves, treedef = jax.tree_util.tree_flatten(pullback)
+      sources = tuple(next((i for i, x in enumerate(inputs) if leaf is x), None) for leaf in leaves)
+      self._structure = treedef, sources
+      return out, [leaf for leaf, source in zip(leaves, sources) if source is None]
+
+    def backward(inputs, computed, d_out):
+      treedef, sources = self._structure
+      computed = iter(computed)
+      leaves = [next(computed) if source is None else inputs[source] for source in sources]
+      return jax.tree_util.tree_unflatten(treedef, leaves)(d_out)
 
     self.forward = jax.jit(forward)
-    self.backward = jax.jit(lambda pullback, d_out: pullback(d_out))
+    self.backward = jax.jit(backward)
 
   def __call__(self, q, k, v, log_decay, d_out):
-    out, pullback = self.forward(q, k, v, log_decay)
-    return self.backward(pullback, d_out.astype(out.dtype))
+    inputs = (q, k, v, log_decay)
+    out, computed = self.forward(*inputs)
+    return self.backward(inputs, computed, d_out.astype(out.dtype))
 
   def compile(self, args):
     """(a callable running both compiled calls, seconds spent compiling them)."""
@@ -154,12 +172,12 @@ class ForwardThenBackward:
     start = time.perf_counter()
     forward = self.forward.lower(*inputs).compile()
     seconds = time.perf_counter() - start
-    out, pullback = forward(*inputs)
+    out, computed = forward(*inputs)
     d_out = d_out.astype(out.dtype)
     start = time.perf_counter()
-    backward = self.backward.lower(pullback, d_out).compile()
+    backward = self.backward.lower(tuple(inputs), computed, d_out).compile()
     seconds += time.perf_counter() - start
-    return (lambda *call_args: backward(forward(*call_args[:-1])[1], d_out)), seconds
+    return (lambda *call_args: backward(tuple(call_args[:-1]), forward(*call_args[:-1])[1], d_out)), seconds
 
 
 def ours(chunk_size=None, **options):

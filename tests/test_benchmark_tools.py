@@ -84,6 +84,12 @@ def test_forward_then_backward_gives_the_gradients_of_one_jitted_grad():
       assert jnp.allclose(got, want, rtol=1e-6, atol=1e-6)
   fixed = kernels.ForwardThenBackward(op, False)(*args)  # no decay gradient asked for: q, k, v only
   assert len(fixed) == 3 and jnp.allclose(fixed[2], expected[2], rtol=1e-6, atol=1e-6)
+  # Residuals that are inputs (the op saves q, k and v) are not forward outputs: a jit output aliasing an
+  # input would be a device copy, which a training step does not pay.
+  _, sources = two_calls._structure
+  assert {0, 1, 2} <= set(sources)
+  _, computed = two_calls.forward(*args[:4])
+  assert len(computed) == sources.count(None)
 
 
 def test_train_step_table_marks_peers_carried_from_an_earlier_run(tmp_path):

@@ -110,9 +110,28 @@ def test_segment_parallel_scans_and_fused_forward(decay_mode, dtype, fused_forwa
   op = lambda q: gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 16,
                                           fused_forward=fused_forward)[0].sum()
   launches = pallas_kernel_names(jax.make_jaxpr(jax.grad(op))(q).jaxpr)
-  # level 1 of the forward's (fused or not), of the backward's recomputed states and of its reverse scan
-  assert launches.count("linear_attention_state_scan_segments") == 2
+  # level 1 of the forward's scan (fused or not), of the backward's reverse scan, and of its recomputed states
+  # unless the unfused forward stored them (per-key-channel decay's default)
+  stored = decay_mode == "vector" and not fused_forward
+  assert launches.count("linear_attention_state_scan_segments") == (1 if stored else 2)
   assert launches.count("linear_attention_state_scan_reverse_segments") == 1
+
+
+@pytest.mark.parametrize("decay_mode,dtype,scan_launches", [
+    ("vector", jnp.bfloat16, 1), ("vector", jnp.float32, 1), ("scalar", jnp.float32, 1), ("scalar", jnp.bfloat16, 2)])
+def test_backward_reuses_the_unfused_forward_states(decay_mode, dtype, scan_launches):
+  # The unfused forward's per-chunk states and chunk-local gates are residuals: forward+backward runs one forward
+  # state scan and one gate cumulative sum (vector decay; the decay gradient's suffix sums are the second
+  # chunk_sums launch). A trainable fixed decay with bf16 inputs is the exception: its backward needs fp32 states
+  # and rescans. (The gradients against the float64 reference: the tests above, which take these paths.)
+  q, k, v, log_decay, state, segment_ids = testing.random_inputs(
+      11, batch=1, time=64, heads=2, dim_k=16, dim_v=16, decay_mode=decay_mode, dtype=dtype)
+  op = lambda q, log_decay: gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 16,
+                                                     fused_forward=False)[0].sum()
+  launches = pallas_kernel_names(jax.make_jaxpr(jax.grad(op, argnums=(0, 1)))(q, log_decay).jaxpr)
+  assert launches.count("linear_attention_state_scan") == scan_launches
+  if decay_mode == "vector":
+    assert launches.count("linear_attention_chunk_sums") == 2
 
 
 def test_unfused_forward_fixed_decay_fp32():

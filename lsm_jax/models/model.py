@@ -32,8 +32,9 @@ _MIXER_KERNEL_PRIMITIVES = frozenset({"pallas_call", "dot_product_attention_fwd_
 
 def _mixer_kernel_outputs(prim, *_, **__):
   """Under dots_saveable alone the backward re-runs every layer's attention forward (its outputs are not dots):
-  a third of HGRN2's kernel time per layer. Only the kernels' values the backward reads are kept (the output and
-  the op's residuals, e.g. HGRN2's intra-chunk scores), not their internal per-chunk states."""
+  a third of HGRN2's kernel time per layer. Only the kernels' values the backward reads are kept: the output and
+  the op's residuals, e.g. HGRN2's intra-chunk scores and its per-chunk states (bf16, (T/32)·Dk·Dv per head and
+  layer: the backward then runs no forward state scan); the fused forward of TNL and cosFormer2 stores none."""
   return prim.name in _MIXER_KERNEL_PRIMITIVES
 
 

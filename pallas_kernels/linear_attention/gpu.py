@@ -930,14 +930,16 @@ def _chunk_sums(layout, x, reverse=False, offsets=None):
   )(*operands)
 
 
-def _prepare(config, q, k, v, log_decay, segment_ids):
-  """Pads time to whole chunks (zero q/k/v, zero log-decay) and builds the chunk-local g and reset counts;
-  returns them with the calls' _Layout."""
+def _prepare(config, q, k, v, log_decay, segment_ids, gates=None):
+  """Pads time to whole chunks (zero q/k/v, zero log-decay) and builds the chunk-local g and reset counts
+  (unless `gates`, the forward's (g, resets), are given); returns them with the calls' _Layout."""
   batch, time, heads, dim_k = q.shape
   chunk = config.chunk
   padded_time = -(-time // chunk) * chunk
   layout = _Layout(config, batch, padded_time, heads, dim_k, v.shape[-1], q.dtype)
   q, k, v = (_pad_time(x, padded_time) for x in (q, k, v))
+  if gates is not None:
+    return q, k, v, *gates, layout
   g = None
   if config.mode == "scalar":
     per_step = jnp.where(jnp.arange(padded_time)[:, None] < time, log_decay.astype(jnp.float32)[None, :], 0.0)
@@ -957,17 +959,19 @@ def _state_dtype(dtype):
 
 
 def _forward(config, q, k, v, log_decay, initial_state, segment_ids):
-  """((o, final state), intra-chunk scores A: the backward's dv kernel reuses them; None without vector decay)."""
+  """((o, final state), what the backward reuses: (chunk-local g, resets), the intra-chunk scores A (vector
+  decay, else None) and the per-chunk states (None from the fused forward, which never stores them))."""
   time = q.shape[1]
   qp, kp, vp, g, resets, layout = _prepare(config, q, k, v, log_decay, segment_ids)
   init = jnp.swapaxes(initial_state.astype(jnp.float32), -1, -2)
   scores = _intra_scores(layout, qp, kp, g, resets) if config.mode == "vector" else None
+  states = None
   if config.fused_forward:
     out, last = _fused_forward(layout, qp, kp, vp, g, resets, init, scores, v.dtype)
   else:
     states, last = _state_scan(layout, kp, vp, g, resets, init, _state_dtype(q.dtype), reverse=False)
     out = _output(layout, qp, kp, vp, g, resets, states, scores, v.dtype)
-  return (out[:, :time], jnp.swapaxes(last, -1, -2)), scores
+  return (out[:, :time], jnp.swapaxes(last, -1, -2)), ((g, resets), scores, states)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -978,11 +982,16 @@ def _linear_attention(q, k, v, log_decay, initial_state, segment_ids, config):
 def _linear_attention_fwd(q, k, v, log_decay, initial_state, segment_ids, config):
   # symbolic_zeros: the primals arrive wrapped, telling whether a decay gradient is wanted at all (TNL's decay
   # is a fixed buffer); only then does the backward pay for fp32 dq/dk.
-  values = [None if x is None else x.value for x in (q, k, v, log_decay, initial_state, segment_ids)]
   wants_decay_grad = log_decay is not None and log_decay.perturbed
-  (out, final_state), scores = _forward(config, *values)
-  marker = jnp.zeros((0,), jnp.float32) if wants_decay_grad else None
-  return (out, final_state), (*values, final_state, scores, marker)
+  # The backward takes the forward's chunk-local gates (fla saves its g_cumsum too) and, from the unfused forward,
+  # its per-chunk states: O((T/C)·Dk·Dv) more memory than fla keeps, one state scan less than it runs (HGRN2,
+  # H200 8×2048×16×128: 295 µs, kernel_profile_h200_session6.md). log_decay's value is not needed: a
+  # zero-size marker of its dtype says that its gradient is wanted.
+  q, k, v, log_decay, initial_state, segment_ids = (
+      None if x is None else x.value for x in (q, k, v, log_decay, initial_state, segment_ids))
+  (out, final_state), saved = _forward(config, q, k, v, log_decay, initial_state, segment_ids)
+  marker = jnp.zeros((0,), log_decay.dtype) if wants_decay_grad else None
+  return (out, final_state), (q, k, v, initial_state, segment_ids, final_state, saved, marker)
 
 
 def _dense(cotangent, like):
@@ -992,18 +1001,20 @@ def _dense(cotangent, like):
 
 
 def _linear_attention_bwd(config, residuals, cotangents):
-  q, k, v, log_decay, initial_state, segment_ids, final_state, scores, marker = residuals
+  q, k, v, initial_state, segment_ids, final_state, (gates, scores, states), marker = residuals
   wants_decay_grad = marker is not None
   d_out = _dense(cotangents[0], v)
   d_final = _dense(cotangents[1], final_state)
   time = q.shape[1]
-  qp, kp, vp, g, resets, layout = _prepare(config, q, k, v, log_decay, segment_ids)
+  qp, kp, vp, g, resets, layout = _prepare(config, q, k, v, None, segment_ids, gates)
   dop = _pad_time(d_out.astype(v.dtype), layout.time)
   # One decay per head sums the per-row decay gradients over the whole sequence, which cancels again: bf16
   # states gave it 1.0e-2 of relative error with strong decay (a trainable TNL decay; HGRN2 keeps bf16 states).
   state_dtype = jnp.float32 if (wants_decay_grad and config.mode == "scalar") else _state_dtype(q.dtype)
-  init = jnp.swapaxes(initial_state.astype(jnp.float32), -1, -2)
-  states, last = _state_scan(layout, kp, vp, g, resets, init, state_dtype, reverse=False)
+  last = jnp.swapaxes(final_state, -1, -2)
+  if states is None or states.dtype != state_dtype:  # the fused forward's, or bf16 where fp32 is needed
+    init = jnp.swapaxes(initial_state.astype(jnp.float32), -1, -2)
+    states, last = _state_scan(layout, kp, vp, g, resets, init, state_dtype, reverse=False)
   d_states, d_init = _state_scan(layout, qp, dop, g, resets, jnp.swapaxes(d_final.astype(jnp.float32), -1, -2),
                                  state_dtype, reverse=True)
   dv, *state_term = _grad_dv(layout, qp, kp, dop, g, resets, d_states, scores, v.dtype,
@@ -1016,7 +1027,7 @@ def _linear_attention_bwd(config, residuals, cotangents):
     # relative error (scalar decay), the unrounded dS_T 1.1e-2 (vector), this 2.9e-3 (benchmarks/kernels.py --check).
     final_term = jnp.sum(last * d_states[:, -1].astype(jnp.float32), axis=-2)  # [B,H,Dk]
     state_term = state_term[0].sum(axis=3).at[:, -1].set(final_term)
-    d_log_decay = _decay_grad(layout, *per_step, state_term, time).astype(log_decay.dtype)
+    d_log_decay = _decay_grad(layout, *per_step, state_term, time).astype(marker.dtype)
   d_initial = jnp.swapaxes(d_init, -1, -2).astype(initial_state.dtype)
   return (dq[:, :time], dk[:, :time], dv[:, :time], d_log_decay, d_initial, None)
 
