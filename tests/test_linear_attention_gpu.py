@@ -134,6 +134,30 @@ def test_backward_reuses_the_unfused_forward_states(decay_mode, dtype, scan_laun
     assert launches.count("linear_attention_chunk_sums") == 2
 
 
+@pytest.mark.parametrize("decay_mode,strength", [("scalar", "weak"), ("vector", "strong")])
+def test_no_initial_state_and_unused_final_state(decay_mode, strength, monkeypatch):
+  # Without an initial state and with the final state unused (its cotangent a symbolic zero), the kernels start
+  # from zero without a zero array, here through four segments (the last segment alone stores the fused forward's
+  # final state); gradients of Σ o·do against the float64 reference with dS_T = 0. (One fixed decay per head
+  # with e^-10-per-step decays and dS_T = 0: 4.8e-4 of error in its gradient, a whole-sequence sum that cancels.)
+  monkeypatch.setattr(gpu, "MIN_SEGMENT_CHUNKS", 2)
+  q, k, v, log_decay, _, segment_ids = testing.random_inputs(
+      12, batch=2, time=120, heads=2, dim_k=32, dim_v=16, decay_mode=decay_mode, strength=strength,
+      initial_state=False)
+  d_out, d_state = _cotangents(13, v, (2, 2, 32, 16))
+  expected_out, expected_state, expected_grads = testing.reference_float64(
+      q, k, v, log_decay, None, segment_ids, d_out, jnp.zeros_like(d_state))
+  op = lambda q, k, v, log_decay: gpu.linear_attention_gpu(q, k, v, log_decay, None, segment_ids, 16)
+  out, final_state = jax.jit(op)(q, k, v, log_decay)
+  loss = lambda *args: jnp.sum(op(*args)[0] * d_out)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, log_decay)
+  errors = [testing.relative_rms_error(out, expected_out),
+            testing.relative_rms_error(final_state, expected_state)]
+  errors += [testing.relative_rms_error(got, expected_grads[name])
+             for name, got in zip(("q", "k", "v", "log_decay"), grads)]
+  assert max(errors) <= FP32_BOUND, errors
+
+
 def test_unfused_forward_fixed_decay_fp32():
   # The state scan + output kernel forward (the default for per-key-channel decay) with a fixed decay.
   _assert_matches_reference(10, decay_mode="scalar", dim_k=32, dim_v=16, time=72, chunk_size=32,

@@ -292,11 +292,13 @@ def _split_refs(refs, config, num_leading):
   return leading, g_ref, resets_ref, rest
 
 
-def _state_scan_kernel(*refs, config, num_chunks, reverse, per_chunk, unroll):
+def _state_scan_kernel(*refs, config, num_chunks, reverse, per_chunk, unroll, has_init):
   """Forward (a=k, b=v): S ← decay·S + (k ⊙ k_factor)ᵀv, storing S entering each chunk.
   Reverse (a=q, b=do): dS ← decay·dS + (q ⊙ q_factor)ᵀdo, storing dS leaving each chunk; S is [Dv, Dk].
-  One segment of `num_chunks` chunks from the state in init_ref; per_chunk False stores only the last state."""
-  (a_ref, b_ref), g_ref, resets_ref, (init_ref, *states_ref, last_ref) = _split_refs(refs, config, 2)
+  One segment of `num_chunks` chunks from the state in init_ref (zero without one); per_chunk False stores only
+  the last state."""
+  (a_ref, b_ref), g_ref, resets_ref, (*init_ref, last_ref) = _split_refs(refs, config, 2)
+  init_ref, states_ref = (init_ref[:1], init_ref[1:]) if has_init else ([], init_ref)
   chunk, operand_dtype = config.chunk, a_ref.dtype
 
   def chunk_update(n):
@@ -325,7 +327,7 @@ def _state_scan_kernel(*refs, config, num_chunks, reverse, per_chunk, unroll):
   # 32-bit operands stay rolled: twice the shared memory, and measured slower (fp32 scans of an earlier backward).
   unroll = min(unroll if operand_dtype.itemsize < 4 else 1, num_chunks)
   whole = num_chunks // unroll
-  state = lax.fori_loop(0, whole, steps(unroll), init_ref[...].astype(jnp.float32))
+  state = lax.fori_loop(0, whole, steps(unroll), _initial(init_ref, last_ref.shape))
   if num_chunks % unroll:  # the remainder, one chunk at a time
     state = lax.fori_loop(whole * unroll, num_chunks, steps(1), state)
   last_ref[...] = state
@@ -397,12 +399,13 @@ def _chunk_output(config, sub, q, k, v, state, scores=None):
   return _dot_nt(q_bar, state.astype(dtype)) + _dot(scores.astype(dtype), v)
 
 
-def _fused_forward_kernel(*refs, config, num_chunks):
+def _fused_forward_kernel(*refs, config, num_chunks, has_init, segments):
   """The forward without materialised states: one program per (Dv tile, segment, batch·head) walks the
   segment's chunks from the state entering it, o = q̄·hᵀ + A·v then h ← decay·h + v̂ᵀk̂, the fp32 state
   [Dv tile, Dk] in registers (rounded to the inputs' dtype for the q̄·hᵀ matmul, as the stored per-chunk states of
-  the unfused path are); stores the state leaving the segment."""
-  (q_ref, k_ref, v_ref), g_ref, resets_ref, (init_ref, *rest) = _split_refs(refs, config, 3)
+  the unfused path are); the last segment's program stores the state leaving it."""
+  (q_ref, k_ref, v_ref), g_ref, resets_ref, rest = _split_refs(refs, config, 3)
+  init_ref = [rest.pop(0)] if has_init else []
   scores_ref = rest.pop(0) if config.mode == "vector" else None
   o_ref, last_ref = rest
   chunk, dtype = config.chunk, q_ref.dtype
@@ -418,7 +421,17 @@ def _fused_forward_kernel(*refs, config, num_chunks):
     k_hat = _ChunkFactors.scale(k.astype(jnp.float32), sub.k_factor).astype(dtype)
     return _ChunkFactors.scale(state, sub.state_decay) + _dot_tn(v, k_hat)
 
-  last_ref[...] = lax.fori_loop(0, num_chunks, step, init_ref[...].astype(jnp.float32))
+  state = lax.fori_loop(0, num_chunks, step, _initial(init_ref, last_ref.shape))
+
+  @pl.when(pl.program_id(1) == segments - 1)
+  def _():
+    last_ref[...] = state
+
+
+def _initial(init_ref, shape):
+  """The fp32 state a sequential kernel starts from: init_ref's ([] when there is none: zero, so that no zero
+  array is written and read for it)."""
+  return init_ref[0][...].astype(jnp.float32) if init_ref else jnp.zeros(shape, jnp.float32)
 
 
 def _dv_kernel(*refs, config, decay_grad):
@@ -645,7 +658,7 @@ def _segments(num_chunks, programs, target):
 
 def _state_scan_call(layout, a, b, g, resets, init, state_dtype, reverse, segments, tiles, per_chunk):
   """The state scan over each of `segments` segments from init [B,S,H,Dv,Dk] f32 (the state entering each segment
-  in the scan's direction) with (Dk, Dv) state `tiles`; returns ([per-chunk states [B,N,H,Dv,Dk] state_dtype] if
+  in the scan's direction; None: zero) with (Dk, Dv) state `tiles`; returns ([per-chunk states [B,N,H,Dv,Dk] state_dtype] if
   per_chunk, the state leaving each segment [B,S,H,Dv,Dk] f32)."""
   config = layout.config
   tile_k, tile_v = tiles
@@ -656,7 +669,7 @@ def _state_scan_call(layout, a, b, g, resets, init, state_dtype, reverse, segmen
   if resets is not None:
     in_specs.append(layout.scan_resets_spec(segments))
   segment_state = layout.scan_state_spec(tile_k, tile_v, segments, per_chunk=False)
-  in_specs.append(segment_state)
+  in_specs += [segment_state] * (init is not None)
   per_segment = (layout.batch, segments, layout.heads, layout.dim_v, layout.dim_k)
   out_specs, out_shape = [segment_state], [jax.ShapeDtypeStruct(per_segment, jnp.float32)]
   if per_chunk:
@@ -669,12 +682,16 @@ def _state_scan_call(layout, a, b, g, resets, init, state_dtype, reverse, segmen
   else:  # 128-wide unrolled tiles asked for 257 KB of shared memory (227 KB on the H200)
     unroll = SCAN_UNROLL if programs < LATENCY_BOUND_PROGRAMS and tile_k * tile_v <= 64 * 64 else 1
   kernel = functools.partial(_state_scan_kernel, config=config, num_chunks=layout.num_chunks // segments,
-                             reverse=reverse, per_chunk=per_chunk, unroll=unroll)
+                             reverse=reverse, per_chunk=per_chunk, unroll=unroll, has_init=init is not None)
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=_compiler_params(config, num_warps=4), interpret=_interpret(),
       name="linear_attention_state_scan" + ("_reverse" if reverse else "") + ("" if per_chunk else "_segments"),
-  )(a, b, *layout.extras(g, resets), init)
+  )(a, b, *layout.extras(g, resets), *_present(init))
+
+
+def _present(*arrays):
+  return [x for x in arrays if x is not None]
 
 
 def _segment_decays(layout, g, resets, segments):
@@ -695,25 +712,27 @@ def _segment_decays(layout, g, resets, segments):
   return decay
 
 
-def _combine_kernel(local_ref, decay_ref, init_ref, starts_ref, last_ref, *, segments, reverse):
+def _combine_kernel(local_ref, decay_ref, *refs, segments, reverse):
   """Level 2 of the two-level scan for one state tile: walks the segments in order, S_in(s) ← the state entering
-  segment s, S ← decay_s ⊙ S + local_s (the segment's own contribution, from zero)."""
+  segment s, S ← decay_s ⊙ S + local_s (the segment's own contribution, from zero); from init_ref's state, or zero
+  without one."""
+  *init_ref, starts_ref, last_ref = refs
+
   def step(index, state):
     s = segments - 1 - index if reverse else index
     starts_ref[s] = state
     return state * decay_ref[pl.ds(s, 1), :] + local_ref[s]
 
-  last_ref[...] = lax.fori_loop(0, segments, step, init_ref[...])
+  last_ref[...] = lax.fori_loop(0, segments, step, _initial(init_ref, last_ref.shape))
 
 
 def _segment_starts(layout, a, b, g, resets, init, reverse, segments, tiles):
   """Two-level scan, levels 1 and 2: every segment's local final state from zero (in parallel, state `tiles`),
   then the sequential combine over the few segments (a small kernel: as one XLA fusion of the chain it took
   8–110 µs). Returns (the state entering each segment [B,S,H,Dv,Dk], the last state [B,H,Dv,Dk]), both f32; init
-  [B,H,Dv,Dk] enters the first segment (the last one when reverse)."""
+  [B,H,Dv,Dk] (None: zero) enters the first segment (the last one when reverse)."""
   batch, heads, dim_k, dim_v = layout.batch, layout.heads, layout.dim_k, layout.dim_v
-  zeros = jnp.zeros((batch, segments, heads, dim_v, dim_k), jnp.float32)
-  (local,) = _state_scan_call(layout, a, b, g, resets, zeros, None, reverse, segments, tiles, per_chunk=False)
+  (local,) = _state_scan_call(layout, a, b, g, resets, None, None, reverse, segments, tiles, per_chunk=False)
   decay = jnp.broadcast_to(_segment_decays(layout, g, resets, segments), (batch, segments, heads, dim_k))
   tile_k, tile_v = min(COMBINE_TILE, dim_k), min(COMBINE_TILE, dim_v)
   segment_tiles = pl.BlockSpec((None, segments, None, tile_v, tile_k),
@@ -724,12 +743,13 @@ def _segment_starts(layout, a, b, g, resets, init, reverse, segments, tiles):
       grid=(batch * heads, dim_k // tile_k, dim_v // tile_v),
       in_specs=[segment_tiles,
                 pl.BlockSpec((None, segments, None, tile_k), lambda bh, ik, iv: (bh // heads, 0, bh % heads, ik)),
-                state_tile],
+                *[state_tile] * (init is not None)],
       out_specs=[segment_tiles, state_tile],
-      out_shape=[jax.ShapeDtypeStruct(local.shape, jnp.float32), jax.ShapeDtypeStruct(init.shape, jnp.float32)],
+      out_shape=[jax.ShapeDtypeStruct(local.shape, jnp.float32),
+                 jax.ShapeDtypeStruct((batch, heads, dim_v, dim_k), jnp.float32)],
       compiler_params=_compiler_params(layout.config, num_warps=4), interpret=_interpret(),
       name="linear_attention_segment_combine",
-  )(local, decay, init)
+  )(local, decay, *_present(init))
   return starts, last
 
 
@@ -738,7 +758,8 @@ def _state_scan(layout, a, b, g, resets, init, state_dtype, reverse):
   Latency-bound shapes (few programs, many chunks) run it as a two-level scan over segments."""
   segments, *tiles = _scan_plan(layout)
   if segments == 1:
-    states, last = _state_scan_call(layout, a, b, g, resets, init[:, None], state_dtype, reverse, 1, tiles, True)
+    states, last = _state_scan_call(layout, a, b, g, resets, None if init is None else init[:, None], state_dtype,
+                                    reverse, 1, tiles, True)
     return states, last[:, 0]
   starts, last = _segment_starts(layout, a, b, g, resets, init, reverse, segments, tiles)
   states, _ = _state_scan_call(layout, a, b, g, resets, starts, state_dtype, reverse, segments, tiles, True)
@@ -821,7 +842,7 @@ def _fused_forward(layout, q, k, v, g, resets, init, scores, out_dtype):
   tile_v = min(config.fused_value_tile, layout.dim_v)
   tiles = layout.dim_v // tile_v
   segments = _segments(layout.num_chunks, tiles * layout.batch * layout.heads, config.segment_programs)
-  starts = init[:, None]
+  starts = None if init is None else init[:, None]
   if segments > 1:
     starts, _ = _segment_starts(layout, k, v, g, resets, init, False, segments, _state_tiles(layout, True))
   rows = layout.time // segments
@@ -836,20 +857,22 @@ def _fused_forward(layout, q, k, v, g, resets, init, scores, out_dtype):
     in_specs.append(time_spec(layout.dim_k))
   if resets is not None:
     in_specs.append(pl.BlockSpec((None, rows), lambda t, s, bh: (bh // heads, s)))
-  in_specs.append(state_spec)
-  operands = [q, k, v, *layout.extras(g, resets), starts]
+  in_specs += [state_spec] * (starts is not None)
+  operands = [q, k, v, *layout.extras(g, resets), *_present(starts)]
   if scores is not None:
     in_specs.append(time_spec(config.chunk))
     operands.append(scores)
-  out, last = pl.pallas_call(
-      functools.partial(_fused_forward_kernel, config=config, num_chunks=layout.num_chunks // segments),
+  # Only the last segment's program stores the state leaving it: the final state [B,H,Dv,Dk].
+  last_spec = pl.BlockSpec((None, None, tile_v, layout.dim_k), lambda t, s, bh: (bh // heads, bh % heads, t, 0))
+  return pl.pallas_call(
+      functools.partial(_fused_forward_kernel, config=config, num_chunks=layout.num_chunks // segments,
+                        has_init=starts is not None, segments=segments),
       grid=(tiles, segments, layout.batch * heads), in_specs=in_specs,
-      out_specs=[time_spec(tile_v, True), state_spec],
+      out_specs=[time_spec(tile_v, True), last_spec],
       out_shape=[jax.ShapeDtypeStruct((layout.batch, layout.time, heads, layout.dim_v), out_dtype),
-                 jax.ShapeDtypeStruct(starts.shape, jnp.float32)],
+                 jax.ShapeDtypeStruct((layout.batch, heads, layout.dim_v, layout.dim_k), jnp.float32)],
       compiler_params=_compiler_params(config), interpret=_interpret(), name="linear_attention_fused_forward",
   )(*operands)
-  return out, last[:, -1]
 
 
 def _grad_dv(layout, q, k, do, g, resets, d_states, scores, out_dtype, states=None):
@@ -963,7 +986,7 @@ def _forward(config, q, k, v, log_decay, initial_state, segment_ids):
   decay, else None) and the per-chunk states (None from the fused forward, which never stores them))."""
   time = q.shape[1]
   qp, kp, vp, g, resets, layout = _prepare(config, q, k, v, log_decay, segment_ids)
-  init = jnp.swapaxes(initial_state.astype(jnp.float32), -1, -2)
+  init = _value_major(initial_state)
   scores = _intra_scores(layout, qp, kp, g, resets) if config.mode == "vector" else None
   states = None
   if config.fused_forward:
@@ -1000,11 +1023,18 @@ def _dense(cotangent, like):
   return cotangent
 
 
+def _value_major(state):
+  """A [B,H,Dk,Dv] state (or its gradient) as the kernels take it, [B,H,Dv,Dk] f32; None (a zero state, or a
+  symbolic-zero gradient) stays None: the kernels start from zero without writing and reading a zero array."""
+  if state is None or isinstance(state, jax.custom_derivatives.SymbolicZero):
+    return None
+  return jnp.swapaxes(state.astype(jnp.float32), -1, -2)
+
+
 def _linear_attention_bwd(config, residuals, cotangents):
   q, k, v, initial_state, segment_ids, final_state, (gates, scores, states), marker = residuals
   wants_decay_grad = marker is not None
   d_out = _dense(cotangents[0], v)
-  d_final = _dense(cotangents[1], final_state)
   time = q.shape[1]
   qp, kp, vp, g, resets, layout = _prepare(config, q, k, v, None, segment_ids, gates)
   dop = _pad_time(d_out.astype(v.dtype), layout.time)
@@ -1013,10 +1043,8 @@ def _linear_attention_bwd(config, residuals, cotangents):
   state_dtype = jnp.float32 if (wants_decay_grad and config.mode == "scalar") else _state_dtype(q.dtype)
   last = jnp.swapaxes(final_state, -1, -2)
   if states is None or states.dtype != state_dtype:  # the fused forward's, or bf16 where fp32 is needed
-    init = jnp.swapaxes(initial_state.astype(jnp.float32), -1, -2)
-    states, last = _state_scan(layout, kp, vp, g, resets, init, state_dtype, reverse=False)
-  d_states, d_init = _state_scan(layout, qp, dop, g, resets, jnp.swapaxes(d_final.astype(jnp.float32), -1, -2),
-                                 state_dtype, reverse=True)
+    states, last = _state_scan(layout, kp, vp, g, resets, _value_major(initial_state), state_dtype, reverse=False)
+  d_states, d_init = _state_scan(layout, qp, dop, g, resets, _value_major(cotangents[1]), state_dtype, reverse=True)
   dv, *state_term = _grad_dv(layout, qp, kp, dop, g, resets, d_states, scores, v.dtype,
                              states if wants_decay_grad else None)
   dq, dk, *per_step = _grad_dqdk(layout, qp, kp, vp, dop, g, resets, states, d_states, q.dtype, wants_decay_grad)
@@ -1028,7 +1056,7 @@ def _linear_attention_bwd(config, residuals, cotangents):
     final_term = jnp.sum(last * d_states[:, -1].astype(jnp.float32), axis=-2)  # [B,H,Dk]
     state_term = state_term[0].sum(axis=3).at[:, -1].set(final_term)
     d_log_decay = _decay_grad(layout, *per_step, state_term, time).astype(marker.dtype)
-  d_initial = jnp.swapaxes(d_init, -1, -2).astype(initial_state.dtype)
+  d_initial = None if initial_state is None else jnp.swapaxes(d_init, -1, -2).astype(initial_state.dtype)
   return (dq[:, :time], dk[:, :time], dv[:, :time], d_log_decay, d_initial, None)
 
 
@@ -1090,6 +1118,4 @@ def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
                    vector_decay if split_sub_chunks is None else split_sub_chunks, key_tile,
                    key_warps or (VECTOR_KEY_WARPS if vector_decay else num_warps), scan_unroll, fused_forward,
                    segment_programs, fused_value_tile, segment_scan_tile)
-  if initial_state is None:
-    initial_state = jnp.zeros((batch, heads, dim_k, dim_v), jnp.float32)
   return _linear_attention(q, k, v, log_decay, initial_state, segment_ids, config)
