@@ -57,9 +57,9 @@ FLA_NAMES = {"tnl": "chunk_simple_gla(g_gamma)", "hgrn2": "chunk_gla", "cosforme
 REFERENCE_PEER_NAMES = {"tnl": "chunk_simple_gla (TNL decay)", "hgrn2": "chunk_gla (HGRN2-like)",
                         "cosformer2": "chunk_linear_attn (no decay)"}
 VARIANT_SYNTAX = ("c<chunk>w<warps>[s<scan tile>][k<dq/dk key tile>][u<scan unroll>][g<segment programs>]"
-                  "[e<segmented scan tile>][v<fused forward Dv tile>][p][n|f]")
+                  "[e<segmented scan tile>][v<fused forward Dv tile>][d<score matmul levels>][p][t][n|f]")
 VARIANT_HELP = (f"{VARIANT_SYNTAX}, e.g. c64w8, c64w4s32u4 or c32w4p (p: one program per HGRN2 sub-chunk, "
-                "g0: never split time into segments, "
+                "g0: never split time into segments, t: one TF32 pass for the HGRN2 dq/dk kernel's fp32 matmuls, "
                 "n / f: state scan + output kernel / the fused forward, instead of the op's default)")
 
 
@@ -437,23 +437,22 @@ def parse_variant(text):
   """VARIANT_SYNTAX -> (chunk, linear_attention_gpu options); 'default' -> (None, {}): the op's defaults."""
   if text == "default":
     return None, {}
-  match = re.fullmatch(r"c(\d+)w(\d+)(?:s(\d+))?(?:k(\d+))?(?:u(\d+))?(?:g(\d+))?(?:e(\d+))?(?:v(\d+))?(p?)([nf]?)",
-                       text)
+  match = re.fullmatch(r"c(?P<chunk>\d+)w(?P<num_warps>\d+)(?:s(?P<scan_tile>\d+))?(?:k(?P<key_tile>\d+))?"
+                       r"(?:u(?P<scan_unroll>\d+))?(?:g(?P<segment_programs>\d+))?(?:e(?P<segment_scan_tile>\d+))?"
+                       r"(?:v(?P<fused_value_tile>\d+))?(?:d(?P<score_levels>\d+))?(?P<split>p?)(?P<tf32>t?)"
+                       r"(?P<forward>[nf]?)", text)
   if match is None:
     raise SystemExit(f"variant {text!r}; valid: {VARIANT_HELP}.")
-  options = dict(num_warps=int(match.group(2)), split_sub_chunks=bool(match.group(9)))
-  for group, name in ((6, "segment_programs"), (7, "segment_scan_tile"), (8, "fused_value_tile")):
-    if match.group(group):
-      options[name] = int(match.group(group))
-  if match.group(10):
-    options["fused_forward"] = match.group(10) == "f"
-  if match.group(5):
-    options["scan_unroll"] = int(match.group(5))
-  if match.group(3):
-    options["scan_tile"] = int(match.group(3))  # smaller state tiles: more scan programs when B·H is small
-  if match.group(4):
-    options["key_tile"] = int(match.group(4))
-  return int(match.group(1)), options
+  fields = match.groupdict()
+  options = dict(num_warps=int(fields.pop("num_warps")), split_sub_chunks=bool(fields.pop("split")))
+  if fields.pop("tf32"):
+    options["one_pass_tf32"] = True
+  forward = fields.pop("forward")
+  if forward:
+    options["fused_forward"] = forward == "f"
+  chunk = int(fields.pop("chunk"))
+  options.update({name: int(value) for name, value in fields.items() if value is not None})
+  return chunk, options
 
 
 def parse_shapes(text):

@@ -24,6 +24,9 @@ def test_parse_variant():
   chunk, options = kernels.parse_variant("c32w8e64v128pf")
   assert options == {"num_warps": 8, "split_sub_chunks": True, "segment_scan_tile": 64,
                      "fused_value_tile": 128, "fused_forward": True}
+  chunk, options = kernels.parse_variant("c32w2k64d2ptn")
+  assert options == {"num_warps": 2, "split_sub_chunks": True, "key_tile": 64, "score_levels": 2,
+                     "one_pass_tf32": True, "fused_forward": False}
   with pytest.raises(SystemExit, match="c64x8.*valid: c<chunk>w<warps>"):
     kernels.parse_variant("c64x8")
 

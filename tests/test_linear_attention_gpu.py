@@ -82,6 +82,14 @@ def test_vector_decay_four_sub_chunks_fp32(split_sub_chunks, key_tile):
                             heads=1, split_sub_chunks=split_sub_chunks, key_tile=key_tile)
 
 
+@pytest.mark.parametrize("score_levels", [1, 3])
+def test_vector_decay_score_levels(score_levels):
+  # The forward's diagonal score blocks with one halving (16 → two 8-row blocks) or three (2-row blocks) as
+  # matmuls before the elementwise loop, with strong gates, documents and four sub-chunks per chunk.
+  _assert_matches_reference(14, decay_mode="vector", dim_k=32, dim_v=16, time=100, chunk_size=64, strength="strong",
+                            score_levels=score_levels)
+
+
 def test_vector_decay_bf16_with_decay_gradient():
   _assert_matches_reference(2, decay_mode="vector", dim_k=16, dim_v=32, time=48, chunk_size=32,
                             dtype=jnp.bfloat16, strength="strong")

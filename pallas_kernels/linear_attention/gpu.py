@@ -86,7 +86,8 @@ class _Config:
   """Static kernel configuration (hashable, a nondiff argument of the custom_vjp)."""
 
   def __init__(self, mode, has_segments, chunk, num_warps, num_stages, scan_tile, split_sub_chunks, key_tile,
-               key_warps, scan_unroll, fused_forward, segment_programs, fused_value_tile, segment_scan_tile):
+               key_warps, scan_unroll, fused_forward, segment_programs, fused_value_tile, segment_scan_tile,
+               one_pass_tf32, score_levels):
     self.mode, self.has_segments, self.chunk = mode, has_segments, chunk
     self.num_warps, self.num_stages, self.scan_tile, self.key_tile = num_warps, num_stages, scan_tile, key_tile
     self.sub_chunk = min(SUB_CHUNK, chunk) if mode == "vector" else chunk
@@ -95,8 +96,10 @@ class _Config:
     self.key_warps, self.scan_unroll = key_warps, scan_unroll
     self.fused_forward, self.segment_programs = fused_forward, segment_programs
     self.fused_value_tile, self.segment_scan_tile = fused_value_tile, segment_scan_tile
+    self.one_pass_tf32, self.score_levels = one_pass_tf32, score_levels
     self._key = (mode, has_segments, chunk, num_warps, num_stages, scan_tile, self.parts, key_tile, key_warps,
-                 scan_unroll, fused_forward, segment_programs, fused_value_tile, segment_scan_tile)
+                 scan_unroll, fused_forward, segment_programs, fused_value_tile, segment_scan_tile, one_pass_tf32,
+                 score_levels)
 
   def __hash__(self):
     return hash(self._key)
@@ -122,12 +125,13 @@ def _interpret():
   return jax.default_backend() != "gpu"
 
 
-def _dot(a, b, contract=((1,), (0,))):
+def _dot(a, b, contract=((1,), (0,)), one_pass=False):
   """2-D matmul with fp32 accumulation. fp32 operands keep fp32 accuracy (plain TF32 would cost ~1e-3): three
-  TF32 passes on the GPU's tensor cores, exact fp32 in interpret mode."""
+  TF32 passes on the GPU's tensor cores, exact fp32 in interpret mode; one_pass: a single TF32 pass on the GPU."""
   precision = None
   if a.dtype == jnp.float32:
-    precision = lax.Precision.HIGHEST if _interpret() else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    precision = lax.Precision.HIGHEST if _interpret() else (
+        lax.DotAlgorithmPreset.TF32_TF32_F32 if one_pass else lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
   return lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32)
 
 
@@ -135,8 +139,8 @@ def _dot_nt(a, b):  # a·bᵀ
   return _dot(a, b, ((1,), (1,)))
 
 
-def _dot_tn(a, b):  # aᵀ·b
-  return _dot(a, b, ((0,), (0,)))
+def _dot_tn(a, b, one_pass=False):  # aᵀ·b
+  return _dot(a, b, ((0,), (0,)), one_pass)
 
 
 def _scalar(ref, index):
@@ -187,20 +191,49 @@ def _nested_levels(g):
     half //= 2
 
 
-def _diag_block(q_sub, k_ref, g_sub, g_ref, start, sub):
-  """Vector decay: the [c,c] block A_ij = Σ_d q_id k_jd exp(g_id − g_jd) (i ≥ j; document masks are the
-  caller's), elementwise in fp32 one key at a time, so no exponent is ever positive."""
+def _block_rows(ref, start, sub, width, offset):
+  """[sub, W] fp32: for each row i of the sub-chunk at `start`, ref's row i − (i mod width) + offset (one row load
+  per width-row block, merged by selects: Triton has no gathers)."""
   rows = lax.broadcasted_iota(jnp.int32, (sub, 1), 0)
-  cols = lax.broadcasted_iota(jnp.int32, (sub, sub), 1)
+  merged = _row(ref, start + offset)
+  for first in range(width, sub, width):
+    merged = jnp.where(rows >= first, _row(ref, start + first + offset), merged)
+  return merged
 
-  def add_column(j, block):
-    k_j = _row(k_ref, start + j)
-    exponent = jnp.where(rows >= j, g_sub - _row(g_ref, start + j), -jnp.inf)
-    column = jnp.sum(q_sub * k_j * jnp.exp(exponent), axis=1)
-    return jnp.where(cols == j, column[:, None], block)
+
+def _diag_block(q_sub, k_ref, g_sub, g_ref, start, sub, levels, dtype):
+  """Vector decay: the [c,c] block A_ij = Σ_d q_id k_jd exp(g_id − g_jd) (i ≥ j; document masks are the
+  caller's) with no exponent ever positive. The first `levels` halvings of _nested_levels are one matmul each
+  (pairs in opposite halves of a 2s-row block, s = c/2, c/4, …, through the block's row s − 1: both factors
+  ≤ 1; `dtype` operands, as the off-diagonal scores); the pairs left, inside blocks of w = c/2^levels rows, are
+  elementwise in fp32, one key offset j < w per iteration for all blocks at once (row i meets key
+  i − (i mod w) + j): w iterations instead of c, and half or less of the exponentials."""
+  rows = lax.broadcasted_iota(jnp.int32, (sub, 1), 0)
+  pair_rows = lax.broadcasted_iota(jnp.int32, (sub, sub), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (sub, sub), 1)
+  block = jnp.zeros((sub, sub), jnp.float32)
+  width = sub
+  if levels:
+    k_sub = k_ref[pl.ds(start, sub), :].astype(jnp.float32)
+  for _ in range(levels):
+    half = width // 2
+    second = (rows & (width - 1)) >= half
+    g_reference = _block_rows(g_ref, start, sub, width, half - 1)
+    factor = jnp.exp(jnp.where(second, g_sub - g_reference, g_reference - g_sub))
+    a = jnp.where(second, q_sub * factor, 0.0).astype(dtype)
+    b = jnp.where(second, 0.0, k_sub * factor).astype(dtype)
+    shift = width.bit_length() - 1
+    block = block + jnp.where((pair_rows >> shift) == (cols >> shift), _dot_nt(a, b), 0.0)
+    width = half
+  offsets = rows & (width - 1)
+
+  def add_offset(j, block):
+    exponent = jnp.where(offsets >= j, g_sub - _block_rows(g_ref, start, sub, width, j), -jnp.inf)
+    column = jnp.sum(q_sub * _block_rows(k_ref, start, sub, width, j) * jnp.exp(exponent), axis=1)
+    return jnp.where(cols == rows - offsets + j, column[:, None], block)
 
   # A loop, not unrolled: keeps the Triton program (and its compile time) small.
-  return lax.fori_loop(0, sub, add_column, jnp.zeros((sub, sub), jnp.float32))
+  return lax.fori_loop(0, width, add_offset, block)
 
 
 class _ChunkFactors:
@@ -364,7 +397,7 @@ def _intra_scores_kernel(*refs, config):
     g_q = g_ref[pl.ds(start, size), :].astype(jnp.float32)
     g_r, k_tilde = _earlier_rows(k_ref, g_ref, g_ref[...].astype(jnp.float32), start)
     scores = _dot_nt((q * jnp.exp(g_q - g_r)).astype(dtype), k_tilde.astype(dtype))  # zero from column `start` on
-    block = _diag_block(q, k_ref, g_q, g_ref, start, size)
+    block = _diag_block(q, k_ref, g_q, g_ref, start, size, config.score_levels, dtype)
     # The [c, c] diagonal block into columns [start, start + c): a one-hot matmul (no dynamic column slicing).
     scores = scores + _dot(block, (block_cols == start + block_rows).astype(jnp.float32))
     if config.has_segments:
@@ -463,6 +496,7 @@ def _dqdk_kernel(*refs, config, operand_dtype):
   (q_ref, k_ref, v_ref, do_ref), g_ref, resets_ref, (h_ref, dh_ref, dq_ref, dk_ref, *x_ref) = _split_refs(
       refs, config, 4)
   dtype = operand_dtype
+  dot = functools.partial(_dot, one_pass=config.one_pass_tf32)
 
   def store(rows, out_rows, dq, dk):
     """dq, dk of `rows`, and (decay gradient wanted) their q·dq − k·dk in fp32."""
@@ -509,7 +543,7 @@ def _dqdk_kernel(*refs, config, operand_dtype):
     g_before, k_tilde = _earlier_rows(k_ref, g_ref, g_all, start)
     d_earlier = jnp.where((chunk_cols < start) & same_document, _dot_nt(do, v_ref[...]), 0.0)
     dq_state, dk_state = _state_terms(do, v, h_ref, dh_ref)
-    dq = dq_state * q_factor + jnp.exp(g_sub - g_before) * _dot(d_earlier.astype(dtype), k_tilde.astype(dtype))
+    dq = dq_state * q_factor + jnp.exp(g_sub - g_before) * dot(d_earlier.astype(dtype), k_tilde.astype(dtype))
 
     # The diagonal block level by level (_nested_levels), for dq and dk at once.
     k, q = (ref[pl.ds(start, size), :].astype(jnp.float32) for ref in (k_ref, q_ref))
@@ -517,15 +551,15 @@ def _dqdk_kernel(*refs, config, operand_dtype):
     dq, dk_diagonal = dq + d_diagonal * k, d_diagonal * q
     for a, b, same in _nested_levels(g_sub):
       d_level = jnp.where(same, d_scores, 0.0)
-      dq = dq + a * _dot(d_level, k * b)
-      dk_diagonal = dk_diagonal + b * _dot_tn(d_level, q * a)
+      dq = dq + a * dot(d_level, k * b)
+      dk_diagonal = dk_diagonal + b * _dot_tn(d_level, q * a, config.one_pass_tf32)
 
     # dk of this sub-chunk's keys: the outgoing state gradient, the chunk's later queries (referenced to the
     # sub-chunk's last row), the diagonal block's part from above.
     g_end = _row(g_ref, end)
     q_tilde = _rescaled_rows(q_ref[...].astype(jnp.float32), g_all - g_end, chunk_rows > end)
     d_later = jnp.where((chunk_cols > end) & same_document, _dot_nt(v, do_ref[...]), 0.0)  # dA_ij at [key j, query i]
-    dk = dk_state * k_factor + jnp.exp(g_end - g_sub) * _dot(d_later.astype(dtype), q_tilde.astype(dtype))
+    dk = dk_state * k_factor + jnp.exp(g_end - g_sub) * dot(d_later.astype(dtype), q_tilde.astype(dtype))
     dk = dk + dk_diagonal
     store(pl.ds(start, size), pl.ds(out_start, size), dq, dk)
 
@@ -1078,7 +1112,8 @@ def default_chunk_size(vector_decay: bool) -> int:
 def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_size, *, num_warps=None, num_stages=2,
                          scan_tile=SCAN_TILE, split_sub_chunks=None, key_tile=None, key_warps=None,
                          scan_unroll=None, fused_forward=None, segment_programs=SEGMENT_PROGRAMS,
-                         fused_value_tile=FUSED_VALUE_TILE, segment_scan_tile=SEGMENT_SCAN_TILE):
+                         fused_value_tile=FUSED_VALUE_TILE, segment_scan_tile=SEGMENT_SCAN_TILE, one_pass_tf32=False,
+                         score_levels=0):
   """"pallas_gpu" backend: (o [B,T,H,Dv] in v.dtype, final_state [B,H,Dk,Dv] f32). See the module docstring.
 
   The keyword options tune the kernels (benchmarks/kernels.py --variants); None picks the measured default:
@@ -1088,7 +1123,10 @@ def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
   programs after splitting time into segments). fused_forward (default: without per-key-channel decay): the forward
   walks the chunks in one kernel instead of storing every chunk's state (else state scan + output kernel), with
   fused_value_tile-wide Dv tiles; segment_programs: the program count under which sequential kernels split time
-  into segments (0: never), whose 16-bit state scans then use segment_scan_tile-wide state tiles."""
+  into segments (0: never), whose 16-bit state scans then use segment_scan_tile-wide state tiles. one_pass_tf32:
+  the per-key-channel dq/dk kernel's fp32 matmuls (the decay gradient's intra-chunk terms) in one TF32 pass, as
+  fla's chunk_gla takes them, instead of three. score_levels: the forward score kernel's diagonal blocks take that
+  many halvings as matmuls before the elementwise loop (_diag_block)."""
   batch, time, heads, dim_k = q.shape
   dim_v = v.shape[-1]
   for name, x in (("q", q), ("k", k), ("v", v)):
@@ -1117,5 +1155,5 @@ def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
   config = _Config(mode, segment_ids is not None, chunk, num_warps, num_stages, scan_tile,
                    vector_decay if split_sub_chunks is None else split_sub_chunks, key_tile,
                    key_warps or (VECTOR_KEY_WARPS if vector_decay else num_warps), scan_unroll, fused_forward,
-                   segment_programs, fused_value_tile, segment_scan_tile)
+                   segment_programs, fused_value_tile, segment_scan_tile, one_pass_tf32, score_levels)
   return _linear_attention(q, k, v, log_decay, initial_state, segment_ids, config)
