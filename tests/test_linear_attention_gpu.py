@@ -82,10 +82,10 @@ def test_vector_decay_four_sub_chunks_fp32(split_sub_chunks, key_tile):
                             heads=1, split_sub_chunks=split_sub_chunks, key_tile=key_tile)
 
 
-@pytest.mark.parametrize("score_levels", [1, 3])
+@pytest.mark.parametrize("score_levels", [0, 3])
 def test_vector_decay_score_levels(score_levels):
-  # The forward's diagonal score blocks with one halving (16 → two 8-row blocks) or three (2-row blocks) as
-  # matmuls before the elementwise loop, with strong gates, documents and four sub-chunks per chunk.
+  # The forward's diagonal score blocks wholly elementwise (16 keys one by one) or with three halvings as matmuls
+  # (2-row blocks left; the default is one), with strong gates, documents and four sub-chunks per chunk.
   _assert_matches_reference(14, decay_mode="vector", dim_k=32, dim_v=16, time=100, chunk_size=64, strength="strong",
                             score_levels=score_levels)
 

@@ -15,8 +15,9 @@ Decay factors use chunk-local cumulative log-decays g so that every exponent is 
 Data-dependent (per key channel) decay works on 16-token sub-chunks inside each chunk, with no state carried
 through them: a sub-chunk's queries read the chunk's earlier keys (and its keys the chunk's later queries)
 through one matmul whose factors are referenced to the row at the sub-chunk's edge (both ≤ 1, never overflowing),
-and the diagonal 16×16 blocks in fp32 (exact for any gate strength), one program per sub-chunk: the forward's
-elementwise key by key, the dq/dk kernel's as four nested levels of matmuls (_nested_levels). Loops have
+and the diagonal 16×16 blocks exactly for any gate strength, one program per sub-chunk: the forward's by one
+matmul halving and then elementwise in fp32 (_diag_block), the dq/dk kernel's as four nested levels of matmuls
+(_nested_levels). Loops have
 dynamic offsets, never Python-unrolled: Triton keeps scf.for rolled, so the program (and its compile time)
 stays the size of one body. The exception is the state scans' deliberate unroll of SCAN_UNROLL
 chunks when few programs run (latency-bound), whose body is small.
@@ -60,6 +61,14 @@ VECTOR_KEY_TILE = 64
 VECTOR_KEY_WARPS = 4
 SUB_CHUNK = 16  # vector decay: the sub-chunks whose diagonal blocks need more than one matmul (fla's chunk_gla)
 SCORES_WARPS = 8  # the intra-chunk score kernel's warps (its own measured best; see _intra_scores_kernel)
+# Halvings of the score kernel's 16×16 diagonal blocks done as matmuls before the elementwise loop (_diag_block):
+# H200, 8×2048×16×128: 447 µs with one (two 8-wide blocks left), 484 µs with two, 536 µs with none
+# (kernel_profile_h200_session7.md).
+SCORE_LEVELS = 1
+# 16-bit inputs: the dq/dk kernel's fp32 matmuls (the decay gradient's intra-chunk terms) in one TF32 pass, as
+# fla's chunk_gla takes them: 1.30 ms against 1.54 for three passes at 8×2048×16×128, decay-gradient error
+# 2.96e-3 against 2.88e-3 (bound 1e-2). fp32 inputs keep three: one gave 9.7e-4 against the 1e-4 bound.
+ONE_PASS_TF32_BELOW_32_BIT = True
 SCAN_TILE = 64  # Dk and Dv tile of the state scans: B·H·(Dk/64)·(Dv/64) sequential programs
 # State scans with fewer programs than this (about two per H200 SM) are latency-bound: they unroll SCAN_UNROLL
 # chunks per iteration. TNL at 1×32768×16×128: scan 613 → 408 µs; unrolling 8 exceeded shared memory.
@@ -382,9 +391,9 @@ def _intra_scores_kernel(*refs, config):
   A_ij = Σ_d q_id k_jd exp(g_id − g_jd) (j ≤ i, one document), [C, C] per chunk, which the output and dv kernels
   then use as plain matmul operands. The chunk's earlier keys go through one matmul whose factors are referenced
   to the row just before the sub-chunk (q ⊙ exp(g_i − g_r) and k ⊙ exp(g_r − g_j), both ≤ 1), the diagonal block
-  is elementwise, column by column at SCORES_WARPS warps (H200, 8×2048×16×128: 581 µs; 658 µs as [16, 16, 32]
-  broadcasts at 4 warps, 728 and 918 µs the other two pairings; 1.32 ms as _nested_levels' matmuls,
-  kernel_profile_h200_session6.md). Kept apart from the matmul-heavy output kernel: fused, the two took 1.19 ms
+  by _diag_block (SCORE_LEVELS matmul halvings, then elementwise) at SCORES_WARPS warps (H200, 8×2048×16×128:
+  column by column 581 µs; 658 µs as [16, 16, 32] broadcasts at 4 warps; 1.32 ms as all four of _nested_levels'
+  matmuls, kernel_profile_h200_session6.md; 447 µs with one halving, kernel_profile_h200_session7.md). Kept apart from the matmul-heavy output kernel: fused, the two took 1.19 ms
   of a 1.58 ms forward (kernel_profile_h200_session3.md)."""
   (q_ref, k_ref), g_ref, resets_ref, (a_ref,) = _split_refs(refs, config, 2)
   dtype = q_ref.dtype
@@ -1112,8 +1121,8 @@ def default_chunk_size(vector_decay: bool) -> int:
 def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_size, *, num_warps=None, num_stages=2,
                          scan_tile=SCAN_TILE, split_sub_chunks=None, key_tile=None, key_warps=None,
                          scan_unroll=None, fused_forward=None, segment_programs=SEGMENT_PROGRAMS,
-                         fused_value_tile=FUSED_VALUE_TILE, segment_scan_tile=SEGMENT_SCAN_TILE, one_pass_tf32=False,
-                         score_levels=0):
+                         fused_value_tile=FUSED_VALUE_TILE, segment_scan_tile=SEGMENT_SCAN_TILE, one_pass_tf32=None,
+                         score_levels=SCORE_LEVELS):
   """"pallas_gpu" backend: (o [B,T,H,Dv] in v.dtype, final_state [B,H,Dk,Dv] f32). See the module docstring.
 
   The keyword options tune the kernels (benchmarks/kernels.py --variants); None picks the measured default:
@@ -1124,9 +1133,9 @@ def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
   walks the chunks in one kernel instead of storing every chunk's state (else state scan + output kernel), with
   fused_value_tile-wide Dv tiles; segment_programs: the program count under which sequential kernels split time
   into segments (0: never), whose 16-bit state scans then use segment_scan_tile-wide state tiles. one_pass_tf32:
-  the per-key-channel dq/dk kernel's fp32 matmuls (the decay gradient's intra-chunk terms) in one TF32 pass, as
-  fla's chunk_gla takes them, instead of three. score_levels: the forward score kernel's diagonal blocks take that
-  many halvings as matmuls before the elementwise loop (_diag_block)."""
+  the per-key-channel dq/dk kernel's fp32 matmuls (the decay gradient's intra-chunk terms) in one TF32 pass
+  instead of three (default: for 16-bit inputs, ONE_PASS_TF32_BELOW_32_BIT). score_levels: the forward score
+  kernel's diagonal blocks take that many halvings as matmuls before the elementwise loop (_diag_block)."""
   batch, time, heads, dim_k = q.shape
   dim_v = v.shape[-1]
   for name, x in (("q", q), ("k", k), ("v", v)):
@@ -1152,6 +1161,8 @@ def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
     num_warps = VECTOR_NUM_WARPS if vector_decay else DEFAULT_NUM_WARPS
   if fused_forward is None:
     fused_forward = not vector_decay
+  if one_pass_tf32 is None:
+    one_pass_tf32 = ONE_PASS_TF32_BELOW_32_BIT and jnp.dtype(q.dtype).itemsize < 4
   config = _Config(mode, segment_ids is not None, chunk, num_warps, num_stages, scan_tile,
                    vector_decay if split_sub_chunks is None else split_sub_chunks, key_tile,
                    key_warps or (VECTOR_KEY_WARPS if vector_decay else num_warps), scan_unroll, fused_forward,
