@@ -12,7 +12,8 @@ the log-decay; the TNL decay is a fixed buffer, as in fla's g_gamma):
   cosformer2  ours: no decay                fla: chunk_linear_attn(normalize=False)
 plus, at every shape, our "xla" chunked backend (TNL) and JAX cuDNN causal flash attention, also with the
 dense document mask our LLaMA passes it (segment ids; all one document here).
-Order: the hgrn2 rows first (all shapes), then the JAX baselines, then the other ops, then --variants.
+Order: our ops at every shape, then the JAX baselines, then fla in this process (--fla_shapes, not
+--skip_fla_ops; elsewhere the --reference_peers timings, marked †), then --variants.
 JAX ops are compiled ahead (lower().compile(), timed and recorded as compile_s) and timed as the median over
 --reps repetitions of (--calls back-to-back calls, then block_until_ready) / --calls, after warm-up; JAX
 forward+backward is two calls as in a training step (ForwardThenBackward: forward with output and residuals,
@@ -384,7 +385,7 @@ class Runner:
     return result
 
 
-def measure_op(runner, op, shape, args, chunk_sizes, with_fla):
+def measure_op(runner, op, shape, args, chunk_sizes):
   label = "x".join(map(str, shape))
   chunk_sizes = [chunk or gpu.default_chunk_size(op == "hgrn2") for chunk in chunk_sizes]
   row = {"op": op, "shape": label, "fla_op": FLA_NAMES[op], "fwd": {"by_chunk": {}},
@@ -405,18 +406,30 @@ def measure_op(runner, op, shape, args, chunk_sizes, with_fla):
                           lambda: time_jax(backward, backward_args, args.reps, args.calls))
   if result is not None:
     row["fwd_bwd"].update(ours_ms=result["ms"], compile_s=result["compile_s"])
-  if with_fla:
-    result = runner.measure(f"fla {FLA_NAMES[op]} {label} fwd, fwd+bwd", lambda: time_fla(op, shape))
-    for part in ("fwd", "fwd_bwd"):
-      if result is not None:
-        row[part].update(fla_ms=result[part]["ms"], fla_first_call_s=result[part]["first_call_s"])
   reference = runner.reference_peers.get(f"fla {REFERENCE_PEER_NAMES[op]} {label}")
   for index, part in enumerate(("fwd", "fwd_bwd")):
-    if "fla_ms" not in row[part] and reference is not None:
+    if reference is not None:
       row[part].update(fla_ms=reference[index], fla_source="reference")
+  _set_ratios(row)
+  save(runner.out_dir, runner.record)
+  return row
+
+
+def measure_fla(runner, row, op, shape):
+  """fla in this process for a row of ours, replacing a reference timing."""
+  result = runner.measure(f"fla {FLA_NAMES[op]} {row['shape']} fwd, fwd+bwd", lambda: time_fla(op, shape))
+  if result is not None:
+    for part in ("fwd", "fwd_bwd"):
+      row[part].pop("fla_source", None)
+      row[part].update(fla_ms=result[part]["ms"], fla_first_call_s=result[part]["first_call_s"])
+  _set_ratios(row)
+  save(runner.out_dir, runner.record)
+
+
+def _set_ratios(row):
+  for part in ("fwd", "fwd_bwd"):
     mine, peer = row[part].get("ours_ms"), row[part].get("fla_ms")
     row[part]["ratio"] = None if mine is None or peer is None else peer / mine
-  save(runner.out_dir, runner.record)
 
 
 def measure_baseline(runner, name, shape, args):
@@ -523,21 +536,19 @@ def main():
   runner = Runner(record, args.out, args.budget_s, reference_peers)
   if args.check:
     record["check"] = runner.measure("check against the float64 reference", check_against_reference)
-  with_fla = not args.skip_peers and record["fla_version"] is not None
-  first = [op for op in ops if op == "hgrn2"]
-  skip_fla = set(filter(None, args.skip_fla_ops.split(",")))
-  fla_shapes = parse_shapes(args.fla_shapes) if args.fla_shapes else shapes
-  for op in first:
-    for shape in shapes:
-      measure_op(runner, op, shape, args, chunk_sizes, with_fla and op not in skip_fla and shape in fla_shapes)
+  rows = {(op, shape): measure_op(runner, op, shape, args, chunk_sizes) for op in ops for shape in shapes}
   if not args.skip_peers:
     for shape in shapes:
       for name in ("cudnn_flash_causal", "cudnn_flash_causal_document_mask", "xla_chunked_tnl"):
         measure_baseline(runner, name, shape, args)
-  for shape in shapes:
+  # fla last: its first-call Triton autotuning (26 s to over 200 s per op and shape) never starves our rows.
+  skip_fla = set(filter(None, args.skip_fla_ops.split(",")))
+  fla_shapes = parse_shapes(args.fla_shapes) if args.fla_shapes else shapes
+  if not args.skip_peers and record["fla_version"] is not None:
     for op in ops:
-      if op not in first:
-        measure_op(runner, op, shape, args, chunk_sizes, with_fla and op not in skip_fla and shape in fla_shapes)
+      for shape in shapes:
+        if op not in skip_fla and shape in fla_shapes:
+          measure_fla(runner, rows[op, shape], op, shape)
   for variant in filter(None, args.variants.split(",")):
     chunk, options = parse_variant(variant)
     shape = shapes[-1]

@@ -108,3 +108,28 @@ def test_train_step_table_marks_peers_carried_from_an_earlier_run(tmp_path):
   text = path.read_text()
   assert "‡ peer measured in an earlier run: old.json (2026-11-28)." in text
   assert "| 50,000‡ | 1.20 |" in text and "| 48,000 | 1.25 |" in text
+
+
+def test_fla_measured_in_process_replaces_the_reference_timing(tmp_path, monkeypatch):
+  # A row first carries the reference file's fla timing (†); fla run later in this process replaces it and the
+  # ratios follow; a failed fla run leaves the reference in place.
+  record = {"device": "cpu", "date": "2026-11-29", "jax_version": "x", "command": "c", "results": [], "others": [],
+            "variants": [], "skipped": []}
+  runner = kernels.Runner(record, str(tmp_path), None, {"fla chunk_gla (HGRN2-like) 8x2048x16x128": [2.0, 6.0]})
+  row = {"op": "hgrn2", "shape": "8x2048x16x128", "fwd": {"ours_ms": 1.0}, "fwd_bwd": {"ours_ms": 3.0}}
+  record["results"].append(row)
+  reference = runner.reference_peers["fla chunk_gla (HGRN2-like) 8x2048x16x128"]
+  for index, part in enumerate(("fwd", "fwd_bwd")):
+    row[part].update(fla_ms=reference[index], fla_source="reference")
+  kernels._set_ratios(row)
+  assert (row["fwd"]["ratio"], row["fwd_bwd"]["ratio"]) == (2.0, 2.0)
+  monkeypatch.setattr(kernels, "time_fla", lambda op, shape: (_ for _ in ()).throw(RuntimeError("no GPU")))
+  kernels.measure_fla(runner, row, "hgrn2", (8, 2048, 16, 128))
+  assert row["fwd_bwd"]["fla_source"] == "reference" and row["fwd_bwd"]["ratio"] == 2.0
+  monkeypatch.setattr(kernels, "time_fla", lambda op, shape: {"fwd": {"ms": 1.5, "first_call_s": 9.0},
+                                                              "fwd_bwd": {"ms": 4.5, "first_call_s": 30.0}})
+  kernels.measure_fla(runner, row, "hgrn2", (8, 2048, 16, 128))
+  assert "fla_source" not in row["fwd"] and "fla_source" not in row["fwd_bwd"]
+  assert (row["fwd"]["ratio"], row["fwd_bwd"]["ratio"]) == (1.5, 1.5)
+  text = (tmp_path / "kernels_h200.md").read_text()
+  assert "| 1.500 | 1.500 |" in text and "†" not in text.split("| hgrn2 |")[1]
