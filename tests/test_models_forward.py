@@ -171,8 +171,8 @@ def test_scan_and_remat_gradients_match_unscanned(arch, remat_policy, scan_layer
 
 
 def test_mixer_kernel_remat_policy_runs_the_kernel_forward_once():
-  """dots_and_mixer_kernels_saveable keeps the linear-attention kernels' outputs and residuals: the gradient
-  launches each forward kernel once per layer (dots_saveable re-runs them in the backward), with the same loss
+  """dots_and_mixer_kernels_saveable keeps the linear-attention kernels' outputs and residuals but the per-chunk
+  states: the gradient launches each other forward kernel once per layer (dots_saveable re-runs them in the backward), with the same loss
   and gradients as no remat. Pallas GPU kernels in interpret mode."""
   tokens = random_tokens(6, (2, 40))
   segment_ids = jnp.asarray([[1] * 25 + [2] * 15, [1] * 40], jnp.int32)
@@ -188,6 +188,9 @@ def test_mixer_kernel_remat_policy_runs_the_kernel_forward_once():
   for forward_kernel in ("linear_attention_intra_scores", "linear_attention_output"):
     assert launches["dots_saveable"][forward_kernel] == 2 * layers
     assert launches["dots_and_mixer_kernels_saveable"][forward_kernel] == layers
+  # The op's per-chunk states and gates are residuals but not kept: recomputed once for the backward.
+  assert launches["dots_and_mixer_kernels_saveable"]["linear_attention_state_scan"] == 2 * layers
+  assert launches["dots_and_mixer_kernels_saveable"]["linear_attention_chunk_sums"] == 3 * layers
   loss_ref, grads_ref, _ = _loss_and_grads(tiny_config("hgrn2", **kernels), tokens, segment_ids)
   loss, grads, _ = _loss_and_grads(tiny_config("hgrn2", **kernels, remat_policy="dots_and_mixer_kernels_saveable"),
                                    tokens, segment_ids)

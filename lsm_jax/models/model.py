@@ -28,14 +28,24 @@ from lsm_jax.models.mixers.hgrn2 import hgrn2_lower_bounds
 # Primitives of the token mixers' fused kernels: the Pallas linear-attention kernels and cuDNN flash attention's
 # forward (its output and softmax statistics). jax 0.10 and 0.11 name them so.
 _MIXER_KERNEL_PRIMITIVES = frozenset({"pallas_call", "dot_product_attention_fwd_wrapper"})
+# HGRN2's per-chunk states and chunk-local gates are residuals of its GPU op (its backward then runs no forward
+# state scan), but kept for every layer they cost more than they save: H200, 1B at 8K, 72.4 GiB against 54.4 for
+# 1% more tokens/s (benchmarks/results/train_step_h200_session7_saved_states.md). Under remat they are recomputed.
+_UNSAVED_KERNELS = frozenset({"linear_attention_state_scan", "linear_attention_chunk_sums"})
 
 
-def _mixer_kernel_outputs(prim, *_, **__):
+def _kernel_name(params) -> str:
+  info = params.get("name_and_src_info")  # jax 0.10 passes the name as "name"
+  return params.get("name", "") if info is None else info.name
+
+
+def _mixer_kernel_outputs(prim, *_, **params):
   """Under dots_saveable alone the backward re-runs every layer's attention forward (its outputs are not dots):
-  a third of HGRN2's kernel time per layer. Only the kernels' values the backward reads are kept: the output and
-  the op's residuals, e.g. HGRN2's intra-chunk scores and its per-chunk states (bf16, (T/32)·Dk·Dv per head and
-  layer: the backward then runs no forward state scan); the fused forward of TNL and cosFormer2 stores none."""
-  return prim.name in _MIXER_KERNEL_PRIMITIVES
+  a third of HGRN2's kernel time per layer. Only the kernels' values the backward reads are kept (the output and
+  the op's residuals such as HGRN2's intra-chunk scores), not the per-chunk states (_UNSAVED_KERNELS)."""
+  if prim.name != "pallas_call":
+    return prim.name in _MIXER_KERNEL_PRIMITIVES
+  return _kernel_name(params) not in _UNSAVED_KERNELS
 
 
 _REMAT_POLICIES = {
