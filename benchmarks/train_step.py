@@ -189,6 +189,9 @@ def write_markdown(path: str, header: dict, rows: list[dict], peers: dict, peer_
   earlier = sorted({peer["source"] for peer in peers.values() if "source" in peer})
   if earlier:  # peer rows the peers' run did not measure, carried from an earlier run
     lines.append(f"‡ peer measured in an earlier run: {'; '.join(earlier)}.")
+  carried = sorted({row["source"] for row in rows if "source" in row})
+  if carried:  # our rows not re-measured with this file's code, carried from an earlier run
+    lines.append(f"§ row measured in an earlier run: {'; '.join(carried)}.")
   lines += ["",
            "| arch | size | T | batch (micro) | mesh | remat | compile s | step s | tokens/s | MFU | XLA plan GiB "
            "| peak GiB | peer tokens/s | ours / peer | peer peak GiB |",
@@ -206,7 +209,7 @@ def write_markdown(path: str, header: dict, rows: list[dict], peers: dict, peer_
         f"({row['num_microbatches']}) | {_mesh_label(row.get('mesh'))} | {row['remat_policy']}"
         f"{'' if row.get('scan_layers', True) else ', unrolled layers'} | "
         f"{row['compile_s']:.1f} | {row['step_s']:.4f} | "
-        f"{row['tokens_per_s']:,.0f} | {100 * row['mfu']:.1f}% | {_format(row.get('planned_gib'), '.1f')} | "
+        f"{row['tokens_per_s']:,.0f}{'§' if 'source' in row else ''} | {100 * row['mfu']:.1f}% | {_format(row.get('planned_gib'), '.1f')} | "
         f"{_format(row['peak_gib'], '.1f')} | {peer_tokens} | "
         f"{_format(row['tokens_per_s'] / peer['tokens_per_s'] if peer.get('tokens_per_s') else None, '.2f')} | "
         f"{_format(peer.get('peak_gib'), '.1f')} |")

@@ -95,7 +95,7 @@ def test_forward_then_backward_gives_the_gradients_of_one_jitted_grad():
   assert len(computed) == sources.count(None)
 
 
-def test_train_step_table_marks_peers_carried_from_an_earlier_run(tmp_path):
+def test_train_step_table_marks_peers_and_rows_carried_from_an_earlier_run(tmp_path):
   import train_step
   row = {"arch": "hgrn2", "size": "1b", "seq_len": 8192, "global_batch_size": 4, "num_microbatches": 1,
          "mesh": {"data": 1}, "remat_policy": "full", "compile_s": 1.0, "step_s": 0.5, "tokens_per_s": 60000.0,
@@ -107,6 +107,13 @@ def test_train_step_table_marks_peers_carried_from_an_earlier_run(tmp_path):
   train_step.write_markdown(str(path), header, [row, dict(row, seq_len=2048)], peers, "peers.json")
   text = path.read_text()
   assert "‡ peer measured in an earlier run: old.json (2026-11-28)." in text
+  assert "§" not in text
+  train_step.write_markdown(str(path), header, [row, dict(row, seq_len=2048, source="older.json (abc1234)")], peers,
+                            "peers.json")
+  lines = path.read_text().splitlines()
+  assert "§ row measured in an earlier run: older.json (abc1234)." in lines
+  assert "| 60,000 |" in next(line for line in lines if line.startswith("| hgrn2 | 1b | 8192 "))
+  assert "| 60,000§ |" in next(line for line in lines if line.startswith("| hgrn2 | 1b | 2048 "))
   assert "| 50,000‡ | 1.20 |" in text and "| 48,000 | 1.25 |" in text
 
 
