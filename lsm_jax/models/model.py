@@ -29,8 +29,8 @@ from lsm_jax.models.mixers.hgrn2 import hgrn2_lower_bounds
 # forward (its output and softmax statistics). jax 0.10 and 0.11 name them so.
 _MIXER_KERNEL_PRIMITIVES = frozenset({"pallas_call", "dot_product_attention_fwd_wrapper"})
 # HGRN2's per-chunk states and chunk-local gates are residuals of its GPU op (its backward then runs no forward
-# state scan), but kept for every layer they cost more than they save: H200, 1B at 8K, 72.4 GiB against 54.4 for
-# 1% more tokens/s (benchmarks/results/train_step_h200_session7_saved_states.md). Under remat they are recomputed.
+# state scan), but kept for every layer they cost more than they save: H200, 1B at 8K, 72.4 GiB and 51,262
+# tokens/s kept, 54.4 GiB and 53,249 tokens/s recomputed under remat (train_step_h200{_session7_saved_states,}.md).
 _UNSAVED_KERNELS = frozenset({"linear_attention_state_scan", "linear_attention_chunk_sums"})
 
 
