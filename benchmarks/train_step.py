@@ -209,7 +209,8 @@ def write_markdown(path: str, header: dict, rows: list[dict], peers: dict, peer_
         f"({row['num_microbatches']}) | {_mesh_label(row.get('mesh'))} | {row['remat_policy']}"
         f"{'' if row.get('scan_layers', True) else ', unrolled layers'} | "
         f"{row['compile_s']:.1f} | {row['step_s']:.4f} | "
-        f"{row['tokens_per_s']:,.0f}{'§' if 'source' in row else ''} | {100 * row['mfu']:.1f}% | {_format(row.get('planned_gib'), '.1f')} | "
+        f"{row['tokens_per_s']:,.0f}{'§' if 'source' in row else ''} | {100 * row['mfu']:.1f}% | "
+        f"{_format(row.get('planned_gib'), '.1f')} | "
         f"{_format(row['peak_gib'], '.1f')} | {peer_tokens} | "
         f"{_format(row['tokens_per_s'] / peer['tokens_per_s'] if peer.get('tokens_per_s') else None, '.2f')} | "
         f"{_format(peer.get('peak_gib'), '.1f')} |")

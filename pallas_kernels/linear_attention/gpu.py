@@ -17,10 +17,9 @@ through them: a sub-chunk's queries read the chunk's earlier keys (and its keys 
 through one matmul whose factors are referenced to the row at the sub-chunk's edge (both ≤ 1, never overflowing),
 and the diagonal 16×16 blocks exactly for any gate strength, one program per sub-chunk: the forward's by one
 matmul halving and then elementwise in fp32 (_diag_block), the dq/dk kernel's as four nested levels of matmuls
-(_nested_levels). Loops have
-dynamic offsets, never Python-unrolled: Triton keeps scf.for rolled, so the program (and its compile time)
-stays the size of one body. The exception is the state scans' deliberate unroll of SCAN_UNROLL
-chunks when few programs run (latency-bound), whose body is small.
+(_nested_levels). Loops have dynamic offsets, never Python-unrolled: Triton keeps scf.for rolled, so the program
+(and its compile time) stays the size of one body. The exception is the state scans' deliberate unroll of
+SCAN_UNROLL chunks when few programs run (latency-bound), whose body is small.
 Segment resets become masks from a chunk-local count of document starts (`resets`): a query sees the
 carried state only before the chunk's first reset, a key feeds the outgoing state only after its last one.
 States travel between kernels value-major ([.., Dv, Dk]) so that per-key-channel decays scale columns.
@@ -393,8 +392,9 @@ def _intra_scores_kernel(*refs, config):
   to the row just before the sub-chunk (q ⊙ exp(g_i − g_r) and k ⊙ exp(g_r − g_j), both ≤ 1), the diagonal block
   by _diag_block (SCORE_LEVELS matmul halvings, then elementwise) at SCORES_WARPS warps (H200, 8×2048×16×128:
   column by column 581 µs; 658 µs as [16, 16, 32] broadcasts at 4 warps; 1.32 ms as all four of _nested_levels'
-  matmuls, kernel_profile_h200_session6.md; 447 µs with one halving, kernel_profile_h200_session7.md). Kept apart from the matmul-heavy output kernel: fused, the two took 1.19 ms
-  of a 1.58 ms forward (kernel_profile_h200_session3.md)."""
+  matmuls, kernel_profile_h200_session6.md; 447 µs with one halving, kernel_profile_h200_session7.md). Kept
+  apart from the matmul-heavy output kernel: fused, the two took 1.19 ms of a 1.58 ms forward
+  (kernel_profile_h200_session3.md)."""
   (q_ref, k_ref), g_ref, resets_ref, (a_ref,) = _split_refs(refs, config, 2)
   dtype = q_ref.dtype
   size, chunk = config.sub_chunk, config.chunk
@@ -701,8 +701,8 @@ def _segments(num_chunks, programs, target):
 
 def _state_scan_call(layout, a, b, g, resets, init, state_dtype, reverse, segments, tiles, per_chunk):
   """The state scan over each of `segments` segments from init [B,S,H,Dv,Dk] f32 (the state entering each segment
-  in the scan's direction; None: zero) with (Dk, Dv) state `tiles`; returns ([per-chunk states [B,N,H,Dv,Dk] state_dtype] if
-  per_chunk, the state leaving each segment [B,S,H,Dv,Dk] f32)."""
+  in the scan's direction; None: zero) with (Dk, Dv) state `tiles`; returns ([per-chunk states [B,N,H,Dv,Dk]
+  state_dtype] if per_chunk, the state leaving each segment [B,S,H,Dv,Dk] f32)."""
   config = layout.config
   tile_k, tile_v = tiles
   grid = (segments * layout.batch * layout.heads, layout.dim_k // tile_k, layout.dim_v // tile_v)
