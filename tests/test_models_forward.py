@@ -172,8 +172,8 @@ def test_scan_and_remat_gradients_match_unscanned(arch, remat_policy, scan_layer
 
 def test_mixer_kernel_remat_policy_runs_the_kernel_forward_once():
   """dots_and_mixer_kernels_saveable keeps the linear-attention kernels' outputs and residuals but the per-chunk
-  states: the gradient launches each other forward kernel once per layer (dots_saveable re-runs them in the backward), with the same loss
-  and gradients as no remat. Pallas GPU kernels in interpret mode."""
+  states: the gradient launches each other forward kernel once per layer (dots_saveable re-runs them in the
+  backward), with the same loss and gradients as no remat. Pallas GPU kernels in interpret mode."""
   tokens = random_tokens(6, (2, 40))
   segment_ids = jnp.asarray([[1] * 25 + [2] * 15, [1] * 40], jnp.int32)
   kernels = dict(linear_attention_backend="pallas_gpu", chunk_size=16, scan_layers=False)
