@@ -406,13 +406,18 @@ def measure_op(runner, op, shape, args, chunk_sizes):
                           lambda: time_jax(backward, backward_args, args.reps, args.calls))
   if result is not None:
     row["fwd_bwd"].update(ours_ms=result["ms"], compile_s=result["compile_s"])
-  reference = runner.reference_peers.get(f"fla {REFERENCE_PEER_NAMES[op]} {label}")
+  apply_reference_peer(runner, row)
+  save(runner.out_dir, runner.record)
+  return row
+
+
+def apply_reference_peer(runner, row):
+  """fla's timing from --reference_peers (marked "reference", shown †) where that file has the row's op and shape."""
+  reference = runner.reference_peers.get(f"fla {REFERENCE_PEER_NAMES[row['op']]} {row['shape']}")
   for index, part in enumerate(("fwd", "fwd_bwd")):
     if reference is not None:
       row[part].update(fla_ms=reference[index], fla_source="reference")
   _set_ratios(row)
-  save(runner.out_dir, runner.record)
-  return row
 
 
 def measure_fla(runner, row, op, shape):

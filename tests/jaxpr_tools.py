@@ -1,6 +1,8 @@
 """Walking jaxprs in tests: every equation, those of sub-jaxprs included (remat, scan and kernel bodies)."""
 from jax._src import core
 
+from lsm_jax.models.model import pallas_kernel_name
+
 
 def equations(jaxpr):
   for eqn in jaxpr.eqns:
@@ -10,10 +12,5 @@ def equations(jaxpr):
 
 
 def pallas_kernel_names(jaxpr):
-  """The name of every pallas_call launch (jax 0.10 passes it as "name", later versions in name_and_src_info)."""
-  names = []
-  for eqn in equations(jaxpr):
-    if eqn.primitive.name == "pallas_call":
-      info = eqn.params.get("name_and_src_info")
-      names.append(eqn.params["name"] if info is None else info.name)
-  return names
+  """The name of every pallas_call launch."""
+  return [pallas_kernel_name(eqn.params) for eqn in equations(jaxpr) if eqn.primitive.name == "pallas_call"]

@@ -125,10 +125,8 @@ def test_fla_measured_in_process_replaces_the_reference_timing(tmp_path, monkeyp
   runner = kernels.Runner(record, str(tmp_path), None, {"fla chunk_gla (HGRN2-like) 8x2048x16x128": [2.0, 6.0]})
   row = {"op": "hgrn2", "shape": "8x2048x16x128", "fwd": {"ours_ms": 1.0}, "fwd_bwd": {"ours_ms": 3.0}}
   record["results"].append(row)
-  reference = runner.reference_peers["fla chunk_gla (HGRN2-like) 8x2048x16x128"]
-  for index, part in enumerate(("fwd", "fwd_bwd")):
-    row[part].update(fla_ms=reference[index], fla_source="reference")
-  kernels._set_ratios(row)
+  kernels.apply_reference_peer(runner, row)
+  assert row["fwd_bwd"]["fla_source"] == "reference"
   assert (row["fwd"]["ratio"], row["fwd_bwd"]["ratio"]) == (2.0, 2.0)
   monkeypatch.setattr(kernels, "time_fla", lambda op, shape: (_ for _ in ()).throw(RuntimeError("no GPU")))
   kernels.measure_fla(runner, row, "hgrn2", (8, 2048, 16, 128))

@@ -272,9 +272,9 @@ def sharded_linear_attention(q, k, v, log_decay=None, *, segment_ids=None, retur
   if not backend.startswith("pallas"):
     return call(q, k, v, log_decay, segment_ids)
   activation = shards.activation_spec()
-  decay_spec = activation
-  if log_decay is None or log_decay.ndim == 1:  # none, or one decay per head
-    decay_spec = None if log_decay is None else jax.sharding.PartitionSpec(shards.heads)
+  # no decay, one decay per head, or one per row and key channel
+  decay_spec = None if log_decay is None else (
+      jax.sharding.PartitionSpec(shards.heads) if log_decay.ndim == 1 else activation)
   segment_spec = None if segment_ids is None else shards.segment_spec()
   state_spec = jax.sharding.PartitionSpec(shards.batch, shards.heads, None, None)
   out_specs = (activation, state_spec) if return_final_state else activation

@@ -34,8 +34,10 @@ _MIXER_KERNEL_PRIMITIVES = frozenset({"pallas_call", "dot_product_attention_fwd_
 _UNSAVED_KERNELS = frozenset({"linear_attention_state_scan", "linear_attention_chunk_sums"})
 
 
-def _kernel_name(params) -> str:
-  info = params.get("name_and_src_info")  # jax 0.10 passes the name as "name"
+def pallas_kernel_name(params) -> str:
+  """A pallas_call's kernel name from its equation params (jax 0.10 passes it as "name", later versions in
+  name_and_src_info)."""
+  info = params.get("name_and_src_info")
   return params.get("name", "") if info is None else info.name
 
 
@@ -45,7 +47,7 @@ def _mixer_kernel_outputs(prim, *_, **params):
   the op's residuals such as HGRN2's intra-chunk scores), not the per-chunk states (_UNSAVED_KERNELS)."""
   if prim.name != "pallas_call":
     return prim.name in _MIXER_KERNEL_PRIMITIVES
-  return _kernel_name(params) not in _UNSAVED_KERNELS
+  return pallas_kernel_name(params) not in _UNSAVED_KERNELS
 
 
 _REMAT_POLICIES = {
