@@ -431,6 +431,8 @@ def train(
     progress_bar: bool = True,
     enable_tensorboard: bool = True,
     config_text: str | None = None,
+    run_name: str | None = None,
+    ablation: str | None = None,
 ) -> dict:
   """Trains `model_config` for `train_steps` steps of `global_batch_size` × `seq_len` tokens into `model_dir`.
 
@@ -438,7 +440,9 @@ def train(
   the global batch is reached by accumulating gradients over global_batch_size / (that × shards) microbatches
   (None: one microbatch). `loss_chunk_length`: time chunk for the vocabulary projection + softmax (None: whole
   sequence). `make_loader`: `lsm_jax.data.loader.make_loader` unless gin passes a configured one.
-  `config_text`: the effective gin config, written to MODEL_DIR/config.gin.
+  `config_text`: the effective gin config, written to MODEL_DIR/config.gin. `run_name` (default
+  `<arch>_<size>`) and `ablation` (e.g. 'aspect', 'context') name the run in run_metadata.json, and through it in
+  evaluation tables, where two runs of one (arch, size) may differ in shape or context.
 
   Returns a summary: final step, last loss, last validation loss (or None) and the generated sample.
   """
@@ -486,6 +490,7 @@ def train(
   # --- checkpoints ---------------------------------------------------------------------------------------
   run_metadata = {
       "arch": model_config.arch, "size": model_config.size, "model_config": dataclasses.asdict(model_config),
+      "run_name": run_name or f"{model_config.arch}_{model_config.size}", "ablation": ablation,
       "tokenizer": getattr(tokenizer, "spec", tokenizer.name), "seq_len": seq_len,
       "global_batch_size": global_batch_size, "train_steps": train_steps,
       "flops_per_step": program.flops_per_step_table1, "milestone_steps": list(milestone_steps),
