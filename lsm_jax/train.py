@@ -5,9 +5,9 @@ r"""Command-line entry point: gin files and bindings → `lsm_jax.trainer.train(
 
 T5X conventions: --gin_file repeats and later files win; bindings apply after all files, in order;
 `--gin.NAME=VALUE` is sugar for `--gin_bindings='NAME = VALUE'` (strings need their quotes). Relative gin paths
-and `include 'gin/...'` resolve against the current directory and then the repository root. Gin configures the
-library function `lsm_jax.trainer.train` (dynamic registration), never this module, so tests can parse the
-same files and call the trainer in-process.
+and `include 'gin/...'` resolve against the current directory and then the shipped configs (the checkout's
+root, or the installed package's copy of gin/). Gin configures the library function `lsm_jax.trainer.train`
+(dynamic registration), never this module, so tests can parse the same files and call the trainer in-process.
 """
 import logging as std_logging
 import os
@@ -20,7 +20,20 @@ from absl import app
 from absl import flags
 from absl import logging
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(_PACKAGE_DIR)
+
+
+def _find_config_root() -> str:
+  """The directory whose `gin/` holds the shipped configs: the checkout's root, or the installed package (a wheel
+  carries gin/ inside lsm_jax/, see setup.py)."""
+  for root in (REPO_ROOT, _PACKAGE_DIR):
+    if os.path.isfile(os.path.join(root, "gin", "runs", "pretrain.gin")):
+      return root
+  return REPO_ROOT
+
+
+CONFIG_ROOT = _find_config_root()
 
 
 def _define_flags() -> None:
@@ -51,7 +64,7 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
 
 
 def gin_search_paths(extra: Sequence[str] = ()) -> list[str]:
-  return [*extra, ".", REPO_ROOT]
+  return [*extra, ".", CONFIG_ROOT]
 
 
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str], search_paths: Sequence[str] = ()) -> None:

@@ -68,19 +68,34 @@ def train_run(run_dir: str, gin_files: Sequence[str], bindings: Sequence[str]) -
 
 @dataclasses.dataclass(frozen=True)
 class StudyGrid:
-  """What a study trains: `archs` × `size_files` (size name → gin file setting configs.ModelConfig's shape),
-  each with `run_file` (data, steps, optimizer, milestones), the architecture's `arch_bindings` (arch →
-  bindings) and then `run_bindings`. Every milestone is evaluated on `eval_tasks` in batches of `eval_batch_size`
-  rows; `val_max_batches` caps the validation batches (None: the whole validation split)."""
-  archs: Sequence[str]
-  size_files: dict
-  run_file: str
+  """What a study trains, one of two kinds of grid.
+
+  A scaling grid: `archs` × `size_files` (size name → gin file setting configs.ModelConfig's shape), each with
+  `run_file` (data, steps, optimizer, milestones) and the architecture's `arch_bindings` (arch → bindings); the
+  study fits scaling laws. An ablation grid: `experiments` (run name → a gin file, or a list of gin files where
+  later wins, each a whole run such as gin/ablations/aspect/llama_1792x24.gin), with `data_dirs` (sequence length →
+  DATA_DIR, for runs of several contexts); the study writes Table 5/6-style tables (lsm_jax.study.ablation_tables).
+  Then `run_bindings` apply to every run. Every milestone is evaluated on `eval_tasks` and the last one also on
+  `final_eval_tasks`, in batches of `eval_batch_size` rows; `val_max_batches` caps the validation batches (None:
+  the whole validation split); `niah_overrides` are lsm_jax.evaluate.niah.NIAHConfig fields (e.g. shorter
+  context_lengths for small models)."""
+  archs: Sequence[str] = ()
+  size_files: dict = dataclasses.field(default_factory=dict)
+  run_file: str | None = None
+  experiments: dict = dataclasses.field(default_factory=dict)
+  data_dirs: dict = dataclasses.field(default_factory=dict)
   eval_tasks: Sequence[str] = ("val_loss",)
+  final_eval_tasks: Sequence[str] = ()
   eval_batch_size: int = 32
   val_max_batches: int | None = None
+  niah_overrides: dict = dataclasses.field(default_factory=dict)
   run_bindings: Sequence[str] = ()
   arch_bindings: dict = dataclasses.field(default_factory=dict)
   description: str = ""
+
+  @property
+  def is_ablation(self) -> bool:
+    return bool(self.experiments)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,11 +109,44 @@ class StudyRun:
   bindings: tuple[str, ...]
 
 
-def grid_runs(out_dir: str, grid: StudyGrid) -> list[StudyRun]:
-  """The grid's runs in (arch, size) order, after checking the grid."""
+def _config_path_exists(path: str) -> bool:
   from lsm_jax import train as train_cli
+  return os.path.exists(os.path.join(train_cli.CONFIG_ROOT, path)) or os.path.exists(path)
+
+
+def experiment_runs(out_dir: str, grid: StudyGrid) -> list[StudyRun]:
+  """An ablation grid's runs in the grid's order, each named by its key and given its context's DATA_DIR."""
+  from lsm_jax import summary
+
+  scaling_fields = [name for name in ("archs", "size_files", "run_file", "arch_bindings") if getattr(grid, name)]
+  if scaling_fields:
+    raise ValueError(f"study.StudyGrid lists experiments and also {', '.join(scaling_fields)}; a grid is either "
+                     "experiments (an ablation grid) or archs × size_files with a run_file (a scaling grid)")
+  data_dirs = {int(seq_len): data_dir for seq_len, data_dir in grid.data_dirs.items()}
+  runs = []
+  for name, files in grid.experiments.items():
+    gin_files = (files,) if isinstance(files, str) else tuple(files)
+    missing = [path for path in gin_files if not _config_path_exists(path)]
+    if not gin_files or missing:
+      raise ValueError(f"study.StudyGrid.experiments[{name!r}] names gin file(s) that do not exist: {missing or files}")
+    run = summary.experiment(gin_files, grid.run_bindings)
+    bindings = [f"trainer.train.run_name = {name!r}"]
+    if run["seq_len"] in data_dirs:
+      bindings.append(f"DATA_DIR = {data_dirs[run['seq_len']]!r}")
+    runs.append(StudyRun(name, run["config"].arch, run["config"].size, os.path.join(out_dir, "runs", name),
+                         gin_files, (*bindings, *grid.run_bindings)))  # command-line bindings win
+  return runs
+
+
+def grid_runs(out_dir: str, grid: StudyGrid) -> list[StudyRun]:
+  """The grid's runs (scaling grids in (arch, size) order), after checking the grid."""
   from lsm_jax.models import configs
 
+  if grid.is_ablation:
+    return experiment_runs(out_dir, grid)
+  if not grid.archs or grid.run_file is None:
+    raise ValueError("study.StudyGrid needs either experiments (an ablation grid) or archs, size_files and "
+                     "run_file (a scaling grid)")
   for field in ("archs", "arch_bindings"):
     unknown = sorted(set(getattr(grid, field)) - set(configs.ARCHS))
     if unknown:
@@ -106,7 +154,7 @@ def grid_runs(out_dir: str, grid: StudyGrid) -> list[StudyRun]:
   if len(grid.size_files) < 2:
     raise ValueError(f"study.StudyGrid.size_files has {len(grid.size_files)} size(s); a scaling fit needs at least 2")
   for path in (grid.run_file, *grid.size_files.values()):
-    if not os.path.exists(os.path.join(train_cli.REPO_ROOT, path)) and not os.path.exists(path):
+    if not _config_path_exists(path):
       raise ValueError(f"gin file {path!r} of the study grid does not exist")
   return [StudyRun(f"{arch}_{size}", arch, size, os.path.join(out_dir, "runs", f"{arch}_{size}"),
                    (f"gin/models/{arch}/base.gin", size_file, grid.run_file),
@@ -115,9 +163,11 @@ def grid_runs(out_dir: str, grid: StudyGrid) -> list[StudyRun]:
 
 
 def _run_identity(run: StudyRun, grid: StudyGrid) -> dict:
-  """What a finished run's result must match to be reused: its gin files, bindings and evaluation."""
-  return {"gin_files": list(run.gin_files), "bindings": list(run.bindings),
-          "eval_tasks": list(grid.eval_tasks), "val_max_batches": grid.val_max_batches}
+  """What a finished run's result must match to be reused: its gin files, bindings and evaluation (as JSON
+  holds them, so a result read back compares equal)."""
+  return json.loads(json.dumps({"gin_files": list(run.gin_files), "bindings": list(run.bindings), "eval_tasks": list(grid.eval_tasks),
+          "final_eval_tasks": list(grid.final_eval_tasks), "val_max_batches": grid.val_max_batches,
+          "niah_overrides": dict(grid.niah_overrides)}))
 
 
 def read_run_result(run: StudyRun, grid: StudyGrid) -> dict | None:
@@ -146,8 +196,12 @@ def train_and_evaluate(run: StudyRun, grid: StudyGrid) -> dict:
                        "rerun the study to resume it")
   trained = time.perf_counter()
   logging.info("study: evaluating %s", run.run_dir)
-  sweep.evaluate_run(run.run_dir, tasks=list(grid.eval_tasks), batch_size=grid.eval_batch_size,
-                     val_max_batches=grid.val_max_batches, progress=False)
+  evaluation = dict(batch_size=grid.eval_batch_size, val_max_batches=grid.val_max_batches,
+                    niah_overrides=dict(grid.niah_overrides), progress=False)
+  sweep.evaluate_run(run.run_dir, tasks=list(grid.eval_tasks), **evaluation)
+  if grid.final_eval_tasks:
+    last_milestone = checkpoint.list_milestones(run.run_dir)[-1]
+    sweep.evaluate_run(run.run_dir, tasks=list(grid.final_eval_tasks), steps=[last_milestone], **evaluation)
   result = {"run": run.name, "identity": _run_identity(run, grid), "final_loss": _final_loss(run.run_dir),
             "train_s": round(trained - start, 1), "eval_s": round(time.perf_counter() - trained, 1),
             "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
@@ -184,16 +238,10 @@ def run_worker(out_dir: str, run_name: str) -> dict:
 
 
 def run_cost(run: StudyRun) -> float:
-  """Relative training cost of a run (its non-embedding parameters; every run sees the same tokens)."""
+  """Relative training cost of a run (its non-embedding parameters; the runs of a grid see the same tokens)."""
   from lsm_jax import flops
-  from lsm_jax import train as train_cli
-  from lsm_jax.models import configs
-  with gin.unlock_config():
-    gin.clear_config()
-    train_cli.parse_gin(run.gin_files[:2], [])  # the model files: its shape
-  config = gin.get_configurable(configs.ModelConfig)()
-  with gin.unlock_config():
-    gin.clear_config()
+  from lsm_jax import summary
+  config = summary.experiment(run.gin_files, run.bindings)["config"]
   return flops.non_embedding_params(run.arch, config.num_layers, config.d_model, config.num_heads,
                                     ffn_dim=config.ffn_dim)
 
@@ -342,9 +390,19 @@ def run_study(out_dir: str, grid: StudyGrid, *, parallel: int = 0, gpus: Sequenc
   results.update(new_results)
 
   finished = [run for run in runs if run.name in results]
+  failure_text = "\n".join(f"- {name}: {reason}" for name, reason in failures.items())
+  if grid.is_ablation:
+    if not finished:
+      raise RuntimeError(f"no run of the ablation grid finished; failed runs:\n{failure_text}")
+    report = write_ablation_report(out_dir, grid, runs=runs, finished=finished,
+                                   results={run.name: results[run.name] for run in finished}, skipped=skipped,
+                                   failures=failures, device=_device_line(results, parallel, gpus),
+                                   wall_s=time.monotonic() - started)
+    if failures:
+      raise RuntimeError(f"{len(failures)} run(s) failed (report without them: {report}):\n{failure_text}")
+    return report
   sizes_per_arch = collections.Counter(run.arch for run in finished)
   fitted_archs = [arch for arch in grid.archs if sizes_per_arch[arch] >= 2]
-  failure_text = "\n".join(f"- {name}: {reason}" for name, reason in failures.items())
   if not fitted_archs:
     finished_text = ", ".join(run.name for run in finished) or "none"
     raise RuntimeError(f"no architecture has two finished sizes to fit (finished runs: {finished_text}); failed "
@@ -372,22 +430,74 @@ def run_study(out_dir: str, grid: StudyGrid, *, parallel: int = 0, gpus: Sequenc
   return report
 
 
+def milestone_counts(runs: Sequence[StudyRun], finished: Sequence[StudyRun]) -> tuple[int, int]:
+  """(milestones the finished runs saved, milestones the whole grid plans), from run metadata and gin files."""
+  from lsm_jax import checkpoint
+  from lsm_jax import summary
+  saved = sum(len(checkpoint.list_milestones(run.run_dir)) for run in finished)
+  planned = 0
+  for run in runs:
+    spec = summary.experiment(run.gin_files, run.bindings)
+    planned += len(checkpoint.milestone_schedule(spec["train_steps"], spec["num_milestones"]))
+  return saved, planned
+
+
+def _provenance(results, skipped, device, wall_s) -> list[str]:
+  import jax
+  return [f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+          f"- device: {device} (jax {jax.__version__}, Python {platform.python_version()})",
+          f"- wall time: {wall_s:.0f} s ({len(results) - len(skipped)} run(s) trained and evaluated, "
+          f"{len(skipped)} finished earlier and skipped)",
+          f"- command: `python -m lsm_jax.study {shlex.join(sys.argv[1:])}`",
+          f"- runs: {', '.join(results)}"]
+
+
+def _runs_table(results) -> list[str]:
+  lines = ["| Run | final train loss | train s | eval s | CUDA_VISIBLE_DEVICES | finished |", "|---|---|---|---|---|---|"]
+  for name, result in results.items():
+    lines.append(f"| {name} | {result['final_loss']:.4f} | {result['train_s']:.0f} | {result['eval_s']:.0f} | "
+                 f"{result['cuda_visible_devices'] or '—'} | {result['finished_at'][:19]} |")
+  return lines
+
+
+def write_ablation_report(out_dir, grid, *, runs, finished, results, skipped, failures, device, wall_s) -> str:
+  """An ablation grid's outputs: eval.csv/jsonl (every milestone, with run coordinates), ablation_tables.csv/json
+  and report.md with the Table 5/6-style tables beside the paper's; returns the report's path."""
+  from lsm_jax.evaluate import sweep
+  from lsm_jax.study import ablation_tables
+
+  eval_path = _merge_eval_tables(finished, os.path.join(out_dir, "eval.csv"))
+  tables = ablation_tables.build_tables(sweep.read_table(eval_path))
+  ablation_tables.write_tables(tables, os.path.join(out_dir, "ablation_tables"))
+  saved, planned = milestone_counts(runs, finished)
+  lines = ["# Ablation study", "", *_provenance(results, skipped, device, wall_s),
+           f"- milestone checkpoints: {saved:,} saved by the {len(finished)} finished run(s), {planned:,} planned by "
+           f"the grid's {len(runs)} run(s); the paper's study saved {ablation_tables.PAPER_MILESTONES:,} over its "
+           "24 main runs and its ablations (arXiv 2406.16690 §3)", ""]
+  if grid.description:
+    lines += [grid.description, ""]
+  if failures:
+    lines += ["## Failed runs (left out of the tables)", ""]
+    for name, reason in failures.items():
+      lines += [f"### {name}", "", "```", reason, "```", ""]
+  lines += [ablation_tables.format_report(tables), "", "## Runs", "", *_runs_table(results), "",
+            "## Raw tables", "",
+            "- `eval.csv`: every milestone's evaluation with each run's coordinates (run, arch, size, d_model, "
+            "num_layers, seq_len, ablation, step, tokens, compute_pflops_days, task, metric, value)",
+            "- `ablation_tables.csv` / `.json`: the tables above, one row per run at its last evaluated milestone",
+            "- `runs/<run>/log.txt` (worker processes) and `runs/<run>/study_run.json`: each run's log and timings", ""]
+  path = os.path.join(out_dir, "report.md")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines))
+  return path
+
+
 def write_report(out_dir, *, fits, figures, scaling_report, results, skipped, failures, device, wall_s,
                  description) -> str:
   """report.md: provenance, the fits beside the paper's Table 3, per-run timings, figures and the raw tables."""
-  import jax
-
   from lsm_jax.scaling import paper
   paper_table = paper.paper_fits()
-  lines = [
-      "# Scaling study", "",
-      f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-      f"- device: {device} (jax {jax.__version__}, Python {platform.python_version()})",
-      f"- wall time: {wall_s:.0f} s ({len(results) - len(skipped)} run(s) trained and evaluated, "
-      f"{len(skipped)} finished earlier and skipped)",
-      f"- command: `python -m lsm_jax.study {shlex.join(sys.argv[1:])}`",
-      f"- runs: {', '.join(results)}", "",
-  ]
+  lines = ["# Scaling study", "", *_provenance(results, skipped, device, wall_s), ""]
   if description:
     lines += [description, ""]
   if failures:
@@ -406,12 +516,7 @@ def write_report(out_dir, *, fits, figures, scaling_report, results, skipped, fa
     lines.append(f"| {arch} | " + " | ".join(exponents) + " |")
   with open(scaling_report, encoding="utf-8") as f:
     lines += ["", f.read().strip(), ""]
-  lines += ["## Runs", "", "| Run | final train loss | train s | eval s | CUDA_VISIBLE_DEVICES | finished |",
-            "|---|---|---|---|---|---|"]
-  for name, result in results.items():
-    lines.append(f"| {name} | {result['final_loss']:.4f} | {result['train_s']:.0f} | {result['eval_s']:.0f} | "
-                 f"{result['cuda_visible_devices'] or '—'} | {result['finished_at'][:19]} |")
-  lines += ["", "## Figures", ""]
+  lines += ["## Runs", "", *_runs_table(results), "", "## Figures", ""]
   lines += [f"![{os.path.basename(path)}]({os.path.relpath(path, out_dir)})" for path in figures]
   lines += ["", "## Raw tables", "", "- `curves.csv`: training loss per logged step (arch, size, "
             "non_embedding_params, tokens, compute_pflops_days, loss)",
