@@ -103,17 +103,18 @@ def gin_spec(gin_files, bindings) -> dict:
     raise ValueError(f"--gin_file {gin_files}: trainer.train has no binding for {missing}")
   mesh = sharding.make_mesh(bound.get("mesh_config", sharding.MeshConfig()))
   return dict(model_config=bound["model_config"], mesh=mesh, seq_len=bound["seq_len"],
-              global_batch_size=bound["global_batch_size"],
+              global_batch_size=bound["global_batch_size"], train_steps=bound.get("train_steps", 1000),
               per_shard_microbatch_size=bound.get("per_shard_microbatch_size"),
               loss_chunk_length=bound.get("loss_chunk_length"),
               optimizer=bound.get("optimizer", optim.OptimizerConfig()))
 
 
-def measure(spec: dict, args) -> dict:
+def compile_spec(spec: dict) -> tuple[trainer.TrainProgram, jax.stages.Compiled, dict]:
+  """The program of one row, its compiled step and the row's description (with XLA's memory plan)."""
   config, mesh, seq_len = spec["model_config"], spec["mesh"], spec["seq_len"]
   global_batch = spec["global_batch_size"]
   program = trainer.build_train_program(
-      config, mesh=mesh, train_steps=1000, seq_len=seq_len, global_batch_size=global_batch,
+      config, mesh=mesh, train_steps=spec.get("train_steps", 1000), seq_len=seq_len, global_batch_size=global_batch,
       optimizer=spec["optimizer"], per_shard_microbatch_size=spec["per_shard_microbatch_size"],
       loss_chunk_length=spec["loss_chunk_length"])
   row = {"arch": config.arch, "size": config.size, "seq_len": seq_len, "global_batch_size": global_batch,
@@ -124,8 +125,19 @@ def measure(spec: dict, args) -> dict:
   start = time.perf_counter()
   compiled = program.lower_train_step().compile()
   row["compile_s"] = time.perf_counter() - start
-  planned = metrics.compiled_memory_bytes(compiled)  # per row, although the allocator's peak only grows
+  planned = metrics.compiled_memory_bytes(compiled)
   row["planned_gib"] = None if planned is None else planned["total"] / 2**30
+  return program, compiled, row
+
+
+def measure(spec: dict, args) -> dict:
+  program, compiled, row = compile_spec(spec)
+  return time_compiled(program, compiled, row, args)
+
+
+def time_compiled(program: trainer.TrainProgram, compiled, row: dict, args) -> dict:
+  """`row` completed with the step's median time, tokens/s, MFU, loss and the process's peak memory."""
+  mesh, seq_len, global_batch = program.mesh, program.seq_len, program.global_batch_size
   state, rest = program.init()
   batch = synthetic_batch(program, seed=0)
   times = []
@@ -156,7 +168,6 @@ def measure(spec: dict, args) -> dict:
              mfu=program.flops_per_step_model / step_s / (peak_flops * len(devices)),
              model_flops_per_step=program.flops_per_step_model, loss=loss,
              peak_gib=None if peak is None else peak / 2**30)
-  del state, rest, batch, compiled
   return row
 
 
