@@ -12,7 +12,6 @@ run resumed at step s reproduces the uninterrupted run bit for bit on the same m
 """
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import time
@@ -28,6 +27,7 @@ from flax import nnx
 
 from lsm_jax import checkpoint as checkpoint_lib
 from lsm_jax import flops
+from lsm_jax import losses
 from lsm_jax import metrics as metrics_lib
 from lsm_jax import models
 from lsm_jax import optim
@@ -62,87 +62,6 @@ def _weight_decay_mask(param_state: nnx.State) -> dict:
       rank -= sum(name == "layers" for name in names)
     return variable.replace(rank >= 2)
   return jax.tree.map(is_matrix, param_state, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
-
-
-def masked_cross_entropy_sums(model, hidden: jax.Array, targets: jax.Array, loss_mask: jax.Array,
-                              loss_chunk_length: int | None) -> tuple[jax.Array, jax.Array]:
-  """(sum of masked token losses, sum of the mask), in fp32, through the model's vocabulary head
-  (`model.head()`: logits = hidden·Wᵀ with fp32 accumulation).
-
-  With `loss_chunk_length`, the head and the softmax run over time chunks, so the full [batch, length, vocab]
-  logits (100K wide) are never alive at once. Under differentiation each chunk's gradient is formed right away in
-  the forward pass (the softmax minus the one-hot target, times W and times the hidden states), so the backward
-  only scales it: the logits are computed once, not again in the backward as remat would (three matmuls against
-  the vocabulary per token instead of four, one softmax instead of two).
-  """
-  weight, dtype = model.head()
-  length = hidden.shape[1]
-  chunk = length if loss_chunk_length is None or loss_chunk_length >= length else loss_chunk_length
-  return _head_cross_entropy_sums(hidden, weight, targets, loss_mask.astype(jnp.float32), chunk, jnp.dtype(dtype))
-
-
-def _time_chunks(x, chunk):
-  """[B, T, ...] -> [T / chunk, B, chunk, ...] (the scan axis first)."""
-  x = x.reshape(x.shape[0], x.shape[1] // chunk, chunk, *x.shape[2:])
-  return jnp.swapaxes(x, 0, 1)
-
-
-def _from_time_chunks(x):
-  x = jnp.swapaxes(x, 0, 1)
-  return x.reshape(x.shape[0], -1, *x.shape[3:])
-
-
-def _chunk_logits(hidden_chunk, weight, target_chunk):
-  """(fp32 logits [B, c, V], log-normaliser, per-token loss) of one chunk; weight already in compute dtype."""
-  logits = jnp.einsum("...d,vd->...v", hidden_chunk, weight, preferred_element_type=jnp.float32)
-  log_normalizer = jax.nn.logsumexp(logits, axis=-1)
-  target_logits = jnp.take_along_axis(logits, target_chunk[..., None], axis=-1)[..., 0]
-  return logits, log_normalizer, log_normalizer - target_logits
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _head_cross_entropy_sums(hidden, weight, targets, mask, chunk, dtype):
-  def body(total, xs):
-    hidden_chunk, target_chunk, mask_chunk = xs
-    _, _, losses = _chunk_logits(hidden_chunk.astype(dtype), weight.astype(dtype), target_chunk)
-    return total + jnp.sum(losses * mask_chunk), None
-
-  chunks = [_time_chunks(x, chunk) for x in (hidden, targets, mask)]
-  loss_sum, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), chunks)
-  return loss_sum, jnp.sum(mask)
-
-
-def _head_cross_entropy_sums_fwd(hidden, weight, targets, mask, chunk, dtype):
-  compute_weight = weight.astype(dtype)
-
-  def body(carry, xs):
-    total, d_weight = carry
-    hidden_chunk, target_chunk, mask_chunk = xs
-    hidden_chunk = hidden_chunk.astype(dtype)
-    logits, log_normalizer, losses = _chunk_logits(hidden_chunk, compute_weight, target_chunk)
-    vocab = jnp.arange(logits.shape[-1], dtype=target_chunk.dtype)
-    # d loss / d logits = softmax − one-hot(target), on the tokens the mask keeps.
-    d_logits = (jnp.exp(logits - log_normalizer[..., None]) - (vocab == target_chunk[..., None]))
-    d_logits = (d_logits * mask_chunk[..., None]).astype(dtype)
-    d_hidden = jnp.einsum("...v,vd->...d", d_logits, compute_weight, preferred_element_type=jnp.float32)
-    d_weight = d_weight + jnp.einsum("...v,...d->vd", d_logits, hidden_chunk, preferred_element_type=jnp.float32)
-    return (total + jnp.sum(losses * mask_chunk), d_weight), d_hidden.astype(hidden.dtype)
-
-  chunks = [_time_chunks(x, chunk) for x in (hidden, targets, mask)]
-  init = (jnp.zeros((), jnp.float32), jnp.zeros(weight.shape, jnp.float32))
-  (loss_sum, d_weight), d_hidden = jax.lax.scan(body, init, chunks)
-  return (loss_sum, jnp.sum(mask)), (_from_time_chunks(d_hidden), d_weight.astype(weight.dtype))
-
-
-def _head_cross_entropy_sums_bwd(chunk, dtype, residuals, cotangents):
-  d_hidden, d_weight = residuals
-  scale = cotangents[0].astype(jnp.float32)  # the mask sum depends on no input that has a gradient
-  # Scaled in fp32: the scale (e.g. 1 / tokens) rounded to bf16 would shift every gradient by up to 0.4%.
-  return ((d_hidden.astype(jnp.float32) * scale).astype(d_hidden.dtype), (d_weight * scale).astype(d_weight.dtype),
-          None, None)
-
-
-_head_cross_entropy_sums.defvjp(_head_cross_entropy_sums_fwd, _head_cross_entropy_sums_bwd)
 
 
 def _check_positive_ints(owner: str, **values) -> None:
@@ -303,7 +222,7 @@ def build_train_program(
   def loss_sums(params, rest, batch):
     model = model_from_params(params, rest)
     hidden = model.hidden_states(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
-    return masked_cross_entropy_sums(model, hidden, batch["targets"], batch["loss_mask"], loss_chunk_length)
+    return losses.masked_cross_entropy_sums(model, hidden, batch["targets"], batch["loss_mask"], loss_chunk_length)
 
   def grad_sums(params, rest, batch):
     (loss_sum, mask_sum), grads = jax.value_and_grad(
