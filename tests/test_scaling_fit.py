@@ -1,5 +1,7 @@
 """Scaling fits recover known laws: envelope power laws, the Chinchilla surface, and the paper's Table 3."""
+import dataclasses
 import json
+import pathlib
 import re
 
 import numpy as np
@@ -167,7 +169,10 @@ def test_predict_from_own_fit_and_from_json_round_trip(tnl_fit, tmp_path):
   path.write_text(json.dumps(scaling.fits_to_json(fits)))
   from_file = scaling.predict("tnl", 42.0, fit=path)
   direct = scaling.predict("tnl", 42.0, fit=fits)
-  assert from_file == pytest.approx(direct, rel=1e-12)
+  assert from_file["arch"] == direct["arch"] == "tnl"
+  numeric = ("compute_pflops_days", "n_opt", "d_opt", "loss")
+  assert {key: from_file[key] for key in numeric} == pytest.approx({key: direct[key] for key in numeric}, rel=1e-12)
+  assert set(from_file) == set(direct) == {"arch", *numeric}
   assert direct["n_opt"] == pytest.approx(tnl_fit.n_opt.coefficient * 42.0**tnl_fit.n_opt.exponent)
   reloaded = scaling.load_fits(path)["tnl"]
   assert reloaded.chinchilla == tnl_fit.chinchilla
@@ -216,3 +221,63 @@ def test_smoothing_removes_most_of_the_noise_bias_of_the_envelope():
     fitted = scaling.fit_all(rows, num_bootstrap=0, chinchilla=False, smoothing_window=window)["tnl"].loss
     errors[window] = abs(np.log(fitted.coefficient / expected_coefficient))
   assert errors[7] < 0.5 * errors[1]
+
+
+# The committed mini study (1M-50M models, 300 steps): cosFormer2's curves are nearly flat, and its L(N, D) fit
+# ends at E = 0, A ≈ 6e112, α ≈ 19 (benchmarks/results/mini_study/fits.json).
+MINI_STUDY_CURVES = pathlib.Path(__file__).parent.parent / "benchmarks/results/mini_study/curves.csv"
+MINI_STUDY_COSFORMER2_SURFACE = dict(E=0.0, A=6.034625255778014e+112, B=64.40266580858564, alpha=19.004943968495343,
+                                     beta=0.2189786380613681, flops_per_param_token=7.078943777292577)
+
+
+def test_plausible_fits_have_no_problems(tnl_fit):
+  assert tnl_fit.problems() == {}
+  assert all(fit.problems() == {} for fit in scaling.paper_fits().values())
+
+
+def test_mini_study_surface_numbers_are_flagged_with_each_reason():
+  problems = scaling.ChinchillaFit(**MINI_STUDY_COSFORMER2_SURFACE).problems()
+  assert len(problems) == 3
+  assert problems[0].startswith("E = 0 is at its bound 0")
+  assert problems[1] == "A = 6.03e+112 exceeds 1e+30"
+  assert problems[2] == "α = 19 is outside (0, 2)"
+  sane = scaling.ChinchillaFit(**{**MINI_STUDY_COSFORMER2_SURFACE, "E": 1.69, "A": 406.4, "alpha": 0.34})
+  assert sane.problems() == []
+  assert scaling.ChinchillaFit(**{**sane.to_dict(), "B": float("inf")}).problems() == ["B = inf is not finite"]
+
+
+def test_mini_study_refit_is_flagged_and_kept_out_of_the_report(tmp_path):
+  runs = scaling.load_curves(str(MINI_STUDY_CURVES))
+  fits = {arch: scaling.fit_runs(runs[arch], num_bootstrap=0) for arch in ("hgrn2", "cosformer2")}
+  surface = fits["cosformer2"].chinchilla
+  assert surface.alpha > 2 and surface.A > 1e30 and surface.E < 1e-3  # the same degenerate optimum again
+  assert set(fits["cosformer2"].problems()) == {"chinchilla"}
+  assert fits["hgrn2"].problems() == {}
+  text = scaling.write_report(fits, tmp_path / "report.md", compare_to_paper=False)
+  rows = {line.split(" |")[0]: line for line in text.splitlines() if line.startswith("| cosFormer2") or
+          line.startswith("| HGRN2")}
+  # The surface's numbers stay visible, marked; its allocation is left out. HGRN2's is computed.
+  assert rows["| cosFormer2 †"].endswith("| — | — |")
+  n_opt, d_opt, _ = fits["hgrn2"].chinchilla.optimal_allocation(100.0)
+  assert rows["| HGRN2"].endswith(f"| {n_opt / 1e9:.2f}B | {d_opt / 1e9:.2f}B |")
+  section = text.split("## Degenerate fits")[1]
+  assert "- cosFormer2 L(N, D): E = 0 is at its bound 0" in section and "α = 19 is outside (0, 2)" in section
+  assert "HGRN2" not in section
+  document = scaling.fits_to_json(fits)
+  assert document["fits"]["cosformer2"]["degenerate"]["chinchilla"][-1] == "α = 19 is outside (0, 2)"
+  assert scaling.fits_from_json(json.loads(json.dumps(document)))["cosformer2"].chinchilla == surface
+
+
+def test_degenerate_power_law_is_marked_and_predicts_nothing(tnl_fit, tmp_path):
+  rising = dataclasses.replace(tnl_fit, loss=scaling.PowerLaw(2.0, 0.05),
+                               n_opt=scaling.PowerLaw(float("inf"), 0.7))
+  assert rising.problems()["loss"] == ["exponent = 0.05 is outside (-1, 0)"]
+  assert rising.problems()["n_opt"] == ["coefficient = inf is not finite"]
+  assert "| TNL | 2.0000 C^0.0500 † | (inf) C^0.7000 † |" in scaling.format_table({"tnl": rising})
+  d_opt = tnl_fit.d_opt(1.0) / 1e9
+  assert f"| 1 | — / {d_opt:.2f}B / — |" in scaling.report.format_allocations({"tnl": rising})
+  with pytest.raises(ValueError, match=r"the tnl fit is degenerate and predicts nothing: loss: exponent = 0.05"):
+    scaling.predict("tnl", 10.0, fit={"tnl": rising})
+  text = scaling.write_report({"tnl": rising}, tmp_path / "report.md", compare_to_paper=False)
+  assert "- TNL L(C): exponent = 0.05 is outside (-1, 0)" in text
+  assert "- TNL N_opt(C): coefficient = inf is not finite" in text

@@ -39,6 +39,9 @@ def _command_fit(args) -> None:
   sections = [report.format_table(fits), "", report.format_intervals(fits)]
   if not args.no_chinchilla:
     sections += ["", report.format_chinchilla(fits)]
+  problems = report.format_problems(fits)
+  if problems:
+    sections += ["", problems]
   print("\n".join(sections))
 
 

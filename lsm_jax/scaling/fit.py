@@ -10,6 +10,11 @@ fitted on the Huber loss (δ = 1e-3) between log L and log of the prediction, wr
 (log A, log B, log E, α, β). Hoffmann et al. run L-BFGS from every point of a grid of initialisations; we
 score that whole grid at once and polish only the best few with BFGS (five parameters: full BFGS is as
 cheap as L-BFGS and converges tighter), which reaches the same minimum for a fraction of the cost.
+
+Degenerate fits: a least-squares fit always returns numbers, even where the data cannot pin a law down (a few
+nearly flat curves, too short a compute range). ``problems()`` of each fit lists what is implausible (an
+exponent outside EXPONENT_RANGES / CHINCHILLA_EXPONENT_RANGE, E at its bound 0, a coefficient above
+MAX_COEFFICIENT or not finite); the report keeps such fits in its tables, marked, and out of its predictions.
 """
 from __future__ import annotations
 
@@ -30,6 +35,26 @@ _INIT_GRID = np.array(list(itertools.product(
     np.arange(0, 30, 5.0), np.arange(0, 30, 5.0), np.arange(-1, 1.5, 0.5),
     np.arange(0, 2.5, 0.5), np.arange(0, 2.5, 0.5))))  # columns: log A, log B, log E, α, β
 
+# Open intervals outside which a fitted exponent is degenerate. Loss falls with compute, but slower than 1/C;
+# N_opt and D_opt both grow with C, each slower than C itself (C ∝ N·D, so a + b ≈ 1).
+EXPONENT_RANGES = {"loss": (-1.0, 0.0), "n_opt": (0.0, 1.0), "d_opt": (0.0, 1.0)}
+# α, β of L(N, D): Hoffmann et al.'s initialisation grid spans [0, 2] (their fit: 0.34, 0.28).
+CHINCHILLA_EXPONENT_RANGE = (0.0, 2.0)
+# E (nats) at or below this is at its bound 0: the irreducible loss was absorbed into the A and B terms.
+CHINCHILLA_MIN_E = 1e-3
+# A coefficient this large only cancels an extreme exponent (e.g. A = 6e112 with α = 19).
+MAX_COEFFICIENT = 1e30
+
+
+def _value_problems(name: str, value: float, valid_range: tuple[float, float] | None = None) -> list[str]:
+  if not np.isfinite(value):
+    return [f"{name} = {value} is not finite"]
+  if abs(value) > MAX_COEFFICIENT:
+    return [f"{name} = {value:.3g} exceeds {MAX_COEFFICIENT:.0e}"]
+  if valid_range is not None and not valid_range[0] < value < valid_range[1]:
+    return [f"{name} = {value:.4g} is outside ({valid_range[0]:g}, {valid_range[1]:g})"]
+  return []
+
 
 @dataclasses.dataclass(frozen=True)
 class PowerLaw:
@@ -41,6 +66,13 @@ class PowerLaw:
 
   def __call__(self, compute_pflops_days):
     return self.coefficient * np.asarray(compute_pflops_days, dtype=float) ** self.exponent
+
+  def problems(self, law: str) -> list[str]:
+    """Why this fit of `law` (one of LAWS) is degenerate; empty when it is plausible."""
+    problems = _value_problems("coefficient", self.coefficient)
+    if self.coefficient <= 0:
+      problems.append(f"coefficient = {self.coefficient:.3g} is not positive")
+    return problems + _value_problems("exponent", self.exponent, EXPONENT_RANGES[law])
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -77,6 +109,17 @@ class ChinchillaFit:
     d_opt = product / n_opt
     return n_opt, d_opt, self.loss(n_opt, d_opt)
 
+  def problems(self) -> list[str]:
+    """Why this surface is degenerate (its allocations meaningless); empty when it is plausible."""
+    problems = []
+    if not np.isfinite(self.E) or self.E <= CHINCHILLA_MIN_E:
+      problems.append(f"E = {self.E:.3g} is at its bound 0 (≤ {CHINCHILLA_MIN_E:g})")
+    for name in ("A", "B"):
+      problems += _value_problems(name, getattr(self, name))
+    for name, symbol in (("alpha", "α"), ("beta", "β")):
+      problems += _value_problems(symbol, getattr(self, name), CHINCHILLA_EXPONENT_RANGE)
+    return problems
+
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 
@@ -102,11 +145,20 @@ class ScalingFit:
     return {"compute_pflops_days": compute_pflops_days, "n_opt": self.n_opt(compute_pflops_days),
             "d_opt": self.d_opt(compute_pflops_days), "loss": self.loss(compute_pflops_days)}
 
+  def problems(self) -> dict[str, list[str]]:
+    """{law or "chinchilla": reasons} for each degenerate part of the fit; empty when all are plausible."""
+    problems = {law: getattr(self, law).problems(law) for law in LAWS}
+    if self.chinchilla is not None:
+      problems["chinchilla"] = self.chinchilla.problems()
+    return {part: reasons for part, reasons in problems.items() if reasons}
+
   def to_dict(self) -> dict:
+    """The fit's numbers, and under "degenerate" the problems() found (not read back: recomputed)."""
     return {"arch": self.arch, **{law: getattr(self, law).to_dict() for law in LAWS},
             "compute_range": None if self.compute_range is None else list(self.compute_range),
             "sizes": list(self.sizes),
-            "chinchilla": None if self.chinchilla is None else self.chinchilla.to_dict()}
+            "chinchilla": None if self.chinchilla is None else self.chinchilla.to_dict(),
+            "degenerate": self.problems()}
 
   @classmethod
   def from_dict(cls, data: dict) -> "ScalingFit":

@@ -52,5 +52,9 @@ def predict(arch: str, compute_pflops_days: float, fit=None) -> dict:
   if isinstance(compute_pflops_days, bool) or not isinstance(compute_pflops_days, numbers.Real) \
       or not math.isfinite(compute_pflops_days) or compute_pflops_days <= 0:
     raise ValueError(f"compute must be a positive number of PFLOP/s-days, got {compute_pflops_days!r}")
+  problems = {law: reasons for law, reasons in fits[arch].problems().items() if law in LAWS}
+  if problems:
+    raise ValueError(f"the {arch} fit is degenerate and predicts nothing: "
+                     + "; ".join(f"{law}: {', '.join(reasons)}" for law, reasons in problems.items()))
   prediction = fits[arch].predict(float(compute_pflops_days))
   return {"arch": arch, **{key: float(value) for key, value in prediction.items()}}
