@@ -5,8 +5,12 @@ Layout under MODEL_DIR (docs/interfaces.md):
                                                   saved every K steps, when forced (end of training) and on
                                                   preemption (JAX's preemption sync point; SIGTERM in one process)
   checkpoints/milestones/<step>/{params,metadata} params cast to bfloat16 or float32 on the milestone schedule
-  checkpoints/quarantine/                         resume checkpoints that failed to restore, moved aside
+  checkpoints/quarantine/                         checkpoints that failed their checksums or to restore, moved
+                                                  aside (resume-<step>-<time>)
+  checkpoints/*/<step>/lsm_jax_manifest.json      size and CRC-32 of every file of the step, written by process 0
+                                                  once the (asynchronous) save has committed; verified on restore
   run_metadata.json                               the run's description plus `milestone_steps` and `code_version`
+  run.lock                                        the live trainer's host, pid, start time and heartbeat
 
 Every checkpoint carries a JSON `metadata` item: step, arch, size, model_config, tokens_seen,
 compute_pflops_days, code_version (`git describe`), the gin config text (MODEL_DIR/config.gin), the save time,
@@ -16,18 +20,28 @@ Milestone schedule (Pythia-style, see `milestone_schedule`): with the paper's 30
 per step (76,294 steps) the default 57 milestones per run give 57 x 24 = 1,368 milestones over the 24 main
 runs; the paper reports 1,376 (= 57.33 x 24) including its ablation runs and does not state the spacing.
 
+Integrity (docs/reliability.md): a checkpoint whose files differ from its manifest is never restored: the trainer
+quarantines it and falls back to the next older one, `load_milestone` raises CorruptCheckpointError. A checkpoint
+without a manifest (written by an older lsm_jax, or the process died between the commit and the manifest) restores
+with an "unverified" warning.
+
 Only the V0 `CheckpointManager` + args API is used: it exists in every orbax-checkpoint version we target.
 Paths go through etils.epath, so MODEL_DIR may be local or gs://.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
+import time
+import uuid
 import warnings
+import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -38,10 +52,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from lsm_jax import errors
 from lsm_jax.flops import PFLOP_S_DAY
 
 MILESTONE_DTYPES = ("bfloat16", "float32")
 RUN_METADATA_FILE = "run_metadata.json"
+MANIFEST_FILE = "lsm_jax_manifest.json"
+LOCK_FILE = "run.lock"
 _STATE_ITEM, _PARAMS_ITEM, _METADATA_ITEM = "state", "params", "metadata"
 
 
@@ -178,6 +195,263 @@ def _incomplete_reason(step_dir: epath.Path, items: Iterable[str]) -> str | None
   return None
 
 
+class CorruptCheckpointError(errors.LsmJaxError, ValueError):
+  """A checkpoint's files differ from its manifest (bit rot, a truncated copy, a damaged disk)."""
+
+
+# --- integrity manifests ----------------------------------------------------------------------------------------
+
+_READ_CHUNK_BYTES = 16 << 20
+
+
+def _files_under(directory: epath.Path) -> list[epath.Path]:
+  files = []
+  for path in directory.iterdir():
+    if path.is_dir():
+      files.extend(_files_under(path))
+    elif path.name != MANIFEST_FILE:
+      files.append(path)
+  return files
+
+
+def _size_and_crc32(path: epath.Path) -> tuple[int, int]:
+  size, crc = 0, 0
+  with path.open("rb") as handle:
+    while chunk := handle.read(_READ_CHUNK_BYTES):
+      size += len(chunk)
+      crc = zlib.crc32(chunk, crc)
+  return size, crc
+
+
+def write_manifest(step_dir: str | os.PathLike) -> None:
+  """Records size and CRC-32 of every file under a committed step directory (atomically, as its last file)."""
+  step_dir = _as_path(step_dir)
+  files = {}
+  for path in sorted(_files_under(step_dir), key=str):
+    size, crc = _size_and_crc32(path)
+    files[str(path.relative_to(step_dir))] = {"size": size, "crc32": crc}
+  _write_json_atomically(step_dir / MANIFEST_FILE, {"algorithm": "crc32", "files": files})
+
+
+def verify_manifest(step_dir: str | os.PathLike) -> bool:
+  """True when every file of the manifest matches; False when the step has no manifest (unverified).
+
+  Raises CorruptCheckpointError naming the first file that is missing or differs. Files that are not in the
+  manifest are not checked (Orbax writes nothing into a step after its commit).
+  """
+  step_dir = _as_path(step_dir)
+  manifest_path = step_dir / MANIFEST_FILE
+  if not manifest_path.exists():
+    return False
+  try:
+    manifest = json.loads(manifest_path.read_text())
+    expected_files = manifest["files"]
+  except (ValueError, KeyError, TypeError) as error:
+    raise CorruptCheckpointError(f"checkpoint {step_dir}: its manifest {MANIFEST_FILE} is unreadable "
+                                 f"({type(error).__name__}: {error})") from error
+  for name, expected in sorted(expected_files.items()):
+    path = step_dir / name
+    if not path.exists():
+      raise CorruptCheckpointError(f"checkpoint {step_dir}: file {name} of its manifest is missing")
+    size, crc = _size_and_crc32(path)
+    if (size, crc) != (expected["size"], expected["crc32"]):
+      raise CorruptCheckpointError(f"checkpoint {step_dir}: file {name} fails its checksum (size {size}, CRC-32 "
+                                   f"{crc:08x}; the manifest says size {expected['size']}, CRC-32 "
+                                   f"{expected['crc32']:08x})")
+  return True
+
+
+def _verify_on_process_zero(step_dir: epath.Path) -> tuple[bool, str | None]:
+  """(has manifest, problem or None), computed by process 0 and shared with every process."""
+  verified, problem = False, None
+  if jax.process_index() == 0:
+    try:
+      verified = verify_manifest(step_dir)
+    except CorruptCheckpointError as error:
+      problem = str(error)
+  if jax.process_count() > 1:
+    # Every process takes the same branch; the message itself stays on process 0.
+    code = multihost_utils.broadcast_one_to_all(np.int32(2 if problem else int(verified)))
+    verified, problem = int(code) == 1, problem or ("fails its checksums (see process 0)" if int(code) == 2 else None)
+  return verified, problem
+
+
+def _move_to_quarantine(model_dir: epath.Path, step_dirs: Iterable[epath.Path], reason: str) -> None:
+  """Moves checkpoint step directories to checkpoints/quarantine/ (process 0; every process calls)."""
+  step_dirs = list(step_dirs)
+  if not step_dirs:
+    return
+  if jax.process_index() == 0:
+    quarantine_dir = model_dir / "checkpoints" / "quarantine"
+    quarantine_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    for step_dir in step_dirs:
+      destination = quarantine_dir / f"{step_dir.parent.name}-{step_dir.name}-{stamp}"
+      step_dir.rename(destination)
+      warnings.warn(f"moved checkpoint {step_dir} to {destination}: {reason}", RuntimeWarning, stacklevel=3)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("lsm_jax.checkpoint.quarantine")
+
+
+def resume_checkpoint_steps(model_dir: str | os.PathLike) -> list[int]:
+  """Steps of the committed resume checkpoints of a run directory (none when it has no checkpoints)."""
+  directory = _as_path(model_dir) / "checkpoints" / "resume"
+  return _step_numbers(directory) if directory.is_dir() else []
+
+
+def quarantine_resume_checkpoint(model_dir: str | os.PathLike, step: int, reason: str) -> None:
+  """Moves resume checkpoint `step` aside, e.g. when training from it gives a non-finite loss."""
+  model_dir = _as_path(model_dir)
+  _move_to_quarantine(model_dir, [model_dir / "checkpoints" / "resume" / str(step)], reason)
+
+
+# --- one trainer per run directory -----------------------------------------------------------------------------
+
+def _pid_is_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, owned by another user
+    return True
+  return True
+
+
+class RunLock:
+  """MODEL_DIR/run.lock: one writer per run directory, held by process 0 of the trainer.
+
+  The lock file records host, pid, start time and a heartbeat that a thread refreshes every `heartbeat_s`. A
+  second trainer refuses (RunLockedError naming the holder) unless the lock is stale: its pid is dead on this
+  host, or, from another host (shared storage such as gs://), its heartbeat is older than `stale_after_s`; a
+  stale lock is taken over with a warning. Local directories are created with O_EXCL, so of two simultaneous
+  starts one wins; on object stores the lock is written and read back (best effort: they have no exclusive
+  create). Use as a context manager; every process enters it, only process 0 touches the file.
+  """
+
+  _held_tokens: set[str] = set()  # locks held by this process (a same-pid record with another token is stale)
+
+  def __init__(self, model_dir: str | os.PathLike, *, stale_after_s: float = 600.0, heartbeat_s: float = 60.0):
+    if not 0 < heartbeat_s < stale_after_s:
+      raise ValueError(f"RunLock needs 0 < heartbeat_s < stale_after_s, got {heartbeat_s} and {stale_after_s}")
+    self.model_dir = _as_path(model_dir)
+    self.path = self.model_dir / LOCK_FILE
+    self.stale_after_s = stale_after_s
+    self.heartbeat_s = heartbeat_s
+    self._record: dict | None = None
+    self._stop = threading.Event()
+    self._heartbeat_thread: threading.Thread | None = None
+
+  def _new_record(self) -> dict:
+    now = time.time()
+    return {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
+            "started_at": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
+            "heartbeat_unix": now}
+
+  def _read(self) -> dict | None:
+    try:
+      record = json.loads(self.path.read_text())
+    except FileNotFoundError:
+      return None
+    except (OSError, ValueError):
+      return {}  # unreadable: treated as stale
+    return record if isinstance(record, dict) else {}
+
+  def _stale_reason(self, record: dict) -> str | None:
+    """Why `record` no longer guards the directory, or None while its holder is alive."""
+    if not {"host", "pid", "token", "heartbeat_unix"} <= set(record):
+      return "the lock file is unreadable"
+    if record["host"] == socket.gethostname():
+      if record["pid"] == os.getpid():
+        return None if record["token"] in RunLock._held_tokens else "this process left it behind"
+      return None if _pid_is_alive(record["pid"]) else f"process {record['pid']} is no longer running"
+    age = time.time() - record["heartbeat_unix"]
+    return f"its heartbeat is {age:.0f} s old (stale after {self.stale_after_s:.0f} s)" if (
+        age > self.stale_after_s) else None
+
+  @staticmethod
+  def describe(record: dict) -> str:
+    return (f"pid {record.get('pid')} on host {record.get('host')}, started {record.get('started_at')}, heartbeat "
+            f"{time.time() - record.get('heartbeat_unix', 0):.0f} s ago")
+
+  def _create(self, record: dict) -> bool:
+    """Writes the lock file unless it exists; False when another writer got there first."""
+    payload = json.dumps(record, indent=2, sort_keys=True)
+    if "://" not in str(self.path):
+      try:
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+      except FileExistsError:
+        return False
+      with os.fdopen(descriptor, "w") as handle:
+        handle.write(payload)
+      return True
+    if self.path.exists():
+      return False
+    self.path.write_text(payload)
+    time.sleep(1.0)  # let a concurrent writer's object land, then see who won
+    return (self._read() or {}).get("token") == record["token"]
+
+  def _acquire_on_process_zero(self) -> str | None:
+    """Takes the lock; returns the holder's description when it is held by a live trainer."""
+    self.model_dir.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):
+      record = self._new_record()
+      if self._create(record):
+        self._record = record
+        return None
+      holder = self._read()
+      if holder is None:
+        continue  # released in between
+      reason = self._stale_reason(holder)
+      if reason is None:
+        return self.describe(holder)
+      warnings.warn(f"taking over the stale lock {self.path} ({self.describe(holder)}): {reason}", RuntimeWarning,
+                    stacklevel=3)
+      self.path.unlink(missing_ok=True)
+    holder = self._read() or {}
+    return self.describe(holder)
+
+  def __enter__(self) -> RunLock:
+    holder = self._acquire_on_process_zero() if jax.process_index() == 0 else None
+    if jax.process_count() > 1:
+      refused = bool(multihost_utils.broadcast_one_to_all(np.int32(holder is not None)))
+      holder = holder or ("another trainer (see process 0)" if refused else None)
+    if holder is not None:
+      raise errors.RunLockedError(
+          f"{self.model_dir} is in use by another trainer ({holder}); two trainers would overwrite each other's "
+          f"checkpoints. Wait for it to finish, stop it, or choose another MODEL_DIR. If that trainer is gone, "
+          f"delete {self.path}.")
+    if self._record is not None:
+      RunLock._held_tokens.add(self._record["token"])
+      self._stop.clear()
+      self._heartbeat_thread = threading.Thread(target=self._heartbeat, name="lsm_jax-run-lock", daemon=True)
+      self._heartbeat_thread.start()
+    return self
+
+  def _heartbeat(self) -> None:
+    while not self._stop.wait(self.heartbeat_s):
+      current = self._read()
+      if not current or current.get("token") != self._record["token"]:
+        warnings.warn(f"{self.path} was taken over by {self.describe(current or {})} while this trainer runs",
+                      RuntimeWarning, stacklevel=1)
+        return
+      self._record["heartbeat_unix"] = time.time()
+      try:
+        _write_json_atomically(self.path, self._record)
+      except OSError as error:  # a full disk must not kill training; the next beat retries
+        warnings.warn(f"could not refresh {self.path}: {error}", RuntimeWarning, stacklevel=1)
+
+  def __exit__(self, *exc_info) -> None:
+    if self._record is None:
+      return
+    self._stop.set()
+    if self._heartbeat_thread is not None:
+      self._heartbeat_thread.join()
+    RunLock._held_tokens.discard(self._record["token"])
+    if (self._read() or {}).get("token") == self._record["token"]:
+      self.path.unlink(missing_ok=True)
+    self._record = None
+
+
 class Checkpointer:
   """The two checkpoint managers of one run. Every process calls every method (Orbax saves collectively).
 
@@ -240,6 +514,11 @@ class Checkpointer:
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous_sigterm_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
     self._preemption_step: int | None = None
+    # Manifests are written once a save has committed, off the training thread, by process 0.
+    self._unmanifested: list[tuple[Any, epath.Path]] = []  # (manager, step directory)
+    self._manifest_writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lsm_jax-manifest")
+    self._manifest_jobs: list[concurrent.futures.Future] = []
+    self.saved_resume_steps: list[int] = []  # resume checkpoints this Checkpointer saved
 
   def _on_sigterm(self, signum, frame) -> None:
     del signum, frame
@@ -277,6 +556,7 @@ class Checkpointer:
     if not isinstance(state, Mapping) or "params" not in state:
       raise ValueError(f"state must be a dict with at least 'params' (train state: params, opt_state, step, rng); "
                        f"got {type(state).__name__} with keys {list(state) if isinstance(state, Mapping) else None}")
+    self._write_committed_manifests()
     save_milestone = step in self.milestone_steps and step not in self._milestones.all_steps()
     # Orbax's policies decide the regular saves (every K steps; preemption through JAX's sync point). Step 0,
     # the untrained initialization, needs no resume checkpoint unless forced.
@@ -290,16 +570,45 @@ class Checkpointer:
       milestone_record = {**record, "param_layout": _param_layout(params), "dtype": self.milestone_dtype}
       self._milestones.save(step, force=True, args=ocp.args.Composite(**{
           _PARAMS_ITEM: ocp.args.StandardSave(params), _METADATA_ITEM: ocp.args.JsonSave(milestone_record)}))
+      self._unmanifested.append((self._milestones, epath.Path(self._milestones.directory) / str(step)))
     if save_resume:
       self._resume.save(step, force=True, args=ocp.args.Composite(**{
           _STATE_ITEM: ocp.args.StandardSave(dict(state)), _METADATA_ITEM: ocp.args.JsonSave(record)}))
+      self._unmanifested.append((self._resume, epath.Path(self._resume.directory) / str(step)))
+      self.saved_resume_steps.append(step)
+    self._write_committed_manifests()
+
+  def _write_committed_manifests(self, *, wait: bool = False) -> None:
+    """Queues the manifests of saves that have committed (all of them with `wait`, after waiting)."""
+    waiting = []
+    for manager, step_dir in self._unmanifested:
+      if wait or not manager.is_saving_in_progress():
+        if jax.process_index() == 0:
+          self._manifest_jobs.append(self._manifest_writer.submit(self._write_manifest_if_present, step_dir))
+      else:
+        waiting.append((manager, step_dir))
+    self._unmanifested = waiting
+    if wait:
+      for job in self._manifest_jobs:
+        job.result()
+    self._manifest_jobs = [job for job in self._manifest_jobs if not job.done()]
+
+  @staticmethod
+  def _write_manifest_if_present(step_dir: epath.Path) -> None:
+    if not step_dir.is_dir():  # rotated away (max_to_keep) before its manifest was due
+      return
+    try:
+      write_manifest(step_dir)
+    except OSError as error:  # a full disk leaves the checkpoint unverified, not training dead
+      warnings.warn(f"could not write the manifest of {step_dir}: {error}", RuntimeWarning, stacklevel=1)
 
   def restore_latest(self, abstract_state: Any) -> tuple[Any, int] | None:
     """Restores the newest complete resume checkpoint into `abstract_state`'s shapes, dtypes and shardings.
 
-    Checkpoints that are incomplete or fail to restore are skipped with a warning naming their directory;
-    once an older one restores, the skipped newer ones are moved to checkpoints/quarantine/ so later saves at
-    those steps are possible. Returns None when there is no checkpoint; raises when checkpoints exist but none
+    Checkpoints that are incomplete, fail their manifest's checksums or fail to restore are skipped with a
+    warning naming their directory; once an older one restores, the skipped newer ones are moved to
+    checkpoints/quarantine/ so later saves at those steps are possible. A checkpoint without a manifest restores
+    with an "unverified" warning. Returns None when there is no checkpoint; raises when checkpoints exist but none
     restores (so a run never silently restarts from scratch over them).
     """
     _check_abstract_state(abstract_state)
@@ -308,6 +617,9 @@ class Checkpointer:
     for step in sorted(self._resume.all_steps(), reverse=True):
       step_dir = epath.Path(self._resume.directory) / str(step)
       problem = _incomplete_reason(step_dir, (_STATE_ITEM, _METADATA_ITEM))
+      verified = False
+      if problem is None:
+        verified, problem = _verify_on_process_zero(step_dir)
       if problem is None:
         try:
           restored = self._resume.restore(step, args=ocp.args.Composite(**{
@@ -318,7 +630,12 @@ class Checkpointer:
         warnings.warn(f"skipping resume checkpoint {step_dir}: {problem}", RuntimeWarning, stacklevel=2)
         skipped.append((step, step_dir, problem))
         continue
-      self._quarantine([step_dir for _, step_dir, _ in skipped])
+      if not verified:
+        warnings.warn(f"resume checkpoint {step_dir} has no {MANIFEST_FILE} (saved by an older lsm_jax, or the "
+                      f"process stopped before writing it): restored unverified", RuntimeWarning, stacklevel=2)
+      for _, skipped_dir, problem in skipped:
+        _move_to_quarantine(self.model_dir, [skipped_dir], f"skipped on restore: {problem}")
+      self._resume.reload()
       return restored[_STATE_ITEM], step
     if skipped:
       details = "; ".join(f"{step_dir}: {problem}" for _, step_dir, problem in skipped)
@@ -327,34 +644,23 @@ class Checkpointer:
                          f"directories away to start from scratch.")
     return None
 
-  def _quarantine(self, step_dirs: list[str]) -> None:
-    if not step_dirs:
-      return
-    if jax.process_index() == 0:
-      quarantine_dir = self.model_dir / "checkpoints" / "quarantine"
-      quarantine_dir.mkdir(parents=True, exist_ok=True)
-      stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
-      for step_dir in step_dirs:
-        destination = quarantine_dir / f"resume-{step_dir.name}-{stamp}"
-        step_dir.rename(destination)
-        warnings.warn(f"moved unrestorable checkpoint {step_dir} to {destination}", RuntimeWarning, stacklevel=3)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("lsm_jax.checkpoint.quarantine")
-    self._resume.reload()
-
   def resume_steps(self) -> list[int]:
     """Steps of the resume checkpoints on disk (finished saves only)."""
     self._resume.reload()
     return sorted(self._resume.all_steps())
 
   def wait_until_finished(self) -> None:
+    """Waits for asynchronous saves and their manifests."""
     self._resume.wait_until_finished()
     self._milestones.wait_until_finished()
+    self._write_committed_manifests(wait=True)
 
   def close(self) -> None:
-    """Waits for asynchronous saves, releases the managers and restores the previous SIGTERM handler."""
+    """Waits for asynchronous saves and manifests, releases the managers, restores the previous SIGTERM handler."""
     self._resume.close()
     self._milestones.close()
+    self._write_committed_manifests(wait=True)
+    self._manifest_writer.shutdown()
     if self._previous_sigterm_handler is not None:
       signal.signal(signal.SIGTERM, self._previous_sigterm_handler)
       self._previous_sigterm_handler = None
@@ -396,6 +702,9 @@ def load_milestone(run_dir: str, step: int, *, dtype: str | None = None, shardin
   dtype: cast floating params on restore (default: as saved). sharding (an extension of the interface, for
   sharded evaluation): one jax Sharding for every leaf, or a pure dict of Shardings shaped like the params;
   default: the first local device.
+
+  Raises CorruptCheckpointError when a file differs from the milestone's manifest (nothing is returned, so
+  evaluation and export never see damaged weights); a milestone without a manifest loads with a warning.
   """
   if dtype is not None and dtype not in MILESTONE_DTYPES:
     raise ValueError(f"dtype must be None or one of {MILESTONE_DTYPES}, got {dtype!r}")
@@ -407,6 +716,9 @@ def load_milestone(run_dir: str, step: int, *, dtype: str | None = None, shardin
   problem = _incomplete_reason(step_dir, (_PARAMS_ITEM, _METADATA_ITEM))
   if problem:
     raise ValueError(f"milestone checkpoint {step_dir} is incomplete: {problem}")
+  if not verify_manifest(step_dir):
+    warnings.warn(f"milestone checkpoint {step_dir} has no {MANIFEST_FILE} (saved by an older lsm_jax, or the "
+                  f"trainer stopped before writing it): loaded unverified", RuntimeWarning, stacklevel=2)
   with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
     metadata = reader.restore(step_dir / _METADATA_ITEM)
 

@@ -215,7 +215,7 @@ def test_corrupt_and_incomplete_checkpoints_are_skipped_with_warning(tmp_path):
     restored, step = checkpointer.restore_latest(abstract_of(state, single))
   messages = [str(w.message) for w in caught]
   assert any(str(resume_dir / "20") in m and "never finished" in m for m in messages)
-  assert any(str(resume_dir / "15") in m and "restoring it failed" in m for m in messages)
+  assert any(str(resume_dir / "15") in m and "fails its checksum" in m for m in messages)
   assert step == 10
   np.testing.assert_array_equal(restored["params"]["final_norm"]["scale"],
                                 np.asarray(state["params"]["final_norm"]["scale"]) + 10)
@@ -320,3 +320,148 @@ def test_sigterm_reaches_preemption_and_forces_a_save(tmp_path):
   assert checkpointer.resume_steps() == [4]
   checkpointer.close()
   assert signal.getsignal(signal.SIGTERM) is not checkpointer._on_sigterm
+
+
+# --- integrity manifests ------------------------------------------------------------------------------------------
+
+def _largest_data_file(step_dir, item):
+  data_files = [f for f in glob.glob(os.path.join(step_dir, item, "**", "*"), recursive=True)
+                if os.path.isfile(f) and os.sep + "d" + os.sep in f]
+  return max(data_files, key=os.path.getsize)
+
+
+def flip_one_bit(path):
+  """Flips the lowest bit of the middle byte: what bit rot or a bad copy does, undetectable by size."""
+  with open(path, "r+b") as handle:
+    handle.seek(os.path.getsize(path) // 2)
+    byte = handle.read(1)[0]
+    handle.seek(-1, os.SEEK_CUR)
+    handle.write(bytes([byte ^ 1]))
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_manifest_lists_every_file_with_its_crc32(tmp_path, async_save):
+  import zlib
+  checkpointer = make_checkpointer(tmp_path, async_save=async_save)
+  for step in (4, 5):  # a milestone, then a resume checkpoint
+    checkpointer.save(step, make_state())
+  checkpointer.close()
+  for step_dir in (tmp_path / "checkpoints/resume/5", tmp_path / "checkpoints/milestones/4"):
+    manifest = json.loads((step_dir / checkpoint.MANIFEST_FILE).read_text())
+    on_disk = sorted(str(path.relative_to(step_dir)) for path in step_dir.rglob("*")
+                     if path.is_file() and path.name != checkpoint.MANIFEST_FILE)
+    assert sorted(manifest["files"]) == on_disk and any("ocdbt.process_0" in name for name in on_disk)
+    for name, entry in manifest["files"].items():
+      data = (step_dir / name).read_bytes()
+      assert entry == {"size": len(data), "crc32": zlib.crc32(data)}
+    assert checkpoint.verify_manifest(step_dir)
+
+
+def test_one_bit_flip_in_resume_checkpoint_is_quarantined_and_previous_restored(tmp_path):
+  state = make_state()
+  single = lambda shape: jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  checkpointer = make_checkpointer(tmp_path)
+  for step in (5, 10):
+    checkpointer.save(step, jax.tree.map(lambda leaf: leaf + step if leaf.dtype == jnp.float32 else leaf, state))
+  checkpointer.close()
+  resume_dir = tmp_path / "checkpoints" / "resume"
+  flip_one_bit(_largest_data_file(str(resume_dir / "10"), "state"))
+
+  checkpointer = make_checkpointer(tmp_path)
+  with pytest.warns(RuntimeWarning) as caught:
+    restored, step = checkpointer.restore_latest(abstract_of(state, single))
+  messages = [str(w.message) for w in caught]
+  assert any(str(resume_dir / "10") in m and "fails its checksum" in m for m in messages), messages
+  assert any("moved checkpoint" in m and str(resume_dir / "10") in m for m in messages), messages
+  assert step == 5
+  assert_trees_equal(restored, jax.tree.map(lambda leaf: leaf + 5 if leaf.dtype == jnp.float32 else leaf, state))
+  assert checkpointer.resume_steps() == [5]
+  quarantined = glob.glob(str(tmp_path / "checkpoints" / "quarantine" / "resume-10-*"))
+  assert len(quarantined) == 1 and os.path.isfile(os.path.join(quarantined[0], checkpoint.MANIFEST_FILE))
+  checkpointer.close()
+
+
+def test_checkpoint_without_manifest_restores_unverified(tmp_path):
+  state = make_state()
+  checkpointer = make_checkpointer(tmp_path)
+  checkpointer.save(5, state)
+  checkpointer.close()
+  os.remove(tmp_path / "checkpoints/resume/5" / checkpoint.MANIFEST_FILE)
+  checkpointer = make_checkpointer(tmp_path)
+  with pytest.warns(RuntimeWarning, match=r"resume/5 has no lsm_jax_manifest.json .*restored unverified"):
+    restored, step = checkpointer.restore_latest(
+        abstract_of(state, lambda shape: jax.sharding.SingleDeviceSharding(jax.devices()[0])))
+  checkpointer.close()
+  assert step == 5
+  assert_trees_equal(restored, state)
+
+
+def test_one_bit_flip_in_milestone_refuses_to_load(tmp_path):
+  checkpointer = make_checkpointer(tmp_path)
+  for step in (0, 1):
+    checkpointer.save(step, make_state(seed=step))
+  checkpointer.close()
+  step_dir = tmp_path / "checkpoints" / "milestones" / "1"
+  flip_one_bit(_largest_data_file(str(step_dir), "params"))
+  assert checkpoint.list_milestones(str(tmp_path)) == [0, 1]  # listing stays cheap; loading verifies
+  with pytest.raises(checkpoint.CorruptCheckpointError, match=r"milestones/1: file params/.* fails its checksum"):
+    checkpoint.load_milestone(str(tmp_path), 1)
+  params, _ = checkpoint.load_milestone(str(tmp_path), 0)
+  assert_trees_equal(params, jax.tree.map(lambda leaf: np.asarray(leaf.astype("bfloat16")),
+                                          make_state(seed=0)["params"]))
+
+
+# --- run lock -----------------------------------------------------------------------------------------------------
+
+def write_lock(model_dir, **fields):
+  import socket
+  import time
+  record = {"host": socket.gethostname(), "pid": os.getpid(), "token": "someone-else",
+            "started_at": "2000-01-01T00:00:00+00:00", "heartbeat_unix": time.time()}
+  record.update(fields)
+  os.makedirs(model_dir, exist_ok=True)
+  (model_dir / checkpoint.LOCK_FILE).write_text(json.dumps(record))
+  return record
+
+
+def test_run_lock_refuses_a_live_holder_and_is_released_on_exit(tmp_path):
+  import subprocess
+  import sys
+  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    write_lock(tmp_path, pid=holder.pid)
+    with pytest.raises(checkpoint.errors.RunLockedError, match=rf"in use by another trainer \(pid {holder.pid} on "
+                                                                rf"host .*started 2000-01-01"):
+      with checkpoint.RunLock(tmp_path):
+        pass
+    assert json.loads((tmp_path / checkpoint.LOCK_FILE).read_text())["pid"] == holder.pid  # untouched
+  finally:
+    holder.kill()
+    holder.wait()
+  # The holder is dead now: its lock is stale and taken over with a warning.
+  with pytest.warns(RuntimeWarning, match=rf"taking over the stale lock .*process {holder.pid} is no longer running"):
+    with checkpoint.RunLock(tmp_path) as lock:
+      record = json.loads(lock.path.read_text())
+      assert record["pid"] == os.getpid() and record["token"] != "someone-else"
+      # A second trainer in this very process (e.g. a thread) is refused as well.
+      with pytest.raises(checkpoint.errors.RunLockedError, match=f"pid {os.getpid()}"):
+        with checkpoint.RunLock(tmp_path):
+          pass
+  assert not (tmp_path / checkpoint.LOCK_FILE).exists()
+
+
+def test_run_lock_from_another_host_goes_stale_by_heartbeat(tmp_path):
+  import time
+  write_lock(tmp_path, host="other-host", pid=1, heartbeat_unix=time.time() - 5)
+  with pytest.raises(checkpoint.errors.RunLockedError, match="pid 1 on host other-host"):
+    with checkpoint.RunLock(tmp_path, stale_after_s=60, heartbeat_s=1):
+      pass
+  write_lock(tmp_path, host="other-host", pid=1, heartbeat_unix=time.time() - 120)
+  with pytest.warns(RuntimeWarning, match=r"heartbeat is 12\d s old \(stale after 60 s\)"):
+    with checkpoint.RunLock(tmp_path, stale_after_s=60, heartbeat_s=0.05) as lock:
+      first_beat = json.loads(lock.path.read_text())["heartbeat_unix"]
+      time.sleep(0.3)
+      assert json.loads(lock.path.read_text())["heartbeat_unix"] > first_beat  # the heartbeat thread beats
+  assert not (tmp_path / checkpoint.LOCK_FILE).exists()
+  with pytest.raises(ValueError, match="heartbeat_s < stale_after_s"):
+    checkpoint.RunLock(tmp_path, stale_after_s=1, heartbeat_s=5)
