@@ -1,8 +1,7 @@
 """Linear-attention kernel benchmark on one GPU: our Pallas GPU ops against fla 0.6.0 and JAX cuDNN flash.
 
-Runs on the H200 through the device tool. fla travels as wheels (see /work/.library/device/README.md):
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/fla_core-0.6.0-*.whl \
-      .whl/flash_linear_attention-0.6.0-*.whl && export PYTHONPATH=/tmp/site
+On a GPU host with jax[cuda] and, for the fla columns, fla (pip install flash-linear-attention==0.6.0
+fla-core==0.6.0):
   python3 benchmarks/kernels.py --out $OUT [--budget_s 240] [--chunk_sizes 64,128] [--check] [--variants c128w4]
 
 Ops (bf16, D=128 unless noted), each forward and forward+backward (grads of q, k, v and, for the HGRN2 gate,
@@ -52,9 +51,10 @@ from pallas_kernels.linear_attention import api, gpu, testing  # noqa: E402
 
 SHAPES = ((8, 2048, 16, 128), (2, 8192, 16, 128), (1, 32768, 16, 128))
 OPS = ("hgrn2", "tnl", "cosformer2")  # measurement order: HGRN2 (the slowest compile) first
-HBM_BYTES_PER_S = 4.3e12  # device-to-device copy measured on this H200 (KINDS.md)
+HBM_BYTES_PER_S = 4.3e12  # device-to-device copy bandwidth measured on the H200
 FLA_NAMES = {"tnl": "chunk_simple_gla(g_gamma)", "hgrn2": "chunk_gla", "cosformer2": "chunk_linear_attn"}
-# Keys of ../shared/bench/h200_peers.json (fla 0.6.0 on this H200 model, [fwd_ms, fwd_bwd_ms]).
+# Keys of the --reference_peers file's "results" (benchmarks/peers/fla_kernels.py: [fwd_ms, fwd_bwd_ms]).
+REFERENCE_PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", "fla_kernels_h200.json")
 REFERENCE_PEER_NAMES = {"tnl": "chunk_simple_gla (TNL decay)", "hgrn2": "chunk_gla (HGRN2-like)",
                         "cosformer2": "chunk_linear_attn (no decay)"}
 VARIANT_SYNTAX = ("c<chunk>w<warps>[s<scan tile>][k<dq/dk key tile>][u<scan unroll>][g<segment programs>]"
@@ -69,7 +69,7 @@ def log(*parts):
 
 
 def forward_floor_ms(op, batch, time_, heads, dim):
-  """Fused-kernel HBM floor of the forward (kernels.md §10): read q, k, v, write o (bf16), plus fp32 gates."""
+  """HBM floor of the forward: the bytes a fused kernel must move (read q, k, v, write o in bf16, plus fp32 gates)."""
   per_token_head = 2 * (4 * dim)
   if op == "hgrn2":
     per_token_head += 4 * dim
@@ -306,7 +306,7 @@ def write_markdown(path, record):
            "(> 1: ours faster). Floor: fused forward HBM bytes at 4.3 TB/s. Chunk: our chunk size (forward: the "
            "fastest of --chunk_sizes). Compile: seconds of our lower().compile(); fla 1st: seconds of fla's first "
            "call (Triton JIT and autotune). † fla not run in this process: its time from the reference "
-           f"measurements {os.path.basename(record.get('reference_peers') or 'h200_peers.json')} of ../shared/bench "
+           f"measurements {os.path.basename(record.get('reference_peers') or REFERENCE_PEERS)} in benchmarks/peers/ "
            "(same H200 model, fla 0.6.0, triton do_bench).", "",
            "| op | B×T×H×D | ours fwd | chunk | fla fwd | ratio | ours fwd+bwd | fla fwd+bwd | ratio | fwd / floor "
            "| compile fwd s | compile fwd+bwd s | fla 1st fwd s | fla 1st fwd+bwd s |",
@@ -492,8 +492,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
   parser.add_argument("--reps", type=int, default=20)
-  # Each sample pays its first call's host dispatch once: at 5 calls that added ≈ 65 µs per call on the H200
-  # (kernel_profile_h200_session7.md); 20 amortise it, as fla's do_bench (CUDA events) does not pay it.
+  # Each sample pays its first call's host dispatch once; 20 calls amortise it, as fla's do_bench (CUDA events)
+  # does not pay it.
   parser.add_argument("--calls", type=int, default=20)
   parser.add_argument("--check", action="store_true", help="compare with the float64 reference first")
   parser.add_argument("--variants", default="", help="comma-separated extra configs " + VARIANT_HELP)
@@ -509,8 +509,8 @@ def main():
   parser.add_argument("--chunk_sizes", default="",
                       help="our forward's chunk sizes to try, e.g. 64,128 (fwd+bwd uses the first); default: the "
                            "op's default chunk")
-  parser.add_argument("--reference_peers", default="",
-                      help="fla timings to show where fla was not run here (shared/bench/h200_peers.json), marked †")
+  parser.add_argument("--reference_peers", default=REFERENCE_PEERS,
+                      help="fla timings shown (marked †) where fla was not run here; '' for none")
   parser.add_argument("--budget_s", type=float, default=None,
                       help="start no measurement after this many seconds from start-up")
   args = parser.parse_args()
@@ -538,8 +538,8 @@ def main():
   reference_peers = {}
   if args.reference_peers:
     with open(args.reference_peers) as handle:
-      reference_peers = json.load(handle)
-    record["reference_peers"] = args.reference_peers
+      reference_peers = json.load(handle)["results"]
+    record["reference_peers"] = os.path.relpath(args.reference_peers)
   runner = Runner(record, args.out, args.budget_s, reference_peers)
   if args.check:
     record["check"] = runner.measure("check against the float64 reference", check_against_reference)

@@ -10,13 +10,14 @@ synthetic (random tokens, one document per row). Rows are appended to
 benchmarks/results/train_step_<device>.json and the .md table is rewritten after every row, so a run cut off by
 a time limit keeps what it measured. Failures (e.g. out of memory) become rows with an error.
 
-On the H200 (device tool; nothing to install: jax[cuda] is on the image), then the PyTorch peers the same way:
+On a GPU host (jax[cuda]), then the PyTorch peers of benchmarks/peers/ at the same shapes and tokens per step:
   python3 benchmarks/train_step.py --out_dir $OUT                       # 4 archs × 410M, 1B × 2K, 8K, 32K
   python3 benchmarks/train_step.py --out_dir $OUT --archs hgrn2,llama --sizes 1b --seq_lens 8192 \
       --remat_policy dots_saveable --per_device_microbatch 2
-  OUT=$OUT python3 /work/shared/bench/peer_models.py   # fla HGRN2 + HF LLaMA, same shapes and tokens per step
-The markdown's "peer" column is read from /work/shared/bench/h200_peer_models.json (--peers), labelled with
-that file's date and device; match rows by (arch, size, seq_len).
+  python3 benchmarks/peers/torch_models.py --out benchmarks/peers/torch_models_h200.json   # fla HGRN2, HF LLaMA
+The markdown's "peer" columns are read from --peers (default benchmarks/peers/torch_models_h200.json), labelled
+with that file's provenance; rows match by (arch, size, seq_len). Every row records the date and commit it was
+measured at, so a table assembled with --append from several runs says which row comes from which.
 
 CPU check (tiny shapes, known to run here):
   python benchmarks/train_step.py --archs hgrn2,llama --sizes tiny --seq_lens 128 --tokens_per_step 1024 \
@@ -32,6 +33,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -49,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import profile_kernels  # noqa: E402  (benchmarks/profile_kernels.py: trace → device time per kernel)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEERS_PATH = "/work/shared/bench/h200_peer_models.json"
+PEERS_PATH = os.path.join(REPO_ROOT, "benchmarks", "peers", "torch_models_h200.json")
 # "tiny": a CPU-sized shape with 128-wide heads, for checking that the script runs.
 PROFILE_TOP = 30  # kernels listed per profiled row
 TINY_SHAPE = dict(num_layers=2, d_model=256, num_heads=2, ffn_dim=512, vocab_size=1024)
@@ -177,8 +179,23 @@ def load_peers(path: str) -> tuple[dict, str]:
   with open(path, encoding="utf-8") as f:
     peers = json.load(f)
   table = {(r["model"], r["size"], r["seq"]): r for r in peers.get("results", [])}
-  label = f"{os.path.basename(path)}, {peers.get('date', '?')}, {peers.get('device', '?')}"
+  provenance = peers.get("provenance", {})
+  packages = ", ".join(f"{name} {version}" for name, version in provenance.get("packages", {}).items())
+  label = (f"{os.path.basename(path)} ({provenance.get('script', 'script unknown')}; {packages or 'versions unknown'}; "
+           f"{provenance.get('device', 'device unknown')}; {provenance.get('date', 'date unknown')})")
   return table, label
+
+
+def current_commit() -> str | None:
+  """The checkout's short commit hash, with "+changes" when tracked files differ from it; None outside git."""
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                           capture_output=True, text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  return commit + ("+changes" if dirty else "")
 
 
 def _format(value, pattern):
@@ -191,36 +208,30 @@ def _mesh_label(mesh) -> str:
 
 def write_markdown(path: str, header: dict, rows: list[dict], peers: dict, peer_label: str) -> None:
   lines = [f"# Training step on {header['device']}", "",
-           f"Date: {header['date']}. {header['versions']}. "
+           f"Date of the first row: {header['date']}. {header['versions']}. "
            f"Command(s): {'; '.join(f'`{c}`' for c in header['commands'])}.", "",
            "Tokens per step = batch × T; bf16 compute, fp32 parameters and AdamW, synthetic batches. step = median "
            "after warm-up; MFU = Appendix A.1 FLOPs / (step time × peak × devices); peak memory = the largest "
-           "per-device peak of the process so far.",
-           f"Peer column: PyTorch (fla HGRN2 / HF LLaMA) from {peer_label or 'n/a'}."]
-  earlier = sorted({peer["source"] for peer in peers.values() if "source" in peer})
-  if earlier:  # peer rows the peers' run did not measure, carried from an earlier run
-    lines.append(f"‡ peer measured in an earlier run: {'; '.join(earlier)}.")
-  carried = sorted({row["source"] for row in rows if "source" in row})
-  if carried:  # our rows not re-measured with this file's code, carried from an earlier run
-    lines.append(f"§ row measured in an earlier run: {'; '.join(carried)}.")
-  lines += ["",
-           "| arch | size | T | batch (micro) | mesh | remat | compile s | step s | tokens/s | MFU | XLA plan GiB "
-           "| peak GiB | peer tokens/s | ours / peer | peer peak GiB |",
-           "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "per-device peak of the process so far.", *([header["note"]] if header.get("note") else []),
+           f"Peer columns: PyTorch (fla HGRN2 / HF LLaMA) from {peer_label or 'n/a'}.", "",
+           "| arch | size | T | measured (date, commit) | batch (micro) | mesh | remat | compile s | step s | tokens/s "
+           "| MFU | XLA plan GiB | peak GiB | peer tokens/s | ours / peer | peer peak GiB |",
+           "|---|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for row in rows:
     peer = peers.get((row["arch"], row["size"], row["seq_len"]), {})
     peer_tokens = _format(peer.get("tokens_per_s"), ",.0f") or ("error" if "error" in peer else "")
-    peer_tokens += "‡" if peer_tokens and "source" in peer else ""
+    measured = f"{row.get('date', header['date'])[:10]}, {row.get('commit') or 'commit unknown'}"
     if "error" in row:
-      lines.append(f"| {row['arch']} | {row['size']} | {row['seq_len']} | | | {row.get('remat_policy') or ''} | | | "
+      lines.append(f"| {row['arch']} | {row['size']} | {row['seq_len']} | {measured} | | | "
+                   f"{row.get('remat_policy') or ''} | | | "
                    f"error: {row['error'][:80]} | | | | {peer_tokens} | | {_format(peer.get('peak_gib'), '.1f')} |")
       continue
     lines.append(
-        f"| {row['arch']} | {row['size']} | {row['seq_len']} | {row['global_batch_size']} "
+        f"| {row['arch']} | {row['size']} | {row['seq_len']} | {measured} | {row['global_batch_size']} "
         f"({row['num_microbatches']}) | {_mesh_label(row.get('mesh'))} | {row['remat_policy']}"
         f"{'' if row.get('scan_layers', True) else ', unrolled layers'} | "
         f"{row['compile_s']:.1f} | {row['step_s']:.4f} | "
-        f"{row['tokens_per_s']:,.0f}{'§' if 'source' in row else ''} | {100 * row['mfu']:.1f}% | "
+        f"{row['tokens_per_s']:,.0f} | {100 * row['mfu']:.1f}% | "
         f"{_format(row.get('planned_gib'), '.1f')} | "
         f"{_format(row['peak_gib'], '.1f')} | {peer_tokens} | "
         f"{_format(row['tokens_per_s'] / peer['tokens_per_s'] if peer.get('tokens_per_s') else None, '.2f')} | "
@@ -292,6 +303,7 @@ def main(argv=None) -> list[dict]:
             "device": f"{jax.device_count()} × {device.device_kind}",
             "versions": f"jax {jax.__version__}, Python {platform.python_version()}",
             "commands": [command]}
+  commit = current_commit()
   rows = []
   if args.append and os.path.exists(base + ".json"):
     with open(base + ".json", encoding="utf-8") as f:
@@ -334,6 +346,8 @@ def main(argv=None) -> list[dict]:
           if not metrics.is_out_of_memory(error):
             break
     for row in outcomes:
+      row["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+      row["commit"] = commit
       if args.gin_file:
         row["gin_files"] = args.gin_file + [f"--gin={binding}" for binding in args.gin]
       print(json.dumps(row), flush=True)

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import kernels  # noqa: E402
 import profile_kernels  # noqa: E402
 
@@ -95,26 +96,53 @@ def test_forward_then_backward_gives_the_gradients_of_one_jitted_grad():
   assert len(computed) == sources.count(None)
 
 
-def test_train_step_table_marks_peers_and_rows_carried_from_an_earlier_run(tmp_path):
+def test_train_step_table_states_each_rows_date_and_commit_and_its_peer(tmp_path):
   import train_step
   row = {"arch": "hgrn2", "size": "1b", "seq_len": 8192, "global_batch_size": 4, "num_microbatches": 1,
          "mesh": {"data": 1}, "remat_policy": "full", "compile_s": 1.0, "step_s": 0.5, "tokens_per_s": 60000.0,
-         "mfu": 0.4, "planned_gib": 50.0, "peak_gib": 51.0}
-  header = {"device": "1 × GPU", "date": "2026-11-29", "versions": "jax", "commands": ["x"]}
-  peers = {("hgrn2", "1b", 8192): {"tokens_per_s": 50000.0, "peak_gib": 99.0, "source": "old.json (2026-11-28)"},
-           ("hgrn2", "1b", 2048): {"tokens_per_s": 48000.0, "peak_gib": 99.0}}
+         "mfu": 0.4, "planned_gib": 50.0, "peak_gib": 51.0, "date": "2026-11-29T06:00:00+00:00", "commit": "abc1234"}
+  header = {"device": "1 × GPU", "date": "2026-11-28T01:00:00+00:00", "versions": "jax", "commands": ["x"]}
+  peers_file = tmp_path / "peers.json"
+  peers_file.write_text(json.dumps({
+      "provenance": {"script": "benchmarks/peers/torch_models.py", "packages": {"fla": "0.6.0"}, "device": "1x GPU",
+                     "date": "2026-11-27"},
+      "results": [{"model": "hgrn2", "size": "1b", "seq": 8192, "tokens_per_s": 50000.0, "peak_gib": 99.0},
+                  {"model": "hgrn2", "size": "1b", "seq": 2048, "error": "OutOfMemoryError()"}]}))
+  peers, label = train_step.load_peers(str(peers_file))
+  assert label == "peers.json (benchmarks/peers/torch_models.py; fla 0.6.0; 1x GPU; 2026-11-27)"
   path = tmp_path / "table.md"
-  train_step.write_markdown(str(path), header, [row, dict(row, seq_len=2048)], peers, "peers.json")
-  text = path.read_text()
-  assert "‡ peer measured in an earlier run: old.json (2026-11-28)." in text
-  assert "§" not in text
-  train_step.write_markdown(str(path), header, [row, dict(row, seq_len=2048, source="older.json (abc1234)")], peers,
-                            "peers.json")
+  older = {key: value for key, value in row.items() if key not in ("date", "commit")}
+  train_step.write_markdown(str(path), header, [row, dict(older, seq_len=2048)], peers, label)
   lines = path.read_text().splitlines()
-  assert "§ row measured in an earlier run: older.json (abc1234)." in lines
-  assert "| 60,000 |" in next(line for line in lines if line.startswith("| hgrn2 | 1b | 8192 "))
-  assert "| 60,000§ |" in next(line for line in lines if line.startswith("| hgrn2 | 1b | 2048 "))
-  assert "| 50,000‡ | 1.20 |" in text and "| 48,000 | 1.25 |" in text
+  assert f"Peer columns: PyTorch (fla HGRN2 / HF LLaMA) from {label}." in lines
+  measured = next(line for line in lines if line.startswith("| hgrn2 | 1b | 8192 "))
+  assert measured.startswith("| hgrn2 | 1b | 8192 | 2026-11-29, abc1234 | 4 (1) |")
+  assert "| 60,000 | 40.0% |" in measured and "| 50,000 | 1.20 | 99.0 |" in measured
+  # A row without its own date and commit shows the file's date; a peer that failed shows its error, no ratio.
+  assert next(line for line in lines if line.startswith("| hgrn2 | 1b | 2048 ")).startswith(
+      "| hgrn2 | 1b | 2048 | 2026-11-28, commit unknown |")
+  assert "| error |  |" in path.read_text()
+
+
+def test_committed_peer_files_carry_their_provenance():
+  # The peers the benchmarks compare against are data in the repository, each with how it was measured.
+  peers_dir = os.path.join(REPO, "benchmarks", "peers")
+  for name, script in (("torch_models_h200.json", "torch_models.py"), ("fla_kernels_h200.json", "fla_kernels.py")):
+    with open(os.path.join(peers_dir, name), encoding="utf-8") as f:
+      record = json.load(f)
+    provenance = record["provenance"]
+    assert provenance["script"] == f"benchmarks/peers/{script}"
+    assert os.path.exists(os.path.join(peers_dir, script))
+    assert provenance["packages"]["fla"].startswith("0.6.0") and "H200" in provenance["device"]
+    assert provenance["date"].startswith("2026-11-")
+    assert record["results"]
+  import train_step
+  assert train_step.PEERS_PATH == os.path.join(peers_dir, "torch_models_h200.json")
+  assert train_step.load_peers(train_step.PEERS_PATH)[0][("hgrn2", "1b", 8192)]["tokens_per_s"] > 0
+  with open(os.path.join(peers_dir, "fla_kernels_h200.json"), encoding="utf-8") as f:
+    timings = json.load(f)["results"]
+  assert all(f"fla {name} {shape}" in timings for name in kernels.REFERENCE_PEER_NAMES.values()
+             for shape in ("8x2048x16x128", "2x8192x16x128", "1x32768x16x128"))
 
 
 def test_fla_measured_in_process_replaces_the_reference_timing(tmp_path, monkeypatch):
