@@ -4,7 +4,7 @@ import pytest
 
 from lsm_jax import flops
 
-# Reconciled shapes (paper.md §1.2): heads = d/128, 1B GLU width 4096, TNL/cos2 410M have 25 layers.
+# Shapes of arXiv 2406.16690 Tables 2 and 7, reconciled: heads = d/128, 1B GLU width 4096, TNL/cos2 410M have 25 layers.
 SHAPES = {  # size: (layers, d_model, heads, ffn_dim)
     "70m": (6, 512, 4, 1536),
     "160m": (12, 768, 6, 2048),
@@ -27,7 +27,7 @@ TABLE_7 = {
                    "3b": (2799.0, 67.4), "7b": (6511.0, 155.6)},
 }
 
-# Full-run compute from paper.md §2.3 (300B tokens = 76,294 steps of 480 × 8192), PFLOP/s-days.
+# Full-run compute (300B tokens = 76,294 steps of 480 × 8192) from Table 7's PFLOPs/step, in PFLOP/s-days.
 FULL_RUN_PF_DAYS = {
     "llama": (1.41, 4.94, 15.9, 35.7, 87.9, 179),
     "tnl": (0.44, 1.94, 6.98, 19.7, 58.8, 136),
@@ -74,7 +74,7 @@ def test_full_run_compute_in_pflops_days(arch):
   for size, expected in zip(SHAPES, FULL_RUN_PF_DAYS[arch]):
     layers, d_model, heads, _ = shape(arch, size)
     got = flops.to_pflops_days(steps * flops.flops_per_step(arch, layers, d_model, heads, BATCH, SEQ_LEN))
-    # paper.md derived these from Table 7's one-decimal PFLOPs/step (2.2 for TNL-160M's 2.17), hence 2.5%.
+    # These follow from Table 7's one-decimal PFLOPs/step (2.2 for TNL-160M's 2.17), hence 2.5%.
     assert got == pytest.approx(expected, rel=0.025)
   assert flops.to_pflops_days(8.64e19) == 1.0
   np.testing.assert_allclose(flops.to_pflops_days(np.array([8.64e19, 8.64e21])), [1.0, 100.0])

@@ -10,7 +10,7 @@ from lsm_jax.models import configs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# reference/paper.md §1.2, reconciled table: size -> (layers, d, heads, GLU width).
+# arXiv 2406.16690 Tables 2 and 7, reconciled: size -> (layers, d, heads, GLU width).
 RECONCILED = {"70m": (6, 512, 4, 1536), "160m": (12, 768, 6, 2048), "410m": (26, 1024, 8, 2816),
               "1b": (32, 1536, 12, 4096), "3b": (35, 2560, 20, 6912), "7b": (32, 4096, 32, 11008)}
 

@@ -42,7 +42,7 @@ def test_tnl_log_decays_scale_per_layer():
   slopes = np.asarray([2.0 ** -i for i in range(1, 9)])
   for layer in range(4):
     np.testing.assert_allclose(log_decay[layer], -slopes * (1 - layer / 3 + 1e-5), rtol=1e-6)
-  # Layer 0, H = 8 (reference/paper.md §4.2): λ from 0.607 to 0.996.
+  # Layer 0, H = 8: ALiBi slopes 2^(-8(h+1)/H) give λ = exp(-slope) from 0.607 to 0.996.
   np.testing.assert_allclose(np.exp(log_decay[0, [0, -1]]), [0.607, 0.996], atol=1e-3)
 
 

@@ -133,7 +133,7 @@ def test_chinchilla_allocation_matches_a_brute_force_minimum(tnl_fit):
     assert loss == pytest.approx(losses.min(), rel=1e-9)
 
 
-# paper.md §2.5 "derived compute-optimal allocations", typed in as printed: N_opt / D_opt / L.
+# Compute-optimal allocations derived from arXiv 2406.16690 Table 3 at these budgets: N_opt / D_opt / L.
 DERIVED = {
     1: {"llama": ("0.18B", "25.6B", "3.709"), "tnl": ("0.27B", "44.3B", "3.539"),
         "hgrn2": ("0.27B", "48.0B", "3.479"), "cosformer2": ("0.27B", "42.3B", "3.588")},

@@ -1,4 +1,4 @@
-"""Needle in a haystack (reference/paper.md §3.3): prompts, the 35 × 35 grid, scores and the heatmap.
+"""Needle in a haystack (arXiv 2406.16690 §3.4, Appendices B.1, C.2): prompts, the 35 × 35 grid, scores, heatmap.
 
 Modes:
 - "easy": the question *and* its answer (a QA pair) are inserted into the haystack;

@@ -1,4 +1,4 @@
-"""Metrics of the paper's evaluation (reference/paper.md §3): SCROLLS ROUGE/F1/EM and the table means.
+"""Metrics of the paper's evaluation (arXiv 2406.16690 §3.4): SCROLLS ROUGE/F1/EM and the table means.
 
 Conventions follow the SCROLLS evaluator that lm-evaluation-harness wraps:
 - F1 and EM use SQuAD answer normalisation (lower case, drop punctuation and the articles a/an/the, squeeze

@@ -1,9 +1,9 @@
 """Model configurations: the four architectures at the paper's six sizes (reconciled shapes).
 
-The shapes follow the reconciled table of reference/paper.md §1.2, which reproduces every row of the
-paper's Table 7 (non-embedding parameters and PFLOPs/step): head dim 128 everywhere, so heads = d/128;
-the 1B FFN width is 4096 (Table 7 prints 5632, which contradicts its own parameter column); TNL and
-cosFormer2 use 25 layers at 410M to pay for their output-gate parameters.
+The shapes reconcile arXiv 2406.16690 Table 2 with Table 7 and reproduce every row of Table 7 (non-embedding
+parameters and PFLOPs/step): head dim 128 everywhere, so heads = d/128; the 1B FFN width is 4096 (Table 7
+prints 5632, which contradicts its own parameter column); TNL and cosFormer2 use 25 layers at 410M to pay for
+their output-gate parameters.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class ModelConfig:
   chunk_size: int | None = None      # None: the backend's default
   scan_layers: bool = True           # stack layers and lax.scan them (one layer compiled, not L)
   remat_policy: str = "none"         # REMAT_POLICIES; where "none" does not fit, dots_and_mixer_kernels_saveable
-                                     # was the fastest on the H200 (benchmarks/results/train_step_h200_session5.md)
+                                     # is the fastest on the H200 (docs/performance.md)
   attention_impl: str = "auto"       # LLaMA only
   norm_eps: float = 1e-6
   rope_theta: float = 10000.0

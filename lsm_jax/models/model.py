@@ -1,4 +1,4 @@
-"""The language model shared by the four architectures (reference/paper.md §4.0):
+"""The language model shared by the four architectures (arXiv 2406.16690 Appendices A.1 and C):
 
   x = Embed(tokens)                     no embedding scaling (HGRN2 `no_scale_embedding=True`)
   [cosFormer2: x = TPE(x)]              once, after the embedding
@@ -30,7 +30,7 @@ from lsm_jax.models.mixers.hgrn2 import hgrn2_lower_bounds
 _MIXER_KERNEL_PRIMITIVES = frozenset({"pallas_call", "dot_product_attention_fwd_wrapper"})
 # HGRN2's per-chunk states and chunk-local gates are residuals of its GPU op (its backward then runs no forward
 # state scan), but kept for every layer they cost more than they save: H200, 1B at 8K, 72.4 GiB and 51,262
-# tokens/s kept, 54.4 GiB and 53,249 tokens/s recomputed under remat (train_step_h200{_session7_saved_states,}.md).
+# tokens/s kept, 54.4 GiB and 53,249 tokens/s recomputed under remat (docs/performance.md).
 _UNSAVED_KERNELS = frozenset({"linear_attention_state_scan", "linear_attention_chunk_sums"})
 
 

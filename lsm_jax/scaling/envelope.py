@@ -1,11 +1,11 @@
 """The compute-optimal envelope: minimum training loss over model sizes at each compute budget.
 
-Interpolation (paper.md §2.4): every run is placed on one shared grid of ``num_points`` log-spaced compute
-values spanning all runs. A run's log-loss (and log-tokens) is interpolated linearly in log-C between its
-own logged points, and only inside its own compute range (no extrapolation: a run contributes nothing
-before its first or after its last logged point). At each grid point the envelope is the smallest
-interpolated loss among the runs that cover it; that run's non-embedding parameters give N_opt and its
-interpolated tokens give D_opt. Grid points no run covers are dropped.
+Interpolation (arXiv 2406.16690 §4.1 takes the envelope without stating how): every run is placed on one
+shared grid of ``num_points`` log-spaced compute values spanning all runs. A run's log-loss (and log-tokens)
+is interpolated linearly in log-C between its own logged points, and only inside its own compute range (no
+extrapolation: a run contributes nothing before its first or after its last logged point). At each grid point
+the envelope is the smallest interpolated loss among the runs that cover it; that run's non-embedding
+parameters give N_opt and its interpolated tokens give D_opt. Grid points no run covers are dropped.
 
 Training loss is noisy and a minimum over noisy curves is biased low, so ``smoothing_window`` (odd, default 1
 = off) first replaces each run's log-loss by a centred moving average over that many logged points; near the

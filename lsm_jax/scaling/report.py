@@ -13,7 +13,7 @@ from lsm_jax.scaling.fit import (CHINCHILLA_EXPONENT_RANGE, CHINCHILLA_MIN_E, EX
 from lsm_jax.scaling.paper import paper_fits
 
 DISPLAY_NAMES = {"llama": "LLaMA", "tnl": "TNL", "hgrn2": "HGRN2", "cosformer2": "cosFormer2"}
-BUDGETS = (1.0, 10.0, 100.0, 1000.0)  # PFLOP/s-days, the rows of paper.md's derived-allocation table
+BUDGETS = (1.0, 10.0, 100.0, 1000.0)  # PFLOP/s-days at which Table 3's allocations are derived
 
 
 def _name(arch: str) -> str:

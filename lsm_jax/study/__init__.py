@@ -8,7 +8,7 @@ The grid file binds `study.StudyGrid` (architectures, size files, the run file, 
 file and the run file — in `DIR/runs/<arch>_<size>`, and right after training every one of its milestones is
 evaluated (`lsm_jax.evaluate`) into `DIR/runs/<arch>_<size>/eval/`. A run that finished both writes
 `study_run.json`; rerunning the command skips those runs and resumes the others from their checkpoints, so a
-grid can be trained across several sessions. Overrides: a `--gin.study.…` binding configures the grid; any
+grid can be trained across several invocations. Overrides: a `--gin.study.…` binding configures the grid; any
 other `--gin.…` binding is applied to every run (e.g. `--gin.TRAIN_STEPS=300` halves the mini study).
 
 Parallelism (`parallel` ≥ 1): each run is a separate `python -m lsm_jax.study --out=DIR --run=<arch>_<size>`

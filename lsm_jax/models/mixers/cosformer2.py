@@ -1,4 +1,4 @@
-"""cosFormer2 token mixer: linear attention without decay (paper §2.2, eq. 17; reference/paper.md §4.4).
+"""cosFormer2 token mixer: linear attention without decay (arXiv 2406.16690 §2.2, Eq. 17).
 
   q = SiLU(x W_q), k = SiLU(x W_k), v = x W_v
   q̃_t = [cos(θ t) ⊙ q_t, sin(θ t) ⊙ q_t], k̃_s likewise    (LRPE: the q/k width doubles to 2·d/h)

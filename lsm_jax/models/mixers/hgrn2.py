@@ -1,5 +1,5 @@
-"""HGRN2 token mixer: gated linear RNN with outer-product state expansion (paper eqs. 12-13,
-reference/paper.md §4.3; code semantics of hgru2-pytorch and FLA).
+"""HGRN2 token mixer: gated linear RNN with outer-product state expansion (arXiv 2406.16690
+Eqs. 12-13; code semantics of hgru2-pytorch and FLA).
 
   v, q, f = split(x W_in)                   one d -> 3d projection, in that order
   q = SiLU(q)

@@ -1,4 +1,4 @@
-"""TNL token mixer (TransNormerLLM with Lightning Attention; paper eq. 9, reference/paper.md §4.2).
+"""TNL token mixer (TransNormerLLM with Lightning Attention; arXiv 2406.16690 Eq. 9).
 
   q = SiLU(x W_q), k = SiLU(x W_k), v = x W_v                 (no activation on v, as in the paper)
   o = LA(q, k, v; λ_h^(l))    λ_h^(l) = exp(-s_h (1 - l/(L-1) + 1e-5)), s_h the ALiBi slopes (fixed)
