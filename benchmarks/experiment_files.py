@@ -12,8 +12,7 @@ what the training CLI then does on one GPU.
           compiled step only). Writes experiment_files_<device>.{json,md}.
 
 CPU check of the script (tiny sequences): add --gin 'SEQ_LEN = 256' --gin 'trainer.train.loss_chunk_length = 128'.
-On one H200 (device tool; carry the wheels gin-config, tensorflow-datasets, grain, array-record, bpe-openai,
-tensorboardX, portpicker and their missing dependencies):
+On a GPU host with jax[cuda], lsm_jax and portpicker installed (`pip install -e . portpicker`):
   python3 benchmarks/experiment_files.py select --out_dir $OUT
   python3 benchmarks/experiment_files.py run --out_dir $OUT --archs llama,tnl
 """

@@ -273,7 +273,7 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--budget_s", type=float, default=None,
-                      help="start no new row after this many seconds (a device call's time limit)")
+                      help="start no new row after this many seconds (a time-limited job)")
   parser.add_argument("--unrolled_layers", action="store_true",
                       help="compile every layer (scan_layers=False) instead of one scanned layer")
   parser.add_argument("--profile_steps", type=int, default=0,
