@@ -305,6 +305,61 @@ def quarantine_resume_checkpoint(model_dir: str | os.PathLike, step: int, reason
   _move_to_quarantine(model_dir, [model_dir / "checkpoints" / "resume" / str(step)], reason)
 
 
+# --- resuming the same run --------------------------------------------------------------------------------------
+
+# What a run is: changing any of these mid-run changes what its checkpoints and curves mean.
+RUN_DEFINING_KEYS = ("tokenizer", "seq_len", "global_batch_size", "seed", "data_dir")
+# ModelConfig fields that choose how the same model is computed (kernels, remat, compute dtype), free to change.
+EXECUTION_MODEL_FIELDS = ("dtype", "linear_attention_backend", "chunk_size", "remat_policy", "attention_impl")
+
+
+def _run_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+  differences = {}
+  saved_model, new_model = saved.get("model_config") or {}, new.get("model_config") or {}
+  for field in sorted(set(saved_model) | set(new_model)):
+    if field not in EXECUTION_MODEL_FIELDS and saved_model.get(field) != new_model.get(field):
+      differences[f"model_config.{field}"] = (saved_model.get(field), new_model.get(field))
+  for key in RUN_DEFINING_KEYS:
+    if key in saved and _jsonable(saved[key], key) != _jsonable(new.get(key), key):
+      differences[key] = (saved[key], new.get(key))
+  return differences
+
+
+def check_resumed_run(model_dir: str | os.PathLike, run_metadata: Mapping[str, Any], *,
+                      allow_config_change: bool = False) -> dict:
+  """Refuses to resume a run under a configuration that changes its meaning; call before writing anything.
+
+  Applies when MODEL_DIR holds resume checkpoints and a run_metadata.json: `run_metadata['train_steps']` below
+  the newest checkpoint's step is a UserError; a difference in the model's definition (ModelConfig except
+  EXECUTION_MODEL_FIELDS) or in RUN_DEFINING_KEYS is a ConfigChangeError listing every difference, unless
+  `allow_config_change`, which records the differences. Returns the entries to merge into the new run
+  metadata: `config_changes`, the list of recorded changes (each {"step", "changes": {key: [old, new]}}).
+  """
+  steps = resume_checkpoint_steps(model_dir)
+  metadata_path = _as_path(model_dir) / RUN_METADATA_FILE
+  if not steps or not metadata_path.exists():
+    return {}
+  saved = json.loads(metadata_path.read_text())
+  history = list(saved.get("config_changes", []))
+  reached = steps[-1]
+  if run_metadata["train_steps"] < reached:
+    raise errors.UserError(f"train_steps={run_metadata['train_steps']} is below step {reached}, which the run in "
+                           f"{model_dir} has already reached (checkpoints/resume/{reached}); give TRAIN_STEPS >= "
+                           f"{reached}, or another MODEL_DIR for a shorter run")
+  differences = _run_differences(saved, run_metadata)
+  if differences:
+    listing = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in differences.items())
+    if not allow_config_change:
+      raise errors.ConfigChangeError(
+          f"refusing to resume {model_dir} (at step {reached}) with a configuration that changes the run: "
+          f"{listing}. Restore the original settings or use another MODEL_DIR; to continue anyway pass "
+          f"--gin.trainer.train.allow_config_change=True (the change is recorded in {RUN_METADATA_FILE}).")
+    warnings.warn(f"resuming {model_dir} at step {reached} with changed configuration (allowed by "
+                  f"allow_config_change): {listing}", RuntimeWarning, stacklevel=2)
+    history.append({"step": reached, "changes": {key: [old, new] for key, (old, new) in differences.items()}})
+  return {"config_changes": history} if history else {}
+
+
 # --- one trainer per run directory -----------------------------------------------------------------------------
 
 def _pid_is_alive(pid: int) -> bool:

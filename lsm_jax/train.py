@@ -8,10 +8,19 @@ T5X conventions: --gin_file repeats and later files win; bindings apply after al
 and `include 'gin/...'` resolve against the current directory and then the shipped configs (the checkout's
 root, or the installed package's copy of gin/). Gin configures the library function `lsm_jax.trainer.train`
 (dynamic registration), never this module, so tests can parse the same files and call the trainer in-process.
+A binding of a bare macro name that no gin file defines (`--gin.TRAIN_STEP=3`) is an error, like a misspelled
+parameter.
+
+Exit codes (lsm_jax/errors.py, docs/reliability.md): 0 finished, 1 failed, 2 user error (one message, no
+traceback unless --verbose or LSM_JAX_VERBOSE=1), 75 preempted after saving a checkpoint (relaunch to resume).
 """
+import difflib
+import errno
 import logging as std_logging
 import os
+import re
 import sys
+import traceback
 from typing import Sequence
 
 import gin
@@ -19,6 +28,8 @@ import jax
 from absl import app
 from absl import flags
 from absl import logging
+
+from lsm_jax import errors
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(_PACKAGE_DIR)
@@ -48,6 +59,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
   flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
   flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
+  flags.DEFINE_boolean("verbose", False, "Print the traceback of user errors too (also: LSM_JAX_VERBOSE=1).")
 
 
 def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
@@ -67,12 +79,61 @@ def gin_search_paths(extra: Sequence[str] = ()) -> list[str]:
   return [*extra, ".", CONFIG_ROOT]
 
 
+def _macros_of_parsed_files() -> set[str]:
+  """Macros the parsed files define (`NAME = value`) or use (`%NAME`, e.g. MODEL_CONFIG set by a model file)."""
+  macros = set()
+
+  def collect_uses(value):
+    if isinstance(value, gin.config.ConfigurableReference) and value.scoped_selector.endswith("/gin.macro"):
+      macros.add(value.scoped_selector.rsplit("/", 1)[0])
+    elif isinstance(value, (list, tuple, set)):
+      for item in value:
+        collect_uses(item)
+    elif isinstance(value, dict):
+      for item in value.values():
+        collect_uses(item)
+
+  # Gin keeps `NAME = value` as a binding of the configurable "gin.macro" under scope NAME.
+  for (scope, selector), arguments in gin.config._CONFIG.items():  # pylint: disable=protected-access
+    if selector == "gin.macro":
+      macros.add(scope)
+    collect_uses(arguments)
+  return macros
+
+
+def check_macro_bindings(gin_bindings: Sequence[str]) -> None:
+  """Raises ValueError for a binding of a bare macro name that the parsed gin files neither define nor use.
+
+  Call after parsing the files and before the bindings: gin itself accepts any new macro, so a misspelled
+  `--gin.TRAIN_STEP=3` would silently do nothing. A macro that another binding uses (`%NAME`) is allowed.
+  """
+  defined = _macros_of_parsed_files()
+  used_by_bindings = set(re.findall(r"%([A-Za-z_]\w*)", "\n".join(gin_bindings)))
+  for binding in gin_bindings:
+    try:
+      statements = list(gin.config_parser.ConfigParser(binding, gin.config.ParserDelegate(skip_unknown=True)))
+    except SyntaxError:
+      continue  # gin reports it when it parses the bindings
+    for statement in statements:
+      if not isinstance(statement, gin.config_parser.BindingStatement) or statement.arg_name or statement.scope:
+        continue
+      name = statement.selector
+      if name in defined or name in used_by_bindings:
+        continue
+      close = difflib.get_close_matches(name, defined, n=1)
+      raise ValueError(f"binding {binding.strip()!r} sets the macro {name}, which no gin file defines or uses"
+                       f"{f'; did you mean {close[0]}?' if close else '.'} Macros of the files: "
+                       f"{', '.join(sorted(defined)) or 'none'}")
+
+
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str], search_paths: Sequence[str] = ()) -> None:
-  """Parses files then bindings strictly: unknown configurables, parameters and unset required macros raise."""
+  """Parses files then bindings strictly: unknown configurables, parameters, macros no file defines and unset
+  required macros raise."""
   for path in gin_search_paths(search_paths):
     gin.add_config_file_search_path(path)
-  gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings), skip_unknown=False,
-                                      finalize_config=True)
+  gin.parse_config_files_and_bindings(list(gin_files), None, skip_unknown=False, finalize_config=False)
+  check_macro_bindings(gin_bindings)
+  gin.parse_config_files_and_bindings(None, list(gin_bindings), skip_unknown=False, finalize_config=True)
 
 
 def multiprocess_requested(environ=os.environ) -> bool:
@@ -102,6 +163,42 @@ class _DropLibraryInfo(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
+def _causes(error: BaseException):
+  while error is not None:
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def exit_code_and_message(error: Exception, training_started: bool) -> tuple[int, str | None]:
+  """The exit code for `error` and its one-line message (None: an unexpected failure, show the traceback)."""
+  if isinstance(error, errors.UserError):
+    return errors.EXIT_USER_ERROR, str(error)
+  for cause in _causes(error):
+    if (isinstance(cause, OSError) and cause.errno == errno.ENOSPC) or "No space left on device" in str(cause):
+      return errors.EXIT_USER_ERROR, (f"no space left on the device: {str(cause)[:500]}. Free space where "
+                                      f"MODEL_DIR lives (or choose another MODEL_DIR) and rerun: the run resumes "
+                                      f"from its last complete checkpoint.")
+  if not training_started and "RESOURCE_EXHAUSTED" in str(error):
+    return errors.EXIT_USER_ERROR, (f"the training step does not fit in device memory: {str(error)[:500]}. Try a "
+                                    f"smaller PER_SHARD_MICROBATCH_SIZE, a ModelConfig.remat_policy, more fsdp "
+                                    f"shards (gin/mesh/), or python -m lsm_jax.aot to size the plan first.")
+  if not training_started and isinstance(error, (ValueError, TypeError, FileNotFoundError)):
+    return errors.EXIT_USER_ERROR, str(error)
+  if isinstance(error, errors.NonFiniteLossError):
+    return errors.EXIT_FAILED, str(error)
+  return errors.EXIT_FAILED, None
+
+
+def _train(flag_values) -> dict:
+  # Gin first: a misspelled binding or a missing macro fails before any JAX device is touched.
+  from lsm_jax import trainer
+  parse_gin(flag_values.gin_file, flag_values.gin_bindings, flag_values.gin_search_paths)
+  maybe_initialize_distributed(flag_values.multiprocess, flag_values.coordinator_address,
+                               flag_values.num_processes, flag_values.process_id)
+  logging.info("gin config:\n%s", gin.config_str())
+  return gin.get_configurable(trainer.train)(config_text=gin.config_str())
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
@@ -109,13 +206,22 @@ def main(argv: Sequence[str]) -> None:
   if not flag_values.gin_file:
     raise app.UsageError("give at least one --gin_file (e.g. --gin_file=gin/smoke/hgrn2.gin)")
   logging.get_absl_handler().addFilter(_DropLibraryInfo())
-  # Gin first: a misspelled binding or a missing macro fails before any JAX device is touched.
-  from lsm_jax import trainer
-  parse_gin(flag_values.gin_file, flag_values.gin_bindings, flag_values.gin_search_paths)
-  maybe_initialize_distributed(flag_values.multiprocess, flag_values.coordinator_address,
-                               flag_values.num_processes, flag_values.process_id)
-  logging.info("gin config:\n%s", gin.config_str())
-  gin.get_configurable(trainer.train)(config_text=gin.config_str())
+  verbose = flag_values.verbose or os.environ.get("LSM_JAX_VERBOSE", "0") not in ("", "0")
+  try:
+    summary = _train(flag_values)
+  except Exception as error:  # pylint: disable=broad-except  (every error leaves through one exit code)
+    from lsm_jax import trainer
+    code, message = exit_code_and_message(error, trainer.training_loop_started())
+    if message is None or verbose:
+      traceback.print_exc()
+    if message is not None:
+      kind = "user error" if code == errors.EXIT_USER_ERROR else "error"
+      print(f"{kind}: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+  if summary.get("preempted"):
+    logging.warning("preempted at step %d with its checkpoint saved; exiting with %d (relaunch to resume)",
+                    summary["step"], errors.EXIT_PREEMPTED)
+    sys.exit(errors.EXIT_PREEMPTED)
 
 
 def run() -> None:

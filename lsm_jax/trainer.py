@@ -11,7 +11,10 @@ Determinism: the batch of step s is a pure function of (data seed, s) and the st
 run resumed at step s reproduces the uninterrupted run bit for bit on the same mesh.
 """
 import contextlib
+import contextvars
 import dataclasses
+import functools
+import inspect
 import json
 import os
 import time
@@ -26,6 +29,7 @@ from absl import logging
 from flax import nnx
 
 from lsm_jax import checkpoint as checkpoint_lib
+from lsm_jax import errors
 from lsm_jax import flops
 from lsm_jax import losses
 from lsm_jax import metrics as metrics_lib
@@ -34,8 +38,6 @@ from lsm_jax import optim
 from lsm_jax import sharding
 from lsm_jax.data import loader as loader_lib
 from lsm_jax.models import configs as model_configs
-from lsm_jax.models.mixers import softmax as softmax_mixer
-from pallas_kernels.linear_attention import api as linear_attention_api
 
 
 def _no_eager_sharding():
@@ -68,21 +70,6 @@ def _check_positive_ints(owner: str, **values) -> None:
   for name, value in values.items():
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}")
-
-
-def resolve_for_platform(model_config: model_configs.ModelConfig, platform: str) -> model_configs.ModelConfig:
-  """`model_config` with its "auto" kernel choices fixed for `platform` ("tpu", "gpu", "cpu").
-
-  The models resolve "auto" from jax.default_backend() at trace time, which is the host's platform when a
-  program is compiled ahead of time for a TPU topology from a CPU host; resolving from the mesh's devices
-  makes the kernels follow the target instead.
-  """
-  changes = {}
-  if model_config.linear_attention_backend == "auto":
-    changes["linear_attention_backend"] = linear_attention_api.resolve_backend("auto", platform)
-  if model_config.attention_impl == "auto":
-    changes["attention_impl"] = softmax_mixer.resolve_attention_impl("auto", model_config.dtype, platform)
-  return dataclasses.replace(model_config, **changes)
 
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -180,7 +167,7 @@ def build_train_program(
     raise ValueError(f"trainer.train.loss_chunk_length {loss_chunk_length} must divide seq_len {seq_len} "
                      "(or be >= seq_len, or None: no chunking)")
   platform = mesh.devices.flat[0].platform
-  model_config = resolve_for_platform(model_config, platform)
+  model_config = model_config.resolved_for(platform)
   shape = dict(arch=model_config.arch, num_layers=model_config.num_layers, d_model=model_config.d_model,
                num_heads=model_config.num_heads, batch_size=global_batch_size, seq_len=seq_len)
 
@@ -320,6 +307,122 @@ def _greedy_sample(model_from_params, params, tokenizer, prompt: str, num_tokens
   return prompt + tokenizer.decode(generated)
 
 
+class StepDoesNotFitError(errors.UserError):
+  """The compiled train step needs more memory per device than the device has."""
+
+
+_GIB = float(1 << 30)
+
+
+def _memory_knobs(program: TrainProgram) -> str:
+  config = program.model_config
+  rows_per_shard = program.microbatch_size // sharding.batch_shards(program.mesh)
+  return (f"To fit: a remat policy that keeps fewer activations (ModelConfig.remat_policy, now "
+          f"{config.remat_policy!r}; valid: {', '.join(model_configs.REMAT_POLICIES)}; 'full' keeps the fewest), "
+          f"fewer rows per microbatch (PER_SHARD_MICROBATCH_SIZE, now {rows_per_shard} per data x fsdp shard: "
+          f"gradients then accumulate over more microbatches, the global batch stays), or a mesh that shards the "
+          f"model over more devices (gin/mesh/*.gin, sharding.MeshConfig; now {dict(program.mesh.shape)}).")
+
+
+def compile_train_step(program: TrainProgram, device_memory_limit_gib: float | None = None) -> jax.stages.Compiled:
+  """Compiles the train step and checks that its memory plan fits the devices, before any step runs.
+
+  The plan is XLA's per-device buffer assignment (`metrics.compiled_memory_bytes`: arguments + outputs − donated
+  + temporaries + generated code, as lsm_jax.aot reports it); the limit is `device_memory_limit_gib`, else the
+  smallest allocator limit (`memory_stats()["bytes_limit"]`) of this process's devices. Devices without memory
+  statistics (CPU) are not checked unless a limit is given. Raises StepDoesNotFitError with both numbers and the
+  settings that lower the plan; a compiler that itself runs out of memory (TPU) gives the same error.
+  """
+  try:
+    compiled = program.lower_train_step().compile()
+  except Exception as error:  # XLA reports a plan beyond the device's memory as RESOURCE_EXHAUSTED
+    if not metrics_lib.is_out_of_memory(error):
+      raise
+    raise StepDoesNotFitError(f"the train step does not fit the device memory: the compiler reports "
+                              f"{str(error).strip().splitlines()[0][:300]}. {_memory_knobs(program)}") from error
+  if device_memory_limit_gib is None:
+    local_devices = [device for device in program.mesh.devices.flat if device.process_index == jax.process_index()]
+    limit, source = metrics_lib.device_memory_limit_bytes(local_devices), f"{local_devices[0].device_kind} allocator"
+  else:
+    limit, source = device_memory_limit_gib * _GIB, "trainer.train.device_memory_limit_gib"
+  plan = metrics_lib.compiled_memory_bytes(compiled)
+  if limit is not None and plan is not None and plan["total"] > limit:
+    raise StepDoesNotFitError(
+        f"the compiled train step needs {plan['total'] / _GIB:.3g} GiB per device (arguments "
+        f"{plan['argument'] / _GIB:.3g}, outputs {plan['output'] / _GIB:.3g} of which {plan['alias'] / _GIB:.3g} "
+        f"reuse donated inputs, temporaries {plan['temp'] / _GIB:.3g}), but the device has {limit / _GIB:.3g} GiB "
+        f"({source}). {_memory_knobs(program)}")
+  return compiled
+
+
+_LOOP_STARTED = contextvars.ContextVar("lsm_jax_training_loop_started", default=False)
+
+
+def training_loop_started() -> bool:
+  """Whether the latest `train()` call reached its training loop; errors before it are configuration errors."""
+  return _LOOP_STARTED.get()
+
+
+class _NonFiniteAfterRestore(errors.NonFiniteLossError):
+  """A non-finite loss before any new checkpoint was saved after restoring `restored_step`."""
+
+  def __init__(self, message: str, restored_step: int):
+    super().__init__(message)
+    self.restored_step = restored_step
+
+
+def _non_finite_error(model_dir: str, completed: int, scalars: dict, restored_step: int | None,
+                      checkpointer: checkpoint_lib.Checkpointer | None) -> errors.NonFiniteLossError:
+  """The error for a non-finite loss or gradient norm at step `completed` (the state after it is not saved)."""
+  name = "loss" if not np.isfinite(scalars["loss"]) else "gradient norm"
+  what = f"the {name} became {scalars['loss' if name == 'loss' else 'grad_norm']} at step {completed}"
+  if restored_step is not None and checkpointer is not None and not checkpointer.saved_resume_steps:
+    return _NonFiniteAfterRestore(f"{what}, {completed - restored_step} step(s) after restoring resume checkpoint "
+                                  f"{restored_step}", restored_step)
+  good = [step for step in checkpoint_lib.resume_checkpoint_steps(model_dir) if step < completed]
+  last_good = (f"resume checkpoint {good[-1]} ({os.path.join(model_dir, 'checkpoints', 'resume', str(good[-1]))}),"
+               f" which a rerun resumes from" if good else "none: no resume checkpoint was saved before it")
+  return errors.NonFiniteLossError(
+      f"{what}; stopping. The last good checkpoint is {last_good}. Try a lower optim.OptimizerConfig.learning_rate, "
+      f"a longer warmup_steps or a gradient_clip_norm, or float32 compute (ModelConfig.dtype); if the loss was "
+      f"finite and falling until then, look for bad data near step {completed}.")
+
+
+def _locked_with_rollback(train_function):
+  """Runs `train_function` holding MODEL_DIR's RunLock; when the loss turns non-finite right after a restore (the
+  restored checkpoint is bad although its files are intact), quarantines that checkpoint and trains once more
+  from the previous one."""
+
+  @functools.wraps(train_function)
+  def locked_train(**kwargs):
+    _LOOP_STARTED.set(False)
+    if "model_dir" not in kwargs:
+      return train_function(**kwargs)  # the TypeError names the missing argument
+    model_dir = kwargs["model_dir"]
+    with checkpoint_lib.RunLock(model_dir):
+      try:
+        return train_function(**kwargs)
+      except _NonFiniteAfterRestore as error:
+        bad_step = error.restored_step
+        older = [step for step in checkpoint_lib.resume_checkpoint_steps(model_dir) if step < bad_step]
+        if not older:
+          raise errors.NonFiniteLossError(f"{error}; there is no older resume checkpoint to roll back to, stopping. "
+                                          f"Move {model_dir}/checkpoints/resume/{bad_step} away to start over.") from error
+        checkpoint_lib.quarantine_resume_checkpoint(model_dir, bad_step, f"{error}")
+        logging.warning("%s: quarantined that checkpoint; rolling back once, to resume checkpoint %d", error, older[-1])
+      _LOOP_STARTED.set(False)
+      try:
+        return train_function(**kwargs)
+      except _NonFiniteAfterRestore as error:
+        raise errors.NonFiniteLossError(f"{error}, after rolling back once from resume checkpoint {bad_step}; "
+                                        f"stopping (a second bad checkpoint in a row points at the configuration or "
+                                        f"the data rather than the files).") from error
+
+  locked_train.__signature__ = inspect.signature(train_function)  # gin validates parameters against it
+  return locked_train
+
+
+@_locked_with_rollback
 def train(
     *,
     model_dir: str,
@@ -338,13 +441,16 @@ def train(
     eval_every_steps: int = 0,
     eval_batches: int = 4,
     log_every_steps: int = 1,
+    prefetch_batches: int = 2,
     enable_checkpointing: bool = True,
     checkpoint_every_steps: int = 1000,
     max_checkpoints_to_keep: int = 2,
     num_milestones: int = 57,
     milestone_dtype: str = "bfloat16",
     async_checkpointing: bool = True,
+    allow_config_change: bool = False,
     peak_flops_per_device: float | None = None,
+    device_memory_limit_gib: float | None = None,
     sample_prompt: str | None = "The ",
     sample_tokens: int = 48,
     progress_bar: bool = True,
@@ -359,14 +465,30 @@ def train(
   the global batch is reached by accumulating gradients over global_batch_size / (that × shards) microbatches
   (None: one microbatch). `loss_chunk_length`: time chunk for the vocabulary projection + softmax (None: whole
   sequence). `make_loader`: `lsm_jax.data.loader.make_loader` unless gin passes a configured one.
+  `prefetch_batches`: global batches a background thread builds ahead of the step (2: the next batch is ready
+  when the step is dispatched while one more absorbs a slow read). `device_memory_limit_gib`: memory per device
+  the compiled step's plan must fit (None: the allocator's limit where the device reports one, no check on CPU);
+  a step that does not fit stops before step 1 (docs/training.md). Before training, the run's checkpoint
+  storage is printed and, on a local MODEL_DIR, checked against the free space.
+  `allow_config_change`: resume even though the model, tokenizer, seq_len, global batch, seed or data differ from
+  the run's run_metadata.json (the differences are recorded there); refused otherwise.
   `config_text`: the effective gin config, written to MODEL_DIR/config.gin. `run_name` (default
   `<arch>_<size>`) and `ablation` (e.g. 'aspect', 'context') name the run in run_metadata.json, and through it in
   evaluation tables, where two runs of one (arch, size) may differ in shape or context.
 
-  Returns a summary: final step, last loss, last validation loss (or None) and the generated sample.
+  Holds MODEL_DIR's run lock for the whole call (lsm_jax.checkpoint.RunLock: a second trainer on the directory is
+  refused). A non-finite loss or gradient norm stops training with NonFiniteLossError, after one automatic roll
+  back to the previous checkpoint when it comes right after a restore (docs/reliability.md).
+
+  Returns a summary: final step, last loss, last validation loss (or None), the generated sample, and
+  `preempted` (True when a preemption notice stopped the run after saving).
   """
   # --- configuration checks: all of them before anything is compiled -------------------------------------
-  _check_positive_ints("trainer.train", log_every_steps=log_every_steps)
+  _check_positive_ints("trainer.train", log_every_steps=log_every_steps, prefetch_batches=prefetch_batches)
+  if device_memory_limit_gib is not None and not (isinstance(device_memory_limit_gib, (int, float))
+                                                  and device_memory_limit_gib > 0):
+    raise ValueError(f"trainer.train.device_memory_limit_gib must be None (read from the device) or a positive "
+                     f"number of GiB, got {device_memory_limit_gib!r}")
   if eval_every_steps < 0 or eval_batches < 1:
     raise ValueError(f"trainer.train.eval_every_steps must be >= 0 (0 = never) and eval_batches >= 1, got "
                      f"{eval_every_steps} and {eval_batches}")
@@ -397,6 +519,18 @@ def train(
   peak_flops = metrics_lib.peak_flops_per_device(device_kind, peak_flops_per_device)
 
   is_main_process = jax.process_index() == 0
+  run_metadata = {
+      "arch": model_config.arch, "size": model_config.size, "model_config": dataclasses.asdict(model_config),
+      "run_name": run_name or f"{model_config.arch}_{model_config.size}", "ablation": ablation,
+      "tokenizer": getattr(tokenizer, "spec", tokenizer.name), "seq_len": seq_len,
+      "global_batch_size": global_batch_size, "train_steps": train_steps,
+      "flops_per_step": program.flops_per_step_table1, "milestone_steps": list(milestone_steps),
+      "code_version": checkpoint_lib.code_version(), "data_dir": data_dir, "seed": seed,
+      "optimizer": dataclasses.asdict(optimizer), "mesh": dict(mesh.shape), "num_params": program.num_params,
+  }
+  # A resumed run must still be the same run; checked before config.gin and run_metadata.json are rewritten.
+  run_metadata.update(checkpoint_lib.check_resumed_run(model_dir, run_metadata,
+                                                       allow_config_change=allow_config_change))
   if is_main_process:
     os.makedirs(model_dir, exist_ok=True)
     if config_text is not None:
@@ -407,17 +541,15 @@ def train(
                program.num_microbatches, program.microbatch_size)
 
   # --- checkpoints ---------------------------------------------------------------------------------------
-  run_metadata = {
-      "arch": model_config.arch, "size": model_config.size, "model_config": dataclasses.asdict(model_config),
-      "run_name": run_name or f"{model_config.arch}_{model_config.size}", "ablation": ablation,
-      "tokenizer": getattr(tokenizer, "spec", tokenizer.name), "seq_len": seq_len,
-      "global_batch_size": global_batch_size, "train_steps": train_steps,
-      "flops_per_step": program.flops_per_step_table1, "milestone_steps": list(milestone_steps),
-      "code_version": checkpoint_lib.code_version(), "data_dir": data_dir, "seed": seed,
-      "optimizer": dataclasses.asdict(optimizer), "mesh": dict(mesh.shape), "num_params": program.num_params,
-  }
   checkpointer = None
   if enable_checkpointing:
+    storage = checkpoint_lib.storage_estimate(
+        program.abstract_state, train_steps=train_steps, milestone_steps=milestone_steps,
+        milestone_dtype=milestone_dtype, save_interval_steps=checkpoint_every_steps,
+        max_to_keep=max_checkpoints_to_keep)
+    if is_main_process:
+      print(f"checkpoint storage of this run: {storage.describe()}", flush=True)
+    checkpoint_lib.check_free_space(model_dir, storage)
     checkpointer = checkpoint_lib.Checkpointer(
         model_dir, save_interval_steps=checkpoint_every_steps, max_to_keep=max_checkpoints_to_keep,
         milestone_steps=milestone_steps, milestone_dtype=milestone_dtype, async_save=async_checkpointing,
@@ -438,7 +570,7 @@ def train(
   compiled_step = compiled_eval = None
   if start_step < train_steps:  # a finished run (e.g. a study's rerun) restores and returns without compiling
     compile_start = time.perf_counter()
-    compiled_step = program.lower_train_step().compile()
+    compiled_step = compile_train_step(program, device_memory_limit_gib)
     compiled_eval = program.lower_eval_step().compile() if validation_loader is not None else None
     logging.info("compiled in %.1f s; %d parameters", time.perf_counter() - compile_start, program.num_params)
 
@@ -460,51 +592,76 @@ def train(
     checkpointer.save(0, state, metadata={"tokens_seen": 0, "compute_pflops_days": 0.0})
 
   # --- the loop ------------------------------------------------------------------------------------------
+  # The host runs one step ahead of the device: it dispatches step s + 1, then reads step s's metrics while
+  # s + 1 runs, and a background thread builds the next batches. Evaluation and checkpoints need the state after
+  # a step before the next step consumes it (donated), so at those steps the metrics are read at once.
   writer = metrics_lib.MetricsWriter(model_dir, enable_tensorboard=enable_tensorboard)
   if config_text is not None:
     writer.write_text("config", config_text)
   tokens_per_step = global_batch_size * seq_len
-  num_devices = jax.device_count()
-  last = {"step": start_step, "loss": None, "val_loss": None, "sample": None}
+  peak_flops_all_devices = peak_flops * jax.device_count()
+  local_devices = jax.local_devices()
+  last = {"step": start_step, "loss": None, "val_loss": None, "sample": None, "preempted": False}
   progress = tqdm.tqdm(total=train_steps, initial=start_step, disable=not (progress_bar and is_main_process),
                        unit="step", dynamic_ncols=True)
-  try:
-    for step in range(start_step, train_steps):
-      batch = global_batch(train_loader, step)
-      step_start = time.perf_counter()
-      state, step_metrics = compiled_step(state, rest, batch)
-      step_metrics = jax.device_get(step_metrics)
-      step_time = time.perf_counter() - step_start
-      completed = step + 1
-      scalars = {
-          "loss": float(step_metrics["loss"]), "grad_norm": float(step_metrics["grad_norm"]),
-          "learning_rate": float(step_metrics["learning_rate"]), "tokens_per_sec": tokens_per_step / step_time,
-          "mfu": program.flops_per_step_model / step_time / (peak_flops * num_devices), "step_time_s": step_time,
-          "tokens_seen": completed * tokens_per_step,
-          "compute_pflops_days": flops.to_pflops_days(completed * program.flops_per_step_table1),
-      }
-      if not np.isfinite(scalars["loss"]):
-        raise FloatingPointError(f"loss became {scalars['loss']} at step {step}")
-      if compiled_eval is not None and (completed % eval_every_steps == 0 or completed == train_steps):
-        scalars["val_loss"] = validation_loss()
-        last["val_loss"] = scalars["val_loss"]
-      if completed % log_every_steps == 0 or completed == train_steps or "val_loss" in scalars:
-        writer.write(completed, scalars)
-      last.update(step=completed, loss=scalars["loss"])
-      progress.update(1)
+  _LOOP_STARTED.set(True)
+  restored_step = start_step if restored is not None else None
+  batches = loader_lib.prefetched(lambda index: global_batch(train_loader, index), range(start_step, train_steps),
+                                  depth=prefetch_batches)
+  timer = metrics_lib.StepTimer()
+
+  def accounting(completed):
+    return {"tokens_seen": completed * tokens_per_step,
+            "compute_pflops_days": flops.to_pflops_days(completed * program.flops_per_step_table1)}
+
+  def finish_step(completed, device_metrics, evaluate=False):
+    """Reads step `completed`'s metrics (waiting for it), checks them, evaluates if asked, logs."""
+    host_metrics = jax.device_get(device_metrics)
+    timer.completed()
+    scalars = {"loss": float(host_metrics["loss"]), "grad_norm": float(host_metrics["grad_norm"]),
+               "learning_rate": float(host_metrics["learning_rate"]), **accounting(completed)}
+    if not (np.isfinite(scalars["loss"]) and np.isfinite(scalars["grad_norm"])):
+      raise _non_finite_error(model_dir, completed, scalars, restored_step, checkpointer)
+    if evaluate:
+      scalars["val_loss"] = last["val_loss"] = validation_loss()
+    if completed % log_every_steps == 0 or completed == train_steps or evaluate:
+      scalars.update(metrics_lib.throughput(*timer.interval(), tokens_per_step=tokens_per_step,
+                                            flops_per_step=program.flops_per_step_model,
+                                            peak_flops=peak_flops_all_devices))
+      scalars["timestamp"] = time.time()
+      peak_gib = metrics_lib.peak_memory_gib(local_devices)
+      if peak_gib is not None:
+        scalars["peak_memory_gib"] = peak_gib
+      writer.write(completed, scalars)
       progress.set_postfix_str(metrics_lib.format_progress(scalars), refresh=False)
-      if checkpointer is not None:
-        checkpointer.save(completed, state, metadata={"tokens_seen": scalars["tokens_seen"],
-                                                      "compute_pflops_days": scalars["compute_pflops_days"]})
+    last.update(step=completed, loss=scalars["loss"])
+    progress.update(1)
+
+  unread = None  # (step, device metrics) of the newest dispatched step whose metrics are not read yet
+  try:
+    for step, batch in batches:
+      completed = step + 1
+      timer.dispatching()
+      state, step_metrics = compiled_step(state, rest, batch)
+      if unread is not None:
+        finish_step(*unread)  # the previous step, read while this one runs
+      unread = (completed, step_metrics)
+      evaluate = compiled_eval is not None and (completed % eval_every_steps == 0 or completed == train_steps)
+      save = checkpointer is not None and checkpointer.save_due(completed, force=completed == train_steps)
+      if evaluate or save:
+        # Checked before it is saved: a checkpoint never holds the state of a non-finite loss.
+        finish_step(*unread, evaluate=evaluate)
+        unread = None
+      if save:
+        checkpointer.save(completed, state, force=completed == train_steps, metadata=accounting(completed))
         if checkpointer.reached_preemption(completed):
           logging.warning("preemption signal at step %d: checkpoint saved, stopping", completed)
+          last["preempted"] = True
           break
-    else:
-      if checkpointer is not None and start_step < train_steps:
-        checkpointer.save(train_steps, state, force=True, metadata={
-            "tokens_seen": train_steps * tokens_per_step,
-            "compute_pflops_days": flops.to_pflops_days(train_steps * program.flops_per_step_table1)})
+    if unread is not None:
+      finish_step(*unread)
   finally:
+    batches.close()
     progress.close()
     writer.close()
     if checkpointer is not None:

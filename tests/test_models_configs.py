@@ -36,6 +36,18 @@ def test_json_round_trip_and_overrides():
     config.num_layers = 3
 
 
+@pytest.mark.parametrize("platform, dtype, backend, attention", [
+    ("tpu", "bfloat16", "pallas_tpu", "splash"), ("gpu", "bfloat16", "pallas_gpu", "cudnn"),
+    ("gpu", "float32", "pallas_gpu", "xla"), ("cpu", "bfloat16", "xla", "xla")])
+def test_resolved_for_fixes_the_auto_kernel_choices_of_the_platform(platform, dtype, backend, attention):
+  config = configs.get_config("tnl", "70m", dtype=dtype)
+  resolved = config.resolved_for(platform)
+  assert (resolved.linear_attention_backend, resolved.attention_impl) == (backend, attention)
+  assert dataclasses.replace(resolved, linear_attention_backend="auto", attention_impl="auto") == config
+  # Explicit choices stay, whatever the platform.
+  assert resolved.resolved_for("cpu") == resolved
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda: configs.get_config("mamba", "1b"), "Unknown arch 'mamba'; valid: llama, tnl, hgrn2, cosformer2"),
     (lambda: configs.get_config("tnl", "13b"), "Unknown size '13b'; valid: 70m, 160m, 410m, 1b, 3b, 7b"),

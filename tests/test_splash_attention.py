@@ -101,5 +101,6 @@ def test_lengths_splash_cannot_block_take_the_xla_path():
     ("tpu", jnp.bfloat16, "splash"), ("tpu", jnp.float32, "splash"), ("gpu", jnp.bfloat16, "cudnn"),
     ("gpu", jnp.float32, "xla"), ("cpu", jnp.bfloat16, "xla")])
 def test_auto_attention_follows_the_platform(platform, dtype, expected):
-  assert softmax.resolve_attention_impl("auto", dtype, platform) == expected
-  assert softmax.resolve_attention_impl("xla", dtype, platform) == "xla"
+  dtype = jnp.dtype(dtype).name
+  assert get_config("llama", "70m", dtype=dtype).resolved_for(platform).attention_impl == expected
+  assert get_config("llama", "70m", dtype=dtype, attention_impl="xla").resolved_for(platform).attention_impl == "xla"

@@ -10,16 +10,21 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.linear_attention import api as linear_attention_api
+
 ARCHS = ("llama", "tnl", "hgrn2", "cosformer2")
 SIZES = ("70m", "160m", "410m", "1b", "3b", "7b")
 DTYPES = ("float32", "bfloat16", "float16")
-LINEAR_ATTENTION_BACKENDS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu")
+LINEAR_ATTENTION_BACKENDS = linear_attention_api.BACKENDS
 # "none": keep every activation; "full": recompute the whole layer in the backward pass; the others are
 # jax.checkpoint_policies of the same name (save matmul outputs, recompute the cheap elementwise work).
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "dots_and_mixer_kernels_saveable")
 # "auto": splash attention on TPU, cuDNN flash attention on GPU for 16-bit compute, XLA elsewhere (jax 0.10's
-# implementation=None always picks XLA, so the choice is made here; mixers/softmax.py).
+# implementation=None always picks XLA, so the choice is made here: ModelConfig.resolved_for).
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
 # size -> (num_layers, d_model, ffn_dim); heads = d_model / 128.
@@ -79,6 +84,26 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.chunk_size must be None or a positive int; got {self.chunk_size!r}.")
     if not isinstance(self.scan_layers, bool):
       raise ValueError(f"ModelConfig.scan_layers must be a bool; got {self.scan_layers!r}.")
+
+  def resolved_for(self, platform: str | None = None) -> ModelConfig:
+    """This config with its "auto" kernel choices fixed for `platform` ("tpu", "gpu", "cpu"; None: the default
+    device's). Explicit choices stay as they are.
+
+    The mixers resolve at trace time with the default device's platform. The trainer resolves from the mesh's
+    devices instead, so a program compiled ahead of time for a TPU topology from a CPU host gets the TPU kernels.
+    """
+    platform = platform or jax.default_backend()
+    attention_impl = self.attention_impl
+    if attention_impl == "auto":
+      if platform == "tpu":
+        attention_impl = "splash"
+      elif platform == "gpu" and jnp.dtype(self.dtype) in (jnp.bfloat16, jnp.float16):
+        attention_impl = "cudnn"
+      else:
+        attention_impl = "xla"
+    return dataclasses.replace(
+        self, attention_impl=attention_impl,
+        linear_attention_backend=linear_attention_api.resolve_backend(self.linear_attention_backend, platform))
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -27,19 +27,6 @@ SPLASH_BLOCKS = (512, 256, 128)
 INTERPRET_SPLASH = False
 
 
-def resolve_attention_impl(attention_impl: str, dtype, platform: str | None = None) -> str:
-  """"auto" -> splash attention on TPU, cuDNN flash attention on GPU for 16-bit inputs, else XLA. `platform`:
-  the target's (None: the default device's)."""
-  if attention_impl != "auto":
-    return attention_impl
-  platform = platform or jax.default_backend()
-  if platform == "tpu":
-    return "splash"
-  if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-    return "cudnn"
-  return "xla"
-
-
 def splash_block(length: int) -> int | None:
   """The splash block for a sequence of `length`, or None where splash cannot run it (T not a multiple of
   128: the one model also serves evaluation prompts of any length, which then take the XLA path)."""
@@ -105,7 +92,7 @@ class SoftmaxAttention(nnx.Module):
   def __call__(self, x, *, segment_ids, positions, layer_inputs, max_length=None):
     del layer_inputs
     q, k, v = self._project(x, positions)
-    implementation = resolve_attention_impl(self.config.attention_impl, q.dtype)
+    implementation = self.config.resolved_for().attention_impl
     attended = splash_attention(q, k, v, segment_ids) if implementation == "splash" else None
     if attended is None:
       mask = None

@@ -1,0 +1,177 @@
+"""What `python -m lsm_jax.train` refuses and how it exits: unknown macros, resumes that change the run, a locked
+MODEL_DIR, and the exit codes of lsm_jax/errors.py (user error 2 without a traceback, SIGTERM 75).
+
+The end-to-end recovery cases (a flipped bit in a resume checkpoint, a NaN right after a restore, a second
+trainer next to a running one) train real runs and live in tests/test_resume.py.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import gin
+import pytest
+
+from lsm_jax import checkpoint
+from lsm_jax import errors
+from lsm_jax import train
+from lsm_jax import trainer
+
+SMOKE = "gin/smoke/llama.gin"
+# The smallest smoke run the CLI can train: compiles in seconds on one CPU device.
+TINY = ["--gin.SEQ_LEN=32", "--gin.GLOBAL_BATCH_SIZE=2", "--gin.EVAL_EVERY_STEPS=0",
+        "--gin.sharding.MeshConfig.fsdp=1", "--gin.trainer.train.progress_bar=False",
+        "--gin.trainer.train.enable_tensorboard=False", "--gin.trainer.train.sample_prompt=None"]
+
+
+def cli(*args, timeout=120, **popen_kwargs):
+  environment = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                     PYTHONUNBUFFERED="1")
+  environment.pop("LSM_JAX_VERBOSE", None)
+  return subprocess.Popen([sys.executable, "-m", "lsm_jax.train", f"--gin_file={SMOKE}", *args], cwd=train.REPO_ROOT,
+                          env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs)
+
+
+# --- macros ---------------------------------------------------------------------------------------------------
+
+def test_binding_an_undefined_macro_is_refused_like_a_misspelled_parameter():
+  gin.clear_config()
+  try:
+    with pytest.raises(ValueError, match=r"'TRAIN_STEP = 3' sets the macro TRAIN_STEP, which no gin file defines "
+                                         r"or uses; did you mean TRAIN_STEPS\? Macros of the files: .*MODEL_DIR"):
+      train.parse_gin([SMOKE], ["MODEL_DIR = '/tmp/x'", "TRAIN_STEP = 3"])
+    gin.clear_config()
+    # Defined macros, parameters and a new macro that another binding uses stay allowed.
+    train.parse_gin([SMOKE], ["MODEL_DIR = '/tmp/x'", "TRAIN_STEPS = 3", "MY_SEED = 5",
+                              "trainer.train.seed = %MY_SEED"])
+    assert gin.query_parameter("trainer.train.seed").scoped_configurable_fn() == 5
+    assert gin.query_parameter("TRAIN_STEPS/macro.value") == 3
+  finally:
+    gin.clear_config()
+
+
+def test_cli_user_error_is_one_line_without_traceback_unless_verbose(tmp_path):
+  model_dir = tmp_path / "run"
+  quiet = cli(f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEP=3")
+  _, stderr = quiet.communicate(timeout=120)
+  assert quiet.returncode == errors.EXIT_USER_ERROR == 2, stderr
+  assert "Traceback" not in stderr
+  assert "user error: binding 'TRAIN_STEP = 3' sets the macro TRAIN_STEP" in stderr
+  assert not model_dir.exists()  # refused before anything was written
+  verbose = cli(f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEP=3", "--verbose")
+  _, stderr = verbose.communicate(timeout=120)
+  assert verbose.returncode == 2 and "Traceback" in stderr and "user error: binding" in stderr
+
+
+# --- resume checks --------------------------------------------------------------------------------------------
+
+SAVED = {"arch": "llama", "size": "smoke", "tokenizer": "bytes", "seq_len": 32, "global_batch_size": 8, "seed": 0,
+         "data_dir": "embedded:bytes", "train_steps": 20, "optimizer": {"learning_rate": 3e-3},
+         "model_config": {"arch": "llama", "num_layers": 2, "d_model": 64, "vocab_size": 264, "dtype": "float32",
+                          "remat_policy": "none", "attention_impl": "auto"}}
+
+
+def saved_run(tmp_path, step=8, **saved_overrides):
+  (tmp_path / "checkpoints" / "resume" / str(step)).mkdir(parents=True)
+  (tmp_path / checkpoint.RUN_METADATA_FILE).write_text(json.dumps({**SAVED, **saved_overrides}))
+  return tmp_path
+
+
+def changed(**changes):
+  new = json.loads(json.dumps(SAVED))
+  for key, value in changes.items():
+    if key.startswith("model_config."):
+      new["model_config"][key.split(".", 1)[1]] = value
+    else:
+      new[key] = value
+  return new
+
+
+@pytest.mark.parametrize("key, value, shown", [
+    ("model_config.d_model", 128, "model_config.d_model: 64 -> 128"),
+    ("model_config.num_layers", 3, "model_config.num_layers: 2 -> 3"),
+    ("tokenizer", "o200k_base", "tokenizer: 'bytes' -> 'o200k_base'"),
+    ("seq_len", 64, "seq_len: 32 -> 64"),
+    ("global_batch_size", 16, "global_batch_size: 8 -> 16"),
+    ("seed", 1, "seed: 0 -> 1"),
+    ("data_dir", "/data/other", "data_dir: 'embedded:bytes' -> '/data/other'"),
+])
+def test_resume_refuses_a_change_of_the_run_and_lists_it(tmp_path, key, value, shown):
+  run_dir = saved_run(tmp_path)
+  with pytest.raises(errors.ConfigChangeError, match=r"refusing to resume .* \(at step 8\) .*: " + re.escape(shown)):
+    checkpoint.check_resumed_run(run_dir, changed(**{key: value}))
+  with pytest.warns(RuntimeWarning, match="allowed by allow_config_change"):
+    recorded = checkpoint.check_resumed_run(run_dir, changed(**{key: value}), allow_config_change=True)
+  assert recorded == {"config_changes": [{"step": 8, "changes": {key: [_saved_value(key), value]}}]}
+
+
+def _saved_value(key):
+  return SAVED["model_config"][key.split(".", 1)[1]] if key.startswith("model_config.") else SAVED[key]
+
+
+def test_resume_lists_every_difference_and_keeps_the_history(tmp_path):
+  history = [{"step": 4, "changes": {"seed": [1, 0]}}]
+  run_dir = saved_run(tmp_path, config_changes=history)
+  with pytest.raises(errors.ConfigChangeError, match=r"global_batch_size: 8 -> 4; seed: 0 -> 2\. Restore"):
+    checkpoint.check_resumed_run(run_dir, changed(global_batch_size=4, seed=2))
+  # How the same model is computed, the optimizer and a longer run are not the run's identity.
+  same_run = changed(**{"model_config.dtype": "bfloat16", "model_config.remat_policy": "full",
+                        "optimizer": {"learning_rate": 1e-3}, "train_steps": 40})
+  assert checkpoint.check_resumed_run(run_dir, same_run) == {"config_changes": history}
+
+
+def test_resume_refuses_train_steps_below_the_reached_step(tmp_path):
+  run_dir = saved_run(tmp_path, step=8)
+  with pytest.raises(errors.UserError, match=r"train_steps=5 is below step 8, which the run in .* has already "
+                                             r"reached \(checkpoints/resume/8\); give TRAIN_STEPS >= 8"):
+    checkpoint.check_resumed_run(run_dir, changed(train_steps=5))
+  assert checkpoint.check_resumed_run(run_dir, changed(train_steps=8)) == {}
+  assert checkpoint.check_resumed_run(tmp_path / "fresh", changed(seed=3)) == {}  # nothing to resume
+
+
+# --- one trainer per MODEL_DIR ---------------------------------------------------------------------------------
+
+def test_trainer_refuses_a_locked_model_dir_before_writing(tmp_path):
+  model_dir = tmp_path / "run"
+  holder = subprocess.Popen([sys.executable, "-c", (
+      "import sys, time\nfrom lsm_jax import checkpoint\n"
+      f"with checkpoint.RunLock({str(model_dir)!r}):\n  print('held', flush=True)\n  time.sleep(120)\n")],
+      cwd=train.REPO_ROOT, stdout=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    gin.clear_config()
+    train.parse_gin([SMOKE], [f"MODEL_DIR = '{model_dir}'", "TRAIN_STEPS = 2"])
+    with pytest.raises(errors.RunLockedError, match=rf"in use by another trainer \(pid {holder.pid} on host"):
+      gin.get_configurable(trainer.train)(config_text=gin.config_str())
+    assert sorted(os.listdir(model_dir)) == [checkpoint.LOCK_FILE]  # nothing else written
+    assert json.loads((model_dir / checkpoint.LOCK_FILE).read_text())["pid"] == holder.pid
+  finally:
+    gin.clear_config()
+    holder.kill()
+    holder.wait()
+
+
+# --- exit codes -----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow  # one CLI training process: about 30 s of CPU time
+def test_sigterm_saves_and_exits_with_the_preempted_code(tmp_path):
+  model_dir = tmp_path / "run"
+  process = cli(f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=100000",
+                "--gin.trainer.train.checkpoint_every_steps=100000", *TINY)
+  metrics_path = model_dir / "metrics.jsonl"
+  deadline = time.monotonic() + 240
+  while not (metrics_path.exists() and metrics_path.read_text().count("\n") >= 2):
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    assert time.monotonic() < deadline, "no training steps within 240 s"
+    time.sleep(0.2)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == errors.EXIT_PREEMPTED == 75, stderr[-3000:]
+  assert "preempted at step" in stderr and "Traceback" not in stderr
+  saved = checkpoint.resume_checkpoint_steps(model_dir)
+  assert len(saved) == 1 and 2 <= saved[0] < 100000  # the preemption save, nothing else
+  assert checkpoint.verify_manifest(model_dir / "checkpoints" / "resume" / str(saved[0]))
+  assert not (model_dir / checkpoint.LOCK_FILE).exists()  # released on exit
