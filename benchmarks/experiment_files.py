@@ -80,11 +80,13 @@ def _header(command: str) -> dict:
 
 
 def _commit() -> str:
+  if os.environ.get("LSM_JAX_COMMIT"):  # a copy of the tree without its git history (e.g. an exported snapshot)
+    return os.environ["LSM_JAX_COMMIT"]
   try:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                           cwd=REPO_ROOT).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
-    return os.environ.get("LSM_JAX_COMMIT", "unknown")
+    return "unknown"
 
 
 def _timing_args(steps: int, warmup: int) -> argparse.Namespace:
