@@ -19,6 +19,8 @@ import os
 import time
 import traceback
 
+from provenance import package_versions  # benchmarks/peers/, the script's own directory
+
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave the GPU's memory to torch as well
 
 SHAPES = ((8, 2048, 16, 128), (2, 8192, 16, 128), (1, 32768, 16, 128))
@@ -136,16 +138,6 @@ def time_torch(results: dict) -> None:
       log(name, label, f"fwd {forward:.3f} ms  fwd+bwd {both:.3f} ms")
 
 
-def versions() -> dict:
-  found = {}
-  for package in ("jax", "torch", "triton", "fla", "lightning_attn"):
-    try:
-      found[package] = __import__(package).__version__
-    except (ImportError, AttributeError):
-      found[package] = None
-  return found
-
-
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", required=True, help="JSON file to write")
@@ -160,7 +152,8 @@ def main(argv=None) -> dict:
   record = {"provenance": {
       "script": "benchmarks/peers/fla_kernels.py",
       "command": f"python3 benchmarks/peers/fla_kernels.py --out {args.out}",
-      "packages": versions(), "device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
+      "packages": package_versions("jax", "torch", "triton", "fla", "lightning_attn"),
+      "device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "units": "milliseconds, [forward, forward+backward], median"},
       "results": results}

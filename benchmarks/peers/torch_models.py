@@ -23,6 +23,8 @@ import traceback
 
 import torch
 
+from provenance import package_versions  # benchmarks/peers/, the script's own directory
+
 # Layers, width, heads and GLU width of the paper's shapes (head dim 128, 1B GLU width 4096).
 SIZES = {"410m": dict(d=1024, layers=26, heads=8, ffn=2816), "1b": dict(d=1536, layers=32, heads=12, ffn=4096)}
 MODELS = ("hgrn2", "llama")
@@ -82,16 +84,6 @@ def bench(model_name: str, size: str, seq_len: int, tokens_per_step: int, max_se
   return row
 
 
-def versions() -> dict:
-  found = {"torch": torch.__version__}
-  for package in ("transformers", "triton", "fla"):
-    try:
-      found[package] = __import__(package).__version__
-    except (ImportError, AttributeError):
-      found[package] = None
-  return found
-
-
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", required=True, help="JSON file to write")
@@ -110,7 +102,7 @@ def main(argv=None) -> dict:
       "script": "benchmarks/peers/torch_models.py",
       "command": "python3 benchmarks/peers/torch_models.py " + " ".join(
           f"--{key} {value}" for key, value in vars(args).items()),
-      "packages": versions(),
+      "packages": package_versions("torch", "transformers", "triton", "fla"),
       "device": f"{torch.cuda.device_count()}x {device.name} ({device.total_memory / 1e9:.0f} GB)",
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "setup": "bf16 autocast, fp32 fused AdamW (lr 3e-4, weight decay 0.1), tied embeddings; fla "
