@@ -17,7 +17,8 @@ On a GPU host (jax[cuda]), then the PyTorch peers of benchmarks/peers/ at the sa
   python3 benchmarks/peers/torch_models.py --out benchmarks/peers/torch_models_h200.json   # fla HGRN2, HF LLaMA
 The markdown's "peer" columns are read from --peers (default benchmarks/peers/torch_models_h200.json), labelled
 with that file's provenance; rows match by (arch, size, seq_len). Every row records the date and commit it was
-measured at, so a table assembled with --append from several runs says which row comes from which.
+measured at ($LSM_JAX_COMMIT, else git describe), so a table assembled with --append from several runs says
+which row comes from which.
 
 CPU check (tiny shapes, known to run here):
   python benchmarks/train_step.py --archs hgrn2,llama --sizes tiny --seq_lens 128 --tokens_per_step 1024 \
@@ -33,7 +34,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lsm_jax import metrics, optim, sharding, trainer  # noqa: E402
+from lsm_jax import checkpoint, metrics, optim, sharding, trainer  # noqa: E402
 from lsm_jax.models import configs  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -186,16 +186,9 @@ def load_peers(path: str) -> tuple[dict, str]:
   return table, label
 
 
-def current_commit() -> str | None:
-  """The checkout's short commit hash, with "+changes" when tracked files differ from it; None outside git."""
-  try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                            check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                           capture_output=True, text=True, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return None
-  return commit + ("+changes" if dirty else "")
+def current_commit() -> str:
+  """$LSM_JAX_COMMIT when set (a copy of the tree without its git history), else the checkout's git describe."""
+  return os.environ.get("LSM_JAX_COMMIT") or checkpoint.code_version()
 
 
 def _format(value, pattern):
