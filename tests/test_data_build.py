@@ -1,7 +1,13 @@
 """The dataset builder: packing invariants, document fidelity, build report, idempotency, bad input."""
+import glob
+import gzip
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -183,3 +189,193 @@ def test_command_line(tmp_path):
   report = json.loads((tmp_path / "out" / "build_report.json").read_text())
   assert report["splits"]["train"]["documents"] == 2
   assert report["splits"]["train"]["tokens"] == len("one document\n") + len("another document\n") + 2
+
+
+# ------------------------------------------------------------------ other layouts: text field, compression, HF
+
+LAYOUT_DOCUMENTS = [f"Record {i}: " + " ".join(f"w{(i * 13 + j) % 37}" for j in range(i % 9 + 3)) + "\n"
+                    for i in range(48)]
+
+
+def write_layouts(directory):
+  """The same documents under a `content` field in every supported layout; returns {name: source path}."""
+  import datasets
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  import zstandard
+  directory.mkdir()
+  lines = "".join(json.dumps({"id": i, "content": text}) + "\n" for i, text in enumerate(LAYOUT_DOCUMENTS))
+  (directory / "plain.jsonl").write_text(lines)
+  with gzip.open(directory / "docs.jsonl.gz", "wt") as f:
+    f.write(lines)
+  (directory / "docs.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+  pq.write_table(pa.table({"id": range(len(LAYOUT_DOCUMENTS)), "content": LAYOUT_DOCUMENTS}),
+                 directory / "docs.parquet")
+  dataset = datasets.Dataset.from_dict({"id": list(range(len(LAYOUT_DOCUMENTS))), "content": LAYOUT_DOCUMENTS})
+  dataset.save_to_disk(str(directory / "hf_dataset"))
+  datasets.DatasetDict({"train": dataset, "test": dataset.select(range(3))}).save_to_disk(str(directory / "hf_dict"))
+  return {name: str(directory / name) for name in ("plain.jsonl", "docs.jsonl.gz", "docs.jsonl.zst", "docs.parquet",
+                                                    "hf_dataset", "hf_dict")}
+
+
+def records(data_dir, split):
+  import tensorflow_datasets as tfds
+  source = tfds.builder_from_directory(build_lib.dataset_version_dir(data_dir)).as_data_source(split=split)
+  return np.stack([source[i]["tokens"] for i in range(len(source))])
+
+
+def test_every_layout_gives_the_records_of_the_documents_themselves(tmp_path):
+  sources = write_layouts(tmp_path / "layouts")
+  reference = str(tmp_path / "reference")
+  build_lib.build_from_documents(LAYOUT_DOCUMENTS, reference, seq_len=SEQ_LEN, tokenizer="bytes",
+                                 val_fraction=VAL_FRACTION, input_fingerprint=["reference"], num_workers=1,
+                                 show_progress=False)
+  for name, source in sources.items():
+    data_dir = str(tmp_path / f"out_{name}")
+    report = build_lib.build_dataset(source, data_dir, seq_len=SEQ_LEN, tokenizer="bytes", val_fraction=VAL_FRACTION,
+                                     num_workers=1, show_progress=False, text_field="content")
+    assert report["input"]["documents_read"] == len(LAYOUT_DOCUMENTS), name
+    for split in build_lib.SPLITS:
+      np.testing.assert_array_equal(records(data_dir, split), records(reference, split), err_msg=name)
+
+
+def test_reading_reports_every_byte_of_the_sources(tmp_path):
+  sources = write_layouts(tmp_path / "layouts")
+  for source in sources.values():
+    consumed = []
+    stats = build_lib._ReadStats(advance=consumed.append)
+    assert list(build_lib._iter_source_documents(source, stats, False, "content")) == LAYOUT_DOCUMENTS
+    assert sum(consumed) == pytest.approx(build_lib.source_bytes(source)), source
+
+
+def test_a_missing_text_field_is_named_with_the_fields_there_are(tmp_path):
+  sources = write_layouts(tmp_path / "layouts")
+  def build(source, **options):
+    return build_lib.build_dataset(source, str(tmp_path / "out"), seq_len=SEQ_LEN, tokenizer="bytes",
+                                   num_workers=1, show_progress=False, **options)
+  with pytest.raises(ValueError, match=r"no documents found.*no string 'text' field; its fields: id, content.*"
+                                       r"pass --text_field"):
+    build(sources["docs.jsonl.gz"])
+  with pytest.raises(ValueError, match=r"has no 'body' column; columns: \['id', 'content'\].*--text_field"):
+    build(sources["hf_dataset"], text_field="body")
+  (tmp_path / "layouts" / "broken.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00 truncated")
+  with pytest.raises(ValueError, match="cannot decompress .*broken.jsonl.gz"):
+    build(str(tmp_path / "layouts" / "broken.jsonl.gz"), text_field="content")
+
+
+def test_command_line_reads_a_content_field(tmp_path):
+  sources = write_layouts(tmp_path / "layouts")
+  build_lib.main([f"--source={sources['plain.jsonl']}", f"--data_dir={tmp_path / 'out'}", f"--seq_len={SEQ_LEN}",
+                  "--tokenizer=bytes", "--val_fraction=0", "--num_workers=1", "--text_field=content"])
+  report = json.loads((tmp_path / "out" / "build_report.json").read_text())
+  assert report["splits"]["train"]["documents"] == len(LAYOUT_DOCUMENTS)
+  with pytest.raises(SystemExit, match="^error: .*no documents found"):
+    build_lib.main([f"--source={sources['plain.jsonl']}", f"--data_dir={tmp_path / 'out2'}", "--seq_len=8",
+                    "--tokenizer=bytes", "--val_fraction=0", "--num_workers=1"])
+
+
+# ------------------------------------------------------------------------------ interrupted and concurrent builds
+
+def dead_pid():
+  process = subprocess.Popen([sys.executable, "-c", "pass"])
+  process.wait()
+  return process.pid
+
+
+def scratch_left(data_dir):
+  return sorted(name for name in os.listdir(data_dir) if name.startswith((".tokenizing-", ".build.lock"))) + sorted(
+      name for name in os.listdir(os.path.join(data_dir, build_lib.DATASET_NAME)) if name.startswith("incomplete."))
+
+
+def test_a_killed_build_is_cleaned_up_by_the_rerun(tmp_path):
+  words = [f"word{i}" for i in range(50)]
+  rng = np.random.default_rng(0)
+  documents = [" ".join(rng.choice(words, 200)) + "\n" for _ in range(1000)]  # ~3,000 records: seconds to write
+  source = tmp_path / "corpus.jsonl.gz"
+  with gzip.open(source, "wt") as f:
+    f.writelines(json.dumps({"content": text}) + "\n" for text in documents)
+  data_dir = tmp_path / "data"
+  command = [sys.executable, "-m", "lsm_jax.data.build", f"--source={source}", f"--data_dir={data_dir}",
+             "--seq_len=256", "--tokenizer=bytes", "--val_fraction=0.05", "--num_workers=1", "--text_field=content"]
+  build = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 120
+  spill = []
+  while not any(os.path.getsize(path) for path in spill) and time.monotonic() < deadline and build.poll() is None:
+    time.sleep(0.02)
+    spill = glob.glob(str(data_dir / ".tokenizing-*" / "train.tokens"))
+  assert build.poll() is None, "the build ended before it could be killed mid-way"
+  os.kill(build.pid, signal.SIGKILL)
+  build.wait()
+  # What a kill during the TFDS write phase leaves as well.
+  (data_dir / build_lib.DATASET_NAME / "incomplete.K1LLED_1.0.0").mkdir(parents=True)
+  (data_dir / build_lib.DATASET_NAME / "incomplete.K1LLED_1.0.0" / "shard").write_bytes(b"x" * 1000)
+  assert {".build.lock", os.path.basename(os.path.dirname(spill[0])), "incomplete.K1LLED_1.0.0"} <= set(
+      scratch_left(data_dir))
+  report = build_lib.build_dataset(str(source), str(data_dir), seq_len=256, tokenizer="bytes", val_fraction=0.05,
+                                   num_workers=1, show_progress=False, text_field="content")
+  assert scratch_left(data_dir) == []
+  assert report["input"]["documents_read"] == len(documents)
+  reference = str(tmp_path / "reference")
+  build_lib.build_from_documents(documents, reference, seq_len=256, tokenizer="bytes", val_fraction=0.05,
+                                 input_fingerprint=["reference"], num_workers=1, show_progress=False)
+  for split in build_lib.SPLITS:
+    np.testing.assert_array_equal(records(str(data_dir), split), records(reference, split))
+
+
+def test_a_running_build_keeps_its_lock_and_a_dead_one_loses_it(tmp_path, capsys):
+  (tmp_path / "doc.txt").write_text("one document\n<|endoftext|>\nanother document\n")
+  data_dir = tmp_path / "out"
+  data_dir.mkdir()
+  def build():
+    return build_lib.build_dataset(str(tmp_path / "doc.txt"), str(data_dir), seq_len=8, tokenizer="bytes",
+                                   val_fraction=0.0, num_workers=1, show_progress=False)
+  lock = data_dir / build_lib.BUILD_LOCK
+  lock.write_text(json.dumps(build_lib.process_owner()))  # this very process: alive
+  with pytest.raises(ValueError, match=f"another build is writing {data_dir} .*pid {os.getpid()}"):
+    build()
+  lock.write_text(json.dumps({**build_lib.process_owner(), "host": "elsewhere"}))  # unverifiable: kept
+  with pytest.raises(ValueError, match="host elsewhere"):
+    build()
+  owner = build_lib.process_owner()
+  # A reused pid: the recorded start time differs from the live process's.
+  lock.write_text(json.dumps({**owner, "start_time": "0"}))
+  assert build()["splits"]["train"]["documents"] == 2 and not lock.exists()
+  assert "taking over" in capsys.readouterr().err
+  # Killed after writing the dataset, before removing its spill directory: the rerun reuses it and cleans up.
+  (data_dir / (build_lib.SCRATCH_PREFIX + "abc")).mkdir()
+  lock.write_text(json.dumps({**owner, "pid": dead_pid()}))
+  assert build()["reused"]
+  assert scratch_left(str(data_dir)) == []
+
+
+def test_the_smoke_model_trains_on_a_content_jsonl_a_jsonl_gz_and_a_saved_hf_dataset(tmp_path):
+  import datasets
+  import gin
+
+  from lsm_jax import metrics, train, trainer
+  from lsm_jax.data import corpora
+  documents = corpora.embedded_documents()[:240]
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  (corpus / "a.jsonl").write_text("".join(json.dumps({"content": text}) + "\n" for text in documents[:80]))
+  with gzip.open(corpus / "b.jsonl.gz", "wt") as f:
+    f.writelines(json.dumps({"content": text}) + "\n" for text in documents[80:160])
+  datasets.Dataset.from_dict({"content": documents[160:]}).save_to_disk(str(corpus / "c"))
+  data_dir = str(tmp_path / "data")
+  report = build_lib.build_dataset(f"{corpus / 'a.jsonl'},{corpus / 'b.jsonl.gz'},{corpus / 'c'}", data_dir,
+                                   seq_len=128, tokenizer="bytes", val_fraction=0.05, num_workers=1,
+                                   show_progress=False, text_field="content")
+  assert report["input"]["documents_read"] == len(documents)
+  steps = 5
+  gin.clear_config()
+  try:
+    # Training only: no validation, milestones or sample (the build is what is tested).
+    train.parse_gin(["gin/smoke/llama.gin"], [f"MODEL_DIR = '{tmp_path / 'run'}'", f"DATA_DIR = '{data_dir}'",
+                                              f"TRAIN_STEPS = {steps}", "EVAL_EVERY_STEPS = 0",
+                                              "trainer.train.sample_tokens = 0", "trainer.train.num_milestones = 0"])
+    gin.get_configurable(trainer.train)(config_text=gin.config_str())
+  finally:
+    gin.clear_config()
+  losses = [record["loss"] for record in metrics.read_metrics(str(tmp_path / "run"))]
+  assert len(losses) == steps and np.all(np.isfinite(losses))
+  assert abs(losses[0] - np.log(264)) < 0.1 and losses[-1] < losses[0] - 0.1

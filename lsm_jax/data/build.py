@@ -6,15 +6,20 @@
 Inputs (`--source`: a file, a directory (searched recursively), a glob, or a comma-separated list of these):
   .txt      one document per file; a line consisting only of `<|endoftext|>` separates documents inside a file
             (the GPT-2 convention for concatenated corpora).
-  .jsonl    one JSON object per line, the document in its "text" field.
-  .parquet  the document in the "text" column.
-  tfds:NAME[:SPLIT]  a TFDS catalog dataset with a "text" feature (e.g. tfds:c4/en), read from its prepared
+  .jsonl    one JSON object per line, the document in its `--text_field` field (default "text").
+  .gz, .zst compressed .txt / .jsonl (`.jsonl.gz`, `.jsonl.zst`, ...), decompressed while streaming.
+  .parquet  the document in the `--text_field` column.
+  a Hugging Face `datasets` directory (written by `save_to_disk`): the `--text_field` column; of a DatasetDict,
+            the "train" split (give `DIR/<split>` for another). Needs the `datasets` package.
+  tfds:NAME[:SPLIT]  a TFDS catalog dataset with a `--text_field` feature (e.g. tfds:c4/en), read from its prepared
             ArrayRecord files in TFDS_DATA_DIR. With --tfds_download it is first downloaded and prepared (needs
             the network and the builder's packages); a missing or unreachable one is refused with a message
             saying so.
+Progress counts the bytes of input read, out of the total size of the source files.
 Bad bytes: invalid UTF-8 becomes U+FFFD and the document is counted (`documents_with_invalid_utf8`).
-Empty or whitespace-only documents, malformed JSON lines and records without a string "text" are skipped and
-counted; the first few locations are listed in the report. Nothing is dropped without a count.
+Empty or whitespace-only documents, malformed JSON lines and records without a string text field are skipped and
+counted; the first few locations (with the fields a record does have) are listed in the report. Nothing is
+dropped without a count.
 
 Split: a document goes to "validation" when the first 8 bytes of blake2b(text) / 2**64 < val_fraction, so the
 split is deterministic, independent of file order and of the number of workers, and duplicates share a split.
@@ -31,18 +36,28 @@ TensorFlow for ArrayRecord output. Read it with `tfds.builder_from_directory(DIR
 `tfds.data_source("lsm_packed", data_dir=DIR)`. DIR/build_report.json holds the counts. A fingerprint of the
 inputs (path, size, mtime of each file) and options is stored in metadata.json: a second run with the same
 fingerprint reuses the dataset; a different one is refused unless --overwrite.
+
+Interrupted builds: a build holds DIR/.build.lock (host, pid, process start time) while it writes; a second build
+of the same DIR is refused while the first runs. A killed build leaves its lock and scratch (`.tokenizing-*`
+spill files, `lsm_packed/incomplete.*`); the next build takes the lock over and removes that scratch first.
 """
 from __future__ import annotations
 
 import collections
+import collections.abc
 import concurrent.futures
+import contextlib
 import functools
 import glob
+import gzip
 import hashlib
+import io
 import json
 import multiprocessing
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -54,7 +69,7 @@ DATASET_NAME = "lsm_packed"
 DATASET_VERSION = "1.0.0"
 FORMAT_VERSION = 1  # bump when the packing or record layout changes, so old fingerprints no longer match
 SPLITS = ("train", "validation")
-SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
+SUPPORTED_SUFFIXES = (".txt", ".txt.gz", ".txt.zst", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 TXT_DOCUMENT_SEPARATOR = "<|endoftext|>"
 _MAX_LOCATIONS_REPORTED = 20
 _DOCUMENTS_PER_TASK = 64  # documents per worker task: amortizes inter-process transfer
@@ -75,10 +90,11 @@ def is_validation_document(text: str, val_fraction: float) -> bool:
 class _ReadStats:
   """Counts of what reading skipped or repaired, with a few example locations for the report."""
 
-  def __init__(self):
+  def __init__(self, advance: Callable[[float], object] = lambda amount: None):
     self.counts = {"documents_read": 0, "empty_documents_skipped": 0, "malformed_records_skipped": 0,
                    "documents_with_invalid_utf8": 0}
     self.skipped_locations: list[str] = []
+    self.advance = advance  # readers report the bytes of source files they have consumed
 
   def skip(self, kind: str, location: str):
     self.counts[kind] += 1
@@ -94,30 +110,83 @@ def _decode_utf8(raw: bytes, stats: _ReadStats) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
+def is_hf_dataset_dir(path: str) -> bool:
+  """Whether `path` is a directory written by `datasets`' Dataset.save_to_disk or DatasetDict.save_to_disk."""
+  def has(name):
+    return os.path.isfile(os.path.join(path, name))
+  return os.path.isdir(path) and (has("dataset_dict.json") or (has("dataset_info.json") and has("state.json")))
+
+
 def resolve_source_files(source: str) -> list[str]:
-  """Files named by a path, directory, glob or comma-separated list of these; sorted, deduplicated."""
+  """Files (and Hugging Face dataset directories) named by a path, directory, glob or comma-separated list of
+  these; sorted, deduplicated."""
   files = []
   for part in [p.strip() for p in source.split(",") if p.strip()]:
-    if os.path.isdir(part):
+    if is_hf_dataset_dir(part):
+      matches = [part]
+    elif os.path.isdir(part):
       matches = [os.path.join(root, name) for root, _, names in os.walk(part) for name in names
                  if name.endswith(SUPPORTED_SUFFIXES)]
     elif os.path.isfile(part):
       if not part.endswith(SUPPORTED_SUFFIXES):
-        raise ValueError(f"source file {part!r} has an unsupported extension; valid: {SUPPORTED_SUFFIXES}")
+        raise ValueError(f"source file {part!r} has an unsupported extension; valid: {', '.join(SUPPORTED_SUFFIXES)} "
+                         "or a Hugging Face datasets directory (save_to_disk)")
       matches = [part]
     else:
-      matches = [m for m in glob.glob(part, recursive=True) if os.path.isfile(m) and m.endswith(SUPPORTED_SUFFIXES)]
+      matches = [m for m in glob.glob(part, recursive=True)
+                 if (os.path.isfile(m) and m.endswith(SUPPORTED_SUFFIXES)) or is_hf_dataset_dir(m)]
     if not matches:
-      raise ValueError(f"source {part!r} matches no {'/'.join(SUPPORTED_SUFFIXES)} files (missing path or empty glob)")
+      raise ValueError(f"source {part!r} matches no {', '.join(SUPPORTED_SUFFIXES)} file or Hugging Face datasets "
+                       "directory (missing path or empty glob)")
     files.extend(os.path.abspath(m) for m in matches)
   if not files:
     raise ValueError(f"--source={source!r} names no files")
   return sorted(set(files))
 
 
-def _read_txt(path: str, stats: _ReadStats) -> Iterator[str]:
-  with open(path, "rb") as f:
-    text = _decode_utf8(f.read(), stats)
+def _source_files(path: str) -> list[str]:
+  """The files a source path stands for: itself, or every file of a dataset directory."""
+  if not os.path.isdir(path):
+    return [path]
+  return sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+
+
+def source_bytes(path: str) -> int:
+  return sum(os.path.getsize(file) for file in _source_files(path))
+
+
+def _import_zstandard():
+  try:
+    import zstandard
+  except ImportError:
+    raise ValueError("reading .zst files needs the `zstandard` package: pip install zstandard") from None
+  return zstandard
+
+
+@contextlib.contextmanager
+def _open_decompressed(path: str) -> Iterator[tuple[io.BufferedIOBase, io.BufferedIOBase]]:
+  """(the decompressed byte stream, the raw file): the raw file's position measures reading progress."""
+  with open(path, "rb") as raw:
+    if path.endswith(".gz"):
+      with gzip.GzipFile(fileobj=raw) as stream:
+        yield stream, raw
+    elif path.endswith(".zst"):
+      # Across frames: multi-threaded zstd writers emit one frame per block.
+      reader = _import_zstandard().ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+      with io.BufferedReader(reader) as stream:
+        yield stream, raw
+    else:
+      yield raw, raw
+
+
+def _read_txt(path: str, stats: _ReadStats, text_field: str) -> Iterator[str]:
+  del text_field  # a text file is all text
+  try:
+    with _open_decompressed(path) as (stream, _):
+      text = _decode_utf8(stream.read(), stats)
+  except (OSError, EOFError) as error:  # gzip/zstd raise these for corrupt or truncated data
+    raise ValueError(f"cannot decompress {path}: {error}") from error
+  stats.advance(os.path.getsize(path))
   document_lines: list[str] = []
   pieces = []
   for line in text.splitlines(keepends=True):
@@ -134,41 +203,80 @@ def _read_txt(path: str, stats: _ReadStats) -> Iterator[str]:
       stats.skip("empty_documents_skipped", f"{path} document {index}")
 
 
-def _read_jsonl(path: str, stats: _ReadStats) -> Iterator[str]:
-  with open(path, "rb") as f:
-    for line_number, raw_line in enumerate(f, start=1):
-      if not raw_line.strip():
-        continue
-      try:
-        record = json.loads(_decode_utf8(raw_line, stats))
-      except json.JSONDecodeError as error:
-        stats.skip("malformed_records_skipped", f"{path}:{line_number} ({error.msg})")
-        continue
-      text = record.get("text") if isinstance(record, dict) else None
-      if not isinstance(text, str):
-        stats.skip("malformed_records_skipped", f"{path}:{line_number} (no string 'text' field)")
-      elif not text.strip():
-        stats.skip("empty_documents_skipped", f"{path}:{line_number}")
-      else:
-        yield text
+def _read_jsonl(path: str, stats: _ReadStats, text_field: str) -> Iterator[str]:
+  position = 0
+  try:
+    with _open_decompressed(path) as (stream, raw):
+      for line_number, raw_line in enumerate(stream, start=1):
+        if line_number % 1024 == 0:
+          stats.advance(raw.tell() - position)
+          position = raw.tell()
+        if not raw_line.strip():
+          continue
+        try:
+          record = json.loads(_decode_utf8(raw_line, stats))
+        except json.JSONDecodeError as error:
+          stats.skip("malformed_records_skipped", f"{path}:{line_number} ({error.msg})")
+          continue
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+          fields = f"; its fields: {', '.join(list(record)[:10])}" if isinstance(record, dict) else ""
+          stats.skip("malformed_records_skipped", f"{path}:{line_number} (no string {text_field!r} field{fields})")
+        elif not text.strip():
+          stats.skip("empty_documents_skipped", f"{path}:{line_number}")
+        else:
+          yield text
+  except (OSError, EOFError) as error:
+    raise ValueError(f"cannot decompress {path}: {error}") from error
+  stats.advance(os.path.getsize(path) - position)
 
 
-def _read_parquet(path: str, stats: _ReadStats) -> Iterator[str]:
+def _texts_of_column(texts: Iterable, location: Callable[[int], str], stats: _ReadStats) -> Iterator[str]:
+  for row, text in enumerate(texts):
+    if not isinstance(text, str) or not text.strip():
+      stats.skip("empty_documents_skipped", location(row))
+    else:
+      yield text
+
+
+def _read_parquet(path: str, stats: _ReadStats, text_field: str) -> Iterator[str]:
   import pyarrow.parquet as pq
   parquet_file = pq.ParquetFile(path)
-  if "text" not in parquet_file.schema_arrow.names:
-    raise ValueError(f"parquet file {path!r} has no 'text' column; columns: {parquet_file.schema_arrow.names}")
-  row = 0
-  for batch in parquet_file.iter_batches(columns=["text"]):
-    for text in batch.column(0).to_pylist():
-      if not isinstance(text, str) or not text.strip():
-        stats.skip("empty_documents_skipped", f"{path} row {row}")
-      else:
-        yield text
-      row += 1
+  if text_field not in parquet_file.schema_arrow.names:
+    raise ValueError(f"parquet file {path!r} has no {text_field!r} column; columns: {parquet_file.schema_arrow.names} "
+                     "(choose one with --text_field)")
+  rows_per_byte = max(1, parquet_file.metadata.num_rows) / os.path.getsize(path)
+  first_row = 0
+  for batch in parquet_file.iter_batches(columns=[text_field]):
+    yield from _texts_of_column(batch.column(0).to_pylist(), lambda row: f"{path} row {first_row + row}", stats)
+    first_row += batch.num_rows
+    stats.advance(batch.num_rows / rows_per_byte)
 
 
-def _read_tfds_catalog(name_and_split: str, stats: _ReadStats, download: bool) -> Iterator[str]:
+def _read_hf_dataset(path: str, stats: _ReadStats, text_field: str) -> Iterator[str]:
+  try:
+    import datasets
+  except ImportError:
+    raise ValueError(f"{path} is a Hugging Face datasets directory; reading it needs the `datasets` package "
+                     "(pip install datasets; the `eval` extra brings it)") from None
+  dataset = datasets.load_from_disk(path)
+  if isinstance(dataset, datasets.DatasetDict):
+    if "train" not in dataset:
+      raise ValueError(f"{path} holds splits {list(dataset)} and no 'train' split; give one split's directory as "
+                       f"--source, e.g. {os.path.join(path, next(iter(dataset)))}")
+    dataset = dataset["train"]
+  if text_field not in dataset.column_names:
+    raise ValueError(f"Hugging Face dataset {path!r} has no {text_field!r} column; columns: {dataset.column_names} "
+                     "(choose one with --text_field)")
+  total_bytes, rows = source_bytes(path), max(1, len(dataset))
+  batch_size = 1024
+  for first_row in range(0, len(dataset), batch_size):
+    texts = dataset[first_row:first_row + batch_size][text_field]
+    yield from _texts_of_column(texts, lambda row: f"{path} row {first_row + row}", stats)
+    stats.advance(total_bytes * len(texts) / rows)
+
+
+def _read_tfds_catalog(name_and_split: str, stats: _ReadStats, download: bool, text_field: str) -> Iterator[str]:
   import tensorflow_datasets as tfds
   name, _, split = name_and_split.partition(":")
   split = split or "train"
@@ -195,7 +303,7 @@ def _read_tfds_catalog(name_and_split: str, stats: _ReadStats, download: bool) -
         f"file_format=array_record where the network is reachable, or pass --tfds_download. "
         f"Cause: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
   for index in range(len(source)):
-    text = source[index].get("text")
+    text = source[index].get(text_field)
     text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
     if not isinstance(text, str) or not text.strip():
       stats.skip("empty_documents_skipped", f"tfds:{name_and_split} example {index}")
@@ -203,22 +311,27 @@ def _read_tfds_catalog(name_and_split: str, stats: _ReadStats, download: bool) -
       yield text
 
 
-_READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
+def _reader(path: str) -> Callable[[str, _ReadStats, str], Iterator[str]]:
+  if os.path.isdir(path):
+    return _read_hf_dataset
+  if path.endswith(".parquet"):
+    return _read_parquet
+  return _read_jsonl if path.removesuffix(".gz").removesuffix(".zst").endswith(".jsonl") else _read_txt
 
 
-def _iter_source_documents(source: str, stats: _ReadStats, tfds_download: bool) -> Iterator[str]:
+def _iter_source_documents(source: str, stats: _ReadStats, tfds_download: bool, text_field: str) -> Iterator[str]:
   if source.startswith("tfds:"):
-    yield from _read_tfds_catalog(source[len("tfds:"):], stats, tfds_download)
+    yield from _read_tfds_catalog(source[len("tfds:"):], stats, tfds_download, text_field)
     return
   for path in resolve_source_files(source):
-    reader = _READERS[os.path.splitext(path)[1]]
-    yield from reader(path, stats)
+    yield from _reader(path)(path, stats, text_field)
 
 
 def source_fingerprint(source: str) -> list:
   if source.startswith("tfds:"):
     return [source]
-  return [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in resolve_source_files(source)]
+  return [(file, os.stat(file).st_size, os.stat(file).st_mtime_ns)
+          for path in resolve_source_files(source) for file in _source_files(path)]
 
 
 # ------------------------------------------------------------------------------------------------ tokenizing
@@ -277,24 +390,114 @@ def _tokenize_in_order(documents: Iterable[str], tokenizer_spec: str, val_fracti
 
 
 def _tokenize_to_spill_files(documents: Iterable[str], spill_dir: str, tokenizer: tokenizer_lib.Tokenizer,
-                             val_fraction: float, num_workers: int, show_progress: bool) -> None:
+                             val_fraction: float, num_workers: int, progress) -> None:
   """Tokenizes in parallel (order kept) into per-split flat token files + document-length files."""
-  from tqdm import tqdm
   token_files = {split: open(os.path.join(spill_dir, f"{split}.tokens"), "wb") for split in SPLITS}
   length_files = {split: open(os.path.join(spill_dir, f"{split}.lengths"), "wb") for split in SPLITS}
-  tokens_written = 0
-  with tqdm(desc="tokenizing", unit=" docs", disable=not show_progress) as progress:
-    try:
-      for is_validation, ids in _tokenize_in_order(documents, tokenizer.spec, val_fraction, num_workers):
-        split = SPLITS[1] if is_validation else SPLITS[0]
-        token_files[split].write(ids.tobytes())
-        length_files[split].write(np.int64(len(ids)).tobytes())
-        tokens_written += len(ids)
-        progress.update(1)
-        progress.set_postfix(tokens=tokens_written, refresh=False)
-    finally:
-      for f in (*token_files.values(), *length_files.values()):
-        f.close()
+  documents_written = tokens_written = 0
+  try:
+    for is_validation, ids in _tokenize_in_order(documents, tokenizer.spec, val_fraction, num_workers):
+      split = SPLITS[1] if is_validation else SPLITS[0]
+      token_files[split].write(ids.tobytes())
+      length_files[split].write(np.int64(len(ids)).tobytes())
+      documents_written += 1
+      tokens_written += len(ids)
+      progress.set_postfix(docs=f"{documents_written:,}", tokens=f"{tokens_written:,}", refresh=False)
+  finally:
+    for f in (*token_files.values(), *length_files.values()):
+      f.close()
+
+
+# ------------------------------------------------------------------------------------ one build per data_dir
+
+BUILD_LOCK = ".build.lock"
+SCRATCH_PREFIX = ".tokenizing-"
+
+
+def _process_start_time(pid: int) -> str | None:
+  """The process's start time in clock ticks since boot (Linux), to tell a reused pid from the original."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[19]
+  except (OSError, IndexError):
+    return None
+
+
+def process_owner() -> dict:
+  """{host, pid, start_time} of this process, as a build lock records its holder."""
+  return {"host": socket.gethostname(), "pid": os.getpid(), "start_time": _process_start_time(os.getpid())}
+
+
+def read_build_lock(data_dir: str) -> dict | None:
+  """The holder {host, pid, start_time} of data_dir's build lock; {} if unreadable; None if there is none."""
+  try:
+    with open(os.path.join(data_dir, BUILD_LOCK)) as f:
+      holder = json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError):
+    return {}
+  return holder if isinstance(holder, dict) else {}
+
+
+def build_holder_is_alive(holder: dict) -> bool:
+  """Whether a lock holder may still be running: a live process on this host, or any process on another host
+  (which this host cannot check). An unreadable lock file belongs to a build killed while writing it."""
+  if not holder:
+    return False
+  if holder.get("host") != socket.gethostname():
+    return True
+  try:
+    os.kill(int(holder["pid"]), 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, owned by another user
+    return True
+  recorded, current = holder.get("start_time"), _process_start_time(int(holder["pid"]))
+  return recorded is None or current is None or recorded == current
+
+
+def _acquire_build_lock(data_dir: str) -> str:
+  """Takes data_dir's build lock, or refuses while a running build holds it. A killed build's lock is taken
+  over and its scratch (tokenizer spill files, TFDS's incomplete.* directories) removed."""
+  path = os.path.join(data_dir, BUILD_LOCK)
+  staged = f"{path}.{os.getpid()}"
+  with open(staged, "w") as f:
+    json.dump(process_owner(), f)
+  try:
+    while True:
+      try:
+        os.link(staged, path)  # atomic: the lock appears with its owner already written
+        break
+      except FileExistsError:
+        holder = read_build_lock(data_dir)
+        if holder is None:
+          continue
+        if build_holder_is_alive(holder):
+          raise ValueError(f"another build is writing {data_dir} (host {holder.get('host')}, pid {holder.get('pid')}); "
+                           f"wait for it to finish, or remove {path} if that build is gone") from None
+        print(f"taking over {data_dir} from an interrupted build (host {holder.get('host', '?')}, pid "
+              f"{holder.get('pid', '?')}) and removing its scratch", file=sys.stderr)
+        if read_build_lock(data_dir) == holder:
+          with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+  finally:
+    os.remove(staged)
+  remove_build_scratch(data_dir)
+  return path
+
+
+def remove_build_scratch(data_dir: str) -> list[str]:
+  """Removes what an interrupted build leaves in data_dir (call only while holding its build lock): spill
+  directories, TFDS's incomplete.* directories, a dataset directory without its metadata. Returns them."""
+  version_dir = dataset_version_dir(data_dir)
+  scratch = glob.glob(os.path.join(glob.escape(data_dir), SCRATCH_PREFIX + "*"))
+  scratch += glob.glob(os.path.join(glob.escape(os.path.dirname(version_dir)), "incomplete.*"))
+  if os.path.isdir(version_dir) and read_dataset_metadata(data_dir) is None:
+    scratch.append(version_dir)
+  for path in scratch:
+    shutil.rmtree(path, ignore_errors=True)
+  return scratch
 
 
 # -------------------------------------------------------------------------------------------------- packing
@@ -402,11 +605,14 @@ def read_dataset_metadata(data_dir: str) -> dict | None:
 def build_from_documents(documents: Iterable[str] | Callable[[_ReadStats], Iterable[str]], data_dir: str, *,
                          seq_len: int, tokenizer: str = "cl100k", val_fraction: float = 0.01,
                          input_fingerprint, num_workers: int | None = None, overwrite: bool = False,
-                         show_progress: bool = True) -> dict:
+                         show_progress: bool = True, input_size: tuple[float, str] | None = None) -> dict:
   """Tokenizes, splits, packs and writes `documents`; returns the build report (`reused` says if it existed).
 
-  `documents` is an iterable of texts, or a function of the read-stats object returning one (file readers).
+  `documents` is an iterable of texts, or a function of the read-stats object returning one (file readers,
+  which report progress through it in the unit of `input_size`: (total, unit), e.g. (bytes, "B")). Without
+  `input_size`, progress counts documents (out of len(documents) when it has one).
   `input_fingerprint` is any JSON-able value that changes whenever the documents change.
+  One build at a time per data_dir (a lock file); the scratch of a killed build is removed by the next one.
   """
   if not isinstance(seq_len, int) or seq_len < 1:
     raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
@@ -421,34 +627,61 @@ def build_from_documents(documents: Iterable[str] | Callable[[_ReadStats], Itera
                                .encode()).hexdigest()
 
   existing = read_dataset_metadata(data_dir)
-  if existing is not None:
-    if existing.get("fingerprint") == fingerprint:
-      return {**existing["report"], "reused": True}
-    if not overwrite:
-      raise ValueError(f"{dataset_version_dir(data_dir)} holds a dataset built from other inputs or options "
-                       f"(fingerprint {existing.get('fingerprint', '?')[:12]} != {fingerprint[:12]}); "
-                       "choose another --data_dir or pass --overwrite")
-    shutil.rmtree(dataset_version_dir(data_dir))
-
+  holder = read_build_lock(data_dir)
+  # Reused without the lock (the directory may be read-only), unless a killed build left scratch to remove.
+  if existing is not None and existing.get("fingerprint") == fingerprint and (
+      holder is None or build_holder_is_alive(holder)):
+    return {**existing["report"], "reused": True}
   os.makedirs(data_dir, exist_ok=True)
-  stats = _ReadStats()
+  lock = _acquire_build_lock(data_dir)
+  try:
+    existing = read_dataset_metadata(data_dir)  # again, under the lock: another build may just have finished
+    if existing is not None:
+      if existing.get("fingerprint") == fingerprint:
+        return {**existing["report"], "reused": True}
+      if not overwrite:
+        raise ValueError(f"{dataset_version_dir(data_dir)} holds a dataset built from other inputs or options "
+                         f"(fingerprint {existing.get('fingerprint', '?')[:12]} != {fingerprint[:12]}); "
+                         "choose another --data_dir or pass --overwrite")
+      shutil.rmtree(dataset_version_dir(data_dir))
+    report = _build_locked(documents, data_dir, seq_len=seq_len, tokenizer_obj=tokenizer_obj,
+                           val_fraction=val_fraction, options=options, fingerprint=fingerprint,
+                           input_fingerprint=input_fingerprint, num_workers=num_workers or os.cpu_count() or 1,
+                           show_progress=show_progress, input_size=input_size)
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(lock)
+  return {**report, "reused": False}
+
+
+def _build_locked(documents, data_dir: str, *, seq_len: int, tokenizer_obj, val_fraction: float, options: dict,
+                  fingerprint: str, input_fingerprint, num_workers: int, show_progress: bool,
+                  input_size: tuple[float, str] | None) -> dict:
+  from tqdm import tqdm
+  if input_size is None:
+    total, unit = (len(documents) if isinstance(documents, collections.abc.Sized) else None), " docs"
+  else:
+    total, unit = input_size
+  progress = tqdm(desc="reading and tokenizing", total=total, unit=unit, unit_scale=unit == "B",
+                  disable=not show_progress)
+  stats = _ReadStats(advance=progress.update if input_size is not None else lambda amount: None)
   document_iter = documents(stats) if callable(documents) else documents
 
   def counted(texts):
     for text in texts:
       stats.counts["documents_read"] += 1
+      if input_size is None:
+        progress.update(1)
       yield text
 
-  num_workers = num_workers or os.cpu_count() or 1
-  with tempfile.TemporaryDirectory(prefix=".tokenizing-", dir=data_dir) as spill_dir:
-    _tokenize_to_spill_files(counted(document_iter), spill_dir, tokenizer_obj, val_fraction, num_workers,
-                             show_progress)
+  with progress, tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=data_dir) as spill_dir:
+    _tokenize_to_spill_files(counted(document_iter), spill_dir, tokenizer_obj, val_fraction, num_workers, progress)
     split_reports = {split: packing_report(_load_spill(spill_dir, split)[1], seq_len) for split in SPLITS}
     report = {**options, "input": stats.counts, "skipped_locations": stats.skipped_locations,
               "splits": split_reports}
     if stats.counts["documents_read"] == 0:
-      raise ValueError(f"no documents found: every input was empty or malformed ({stats.counts}; "
-                       f"first locations: {stats.skipped_locations[:5]})")
+      raise ValueError(f"no documents found: every input was empty or malformed ({stats.counts}; first locations: "
+                       f"{stats.skipped_locations[:5]}); if the text is under another field, pass --text_field")
     if split_reports["train"]["records"] == 0:
       raise ValueError(f"all {stats.counts['documents_read']} documents fell into validation "
                        f"(val_fraction={val_fraction}); use a smaller val_fraction or more documents")
@@ -468,19 +701,28 @@ def build_from_documents(documents: Iterable[str] | Callable[[_ReadStats], Itera
       tfds.display_progress_bar(True)
   with open(os.path.join(data_dir, "build_report.json"), "w") as f:
     json.dump(report, f, indent=2)
-  return {**report, "reused": False}
+  return report
 
 
 def build_dataset(source: str, data_dir: str, *, seq_len: int, tokenizer: str = "cl100k",
                   val_fraction: float = 0.01, num_workers: int | None = None, overwrite: bool = False,
-                  show_progress: bool = True, tfds_download: bool = False) -> dict:
+                  show_progress: bool = True, tfds_download: bool = False, text_field: str = "text") -> dict:
   """Builds the dataset for `source` (see the module docstring) into `data_dir`; returns the build report."""
   if not source:
     raise ValueError("--source is empty; give a file, directory, glob, comma-separated list or tfds:NAME")
-  return build_from_documents(lambda stats: _iter_source_documents(source, stats, tfds_download), data_dir,
-                              seq_len=seq_len, tokenizer=tokenizer, val_fraction=val_fraction,
-                              input_fingerprint=source_fingerprint(source), num_workers=num_workers,
-                              overwrite=overwrite, show_progress=show_progress)
+  if not text_field:
+    raise ValueError("--text_field is empty; give the name of the JSON field / column holding the text")
+  fingerprint = source_fingerprint(source)
+  if text_field != "text":  # the default leaves the fingerprints of existing datasets unchanged
+    fingerprint.append({"text_field": text_field})
+  if source.startswith("tfds:"):
+    input_size = None
+  else:
+    input_size = (sum(source_bytes(path) for path in resolve_source_files(source)), "B")
+  return build_from_documents(lambda stats: _iter_source_documents(source, stats, tfds_download, text_field),
+                              data_dir, seq_len=seq_len, tokenizer=tokenizer, val_fraction=val_fraction,
+                              input_fingerprint=fingerprint, num_workers=num_workers, overwrite=overwrite,
+                              show_progress=show_progress, input_size=input_size)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -494,10 +736,15 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--num_workers", default=None, type=int, help="tokenizing processes (default: all cores)")
   parser.add_argument("--overwrite", action="store_true", help="replace a dataset built from other inputs")
   parser.add_argument("--tfds_download", action="store_true", help="download and prepare a tfds: source first")
+  parser.add_argument("--text_field", default="text",
+                      help="JSON field / parquet or datasets column / TFDS feature holding the text (default: text)")
   args = parser.parse_args(argv)
-  report = build_dataset(args.source, args.data_dir, seq_len=args.seq_len, tokenizer=args.tokenizer,
-                         val_fraction=args.val_fraction, num_workers=args.num_workers, overwrite=args.overwrite,
-                         tfds_download=args.tfds_download)
+  try:
+    report = build_dataset(args.source, args.data_dir, seq_len=args.seq_len, tokenizer=args.tokenizer,
+                           val_fraction=args.val_fraction, num_workers=args.num_workers, overwrite=args.overwrite,
+                           tfds_download=args.tfds_download, text_field=args.text_field)
+  except ValueError as error:  # bad input or options: one line, no traceback
+    sys.exit(f"error: {error}")
   print(json.dumps(report, indent=2))
 
 

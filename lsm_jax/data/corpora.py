@@ -10,12 +10,15 @@ The text differs between Python versions, so the cache key includes the interpre
 It is built on first use (`embedded_dataset_dir`) with `lsm_jax.data.build` into
 $LSM_JAX_CACHE_DIR/embedded/ (default ~/.cache/lsm_jax, or $XDG_CACHE_HOME/lsm_jax) and reused after. Each build
 goes to a private temporary directory that is renamed into place atomically, so concurrent first uses by
-several processes are safe: the first rename wins and the others discard their copy.
+several processes are safe: the first rename wins and the others discard their copy. A process killed while
+building leaves its temporary directory behind, with the owner's host and pid; the next build removes it.
 """
 from __future__ import annotations
 
 import ast
+import glob
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -86,6 +89,23 @@ def embedded_corpus_key() -> str:
   return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
+_STAGING_PREFIX = ".building-"
+_STAGING_OWNER = "owner.json"
+
+
+def _remove_killed_staging_dirs(parent: str) -> None:
+  """Removes the staging directories of builds whose process is gone (a staging directory without an owner
+  file is at most one empty directory, and may be a live build's first instant: it is kept)."""
+  for staging_dir in glob.glob(os.path.join(glob.escape(parent), _STAGING_PREFIX + "*")):
+    try:
+      with open(os.path.join(staging_dir, _STAGING_OWNER)) as f:
+        owner = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if not build_lib.build_holder_is_alive(owner):
+      shutil.rmtree(staging_dir, ignore_errors=True)
+
+
 def embedded_dataset_dir(*, seq_len: int, tokenizer: str = "cl100k") -> str:
   """The built embedded dataset for (seq_len, tokenizer): built on first use, then reused."""
   if tokenizer not in ("cl100k", "bytes"):
@@ -95,11 +115,15 @@ def embedded_dataset_dir(*, seq_len: int, tokenizer: str = "cl100k") -> str:
   if build_lib.read_dataset_metadata(final_dir) is not None:
     return final_dir
   os.makedirs(os.path.dirname(final_dir), exist_ok=True)
-  staging_dir = tempfile.mkdtemp(prefix=".building-", dir=os.path.dirname(final_dir))
+  _remove_killed_staging_dirs(os.path.dirname(final_dir))
+  staging_dir = tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=os.path.dirname(final_dir))
   try:
+    with open(os.path.join(staging_dir, _STAGING_OWNER), "w") as f:
+      json.dump(build_lib.process_owner(), f)
     build_lib.build_from_documents(embedded_documents(), staging_dir, seq_len=seq_len, tokenizer=tokenizer,
                                    val_fraction=EMBEDDED_VAL_FRACTION, input_fingerprint=["embedded", corpus_key],
                                    num_workers=1, show_progress=False)
+    os.remove(os.path.join(staging_dir, _STAGING_OWNER))
     try:
       os.rename(staging_dir, final_dir)
     except OSError:
