@@ -1,4 +1,5 @@
 """The benchmark scripts' own logic: kernel-variant parsing and the per-kernel profile's trace reduction."""
+import datetime
 import gzip
 import json
 import os
@@ -134,7 +135,7 @@ def test_committed_peer_files_carry_their_provenance():
     assert provenance["script"] == f"benchmarks/peers/{script}"
     assert os.path.exists(os.path.join(peers_dir, script))
     assert provenance["packages"]["fla"].startswith("0.6.0") and "H200" in provenance["device"]
-    assert provenance["date"].startswith("2026-11-")
+    assert datetime.date.fromisoformat(provenance["date"][:10])
     assert record["results"]
   import train_step
   assert train_step.PEERS_PATH == os.path.join(peers_dir, "torch_models_h200.json")
