@@ -1,4 +1,6 @@
-"""lsm_jax.export: safetensors + config.json from milestones of real (tiny) models, checked tensor by tensor."""
+"""lsm_jax.export: the tensors of milestones of real (tiny) model trees, checked name by name and bit by bit.
+
+The transformers round trip (logits, generation, tokenizers, import) is in tests/test_export_hf.py."""
 import dataclasses
 import json
 
@@ -11,7 +13,7 @@ import safetensors.numpy
 from flax import nnx
 
 from lsm_jax import checkpoint
-from lsm_jax import export
+from lsm_jax.export import hf
 from lsm_jax.models import build_model, get_config
 
 NUM_LAYERS = 2
@@ -36,7 +38,8 @@ def save_milestone(run_dir, config, params, dtype="float32"):
 
 
 def expected_tensors(arch, params):
-  """The documented mapping, written out by hand per architecture (stacked or unstacked layers)."""
+  """The documented mapping, written out by hand per architecture (stacked or unstacked layers), in lsm_jax's
+  torch names; `hf_names` gives LLaMA's transformers names."""
   def layer(tree, index):
     layers = tree["layers"]
     if index in layers:
@@ -78,14 +81,27 @@ def expected_tensors(arch, params):
   return expected
 
 
+def hf_names(arch, tensors):
+  """LLaMA under transformers' LlamaForCausalLM names, written out by hand; the linear models keep lsm_jax's."""
+  if arch != "llama":
+    return tensors
+  renamed = {}
+  for name, tensor in tensors.items():
+    for ours, theirs in (("token_mixer_norm", "input_layernorm"), ("channel_mixer_norm", "post_attention_layernorm"),
+                         ("token_mixer", "self_attn"), ("channel_mixer", "mlp")):
+      name = name.replace(f".{ours}.", f".{theirs}.")
+    renamed[f"model.{name}"] = tensor
+  return renamed
+
+
 @pytest.mark.parametrize("arch", ["llama", "tnl", "hgrn2", "cosformer2"])
 def test_export_matches_every_parameter(tmp_path, arch):
   config, params = tiny_params(arch, scan_layers=True)
   save_milestone(tmp_path / "run", config, params)
-  export.main([f"--checkpoint={tmp_path / 'run'}", f"--out={tmp_path / 'out'}"])
+  hf.export_hf(str(tmp_path / "run"), str(tmp_path / "out"), verify=False)
 
   loaded = safetensors.numpy.load_file(str(tmp_path / "out" / "model.safetensors"))
-  expected = expected_tensors(arch, params)
+  expected = hf_names(arch, expected_tensors(arch, params))
   assert sorted(loaded) == sorted(expected)
   for name, tensor in expected.items():
     assert loaded[name].dtype == np.float32
@@ -94,10 +110,12 @@ def test_export_matches_every_parameter(tmp_path, arch):
   assert sum(t.size for t in loaded.values()) == sum(np.size(leaf) for leaf in jax.tree.leaves(params))
 
   exported_config = json.loads((tmp_path / "out" / "config.json").read_text())
-  assert exported_config["arch"] == arch and exported_config["step"] == 4 and exported_config["tokens_seen"] == 4096
+  assert exported_config["model_type"] == ("llama" if arch == "llama" else "lsm_jax")
   assert exported_config["num_hidden_layers"] == NUM_LAYERS and exported_config["hidden_size"] == 256
   assert exported_config["tie_word_embeddings"] is True and exported_config["torch_dtype"] == "float32"
-  assert sorted(exported_config["tensor_sources"]) == sorted(expected)
+  provenance = json.loads((tmp_path / "out" / "lsm_jax_export.json").read_text())
+  assert provenance["arch"] == arch and provenance["step"] == 4 and provenance["tokens_seen"] == 4096
+  assert sorted(provenance["tensor_sources"]) == sorted(expected)
 
 
 def test_stacked_and_unstacked_layers_export_identically(tmp_path):
@@ -109,7 +127,8 @@ def test_stacked_and_unstacked_layers_export_identically(tmp_path):
   for name, config, params in (("stacked", stacked_config, stacked_params),
                                ("unstacked", unstacked_config, unstacked_params)):
     save_milestone(tmp_path / name, config, params)
-    export.export(str(tmp_path / name / "checkpoints" / "milestones" / "4"), str(tmp_path / f"{name}_out"))
+    hf.export_hf(str(tmp_path / name / "checkpoints" / "milestones" / "4"), str(tmp_path / f"{name}_out"),
+                 verify=False)
   stacked = safetensors.numpy.load_file(str(tmp_path / "stacked_out" / "model.safetensors"))
   unstacked = safetensors.numpy.load_file(str(tmp_path / "unstacked_out" / "model.safetensors"))
   assert sorted(stacked) == sorted(unstacked)
@@ -120,7 +139,7 @@ def test_stacked_and_unstacked_layers_export_identically(tmp_path):
 def test_bfloat16_export_is_bit_exact(tmp_path):
   config, params = tiny_params("hgrn2", scan_layers=True)
   save_milestone(tmp_path / "run", config, params, dtype="bfloat16")
-  export.export(str(tmp_path / "run"), str(tmp_path / "out"), step=4)
+  hf.export_hf(str(tmp_path / "run"), str(tmp_path / "out"), step=4, verify=False)
   raw = (tmp_path / "out" / "model.safetensors").read_bytes()
   header_size = int.from_bytes(raw[:8], "little")
   assert json.loads(raw[8:8 + header_size])["__metadata__"] == {"format": "pt", "arch": "hgrn2", "step": "4"}
@@ -134,10 +153,20 @@ def test_bfloat16_export_is_bit_exact(tmp_path):
 
 def test_bad_arguments_are_named(tmp_path):
   with pytest.raises(ValueError, match="must be a run directory"):
-    export.export(str(tmp_path), str(tmp_path / "out"))
+    hf.export_hf(str(tmp_path), str(tmp_path / "out"))
   config, params = tiny_params("llama", scan_layers=True)
   save_milestone(tmp_path / "run", config, params)
   with pytest.raises(ValueError, match=r"no milestone at step 3 .*available steps: \[4\]"):
-    export.export(str(tmp_path / "run"), str(tmp_path / "out"), step=3)
+    hf.export_hf(str(tmp_path / "run"), str(tmp_path / "out"), step=3)
   with pytest.raises(ValueError, match="dtype must be one of"):
-    export.export(str(tmp_path / "run"), str(tmp_path / "out"), dtype="float16")
+    hf.export_hf(str(tmp_path / "run"), str(tmp_path / "out"), dtype="float16")
+  with pytest.raises(ValueError, match="only for HGRN2"):
+    hf.export_hf(str(tmp_path / "run"), str(tmp_path / "out"), export_format="fla")
+
+
+def test_fla_format_is_refused_with_the_mismatch(tmp_path):
+  config, params = tiny_params("hgrn2", scan_layers=True)
+  save_milestone(tmp_path / "run", config, params)
+  with pytest.raises(ValueError, match=r"SGLU.*swish.*exclusive cumsum.*first row"):
+    hf.export_hf(str(tmp_path / "run"), str(tmp_path / "out"), export_format="fla")
+  assert not (tmp_path / "out").exists()

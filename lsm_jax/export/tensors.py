@@ -1,16 +1,10 @@
-r"""Export a milestone checkpoint as safetensors weights plus a config.json that a PyTorch user can read.
-
-  python -m lsm_jax.export --checkpoint=MODEL_DIR --out=DIR [--step=N] [--dtype=bfloat16|float32]
-
-`--checkpoint` is a run directory (MODEL_DIR; the milestone `--step`, default the last one) or one milestone
-directory MODEL_DIR/checkpoints/milestones/<step>. Writes DIR/model.safetensors and DIR/config.json.
-`--dtype` defaults to the milestone's saved dtype. (numpy has no bfloat16: read bf16 files with torch or
-`safetensors.safe_open(..., framework="pt")`; float32 files also load with `safetensors.numpy`.)
+r"""lsm_jax parameter names -> PyTorch tensor names (the layout of the exported linear models).
 
 Tensor naming (JAX pure-dict path -> PyTorch name, layer l = 0..L-1). Weights of linear maps are in PyTorch
 nn.Linear layout [out_features, in_features] (y = x @ weight.T); the JAX kernels are [in, *out] and are
 flattened over their output axes, then transposed. Stacked layers (scan_layers=True, leading [L] axis) and
-unstacked ones (`layers/<l>/...`) give the same names.
+unstacked ones (`layers/<l>/...`) give the same names. `lsm_jax.export.hf` writes TNL, HGRN2 and cosFormer2 under
+these names (the module names of modeling_lsm.py) and renames LLaMA's to transformers' LlamaForCausalLM.
 
   embedding [V, d]                          embed_tokens.weight [V, d]      (the output head is tied to it)
   final_norm/scale [d]                      norm.weight                     (LLaMA only; the others use SRMSNorm)
@@ -29,22 +23,11 @@ unstacked ones (`layers/<l>/...`) give the same names.
   tpe/kernel [d, e]                         tpe.up_proj.weight [e, d]       (cosFormer2; the down projection is
                                             tied: y = x + h @ tpe.up_proj.weight)
 Any other parameter keeps its path joined with "." (`kernel`/`scale` become `weight`, linear layout as above).
-config.json holds the ModelConfig, Hugging Face-style aliases, the step/tokens/compute of the milestone, and
-`tensor_sources`: for each tensor the JAX path and the slice of the fused kernel it came from.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import struct
-import sys
-
 import numpy as np
 
-from lsm_jax import checkpoint
-
-SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
 _COMPONENT_NAMES = {"mixer": "token_mixer", "mlp": "channel_mixer", "mixer_norm": "token_mixer_norm",
                     "mlp_norm": "channel_mixer_norm", "final_norm": "norm", "out": "o_proj", "out_proj": "o_proj",
                     "up": "up_proj", "down": "down_proj"}
@@ -121,92 +104,3 @@ def torch_state_dict(params: dict, num_layers: int) -> dict[str, tuple[np.ndarra
 
   visit(params, [])
   return tensors
-
-
-def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-  """Writes the safetensors format (8-byte little-endian header size, JSON header, raw little-endian data).
-
-  Written directly, not through the safetensors package, because its numpy API has no bfloat16.
-  """
-  header: dict = {"__metadata__": metadata}
-  offset = 0
-  for name, tensor in tensors.items():
-    if tensor.dtype.name not in SAFETENSORS_DTYPES:
-      raise ValueError(f"tensor {name} has dtype {tensor.dtype}; exportable dtypes: {list(SAFETENSORS_DTYPES)}")
-    header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype.name], "shape": list(tensor.shape),
-                    "data_offsets": [offset, offset + tensor.nbytes]}
-    offset += tensor.nbytes
-  encoded = json.dumps(header, separators=(",", ":")).encode()
-  encoded += b" " * (-len(encoded) % 8)  # the format recommends an 8-byte aligned data start
-  if sys.byteorder != "little":
-    raise OSError("write_safetensors writes native bytes and needs a little-endian machine")
-  with open(path, "wb") as handle:
-    handle.write(struct.pack("<Q", len(encoded)))
-    handle.write(encoded)
-    for tensor in tensors.values():
-      handle.write(np.ascontiguousarray(tensor).tobytes())
-
-
-def _resolve(checkpoint_dir: str, step: int | None) -> tuple[str, int]:
-  """(run directory, milestone step) from a run directory or a milestone step directory."""
-  checkpoint_dir = os.path.abspath(checkpoint_dir)
-  parent = os.path.dirname(checkpoint_dir)
-  if os.path.basename(checkpoint_dir).isdigit() and os.path.basename(parent) == "milestones":
-    named_step = int(os.path.basename(checkpoint_dir))
-    if step is not None and step != named_step:
-      raise ValueError(f"--step={step} contradicts the milestone directory {checkpoint_dir}")
-    return os.path.dirname(os.path.dirname(parent)), named_step
-  if not os.path.isdir(os.path.join(checkpoint_dir, "checkpoints", "milestones")):
-    raise ValueError(f"--checkpoint={checkpoint_dir} must be a run directory (with checkpoints/milestones/) or "
-                     f"a milestone directory MODEL_DIR/checkpoints/milestones/<step>")
-  steps = checkpoint.list_milestones(checkpoint_dir)
-  if not steps:
-    raise ValueError(f"{checkpoint_dir} has no complete milestone checkpoint")
-  return checkpoint_dir, steps[-1] if step is None else step
-
-
-def export(checkpoint_dir: str, out_dir: str, *, step: int | None = None, dtype: str | None = None) -> dict:
-  """Writes out_dir/model.safetensors and out_dir/config.json; returns the config dict."""
-  if dtype is not None and dtype not in SAFETENSORS_DTYPES:
-    raise ValueError(f"dtype must be one of {list(SAFETENSORS_DTYPES)}, got {dtype!r}")
-  run_dir, step = _resolve(checkpoint_dir, step)
-  params, metadata = checkpoint.load_milestone(run_dir, step, dtype=dtype)
-  model_config = metadata.get("model_config")
-  if not model_config:
-    raise ValueError(f"milestone {step} in {run_dir} has no model_config in its metadata; it cannot be exported")
-  named = torch_state_dict(params, model_config["num_layers"])
-  tensors = {name: tensor for name, (tensor, _) in named.items()}
-  saved_dtype = dtype or metadata.get("dtype", "float32")
-  config = {
-      "model_type": f"lsm_jax_{model_config['arch']}",
-      **model_config,
-      "hidden_size": model_config["d_model"], "num_hidden_layers": model_config["num_layers"],
-      "num_attention_heads": model_config["num_heads"], "intermediate_size": model_config["ffn_dim"],
-      "rms_norm_eps": model_config.get("norm_eps"), "tie_word_embeddings": True, "torch_dtype": saved_dtype,
-      "linear_weight_layout": "[out_features, in_features] (torch.nn.Linear)",
-      "step": step, "tokens_seen": metadata.get("tokens_seen"),
-      "compute_pflops_days": metadata.get("compute_pflops_days"), "code_version": metadata.get("code_version"),
-      "tensor_sources": {name: source for name, (_, source) in named.items()},
-  }
-  os.makedirs(out_dir, exist_ok=True)
-  write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors,
-                    {"format": "pt", "arch": model_config["arch"], "step": str(step)})
-  with open(os.path.join(out_dir, "config.json"), "w") as handle:
-    json.dump(config, handle, indent=2, sort_keys=True)
-  return config
-
-
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m lsm_jax.export", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--checkpoint", required=True, help="run directory or milestone directory")
-  parser.add_argument("--out", required=True, help="output directory for model.safetensors and config.json")
-  parser.add_argument("--step", type=int, default=None, help="milestone step (default: the last milestone)")
-  parser.add_argument("--dtype", choices=list(SAFETENSORS_DTYPES), default=None, help="default: as saved")
-  args = parser.parse_args(argv)
-  config = export(args.checkpoint, args.out, step=args.step, dtype=args.dtype)
-  print(f"exported step {config['step']} ({len(config['tensor_sources'])} tensors, {config['torch_dtype']}) "
-        f"to {args.out}")
-
-
-if __name__ == "__main__":
-  main()
