@@ -31,9 +31,14 @@ Paths go through etils.epath, so MODEL_DIR may be local or gs://.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import dataclasses
 import datetime
 import json
+import math
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -70,9 +75,14 @@ def milestone_schedule(total_steps: int, num_checkpoints: int = 57) -> list[int]
   `num_checkpoints` distinct steps, ending at `total_steps`. With total_steps=143,000 and 154 checkpoints this is
   Pythia's schedule (0, 1, ..., 512, 1000, 2000, ..., 143000).
 
-  Fewer steps are returned only when total_steps + 1 < num_checkpoints (then every step 0..total_steps).
-  When num_checkpoints cannot hold every power of two below total_steps (e.g. 6 milestones of a 60-step smoke
-  run), the schedule is 0, num_checkpoints - 2 powers of two with exponents spread evenly, and total_steps.
+  Short runs: a run of T steps keeps at most 1 + isqrt(T) milestones. When more are requested, the schedule is
+  isqrt(T) + 1 evenly spaced steps `T * j // isqrt(T)` (j = 0..isqrt(T)), so neighbours are at least isqrt(T)
+  steps apart (40 steps: 0, 6, 13, 20, 26, 33, 40 instead of one per step). Neighbouring steps of a short run
+  differ little in loss while every milestone costs a copy of the weights; the square root lets the count grow
+  with the run but slower than the run. Runs of at least (num_checkpoints - 1)^2 steps (3,136 for 57) are not
+  affected. When num_checkpoints cannot hold every power of two below total_steps (e.g. 6 milestones of a
+  60-step smoke run), the schedule is 0, num_checkpoints - 2 powers of two with exponents spread evenly, and
+  total_steps.
 
   The paper's grid default: 76,294 steps (300B tokens / 3,932,160 per step), 57 per run -> 24 runs x 57 =
   1,368 milestones (the paper's 1,376 includes ablation runs; its spacing is unpublished).
@@ -82,8 +92,10 @@ def milestone_schedule(total_steps: int, num_checkpoints: int = 57) -> list[int]
   if isinstance(num_checkpoints, bool) or not isinstance(num_checkpoints, (int, np.integer)) or num_checkpoints < 2:
     raise ValueError(f"num_checkpoints must be an int >= 2 (step 0 and the last step), got {num_checkpoints!r}")
   total_steps, num_checkpoints = int(total_steps), int(num_checkpoints)
-  if total_steps + 1 <= num_checkpoints:
-    return list(range(total_steps + 1))
+  short_run_intervals = math.isqrt(total_steps)
+  if num_checkpoints > 1 + short_run_intervals:
+    intervals = max(1, short_run_intervals)  # total_steps = 0: the single milestone 0
+    return sorted({total_steps * j // intervals for j in range(intervals + 1)})
 
   def powers_of_two_below(limit: int) -> list[int]:
     powers = []
@@ -99,6 +111,102 @@ def milestone_schedule(total_steps: int, num_checkpoints: int = 57) -> list[int]
   largest_exponent = len(powers_of_two_below(total_steps)) - 1
   exponents = np.rint(np.linspace(0, largest_exponent, num_checkpoints - 2)).astype(int)
   return [0, *(2 ** int(exponent) for exponent in exponents), total_steps]
+
+
+class InsufficientDiskSpaceError(errors.UserError):
+  """A local MODEL_DIR's filesystem has less free space than the run's checkpoints need."""
+
+
+class CheckpointSaveError(errors.UserError):
+  """Writing a checkpoint failed (disk full, permissions, ...); the checkpoints saved before it are intact."""
+
+
+_GIB = float(1 << 30)
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageEstimate:
+  """The most disk a run's checkpoints occupy at once (array bytes; Orbax's metadata adds kilobytes)."""
+  num_milestones: int
+  milestone_bytes: int  # the parameters in milestone_dtype
+  num_resume: int       # resume checkpoints alive at once
+  resume_bytes: int     # parameters, optimizer state, step and RNG as trained
+
+  @property
+  def total_bytes(self) -> int:
+    return self.num_milestones * self.milestone_bytes + self.num_resume * self.resume_bytes
+
+  def describe(self) -> str:
+    plural = lambda count: "" if count == 1 else "s"
+    return (f"{self.total_bytes / _GIB:.3g} GiB = {self.num_milestones} milestone{plural(self.num_milestones)} x "
+            f"{self.milestone_bytes / _GIB:.3g} GiB + {self.num_resume} resume checkpoint{plural(self.num_resume)} x "
+            f"{self.resume_bytes / _GIB:.3g} GiB")
+
+
+def _nbytes(leaf: Any, dtype: Any = None) -> int:
+  return int(np.prod(leaf.shape)) * jnp.dtype(dtype or leaf.dtype).itemsize
+
+
+def storage_estimate(abstract_state: Mapping[str, Any], *, train_steps: int, milestone_steps: Iterable[int],
+                     milestone_dtype: str, save_interval_steps: int, max_to_keep: int) -> StorageEstimate:
+  """The checkpoint storage of a run of `train_steps` steps, from the train state's shapes and dtypes.
+
+  Milestones are kept forever, each the parameters with floating leaves in `milestone_dtype`. Resume
+  checkpoints (every `save_interval_steps` and at the last step) hold the whole state; Orbax deletes the oldest
+  only after the next one is written, so up to max_to_keep + 1 exist at once.
+  """
+  if milestone_dtype not in MILESTONE_DTYPES:
+    raise ValueError(f"milestone_dtype must be one of {MILESTONE_DTYPES}, got {milestone_dtype!r}")
+  params = jax.tree.leaves(abstract_state["params"])
+  milestone_bytes = sum(_nbytes(leaf, milestone_dtype if jnp.issubdtype(leaf.dtype, jnp.floating) else None)
+                        for leaf in params)
+  resume_saves = len({*range(save_interval_steps, train_steps + 1, save_interval_steps), train_steps} - {0})
+  return StorageEstimate(num_milestones=len(set(milestone_steps)), milestone_bytes=milestone_bytes,
+                         num_resume=min(max_to_keep + 1, resume_saves),
+                         resume_bytes=sum(_nbytes(leaf) for leaf in jax.tree.leaves(abstract_state)))
+
+
+def _bytes_under(directory: str) -> int:
+  total = 0
+  for root, _, files in os.walk(directory):
+    for name in files:
+      try:
+        total += os.path.getsize(os.path.join(root, name))
+      except OSError:  # removed while walking (an old checkpoint rotated away)
+        pass
+  return total
+
+
+def check_free_space(model_dir: str, estimate: StorageEstimate) -> None:
+  """Raises InsufficientDiskSpaceError when a local `model_dir` lacks room for the run's checkpoints.
+
+  What the run's checkpoints already occupy there (a resumed run) counts towards the estimate. Remote paths
+  (gs:// and other URLs) are not checked: object stores report no free space.
+  """
+  if "://" in str(model_dir):
+    return
+  directory = os.path.abspath(model_dir)
+  existing = _bytes_under(os.path.join(directory, "checkpoints"))
+  needed = max(0, estimate.total_bytes - existing)
+  probe = directory
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  free = shutil.disk_usage(probe).free
+  if needed > free:
+    already = f", {existing / _GIB:.3g} GiB of which are already saved" if existing else ""
+    raise InsufficientDiskSpaceError(
+        f"{directory} has {free / _GIB:.3g} GiB free, but this run's checkpoints need {needed / _GIB:.3g} GiB "
+        f"more ({estimate.describe()}{already}). Free space, choose another MODEL_DIR, or save less: "
+        f"trainer.train.num_milestones, max_checkpoints_to_keep, milestone_dtype='bfloat16'.")
+
+
+def _failure_cause(error: BaseException) -> str:
+  """The operating system's reason (TensorStore reports it as os_error_code), else the error's first line."""
+  code = getattr(error, "errno", None)
+  if code is None and (match := re.search(r"os_error_code='?(\d+)", str(error))):
+    code = int(match.group(1))
+  first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:400]
+  return f"{os.strerror(code)} (errno {code}): {first_line}" if code else f"{type(error).__name__}: {first_line}"
 
 
 def code_version() -> str:
@@ -574,6 +682,8 @@ class Checkpointer:
     self._manifest_writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lsm_jax-manifest")
     self._manifest_jobs: list[concurrent.futures.Future] = []
     self.saved_resume_steps: list[int] = []  # resume checkpoints this Checkpointer saved
+    self._latest_save_dirs: dict[str, epath.Path] = {}  # "milestone" / "resume" -> step directory being written
+    self._save_failure: CheckpointSaveError | None = None
 
   def _on_sigterm(self, signum, frame) -> None:
     del signum, frame
@@ -604,6 +714,19 @@ class Checkpointer:
     record["saved_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
     return record
 
+  def _saves_due(self, step: int, force: bool) -> tuple[bool, bool]:
+    """(milestone due, resume checkpoint due) at `step`."""
+    milestone = step in self.milestone_steps and step not in self._milestones.all_steps()
+    # Orbax's policies decide the regular saves (every K steps; preemption through JAX's sync point). Step 0,
+    # the untrained initialization, needs no resume checkpoint unless forced.
+    resume = step not in self._resume.all_steps() and (
+        force or self.reached_preemption(step) or (step > 0 and self._resume.should_save(step)))
+    return milestone, resume
+
+  def save_due(self, step: int, *, force: bool = False) -> bool:
+    """Whether `save(step, force=force)` would write a checkpoint (the trainer checks the loss first)."""
+    return any(self._saves_due(int(step), force))
+
   def save(self, step: int, state: Mapping[str, Any], *, force: bool = False,
            metadata: Mapping[str, Any] | None = None) -> None:
     """Saves the milestone (step in milestone_steps) and the resume checkpoint (interval, force or preemption)."""
@@ -612,26 +735,47 @@ class Checkpointer:
       raise ValueError(f"state must be a dict with at least 'params' (train state: params, opt_state, step, rng); "
                        f"got {type(state).__name__} with keys {list(state) if isinstance(state, Mapping) else None}")
     self._write_committed_manifests()
-    save_milestone = step in self.milestone_steps and step not in self._milestones.all_steps()
-    # Orbax's policies decide the regular saves (every K steps; preemption through JAX's sync point). Step 0,
-    # the untrained initialization, needs no resume checkpoint unless forced.
-    save_resume = step not in self._resume.all_steps() and (
-        force or self.reached_preemption(step) or (step > 0 and self._resume.should_save(step)))
+    save_milestone, save_resume = self._saves_due(step, force)
     if not (save_milestone or save_resume):
       return
     record = self._checkpoint_metadata(step, metadata)
-    if save_milestone:
-      params = _cast_floating(state["params"], self.milestone_dtype)
-      milestone_record = {**record, "param_layout": _param_layout(params), "dtype": self.milestone_dtype}
-      self._milestones.save(step, force=True, args=ocp.args.Composite(**{
-          _PARAMS_ITEM: ocp.args.StandardSave(params), _METADATA_ITEM: ocp.args.JsonSave(milestone_record)}))
-      self._unmanifested.append((self._milestones, epath.Path(self._milestones.directory) / str(step)))
-    if save_resume:
-      self._resume.save(step, force=True, args=ocp.args.Composite(**{
-          _STATE_ITEM: ocp.args.StandardSave(dict(state)), _METADATA_ITEM: ocp.args.JsonSave(record)}))
-      self._unmanifested.append((self._resume, epath.Path(self._resume.directory) / str(step)))
-      self.saved_resume_steps.append(step)
+    with self._reporting_save_failures():
+      if save_milestone:
+        params = _cast_floating(state["params"], self.milestone_dtype)
+        milestone_record = {**record, "param_layout": _param_layout(params), "dtype": self.milestone_dtype}
+        self._latest_save_dirs["milestone"] = epath.Path(self._milestones.directory) / str(step)
+        self._milestones.save(step, force=True, args=ocp.args.Composite(**{
+            _PARAMS_ITEM: ocp.args.StandardSave(params), _METADATA_ITEM: ocp.args.JsonSave(milestone_record)}))
+        self._unmanifested.append((self._milestones, epath.Path(self._milestones.directory) / str(step)))
+      if save_resume:
+        self._latest_save_dirs["resume"] = epath.Path(self._resume.directory) / str(step)
+        self._resume.save(step, force=True, args=ocp.args.Composite(**{
+            _STATE_ITEM: ocp.args.StandardSave(dict(state)), _METADATA_ITEM: ocp.args.JsonSave(record)}))
+        self._unmanifested.append((self._resume, epath.Path(self._resume.directory) / str(step)))
+        self.saved_resume_steps.append(step)
     self._write_committed_manifests()
+
+  @contextlib.contextmanager
+  def _reporting_save_failures(self):
+    """Turns a failed write, raised now or left by an asynchronous save, into one CheckpointSaveError naming the
+    checkpoint and the cause. Orbax writes into a temporary directory and deletes old checkpoints only after a
+    save committed, so the checkpoints saved before stay intact. Once reported, the same failure seen again
+    (Orbax re-raising it while closing) is not raised twice."""
+    try:
+      yield
+    except CheckpointSaveError:
+      raise
+    except Exception as error:  # Orbax and TensorStore raise ValueError, OSError, ... for a failed write
+      if self._save_failure is not None:
+        return
+      text = str(error)
+      named = [path for path in self._latest_save_dirs.values() if f"{path}.orbax-checkpoint-tmp" in text]
+      paths = named or list(self._latest_save_dirs.values()) or [self.model_dir / "checkpoints"]
+      self._save_failure = CheckpointSaveError(
+          f"saving checkpoint {' and '.join(map(str, paths))} failed: {_failure_cause(error)}. The checkpoints "
+          f"saved before it are intact; free space or fix permissions under {self.model_dir}, then restart to "
+          f"resume from the latest one.")
+      raise self._save_failure from error
 
   def _write_committed_manifests(self, *, wait: bool = False) -> None:
     """Queues the manifests of saves that have committed (all of them with `wait`, after waiting)."""
@@ -706,19 +850,25 @@ class Checkpointer:
 
   def wait_until_finished(self) -> None:
     """Waits for asynchronous saves and their manifests."""
-    self._resume.wait_until_finished()
-    self._milestones.wait_until_finished()
+    with self._reporting_save_failures():
+      self._resume.wait_until_finished()
+      self._milestones.wait_until_finished()
     self._write_committed_manifests(wait=True)
 
   def close(self) -> None:
     """Waits for asynchronous saves and manifests, releases the managers, restores the previous SIGTERM handler."""
-    self._resume.close()
-    self._milestones.close()
-    self._write_committed_manifests(wait=True)
-    self._manifest_writer.shutdown()
-    if self._previous_sigterm_handler is not None:
-      signal.signal(signal.SIGTERM, self._previous_sigterm_handler)
-      self._previous_sigterm_handler = None
+    try:
+      with self._reporting_save_failures():
+        try:
+          self._resume.close()
+        finally:
+          self._milestones.close()
+      self._write_committed_manifests(wait=True)
+    finally:
+      self._manifest_writer.shutdown()
+      if self._previous_sigterm_handler is not None:
+        signal.signal(signal.SIGTERM, self._previous_sigterm_handler)
+        self._previous_sigterm_handler = None
 
 
 def _milestones_dir(run_dir: str) -> epath.Path:

@@ -1,7 +1,10 @@
-"""Training metrics: device peak FLOP/s for MFU, and the writers (metrics.jsonl, TensorBoard, console)."""
+"""Training metrics: device peak FLOP/s for MFU, memory plans and limits, step timing, and the writers
+(metrics.jsonl, TensorBoard, console)."""
+import collections
 import json
 import math
 import os
+import time
 from typing import Mapping
 
 import jax
@@ -52,10 +55,77 @@ def compiled_memory_bytes(compiled: jax.stages.Compiled) -> dict[str, int] | Non
   return parts
 
 
+def device_memory_limit_bytes(devices) -> int | None:
+  """The smallest allocator limit (`memory_stats()["bytes_limit"]`) among `devices`; None where a device
+  reports none (CPU)."""
+  limits = []
+  for device in devices:
+    stats = device.memory_stats()
+    if not stats or "bytes_limit" not in stats:
+      return None
+    limits.append(int(stats["bytes_limit"]))
+  return min(limits) if limits else None
+
+
+def peak_memory_gib(devices) -> float | None:
+  """The largest `peak_bytes_in_use` among `devices` in GiB, None where devices report no memory statistics."""
+  peaks = [(device.memory_stats() or {}).get("peak_bytes_in_use") for device in devices]
+  return None if not peaks or None in peaks else max(peaks) / (1 << 30)
+
+
 def is_out_of_memory(error: BaseException) -> bool:
   """Whether a JAX/XLA error is a failed allocation (at compile or run time)."""
   text = str(error)
   return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+class StepTimer:
+  """Wall-clock and compiled-step time of the steps of a loop that runs ahead of the device.
+
+  Call `dispatching()` right before each step is dispatched and `completed()` once the host has seen that step
+  finish (its metrics fetched), in step order. A step's wall time runs from the previous step's completion
+  (or the timer's start) to its own: data, evaluation, checkpoints and host work all count. Its step time runs
+  from the later of its dispatch and the previous completion to its completion: the device's time on the step
+  as far as the host can see it. `interval()` averages both over the steps completed since its last call.
+  """
+
+  def __init__(self, clock=time.perf_counter):
+    self._clock = clock
+    self._dispatch_times = collections.deque()
+    self._previous_completion = clock()
+    self._interval_wall = self._interval_step = 0.0
+    self._interval_steps = 0
+
+  def dispatching(self) -> None:
+    self._dispatch_times.append(self._clock())
+
+  def completed(self) -> None:
+    now = self._clock()
+    started = max(self._dispatch_times.popleft(), self._previous_completion)
+    self._interval_wall += now - self._previous_completion
+    self._interval_step += now - started
+    self._interval_steps += 1
+    self._previous_completion = now
+
+  def interval(self) -> tuple[float, float]:
+    """(wall seconds per step, step seconds per step) since the previous call."""
+    if not self._interval_steps:
+      raise ValueError("StepTimer.interval() needs a completed step since its previous call")
+    averages = self._interval_wall / self._interval_steps, self._interval_step / self._interval_steps
+    self._interval_wall = self._interval_step = 0.0
+    self._interval_steps = 0
+    return averages
+
+
+def throughput(wall_time_s: float, step_time_s: float, *, tokens_per_step: int, flops_per_step: float,
+               peak_flops: float) -> dict[str, float]:
+  """Per-step throughput scalars: `tokens_per_sec` and `mfu` by wall clock, `step_*` by compiled-step time.
+
+  `peak_flops` is the peak of all devices together.
+  """
+  return {"tokens_per_sec": tokens_per_step / wall_time_s, "mfu": flops_per_step / wall_time_s / peak_flops,
+          "wall_time_s": wall_time_s, "step_tokens_per_sec": tokens_per_step / step_time_s,
+          "step_mfu": flops_per_step / step_time_s / peak_flops, "step_time_s": step_time_s}
 
 
 def _jsonable(value):

@@ -1,6 +1,7 @@
 """lsm_jax.checkpoint on a synthetic train state (params dict + optax AdamW state + step + rng), 8 fake CPU devices."""
 import glob
 import json
+import math
 import os
 import signal
 import warnings
@@ -95,7 +96,7 @@ def test_schedule_paper_default_has_57_log_then_even_steps():
 def test_schedule_properties(total_steps, num_checkpoints):
   steps = checkpoint.milestone_schedule(total_steps, num_checkpoints)
   assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == total_steps
-  assert len(steps) == min(num_checkpoints, total_steps + 1)
+  assert len(steps) == min(num_checkpoints, 1 + math.isqrt(total_steps))  # short runs: at most 1 + isqrt(T)
   if len(steps) == total_steps + 1:
     return  # every step
   log_length = 0  # the log part: the leading run of powers of two

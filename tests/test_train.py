@@ -19,8 +19,8 @@ from lsm_jax import trainer
 
 SMOKE = "gin/smoke/llama.gin"
 STEPS = 8
-METRIC_FIELDS = {"step", "loss", "grad_norm", "learning_rate", "tokens_per_sec", "mfu", "step_time_s",
-                 "tokens_seen", "compute_pflops_days"}
+METRIC_FIELDS = {"step", "loss", "grad_norm", "learning_rate", "tokens_per_sec", "mfu", "wall_time_s",
+                 "step_tokens_per_sec", "step_mfu", "step_time_s", "timestamp", "tokens_seen", "compute_pflops_days"}
 
 
 def _train(model_dir, *bindings):

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import numpy as np
 
@@ -34,6 +36,31 @@ from lsm_jax.data import tokenizer as tokenizer_lib
 
 EMBEDDED = "embedded"
 _BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+_Batch = TypeVar("_Batch")
+
+
+def prefetched(make_batch: Callable[[int], _Batch], steps: Iterable[int], depth: int = 2
+               ) -> Iterator[tuple[int, _Batch]]:
+  """(step, make_batch(step)) for each of `steps`, built by a background thread `depth` steps ahead, so building
+  the next batches overlaps the consumer's work. Yields what calling make_batch step by step gives, in order; an
+  exception of make_batch is raised at its step. Close the generator (or exhaust it) to stop the thread."""
+  if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+    raise ValueError(f"prefetch depth must be a positive int, got {depth!r}")
+  return _prefetching(make_batch, iter(steps), depth)
+
+
+def _prefetching(make_batch, steps, depth):
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batch-prefetch") as builder:
+    pending = collections.deque((step, builder.submit(make_batch, step)) for step in itertools.islice(steps, depth))
+    try:
+      while pending:
+        step, batch = pending.popleft()
+        for next_step in itertools.islice(steps, 1):
+          pending.append((next_step, builder.submit(make_batch, next_step)))
+        yield step, batch.result()
+    finally:
+      for _, batch in pending:  # batches nobody will read
+        batch.cancel()
 
 
 def _dataset_dir(data_dir: str) -> str:
@@ -126,17 +153,8 @@ class BatchLoader:
               prefetch: int = 2) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """(step, local_batch(step)) for start_step, start_step + 1, ...; a background thread reads `prefetch`
     steps ahead so reading overlaps the training step. Equal to calling local_batch step by step."""
-    if prefetch < 1:
-      raise ValueError(f"prefetch must be >= 1, got {prefetch}")
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batch-prefetch") as reader:
-      pending = collections.deque(
-          (step, reader.submit(self.local_batch, step, process_index, process_count))
-          for step in range(start_step, start_step + prefetch))
-      while True:
-        step, batch = pending.popleft()
-        pending.append((step + prefetch, reader.submit(self.local_batch, step + prefetch, process_index,
-                                                       process_count)))
-        yield step, batch.result()
+    return prefetched(lambda step: self.local_batch(step, process_index, process_count),
+                      itertools.count(start_step), prefetch)
 
 
 def make_loader(data_dir: str, *, split: str = "train", seq_len: int, global_batch_size: int,

@@ -1,0 +1,258 @@
+"""The training loop's guards and accounting: the memory-plan check before step 1, the milestone spacing of short
+runs, the checkpoint storage estimate and free-space check, failed saves, and wall-clock throughput.
+
+Runs train the tiny LLaMA of gin/smoke/llama.gin on one of the fake CPU devices of tests/conftest.py.
+"""
+import os
+import re
+import resource
+import signal
+import time
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lsm_jax import aot
+from lsm_jax import checkpoint
+from lsm_jax import metrics
+from lsm_jax import sharding
+from lsm_jax import train
+from lsm_jax import trainer
+from lsm_jax.data import loader
+from lsm_jax.models import configs
+
+SMOKE = "gin/smoke/llama.gin"
+ONE_DEVICE = "sharding.MeshConfig.num_devices = 1"
+QUIET = ("trainer.train.sample_prompt = None", "trainer.train.enable_tensorboard = False",
+         "trainer.train.progress_bar = False")
+GIB = 1 << 30
+
+
+def _train(model_dir, *bindings):
+  gin.clear_config()
+  try:
+    train.parse_gin([SMOKE], [f"MODEL_DIR = '{model_dir}'", ONE_DEVICE, *QUIET, *bindings])
+    return gin.get_configurable(trainer.train)()
+  finally:
+    gin.clear_config()
+
+
+def _step_dirs(model_dir, kind):
+  directory = os.path.join(model_dir, "checkpoints", kind)
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit()) if os.path.isdir(directory) else []
+
+
+def _smoke_program():
+  """The program of gin/smoke/llama.gin on one device, built from its gin bindings without train()."""
+  gin.clear_config()
+  try:
+    train.parse_gin([SMOKE], ["MODEL_DIR = '/unused'", ONE_DEVICE])
+    arguments = aot.program_arguments_from_gin()
+  finally:
+    gin.clear_config()
+  mesh = sharding.make_mesh(arguments.pop("mesh_config"))
+  return trainer.build_train_program(mesh=mesh, **arguments)
+
+
+# --- memory plan ---------------------------------------------------------------------------------------------------
+
+def test_a_step_beyond_the_memory_limit_stops_before_step_1(tmp_path):
+  model_dir = str(tmp_path / "run")
+  limit_gib = 1e-4  # 105 KB: the smoke model's state alone is larger
+  with pytest.raises(trainer.StepDoesNotFitError) as raised:
+    _train(model_dir, f"trainer.train.device_memory_limit_gib = {limit_gib}")
+  message = str(raised.value)
+  needed, available = (float(x) for x in re.search(r"needs ([\d.e-]+) GiB per device .* device has ([\d.e-]+) GiB",
+                                                    message).groups())
+  # Both numbers are the real ones: the plan of the same program compiled here, and the limit given.
+  plan = metrics.compiled_memory_bytes(_smoke_program().lower_train_step().compile())
+  assert needed == pytest.approx(plan["total"] / GIB, rel=1e-2)  # printed to 3 digits
+  assert available == pytest.approx(limit_gib, rel=1e-2)
+  for knob in ("ModelConfig.remat_policy, now 'none'", *configs.REMAT_POLICIES, "PER_SHARD_MICROBATCH_SIZE, now 16",
+               "gin/mesh/"):
+    assert knob in message
+  # Stopped before the first step and before the initial checkpoint.
+  assert not os.path.exists(os.path.join(model_dir, "metrics.jsonl"))
+  assert _step_dirs(model_dir, "milestones") == _step_dirs(model_dir, "resume") == []
+
+
+def test_bad_memory_limit_is_refused_before_compiling(tmp_path):
+  with pytest.raises(ValueError, match="device_memory_limit_gib must be None .* or a positive number of GiB, got -1"):
+    _train(str(tmp_path / "run"), "trainer.train.device_memory_limit_gib = -1")
+
+
+# --- milestones, storage, saves ------------------------------------------------------------------------------------
+
+def test_short_run_milestones_keep_a_minimum_spacing():
+  steps = checkpoint.milestone_schedule(40, 57)
+  assert steps == [0, 6, 13, 20, 26, 33, 40]  # isqrt(40) = 6 intervals: 7 milestones instead of 41
+  assert min(np.diff(steps)) >= 6
+  for total in (10, 99, 1000, 3135):
+    steps = checkpoint.milestone_schedule(total, 57)
+    gaps = np.diff(steps)
+    assert steps[0] == 0 and steps[-1] == total and len(steps) == 1 + int(np.sqrt(total))
+    assert gaps.min() >= int(np.sqrt(total)) and gaps.max() - gaps.min() <= 1
+  # From (57 - 1)^2 = 3,136 steps on, the log-then-even schedule is unchanged: 57 milestones starting 0, 1, 2, 4.
+  long_run = checkpoint.milestone_schedule(3136, 57)
+  assert len(long_run) == 57 and long_run[:4] == [0, 1, 2, 4]
+
+
+def test_storage_estimate_counts_milestones_and_resume_checkpoints():
+  abstract_state = {"params": {"w": jax.ShapeDtypeStruct((10, 10), jnp.float32),
+                               "i": jax.ShapeDtypeStruct((3,), jnp.int32)},
+                    "opt_state": {"mu": jax.ShapeDtypeStruct((10, 10), jnp.float32)},
+                    "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+  estimate = checkpoint.storage_estimate(abstract_state, train_steps=10, milestone_steps=[0, 5, 10],
+                                         milestone_dtype="bfloat16", save_interval_steps=4, max_to_keep=2)
+  assert estimate.milestone_bytes == 100 * 2 + 3 * 4  # floating leaves in bf16, integers as they are
+  assert estimate.resume_bytes == 400 + 12 + 400 + 4 + 8
+  assert estimate.num_resume == 3  # saves at 4, 8, 10; max_to_keep 2 + the one being written
+  assert estimate.total_bytes == 3 * 212 + 3 * 824
+  one_save = checkpoint.storage_estimate(abstract_state, train_steps=3, milestone_steps=[0, 3],
+                                         milestone_dtype="float32", save_interval_steps=4, max_to_keep=2)
+  assert (one_save.num_resume, one_save.milestone_bytes) == (1, 412)  # only the final save
+
+
+def test_too_little_free_space_stops_before_training(tmp_path, monkeypatch):
+  model_dir = str(tmp_path / "run")
+  real_disk_usage = checkpoint.shutil.disk_usage
+  free = 1 << 20  # 1 MiB; the smoke run's checkpoints need several
+
+  def small_disk(path):
+    return real_disk_usage(path)._replace(free=free)
+
+  monkeypatch.setattr(checkpoint.shutil, "disk_usage", small_disk)
+  with pytest.raises(checkpoint.InsufficientDiskSpaceError) as raised:
+    _train(model_dir)
+  message = str(raised.value)
+  program = _smoke_program()
+  expected = checkpoint.storage_estimate(program.abstract_state, train_steps=60,
+                                         milestone_steps=checkpoint.milestone_schedule(60, 8),
+                                         milestone_dtype="bfloat16", save_interval_steps=20, max_to_keep=2)
+  assert f"has {free / GIB:.3g} GiB free" in message
+  assert f"need {expected.total_bytes / GIB:.3g} GiB more" in message
+  assert "8 milestones x" in message and "3 resume checkpoints x" in message
+  assert not os.path.exists(os.path.join(model_dir, "metrics.jsonl"))
+  assert not os.path.exists(os.path.join(model_dir, "checkpoints"))
+  # Remote directories are not checked (object stores have no free space to ask for).
+  checkpoint.check_free_space("gs://bucket/run", expected)
+
+
+def test_a_failed_save_names_the_checkpoint_and_the_cause_and_keeps_the_previous_one(tmp_path):
+  run_metadata = {"arch": "llama", "size": "test", "global_batch_size": 1, "seq_len": 1}
+  state = {"params": {"w": jax.random.normal(jax.random.key(0), (256, 256))}, "step": jnp.int32(5)}
+  saver = checkpoint.Checkpointer(str(tmp_path), save_interval_steps=5, max_to_keep=2, milestone_steps=[],
+                                  run_metadata=run_metadata)
+  saver.save(5, state)
+  saver.wait_until_finished()
+  # A real write error from the kernel: files beyond 100 KB fail with EFBIG (root ignores permissions, and a
+  # full disk cannot be made here); the 256 KB array does not fit, the JSON metadata does.
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+  try:
+    with pytest.raises(checkpoint.CheckpointSaveError) as raised:
+      saver.save(10, {**state, "step": jnp.int32(10)})
+      saver.wait_until_finished()  # the asynchronous write fails in the background
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, previous_handler)
+  message = str(raised.value)
+  assert f"saving checkpoint {tmp_path}/checkpoints/resume/10 failed: File too large (errno 27)" in message
+  assert "checkpoints saved before it are intact" in message
+  saver.close()  # the failure is reported once, not again while closing
+  reader = checkpoint.Checkpointer(str(tmp_path), save_interval_steps=5, max_to_keep=2, milestone_steps=[],
+                                   run_metadata=run_metadata)
+  try:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored, step = reader.restore_latest(abstract)
+  finally:
+    reader.close()
+  assert step == 5
+  np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+
+
+# --- the loop: wall-clock throughput, prefetching, milestones on disk -----------------------------------------------
+
+def test_step_timer_separates_wall_time_from_step_time():
+  clock = iter([0.0,             # start
+                1.0, 1.1,        # dispatch step 1, dispatch step 2 (the loop runs ahead)
+                3.0,             # step 1 seen complete: wall 3.0, step 3.0 - 1.0
+                3.2, 5.0,        # dispatch step 3; step 2 complete: started at 3.0 (after step 1), 2.0
+                9.0, 9.5]).__next__  # step 3 complete (4 s with a checkpoint); dispatch 4 (not completed)
+  timer = metrics.StepTimer(clock)
+  timer.dispatching(), timer.dispatching()
+  timer.completed()
+  assert timer.interval() == pytest.approx((3.0, 2.0))
+  timer.dispatching()
+  timer.completed()
+  timer.completed()
+  assert timer.interval() == pytest.approx(((2.0 + 4.0) / 2, (2.0 + 4.0) / 2))
+  timer.dispatching()
+  with pytest.raises(ValueError, match="needs a completed step"):
+    timer.interval()
+
+
+def test_prefetched_yields_the_batches_of_the_plain_loop_and_raises_at_the_failing_step():
+  built = []
+
+  def make(step):
+    built.append(step)
+    if step == 7:
+      raise OSError("unreadable record")
+    return {"step": step}
+
+  stream = loader.prefetched(make, range(3, 10), depth=2)
+  assert [next(stream) for _ in range(4)] == [(step, {"step": step}) for step in range(3, 7)]
+  with pytest.raises(OSError, match="unreadable record"):
+    next(stream)
+  stream.close()
+  assert built == list(range(3, 10))[:len(built)] and len(built) <= 7
+  with pytest.raises(ValueError, match="prefetch depth must be a positive int, got 0"):
+    loader.prefetched(make, range(3), depth=0)
+
+
+def test_short_run_wall_clock_throughput_and_milestones(tmp_path):
+  """40 steps with 57 milestones requested, checkpoints every 4 steps and validation every 5: the logged
+  tokens/s are tokens over the wall time between the steps' own timestamps, and checkpoint and validation time
+  shows in the wall-clock figures but not in the step-only ones."""
+  model_dir = str(tmp_path / "run")
+  start = time.perf_counter()
+  _train(model_dir, "TRAIN_STEPS = 40", "trainer.train.num_milestones = 57", "trainer.train.checkpoint_every_steps = 4",
+         "EVAL_EVERY_STEPS = 5", "trainer.train.eval_batches = 1", "trainer.train.async_checkpointing = False")
+  elapsed = time.perf_counter() - start
+  assert checkpoint.list_milestones(model_dir) == [0, 6, 13, 20, 26, 33, 40]
+  # The storage estimate against the disk: 7 milestones and the 2 resume checkpoints kept (the estimate adds the
+  # one being written while the oldest still exists); Orbax compresses a little and adds kilobytes of metadata.
+  estimate = checkpoint.storage_estimate(_smoke_program().abstract_state, train_steps=40,
+                                         milestone_steps=checkpoint.milestone_schedule(40, 57),
+                                         milestone_dtype="bfloat16", save_interval_steps=4, max_to_keep=2)
+  on_disk = sum(os.path.getsize(os.path.join(root, name))
+                for root, _, names in os.walk(os.path.join(model_dir, "checkpoints")) for name in names)
+  kept = estimate.num_milestones * estimate.milestone_bytes + 2 * estimate.resume_bytes
+  assert 0.8 * kept < on_disk < estimate.total_bytes
+
+  records = metrics.read_metrics(model_dir)
+  assert [r["step"] for r in records] == list(range(1, 41))
+  tokens_per_step = 16 * 128
+  wall = np.array([tokens_per_step / r["tokens_per_sec"] for r in records])
+  np.testing.assert_allclose(wall, [r["wall_time_s"] for r in records], rtol=1e-9)
+  # Between two records, the wall time of the steps in between is exactly the time between their timestamps.
+  for first, last in ((0, 39), (0, 20), (9, 30)):
+    between = records[last]["timestamp"] - records[first]["timestamp"]
+    assert tokens_per_step * (last - first) / between == pytest.approx(
+        tokens_per_step * (last - first) / wall[first + 1:last + 1].sum(), rel=0.05)
+  assert wall.sum() < elapsed
+  step_time = np.array([r["step_time_s"] for r in records])
+  assert np.all(step_time <= wall * (1 + 1e-9))
+  for record in records:
+    assert record["step_tokens_per_sec"] == pytest.approx(tokens_per_step / record["step_time_s"], rel=1e-9)
+    assert record["mfu"] == pytest.approx(record["step_mfu"] * record["step_time_s"] / record["wall_time_s"], rel=1e-9)
+  # Steps 5, 10, ... are followed by validation, 4, 8, ... by a (synchronous) save: the next step's wall time
+  # carries them, its step time does not.
+  after_work = [step for step in range(2, 41) if (step - 1) % 4 == 0 or (step - 1) % 5 == 0 or (step - 1) in (6, 13, 20, 26, 33)]
+  gap = wall - step_time
+  assert np.median(gap[[s - 1 for s in after_work]]) > np.median(gap[[s - 1 for s in range(2, 41) if s not in after_work]])
