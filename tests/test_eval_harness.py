@@ -186,35 +186,111 @@ def test_sweep_val_loss_and_skips_finished_checkpoints(run_dir, tmp_path, monkey
   assert lines[0] == ",".join(sweep.COLUMNS) and len(lines) == 2 + len(first) + len(second)
 
 
-def test_local_multiple_choice_task_through_lm_eval_cli(run_dir, direct_model, tmp_path, monkeypatch):
-  """A user's local lm-eval YAML task (dataset_path: json) runs end to end via the lm_eval command line."""
-  docs = [{"question": "Color of the sky?", "choices": ["blue", "green", "loud"], "label": 0},
-          {"question": "Opposite of up?", "choices": ["left", "down"], "label": 1},
-          {"question": "Two plus two?", "choices": ["four", "five", "seven"], "label": 2}]
-  with open(tmp_path / "docs.jsonl", "w") as f:
-    f.writelines(json.dumps(doc) + "\n" for doc in docs)
-  task_dir = tmp_path / "tasks"
-  task_dir.mkdir()
-  (task_dir / "toy_mc.yaml").write_text(
+TOY_DOCS = [{"question": "Color of the sky?", "choices": ["blue", "green", "loud"], "label": 0},
+            {"question": "Opposite of up?", "choices": ["left", "down"], "label": 1},
+            {"question": "Two plus two?", "choices": ["four", "five", "seven"], "label": 2}]
+
+
+def _write_toy_task(directory):
+  """A user's multiple-choice lm-eval task outside the project: YAML (dataset_path: json) + local JSON lines."""
+  directory.mkdir()
+  with open(directory / "docs.jsonl", "w") as f:
+    f.writelines(json.dumps(doc) + "\n" for doc in TOY_DOCS)
+  (directory / "toy_mc.yaml").write_text(
       "task: toy_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-      f"    test: {tmp_path / 'docs.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+      f"    test: {directory / 'docs.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
       "doc_to_text: \"Question: {{question}}\\nAnswer:\"\ndoc_to_choice: choices\ndoc_to_target: label\n"
       "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+  return str(directory)
+
+
+def _toy_accuracy(model):
+  """The toy task's accuracy from direct model calls: the choice with the highest summed log-likelihood."""
+  correct = 0
+  for doc in TOY_DOCS:
+    context = TOKENIZER.encode(f"Question: {doc['question']}\nAnswer:")
+    scores = [_direct_log_probs(model, context + TOKENIZER.encode(" " + choice))[-len(choice) - 1:].sum()
+              for choice in doc["choices"]]
+    correct += int(np.argmax(scores) == doc["label"])
+  return correct / len(TOY_DOCS)
+
+
+def test_local_multiple_choice_task_through_lm_eval_cli(run_dir, direct_model, tmp_path, monkeypatch):
+  """A user's local lm-eval YAML task (dataset_path: json) runs end to end via the lm_eval command line."""
+  task_dir = _write_toy_task(tmp_path / "tasks")
   # In process (the lm_eval command line parses these arguments) to reuse this process's compiled programs.
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
   monkeypatch.chdir(tmp_path)
   monkeypatch.setattr(sys, "argv", list(sys.argv))
   lm_eval_cli.main(["--model", "lsm_jax", "--model_args", f"checkpoint={run_dir},step=4", "--tasks", "toy_mc",
-                    "--include_path", str(task_dir), "--batch_size", str(BATCH), "--output_path", str(tmp_path / "out")])
+                    "--include_path", task_dir, "--batch_size", str(BATCH), "--output_path", str(tmp_path / "out")])
   (results_file,) = [os.path.join(d, name) for d, _, names in os.walk(tmp_path / "out") for name in names
                      if name.startswith("results")]
   with open(results_file) as f:
     accuracy = json.load(f)["results"]["toy_mc"]["acc,none"]
-  # The expected accuracy from direct model calls: the choice with the highest summed log-likelihood.
-  correct = 0
-  for doc in docs:
-    context = TOKENIZER.encode(f"Question: {doc['question']}\nAnswer:")
-    scores = [_direct_log_probs(direct_model, context + TOKENIZER.encode(" " + choice))[-len(choice) - 1:].sum()
-              for choice in doc["choices"]]
-    correct += int(np.argmax(scores) == doc["label"])
-  assert accuracy == pytest.approx(correct / len(docs))
+  assert accuracy == pytest.approx(_toy_accuracy(direct_model))
+
+
+def _tensorboard_scalars(log_dir):
+  """{tag: [(step, value)]} from the TensorBoard event files in log_dir (TFRecord framing, Event protos)."""
+  from tensorboardX.proto import event_pb2
+  scalars = {}
+  for name in sorted(os.listdir(log_dir)):
+    with open(os.path.join(log_dir, name), "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      (length,) = np.frombuffer(data[offset:offset + 8], "<u8")
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + int(length)])
+      offset += 12 + int(length) + 4
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
+
+
+def test_sweep_runs_a_task_written_outside_the_project_over_every_milestone(run_dir, tmp_path, monkeypatch):
+  from lsm_jax.evaluate import __main__ as evaluate_main
+  task_dir = _write_toy_task(tmp_path / "tasks")
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  output, log_dir = str(tmp_path / "table.jsonl"), str(tmp_path / "tb")
+  argv = ["--run_dir", run_dir, "--tasks", "toy_mc", "--include_path", task_dir, "--output", output,
+          "--batch_size", str(BATCH), "--tensorboard_dir", log_dir, "--no_progress"]
+  evaluate_main.main(argv)
+  rows = sweep.read_table(output)
+  assert [(row["step"], row["task"], row["metric"]) for row in rows] == [(0, "toy_mc", "acc"), (4, "toy_mc", "acc")]
+  for row in rows:
+    assert row["value"] == pytest.approx(_toy_accuracy(_model("hgrn2", STEP_SEEDS[row["step"]])))
+    assert row["tokens"] == row["step"] * 2 * SEQ_LEN
+  # TensorBoard: one scalar per (task, metric) at each milestone's step and at its tokens.
+  scalars = _tensorboard_scalars(log_dir)
+  assert scalars["eval/toy_mc/acc"] == [(row["step"], pytest.approx(row["value"])) for row in rows]
+  assert scalars["eval_by_tokens/toy_mc/acc"] == [(row["tokens"], pytest.approx(row["value"])) for row in rows]
+  # Done pairs are skipped; an unknown name is refused with where it was looked for.
+  monkeypatch.setattr(engine_lib, "load_model", lambda *a, **k: pytest.fail("a finished checkpoint was reloaded"))
+  assert sweep.evaluate_run(run_dir, "toy_mc", output, include_path=[task_dir], progress=False) == []
+  with pytest.raises(SystemExit, match=r"^error: unknown evaluation task\(s\) \['toy_mcq'\]: not a built-in sweep "
+                                       r"task \(val_loss, .*\) nor an lm-eval task, group or tag in lm-eval's "
+                                       rf"bundled tasks, lsm_jax's local tasks \(.*\), --include_path {task_dir}$"):
+    evaluate_main.main([*argv[:3], "toy_mcq", *argv[4:]])
+  with pytest.raises(ValueError, match=r"--include_path .*nowhere does not exist"):
+    sweep.parse_tasks("toy_mc", [str(tmp_path / "nowhere")])
+
+
+def test_scoring_shows_a_progress_bar_with_the_request_count(adapter, capsys):
+  requests = [Instance("loglikelihood", {}, ("The sky is", " blue"), index) for index in range(5)]
+  adapter.loglikelihood(requests)
+  progress = capsys.readouterr().err
+  assert "lsm_jax loglikelihood: 100%" in progress and "5/5" in progress
+  adapter.loglikelihood(requests, disable_tqdm=True)
+  assert capsys.readouterr().err == ""
+
+
+def test_the_model_is_declared_for_lm_evals_plugin_discovery():
+  import configparser
+  from importlib import metadata
+  config = configparser.ConfigParser()
+  config.read(os.path.join(os.path.dirname(__file__), "..", "setup.cfg"))
+  (line,) = config["options.entry_points"]["lm_eval.models"].strip().splitlines()
+  name, value = (part.strip() for part in line.split("="))
+  assert name == "lsm_jax"
+  assert metadata.EntryPoint(name=name, value=value, group="lm_eval.models").load() is harness.LsmJaxLM

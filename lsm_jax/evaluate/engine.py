@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +59,12 @@ class InferenceEngine:
 
   # ------------------------------------------------------------------ scoring
 
-  def score(self, sequences: Sequence[Sequence[int]]) -> list[ScoredSequence]:
-    """Log-probabilities of every token after the first, for sequences of 2..max_length + 1 tokens."""
+  def score(self, sequences: Sequence[Sequence[int]], progress: Callable[[int], object] | None = None
+            ) -> list[ScoredSequence]:
+    """Log-probabilities of every token after the first, for sequences of 2..max_length + 1 tokens.
+
+    `progress`, if given, is called with the number of sequences each finished batch scored.
+    """
     results: list[ScoredSequence | None] = [None] * len(sequences)
     for index, sequence in enumerate(sequences):
       if not 2 <= len(sequence) <= self.max_length + 1:
@@ -80,6 +84,8 @@ class InferenceEngine:
       for slot, row in enumerate(rows):
         length = len(sequences[row]) - 1
         results[row] = ScoredSequence(log_probs[slot, :length].astype(np.float64), is_greedy[slot, :length])
+      if progress is not None:
+        progress(len(rows))
     return results
 
   def batch_log_probs(self, batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -87,9 +93,10 @@ class InferenceEngine:
     return np.asarray(jax.device_get(_score_batch(self._graphdef, self._params, batch["inputs"], batch["targets"],
                                                     batch["segment_ids"], batch["positions"])[0]))
 
-  def loglikelihoods(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
+  def loglikelihoods(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+                     progress: Callable[[int], object] | None = None) -> list[tuple[float, bool]]:
     """lm-eval semantics: context + continuation is cut from the left to max_length + 1 tokens; an empty
-    context is replaced by EOS; the continuation's tokens are summed."""
+    context is replaced by EOS; the continuation's tokens are summed. `progress` as in `score`."""
     sequences, lengths = [], []
     for context, continuation in requests:
       if not continuation:
@@ -100,16 +107,18 @@ class InferenceEngine:
       sequences.append((context + list(continuation))[-(self.max_length + 1):])
       lengths.append(len(continuation))
     results = []
-    for scored, length in zip(self.score(sequences), lengths):
+    for scored, length in zip(self.score(sequences, progress), lengths):
       results.append((float(scored.log_probs[-length:].sum()), bool(scored.is_greedy[-length:].all())))
     return results
 
   # ---------------------------------------------------------------- generation
 
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-               stop_sequences: Sequence[str] = (), max_context: int | None = None) -> list[str]:
+               stop_sequences: Sequence[str] = (), max_context: int | None = None,
+               progress: Callable[[int], object] | None = None) -> list[str]:
     """Greedy continuations (text) of token prompts. Prompts are cut from the left so prompt + generation fits
-    `max_context` (default: the engine's max_length); text is cut before the first stop string."""
+    `max_context` (default: the engine's max_length); text is cut before the first stop string. `progress`, if
+    given, is called with the number of prompts each finished batch completed."""
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     max_context = max_context or self.max_length
@@ -126,6 +135,8 @@ class InferenceEngine:
       texts = self._generate_batch([prompts[row] for row in rows], max_new_tokens, stop_sequences, max_context)
       for row, text in zip(rows, texts):
         results[row] = text
+      if progress is not None:
+        progress(len(rows))
     return results
 
   def _generate_batch(self, prompts, max_new_tokens, stop_sequences, max_context) -> list[str]:

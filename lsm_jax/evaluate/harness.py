@@ -1,8 +1,10 @@
 """lm-evaluation-harness (0.4.x) adapter: `lm_eval --model lsm_jax --model_args checkpoint=RUN_DIR[,step=N]`.
 
-lm-eval resolves `--model` names only from its own registry, which has no plugin entry point in 0.4.x, so
-this module must be imported before the harness looks the name up. `python -m lsm_jax.evaluate.lm_eval_cli`
-(same arguments as `lm_eval`) does that and also adds this package's local task directory to the task path.
+lm-eval resolves `--model` names from its own registry; `@register_model("lsm_jax")` below fills it when this
+module is imported. lm-eval 0.4.13 reads no plugin entry points, so the stock `lm_eval` script never imports
+it: use `lsm-jax-lm-eval` (= `python -m lsm_jax.evaluate.lm_eval_cli`, same arguments as `lm_eval`), which
+does, and also adds this package's local task directory to the task path. The package also declares the
+class under the `lm_eval.models` entry-point group, for lm-eval versions that discover model plugins that way.
 From Python: `LsmJaxLM(checkpoint=RUN_DIR)` or `LsmJaxLM.from_engine(engine)`, then
 `lm_eval.simple_evaluate(model=lm, tasks=[...])`.
 
@@ -87,7 +89,8 @@ class LsmJaxLM(LM):
 
   def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
     pairs = [self._encode_pair(*request.args) for request in requests]
-    results = self.engine.loglikelihoods(pairs)
+    with _progress_bar(len(pairs), "loglikelihood", disable_tqdm) as bar:
+      results = self.engine.loglikelihoods(pairs, progress=bar.update)
     for request, result in zip(requests, results):
       self.cache_hook.add_partial("loglikelihood", request.args, result)
     return results
@@ -105,7 +108,9 @@ class LsmJaxLM(LM):
         windows.append(window)
         owners.append(index)
     totals = [0.0] * len(requests)
-    for owner, (log_likelihood, _) in zip(owners, self.engine.loglikelihoods(windows)):
+    with _progress_bar(len(windows), "loglikelihood_rolling windows", disable_tqdm) as bar:
+      scores = self.engine.loglikelihoods(windows, progress=bar.update)
+    for owner, (log_likelihood, _) in zip(owners, scores):
       totals[owner] += log_likelihood
     for request, total in zip(requests, totals):
       self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
@@ -124,9 +129,15 @@ class LsmJaxLM(LM):
         raise ValueError("lsm_jax decodes greedily only; remove do_sample/temperature from the task's gen_kwargs")
       groups.setdefault((tuple(until), max_new_tokens), []).append(index)
     results: list[str | None] = [None] * len(requests)
-    for (until, max_new_tokens), indices in groups.items():
-      prompts = [self.tokenizer.encode(requests[i].args[0]) for i in indices]
-      for index, text in zip(indices, self.engine.generate(prompts, max_new_tokens, until)):
-        results[index] = text
-        self.cache_hook.add_partial("generate_until", requests[index].args, text)
+    with _progress_bar(len(requests), "generate_until", disable_tqdm) as bar:
+      for (until, max_new_tokens), indices in groups.items():
+        prompts = [self.tokenizer.encode(requests[i].args[0]) for i in indices]
+        for index, text in zip(indices, self.engine.generate(prompts, max_new_tokens, until, progress=bar.update)):
+          results[index] = text
+          self.cache_hook.add_partial("generate_until", requests[index].args, text)
     return results
+
+
+def _progress_bar(total: int, description: str, disabled: bool):
+  from tqdm import tqdm
+  return tqdm(total=total, desc=f"lsm_jax {description}", unit="req", disable=disabled)

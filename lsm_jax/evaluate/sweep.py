@@ -1,10 +1,14 @@
 """Evaluate every milestone checkpoint of a run into one tidy table (the input of lsm_jax.scaling).
 
-Rows: arch, size, step, tokens, compute_pflops_days, task, metric, value. The table is written as JSON lines
+Rows: run, arch, size, d_model, num_layers, seq_len, ablation (the run's coordinates, from its run_metadata.json),
+step, tokens, compute_pflops_days, task, metric, value. The table is written as JSON lines
 (the source of truth, appended after each finished (step, task) so an interrupted sweep resumes where it
 stopped) and mirrored to CSV. A (step, task) pair already in the table is skipped.
 
-Tasks (TASKS) and the rows they write:
+Tasks: the built-in TASKS below, or the name of any lm-eval task, group or tag (lm-eval's bundled tasks,
+lsm_jax's local tasks in tasks/, and task YAML under `include_path`), whose rows hold every numeric metric
+lm-eval reports for it and its subtasks. Rows also go to TensorBoard (see `evaluate_run`).
+Built-in tasks (TASKS) and the rows they write:
   val_loss       val_loss/loss, val_loss/perplexity: mean next-token loss on the run's validation split
   wikitext       wikitext/word_perplexity                    (lm-eval task lsm_wikitext)
   lambada        lambada/perplexity, lambada/acc             (lsm_lambada)
@@ -16,6 +20,7 @@ Accuracies are percentages, as in the paper's tables; perplexities are plain.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -23,7 +28,8 @@ from collections.abc import Sequence
 
 from lsm_jax.evaluate import scorers
 
-COLUMNS = ("arch", "size", "step", "tokens", "compute_pflops_days", "task", "metric", "value")
+COLUMNS = ("run", "arch", "size", "d_model", "num_layers", "seq_len", "ablation", "step", "tokens",
+           "compute_pflops_days", "task", "metric", "value")
 LM_EVAL_TASKS = ("wikitext", "lambada", "csr", "scrolls")
 TASKS = ("val_loss",) + LM_EVAL_TASKS + ("niah", "niah_standard")
 # The table task whose row marks a sweep task as done at a step (a task's rows are appended in one write).
@@ -33,12 +39,47 @@ _CSR_LM_EVAL_NAMES = {task: f"lsm_{task}" for task in scorers.CSR_METRICS}
 _SCROLLS_LM_EVAL_NAMES = {task: f"lsm_scrolls_{task}" for task in scorers.SCROLLS_METRICS}
 
 
-def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
+def parse_tasks(tasks: str | Sequence[str], include_path: Sequence[str] = ()) -> list[str]:
+  """Task names, each a built-in sweep task (TASKS) or a task, group or tag lm-eval knows: its bundled tasks,
+  lsm_jax's local tasks and the YAML under `include_path`. Unknown names are refused, saying where they were
+  looked for."""
   names = [name.strip() for name in (tasks.split(",") if isinstance(tasks, str) else tasks) if name.strip()]
-  unknown = [name for name in names if name not in TASKS]
-  if unknown or not names:
-    raise ValueError(f"unknown or no evaluation task(s) {unknown or names}; valid: {', '.join(TASKS)}")
+  if not names:
+    raise ValueError(f"no evaluation task given; built-in: {', '.join(TASKS)}, or any lm-eval task name")
+  others = [name for name in names if name not in TASKS]
+  if others:
+    known = set(lm_eval_task_manager(include_path).all_tasks)
+    unknown = [name for name in others if name not in known]
+    if unknown:
+      where = ["lm-eval's bundled tasks", f"lsm_jax's local tasks ({_lsm_tasks_dir()})"]
+      where += [f"--include_path {path}" for path in include_path]
+      hint = "" if include_path else "; for a task defined in YAML elsewhere, pass --include_path=DIR"
+      raise ValueError(f"unknown evaluation task(s) {unknown}: not a built-in sweep task ({', '.join(TASKS)}) nor "
+                       f"an lm-eval task, group or tag in {', '.join(where)}{hint}")
   return list(dict.fromkeys(names))
+
+
+def _lsm_tasks_dir() -> str:
+  from lsm_jax.evaluate import lm_eval_cli
+  return lm_eval_cli.TASKS_DIR
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_task_manager(include_path: tuple[str, ...], eval_data_dir: str | None):
+  from lm_eval.tasks import TaskManager
+  metadata = {"data_dir": eval_data_dir} if eval_data_dir else None
+  return TaskManager(include_path=[_lsm_tasks_dir(), *include_path], metadata=metadata)
+
+
+def lm_eval_task_manager(include_path: Sequence[str] = (), eval_data_dir: str | None = None):
+  """lm-eval's TaskManager over its bundled tasks, lsm_jax's local tasks and `include_path` (indexing every
+  bundled YAML takes seconds, so one is kept per argument set)."""
+  include_path = tuple(os.path.abspath(path) for path in include_path)
+  missing = [path for path in include_path if not os.path.exists(path)]
+  if missing:
+    raise ValueError(f"--include_path {', '.join(missing)} does not exist; give directories (or YAML files) "
+                     "holding lm-eval task configs")
+  return _cached_task_manager(include_path, eval_data_dir)
 
 
 def table_paths(output: str) -> tuple[str, str]:
@@ -110,6 +151,30 @@ def _lm_eval_results(engine, task_names: list[str], *, limit: int | None, eval_d
   return output["results"]
 
 
+def lm_eval_any_task_scores(engine, task: str, *, task_manager, limit: int | None = None
+                            ) -> list[tuple[str, str, float]]:
+  """(task, metric, value) rows of any lm-eval task, group or tag: every numeric metric lm-eval reports for it
+  and its subtasks, as lm-eval reports it (fractions, not percentages). A metric under a filter other than
+  "none" is named metric:filter; standard errors are left out."""
+  import lm_eval
+
+  from lsm_jax.evaluate import harness
+
+  output = lm_eval.simple_evaluate(model=harness.LsmJaxLM.from_engine(engine), tasks=[task],
+                                   task_manager=task_manager, limit=limit, log_samples=False, bootstrap_iters=0)
+  rows = []
+  for name, results in output["results"].items():
+    for key, value in results.items():
+      metric, _, filter_name = key.partition(",")
+      if not filter_name or metric.endswith("_stderr") or isinstance(value, bool) \
+          or not isinstance(value, (int, float)):
+        continue
+      rows.append((name, metric if filter_name == "none" else f"{metric}:{filter_name}", float(value)))
+  if not rows:
+    raise ValueError(f"lm-eval task {task!r} reported no numeric metric")
+  return rows
+
+
 def _metric(results: dict, task_name: str, metric: str) -> float:
   return float(results[task_name][f"{metric},none"])
 
@@ -174,17 +239,21 @@ def evaluate_run(run_dir: str, tasks: str | Sequence[str], output: str | None = 
                  steps: Sequence[int] | None = None, batch_size: int = 8, compute_dtype: str | None = None,
                  val_max_batches: int | None = None, lm_eval_limit: int | None = None,
                  eval_data_dir: str | None = None, haystack_file: str | None = None,
-                 niah_overrides: dict | None = None, progress: bool = True) -> list[dict]:
+                 niah_overrides: dict | None = None, progress: bool = True, include_path: Sequence[str] = (),
+                 tensorboard_dir: str | None = None) -> list[dict]:
   """Evaluates `tasks` on every milestone of `run_dir` (or `steps`) not yet in `output`; returns the new rows.
 
+  tasks: built-in TASKS, or any lm-eval task, group or tag (its bundled tasks, lsm_jax's local tasks and the task
+  YAML under `include_path`); see `parse_tasks` and `lm_eval_any_task_scores`.
   output defaults to RUN_DIR/eval/results.jsonl (+ .csv). NIAH heatmaps go to <output dir>/niah/step_<N>/.
-  Runs sharing an output must differ in (arch, size) (the table has no other run column): give ablation runs of
-  one shape their own output.
+  Each new row is also a TensorBoard scalar in `tensorboard_dir` (default RUN_DIR/tensorboard/eval; "" for
+  none): eval/<task>/<metric> at the milestone's step, and eval_by_tokens/<task>/<metric> at its tokens seen.
+  Runs sharing an output must differ in their run name (`trainer.train.run_name`, default `<arch>_<size>`).
   """
   from lsm_jax import checkpoint
   from lsm_jax.evaluate import engine as engine_lib
 
-  tasks = parse_tasks(tasks)
+  tasks = parse_tasks(tasks, include_path)
   output = output or os.path.join(run_dir, "eval", "results.jsonl")
   available = checkpoint.list_milestones(run_dir)
   if steps is not None:
@@ -192,20 +261,24 @@ def evaluate_run(run_dir: str, tasks: str | Sequence[str], output: str | None = 
     if missing:
       raise ValueError(f"steps {missing} are not milestones of {run_dir}; available: {available}")
     available = sorted(set(steps))
-  # One table may hold several runs; a run is identified by its (arch, size), the table's only run columns.
-  run_metadata = checkpoint.read_run_metadata(run_dir)
+  # One table may hold several runs, told apart by their run name (a row without one: <arch>_<size>).
+  coordinates = run_coordinates(checkpoint.read_run_metadata(run_dir))
   done = {(row["step"], row["task"]) for row in read_table(output)
-          if (row["arch"], row["size"]) == (run_metadata["arch"], run_metadata["size"])}
-  pending = [(step, task) for step in available for task in tasks if (step, _COMPLETION_TASK[task]) not in done]
+          if (row.get("run") or f"{row['arch']}_{row['size']}") == coordinates["run"]}
+  # An lm-eval task is done when it has rows under its own name (a group reporting no aggregate has none, and
+  # is evaluated again).
+  pending = [(step, task) for step in available for task in tasks
+             if (step, _COMPLETION_TASK.get(task, task)) not in done]
   haystack_text = None
   new_rows: list[dict] = []
+  tensorboard = _TensorBoardScalars(os.path.join(run_dir, "tensorboard", "eval") if tensorboard_dir is None
+                                    else tensorboard_dir)
   bar = _progress_bar(len(pending), progress)
   for step in sorted({step for step, _ in pending}):
     overrides = {"dtype": compute_dtype} if compute_dtype else {}
     model, tokenizer, run_metadata, checkpoint_metadata = engine_lib.load_model(run_dir, step, **overrides)
     engine = engine_lib.InferenceEngine(model, tokenizer, max_length=run_metadata["seq_len"], batch_size=batch_size)
-    identity = {"arch": run_metadata["arch"], "size": run_metadata["size"], "step": step,
-                "tokens": checkpoint_metadata.get("tokens_seen"),
+    identity = {**coordinates, "step": step, "tokens": checkpoint_metadata.get("tokens_seen"),
                 "compute_pflops_days": checkpoint_metadata.get("compute_pflops_days")}
     for task in [task for pending_step, task in pending if pending_step == step]:
       bar.set_description(f"step {step} {task}")
@@ -214,6 +287,9 @@ def evaluate_run(run_dir: str, tasks: str | Sequence[str], output: str | None = 
                   for metric, value in validation_loss(engine, run_metadata, max_batches=val_max_batches).items()]
       elif task in LM_EVAL_TASKS:
         scores = lm_eval_task_scores(engine, task, limit=lm_eval_limit, eval_data_dir=eval_data_dir)
+      elif task not in TASKS:
+        scores = lm_eval_any_task_scores(engine, task, limit=lm_eval_limit,
+                                         task_manager=lm_eval_task_manager(include_path, eval_data_dir))
       else:
         if haystack_text is None:
           haystack_text = _read_text(haystack_file) if haystack_file else default_haystack_text()
@@ -223,10 +299,46 @@ def evaluate_run(run_dir: str, tasks: str | Sequence[str], output: str | None = 
       rows = [{**identity, "task": name, "metric": metric, "value": float(value)}
               for name, metric, value in scores]
       append_rows(output, rows)
+      tensorboard.add(rows)
       new_rows.extend(rows)
       bar.update(1)
   bar.close()
+  tensorboard.close()
   return new_rows
+
+
+class _TensorBoardScalars:
+  """Table rows as TensorBoard scalars; the writer (and its directory) is created with the first row."""
+
+  def __init__(self, log_dir: str):
+    self._log_dir = log_dir
+    self._writer = None
+
+  def add(self, rows: list[dict]) -> None:
+    if not self._log_dir or not rows:
+      return
+    if self._writer is None:
+      from tensorboardX import SummaryWriter  # heavy import; only when there is something to write
+      self._writer = SummaryWriter(self._log_dir)
+    for row in rows:
+      tag = f"{row['task']}/{row['metric']}"
+      self._writer.add_scalar(f"eval/{tag}", row["value"], int(row["step"]))
+      if row["tokens"] is not None:
+        self._writer.add_scalar(f"eval_by_tokens/{tag}", row["value"], int(row["tokens"]))
+    self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+def run_coordinates(run_metadata: dict) -> dict:
+  """A run's name and ablation coordinates from its run_metadata.json (one without a run name: <arch>_<size>)."""
+  model = run_metadata["model_config"]
+  return {"run": run_metadata.get("run_name") or f"{run_metadata['arch']}_{run_metadata['size']}",
+          "arch": run_metadata["arch"], "size": run_metadata["size"], "d_model": model["d_model"],
+          "num_layers": model["num_layers"], "seq_len": run_metadata["seq_len"],
+          "ablation": run_metadata.get("ablation")}
 
 
 def _read_text(path: str) -> str:
