@@ -1,4 +1,5 @@
-"""Table 7 reproduced: parameter counts of the built models and PFLOPs/step, for all 24 configurations."""
+"""Table 7 reproduced (parameter counts of the built models and PFLOPs/step for the 24 main runs) and every
+ablation experiment file listed with its coordinates."""
 import json
 
 import pytest
@@ -25,13 +26,20 @@ def rows():
   return summary.summary_rows()
 
 
-def test_all_24_configurations_listed(rows):
+def main_rows(rows):
+  return [row for row in rows if row["ablation"] is None]
+
+
+def test_all_24_configurations_listed_first(rows):
   assert len(PAPER) == 24
-  assert [(row["arch"], row["size"]) for row in rows] == [(a, s) for a in configs.ARCHS for s in configs.SIZES]
+  assert [(row["arch"], row["size"]) for row in rows[:24]] == [(a, s) for a in configs.ARCHS for s in configs.SIZES]
+  assert main_rows(rows) == rows[:24]
+  assert [row["file"] for row in rows[:2]] == ["gin/llama_70m.gin", "gin/llama_160m.gin"]
+  assert {(row["seq_len"], row["global_batch_size"]) for row in rows[:24]} == {(8192, 480)}
 
 
 def test_non_embedding_params_match_table_7(rows):
-  for row in rows:
+  for row in main_rows(rows):
     paper_params = PAPER[(row["arch"], row["size"])][0] * 1e6
     tolerance = max(0.01 * paper_params, 0.3e6)
     assert abs(row["non_embedding_params"] - paper_params) <= tolerance, row
@@ -39,10 +47,32 @@ def test_non_embedding_params_match_table_7(rows):
 
 
 def test_pflops_per_step_match_table_7(rows):
-  for row in rows:
+  for row in main_rows(rows):
     paper_pflops = PAPER[(row["arch"], row["size"])][1]
     # Table 7 prints one decimal: within 1% or half a printed unit.
     assert abs(row["pflops_per_step"] - paper_pflops) <= max(0.01 * paper_pflops, 0.05), row
+
+
+def test_ablation_runs_listed_with_coordinates(rows):
+  aspect = [row for row in rows if row["ablation"] == "aspect"]
+  context = [row for row in rows if row["ablation"] == "context"]
+  assert len(aspect) == 16 and len(context) == 13 and len(rows) == 24 + 16 + 13
+  for row in aspect:
+    assert row["run_name"] == f"{row['arch']}_{row['d_model']}x{row['num_layers']}"
+    assert row["file"] == f"gin/ablations/aspect/{row['run_name']}.gin"
+    assert row["paper_non_embedding_params"] is None and row["seq_len"] * row["global_batch_size"] == 480 * 8192
+  # Within one architecture the four aspect ratios keep the non-embedding parameters within 10% of each other.
+  for arch in configs.ARCHS:
+    params = [row["non_embedding_params"] for row in aspect if row["arch"] == arch]
+    assert len(params) == 4 and max(params) <= 1.1 * min(params), (arch, params)
+  # Context runs: one shape, the paper's global batches; PFLOPs/step are the Table-1 expression at that context.
+  assert {(row["d_model"], row["num_layers"]) for row in context} == {(1536, 32)}
+  assert {(row["seq_len"], row["global_batch_size"]) for row in context} == {
+      (2048, 1920), (4096, 960), (8192, 480), (16384, 240)}
+  by_name = {row["run_name"]: row for row in rows}
+  assert by_name["tnl_2k"]["pflops_per_step"] == pytest.approx(by_name["tnl_1b"]["pflops_per_step"])  # linear in n
+  assert by_name["llama_16k"]["pflops_per_step"] > 1.4 * by_name["llama_1b"]["pflops_per_step"]  # the n² term
+  assert by_name["tnl_16k"]["non_embedding_params"] == by_name["tnl_1b"]["non_embedding_params"]
 
 
 def test_param_count_of_a_tiny_model_by_hand():
@@ -55,9 +85,12 @@ def test_param_count_of_a_tiny_model_by_hand():
 def test_cli_json_and_table(capsys):
   summary.main(["--format=json"])
   rows = json.loads(capsys.readouterr().out)
-  assert len(rows) == 24 and {"arch", "size", "non_embedding_params", "pflops_per_step"} <= set(rows[0])
+  assert len(rows) == 24 + 16 + 13
+  assert {"file", "run_name", "ablation", "arch", "d_model", "num_layers", "seq_len", "global_batch_size",
+          "non_embedding_params", "pflops_per_step"} <= set(rows[0])
   summary.main([])
   table = capsys.readouterr().out
-  assert "cosformer2 7b" in table and "PFLOPs/step" in table
+  assert "cosformer2_7b" in table and "PFLOPs/step" in table
+  assert any(line.split()[:2] == ["llama_3072x8", "aspect"] for line in table.splitlines())
   with pytest.raises(SystemExit):
     summary.main(["--format=csv"])
