@@ -325,7 +325,7 @@ def test_sigterm_reaches_preemption_and_forces_a_save(tmp_path):
 
 # --- integrity manifests ------------------------------------------------------------------------------------------
 
-def _largest_data_file(step_dir, item):
+def largest_data_file(step_dir, item):
   data_files = [f for f in glob.glob(os.path.join(step_dir, item, "**", "*"), recursive=True)
                 if os.path.isfile(f) and os.sep + "d" + os.sep in f]
   return max(data_files, key=os.path.getsize)
@@ -366,7 +366,7 @@ def test_one_bit_flip_in_resume_checkpoint_is_quarantined_and_previous_restored(
     checkpointer.save(step, jax.tree.map(lambda leaf: leaf + step if leaf.dtype == jnp.float32 else leaf, state))
   checkpointer.close()
   resume_dir = tmp_path / "checkpoints" / "resume"
-  flip_one_bit(_largest_data_file(str(resume_dir / "10"), "state"))
+  flip_one_bit(largest_data_file(str(resume_dir / "10"), "state"))
 
   checkpointer = make_checkpointer(tmp_path)
   with pytest.warns(RuntimeWarning) as caught:
@@ -403,7 +403,7 @@ def test_one_bit_flip_in_milestone_refuses_to_load(tmp_path):
     checkpointer.save(step, make_state(seed=step))
   checkpointer.close()
   step_dir = tmp_path / "checkpoints" / "milestones" / "1"
-  flip_one_bit(_largest_data_file(str(step_dir), "params"))
+  flip_one_bit(largest_data_file(str(step_dir), "params"))
   assert checkpoint.list_milestones(str(tmp_path)) == [0, 1]  # listing stays cheap; loading verifies
   with pytest.raises(checkpoint.CorruptCheckpointError, match=r"milestones/1: file params/.* fails its checksum"):
     checkpoint.load_milestone(str(tmp_path), 1)

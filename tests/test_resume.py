@@ -186,3 +186,102 @@ def test_rerunning_a_finished_run_restores_without_compiling(runs, tmp_path, mon
   summary = run_training(model_dir, 10)
   assert summary["step"] == 10
   assert read_metrics(model_dir) == before and resume_steps(model_dir) == [8, 10]
+
+
+# --- integrity, roll back, one trainer per directory (docs/reliability.md) -----------------------------------------
+
+def assert_steps_match_uninterrupted(model_dir, runs, steps):
+  resumed, uninterrupted = read_metrics(model_dir), read_metrics(runs / "uninterrupted")
+  for step in steps:
+    for key in ("loss", "grad_norm", "learning_rate", "tokens_seen"):
+      assert resumed[step][key] == uninterrupted[step][key], (step, key)
+
+
+def quarantined(model_dir):
+  return sorted(name.rsplit("-", 1)[0] for name in os.listdir(model_dir / "checkpoints" / "quarantine"))
+
+
+def test_flipped_bit_in_resume_checkpoint_is_quarantined_and_the_run_ends_bit_identical(runs, tmp_path):
+  from test_checkpoint import flip_one_bit, largest_data_file
+  model_dir = copy_of_first_ten(runs, tmp_path, "flipped")
+  flip_one_bit(largest_data_file(str(model_dir / "checkpoints" / "resume" / "10"), "state"))
+  output = run(model_dir, 20, runs / "compilation_cache")
+  assert "resume/10: file state/" in output and "fails its checksum" in output
+  assert "resumed from step 8" in output
+  assert quarantined(model_dir) == ["resume-10"]
+  assert_steps_match_uninterrupted(model_dir, runs, range(9, 21))
+
+
+def poison_resume_checkpoint(model_dir, step):
+  """Rewrites resume checkpoint `step` with NaN parameters and a matching manifest: intact files, a bad state."""
+  import jax
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+  from lsm_jax import checkpoint
+  step_dir = model_dir / "checkpoints" / "resume" / str(step)
+  with ocp.StandardCheckpointer() as checkpointer:
+    state = checkpointer.restore(step_dir / "state")
+  state["params"] = jax.tree.map(lambda leaf: jnp.full_like(leaf, jnp.nan), state["params"])
+  shutil.rmtree(step_dir / "state")
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(step_dir / "state", state)
+  checkpoint.write_manifest(step_dir)
+
+
+def test_nan_right_after_a_restore_rolls_back_once(runs, tmp_path):
+  model_dir = copy_of_first_ten(runs, tmp_path, "nan_once")
+  poison_resume_checkpoint(model_dir, 10)
+  output = run(model_dir, 20, runs / "compilation_cache")
+  assert "the loss became nan at step 11, 1 step(s) after restoring resume checkpoint 10" in output
+  assert "rolling back once, to resume checkpoint 8" in output and "resumed from step 8" in output
+  assert quarantined(model_dir) == ["resume-10"]
+  assert_steps_match_uninterrupted(model_dir, runs, range(9, 21))
+
+  # Two bad checkpoints in a row: one roll back, then a clear stop (nothing trains from NaN).
+  model_dir = copy_of_first_ten(runs, tmp_path, "nan_twice")
+  poison_resume_checkpoint(model_dir, 8)
+  poison_resume_checkpoint(model_dir, 10)
+  process = start_run(model_dir, 20, runs / "compilation_cache")
+  output, _ = process.communicate(timeout=400)
+  assert process.returncode != 0
+  assert ("NonFiniteLossError: the loss became nan at step 9, 1 step(s) after restoring resume checkpoint 8, after "
+          "rolling back once from resume checkpoint 10; stopping") in output
+  assert quarantined(model_dir) == ["resume-10"] and resume_steps(model_dir) == [8]
+
+
+def test_second_trainer_is_refused_while_the_first_finishes_unharmed(runs, tmp_path):
+  from lsm_jax import checkpoint
+  from lsm_jax import errors
+  model_dir = copy_of_first_ten(runs, tmp_path, "contended")
+  first = start_run(model_dir, 20, runs / "compilation_cache")
+  wait_for(lambda: (model_dir / checkpoint.LOCK_FILE).exists(), first, 300, "the first trainer's lock")
+  with pytest.raises(errors.RunLockedError, match=rf"in use by another trainer \(pid {first.pid} on host"):
+    run_training(model_dir, 30)  # another TRAIN_STEPS: it would rewrite the metadata and the milestones
+  output, _ = first.communicate(timeout=400)
+  assert first.returncode == 0 and "resumed from step 10" in output, output[-5000:]
+  assert_steps_match_uninterrupted(model_dir, runs, range(11, 21))
+  assert json.loads((model_dir / "run_metadata.json").read_text())["train_steps"] == 20  # not the refused 30
+  assert not (model_dir / checkpoint.LOCK_FILE).exists()
+
+
+def test_flipped_bit_in_a_milestone_stops_evaluation_and_export_with_one_clear_error(runs, tmp_path):
+  from test_checkpoint import flip_one_bit, largest_data_file
+  from lsm_jax import checkpoint
+  from lsm_jax.evaluate import sweep
+  model_dir = copy_of_first_ten(runs, tmp_path, "milestone")
+  assert checkpoint.list_milestones(str(model_dir)) == [0, 1, 8, 10]
+  flip_one_bit(largest_data_file(str(model_dir / "checkpoints" / "milestones" / "8"), "params"))
+  output = tmp_path / "eval" / "results.jsonl"
+  with pytest.raises(checkpoint.CorruptCheckpointError, match=r"milestones/8: file params/.* fails its checksum"):
+    sweep.evaluate_run(str(model_dir), "val_loss", str(output), val_max_batches=1, progress=False)
+  rows = sweep.read_table(str(output))
+  assert sorted({row["step"] for row in rows}) == [0, 1]  # the milestones before it; none for 8
+  assert all(np.isfinite(row["value"]) for row in rows)
+
+  command = [sys.executable, "-m", "lsm_jax.export", f"--checkpoint={model_dir}", f"--out={tmp_path / 'hf'}",
+             "--step=8", "--noverify"]
+  export = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert export.returncode != 0 and "milestones/8: file params/" in export.stderr
+  assert "fails its checksum" in export.stderr
+  assert not (tmp_path / "hf" / "model.safetensors").exists()
