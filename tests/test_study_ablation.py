@@ -119,7 +119,8 @@ def test_micro_ablation_grid_reports_table_5_and_6_layouts(tmp_path):
 
   report = (out / "report.md").read_text()
   assert "## Aspect ratio, 64-token context (Table 5 layout)" in report
-  assert "| Arch | Dim | L | BoolQ | PIQA | HS | WG | ARC-E | ARC-C | OBQA | CSR | WIKI | λ | NIAH | SCROLLS |" in report
+  assert ("| Arch | Dim | L | BoolQ | PIQA | HS | WG | ARC-E | ARC-C | OBQA | CSR | WIKI | λ | NIAH | SCROLLS "
+          "| val loss | run | step |") in report
   assert "## Pre-training context at d 32 × 4 layers (Table 6 layout)" in report
   assert "| Arch | Len | BoolQ |" in report
   wide_row = next(line for line in report.splitlines() if line.startswith("| HGRN2 | 64 | 1 |"))

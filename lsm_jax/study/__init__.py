@@ -17,12 +17,17 @@ worker process, `parallel` at a time, largest runs first (longest-processing-tim
 to GPUs through CUDA_VISIBLE_DEVICES, and a run starts in a free slot of the GPU with the least running work;
 workers do not preallocate GPU memory, so several share a GPU. Worker output goes to `DIR/runs/<run>/log.txt`.
 `time_limit_s` bounds the training phase: then no run starts, running workers are stopped (SIGTERM: they save a
-resume checkpoint) and the study fits what finished. A failed run is named with its log tail in the report and on stderr;
-architectures with at least two finished sizes are still fitted, and the command then fails. `parallel` = 0
+resume checkpoint) and the study fits what finished. A failed run is named with its log tail in the report and on
+stderr; architectures with at least two finished sizes are still fitted, and the command then fails. `parallel` = 0
 trains in this process, one run after another.
 
 Then the training curves become scaling-law inputs (`lsm_jax.scaling`) and `DIR/report.md` collects the
 Table-3-style fits, the Figure-1/2-style PNGs and the raw tidy tables (`curves.csv`, `eval.csv`).
+
+An ablation grid (`study.StudyGrid.experiments`, e.g. gin/study/ablations_all.gin) lists whole runs by name
+instead: each is trained from its gin files in `DIR/runs/<name>` (named `<name>` in its metadata and tables),
+evaluated the same way, and `DIR/report.md` holds Table 5/6-style tables (`lsm_jax.study.ablation_tables`) and the
+milestone count beside the paper's 1,376 instead of fits; see docs/ablations.md.
 """
 from __future__ import annotations
 
@@ -165,7 +170,8 @@ def grid_runs(out_dir: str, grid: StudyGrid) -> list[StudyRun]:
 def _run_identity(run: StudyRun, grid: StudyGrid) -> dict:
   """What a finished run's result must match to be reused: its gin files, bindings and evaluation (as JSON
   holds them, so a result read back compares equal)."""
-  return json.loads(json.dumps({"gin_files": list(run.gin_files), "bindings": list(run.bindings), "eval_tasks": list(grid.eval_tasks),
+  return json.loads(json.dumps({"gin_files": list(run.gin_files), "bindings": list(run.bindings),
+                                "eval_tasks": list(grid.eval_tasks),
           "final_eval_tasks": list(grid.final_eval_tasks), "val_max_batches": grid.val_max_batches,
           "niah_overrides": dict(grid.niah_overrides)}))
 
@@ -453,7 +459,8 @@ def _provenance(results, skipped, device, wall_s) -> list[str]:
 
 
 def _runs_table(results) -> list[str]:
-  lines = ["| Run | final train loss | train s | eval s | CUDA_VISIBLE_DEVICES | finished |", "|---|---|---|---|---|---|"]
+  lines = ["| Run | final train loss | train s | eval s | CUDA_VISIBLE_DEVICES | finished |",
+           "|---|---|---|---|---|---|"]
   for name, result in results.items():
     lines.append(f"| {name} | {result['final_loss']:.4f} | {result['train_s']:.0f} | {result['eval_s']:.0f} | "
                  f"{result['cuda_visible_devices'] or '—'} | {result['finished_at'][:19]} |")
@@ -520,8 +527,8 @@ def write_report(out_dir, *, fits, figures, scaling_report, results, skipped, fa
   lines += [f"![{os.path.basename(path)}]({os.path.relpath(path, out_dir)})" for path in figures]
   lines += ["", "## Raw tables", "", "- `curves.csv`: training loss per logged step (arch, size, "
             "non_embedding_params, tokens, compute_pflops_days, loss)",
-            "- `eval.csv`: every milestone's evaluation (arch, size, step, tokens, compute_pflops_days, task, "
-            "metric, value)", "- `fits.json`: the fitted coefficients with bootstrap intervals",
+            "- `eval.csv`: every milestone's evaluation (run, arch, size, d_model, num_layers, seq_len, ablation, "
+            "step, tokens, compute_pflops_days, task, metric, value)", "- `fits.json`: the fitted coefficients with bootstrap intervals",
             "- `runs/<run>/log.txt` (worker processes) and `runs/<run>/study_run.json`: each run's log and timings",
             ""]
   path = os.path.join(out_dir, "report.md")
