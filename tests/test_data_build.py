@@ -379,3 +379,15 @@ def test_the_smoke_model_trains_on_a_content_jsonl_a_jsonl_gz_and_a_saved_hf_dat
   losses = [record["loss"] for record in metrics.read_metrics(str(tmp_path / "run"))]
   assert len(losses) == steps and np.all(np.isfinite(losses))
   assert abs(losses[0] - np.log(264)) < 0.1 and losses[-1] < losses[0] - 0.1
+
+
+def test_embedded_corpus_staging_of_a_killed_process_is_removed(tmp_path):
+  from lsm_jax.data import corpora
+  for name, owner in ((".building-dead", {**build_lib.process_owner(), "pid": dead_pid()}),
+                      (".building-live", build_lib.process_owner()), (".building-starting", None)):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "spill").write_bytes(b"x" * 100)
+    if owner is not None:
+      (tmp_path / name / "owner.json").write_text(json.dumps(owner))
+  corpora._remove_killed_staging_dirs(str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == [".building-live", ".building-starting"]

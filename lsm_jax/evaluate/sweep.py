@@ -39,16 +39,18 @@ _CSR_LM_EVAL_NAMES = {task: f"lsm_{task}" for task in scorers.CSR_METRICS}
 _SCROLLS_LM_EVAL_NAMES = {task: f"lsm_scrolls_{task}" for task in scorers.SCROLLS_METRICS}
 
 
-def parse_tasks(tasks: str | Sequence[str], include_path: Sequence[str] = ()) -> list[str]:
+def parse_tasks(tasks: str | Sequence[str], include_path: str | Sequence[str] = (),
+                eval_data_dir: str | None = None) -> list[str]:
   """Task names, each a built-in sweep task (TASKS) or a task, group or tag lm-eval knows: its bundled tasks,
   lsm_jax's local tasks and the YAML under `include_path`. Unknown names are refused, saying where they were
   looked for."""
+  include_path = [include_path] if isinstance(include_path, str) else list(include_path)
   names = [name.strip() for name in (tasks.split(",") if isinstance(tasks, str) else tasks) if name.strip()]
   if not names:
     raise ValueError(f"no evaluation task given; built-in: {', '.join(TASKS)}, or any lm-eval task name")
   others = [name for name in names if name not in TASKS]
   if others:
-    known = set(lm_eval_task_manager(include_path).all_tasks)
+    known = set(lm_eval_task_manager(include_path, eval_data_dir).all_tasks)
     unknown = [name for name in others if name not in known]
     if unknown:
       where = ["lm-eval's bundled tasks", f"lsm_jax's local tasks ({_lsm_tasks_dir()})"]
@@ -71,9 +73,10 @@ def _cached_task_manager(include_path: tuple[str, ...], eval_data_dir: str | Non
   return TaskManager(include_path=[_lsm_tasks_dir(), *include_path], metadata=metadata)
 
 
-def lm_eval_task_manager(include_path: Sequence[str] = (), eval_data_dir: str | None = None):
+def lm_eval_task_manager(include_path: str | Sequence[str] = (), eval_data_dir: str | None = None):
   """lm-eval's TaskManager over its bundled tasks, lsm_jax's local tasks and `include_path` (indexing every
   bundled YAML takes seconds, so one is kept per argument set)."""
+  include_path = [include_path] if isinstance(include_path, str) else include_path
   include_path = tuple(os.path.abspath(path) for path in include_path)
   missing = [path for path in include_path if not os.path.exists(path)]
   if missing:
@@ -239,7 +242,7 @@ def evaluate_run(run_dir: str, tasks: str | Sequence[str], output: str | None = 
                  steps: Sequence[int] | None = None, batch_size: int = 8, compute_dtype: str | None = None,
                  val_max_batches: int | None = None, lm_eval_limit: int | None = None,
                  eval_data_dir: str | None = None, haystack_file: str | None = None,
-                 niah_overrides: dict | None = None, progress: bool = True, include_path: Sequence[str] = (),
+                 niah_overrides: dict | None = None, progress: bool = True, include_path: str | Sequence[str] = (),
                  tensorboard_dir: str | None = None) -> list[dict]:
   """Evaluates `tasks` on every milestone of `run_dir` (or `steps`) not yet in `output`; returns the new rows.
 
@@ -253,7 +256,7 @@ def evaluate_run(run_dir: str, tasks: str | Sequence[str], output: str | None = 
   from lsm_jax import checkpoint
   from lsm_jax.evaluate import engine as engine_lib
 
-  tasks = parse_tasks(tasks, include_path)
+  tasks = parse_tasks(tasks, include_path, eval_data_dir)
   output = output or os.path.join(run_dir, "eval", "results.jsonl")
   available = checkpoint.list_milestones(run_dir)
   if steps is not None:
