@@ -4,6 +4,7 @@ MODEL_DIR, and the exit codes of lsm_jax/errors.py (user error 2 without a trace
 The end-to-end recovery cases (a flipped bit in a resume checkpoint, a NaN right after a restore, a second
 trainer next to a running one) train real runs and live in tests/test_resume.py.
 """
+import errno
 import json
 import os
 import re
@@ -175,3 +176,59 @@ def test_sigterm_saves_and_exits_with_the_preempted_code(tmp_path):
   assert len(saved) == 1 and 2 <= saved[0] < 100000  # the preemption save, nothing else
   assert checkpoint.verify_manifest(model_dir / "checkpoints" / "resume" / str(saved[0]))
   assert not (model_dir / checkpoint.LOCK_FILE).exists()  # released on exit
+
+
+def test_exit_codes_of_errors():
+  exit_code = train.exit_code_and_message
+  no_space = RuntimeError("asynchronous save failed")
+  no_space.__cause__ = OSError(errno.ENOSPC, "No space left on device", "/runs/x/checkpoints")
+  code, message = exit_code(no_space, True)
+  assert code == 2 and message.startswith("no space left on the device:") and "/runs/x/checkpoints" in message
+  assert exit_code(errors.RunLockedError("in use"), True) == (2, "in use")
+  assert exit_code(ValueError("bad value"), False) == (2, "bad value")  # configuration, before training
+  assert exit_code(ValueError("bad value"), True) == (1, None)          # during training: a failure, traceback
+  too_big = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.00GiB")
+  code, message = exit_code(too_big, False)
+  assert code == 2 and "does not fit in device memory" in message and "81.00GiB" in message
+  assert exit_code(too_big, True) == (1, None)
+  assert exit_code(errors.NonFiniteLossError("the loss became nan at step 9"), True) == (
+      1, "the loss became nan at step 9")
+  assert exit_code(KeyError("unexpected"), False) == (1, None)
+
+
+_FAKE_GCLOUD = """#!/usr/bin/env bash
+# Answers run.sh's gcloud calls: `ssh` exits with the next code of $FAKE_CODES, `describe` says ACTIVE.
+echo "$*" >> "$FAKE_LOG"
+if [[ "$*" == *"tpu-vm ssh"* ]]; then
+  count=$(grep -c "tpu-vm ssh" "$FAKE_LOG")
+  codes=($FAKE_CODES)
+  exit "${codes[$((count - 1))]}"
+fi
+echo ACTIVE
+"""
+
+
+@pytest.mark.parametrize("codes, expected_code, expected_launches", [
+    ("75 1 0", 0, 3),  # preempted, failed, finished: relaunched twice
+    ("75 2 0", 2, 2),  # a user error is not relaunched
+])
+def test_tpu_run_script_relaunches_on_preemption_and_failure_but_not_on_user_error(
+    tmp_path, codes, expected_code, expected_launches):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "gcloud").write_text(_FAKE_GCLOUD)
+  (bin_dir / "sleep").write_text("#!/usr/bin/env bash\n")
+  for fake in bin_dir.iterdir():
+    fake.chmod(0o755)
+  log = tmp_path / "gcloud.log"
+  result = subprocess.run(
+      ["bash", "launch/tpu/run.sh", "--name=lsm-test", "--zone=us-east5-a", "--accelerator=v5p-128",
+       "--gin_file=gin/hgrn2_7b.gin", "--bucket=gs://bucket/lsm", "--data_dir=gs://bucket/data"],
+      cwd=train.REPO_ROOT, capture_output=True, text=True, timeout=60,
+      env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_CODES=codes, FAKE_LOG=str(log)))
+  assert result.returncode == expected_code, result.stderr
+  launches = [line for line in log.read_text().splitlines() if "tpu-vm ssh" in line]
+  assert len(launches) == expected_launches
+  assert all("set -o pipefail;" in line for line in launches)  # the trainer's code, not tee's
+  if expected_code == 2:
+    assert "user error (exit code 2" in result.stderr

@@ -21,7 +21,7 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
 
 
-def run_training(model_dir, train_steps, *, data=1, fsdp=-1, checkpoint_every_steps=2):
+def run_training(model_dir, train_steps, *, data=1, fsdp=-1, checkpoint_every_steps=2, seed=0):
   """The shared tiny run: LLaMA, 2 layers, d=64, byte tokenizer, 8 × 32 tokens per step, fp32 compute."""
   from lsm_jax import optim
   from lsm_jax import sharding
@@ -30,7 +30,7 @@ def run_training(model_dir, train_steps, *, data=1, fsdp=-1, checkpoint_every_st
   model_config = configs.ModelConfig(arch="llama", size="smoke", num_layers=2, d_model=64, num_heads=2,
                                      head_dim=32, ffn_dim=128, vocab_size=264, dtype="float32")
   return trainer.train(model_dir=str(model_dir), model_config=model_config, train_steps=train_steps, seq_len=32,
-                       global_batch_size=8, data_dir="embedded:bytes",
+                       global_batch_size=8, data_dir="embedded:bytes", seed=seed,
                        mesh_config=sharding.MeshConfig(data=data, fsdp=fsdp),
                        optimizer=optim.OptimizerConfig(learning_rate=3e-3, warmup_steps=5),
                        checkpoint_every_steps=checkpoint_every_steps, max_checkpoints_to_keep=2, num_milestones=4,
@@ -285,3 +285,14 @@ def test_flipped_bit_in_a_milestone_stops_evaluation_and_export_with_one_clear_e
   assert export.returncode != 0 and "milestones/8: file params/" in export.stderr
   assert "fails its checksum" in export.stderr
   assert not (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_changed_seed_is_refused_before_anything_is_rewritten(runs, tmp_path):
+  from lsm_jax import errors
+  model_dir = copy_of_first_ten(runs, tmp_path, "changed")
+  before = {name: (model_dir / name).read_text() for name in ("run_metadata.json", "metrics.jsonl")}
+  with pytest.raises(errors.ConfigChangeError, match=r"at step 10\) with a configuration that changes the run: "
+                                                     r"seed: 0 -> 1\. Restore the original settings"):
+    run_training(model_dir, 20, seed=1)
+  assert {name: (model_dir / name).read_text() for name in before} == before
+  assert resume_steps(model_dir) == [8, 10] and not os.path.exists(model_dir / "run.lock")
