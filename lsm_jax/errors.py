@@ -1,11 +1,9 @@
 """Exceptions a launcher can act on, and the exit codes `python -m lsm_jax.train` maps them to.
 
-| code | meaning                                                                                  | launcher action  |
-|------|------------------------------------------------------------------------------------------|------------------|
-| 0    | finished: TRAIN_STEPS reached (or the run was already finished)                          | done             |
-| 1    | failed: an unexpected error, or a non-finite loss the trainer could not roll back from   | inspect, maybe retry |
-| 2    | user error: bad gin/config, refused resume, locked MODEL_DIR, no space, memory too small | fix, do not retry |
-| 75   | preempted: SIGTERM (or JAX's preemption notice) arrived, a checkpoint was saved           | relaunch         |
+  0   finished: TRAIN_STEPS reached (or the run was already finished): done.
+  1   failed: an unexpected error, or a non-finite loss one roll back did not cure: inspect; a relaunch resumes.
+  2   user error: bad gin/config, refused resume, locked MODEL_DIR, no space, memory too small: fix, do not relaunch.
+  75  preempted: SIGTERM (or JAX's preemption notice) arrived and a checkpoint was saved: relaunch.
 
 75 is EX_TEMPFAIL of BSD's sysexits.h ("try again later"). User errors print one line without a traceback;
 `--verbose` or LSM_JAX_VERBOSE=1 prints the traceback too.

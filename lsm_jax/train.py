@@ -210,8 +210,8 @@ def main(argv: Sequence[str]) -> None:
   try:
     summary = _train(flag_values)
   except Exception as error:  # pylint: disable=broad-except  (every error leaves through one exit code)
-    from lsm_jax import trainer
-    code, message = exit_code_and_message(error, trainer.training_loop_started())
+    trainer = sys.modules.get("lsm_jax.trainer")  # None when importing it failed
+    code, message = exit_code_and_message(error, trainer is not None and trainer.training_loop_started())
     if message is None or verbose:
       traceback.print_exc()
     if message is not None:

@@ -406,8 +406,9 @@ def _locked_with_rollback(train_function):
         bad_step = error.restored_step
         older = [step for step in checkpoint_lib.resume_checkpoint_steps(model_dir) if step < bad_step]
         if not older:
-          raise errors.NonFiniteLossError(f"{error}; there is no older resume checkpoint to roll back to, stopping. "
-                                          f"Move {model_dir}/checkpoints/resume/{bad_step} away to start over.") from error
+          raise errors.NonFiniteLossError(
+              f"{error}; there is no older resume checkpoint to roll back to, stopping. Move "
+              f"{model_dir}/checkpoints/resume/{bad_step} away to start over.") from error
         checkpoint_lib.quarantine_resume_checkpoint(model_dir, bad_step, f"{error}")
         logging.warning("%s: quarantined that checkpoint; rolling back once, to resume checkpoint %d", error, older[-1])
       _LOOP_STARTED.set(False)
