@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lsm_jax.models import get_config, layers
-from lsm_jax.models.mixers import HGRN2Mixer, SoftmaxAttention, TNLAttention
+from lsm_jax.models import build_model, configs, get_config, layers
+from lsm_jax.models.mixers import ARCHITECTURES, HGRN2Mixer, SoftmaxAttention, TNLAttention, cosformer2, softmax, tnl
 from lsm_jax.models.mixers.hgrn2 import hgrn2_log_forget_gate, hgrn2_lower_bounds
 
 TINY = dict(num_layers=3, d_model=16, num_heads=2, head_dim=8, ffn_dim=24, vocab_size=64, dtype="float32",
@@ -30,15 +30,15 @@ def silu(x):
 
 
 def test_alibi_slopes_match_the_alibi_schedule():
-  np.testing.assert_allclose(layers.alibi_slopes(8), [2.0 ** -i for i in range(1, 9)])
+  np.testing.assert_allclose(tnl.alibi_slopes(8), [2.0 ** -i for i in range(1, 9)])
   # Non-power-of-two: the 8-head slopes, then every other slope of the 16-head schedule.
-  np.testing.assert_allclose(layers.alibi_slopes(12), [2.0 ** -i for i in range(1, 9)] +
+  np.testing.assert_allclose(tnl.alibi_slopes(12), [2.0 ** -i for i in range(1, 9)] +
                              [2.0 ** -0.5, 2.0 ** -1.5, 2.0 ** -2.5, 2.0 ** -3.5])
-  assert len(layers.alibi_slopes(20)) == 20
+  assert len(tnl.alibi_slopes(20)) == 20
 
 
 def test_tnl_log_decays_scale_per_layer():
-  log_decay = np.asarray(layers.tnl_log_decays(4, 8))
+  log_decay = np.asarray(tnl.tnl_log_decays(4, 8))
   slopes = np.asarray([2.0 ** -i for i in range(1, 9)])
   for layer in range(4):
     np.testing.assert_allclose(log_decay[layer], -slopes * (1 - layer / 3 + 1e-5), rtol=1e-6)
@@ -76,21 +76,22 @@ def test_lrpe_is_a_relative_per_channel_cosine():
   head_dim, time = 8, 6
   q, k = rng.normal(size=(1, time, 1, head_dim)), rng.normal(size=(1, time, 1, head_dim))
   positions = jnp.asarray([[3, 4, 5, 9, 10, 11]], jnp.int32)
-  q_tilde = f64(layers.lrpe(jnp.asarray(q, jnp.float32), positions))[0, :, 0]
-  k_tilde = f64(layers.lrpe(jnp.asarray(k, jnp.float32), positions))[0, :, 0]
+  q_tilde = f64(cosformer2.lrpe(jnp.asarray(q, jnp.float32), positions))[0, :, 0]
+  k_tilde = f64(cosformer2.lrpe(jnp.asarray(k, jnp.float32), positions))[0, :, 0]
   assert q_tilde.shape == (time, 2 * head_dim)
   theta = np.concatenate([10000.0 ** (-2 * np.arange(4) / head_dim), np.zeros(4)])
   pos = np.asarray(positions[0], np.float64)
-  expected = np.einsum("tc,sc,tsc->ts", q[0, :, 0], k[0, :, 0], np.cos(theta * (pos[:, None, None] - pos[None, :, None])))
+  relative_phases = np.cos(theta * (pos[:, None, None] - pos[None, :, None]))
+  expected = np.einsum("tc,sc,tsc->ts", q[0, :, 0], k[0, :, 0], relative_phases)
   np.testing.assert_allclose(q_tilde @ k_tilde.T, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_rotary_embedding_depends_only_on_relative_position():
   rng = np.random.default_rng(1)
-  q, k = jnp.asarray(rng.normal(size=(1, 1, 1, 8)), jnp.float32), jnp.asarray(rng.normal(size=(1, 1, 1, 8)), jnp.float32)
+  q, k = (jnp.asarray(rng.normal(size=(1, 1, 1, 8)), jnp.float32) for _ in range(2))
   def score(t, s):
-    rq = layers.rotary_embedding(q, jnp.asarray([[t]]), 10000.0)
-    rk = layers.rotary_embedding(k, jnp.asarray([[s]]), 10000.0)
+    rq = softmax.rotary_embedding(q, jnp.asarray([[t]]), 10000.0)
+    rk = softmax.rotary_embedding(k, jnp.asarray([[s]]), 10000.0)
     return float(jnp.sum(rq * rk))
   assert score(7, 3) == pytest.approx(score(104, 100), rel=1e-5)
   assert score(7, 3) != pytest.approx(score(7, 5), rel=1e-3)
@@ -101,6 +102,15 @@ def test_rotary_embedding_depends_only_on_relative_position():
   assert score(7, 3) == pytest.approx(expected, rel=1e-5)
 
 
+def test_every_architecture_is_registered_with_the_parameters_its_mixer_adds():
+  assert set(ARCHITECTURES) == set(configs.ARCHS)
+  own_parameters = {"llama": set(), "tnl": set(), "hgrn2": {"lower_bound_logits"}, "cosformer2": {"tpe"}}
+  for arch, expected in own_parameters.items():
+    model = nnx.eval_shape(lambda arch=arch: build_model(get_config(arch, "70m", **TINY), rngs=nnx.Rngs(0)))
+    top_level = set(nnx.state(model, nnx.Param).to_pure_dict())
+    assert top_level == {"embedding", "layers", *expected} | ({"final_norm"} if arch == "llama" else set()), arch
+
+
 def test_positions_restart_at_every_document():
   segment_ids = jnp.asarray([[1, 1, 2, 2, 2, 3], [0, 0, 1, 1, 1, 1]], jnp.int32)
   np.testing.assert_array_equal(layers.positions_from_segments(segment_ids),
@@ -108,7 +118,7 @@ def test_positions_restart_at_every_document():
 
 
 def test_tpe_matches_a_float64_recurrence_with_resets_and_steps():
-  tpe = layers.ToeplitzPositionalEncoding(6, 4, std=0.5, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  tpe = cosformer2.ToeplitzPositionalEncoding(6, 4, std=0.5, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(2)
   x = rng.normal(size=(1, 7, 6))
   segment_ids = jnp.asarray([[1, 1, 1, 2, 2, 2, 2]], jnp.int32)
@@ -137,7 +147,7 @@ def test_tnl_mixer_matches_masked_parallel_form():
   mixer = TNLAttention(config, rngs=nnx.Rngs(3))
   x = _mixer_inputs(3)
   layer = 1
-  log_decay = layers.tnl_log_decays(3, 2)[layer]
+  log_decay = tnl.tnl_log_decays(3, 2)[layer]
   y, _ = nnx.jit(lambda m, x: m(x, segment_ids=None, positions=None, layer_inputs={"log_decay": log_decay}))(
       mixer, jnp.asarray(x, jnp.float32))
   qkv = np.einsum("btd,dnhk->btnhk", x, f64(mixer.qkv.kernel[...]))
@@ -176,8 +186,8 @@ def test_softmax_mixer_matches_float64_attention():
   positions = jnp.arange(7)[None]
   y, _ = mixer(jnp.asarray(x, jnp.float32), segment_ids=None, positions=positions, layer_inputs={})
   qkv = np.einsum("btd,dnhk->btnhk", x, f64(mixer.qkv.kernel[...]))
-  q = f64(layers.rotary_embedding(jnp.asarray(qkv[:, :, 0], jnp.float32), positions, 10000.0))[0]
-  k = f64(layers.rotary_embedding(jnp.asarray(qkv[:, :, 1], jnp.float32), positions, 10000.0))[0]
+  q = f64(softmax.rotary_embedding(jnp.asarray(qkv[:, :, 0], jnp.float32), positions, 10000.0))[0]
+  k = f64(softmax.rotary_embedding(jnp.asarray(qkv[:, :, 1], jnp.float32), positions, 10000.0))[0]
   v = qkv[0, :, 2]
   scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(8) + np.where(np.tri(7, dtype=bool), 0, -np.inf)
   weights = np.exp(scores - scores.max(-1, keepdims=True))

@@ -12,8 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import linen
-from flax import nnx
+from flax import linen, nnx
 
 from pallas_kernels.linear_attention import api as linear_attention_api
 from pallas_kernels.linear_attention import sequence_parallel
@@ -106,53 +105,6 @@ class LowRankOutputGate(nnx.Module):
     return jax.nn.sigmoid(self.up(self.down(x, dtype), dtype))
 
 
-def rotary_embedding(x, positions, theta: float):
-  """RoPE on [B,T,H,D] with per-token positions [B,T]; rotates (first half, second half) channel pairs with
-  frequencies theta^(-2j/D), computed in fp32."""
-  half = x.shape[-1] // 2
-  frequencies = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
-  angles = positions.astype(jnp.float32)[:, :, None, None] * frequencies
-  cos, sin = jnp.cos(angles), jnp.sin(angles)
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return rotated.astype(x.dtype)
-
-
-def lrpe_frequencies(head_dim: int, theta: float = 10000.0):
-  """Fixed LRPE frequencies: theta^(-2c/D) on the first half of the channels and 0 on the second half
-  (xmixers "lrpe_type 6"): half the channels carry relative-position phases, half are position free."""
-  half = head_dim // 2
-  rotating = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / head_dim)
-  return jnp.concatenate([rotating, jnp.zeros((head_dim - half,), jnp.float32)])
-
-
-def lrpe(x, positions, theta: float = 10000.0):
-  """Cosine LRPE: [B,T,H,D] -> [cos(θ t) ⊙ x, sin(θ t) ⊙ x] of width 2D, so that
-  q̃_t · k̃_s = Σ_c q_c k_c cos(θ_c (t - s)): a per-channel relative cosine reweighting."""
-  angles = positions.astype(jnp.float32)[:, :, None, None] * lrpe_frequencies(x.shape[-1], theta)
-  x32 = x.astype(jnp.float32)
-  return jnp.concatenate([x32 * jnp.cos(angles), x32 * jnp.sin(angles)], axis=-1).astype(x.dtype)
-
-
-def alibi_slopes(num_heads: int):
-  """ALiBi head slopes: 2^(-8(h+1)/H) for a power of two H; otherwise those of the nearest lower power of
-  two c followed by every other slope of 2c (ALiBi paper, lightning-attention utils)."""
-  def power_of_two(n):
-    start = 2.0 ** (-8.0 / n)
-    return [start ** (i + 1) for i in range(n)]
-  if math.log2(num_heads).is_integer():
-    return power_of_two(num_heads)
-  closest = 2 ** math.floor(math.log2(num_heads))
-  return power_of_two(closest) + power_of_two(2 * closest)[0::2][: num_heads - closest]
-
-
-def tnl_log_decays(num_layers: int, num_heads: int):
-  """[L, H] fixed log-decays of TNL: -s_h · (1 - l/(L-1) + 1e-5); layer 0 decays fastest, the last ~1."""
-  slopes = jnp.asarray(alibi_slopes(num_heads), jnp.float32)
-  depth = jnp.arange(num_layers, dtype=jnp.float32) / max(num_layers - 1, 1)
-  return -slopes[None, :] * (1.0 - depth[:, None] + 1e-5)
-
-
 def segment_starts(segment_ids):
   """[B,T] bool: true where a new document starts (never at t = 0)."""
   starts = segment_ids[:, 1:] != segment_ids[:, :-1]
@@ -164,47 +116,6 @@ def positions_from_segments(segment_ids):
   time = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None, :]
   start_index = jax.lax.cummax(jnp.where(segment_starts(segment_ids), time, 0), axis=1)
   return time - start_index
-
-
-class ToeplitzPositionalEncoding(nnx.Module):
-  """TPE of cosFormer2 (applied once after the embedding). The paper gives only its cost: de parameters with
-  e = d/h, an up-projection (2nde), a recurrence (nde) and a down-projection. Our choice, flagged as an
-  approximation of LightNet's TPE:
-      u_t = x_t W            W [d, e], normal(0, init_std)      (the de parameters)
-      h_t = λ ⊙ h_{t-1} + u_t  per channel, fixed λ_c = exp(-1/τ_c), τ_c log-spaced in [1, 8192]
-      y_t = x_t + h_t Wᵀ      tied down-projection (no extra parameters)
-  The recurrence is an exponential (Toeplitz) kernel over relative positions; it restarts at every
-  document start, so packed documents never leak into each other, and runs as an associative scan in
-  fp32. Decoding carries h [B, e]."""
-
-  def __init__(self, d_model: int, dim: int, *, std: float, param_dtype, rngs: nnx.Rngs):
-    self.kernel = make_param(rngs, (d_model, dim), ("embed", "kv"), std=std, dtype=param_dtype)
-    self.dim = dim
-
-  def log_decay(self):
-    timescales = jnp.exp(jnp.linspace(0.0, math.log(8192.0), self.dim, dtype=jnp.float32))
-    return -1.0 / timescales
-
-  def __call__(self, x, segment_ids):
-    """x [B,T,d], segment_ids [B,T] -> (y [B,T,d], final recurrent state [B,e] fp32)."""
-    kernel = self.kernel[...].astype(jnp.float32)
-    inputs = jnp.dot(x.astype(jnp.float32), kernel)
-    decay = jnp.broadcast_to(jnp.exp(self.log_decay()), inputs.shape)
-    decay = jnp.where(segment_starts(segment_ids)[..., None], 0.0, decay)
-
-    def combine(earlier, later):
-      decay_a, value_a = earlier
-      decay_b, value_b = later
-      return decay_a * decay_b, decay_b * value_a + value_b
-
-    _, states = jax.lax.associative_scan(combine, (decay, inputs), axis=1)
-    return x + jnp.dot(states, kernel.T).astype(x.dtype), states[:, -1]
-
-  def step(self, x, state):
-    """x [B,d], state [B,e] -> (y [B,d], new state)."""
-    kernel = self.kernel[...].astype(jnp.float32)
-    state = jnp.exp(self.log_decay()) * state + jnp.dot(x.astype(jnp.float32), kernel)
-    return x + jnp.dot(state, kernel.T).astype(x.dtype), state
 
 
 class KernelShards:

@@ -1,17 +1,22 @@
 """The language model shared by the four architectures (arXiv 2406.16690 Appendices A.1 and C):
 
   x = Embed(tokens)                     no embedding scaling (HGRN2 `no_scale_embedding=True`)
-  [cosFormer2: x = TPE(x)]              once, after the embedding
+  [x = mixer.embed(x)]                  once, after the embedding (cosFormer2's TPE)
   for each layer: x = x + Mixer(Norm(x)); x = x + GLU(Norm(x))
   logits = Norm(x) @ Embedᵀ             tied head, fp32 logits
 
 Norm is RMSNorm with a gain for LLaMA and the gain-free SRMSNorm for the linear models; the GLU is SwiGLU for
 LLaMA and SGLU for the others. Parameters are fp32, compute runs in `config.dtype`.
 
+Each architecture is an entry of `mixers.ARCHITECTURES`: its token mixer and its norm and GLU flavours. What an
+architecture needs beyond its layers (cosFormer2's TPE, HGRN2's lower bounds, TNL's decays, LLaMA's key segment
+ids while decoding) comes from its mixer's hooks (mixers/base.py), so the model never branches on the architecture.
+
 Layers are either an `nnx.List` of blocks or, with `config.scan_layers`, one block whose parameters are
 stacked on a leading "layers" axis (built with nnx.vmap) and applied with `lax.scan`, so one layer is
-compiled instead of L. Per-layer constants (TNL decays, HGRN2 lower bounds, the layer index) are scanned
-inputs. Both layouts draw layer l's parameters from the same key, so they initialise identically.
+compiled instead of L. Per-layer constants (the layer index and those of the mixer's `layer_inputs` hook: TNL
+decays, HGRN2 lower bounds) are scanned inputs. Both layouts draw layer l's parameters from the same key, so they
+initialise identically.
 `config.remat_policy` wraps the per-layer function in `jax.checkpoint` in both layouts.
 """
 from __future__ import annotations
@@ -22,8 +27,7 @@ from flax import nnx
 
 from lsm_jax.models import layers
 from lsm_jax.models.configs import ModelConfig
-from lsm_jax.models.mixers import MIXERS
-from lsm_jax.models.mixers.hgrn2 import hgrn2_lower_bounds
+from lsm_jax.models.mixers import ARCHITECTURES
 
 # Primitives of the token mixers' fused kernels: the Pallas linear-attention kernels and cuDNN flash attention's
 # forward (its output and softmax statistics). jax 0.10 and 0.11 name them so.
@@ -59,21 +63,22 @@ _REMAT_POLICIES = {
 }
 
 
+def _norm(config: ModelConfig, *, rngs: nnx.Rngs):
+  if ARCHITECTURES[config.arch].norm_gain:
+    return layers.RMSNorm(config.d_model, config.norm_eps, param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
+  return layers.SRMSNorm(config.norm_eps)
+
+
 class Block(nnx.Module):
   """Pre-norm residual block: token mixer then channel mixer."""
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, mixer_type, *, rngs: nnx.Rngs):
     self.config = config
-    param_dtype = jnp.dtype(config.param_dtype)
-    if config.arch == "llama":
-      self.mixer_norm = layers.RMSNorm(config.d_model, config.norm_eps, param_dtype=param_dtype, rngs=rngs)
-      self.mlp_norm = layers.RMSNorm(config.d_model, config.norm_eps, param_dtype=param_dtype, rngs=rngs)
-    else:
-      self.mixer_norm = layers.SRMSNorm(config.norm_eps)
-      self.mlp_norm = layers.SRMSNorm(config.norm_eps)
-    self.mixer = MIXERS[config.arch](config, rngs=rngs)
-    self.mlp = layers.GatedMLP(config.d_model, config.ffn_dim, swish=config.arch == "llama",
-                               std=config.init_std, param_dtype=param_dtype, rngs=rngs)
+    self.mixer_norm = _norm(config, rngs=rngs)
+    self.mlp_norm = _norm(config, rngs=rngs)
+    self.mixer = mixer_type(config, rngs=rngs)
+    self.mlp = layers.GatedMLP(config.d_model, config.ffn_dim, swish=ARCHITECTURES[config.arch].swish_glu,
+                               std=config.init_std, param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
 
   def _channel_mix(self, x):
     x = x + self.mlp(self.mlp_norm(x), jnp.dtype(self.config.dtype))
@@ -100,25 +105,17 @@ class LanguageModel(nnx.Module):
     param_dtype = jnp.dtype(config.param_dtype)
     self.embedding = layers.make_param(rngs, (config.vocab_size, config.d_model), ("vocab", "embed"),
                                        std=config.init_std, dtype=param_dtype)
-    if config.arch == "cosformer2":
-      self.tpe = layers.ToeplitzPositionalEncoding(config.d_model, config.head_dim, std=config.init_std,
-                                                   param_dtype=param_dtype, rngs=rngs)
-    if config.arch == "hgrn2":
-      # Zero logits: uniform softmax over layers, so lower bounds start at l/L (FLA's init).
-      self.lower_bound_logits = layers.make_param(rngs, (config.num_layers, config.d_model),
-                                                  ("layers", "embed"), std=0.0, dtype=param_dtype,
-                                                  init="zeros")
+    mixer_type = ARCHITECTURES[config.arch].mixer
+    for name, value in mixer_type.model_parameters(config, rngs=rngs).items():
+      setattr(self, name, value)
     layer_keys = jax.random.split(rngs.params(), config.num_layers)
     if config.scan_layers:
-      make_block = nnx.vmap(lambda key: Block(config, rngs=nnx.Rngs(params=key)),
+      make_block = nnx.vmap(lambda key: Block(config, mixer_type, rngs=nnx.Rngs(params=key)),
                             transform_metadata={nnx.PARTITION_NAME: "layers"})
       self.layers = make_block(layer_keys)
     else:
-      self.layers = nnx.List([Block(config, rngs=nnx.Rngs(params=key)) for key in layer_keys])
-    if config.arch == "llama":
-      self.final_norm = layers.RMSNorm(config.d_model, config.norm_eps, param_dtype=param_dtype, rngs=rngs)
-    else:
-      self.final_norm = layers.SRMSNorm(config.norm_eps)
+      self.layers = nnx.List([Block(config, mixer_type, rngs=nnx.Rngs(params=key)) for key in layer_keys])
+    self.final_norm = _norm(config, rngs=rngs)
 
   # ---------------------------------------------------------------- helpers
 
@@ -126,15 +123,13 @@ class LanguageModel(nnx.Module):
   def _dtype(self):
     return jnp.dtype(self.config.dtype)
 
+  @property
+  def _mixer_type(self):
+    return ARCHITECTURES[self.config.arch].mixer
+
   def _layer_inputs(self):
     """Per-layer constants with a leading [L] axis (scanned inputs)."""
-    config = self.config
-    inputs = {"index": jnp.arange(config.num_layers, dtype=jnp.int32)}
-    if config.arch == "tnl":
-      inputs["log_decay"] = layers.tnl_log_decays(config.num_layers, config.num_heads)
-    if config.arch == "hgrn2":
-      inputs["lower_bound"] = hgrn2_lower_bounds(self.lower_bound_logits[...])
-    return inputs
+    return {"index": jnp.arange(self.config.num_layers, dtype=jnp.int32), **self._mixer_type.layer_inputs(self)}
 
   def _run_layers(self, layer_fn, x, per_layer):
     """x <- layer_fn(block, x, per_layer[l]) for every layer; returns (x, per-layer outputs stacked on [L])."""
@@ -204,10 +199,7 @@ class LanguageModel(nnx.Module):
 
   def _forward(self, tokens, segment_ids, positions, max_length):
     positions = self._check_tokens(tokens, segment_ids, positions, require_segments=max_length is not None)
-    x = self._embed(tokens)
-    tpe_state = None
-    if self.config.arch == "cosformer2":
-      x, tpe_state = self.tpe(x, segment_ids if segment_ids is not None else jnp.zeros_like(tokens))
+    x, embed_state = self._mixer_type.embed(self, self._embed(tokens), segment_ids)
 
     def layer_fn(block, x, layer_input):
       return block(x, segment_ids=segment_ids, positions=positions, layer_inputs=layer_input,
@@ -218,11 +210,8 @@ class LanguageModel(nnx.Module):
     if max_length is None:
       return hidden, None
     state = {"layers": caches, "positions": positions[:, -1] + 1, "segment": segment_ids[:, -1],
-             "index": jnp.asarray(tokens.shape[1], jnp.int32)}
-    if self.config.arch == "llama":
-      state["key_segment_ids"] = jnp.pad(segment_ids, [(0, 0), (0, max_length - tokens.shape[1])])
-    if tpe_state is not None:
-      state["tpe"] = tpe_state
+             "index": jnp.asarray(tokens.shape[1], jnp.int32), **embed_state,
+             **self._mixer_type.prefill_state(segment_ids, max_length)}
     return hidden, state
 
   def prefill(self, tokens, *, segment_ids, positions, max_length):
@@ -241,16 +230,11 @@ class LanguageModel(nnx.Module):
       raise ValueError(f"decode_step tokens must be [batch] integers; got shape {tuple(tokens.shape)} "
                        f"dtype {tokens.dtype}.")
     state = dict(decode_state)
-    x = self._embed(tokens[:, None])
-    if self.config.arch == "cosformer2":
-      embedded, state["tpe"] = self.tpe.step(x[:, 0], state["tpe"])
-      x = embedded[:, None]
-    context = {"index": state["index"], "segment": state["segment"]}
-    if self.config.arch == "llama":
-      state["key_segment_ids"] = jax.lax.dynamic_update_slice_in_dim(
-          state["key_segment_ids"], state["segment"][:, None].astype(state["key_segment_ids"].dtype),
-          state["index"], axis=1)
-      context["key_segment_ids"] = state["key_segment_ids"]
+    x, updated = self._mixer_type.embed_step(self, self._embed(tokens[:, None]), state)
+    state.update(updated)
+    updated, mixer_context = self._mixer_type.decode_context(state)
+    state.update(updated)
+    context = {"index": state["index"], "segment": state["segment"], **mixer_context}
     positions = state["positions"][:, None]
 
     def layer_fn(block, x, layer_input):

@@ -1,18 +1,30 @@
-"""Token mixers, one per architecture. Each implements
-  __call__(x [B,T,d], *, segment_ids, positions, layer_inputs, max_length=None) -> (y, cache | None)
-      (the decoding cache is returned only for a prefill, i.e. when max_length is given)
-  decode(x [B,1,d], cache, *, positions [B,1], layer_inputs, context) -> (y, cache)
-"""
+"""Token mixers, one per architecture (the interface: mixers/base.py), and the registry of architectures."""
+from __future__ import annotations
+
+import dataclasses
+
+from lsm_jax.models.mixers.base import TokenMixer
 from lsm_jax.models.mixers.cosformer2 import CosFormer2Attention
 from lsm_jax.models.mixers.hgrn2 import HGRN2Mixer
 from lsm_jax.models.mixers.softmax import SoftmaxAttention
 from lsm_jax.models.mixers.tnl import TNLAttention
 
-MIXERS = {
-    "llama": SoftmaxAttention,
-    "tnl": TNLAttention,
-    "hgrn2": HGRN2Mixer,
-    "cosformer2": CosFormer2Attention,
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  """What sets an architecture apart in the shared LanguageModel: its token mixer (with the mixer's hooks) and
+  the flavour of its norms and channel mixer."""
+  mixer: type[TokenMixer]
+  norm_gain: bool  # RMSNorm with a learned gain (LLaMA), else the gain-free SRMSNorm
+  swish_glu: bool  # SwiGLU (LLaMA), else the activation-free SGLU
+
+
+ARCHITECTURES = {
+    "llama": Architecture(SoftmaxAttention, norm_gain=True, swish_glu=True),
+    "tnl": Architecture(TNLAttention, norm_gain=False, swish_glu=False),
+    "hgrn2": Architecture(HGRN2Mixer, norm_gain=False, swish_glu=False),
+    "cosformer2": Architecture(CosFormer2Attention, norm_gain=False, swish_glu=False),
 }
 
-__all__ = ["MIXERS", "CosFormer2Attention", "HGRN2Mixer", "SoftmaxAttention", "TNLAttention"]
+__all__ = ["ARCHITECTURES", "Architecture", "CosFormer2Attention", "HGRN2Mixer", "SoftmaxAttention",
+           "TNLAttention", "TokenMixer"]

@@ -9,7 +9,7 @@ Eqs. 12-13; code semantics of hgru2-pytorch and FLA).
   S_t = Diag(λ_t) S_{t-1} + k_tᵀ v_t,  o_t = q_t S_t      (head dim d/h = 128, state 128 × 128 per head)
   y = SRMSNorm(concat_h o) W_out
 There is no output gate beyond q. The lower bounds (lb = exclusive cumsum over layers of softmax of a
-learned [L, d] parameter) are computed once per forward by the model and scanned in with the layer index.
+learned [L, d] parameter of the model) are computed once per forward and scanned in with the layer index.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lsm_jax.models import layers
+from lsm_jax.models.mixers import base
 from pallas_kernels.linear_attention import linear_attention_step
 
 
@@ -38,7 +39,17 @@ def hgrn2_log_forget_gate(forget_logits, lower_bound, layer_index):
   return jnp.where(is_first, log_sigmoid, bounded)
 
 
-class HGRN2Mixer(nnx.Module):
+class HGRN2Mixer(base.TokenMixer):
+
+  @classmethod
+  def model_parameters(cls, config, *, rngs):
+    # Zero logits: uniform softmax over layers, so lower bounds start at l/L (FLA's init).
+    return {"lower_bound_logits": layers.make_param(rngs, (config.num_layers, config.d_model), ("layers", "embed"),
+                                                    std=0.0, dtype=jnp.dtype(config.param_dtype), init="zeros")}
+
+  @classmethod
+  def layer_inputs(cls, model):
+    return {"lower_bound": hgrn2_lower_bounds(model.lower_bound_logits[...])}
 
   def __init__(self, config, *, rngs: nnx.Rngs):
     self.config = config

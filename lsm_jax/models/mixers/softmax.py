@@ -18,6 +18,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
 from lsm_jax.models import layers
+from lsm_jax.models.mixers import base
 
 # Splash attention's query and key blocks: the largest of these dividing T (512 is MaxText's default).
 SPLASH_BLOCKS = (512, 256, 128)
@@ -25,6 +26,18 @@ SPLASH_BLOCKS = (512, 256, 128)
 # took minutes on its grid and rejects a vmapped splash). Off means Mosaic, also when compiling ahead for a TPU
 # from a CPU host.
 INTERPRET_SPLASH = False
+
+
+def rotary_embedding(x, positions, theta: float):
+  """RoPE on [B,T,H,D] with per-token positions [B,T]; rotates (first half, second half) channel pairs with
+  frequencies theta^(-2j/D), computed in fp32."""
+  half = x.shape[-1] // 2
+  frequencies = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
+  angles = positions.astype(jnp.float32)[:, :, None, None] * frequencies
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
 
 
 def splash_block(length: int) -> int | None:
@@ -68,7 +81,7 @@ def splash_attention(q, k, v, segment_ids):
       q, k, v, segment_ids)
 
 
-class SoftmaxAttention(nnx.Module):
+class SoftmaxAttention(base.TokenMixer):
 
   def __init__(self, config, *, rngs: nnx.Rngs):
     self.config = config
@@ -77,12 +90,24 @@ class SoftmaxAttention(nnx.Module):
     self.qkv = layers.Linear(d, (3, heads, head_dim), ("embed", None, "heads", "kv"), **kwargs)
     self.out = layers.Linear(heads * head_dim, d, ("heads", "embed"), **kwargs)
 
+  @classmethod
+  def prefill_state(cls, segment_ids, max_length):
+    # Segment id of every cache slot; unwritten slots are padding until decoding writes them.
+    return {"key_segment_ids": jnp.pad(segment_ids, [(0, 0), (0, max_length - segment_ids.shape[1])])}
+
+  @classmethod
+  def decode_context(cls, decode_state):
+    key_segment_ids = jax.lax.dynamic_update_slice_in_dim(
+        decode_state["key_segment_ids"], decode_state["segment"][:, None].astype(decode_state["key_segment_ids"].dtype),
+        decode_state["index"], axis=1)
+    return {"key_segment_ids": key_segment_ids}, {"key_segment_ids": key_segment_ids}
+
   def _project(self, x, positions):
     dtype = jnp.dtype(self.config.dtype)
     qkv = self.qkv(x, dtype)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-    q = layers.rotary_embedding(q, positions, self.config.rope_theta)
-    k = layers.rotary_embedding(k, positions, self.config.rope_theta)
+    q = rotary_embedding(q, positions, self.config.rope_theta)
+    k = rotary_embedding(k, positions, self.config.rope_theta)
     return q, k, v
 
   def _output(self, attended):

@@ -8,15 +8,37 @@ log-decays arrive in `layer_inputs["log_decay"]` ([H]) so stacked, scanned layer
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from lsm_jax.models import layers
+from lsm_jax.models.mixers import base
 from pallas_kernels.linear_attention import linear_attention_step
 
 
-class TNLAttention(nnx.Module):
+def alibi_slopes(num_heads: int):
+  """ALiBi head slopes: 2^(-8(h+1)/H) for a power of two H; otherwise those of the nearest lower power of
+  two c followed by every other slope of 2c (ALiBi paper, lightning-attention utils)."""
+  def power_of_two(n):
+    start = 2.0 ** (-8.0 / n)
+    return [start ** (i + 1) for i in range(n)]
+  if math.log2(num_heads).is_integer():
+    return power_of_two(num_heads)
+  closest = 2 ** math.floor(math.log2(num_heads))
+  return power_of_two(closest) + power_of_two(2 * closest)[0::2][: num_heads - closest]
+
+
+def tnl_log_decays(num_layers: int, num_heads: int):
+  """[L, H] fixed log-decays of TNL: -s_h · (1 - l/(L-1) + 1e-5); layer 0 decays fastest, the last ~1."""
+  slopes = jnp.asarray(alibi_slopes(num_heads), jnp.float32)
+  depth = jnp.arange(num_layers, dtype=jnp.float32) / max(num_layers - 1, 1)
+  return -slopes[None, :] * (1.0 - depth[:, None] + 1e-5)
+
+
+class TNLAttention(base.TokenMixer):
 
   def __init__(self, config, *, rngs: nnx.Rngs):
     self.config = config
@@ -25,6 +47,10 @@ class TNLAttention(nnx.Module):
     self.qkv = layers.Linear(d, (3, heads, head_dim), ("embed", None, "heads", "kv"), **kwargs)
     self.gate = layers.LowRankOutputGate(d, head_dim, **kwargs)
     self.out = layers.Linear(heads * head_dim, d, ("heads", "embed"), **kwargs)
+
+  @classmethod
+  def layer_inputs(cls, model):
+    return {"log_decay": tnl_log_decays(model.config.num_layers, model.config.num_heads)}
 
   def _feature_map(self, q, k, positions):
     del positions
