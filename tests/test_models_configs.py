@@ -3,9 +3,9 @@ import dataclasses
 import glob
 import os
 
-import gin
 import pytest
 
+import gin
 from lsm_jax.models import configs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,6 +64,31 @@ def test_resolved_for_fixes_the_auto_kernel_choices_of_the_platform(platform, dt
 def test_bad_configs_raise_clear_errors(call, message):
   with pytest.raises(ValueError, match=message):
     call()
+
+
+def _write_model_file(root, arch, size, bindings):
+  path = root / "gin" / "models" / arch / f"{size}.gin"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("from __gin__ import dynamic_registration\nfrom lsm_jax.models import configs\n\n"
+                  "configs.ModelConfig:\n" + "".join(f"  {name} = {value!r}\n" for name, value in bindings.items()))
+
+
+@pytest.mark.parametrize("bindings, message", [
+    (dict(arch="tnl", size="160m"), "binds arch 'tnl' and size '160m', not the 'tnl' and '70m' its path names"),
+    (dict(arch="tnl", size="70m", n_layers=3), "binds unknown ModelConfig field.* n_layers; valid: .*num_layers"),
+])
+def test_get_config_reads_the_model_file_and_refuses_a_wrong_one(tmp_path, monkeypatch, bindings, message):
+  monkeypatch.setattr(configs.train_cli, "CONFIG_ROOT", str(tmp_path))
+  _write_model_file(tmp_path, "tnl", "70m", dict(arch="tnl", size="70m", num_layers=3, d_model=256, num_heads=2,
+                                                  ffn_dim=640))
+  assert configs.get_config("tnl", "70m") == configs.ModelConfig("tnl", "70m", 3, 256, 2, 640)
+  _write_model_file(tmp_path, "tnl", "70m", bindings)
+  configs._model_file_bindings.cache_clear()
+  with pytest.raises(ValueError, match=message):
+    configs.get_config("tnl", "70m")
+  monkeypatch.setattr(configs.train_cli, "CONFIG_ROOT", str(tmp_path / "elsewhere"))
+  with pytest.raises(FileNotFoundError, match="gin model file .*elsewhere/gin/models/tnl/70m.gin does not exist"):
+    configs.get_config("tnl", "70m")
 
 
 def _parse(path):

@@ -1,18 +1,25 @@
 """Model configurations: the four architectures at the paper's six sizes (reconciled shapes).
 
-The shapes reconcile arXiv 2406.16690 Table 2 with Table 7 and reproduce every row of Table 7 (non-embedding
-parameters and PFLOPs/step): head dim 128 everywhere, so heads = d/128; the 1B FFN width is 4096 (Table 7
-prints 5632, which contradicts its own parameter column); TNL and cosFormer2 use 25 layers at 410M to pay for
-their output-gate parameters.
+The shapes are stored once, in the gin model files gin/models/<arch>/<size>.gin (each includes its architecture's
+base.gin), and `get_config` reads them. They reconcile arXiv 2406.16690 Table 2 with Table 7 and reproduce every
+row of Table 7 (non-embedding parameters and PFLOPs/step): head dim 128 everywhere, so heads = d/128; the 1B FFN
+width is 4096 (Table 7 prints 5632, which contradicts its own parameter column); TNL and cosFormer2 use 25 layers
+at 410M to pay for their output-gate parameters.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+import gin
+from gin import config_parser
+from lsm_jax import train as train_cli
 from pallas_kernels.linear_attention import api as linear_attention_api
 
 ARCHS = ("llama", "tnl", "hgrn2", "cosformer2")
@@ -27,20 +34,6 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
 # implementation=None always picks XLA, so the choice is made here: ModelConfig.resolved_for).
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
-# size -> (num_layers, d_model, ffn_dim); heads = d_model / 128.
-_SHAPES = {
-    "70m": (6, 512, 1536),
-    "160m": (12, 768, 2048),
-    "410m": (26, 1024, 2816),
-    "1b": (32, 1536, 4096),
-    "3b": (35, 2560, 6912),
-    "7b": (32, 4096, 11008),
-}
-_HEAD_DIM = 128
-# TNL and cosFormer2 drop one layer at 410M (paper Table 7).
-_LAYER_OVERRIDES = {("tnl", "410m"): 25, ("cosformer2", "410m"): 25}
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Everything needed to build a LanguageModel. JSON-able: `ModelConfig(**dataclasses.asdict(c))`."""
@@ -50,7 +43,7 @@ class ModelConfig:
   d_model: int
   num_heads: int
   ffn_dim: int
-  head_dim: int = _HEAD_DIM
+  head_dim: int = 128
   vocab_size: int = 100280
   dtype: str = "bfloat16"            # compute dtype
   param_dtype: str = "float32"
@@ -118,16 +111,46 @@ def _check_choice(name, value, valid):
     raise ValueError(f"Unknown {name} {value!r}; valid: {', '.join(map(str, valid))}.")
 
 
-def get_config(arch: str, size: str, **overrides) -> ModelConfig:
-  """The reconciled paper configuration for (arch, size), with any ModelConfig field overridden."""
+def model_file(arch: str, size: str) -> str:
+  """The gin model file of (arch, size): gin/models/<arch>/<size>.gin under the config root."""
   _check_choice("arch", arch, ARCHS)
   _check_choice("size", size, SIZES)
+  return os.path.join(train_cli.CONFIG_ROOT, "gin", "models", arch, f"{size}.gin")
+
+
+@functools.lru_cache(maxsize=None)
+def _model_file_bindings(path: str) -> tuple[tuple[str, Any], ...]:
+  """The `configs.ModelConfig` bindings of a gin file and the files it includes, in gin's order (an include's
+  bindings first, later bindings win). Read with gin's own parser, so the global gin config stays untouched."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"gin model file {path} does not exist.")
+  with open(path) as f:
+    statements = list(config_parser.ConfigParser(f, gin.config.ParserDelegate(skip_unknown=True)))
+  bindings = []
+  for statement in statements:
+    if isinstance(statement, config_parser.IncludeStatement):
+      bindings.extend(_model_file_bindings(os.path.join(train_cli.CONFIG_ROOT, statement.filename)))
+    elif (isinstance(statement, config_parser.BindingStatement) and not statement.scope
+          and statement.selector.split(".")[-1] == ModelConfig.__name__):
+      bindings.append((statement.arg_name, statement.value))
+  return tuple(bindings)
+
+
+def get_config(arch: str, size: str, **overrides) -> ModelConfig:
+  """The configuration of (arch, size) that its gin model file gin/models/<arch>/<size>.gin binds (the shapes of
+  the paper are stored there alone), with any ModelConfig field overridden."""
+  path = model_file(arch, size)
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise ValueError(f"Unknown ModelConfig field(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}.")
-  num_layers, d_model, ffn_dim = _SHAPES[size]
-  values = dict(arch=arch, size=size, num_layers=_LAYER_OVERRIDES.get((arch, size), num_layers),
-                d_model=d_model, num_heads=d_model // _HEAD_DIM, head_dim=_HEAD_DIM, ffn_dim=ffn_dim)
+  values = dict(_model_file_bindings(path))
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise ValueError(f"{path} binds unknown ModelConfig field(s) {', '.join(unknown)}; valid: "
+                     f"{', '.join(sorted(fields))}.")
+  if (values.get("arch"), values.get("size")) != (arch, size):
+    raise ValueError(f"{path} binds arch {values.get('arch')!r} and size {values.get('size')!r}, not the "
+                     f"{arch!r} and {size!r} its path names.")
   values.update(overrides)
   return ModelConfig(**values)
