@@ -17,7 +17,7 @@ from lsm_jax import train as train_cli
 from lsm_jax.study import ablation_tables
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-NIAH_LENGTHS = (256, 384)  # the needle and question take 210 byte tokens
+NIAH_LENGTHS = (256,)  # the needle and question take 210 byte tokens
 
 
 def write_shape(path, d_model, layers):
@@ -74,7 +74,7 @@ study.StudyGrid:
   eval_tasks = ('val_loss',)
   final_eval_tasks = ('niah',)
   eval_batch_size = 8
-  val_max_batches = 2
+  val_max_batches = 1
   niah_overrides = {{'context_lengths': {NIAH_LENGTHS!r}, 'depth_percents': (0.0, 100.0), 'max_new_tokens': 4}}
 """)
   return experiments
