@@ -365,7 +365,7 @@ def import_llama(hf_dir: str, run_dir: str, *, dtype: str | None = None, tokeniz
   """Writes a transformers LLaMA checkpoint as milestone 0 of the lsm_jax run directory `run_dir`; returns it.
 
   dtype: of the milestone and the ModelConfig's compute dtype (default: float32 for fp32 weights, else bfloat16).
-  tokenizer: the run's tokenizer spec (default: hf_dir/tokenizer.json copied into run_dir, else none recorded).
+  tokenizer: the run's tokenizer spec (default: hf_dir/tokenizer.json, copied into run_dir; required without one).
   """
   import ml_dtypes
 
@@ -382,10 +382,18 @@ def import_llama(hf_dir: str, run_dir: str, *, dtype: str | None = None, tokeniz
   params = _cast_tree(params, np.float32 if dtype == "float32" else ml_dtypes.bfloat16)
   model_config = ModelConfig(**fields, dtype=dtype, param_dtype="float32")
   _check_against_model(params, model_config, build_model)
+  from lsm_jax.data import tokenizer as tokenizer_lib
+  hf_tokenizer_file = os.path.join(hf_dir, "tokenizer.json")
+  if tokenizer is None and not os.path.isfile(hf_tokenizer_file):
+    raise ValueError(f"{hf_dir} has no tokenizer.json; name the run's tokenizer (tokenizer='cl100k', 'bytes' or a "
+                     f"tokenizer path; CLI --tokenizer)")
+  vocab = tokenizer_lib.get_tokenizer(tokenizer or hf_tokenizer_file).vocab_size
+  if vocab > model_config.vocab_size:
+    raise ValueError(f"the tokenizer has {vocab} ids but the model's vocab_size is {model_config.vocab_size}")
   os.makedirs(run_dir, exist_ok=True)
-  if tokenizer is None and os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+  if tokenizer is None:  # the run keeps its own copy
     tokenizer = os.path.join(os.path.abspath(run_dir), "tokenizer.json")
-    shutil.copyfile(os.path.join(hf_dir, "tokenizer.json"), tokenizer)
+    shutil.copyfile(hf_tokenizer_file, tokenizer)
   saver = checkpoint.Checkpointer(
       run_dir, save_interval_steps=1, max_to_keep=1, milestone_steps=[0], milestone_dtype=dtype, async_save=False,
       run_metadata={"arch": "llama", "size": model_config.size, "model_config": dataclasses.asdict(model_config),

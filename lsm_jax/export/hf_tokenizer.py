@@ -9,8 +9,9 @@
            reserved: the smoke models' 264-id vocabulary.
   a tokenizer.json path is copied as it is.
 
-One difference from lsm_jax's `encode`: transformers matches special-token text (e.g. "<|endoftext|>") inside a
-text and gives it the special id, where lsm_jax encodes it as ordinary text.
+tokenizer_config.json sets `split_special_tokens`: like lsm_jax's `encode`, transformers then encodes special-token
+text inside a document (e.g. "<|endoftext|>") as ordinary text, so both give the same ids for every text; EOS is
+added by id (`eos_token_id`), never parsed from text.
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ import shutil
 from lsm_jax.data import tokenizer as tokenizer_lib
 
 EOS_TOKEN = "<|endoftext|>"
+# cl100k's pre-tokenizer regex for the tokenizers library (Oniguruma): there `{1,3}+` repeats the interval instead of
+# making it possessive, so the digit run is written `{1,3}`, the same match here (nothing follows it to backtrack).
+CL100K_SPLIT_PATTERN = tokenizer_lib._CL100K_PATTERN.replace(r"\p{N}{1,3}+", r"\p{N}{1,3}")
 
 
 def byte_level_alphabet() -> dict[int, str]:
@@ -114,7 +118,7 @@ def build_tokenizer(spec: str):
   if spec in ("cl100k", "cl100k_base"):
     vocab, merges = _bpe_vocab_and_merges(cl100k_ranks())
     return _byte_level_tokenizer(vocab, merges, tokenizer_lib._CL100K_SPECIAL_TOKENS,
-                                 tokenizer_lib.CL100K_VOCAB_SIZE, tokenizer_lib._CL100K_PATTERN), EOS_TOKEN
+                                 tokenizer_lib.CL100K_VOCAB_SIZE, CL100K_SPLIT_PATTERN), EOS_TOKEN
   if spec == "bytes":
     byte_tokenizer = tokenizer_lib.ByteTokenizer()
     vocab = {character: byte for byte, character in byte_level_alphabet().items()}
@@ -126,6 +130,7 @@ def build_tokenizer(spec: str):
 def write_tokenizer_files(spec: str, out_dir: str, *, model_max_length: int) -> dict | None:
   """Writes out_dir/tokenizer.json and tokenizer_config.json for a run's tokenizer spec; returns
   {"eos_token", "eos_token_id"}, or None for a SentencePiece model (no tokenizer.json can represent it here)."""
+  os.makedirs(out_dir, exist_ok=True)
   if spec in ("cl100k", "cl100k_base", "bytes"):
     tokenizer, eos_token = build_tokenizer(spec)
     tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
@@ -138,7 +143,7 @@ def write_tokenizer_files(spec: str, out_dir: str, *, model_max_length: int) -> 
   eos_id = tokenizer_lib.get_tokenizer(spec).eos_id
   config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token, "pad_token": eos_token,
             "bos_token": None, "unk_token": None, "add_bos_token": False, "add_eos_token": False,
-            "clean_up_tokenization_spaces": False, "model_max_length": model_max_length}
+            "clean_up_tokenization_spaces": False, "split_special_tokens": True, "model_max_length": model_max_length}
   with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as handle:
     json.dump(config, handle, indent=2)
   with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as handle:

@@ -1,0 +1,259 @@
+"""Hugging Face export and import, checked against lsm_jax itself: transformers' logits and greedy continuations of
+every architecture's export, the exported tokenizers, a transformers LLaMA imported into a run, and lm-eval's
+`hf` model on an export."""
+import dataclasses
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+from flax import nnx
+
+from lsm_jax import checkpoint
+from lsm_jax.data import tokenizer as tokenizer_lib
+from lsm_jax.export import hf, hf_tokenizer
+from lsm_jax.export import __main__ as export_cli
+from lsm_jax.models import build_model, get_config
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+ARCHS = ("llama", "tnl", "hgrn2", "cosformer2")
+TEXT = "Hello, world! Ünïcödé 日本語 🤖\n\n  code(x) 1234567 it's THEY'RE\ttabs <|endoftext|> as text"
+DTYPE_KEY = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)  # the tiny models gain nothing from threads on a shared CPU
+  yield
+  torch.set_num_threads(threads)
+
+
+def tiny_config(arch):
+  # init_std 0.1 gives logits spread enough that greedy decoding has clear winners.
+  return get_config(arch, "70m", num_layers=2, d_model=256, num_heads=2, ffn_dim=384, vocab_size=264,
+                    init_std=0.1, dtype="float32", rope_theta=5000.0)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def exported(request, tmp_path_factory):
+  """(arch, JAX model, export directory) of a randomly initialised 2-layer model with the byte tokenizer."""
+  arch = request.param
+  config = tiny_config(arch)
+  model = build_model(config, rngs=nnx.Rngs(1))
+  if arch == "hgrn2":  # non-uniform lower bounds exercise the softmax over layers
+    model.lower_bound_logits[...] = jax.random.normal(jax.random.key(2), model.lower_bound_logits.shape)
+  run_dir = tmp_path_factory.mktemp(f"{arch}_run")
+  saver = checkpoint.Checkpointer(
+      str(run_dir), save_interval_steps=100, max_to_keep=1, milestone_steps=[6], milestone_dtype="float32",
+      async_save=False, run_metadata={"arch": arch, "size": "70m", "model_config": dataclasses.asdict(config),
+                                      "tokenizer": "bytes", "seq_len": 128})
+  saver.save(6, {"params": nnx.state(model, nnx.Param).to_pure_dict()}, metadata={"tokens_seen": 6 * 128})
+  saver.close()
+  (run_dir / "metrics.jsonl").write_text('{"step": 4, "val_loss": 5.25}\n{"step": 8, "val_loss": 4.5}\n')
+  out_dir = tmp_path_factory.mktemp(f"{arch}_hf")
+  hf.export_hf(str(run_dir), str(out_dir), verify=False)
+  return arch, model, str(out_dir)
+
+
+def load(out_dir):
+  model, info = transformers.AutoModelForCausalLM.from_pretrained(
+      out_dir, trust_remote_code=True, output_loading_info=True, **{DTYPE_KEY: torch.float32})
+  return model.eval(), info
+
+
+def jax_greedy(model, prompt, new_tokens):
+  """lsm_jax's own generation: prefill, then decode_step with the recurrent state / KV cache."""
+  tokens = jnp.asarray([prompt], jnp.int32)
+  logits, state = model.prefill(tokens, segment_ids=jnp.ones_like(tokens),
+                                positions=jnp.arange(len(prompt), dtype=jnp.int32)[None],
+                                max_length=len(prompt) + new_tokens)
+  step = nnx.jit(lambda model, token, state: model.decode_step(token, state))
+  token, generated = jnp.argmax(logits[:, -1], -1).astype(jnp.int32), []
+  for _ in range(new_tokens):
+    generated.append(int(token[0]))
+    logits, state = step(model, token, state)
+    token = jnp.argmax(logits, -1).astype(jnp.int32)
+  return generated
+
+
+def test_export_loads_with_transformers_and_gives_the_jax_logits(exported):
+  arch, model, out_dir = exported
+  hf_model, info = load(out_dir)
+  assert not info["missing_keys"] and not info["unexpected_keys"] and not info.get("mismatched_keys")
+  expected_class = "LlamaForCausalLM" if arch == "llama" else "LsmForCausalLM"
+  assert type(hf_model).__name__ == expected_class
+  config = json.loads(open(f"{out_dir}/config.json").read())
+  assert ("auto_map" in config) == (arch != "llama")  # LLaMA needs no remote code
+  tokens = np.random.default_rng(5).integers(0, 264, size=(2, 80))  # crosses the 64-token chunk boundary
+  expected = np.asarray(jax.jit(lambda m, t: m(t))(model, jnp.asarray(tokens, jnp.int32)))
+  with torch.no_grad():
+    actual = hf_model(torch.from_numpy(tokens)).logits.numpy()
+  assert np.abs(expected).max() > 1.0  # the comparison is not between near-zero logits
+  np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=0)
+
+
+def until_eos(ids, eos=256):
+  """Greedy generation stops at EOS (transformers pads the rest)."""
+  return ids[:ids.index(eos) + 1] if eos in ids else ids
+
+
+def test_greedy_generation_matches_lsm_jax_through_the_recurrent_path(exported, monkeypatch):
+  arch, model, out_dir = exported
+  hf_model, _ = load(out_dir)
+  prompt, new_tokens = [72, 101, 108, 108, 111, 44, 32, 119, 111], 12
+  expected = jax_greedy(model, prompt, new_tokens)
+  steps = []
+  if arch != "llama":  # count the one-token recurrent updates generate makes
+    module = sys.modules[type(hf_model).__module__]
+    step = module.linear_attention_step
+    monkeypatch.setattr(module, "linear_attention_step", lambda *args: steps.append(1) or step(*args))
+  with torch.no_grad():
+    generated = hf_model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+                                  pad_token_id=256)
+  assert until_eos(generated[0, len(prompt):].tolist()) == until_eos(expected)
+  if arch != "llama" and 256 not in expected:
+    assert len(steps) == (new_tokens - 1) * 2  # every token after the first, in each of the 2 layers
+  # Left padding: the shorter prompt of a batch continues exactly as when alone.
+  short = prompt[3:]
+  batch = torch.tensor([prompt, [256] * 3 + short])
+  mask = torch.tensor([[1] * len(prompt), [0] * 3 + [1] * len(short)])
+  with torch.no_grad():
+    padded = hf_model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=256)
+  assert until_eos(padded[0, len(prompt):].tolist()) == until_eos(expected[:6])
+  assert until_eos(padded[1, len(prompt):].tolist()) == until_eos(jax_greedy(model, short, 6))
+
+
+def test_export_writes_tokenizer_generation_config_and_model_card(exported):
+  arch, _, out_dir = exported
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out_dir)
+  assert tokenizer(TEXT)["input_ids"] == tokenizer_lib.ByteTokenizer().encode(TEXT)
+  assert tokenizer.decode(tokenizer(TEXT)["input_ids"]) == TEXT
+  assert tokenizer.eos_token_id == 256 and len(tokenizer) == 264
+  generation = transformers.GenerationConfig.from_pretrained(out_dir)
+  assert generation.eos_token_id == 256 and generation.do_sample is False
+  card = open(f"{out_dir}/README.md").read()
+  parameters = sum(value.size for value in safetensors.numpy.load_file(f"{out_dir}/model.safetensors").values())
+  assert f"| Parameters | {parameters:,} |" in card and "| Tokens seen | 768 |" in card
+  assert "| Validation loss | 5.25 |" in card  # the last one logged at or before the milestone (step 6)
+  assert arch in card and "arXiv 2406.16690" in card
+
+
+def test_cl100k_tokenizer_file_encodes_like_lsm_jax(tmp_path):
+  special = hf_tokenizer.write_tokenizer_files("cl100k", str(tmp_path), model_max_length=2048)
+  assert special == {"eos_token": "<|endoftext|>", "eos_token_id": 100257}
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  ours = tokenizer_lib.get_tokenizer("cl100k")
+  texts = [TEXT, "The quick brown fox's 1234567 jumps.\r\n\n   indented\n", "x" * 300 + " y", "  trailing  "]
+  for text in texts:
+    assert tokenizer(text)["input_ids"] == ours.encode(text), text
+    assert tokenizer.decode(ours.encode(text)) == text
+  assert len(tokenizer) == tokenizer_lib.CL100K_VOCAB_SIZE and tokenizer.eos_token_id == 100257
+  assert tokenizer.convert_ids_to_tokens([100276, 100256]) == ["<|endofprompt|>", "<|reserved_special_token_100256|>"]
+
+
+def test_missing_weights_are_refused(exported, tmp_path):
+  arch, model, out_dir = exported
+  if arch != "tnl":
+    pytest.skip("one architecture suffices")
+  params = nnx.state(model, nnx.Param).to_pure_dict()
+  check = hf.verify_export(out_dir, params, dataclasses.asdict(model.config))
+  assert check["verified"] and check["max_abs_logit_difference"] < 1e-4
+  import shutil
+  damaged = tmp_path / "damaged"
+  shutil.copytree(out_dir, damaged)
+  weights = safetensors.numpy.load_file(str(damaged / "model.safetensors"))
+  del weights["layers.1.token_mixer.o_proj.weight"]
+  safetensors.numpy.save_file(weights, str(damaged / "model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(hf.ExportVerificationError, match=r"missing_keys.*layers\.1\.token_mixer\.o_proj\.weight"):
+    hf.verify_export(str(damaged), params, dataclasses.asdict(model.config))
+
+
+def tiny_hf_llama(tmp_path, **overrides):
+  shape = dict(vocab_size=264, hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=2, head_dim=128, rms_norm_eps=1e-5, tie_word_embeddings=True,
+               max_position_embeddings=128, rope_theta=5000.0)
+  config = transformers.LlamaConfig(**{**shape, **overrides})
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(config).eval()
+  with torch.no_grad():
+    for name, parameter in model.named_parameters():  # norm gains away from 1, weights large enough to matter
+      parameter.copy_(1.0 + 0.3 * torch.randn_like(parameter) if "norm" in name else 0.1 * torch.randn_like(parameter))
+  model.save_pretrained(str(tmp_path / "hf_llama"))
+  return model, tmp_path / "hf_llama"
+
+
+def test_imported_llama_gives_transformers_logits_and_exports_back(tmp_path):
+  from lsm_jax.evaluate import engine
+  hf_model, hf_dir = tiny_hf_llama(tmp_path)
+  export_cli.main(["import", f"--hf_dir={hf_dir}", f"--run_dir={tmp_path / 'run'}", "--tokenizer=bytes"])
+  model, _, run_metadata, _ = engine.load_model(str(tmp_path / "run"), dtype="float32")
+  assert run_metadata["model_config"]["rope_theta"] == 5000.0 and run_metadata["model_config"]["norm_eps"] == 1e-5
+  tokens = np.random.default_rng(1).integers(0, 264, size=(2, 40))
+  with torch.no_grad():
+    expected = hf_model(torch.from_numpy(tokens)).logits.numpy()
+  actual = np.asarray(model(jnp.asarray(tokens, jnp.int32)))
+  np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=0)
+  # lsm_jax -> transformers gives back the very tensors it read.
+  hf.export_hf(str(tmp_path / "run"), str(tmp_path / "back"), verify=False)
+  original = safetensors.numpy.load_file(str(hf_dir / "model.safetensors"))
+  back = safetensors.numpy.load_file(str(tmp_path / "back" / "model.safetensors"))
+  assert sorted(back) == sorted(original)
+  for name in original:
+    np.testing.assert_array_equal(back[name], original[name], err_msg=name)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"num_key_value_heads": 1}, "num_key_value_heads=1 != num_attention_heads=2"),
+    ({"tie_word_embeddings": False}, "untied output head"),
+    ({"attention_bias": True}, "biases"),
+    ({"vocab_size": 200}, "tokenizer has 264 ids but the model's vocab_size is 200"),
+])
+def test_llama_import_refuses_what_lsm_jax_cannot_represent(tmp_path, overrides, message):
+  _, hf_dir = tiny_hf_llama(tmp_path, **overrides)
+  with pytest.raises(ValueError, match=message):
+    hf.import_llama(str(hf_dir), str(tmp_path / "run"), tokenizer="bytes")
+  assert not (tmp_path / "run").exists()
+
+
+def test_lm_eval_hf_model_runs_a_local_task_on_an_export(exported, tmp_path):
+  arch, _, out_dir = exported
+  if arch != "hgrn2":
+    pytest.skip("one architecture with remote code suffices")
+  lm_eval = pytest.importorskip("lm_eval")
+  pytest.importorskip("accelerate")  # lm-eval's hf model imports it
+  from lm_eval.tasks import TaskManager
+  docs = [{"question": "Is fire hot or cold?", "choices": ["hot", "cold"], "label": 0},
+          {"question": "Two plus two is", "choices": ["three", "four", "five"], "label": 1},
+          {"question": "Ice is", "choices": ["warm", "frozen"], "label": 1}]
+  (tmp_path / "docs.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+  (tmp_path / "toy_choice.yaml").write_text(
+      "task: toy_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+      f"    test: {tmp_path / 'docs.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+      "doc_to_text: \"Question: {{question}}\\nAnswer:\"\ndoc_to_target: label\ndoc_to_choice: \"{{choices}}\"\n"
+      "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+  results = lm_eval.simple_evaluate(
+      model="hf", model_args=f"pretrained={out_dir},trust_remote_code=True,dtype=float32,device=cpu",
+      tasks=["toy_choice"], task_manager=TaskManager(include_path=str(tmp_path)), batch_size=1, log_samples=True)
+  # The same scores computed directly with the exported model: sum of log-probabilities of each answer's bytes.
+  hf_model, _ = load(out_dir)
+  scores, correct = {}, []
+  for doc in docs:
+    context = list(f"Question: {doc['question']}\nAnswer:".encode())
+    doc_scores = []
+    for choice in doc["choices"]:
+      answer = list(f" {choice}".encode())
+      with torch.no_grad():
+        logits = hf_model(torch.tensor([context + answer])).logits[0].log_softmax(-1)
+      doc_scores.append(sum(float(logits[len(context) - 1 + i, token]) for i, token in enumerate(answer)))
+    scores[doc["question"]] = doc_scores
+    correct.append(float(np.argmax(doc_scores) == doc["label"]))
+  for sample in results["samples"]["toy_choice"]:
+    lm_eval_scores = [loglikelihood for loglikelihood, _ in sample["filtered_resps"]]
+    np.testing.assert_allclose(lm_eval_scores, scores[sample["doc"]["question"]], atol=1e-4)
+  assert results["results"]["toy_choice"]["acc,none"] == pytest.approx(np.mean(correct))
