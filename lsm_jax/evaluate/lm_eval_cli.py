@@ -1,7 +1,8 @@
 """`lm_eval` with the lsm_jax model and local tasks: `python -m lsm_jax.evaluate.lm_eval_cli [lm_eval args]`.
 
-lm-evaluation-harness 0.4.x resolves `--model` names only from its in-process registry (no plugin entry
-point), so the stock `lm_eval` script cannot see `lsm_jax`. This wrapper imports the adapter (which registers
+lm-evaluation-harness 0.4.13 resolves `--model` names only from its in-process registry and reads no plugin
+entry points, so the stock `lm_eval` script cannot see `lsm_jax` (the package's `lm_eval.models` entry point
+is for versions that do). This wrapper, installed as `lsm-jax-lm-eval`, imports the adapter (which registers
 it), appends lsm_jax's task directory (lsm_jax/evaluate/tasks) to `--include_path`, and hands over to
 lm-eval's own command line, so every lm_eval argument works unchanged:
 

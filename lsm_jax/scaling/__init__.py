@@ -14,6 +14,8 @@ Python API::
   scaling.plot_downstream(scaling.load_eval_table("eval.csv"), "plots/")   # Figure-2-style, per task/metric
   scaling.predict("hgrn2", 100.0)                # from the paper's Table 3; fit=fits or a fit JSON path
   fits["tnl"].chinchilla.optimal_allocation(100.0)   # (N_opt, D_opt, L) implied by the L(N, D) surface
+  fits["tnl"].problems()                         # {law: reasons} of degenerate parts; the report marks them †
+                                                 # and leaves them out of its predictions, predict() refuses them
 
 Training run directories (``run_metadata.json`` + ``metrics.jsonl``) become curves with
 ``scaling.curves_from_run_dirs([...])`` (Table 1 N and C recomputed from the shapes via ``lsm_jax.flops``).
