@@ -169,6 +169,9 @@ def test_grid_kinds_are_not_mixed():
     study.grid_runs("/unused", study.StudyGrid(experiments={"x": "gin/ablations/aspect/nope.gin"}))
   with pytest.raises(ValueError, match="needs either experiments"):
     study.grid_runs("/unused", study.StudyGrid())
+  grid = _grid("gin/study/ablations_context.gin", data_dirs={2048: "/c2k", 8192: "/c8k"})
+  with pytest.raises(ValueError, match=r"no dataset for run 'llama_16k'.s context 16384; it has \[2048, 8192\]"):
+    study.grid_runs("/unused", grid)
 
 
 def test_tables_group_runs_by_coordinates_and_keep_each_tasks_last_value():

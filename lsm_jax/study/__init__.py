@@ -105,7 +105,7 @@ class StudyGrid:
 
 @dataclasses.dataclass(frozen=True)
 class StudyRun:
-  """One run of a grid: its name (`<arch>_<size>`), directory, gin files and bindings."""
+  """One run of a grid: its name (`<arch>_<size>`, or an ablation grid's key), directory, gin files and bindings."""
   name: str
   arch: str
   size: str
@@ -136,7 +136,10 @@ def experiment_runs(out_dir: str, grid: StudyGrid) -> list[StudyRun]:
       raise ValueError(f"study.StudyGrid.experiments[{name!r}] names gin file(s) that do not exist: {missing or files}")
     run = summary.experiment(gin_files, grid.run_bindings)
     bindings = [f"trainer.train.run_name = {name!r}"]
-    if run["seq_len"] in data_dirs:
+    if data_dirs:
+      if run["seq_len"] not in data_dirs:
+        raise ValueError(f"study.StudyGrid.data_dirs has no dataset for run {name!r}'s context {run['seq_len']}; "
+                         f"it has {sorted(data_dirs)}")
       bindings.append(f"DATA_DIR = {data_dirs[run['seq_len']]!r}")
     runs.append(StudyRun(name, run["config"].arch, run["config"].size, os.path.join(out_dir, "runs", name),
                          gin_files, (*bindings, *grid.run_bindings)))  # command-line bindings win
@@ -170,10 +173,10 @@ def grid_runs(out_dir: str, grid: StudyGrid) -> list[StudyRun]:
 def _run_identity(run: StudyRun, grid: StudyGrid) -> dict:
   """What a finished run's result must match to be reused: its gin files, bindings and evaluation (as JSON
   holds them, so a result read back compares equal)."""
-  return json.loads(json.dumps({"gin_files": list(run.gin_files), "bindings": list(run.bindings),
-                                "eval_tasks": list(grid.eval_tasks),
-          "final_eval_tasks": list(grid.final_eval_tasks), "val_max_batches": grid.val_max_batches,
-          "niah_overrides": dict(grid.niah_overrides)}))
+  identity = {"gin_files": list(run.gin_files), "bindings": list(run.bindings), "eval_tasks": list(grid.eval_tasks),
+              "final_eval_tasks": list(grid.final_eval_tasks), "val_max_batches": grid.val_max_batches,
+              "niah_overrides": dict(grid.niah_overrides)}
+  return json.loads(json.dumps(identity))
 
 
 def read_run_result(run: StudyRun, grid: StudyGrid) -> dict | None:
@@ -528,7 +531,8 @@ def write_report(out_dir, *, fits, figures, scaling_report, results, skipped, fa
   lines += ["", "## Raw tables", "", "- `curves.csv`: training loss per logged step (arch, size, "
             "non_embedding_params, tokens, compute_pflops_days, loss)",
             "- `eval.csv`: every milestone's evaluation (run, arch, size, d_model, num_layers, seq_len, ablation, "
-            "step, tokens, compute_pflops_days, task, metric, value)", "- `fits.json`: the fitted coefficients with bootstrap intervals",
+            "step, tokens, compute_pflops_days, task, metric, value)",
+            "- `fits.json`: the fitted coefficients with bootstrap intervals",
             "- `runs/<run>/log.txt` (worker processes) and `runs/<run>/study_run.json`: each run's log and timings",
             ""]
   path = os.path.join(out_dir, "report.md")
