@@ -483,7 +483,7 @@ def write_ablation_report(out_dir, grid, *, runs, finished, results, skipped, fa
   lines = ["# Ablation study", "", *_provenance(results, skipped, device, wall_s),
            f"- milestone checkpoints: {saved:,} saved by the {len(finished)} finished run(s), {planned:,} planned by "
            f"the grid's {len(runs)} run(s); the paper's study saved {ablation_tables.PAPER_MILESTONES:,} over its "
-           "24 main runs and its ablations (arXiv 2406.16690 §3)", ""]
+           "24 main runs and its ablations (arXiv 2406.16690)", ""]
   if grid.description:
     lines += [grid.description, ""]
   if failures:

@@ -27,7 +27,7 @@ import os
 
 from lsm_jax.evaluate import scorers
 
-PAPER_MILESTONES = 1376  # intermediate checkpoints of the whole study, main grid and ablations (§3)
+PAPER_MILESTONES = 1376  # intermediate checkpoints of the whole study, main grid and ablations (arXiv 2406.16690)
 ARCH_ORDER = ("llama", "tnl", "hgrn2", "cosformer2")
 DISPLAY_NAMES = {"llama": "LLaMA", "tnl": "TNL", "hgrn2": "HGRN2", "cosformer2": "cos2"}
 _CSR_LABELS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HS", "winogrande": "WG", "arc_easy": "ARC-E",
