@@ -215,6 +215,7 @@ def main(argv: Sequence[str]) -> None:
     if message is None or verbose:
       traceback.print_exc()
     if message is not None:
+      message = message.split("\n  In call to configurable")[0]  # gin's note on where the call came from
       kind = "user error" if code == errors.EXIT_USER_ERROR else "error"
       print(f"{kind}: {message}", file=sys.stderr, flush=True)
     sys.exit(code)

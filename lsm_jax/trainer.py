@@ -379,7 +379,10 @@ def _non_finite_error(model_dir: str, completed: int, scalars: dict, restored_st
   if restored_step is not None and checkpointer is not None and not checkpointer.saved_resume_steps:
     return _NonFiniteAfterRestore(f"{what}, {completed - restored_step} step(s) after restoring resume checkpoint "
                                   f"{restored_step}", restored_step)
-  good = [step for step in checkpoint_lib.resume_checkpoint_steps(model_dir) if step < completed]
+  # Saves still in flight count: closing the checkpointer on the way out commits them.
+  saved = set(checkpoint_lib.resume_checkpoint_steps(model_dir)) | set(checkpointer.saved_resume_steps if checkpointer
+                                                                       else ())
+  good = sorted(step for step in saved if step < completed)
   last_good = (f"resume checkpoint {good[-1]} ({os.path.join(model_dir, 'checkpoints', 'resume', str(good[-1]))}),"
                f" which a rerun resumes from" if good else "none: no resume checkpoint was saved before it")
   return errors.NonFiniteLossError(

@@ -232,3 +232,45 @@ def test_tpu_run_script_relaunches_on_preemption_and_failure_but_not_on_user_err
   assert all("set -o pipefail;" in line for line in launches)  # the trainer's code, not tee's
   if expected_code == 2:
     assert "user error (exit code 2" in result.stderr
+
+
+# --- non-finite loss ------------------------------------------------------------------------------------------
+
+class _SavedSteps:
+  def __init__(self, steps):
+    self.saved_resume_steps = steps
+
+
+def test_non_finite_loss_names_the_step_the_last_good_checkpoint_and_what_to_try(tmp_path):
+  for step in (4, 8, 12):
+    (tmp_path / "checkpoints" / "resume" / str(step)).mkdir(parents=True)
+  error = trainer._non_finite_error(str(tmp_path), 12, {"loss": float("nan"), "grad_norm": 1.0}, None, None)
+  assert type(error) is errors.NonFiniteLossError
+  assert str(error).startswith(f"the loss became nan at step 12; stopping. The last good checkpoint is resume "
+                               f"checkpoint 8 ({tmp_path}/checkpoints/resume/8), which a rerun resumes from. Try a "
+                               f"lower optim.OptimizerConfig.learning_rate")
+  error = trainer._non_finite_error(str(tmp_path), 3, {"loss": 2.5, "grad_norm": float("inf")}, None, None)
+  assert str(error).startswith("the gradient norm became inf at step 3; stopping. The last good checkpoint is none")
+  # Right after restoring checkpoint 8 (nothing saved since): the roll-back signal, naming the checkpoint.
+  error = trainer._non_finite_error(str(tmp_path), 10, {"loss": float("nan"), "grad_norm": 1.0}, 8, _SavedSteps([]))
+  assert isinstance(error, trainer._NonFiniteAfterRestore) and error.restored_step == 8
+  assert str(error) == "the loss became nan at step 10, 2 step(s) after restoring resume checkpoint 8"
+  # A save still in flight (not yet committed on disk) counts: closing the checkpointer commits it.
+  error = trainer._non_finite_error(str(tmp_path), 15, {"loss": float("nan"), "grad_norm": 1.0}, 8, _SavedSteps([14]))
+  assert type(error) is errors.NonFiniteLossError and "last good checkpoint is resume checkpoint 14" in str(error)
+
+
+@pytest.mark.slow  # one CLI training process: about 30 s of CPU time
+def test_diverging_run_stops_with_exit_code_1_and_one_message(tmp_path):
+  model_dir = tmp_path / "run"
+  # A learning rate of 1e38 overflows the parameters within a step or two.
+  process = cli(f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=20",
+                "--gin.trainer.train.checkpoint_every_steps=1", "--gin.optim.OptimizerConfig.learning_rate=1e38",
+                "--gin.optim.OptimizerConfig.warmup_steps=0", *TINY)
+  _, stderr = process.communicate(timeout=400)
+  assert process.returncode == errors.EXIT_FAILED == 1, stderr[-3000:]
+  match = re.search(r"error: the (loss|gradient norm) became (nan|inf) at step (\d+); stopping\. The last good "
+                    r"checkpoint is resume checkpoint (\d+) ", stderr)
+  assert match and int(match.group(4)) == int(match.group(3)) - 1, stderr[-3000:]
+  assert "Traceback" not in stderr and "In call to configurable" not in stderr
+  assert checkpoint.resume_checkpoint_steps(model_dir)[-1] == int(match.group(4))  # nothing non-finite was saved
