@@ -13,6 +13,7 @@ import safetensors.numpy
 from flax import nnx
 
 from lsm_jax import checkpoint
+from lsm_jax.export import __main__ as export_cli
 from lsm_jax.export import hf
 from lsm_jax.models import build_model, get_config
 
@@ -98,7 +99,7 @@ def hf_names(arch, tensors):
 def test_export_matches_every_parameter(tmp_path, arch):
   config, params = tiny_params(arch, scan_layers=True)
   save_milestone(tmp_path / "run", config, params)
-  hf.export_hf(str(tmp_path / "run"), str(tmp_path / "out"), verify=False)
+  export_cli.main([f"--checkpoint={tmp_path / 'run'}", f"--out={tmp_path / 'out'}", "--noverify"])
 
   loaded = safetensors.numpy.load_file(str(tmp_path / "out" / "model.safetensors"))
   expected = hf_names(arch, expected_tensors(arch, params))
