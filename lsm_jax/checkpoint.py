@@ -307,6 +307,10 @@ class CorruptCheckpointError(errors.LsmJaxError, ValueError):
   """A checkpoint's files differ from its manifest (bit rot, a truncated copy, a damaged disk)."""
 
 
+class UnrestorableCheckpointsError(errors.UserError, RuntimeError):
+  """Resume checkpoints exist but none restores: a relaunch would fail the same way, so nothing restarts."""
+
+
 # --- integrity manifests ----------------------------------------------------------------------------------------
 
 _READ_CHUNK_BYTES = 16 << 20
@@ -838,9 +842,9 @@ class Checkpointer:
       return restored[_STATE_ITEM], step
     if skipped:
       details = "; ".join(f"{step_dir}: {problem}" for _, step_dir, problem in skipped)
-      raise RuntimeError(f"none of the resume checkpoints under {self._resume.directory} could be restored "
-                         f"({details}). Check that the model and optimizer match the run, or move these "
-                         f"directories away to start from scratch.")
+      raise UnrestorableCheckpointsError(
+          f"none of the resume checkpoints under {self._resume.directory} could be restored ({details}). Check that "
+          f"the model and optimizer match the run, or move these directories away to start from scratch.")
     return None
 
   def resume_steps(self) -> list[int]:

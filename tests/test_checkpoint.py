@@ -240,7 +240,7 @@ def test_all_checkpoints_unrestorable_raises_instead_of_restarting(tmp_path):
   checkpointer = make_checkpointer(tmp_path)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    with pytest.raises(RuntimeError, match="none of the resume checkpoints"):
+    with pytest.raises(checkpoint.UnrestorableCheckpointsError, match="none of the resume checkpoints"):
       checkpointer.restore_latest(abstract_of(state, lambda s: jax.sharding.SingleDeviceSharding(jax.devices()[0])))
   checkpointer.close()
   assert os.path.isdir(tmp_path / "checkpoints" / "resume" / "5")  # nothing moved when nothing restored
