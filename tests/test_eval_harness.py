@@ -283,6 +283,9 @@ def test_scoring_shows_a_progress_bar_with_the_request_count(adapter, capsys):
   assert "lsm_jax loglikelihood: 100%" in progress and "5/5" in progress
   adapter.loglikelihood(requests, disable_tqdm=True)
   assert capsys.readouterr().err == ""
+  # lm-eval's evaluator passes no disable_tqdm: the sweep's --no_progress reaches the adapter as progress=False.
+  harness.LsmJaxLM.from_engine(adapter.engine, progress=False).loglikelihood(requests)
+  assert capsys.readouterr().err == ""
 
 
 def test_the_model_is_declared_for_lm_evals_plugin_discovery():

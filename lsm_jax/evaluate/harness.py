@@ -39,7 +39,7 @@ class LsmJaxLM(LM):
   def __init__(self, checkpoint: str | None = None, step=None, batch_size=DEFAULT_BATCH_SIZE,
                max_gen_toks=DEFAULT_MAX_GEN_TOKS, max_length=None, dtype: str | None = None,
                compute_dtype: str | None = None, engine: engine_lib.InferenceEngine | None = None,
-               device=None, max_batch_size=None):
+               device=None, max_batch_size=None, progress: bool = True):
     # device / max_batch_size: lm-eval's CLI always passes them; JAX places arrays itself.
     del device, max_batch_size
     super().__init__()
@@ -54,6 +54,8 @@ class LsmJaxLM(LM):
           model, tokenizer, max_length=_as_int("max_length", max_length, run_metadata["seq_len"]),
           batch_size=_as_int("batch_size", batch_size, DEFAULT_BATCH_SIZE))
     self.engine = engine
+    # lm-eval calls the request methods without disable_tqdm; this switches their progress bars off instead.
+    self.progress = progress
 
   @classmethod
   def from_engine(cls, engine: engine_lib.InferenceEngine, **kwargs) -> "LsmJaxLM":
@@ -89,7 +91,7 @@ class LsmJaxLM(LM):
 
   def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
     pairs = [self._encode_pair(*request.args) for request in requests]
-    with _progress_bar(len(pairs), "loglikelihood", disable_tqdm) as bar:
+    with _progress_bar(len(pairs), "loglikelihood", disable_tqdm or not self.progress) as bar:
       results = self.engine.loglikelihoods(pairs, progress=bar.update)
     for request, result in zip(requests, results):
       self.cache_hook.add_partial("loglikelihood", request.args, result)
@@ -108,7 +110,7 @@ class LsmJaxLM(LM):
         windows.append(window)
         owners.append(index)
     totals = [0.0] * len(requests)
-    with _progress_bar(len(windows), "loglikelihood_rolling windows", disable_tqdm) as bar:
+    with _progress_bar(len(windows), "loglikelihood_rolling windows", disable_tqdm or not self.progress) as bar:
       scores = self.engine.loglikelihoods(windows, progress=bar.update)
     for owner, (log_likelihood, _) in zip(owners, scores):
       totals[owner] += log_likelihood
@@ -129,7 +131,7 @@ class LsmJaxLM(LM):
         raise ValueError("lsm_jax decodes greedily only; remove do_sample/temperature from the task's gen_kwargs")
       groups.setdefault((tuple(until), max_new_tokens), []).append(index)
     results: list[str | None] = [None] * len(requests)
-    with _progress_bar(len(requests), "generate_until", disable_tqdm) as bar:
+    with _progress_bar(len(requests), "generate_until", disable_tqdm or not self.progress) as bar:
       for (until, max_new_tokens), indices in groups.items():
         prompts = [self.tokenizer.encode(requests[i].args[0]) for i in indices]
         for index, text in zip(indices, self.engine.generate(prompts, max_new_tokens, until, progress=bar.update)):

@@ -140,7 +140,8 @@ def validation_loss(engine, run_metadata: dict, *, max_batches: int | None = Non
   return {"loss": loss, "perplexity": math.exp(loss)}
 
 
-def _lm_eval_results(engine, task_names: list[str], *, limit: int | None, eval_data_dir: str | None) -> dict:
+def _lm_eval_results(engine, task_names: list[str], *, limit: int | None, eval_data_dir: str | None,
+                     progress: bool = True) -> dict:
   import lm_eval
   from lm_eval.tasks import TaskManager
 
@@ -148,14 +149,14 @@ def _lm_eval_results(engine, task_names: list[str], *, limit: int | None, eval_d
 
   metadata = {"data_dir": eval_data_dir} if eval_data_dir else None
   task_manager = TaskManager(include_path=lm_eval_cli.TASKS_DIR, include_defaults=False, metadata=metadata)
-  output = lm_eval.simple_evaluate(model=harness.LsmJaxLM.from_engine(engine), tasks=task_names,
+  output = lm_eval.simple_evaluate(model=harness.LsmJaxLM.from_engine(engine, progress=progress), tasks=task_names,
                                    task_manager=task_manager, limit=limit, log_samples=False,
                                    bootstrap_iters=0)
   return output["results"]
 
 
-def lm_eval_any_task_scores(engine, task: str, *, task_manager, limit: int | None = None
-                            ) -> list[tuple[str, str, float]]:
+def lm_eval_any_task_scores(engine, task: str, *, task_manager, limit: int | None = None,
+                            progress: bool = True) -> list[tuple[str, str, float]]:
   """(task, metric, value) rows of any lm-eval task, group or tag: every numeric metric lm-eval reports for it
   and its subtasks, as lm-eval reports it (fractions, not percentages). A metric under a filter other than
   "none" is named metric:filter; standard errors are left out."""
@@ -163,7 +164,7 @@ def lm_eval_any_task_scores(engine, task: str, *, task_manager, limit: int | Non
 
   from lsm_jax.evaluate import harness
 
-  output = lm_eval.simple_evaluate(model=harness.LsmJaxLM.from_engine(engine), tasks=[task],
+  output = lm_eval.simple_evaluate(model=harness.LsmJaxLM.from_engine(engine, progress=progress), tasks=[task],
                                    task_manager=task_manager, limit=limit, log_samples=False, bootstrap_iters=0)
   rows = []
   for name, results in output["results"].items():
@@ -182,18 +183,21 @@ def _metric(results: dict, task_name: str, metric: str) -> float:
   return float(results[task_name][f"{metric},none"])
 
 
-def lm_eval_task_scores(engine, task: str, *, limit: int | None = None,
-                        eval_data_dir: str | None = None) -> list[tuple[str, str, float]]:
+def lm_eval_task_scores(engine, task: str, *, limit: int | None = None, eval_data_dir: str | None = None,
+                        progress: bool = True) -> list[tuple[str, str, float]]:
   """(task, metric, value) rows of one LM_EVAL_TASKS entry."""
+  def lm_eval_results(task_names):
+    return _lm_eval_results(engine, task_names, limit=limit, eval_data_dir=eval_data_dir, progress=progress)
+
   if task == "wikitext":
-    results = _lm_eval_results(engine, ["lsm_wikitext"], limit=limit, eval_data_dir=eval_data_dir)
+    results = lm_eval_results(["lsm_wikitext"])
     return [("wikitext", "word_perplexity", _metric(results, "lsm_wikitext", "word_perplexity"))]
   if task == "lambada":
-    results = _lm_eval_results(engine, ["lsm_lambada"], limit=limit, eval_data_dir=eval_data_dir)
+    results = lm_eval_results(["lsm_lambada"])
     return [("lambada", "perplexity", _metric(results, "lsm_lambada", "perplexity")),
             ("lambada", "acc", 100.0 * _metric(results, "lsm_lambada", "acc"))]
   if task == "csr":
-    results = _lm_eval_results(engine, list(_CSR_LM_EVAL_NAMES.values()), limit=limit, eval_data_dir=eval_data_dir)
+    results = lm_eval_results(list(_CSR_LM_EVAL_NAMES.values()))
     scores = {name: 100.0 * _metric(results, _CSR_LM_EVAL_NAMES[name], metric)
               for name, metric in scorers.CSR_METRICS.items()}
     return ([(name, scorers.CSR_METRICS[name], value) for name, value in scores.items()]
@@ -203,7 +207,7 @@ def lm_eval_task_scores(engine, task: str, *, limit: int | None = None,
     for name, metrics in scorers.SCROLLS_METRICS.items():
       # One lm-eval call per task: a failing task (e.g. missing data) is left out, as the paper does.
       try:
-        results = _lm_eval_results(engine, [_SCROLLS_LM_EVAL_NAMES[name]], limit=limit, eval_data_dir=eval_data_dir)
+        results = lm_eval_results([_SCROLLS_LM_EVAL_NAMES[name]])
       except (FileNotFoundError, ValueError) as error:
         print(f"SCROLLS task {name} failed and is left out of the average: {error}")
         continue
@@ -289,9 +293,10 @@ def evaluate_run(run_dir: str, tasks: str | Sequence[str], output: str | None = 
         scores = [("val_loss", metric, value)
                   for metric, value in validation_loss(engine, run_metadata, max_batches=val_max_batches).items()]
       elif task in LM_EVAL_TASKS:
-        scores = lm_eval_task_scores(engine, task, limit=lm_eval_limit, eval_data_dir=eval_data_dir)
+        scores = lm_eval_task_scores(engine, task, limit=lm_eval_limit, eval_data_dir=eval_data_dir,
+                                     progress=progress)
       elif task not in TASKS:
-        scores = lm_eval_any_task_scores(engine, task, limit=lm_eval_limit,
+        scores = lm_eval_any_task_scores(engine, task, limit=lm_eval_limit, progress=progress,
                                          task_manager=lm_eval_task_manager(include_path, eval_data_dir))
       else:
         if haystack_text is None:
