@@ -1,7 +1,9 @@
 """End-to-end `python -m lsm_jax.scaling` (fit, plot, predict) and refusal of degenerate input."""
 import csv
+import dataclasses
 import json
 import math
+import pathlib
 import subprocess
 import sys
 
@@ -180,6 +182,23 @@ def test_predict_refuses_unknown_arch_and_bad_compute(tmp_path, capsys):
   bad_fit.write_text('{"tnl": {}}')
   code, _, err = run_cli(capsys, "predict", "--arch=tnl", "--compute=1", f"--fit={bad_fit}")
   assert code == 2 and "fit file must be a JSON object" in err
+
+
+def test_fit_lists_degenerate_fits_and_predict_refuses_one(tmp_path, capsys):
+  # The committed mini study's curves: cosFormer2's L(N, D) fit degenerates (α ≈ 19, A ≈ 6e112, E = 0).
+  curves_path = pathlib.Path(__file__).parent.parent / "benchmarks/results/mini_study/curves.csv"
+  code, out, _ = run_cli(capsys, "fit", f"--curves={curves_path}", "--bootstrap=0", "--num_points=200")
+  assert code == 0
+  problems = out.split("Degenerate fits (marked †; left out of every prediction in this report):")[1]
+  assert "- cosFormer2 L(N, D): E = 0 is at its bound 0" in problems and "α = 19 is outside (0, 2)" in problems
+  assert "| cosFormer2 † |" in out and "HGRN2 L(N, D)" not in problems
+  fits = scaling.fit_all(curve_rows(("tnl",), points=6), num_bootstrap=0, chinchilla=False)
+  fits["tnl"] = dataclasses.replace(fits["tnl"], d_opt=scaling.PowerLaw(1e9, 1.3))
+  fit_path = tmp_path / "fit.json"
+  fit_path.write_text(json.dumps(scaling.fits_to_json(fits)))
+  code, out, err = run_cli(capsys, "predict", "--arch=tnl", "--compute=1", f"--fit={fit_path}")
+  assert code == 2 and out == ""
+  assert err.strip() == "error: the tnl fit is degenerate and predicts nothing: d_opt: exponent = 1.3 is outside (0, 1)"
 
 
 def write_run_dir(run_dir, size, layers, d_model, heads, steps):
