@@ -209,13 +209,15 @@ def write_layouts(directory):
   with gzip.open(directory / "docs.jsonl.gz", "wt") as f:
     f.write(lines)
   (directory / "docs.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+  with gzip.open(directory / "docs.txt.gz", "wt") as f:  # text files ignore --text_field
+    f.write(f"{build_lib.TXT_DOCUMENT_SEPARATOR}\n".join(LAYOUT_DOCUMENTS))
   pq.write_table(pa.table({"id": range(len(LAYOUT_DOCUMENTS)), "content": LAYOUT_DOCUMENTS}),
                  directory / "docs.parquet")
   dataset = datasets.Dataset.from_dict({"id": list(range(len(LAYOUT_DOCUMENTS))), "content": LAYOUT_DOCUMENTS})
   dataset.save_to_disk(str(directory / "hf_dataset"))
   datasets.DatasetDict({"train": dataset, "test": dataset.select(range(3))}).save_to_disk(str(directory / "hf_dict"))
-  return {name: str(directory / name) for name in ("plain.jsonl", "docs.jsonl.gz", "docs.jsonl.zst", "docs.parquet",
-                                                    "hf_dataset", "hf_dict")}
+  return {name: str(directory / name) for name in ("plain.jsonl", "docs.jsonl.gz", "docs.jsonl.zst", "docs.txt.gz",
+                                                    "docs.parquet", "hf_dataset", "hf_dict")}
 
 
 def records(data_dir, split):
@@ -258,6 +260,12 @@ def test_a_missing_text_field_is_named_with_the_fields_there_are(tmp_path):
     build(sources["docs.jsonl.gz"])
   with pytest.raises(ValueError, match=r"has no 'body' column; columns: \['id', 'content'\].*--text_field"):
     build(sources["hf_dataset"], text_field="body")
+  import datasets
+  datasets.DatasetDict({"test": datasets.Dataset.from_dict({"content": ["x"]})}).save_to_disk(
+      str(tmp_path / "test_only"))
+  with pytest.raises(ValueError, match=r"holds splits \['test'\] and no 'train' split; give one split's directory "
+                                       r"as --source, e.g. .*test_only/test"):
+    build(str(tmp_path / "test_only"), text_field="content")
   (tmp_path / "layouts" / "broken.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00 truncated")
   with pytest.raises(ValueError, match="cannot decompress .*broken.jsonl.gz"):
     build(str(tmp_path / "layouts" / "broken.jsonl.gz"), text_field="content")
