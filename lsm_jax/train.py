@@ -201,10 +201,11 @@ def _train(flag_values) -> dict:
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
+    raise app.UsageError(f"unexpected positional arguments: {argv[1:]}", exitcode=errors.EXIT_USER_ERROR)
   flag_values = flags.FLAGS
   if not flag_values.gin_file:
-    raise app.UsageError("give at least one --gin_file (e.g. --gin_file=gin/smoke/hgrn2.gin)")
+    raise app.UsageError("give at least one --gin_file (e.g. --gin_file=gin/smoke/hgrn2.gin)",
+                         exitcode=errors.EXIT_USER_ERROR)
   logging.get_absl_handler().addFilter(_DropLibraryInfo())
   verbose = flag_values.verbose or os.environ.get("LSM_JAX_VERBOSE", "0") not in ("", "0")
   try:
