@@ -3,6 +3,7 @@ every architecture's export, the exported tokenizers, a transformers LLaMA impor
 `hf` model on an export."""
 import dataclasses
 import json
+import shutil
 import sys
 
 import jax
@@ -157,14 +158,12 @@ def test_cl100k_tokenizer_file_encodes_like_lsm_jax(tmp_path):
   assert tokenizer.convert_ids_to_tokens([100276, 100256]) == ["<|endofprompt|>", "<|reserved_special_token_100256|>"]
 
 
+@pytest.mark.parametrize("exported", ["tnl"], indirect=True)
 def test_missing_weights_are_refused(exported, tmp_path):
-  arch, model, out_dir = exported
-  if arch != "tnl":
-    pytest.skip("one architecture suffices")
+  _, model, out_dir = exported
   params = nnx.state(model, nnx.Param).to_pure_dict()
   check = hf.verify_export(out_dir, params, dataclasses.asdict(model.config))
   assert check["verified"] and check["max_abs_logit_difference"] < 1e-4
-  import shutil
   damaged = tmp_path / "damaged"
   shutil.copytree(out_dir, damaged)
   weights = safetensors.numpy.load_file(str(damaged / "model.safetensors"))
@@ -221,10 +220,9 @@ def test_llama_import_refuses_what_lsm_jax_cannot_represent(tmp_path, overrides,
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("exported", ["hgrn2"], indirect=True)  # one architecture with remote code
 def test_lm_eval_hf_model_runs_a_local_task_on_an_export(exported, tmp_path):
-  arch, _, out_dir = exported
-  if arch != "hgrn2":
-    pytest.skip("one architecture with remote code suffices")
+  _, _, out_dir = exported
   lm_eval = pytest.importorskip("lm_eval")
   pytest.importorskip("accelerate")  # lm-eval's hf model imports it
   from lm_eval.tasks import TaskManager

@@ -69,11 +69,13 @@ def _fla_usable(*tensors: torch.Tensor) -> bool:
 
 
 def _fla_linear_attention(q, k, v, log_decay, initial_state):
-  """fla's chunk_gla on [B, T, H, D] inputs with scale 1 (our attention is unscaled)."""
+  """fla's chunk_gla on [B, T, H, D] inputs (q, k in v's dtype, log-decays and states fp32) with scale 1 (our
+  attention is unscaled). fla versions that still have `head_first` default it to True: it is set to False."""
   keywords = {"head_first": False} if "head_first" in inspect.signature(_fla_chunk_gla).parameters else {}
-  out, state = _fla_chunk_gla(q=q, k=k, v=v, g=log_decay, scale=1.0, initial_state=initial_state,
+  out, state = _fla_chunk_gla(q=q.to(v.dtype), k=k.to(v.dtype), v=v, g=log_decay.float(), scale=1.0,
+                              initial_state=None if initial_state is None else initial_state.float(),
                               output_final_state=True, **keywords)
-  return out, state.float()
+  return out.float(), state.float()
 
 
 def chunked_linear_attention(q, k, v, log_decay, initial_state=None, chunk_size: int = CHUNK_SIZE):
