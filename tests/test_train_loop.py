@@ -31,11 +31,11 @@ QUIET = ("trainer.train.sample_prompt = None", "trainer.train.enable_tensorboard
 GIB = 1 << 30
 
 
-def _train(model_dir, *bindings):
+def _train(model_dir, *bindings, **arguments):
   gin.clear_config()
   try:
     train.parse_gin([SMOKE], [f"MODEL_DIR = '{model_dir}'", ONE_DEVICE, *QUIET, *bindings])
-    return gin.get_configurable(trainer.train)()
+    return gin.get_configurable(trainer.train)(**arguments)
   finally:
     gin.clear_config()
 
@@ -173,6 +173,49 @@ def test_a_failed_save_names_the_checkpoint_and_the_cause_and_keeps_the_previous
     reader.close()
   assert step == 5
   np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+
+
+class _FileSizeLimitFrom:
+  """Wraps a BatchLoader: once batch `step` is read, files beyond 100 KB can no longer be written (EFBIG)."""
+
+  def __init__(self, batch_loader, step):
+    self._loader, self._step = batch_loader, step
+    self.tokenizer = batch_loader.tokenizer
+
+  def local_batch(self, step, *args):
+    if step == self._step:
+      resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return self._loader.local_batch(step, *args)
+
+
+# Orbax's failed background write leaves a callback for an event loop it has closed; Python reports it as ignored.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_save_failing_mid_run_stops_training_with_one_error_and_the_earlier_checkpoints_restore(tmp_path):
+  model_dir = str(tmp_path / "run")
+
+  def make_loader(data_dir, **kwargs):
+    return _FileSizeLimitFrom(loader.make_loader(data_dir, **kwargs), step=6)
+
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  try:
+    # Milestones 0, 1, 8, 12 and resume checkpoints every 4 steps, saved synchronously: batch 6 is read after
+    # the saves of step 4 finished, so the saves of step 8 are the first to fail.
+    with pytest.raises(checkpoint.CheckpointSaveError) as raised:
+      _train(model_dir, "TRAIN_STEPS = 12", "trainer.train.num_milestones = 4",
+             "trainer.train.checkpoint_every_steps = 4", "trainer.train.async_checkpointing = False",
+             make_loader=make_loader)
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, previous_handler)
+  assert re.search(rf"saving checkpoint {model_dir}/checkpoints/\w+/8 failed: File too large \(errno 27\)",
+                   str(raised.value))
+  assert _step_dirs(model_dir, "milestones") == [0, 1] and _step_dirs(model_dir, "resume") == [4]
+  # The run resumes from the intact step-4 checkpoint and finishes.
+  summary = _train(model_dir, "TRAIN_STEPS = 12", "trainer.train.num_milestones = 4",
+                   "trainer.train.checkpoint_every_steps = 4")
+  assert summary["step"] == 12 and _step_dirs(model_dir, "milestones") == [0, 1, 8, 12]
+  assert [r["step"] for r in metrics.read_metrics(model_dir)][-8:] == list(range(5, 13))
 
 
 # --- the loop: wall-clock throughput, prefetching, milestones on disk -----------------------------------------------
