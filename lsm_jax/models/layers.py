@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import linen, nnx
 
 from pallas_kernels.linear_attention import api as linear_attention_api
-from pallas_kernels.linear_attention import sequence_parallel
+from pallas_kernels.linear_attention import common, sequence_parallel
 
 
 def make_param(rngs: nnx.Rngs, shape, axis_names, *, std: float, dtype, init: str = "normal") -> nnx.Param:
@@ -105,16 +105,10 @@ class LowRankOutputGate(nnx.Module):
     return jax.nn.sigmoid(self.up(self.down(x, dtype), dtype))
 
 
-def segment_starts(segment_ids):
-  """[B,T] bool: true where a new document starts (never at t = 0)."""
-  starts = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return jnp.concatenate([jnp.zeros((segment_ids.shape[0], 1), bool), starts], axis=1)
-
-
 def positions_from_segments(segment_ids):
   """Positions that restart at 0 at every document start: t - (index where its document began)."""
   time = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None, :]
-  start_index = jax.lax.cummax(jnp.where(segment_starts(segment_ids), time, 0), axis=1)
+  start_index = jax.lax.cummax(jnp.where(common.segment_starts(segment_ids, *segment_ids.shape), time, 0), axis=1)
   return time - start_index
 
 

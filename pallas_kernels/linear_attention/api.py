@@ -61,7 +61,8 @@ def _impl(backend: str):
   return getattr(module, fn_name)
 
 
-def _check_inputs(q, k, v, log_decay, initial_state, segment_ids):
+def check_inputs(q, k, v, log_decay=None, initial_state=None, segment_ids=None):
+  """Raises a ValueError or TypeError naming the first argument of `linear_attention` with a bad shape or dtype."""
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError("linear_attention expects q, k, v of rank 4 [batch, time, heads, dim]; got shapes "
                      f"q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}.")
@@ -96,7 +97,7 @@ def _check_inputs(q, k, v, log_decay, initial_state, segment_ids):
 def linear_attention(q, k, v, log_decay=None, *, initial_state=None, segment_ids=None,
                      return_final_state=False, backend="auto", chunk_size=None):
   """Causal decay-scan linear attention. Returns o [B,T,H,Dv] (v.dtype), plus the final state if asked."""
-  _check_inputs(q, k, v, log_decay, initial_state, segment_ids)
+  check_inputs(q, k, v, log_decay, initial_state, segment_ids)
   resolved = resolve_backend(backend)
   if backend == "auto" and resolved == "pallas_gpu":
     from pallas_kernels.linear_attention import gpu

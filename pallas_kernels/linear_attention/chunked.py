@@ -18,16 +18,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.linear_attention import reference
+from pallas_kernels.linear_attention import common, reference
 
 DEFAULT_CHUNK_SIZE = 64
 SUB_CHUNK_SIZE = 16
 
 _einsum = functools.partial(jnp.einsum, precision=lax.Precision.HIGHEST)
-
-
-def _round_up(value, multiple):
-  return -(-value // multiple) * multiple
 
 
 def resolve_chunk_size(chunk_size, time, per_channel_decay):
@@ -40,12 +36,12 @@ def resolve_chunk_size(chunk_size, time, per_channel_decay):
     raise ValueError(f"chunk_size {chunk_size} with a per-key-channel log_decay must be <= {SUB_CHUNK_SIZE} or a "
                      f"multiple of {SUB_CHUNK_SIZE} (the sub-chunk size).")
   granule = SUB_CHUNK_SIZE if per_channel_decay and chunk_size > SUB_CHUNK_SIZE else 1
-  return min(chunk_size, _round_up(time, granule))
+  return min(chunk_size, common.round_up(time, granule))
 
 
 def _document_index(segment_ids, batch, time):
   """[B,T] int32 counting resets so far: equal values <=> same contiguous document (ids may repeat)."""
-  return jnp.cumsum(reference.segment_starts(segment_ids, batch, time).astype(jnp.int32), axis=1)
+  return jnp.cumsum(common.segment_starts(segment_ids, batch, time).astype(jnp.int32), axis=1)
 
 
 def _vector_decay_scores(q, k, b):
@@ -116,7 +112,7 @@ def linear_attention_chunked(q, k, v, log_decay, initial_state, segment_ids, chu
   dim_v = v.shape[-1]
   decay_mode = "none" if log_decay is None else ("scalar" if log_decay.ndim == 1 else "vector")
   chunk = resolve_chunk_size(chunk_size, time, decay_mode == "vector")
-  padded_time = _round_up(time, chunk)
+  padded_time = common.round_up(time, chunk)
   num_chunks = padded_time // chunk
   dtype = reference.compute_dtype(q, k, v, log_decay, initial_state)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.linear_attention.common import segment_starts
+
 
 def compute_dtype(*arrays):
   """float64 if any input is float64, else float32: the reference never computes in bf16."""
@@ -25,14 +27,6 @@ def expand_log_decay(log_decay, batch, time, heads, dim_k, dtype):
   if log_decay.ndim == 1:
     return jnp.broadcast_to(log_decay[None, None, :, None], (batch, time, heads, dim_k))
   return log_decay
-
-
-def segment_starts(segment_ids, batch, time):
-  """[B,T] bool: true where position t begins a new document (never at t=0)."""
-  if segment_ids is None:
-    return jnp.zeros((batch, time), bool)
-  starts = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return jnp.concatenate([jnp.zeros((batch, 1), bool), starts], axis=1)
 
 
 def recurrent_step(q, k, v, log_decay, state, reset=None):

@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from pallas_kernels.linear_attention import api
-from pallas_kernels.linear_attention import reference
+from pallas_kernels.linear_attention import api, common
 
 
 def _local_correction(q, log_decay, segment_ids, prev_last_segment, is_first_shard):
@@ -30,8 +29,7 @@ def _local_correction(q, log_decay, segment_ids, prev_last_segment, is_first_sha
     cumulative = steps[None, :, None, None] * log_decay.astype(jnp.float32)[None, None, :, None]
   else:
     cumulative = jnp.cumsum(log_decay.astype(jnp.float32), axis=1)
-  starts = reference.segment_starts(segment_ids, batch, time) if segment_ids is not None else (
-      jnp.zeros((batch, time), bool))
+  starts = common.segment_starts(segment_ids, batch, time)
   if segment_ids is not None:
     # A document may start exactly at the shard boundary: compare with the previous shard's last token.
     boundary = jnp.logical_and(segment_ids[:, 0] != prev_last_segment, jnp.logical_not(is_first_shard))
@@ -55,7 +53,7 @@ def sequence_parallel_linear_attention(q, k, v, log_decay=None, *, mesh, sequenc
   if q.shape[1] % num_shards:
     raise ValueError(f"time length {q.shape[1]} is not divisible by the {num_shards} shards of mesh axis "
                      f"{sequence_axis!r}; pad the sequence to a multiple of {num_shards}.")
-  api._check_inputs(q, k, v, log_decay, initial_state, segment_ids)
+  api.check_inputs(q, k, v, log_decay, initial_state, segment_ids)
   activation = PartitionSpec(batch_axis, sequence_axis, head_axis, None)
   decay_spec = None if log_decay is None else (
       PartitionSpec(head_axis) if log_decay.ndim == 1 else activation)

@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.linear_attention import reference
+from pallas_kernels.linear_attention import common
 
 VECTOR_CHUNK = 16
 SCALAR_CHUNK = 128  # the MXU width: (Q Kᵀ) ⊙ D is one 128×128 tile
@@ -44,10 +44,6 @@ def _dot(a, b, contracting):
                          preferred_element_type=jnp.float32)
 
 
-def _round_up(value, multiple):
-  return -(-value // multiple) * multiple
-
-
 def resolve_block(chunk_size, time):
   """Tokens per grid step: a multiple of 128 (lane tiling of the per-token rows), shrunk for short T."""
   if chunk_size is None:
@@ -55,7 +51,7 @@ def resolve_block(chunk_size, time):
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0 or chunk_size % 128:
     raise ValueError(f"chunk_size for the pallas_tpu backend must be a positive multiple of 128 (tokens per grid "
                      f"step) or None (default {DEFAULT_BLOCK}); got {chunk_size!r}.")
-  return min(chunk_size, _round_up(time, 128))
+  return min(chunk_size, common.round_up(time, 128))
 
 
 def _causal_same_document(doc_col, doc_row, size):
@@ -241,7 +237,7 @@ def _mode_specs(decay_mode, block, dim_k, time_index):
 def _segment_inputs(segment_ids, batch, time, padded_time, chunk, decay_mode):
   """Per-token float32 columns [B,Tp,1] (reads the carried state, feeds the outgoing state, document index)
   and the document index as rows, [B,Tp/16,16] (vector) or [B,1,Tp], for the same-document mask."""
-  starts = reference.segment_starts(segment_ids, batch, time).astype(jnp.int32)
+  starts = common.segment_starts(segment_ids, batch, time).astype(jnp.int32)
   docs = jnp.pad(jnp.cumsum(starts, axis=1), ((0, 0), (0, padded_time - time)), mode="edge")
   chunked = docs.reshape(batch, padded_time // chunk, chunk)
   before = jnp.concatenate([jnp.zeros((batch, 1), docs.dtype), chunked[:, :-1, -1]], axis=1)[:, :, None]
@@ -355,7 +351,7 @@ def linear_attention_tpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
   dim_v = v.shape[-1]
   decay_mode = "none" if log_decay is None else ("scalar" if log_decay.ndim == 1 else "vector")
   block = resolve_block(chunk_size, time)
-  padded_time = _round_up(time, block)
+  padded_time = common.round_up(time, block)
   # Head-major [B,H,Tp,D] so that a block is a (tokens, D) tile; padding is zeros (and decay 1).
   head_major = lambda x: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, padded_time - time), (0, 0)))
   if decay_mode == "vector":

@@ -23,6 +23,7 @@ from flax import nnx
 
 from lsm_jax.models import layers
 from lsm_jax.models.mixers.tnl import TNLAttention
+from pallas_kernels.linear_attention import common
 
 
 def lrpe_frequencies(head_dim: int, theta: float = 10000.0):
@@ -65,7 +66,7 @@ class ToeplitzPositionalEncoding(nnx.Module):
     kernel = self.kernel[...].astype(jnp.float32)
     inputs = jnp.dot(x.astype(jnp.float32), kernel)
     decay = jnp.broadcast_to(jnp.exp(self.log_decay()), inputs.shape)
-    decay = jnp.where(layers.segment_starts(segment_ids)[..., None], 0.0, decay)
+    decay = jnp.where(common.segment_starts(segment_ids, *segment_ids.shape)[..., None], 0.0, decay)
 
     def combine(earlier, later):
       decay_a, value_a = earlier
