@@ -9,11 +9,6 @@ def round_up(value: int, multiple: int) -> int:
   return -(-value // multiple) * multiple
 
 
-def present(*arrays):
-  """The arrays that are not None, in order (optional operands of a kernel call)."""
-  return [x for x in arrays if x is not None]
-
-
 def segment_starts(segment_ids, batch: int, time: int):
   """[B,T] bool: true where position t begins a new document (never at t=0); all false without segment_ids."""
   if segment_ids is None:
