@@ -2,6 +2,8 @@
 every architecture's export, the exported tokenizers, a transformers LLaMA imported into a run, and lm-eval's
 `hf` model on an export."""
 import dataclasses
+import importlib
+import importlib.util
 import json
 import shutil
 import sys
@@ -15,8 +17,8 @@ from flax import nnx
 
 from lsm_jax import checkpoint
 from lsm_jax.data import tokenizer as tokenizer_lib
-from lsm_jax.export import hf, hf_tokenizer
 from lsm_jax.export import __main__ as export_cli
+from lsm_jax.export import hf, hf_tokenizer
 from lsm_jax.models import build_model, get_config
 
 torch = pytest.importorskip("torch")
@@ -255,3 +257,26 @@ def test_lm_eval_hf_model_runs_a_local_task_on_an_export(exported, tmp_path):
     lm_eval_scores = [loglikelihood for loglikelihood, _ in sample["filtered_resps"]]
     np.testing.assert_allclose(lm_eval_scores, scores[sample["doc"]["question"]], atol=1e-4)
   assert results["results"]["toy_choice"]["acc,none"] == pytest.approx(np.mean(correct))
+
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_parallel_form_matches_the_recurrent_step(device):
+  """The chunked parallel form (plain torch on CPU; fla's chunk_gla on CUDA when fla is installed) equals the
+  one-token recurrence generation uses, with per-channel decays and an initial state."""
+  if device == "cuda" and (not torch.cuda.is_available() or importlib.util.find_spec("fla") is None):
+    pytest.skip("needs CUDA and fla (flash-linear-attention)")
+  modeling = importlib.import_module("lsm_jax.export.modeling_lsm")
+  generator = torch.Generator().manual_seed(0)
+  batch, length, heads, dim = 2, 100, 2, 32
+  q, k, v = (torch.randn(batch, length, heads, dim, generator=generator) * 0.3 for _ in range(3))
+  log_decay = torch.nn.functional.logsigmoid(torch.randn(batch, length, heads, dim, generator=generator) + 3)
+  initial = torch.randn(batch, heads, dim, dim, generator=generator) * 0.1
+  expected, state = [], initial.double()
+  for t in range(length):  # float64: S_t = diag(exp(g_t)) S_{t-1} + k_tᵀ v_t, o_t = q_t S_t
+    state = log_decay[:, t].double().exp()[..., None] * state + k[:, t, ..., None].double() * v[:, t, :, None].double()
+    expected.append(torch.einsum("bhk,bhkv->bhv", q[:, t].double(), state))
+  actual, final = modeling.chunked_linear_attention(*(x.to(device) for x in (q, k, v, log_decay, initial)))
+  tolerance = 1e-5 if device == "cpu" else 2e-3  # fla computes in tf32
+  np.testing.assert_allclose(actual.cpu().numpy(), torch.stack(expected, 1).numpy(), atol=tolerance, rtol=tolerance)
+  np.testing.assert_allclose(final.cpu().numpy(), state.numpy(), atol=tolerance, rtol=tolerance)

@@ -45,16 +45,16 @@ def byte_level_alphabet() -> dict[int, str]:
 
 def cl100k_ranks() -> dict[bytes, int]:
   """cl100k_base's mergeable ranks from a local file (never downloaded), checked against the published sha256."""
-  sources = []
+  candidates = []
   path = tokenizer_lib._bpe_openai_ranks_file()
   if path:
     with gzip.open(path, "rb") as handle:
-      sources.append((path, handle.read()))
+      candidates.append(handle.read())
   path = tokenizer_lib._tiktoken_cache_file()  # returned only when its sha256 is the published one
   if path:
     with open(path, "rb") as handle:
-      sources.append((path, handle.read()))
-  for path, raw in sources:
+      candidates.append(handle.read())
+  for raw in candidates:
     if hashlib.sha256(raw).hexdigest() == tokenizer_lib._CL100K_RANKS_SHA256:
       return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in raw.splitlines() if line)}
   raise ValueError("no local cl100k_base ranks file with the published sha256: install bpe-openai (it ships the "

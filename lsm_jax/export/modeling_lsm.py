@@ -92,8 +92,9 @@ def chunked_linear_attention(q, k, v, log_decay, initial_state=None, chunk_size:
   state = (q.new_zeros(batch, heads, dim_k, v.shape[-1]) if initial_state is None else initial_state.float())
   outputs = []
   for start in range(0, length, chunk_size):
-    q_c, k_c, v_c = q[:, :, start:start + chunk_size], k[:, :, start:start + chunk_size], v[:, :, start:start + chunk_size]
-    cumulative = log_decay[:, :, start:start + chunk_size].cumsum(2)  # b_t, inclusive
+    chunk = slice(start, start + chunk_size)
+    q_c, k_c, v_c = q[:, :, chunk], k[:, :, chunk], v[:, :, chunk]
+    cumulative = log_decay[:, :, chunk].cumsum(2)  # b_t, inclusive
     size = q_c.shape[2]
     causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
     pair_decay = (cumulative[:, :, :, None, :] - cumulative[:, :, None, :, :]).masked_fill(
