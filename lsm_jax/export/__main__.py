@@ -21,12 +21,14 @@ from lsm_jax.export import hf
 
 
 def _export(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(prog="python -m lsm_jax.export", description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m lsm_jax.export", description=__doc__.split("\n\n")[0],
+                                   epilog="Import: python -m lsm_jax.export import --help. Details: docs/export.md.")
   parser.add_argument("--checkpoint", required=True, help="run directory or milestone directory")
   parser.add_argument("--out", required=True, help="output directory")
   parser.add_argument("--step", type=int, default=None, help="milestone step (default: the last milestone)")
   parser.add_argument("--dtype", choices=hf.EXPORT_DTYPES, default=None, help="default: as saved")
-  parser.add_argument("--format", choices=hf.FORMATS, default="hf", dest="export_format")
+  parser.add_argument("--format", choices=hf.FORMATS, default="hf", dest="export_format",
+                      help="hf: transformers directory (default); fla: refused for lsm_jax's HGRN2, with the reason")
   parser.add_argument("--noverify", action="store_false", dest="verify",
                       help="skip reloading the export with transformers")
   args = parser.parse_args(argv)
