@@ -3,7 +3,10 @@
 Plain transformers code (no lsm_jax import): the exporter copies this file next to config.json, which names it in
 `auto_map`, so `AutoConfig.from_pretrained(dir, trust_remote_code=True)` finds it.
 """
-from transformers import PretrainedConfig
+try:  # transformers 5 names it PreTrainedConfig (PretrainedConfig is its deprecated alias), 4.x only PretrainedConfig
+  from transformers import PreTrainedConfig as PretrainedConfig
+except ImportError:
+  from transformers import PretrainedConfig
 
 LINEAR_ARCHS = ("tnl", "hgrn2", "cosformer2")
 
