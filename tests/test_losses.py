@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from jaxpr_tools import equations
+
 from lsm_jax import losses
 
 

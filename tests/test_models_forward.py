@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from jaxpr_tools import pallas_kernel_names
+
 from lsm_jax.models import ARCHS, build_model, get_config
 
 VOCAB = 512
