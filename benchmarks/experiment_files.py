@@ -39,7 +39,7 @@ sys.path[:0] = [REPO_ROOT, BENCHMARKS_DIR]
 import jax  # noqa: E402
 
 import train_step  # noqa: E402  (benchmarks/train_step.py)
-from lsm_jax import sharding  # noqa: E402
+from lsm_jax import metrics, sharding  # noqa: E402
 
 ARCHS = ("llama", "tnl", "hgrn2", "cosformer2")
 SIZES = ("1b", "410m", "160m", "70m")
@@ -71,10 +71,10 @@ def _spec(gin_file: str, bindings: list[str], args) -> dict:
 
 def _header(command: str) -> dict:
   device = jax.devices()[0]
-  stats = device.memory_stats() or {}
+  limit = metrics.device_memory_limit_bytes(jax.devices())
   return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "commit": _commit(), "device": f"{jax.device_count()} × {device.device_kind}",
-          "device_gib": stats["bytes_limit"] / 2**30 if "bytes_limit" in stats else None,
+          "device_gib": None if limit is None else limit / 2**30,
           "versions": f"jax {jax.__version__}, Python {platform.python_version()}", "command": command,
           "target_hardware": TARGET_HARDWARE, "target_gib": TARGET_GIB}
 
@@ -135,7 +135,9 @@ def run(gin_file: str, args, cache_dir: str) -> dict:
   global_batch = MICROBATCHES_PER_STEP * rows_per_shard * sharding.batch_shards(shipped["mesh"])
   bindings = [f"TRAIN_STEPS = {args.train_steps}", f"GLOBAL_BATCH_SIZE = {global_batch}"]
   cli_bindings = [f"--gin_bindings={binding}" for binding in (*bindings, *args.gin)]
+  limit = metrics.device_memory_limit_bytes(jax.devices())
   row = {"gin_file": gin_file, "hardware": f"{jax.device_count()} × {jax.devices()[0].device_kind}",
+         "device_gib": None if limit is None else limit / 2**30,
          "target_hardware": TARGET_HARDWARE, "target_gib": TARGET_GIB,
          "remat_policy": shipped["model_config"].remat_policy, "per_shard_microbatch_size": rows_per_shard,
          "global_batch_size": global_batch, "seq_len": shipped["seq_len"], "train_steps": args.train_steps}
