@@ -280,3 +280,37 @@ def test_parallel_form_matches_the_recurrent_step(device):
   tolerance = 1e-5 if device == "cpu" else 2e-3  # fla computes in tf32
   np.testing.assert_allclose(actual.cpu().numpy(), torch.stack(expected, 1).numpy(), atol=tolerance, rtol=tolerance)
   np.testing.assert_allclose(final.cpu().numpy(), state.numpy(), atol=tolerance, rtol=tolerance)
+
+
+def test_trained_smoke_run_exports_with_its_metadata(tmp_path):
+  """A freshly trained smoke run (gin/smoke/hgrn2.gin, 4 steps) through the CLI with verification: transformers'
+  logits and greedy continuation are lsm_jax's, the card carries the run's tokens, compute and validation loss."""
+  import gin
+
+  from lsm_jax import metrics, train, trainer
+  from lsm_jax.evaluate import engine
+  run_dir = str(tmp_path / "run")
+  gin.clear_config()
+  try:
+    train.parse_gin(["gin/smoke/hgrn2.gin"], [
+        f"MODEL_DIR = '{run_dir}'", "TRAIN_STEPS = 4", "EVAL_EVERY_STEPS = 4", "sharding.MeshConfig.num_devices = 1",
+        "trainer.train.sample_prompt = None", "trainer.train.enable_tensorboard = False",
+        "trainer.train.progress_bar = False"])
+    gin.get_configurable(trainer.train)(config_text=gin.config_str())
+  finally:
+    gin.clear_config()
+  export_cli.main([f"--checkpoint={run_dir}", f"--out={tmp_path / 'hf'}"])
+  provenance = json.loads((tmp_path / "hf" / "lsm_jax_export.json").read_text())
+  assert provenance["verification"]["verified"] and provenance["verification"]["max_abs_logit_difference"] < 1e-4
+  last = metrics.read_metrics(run_dir)[-1]
+  assert provenance["step"] == 4 and provenance["tokens_seen"] == last["tokens_seen"] == 4 * 16 * 128
+  assert provenance["compute_pflops_days"] == pytest.approx(last["compute_pflops_days"])
+  assert provenance["validation_loss"] == pytest.approx(last["val_loss"])
+  card = (tmp_path / "hf" / "README.md").read_text()
+  assert f"| Validation loss | {last['val_loss']:.6g} |" in card and "| Tokens seen | 8,192 |" in card
+  model, *_ = engine.load_model(run_dir, dtype="float32")
+  hf_model, _ = load(str(tmp_path / "hf"))
+  prompt = list(b"Hello, wo")
+  with torch.no_grad():
+    generated = hf_model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=256)
+  assert until_eos(generated[0, len(prompt):].tolist()) == until_eos(jax_greedy(model, prompt, 10))
