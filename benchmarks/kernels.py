@@ -2,7 +2,8 @@
 
 On a GPU host with jax[cuda] and, for the fla columns, fla (pip install flash-linear-attention==0.6.0
 fla-core==0.6.0):
-  python3 benchmarks/kernels.py --out $OUT [--budget_s 240] [--chunk_sizes 64,128] [--check] [--variants c128w4]
+  python3 benchmarks/kernels.py --out $OUT [--budget_s 240] [--chunk_sizes 64,128] [--check] \
+      [--config num_warps=8 --config fused_forward=false ...]
 
 Ops (bf16, D=128 unless noted), each forward and forward+backward (grads of q, k, v and, for the HGRN2 gate,
 the log-decay; the TNL decay is a fixed buffer, as in fla's g_gamma):
@@ -12,13 +13,15 @@ the log-decay; the TNL decay is a fixed buffer, as in fla's g_gamma):
 plus, at every shape, our "xla" chunked backend (TNL) and JAX cuDNN causal flash attention, also with the
 dense document mask our LLaMA passes it (segment ids; all one document here).
 Order: our ops at every shape, then the JAX baselines, then fla in this process (--fla_shapes, not
---skip_fla_ops; elsewhere the --reference_peers timings, marked †), then --variants.
+--skip_fla_ops; elsewhere the --reference_peers timings, marked †).
 JAX ops are compiled ahead (lower().compile(), timed and recorded as compile_s) and timed as the median over
 --reps repetitions of (--calls back-to-back calls, then block_until_ready) / --calls, after warm-up; JAX
 forward+backward is two calls as in a training step (ForwardThenBackward: forward with output and residuals,
 then the backward from them), torch
 ops with triton.testing.do_bench (median, CUDA events), fla's first call (Triton JIT + autotune) timed apart.
 --chunk_sizes times our forward at each chunk size and reports the fastest (fwd+bwd uses the first size).
+--config knob=value (repeatable) replaces one knob of our ops' default kernel configuration
+(pallas_kernels/linear_attention/gpu/config.py, docs/tuning.md) in every measurement of ours.
 --budget_s: no measurement starts once that many seconds have passed since start; JSON and markdown are
 rewritten after every measurement, so a run cut short keeps what it measured. --check first compares the
 pallas_gpu backend with the float64 recurrent reference on the GPU (outputs, final state and all gradients).
@@ -31,8 +34,8 @@ import argparse
 import datetime
 import json
 import os
+import dataclasses
 import platform
-import re
 import statistics
 import sys
 import time
@@ -51,17 +54,13 @@ from pallas_kernels.linear_attention import api, gpu, testing  # noqa: E402
 
 SHAPES = ((8, 2048, 16, 128), (2, 8192, 16, 128), (1, 32768, 16, 128))
 OPS = ("hgrn2", "tnl", "cosformer2")  # measurement order: HGRN2 (the slowest compile) first
+OP_DECAY_MODES = {"hgrn2": "vector", "tnl": "scalar", "cosformer2": "none"}
 HBM_BYTES_PER_S = 4.3e12  # device-to-device copy bandwidth measured on the H200
 FLA_NAMES = {"tnl": "chunk_simple_gla(g_gamma)", "hgrn2": "chunk_gla", "cosformer2": "chunk_linear_attn"}
 # Keys of the --reference_peers file's "results" (benchmarks/peers/fla_kernels.py: [fwd_ms, fwd_bwd_ms]).
 REFERENCE_PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", "fla_kernels_h200.json")
 REFERENCE_PEER_NAMES = {"tnl": "chunk_simple_gla (TNL decay)", "hgrn2": "chunk_gla (HGRN2-like)",
                         "cosformer2": "chunk_linear_attn (no decay)"}
-VARIANT_SYNTAX = ("c<chunk>w<warps>[s<scan tile>][k<dq/dk key tile>][u<scan unroll>][g<segment programs>]"
-                  "[e<segmented scan tile>][v<fused forward Dv tile>][d<score matmul levels>][p][t][n|f]")
-VARIANT_HELP = (f"{VARIANT_SYNTAX}, e.g. c64w8, c64w4s32u4 or c32w4p (p: one program per HGRN2 sub-chunk, "
-                "g0: never split time into segments, t: one TF32 pass for the HGRN2 dq/dk kernel's fp32 matmuls, "
-                "n / f: state scan + output kernel / the fused forward, instead of the op's default)")
 
 
 def log(*parts):
@@ -181,9 +180,13 @@ class ForwardThenBackward:
     return (lambda *call_args: backward(tuple(call_args[:-1]), forward(*call_args[:-1])[1], d_out)), seconds
 
 
-def ours(chunk_size=None, **options):
+def ours(chunk_size=None, overrides=None):
+  """Our pallas_gpu op with the default kernel configuration of its inputs, `overrides` (--config) replaced."""
   def op_fn(q, k, v, log_decay):
-    return gpu.linear_attention_gpu(q, k, v, log_decay, None, None, chunk_size, **options)[0]
+    config = None
+    if overrides:
+      config = dataclasses.replace(gpu.default_config(gpu.decay_mode(log_decay), q.shape, q.dtype), **overrides)
+    return gpu.linear_attention_gpu(q, k, v, log_decay, None, None, chunk_size, config)[0]
   return op_fn
 
 
@@ -298,10 +301,16 @@ def _fmt(x, digits=3):
   return "—" if x is None else f"{x:.{digits}f}"
 
 
+def _config_text(overrides):
+  if not overrides:
+    return "default configuration"
+  return "default configuration with " + ", ".join(f"{name}={value}" for name, value in overrides.items())
+
+
 def write_markdown(path, record):
   lines = [f"# Linear-attention kernels on {record['device']}", "",
            f"Date: {record['date']}. jax {record['jax_version']}, fla {record.get('fla_version', '?')}. "
-           f"Command: `{record['command']}`.", "",
+           f"Command: `{record['command']}`. Our kernels: {_config_text(record.get('config_overrides'))}.", "",
            "bf16, D=128 (cosFormer2 timed at Dk=Dv=128 to match fla). ms = median; ratio = fla_ms / ours_ms "
            "(> 1: ours faster). Floor: fused forward HBM bytes at 4.3 TB/s. Chunk: our chunk size (forward: the "
            "fastest of --chunk_sizes). Compile: seconds of our lower().compile(); fla 1st: seconds of fla's first "
@@ -334,14 +343,6 @@ def write_markdown(path, record):
     for row in record["others"]:
       lines.append(f"| {row['name']} | {row['shape']} | {_fmt(row.get('fwd_ms'))} | {_fmt(row.get('fwd_bwd_ms'))} | "
                    f"{_fmt(row.get('fwd_compile_s'), 1)} | {_fmt(row.get('fwd_bwd_compile_s'), 1)} |")
-  if record.get("variants"):
-    lines += ["", "Kernel-configuration sweep (ours):", "",
-              "| op | B×T×H×D | config | fwd ms | fwd+bwd ms | compile fwd s | compile fwd+bwd s |",
-              "|---|---|---|---|---|---|---|"]
-    for row in record["variants"]:
-      lines.append(f"| {row['op']} | {row['shape']} | {row['config']} | {_fmt(row.get('fwd_ms'))} | "
-                   f"{_fmt(row.get('fwd_bwd_ms'))} | {_fmt(row.get('fwd_compile_s'), 1)} | "
-                   f"{_fmt(row.get('fwd_bwd_compile_s'), 1)} |")
   if record.get("check"):
     lines += ["", "Correctness on the device (pallas_gpu vs float64 recurrent reference, B=2 T=300 H=2, "
               "segment resets and initial state; worst relative RMS over o, final state and all gradients):", "",
@@ -385,14 +386,15 @@ class Runner:
     return result
 
 
-def measure_op(runner, op, shape, args, chunk_sizes):
+def measure_op(runner, op, shape, args, chunk_sizes, overrides):
   label = "x".join(map(str, shape))
-  chunk_sizes = [chunk or gpu.default_chunk_size(op == "hgrn2") for chunk in chunk_sizes]
+  default = overrides.get("chunk_size") or gpu.default_config(OP_DECAY_MODES[op], shape, jnp.bfloat16).chunk_size
+  chunk_sizes = [chunk or default for chunk in chunk_sizes]
   row = {"op": op, "shape": label, "fla_op": FLA_NAMES[op], "fwd": {"by_chunk": {}},
          "fwd_bwd": {"chunk": chunk_sizes[0]}, "fwd_floor_ms": forward_floor_ms(op, *shape)}
   runner.record["results"].append(row)
   for chunk in chunk_sizes:
-    forward, forward_args, _, _ = ours_fns(op, shape, ours(chunk))
+    forward, forward_args, _, _ = ours_fns(op, shape, ours(chunk, overrides))
     result = runner.measure(f"ours {op} {label} fwd chunk={chunk}",
                             lambda: time_jax(forward, forward_args, args.reps, args.calls))
     if result is not None:
@@ -401,7 +403,7 @@ def measure_op(runner, op, shape, args, chunk_sizes):
     chunk, best = min(row["fwd"]["by_chunk"].items(), key=lambda item: item[1]["ms"])
     row["fwd"].update(ours_ms=best["ms"], chunk=int(chunk), compile_s=best["compile_s"])
     row["fwd_over_floor"] = best["ms"] / row["fwd_floor_ms"]
-  _, _, backward, backward_args = ours_fns(op, shape, ours(chunk_sizes[0]))
+  _, _, backward, backward_args = ours_fns(op, shape, ours(chunk_sizes[0], overrides))
   result = runner.measure(f"ours {op} {label} fwd+bwd chunk={chunk_sizes[0]}",
                           lambda: time_jax(backward, backward_args, args.reps, args.calls))
   if result is not None:
@@ -453,26 +455,15 @@ def measure_baseline(runner, name, shape, args):
   save(runner.out_dir, runner.record)
 
 
-def parse_variant(text):
-  """VARIANT_SYNTAX -> (chunk, linear_attention_gpu options); 'default' -> (None, {}): the op's defaults."""
-  if text == "default":
-    return None, {}
-  match = re.fullmatch(r"c(?P<chunk>\d+)w(?P<num_warps>\d+)(?:s(?P<scan_tile>\d+))?(?:k(?P<key_tile>\d+))?"
-                       r"(?:u(?P<scan_unroll>\d+))?(?:g(?P<segment_programs>\d+))?(?:e(?P<segment_scan_tile>\d+))?"
-                       r"(?:v(?P<fused_value_tile>\d+))?(?:d(?P<score_levels>\d+))?(?P<split>p?)(?P<tf32>t?)"
-                       r"(?P<forward>[nf]?)", text)
-  if match is None:
-    raise SystemExit(f"variant {text!r}; valid: {VARIANT_HELP}.")
-  fields = match.groupdict()
-  options = dict(num_warps=int(fields.pop("num_warps")), split_sub_chunks=bool(fields.pop("split")))
-  if fields.pop("tf32"):
-    options["one_pass_tf32"] = True
-  forward = fields.pop("forward")
-  if forward:
-    options["fused_forward"] = forward == "f"
-  chunk = int(fields.pop("chunk"))
-  options.update({name: int(value) for name, value in fields.items() if value is not None})
-  return chunk, options
+def parse_config(assignments):
+  """--config KNOB=VALUE assignments as GpuKernelConfig overrides, checked against every op's default config."""
+  try:
+    overrides = gpu.parse_overrides(assignments)
+    for mode in OP_DECAY_MODES.values():
+      dataclasses.replace(gpu.default_config(mode, SHAPES[0], jnp.bfloat16), **overrides)
+  except (TypeError, ValueError) as error:
+    raise SystemExit(f"--config: {error}") from None
+  return overrides
 
 
 def parse_shapes(text):
@@ -496,7 +487,9 @@ def main():
   # does not pay it.
   parser.add_argument("--calls", type=int, default=20)
   parser.add_argument("--check", action="store_true", help="compare with the float64 reference first")
-  parser.add_argument("--variants", default="", help="comma-separated extra configs " + VARIANT_HELP)
+  parser.add_argument("--config", action="append", default=[], metavar="KNOB=VALUE",
+                      help="replace one knob of our ops' default kernel configuration (repeatable): "
+                           + ", ".join(field.name for field in dataclasses.fields(gpu.GpuKernelConfig)))
   parser.add_argument("--skip_peers", action="store_true", help="time ours only (no fla, no JAX baselines)")
   parser.add_argument("--ops", default=",".join(OPS), help="subset of " + ",".join(OPS))
   parser.add_argument("--skip_fla_ops", default="",
@@ -521,13 +514,14 @@ def main():
   ops = sorted(ops, key=OPS.index)
   shapes = parse_shapes(args.shapes)
   chunk_sizes = [int(x) for x in args.chunk_sizes.split(",") if x] or [None]
+  overrides = parse_config(args.config)
   device = jax.devices()[0]
   record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": getattr(device, "device_kind", str(device)), "jax_version": jax.__version__,
             "python": platform.python_version(), "command": "python3 benchmarks/kernels.py " + " ".join(sys.argv[1:]),
             "timing": f"JAX: median of {args.reps} x ({args.calls} calls, block_until_ready) after lower().compile(); "
                       "torch: triton do_bench median", "budget_s": args.budget_s,
-            "results": [], "others": [], "variants": [], "skipped": []}
+            "config_overrides": overrides, "results": [], "others": [], "skipped": []}
   try:
     import fla
     record["fla_version"] = getattr(fla, "__version__", "?")
@@ -543,7 +537,7 @@ def main():
   runner = Runner(record, args.out, args.budget_s, reference_peers)
   if args.check:
     record["check"] = runner.measure("check against the float64 reference", check_against_reference)
-  rows = {(op, shape): measure_op(runner, op, shape, args, chunk_sizes) for op in ops for shape in shapes}
+  rows = {(op, shape): measure_op(runner, op, shape, args, chunk_sizes, overrides) for op in ops for shape in shapes}
   if not args.skip_peers:
     for shape in shapes:
       for name in ("cudnn_flash_causal", "cudnn_flash_causal_document_mask", "xla_chunked_tnl"):
@@ -556,18 +550,6 @@ def main():
       for shape in shapes:
         if op not in skip_fla and shape in fla_shapes:
           measure_fla(runner, rows[op, shape], op, shape)
-  for variant in filter(None, args.variants.split(",")):
-    chunk, options = parse_variant(variant)
-    shape = shapes[-1]
-    for op in ops:
-      forward, forward_args, backward, backward_args = ours_fns(op, shape, ours(chunk, **options))
-      row = {"op": op, "shape": "x".join(map(str, shape)), "config": variant}
-      record["variants"].append(row)
-      for part, fn, fn_args in (("fwd", forward, forward_args), ("fwd_bwd", backward, backward_args)):
-        result = runner.measure(f"variant {variant} {op} {row['shape']} {part}",
-                                lambda: time_jax(fn, fn_args, args.reps, args.calls))
-        if result is not None:
-          row[f"{part}_ms"], row[f"{part}_compile_s"] = result["ms"], result["compile_s"]
   save(args.out, record)
   log(open(os.path.join(args.out, "kernels_h200.md")).read())
 

@@ -1,4 +1,4 @@
-"""The benchmark scripts' own logic: kernel-variant parsing and the per-kernel profile's trace reduction."""
+"""The benchmark scripts' own logic: --config parsing and the per-kernel profile's trace reduction."""
 import datetime
 import gzip
 import json
@@ -13,24 +13,32 @@ import kernels  # noqa: E402
 import profile_kernels  # noqa: E402
 
 
-def test_parse_variant():
-  assert kernels.parse_variant("default") == (None, {})
-  assert kernels.parse_variant("c64w8") == (64, {"num_warps": 8, "split_sub_chunks": False})
-  chunk, options = kernels.parse_variant("c32w4s32k16u4p")
-  assert chunk == 32
-  assert options == {"num_warps": 4, "split_sub_chunks": True, "scan_tile": 32,
-                     "key_tile": 16, "scan_unroll": 4}
-  chunk, options = kernels.parse_variant("c64w4g0n")
-  assert options == {"num_warps": 4, "split_sub_chunks": False, "segment_programs": 0,
-                     "fused_forward": False}
-  chunk, options = kernels.parse_variant("c32w8e64v128pf")
-  assert options == {"num_warps": 8, "split_sub_chunks": True, "segment_scan_tile": 64,
-                     "fused_value_tile": 128, "fused_forward": True}
-  chunk, options = kernels.parse_variant("c32w2k64d2ptn")
-  assert options == {"num_warps": 2, "split_sub_chunks": True, "key_tile": 64, "score_levels": 2,
-                     "one_pass_tf32": True, "fused_forward": False}
-  with pytest.raises(SystemExit, match="c64x8.*valid: c<chunk>w<warps>"):
-    kernels.parse_variant("c64x8")
+def test_parse_config():
+  # --config KNOB=VALUE: converted to each knob's type, checked against the ops' default configurations.
+  assert kernels.parse_config([]) == {}
+  assert kernels.parse_config(["num_warps=8", "fused_forward=false", "split_sub_chunks=True", "segment_programs=0"]) \
+      == {"num_warps": 8, "fused_forward": False, "split_sub_chunks": True, "segment_programs": 0}
+  with pytest.raises(SystemExit, match="unknown GpuKernelConfig knob 'warps'; valid: chunk_size, num_warps"):
+    kernels.parse_config(["warps=8"])
+  with pytest.raises(SystemExit, match="num_warps=eight; valid: an integer"):
+    kernels.parse_config(["num_warps=eight"])
+  with pytest.raises(SystemExit, match="fused_forward=yes; valid: true or false"):
+    kernels.parse_config(["fused_forward=yes"])
+  with pytest.raises(SystemExit, match="num_warps=3; valid: one of"):
+    kernels.parse_config(["num_warps=3"])
+  with pytest.raises(SystemExit, match="'num_warps'; valid: knob=value"):
+    kernels.parse_config(["num_warps"])
+
+
+def test_config_overrides_reach_our_op():
+  # The op kernels.py times takes the default configuration of its inputs with the overrides replaced.
+  import jax
+  from jaxpr_tools import pallas_kernel_names
+  q, k, v, log_decay, _ = kernels.jax_inputs("tnl", 1, 64, 2, 16)
+  launches = lambda op_fn: pallas_kernel_names(jax.make_jaxpr(op_fn)(q, k, v, log_decay).jaxpr)  # noqa: E731
+  assert launches(kernels.ours()) == ["linear_attention_fused_forward"]
+  assert launches(kernels.ours(overrides=kernels.parse_config(["fused_forward=false"]))) == [
+      "linear_attention_state_scan", "linear_attention_output"]
 
 
 def _write_trace(directory, events):

@@ -3,6 +3,7 @@
 Each case compares the output, the final state and the gradients of q, k, v, log_decay and the initial state
 of the loss Σ o·do + Σ S_T·dS_T. Shapes are tiny (interpret mode is slow) but cover several chunks, T not a
 multiple of the chunk, Dk ≠ Dv, segment resets with repeating ids, strong decay and bf16."""
+import dataclasses
 import functools
 
 import jax
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpr_tools import pallas_kernel_names
+from jaxpr_tools import equations, pallas_kernel_name, pallas_kernel_names
 from pallas_kernels.linear_attention import gpu, testing
 
 FP32_BOUND = 1e-4
@@ -24,7 +25,12 @@ def _cotangents(seed, v, state_shape):
   return draw(v.shape), draw(state_shape)
 
 
-def _kernel_with_grads(chunk_size, q, k, v, log_decay, initial_state, segment_ids, d_out, d_state, **options):
+def _config(decay_mode, q, **overrides):
+  """The default kernel configuration of these inputs with `overrides`."""
+  return dataclasses.replace(gpu.default_config(decay_mode, q.shape, q.dtype), **overrides)
+
+
+def _kernel_with_grads(chunk_size, q, k, v, log_decay, initial_state, segment_ids, d_out, d_state, config=None):
   present = {name: x for name, x in dict(q=q, k=k, v=v, log_decay=log_decay, initial_state=initial_state).items()
              if x is not None}
 
@@ -33,7 +39,7 @@ def _kernel_with_grads(chunk_size, q, k, v, log_decay, initial_state, segment_id
     def op(present):
       merged = {"log_decay": None, "initial_state": None, **present}
       return gpu.linear_attention_gpu(merged["q"], merged["k"], merged["v"], merged["log_decay"],
-                                      merged["initial_state"], segment_ids, chunk_size, **options)
+                                      merged["initial_state"], segment_ids, chunk_size, config)
 
     (out, final_state), vjp = jax.vjp(op, present)
     (grads,) = vjp((d_out.astype(out.dtype), d_state))
@@ -43,15 +49,16 @@ def _kernel_with_grads(chunk_size, q, k, v, log_decay, initial_state, segment_id
 
 
 def _assert_matches_reference(seed, *, decay_mode, dim_k, dim_v, time, chunk_size, dtype=jnp.float32,
-                              strength="weak", segments=True, initial_state=True, batch=2, heads=2, **options):
+                              strength="weak", segments=True, initial_state=True, batch=2, heads=2, **overrides):
   q, k, v, log_decay, state, segment_ids = testing.random_inputs(
       seed, batch=batch, time=time, heads=heads, dim_k=dim_k, dim_v=dim_v, decay_mode=decay_mode,
       strength=strength, dtype=dtype, segments=segments, initial_state=initial_state)
   d_out, d_state = _cotangents(seed + 1, v, (batch, heads, dim_k, dim_v))
   expected_out, expected_state, expected_grads = testing.reference_float64(
       q, k, v, log_decay, state, segment_ids, d_out, d_state)
+  config = _config(decay_mode, q, **overrides) if overrides else None
   out, final_state, grads = _kernel_with_grads(chunk_size, q, k, v, log_decay, state, segment_ids, d_out, d_state,
-                                               **options)
+                                               config)
   assert out.dtype == v.dtype and final_state.dtype == jnp.float32
   bound = FP32_BOUND if dtype == jnp.float32 else BF16_BOUND
   errors = {"o": testing.relative_rms_error(out, expected_out),
@@ -73,13 +80,13 @@ def test_vector_decay_strong_gates_fp32():
   _assert_matches_reference(1, decay_mode="vector", dim_k=32, dim_v=16, time=72, chunk_size=32, strength="strong")
 
 
-@pytest.mark.parametrize("split_sub_chunks,key_tile", [(False, None), (True, 32)])
-def test_vector_decay_four_sub_chunks_fp32(split_sub_chunks, key_tile):
+@pytest.mark.parametrize("overrides", [dict(split_sub_chunks=False), dict(split_sub_chunks=True, key_tile=32)])
+def test_vector_decay_four_sub_chunks_fp32(overrides):
   # 64-token chunks: the middle sub-chunks (start − 1 inside the chunk, earlier and later rows on both sides) only
   # exist at chunk >= 48; their start is traced, from the loop or (split) from the grid. Dk = 64: one dq/dk key
   # tile (nested diagonal levels over all of Dk), or two.
   _assert_matches_reference(4, decay_mode="vector", dim_k=64, dim_v=16, time=150, chunk_size=64, strength="strong",
-                            heads=1, split_sub_chunks=split_sub_chunks, key_tile=key_tile)
+                            heads=1, **overrides)
 
 
 @pytest.mark.parametrize("score_levels", [0, 3])
@@ -106,17 +113,17 @@ def test_unrolled_state_scans_bf16(decay_mode):
 @pytest.mark.parametrize("decay_mode,dtype,fused_forward", [
     ("scalar", jnp.float32, None), ("vector", jnp.float32, True), ("vector", jnp.float32, None),
     ("none", jnp.bfloat16, None)])
-def test_segment_parallel_scans_and_fused_forward(decay_mode, dtype, fused_forward, monkeypatch):
+def test_segment_parallel_scans_and_fused_forward(decay_mode, dtype, fused_forward):
   # Eight 16-token chunks in four segments of two: the two-level scans (forward and reverse: level 1 from zero,
   # the combine, level 2 from the true starts) and the fused forward from its segments' starts (the default
   # without per-key-channel decay), with documents and strong decay crossing segment edges and an initial state.
-  monkeypatch.setattr(gpu, "MIN_SEGMENT_CHUNKS", 2)
+  overrides = dict(min_segment_chunks=2) | ({} if fused_forward is None else dict(fused_forward=fused_forward))
   _assert_matches_reference(9, decay_mode=decay_mode, dim_k=32, dim_v=16, time=120, chunk_size=16, dtype=dtype,
-                            strength="strong", fused_forward=fused_forward)
+                            strength="strong", **overrides)
   q, k, v, log_decay, state, segment_ids = testing.random_inputs(
       9, batch=2, time=120, heads=2, dim_k=32, dim_v=16, decay_mode=decay_mode, dtype=dtype)
-  op = lambda q: gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 16,
-                                          fused_forward=fused_forward)[0].sum()
+  config = _config(decay_mode, q, **overrides)
+  op = lambda q: gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 16, config)[0].sum()
   launches = pallas_kernel_names(jax.make_jaxpr(jax.grad(op))(q).jaxpr)
   # level 1 of the forward's scan (fused or not), of the backward's reverse scan, and of its recomputed states
   # unless the unfused forward stored them (per-key-channel decay's default)
@@ -134,8 +141,8 @@ def test_backward_reuses_the_unfused_forward_states(decay_mode, dtype, scan_laun
   # and rescans. (The gradients against the float64 reference: the tests above, which take these paths.)
   q, k, v, log_decay, state, segment_ids = testing.random_inputs(
       11, batch=1, time=64, heads=2, dim_k=16, dim_v=16, decay_mode=decay_mode, dtype=dtype)
-  op = lambda q, log_decay: gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 16,
-                                                     fused_forward=False)[0].sum()
+  config = _config(decay_mode, q, fused_forward=False)
+  op = lambda q, log_decay: gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 16, config)[0].sum()
   launches = pallas_kernel_names(jax.make_jaxpr(jax.grad(op, argnums=(0, 1)))(q, log_decay).jaxpr)
   assert launches.count("linear_attention_state_scan") == scan_launches
   if decay_mode == "vector":
@@ -143,19 +150,19 @@ def test_backward_reuses_the_unfused_forward_states(decay_mode, dtype, scan_laun
 
 
 @pytest.mark.parametrize("decay_mode,strength", [("scalar", "weak"), ("vector", "strong")])
-def test_no_initial_state_and_unused_final_state(decay_mode, strength, monkeypatch):
+def test_no_initial_state_and_unused_final_state(decay_mode, strength):
   # Without an initial state and with the final state unused (its cotangent a symbolic zero), the kernels start
   # from zero without a zero array, here through four segments (the last segment alone stores the fused forward's
   # final state); gradients of Σ o·do against the float64 reference with dS_T = 0. (One fixed decay per head
   # with e^-10-per-step decays and dS_T = 0: 4.8e-4 of error in its gradient, a whole-sequence sum that cancels.)
-  monkeypatch.setattr(gpu, "MIN_SEGMENT_CHUNKS", 2)
   q, k, v, log_decay, _, segment_ids = testing.random_inputs(
       12, batch=2, time=120, heads=2, dim_k=32, dim_v=16, decay_mode=decay_mode, strength=strength,
       initial_state=False)
+  config = _config(decay_mode, q, min_segment_chunks=2)
   d_out, d_state = _cotangents(13, v, (2, 2, 32, 16))
   expected_out, expected_state, expected_grads = testing.reference_float64(
       q, k, v, log_decay, None, segment_ids, d_out, jnp.zeros_like(d_state))
-  op = lambda q, k, v, log_decay: gpu.linear_attention_gpu(q, k, v, log_decay, None, segment_ids, 16)
+  op = lambda q, k, v, log_decay: gpu.linear_attention_gpu(q, k, v, log_decay, None, segment_ids, 16, config)
   out, final_state = jax.jit(op)(q, k, v, log_decay)
   loss = lambda *args: jnp.sum(op(*args)[0] * d_out)
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, log_decay)
@@ -193,7 +200,7 @@ def test_fixed_decay_bf16_without_decay_gradient():
 
 
 @pytest.mark.parametrize("bad,message", [
-    (dict(chunk_size=24), "chunk_size=24"),
+    (dict(chunk_size=24), "chunk_size=24; valid: a power of two >= 16"),
     (dict(dim_k=24), "dim_k=24"),
     (dict(dtype=jnp.float64), "float64"),
     (dict(dim_k=256), "float32 inputs with dim_k=256"),  # over the H200's shared memory per block
@@ -263,3 +270,51 @@ def test_auto_backend_falls_back_to_xla_where_the_gpu_blocks_would_not_fit(monke
   v = jnp.ones((1, 8, 1, 128), jnp.float32)
   out = api.linear_attention(q, q, v)
   assert calls and out.shape == (1, 8, 1, 128)
+
+
+@pytest.mark.parametrize("knob,value,error,message", [
+    ("chunk_size", 48, ValueError, "chunk_size=48; valid: a power of two >= 16"),
+    ("key_tile", 8, ValueError, "key_tile=8; valid: a power of two >= 16"),
+    ("num_warps", 3, ValueError, r"num_warps=3; valid: one of \(1, 2, 4, 8, 16, 32\)"),
+    ("score_levels", 5, ValueError, "score_levels=5; valid: 0 to 4"),
+    ("min_segment_chunks", 0, ValueError, "min_segment_chunks=0; valid: an int >= 1"),
+    ("segment_programs", -1, ValueError, "segment_programs=-1; valid: an int >= 0"),
+    ("fused_forward", 1, TypeError, "fused_forward=1; valid: True or False"),
+    ("scan_tile", 64.0, TypeError, "scan_tile=64.0; valid: an int"),
+])
+def test_config_rejects_a_bad_knob_naming_it(knob, value, error, message):
+  config = gpu.default_config("vector", (1, 64, 1, 16), jnp.bfloat16)
+  with pytest.raises(error, match=message):
+    dataclasses.replace(config, **{knob: value})
+
+
+def test_default_config_table():
+  """The tuned defaults per decay mode and dtype, equal configurations equal and hashing alike (one compile)."""
+  hgrn2 = gpu.default_config("vector", (8, 2048, 16, 128), jnp.bfloat16)
+  assert (hgrn2.chunk_size, hgrn2.num_warps, hgrn2.key_tile, hgrn2.key_warps, hgrn2.value_tile) == (32, 2, 64, 4, 128)
+  assert hgrn2.split_sub_chunks and not hgrn2.fused_forward and hgrn2.one_pass_tf32
+  tnl = gpu.default_config("scalar", (8, 2048, 16, 128), jnp.bfloat16)
+  assert (tnl.chunk_size, tnl.num_warps, tnl.key_tile, tnl.value_tile) == (64, 4, 128, 128)
+  assert tnl.fused_forward and not tnl.split_sub_chunks
+  wide = gpu.default_config("none", (1, 4096, 2, 64), jnp.float32)
+  assert (wide.key_tile, wide.value_tile, wide.one_pass_tf32) == (64, 64, False)
+  assert gpu.default_config("none", (1, 9, 2, 64), jnp.bfloat16).chunk_size == 16  # shorter than a chunk
+  assert hash(hgrn2) == hash(gpu.default_config("vector", (2, 4096, 4, 64), jnp.bfloat16))
+  with pytest.raises(ValueError, match="mode='gated'; valid: none, scalar, vector"):
+    gpu.default_config("gated", (1, 64, 1, 16), jnp.bfloat16)
+
+
+def test_config_overrides_change_the_launched_kernels():
+  """A config reaches the kernels: its forward form in the launches' names, its warps in their compiler params."""
+  q, k, v, log_decay, state, segment_ids = testing.random_inputs(
+      15, batch=1, time=64, heads=2, dim_k=16, dim_v=16, decay_mode="scalar", dtype=jnp.bfloat16)
+
+  def launches(config):
+    jaxpr = jax.make_jaxpr(lambda q: gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 16, config))(q)
+    return [(pallas_kernel_name(eqn.params), eqn.params["compiler_params"].num_warps)
+            for eqn in equations(jaxpr.jaxpr) if eqn.primitive.name == "pallas_call"]
+
+  assert launches(None) == [("linear_attention_fused_forward", 4)]
+  default = gpu.default_config("scalar", q.shape, q.dtype)
+  unfused = dataclasses.replace(default, fused_forward=False, num_warps=8, scan_warps=2)
+  assert launches(unfused) == [("linear_attention_state_scan", 2), ("linear_attention_output", 8)]

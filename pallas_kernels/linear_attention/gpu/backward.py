@@ -1,0 +1,203 @@
+"""The backward: the reverse scan of the state gradient, then two chunk-parallel kernels, dv = Aᵀ·do + k̄·dh (Dv
+tiles, A from the forward) and dq, dk (Dk tiles). It takes the forward's chunk-local gates and, from the unfused
+forward, its per-chunk states as residuals; after the fused forward it rescans the states.
+
+The decay gradient telescopes only to the end of each chunk (as fla's chunk_gla does):
+d log α_r = Σ_{r≤t≤e} (q·dq − k·dk)_t + Σ_v S_e·dS_e, e the chunk's last row, S_e the state leaving the chunk and
+dS_e its gradient from later rows; the dq/dk kernel emits q·dq − k·dk, the dv kernel Σ_v S_e·dS_e, a small kernel
+the sums. The suffix sum cancels heavily: over the whole sequence its error would grow with T and need fp32 states.
+Chunk-local, bf16 states suffice; only the intra-chunk dq/dk matmuls keep fp32 operands, and only when a decay
+gradient is wanted (HGRN2; TNL's decay is a fixed buffer)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.linear_attention.gpu.blocks import (ChunkFactors, compiler_params, earlier_rows, edge_factors,
+                                                        for_each_sub_chunk, interpret_mode, intra_mask, load_row,
+                                                        load_scalar, matmul, matmul_nt, matmul_tn, rescaled_rows,
+                                                        split_refs)
+from pallas_kernels.linear_attention.gpu.forward import value_tiled_call
+from pallas_kernels.linear_attention.gpu.planning import chunk_sums, pad_time, prepare, state_dtype, value_major
+from pallas_kernels.linear_attention.gpu.scans import state_scan
+from pallas_kernels.linear_attention.gpu.scores import chunk_scores, nested_levels
+
+
+def _dv_kernel(*refs, plan, decay_grad):
+  """dv = Aᵀ·do + (k ⊙ k_factor)·dS for one chunk and Dv tile; with decay_grad also this tile's part of the
+  decay gradient's Σ_v S_e·dS_e (S_e, the state leaving the chunk, is the per-chunk state of the next one)."""
+  (q_ref, k_ref, do_ref), g_ref, resets_ref, (dh_ref, *rest) = split_refs(refs, plan, 3)
+  scores_ref = rest.pop(0) if plan.mode == "vector" else None
+  if decay_grad:
+    leaving_ref, dv_ref, state_term_ref = rest
+    state_term_ref[...] = jnp.sum(leaving_ref[...].astype(jnp.float32) * dh_ref[...].astype(jnp.float32), axis=0)
+  else:
+    (dv_ref,) = rest
+  dtype = q_ref.dtype
+  sub = ChunkFactors(plan, g_ref, resets_ref, plan.chunk)
+  k = k_ref[...]
+  scores = chunk_scores(plan, sub, q_ref[...], k, None if scores_ref is None else scores_ref[...])
+  k_hat = ChunkFactors.scale(k.astype(jnp.float32), sub.k_factor).astype(dtype)
+  dv = matmul_tn(scores.astype(dtype), do_ref[...]) + matmul_nt(k_hat, dh_ref[...].astype(dtype))
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dqdk_kernel(*refs, plan, operand_dtype):
+  """dq = (do·h) ⊙ q_factor + (dA ⊙ D)·k and dk = (v·dS) ⊙ k_factor + (dA ⊙ D)ᵀ·q for one chunk and Dk tile.
+
+  operand_dtype is float32 when the decay gradient is wanted: it sums q·dq − k·dk, which cancels, so the
+  intra-chunk terms (scaled by fp32 decay factors) need more than bf16-operand accuracy. The state terms do·h and
+  v·dS, like dA = do·vᵀ, multiply values already in the input/state dtype: 16-bit products are exact in the fp32
+  accumulator, so they take one tensor-core pass, not three."""
+  (q_ref, k_ref, v_ref, do_ref), g_ref, resets_ref, (h_ref, dh_ref, dq_ref, dk_ref, *x_ref) = split_refs(
+      refs, plan, 4)
+  dtype = operand_dtype
+  dot = functools.partial(matmul, one_pass=plan.config.one_pass_tf32)
+
+  def store(rows, out_rows, dq, dk):
+    """dq, dk of `rows`, and (decay gradient wanted) their q·dq − k·dk in fp32."""
+    dq_ref[out_rows, :] = dq.astype(dq_ref.dtype)
+    dk_ref[out_rows, :] = dk.astype(dk_ref.dtype)
+    if x_ref:
+      x_ref[0][out_rows, :] = (q_ref[rows, :].astype(jnp.float32) * dq - k_ref[rows, :].astype(jnp.float32) * dk)
+
+  if plan.mode != "vector":
+    sub = ChunkFactors(plan, g_ref, resets_ref, plan.chunk)
+    q, k, do, v = (ref[...] for ref in (q_ref, k_ref, do_ref, v_ref))
+    d_scores = (matmul_nt(do, v) * intra_mask(plan, sub.g, sub.resets)).astype(dtype)
+    dq_state, dk_state = _state_terms(do, v, h_ref, dh_ref)
+    dq = ChunkFactors.scale(dq_state, sub.q_factor) + matmul(d_scores, k.astype(dtype))
+    dk = ChunkFactors.scale(dk_state, sub.k_factor) + matmul_tn(d_scores, q.astype(dtype))
+    store(slice(None), slice(None), dq, dk)
+    return
+  size, chunk = plan.sub_chunk, plan.chunk
+  rows = lax.broadcasted_iota(jnp.int32, (size, size), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (size, size), 1)
+  chunk_rows = lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
+  chunk_cols = lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
+  g_last = load_row(g_ref, chunk - 1)
+  resets_all = resets_ref[...] if plan.has_segments else None
+  resets_last = load_scalar(resets_ref, chunk - 1) if plan.has_segments else None
+
+  def sub_chunk(start, out_start):
+    end = start + size - 1
+    g_sub = g_ref[pl.ds(start, size), :].astype(jnp.float32)
+    do, v = do_ref[pl.ds(start, size), :], v_ref[pl.ds(start, size), :]
+    resets_sub = resets_ref[pl.ds(start, size)] if plan.has_segments else None
+    q_factor, k_factor = edge_factors(plan, g_sub, g_last, resets_sub, resets_last)
+    keep = rows >= cols
+    same_document = True
+    if plan.has_segments:
+      keep = keep & (resets_sub[:, None] == resets_sub[None, :])
+      same_document = resets_sub[:, None] == resets_all[None, :]
+    d_scores = jnp.where(keep, matmul_nt(do, v), 0.0)  # the diagonal block of dA = do·vᵀ
+
+    # dq of this sub-chunk's queries: the incoming state, the chunk's earlier keys (factors referenced to the
+    # row before the sub-chunk, both ≤ 1), the diagonal block below. Whole-chunk operands are loaded
+    # where they are used (short live ranges; they sit in L2).
+    g_all = g_ref[...].astype(jnp.float32)
+    g_before, k_tilde = earlier_rows(k_ref, g_ref, g_all, start)
+    d_earlier = jnp.where((chunk_cols < start) & same_document, matmul_nt(do, v_ref[...]), 0.0)
+    dq_state, dk_state = _state_terms(do, v, h_ref, dh_ref)
+    dq = dq_state * q_factor + jnp.exp(g_sub - g_before) * dot(d_earlier.astype(dtype), k_tilde.astype(dtype))
+
+    # The diagonal block level by level (nested_levels), for dq and dk at once.
+    k, q = (ref[pl.ds(start, size), :].astype(jnp.float32) for ref in (k_ref, q_ref))
+    d_diagonal = jnp.sum(jnp.where(rows == cols, d_scores, 0.0), axis=1)[:, None]
+    dq, dk_diagonal = dq + d_diagonal * k, d_diagonal * q
+    for a, b, same in nested_levels(g_sub):
+      d_level = jnp.where(same, d_scores, 0.0)
+      dq = dq + a * dot(d_level, k * b)
+      dk_diagonal = dk_diagonal + b * matmul_tn(d_level, q * a, plan.config.one_pass_tf32)
+
+    # dk of this sub-chunk's keys: the outgoing state gradient, the chunk's later queries (referenced to the
+    # sub-chunk's last row), the diagonal block's part from above.
+    g_end = load_row(g_ref, end)
+    q_tilde = rescaled_rows(q_ref[...].astype(jnp.float32), g_all - g_end, chunk_rows > end)
+    d_later = jnp.where((chunk_cols > end) & same_document, matmul_nt(v, do_ref[...]), 0.0)  # dA_ij at [key j, query i]
+    dk = dk_state * k_factor + jnp.exp(g_end - g_sub) * dot(d_later.astype(dtype), q_tilde.astype(dtype))
+    dk = dk + dk_diagonal
+    store(pl.ds(start, size), pl.ds(out_start, size), dq, dk)
+
+  for_each_sub_chunk(plan, sub_chunk)
+
+
+def _state_terms(do, v, h_ref, dh_ref):
+  """(do·h, v·dS) of a chunk's rows in the states' dtype (bf16 states for bf16 inputs: one exact pass)."""
+  return matmul(do.astype(h_ref.dtype), h_ref[...]), matmul(v.astype(dh_ref.dtype), dh_ref[...])
+
+
+def _grad_dv(layout, q, k, do, g, resets, d_states, scores, out_dtype, states=None):
+  """dv, and given the per-chunk `states`, the decay gradient's state term per chunk and Dv tile (the last
+  chunk's a placeholder: its leaving state is the final one, which the caller has)."""
+  kernel = functools.partial(_dv_kernel, plan=layout.plan, decay_grad=states is not None)
+  return value_tiled_call(kernel, "linear_attention_grad_v", layout, q, k, do, g, resets, d_states, scores,
+                          out_dtype, leaving=states)
+
+
+def _grad_dqdk(layout, q, k, v, do, g, resets, states, d_states, out_dtype, decay_grad):
+  """dq, dk, and with decay_grad the decay gradient's per-row q·dq − k·dk [B,T,H,Dk] f32."""
+  plan = layout.plan
+  tile_k = min(plan.config.key_tile, layout.dim_k)
+  in_specs = [layout.chunk_spec(tile_k, True), layout.chunk_spec(tile_k, True),
+              layout.chunk_spec(layout.dim_v), layout.chunk_spec(layout.dim_v)]
+  if g is not None:
+    in_specs.append(layout.chunk_g_spec(tile_k, True))
+  if resets is not None:
+    in_specs.append(layout.chunk_resets_spec())
+  in_specs += [layout.chunk_state_spec(layout.dim_v, tile_k, tile_rows=False)] * 2
+  shape = (layout.batch, layout.time, layout.heads, layout.dim_k)
+  out_shape = [jax.ShapeDtypeStruct(shape, out_dtype)] * 2 + [jax.ShapeDtypeStruct(shape, jnp.float32)] * decay_grad
+  operand_dtype = jnp.float32 if decay_grad else q.dtype
+  return pl.pallas_call(
+      functools.partial(_dqdk_kernel, plan=plan, operand_dtype=operand_dtype),
+      grid=layout.chunk_grid(layout.dim_k // tile_k), in_specs=in_specs,
+      out_specs=[layout.result_spec(tile_k, True)] * len(out_shape), out_shape=out_shape,
+      compiler_params=compiler_params(plan, plan.config.key_warps), interpret=interpret_mode(),
+      name="linear_attention_grad_qk",
+  )(q, k, v, do, *layout.extras(g, resets), states, d_states)
+
+
+def _dense(cotangent, like):
+  if isinstance(cotangent, jax.custom_derivatives.SymbolicZero):
+    return jnp.zeros(like.shape, like.dtype)
+  return cotangent
+
+
+def backward(plan, residuals, cotangents):
+  """The custom_vjp's backward rule: gradients of q, k, v, log_decay and initial_state."""
+  q, k, v, initial_state, segment_ids, final_state, (gates, scores, states), marker = residuals
+  wants_decay_grad = marker is not None
+  d_out = _dense(cotangents[0], v)
+  time = q.shape[1]
+  qp, kp, vp, g, resets, layout = prepare(plan, q, k, v, None, segment_ids, gates)
+  dop = pad_time(d_out.astype(v.dtype), layout.time)
+  # One decay per head sums the per-row decay gradients over the whole sequence, which cancels again: it needs
+  # fp32 states (a trainable TNL decay; HGRN2 keeps bf16 states).
+  states_dtype = jnp.float32 if (wants_decay_grad and plan.mode == "scalar") else state_dtype(q.dtype)
+  last = jnp.swapaxes(final_state, -1, -2)
+  if states is None or states.dtype != states_dtype:  # the fused forward's, or bf16 where fp32 is needed
+    states, last = state_scan(layout, kp, vp, g, resets, value_major(initial_state), states_dtype, reverse=False)
+  d_states, d_init = state_scan(layout, qp, dop, g, resets, value_major(cotangents[1]), states_dtype, reverse=True)
+  dv, *state_term = _grad_dv(layout, qp, kp, dop, g, resets, d_states, scores, v.dtype,
+                             states if wants_decay_grad else None)
+  dq, dk, *per_step = _grad_dqdk(layout, qp, kp, vp, dop, g, resets, states, d_states, q.dtype, wants_decay_grad)
+  d_log_decay = None
+  if wants_decay_grad:
+    # The last chunk's S_e·dS_e (the kernel read a placeholder): the exact fp32 final state, and dS_T as the
+    # kernels saw it (bf16 d_states), so that it cancels against their q·dq − k·dk.
+    final_term = jnp.sum(last * d_states[:, -1].astype(jnp.float32), axis=-2)  # [B,H,Dk]
+    state_term = state_term[0].sum(axis=3).at[:, -1].set(final_term)
+    d_log_decay = _decay_grad(layout, *per_step, state_term, time).astype(marker.dtype)
+  d_initial = None if initial_state is None else jnp.swapaxes(d_init, -1, -2).astype(initial_state.dtype)
+  return (dq[:, :time], dk[:, :time], dv[:, :time], d_log_decay, d_initial, None)
+
+
+def _decay_grad(layout, per_step, state_term, time):
+  """d log α: per row r, Σ_{r≤t≤e} (q·dq − k·dk)_t + Σ_v S_e·dS_e (module docstring) from the per-row
+  q·dq − k·dk [B,T,H,Dk] (chunk-padded) and Σ_v S_e·dS_e per chunk [B,N,H,Dk]; [B,T,H,Dk] for vector decay, [H]
+  for a scalar decay per head (which acts on every row and channel)."""
+  per_row = chunk_sums(layout, per_step, reverse=True, offsets=state_term)[:, :time]
+  return per_row if layout.plan.mode == "vector" else per_row.sum(axis=(0, 1, 3))

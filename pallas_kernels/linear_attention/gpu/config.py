@@ -1,0 +1,152 @@
+"""Tuning knobs of the Pallas GPU kernels: one frozen dataclass and the tuned defaults per decay mode and dtype.
+
+Why each default is what it is (the H200 measurements that chose it): docs/tuning.md.
+"""
+import dataclasses
+from typing import Sequence
+
+import jax.numpy as jnp
+
+DECAY_MODES = ("none", "scalar", "vector")  # no decay (cosFormer2), one per head (TNL), per key channel (HGRN2)
+SUB_CHUNK = 16  # per-key-channel decay: rows whose diagonal blocks need more than one matmul (fla's chunk_gla)
+MIN_BLOCK = 16  # Triton's smallest matmul operand dimension
+_WARPS = (1, 2, 4, 8, 16, 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuKernelConfig:
+  """Static tuning of one "pallas_gpu" call (hashable: a nondiff argument of the op's custom_vjp).
+
+  Attributes:
+    chunk_size: tokens per chunk; a sequence shorter than a chunk takes the next power of two >= its length.
+    num_warps: warps of the chunk-parallel output and dv kernels.
+    key_tile: Dk tile of the dq/dk kernel (clipped to Dk).
+    key_warps: warps of the dq/dk kernel.
+    value_tile: Dv tile of the output and dv kernels (clipped to Dv).
+    split_sub_chunks: per-key-channel decay: one program per 16-row sub-chunk in the score and dq/dk kernels
+      instead of one looping over the chunk's sub-chunks.
+    fused_forward: the forward walks the chunks in one kernel with the state in registers instead of a state
+      scan that stores every chunk's state followed by the output kernel.
+    one_pass_tf32: the per-key-channel dq/dk kernel's fp32 matmuls (the decay gradient's intra-chunk terms) in
+      one TF32 pass instead of three.
+    score_levels: halvings of the score kernel's 16x16 diagonal blocks done as matmuls before its elementwise
+      loop (0 to 4).
+    scores_warps: warps of the per-key-channel intra-chunk score kernel.
+    fused_value_tile: Dv tile of the fused forward (its fp32 state [tile, Dk] stays in registers).
+    scan_tile: Dk and Dv tile of the state scans.
+    scan_warps: warps of the state scans, the segment combine and the chunk cumulative sums.
+    scan_unroll: chunks per loop step of latency-bound state scans with 16-bit operands.
+    latency_bound_programs: state scans with fewer programs than this unroll scan_unroll chunks per step.
+    segment_programs: sequential kernels split time into segments (a two-level scan) while they have fewer
+      programs than this (0: never).
+    segment_scans_below: the state scans consider segments only below this many programs.
+    segment_scan_tile: state tile of segmented state scans with 16-bit operands.
+    min_segment_chunks: chunks each segment keeps at least.
+    combine_tile: state tile of the segment combine (elementwise: small tiles, many programs).
+    num_stages: software-pipelining stages of every kernel.
+  """
+  chunk_size: int
+  num_warps: int
+  key_tile: int
+  key_warps: int
+  value_tile: int
+  split_sub_chunks: bool
+  fused_forward: bool
+  one_pass_tf32: bool
+  score_levels: int = 1
+  scores_warps: int = 8
+  fused_value_tile: int = 64
+  scan_tile: int = 64
+  scan_warps: int = 4
+  scan_unroll: int = 4
+  latency_bound_programs: int = 256
+  segment_programs: int = 512
+  segment_scans_below: int = 128
+  segment_scan_tile: int = 128
+  min_segment_chunks: int = 8
+  combine_tile: int = 32
+  num_stages: int = 2
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if field.type is bool:
+        if not isinstance(value, bool):
+          raise TypeError(f"GpuKernelConfig.{field.name}={value!r}; valid: True or False.")
+      elif not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"GpuKernelConfig.{field.name}={value!r}; valid: an int.")
+    for name in ("chunk_size", "key_tile", "value_tile", "fused_value_tile", "scan_tile", "segment_scan_tile",
+                 "combine_tile"):
+      value = getattr(self, name)
+      if value < MIN_BLOCK or value & (value - 1):
+        raise ValueError(f"GpuKernelConfig.{name}={value}; valid: a power of two >= {MIN_BLOCK}.")
+    for name in ("num_warps", "key_warps", "scores_warps", "scan_warps"):
+      if getattr(self, name) not in _WARPS:
+        raise ValueError(f"GpuKernelConfig.{name}={getattr(self, name)}; valid: one of {_WARPS}.")
+    levels = SUB_CHUNK.bit_length() - 1
+    if not 0 <= self.score_levels <= levels:
+      raise ValueError(f"GpuKernelConfig.score_levels={self.score_levels}; valid: 0 to {levels}.")
+    for name in ("num_stages", "scan_unroll", "min_segment_chunks"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"GpuKernelConfig.{name}={getattr(self, name)}; valid: an int >= 1.")
+    for name in ("latency_bound_programs", "segment_programs", "segment_scans_below"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"GpuKernelConfig.{name}={getattr(self, name)}; valid: an int >= 0.")
+
+
+def effective_chunk(chunk_size: int, time: int) -> int:
+  """The chunk a sequence of `time` tokens runs with: short sequences use a smaller one (as fla does), never below
+  the 16-row Triton matmul minimum."""
+  return min(chunk_size, max(MIN_BLOCK, 1 << max(time - 1, 0).bit_length()))
+
+
+def default_config(mode: str, shape: Sequence[int], dtype) -> GpuKernelConfig:
+  """The tuned configuration for queries of `shape` [batch, time, heads, dim_k] and `dtype` in decay `mode`.
+
+  Args:
+    mode: "none", "scalar" (one decay per head) or "vector" (per key channel).
+    shape: q's shape; a sequence shorter than the default chunk gets a smaller one.
+    dtype: the inputs' dtype; 32-bit inputs take narrower tiles (shared memory) and three-pass TF32 matmuls.
+  """
+  if mode not in DECAY_MODES:
+    raise ValueError(f"default_config: mode={mode!r}; valid: {', '.join(DECAY_MODES)}.")
+  if len(shape) != 4:
+    raise ValueError(f"default_config: shape={tuple(shape)}; valid: q's shape [batch, time, heads, dim_k].")
+  vector = mode == "vector"
+  wide = jnp.dtype(dtype).itemsize >= 4
+  return GpuKernelConfig(
+      chunk_size=effective_chunk(32 if vector else 64, shape[1]),
+      num_warps=2 if vector else 4,
+      key_tile=64 if vector or wide else 128,
+      key_warps=4,
+      value_tile=64 if wide else 128,
+      split_sub_chunks=vector,
+      fused_forward=not vector,
+      one_pass_tf32=not wide)
+
+
+def parse_overrides(assignments: Sequence[str]) -> dict:
+  """{knob: value} from "knob=value" strings (the benchmarks' --config), converted to the knob's type.
+
+  Raises:
+    ValueError: an assignment without "=", an unknown knob, or a value of the wrong type.
+  """
+  types = {field.name: field.type for field in dataclasses.fields(GpuKernelConfig)}
+  overrides = {}
+  for assignment in assignments:
+    name, separator, text = assignment.partition("=")
+    name, text = name.strip(), text.strip()
+    if not separator:
+      raise ValueError(f"config assignment {assignment!r}; valid: knob=value, e.g. num_warps=8.")
+    if name not in types:
+      raise ValueError(f"unknown GpuKernelConfig knob {name!r}; valid: {', '.join(types)}.")
+    if types[name] is bool:
+      if text.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"GpuKernelConfig.{name}={text}; valid: true or false.")
+      overrides[name] = text.lower() in ("true", "1")
+    else:
+      try:
+        overrides[name] = int(text)
+      except ValueError:
+        raise ValueError(f"GpuKernelConfig.{name}={text}; valid: an integer.") from None
+  return overrides

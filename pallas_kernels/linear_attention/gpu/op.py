@@ -1,0 +1,83 @@
+"""The "pallas_gpu" op: input checks, the plan of one call and the custom_vjp tying the forward to the backward."""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.linear_attention.gpu.backward import backward
+from pallas_kernels.linear_attention.gpu.config import GpuKernelConfig, default_config, effective_chunk
+from pallas_kernels.linear_attention.gpu.forward import forward
+from pallas_kernels.linear_attention.gpu.planning import Plan
+
+_SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+MAX_WIDE_DIM = 128  # largest Dk/Dv the kernels take with 32-bit inputs
+
+
+def fits_shared_memory(dtype, dim_k, dim_v) -> bool:
+  """Whether the kernels' blocks fit the 227 KB of shared memory of an H100/H200 block: 32-bit inputs with a
+  256-wide head would need 256-320 KB."""
+  return jnp.dtype(dtype).itemsize < 4 or max(dim_k, dim_v) <= MAX_WIDE_DIM
+
+
+def decay_mode(log_decay) -> str:
+  """"none", "scalar" (log_decay [H]) or "vector" (log_decay [B,T,H,Dk])."""
+  return "none" if log_decay is None else ("scalar" if log_decay.ndim == 1 else "vector")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _linear_attention(q, k, v, log_decay, initial_state, segment_ids, plan):
+  return forward(plan, q, k, v, log_decay, initial_state, segment_ids)[0]
+
+
+def _linear_attention_fwd(q, k, v, log_decay, initial_state, segment_ids, plan):
+  # symbolic_zeros: the primals arrive wrapped, telling whether a decay gradient is wanted at all (TNL's decay
+  # is a fixed buffer); only then does the backward pay for fp32 dq/dk.
+  wants_decay_grad = log_decay is not None and log_decay.perturbed
+  # The backward takes the forward's chunk-local gates (fla saves its g_cumsum too) and, from the unfused forward,
+  # its per-chunk states: O((T/C)·Dk·Dv) more memory than fla keeps, one state scan less than it runs.
+  # log_decay's value is not needed: a zero-size marker of its dtype says that its gradient is wanted.
+  q, k, v, log_decay, initial_state, segment_ids = (
+      None if x is None else x.value for x in (q, k, v, log_decay, initial_state, segment_ids))
+  (out, final_state), saved = forward(plan, q, k, v, log_decay, initial_state, segment_ids)
+  marker = jnp.zeros((0,), log_decay.dtype) if wants_decay_grad else None
+  return (out, final_state), (q, k, v, initial_state, segment_ids, final_state, saved, marker)
+
+
+_linear_attention.defvjp(_linear_attention_fwd, backward, symbolic_zeros=True)
+
+
+def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_size=None,
+                         config: GpuKernelConfig | None = None):
+  """The "pallas_gpu" backend of `linear_attention` (api.py), with the same arguments.
+
+  Args:
+    q, k, v, log_decay, initial_state, segment_ids: as in `linear_attention`.
+    chunk_size: tokens per chunk; None: config.chunk_size. Replaces config.chunk_size when given.
+    config: the kernels' tuning; None: default_config for this call's decay mode, shape and dtype.
+
+  Returns:
+    (o [B,T,H,Dv] in v.dtype, final_state [B,H,Dk,Dv] float32).
+  """
+  batch, time, heads, dim_k = q.shape
+  dim_v = v.shape[-1]
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x.dtype not in _SUPPORTED_DTYPES:
+      raise TypeError(f"pallas_gpu: {name} has dtype {x.dtype}; valid: float32, bfloat16, float16.")
+  if not (q.dtype == k.dtype == v.dtype):
+    raise TypeError(f"pallas_gpu: q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}.")
+  for name, dim in (("dim_k", dim_k), ("dim_v", dim_v)):
+    if dim < 16 or dim & (dim - 1):
+      raise ValueError(f"pallas_gpu: {name}={dim}; valid: a power of two >= 16 (Triton block rule).")
+  if not fits_shared_memory(q.dtype, dim_k, dim_v):
+    raise ValueError(f"pallas_gpu: {jnp.dtype(q.dtype).name} inputs with dim_k={dim_k}, dim_v={dim_v} need more "
+                     f"shared memory than an H100/H200 block has (227 KB); valid: dims <= {MAX_WIDE_DIM} for "
+                     "32-bit inputs, or bfloat16/float16 inputs (backend='xla' takes any).")
+  if config is not None and not isinstance(config, GpuKernelConfig):
+    raise TypeError(f"pallas_gpu: config is a {type(config).__name__}; valid: None or a GpuKernelConfig.")
+  mode = decay_mode(log_decay)
+  config = default_config(mode, q.shape, q.dtype) if config is None else config
+  if chunk_size is not None:
+    config = dataclasses.replace(config, chunk_size=chunk_size)
+  plan = Plan(mode, segment_ids is not None, effective_chunk(config.chunk_size, time), config)
+  return _linear_attention(q, k, v, log_decay, initial_state, segment_ids, plan)
