@@ -3,6 +3,7 @@
 Metadata lives in setup.cfg. In a checkout (editable install included) lsm_jax.train resolves gin/ from the
 repository root; from a wheel it resolves lsm_jax/gin/.
 """
+
 import os
 import shutil
 
@@ -11,7 +12,6 @@ from setuptools.command.build_py import build_py
 
 
 class BuildPyWithGinConfigs(build_py):
-
   def run(self):
     super().run()
     if not getattr(self, "editable_mode", False):

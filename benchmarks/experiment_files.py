@@ -16,6 +16,7 @@ On a GPU host with jax[cuda], lsm_jax and portpicker installed (`pip install -e 
   python3 benchmarks/experiment_files.py select --out_dir $OUT
   python3 benchmarks/experiment_files.py run --out_dir $OUT --archs llama,tnl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,8 @@ REPO_ROOT = os.path.dirname(BENCHMARKS_DIR)
 sys.path[:0] = [REPO_ROOT, BENCHMARKS_DIR]
 
 import jax  # noqa: E402
-
 import train_step  # noqa: E402  (benchmarks/train_step.py)
+
 from lsm_jax import metrics, sharding  # noqa: E402
 
 ARCHS = ("llama", "tnl", "hgrn2", "cosformer2")
@@ -51,12 +52,22 @@ TARGET_GIB = 0.75 * 80.0
 # shards, hence 1, 3, 5 and 15. Policies from the lightest (keeps every activation) to the heaviest.
 POLICY_ORDER = ("none", "dots_and_mixer_kernels_saveable", "full")
 CANDIDATES = {
-    "70m": (("none", 15), ("none", 5), ("dots_and_mixer_kernels_saveable", 15)),
-    "160m": (("none", 15), ("none", 5), ("none", 3), ("dots_and_mixer_kernels_saveable", 15)),
-    "410m": (("none", 5), ("none", 3), ("none", 1), ("dots_and_mixer_kernels_saveable", 15),
-             ("dots_and_mixer_kernels_saveable", 5)),
-    "1b": (("none", 3), ("none", 1), ("dots_and_mixer_kernels_saveable", 5), ("dots_and_mixer_kernels_saveable", 3),
-           ("full", 5)),
+  "70m": (("none", 15), ("none", 5), ("dots_and_mixer_kernels_saveable", 15)),
+  "160m": (("none", 15), ("none", 5), ("none", 3), ("dots_and_mixer_kernels_saveable", 15)),
+  "410m": (
+    ("none", 5),
+    ("none", 3),
+    ("none", 1),
+    ("dots_and_mixer_kernels_saveable", 15),
+    ("dots_and_mixer_kernels_saveable", 5),
+  ),
+  "1b": (
+    ("none", 3),
+    ("none", 1),
+    ("dots_and_mixer_kernels_saveable", 5),
+    ("dots_and_mixer_kernels_saveable", 3),
+    ("full", 5),
+  ),
 }
 MICROBATCHES_PER_STEP = 2  # the shortened global batch: enough to run the accumulation loop as shipped
 
@@ -72,19 +83,25 @@ def _spec(gin_file: str, bindings: list[str], args) -> dict:
 def _header(command: str) -> dict:
   device = jax.devices()[0]
   limit = metrics.device_memory_limit_bytes(jax.devices())
-  return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          "commit": _commit(), "device": f"{jax.device_count()} × {device.device_kind}",
-          "device_gib": None if limit is None else limit / 2**30,
-          "versions": f"jax {jax.__version__}, Python {platform.python_version()}", "command": command,
-          "target_hardware": TARGET_HARDWARE, "target_gib": TARGET_GIB}
+  return {
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "commit": _commit(),
+    "device": f"{jax.device_count()} × {device.device_kind}",
+    "device_gib": None if limit is None else limit / 2**30,
+    "versions": f"jax {jax.__version__}, Python {platform.python_version()}",
+    "command": command,
+    "target_hardware": TARGET_HARDWARE,
+    "target_gib": TARGET_GIB,
+  }
 
 
 def _commit() -> str:
   if os.environ.get("LSM_JAX_COMMIT"):  # a copy of the tree without its git history (e.g. an exported snapshot)
     return os.environ["LSM_JAX_COMMIT"]
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                          cwd=REPO_ROOT).stdout.strip()
+    return subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=REPO_ROOT
+    ).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
 
@@ -97,11 +114,14 @@ def select(gin_file: str, size: str, args) -> list[dict]:
   """Every candidate of `gin_file` with its memory plan; the timed ones with tokens/s; the chosen one marked."""
   rows, fitting = [], {}
   for policy, rows_per_shard in CANDIDATES[size]:
-    lighter = [fitting[p] for p in POLICY_ORDER[:POLICY_ORDER.index(policy)] if p in fitting]
+    lighter = [fitting[p] for p in POLICY_ORDER[: POLICY_ORDER.index(policy)] if p in fitting]
     if policy in fitting or any(row["per_shard_microbatch_size"] >= rows_per_shard for row in lighter):
       continue  # dominated: the same policy with a larger microbatch, or a lighter policy, already fits
-    bindings = [f"configs.ModelConfig.remat_policy = '{policy}'", f"PER_SHARD_MICROBATCH_SIZE = {rows_per_shard}",
-                f"GLOBAL_BATCH_SIZE = {MICROBATCHES_PER_STEP * rows_per_shard}"]
+    bindings = [
+      f"configs.ModelConfig.remat_policy = '{policy}'",
+      f"PER_SHARD_MICROBATCH_SIZE = {rows_per_shard}",
+      f"GLOBAL_BATCH_SIZE = {MICROBATCHES_PER_STEP * rows_per_shard}",
+    ]
     row = {"gin_file": gin_file, "remat_policy": policy, "per_shard_microbatch_size": rows_per_shard}
     try:
       program, compiled, described = train_step.compile_spec(_spec(gin_file, bindings, args))
@@ -136,16 +156,33 @@ def run(gin_file: str, args, cache_dir: str) -> dict:
   bindings = [f"TRAIN_STEPS = {args.train_steps}", f"GLOBAL_BATCH_SIZE = {global_batch}"]
   cli_bindings = [f"--gin_bindings={binding}" for binding in (*bindings, *args.gin)]
   limit = metrics.device_memory_limit_bytes(jax.devices())
-  row = {"gin_file": gin_file, "hardware": f"{jax.device_count()} × {jax.devices()[0].device_kind}",
-         "device_gib": None if limit is None else limit / 2**30,
-         "target_hardware": TARGET_HARDWARE, "target_gib": TARGET_GIB,
-         "remat_policy": shipped["model_config"].remat_policy, "per_shard_microbatch_size": rows_per_shard,
-         "global_batch_size": global_batch, "seq_len": shipped["seq_len"], "train_steps": args.train_steps}
+  row = {
+    "gin_file": gin_file,
+    "hardware": f"{jax.device_count()} × {jax.devices()[0].device_kind}",
+    "device_gib": None if limit is None else limit / 2**30,
+    "target_hardware": TARGET_HARDWARE,
+    "target_gib": TARGET_GIB,
+    "remat_policy": shipped["model_config"].remat_policy,
+    "per_shard_microbatch_size": rows_per_shard,
+    "global_batch_size": global_batch,
+    "seq_len": shipped["seq_len"],
+    "train_steps": args.train_steps,
+  }
   model_dir = tempfile.mkdtemp(prefix="experiment-", dir=args.work_dir)
-  command = [sys.executable, "-m", "lsm_jax.train", f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{model_dir}'",
-             "--gin.DATA_DIR='embedded'", *cli_bindings]
-  environment = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache_dir,
-                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  command = [
+    sys.executable,
+    "-m",
+    "lsm_jax.train",
+    f"--gin_file={gin_file}",
+    f"--gin.MODEL_DIR='{model_dir}'",
+    "--gin.DATA_DIR='embedded'",
+    *cli_bindings,
+  ]
+  environment = {
+    **os.environ,
+    "JAX_COMPILATION_CACHE_DIR": cache_dir,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  }
   start = time.perf_counter()
   result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=environment)
   row["cli_wall_s"] = time.perf_counter() - start
@@ -155,19 +192,24 @@ def run(gin_file: str, args, cache_dir: str) -> dict:
     shutil.rmtree(model_dir, ignore_errors=True)
     return row
   steps = [m for m in _metrics_rows(model_dir) if "loss" in m]
-  timed = steps[args.skip_steps:] or steps
+  timed = steps[args.skip_steps :] or steps
   row.update(
-      tokens_per_s=statistics.median(m["tokens_per_sec"] for m in timed),
-      mfu=statistics.median(m["mfu"] for m in timed),
-      step_tokens_per_s=statistics.median(m.get("step_tokens_per_sec", m["tokens_per_sec"]) for m in timed),
-      peak_gib=max((m["peak_memory_gib"] for m in steps if m.get("peak_memory_gib") is not None), default=None),
-      final_loss=steps[-1]["loss"], timed_steps=len(timed))
+    tokens_per_s=statistics.median(m["tokens_per_sec"] for m in timed),
+    mfu=statistics.median(m["mfu"] for m in timed),
+    step_tokens_per_s=statistics.median(m.get("step_tokens_per_sec", m["tokens_per_sec"]) for m in timed),
+    peak_gib=max((m["peak_memory_gib"] for m in steps if m.get("peak_memory_gib") is not None), default=None),
+    final_loss=steps[-1]["loss"],
+    timed_steps=len(timed),
+  )
   shutil.rmtree(model_dir, ignore_errors=True)
 
   jax.config.update("jax_compilation_cache_dir", cache_dir)  # the CLI compiled this very program
   benchmark = train_step.measure(_spec(gin_file, bindings, args), _timing_args(args.benchmark_steps, 2))
-  row.update(benchmark_tokens_per_s=benchmark["tokens_per_s"], benchmark_mfu=benchmark["mfu"],
-             planned_gib=benchmark["planned_gib"])
+  row.update(
+    benchmark_tokens_per_s=benchmark["tokens_per_s"],
+    benchmark_mfu=benchmark["mfu"],
+    planned_gib=benchmark["planned_gib"],
+  )
   row["cli_over_benchmark"] = row["tokens_per_s"] / row["benchmark_tokens_per_s"]
   return row
 
@@ -177,44 +219,61 @@ def _fmt(value, pattern: str) -> str:
 
 
 def write_select_markdown(path: str, header: dict, rows: list[dict]) -> None:
-  lines = [f"# Experiment-file defaults on {header['device']}", "",
-           f"Date {header['date']}, commit {header['commit']}, {header['versions']}. Command: `{header['command']}`.",
-           "", f"Target: {header['target_hardware']} = {header['target_gib']:.0f} GiB for XLA's memory plan of the "
-           f"train step. Each candidate is the file with only the remat policy, PER_SHARD_MICROBATCH_SIZE and a "
-           f"global batch of {MICROBATCHES_PER_STEP} microbatches bound; timed candidates: median step after "
-           "warm-up, synthetic batches. The chosen candidate (fastest that fits) is what the file ships.", "",
-           "| file | remat | rows/shard | plan GiB | fits | tokens/s | MFU | chosen |",
-           "|---|---|---:|---:|---|---:|---:|---|"]
+  lines = [
+    f"# Experiment-file defaults on {header['device']}",
+    "",
+    f"Date {header['date']}, commit {header['commit']}, {header['versions']}. Command: `{header['command']}`.",
+    "",
+    f"Target: {header['target_hardware']} = {header['target_gib']:.0f} GiB for XLA's memory plan of the "
+    f"train step. Each candidate is the file with only the remat policy, PER_SHARD_MICROBATCH_SIZE and a "
+    f"global batch of {MICROBATCHES_PER_STEP} microbatches bound; timed candidates: median step after "
+    "warm-up, synthetic batches. The chosen candidate (fastest that fits) is what the file ships.",
+    "",
+    "| file | remat | rows/shard | plan GiB | fits | tokens/s | MFU | chosen |",
+    "|---|---|---:|---:|---|---:|---:|---|",
+  ]
   for row in rows:
-    lines.append(f"| {row['gin_file']} | {row['remat_policy']} | {row['per_shard_microbatch_size']} | "
-                 f"{_fmt(row.get('planned_gib'), '.1f')} | {'yes' if row.get('fits') else 'no'} | "
-                 f"{_fmt(row.get('tokens_per_s'), ',.0f')} | {_fmt(row.get('mfu') and 100 * row['mfu'], '.1f')} | "
-                 f"{'**yes**' if row.get('chosen') else ''} |")
+    lines.append(
+      f"| {row['gin_file']} | {row['remat_policy']} | {row['per_shard_microbatch_size']} | "
+      f"{_fmt(row.get('planned_gib'), '.1f')} | {'yes' if row.get('fits') else 'no'} | "
+      f"{_fmt(row.get('tokens_per_s'), ',.0f')} | {_fmt(row.get('mfu') and 100 * row['mfu'], '.1f')} | "
+      f"{'**yes**' if row.get('chosen') else ''} |"
+    )
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
 
 
 def write_run_markdown(path: str, header: dict, rows: list[dict]) -> None:
-  lines = [f"# Experiment files as shipped on {header['device']}", "",
-           f"Date {header['date']}, commit {header['commit']}, {header['versions']}. Command: `{header['command']}`.",
-           "", f"Each file through `python -m lsm_jax.train` with only TRAIN_STEPS and GLOBAL_BATCH_SIZE shortened "
-           f"({MICROBATCHES_PER_STEP} microbatches per step), embedded corpus. tokens/s and MFU: the CLI's "
-           "wall-clock figures (metrics.jsonl, median after the first steps); benchmark: benchmarks/train_step.py "
-           f"on the same program (compiled step only). Target: {header['target_hardware']} "
-           f"({header['target_gib']:.0f} GiB); device memory available to JAX: "
-           f"{_fmt(header['device_gib'], '.1f')} GiB.",
-           "", "| file | remat | rows/shard | batch | plan GiB | peak GiB | CLI tokens/s | MFU | benchmark tokens/s "
-           "| CLI / benchmark |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  lines = [
+    f"# Experiment files as shipped on {header['device']}",
+    "",
+    f"Date {header['date']}, commit {header['commit']}, {header['versions']}. Command: `{header['command']}`.",
+    "",
+    f"Each file through `python -m lsm_jax.train` with only TRAIN_STEPS and GLOBAL_BATCH_SIZE shortened "
+    f"({MICROBATCHES_PER_STEP} microbatches per step), embedded corpus. tokens/s and MFU: the CLI's "
+    "wall-clock figures (metrics.jsonl, median after the first steps); benchmark: benchmarks/train_step.py "
+    f"on the same program (compiled step only). Target: {header['target_hardware']} "
+    f"({header['target_gib']:.0f} GiB); device memory available to JAX: "
+    f"{_fmt(header['device_gib'], '.1f')} GiB.",
+    "",
+    "| file | remat | rows/shard | batch | plan GiB | peak GiB | CLI tokens/s | MFU | benchmark tokens/s "
+    "| CLI / benchmark |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
   for row in rows:
     if "error" in row:
-      lines.append(f"| {row['gin_file']} | {row['remat_policy']} | {row['per_shard_microbatch_size']} | "
-                   f"{row['global_batch_size']} | | | error: {row['error'][-100:]!r} | | | |")
+      lines.append(
+        f"| {row['gin_file']} | {row['remat_policy']} | {row['per_shard_microbatch_size']} | "
+        f"{row['global_batch_size']} | | | error: {row['error'][-100:]!r} | | | |"
+      )
       continue
-    lines.append(f"| {row['gin_file']} | {row['remat_policy']} | {row['per_shard_microbatch_size']} | "
-                 f"{row['global_batch_size']} | {_fmt(row.get('planned_gib'), '.1f')} | "
-                 f"{_fmt(row['peak_gib'], '.1f')} | "
-                 f"{row['tokens_per_s']:,.0f} | {100 * row['mfu']:.1f}% | {row['benchmark_tokens_per_s']:,.0f} | "
-                 f"{row['cli_over_benchmark']:.3f} |")
+    lines.append(
+      f"| {row['gin_file']} | {row['remat_policy']} | {row['per_shard_microbatch_size']} | "
+      f"{row['global_batch_size']} | {_fmt(row.get('planned_gib'), '.1f')} | "
+      f"{_fmt(row['peak_gib'], '.1f')} | "
+      f"{row['tokens_per_s']:,.0f} | {100 * row['mfu']:.1f}% | {row['benchmark_tokens_per_s']:,.0f} | "
+      f"{row['cli_over_benchmark']:.3f} |"
+    )
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
 
@@ -236,8 +295,12 @@ def main(argv=None) -> None:
   parser.add_argument("--skip_steps", type=int, default=2, help="run: first CLI steps left out of the median")
   parser.add_argument("--benchmark_steps", type=int, default=4, help="run: timed benchmark steps")
   parser.add_argument("--work_dir", default=None, help="run: where the CLI's run directories go (removed after)")
-  parser.add_argument("--gin", action="append", default=[],
-                      help="extra gin binding for every file, e.g. 'SEQ_LEN = 256' for a CPU check of the script")
+  parser.add_argument(
+    "--gin",
+    action="append",
+    default=[],
+    help="extra gin binding for every file, e.g. 'SEQ_LEN = 256' for a CPU check of the script",
+  )
   parser.add_argument("--out_dir", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
   args = parser.parse_args(argv)
   for arch in args.archs.split(","):

@@ -28,13 +28,14 @@ pallas_gpu backend with the float64 recurrent reference on the GPU (outputs, fin
 --shapes takes indices into SHAPES or explicit BxTxHxD shapes; a CPU smoke (kernels in interpret mode):
   python3 benchmarks/kernels.py --out /tmp/kernels_smoke --shapes 1x64x2x16 --reps 1 --calls 1
 """
+
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
-import dataclasses
 import platform
 import statistics
 import sys
@@ -59,8 +60,11 @@ HBM_BYTES_PER_S = 4.3e12  # device-to-device copy bandwidth measured on the H200
 FLA_NAMES = {"tnl": "chunk_simple_gla(g_gamma)", "hgrn2": "chunk_gla", "cosformer2": "chunk_linear_attn"}
 # Keys of the --reference_peers file's "results" (benchmarks/peers/fla_kernels.py: [fwd_ms, fwd_bwd_ms]).
 REFERENCE_PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", "fla_kernels_h200.json")
-REFERENCE_PEER_NAMES = {"tnl": "chunk_simple_gla (TNL decay)", "hgrn2": "chunk_gla (HGRN2-like)",
-                        "cosformer2": "chunk_linear_attn (no decay)"}
+REFERENCE_PEER_NAMES = {
+  "tnl": "chunk_simple_gla (TNL decay)",
+  "hgrn2": "chunk_gla (HGRN2-like)",
+  "cosformer2": "chunk_linear_attn (no decay)",
+}
 
 
 def log(*parts):
@@ -124,6 +128,7 @@ def jax_inputs(op, batch, time_, heads, dim, seed=0, dtype=jnp.bfloat16):
 
 def gradient_fn(op_fn, log_decay_is_learned):
   """One jitted gradient of Σ o·do (sequence_parallel.py: one executable for its memory analysis)."""
+
   def loss(q, k, v, log_decay, d_out):
     return jnp.sum(op_fn(q, k, v, log_decay).astype(jnp.float32) * d_out.astype(jnp.float32))
 
@@ -182,11 +187,13 @@ class ForwardThenBackward:
 
 def ours(chunk_size=None, overrides=None):
   """Our pallas_gpu op with the default kernel configuration of its inputs, `overrides` (--config) replaced."""
+
   def op_fn(q, k, v, log_decay):
     config = None
     if overrides:
       config = dataclasses.replace(gpu.default_config(gpu.decay_mode(log_decay), q.shape, q.dtype), **overrides)
     return gpu.linear_attention_gpu(q, k, v, log_decay, None, None, chunk_size, config)[0]
+
   return op_fn
 
 
@@ -198,8 +205,7 @@ def ours_fns(op, shape, op_fn=None):
   """(forward fn, its args, forward+backward fn, its args) of our op (or op_fn) on the benchmark inputs."""
   q, k, v, log_decay, d_out = jax_inputs(op, *shape)
   op_fn = op_fn or ours()
-  return (jax.jit(op_fn), (q, k, v, log_decay), ForwardThenBackward(op_fn, op == "hgrn2"),
-          (q, k, v, log_decay, d_out))
+  return (jax.jit(op_fn), (q, k, v, log_decay), ForwardThenBackward(op_fn, op == "hgrn2"), (q, k, v, log_decay, d_out))
 
 
 def cudnn_fns(shape, document_mask=False):
@@ -212,17 +218,22 @@ def cudnn_fns(shape, document_mask=False):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
 
   segment_ids = jnp.ones(q.shape[:2], jnp.int32) if document_mask else None
-  return (jax.jit(attention), (q, k, v, segment_ids), ForwardThenBackward(attention, False),
-          (q, k, v, segment_ids, d_out))
+  return (
+    jax.jit(attention),
+    (q, k, v, segment_ids),
+    ForwardThenBackward(attention, False),
+    (q, k, v, segment_ids, d_out),
+  )
 
 
 def time_fla(op, shape):
   """{"fwd"|"fwd_bwd": {"ms", "first_call_s"}} of the fla op."""
   import torch
-  from triton.testing import do_bench
   from fla.ops.gla import chunk_gla
   from fla.ops.linear_attn import chunk_linear_attn
   from fla.ops.simple_gla import chunk_simple_gla
+  from triton.testing import do_bench
+
   batch, time_, heads, dim = shape
   torch.manual_seed(0)
   make = lambda: (torch.randn(batch, time_, heads, dim, device="cuda", dtype=torch.bfloat16) * 0.1).requires_grad_()
@@ -252,15 +263,17 @@ def time_fla(op, shape):
 
 
 def _kernel_with_grads(q, k, v, log_decay, state, segment_ids, d_out, d_state):
-  present = {name: x for name, x in dict(q=q, k=k, v=v, log_decay=log_decay, initial_state=state).items()
-             if x is not None}
+  present = {
+    name: x for name, x in dict(q=q, k=k, v=v, log_decay=log_decay, initial_state=state).items() if x is not None
+  }
 
   @jax.jit
   def run(present, segment_ids, d_out, d_state):
     def op(present):
       merged = {"log_decay": None, **present}
-      return gpu.linear_attention_gpu(merged["q"], merged["k"], merged["v"], merged["log_decay"],
-                                      merged["initial_state"], segment_ids, None)
+      return gpu.linear_attention_gpu(
+        merged["q"], merged["k"], merged["v"], merged["log_decay"], merged["initial_state"], segment_ids, None
+      )
 
     (out, final_state), vjp = jax.vjp(op, present)
     return (out, final_state, *vjp((d_out.astype(out.dtype), d_state)))
@@ -271,29 +284,44 @@ def _kernel_with_grads(q, k, v, log_decay, state, segment_ids, d_out, d_state):
 def check_against_reference(modes=("scalar", "vector", "none")):
   """pallas_gpu vs the float64 recurrent reference on the GPU: worst relative RMS error per mode and dtype."""
   worst = {}
-  for mode, dim_k, dim_v, strength in (("scalar", 64, 128, "weak"), ("vector", 128, 64, "strong"),
-                                       ("none", 256, 128, "weak")):
+  for mode, dim_k, dim_v, strength in (
+    ("scalar", 64, 128, "weak"),
+    ("vector", 128, 64, "strong"),
+    ("none", 256, 128, "weak"),
+  ):
     if mode not in modes:
       continue
     for dtype, bound in ((jnp.float32, 1e-4), (jnp.bfloat16, 1e-2)):
       if not gpu.fits_shared_memory(dtype, dim_k, dim_v):
         continue  # refused by the kernels ("auto" runs these on the XLA backend)
       q, k, v, log_decay, state, segments = testing.random_inputs(
-          7, batch=2, time=300, heads=2, dim_k=dim_k, dim_v=dim_v, decay_mode=mode, strength=strength, dtype=dtype)
+        7, batch=2, time=300, heads=2, dim_k=dim_k, dim_v=dim_v, decay_mode=mode, strength=strength, dtype=dtype
+      )
       rng = np.random.default_rng(3)
       # bf16-representable cotangents: the bf16 kernel sees exactly what the reference sees.
       d_out = jnp.asarray(rng.normal(size=v.shape), jnp.bfloat16).astype(jnp.float32)
       d_state = jnp.asarray(rng.normal(size=state.shape), jnp.float32)
       ref_out, ref_state, ref_grads = testing.reference_float64(q, k, v, log_decay, state, segments, d_out, d_state)
       out, final_state, grads = _kernel_with_grads(q, k, v, log_decay, state, segments, d_out, d_state)
-      errors = {"o": testing.relative_rms_error(out, ref_out),
-                "final_state": testing.relative_rms_error(final_state, ref_state)}
+      errors = {
+        "o": testing.relative_rms_error(out, ref_out),
+        "final_state": testing.relative_rms_error(final_state, ref_state),
+      }
       errors.update({f"d{name}": testing.relative_rms_error(grads[name], ref_grads[name]) for name in ref_grads})
       name = f"{mode} Dk={dim_k} Dv={dim_v} {strength} {jnp.dtype(dtype).name}"
-      worst[name] = {"max_error": max(errors.values()), "bound": bound, "errors": errors,
-                     "ok": max(errors.values()) <= bound}
-      log("check", name, "max rel RMS %.2e (bound %.0e)" % (max(errors.values()), bound),
-          "OK" if worst[name]["ok"] else "FAIL", {k_: "%.1e" % e for k_, e in errors.items()})
+      worst[name] = {
+        "max_error": max(errors.values()),
+        "bound": bound,
+        "errors": errors,
+        "ok": max(errors.values()) <= bound,
+      }
+      log(
+        "check",
+        name,
+        "max rel RMS %.2e (bound %.0e)" % (max(errors.values()), bound),
+        "OK" if worst[name]["ok"] else "FAIL",
+        {k_: "%.1e" % e for k_, e in errors.items()},
+      )
   return worst
 
 
@@ -308,45 +336,67 @@ def _config_text(overrides):
 
 
 def write_markdown(path, record):
-  lines = [f"# Linear-attention kernels on {record['device']}", "",
-           f"Date: {record['date']}. jax {record['jax_version']}, fla {record.get('fla_version', '?')}. "
-           f"Command: `{record['command']}`. Our kernels: {_config_text(record.get('config_overrides'))}.", "",
-           "bf16, D=128 (cosFormer2 timed at Dk=Dv=128 to match fla). ms = median; ratio = fla_ms / ours_ms "
-           "(> 1: ours faster). Floor: fused forward HBM bytes at 4.3 TB/s. Chunk: our chunk size (forward: the "
-           "fastest of --chunk_sizes). Compile: seconds of our lower().compile(); fla 1st: seconds of fla's first "
-           "call (Triton JIT and autotune). † fla not run in this process: its time from the reference "
-           f"measurements {os.path.basename(record.get('reference_peers') or REFERENCE_PEERS)} in benchmarks/peers/ "
-           "(same H200 model, fla 0.6.0, triton do_bench).", "",
-           "| op | B×T×H×D | ours fwd | chunk | fla fwd | ratio | ours fwd+bwd | fla fwd+bwd | ratio | fwd / floor "
-           "| compile fwd s | compile fwd+bwd s | fla 1st fwd s | fla 1st fwd+bwd s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+    f"# Linear-attention kernels on {record['device']}",
+    "",
+    f"Date: {record['date']}. jax {record['jax_version']}, fla {record.get('fla_version', '?')}. "
+    f"Command: `{record['command']}`. Our kernels: {_config_text(record.get('config_overrides'))}.",
+    "",
+    "bf16, D=128 (cosFormer2 timed at Dk=Dv=128 to match fla). ms = median; ratio = fla_ms / ours_ms "
+    "(> 1: ours faster). Floor: fused forward HBM bytes at 4.3 TB/s. Chunk: our chunk size (forward: the "
+    "fastest of --chunk_sizes). Compile: seconds of our lower().compile(); fla 1st: seconds of fla's first "
+    "call (Triton JIT and autotune). † fla not run in this process: its time from the reference "
+    f"measurements {os.path.basename(record.get('reference_peers') or REFERENCE_PEERS)} in benchmarks/peers/ "
+    "(same H200 model, fla 0.6.0, triton do_bench).",
+    "",
+    "| op | B×T×H×D | ours fwd | chunk | fla fwd | ratio | ours fwd+bwd | fla fwd+bwd | ratio | fwd / floor "
+    "| compile fwd s | compile fwd+bwd s | fla 1st fwd s | fla 1st fwd+bwd s |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
   for row in record["results"]:
     fwd, fwd_bwd = row["fwd"], row["fwd_bwd"]
     peer = lambda part: _fmt(part.get("fla_ms")) + ("†" if part.get("fla_source") == "reference" else "")
     lines.append(
-        f"| {row['op']} | {row['shape']} | {_fmt(fwd.get('ours_ms'))} | {fwd.get('chunk') or '—'} | "
-        f"{peer(fwd)} | {_fmt(fwd.get('ratio'))} | {_fmt(fwd_bwd.get('ours_ms'))} | "
-        f"{peer(fwd_bwd)} | {_fmt(fwd_bwd.get('ratio'))} | {_fmt(row.get('fwd_over_floor'))} | "
-        f"{_fmt(fwd.get('compile_s'), 1)} | {_fmt(fwd_bwd.get('compile_s'), 1)} | "
-        f"{_fmt(fwd.get('fla_first_call_s'), 1)} | {_fmt(fwd_bwd.get('fla_first_call_s'), 1)} |")
+      f"| {row['op']} | {row['shape']} | {_fmt(fwd.get('ours_ms'))} | {fwd.get('chunk') or '—'} | "
+      f"{peer(fwd)} | {_fmt(fwd.get('ratio'))} | {_fmt(fwd_bwd.get('ours_ms'))} | "
+      f"{peer(fwd_bwd)} | {_fmt(fwd_bwd.get('ratio'))} | {_fmt(row.get('fwd_over_floor'))} | "
+      f"{_fmt(fwd.get('compile_s'), 1)} | {_fmt(fwd_bwd.get('compile_s'), 1)} | "
+      f"{_fmt(fwd.get('fla_first_call_s'), 1)} | {_fmt(fwd_bwd.get('fla_first_call_s'), 1)} |"
+    )
   swept = [row for row in record["results"] if len(row["fwd"].get("by_chunk", {})) > 1]
   if swept:
-    lines += ["", "Forward chunk-size sweep (ours):", "", "| op | B×T×H×D | chunk | fwd ms | compile s |",
-              "|---|---|---|---|---|"]
+    lines += [
+      "",
+      "Forward chunk-size sweep (ours):",
+      "",
+      "| op | B×T×H×D | chunk | fwd ms | compile s |",
+      "|---|---|---|---|---|",
+    ]
     for row in swept:
       for chunk, entry in row["fwd"]["by_chunk"].items():
-        lines.append(f"| {row['op']} | {row['shape']} | {chunk} | {_fmt(entry['ms'])} | "
-                     f"{_fmt(entry['compile_s'], 1)} |")
+        lines.append(
+          f"| {row['op']} | {row['shape']} | {chunk} | {_fmt(entry['ms'])} | {_fmt(entry['compile_s'], 1)} |"
+        )
   if record.get("others"):
-    lines += ["", "| other (JAX) | B×T×H×D | fwd ms | fwd+bwd ms | compile fwd s | compile fwd+bwd s |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+      "",
+      "| other (JAX) | B×T×H×D | fwd ms | fwd+bwd ms | compile fwd s | compile fwd+bwd s |",
+      "|---|---|---|---|---|---|",
+    ]
     for row in record["others"]:
-      lines.append(f"| {row['name']} | {row['shape']} | {_fmt(row.get('fwd_ms'))} | {_fmt(row.get('fwd_bwd_ms'))} | "
-                   f"{_fmt(row.get('fwd_compile_s'), 1)} | {_fmt(row.get('fwd_bwd_compile_s'), 1)} |")
+      lines.append(
+        f"| {row['name']} | {row['shape']} | {_fmt(row.get('fwd_ms'))} | {_fmt(row.get('fwd_bwd_ms'))} | "
+        f"{_fmt(row.get('fwd_compile_s'), 1)} | {_fmt(row.get('fwd_bwd_compile_s'), 1)} |"
+      )
   if record.get("check"):
-    lines += ["", "Correctness on the device (pallas_gpu vs float64 recurrent reference, B=2 T=300 H=2, "
-              "segment resets and initial state; worst relative RMS over o, final state and all gradients):", "",
-              "| case | worst error | bound |", "|---|---|---|"]
+    lines += [
+      "",
+      "Correctness on the device (pallas_gpu vs float64 recurrent reference, B=2 T=300 H=2, "
+      "segment resets and initial state; worst relative RMS over o, final state and all gradients):",
+      "",
+      "| case | worst error | bound |",
+      "|---|---|---|",
+    ]
     for name, entry in record["check"].items():
       lines.append(f"| {name} | {entry['max_error']:.2e} | {entry['bound']:.0e} |")
   if record.get("skipped"):
@@ -390,13 +440,20 @@ def measure_op(runner, op, shape, args, chunk_sizes, overrides):
   label = "x".join(map(str, shape))
   default = overrides.get("chunk_size") or gpu.default_config(OP_DECAY_MODES[op], shape, jnp.bfloat16).chunk_size
   chunk_sizes = [chunk or default for chunk in chunk_sizes]
-  row = {"op": op, "shape": label, "fla_op": FLA_NAMES[op], "fwd": {"by_chunk": {}},
-         "fwd_bwd": {"chunk": chunk_sizes[0]}, "fwd_floor_ms": forward_floor_ms(op, *shape)}
+  row = {
+    "op": op,
+    "shape": label,
+    "fla_op": FLA_NAMES[op],
+    "fwd": {"by_chunk": {}},
+    "fwd_bwd": {"chunk": chunk_sizes[0]},
+    "fwd_floor_ms": forward_floor_ms(op, *shape),
+  }
   runner.record["results"].append(row)
   for chunk in chunk_sizes:
     forward, forward_args, _, _ = ours_fns(op, shape, ours(chunk, overrides))
-    result = runner.measure(f"ours {op} {label} fwd chunk={chunk}",
-                            lambda: time_jax(forward, forward_args, args.reps, args.calls))
+    result = runner.measure(
+      f"ours {op} {label} fwd chunk={chunk}", lambda: time_jax(forward, forward_args, args.reps, args.calls)
+    )
     if result is not None:
       row["fwd"]["by_chunk"][str(chunk)] = result
   if row["fwd"]["by_chunk"]:
@@ -404,8 +461,10 @@ def measure_op(runner, op, shape, args, chunk_sizes, overrides):
     row["fwd"].update(ours_ms=best["ms"], chunk=int(chunk), compile_s=best["compile_s"])
     row["fwd_over_floor"] = best["ms"] / row["fwd_floor_ms"]
   _, _, backward, backward_args = ours_fns(op, shape, ours(chunk_sizes[0], overrides))
-  result = runner.measure(f"ours {op} {label} fwd+bwd chunk={chunk_sizes[0]}",
-                          lambda: time_jax(backward, backward_args, args.reps, args.calls))
+  result = runner.measure(
+    f"ours {op} {label} fwd+bwd chunk={chunk_sizes[0]}",
+    lambda: time_jax(backward, backward_args, args.reps, args.calls),
+  )
   if result is not None:
     row["fwd_bwd"].update(ours_ms=result["ms"], compile_s=result["compile_s"])
   apply_reference_peer(runner, row)
@@ -487,25 +546,40 @@ def main():
   # does not pay it.
   parser.add_argument("--calls", type=int, default=20)
   parser.add_argument("--check", action="store_true", help="compare with the float64 reference first")
-  parser.add_argument("--config", action="append", default=[], metavar="KNOB=VALUE",
-                      help="replace one knob of our ops' default kernel configuration (repeatable): "
-                           + ", ".join(field.name for field in dataclasses.fields(gpu.GpuKernelConfig)))
+  parser.add_argument(
+    "--config",
+    action="append",
+    default=[],
+    metavar="KNOB=VALUE",
+    help="replace one knob of our ops' default kernel configuration (repeatable): "
+    + ", ".join(field.name for field in dataclasses.fields(gpu.GpuKernelConfig)),
+  )
   parser.add_argument("--skip_peers", action="store_true", help="time ours only (no fla, no JAX baselines)")
   parser.add_argument("--ops", default=",".join(OPS), help="subset of " + ",".join(OPS))
-  parser.add_argument("--skip_fla_ops", default="",
-                      help="ops timed without their fla peer, e.g. hgrn2 (chunk_gla's first-call autotuning took "
-                           "over 200 s on the H200)")
+  parser.add_argument(
+    "--skip_fla_ops",
+    default="",
+    help="ops timed without their fla peer, e.g. hgrn2 (chunk_gla's first-call autotuning took over 200 s on the H200)",
+  )
   parser.add_argument("--shapes", default="0,1,2", help="indices into SHAPES or BxTxHxD shapes")
-  parser.add_argument("--fla_shapes", default="",
-                      help="shapes at which fla runs here (default: all); its first-call autotuning takes 26-200 s "
-                           "per op and shape")
-  parser.add_argument("--chunk_sizes", default="",
-                      help="our forward's chunk sizes to try, e.g. 64,128 (fwd+bwd uses the first); default: the "
-                           "op's default chunk")
-  parser.add_argument("--reference_peers", default=REFERENCE_PEERS,
-                      help="fla timings shown (marked †) where fla was not run here; '' for none")
-  parser.add_argument("--budget_s", type=float, default=None,
-                      help="start no measurement after this many seconds from start-up")
+  parser.add_argument(
+    "--fla_shapes",
+    default="",
+    help="shapes at which fla runs here (default: all); its first-call autotuning takes 26-200 s per op and shape",
+  )
+  parser.add_argument(
+    "--chunk_sizes",
+    default="",
+    help="our forward's chunk sizes to try, e.g. 64,128 (fwd+bwd uses the first); default: the op's default chunk",
+  )
+  parser.add_argument(
+    "--reference_peers",
+    default=REFERENCE_PEERS,
+    help="fla timings shown (marked †) where fla was not run here; '' for none",
+  )
+  parser.add_argument(
+    "--budget_s", type=float, default=None, help="start no measurement after this many seconds from start-up"
+  )
   args = parser.parse_args()
   ops = [op for op in args.ops.split(",") if op]
   unknown = [op for op in ops if op not in OPS]
@@ -516,14 +590,23 @@ def main():
   chunk_sizes = [int(x) for x in args.chunk_sizes.split(",") if x] or [None]
   overrides = parse_config(args.config)
   device = jax.devices()[0]
-  record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": getattr(device, "device_kind", str(device)), "jax_version": jax.__version__,
-            "python": platform.python_version(), "command": "python3 benchmarks/kernels.py " + " ".join(sys.argv[1:]),
-            "timing": f"JAX: median of {args.reps} x ({args.calls} calls, block_until_ready) after lower().compile(); "
-                      "torch: triton do_bench median", "budget_s": args.budget_s,
-            "config_overrides": overrides, "results": [], "others": [], "skipped": []}
+  record = {
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "device": getattr(device, "device_kind", str(device)),
+    "jax_version": jax.__version__,
+    "python": platform.python_version(),
+    "command": "python3 benchmarks/kernels.py " + " ".join(sys.argv[1:]),
+    "timing": f"JAX: median of {args.reps} x ({args.calls} calls, block_until_ready) after lower().compile(); "
+    "torch: triton do_bench median",
+    "budget_s": args.budget_s,
+    "config_overrides": overrides,
+    "results": [],
+    "others": [],
+    "skipped": [],
+  }
   try:
     import fla
+
     record["fla_version"] = getattr(fla, "__version__", "?")
   except ImportError:
     record["fla_version"] = None

@@ -9,6 +9,7 @@ with different --config and --name compare configurations. CPU smoke (interpret 
 events, summed the same way):
   python3 benchmarks/profile_kernels.py --out /tmp/profile_smoke --shape 1x64x2x16 --calls 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,11 @@ def device_kernel_us(trace_dir: str) -> tuple[dict[str, list[float]], str]:
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   metadata = [e for e in events if e.get("ph") == "M"]
   device_pids = {e["pid"] for e in metadata if e.get("name") == "process_name" and "/device:" in e["args"]["name"]}
-  streams = {(e["pid"], e["tid"]) for e in metadata
-             if e.get("name") == "thread_name" and e["pid"] in device_pids and e["args"]["name"].startswith("Stream")}
+  streams = {
+    (e["pid"], e["tid"])
+    for e in metadata
+    if e.get("name") == "thread_name" and e["pid"] in device_pids and e["args"]["name"].startswith("Stream")
+  }
   if device_pids:
     keep = lambda e: (e["pid"], e.get("tid")) in streams if streams else e["pid"] in device_pids
   else:
@@ -60,25 +64,35 @@ def profile(fn, fn_args, calls: int) -> tuple[list[dict], str]:
       for _ in range(calls):
         jax.block_until_ready(fn(*fn_args))
     durations, source = device_kernel_us(trace_dir)
-  rows = [{"kernel": name, "launches": len(times) / calls, "us": sum(times) / calls}
-          for name, times in durations.items()]
+  rows = [
+    {"kernel": name, "launches": len(times) / calls, "us": sum(times) / calls} for name, times in durations.items()
+  ]
   return sorted(rows, key=lambda row: -row["us"]), source
 
 
 def write_markdown(path: str, record: dict) -> None:
-  lines = [f"# Linear-attention kernel profile on {record['device']}", "",
-           f"Date: {record['date']}. jax {record['jax']}. Command: `{record['command']}`.", "",
-           "Device time per call, summed by kernel name over the profiled calls (jax.profiler trace; rows of a run "
-           "whose trace had no device events are host events, marked 'host').", "",
-           "| op | B×T×H×D | config | part | kernel | launches | µs | share |", "|---|---|---|---|---|---:|---:|---:|"]
+  lines = [
+    f"# Linear-attention kernel profile on {record['device']}",
+    "",
+    f"Date: {record['date']}. jax {record['jax']}. Command: `{record['command']}`.",
+    "",
+    "Device time per call, summed by kernel name over the profiled calls (jax.profiler trace; rows of a run "
+    "whose trace had no device events are host events, marked 'host').",
+    "",
+    "| op | B×T×H×D | config | part | kernel | launches | µs | share |",
+    "|---|---|---|---|---|---:|---:|---:|",
+  ]
   for run in record["runs"]:
     total = sum(row["us"] for row in run["kernels"])
     for row in run["kernels"]:
       part = run["part"] + (" (host)" if run["events"] == "host" else "")
-      lines.append(f"| {run['op']} | {run['shape']} | {run['config']} | {part} | {row['kernel'][:60]} | "
-                   f"{row['launches']:g} | {row['us']:.1f} | {row['us'] / total:.0%} |")
-    lines.append(f"| {run['op']} | {run['shape']} | {run['config']} | {run['part']} | **total** | | "
-                 f"**{total:.1f}** | |")
+      lines.append(
+        f"| {run['op']} | {run['shape']} | {run['config']} | {part} | {row['kernel'][:60]} | "
+        f"{row['launches']:g} | {row['us']:.1f} | {row['us'] / total:.0%} |"
+      )
+    lines.append(
+      f"| {run['op']} | {run['shape']} | {run['config']} | {run['part']} | **total** | | **{total:.1f}** | |"
+    )
   with open(path, "w") as handle:
     handle.write("\n".join(lines) + "\n")
 
@@ -89,8 +103,13 @@ def main():
   parser.add_argument("--name", default="kernel_profile_h200", help="results file stem")
   parser.add_argument("--ops", default="hgrn2", help="subset of " + ",".join(kernels.OPS))
   parser.add_argument("--shape", default="8x2048x16x128", help="BxTxHxD or an index into kernels.SHAPES")
-  parser.add_argument("--config", action="append", default=[], metavar="KNOB=VALUE",
-                      help="replace one knob of the default kernel configuration (repeatable), as in kernels.py")
+  parser.add_argument(
+    "--config",
+    action="append",
+    default=[],
+    metavar="KNOB=VALUE",
+    help="replace one knob of the default kernel configuration (repeatable), as in kernels.py",
+  )
   parser.add_argument("--calls", type=int, default=5)
   args = parser.parse_args()
   (shape,) = kernels.parse_shapes(args.shape)
@@ -101,9 +120,14 @@ def main():
   overrides = kernels.parse_config(args.config)
   config_text = ",".join(f"{name}={value}" for name, value in overrides.items()) or "default"
   os.makedirs(args.out, exist_ok=True)
-  record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": jax.devices()[0].device_kind, "jax": jax.__version__, "python": platform.python_version(),
-            "command": "python3 " + " ".join(sys.argv), "runs": []}
+  record = {
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "device": jax.devices()[0].device_kind,
+    "jax": jax.__version__,
+    "python": platform.python_version(),
+    "command": "python3 " + " ".join(sys.argv),
+    "runs": [],
+  }
   label = "x".join(map(str, shape))
   for op in ops:
     forward, forward_args, backward, backward_args = kernels.ours_fns(op, shape, kernels.ours(overrides=overrides))

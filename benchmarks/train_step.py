@@ -24,6 +24,7 @@ CPU check (tiny shapes, known to run here):
   python benchmarks/train_step.py --archs hgrn2,llama --sizes tiny --seq_lens 128 --tokens_per_step 1024 \
       --steps 2 --warmup 1 --out_dir /tmp/bench
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,7 @@ TINY_SHAPE = dict(num_layers=2, d_model=256, num_heads=2, ffn_dim=512, vocab_siz
 
 def model_config(arch: str, size: str, remat_policy: str, scan_layers: bool = True) -> configs.ModelConfig:
   if size == "tiny":
-    return configs.ModelConfig(arch=arch, size="tiny", remat_policy=remat_policy, scan_layers=scan_layers,
-                               **TINY_SHAPE)
+    return configs.ModelConfig(arch=arch, size="tiny", remat_policy=remat_policy, scan_layers=scan_layers, **TINY_SHAPE)
   return configs.get_config(arch, size, remat_policy=remat_policy, scan_layers=scan_layers)
 
 
@@ -68,9 +68,13 @@ def synthetic_batch(program: trainer.TrainProgram, seed: int) -> dict:
   rng = np.random.default_rng(seed)
   shape = (program.global_batch_size, program.seq_len)
   tokens = rng.integers(0, program.model_config.vocab_size, size=(shape[0], shape[1] + 1), dtype=np.int32)
-  host = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones(shape, np.int32),
-          "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
-          "loss_mask": np.ones(shape, np.float32)}
+  host = {
+    "inputs": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "segment_ids": np.ones(shape, np.int32),
+    "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
+    "loss_mask": np.ones(shape, np.float32),
+  }
   return {key: jax.device_put(value, program.batch_sharding) for key, value in host.items()}
 
 
@@ -85,17 +89,24 @@ def cli_spec(arch, size, seq_len, args, mesh) -> dict:
   per_shard_microbatch = args.per_device_microbatch
   if per_shard_microbatch is not None and per_shard_microbatch * sharding.batch_shards(mesh) >= global_batch:
     per_shard_microbatch = None  # the whole batch already fits in one microbatch
-  return dict(model_config=model_config(arch, size, args.remat_policy, not args.unrolled_layers), mesh=mesh,
-              seq_len=seq_len, global_batch_size=global_batch, per_shard_microbatch_size=per_shard_microbatch,
-              loss_chunk_length=args.loss_chunk_length if args.loss_chunk_length < seq_len else None,
-              optimizer=optim.OptimizerConfig(warmup_steps=10))
+  return dict(
+    model_config=model_config(arch, size, args.remat_policy, not args.unrolled_layers),
+    mesh=mesh,
+    seq_len=seq_len,
+    global_batch_size=global_batch,
+    per_shard_microbatch_size=per_shard_microbatch,
+    loss_chunk_length=args.loss_chunk_length if args.loss_chunk_length < seq_len else None,
+    optimizer=optim.OptimizerConfig(warmup_steps=10),
+  )
 
 
 def gin_spec(gin_files, bindings) -> dict:
   """What one row trains, from an experiment's gin files: the model, mesh, batch, microbatching, loss chunking
   and optimizer that `python -m lsm_jax.train` would use (data and run directory are not needed)."""
   import gin
+
   from lsm_jax import train as train_cli
+
   with gin.unlock_config():
     gin.clear_config()
     train_cli.parse_gin(gin_files, ["MODEL_DIR = '/tmp/unused'", "DATA_DIR = 'unused'", *bindings])
@@ -104,11 +115,16 @@ def gin_spec(gin_files, bindings) -> dict:
   if missing:
     raise ValueError(f"--gin_file {gin_files}: trainer.train has no binding for {missing}")
   mesh = sharding.make_mesh(bound.get("mesh_config", sharding.MeshConfig()))
-  return dict(model_config=bound["model_config"], mesh=mesh, seq_len=bound["seq_len"],
-              global_batch_size=bound["global_batch_size"], train_steps=bound.get("train_steps", 1000),
-              per_shard_microbatch_size=bound.get("per_shard_microbatch_size"),
-              loss_chunk_length=bound.get("loss_chunk_length"),
-              optimizer=bound.get("optimizer", optim.OptimizerConfig()))
+  return dict(
+    model_config=bound["model_config"],
+    mesh=mesh,
+    seq_len=bound["seq_len"],
+    global_batch_size=bound["global_batch_size"],
+    train_steps=bound.get("train_steps", 1000),
+    per_shard_microbatch_size=bound.get("per_shard_microbatch_size"),
+    loss_chunk_length=bound.get("loss_chunk_length"),
+    optimizer=bound.get("optimizer", optim.OptimizerConfig()),
+  )
 
 
 def compile_spec(spec: dict) -> tuple[trainer.TrainProgram, jax.stages.Compiled, dict]:
@@ -116,14 +132,28 @@ def compile_spec(spec: dict) -> tuple[trainer.TrainProgram, jax.stages.Compiled,
   config, mesh, seq_len = spec["model_config"], spec["mesh"], spec["seq_len"]
   global_batch = spec["global_batch_size"]
   program = trainer.build_train_program(
-      config, mesh=mesh, train_steps=spec.get("train_steps", 1000), seq_len=seq_len, global_batch_size=global_batch,
-      optimizer=spec["optimizer"], per_shard_microbatch_size=spec["per_shard_microbatch_size"],
-      loss_chunk_length=spec["loss_chunk_length"])
-  row = {"arch": config.arch, "size": config.size, "seq_len": seq_len, "global_batch_size": global_batch,
-         "num_microbatches": program.num_microbatches, "num_params": program.num_params,
-         "mesh": dict(mesh.shape), "remat_policy": config.remat_policy, "scan_layers": config.scan_layers,
-         "linear_attention_backend": program.model_config.linear_attention_backend,
-         "attention_impl": program.model_config.attention_impl}
+    config,
+    mesh=mesh,
+    train_steps=spec.get("train_steps", 1000),
+    seq_len=seq_len,
+    global_batch_size=global_batch,
+    optimizer=spec["optimizer"],
+    per_shard_microbatch_size=spec["per_shard_microbatch_size"],
+    loss_chunk_length=spec["loss_chunk_length"],
+  )
+  row = {
+    "arch": config.arch,
+    "size": config.size,
+    "seq_len": seq_len,
+    "global_batch_size": global_batch,
+    "num_microbatches": program.num_microbatches,
+    "num_params": program.num_params,
+    "mesh": dict(mesh.shape),
+    "remat_policy": config.remat_policy,
+    "scan_layers": config.scan_layers,
+    "linear_attention_backend": program.model_config.linear_attention_backend,
+    "attention_impl": program.model_config.attention_impl,
+  }
   start = time.perf_counter()
   compiled = program.lower_train_step().compile()
   row["compile_s"] = time.perf_counter() - start
@@ -166,10 +196,14 @@ def time_compiled(program: trainer.TrainProgram, compiled, row: dict, args) -> d
   devices = list(mesh.devices.flat)
   peak_flops = metrics.peak_flops_per_device(devices[0].device_kind, args.peak_flops_per_device)
   peak = peak_memory_bytes(devices)
-  row.update(step_s=step_s, tokens_per_s=global_batch * seq_len / step_s,
-             mfu=program.flops_per_step_model / step_s / (peak_flops * len(devices)),
-             model_flops_per_step=program.flops_per_step_model, loss=loss,
-             peak_gib=None if peak is None else peak / 2**30)
+  row.update(
+    step_s=step_s,
+    tokens_per_s=global_batch * seq_len / step_s,
+    mfu=program.flops_per_step_model / step_s / (peak_flops * len(devices)),
+    model_flops_per_step=program.flops_per_step_model,
+    loss=loss,
+    peak_gib=None if peak is None else peak / 2**30,
+  )
   return row
 
 
@@ -181,8 +215,10 @@ def load_peers(path: str) -> tuple[dict, str]:
   table = {(r["model"], r["size"], r["seq"]): r for r in peers.get("results", [])}
   provenance = peers.get("provenance", {})
   packages = ", ".join(f"{name} {version}" for name, version in provenance.get("packages", {}).items())
-  label = (f"{os.path.basename(path)} ({provenance.get('script', 'script unknown')}; {packages or 'versions unknown'}; "
-           f"{provenance.get('device', 'device unknown')}; {provenance.get('date', 'date unknown')})")
+  label = (
+    f"{os.path.basename(path)} ({provenance.get('script', 'script unknown')}; {packages or 'versions unknown'}; "
+    f"{provenance.get('device', 'device unknown')}; {provenance.get('date', 'date unknown')})"
+  )
   return table, label
 
 
@@ -200,51 +236,73 @@ def _mesh_label(mesh) -> str:
 
 
 def write_markdown(path: str, header: dict, rows: list[dict], peers: dict, peer_label: str) -> None:
-  lines = [f"# Training step on {header['device']}", "",
-           f"Date of the first row: {header['date']}. {header['versions']}. "
-           f"Command(s): {'; '.join(f'`{c}`' for c in header['commands'])}.", "",
-           "Tokens per step = batch × T; bf16 compute, fp32 parameters and AdamW, synthetic batches. step = median "
-           "after warm-up; MFU = Appendix A.1 FLOPs / (step time × peak × devices); peak memory = the largest "
-           "per-device peak of the process so far.", *([header["note"]] if header.get("note") else []),
-           f"Peer columns: PyTorch (fla HGRN2 / HF LLaMA) from {peer_label or 'n/a'}.", "",
-           "| arch | size | T | measured (date, commit) | batch (micro) | mesh | remat | compile s | step s | tokens/s "
-           "| MFU | XLA plan GiB | peak GiB | peer tokens/s | ours / peer | peer peak GiB |",
-           "|---|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  lines = [
+    f"# Training step on {header['device']}",
+    "",
+    f"Date of the first row: {header['date']}. {header['versions']}. "
+    f"Command(s): {'; '.join(f'`{c}`' for c in header['commands'])}.",
+    "",
+    "Tokens per step = batch × T; bf16 compute, fp32 parameters and AdamW, synthetic batches. step = median "
+    "after warm-up; MFU = Appendix A.1 FLOPs / (step time × peak × devices); peak memory = the largest "
+    "per-device peak of the process so far.",
+    *([header["note"]] if header.get("note") else []),
+    f"Peer columns: PyTorch (fla HGRN2 / HF LLaMA) from {peer_label or 'n/a'}.",
+    "",
+    "| arch | size | T | measured (date, commit) | batch (micro) | mesh | remat | compile s | step s | tokens/s "
+    "| MFU | XLA plan GiB | peak GiB | peer tokens/s | ours / peer | peer peak GiB |",
+    "|---|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
   for row in rows:
     peer = peers.get((row["arch"], row["size"], row["seq_len"]), {})
     peer_tokens = _format(peer.get("tokens_per_s"), ",.0f") or ("error" if "error" in peer else "")
     measured = f"{row.get('date', header['date'])[:10]}, {row.get('commit') or 'commit unknown'}"
     if "error" in row:
-      lines.append(f"| {row['arch']} | {row['size']} | {row['seq_len']} | {measured} | | | "
-                   f"{row.get('remat_policy') or ''} | | | "
-                   f"error: {row['error'][:80]} | | | | {peer_tokens} | | {_format(peer.get('peak_gib'), '.1f')} |")
+      lines.append(
+        f"| {row['arch']} | {row['size']} | {row['seq_len']} | {measured} | | | "
+        f"{row.get('remat_policy') or ''} | | | "
+        f"error: {row['error'][:80]} | | | | {peer_tokens} | | {_format(peer.get('peak_gib'), '.1f')} |"
+      )
       continue
     lines.append(
-        f"| {row['arch']} | {row['size']} | {row['seq_len']} | {measured} | {row['global_batch_size']} "
-        f"({row['num_microbatches']}) | {_mesh_label(row.get('mesh'))} | {row['remat_policy']}"
-        f"{'' if row.get('scan_layers', True) else ', unrolled layers'} | "
-        f"{row['compile_s']:.1f} | {row['step_s']:.4f} | "
-        f"{row['tokens_per_s']:,.0f} | {100 * row['mfu']:.1f}% | "
-        f"{_format(row.get('planned_gib'), '.1f')} | "
-        f"{_format(row['peak_gib'], '.1f')} | {peer_tokens} | "
-        f"{_format(row['tokens_per_s'] / peer['tokens_per_s'] if peer.get('tokens_per_s') else None, '.2f')} | "
-        f"{_format(peer.get('peak_gib'), '.1f')} |")
+      f"| {row['arch']} | {row['size']} | {row['seq_len']} | {measured} | {row['global_batch_size']} "
+      f"({row['num_microbatches']}) | {_mesh_label(row.get('mesh'))} | {row['remat_policy']}"
+      f"{'' if row.get('scan_layers', True) else ', unrolled layers'} | "
+      f"{row['compile_s']:.1f} | {row['step_s']:.4f} | "
+      f"{row['tokens_per_s']:,.0f} | {100 * row['mfu']:.1f}% | "
+      f"{_format(row.get('planned_gib'), '.1f')} | "
+      f"{_format(row['peak_gib'], '.1f')} | {peer_tokens} | "
+      f"{_format(row['tokens_per_s'] / peer['tokens_per_s'] if peer.get('tokens_per_s') else None, '.2f')} | "
+      f"{_format(peer.get('peak_gib'), '.1f')} |"
+    )
   for row in rows:
     if "profile" in row:
       profile = row["profile"]
-      lines += ["", f"## Profile: {row['arch']} {row['size']} T={row['seq_len']} ({row['remat_policy']})", "",
-                f"Device time per step by kernel ({profile['events']} events; {profile['total_us'] / 1e3:.1f} ms "
-                f"in all; the {len(profile['kernels'])} longest):", "",
-                "| kernel | launches | ms | share |", "|---|---:|---:|---:|"]
-      lines += [f"| {k['kernel'][:70]} | {k['launches']:g} | {k['us'] / 1e3:.2f} | "
-                f"{k['us'] / profile['total_us']:.1%} |" for k in profile["kernels"]]
+      lines += [
+        "",
+        f"## Profile: {row['arch']} {row['size']} T={row['seq_len']} ({row['remat_policy']})",
+        "",
+        f"Device time per step by kernel ({profile['events']} events; {profile['total_us'] / 1e3:.1f} ms "
+        f"in all; the {len(profile['kernels'])} longest):",
+        "",
+        "| kernel | launches | ms | share |",
+        "|---|---:|---:|---:|",
+      ]
+      lines += [
+        f"| {k['kernel'][:70]} | {k['launches']:g} | {k['us'] / 1e3:.2f} | {k['us'] / profile['total_us']:.1%} |"
+        for k in profile["kernels"]
+      ]
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
 
 
 def _error_row(arch, size, seq_len, error, remat_policy=None) -> dict:
-  return {"arch": arch, "size": size, "seq_len": seq_len, "remat_policy": remat_policy,
-          "error": f"{type(error).__name__}: {error}"[:500]}
+  return {
+    "arch": arch,
+    "size": size,
+    "seq_len": seq_len,
+    "remat_policy": remat_policy,
+    "error": f"{type(error).__name__}: {error}"[:500],
+  }
 
 
 def main(argv=None) -> list[dict]:
@@ -254,31 +312,54 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--seq_lens", default="2048,8192,32768")
   parser.add_argument("--tokens_per_step", type=int, default=32768)
   parser.add_argument("--remat_policy", default="none", choices=configs.REMAT_POLICIES)
-  parser.add_argument("--remat_fallbacks", default="",
-                      help="remat policies to retry a shape with when it runs out of memory, e.g. dots_saveable,full")
-  parser.add_argument("--per_device_microbatch", type=int, default=None,
-                      help="rows per batch shard per microbatch (gradient accumulation); default: one microbatch")
+  parser.add_argument(
+    "--remat_fallbacks",
+    default="",
+    help="remat policies to retry a shape with when it runs out of memory, e.g. dots_saveable,full",
+  )
+  parser.add_argument(
+    "--per_device_microbatch",
+    type=int,
+    default=None,
+    help="rows per batch shard per microbatch (gradient accumulation); default: one microbatch",
+  )
   parser.add_argument("--loss_chunk_length", type=int, default=1024)
-  parser.add_argument("--gin_file", action="append", default=[],
-                      help="measure one experiment file instead of the grid (e.g. gin/hgrn2_7b.gin); repeatable")
-  parser.add_argument("--gin", action="append", default=[], help="gin binding for --gin_file, e.g. "
-                      "GLOBAL_BATCH_SIZE=8")
+  parser.add_argument(
+    "--gin_file",
+    action="append",
+    default=[],
+    help="measure one experiment file instead of the grid (e.g. gin/hgrn2_7b.gin); repeatable",
+  )
+  parser.add_argument("--gin", action="append", default=[], help="gin binding for --gin_file, e.g. GLOBAL_BATCH_SIZE=8")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--budget_s", type=float, default=None,
-                      help="start no new row after this many seconds (a time-limited job)")
-  parser.add_argument("--unrolled_layers", action="store_true",
-                      help="compile every layer (scan_layers=False) instead of one scanned layer")
-  parser.add_argument("--profile_steps", type=int, default=0,
-                      help="after timing, trace this many steps and list the longest kernels (per step)")
+  parser.add_argument(
+    "--budget_s", type=float, default=None, help="start no new row after this many seconds (a time-limited job)"
+  )
+  parser.add_argument(
+    "--unrolled_layers",
+    action="store_true",
+    help="compile every layer (scan_layers=False) instead of one scanned layer",
+  )
+  parser.add_argument(
+    "--profile_steps",
+    type=int,
+    default=0,
+    help="after timing, trace this many steps and list the longest kernels (per step)",
+  )
   parser.add_argument("--peak_flops_per_device", type=float, default=None)
   parser.add_argument("--peers", default=PEERS_PATH)
   parser.add_argument("--out_dir", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
   parser.add_argument("--name", default=None, help="results file stem (default train_step_<device>)")
-  parser.add_argument("--append", action="store_true",
-                      help="add rows to an existing results file (one process per row gives exact peaks)")
-  parser.add_argument("--render", default=None, metavar="JSON",
-                      help="only rewrite the markdown of an existing results file (e.g. with --peers)")
+  parser.add_argument(
+    "--append", action="store_true", help="add rows to an existing results file (one process per row gives exact peaks)"
+  )
+  parser.add_argument(
+    "--render",
+    default=None,
+    metavar="JSON",
+    help="only rewrite the markdown of an existing results file (e.g. with --peers)",
+  )
   args = parser.parse_args(argv)
   peers, peer_label = load_peers(args.peers)
   if args.render:
@@ -292,10 +373,12 @@ def main(argv=None) -> list[dict]:
   os.makedirs(args.out_dir, exist_ok=True)
   base = os.path.join(args.out_dir, args.name or f"train_step_{device_name}")
   command = "python benchmarks/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
-  header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": f"{jax.device_count()} × {device.device_kind}",
-            "versions": f"jax {jax.__version__}, Python {platform.python_version()}",
-            "commands": [command]}
+  header = {
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "device": f"{jax.device_count()} × {device.device_kind}",
+    "versions": f"jax {jax.__version__}, Python {platform.python_version()}",
+    "commands": [command],
+  }
   commit = current_commit()
   rows = []
   if args.append and os.path.exists(base + ".json"):
@@ -308,9 +391,12 @@ def main(argv=None) -> list[dict]:
     jobs = [("gin", lambda: gin_spec(args.gin_file, args.gin), "", "", 0)]
   else:
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=-1, tensor=1))
-    jobs = [("grid", functools.partial(cli_spec, arch, size, seq_len, args, mesh), arch, size, seq_len)
-            for size in args.sizes.split(",") for seq_len in (int(t) for t in args.seq_lens.split(","))
-            for arch in args.archs.split(",")]
+    jobs = [
+      ("grid", functools.partial(cli_spec, arch, size, seq_len, args, mesh), arch, size, seq_len)
+      for size in args.sizes.split(",")
+      for seq_len in (int(t) for t in args.seq_lens.split(","))
+      for arch in args.archs.split(",")
+    ]
   started = time.perf_counter()
   for _, make_spec, arch, size, seq_len in jobs:
     if args.budget_s is not None and time.perf_counter() - started > args.budget_s:

@@ -28,6 +28,7 @@ with an "unverified" warning.
 Only the V0 `CheckpointManager` + args API is used: it exists in every orbax-checkpoint version we target.
 Paths go through etils.epath, so MODEL_DIR may be local or gs://.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -127,10 +128,11 @@ _GIB = float(1 << 30)
 @dataclasses.dataclass(frozen=True)
 class StorageEstimate:
   """The most disk a run's checkpoints occupy at once (array bytes; Orbax's metadata adds kilobytes)."""
+
   num_milestones: int
   milestone_bytes: int  # the parameters in milestone_dtype
-  num_resume: int       # resume checkpoints alive at once
-  resume_bytes: int     # parameters, optimizer state, step and RNG as trained
+  num_resume: int  # resume checkpoints alive at once
+  resume_bytes: int  # parameters, optimizer state, step and RNG as trained
 
   @property
   def total_bytes(self) -> int:
@@ -138,17 +140,26 @@ class StorageEstimate:
 
   def describe(self) -> str:
     plural = lambda count: "" if count == 1 else "s"
-    return (f"{self.total_bytes / _GIB:.3g} GiB = {self.num_milestones} milestone{plural(self.num_milestones)} x "
-            f"{self.milestone_bytes / _GIB:.3g} GiB + {self.num_resume} resume checkpoint{plural(self.num_resume)} x "
-            f"{self.resume_bytes / _GIB:.3g} GiB")
+    return (
+      f"{self.total_bytes / _GIB:.3g} GiB = {self.num_milestones} milestone{plural(self.num_milestones)} x "
+      f"{self.milestone_bytes / _GIB:.3g} GiB + {self.num_resume} resume checkpoint{plural(self.num_resume)} x "
+      f"{self.resume_bytes / _GIB:.3g} GiB"
+    )
 
 
 def _nbytes(leaf: Any, dtype: Any = None) -> int:
   return int(np.prod(leaf.shape)) * jnp.dtype(dtype or leaf.dtype).itemsize
 
 
-def storage_estimate(abstract_state: Mapping[str, Any], *, train_steps: int, milestone_steps: Iterable[int],
-                     milestone_dtype: str, save_interval_steps: int, max_to_keep: int) -> StorageEstimate:
+def storage_estimate(
+  abstract_state: Mapping[str, Any],
+  *,
+  train_steps: int,
+  milestone_steps: Iterable[int],
+  milestone_dtype: str,
+  save_interval_steps: int,
+  max_to_keep: int,
+) -> StorageEstimate:
   """The checkpoint storage of a run of `train_steps` steps, from the train state's shapes and dtypes.
 
   Milestones are kept forever, each the parameters with floating leaves in `milestone_dtype`. Resume
@@ -158,12 +169,16 @@ def storage_estimate(abstract_state: Mapping[str, Any], *, train_steps: int, mil
   if milestone_dtype not in MILESTONE_DTYPES:
     raise ValueError(f"milestone_dtype must be one of {MILESTONE_DTYPES}, got {milestone_dtype!r}")
   params = jax.tree.leaves(abstract_state["params"])
-  milestone_bytes = sum(_nbytes(leaf, milestone_dtype if jnp.issubdtype(leaf.dtype, jnp.floating) else None)
-                        for leaf in params)
+  milestone_bytes = sum(
+    _nbytes(leaf, milestone_dtype if jnp.issubdtype(leaf.dtype, jnp.floating) else None) for leaf in params
+  )
   resume_saves = len({*range(save_interval_steps, train_steps + 1, save_interval_steps), train_steps} - {0})
-  return StorageEstimate(num_milestones=len(set(milestone_steps)), milestone_bytes=milestone_bytes,
-                         num_resume=min(max_to_keep + 1, resume_saves),
-                         resume_bytes=sum(_nbytes(leaf) for leaf in jax.tree.leaves(abstract_state)))
+  return StorageEstimate(
+    num_milestones=len(set(milestone_steps)),
+    milestone_bytes=milestone_bytes,
+    num_resume=min(max_to_keep + 1, resume_saves),
+    resume_bytes=sum(_nbytes(leaf) for leaf in jax.tree.leaves(abstract_state)),
+  )
 
 
 def _bytes_under(directory: str) -> int:
@@ -195,9 +210,10 @@ def check_free_space(model_dir: str, estimate: StorageEstimate) -> None:
   if needed > free:
     already = f", {existing / _GIB:.3g} GiB of which are already saved" if existing else ""
     raise InsufficientDiskSpaceError(
-        f"{directory} has {free / _GIB:.3g} GiB free, but this run's checkpoints need {needed / _GIB:.3g} GiB "
-        f"more ({estimate.describe()}{already}). Free space, choose another MODEL_DIR, or save less: "
-        f"trainer.train.num_milestones, max_checkpoints_to_keep, milestone_dtype='bfloat16'.")
+      f"{directory} has {free / _GIB:.3g} GiB free, but this run's checkpoints need {needed / _GIB:.3g} GiB "
+      f"more ({estimate.describe()}{already}). Free space, choose another MODEL_DIR, or save less: "
+      f"trainer.train.num_milestones, max_checkpoints_to_keep, milestone_dtype='bfloat16'."
+    )
 
 
 def _failure_cause(error: BaseException) -> str:
@@ -213,13 +229,20 @@ def code_version() -> str:
   """`git describe --always --dirty --tags` of the lsm_jax checkout, else the package version."""
   package_dir = os.path.dirname(os.path.abspath(__file__))
   try:
-    described = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=package_dir,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    described = subprocess.run(
+      ["git", "describe", "--always", "--dirty", "--tags"],
+      cwd=package_dir,
+      capture_output=True,
+      text=True,
+      timeout=10,
+      check=True,
+    ).stdout.strip()
     if described:
       return described
   except (OSError, subprocess.SubprocessError):
     pass
   from lsm_jax import __version__
+
   return f"lsm_jax-{__version__}"
 
 
@@ -233,8 +256,9 @@ def _jsonable(value: Any, where: str) -> Any:
     return np.asarray(value).tolist()
   if value is None or isinstance(value, (bool, int, float, str)):
     return value
-  raise TypeError(f"{where} must be JSON-serializable (dict, list, str, number, bool, None or an array), "
-                  f"got {type(value).__name__}")
+  raise TypeError(
+    f"{where} must be JSON-serializable (dict, list, str, number, bool, None or an array), got {type(value).__name__}"
+  )
 
 
 def _as_path(directory: str | os.PathLike) -> epath.Path:
@@ -264,8 +288,9 @@ def _param_layout(params: Any) -> list[dict]:
     keys = []
     for entry in path:
       if not isinstance(entry, jax.tree_util.DictKey):
-        raise TypeError(f"params must be a pure nested dict of arrays; found {type(entry).__name__} at "
-                        f"{jax.tree_util.keystr(path)}")
+        raise TypeError(
+          f"params must be a pure nested dict of arrays; found {type(entry).__name__} at {jax.tree_util.keystr(path)}"
+        )
       keys.append(entry.key if isinstance(entry.key, (int, str)) else str(entry.key))
     layout.append({"path": keys, "shape": list(leaf.shape), "dtype": str(leaf.dtype)})
   return layout
@@ -288,9 +313,11 @@ def _cast_floating(tree: Any, dtype: str) -> Any:
 def _check_abstract_state(abstract_state: Any) -> None:
   for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
     if getattr(leaf, "sharding", None) is None or not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-      raise ValueError(f"abstract_state leaf {jax.tree_util.keystr(path)} must be a jax.ShapeDtypeStruct carrying "
-                       f"the current sharding (e.g. jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(...)));"
-                       f" got {leaf!r}")
+      raise ValueError(
+        f"abstract_state leaf {jax.tree_util.keystr(path)} must be a jax.ShapeDtypeStruct carrying "
+        f"the current sharding (e.g. jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(...)));"
+        f" got {leaf!r}"
+      )
 
 
 def _incomplete_reason(step_dir: epath.Path, items: Iterable[str]) -> str | None:
@@ -359,17 +386,20 @@ def verify_manifest(step_dir: str | os.PathLike) -> bool:
     manifest = json.loads(manifest_path.read_text())
     expected_files = manifest["files"]
   except (ValueError, KeyError, TypeError) as error:
-    raise CorruptCheckpointError(f"checkpoint {step_dir}: its manifest {MANIFEST_FILE} is unreadable "
-                                 f"({type(error).__name__}: {error})") from error
+    raise CorruptCheckpointError(
+      f"checkpoint {step_dir}: its manifest {MANIFEST_FILE} is unreadable ({type(error).__name__}: {error})"
+    ) from error
   for name, expected in sorted(expected_files.items()):
     path = step_dir / name
     if not path.exists():
       raise CorruptCheckpointError(f"checkpoint {step_dir}: file {name} of its manifest is missing")
     size, crc = _size_and_crc32(path)
     if (size, crc) != (expected["size"], expected["crc32"]):
-      raise CorruptCheckpointError(f"checkpoint {step_dir}: file {name} fails its checksum (size {size}, CRC-32 "
-                                   f"{crc:08x}; the manifest says size {expected['size']}, CRC-32 "
-                                   f"{expected['crc32']:08x})")
+      raise CorruptCheckpointError(
+        f"checkpoint {step_dir}: file {name} fails its checksum (size {size}, CRC-32 "
+        f"{crc:08x}; the manifest says size {expected['size']}, CRC-32 "
+        f"{expected['crc32']:08x})"
+      )
   return True
 
 
@@ -437,8 +467,9 @@ def _run_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> dict[s
   return differences
 
 
-def check_resumed_run(model_dir: str | os.PathLike, run_metadata: Mapping[str, Any], *,
-                      allow_config_change: bool = False) -> dict:
+def check_resumed_run(
+  model_dir: str | os.PathLike, run_metadata: Mapping[str, Any], *, allow_config_change: bool = False
+) -> dict:
   """Refuses to resume a run under a configuration that changes its meaning; call before writing anything.
 
   Applies when MODEL_DIR holds resume checkpoints and a run_metadata.json: `run_metadata['train_steps']` below
@@ -455,24 +486,31 @@ def check_resumed_run(model_dir: str | os.PathLike, run_metadata: Mapping[str, A
   history = list(saved.get("config_changes", []))
   reached = steps[-1]
   if run_metadata["train_steps"] < reached:
-    raise errors.UserError(f"train_steps={run_metadata['train_steps']} is below step {reached}, which the run in "
-                           f"{model_dir} has already reached (checkpoints/resume/{reached}); give TRAIN_STEPS >= "
-                           f"{reached}, or another MODEL_DIR for a shorter run")
+    raise errors.UserError(
+      f"train_steps={run_metadata['train_steps']} is below step {reached}, which the run in "
+      f"{model_dir} has already reached (checkpoints/resume/{reached}); give TRAIN_STEPS >= "
+      f"{reached}, or another MODEL_DIR for a shorter run"
+    )
   differences = _run_differences(saved, run_metadata)
   if differences:
     listing = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in differences.items())
     if not allow_config_change:
       raise errors.ConfigChangeError(
-          f"refusing to resume {model_dir} (at step {reached}) with a configuration that changes the run: "
-          f"{listing}. Restore the original settings or use another MODEL_DIR; to continue anyway pass "
-          f"--gin.trainer.train.allow_config_change=True (the change is recorded in {RUN_METADATA_FILE}).")
-    warnings.warn(f"resuming {model_dir} at step {reached} with changed configuration (allowed by "
-                  f"allow_config_change): {listing}", RuntimeWarning, stacklevel=2)
+        f"refusing to resume {model_dir} (at step {reached}) with a configuration that changes the run: "
+        f"{listing}. Restore the original settings or use another MODEL_DIR; to continue anyway pass "
+        f"--gin.trainer.train.allow_config_change=True (the change is recorded in {RUN_METADATA_FILE})."
+      )
+    warnings.warn(
+      f"resuming {model_dir} at step {reached} with changed configuration (allowed by allow_config_change): {listing}",
+      RuntimeWarning,
+      stacklevel=2,
+    )
     history.append({"step": reached, "changes": {key: [old, new] for key, (old, new) in differences.items()}})
   return {"config_changes": history} if history else {}
 
 
 # --- one trainer per run directory -----------------------------------------------------------------------------
+
 
 def _pid_is_alive(pid: int) -> bool:
   try:
@@ -510,9 +548,13 @@ class RunLock:
 
   def _new_record(self) -> dict:
     now = time.time()
-    return {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
-            "started_at": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
-            "heartbeat_unix": now}
+    return {
+      "host": socket.gethostname(),
+      "pid": os.getpid(),
+      "token": uuid.uuid4().hex,
+      "started_at": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
+      "heartbeat_unix": now,
+    }
 
   def _read(self) -> dict | None:
     try:
@@ -532,13 +574,18 @@ class RunLock:
         return None if record["token"] in RunLock._held_tokens else "this process left it behind"
       return None if _pid_is_alive(record["pid"]) else f"process {record['pid']} is no longer running"
     age = time.time() - record["heartbeat_unix"]
-    return f"its heartbeat is {age:.0f} s old (stale after {self.stale_after_s:.0f} s)" if (
-        age > self.stale_after_s) else None
+    return (
+      f"its heartbeat is {age:.0f} s old (stale after {self.stale_after_s:.0f} s)"
+      if (age > self.stale_after_s)
+      else None
+    )
 
   @staticmethod
   def describe(record: dict) -> str:
-    return (f"pid {record.get('pid')} on host {record.get('host')}, started {record.get('started_at')}, heartbeat "
-            f"{time.time() - record.get('heartbeat_unix', 0):.0f} s ago")
+    return (
+      f"pid {record.get('pid')} on host {record.get('host')}, started {record.get('started_at')}, heartbeat "
+      f"{time.time() - record.get('heartbeat_unix', 0):.0f} s ago"
+    )
 
   def _create(self, record: dict) -> bool:
     """Writes the lock file unless it exists; False when another writer got there first."""
@@ -571,8 +618,9 @@ class RunLock:
       reason = self._stale_reason(holder)
       if reason is None:
         return self.describe(holder)
-      warnings.warn(f"taking over the stale lock {self.path} ({self.describe(holder)}): {reason}", RuntimeWarning,
-                    stacklevel=3)
+      warnings.warn(
+        f"taking over the stale lock {self.path} ({self.describe(holder)}): {reason}", RuntimeWarning, stacklevel=3
+      )
       self.path.unlink(missing_ok=True)
     holder = self._read() or {}
     return self.describe(holder)
@@ -584,9 +632,10 @@ class RunLock:
       holder = holder or ("another trainer (see process 0)" if refused else None)
     if holder is not None:
       raise errors.RunLockedError(
-          f"{self.model_dir} is in use by another trainer ({holder}); two trainers would overwrite each other's "
-          f"checkpoints. Wait for it to finish, stop it, or choose another MODEL_DIR. If that trainer is gone, "
-          f"delete {self.path}.")
+        f"{self.model_dir} is in use by another trainer ({holder}); two trainers would overwrite each other's "
+        f"checkpoints. Wait for it to finish, stop it, or choose another MODEL_DIR. If that trainer is gone, "
+        f"delete {self.path}."
+      )
     if self._record is not None:
       RunLock._held_tokens.add(self._record["token"])
       self._stop.clear()
@@ -598,8 +647,11 @@ class RunLock:
     while not self._stop.wait(self.heartbeat_s):
       current = self._read()
       if not current or current.get("token") != self._record["token"]:
-        warnings.warn(f"{self.path} was taken over by {self.describe(current or {})} while this trainer runs",
-                      RuntimeWarning, stacklevel=1)
+        warnings.warn(
+          f"{self.path} was taken over by {self.describe(current or {})} while this trainer runs",
+          RuntimeWarning,
+          stacklevel=1,
+        )
         return
       self._record["heartbeat_unix"] = time.time()
       try:
@@ -627,8 +679,17 @@ class Checkpointer:
   if `reached_preemption(step)`; after the last step `save(last, state, force=True)`; finally `close()`.
   """
 
-  def __init__(self, model_dir: str, *, save_interval_steps: int, max_to_keep: int, milestone_steps: Iterable[int],
-               milestone_dtype: str = "bfloat16", async_save: bool = True, run_metadata: Mapping[str, Any]):
+  def __init__(
+    self,
+    model_dir: str,
+    *,
+    save_interval_steps: int,
+    max_to_keep: int,
+    milestone_steps: Iterable[int],
+    milestone_dtype: str = "bfloat16",
+    async_save: bool = True,
+    run_metadata: Mapping[str, Any],
+  ):
     if isinstance(save_interval_steps, bool) or not isinstance(save_interval_steps, int) or save_interval_steps < 1:
       raise ValueError(f"save_interval_steps must be a positive int, got {save_interval_steps!r}")
     if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
@@ -645,34 +706,46 @@ class Checkpointer:
     self.save_interval_steps = save_interval_steps
     self.milestone_steps = sorted({int(s) for s in steps})
     self.milestone_dtype = milestone_dtype
-    self.run_metadata = _jsonable({
+    self.run_metadata = _jsonable(
+      {
         **run_metadata,
         "milestone_steps": self.milestone_steps,
         "milestone_dtype": milestone_dtype,
         "save_interval_steps": save_interval_steps,
         "max_to_keep": max_to_keep,
         "code_version": run_metadata.get("code_version") or code_version(),
-    }, "run_metadata")
+      },
+      "run_metadata",
+    )
     if jax.process_index() == 0:
       self.model_dir.mkdir(parents=True, exist_ok=True)
       _write_json_atomically(self.model_dir / RUN_METADATA_FILE, self.run_metadata)
 
     policies = ocp.checkpoint_managers
     self._resume = ocp.CheckpointManager(
-        self.model_dir / "checkpoints" / "resume",
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
-            multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="resume"),
-            save_decision_policy=policies.AnySavePolicy([policies.FixedIntervalPolicy(save_interval_steps),
-                                                         policies.PreemptionCheckpointingPolicy()])))
+      self.model_dir / "checkpoints" / "resume",
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="resume"),
+        save_decision_policy=policies.AnySavePolicy(
+          [policies.FixedIntervalPolicy(save_interval_steps), policies.PreemptionCheckpointingPolicy()]
+        ),
+      ),
+    )
     # Milestones are saved on exactly `milestone_steps` (decided in `save`) and never deleted.
     # Both managers name their multi-process barriers after the step ("async_commit_complete.<step>"); when
     # they save the same step concurrently the barriers collide unless each has its own prefix.
     self._milestones = ocp.CheckpointManager(
-        self.model_dir / "checkpoints" / "milestones",
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=None, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
-            multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="milestones")))
+      self.model_dir / "checkpoints" / "milestones",
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=None,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="milestones"),
+      ),
+    )
 
     # With jax.distributed, JAX's preemption notifier owns SIGTERM and `reached_preemption_sync_point` reports
     # it; in a single process that service does not run, so a Python handler records the signal instead.
@@ -703,8 +776,11 @@ class Checkpointer:
     return False
 
   def _checkpoint_metadata(self, step: int, metadata: Mapping[str, Any] | None) -> dict:
-    record = {key: self.run_metadata[key] for key in ("arch", "size", "model_config", "code_version")
-              if key in self.run_metadata}
+    record = {
+      key: self.run_metadata[key]
+      for key in ("arch", "size", "model_config", "code_version")
+      if key in self.run_metadata
+    }
     batch_tokens = self.run_metadata.get("global_batch_size"), self.run_metadata.get("seq_len")
     if all(isinstance(value, int) for value in batch_tokens):
       record["tokens_seen"] = step * batch_tokens[0] * batch_tokens[1]
@@ -724,20 +800,24 @@ class Checkpointer:
     # Orbax's policies decide the regular saves (every K steps; preemption through JAX's sync point). Step 0,
     # the untrained initialization, needs no resume checkpoint unless forced.
     resume = step not in self._resume.all_steps() and (
-        force or self.reached_preemption(step) or (step > 0 and self._resume.should_save(step)))
+      force or self.reached_preemption(step) or (step > 0 and self._resume.should_save(step))
+    )
     return milestone, resume
 
   def save_due(self, step: int, *, force: bool = False) -> bool:
     """Whether `save(step, force=force)` would write a checkpoint (the trainer checks the loss first)."""
     return any(self._saves_due(int(step), force))
 
-  def save(self, step: int, state: Mapping[str, Any], *, force: bool = False,
-           metadata: Mapping[str, Any] | None = None) -> None:
+  def save(
+    self, step: int, state: Mapping[str, Any], *, force: bool = False, metadata: Mapping[str, Any] | None = None
+  ) -> None:
     """Saves the milestone (step in milestone_steps) and the resume checkpoint (interval, force or preemption)."""
     step = int(step)
     if not isinstance(state, Mapping) or "params" not in state:
-      raise ValueError(f"state must be a dict with at least 'params' (train state: params, opt_state, step, rng); "
-                       f"got {type(state).__name__} with keys {list(state) if isinstance(state, Mapping) else None}")
+      raise ValueError(
+        f"state must be a dict with at least 'params' (train state: params, opt_state, step, rng); "
+        f"got {type(state).__name__} with keys {list(state) if isinstance(state, Mapping) else None}"
+      )
     self._write_committed_manifests()
     save_milestone, save_resume = self._saves_due(step, force)
     if not (save_milestone or save_resume):
@@ -748,13 +828,23 @@ class Checkpointer:
         params = _cast_floating(state["params"], self.milestone_dtype)
         milestone_record = {**record, "param_layout": _param_layout(params), "dtype": self.milestone_dtype}
         self._latest_save_dirs["milestone"] = epath.Path(self._milestones.directory) / str(step)
-        self._milestones.save(step, force=True, args=ocp.args.Composite(**{
-            _PARAMS_ITEM: ocp.args.StandardSave(params), _METADATA_ITEM: ocp.args.JsonSave(milestone_record)}))
+        self._milestones.save(
+          step,
+          force=True,
+          args=ocp.args.Composite(
+            **{_PARAMS_ITEM: ocp.args.StandardSave(params), _METADATA_ITEM: ocp.args.JsonSave(milestone_record)}
+          ),
+        )
         self._unmanifested.append((self._milestones, epath.Path(self._milestones.directory) / str(step)))
       if save_resume:
         self._latest_save_dirs["resume"] = epath.Path(self._resume.directory) / str(step)
-        self._resume.save(step, force=True, args=ocp.args.Composite(**{
-            _STATE_ITEM: ocp.args.StandardSave(dict(state)), _METADATA_ITEM: ocp.args.JsonSave(record)}))
+        self._resume.save(
+          step,
+          force=True,
+          args=ocp.args.Composite(
+            **{_STATE_ITEM: ocp.args.StandardSave(dict(state)), _METADATA_ITEM: ocp.args.JsonSave(record)}
+          ),
+        )
         self._unmanifested.append((self._resume, epath.Path(self._resume.directory) / str(step)))
         self.saved_resume_steps.append(step)
     self._write_committed_manifests()
@@ -776,9 +866,10 @@ class Checkpointer:
       named = [path for path in self._latest_save_dirs.values() if f"{path}.orbax-checkpoint-tmp" in text]
       paths = named or list(self._latest_save_dirs.values()) or [self.model_dir / "checkpoints"]
       self._save_failure = CheckpointSaveError(
-          f"saving checkpoint {' and '.join(map(str, paths))} failed: {_failure_cause(error)}. The checkpoints "
-          f"saved before it are intact; free space or fix permissions under {self.model_dir}, then restart to "
-          f"resume from the latest one.")
+        f"saving checkpoint {' and '.join(map(str, paths))} failed: {_failure_cause(error)}. The checkpoints "
+        f"saved before it are intact; free space or fix permissions under {self.model_dir}, then restart to "
+        f"resume from the latest one."
+      )
       raise self._save_failure from error
 
   def _write_committed_manifests(self, *, wait: bool = False) -> None:
@@ -825,8 +916,12 @@ class Checkpointer:
         verified, problem = _verify_on_process_zero(step_dir)
       if problem is None:
         try:
-          restored = self._resume.restore(step, args=ocp.args.Composite(**{
-              _STATE_ITEM: ocp.args.StandardRestore(abstract_state), _METADATA_ITEM: ocp.args.JsonRestore()}))
+          restored = self._resume.restore(
+            step,
+            args=ocp.args.Composite(
+              **{_STATE_ITEM: ocp.args.StandardRestore(abstract_state), _METADATA_ITEM: ocp.args.JsonRestore()}
+            ),
+          )
         except Exception as error:  # Orbax/TensorStore raise many types for damaged files.
           problem = f"restoring it failed: {type(error).__name__}: {str(error)[:300]}"
       if problem is not None:
@@ -834,8 +929,12 @@ class Checkpointer:
         skipped.append((step, step_dir, problem))
         continue
       if not verified:
-        warnings.warn(f"resume checkpoint {step_dir} has no {MANIFEST_FILE} (saved by an older lsm_jax, or the "
-                      f"process stopped before writing it): restored unverified", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+          f"resume checkpoint {step_dir} has no {MANIFEST_FILE} (saved by an older lsm_jax, or the "
+          f"process stopped before writing it): restored unverified",
+          RuntimeWarning,
+          stacklevel=2,
+        )
       for _, skipped_dir, problem in skipped:
         _move_to_quarantine(self.model_dir, [skipped_dir], f"skipped on restore: {problem}")
       self._resume.reload()
@@ -843,8 +942,9 @@ class Checkpointer:
     if skipped:
       details = "; ".join(f"{step_dir}: {problem}" for _, step_dir, problem in skipped)
       raise UnrestorableCheckpointsError(
-          f"none of the resume checkpoints under {self._resume.directory} could be restored ({details}). Check that "
-          f"the model and optimizer match the run, or move these directories away to start from scratch.")
+        f"none of the resume checkpoints under {self._resume.directory} could be restored ({details}). Check that "
+        f"the model and optimizer match the run, or move these directories away to start from scratch."
+      )
     return None
 
   def resume_steps(self) -> list[int]:
@@ -926,8 +1026,12 @@ def load_milestone(run_dir: str, step: int, *, dtype: str | None = None, shardin
   if problem:
     raise ValueError(f"milestone checkpoint {step_dir} is incomplete: {problem}")
   if not verify_manifest(step_dir):
-    warnings.warn(f"milestone checkpoint {step_dir} has no {MANIFEST_FILE} (saved by an older lsm_jax, or the "
-                  f"trainer stopped before writing it): loaded unverified", RuntimeWarning, stacklevel=2)
+    warnings.warn(
+      f"milestone checkpoint {step_dir} has no {MANIFEST_FILE} (saved by an older lsm_jax, or the "
+      f"trainer stopped before writing it): loaded unverified",
+      RuntimeWarning,
+      stacklevel=2,
+    )
   with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
     metadata = reader.restore(step_dir / _METADATA_ITEM)
 
@@ -943,10 +1047,13 @@ def load_milestone(run_dir: str, step: int, *, dtype: str | None = None, shardin
   else:
     shardings = sharding
     if jax.tree.structure(shardings) != jax.tree.structure(abstract_params):
-      raise ValueError(f"sharding must be one jax Sharding or a dict of Shardings shaped like the params of "
-                       f"{step_dir}; got a tree with structure {jax.tree.structure(shardings)}")
-  abstract_params = jax.tree.map(lambda leaf, target: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target),
-                                 abstract_params, shardings)
+      raise ValueError(
+        f"sharding must be one jax Sharding or a dict of Shardings shaped like the params of "
+        f"{step_dir}; got a tree with structure {jax.tree.structure(shardings)}"
+      )
+  abstract_params = jax.tree.map(
+    lambda leaf, target: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target), abstract_params, shardings
+  )
   with ocp.StandardCheckpointer() as reader:
     params = reader.restore(step_dir / _PARAMS_ITEM, abstract_params)
   return params, metadata

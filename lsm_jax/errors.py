@@ -8,6 +8,7 @@
 75 is EX_TEMPFAIL of BSD's sysexits.h ("try again later"). User errors print one line without a traceback;
 `--verbose` or LSM_JAX_VERBOSE=1 prints the traceback too.
 """
+
 from __future__ import annotations
 
 EXIT_FINISHED = 0

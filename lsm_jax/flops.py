@@ -12,6 +12,7 @@ Conventions follow the paper: a multiply-accumulate is 2 FLOPs, a training step 
 and every linear-attention block size, output-gate bottleneck and TPE width equals the head dim ``d/h``.
 Scaling code imports this module only; it must never import model code.
 """
+
 from __future__ import annotations
 
 PFLOP_S_DAY = 8.64e19  # FLOPs in one PFLOP/s-day: 1e15 FLOP/s × 86,400 s
@@ -28,8 +29,9 @@ def _check_shape(arch: str, **sizes) -> None:
       raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
-def non_embedding_params(arch: str, num_layers: int, d_model: int, num_heads: int, *,
-                         ffn_dim: int | None = None) -> float:
+def non_embedding_params(
+  arch: str, num_layers: int, d_model: int, num_heads: int, *, ffn_dim: int | None = None
+) -> float:
   """Non-embedding parameter count ``N`` of the paper.
 
   ``ffn_dim=None`` gives Table 1 (GLU width 8/3·d, so the layer stack is 12·l·d²); with ``ffn_dim``
@@ -37,51 +39,70 @@ def non_embedding_params(arch: str, num_layers: int, d_model: int, num_heads: in
   Norm weights are not counted (the paper omits them; they are < 0.3M at every size).
   """
   _check_shape(arch, num_layers=num_layers, d_model=d_model, num_heads=num_heads, ffn_dim=ffn_dim)
-  l, d = float(num_layers), float(d_model)
+  l, d = float(num_layers), float(d_model)  # noqa: E741  (the paper's symbols)
   head_dim = d / num_heads  # also the output-gate bottleneck t and the TPE width e
   if ffn_dim is None:
     stack = 12 * l * d**2
   else:
     stack = 4 * l * d**2 + 3 * l * d * ffn_dim
   extra = {
-      "llama": 0.0,
-      "tnl": 2 * l * d * head_dim,  # low-rank output gate d→t→d per layer
-      "hgrn2": l * d,  # per-layer forget-gate lower bounds
-      "cosformer2": 2 * l * d * head_dim + d * head_dim,  # output gate per layer + one TPE
+    "llama": 0.0,
+    "tnl": 2 * l * d * head_dim,  # low-rank output gate d→t→d per layer
+    "hgrn2": l * d,  # per-layer forget-gate lower bounds
+    "cosformer2": 2 * l * d * head_dim + d * head_dim,  # output gate per layer + one TPE
   }[arch]
   return stack + extra
 
 
-def flops_per_step(arch: str, num_layers: int, d_model: int, num_heads: int, batch_size: int,
-                   seq_len: int, *, ffn_dim: int | None = None, vocab_size: int | None = None) -> float:
+def flops_per_step(
+  arch: str,
+  num_layers: int,
+  d_model: int,
+  num_heads: int,
+  batch_size: int,
+  seq_len: int,
+  *,
+  ffn_dim: int | None = None,
+  vocab_size: int | None = None,
+) -> float:
   """Training FLOPs (forward + backward) of one step of ``batch_size`` sequences of ``seq_len`` tokens.
 
   Without ``ffn_dim``/``vocab_size``: the Table 1 expression, 72·b·n·l·d²·(1 + arch terms), used for the
   scaling-law compute C and Table 7. With both: Appendix A.1's full count, including the 12·b·n·d·v
   embedding/head term (and LLaMA's softmax 9·n²·h term that Table 1 drops), for MFU.
   """
-  _check_shape(arch, num_layers=num_layers, d_model=d_model, num_heads=num_heads,
-               batch_size=batch_size, seq_len=seq_len, ffn_dim=ffn_dim, vocab_size=vocab_size)
+  _check_shape(
+    arch,
+    num_layers=num_layers,
+    d_model=d_model,
+    num_heads=num_heads,
+    batch_size=batch_size,
+    seq_len=seq_len,
+    ffn_dim=ffn_dim,
+    vocab_size=vocab_size,
+  )
   if (ffn_dim is None) != (vocab_size is None):
-    raise ValueError("pass both ffn_dim and vocab_size (Appendix A.1 full FLOPs) or neither "
-                     f"(Table 1 FLOPs); got ffn_dim={ffn_dim!r}, vocab_size={vocab_size!r}")
-  b, n, l, d, h = float(batch_size), float(seq_len), float(num_layers), float(d_model), float(num_heads)
+    raise ValueError(
+      "pass both ffn_dim and vocab_size (Appendix A.1 full FLOPs) or neither "
+      f"(Table 1 FLOPs); got ffn_dim={ffn_dim!r}, vocab_size={vocab_size!r}"
+    )
+  b, n, l, d, h = float(batch_size), float(seq_len), float(num_layers), float(d_model), float(num_heads)  # noqa: E741
   if ffn_dim is None:
     relative = {
-        "llama": n / (6 * d) + 5 / (18 * d),
-        "tnl": 1 / (2 * h) + 5 / (18 * d),
-        "hgrn2": 1 / (3 * h) + 29 / (72 * d),
-        "cosformer2": 3 / (4 * h) + 23 / (72 * d),
+      "llama": n / (6 * d) + 5 / (18 * d),
+      "tnl": 1 / (2 * h) + 5 / (18 * d),
+      "hgrn2": 1 / (3 * h) + 29 / (72 * d),
+      "cosformer2": 3 / (4 * h) + 23 / (72 * d),
     }[arch]
     return 72 * b * n * l * d**2 * (1 + relative)
 
   g, v = float(ffn_dim), float(vocab_size)
   # Forward FLOPs of one layer's token mixer on one sequence (Appendix A.1, block size = d/h).
   token_mixer = {
-      "llama": 8 * n * d**2 + 4 * n**2 * d + 3 * n**2 * h + 4 * n * d,
-      "tnl": 8 * n * d**2 + 12 * n * d**2 / h + 4 * n * d,
-      "hgrn2": 8 * n * d**2 + 8 * n * d**2 / h + 7 * n * d,
-      "cosformer2": 8 * n * d**2 + 18 * n * d**2 / h + 5 * n * d,
+    "llama": 8 * n * d**2 + 4 * n**2 * d + 3 * n**2 * h + 4 * n * d,
+    "tnl": 8 * n * d**2 + 12 * n * d**2 / h + 4 * n * d,
+    "hgrn2": 8 * n * d**2 + 8 * n * d**2 / h + 7 * n * d,
+    "cosformer2": 8 * n * d**2 + 18 * n * d**2 / h + 5 * n * d,
   }[arch]
   channel_mixer = 6 * n * d * g + n * g  # three GLU projections + the elementwise product
   per_sequence_forward = l * (token_mixer + channel_mixer)

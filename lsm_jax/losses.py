@@ -1,13 +1,15 @@
 """The language-model loss: masked token cross-entropy through the vocabulary head, chunked over time with a
 fused gradient (custom VJP), so the full [batch, length, vocab] logits are never alive at once."""
+
 import functools
 
 import jax
 import jax.numpy as jnp
 
 
-def masked_cross_entropy_sums(model, hidden: jax.Array, targets: jax.Array, loss_mask: jax.Array,
-                              loss_chunk_length: int | None) -> tuple[jax.Array, jax.Array]:
+def masked_cross_entropy_sums(
+  model, hidden: jax.Array, targets: jax.Array, loss_mask: jax.Array, loss_chunk_length: int | None
+) -> tuple[jax.Array, jax.Array]:
   """(sum of masked token losses, sum of the mask), in fp32, through the model's vocabulary head
   (`model.head()`: logits = hidden·Wᵀ with fp32 accumulation).
 
@@ -64,7 +66,7 @@ def _head_cross_entropy_sums_fwd(hidden, weight, targets, mask, chunk, dtype):
     logits, log_normalizer, losses = _chunk_logits(hidden_chunk, compute_weight, target_chunk)
     vocab = jnp.arange(logits.shape[-1], dtype=target_chunk.dtype)
     # d loss / d logits = softmax − one-hot(target), on the tokens the mask keeps.
-    d_logits = (jnp.exp(logits - log_normalizer[..., None]) - (vocab == target_chunk[..., None]))
+    d_logits = jnp.exp(logits - log_normalizer[..., None]) - (vocab == target_chunk[..., None])
     d_logits = (d_logits * mask_chunk[..., None]).astype(dtype)
     d_hidden = jnp.einsum("...v,vd->...d", d_logits, compute_weight, preferred_element_type=jnp.float32)
     d_weight = d_weight + jnp.einsum("...v,...d->vd", d_logits, hidden_chunk, preferred_element_type=jnp.float32)
@@ -80,8 +82,12 @@ def _head_cross_entropy_sums_bwd(chunk, dtype, residuals, cotangents):
   d_hidden, d_weight = residuals
   scale = cotangents[0].astype(jnp.float32)  # the mask sum depends on no input that has a gradient
   # Scaled in fp32: the scale (e.g. 1 / tokens) rounded to bf16 would shift every gradient by up to 0.4%.
-  return ((d_hidden.astype(jnp.float32) * scale).astype(d_hidden.dtype), (d_weight * scale).astype(d_weight.dtype),
-          None, None)
+  return (
+    (d_hidden.astype(jnp.float32) * scale).astype(d_hidden.dtype),
+    (d_weight * scale).astype(d_weight.dtype),
+    None,
+    None,
+  )
 
 
 _head_cross_entropy_sums.defvjp(_head_cross_entropy_sums_fwd, _head_cross_entropy_sums_bwd)

@@ -1,5 +1,6 @@
 """Training metrics: device peak FLOP/s for MFU, memory plans and limits, step timing, and the writers
 (metrics.jsonl, TensorBoard, console)."""
+
 import collections
 import json
 import math
@@ -12,17 +13,17 @@ import jax
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets (no structured sparsity). Matched as a
 # case-insensitive substring of `device.device_kind`; the first match wins, so longer names come first.
 PEAK_BF16_FLOPS_BY_DEVICE_KIND: tuple[tuple[str, float], ...] = (
-    ("h200", 989e12),
-    ("h100", 989e12),
-    ("h800", 989e12),
-    ("a100", 312e12),
-    ("tpu v6", 918e12),   # v6e (Trillium) reports "TPU v6 lite"
-    ("tpu v5p", 459e12),
-    ("tpu v5 lite", 197e12),  # v5e
-    ("tpu v5e", 197e12),
-    ("tpu v5", 459e12),
-    ("tpu v4", 275e12),
-    ("cpu", 1e12),  # nominal, so CPU runs print a finite, comparable MFU; not a measured peak
+  ("h200", 989e12),
+  ("h100", 989e12),
+  ("h800", 989e12),
+  ("a100", 312e12),
+  ("tpu v6", 918e12),  # v6e (Trillium) reports "TPU v6 lite"
+  ("tpu v5p", 459e12),
+  ("tpu v5 lite", 197e12),  # v5e
+  ("tpu v5e", 197e12),
+  ("tpu v5", 459e12),
+  ("tpu v4", 275e12),
+  ("cpu", 1e12),  # nominal, so CPU runs print a finite, comparable MFU; not a measured peak
 )
 
 
@@ -36,9 +37,11 @@ def peak_flops_per_device(device_kind: str, override: float | None = None) -> fl
   for pattern, peak in PEAK_BF16_FLOPS_BY_DEVICE_KIND:
     if pattern in kind:
       return peak
-  raise ValueError(f"no peak FLOP/s known for device kind {device_kind!r}; known: "
-                   f"{', '.join(p for p, _ in PEAK_BF16_FLOPS_BY_DEVICE_KIND)}. "
-                   "Set trainer.train.peak_flops_per_device in gin.")
+  raise ValueError(
+    f"no peak FLOP/s known for device kind {device_kind!r}; known: "
+    f"{', '.join(p for p, _ in PEAK_BF16_FLOPS_BY_DEVICE_KIND)}. "
+    "Set trainer.train.peak_flops_per_device in gin."
+  )
 
 
 def compiled_memory_bytes(compiled: jax.stages.Compiled) -> dict[str, int] | None:
@@ -48,9 +51,13 @@ def compiled_memory_bytes(compiled: jax.stages.Compiled) -> dict[str, int] | Non
   memory = compiled.memory_analysis()
   if memory is None:
     return None
-  parts = {"argument": int(memory.argument_size_in_bytes), "output": int(memory.output_size_in_bytes),
-           "alias": int(memory.alias_size_in_bytes), "temp": int(memory.temp_size_in_bytes),
-           "generated_code": int(memory.generated_code_size_in_bytes)}
+  parts = {
+    "argument": int(memory.argument_size_in_bytes),
+    "output": int(memory.output_size_in_bytes),
+    "alias": int(memory.alias_size_in_bytes),
+    "temp": int(memory.temp_size_in_bytes),
+    "generated_code": int(memory.generated_code_size_in_bytes),
+  }
   parts["total"] = parts["argument"] + parts["output"] - parts["alias"] + parts["temp"] + parts["generated_code"]
   return parts
 
@@ -117,15 +124,21 @@ class StepTimer:
     return averages
 
 
-def throughput(wall_time_s: float, step_time_s: float, *, tokens_per_step: int, flops_per_step: float,
-               peak_flops: float) -> dict[str, float]:
+def throughput(
+  wall_time_s: float, step_time_s: float, *, tokens_per_step: int, flops_per_step: float, peak_flops: float
+) -> dict[str, float]:
   """Per-step throughput scalars: `tokens_per_sec` and `mfu` by wall clock, `step_*` by compiled-step time.
 
   `peak_flops` is the peak of all devices together.
   """
-  return {"tokens_per_sec": tokens_per_step / wall_time_s, "mfu": flops_per_step / wall_time_s / peak_flops,
-          "wall_time_s": wall_time_s, "step_tokens_per_sec": tokens_per_step / step_time_s,
-          "step_mfu": flops_per_step / step_time_s / peak_flops, "step_time_s": step_time_s}
+  return {
+    "tokens_per_sec": tokens_per_step / wall_time_s,
+    "mfu": flops_per_step / wall_time_s / peak_flops,
+    "wall_time_s": wall_time_s,
+    "step_tokens_per_sec": tokens_per_step / step_time_s,
+    "step_mfu": flops_per_step / step_time_s / peak_flops,
+    "step_time_s": step_time_s,
+  }
 
 
 def _jsonable(value):
@@ -153,6 +166,7 @@ class MetricsWriter:
     self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
     if enable_tensorboard:
       from tensorboardX import SummaryWriter  # heavy import; only the writing process needs it
+
       self._tensorboard = SummaryWriter(os.path.join(model_dir, "tensorboard"))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -162,7 +176,7 @@ class MetricsWriter:
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     if self._tensorboard is not None:
-      for key, value in scalars.items():
+      for key in scalars:
         if isinstance(record[key], (int, float)):
           self._tensorboard.add_scalar(key, record[key], int(step))
 

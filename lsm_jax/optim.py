@@ -6,6 +6,7 @@ the LLaMA / Pythia / Metaseq defaults for this size range, and read "fixed" as l
 Weight decay skips 1-D parameters (norm scales, biases, per-head decay/gain vectors): decaying them towards
 zero only changes the function, it does not regularise capacity.
 """
+
 import dataclasses
 from typing import Callable, NamedTuple
 
@@ -57,15 +58,19 @@ def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.S
   if config.schedule == "fixed":
     after_warmup = optax.constant_schedule(peak)
   elif config.schedule == "cosine":
-    after_warmup = optax.cosine_decay_schedule(peak, max(total_steps - warmup_steps, 1),
-                                               alpha=config.min_learning_ratio)
+    after_warmup = optax.cosine_decay_schedule(
+      peak, max(total_steps - warmup_steps, 1), alpha=config.min_learning_ratio
+    )
   else:  # wsd: warm-up, stable, then a linear decay to min_learning_ratio × peak
     decay_steps = int(round(config.decay_fraction * total_steps))
     stable_steps = max(total_steps - warmup_steps - decay_steps, 0)
     after_warmup = optax.join_schedules(
-        [optax.constant_schedule(peak),
-         optax.linear_schedule(peak, config.min_learning_ratio * peak, max(decay_steps, 1))],
-        [stable_steps])
+      [
+        optax.constant_schedule(peak),
+        optax.linear_schedule(peak, config.min_learning_ratio * peak, max(decay_steps, 1)),
+      ],
+      [stable_steps],
+    )
   if warmup_steps == 0:
     return after_warmup
   return optax.join_schedules([warmup, after_warmup], [warmup_steps])
@@ -81,8 +86,9 @@ def make_optimizer(config: OptimizerConfig, total_steps: int, weight_decay_mask=
   if total_steps < 1:
     raise ValueError(f"total_steps must be >= 1, got {total_steps}")
   schedule = learning_rate_schedule(config, total_steps)
-  adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                      weight_decay=config.weight_decay, mask=weight_decay_mask)
+  adamw = optax.adamw(
+    schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay, mask=weight_decay_mask
+  )
   if config.gradient_clip_norm is None:
     return Optimizer(adamw, schedule)
   return Optimizer(optax.chain(optax.clip_by_global_norm(config.gradient_clip_norm), adamw), schedule)

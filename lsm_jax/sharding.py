@@ -6,6 +6,7 @@ on. The mesh has the axes (data, sequence, fsdp, tensor); every axis is always p
 rules and specs never depend on the configuration. `sequence` splits the time axis of activations and batches
 (sequence parallelism of the linear models: lsm_jax.models.layers.sharded_linear_attention).
 """
+
 import contextlib
 import dataclasses
 import logging
@@ -27,18 +28,18 @@ SEQUENCE_MESH_AXIS = "sequence"
 # FSDP shards the model dimension of every weight; tensor parallelism (Megatron style) shards heads, FFN and
 # vocabulary, so hidden activations between blocks stay replicated over `tensor`.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    # weights
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("vocab", "tensor"),
-    ("layers", None),
-    # activations
-    ("activation_batch", BATCH_MESH_AXES),
-    ("activation_length", SEQUENCE_MESH_AXIS),
-    ("activation_embed", None),
-    ("activation_heads", "tensor"),
+  # weights
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("kv", None),
+  ("vocab", "tensor"),
+  ("layers", None),
+  # activations
+  ("activation_batch", BATCH_MESH_AXES),
+  ("activation_length", SEQUENCE_MESH_AXIS),
+  ("activation_embed", None),
+  ("activation_heads", "tensor"),
 )
 LOGICAL_AXIS_NAMES = tuple(name for name, _ in LOGICAL_AXIS_RULES)
 
@@ -51,6 +52,7 @@ class MeshConfig:
   models exchange states between the shards; see gin/mesh/sequence.gin.
   `num_devices`: use only the first n devices (None: all), e.g. one device for debugging.
   """
+
   data: int = 1
   fsdp: int = -1
   tensor: int = 1
@@ -72,8 +74,9 @@ class MeshConfig:
     if fill_axes:
       sizes[fill_axes[0]] = num_devices // fixed_product
     elif fixed_product != num_devices:
-      raise ValueError(f"mesh {sizes} has {fixed_product} devices, but there are {num_devices}; "
-                       "set one axis to -1 to fill")
+      raise ValueError(
+        f"mesh {sizes} has {fixed_product} devices, but there are {num_devices}; set one axis to -1 to fill"
+      )
     return sizes
 
 
@@ -83,9 +86,10 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
   devices = list(jax.devices() if devices is None else devices)
   if config.num_devices is not None:
     if not 1 <= config.num_devices <= len(devices):
-      raise ValueError(f"MeshConfig.num_devices={config.num_devices} must lie in 1..{len(devices)} "
-                       "(the devices available)")
-    devices = devices[:config.num_devices]
+      raise ValueError(
+        f"MeshConfig.num_devices={config.num_devices} must lie in 1..{len(devices)} (the devices available)"
+      )
+    devices = devices[: config.num_devices]
   sizes = config.resolve(len(devices))
   shape = tuple(sizes[axis] for axis in MESH_AXES)
   if len(devices) == len(jax.devices()):
@@ -100,8 +104,12 @@ def _as_axis_tuple(mesh_axes) -> tuple[str, ...]:
   return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
 
 
-def logical_to_mesh_spec(logical_names: Sequence[str | None], shape: Sequence[int] | None = None,
-                         mesh: Mesh | None = None, rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
+def logical_to_mesh_spec(
+  logical_names: Sequence[str | None],
+  shape: Sequence[int] | None = None,
+  mesh: Mesh | None = None,
+  rules=LOGICAL_AXIS_RULES,
+) -> PartitionSpec:
   """PartitionSpec for one array annotated with logical axis names.
 
   With `shape` and `mesh`, a dimension that the mapped mesh axes do not divide stays replicated (e.g. 2 heads
@@ -122,8 +130,13 @@ def logical_to_mesh_spec(logical_names: Sequence[str | None], shape: Sequence[in
     if mesh is not None:
       mesh_axes = tuple(axis for axis in mesh_axes if axis in mesh.shape and mesh.shape[axis] > 1)
       if shape is not None and mesh_axes and shape[dim] % math.prod(mesh.shape[a] for a in mesh_axes):
-        logging.info("dimension %d (%s, size %d) is not divisible by mesh axes %s; keeping it replicated",
-                     dim, name, shape[dim], mesh_axes)
+        logging.info(
+          "dimension %d (%s, size %d) is not divisible by mesh axes %s; keeping it replicated",
+          dim,
+          name,
+          shape[dim],
+          mesh_axes,
+        )
         mesh_axes = ()
     used_axes.update(mesh_axes)
     spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
@@ -141,20 +154,21 @@ def variable_logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | No
 
 def state_partition_specs(state: nnx.State, mesh: Mesh) -> dict:
   """Pure dict (same structure as `state.to_pure_dict()`) of PartitionSpecs from the variables' annotations."""
+
   def spec_of(variable):
     names = variable_logical_axes(variable)
     shape = variable.get_value().shape
     if names is None:
       return variable.replace(PartitionSpec())
     return variable.replace(logical_to_mesh_spec(names, shape, mesh))
+
   specs = jax.tree.map(spec_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return specs.to_pure_dict()
 
 
 def named_shardings(spec_tree, mesh: Mesh):
   """Maps a tree of PartitionSpecs to NamedShardings on `mesh`."""
-  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), spec_tree,
-                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), spec_tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def like_tree_shardings(tree, reference_shardings: Mapping, reference_tree, mesh: Mesh):
@@ -164,8 +178,9 @@ def like_tree_shardings(tree, reference_shardings: Mapping, reference_tree, mesh
   (optax keeps mu/nu as copies of the parameter tree); everything else (counters, scalars) is replicated.
   """
   reference_paths = {}
-  for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(reference_tree)[0],
-                                    jax.tree.leaves(reference_shardings)):
+  for (path, leaf), sharding in zip(
+    jax.tree_util.tree_flatten_with_path(reference_tree)[0], jax.tree.leaves(reference_shardings)
+  ):
     reference_paths[tuple(path)] = (leaf.shape, sharding)
   replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -176,6 +191,7 @@ def like_tree_shardings(tree, reference_shardings: Mapping, reference_tree, mesh
       if match is not None and tuple(match[0]) == tuple(leaf.shape):
         return match[1]
     return replicated
+
   return jax.tree_util.tree_map_with_path(sharding_for, tree)
 
 
@@ -199,15 +215,19 @@ def batch_shards(mesh: Mesh) -> int:
 def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "global batch size") -> None:
   shards = batch_shards(mesh)
   if batch_size % shards:
-    raise ValueError(f"{what} {batch_size} is not divisible by data × fsdp = "
-                     f"{mesh.shape['data']} × {mesh.shape['fsdp']} = {shards} batch shards of the mesh")
+    raise ValueError(
+      f"{what} {batch_size} is not divisible by data × fsdp = "
+      f"{mesh.shape['data']} × {mesh.shape['fsdp']} = {shards} batch shards of the mesh"
+    )
 
 
 def check_sequence_divisible(seq_len: int, mesh: Mesh, what: str = "seq_len") -> None:
   shards = sequence_shards(mesh)
   if seq_len % shards:
-    raise ValueError(f"{what} {seq_len} is not divisible by the {shards} devices of mesh axis "
-                     f"{SEQUENCE_MESH_AXIS!r}; use a seq_len that is a multiple of {shards}")
+    raise ValueError(
+      f"{what} {seq_len} is not divisible by the {shards} devices of mesh axis "
+      f"{SEQUENCE_MESH_AXIS!r}; use a seq_len that is a multiple of {shards}"
+    )
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ parameter.
 Exit codes (lsm_jax/errors.py, docs/reliability.md): 0 finished, 1 failed, 2 user error (one message, no
 traceback unless --verbose or LSM_JAX_VERBOSE=1), 75 preempted after saving a checkpoint (relaunch to resume).
 """
+
 import difflib
 import errno
 import logging as std_logging
@@ -25,9 +26,7 @@ from typing import Sequence
 
 import gin
 import jax
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from lsm_jax import errors
 
@@ -53,9 +52,12 @@ def _define_flags() -> None:
   flags.DEFINE_multi_string("gin_bindings", [], "Gin binding, e.g. 'TRAIN_STEPS = 100'; repeatable.")
   flags.DEFINE_list("gin_search_paths", [], "Extra directories for gin files and includes.")
   flags.DEFINE_enum(
-      "multiprocess", "auto", ["auto", "on", "off"],
-      "Call jax.distributed.initialize(): 'auto' does when the environment shows several processes (a JAX "
-      "coordinator address, SLURM or Open MPI with more than one task, or a multi-host TPU slice).")
+    "multiprocess",
+    "auto",
+    ["auto", "on", "off"],
+    "Call jax.distributed.initialize(): 'auto' does when the environment shows several processes (a JAX "
+    "coordinator address, SLURM or Open MPI with more than one task, or a multi-host TPU slice).",
+  )
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
   flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
   flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
@@ -67,7 +69,7 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
   rewritten = []
   for arg in argv:
     if arg.startswith("--gin."):
-      name, separator, value = arg[len("--gin."):].partition("=")
+      name, separator, value = arg[len("--gin.") :].partition("=")
       if not separator or not name:
         raise ValueError(f"gin override {arg!r} must look like --gin.NAME=VALUE")
       arg = f"--gin_bindings={name} = {value}"
@@ -121,9 +123,11 @@ def check_macro_bindings(gin_bindings: Sequence[str]) -> None:
       if name in defined or name in used_by_bindings:
         continue
       close = difflib.get_close_matches(name, defined, n=1)
-      raise ValueError(f"binding {binding.strip()!r} sets the macro {name}, which no gin file defines or uses"
-                       f"{f'; did you mean {close[0]}?' if close else '.'} Macros of the files: "
-                       f"{', '.join(sorted(defined)) or 'none'}")
+      raise ValueError(
+        f"binding {binding.strip()!r} sets the macro {name}, which no gin file defines or uses"
+        f"{f'; did you mean {close[0]}?' if close else '.'} Macros of the files: "
+        f"{', '.join(sorted(defined)) or 'none'}"
+      )
 
 
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str], search_paths: Sequence[str] = ()) -> None:
@@ -146,13 +150,15 @@ def multiprocess_requested(environ=os.environ) -> bool:
   return len(tpu_hosts) > 1
 
 
-def maybe_initialize_distributed(mode: str, coordinator_address: str | None, num_processes: int | None,
-                                 process_id: int | None) -> None:
+def maybe_initialize_distributed(
+  mode: str, coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> None:
   if mode == "off" or (mode == "auto" and coordinator_address is None and not multiprocess_requested()):
     return
   # Must precede every JAX computation; importing jax does not start a backend.
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id)
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )
   logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
@@ -175,13 +181,17 @@ def exit_code_and_message(error: Exception, training_started: bool) -> tuple[int
     return errors.EXIT_USER_ERROR, str(error)
   for cause in _causes(error):
     if (isinstance(cause, OSError) and cause.errno == errno.ENOSPC) or "No space left on device" in str(cause):
-      return errors.EXIT_USER_ERROR, (f"no space left on the device: {str(cause)[:500]}. Free space where "
-                                      f"MODEL_DIR lives (or choose another MODEL_DIR) and rerun: the run resumes "
-                                      f"from its last complete checkpoint.")
+      return errors.EXIT_USER_ERROR, (
+        f"no space left on the device: {str(cause)[:500]}. Free space where "
+        f"MODEL_DIR lives (or choose another MODEL_DIR) and rerun: the run resumes "
+        f"from its last complete checkpoint."
+      )
   if not training_started and "RESOURCE_EXHAUSTED" in str(error):
-    return errors.EXIT_USER_ERROR, (f"the training step does not fit in device memory: {str(error)[:500]}. Try a "
-                                    f"smaller PER_SHARD_MICROBATCH_SIZE, a ModelConfig.remat_policy, more fsdp "
-                                    f"shards (gin/mesh/), or python -m lsm_jax.aot to size the plan first.")
+    return errors.EXIT_USER_ERROR, (
+      f"the training step does not fit in device memory: {str(error)[:500]}. Try a "
+      f"smaller PER_SHARD_MICROBATCH_SIZE, a ModelConfig.remat_policy, more fsdp "
+      f"shards (gin/mesh/), or python -m lsm_jax.aot to size the plan first."
+    )
   if not training_started and isinstance(error, (ValueError, TypeError, FileNotFoundError)):
     return errors.EXIT_USER_ERROR, str(error)
   if isinstance(error, errors.NonFiniteLossError):
@@ -192,9 +202,11 @@ def exit_code_and_message(error: Exception, training_started: bool) -> tuple[int
 def _train(flag_values) -> dict:
   # Gin first: a misspelled binding or a missing macro fails before any JAX device is touched.
   from lsm_jax import trainer
+
   parse_gin(flag_values.gin_file, flag_values.gin_bindings, flag_values.gin_search_paths)
-  maybe_initialize_distributed(flag_values.multiprocess, flag_values.coordinator_address,
-                               flag_values.num_processes, flag_values.process_id)
+  maybe_initialize_distributed(
+    flag_values.multiprocess, flag_values.coordinator_address, flag_values.num_processes, flag_values.process_id
+  )
   logging.info("gin config:\n%s", gin.config_str())
   return gin.get_configurable(trainer.train)(config_text=gin.config_str())
 
@@ -204,8 +216,9 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected positional arguments: {argv[1:]}", exitcode=errors.EXIT_USER_ERROR)
   flag_values = flags.FLAGS
   if not flag_values.gin_file:
-    raise app.UsageError("give at least one --gin_file (e.g. --gin_file=gin/smoke/hgrn2.gin)",
-                         exitcode=errors.EXIT_USER_ERROR)
+    raise app.UsageError(
+      "give at least one --gin_file (e.g. --gin_file=gin/smoke/hgrn2.gin)", exitcode=errors.EXIT_USER_ERROR
+    )
   logging.get_absl_handler().addFilter(_DropLibraryInfo())
   verbose = flag_values.verbose or os.environ.get("LSM_JAX_VERBOSE", "0") not in ("", "0")
   try:
@@ -221,8 +234,11 @@ def main(argv: Sequence[str]) -> None:
       print(f"{kind}: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
   if summary.get("preempted"):
-    logging.warning("preempted at step %d with its checkpoint saved; exiting with %d (relaunch to resume)",
-                    summary["step"], errors.EXIT_PREEMPTED)
+    logging.warning(
+      "preempted at step %d with its checkpoint saved; exiting with %d (relaunch to resume)",
+      summary["step"],
+      errors.EXIT_PREEMPTED,
+    )
     sys.exit(errors.EXIT_PREEMPTED)
 
 

@@ -10,6 +10,7 @@ loader.local_batch(step), step, metrics, checkpoint.
 Determinism: the batch of step s is a pure function of (data seed, s) and the step has no other randomness, so a
 run resumed at step s reproduces the uninterrupted run bit for bit on the same mesh.
 """
+
 import contextlib
 import contextvars
 import dataclasses
@@ -29,13 +30,8 @@ from absl import logging
 from flax import nnx
 
 from lsm_jax import checkpoint as checkpoint_lib
-from lsm_jax import errors
-from lsm_jax import flops
-from lsm_jax import losses
+from lsm_jax import errors, flops, losses, models, optim, sharding
 from lsm_jax import metrics as metrics_lib
-from lsm_jax import models
-from lsm_jax import optim
-from lsm_jax import sharding
 from lsm_jax.data import loader as loader_lib
 from lsm_jax.models import configs as model_configs
 
@@ -57,12 +53,14 @@ def _state_from_pure_dict(template: nnx.State, pure: dict) -> nnx.State:
 
 def _weight_decay_mask(param_state: nnx.State) -> dict:
   """Decay parameters with >= 2 axes that are not the stacked `layers` axis (norm scales stay undecayed)."""
+
   def is_matrix(variable):
     names = sharding.variable_logical_axes(variable)
     rank = variable.get_value().ndim
     if names is not None:
       rank -= sum(name == "layers" for name in names)
     return variable.replace(rank >= 2)
+
   return jax.tree.map(is_matrix, param_state, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
 
 
@@ -83,6 +81,7 @@ class TrainProgram:
   another platform (lsm_jax/aot.py) and benchmarks (benchmarks/train_step.py). Its jitted functions trace
   under `sharding.activate(mesh)`: use the `lower_*` helpers or call them inside that context.
   """
+
   model_config: model_configs.ModelConfig  # "auto" kernel choices resolved for the mesh's platform
   mesh: jax.sharding.Mesh
   platform: str
@@ -90,7 +89,7 @@ class TrainProgram:
   global_batch_size: int
   num_microbatches: int
   microbatch_size: int
-  flops_per_step_model: float   # Appendix A.1 form (MFU)
+  flops_per_step_model: float  # Appendix A.1 form (MFU)
   flops_per_step_table1: float  # Table 1 form (compute C, scaling laws)
   num_params: int
   optimizer: optim.Optimizer
@@ -98,11 +97,11 @@ class TrainProgram:
   state_shardings: dict
   rest_shardings: dict
   batch_sharding: jax.sharding.NamedSharding
-  abstract_state: dict          # ShapeDtypeStructs carrying state_shardings
-  abstract_rest: dict           # the model's non-parameter variables, abstract and replicated
-  abstract_batch: dict          # [global_batch_size, seq_len] per key of BATCH_KEYS, batch-sharded
-  train_step: Any               # jax.jit: (state, rest, batch) -> (state, metrics); state donated
-  eval_step: Any                # jax.jit: (params, rest, batch) -> (loss sum, loss-token count)
+  abstract_state: dict  # ShapeDtypeStructs carrying state_shardings
+  abstract_rest: dict  # the model's non-parameter variables, abstract and replicated
+  abstract_batch: dict  # [global_batch_size, seq_len] per key of BATCH_KEYS, batch-sharded
+  train_step: Any  # jax.jit: (state, rest, batch) -> (state, metrics); state donated
+  eval_step: Any  # jax.jit: (params, rest, batch) -> (loss sum, loss-token count)
   model_from_params: Callable[[dict, dict], nnx.Module]
   _init: Any
   _init_rest: Any
@@ -127,16 +126,16 @@ class TrainProgram:
 
 
 def build_train_program(
-    model_config: model_configs.ModelConfig,
-    *,
-    mesh: jax.sharding.Mesh,
-    train_steps: int,
-    seq_len: int,
-    global_batch_size: int,
-    optimizer: optim.OptimizerConfig = optim.OptimizerConfig(),
-    per_shard_microbatch_size: int | None = None,
-    loss_chunk_length: int | None = None,
-    seed: int = 0,
+  model_config: model_configs.ModelConfig,
+  *,
+  mesh: jax.sharding.Mesh,
+  train_steps: int,
+  seq_len: int,
+  global_batch_size: int,
+  optimizer: optim.OptimizerConfig = optim.OptimizerConfig(),
+  per_shard_microbatch_size: int | None = None,
+  loss_chunk_length: int | None = None,
+  seed: int = 0,
 ) -> TrainProgram:
   """Validates the numbers, then builds the abstract model, shardings and jitted steps (nothing compiled).
 
@@ -145,10 +144,11 @@ def build_train_program(
   """
   # --- checks first: a bad number must fail before any model is built or anything is traced ---------------
   if not isinstance(model_config, model_configs.ModelConfig):
-    raise TypeError(f"trainer.train.model_config must be a ModelConfig (e.g. @configs.get_config()), "
-                    f"got {type(model_config).__name__}")
-  _check_positive_ints("trainer.train", train_steps=train_steps, seq_len=seq_len,
-                       global_batch_size=global_batch_size)
+    raise TypeError(
+      f"trainer.train.model_config must be a ModelConfig (e.g. @configs.get_config()), "
+      f"got {type(model_config).__name__}"
+    )
+  _check_positive_ints("trainer.train", train_steps=train_steps, seq_len=seq_len, global_batch_size=global_batch_size)
   shards = sharding.batch_shards(mesh)
   sharding.check_batch_divisible(global_batch_size, mesh, "trainer.train.global_batch_size")
   sharding.check_sequence_divisible(seq_len, mesh, "trainer.train.seq_len")
@@ -158,18 +158,28 @@ def build_train_program(
     microbatch_size = per_shard_microbatch_size * shards
     if per_shard_microbatch_size < 1 or global_batch_size % microbatch_size:
       raise ValueError(
-          f"trainer.train.global_batch_size {global_batch_size} is not a multiple of the microbatch: "
-          f"per_shard_microbatch_size {per_shard_microbatch_size} × {shards} batch shards (data × fsdp) = "
-          f"{microbatch_size}")
+        f"trainer.train.global_batch_size {global_batch_size} is not a multiple of the microbatch: "
+        f"per_shard_microbatch_size {per_shard_microbatch_size} × {shards} batch shards (data × fsdp) = "
+        f"{microbatch_size}"
+      )
   num_microbatches = global_batch_size // microbatch_size
-  if loss_chunk_length is not None and (loss_chunk_length < 1 or (loss_chunk_length < seq_len
-                                                                  and seq_len % loss_chunk_length)):
-    raise ValueError(f"trainer.train.loss_chunk_length {loss_chunk_length} must divide seq_len {seq_len} "
-                     "(or be >= seq_len, or None: no chunking)")
+  if loss_chunk_length is not None and (
+    loss_chunk_length < 1 or (loss_chunk_length < seq_len and seq_len % loss_chunk_length)
+  ):
+    raise ValueError(
+      f"trainer.train.loss_chunk_length {loss_chunk_length} must divide seq_len {seq_len} "
+      "(or be >= seq_len, or None: no chunking)"
+    )
   platform = mesh.devices.flat[0].platform
   model_config = model_config.resolved_for(platform)
-  shape = dict(arch=model_config.arch, num_layers=model_config.num_layers, d_model=model_config.d_model,
-               num_heads=model_config.num_heads, batch_size=global_batch_size, seq_len=seq_len)
+  shape = dict(
+    arch=model_config.arch,
+    num_layers=model_config.num_layers,
+    d_model=model_config.d_model,
+    num_heads=model_config.num_heads,
+    batch_size=global_batch_size,
+    seq_len=seq_len,
+  )
 
   # --- abstract model → shardings -------------------------------------------------------------------------
   def new_model():
@@ -188,19 +198,23 @@ def build_train_program(
   abstract_param_dict = abstract_params.to_pure_dict()
   abstract_opt_state = jax.eval_shape(tx.init, abstract_param_dict)
   opt_shardings = sharding.like_tree_shardings(abstract_opt_state, param_shardings, abstract_param_dict, mesh)
-  state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated,
-                     "rng": replicated}
+  state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated, "rng": replicated}
   rng_key_data = jax.random.key_data(jax.random.key(seed))
-  abstract_state = {"params": abstract_param_dict, "opt_state": abstract_opt_state,
-                    "step": jax.ShapeDtypeStruct((), jnp.int32),
-                    "rng": jax.ShapeDtypeStruct(rng_key_data.shape, rng_key_data.dtype)}
-  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                abstract_state, state_shardings)
+  abstract_state = {
+    "params": abstract_param_dict,
+    "opt_state": abstract_opt_state,
+    "step": jax.ShapeDtypeStruct((), jnp.int32),
+    "rng": jax.ShapeDtypeStruct(rng_key_data.shape, rng_key_data.dtype),
+  }
+  abstract_state = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_shardings
+  )
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_param_dict))
 
   def model_from_params(params, rest):
-    return nnx.merge(graphdef, _state_from_pure_dict(abstract_params, params),
-                     _state_from_pure_dict(abstract_rest, rest))
+    return nnx.merge(
+      graphdef, _state_from_pure_dict(abstract_params, params), _state_from_pure_dict(abstract_rest, rest)
+    )
 
   # --- the step functions -------------------------------------------------------------------------------
   batch_sharding = sharding.batch_sharding(mesh)
@@ -212,8 +226,7 @@ def build_train_program(
     return losses.masked_cross_entropy_sums(model, hidden, batch["targets"], batch["loss_mask"], loss_chunk_length)
 
   def grad_sums(params, rest, batch):
-    (loss_sum, mask_sum), grads = jax.value_and_grad(
-        lambda p: loss_sums(p, rest, batch), has_aux=True)(params)
+    (loss_sum, mask_sum), grads = jax.value_and_grad(lambda p: loss_sums(p, rest, batch), has_aux=True)(params)
     return loss_sum, mask_sum, grads
 
   def train_step(state, rest, batch):
@@ -227,7 +240,8 @@ def build_train_program(
         x = x.reshape(microbatch_size, num_microbatches, *x.shape[1:])
         x = jnp.swapaxes(x, 0, 1)
         return jax.lax.with_sharding_constraint(
-            x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *sharding.batch_spec(mesh))))
+          x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *sharding.batch_spec(mesh)))
+        )
 
       def accumulate(carry, microbatch):
         microbatch = jax.lax.with_sharding_constraint(microbatch, batch_shardings)
@@ -240,44 +254,77 @@ def build_train_program(
       zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
       zero = jnp.zeros((), jnp.float32)
       (loss_sum, mask_sum, grads), _ = jax.lax.scan(
-          accumulate, (zero, zero, zeros), jax.tree.map(to_microbatches, batch))
+        accumulate, (zero, zero, zeros), jax.tree.map(to_microbatches, batch)
+      )
     token_count = jnp.maximum(mask_sum, 1.0)
     grads = jax.tree.map(lambda g, p: (g / token_count).astype(p.dtype), grads, params)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-                 "step": state["step"] + 1, "rng": state["rng"]}
-    step_metrics = {"loss": loss_sum / token_count, "grad_norm": grad_norm,
-                    "learning_rate": optimizer_parts.learning_rate(state["step"]), "loss_tokens": mask_sum}
+    new_state = {
+      "params": optax.apply_updates(params, updates),
+      "opt_state": opt_state,
+      "step": state["step"] + 1,
+      "rng": state["rng"],
+    }
+    step_metrics = {
+      "loss": loss_sum / token_count,
+      "grad_norm": grad_norm,
+      "learning_rate": optimizer_parts.learning_rate(state["step"]),
+      "loss_tokens": mask_sum,
+    }
     return new_state, step_metrics
 
   def init_state():
     _, params, rest = nnx.split(new_model(), nnx.Param, ...)
     params = params.to_pure_dict()
-    return ({"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-             "rng": rng_key_data}, rest.to_pure_dict())
+    return (
+      {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32), "rng": rng_key_data},
+      rest.to_pure_dict(),
+    )
 
-  abstract_batch = {key: jax.ShapeDtypeStruct((global_batch_size, seq_len),
-                                              jnp.float32 if key == "loss_mask" else jnp.int32,
-                                              sharding=batch_sharding) for key in BATCH_KEYS}
-  abstract_rest_arrays = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                                      abstract_rest.to_pure_dict())
+  abstract_batch = {
+    key: jax.ShapeDtypeStruct(
+      (global_batch_size, seq_len), jnp.float32 if key == "loss_mask" else jnp.int32, sharding=batch_sharding
+    )
+    for key in BATCH_KEYS
+  }
+  abstract_rest_arrays = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_rest.to_pure_dict()
+  )
   return TrainProgram(
-      model_config=model_config, mesh=mesh, platform=platform, seq_len=seq_len,
-      global_batch_size=global_batch_size, num_microbatches=num_microbatches, microbatch_size=microbatch_size,
-      flops_per_step_model=flops.flops_per_step(**shape, ffn_dim=model_config.ffn_dim,
-                                                vocab_size=model_config.vocab_size),
-      flops_per_step_table1=flops.flops_per_step(**shape), num_params=num_params, optimizer=optimizer_parts,
-      param_shardings=param_shardings, state_shardings=state_shardings, rest_shardings=rest_shardings,
-      batch_sharding=batch_sharding, abstract_state=abstract_state, abstract_rest=abstract_rest_arrays,
-      abstract_batch=abstract_batch,
-      train_step=jax.jit(train_step, in_shardings=(state_shardings, rest_shardings, batch_shardings),
-                         out_shardings=(state_shardings, replicated), donate_argnums=0),
-      eval_step=jax.jit(loss_sums, in_shardings=(param_shardings, rest_shardings, batch_shardings),
-                        out_shardings=replicated),
-      model_from_params=model_from_params,
-      _init=jax.jit(init_state, out_shardings=(state_shardings, rest_shardings)),
-      _init_rest=jax.jit(lambda: init_state()[1], out_shardings=rest_shardings))
+    model_config=model_config,
+    mesh=mesh,
+    platform=platform,
+    seq_len=seq_len,
+    global_batch_size=global_batch_size,
+    num_microbatches=num_microbatches,
+    microbatch_size=microbatch_size,
+    flops_per_step_model=flops.flops_per_step(
+      **shape, ffn_dim=model_config.ffn_dim, vocab_size=model_config.vocab_size
+    ),
+    flops_per_step_table1=flops.flops_per_step(**shape),
+    num_params=num_params,
+    optimizer=optimizer_parts,
+    param_shardings=param_shardings,
+    state_shardings=state_shardings,
+    rest_shardings=rest_shardings,
+    batch_sharding=batch_sharding,
+    abstract_state=abstract_state,
+    abstract_rest=abstract_rest_arrays,
+    abstract_batch=abstract_batch,
+    train_step=jax.jit(
+      train_step,
+      in_shardings=(state_shardings, rest_shardings, batch_shardings),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=0,
+    ),
+    eval_step=jax.jit(
+      loss_sums, in_shardings=(param_shardings, rest_shardings, batch_shardings), out_shardings=replicated
+    ),
+    model_from_params=model_from_params,
+    _init=jax.jit(init_state, out_shardings=(state_shardings, rest_shardings)),
+    _init_rest=jax.jit(lambda: init_state()[1], out_shardings=rest_shardings),
+  )
 
 
 def _greedy_sample(model_from_params, params, tokenizer, prompt: str, num_tokens: int) -> str:
@@ -290,8 +337,9 @@ def _greedy_sample(model_from_params, params, tokenizer, prompt: str, num_tokens
 
   @jax.jit
   def prefill(params, tokens, segment_ids, positions):
-    logits, decode_state = model_from_params(params).prefill(tokens, segment_ids=segment_ids, positions=positions,
-                                                             max_length=max_length)
+    logits, decode_state = model_from_params(params).prefill(
+      tokens, segment_ids=segment_ids, positions=positions, max_length=max_length
+    )
     return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), decode_state
 
   @jax.jit
@@ -317,11 +365,13 @@ _GIB = float(1 << 30)
 def _memory_knobs(program: TrainProgram) -> str:
   config = program.model_config
   rows_per_shard = program.microbatch_size // sharding.batch_shards(program.mesh)
-  return (f"To fit: a remat policy that keeps fewer activations (ModelConfig.remat_policy, now "
-          f"{config.remat_policy!r}; valid: {', '.join(model_configs.REMAT_POLICIES)}; 'full' keeps the fewest), "
-          f"fewer rows per microbatch (PER_SHARD_MICROBATCH_SIZE, now {rows_per_shard} per data x fsdp shard: "
-          f"gradients then accumulate over more microbatches, the global batch stays), or a mesh that shards the "
-          f"model over more devices (gin/mesh/*.gin, sharding.MeshConfig; now {dict(program.mesh.shape)}).")
+  return (
+    f"To fit: a remat policy that keeps fewer activations (ModelConfig.remat_policy, now "
+    f"{config.remat_policy!r}; valid: {', '.join(model_configs.REMAT_POLICIES)}; 'full' keeps the fewest), "
+    f"fewer rows per microbatch (PER_SHARD_MICROBATCH_SIZE, now {rows_per_shard} per data x fsdp shard: "
+    f"gradients then accumulate over more microbatches, the global batch stays), or a mesh that shards the "
+    f"model over more devices (gin/mesh/*.gin, sharding.MeshConfig; now {dict(program.mesh.shape)})."
+  )
 
 
 def compile_train_step(program: TrainProgram, device_memory_limit_gib: float | None = None) -> jax.stages.Compiled:
@@ -338,8 +388,10 @@ def compile_train_step(program: TrainProgram, device_memory_limit_gib: float | N
   except Exception as error:  # XLA reports a plan beyond the device's memory as RESOURCE_EXHAUSTED
     if not metrics_lib.is_out_of_memory(error):
       raise
-    raise StepDoesNotFitError(f"the train step does not fit the device memory: the compiler reports "
-                              f"{str(error).strip().splitlines()[0][:300]}. {_memory_knobs(program)}") from error
+    raise StepDoesNotFitError(
+      f"the train step does not fit the device memory: the compiler reports "
+      f"{str(error).strip().splitlines()[0][:300]}. {_memory_knobs(program)}"
+    ) from error
   if device_memory_limit_gib is None:
     local_devices = [device for device in program.mesh.devices.flat if device.process_index == jax.process_index()]
     limit, source = metrics_lib.device_memory_limit_bytes(local_devices), f"{local_devices[0].device_kind} allocator"
@@ -348,10 +400,11 @@ def compile_train_step(program: TrainProgram, device_memory_limit_gib: float | N
   plan = metrics_lib.compiled_memory_bytes(compiled)
   if limit is not None and plan is not None and plan["total"] > limit:
     raise StepDoesNotFitError(
-        f"the compiled train step needs {plan['total'] / _GIB:.3g} GiB per device (arguments "
-        f"{plan['argument'] / _GIB:.3g}, outputs {plan['output'] / _GIB:.3g} of which {plan['alias'] / _GIB:.3g} "
-        f"reuse donated inputs, temporaries {plan['temp'] / _GIB:.3g}), but the device has {limit / _GIB:.3g} GiB "
-        f"({source}). {_memory_knobs(program)}")
+      f"the compiled train step needs {plan['total'] / _GIB:.3g} GiB per device (arguments "
+      f"{plan['argument'] / _GIB:.3g}, outputs {plan['output'] / _GIB:.3g} of which {plan['alias'] / _GIB:.3g} "
+      f"reuse donated inputs, temporaries {plan['temp'] / _GIB:.3g}), but the device has {limit / _GIB:.3g} GiB "
+      f"({source}). {_memory_knobs(program)}"
+    )
   return compiled
 
 
@@ -371,24 +424,36 @@ class _NonFiniteAfterRestore(errors.NonFiniteLossError):
     self.restored_step = restored_step
 
 
-def _non_finite_error(model_dir: str, completed: int, scalars: dict, restored_step: int | None,
-                      checkpointer: checkpoint_lib.Checkpointer | None) -> errors.NonFiniteLossError:
+def _non_finite_error(
+  model_dir: str,
+  completed: int,
+  scalars: dict,
+  restored_step: int | None,
+  checkpointer: checkpoint_lib.Checkpointer | None,
+) -> errors.NonFiniteLossError:
   """The error for a non-finite loss or gradient norm at step `completed` (the state after it is not saved)."""
   name = "loss" if not np.isfinite(scalars["loss"]) else "gradient norm"
   what = f"the {name} became {scalars['loss' if name == 'loss' else 'grad_norm']} at step {completed}"
   if restored_step is not None and checkpointer is not None and not checkpointer.saved_resume_steps:
-    return _NonFiniteAfterRestore(f"{what}, {completed - restored_step} step(s) after restoring resume checkpoint "
-                                  f"{restored_step}", restored_step)
+    return _NonFiniteAfterRestore(
+      f"{what}, {completed - restored_step} step(s) after restoring resume checkpoint {restored_step}", restored_step
+    )
   # Saves still in flight count: closing the checkpointer on the way out commits them.
-  saved = set(checkpoint_lib.resume_checkpoint_steps(model_dir)) | set(checkpointer.saved_resume_steps if checkpointer
-                                                                       else ())
+  saved = set(checkpoint_lib.resume_checkpoint_steps(model_dir)) | set(
+    checkpointer.saved_resume_steps if checkpointer else ()
+  )
   good = sorted(step for step in saved if step < completed)
-  last_good = (f"resume checkpoint {good[-1]} ({os.path.join(model_dir, 'checkpoints', 'resume', str(good[-1]))}),"
-               f" which a rerun resumes from" if good else "none: no resume checkpoint was saved before it")
+  last_good = (
+    f"resume checkpoint {good[-1]} ({os.path.join(model_dir, 'checkpoints', 'resume', str(good[-1]))}),"
+    f" which a rerun resumes from"
+    if good
+    else "none: no resume checkpoint was saved before it"
+  )
   return errors.NonFiniteLossError(
-      f"{what}; stopping. The last good checkpoint is {last_good}. Try a lower optim.OptimizerConfig.learning_rate, "
-      f"a longer warmup_steps or a gradient_clip_norm, or float32 compute (ModelConfig.dtype); if the loss was "
-      f"finite and falling until then, look for bad data near step {completed}.")
+    f"{what}; stopping. The last good checkpoint is {last_good}. Try a lower optim.OptimizerConfig.learning_rate, "
+    f"a longer warmup_steps or a gradient_clip_norm, or float32 compute (ModelConfig.dtype); if the loss was "
+    f"finite and falling until then, look for bad data near step {completed}."
+  )
 
 
 def _locked_with_rollback(train_function):
@@ -410,17 +475,20 @@ def _locked_with_rollback(train_function):
         older = [step for step in checkpoint_lib.resume_checkpoint_steps(model_dir) if step < bad_step]
         if not older:
           raise errors.NonFiniteLossError(
-              f"{error}; there is no older resume checkpoint to roll back to, stopping. Move "
-              f"{model_dir}/checkpoints/resume/{bad_step} away to start over.") from error
+            f"{error}; there is no older resume checkpoint to roll back to, stopping. Move "
+            f"{model_dir}/checkpoints/resume/{bad_step} away to start over."
+          ) from error
         checkpoint_lib.quarantine_resume_checkpoint(model_dir, bad_step, f"{error}")
         logging.warning("%s: quarantined that checkpoint; rolling back once, to resume checkpoint %d", error, older[-1])
       _LOOP_STARTED.set(False)
       try:
         return train_function(**kwargs)
       except _NonFiniteAfterRestore as error:
-        raise errors.NonFiniteLossError(f"{error}, after rolling back once from resume checkpoint {bad_step}; "
-                                        f"stopping (a second bad checkpoint in a row points at the configuration or "
-                                        f"the data rather than the files).") from error
+        raise errors.NonFiniteLossError(
+          f"{error}, after rolling back once from resume checkpoint {bad_step}; "
+          f"stopping (a second bad checkpoint in a row points at the configuration or "
+          f"the data rather than the files)."
+        ) from error
 
   locked_train.__signature__ = inspect.signature(train_function)  # gin validates parameters against it
   return locked_train
@@ -428,40 +496,40 @@ def _locked_with_rollback(train_function):
 
 @_locked_with_rollback
 def train(
-    *,
-    model_dir: str,
-    model_config: model_configs.ModelConfig,
-    train_steps: int,
-    seq_len: int,
-    global_batch_size: int,
-    data_dir: str = "embedded",
-    make_loader: Callable[..., Any] | None = None,
-    validation_split: str = "validation",
-    seed: int = 0,
-    mesh_config: sharding.MeshConfig = sharding.MeshConfig(),
-    optimizer: optim.OptimizerConfig = optim.OptimizerConfig(),
-    per_shard_microbatch_size: int | None = None,
-    loss_chunk_length: int | None = None,
-    eval_every_steps: int = 0,
-    eval_batches: int = 4,
-    log_every_steps: int = 1,
-    prefetch_batches: int = 2,
-    enable_checkpointing: bool = True,
-    checkpoint_every_steps: int = 1000,
-    max_checkpoints_to_keep: int = 2,
-    num_milestones: int = 57,
-    milestone_dtype: str = "bfloat16",
-    async_checkpointing: bool = True,
-    allow_config_change: bool = False,
-    peak_flops_per_device: float | None = None,
-    device_memory_limit_gib: float | None = None,
-    sample_prompt: str | None = "The ",
-    sample_tokens: int = 48,
-    progress_bar: bool = True,
-    enable_tensorboard: bool = True,
-    config_text: str | None = None,
-    run_name: str | None = None,
-    ablation: str | None = None,
+  *,
+  model_dir: str,
+  model_config: model_configs.ModelConfig,
+  train_steps: int,
+  seq_len: int,
+  global_batch_size: int,
+  data_dir: str = "embedded",
+  make_loader: Callable[..., Any] | None = None,
+  validation_split: str = "validation",
+  seed: int = 0,
+  mesh_config: sharding.MeshConfig = sharding.MeshConfig(),
+  optimizer: optim.OptimizerConfig = optim.OptimizerConfig(),
+  per_shard_microbatch_size: int | None = None,
+  loss_chunk_length: int | None = None,
+  eval_every_steps: int = 0,
+  eval_batches: int = 4,
+  log_every_steps: int = 1,
+  prefetch_batches: int = 2,
+  enable_checkpointing: bool = True,
+  checkpoint_every_steps: int = 1000,
+  max_checkpoints_to_keep: int = 2,
+  num_milestones: int = 57,
+  milestone_dtype: str = "bfloat16",
+  async_checkpointing: bool = True,
+  allow_config_change: bool = False,
+  peak_flops_per_device: float | None = None,
+  device_memory_limit_gib: float | None = None,
+  sample_prompt: str | None = "The ",
+  sample_tokens: int = 48,
+  progress_bar: bool = True,
+  enable_tensorboard: bool = True,
+  config_text: str | None = None,
+  run_name: str | None = None,
+  ablation: str | None = None,
 ) -> dict:
   """Trains `model_config` for `train_steps` steps of `global_batch_size` × `seq_len` tokens into `model_dir`.
 
@@ -489,75 +557,116 @@ def train(
   """
   # --- configuration checks: all of them before anything is compiled -------------------------------------
   _check_positive_ints("trainer.train", log_every_steps=log_every_steps, prefetch_batches=prefetch_batches)
-  if device_memory_limit_gib is not None and not (isinstance(device_memory_limit_gib, (int, float))
-                                                  and device_memory_limit_gib > 0):
-    raise ValueError(f"trainer.train.device_memory_limit_gib must be None (read from the device) or a positive "
-                     f"number of GiB, got {device_memory_limit_gib!r}")
+  if device_memory_limit_gib is not None and not (
+    isinstance(device_memory_limit_gib, (int, float)) and device_memory_limit_gib > 0
+  ):
+    raise ValueError(
+      f"trainer.train.device_memory_limit_gib must be None (read from the device) or a positive "
+      f"number of GiB, got {device_memory_limit_gib!r}"
+    )
   if eval_every_steps < 0 or eval_batches < 1:
-    raise ValueError(f"trainer.train.eval_every_steps must be >= 0 (0 = never) and eval_batches >= 1, got "
-                     f"{eval_every_steps} and {eval_batches}")
+    raise ValueError(
+      f"trainer.train.eval_every_steps must be >= 0 (0 = never) and eval_batches >= 1, got "
+      f"{eval_every_steps} and {eval_batches}"
+    )
   mesh = sharding.make_mesh(mesh_config)
   program = build_train_program(
-      model_config, mesh=mesh, train_steps=train_steps, seq_len=seq_len, global_batch_size=global_batch_size,
-      optimizer=optimizer, per_shard_microbatch_size=per_shard_microbatch_size,
-      loss_chunk_length=loss_chunk_length, seed=seed)
+    model_config,
+    mesh=mesh,
+    train_steps=train_steps,
+    seq_len=seq_len,
+    global_batch_size=global_batch_size,
+    optimizer=optimizer,
+    per_shard_microbatch_size=per_shard_microbatch_size,
+    loss_chunk_length=loss_chunk_length,
+    seed=seed,
+  )
   if global_batch_size % jax.process_count():
-    raise ValueError(f"trainer.train.global_batch_size {global_batch_size} is not divisible by the "
-                     f"{jax.process_count()} processes")
+    raise ValueError(
+      f"trainer.train.global_batch_size {global_batch_size} is not divisible by the {jax.process_count()} processes"
+    )
   milestone_steps = []
   if enable_checkpointing and num_milestones:
     milestone_steps = checkpoint_lib.milestone_schedule(train_steps, num_milestones)
   make_loader = make_loader or loader_lib.make_loader
   setup_start = time.perf_counter()
-  train_loader = make_loader(data_dir, split="train", seq_len=seq_len, global_batch_size=global_batch_size,
-                             seed=seed)
+  train_loader = make_loader(data_dir, split="train", seq_len=seq_len, global_batch_size=global_batch_size, seed=seed)
   tokenizer = train_loader.tokenizer
   if tokenizer.vocab_size > model_config.vocab_size:
-    raise ValueError(f"tokenizer {tokenizer.name!r} has vocab_size {tokenizer.vocab_size} but "
-                     f"model_config.vocab_size is {model_config.vocab_size}")
+    raise ValueError(
+      f"tokenizer {tokenizer.name!r} has vocab_size {tokenizer.vocab_size} but "
+      f"model_config.vocab_size is {model_config.vocab_size}"
+    )
   validation_loader = None
   if eval_every_steps:
-    validation_loader = make_loader(data_dir, split=validation_split, seq_len=seq_len,
-                                    global_batch_size=global_batch_size, seed=seed)
+    validation_loader = make_loader(
+      data_dir, split=validation_split, seq_len=seq_len, global_batch_size=global_batch_size, seed=seed
+    )
   device_kind = jax.devices()[0].device_kind
   peak_flops = metrics_lib.peak_flops_per_device(device_kind, peak_flops_per_device)
 
   is_main_process = jax.process_index() == 0
   run_metadata = {
-      "arch": model_config.arch, "size": model_config.size, "model_config": dataclasses.asdict(model_config),
-      "run_name": run_name or f"{model_config.arch}_{model_config.size}", "ablation": ablation,
-      "tokenizer": getattr(tokenizer, "spec", tokenizer.name), "seq_len": seq_len,
-      "global_batch_size": global_batch_size, "train_steps": train_steps,
-      "flops_per_step": program.flops_per_step_table1, "milestone_steps": list(milestone_steps),
-      "code_version": checkpoint_lib.code_version(), "data_dir": data_dir, "seed": seed,
-      "optimizer": dataclasses.asdict(optimizer), "mesh": dict(mesh.shape), "num_params": program.num_params,
+    "arch": model_config.arch,
+    "size": model_config.size,
+    "model_config": dataclasses.asdict(model_config),
+    "run_name": run_name or f"{model_config.arch}_{model_config.size}",
+    "ablation": ablation,
+    "tokenizer": getattr(tokenizer, "spec", tokenizer.name),
+    "seq_len": seq_len,
+    "global_batch_size": global_batch_size,
+    "train_steps": train_steps,
+    "flops_per_step": program.flops_per_step_table1,
+    "milestone_steps": list(milestone_steps),
+    "code_version": checkpoint_lib.code_version(),
+    "data_dir": data_dir,
+    "seed": seed,
+    "optimizer": dataclasses.asdict(optimizer),
+    "mesh": dict(mesh.shape),
+    "num_params": program.num_params,
   }
   # A resumed run must still be the same run; checked before config.gin and run_metadata.json are rewritten.
-  run_metadata.update(checkpoint_lib.check_resumed_run(model_dir, run_metadata,
-                                                       allow_config_change=allow_config_change))
+  run_metadata.update(
+    checkpoint_lib.check_resumed_run(model_dir, run_metadata, allow_config_change=allow_config_change)
+  )
   if is_main_process:
     os.makedirs(model_dir, exist_ok=True)
     if config_text is not None:
       with open(os.path.join(model_dir, "config.gin"), "w", encoding="utf-8") as f:
         f.write(config_text)
-  logging.info("data ready in %.1f s; mesh %s on %d × %s; %d microbatch(es) of %d rows",
-               time.perf_counter() - setup_start, dict(mesh.shape), jax.device_count(), device_kind,
-               program.num_microbatches, program.microbatch_size)
+  logging.info(
+    "data ready in %.1f s; mesh %s on %d × %s; %d microbatch(es) of %d rows",
+    time.perf_counter() - setup_start,
+    dict(mesh.shape),
+    jax.device_count(),
+    device_kind,
+    program.num_microbatches,
+    program.microbatch_size,
+  )
 
   # --- checkpoints ---------------------------------------------------------------------------------------
   checkpointer = None
   if enable_checkpointing:
     storage = checkpoint_lib.storage_estimate(
-        program.abstract_state, train_steps=train_steps, milestone_steps=milestone_steps,
-        milestone_dtype=milestone_dtype, save_interval_steps=checkpoint_every_steps,
-        max_to_keep=max_checkpoints_to_keep)
+      program.abstract_state,
+      train_steps=train_steps,
+      milestone_steps=milestone_steps,
+      milestone_dtype=milestone_dtype,
+      save_interval_steps=checkpoint_every_steps,
+      max_to_keep=max_checkpoints_to_keep,
+    )
     if is_main_process:
       print(f"checkpoint storage of this run: {storage.describe()}", flush=True)
     checkpoint_lib.check_free_space(model_dir, storage)
     checkpointer = checkpoint_lib.Checkpointer(
-        model_dir, save_interval_steps=checkpoint_every_steps, max_to_keep=max_checkpoints_to_keep,
-        milestone_steps=milestone_steps, milestone_dtype=milestone_dtype, async_save=async_checkpointing,
-        run_metadata=run_metadata)
+      model_dir,
+      save_interval_steps=checkpoint_every_steps,
+      max_to_keep=max_checkpoints_to_keep,
+      milestone_steps=milestone_steps,
+      milestone_dtype=milestone_dtype,
+      async_save=async_checkpointing,
+      run_metadata=run_metadata,
+    )
   elif is_main_process:
     with open(os.path.join(model_dir, "run_metadata.json"), "w", encoding="utf-8") as f:
       json.dump(run_metadata, f, indent=2)
@@ -580,9 +689,12 @@ def train(
 
   def global_batch(batch_loader, index):
     local = batch_loader.local_batch(index, jax.process_index(), jax.process_count())
-    return {key: jax.make_array_from_process_local_data(program.batch_sharding, np.asarray(local[key]),
-                                                        (global_batch_size, seq_len))
-            for key in BATCH_KEYS}
+    return {
+      key: jax.make_array_from_process_local_data(
+        program.batch_sharding, np.asarray(local[key]), (global_batch_size, seq_len)
+      )
+      for key in BATCH_KEYS
+    }
 
   def validation_loss():
     loss_total, mask_total = 0.0, 0.0
@@ -606,32 +718,49 @@ def train(
   peak_flops_all_devices = peak_flops * jax.device_count()
   local_devices = jax.local_devices()
   last = {"step": start_step, "loss": None, "val_loss": None, "sample": None, "preempted": False}
-  progress = tqdm.tqdm(total=train_steps, initial=start_step, disable=not (progress_bar and is_main_process),
-                       unit="step", dynamic_ncols=True)
+  progress = tqdm.tqdm(
+    total=train_steps,
+    initial=start_step,
+    disable=not (progress_bar and is_main_process),
+    unit="step",
+    dynamic_ncols=True,
+  )
   _LOOP_STARTED.set(True)
   restored_step = start_step if restored is not None else None
-  batches = loader_lib.prefetched(lambda index: global_batch(train_loader, index), range(start_step, train_steps),
-                                  depth=prefetch_batches)
+  batches = loader_lib.prefetched(
+    lambda index: global_batch(train_loader, index), range(start_step, train_steps), depth=prefetch_batches
+  )
   timer = metrics_lib.StepTimer()
 
   def accounting(completed):
-    return {"tokens_seen": completed * tokens_per_step,
-            "compute_pflops_days": flops.to_pflops_days(completed * program.flops_per_step_table1)}
+    return {
+      "tokens_seen": completed * tokens_per_step,
+      "compute_pflops_days": flops.to_pflops_days(completed * program.flops_per_step_table1),
+    }
 
   def finish_step(completed, device_metrics, evaluate=False):
     """Reads step `completed`'s metrics (waiting for it), checks them, evaluates if asked, logs."""
     host_metrics = jax.device_get(device_metrics)
     timer.completed()
-    scalars = {"loss": float(host_metrics["loss"]), "grad_norm": float(host_metrics["grad_norm"]),
-               "learning_rate": float(host_metrics["learning_rate"]), **accounting(completed)}
+    scalars = {
+      "loss": float(host_metrics["loss"]),
+      "grad_norm": float(host_metrics["grad_norm"]),
+      "learning_rate": float(host_metrics["learning_rate"]),
+      **accounting(completed),
+    }
     if not (np.isfinite(scalars["loss"]) and np.isfinite(scalars["grad_norm"])):
       raise _non_finite_error(model_dir, completed, scalars, restored_step, checkpointer)
     if evaluate:
       scalars["val_loss"] = last["val_loss"] = validation_loss()
     if completed % log_every_steps == 0 or completed == train_steps or evaluate:
-      scalars.update(metrics_lib.throughput(*timer.interval(), tokens_per_step=tokens_per_step,
-                                            flops_per_step=program.flops_per_step_model,
-                                            peak_flops=peak_flops_all_devices))
+      scalars.update(
+        metrics_lib.throughput(
+          *timer.interval(),
+          tokens_per_step=tokens_per_step,
+          flops_per_step=program.flops_per_step_model,
+          peak_flops=peak_flops_all_devices,
+        )
+      )
       scalars["timestamp"] = time.time()
       peak_gib = metrics_lib.peak_memory_gib(local_devices)
       if peak_gib is not None:
@@ -673,8 +802,9 @@ def train(
 
   if sample_prompt is not None and sample_tokens > 0 and last["step"] == train_steps:
     with sharding.activate(mesh):
-      last["sample"] = _greedy_sample(lambda params: program.model_from_params(params, rest), state["params"],
-                                      tokenizer, sample_prompt, sample_tokens)
+      last["sample"] = _greedy_sample(
+        lambda params: program.model_from_params(params, rest), state["params"], tokenizer, sample_prompt, sample_tokens
+      )
     if is_main_process:
       print(f"sample (greedy, step {last['step']}): {last['sample']!r}", flush=True)
   return last

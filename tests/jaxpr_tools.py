@@ -1,4 +1,5 @@
 """Walking jaxprs in tests: every equation, those of sub-jaxprs included (remat, scan and kernel bodies)."""
+
 from jax._src import core
 
 from lsm_jax.models.model import pallas_kernel_name

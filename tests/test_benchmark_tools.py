@@ -1,4 +1,5 @@
 """The benchmark scripts' own logic: --config parsing and the per-kernel profile's trace reduction."""
+
 import datetime
 import gzip
 import json
@@ -16,8 +17,9 @@ import profile_kernels  # noqa: E402
 def test_parse_config():
   # --config KNOB=VALUE: converted to each knob's type, checked against the ops' default configurations.
   assert kernels.parse_config([]) == {}
-  assert kernels.parse_config(["num_warps=8", "fused_forward=false", "split_sub_chunks=True", "segment_programs=0"]) \
-      == {"num_warps": 8, "fused_forward": False, "split_sub_chunks": True, "segment_programs": 0}
+  assert kernels.parse_config(
+    ["num_warps=8", "fused_forward=false", "split_sub_chunks=True", "segment_programs=0"]
+  ) == {"num_warps": 8, "fused_forward": False, "split_sub_chunks": True, "segment_programs": 0}
   with pytest.raises(SystemExit, match="unknown GpuKernelConfig knob 'warps'; valid: chunk_size, num_warps"):
     kernels.parse_config(["warps=8"])
   with pytest.raises(SystemExit, match="num_warps=eight; valid: an integer"):
@@ -34,11 +36,14 @@ def test_config_overrides_reach_our_op():
   # The op kernels.py times takes the default configuration of its inputs with the overrides replaced.
   import jax
   from jaxpr_tools import pallas_kernel_names
+
   q, k, v, log_decay, _ = kernels.jax_inputs("tnl", 1, 64, 2, 16)
   launches = lambda op_fn: pallas_kernel_names(jax.make_jaxpr(op_fn)(q, k, v, log_decay).jaxpr)  # noqa: E731
   assert launches(kernels.ours()) == ["linear_attention_fused_forward"]
   assert launches(kernels.ours(overrides=kernels.parse_config(["fused_forward=false"]))) == [
-      "linear_attention_state_scan", "linear_attention_output"]
+    "linear_attention_state_scan",
+    "linear_attention_output",
+  ]
 
 
 def _write_trace(directory, events):
@@ -57,24 +62,31 @@ def _metadata(kind, pid, name, tid=None):
 
 def test_device_kernel_times_sum_stream_events_only(tmp_path):
   # A GPU trace: kernels on two streams, the same kernels again on the device's "XLA Ops" line, host events.
-  _write_trace(str(tmp_path), [
-      _metadata("process_name", 1, "/host:CPU"), _metadata("process_name", 7, "/device:GPU:0"),
-      _metadata("thread_name", 7, "Stream #13(Compute)", 13), _metadata("thread_name", 7, "Stream #14", 14),
+  _write_trace(
+    str(tmp_path),
+    [
+      _metadata("process_name", 1, "/host:CPU"),
+      _metadata("process_name", 7, "/device:GPU:0"),
+      _metadata("thread_name", 7, "Stream #13(Compute)", 13),
+      _metadata("thread_name", 7, "Stream #14", 14),
       _metadata("thread_name", 7, "XLA Ops", 2),
       {"ph": "X", "name": "linear_attention_output", "pid": 7, "tid": 13, "dur": 10.0},
       {"ph": "X", "name": "linear_attention_output", "pid": 7, "tid": 14, "dur": 12.0},
       {"ph": "X", "name": "loop_add_fusion", "pid": 7, "tid": 13, "dur": 1.5},
       {"ph": "X", "name": "linear_attention_output", "pid": 7, "tid": 2, "dur": 22.0},
       {"ph": "X", "name": "PjitFunction(op)", "pid": 1, "tid": 5, "dur": 99.0},
-  ])
+    ],
+  )
   durations, source = profile_kernels.device_kernel_us(str(tmp_path))
   assert source == "device"
   assert dict(durations) == {"linear_attention_output": [10.0, 12.0], "loop_add_fusion": [1.5]}
 
 
 def test_host_only_trace_is_marked_host(tmp_path):
-  _write_trace(str(tmp_path), [_metadata("process_name", 1, "/host:CPU"),
-                               {"ph": "X", "name": "while.5", "pid": 1, "tid": 3, "dur": 4.0}])
+  _write_trace(
+    str(tmp_path),
+    [_metadata("process_name", 1, "/host:CPU"), {"ph": "X", "name": "while.5", "pid": 1, "tid": 3, "dur": 4.0}],
+  )
   durations, source = profile_kernels.device_kernel_us(str(tmp_path))
   assert source == "host" and dict(durations) == {"while.5": [4.0]}
 
@@ -84,6 +96,7 @@ def test_forward_then_backward_gives_the_gradients_of_one_jitted_grad():
   # form return exactly the gradients of Σ o·do that one jitted grad returns.
   import jax
   import jax.numpy as jnp
+
   op = lambda q, k, v, log_decay: jnp.cumsum(q * k * jnp.exp(log_decay), axis=1) * v  # noqa: E731
   keys = jax.random.split(jax.random.key(0), 5)
   args = [jax.random.normal(key, (2, 8, 3, 4)) for key in keys]
@@ -107,16 +120,42 @@ def test_forward_then_backward_gives_the_gradients_of_one_jitted_grad():
 
 def test_train_step_table_states_each_rows_date_and_commit_and_its_peer(tmp_path):
   import train_step
-  row = {"arch": "hgrn2", "size": "1b", "seq_len": 8192, "global_batch_size": 4, "num_microbatches": 1,
-         "mesh": {"data": 1}, "remat_policy": "full", "compile_s": 1.0, "step_s": 0.5, "tokens_per_s": 60000.0,
-         "mfu": 0.4, "planned_gib": 50.0, "peak_gib": 51.0, "date": "2026-11-29T06:00:00+00:00", "commit": "abc1234"}
+
+  row = {
+    "arch": "hgrn2",
+    "size": "1b",
+    "seq_len": 8192,
+    "global_batch_size": 4,
+    "num_microbatches": 1,
+    "mesh": {"data": 1},
+    "remat_policy": "full",
+    "compile_s": 1.0,
+    "step_s": 0.5,
+    "tokens_per_s": 60000.0,
+    "mfu": 0.4,
+    "planned_gib": 50.0,
+    "peak_gib": 51.0,
+    "date": "2026-11-29T06:00:00+00:00",
+    "commit": "abc1234",
+  }
   header = {"device": "1 × GPU", "date": "2026-11-28T01:00:00+00:00", "versions": "jax", "commands": ["x"]}
   peers_file = tmp_path / "peers.json"
-  peers_file.write_text(json.dumps({
-      "provenance": {"script": "benchmarks/peers/torch_models.py", "packages": {"fla": "0.6.0"}, "device": "1x GPU",
-                     "date": "2026-11-27"},
-      "results": [{"model": "hgrn2", "size": "1b", "seq": 8192, "tokens_per_s": 50000.0, "peak_gib": 99.0},
-                  {"model": "hgrn2", "size": "1b", "seq": 2048, "error": "OutOfMemoryError()"}]}))
+  peers_file.write_text(
+    json.dumps(
+      {
+        "provenance": {
+          "script": "benchmarks/peers/torch_models.py",
+          "packages": {"fla": "0.6.0"},
+          "device": "1x GPU",
+          "date": "2026-11-27",
+        },
+        "results": [
+          {"model": "hgrn2", "size": "1b", "seq": 8192, "tokens_per_s": 50000.0, "peak_gib": 99.0},
+          {"model": "hgrn2", "size": "1b", "seq": 2048, "error": "OutOfMemoryError()"},
+        ],
+      }
+    )
+  )
   peers, label = train_step.load_peers(str(peers_file))
   assert label == "peers.json (benchmarks/peers/torch_models.py; fla 0.6.0; 1x GPU; 2026-11-27)"
   path = tmp_path / "table.md"
@@ -129,7 +168,8 @@ def test_train_step_table_states_each_rows_date_and_commit_and_its_peer(tmp_path
   assert "| 60,000 | 40.0% |" in measured and "| 50,000 | 1.20 | 99.0 |" in measured
   # A row without its own date and commit shows the file's date; a peer that failed shows its error, no ratio.
   assert next(line for line in lines if line.startswith("| hgrn2 | 1b | 2048 ")).startswith(
-      "| hgrn2 | 1b | 2048 | 2026-11-28, commit unknown |")
+    "| hgrn2 | 1b | 2048 | 2026-11-28, commit unknown |"
+  )
   assert "| error |  |" in path.read_text()
 
 
@@ -146,12 +186,16 @@ def test_committed_peer_files_carry_their_provenance():
     assert datetime.date.fromisoformat(provenance["date"][:10])
     assert record["results"]
   import train_step
+
   assert train_step.PEERS_PATH == os.path.join(peers_dir, "torch_models_h200.json")
   assert train_step.load_peers(train_step.PEERS_PATH)[0][("hgrn2", "1b", 8192)]["tokens_per_s"] > 0
   with open(os.path.join(peers_dir, "fla_kernels_h200.json"), encoding="utf-8") as f:
     timings = json.load(f)["results"]
-  assert all(f"fla {name} {shape}" in timings for name in kernels.REFERENCE_PEER_NAMES.values()
-             for shape in ("8x2048x16x128", "2x8192x16x128", "1x32768x16x128"))
+  assert all(
+    f"fla {name} {shape}" in timings
+    for name in kernels.REFERENCE_PEER_NAMES.values()
+    for shape in ("8x2048x16x128", "2x8192x16x128", "1x32768x16x128")
+  )
 
 
 def test_peer_scripts_baseline_and_arguments(tmp_path):
@@ -162,7 +206,9 @@ def test_peer_scripts_baseline_and_arguments(tmp_path):
   import jax
   import jax.numpy as jnp
   import torch_models
+
   from pallas_kernels.linear_attention import api
+
   keys = jax.random.split(jax.random.key(0), 4)
   q, k, v = (jax.random.normal(keys[i], (2, 128, 2, 16), jnp.float32) * 0.3 for i in range(3))
   log_decay = -jnp.exp(jax.random.uniform(keys[3], (2,), minval=-6, maxval=-1))
@@ -177,8 +223,16 @@ def test_peer_scripts_baseline_and_arguments(tmp_path):
 def test_fla_measured_in_process_replaces_the_reference_timing(tmp_path, monkeypatch):
   # A row first carries the reference file's fla timing (†); fla run later in this process replaces it and the
   # ratios follow; a failed fla run leaves the reference in place.
-  record = {"device": "cpu", "date": "2026-11-29", "jax_version": "x", "command": "c", "results": [], "others": [],
-            "variants": [], "skipped": []}
+  record = {
+    "device": "cpu",
+    "date": "2026-11-29",
+    "jax_version": "x",
+    "command": "c",
+    "results": [],
+    "others": [],
+    "variants": [],
+    "skipped": [],
+  }
   runner = kernels.Runner(record, str(tmp_path), None, {"fla chunk_gla (HGRN2-like) 8x2048x16x128": [2.0, 6.0]})
   row = {"op": "hgrn2", "shape": "8x2048x16x128", "fwd": {"ours_ms": 1.0}, "fwd_bwd": {"ours_ms": 3.0}}
   record["results"].append(row)
@@ -188,8 +242,11 @@ def test_fla_measured_in_process_replaces_the_reference_timing(tmp_path, monkeyp
   monkeypatch.setattr(kernels, "time_fla", lambda op, shape: (_ for _ in ()).throw(RuntimeError("no GPU")))
   kernels.measure_fla(runner, row, "hgrn2", (8, 2048, 16, 128))
   assert row["fwd_bwd"]["fla_source"] == "reference" and row["fwd_bwd"]["ratio"] == 2.0
-  monkeypatch.setattr(kernels, "time_fla", lambda op, shape: {"fwd": {"ms": 1.5, "first_call_s": 9.0},
-                                                              "fwd_bwd": {"ms": 4.5, "first_call_s": 30.0}})
+  monkeypatch.setattr(
+    kernels,
+    "time_fla",
+    lambda op, shape: {"fwd": {"ms": 1.5, "first_call_s": 9.0}, "fwd_bwd": {"ms": 4.5, "first_call_s": 30.0}},
+  )
   kernels.measure_fla(runner, row, "hgrn2", (8, 2048, 16, 128))
   assert "fla_source" not in row["fwd"] and "fla_source" not in row["fwd_bwd"]
   assert (row["fwd"]["ratio"], row["fwd_bwd"]["ratio"]) == (1.5, 1.5)

@@ -1,4 +1,5 @@
 """lsm_jax.checkpoint on a synthetic train state (params dict + optax AdamW state + step + rng), 8 fake CPU devices."""
+
 import glob
 import json
 import math
@@ -18,27 +19,35 @@ from lsm_jax import checkpoint
 # Pythia's published schedule (GPT-NeoX config: extra-save-iters plus checkpoint-factor 1000 to 143,000).
 PYTHIA_STEPS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512] + list(range(1000, 143_001, 1000))
 
-RUN_METADATA = {"arch": "tnl", "size": "70m", "model_config": {"num_layers": 2, "d_model": 16},
-                "tokenizer": "bytes", "seq_len": 32, "global_batch_size": 8, "train_steps": 12,
-                "flops_per_step": 1.0e15}
+RUN_METADATA = {
+  "arch": "tnl",
+  "size": "70m",
+  "model_config": {"num_layers": 2, "d_model": 16},
+  "tokenizer": "bytes",
+  "seq_len": 32,
+  "global_batch_size": 8,
+  "train_steps": 12,
+  "flops_per_step": 1.0e15,
+}
 
 
 def make_state(seed=0, sharding_for=None):
   """A train state shaped like the trainer's; `sharding_for(shape)` places each leaf."""
   keys = jax.random.split(jax.random.key(seed), 4)
   params = {
-      "embedder": {"embedding": jax.random.normal(keys[0], (64, 16))},
-      "layers": {0: {"q_proj": {"kernel": jax.random.normal(keys[1], (16, 32))}},
-                 1: {"q_proj": {"kernel": jax.random.normal(keys[2], (16, 32))}}},
-      "final_norm": {"scale": jnp.ones((16,))},
+    "embedder": {"embedding": jax.random.normal(keys[0], (64, 16))},
+    "layers": {
+      0: {"q_proj": {"kernel": jax.random.normal(keys[1], (16, 32))}},
+      1: {"q_proj": {"kernel": jax.random.normal(keys[2], (16, 32))}},
+    },
+    "final_norm": {"scale": jnp.ones((16,))},
   }
   optimizer = optax.adamw(1e-2, weight_decay=0.1)
   opt_state = optimizer.init(params)
   grads = jax.tree.map(lambda leaf: jnp.cos(leaf) * 0.1, params)
   updates, opt_state = optimizer.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
-  state = {"params": params, "opt_state": opt_state, "step": jnp.int32(7),
-           "rng": jax.random.key_data(keys[3])}
+  state = {"params": params, "opt_state": opt_state, "step": jnp.int32(7), "rng": jax.random.key_data(keys[3])}
   if sharding_for is not None:
     state = jax.tree.map(lambda leaf: jax.device_put(leaf, sharding_for(leaf.shape)), state)
   return state
@@ -51,8 +60,9 @@ def fsdp_sharding(mesh, axes):
 
 
 def abstract_of(state, sharding_for):
-  return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding_for(leaf.shape)),
-                      state)
+  return jax.tree.map(
+    lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding_for(leaf.shape)), state
+  )
 
 
 def assert_trees_equal(actual, expected):
@@ -63,13 +73,13 @@ def assert_trees_equal(actual, expected):
 
 
 def make_checkpointer(model_dir, **overrides):
-  arguments = dict(save_interval_steps=5, max_to_keep=2, milestone_steps=[0, 1, 2, 4, 8, 12],
-                   run_metadata=RUN_METADATA)
+  arguments = dict(save_interval_steps=5, max_to_keep=2, milestone_steps=[0, 1, 2, 4, 8, 12], run_metadata=RUN_METADATA)
   arguments.update(overrides)
   return checkpoint.Checkpointer(str(model_dir), **arguments)
 
 
 # --- milestone schedule -------------------------------------------------------------------------------------------
+
 
 def test_schedule_reproduces_pythia():
   assert checkpoint.milestone_schedule(143_000, 154) == PYTHIA_STEPS
@@ -83,7 +93,7 @@ def test_schedule_paper_default_has_57_log_then_even_steps():
   log_part = []
   while steps[1 + len(log_part)] == 2 ** len(log_part):
     log_part.append(steps[1 + len(log_part)])
-  even_part = steps[1 + len(log_part):]
+  even_part = steps[1 + len(log_part) :]
   assert log_part == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
   assert log_part[-1] < even_part[0] <= 2 * log_part[-1]  # every power of two below the even spacing
   gaps = np.diff([0, *even_part])
@@ -102,7 +112,7 @@ def test_schedule_properties(total_steps, num_checkpoints):
   log_length = 0  # the log part: the leading run of powers of two
   while 1 + log_length < len(steps) - 1 and steps[1 + log_length] & (steps[1 + log_length] - 1) == 0:
     log_length += 1
-  even_part = steps[1 + log_length:]
+  even_part = steps[1 + log_length :]
   if len(even_part) > 2:
     gaps = np.diff(even_part)
     assert gaps.max() - gaps.min() <= 1
@@ -126,6 +136,7 @@ def test_schedule_rejects_bad_input():
 
 
 # --- save / restore -----------------------------------------------------------------------------------------------
+
 
 def test_round_trip_is_exact_and_metadata_is_stored(tmp_path):
   (tmp_path / "config.gin").write_text("train.train_steps = 12\n")
@@ -190,8 +201,11 @@ def test_resharded_restore(tmp_path, target):
 
 
 def _corrupt_data_files(step_dir):
-  data_files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
-                if os.path.isfile(f) and os.sep + "d" + os.sep in f]
+  data_files = [
+    f
+    for f in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
+    if os.path.isfile(f) and os.sep + "d" + os.sep in f
+  ]
   assert data_files
   for path in data_files:
     with open(path, "wb") as handle:
@@ -209,7 +223,7 @@ def test_corrupt_and_incomplete_checkpoints_are_skipped_with_warning(tmp_path):
   checkpointer.close()
   resume_dir = tmp_path / "checkpoints" / "resume"
   os.remove(resume_dir / "20" / "_CHECKPOINT_METADATA")  # a save that never finished
-  _corrupt_data_files(str(resume_dir / "15"))             # damaged files
+  _corrupt_data_files(str(resume_dir / "15"))  # damaged files
 
   checkpointer = make_checkpointer(tmp_path, max_to_keep=4)
   with pytest.warns(RuntimeWarning) as caught:
@@ -218,8 +232,9 @@ def test_corrupt_and_incomplete_checkpoints_are_skipped_with_warning(tmp_path):
   assert any(str(resume_dir / "20") in m and "never finished" in m for m in messages)
   assert any(str(resume_dir / "15") in m and "fails its checksum" in m for m in messages)
   assert step == 10
-  np.testing.assert_array_equal(restored["params"]["final_norm"]["scale"],
-                                np.asarray(state["params"]["final_norm"]["scale"]) + 10)
+  np.testing.assert_array_equal(
+    restored["params"]["final_norm"]["scale"], np.asarray(state["params"]["final_norm"]["scale"]) + 10
+  )
   # The skipped ones are moved aside, so training can save those steps again.
   assert checkpointer.resume_steps() == [5, 10]
   assert len(glob.glob(str(tmp_path / "checkpoints" / "quarantine" / "resume-*"))) == 2
@@ -248,6 +263,7 @@ def test_all_checkpoints_unrestorable_raises_instead_of_restarting(tmp_path):
 
 # --- milestones ---------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("milestone_dtype", ["bfloat16", "float32"])
 def test_milestones_kept_resume_rotated_and_dtype(tmp_path, milestone_dtype):
   states = {}
@@ -268,16 +284,16 @@ def test_milestones_kept_resume_rotated_and_dtype(tmp_path, milestone_dtype):
   params32, _ = checkpoint.load_milestone(str(tmp_path), 8, dtype="float32")
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params32))
   np.testing.assert_array_equal(
-      params32["layers"][1]["q_proj"]["kernel"],
-      np.asarray(states[8]["params"]["layers"][1]["q_proj"]["kernel"].astype(milestone_dtype).astype(jnp.float32)))
+    params32["layers"][1]["q_proj"]["kernel"],
+    np.asarray(states[8]["params"]["layers"][1]["q_proj"]["kernel"].astype(milestone_dtype).astype(jnp.float32)),
+  )
   mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
   sharded, _ = checkpoint.load_milestone(str(tmp_path), 12, sharding=NamedSharding(mesh, PartitionSpec()))
   assert all(leaf.sharding == NamedSharding(mesh, PartitionSpec()) for leaf in jax.tree.leaves(sharded))
   per_leaf = jax.tree.map(lambda leaf: fsdp_sharding(mesh, ("fsdp",))(leaf.shape), states[12]["params"])
   sharded, _ = checkpoint.load_milestone(str(tmp_path), 12, sharding=per_leaf)
   assert sharded["embedder"]["embedding"].sharding.spec == PartitionSpec(("fsdp",))
-  assert_trees_equal(sharded, jax.tree.map(lambda leaf: np.asarray(leaf.astype(milestone_dtype)),
-                                           states[12]["params"]))
+  assert_trees_equal(sharded, jax.tree.map(lambda leaf: np.asarray(leaf.astype(milestone_dtype)), states[12]["params"]))
   with pytest.raises(ValueError, match="sharding must be one jax Sharding or a dict"):
     checkpoint.load_milestone(str(tmp_path), 12, sharding={"embedder": per_leaf["embedder"]})
   with pytest.raises(ValueError, match=r"no milestone at step 3 .*available steps: \[0, 1, 2, 4, 8, 12\]"):
@@ -325,9 +341,13 @@ def test_sigterm_reaches_preemption_and_forces_a_save(tmp_path):
 
 # --- integrity manifests ------------------------------------------------------------------------------------------
 
+
 def largest_data_file(step_dir, item):
-  data_files = [f for f in glob.glob(os.path.join(step_dir, item, "**", "*"), recursive=True)
-                if os.path.isfile(f) and os.sep + "d" + os.sep in f]
+  data_files = [
+    f
+    for f in glob.glob(os.path.join(step_dir, item, "**", "*"), recursive=True)
+    if os.path.isfile(f) and os.sep + "d" + os.sep in f
+  ]
   return max(data_files, key=os.path.getsize)
 
 
@@ -343,14 +363,18 @@ def flip_one_bit(path):
 @pytest.mark.parametrize("async_save", [True, False])
 def test_manifest_lists_every_file_with_its_crc32(tmp_path, async_save):
   import zlib
+
   checkpointer = make_checkpointer(tmp_path, async_save=async_save)
   for step in (4, 5):  # a milestone, then a resume checkpoint
     checkpointer.save(step, make_state())
   checkpointer.close()
   for step_dir in (tmp_path / "checkpoints/resume/5", tmp_path / "checkpoints/milestones/4"):
     manifest = json.loads((step_dir / checkpoint.MANIFEST_FILE).read_text())
-    on_disk = sorted(str(path.relative_to(step_dir)) for path in step_dir.rglob("*")
-                     if path.is_file() and path.name != checkpoint.MANIFEST_FILE)
+    on_disk = sorted(
+      str(path.relative_to(step_dir))
+      for path in step_dir.rglob("*")
+      if path.is_file() and path.name != checkpoint.MANIFEST_FILE
+    )
     assert sorted(manifest["files"]) == on_disk and any("ocdbt.process_0" in name for name in on_disk)
     for name, entry in manifest["files"].items():
       data = (step_dir / name).read_bytes()
@@ -391,7 +415,8 @@ def test_checkpoint_without_manifest_restores_unverified(tmp_path):
   checkpointer = make_checkpointer(tmp_path)
   with pytest.warns(RuntimeWarning, match=r"resume/5 has no lsm_jax_manifest.json .*restored unverified"):
     restored, step = checkpointer.restore_latest(
-        abstract_of(state, lambda shape: jax.sharding.SingleDeviceSharding(jax.devices()[0])))
+      abstract_of(state, lambda shape: jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    )
   checkpointer.close()
   assert step == 5
   assert_trees_equal(restored, state)
@@ -408,17 +433,25 @@ def test_one_bit_flip_in_milestone_refuses_to_load(tmp_path):
   with pytest.raises(checkpoint.CorruptCheckpointError, match=r"milestones/1: file params/.* fails its checksum"):
     checkpoint.load_milestone(str(tmp_path), 1)
   params, _ = checkpoint.load_milestone(str(tmp_path), 0)
-  assert_trees_equal(params, jax.tree.map(lambda leaf: np.asarray(leaf.astype("bfloat16")),
-                                          make_state(seed=0)["params"]))
+  assert_trees_equal(
+    params, jax.tree.map(lambda leaf: np.asarray(leaf.astype("bfloat16")), make_state(seed=0)["params"])
+  )
 
 
 # --- run lock -----------------------------------------------------------------------------------------------------
 
+
 def write_lock(model_dir, **fields):
   import socket
   import time
-  record = {"host": socket.gethostname(), "pid": os.getpid(), "token": "someone-else",
-            "started_at": "2000-01-01T00:00:00+00:00", "heartbeat_unix": time.time()}
+
+  record = {
+    "host": socket.gethostname(),
+    "pid": os.getpid(),
+    "token": "someone-else",
+    "started_at": "2000-01-01T00:00:00+00:00",
+    "heartbeat_unix": time.time(),
+  }
   record.update(fields)
   os.makedirs(model_dir, exist_ok=True)
   (model_dir / checkpoint.LOCK_FILE).write_text(json.dumps(record))
@@ -428,11 +461,15 @@ def write_lock(model_dir, **fields):
 def test_run_lock_refuses_a_live_holder_and_is_released_on_exit(tmp_path):
   import subprocess
   import sys
+
   holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
   try:
     write_lock(tmp_path, pid=holder.pid)
-    with pytest.raises(checkpoint.errors.RunLockedError, match=rf"in use by another trainer \(pid {holder.pid} on "
-                                                                rf"host .*started 2000-01-01"):
+    with pytest.raises(
+      checkpoint.errors.RunLockedError,
+      match=rf"in use by another trainer \(pid {holder.pid} on "
+      rf"host .*started 2000-01-01",
+    ):
       with checkpoint.RunLock(tmp_path):
         pass
     assert json.loads((tmp_path / checkpoint.LOCK_FILE).read_text())["pid"] == holder.pid  # untouched
@@ -453,6 +490,7 @@ def test_run_lock_refuses_a_live_holder_and_is_released_on_exit(tmp_path):
 
 def test_run_lock_from_another_host_goes_stale_by_heartbeat(tmp_path):
   import time
+
   write_lock(tmp_path, host="other-host", pid=1, heartbeat_unix=time.time() - 5)
   with pytest.raises(checkpoint.errors.RunLockedError, match="pid 1 on host other-host"):
     with checkpoint.RunLock(tmp_path, stale_after_s=60, heartbeat_s=1):

@@ -1,4 +1,5 @@
 """The batch loader: (seed, step) determinism across process counts and resumption, epochs, batch convention."""
+
 import collections
 import os
 import subprocess
@@ -20,13 +21,22 @@ def data_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("loader")
   rng = np.random.default_rng(1)
   documents = [" ".join(f"w{rng.integers(100)}" for _ in range(rng.integers(1, 15))) for _ in range(120)]
-  build_lib.build_from_documents(documents, str(root), seq_len=SEQ_LEN, tokenizer="bytes", val_fraction=0.2,
-                                 input_fingerprint="loader-test", num_workers=1, show_progress=False)
+  build_lib.build_from_documents(
+    documents,
+    str(root),
+    seq_len=SEQ_LEN,
+    tokenizer="bytes",
+    val_fraction=0.2,
+    input_fingerprint="loader-test",
+    num_workers=1,
+    show_progress=False,
+  )
   return str(root)
 
 
 def all_records(data_dir, split="train"):
   import tensorflow_datasets as tfds
+
   source = tfds.builder_from_directory(build_lib.dataset_version_dir(data_dir)).as_data_source(split=split)
   return [source[i] for i in range(len(source))]
 
@@ -49,14 +59,16 @@ def test_global_batch_is_identical_for_any_process_count(data_dir):
 
 def test_another_interpreter_reads_the_same_rows(data_dir, tmp_path):
   """Process 1 of 2 in a separate interpreter (other hash seed) reads exactly its half of the global batch."""
-  script = (f"import numpy as np; from lsm_jax.data import loader; "
-            f"b = loader.make_loader({data_dir!r}, seq_len={SEQ_LEN}, global_batch_size={BATCH}, seed=7)"
-            f".local_batch(5, process_index=1, process_count=2); np.savez({str(tmp_path / 'rows.npz')!r}, **b)")
+  script = (
+    f"import numpy as np; from lsm_jax.data import loader; "
+    f"b = loader.make_loader({data_dir!r}, seq_len={SEQ_LEN}, global_batch_size={BATCH}, seed=7)"
+    f".local_batch(5, process_index=1, process_count=2); np.savez({str(tmp_path / 'rows.npz')!r}, **b)"
+  )
   subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "PYTHONHASHSEED": "12345"})
   rows = np.load(tmp_path / "rows.npz")
   expected = loader_lib.make_loader(data_dir, seq_len=SEQ_LEN, global_batch_size=BATCH, seed=7).global_batch(5)
   for key in loader_lib._BATCH_KEYS:
-    np.testing.assert_array_equal(rows[key], expected[key][BATCH // 2:])
+    np.testing.assert_array_equal(rows[key], expected[key][BATCH // 2 :])
 
 
 def test_resumed_read_equals_uninterrupted_read(data_dir):
@@ -79,12 +91,17 @@ def test_resumed_read_equals_uninterrupted_read(data_dir):
 
 def test_each_epoch_is_a_fresh_permutation_of_all_records(data_dir):
   records = all_records(data_dir)
-  expected = collections.Counter(row_keys(loader_lib.records_to_batch(
-      {name: np.stack([r[name] for r in records]) for name in ("tokens", "segment_ids", "positions")})))
+  expected = collections.Counter(
+    row_keys(
+      loader_lib.records_to_batch(
+        {name: np.stack([r[name] for r in records]) for name in ("tokens", "segment_ids", "positions")}
+      )
+    )
+  )
   # One batch holding three whole epochs: each epoch is every record exactly once, in a different order.
   loader = loader_lib.make_loader(data_dir, seq_len=SEQ_LEN, global_batch_size=3 * len(records), seed=0)
   rows = row_keys(loader.global_batch(0))
-  epochs = [rows[i * len(records):(i + 1) * len(records)] for i in range(3)]
+  epochs = [rows[i * len(records) : (i + 1) * len(records)] for i in range(3)]
   for epoch in epochs:
     assert collections.Counter(epoch) == expected
   assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
@@ -131,13 +148,17 @@ def test_bad_loader_arguments(data_dir, tmp_path):
 
 def test_embedded_corpus_concurrent_first_use(tmp_path):
   """Two processes building a (shrunk) embedded corpus at once both get the one complete dataset."""
-  script = ("from lsm_jax.data import corpora; "
-            "corpora.embedded_documents = lambda: [f'Embedded test document {i}: ' + 'lorem ipsum ' * i "
-            "for i in range(40)]; "
-            f"print(corpora.embedded_dataset_dir(seq_len={SEQ_LEN}, tokenizer='bytes'))")
+  script = (
+    "from lsm_jax.data import corpora; "
+    "corpora.embedded_documents = lambda: [f'Embedded test document {i}: ' + 'lorem ipsum ' * i "
+    "for i in range(40)]; "
+    f"print(corpora.embedded_dataset_dir(seq_len={SEQ_LEN}, tokenizer='bytes'))"
+  )
   environment = {**os.environ, "LSM_JAX_CACHE_DIR": str(tmp_path)}
-  children = [subprocess.Popen([sys.executable, "-c", script], env=environment, stdout=subprocess.PIPE, text=True)
-              for _ in range(2)]
+  children = [
+    subprocess.Popen([sys.executable, "-c", script], env=environment, stdout=subprocess.PIPE, text=True)
+    for _ in range(2)
+  ]
   results = [child.communicate(timeout=300)[0].strip().splitlines()[-1] for child in children]
   assert [child.returncode for child in children] == [0, 0]
   assert results[0] == results[1]

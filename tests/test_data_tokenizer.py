@@ -1,4 +1,5 @@
 """Tokenizers: cl100k ids equal tiktoken's published ids; the bpe-openai and tiktoken backends agree."""
+
 import gzip
 import hashlib
 import os
@@ -9,22 +10,28 @@ from lsm_jax.data import tokenizer as tokenizer_lib
 
 # Ids published in tiktoken's own tests (tests/test_encoding.py) and OpenAI's cookbook.
 KNOWN_CL100K_IDS = {
-    "hello world": [15339, 1917],
-    "rer": [38149],
-    "'rer": [2351, 81],
-    "today\n ": [31213, 198, 220],
-    "today\n \n": [31213, 27907],
-    "today\n  \n": [31213, 14211],
-    " \x850": [220, 126, 227, 15],
-    "👍": [9468, 239, 235],
-    "tiktoken is great!": [83, 1609, 5963, 374, 2294, 0],
+  "hello world": [15339, 1917],
+  "rer": [38149],
+  "'rer": [2351, 81],
+  "today\n ": [31213, 198, 220],
+  "today\n \n": [31213, 27907],
+  "today\n  \n": [31213, 14211],
+  " \x850": [220, 126, 227, 15],
+  "👍": [9468, 239, 235],
+  "tiktoken is great!": [83, 1609, 5963, 374, 2294, 0],
 }
 # tiktoken's download URL and the sha256 it expects of that file (tiktoken_ext/openai_public.py).
 CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
 CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
-SAMPLE_TEXTS = ["请考试我的软件！12345", "Ünïcödé   tabs\t\tand\n\n\nnewlines   ", "  leading and trailing  ",
-                "x" * 300, "def f(x):\n    return x ** 2  # comment\n", "Привет, мир! 🌍🚀",
-                "<|endoftext|> in text"]
+SAMPLE_TEXTS = [
+  "请考试我的软件！12345",
+  "Ünïcödé   tabs\t\tand\n\n\nnewlines   ",
+  "  leading and trailing  ",
+  "x" * 300,
+  "def f(x):\n    return x ** 2  # comment\n",
+  "Привет, мир! 🌍🚀",
+  "<|endoftext|> in text",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +55,19 @@ def test_cl100k_backends_match_known_tiktoken_ids(bpe_openai_cl100k, shipped_ran
 def test_cl100k_definition_matches_tiktokens_published_one():
   pytest.importorskip("tiktoken")
   import inspect
+
   import tiktoken_ext.openai_public
+
   published = inspect.getsource(tiktoken_ext.openai_public.cl100k_base)
   assert tokenizer_lib._CL100K_PATTERN in published and CL100K_SHA256 in published
   for token, token_id in tokenizer_lib._CL100K_SPECIAL_TOKENS.items():
-    constant = {"<|endoftext|>": "ENDOFTEXT", "<|fim_prefix|>": "FIM_PREFIX", "<|fim_middle|>": "FIM_MIDDLE",
-                "<|fim_suffix|>": "FIM_SUFFIX", "<|endofprompt|>": "ENDOFPROMPT"}[token]
+    constant = {
+      "<|endoftext|>": "ENDOFTEXT",
+      "<|fim_prefix|>": "FIM_PREFIX",
+      "<|fim_middle|>": "FIM_MIDDLE",
+      "<|fim_suffix|>": "FIM_SUFFIX",
+      "<|endofprompt|>": "ENDOFPROMPT",
+    }[token]
     assert getattr(tiktoken_ext.openai_public, constant) == token and f"{constant}: {token_id}" in published
 
 
@@ -70,6 +84,7 @@ def test_tiktoken_backends_agree_with_bpe_openai(tmp_path, monkeypatch, bpe_open
   """Seeds tiktoken's cache with the ranks bpe-openai ships (after checking tiktoken's expected hash)."""
   pytest.importorskip("tiktoken")
   import bpe_openai.data
+
   ranks_file = os.path.join(os.path.dirname(bpe_openai.data.__file__), "cl100k_base.tiktoken.gz")
   raw = gzip.open(ranks_file).read()
   assert hashlib.sha256(raw).hexdigest() == CL100K_SHA256
@@ -81,6 +96,7 @@ def test_tiktoken_backends_agree_with_bpe_openai(tmp_path, monkeypatch, bpe_open
     assert tiktoken_cl100k.encode(text) == bpe_openai_cl100k.encode(text) == shipped_ranks_cl100k.encode(text)
   # Longer than bpe-openai accepts in one call (1,000,000 characters): encoded in pieces, same ids.
   from pydoc_data import topics
+
   long_text = "\n".join(topics.topics[name] for name in sorted(topics.topics)) * 3
   assert len(long_text) > 1_000_000
   expected = tiktoken_cl100k.encode(long_text)
@@ -92,8 +108,9 @@ def test_split_at_pretoken_boundaries():
   pieces = tokenizer_lib.split_at_pretoken_boundaries(text, max_chars=40)
   assert "".join(pieces) == text and all(len(piece) <= 40 for piece in pieces)
   for left, right in zip(pieces, pieces[1:]):
-    assert right[0].isalpha() and left[-1] == "\n" or left[-1].isalpha() and right[0] == " " or \
-        len(left) == 40  # the forced cut inside the run of x's
+    assert (
+      right[0].isalpha() and left[-1] == "\n" or left[-1].isalpha() and right[0] == " " or len(left) == 40
+    )  # the forced cut inside the run of x's
 
 
 def test_tiktoken_backend_never_downloads(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 """The lm-eval adapter, the inference engine and the sweep on a tiny random checkpoint, against direct model calls."""
+
 import dataclasses
 import json
 import os
@@ -22,9 +23,17 @@ SEQ_LEN = 64
 BATCH = 4
 TOKENIZER = tokenizer_lib.get_tokenizer("bytes")
 # Large init so greedy text varies from token to token.
-TINY = dict(num_layers=2, d_model=64, num_heads=2, head_dim=32, ffn_dim=128, vocab_size=TOKENIZER.vocab_size,
-            dtype="float32", init_std=0.3)
-STEP_SEEDS = {0: 0, 4: 1}   # milestone step -> init seed of its params
+TINY = dict(
+  num_layers=2,
+  d_model=64,
+  num_heads=2,
+  head_dim=32,
+  ffn_dim=128,
+  vocab_size=TOKENIZER.vocab_size,
+  dtype="float32",
+  init_std=0.3,
+)
+STEP_SEEDS = {0: 0, 4: 1}  # milestone step -> init seed of its params
 
 
 def _config(arch):
@@ -41,15 +50,39 @@ def run_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("eval_run")
   documents = [f"Note {i}: " + " ".join(f"item{(i * 7 + j) % 23}" for j in range(30)) + "." for i in range(40)]
   data_dir = str(root / "data")
-  build_lib.build_from_documents(documents, data_dir, seq_len=SEQ_LEN, tokenizer="bytes", val_fraction=0.3,
-                                 input_fingerprint=["test_eval_harness"], num_workers=1, show_progress=False)
+  build_lib.build_from_documents(
+    documents,
+    data_dir,
+    seq_len=SEQ_LEN,
+    tokenizer="bytes",
+    val_fraction=0.3,
+    input_fingerprint=["test_eval_harness"],
+    num_workers=1,
+    show_progress=False,
+  )
   config = _config("hgrn2")
-  metadata = {"arch": "hgrn2", "size": "70m", "model_config": dataclasses.asdict(config), "tokenizer": "bytes",
-              "seq_len": SEQ_LEN, "global_batch_size": 2, "train_steps": 4, "flops_per_step": 8.64e19,
-              "data_dir": data_dir, "seed": 0}
+  metadata = {
+    "arch": "hgrn2",
+    "size": "70m",
+    "model_config": dataclasses.asdict(config),
+    "tokenizer": "bytes",
+    "seq_len": SEQ_LEN,
+    "global_batch_size": 2,
+    "train_steps": 4,
+    "flops_per_step": 8.64e19,
+    "data_dir": data_dir,
+    "seed": 0,
+  }
   run = str(root / "run")
-  checkpointer = checkpoint.Checkpointer(run, save_interval_steps=1000, max_to_keep=1, milestone_steps=list(STEP_SEEDS),
-                                         milestone_dtype="float32", async_save=False, run_metadata=metadata)
+  checkpointer = checkpoint.Checkpointer(
+    run,
+    save_interval_steps=1000,
+    max_to_keep=1,
+    milestone_steps=list(STEP_SEEDS),
+    milestone_dtype="float32",
+    async_save=False,
+    run_metadata=metadata,
+  )
   for step, seed in STEP_SEEDS.items():
     checkpointer.save(step, {"params": nnx.state(_model("hgrn2", seed), nnx.Param).to_pure_dict()})
   checkpointer.close()
@@ -68,15 +101,16 @@ def direct_model():
 
 # The model's plain forward pass (no engine), jitted for one padded shape; right padding cannot reach earlier
 # positions of a causal model.
-_forward = nnx.jit(lambda model, tokens, segment_ids, positions: model(tokens, segment_ids=segment_ids,
-                                                                      positions=positions))
+_forward = nnx.jit(
+  lambda model, tokens, segment_ids, positions: model(tokens, segment_ids=segment_ids, positions=positions)
+)
 
 
 def _padded_logits(model, tokens):
   padded = np.zeros((1, SEQ_LEN), np.int32)
-  padded[0, :len(tokens)] = tokens
+  padded[0, : len(tokens)] = tokens
   positions = np.arange(SEQ_LEN, dtype=np.int32)[None]
-  return np.asarray(_forward(model, padded, np.ones_like(padded), positions)[0, :len(tokens)])
+  return np.asarray(_forward(model, padded, np.ones_like(padded), positions)[0, : len(tokens)])
 
 
 def _direct_log_probs(model, tokens):
@@ -93,7 +127,7 @@ def _greedy_full_forward(model, prompt, num_tokens):
     if next_token == TOKENIZER.eos_id:
       break
     tokens.append(next_token)
-  return tokens[len(prompt):]
+  return tokens[len(prompt) :]
 
 
 def test_loglikelihood_equals_direct_computation(adapter, direct_model):
@@ -103,8 +137,8 @@ def test_loglikelihood_equals_direct_computation(adapter, direct_model):
     context_ids = TOKENIZER.encode(context) or [TOKENIZER.eos_id]
     continuation_ids = TOKENIZER.encode(continuation)
     # The third context is longer than the training context: the window keeps the last SEQ_LEN + 1 tokens.
-    whole = (context_ids + continuation_ids)[-(SEQ_LEN + 1):]
-    expected = _direct_log_probs(direct_model, whole)[-len(continuation_ids):].sum()
+    whole = (context_ids + continuation_ids)[-(SEQ_LEN + 1) :]
+    expected = _direct_log_probs(direct_model, whole)[-len(continuation_ids) :].sum()
     assert log_likelihood == pytest.approx(float(expected), abs=1e-3)
   # is_greedy: the model's own greedy tokens are greedy; change the last one and they are not.
   context = TOKENIZER.encode("Hi")
@@ -122,7 +156,7 @@ def test_loglikelihood_rolling_equals_direct_sum(adapter, direct_model):
   long_text = "abcdefghij" * 15
   (long_total,) = adapter.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (long_text,), 0)])
   ids = [TOKENIZER.eos_id] + TOKENIZER.encode(long_text)
-  first = _direct_log_probs(direct_model, ids[:SEQ_LEN + 1]).sum()
+  first = _direct_log_probs(direct_model, ids[: SEQ_LEN + 1]).sum()
   assert long_total < first < 0
 
 
@@ -135,9 +169,10 @@ def test_generate_until_honours_max_length_and_stop_sequences(adapter, direct_mo
   (short,) = adapter.generate_until([Instance("generate_until", {}, (prompt, {"until": [], "max_gen_toks": 3}), 0)])
   assert short == TOKENIZER.decode(reference_ids[:3])
   stop = next(char for char in reference[2:] if char != "\ufffd")
-  (stopped,) = adapter.generate_until([Instance("generate_until", {}, (prompt, {"until": [stop], "max_gen_toks": 10}),
-                                                0)])
-  assert stopped == reference[:reference.index(stop)]
+  (stopped,) = adapter.generate_until(
+    [Instance("generate_until", {}, (prompt, {"until": [stop], "max_gen_toks": 10}), 0)]
+  )
+  assert stopped == reference[: reference.index(stop)]
   with pytest.raises(ValueError, match="greedily"):
     adapter.generate_until([Instance("generate_until", {}, (prompt, {"do_sample": True}), 0)])
 
@@ -156,17 +191,26 @@ def test_batched_decoding_matches_full_forward(arch):
 def test_sweep_val_loss_and_skips_finished_checkpoints(run_dir, tmp_path, monkeypatch):
   output = str(tmp_path / "table.jsonl")
   # Another run's row in the same table does not count as done for this run.
-  other_run = {"arch": "llama", "size": "70m", "step": 0, "tokens": 0, "compute_pflops_days": 0.0, "task": "val_loss",
-               "metric": "loss", "value": 1.0}
+  other_run = {
+    "arch": "llama",
+    "size": "70m",
+    "step": 0,
+    "tokens": 0,
+    "compute_pflops_days": 0.0,
+    "task": "val_loss",
+    "metric": "loss",
+    "value": 1.0,
+  }
   with open(output, "w") as f:
     f.write(json.dumps(other_run) + "\n")
   first = sweep.evaluate_run(run_dir, "val_loss", output, steps=[0], batch_size=BATCH, progress=False)
   assert {(row["step"], row["metric"]) for row in first} == {(0, "loss"), (0, "perplexity")}
   second = sweep.evaluate_run(run_dir, "val_loss", output, batch_size=BATCH, progress=False)
-  assert {row["step"] for row in second} == {4}      # step 0 was done
+  assert {row["step"] for row in second} == {4}  # step 0 was done
   # Validation loss through a second path: the loader's batches and a plain forward pass of step 4's model.
-  loader = loader_lib.make_loader(checkpoint.read_run_metadata(run_dir)["data_dir"], split="validation",
-                                  seq_len=SEQ_LEN, global_batch_size=BATCH)
+  loader = loader_lib.make_loader(
+    checkpoint.read_run_metadata(run_dir)["data_dir"], split="validation", seq_len=SEQ_LEN, global_batch_size=BATCH
+  )
   model = _model("hgrn2", STEP_SEEDS[4])
   loss_sum = count = 0.0
   for step in range(max(1, loader.num_records // BATCH)):
@@ -186,9 +230,11 @@ def test_sweep_val_loss_and_skips_finished_checkpoints(run_dir, tmp_path, monkey
   assert lines[0] == ",".join(sweep.COLUMNS) and len(lines) == 2 + len(first) + len(second)
 
 
-TOY_DOCS = [{"question": "Color of the sky?", "choices": ["blue", "green", "loud"], "label": 0},
-            {"question": "Opposite of up?", "choices": ["left", "down"], "label": 1},
-            {"question": "Two plus two?", "choices": ["four", "five", "seven"], "label": 2}]
+TOY_DOCS = [
+  {"question": "Color of the sky?", "choices": ["blue", "green", "loud"], "label": 0},
+  {"question": "Opposite of up?", "choices": ["left", "down"], "label": 1},
+  {"question": "Two plus two?", "choices": ["four", "five", "seven"], "label": 2},
+]
 
 
 def _write_toy_task(directory):
@@ -197,10 +243,11 @@ def _write_toy_task(directory):
   with open(directory / "docs.jsonl", "w") as f:
     f.writelines(json.dumps(doc) + "\n" for doc in TOY_DOCS)
   (directory / "toy_mc.yaml").write_text(
-      "task: toy_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-      f"    test: {directory / 'docs.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
-      "doc_to_text: \"Question: {{question}}\\nAnswer:\"\ndoc_to_choice: choices\ndoc_to_target: label\n"
-      "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    "task: toy_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+    f"    test: {directory / 'docs.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+    'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: choices\ndoc_to_target: label\n'
+    "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+  )
   return str(directory)
 
 
@@ -209,8 +256,10 @@ def _toy_accuracy(model):
   correct = 0
   for doc in TOY_DOCS:
     context = TOKENIZER.encode(f"Question: {doc['question']}\nAnswer:")
-    scores = [_direct_log_probs(model, context + TOKENIZER.encode(" " + choice))[-len(choice) - 1:].sum()
-              for choice in doc["choices"]]
+    scores = [
+      _direct_log_probs(model, context + TOKENIZER.encode(" " + choice))[-len(choice) - 1 :].sum()
+      for choice in doc["choices"]
+    ]
     correct += int(np.argmax(scores) == doc["label"])
   return correct / len(TOY_DOCS)
 
@@ -222,10 +271,25 @@ def test_local_multiple_choice_task_through_lm_eval_cli(run_dir, direct_model, t
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
   monkeypatch.chdir(tmp_path)
   monkeypatch.setattr(sys, "argv", list(sys.argv))
-  lm_eval_cli.main(["--model", "lsm_jax", "--model_args", f"checkpoint={run_dir},step=4", "--tasks", "toy_mc",
-                    "--include_path", task_dir, "--batch_size", str(BATCH), "--output_path", str(tmp_path / "out")])
-  (results_file,) = [os.path.join(d, name) for d, _, names in os.walk(tmp_path / "out") for name in names
-                     if name.startswith("results")]
+  lm_eval_cli.main(
+    [
+      "--model",
+      "lsm_jax",
+      "--model_args",
+      f"checkpoint={run_dir},step=4",
+      "--tasks",
+      "toy_mc",
+      "--include_path",
+      task_dir,
+      "--batch_size",
+      str(BATCH),
+      "--output_path",
+      str(tmp_path / "out"),
+    ]
+  )
+  (results_file,) = [
+    os.path.join(d, name) for d, _, names in os.walk(tmp_path / "out") for name in names if name.startswith("results")
+  ]
   with open(results_file) as f:
     accuracy = json.load(f)["results"]["toy_mc"]["acc,none"]
   assert accuracy == pytest.approx(_toy_accuracy(direct_model))
@@ -234,14 +298,15 @@ def test_local_multiple_choice_task_through_lm_eval_cli(run_dir, direct_model, t
 def _tensorboard_scalars(log_dir):
   """{tag: [(step, value)]} from the TensorBoard event files in log_dir (TFRecord framing, Event protos)."""
   from tensorboardX.proto import event_pb2
+
   scalars = {}
   for name in sorted(os.listdir(log_dir)):
     with open(os.path.join(log_dir, name), "rb") as f:
       data = f.read()
     offset = 0
     while offset < len(data):
-      (length,) = np.frombuffer(data[offset:offset + 8], "<u8")
-      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + int(length)])
+      (length,) = np.frombuffer(data[offset : offset + 8], "<u8")
+      event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + int(length)])
       offset += 12 + int(length) + 4
       for value in event.summary.value:
         scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
@@ -250,11 +315,25 @@ def _tensorboard_scalars(log_dir):
 
 def test_sweep_runs_a_task_written_outside_the_project_over_every_milestone(run_dir, tmp_path, monkeypatch):
   from lsm_jax.evaluate import __main__ as evaluate_main
+
   task_dir = _write_toy_task(tmp_path / "tasks")
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
   output, log_dir = str(tmp_path / "table.jsonl"), str(tmp_path / "tb")
-  argv = ["--run_dir", run_dir, "--tasks", "toy_mc", "--include_path", task_dir, "--output", output,
-          "--batch_size", str(BATCH), "--tensorboard_dir", log_dir, "--no_progress"]
+  argv = [
+    "--run_dir",
+    run_dir,
+    "--tasks",
+    "toy_mc",
+    "--include_path",
+    task_dir,
+    "--output",
+    output,
+    "--batch_size",
+    str(BATCH),
+    "--tensorboard_dir",
+    log_dir,
+    "--no_progress",
+  ]
   evaluate_main.main(argv)
   rows = sweep.read_table(output)
   assert [(row["step"], row["task"], row["metric"]) for row in rows] == [(0, "toy_mc", "acc"), (4, "toy_mc", "acc")]
@@ -268,9 +347,12 @@ def test_sweep_runs_a_task_written_outside_the_project_over_every_milestone(run_
   # Done pairs are skipped; an unknown name is refused with where it was looked for.
   monkeypatch.setattr(engine_lib, "load_model", lambda *a, **k: pytest.fail("a finished checkpoint was reloaded"))
   assert sweep.evaluate_run(run_dir, "toy_mc", output, include_path=[task_dir], progress=False) == []
-  with pytest.raises(SystemExit, match=r"^error: unknown evaluation task\(s\) \['toy_mcq'\]: not a built-in sweep "
-                                       r"task \(val_loss, .*\) nor an lm-eval task, group or tag in lm-eval's "
-                                       rf"bundled tasks, lsm_jax's local tasks \(.*\), --include_path {task_dir}$"):
+  with pytest.raises(
+    SystemExit,
+    match=r"^error: unknown evaluation task\(s\) \['toy_mcq'\]: not a built-in sweep "
+    r"task \(val_loss, .*\) nor an lm-eval task, group or tag in lm-eval's "
+    rf"bundled tasks, lsm_jax's local tasks \(.*\), --include_path {task_dir}$",
+  ):
     evaluate_main.main([*argv[:3], "toy_mcq", *argv[4:]])
   with pytest.raises(ValueError, match=r"--include_path .*nowhere does not exist"):
     sweep.parse_tasks("toy_mc", [str(tmp_path / "nowhere")])
@@ -291,6 +373,7 @@ def test_scoring_shows_a_progress_bar_with_the_request_count(adapter, capsys):
 def test_the_model_is_declared_for_lm_evals_plugin_discovery():
   import configparser
   from importlib import metadata
+
   config = configparser.ConfigParser()
   config.read(os.path.join(os.path.dirname(__file__), "..", "setup.cfg"))
   (line,) = config["options.entry_points"]["lm_eval.models"].strip().splitlines()

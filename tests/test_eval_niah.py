@@ -1,4 +1,5 @@
 """NIAH: grid, prompts, hand-computed scores (weighted average, consistency penalty), runner and heatmap."""
+
 import numpy as np
 import pytest
 
@@ -17,8 +18,8 @@ def test_default_grid_is_the_papers():
 def test_consistency_penalty_hand_computed():
   assert niah.consistency_penalty([True, True, True]) == 1.0
   assert niah.consistency_penalty([False, False]) == 0.0
-  assert niah.consistency_penalty([True, False, True]) == pytest.approx(0.5)        # n = 3
-  assert niah.consistency_penalty([True, True, False, False]) == pytest.approx(2 ** -0.5)  # n = 2
+  assert niah.consistency_penalty([True, False, True]) == pytest.approx(0.5)  # n = 3
+  assert niah.consistency_penalty([True, True, False, False]) == pytest.approx(2**-0.5)  # n = 2
   assert niah.longest_success_run([True, False, True, True, False]) == 2
 
 
@@ -45,7 +46,7 @@ def test_niah_score_hand_computed():
 def test_accuracy_at_and_up_to():
   lengths = [1000, 2000, 4000, 8000]
   grid = np.array([[1, 1, 0, 0], [1, 0, 1, 0]], dtype=bool)
-  assert niah.accuracy_at(grid, lengths, 2100) == 50.0       # nearest grid length 2000
+  assert niah.accuracy_at(grid, lengths, 2100) == 50.0  # nearest grid length 2000
   assert niah.accuracy_up_to(grid, lengths, 4000) == pytest.approx(100 * 4 / 6)
   with pytest.raises(ValueError, match="no grid length"):
     niah.accuracy_up_to(grid, lengths, 500)
@@ -79,8 +80,9 @@ def test_build_prompt_length_and_needle_placement(mode):
   start = prompt.index(config.needle)
   filler = 600 - len(config.needle) - len(config.prompt_suffix)
   assert prompt[start - 1] == "." and start <= filler // 2
-  assert niah.build_prompt(tokenizer, tokenizer.encode(HAYSTACK), 600, 100.0, config)[-len(
-      tokenizer.encode(config.needle + config.prompt_suffix)):] == tokenizer.encode(config.needle + config.prompt_suffix)
+  assert niah.build_prompt(tokenizer, tokenizer.encode(HAYSTACK), 600, 100.0, config)[
+    -len(tokenizer.encode(config.needle + config.prompt_suffix)) :
+  ] == tokenizer.encode(config.needle + config.prompt_suffix)
 
 
 def test_run_niah_with_a_length_limited_oracle_and_heatmap(tmp_path):
@@ -110,5 +112,5 @@ def test_summary_on_the_default_grid():
   assert summary["avg"] == pytest.approx(100 * 20 / 35)
   # Length weights 1.01^j / sum: the first 20 columns carry (1.01^20 - 1) / (1.01^35 - 1) of the weight; every
   # successful column is consistent (p = 1, full run), so the NIAH score equals the weighted average here.
-  expected = 100 * (1.01 ** 20 - 1) / (1.01 ** 35 - 1)
+  expected = 100 * (1.01**20 - 1) / (1.01**35 - 1)
   assert summary["weighted_avg"] == pytest.approx(expected) and summary["niah_score"] == pytest.approx(expected)

@@ -1,5 +1,6 @@
 """The local lm-eval task files: preprocessing by hand, and the SCROLLS/CSR/perplexity pipelines through lm-eval
 with a scripted LM whose answers make every metric hand-computable."""
+
 import json
 import math
 
@@ -28,27 +29,45 @@ def test_quality_and_contract_nli_documents():
 
 
 def test_scrolls_duplicate_ids_become_one_document_with_all_references():
-  rows = [{"id": "a", "pid": "a0", "input": "Q?\n\nT.", "output": "x"},
-          {"id": "a", "pid": "a1", "input": "Q?\n\nT.", "output": "y"},
-          {"id": "b", "pid": "b0", "input": "R?\n\nU.", "output": "z"}]
+  rows = [
+    {"id": "a", "pid": "a0", "input": "Q?\n\nT.", "output": "x"},
+    {"id": "a", "pid": "a1", "input": "Q?\n\nT.", "output": "y"},
+    {"id": "b", "pid": "b0", "input": "R?\n\nU.", "output": "z"},
+  ]
   docs = list(lsm_tasks.scrolls_query_docs(datasets.Dataset.from_list(rows)))
   assert [(doc["id"], doc["outputs"], doc["question"]) for doc in docs] == [("a", ["x", "y"], "Q?"), ("b", ["z"], "R?")]
 
 
 def test_winogrande_partial_scoring_pieces():
-  doc = {"sentence": "The trophy did not fit because the _ was too big.", "option1": "trophy", "option2": "case",
-         "answer": "2"}
-  assert lsm_tasks.winogrande_contexts(doc) == ["The trophy did not fit because the trophy",
-                                                "The trophy did not fit because the case"]
+  doc = {
+    "sentence": "The trophy did not fit because the _ was too big.",
+    "option1": "trophy",
+    "option2": "case",
+    "answer": "2",
+  }
+  assert lsm_tasks.winogrande_contexts(doc) == [
+    "The trophy did not fit because the trophy",
+    "The trophy did not fit because the case",
+  ]
   assert lsm_tasks.winogrande_continuation(doc) == "was too big."
   assert lsm_tasks.winogrande_gold(doc) == 1
 
 
 def test_wikitext_detokenizer_and_hellaswag_cleaning():
   assert lsm_tasks.wikitext_detokenize({"page": WIKITEXT_PAGE}) == " = Title =\nThe quick-brown fox, jumps (far).\n"
-  (doc,) = lsm_tasks.hellaswag_process_docs(datasets.Dataset.from_list(
-      [{"activity_label": "Cooking", "ctx_a": "A man cuts onions.", "ctx_b": "he", "label": "1",
-        "endings": ["sings [title] loudly.", "puts them  in a pan."]}]))
+  (doc,) = lsm_tasks.hellaswag_process_docs(
+    datasets.Dataset.from_list(
+      [
+        {
+          "activity_label": "Cooking",
+          "ctx_a": "A man cuts onions.",
+          "ctx_b": "he",
+          "label": "1",
+          "endings": ["sings [title] loudly.", "puts them  in a pan."],
+        }
+      ]
+    )
+  )
   assert doc["query"] == "Cooking: A man cuts onions. He"
   assert doc["choices"] == ["sings. loudly.", "puts them in a pan."] and doc["gold"] == 1
 
@@ -64,15 +83,22 @@ def test_missing_data_names_the_expected_file(tmp_path, monkeypatch):
 class ScriptedLM(LM):
   """Answers by rules on the prompt text, so each task's metric is known in advance."""
 
-  ANSWERS = {"budgets": "The budget grew.", "Alice": "Alice met Bob", "transcript": "They decided to ship.",
-             "SQuAD": "", "Tom saved": "Tom Smith"}
+  ANSWERS = {
+    "budgets": "The budget grew.",
+    "Alice": "Alice met Bob",
+    "transcript": "They decided to ship.",
+    "SQuAD": "",
+    "Tom saved": "Tom Smith",
+  }
 
   def loglikelihood(self, requests):
     # Prefers continuations containing a "right" word, then shorter ones; per-character scores are what
     # SCROLLS' length-normalised EM compares.
     preferred = ("Tom", "Entailment", "yes", "Twist", "4", "star", "puts", "trophy", " mat")
-    return [(-1.0 * len(cont) if any(word in cont for word in preferred) else -5.0 * len(cont), False)
-            for _, cont in (request.args for request in requests)]
+    return [
+      (-1.0 * len(cont) if any(word in cont for word in preferred) else -5.0 * len(cont), False)
+      for _, cont in (request.args for request in requests)
+    ]
 
   def loglikelihood_rolling(self, requests):
     return [-10.0 for _ in requests]
@@ -89,28 +115,68 @@ def _write(root, name, split, rows):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
   root = tmp_path_factory.mktemp("eval_data")
-  _write(root, "gov_report", "validation", [{"id": "g", "pid": "g0", "input": "Text about budgets.",
-                                              "output": "The budget grew."}])
-  _write(root, "summ_screen_fd", "validation", [{"id": "s", "pid": "s0", "input": "Alice meets Bob.",
-                                                  "output": "Alice meets Bob."}])
-  _write(root, "qmsum", "validation", [{"id": "q", "pid": "q0", "input": "Decision?\n\nThe transcript.",
-                                         "output": "They decided to ship."}])
-  _write(root, "qasper", "validation", [{"id": "a", "pid": "a0", "input": "Which?\n\nWe use SQuAD.", "output": "SQuAD"}])
-  _write(root, "narrative_qa", "validation", [{"id": "n", "pid": "n0", "input": "Who?\n\nTom saved it.", "output": "Tom"}])
+  _write(
+    root,
+    "gov_report",
+    "validation",
+    [{"id": "g", "pid": "g0", "input": "Text about budgets.", "output": "The budget grew."}],
+  )
+  _write(
+    root,
+    "summ_screen_fd",
+    "validation",
+    [{"id": "s", "pid": "s0", "input": "Alice meets Bob.", "output": "Alice meets Bob."}],
+  )
+  _write(
+    root,
+    "qmsum",
+    "validation",
+    [{"id": "q", "pid": "q0", "input": "Decision?\n\nThe transcript.", "output": "They decided to ship."}],
+  )
+  _write(
+    root, "qasper", "validation", [{"id": "a", "pid": "a0", "input": "Which?\n\nWe use SQuAD.", "output": "SQuAD"}]
+  )
+  _write(
+    root, "narrative_qa", "validation", [{"id": "n", "pid": "n0", "input": "Who?\n\nTom saved it.", "output": "Tom"}]
+  )
   _write(root, "quality", "validation", [{"id": "u", "pid": "u0", "input": QUALITY_INPUT, "output": "Tom Smith"}])
   _write(root, "contract_nli", "validation", [{"id": "c", "pid": "c0", "input": "H.\n\nC.", "output": "Contradiction"}])
-  _write(root, "boolq", "validation", [{"question": "is it", "passage": "P.", "label": 1},
-                                        {"question": "is it not", "passage": "P.", "label": 0}])
+  _write(
+    root,
+    "boolq",
+    "validation",
+    [{"question": "is it", "passage": "P.", "label": 1}, {"question": "is it not", "passage": "P.", "label": 0}],
+  )
   _write(root, "piqa", "validation", [{"goal": "Open a jar", "sol1": "Twist the lid.", "sol2": "Eat it.", "label": 0}])
-  _write(root, "hellaswag", "validation", [{"activity_label": "Cooking", "ctx_a": "A man cuts onions.", "ctx_b": "he",
-                                             "endings": ["puts them in a pan.", "flies.", "sings.", "x"], "label": "1"}])
-  _write(root, "winogrande", "validation", [{"sentence": "The trophy did not fit as the _ was big.",
-                                              "option1": "trophy", "option2": "case", "answer": "1"}])
+  _write(
+    root,
+    "hellaswag",
+    "validation",
+    [
+      {
+        "activity_label": "Cooking",
+        "ctx_a": "A man cuts onions.",
+        "ctx_b": "he",
+        "endings": ["puts them in a pan.", "flies.", "sings.", "x"],
+        "label": "1",
+      }
+    ],
+  )
+  _write(
+    root,
+    "winogrande",
+    "validation",
+    [{"sentence": "The trophy did not fit as the _ was big.", "option1": "trophy", "option2": "case", "answer": "1"}],
+  )
   arc = [{"question": "2+2?", "choices": {"text": ["3", "4"], "label": ["A", "B"]}, "answerKey": "B"}]
   _write(root, "arc_easy", "test", arc)
   _write(root, "arc_challenge", "test", arc)
-  _write(root, "openbookqa", "test", [{"question_stem": "The sun is a", "answerKey": "A",
-                                        "choices": {"text": ["star", "moon"], "label": ["A", "B"]}}])
+  _write(
+    root,
+    "openbookqa",
+    "test",
+    [{"question_stem": "The sun is a", "answerKey": "A", "choices": {"text": ["star", "moon"], "label": ["A", "B"]}}],
+  )
   _write(root, "lambada", "test", [{"text": "The cat sat on the mat"}])
   _write(root, "wikitext", "test", [{"page": WIKITEXT_PAGE}])
   tasks = ["lsm_scrolls", "lsm_csr", "lsm_lambada", "lsm_wikitext"]
@@ -121,14 +187,16 @@ def results(tmp_path_factory):
 def test_scrolls_metrics_through_lm_eval(results):
   def value(task, metric):
     return results[f"lsm_scrolls_{task}"][f"{metric},none"]
+
   assert [value("gov_report", kind) for kind in scorers.ROUGE_TYPES] == pytest.approx([100.0] * 3)
   # "Alice met Bob" vs "Alice meets Bob." (stemmed: meet): R1 = RL = 2/3, no shared bigram.
   assert [value("summ_screen_fd", kind) for kind in scorers.ROUGE_TYPES] == pytest.approx([200 / 3, 0.0, 200 / 3])
-  assert value("qasper", "f1") == 0.0                   # empty answer -> "Unanswerable"
-  assert value("narrative_qa", "f1") == pytest.approx(200 / 3)   # "Tom Smith" vs "Tom"
+  assert value("qasper", "f1") == 0.0  # empty answer -> "Unanswerable"
+  assert value("narrative_qa", "f1") == pytest.approx(200 / 3)  # "Tom Smith" vs "Tom"
   assert value("quality", "em") == 100.0 and value("contract_nli", "em") == 0.0
-  scores = {task: {metric: value(task, metric) for metric in metrics}
-            for task, metrics in scorers.SCROLLS_METRICS.items()}
+  scores = {
+    task: {metric: value(task, metric) for metric in metrics} for task, metrics in scorers.SCROLLS_METRICS.items()
+  }
   assert scorers.scrolls_average(scores) == pytest.approx((3 * 100 + 3 * 100 + 400 / 3 + 200 / 3 + 100) / 13)
 
 
@@ -136,8 +204,15 @@ def test_csr_and_perplexity_tasks_through_lm_eval(results):
   # The scripted preferences pick: boolq "yes" (1 of 2 right), piqa sol1 (right), hellaswag "puts" (gold is 1:
   # wrong), winogrande "trophy" context (right), arc "4" (right), openbookqa "star" (right).
   accuracy = {task: results[f"lsm_{task}"][f"{metric},none"] for task, metric in scorers.CSR_METRICS.items()}
-  assert accuracy == {"boolq": 0.5, "piqa": 1.0, "hellaswag": 0.0, "winogrande": 1.0, "arc_easy": 1.0,
-                      "arc_challenge": 1.0, "openbookqa": 1.0}
+  assert accuracy == {
+    "boolq": 0.5,
+    "piqa": 1.0,
+    "hellaswag": 0.0,
+    "winogrande": 1.0,
+    "arc_easy": 1.0,
+    "arc_challenge": 1.0,
+    "openbookqa": 1.0,
+  }
   # LAMBADA: the target " mat" is preferred, scored -1 per character: perplexity exp(4).
   assert results["lsm_lambada"]["perplexity,none"] == pytest.approx(math.exp(4.0))
   # WikiText word perplexity: exp(10 / 16): the raw page splits on whitespace into its 14 tokens plus the empty

@@ -1,6 +1,7 @@
 """lsm_jax.export: the tensors of milestones of real (tiny) model trees, checked name by name and bit by bit.
 
 The transformers round trip (logits, generation, tokenizers, import) is in tests/test_export_hf.py."""
+
 import dataclasses
 import json
 
@@ -22,8 +23,9 @@ NUM_LAYERS = 2
 
 def tiny_params(arch, scan_layers, seed=3):
   """The real model's parameter tree (shapes from nnx.eval_shape) filled with seeded normal values."""
-  config = get_config(arch, "70m", num_layers=NUM_LAYERS, d_model=256, num_heads=2, ffn_dim=384, vocab_size=320,
-                      scan_layers=scan_layers)
+  config = get_config(
+    arch, "70m", num_layers=NUM_LAYERS, d_model=256, num_heads=2, ffn_dim=384, vocab_size=320, scan_layers=scan_layers
+  )
   abstract = nnx.state(nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0))), nnx.Param).to_pure_dict()
   rng = np.random.default_rng(seed)
   return config, jax.tree.map(lambda leaf: rng.standard_normal(leaf.shape, dtype=np.float32), abstract)
@@ -31,9 +33,14 @@ def tiny_params(arch, scan_layers, seed=3):
 
 def save_milestone(run_dir, config, params, dtype="float32"):
   checkpointer = checkpoint.Checkpointer(
-      str(run_dir), save_interval_steps=100, max_to_keep=1, milestone_steps=[0, 4], milestone_dtype=dtype,
-      async_save=False, run_metadata={"arch": config.arch, "size": config.size,
-                                      "model_config": dataclasses.asdict(config)})
+    str(run_dir),
+    save_interval_steps=100,
+    max_to_keep=1,
+    milestone_steps=[0, 4],
+    milestone_dtype=dtype,
+    async_save=False,
+    run_metadata={"arch": config.arch, "size": config.size, "model_config": dataclasses.asdict(config)},
+  )
   checkpointer.save(4, {"params": params}, metadata={"tokens_seen": 4096})
   checkpointer.close()
 
@@ -41,6 +48,7 @@ def save_milestone(run_dir, config, params, dtype="float32"):
 def expected_tensors(arch, params):
   """The documented mapping, written out by hand per architecture (stacked or unstacked layers), in lsm_jax's
   torch names; `hf_names` gives LLaMA's transformers names."""
+
   def layer(tree, index):
     layers = tree["layers"]
     if index in layers:
@@ -88,8 +96,12 @@ def hf_names(arch, tensors):
     return tensors
   renamed = {}
   for name, tensor in tensors.items():
-    for ours, theirs in (("token_mixer_norm", "input_layernorm"), ("channel_mixer_norm", "post_attention_layernorm"),
-                         ("token_mixer", "self_attn"), ("channel_mixer", "mlp")):
+    for ours, theirs in (
+      ("token_mixer_norm", "input_layernorm"),
+      ("channel_mixer_norm", "post_attention_layernorm"),
+      ("token_mixer", "self_attn"),
+      ("channel_mixer", "mlp"),
+    ):
       name = name.replace(f".{ours}.", f".{theirs}.")
     renamed[f"model.{name}"] = tensor
   return renamed
@@ -122,14 +134,19 @@ def test_export_matches_every_parameter(tmp_path, arch):
 def test_stacked_and_unstacked_layers_export_identically(tmp_path):
   stacked_config, stacked_params = tiny_params("tnl", scan_layers=True)
   unstacked_config, unstacked_layout = tiny_params("tnl", scan_layers=False)
-  unstacked_params = {**stacked_params, "layers": {
-      index: jax.tree.map(lambda leaf, i=index: leaf[i], stacked_params["layers"]) for index in range(NUM_LAYERS)}}
+  unstacked_params = {
+    **stacked_params,
+    "layers": {
+      index: jax.tree.map(lambda leaf, i=index: leaf[i], stacked_params["layers"]) for index in range(NUM_LAYERS)
+    },
+  }
   assert jax.tree.structure(unstacked_params) == jax.tree.structure(unstacked_layout)
-  for name, config, params in (("stacked", stacked_config, stacked_params),
-                               ("unstacked", unstacked_config, unstacked_params)):
+  for name, config, params in (
+    ("stacked", stacked_config, stacked_params),
+    ("unstacked", unstacked_config, unstacked_params),
+  ):
     save_milestone(tmp_path / name, config, params)
-    hf.export_hf(str(tmp_path / name / "checkpoints" / "milestones" / "4"), str(tmp_path / f"{name}_out"),
-                 verify=False)
+    hf.export_hf(str(tmp_path / name / "checkpoints" / "milestones" / "4"), str(tmp_path / f"{name}_out"), verify=False)
   stacked = safetensors.numpy.load_file(str(tmp_path / "stacked_out" / "model.safetensors"))
   unstacked = safetensors.numpy.load_file(str(tmp_path / "unstacked_out" / "model.safetensors"))
   assert sorted(stacked) == sorted(unstacked)
@@ -143,9 +160,12 @@ def test_bfloat16_export_is_bit_exact(tmp_path):
   hf.export_hf(str(tmp_path / "run"), str(tmp_path / "out"), step=4, verify=False)
   raw = (tmp_path / "out" / "model.safetensors").read_bytes()
   header_size = int.from_bytes(raw[:8], "little")
-  assert json.loads(raw[8:8 + header_size])["__metadata__"] == {"format": "pt", "arch": "hgrn2", "step": "4"}
-  loaded = {name: np.frombuffer(view["data"], dtype=ml_dtypes.bfloat16).reshape(view["shape"])
-            for name, view in safetensors.deserialize(raw) if view["dtype"] == "BF16"}
+  assert json.loads(raw[8 : 8 + header_size])["__metadata__"] == {"format": "pt", "arch": "hgrn2", "step": "4"}
+  loaded = {
+    name: np.frombuffer(view["data"], dtype=ml_dtypes.bfloat16).reshape(view["shape"])
+    for name, view in safetensors.deserialize(raw)
+    if view["dtype"] == "BF16"
+  }
   expected = expected_tensors("hgrn2", params)
   assert sorted(loaded) == sorted(expected)
   for name, tensor in expected.items():

@@ -1,6 +1,7 @@
 """Hugging Face export and import, checked against lsm_jax itself: transformers' logits and greedy continuations of
 every architecture's export, the exported tokenizers, a transformers LLaMA imported into a run, and lm-eval's
 `hf` model on an export."""
+
 import dataclasses
 import importlib
 import importlib.util
@@ -39,8 +40,18 @@ def one_torch_thread():
 
 def tiny_config(arch):
   # init_std 0.1 gives logits spread enough that greedy decoding has clear winners.
-  return get_config(arch, "70m", num_layers=2, d_model=256, num_heads=2, ffn_dim=384, vocab_size=264,
-                    init_std=0.1, dtype="float32", rope_theta=5000.0)
+  return get_config(
+    arch,
+    "70m",
+    num_layers=2,
+    d_model=256,
+    num_heads=2,
+    ffn_dim=384,
+    vocab_size=264,
+    init_std=0.1,
+    dtype="float32",
+    rope_theta=5000.0,
+  )
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -53,9 +64,20 @@ def exported(request, tmp_path_factory):
     model.lower_bound_logits[...] = jax.random.normal(jax.random.key(2), model.lower_bound_logits.shape)
   run_dir = tmp_path_factory.mktemp(f"{arch}_run")
   saver = checkpoint.Checkpointer(
-      str(run_dir), save_interval_steps=100, max_to_keep=1, milestone_steps=[6], milestone_dtype="float32",
-      async_save=False, run_metadata={"arch": arch, "size": "70m", "model_config": dataclasses.asdict(config),
-                                      "tokenizer": "bytes", "seq_len": 128})
+    str(run_dir),
+    save_interval_steps=100,
+    max_to_keep=1,
+    milestone_steps=[6],
+    milestone_dtype="float32",
+    async_save=False,
+    run_metadata={
+      "arch": arch,
+      "size": "70m",
+      "model_config": dataclasses.asdict(config),
+      "tokenizer": "bytes",
+      "seq_len": 128,
+    },
+  )
   saver.save(6, {"params": nnx.state(model, nnx.Param).to_pure_dict()}, metadata={"tokens_seen": 6 * 128})
   saver.close()
   (run_dir / "metrics.jsonl").write_text('{"step": 4, "val_loss": 5.25}\n{"step": 8, "val_loss": 4.5}\n')
@@ -66,16 +88,20 @@ def exported(request, tmp_path_factory):
 
 def load(out_dir):
   model, info = transformers.AutoModelForCausalLM.from_pretrained(
-      out_dir, trust_remote_code=True, output_loading_info=True, **{DTYPE_KEY: torch.float32})
+    out_dir, trust_remote_code=True, output_loading_info=True, **{DTYPE_KEY: torch.float32}
+  )
   return model.eval(), info
 
 
 def jax_greedy(model, prompt, new_tokens):
   """lsm_jax's own generation: prefill, then decode_step with the recurrent state / KV cache."""
   tokens = jnp.asarray([prompt], jnp.int32)
-  logits, state = model.prefill(tokens, segment_ids=jnp.ones_like(tokens),
-                                positions=jnp.arange(len(prompt), dtype=jnp.int32)[None],
-                                max_length=len(prompt) + new_tokens)
+  logits, state = model.prefill(
+    tokens,
+    segment_ids=jnp.ones_like(tokens),
+    positions=jnp.arange(len(prompt), dtype=jnp.int32)[None],
+    max_length=len(prompt) + new_tokens,
+  )
   step = nnx.jit(lambda model, token, state: model.decode_step(token, state))
   token, generated = jnp.argmax(logits[:, -1], -1).astype(jnp.int32), []
   for _ in range(new_tokens):
@@ -103,7 +129,7 @@ def test_export_loads_with_transformers_and_gives_the_jax_logits(exported):
 
 def until_eos(ids, eos=256):
   """Greedy generation stops at EOS (transformers pads the rest)."""
-  return ids[:ids.index(eos) + 1] if eos in ids else ids
+  return ids[: ids.index(eos) + 1] if eos in ids else ids
 
 
 def test_greedy_generation_matches_lsm_jax_through_the_recurrent_path(exported, monkeypatch):
@@ -117,9 +143,8 @@ def test_greedy_generation_matches_lsm_jax_through_the_recurrent_path(exported, 
     step = module.linear_attention_step
     monkeypatch.setattr(module, "linear_attention_step", lambda *args: steps.append(1) or step(*args))
   with torch.no_grad():
-    generated = hf_model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
-                                  pad_token_id=256)
-  assert until_eos(generated[0, len(prompt):].tolist()) == until_eos(expected)
+    generated = hf_model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=256)
+  assert until_eos(generated[0, len(prompt) :].tolist()) == until_eos(expected)
   if arch != "llama" and 256 not in expected:
     assert len(steps) == (new_tokens - 1) * 2  # every token after the first, in each of the 2 layers
   # Left padding: the shorter prompt of a batch continues exactly as when alone.
@@ -128,8 +153,8 @@ def test_greedy_generation_matches_lsm_jax_through_the_recurrent_path(exported, 
   mask = torch.tensor([[1] * len(prompt), [0] * 3 + [1] * len(short)])
   with torch.no_grad():
     padded = hf_model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=256)
-  assert until_eos(padded[0, len(prompt):].tolist()) == until_eos(expected[:6])
-  assert until_eos(padded[1, len(prompt):].tolist()) == until_eos(jax_greedy(model, short, 6))
+  assert until_eos(padded[0, len(prompt) :].tolist()) == until_eos(expected[:6])
+  assert until_eos(padded[1, len(prompt) :].tolist()) == until_eos(jax_greedy(model, short, 6))
 
 
 def test_export_writes_tokenizer_generation_config_and_model_card(exported):
@@ -176,9 +201,19 @@ def test_missing_weights_are_refused(exported, tmp_path):
 
 
 def tiny_hf_llama(tmp_path, **overrides):
-  shape = dict(vocab_size=264, hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=2,
-               num_key_value_heads=2, head_dim=128, rms_norm_eps=1e-5, tie_word_embeddings=True,
-               max_position_embeddings=128, rope_theta=5000.0)
+  shape = dict(
+    vocab_size=264,
+    hidden_size=256,
+    intermediate_size=384,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=128,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    max_position_embeddings=128,
+    rope_theta=5000.0,
+  )
   config = transformers.LlamaConfig(**{**shape, **overrides})
   torch.manual_seed(0)
   model = transformers.LlamaForCausalLM(config).eval()
@@ -191,6 +226,7 @@ def tiny_hf_llama(tmp_path, **overrides):
 
 def test_imported_llama_gives_transformers_logits_and_exports_back(tmp_path):
   from lsm_jax.evaluate import engine
+
   hf_model, hf_dir = tiny_hf_llama(tmp_path)
   export_cli.main(["import", f"--hf_dir={hf_dir}", f"--run_dir={tmp_path / 'run'}", "--tokenizer=bytes"])
   model, _, run_metadata, _ = engine.load_model(str(tmp_path / "run"), dtype="float32")
@@ -209,12 +245,15 @@ def test_imported_llama_gives_transformers_logits_and_exports_back(tmp_path):
     np.testing.assert_array_equal(back[name], original[name], err_msg=name)
 
 
-@pytest.mark.parametrize("overrides, message", [
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
     ({"num_key_value_heads": 1}, "num_key_value_heads=1 != num_attention_heads=2"),
     ({"tie_word_embeddings": False}, "untied output head"),
     ({"attention_bias": True}, "biases"),
     ({"vocab_size": 200}, "tokenizer has 264 ids but the model's vocab_size is 200"),
-])
+  ],
+)
 def test_llama_import_refuses_what_lsm_jax_cannot_represent(tmp_path, overrides, message):
   _, hf_dir = tiny_hf_llama(tmp_path, **overrides)
   with pytest.raises(ValueError, match=message):
@@ -228,18 +267,27 @@ def test_lm_eval_hf_model_runs_a_local_task_on_an_export(exported, tmp_path):
   lm_eval = pytest.importorskip("lm_eval")
   pytest.importorskip("accelerate")  # lm-eval's hf model imports it
   from lm_eval.tasks import TaskManager
-  docs = [{"question": "Is fire hot or cold?", "choices": ["hot", "cold"], "label": 0},
-          {"question": "Two plus two is", "choices": ["three", "four", "five"], "label": 1},
-          {"question": "Ice is", "choices": ["warm", "frozen"], "label": 1}]
+
+  docs = [
+    {"question": "Is fire hot or cold?", "choices": ["hot", "cold"], "label": 0},
+    {"question": "Two plus two is", "choices": ["three", "four", "five"], "label": 1},
+    {"question": "Ice is", "choices": ["warm", "frozen"], "label": 1},
+  ]
   (tmp_path / "docs.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs))
   (tmp_path / "toy_choice.yaml").write_text(
-      "task: toy_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-      f"    test: {tmp_path / 'docs.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
-      "doc_to_text: \"Question: {{question}}\\nAnswer:\"\ndoc_to_target: label\ndoc_to_choice: \"{{choices}}\"\n"
-      "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    "task: toy_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+    f"    test: {tmp_path / 'docs.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+    'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_target: label\ndoc_to_choice: "{{choices}}"\n'
+    "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+  )
   results = lm_eval.simple_evaluate(
-      model="hf", model_args=f"pretrained={out_dir},trust_remote_code=True,dtype=float32,device=cpu",
-      tasks=["toy_choice"], task_manager=TaskManager(include_path=str(tmp_path)), batch_size=1, log_samples=True)
+    model="hf",
+    model_args=f"pretrained={out_dir},trust_remote_code=True,dtype=float32,device=cpu",
+    tasks=["toy_choice"],
+    task_manager=TaskManager(include_path=str(tmp_path)),
+    batch_size=1,
+    log_samples=True,
+  )
   # The same scores computed directly with the exported model: sum of log-probabilities of each answer's bytes.
   hf_model, _ = load(out_dir)
   scores, correct = {}, []
@@ -257,7 +305,6 @@ def test_lm_eval_hf_model_runs_a_local_task_on_an_export(exported, tmp_path):
     lm_eval_scores = [loglikelihood for loglikelihood, _ in sample["filtered_resps"]]
     np.testing.assert_allclose(lm_eval_scores, scores[sample["doc"]["question"]], atol=1e-4)
   assert results["results"]["toy_choice"]["acc,none"] == pytest.approx(np.mean(correct))
-
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -289,13 +336,22 @@ def test_trained_smoke_run_exports_with_its_metadata(tmp_path):
 
   from lsm_jax import metrics, train, trainer
   from lsm_jax.evaluate import engine
+
   run_dir = str(tmp_path / "run")
   gin.clear_config()
   try:
-    train.parse_gin(["gin/smoke/hgrn2.gin"], [
-        f"MODEL_DIR = '{run_dir}'", "TRAIN_STEPS = 4", "EVAL_EVERY_STEPS = 4", "sharding.MeshConfig.num_devices = 1",
-        "trainer.train.sample_prompt = None", "trainer.train.enable_tensorboard = False",
-        "trainer.train.progress_bar = False"])
+    train.parse_gin(
+      ["gin/smoke/hgrn2.gin"],
+      [
+        f"MODEL_DIR = '{run_dir}'",
+        "TRAIN_STEPS = 4",
+        "EVAL_EVERY_STEPS = 4",
+        "sharding.MeshConfig.num_devices = 1",
+        "trainer.train.sample_prompt = None",
+        "trainer.train.enable_tensorboard = False",
+        "trainer.train.progress_bar = False",
+      ],
+    )
     gin.get_configurable(trainer.train)(config_text=gin.config_str())
   finally:
     gin.clear_config()
@@ -313,4 +369,4 @@ def test_trained_smoke_run_exports_with_its_metadata(tmp_path):
   prompt = list(b"Hello, wo")
   with torch.no_grad():
     generated = hf_model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=256)
-  assert until_eos(generated[0, len(prompt):].tolist()) == until_eos(jax_greedy(model, prompt, 10))
+  assert until_eos(generated[0, len(prompt) :].tolist()) == until_eos(jax_greedy(model, prompt, 10))

@@ -1,4 +1,5 @@
 """lsm_jax.flops against the paper's Table 7 and an independent per-layer count of Appendix A.1."""
+
 import numpy as np
 import pytest
 
@@ -6,31 +7,55 @@ from lsm_jax import flops
 
 # Shapes of arXiv 2406.16690 Tables 2 and 7, reconciled: heads = d/128, 1B GLU width 4096, TNL/cos2 410M have 25 layers.
 SHAPES = {  # size: (layers, d_model, heads, ffn_dim)
-    "70m": (6, 512, 4, 1536),
-    "160m": (12, 768, 6, 2048),
-    "410m": (26, 1024, 8, 2816),
-    "1b": (32, 1536, 12, 4096),
-    "3b": (35, 2560, 20, 6912),
-    "7b": (32, 4096, 32, 11008),
+  "70m": (6, 512, 4, 1536),
+  "160m": (12, 768, 6, 2048),
+  "410m": (26, 1024, 8, 2816),
+  "1b": (32, 1536, 12, 4096),
+  "3b": (35, 2560, 20, 6912),
+  "7b": (32, 4096, 32, 11008),
 }
 BATCH, SEQ_LEN, VOCAB = 480, 8192, 100280
 
 # Table 7 of the paper, typed in: (non-embedding params in M, PFLOPs/step).
 TABLE_7 = {
-    "llama": {"70m": (20.5, 1.6), "160m": (85.0, 5.6), "410m": (334.1, 18.0), "1b": (906.2, 40.4),
-              "3b": (2775.8, 99.6), "7b": (6476.5, 202.7)},
-    "tnl": {"70m": (21.2, 0.5), "160m": (87.3, 2.2), "410m": (327.7, 7.9), "1b": (918.6, 22.3),
-            "3b": (2798.4, 66.6), "7b": (6509.6, 154.4)},
-    "hgrn2": {"70m": (20.5, 0.5), "160m": (84.9, 2.1), "410m": (334.0, 8.0), "1b": (906.0, 22.0),
-              "3b": (2775.5, 66.0), "7b": (6476.1, 153.6)},
-    "cosformer2": {"70m": (21.3, 0.5), "160m": (87.5, 2.3), "410m": (328.0, 8.1), "1b": (919.1, 22.7),
-                   "3b": (2799.0, 67.4), "7b": (6511.0, 155.6)},
+  "llama": {
+    "70m": (20.5, 1.6),
+    "160m": (85.0, 5.6),
+    "410m": (334.1, 18.0),
+    "1b": (906.2, 40.4),
+    "3b": (2775.8, 99.6),
+    "7b": (6476.5, 202.7),
+  },
+  "tnl": {
+    "70m": (21.2, 0.5),
+    "160m": (87.3, 2.2),
+    "410m": (327.7, 7.9),
+    "1b": (918.6, 22.3),
+    "3b": (2798.4, 66.6),
+    "7b": (6509.6, 154.4),
+  },
+  "hgrn2": {
+    "70m": (20.5, 0.5),
+    "160m": (84.9, 2.1),
+    "410m": (334.0, 8.0),
+    "1b": (906.0, 22.0),
+    "3b": (2775.5, 66.0),
+    "7b": (6476.1, 153.6),
+  },
+  "cosformer2": {
+    "70m": (21.3, 0.5),
+    "160m": (87.5, 2.3),
+    "410m": (328.0, 8.1),
+    "1b": (919.1, 22.7),
+    "3b": (2799.0, 67.4),
+    "7b": (6511.0, 155.6),
+  },
 }
 
 # Full-run compute (300B tokens = 76,294 steps of 480 × 8192) from Table 7's PFLOPs/step, in PFLOP/s-days.
 FULL_RUN_PF_DAYS = {
-    "llama": (1.41, 4.94, 15.9, 35.7, 87.9, 179),
-    "tnl": (0.44, 1.94, 6.98, 19.7, 58.8, 136),
+  "llama": (1.41, 4.94, 15.9, 35.7, 87.9, 179),
+  "tnl": (0.44, 1.94, 6.98, 19.7, 58.8, 136),
 }
 
 
@@ -63,8 +88,9 @@ def test_table1_params_are_12ld2_plus_arch_terms(arch):
     appendix = flops.non_embedding_params(arch, layers, d_model, heads, ffn_dim=ffn_dim)
     assert table1 == pytest.approx(appendix, rel=1e-12)
   layers, d_model, heads, _ = shape(arch, "7b")
-  extra = {"llama": 0, "tnl": 2 * 32 * 4096 * 128, "hgrn2": 32 * 4096,
-           "cosformer2": 2 * 32 * 4096 * 128 + 4096 * 128}[arch]
+  extra = {"llama": 0, "tnl": 2 * 32 * 4096 * 128, "hgrn2": 32 * 4096, "cosformer2": 2 * 32 * 4096 * 128 + 4096 * 128}[
+    arch
+  ]
   assert flops.non_embedding_params(arch, layers, d_model, heads) == 12 * 32 * 4096**2 + extra
 
 
@@ -85,12 +111,14 @@ def per_layer_forward_itemised(arch, n, d, h, g):
   block = t = d / h  # Lightning/FLA block size and output-gate bottleneck
   blocks = n / block
   if arch == "llama":
-    mixer = (6 * n * d**2  # QKV
-             + 2 * n**2 * d  # Q K^T
-             + 4 * n * d  # RoPE on q and k
-             + 3 * n**2 * h  # softmax
-             + 2 * n**2 * d  # (QK^T) V
-             + 2 * n * d**2)  # output projection
+    mixer = (
+      6 * n * d**2  # QKV
+      + 2 * n**2 * d  # Q K^T
+      + 4 * n * d  # RoPE on q and k
+      + 3 * n**2 * h  # softmax
+      + 2 * n**2 * d  # (QK^T) V
+      + 2 * n * d**2
+    )  # output projection
   else:
     intra = blocks * (2 * block**2 * d + 2 * block**2 * d + block**2 * h)  # QK^T, (QK^T)V, decay mask
     inter = blocks * 2 * block * d**2 / h  # Q · KV-state
@@ -131,9 +159,15 @@ def test_appendix_a1_reduces_to_table1(arch):
   layers, d, heads, g = shape(arch, "1b")
   b, n = 4, 2048
   full = flops.flops_per_step(arch, layers, d, heads, b, n, ffn_dim=g, vocab_size=VOCAB)
-  omitted = 12 * b * n * d * VOCAB + {
-      "llama": 9 * b * layers * n**2 * heads, "tnl": 0, "hgrn2": 12 * d * layers,
-      "cosformer2": 12 * b * n * d**2 / heads}[arch]
+  omitted = (
+    12 * b * n * d * VOCAB
+    + {
+      "llama": 9 * b * layers * n**2 * heads,
+      "tnl": 0,
+      "hgrn2": 12 * d * layers,
+      "cosformer2": 12 * b * n * d**2 / heads,
+    }[arch]
+  )
   assert full - omitted == pytest.approx(flops.flops_per_step(arch, layers, d, heads, b, n), rel=1e-12)
 
 

@@ -4,6 +4,7 @@ Required macros a file leaves open (`%gin.REQUIRED` or referenced but defined by
 bound to dummies, found from gin's own error message, so a misspelled configurable, parameter or include still
 fails. Experiment files are also evaluated: the model they build must match their file name.
 """
+
 import glob
 import os
 import re
@@ -11,19 +12,19 @@ import re
 import gin
 import pytest
 
-from lsm_jax import flops
-from lsm_jax import train
+from lsm_jax import flops, train
 
 REPO_ROOT = train.REPO_ROOT
-GIN_FILES = sorted(os.path.relpath(path, REPO_ROOT)
-                   for path in glob.glob(os.path.join(REPO_ROOT, "gin", "**", "*.gin"), recursive=True))
+GIN_FILES = sorted(
+  os.path.relpath(path, REPO_ROOT) for path in glob.glob(os.path.join(REPO_ROOT, "gin", "**", "*.gin"), recursive=True)
+)
 DUMMY_MACROS = {
-    "MODEL_DIR": "'/tmp/lsm_jax_gin_test'",
-    "TRAIN_STEPS": "10",
-    "DATA_DIR": "'embedded'",
-    "SEQ_LEN": "128",
-    "GLOBAL_BATCH_SIZE": "16",
-    "MODEL_CONFIG": "None",
+  "MODEL_DIR": "'/tmp/lsm_jax_gin_test'",
+  "TRAIN_STEPS": "10",
+  "DATA_DIR": "'embedded'",
+  "SEQ_LEN": "128",
+  "GLOBAL_BATCH_SIZE": "16",
+  "MODEL_CONFIG": "None",
 }
 _MISSING_MACRO = re.compile(r"(\w+)/macro\.value set to `%gin\.REQUIRED`|No bindings specified for '(\w+)/gin\.macro'")
 
@@ -65,12 +66,13 @@ def test_gin_file_parses_strictly(path):
 
 @pytest.mark.parametrize("path", [p for p in GIN_FILES if re.fullmatch(r"gin/\w+_\w+\.gin", p)])
 def test_experiment_file_builds_the_model_its_name_says(path):
-  arch, size = os.path.basename(path)[:-len(".gin")].rsplit("_", 1)
+  arch, size = os.path.basename(path)[: -len(".gin")].rsplit("_", 1)
   _parse_with_dummies(path)
   model_config = gin.query_parameter("MODEL_CONFIG/macro.value").scoped_configurable_fn()
   assert (model_config.arch, model_config.size) == (arch, size)
   assert gin.query_parameter("SEQ_LEN/macro.value") * gin.query_parameter("GLOBAL_BATCH_SIZE/macro.value") == (
-      480 * 8192)
+    480 * 8192
+  )
   optimizer = gin.query_parameter("trainer.train.optimizer").scoped_configurable_fn()
   assert (optimizer.learning_rate, optimizer.weight_decay, optimizer.schedule) == (3e-4, 0.1, "fixed")
   gin.clear_config()

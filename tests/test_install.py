@@ -1,5 +1,6 @@
 """The package as a user installs it: a wheel built from this checkout, installed elsewhere, trains a smoke model
 from a directory that holds no gin/ of its own (the configs resolve from the installed package)."""
+
 import glob
 import json
 import os
@@ -20,20 +21,35 @@ def _run(command, **kwargs):
 def test_training_from_an_installed_wheel_outside_the_checkout(tmp_path):
   wheel_dir, site, elsewhere = tmp_path / "wheel", tmp_path / "site", tmp_path / "elsewhere"
   elsewhere.mkdir()
-  _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", REPO_ROOT,
-        "-w", str(wheel_dir)])
+  _run(
+    [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", REPO_ROOT, "-w", str(wheel_dir)]
+  )
   (wheel,) = glob.glob(str(wheel_dir / "lsm_jax-*.whl"))
   _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), wheel])
   environment = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
   environment["PYTHONPATH"] = str(site)  # ahead of the editable install of this checkout
 
-  located = _run([sys.executable, "-c", "import lsm_jax.train as t; print(t.__file__); print(t.CONFIG_ROOT)"],
-                 cwd=elsewhere, env=environment).stdout.split()
+  located = _run(
+    [sys.executable, "-c", "import lsm_jax.train as t; print(t.__file__); print(t.CONFIG_ROOT)"],
+    cwd=elsewhere,
+    env=environment,
+  ).stdout.split()
   assert located[0].startswith(str(site)) and located[1] == str(site / "lsm_jax")
 
   model_dir = tmp_path / "run"
-  _run([sys.executable, "-m", "lsm_jax.train", "--gin_file=gin/smoke/hgrn2.gin", f"--gin.MODEL_DIR='{model_dir}'",
-        "--gin.TRAIN_STEPS=2", "--gin_bindings=trainer.train.sample_tokens = 0"], cwd=elsewhere, env=environment)
+  _run(
+    [
+      sys.executable,
+      "-m",
+      "lsm_jax.train",
+      "--gin_file=gin/smoke/hgrn2.gin",
+      f"--gin.MODEL_DIR='{model_dir}'",
+      "--gin.TRAIN_STEPS=2",
+      "--gin_bindings=trainer.train.sample_tokens = 0",
+    ],
+    cwd=elsewhere,
+    env=environment,
+  )
   with open(model_dir / "metrics.jsonl", encoding="utf-8") as f:
     steps = [json.loads(line)["step"] for line in f]
   assert steps[-1] == 2

@@ -3,6 +3,7 @@
 Each case compares the output, the final state and the gradients of q, k, v, log_decay and the initial state
 of the loss Σ o·do + Σ S_T·dS_T. Shapes are tiny (interpret mode is slow) but cover several chunks, T not a
 multiple of the chunk, Dk ≠ Dv, segment resets with repeating ids, strong decay and bf16."""
+
 import dataclasses
 import functools
 
@@ -10,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from jaxpr_tools import equations, pallas_kernel_name, pallas_kernel_names
+
 from pallas_kernels.linear_attention import gpu, testing
 
 FP32_BOUND = 1e-4
@@ -31,15 +32,26 @@ def _config(decay_mode, q, **overrides):
 
 
 def _kernel_with_grads(chunk_size, q, k, v, log_decay, initial_state, segment_ids, d_out, d_state, config=None):
-  present = {name: x for name, x in dict(q=q, k=k, v=v, log_decay=log_decay, initial_state=initial_state).items()
-             if x is not None}
+  present = {
+    name: x
+    for name, x in dict(q=q, k=k, v=v, log_decay=log_decay, initial_state=initial_state).items()
+    if x is not None
+  }
 
   @jax.jit
   def run(present, segment_ids, d_out, d_state):
     def op(present):
       merged = {"log_decay": None, "initial_state": None, **present}
-      return gpu.linear_attention_gpu(merged["q"], merged["k"], merged["v"], merged["log_decay"],
-                                      merged["initial_state"], segment_ids, chunk_size, config)
+      return gpu.linear_attention_gpu(
+        merged["q"],
+        merged["k"],
+        merged["v"],
+        merged["log_decay"],
+        merged["initial_state"],
+        segment_ids,
+        chunk_size,
+        config,
+      )
 
     (out, final_state), vjp = jax.vjp(op, present)
     (grads,) = vjp((d_out.astype(out.dtype), d_state))
@@ -48,23 +60,50 @@ def _kernel_with_grads(chunk_size, q, k, v, log_decay, initial_state, segment_id
   return run(present, segment_ids, d_out, d_state)
 
 
-def _assert_matches_reference(seed, *, decay_mode, dim_k, dim_v, time, chunk_size, dtype=jnp.float32,
-                              strength="weak", segments=True, initial_state=True, batch=2, heads=2, **overrides):
+def _assert_matches_reference(
+  seed,
+  *,
+  decay_mode,
+  dim_k,
+  dim_v,
+  time,
+  chunk_size,
+  dtype=jnp.float32,
+  strength="weak",
+  segments=True,
+  initial_state=True,
+  batch=2,
+  heads=2,
+  **overrides,
+):
   q, k, v, log_decay, state, segment_ids = testing.random_inputs(
-      seed, batch=batch, time=time, heads=heads, dim_k=dim_k, dim_v=dim_v, decay_mode=decay_mode,
-      strength=strength, dtype=dtype, segments=segments, initial_state=initial_state)
+    seed,
+    batch=batch,
+    time=time,
+    heads=heads,
+    dim_k=dim_k,
+    dim_v=dim_v,
+    decay_mode=decay_mode,
+    strength=strength,
+    dtype=dtype,
+    segments=segments,
+    initial_state=initial_state,
+  )
   d_out, d_state = _cotangents(seed + 1, v, (batch, heads, dim_k, dim_v))
   expected_out, expected_state, expected_grads = testing.reference_float64(
-      q, k, v, log_decay, state, segment_ids, d_out, d_state)
+    q, k, v, log_decay, state, segment_ids, d_out, d_state
+  )
   config = _config(decay_mode, q, **overrides) if overrides else None
-  out, final_state, grads = _kernel_with_grads(chunk_size, q, k, v, log_decay, state, segment_ids, d_out, d_state,
-                                               config)
+  out, final_state, grads = _kernel_with_grads(
+    chunk_size, q, k, v, log_decay, state, segment_ids, d_out, d_state, config
+  )
   assert out.dtype == v.dtype and final_state.dtype == jnp.float32
   bound = FP32_BOUND if dtype == jnp.float32 else BF16_BOUND
-  errors = {"o": testing.relative_rms_error(out, expected_out),
-            "final_state": testing.relative_rms_error(final_state, expected_state)}
-  errors.update({f"d{name}": testing.relative_rms_error(grads[name], expected_grads[name])
-                 for name in expected_grads})
+  errors = {
+    "o": testing.relative_rms_error(out, expected_out),
+    "final_state": testing.relative_rms_error(final_state, expected_state),
+  }
+  errors.update({f"d{name}": testing.relative_rms_error(grads[name], expected_grads[name]) for name in expected_grads})
   assert set(grads) == set(expected_grads)
   assert max(errors.values()) <= bound, errors
 
@@ -85,43 +124,63 @@ def test_vector_decay_four_sub_chunks_fp32(overrides):
   # 64-token chunks: the middle sub-chunks (start − 1 inside the chunk, earlier and later rows on both sides) only
   # exist at chunk >= 48; their start is traced, from the loop or (split) from the grid. Dk = 64: one dq/dk key
   # tile (nested diagonal levels over all of Dk), or two.
-  _assert_matches_reference(4, decay_mode="vector", dim_k=64, dim_v=16, time=150, chunk_size=64, strength="strong",
-                            heads=1, **overrides)
+  _assert_matches_reference(
+    4, decay_mode="vector", dim_k=64, dim_v=16, time=150, chunk_size=64, strength="strong", heads=1, **overrides
+  )
 
 
 @pytest.mark.parametrize("score_levels", [0, 3])
 def test_vector_decay_score_levels(score_levels):
   # The forward's diagonal score blocks wholly elementwise (16 keys one by one) or with three halvings as matmuls
   # (2-row blocks left; the default is one), with strong gates, documents and four sub-chunks per chunk.
-  _assert_matches_reference(14, decay_mode="vector", dim_k=32, dim_v=16, time=100, chunk_size=64, strength="strong",
-                            score_levels=score_levels)
+  _assert_matches_reference(
+    14, decay_mode="vector", dim_k=32, dim_v=16, time=100, chunk_size=64, strength="strong", score_levels=score_levels
+  )
 
 
 def test_vector_decay_bf16_with_decay_gradient():
-  _assert_matches_reference(2, decay_mode="vector", dim_k=16, dim_v=32, time=48, chunk_size=32,
-                            dtype=jnp.bfloat16, strength="strong")
+  _assert_matches_reference(
+    2, decay_mode="vector", dim_k=16, dim_v=32, time=48, chunk_size=32, dtype=jnp.bfloat16, strength="strong"
+  )
 
 
 @pytest.mark.parametrize("decay_mode", ["scalar", "vector", "none"])
 def test_unrolled_state_scans_bf16(decay_mode):
   # Six chunks through scans unrolled by 4: one unrolled step, then two chunks one at a time. The forward scans
   # unroll in every mode; the reverse scan only with 16-bit operands, i.e. without a decay gradient ("none").
-  _assert_matches_reference(8, decay_mode=decay_mode, dim_k=16, dim_v=32, time=90, chunk_size=16,
-                            dtype=jnp.bfloat16, strength="strong", scan_unroll=4)
+  _assert_matches_reference(
+    8,
+    decay_mode=decay_mode,
+    dim_k=16,
+    dim_v=32,
+    time=90,
+    chunk_size=16,
+    dtype=jnp.bfloat16,
+    strength="strong",
+    scan_unroll=4,
+  )
 
 
-@pytest.mark.parametrize("decay_mode,dtype,fused_forward", [
-    ("scalar", jnp.float32, None), ("vector", jnp.float32, True), ("vector", jnp.float32, None),
-    ("none", jnp.bfloat16, None)])
+@pytest.mark.parametrize(
+  "decay_mode,dtype,fused_forward",
+  [
+    ("scalar", jnp.float32, None),
+    ("vector", jnp.float32, True),
+    ("vector", jnp.float32, None),
+    ("none", jnp.bfloat16, None),
+  ],
+)
 def test_segment_parallel_scans_and_fused_forward(decay_mode, dtype, fused_forward):
   # Eight 16-token chunks in four segments of two: the two-level scans (forward and reverse: level 1 from zero,
   # the combine, level 2 from the true starts) and the fused forward from its segments' starts (the default
   # without per-key-channel decay), with documents and strong decay crossing segment edges and an initial state.
   overrides = dict(min_segment_chunks=2) | ({} if fused_forward is None else dict(fused_forward=fused_forward))
-  _assert_matches_reference(9, decay_mode=decay_mode, dim_k=32, dim_v=16, time=120, chunk_size=16, dtype=dtype,
-                            strength="strong", **overrides)
+  _assert_matches_reference(
+    9, decay_mode=decay_mode, dim_k=32, dim_v=16, time=120, chunk_size=16, dtype=dtype, strength="strong", **overrides
+  )
   q, k, v, log_decay, state, segment_ids = testing.random_inputs(
-      9, batch=2, time=120, heads=2, dim_k=32, dim_v=16, decay_mode=decay_mode, dtype=dtype)
+    9, batch=2, time=120, heads=2, dim_k=32, dim_v=16, decay_mode=decay_mode, dtype=dtype
+  )
   config = _config(decay_mode, q, **overrides)
   op = lambda q: gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 16, config)[0].sum()
   launches = pallas_kernel_names(jax.make_jaxpr(jax.grad(op))(q).jaxpr)
@@ -132,15 +191,18 @@ def test_segment_parallel_scans_and_fused_forward(decay_mode, dtype, fused_forwa
   assert launches.count("linear_attention_state_scan_reverse_segments") == 1
 
 
-@pytest.mark.parametrize("decay_mode,dtype,scan_launches", [
-    ("vector", jnp.bfloat16, 1), ("vector", jnp.float32, 1), ("scalar", jnp.float32, 1), ("scalar", jnp.bfloat16, 2)])
+@pytest.mark.parametrize(
+  "decay_mode,dtype,scan_launches",
+  [("vector", jnp.bfloat16, 1), ("vector", jnp.float32, 1), ("scalar", jnp.float32, 1), ("scalar", jnp.bfloat16, 2)],
+)
 def test_backward_reuses_the_unfused_forward_states(decay_mode, dtype, scan_launches):
   # The unfused forward's per-chunk states and chunk-local gates are residuals: forward+backward runs one forward
   # state scan and one gate cumulative sum (vector decay; the decay gradient's suffix sums are the second
   # chunk_sums launch). A trainable fixed decay with bf16 inputs is the exception: its backward needs fp32 states
   # and rescans. (The gradients against the float64 reference: the tests above, which take these paths.)
   q, k, v, log_decay, state, segment_ids = testing.random_inputs(
-      11, batch=1, time=64, heads=2, dim_k=16, dim_v=16, decay_mode=decay_mode, dtype=dtype)
+    11, batch=1, time=64, heads=2, dim_k=16, dim_v=16, decay_mode=decay_mode, dtype=dtype
+  )
   config = _config(decay_mode, q, fused_forward=False)
   op = lambda q, log_decay: gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 16, config)[0].sum()
   launches = pallas_kernel_names(jax.make_jaxpr(jax.grad(op, argnums=(0, 1)))(q, log_decay).jaxpr)
@@ -156,40 +218,50 @@ def test_no_initial_state_and_unused_final_state(decay_mode, strength):
   # final state); gradients of Σ o·do against the float64 reference with dS_T = 0. (One fixed decay per head
   # with e^-10-per-step decays and dS_T = 0: 4.8e-4 of error in its gradient, a whole-sequence sum that cancels.)
   q, k, v, log_decay, _, segment_ids = testing.random_inputs(
-      12, batch=2, time=120, heads=2, dim_k=32, dim_v=16, decay_mode=decay_mode, strength=strength,
-      initial_state=False)
+    12, batch=2, time=120, heads=2, dim_k=32, dim_v=16, decay_mode=decay_mode, strength=strength, initial_state=False
+  )
   config = _config(decay_mode, q, min_segment_chunks=2)
   d_out, d_state = _cotangents(13, v, (2, 2, 32, 16))
   expected_out, expected_state, expected_grads = testing.reference_float64(
-      q, k, v, log_decay, None, segment_ids, d_out, jnp.zeros_like(d_state))
+    q, k, v, log_decay, None, segment_ids, d_out, jnp.zeros_like(d_state)
+  )
   op = lambda q, k, v, log_decay: gpu.linear_attention_gpu(q, k, v, log_decay, None, segment_ids, 16, config)
   out, final_state = jax.jit(op)(q, k, v, log_decay)
   loss = lambda *args: jnp.sum(op(*args)[0] * d_out)
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, log_decay)
-  errors = [testing.relative_rms_error(out, expected_out),
-            testing.relative_rms_error(final_state, expected_state)]
-  errors += [testing.relative_rms_error(got, expected_grads[name])
-             for name, got in zip(("q", "k", "v", "log_decay"), grads)]
+  errors = [testing.relative_rms_error(out, expected_out), testing.relative_rms_error(final_state, expected_state)]
+  errors += [
+    testing.relative_rms_error(got, expected_grads[name]) for name, got in zip(("q", "k", "v", "log_decay"), grads)
+  ]
   assert max(errors) <= FP32_BOUND, errors
 
 
 def test_unfused_forward_fixed_decay_fp32():
   # The state scan + output kernel forward (the default for per-key-channel decay) with a fixed decay.
-  _assert_matches_reference(10, decay_mode="scalar", dim_k=32, dim_v=16, time=72, chunk_size=32,
-                            fused_forward=False)
+  _assert_matches_reference(10, decay_mode="scalar", dim_k=32, dim_v=16, time=72, chunk_size=32, fused_forward=False)
 
 
 def test_no_decay_bf16_sequence_shorter_than_chunk():
   # T=9 < chunk 64: the chunk shrinks to 16 and most of it is padding; no initial state, no segments.
-  _assert_matches_reference(3, decay_mode="none", dim_k=32, dim_v=16, time=9, chunk_size=64, dtype=jnp.bfloat16,
-                            segments=False, initial_state=False)
+  _assert_matches_reference(
+    3,
+    decay_mode="none",
+    dim_k=32,
+    dim_v=16,
+    time=9,
+    chunk_size=64,
+    dtype=jnp.bfloat16,
+    segments=False,
+    initial_state=False,
+  )
 
 
 def test_fixed_decay_bf16_without_decay_gradient():
   # TNL's decay is a buffer: with no decay gradient asked for, the backward takes the bf16 path (bf16 states
   # and matmul operands) that the benchmark times.
   q, k, v, log_decay, state, segment_ids = testing.random_inputs(
-      5, batch=1, time=50, heads=2, dim_k=16, dim_v=16, decay_mode="scalar", dtype=jnp.bfloat16)
+    5, batch=1, time=50, heads=2, dim_k=16, dim_v=16, decay_mode="scalar", dtype=jnp.bfloat16
+  )
   d_out, _ = _cotangents(6, v, state.shape)
   op = functools.partial(gpu.linear_attention_gpu, chunk_size=16)
   loss = lambda q, k, v: jnp.sum(op(q, k, v, log_decay, state, segment_ids)[0].astype(jnp.float32) * d_out)
@@ -199,12 +271,15 @@ def test_fixed_decay_bf16_without_decay_gradient():
     assert testing.relative_rms_error(grad, expected[name]) <= BF16_BOUND, name
 
 
-@pytest.mark.parametrize("bad,message", [
+@pytest.mark.parametrize(
+  "bad,message",
+  [
     (dict(chunk_size=24), "chunk_size=24; valid: a power of two >= 16"),
     (dict(dim_k=24), "dim_k=24"),
     (dict(dtype=jnp.float64), "float64"),
     (dict(dim_k=256), "float32 inputs with dim_k=256"),  # over the H200's shared memory per block
-])
+  ],
+)
 def test_bad_input_names_the_problem(bad, message):
   dim_k = bad.get("dim_k", 16)
   with jax.enable_x64(True):
@@ -221,8 +296,8 @@ def test_bf16_decay_gradient_error_does_not_grow_with_sequence_length():
   only to each chunk's end it is 2.5e-3 at T=1024 (chunk 32, the HGRN2 default)."""
   for time in (300, 1024):
     q, k, v, log_decay, state, segment_ids = testing.random_inputs(
-        7, batch=1, time=time, heads=2, dim_k=64, dim_v=32, decay_mode="vector", strength="strong",
-        dtype=jnp.bfloat16)
+      7, batch=1, time=time, heads=2, dim_k=64, dim_v=32, decay_mode="vector", strength="strong", dtype=jnp.bfloat16
+    )
     d_out, d_state = _cotangents(3, v, state.shape)
     _, _, expected = testing.reference_float64(q, k, v, log_decay, state, segment_ids, d_out, d_state)
     _, _, grads = _kernel_with_grads(32, q, k, v, log_decay, state, segment_ids, d_out, d_state)
@@ -235,8 +310,8 @@ def test_bf16_decay_gradient_with_an_unrounded_final_state_cotangent(decay_mode)
   kernels' bf16 state gradients carry it, or it stops cancelling their q·dq − k·dk (8.8e-3 vector, 4.1e-2
   scalar); a scalar decay's gradient also needs fp32 states (1.0e-2 with bf16 ones)."""
   q, k, v, log_decay, state, segment_ids = testing.random_inputs(
-      5, batch=1, time=200, heads=2, dim_k=64, dim_v=32, decay_mode=decay_mode, strength="strong",
-      dtype=jnp.bfloat16)
+    5, batch=1, time=200, heads=2, dim_k=64, dim_v=32, decay_mode=decay_mode, strength="strong", dtype=jnp.bfloat16
+  )
   rng = np.random.default_rng(3)
   d_out = jnp.asarray(rng.normal(size=v.shape), jnp.bfloat16).astype(jnp.float32)
   d_state = jnp.asarray(rng.normal(size=state.shape), jnp.float32)
@@ -251,9 +326,11 @@ def test_vector_forward_forward_only_matches_reference(dtype, bound):
   """The forward alone (no VJP: the primal rule, as in evaluation) with strong gates, resets inside chunks and
   four sub-chunks per chunk, whose earlier keys go through the per-sub-chunk matmul."""
   q, k, v, log_decay, state, segment_ids = testing.random_inputs(
-      11, batch=2, time=150, heads=2, dim_k=32, dim_v=16, decay_mode="vector", strength="strong", dtype=dtype)
+    11, batch=2, time=150, heads=2, dim_k=32, dim_v=16, decay_mode="vector", strength="strong", dtype=dtype
+  )
   expected_out, expected_state = testing.reference_float64(
-      q, k, v, log_decay, state, segment_ids, jnp.zeros(v.shape), jnp.zeros(state.shape))[:2]
+    q, k, v, log_decay, state, segment_ids, jnp.zeros(v.shape), jnp.zeros(state.shape)
+  )[:2]
   out, final_state = gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 64)
   assert testing.relative_rms_error(out, expected_out) <= bound
   assert testing.relative_rms_error(final_state, expected_state) <= bound
@@ -262,6 +339,7 @@ def test_vector_forward_forward_only_matches_reference(dtype, bound):
 def test_auto_backend_falls_back_to_xla_where_the_gpu_blocks_would_not_fit(monkeypatch):
   """float32 with Dk = 256 (cosFormer2) on a GPU: "auto" takes the chunked XLA path instead of failing."""
   from pallas_kernels.linear_attention import api, chunked
+
   monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
   calls = []
   original = chunked.linear_attention_chunked
@@ -272,7 +350,9 @@ def test_auto_backend_falls_back_to_xla_where_the_gpu_blocks_would_not_fit(monke
   assert calls and out.shape == (1, 8, 1, 128)
 
 
-@pytest.mark.parametrize("knob,value,error,message", [
+@pytest.mark.parametrize(
+  "knob,value,error,message",
+  [
     ("chunk_size", 48, ValueError, "chunk_size=48; valid: a power of two >= 16"),
     ("key_tile", 8, ValueError, "key_tile=8; valid: a power of two >= 16"),
     ("num_warps", 3, ValueError, r"num_warps=3; valid: one of \(1, 2, 4, 8, 16, 32\)"),
@@ -281,7 +361,8 @@ def test_auto_backend_falls_back_to_xla_where_the_gpu_blocks_would_not_fit(monke
     ("segment_programs", -1, ValueError, "segment_programs=-1; valid: an int >= 0"),
     ("fused_forward", 1, TypeError, "fused_forward=1; valid: True or False"),
     ("scan_tile", 64.0, TypeError, "scan_tile=64.0; valid: an int"),
-])
+  ],
+)
 def test_config_rejects_a_bad_knob_naming_it(knob, value, error, message):
   config = gpu.default_config("vector", (1, 64, 1, 16), jnp.bfloat16)
   with pytest.raises(error, match=message):
@@ -307,12 +388,16 @@ def test_default_config_table():
 def test_config_overrides_change_the_launched_kernels():
   """A config reaches the kernels: its forward form in the launches' names, its warps in their compiler params."""
   q, k, v, log_decay, state, segment_ids = testing.random_inputs(
-      15, batch=1, time=64, heads=2, dim_k=16, dim_v=16, decay_mode="scalar", dtype=jnp.bfloat16)
+    15, batch=1, time=64, heads=2, dim_k=16, dim_v=16, decay_mode="scalar", dtype=jnp.bfloat16
+  )
 
   def launches(config):
     jaxpr = jax.make_jaxpr(lambda q: gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 16, config))(q)
-    return [(pallas_kernel_name(eqn.params), eqn.params["compiler_params"].num_warps)
-            for eqn in equations(jaxpr.jaxpr) if eqn.primitive.name == "pallas_call"]
+    return [
+      (pallas_kernel_name(eqn.params), eqn.params["compiler_params"].num_warps)
+      for eqn in equations(jaxpr.jaxpr)
+      if eqn.primitive.name == "pallas_call"
+    ]
 
   assert launches(None) == [("linear_attention_fused_forward", 4)]
   default = gpu.default_config("scalar", q.shape, q.dtype)

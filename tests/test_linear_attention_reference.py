@@ -1,16 +1,21 @@
 """The recurrent reference against a float64 parallel form, the chunked "xla" backend against the float64
 recurrent reference (values and gradients), and the input validation of api.py."""
+
 import functools
 
 import jax
-import jax.test_util
 import jax.numpy as jnp
+import jax.test_util
 import numpy as np
 import pytest
 
 from pallas_kernels.linear_attention import api, chunked, reference
-from pallas_kernels.linear_attention.testing import (backend_with_grads, random_inputs, reference_float64,
-                                                     relative_rms_error)
+from pallas_kernels.linear_attention.testing import (
+  backend_with_grads,
+  random_inputs,
+  reference_float64,
+  relative_rms_error,
+)
 
 FP32_TOLERANCE = 1e-5
 
@@ -45,49 +50,74 @@ def _parallel_masked_float64(q, k, v, log_decay, initial_state, segment_ids):
 @pytest.mark.parametrize("decay_mode", ["none", "scalar", "vector"])
 def test_recurrent_reference_matches_float64_parallel_form(decay_mode):
   q, k, v, log_decay, state, segment_ids = random_inputs(
-      0, batch=2, time=24, heads=2, dim_k=8, dim_v=4, decay_mode=decay_mode, strength="weak")
+    0, batch=2, time=24, heads=2, dim_k=8, dim_v=4, decay_mode=decay_mode, strength="weak"
+  )
   segment_ids = segment_ids.at[:, 10].set(1 - segment_ids[:, 10])  # ensure resets inside this short row
   expected = _parallel_masked_float64(q, k, v, log_decay, state, segment_ids)
   with jax.enable_x64(True):
     to64 = lambda x: None if x is None else jnp.asarray(np.asarray(x, np.float64))
-    out, _ = reference.linear_attention_recurrent(to64(q), to64(k), to64(v), to64(log_decay), to64(state),
-                                                  segment_ids)
+    out, _ = reference.linear_attention_recurrent(to64(q), to64(k), to64(v), to64(log_decay), to64(state), segment_ids)
     assert out.dtype == jnp.float64
   assert relative_rms_error(out, expected) < 1e-12
 
 
 def test_recurrent_reference_gradients_match_finite_differences():
   q, k, v, log_decay, state, segment_ids = random_inputs(
-      1, batch=1, time=12, heads=1, dim_k=4, dim_v=3, decay_mode="vector", strength="weak")
+    1, batch=1, time=12, heads=1, dim_k=4, dim_v=3, decay_mode="vector", strength="weak"
+  )
   with jax.enable_x64(True):
     to64 = lambda x: jnp.asarray(np.asarray(x, np.float64))
-    fn = lambda q, k, v, log_decay, state: reference.linear_attention_recurrent(
-        q, k, v, log_decay, state, segment_ids)
+    fn = lambda q, k, v, log_decay, state: reference.linear_attention_recurrent(q, k, v, log_decay, state, segment_ids)
     jax.test_util.check_grads(fn, tuple(map(to64, (q, k, v, log_decay, state))), order=1, modes=["rev"])
 
 
-def _check_chunked_against_reference(seed, *, time, decay_mode, strength, chunk_size=None, dim_k=32, dim_v=16,
-                                     segments=True, initial_state=True):
+def _check_chunked_against_reference(
+  seed, *, time, decay_mode, strength, chunk_size=None, dim_k=32, dim_v=16, segments=True, initial_state=True
+):
   q, k, v, log_decay, state, segment_ids = random_inputs(
-      seed, batch=2, time=time, heads=2, dim_k=dim_k, dim_v=dim_v, decay_mode=decay_mode, strength=strength,
-      segments=segments, initial_state=initial_state)
+    seed,
+    batch=2,
+    time=time,
+    heads=2,
+    dim_k=dim_k,
+    dim_v=dim_v,
+    decay_mode=decay_mode,
+    strength=strength,
+    segments=segments,
+    initial_state=initial_state,
+  )
   rng = np.random.default_rng(seed + 100)
   output_cotangent = jnp.asarray(rng.normal(size=v.shape), jnp.float32)
   state_cotangent = jnp.asarray(rng.normal(size=(2, 2, dim_k, dim_v)), jnp.float32)
   expected_out, expected_state, expected_grads = reference_float64(
-      q, k, v, log_decay, state, segment_ids, output_cotangent, state_cotangent)
-  out, final_state, grads = backend_with_grads(chunked.linear_attention_chunked, chunk_size, q, k, v, log_decay,
-                                               state, segment_ids, output_cotangent, state_cotangent)
+    q, k, v, log_decay, state, segment_ids, output_cotangent, state_cotangent
+  )
+  out, final_state, grads = backend_with_grads(
+    chunked.linear_attention_chunked,
+    chunk_size,
+    q,
+    k,
+    v,
+    log_decay,
+    state,
+    segment_ids,
+    output_cotangent,
+    state_cotangent,
+  )
   assert out.dtype == jnp.float32 and final_state.dtype == jnp.float32
-  errors = {"out": relative_rms_error(out, expected_out),
-            "final_state": relative_rms_error(final_state, expected_state)}
+  errors = {
+    "out": relative_rms_error(out, expected_out),
+    "final_state": relative_rms_error(final_state, expected_state),
+  }
   errors.update({f"d{name}": relative_rms_error(grads[name], expected_grads[name]) for name in expected_grads})
   assert set(grads) == set(expected_grads)
   assert max(errors.values()) <= FP32_TOLERANCE, errors
 
 
-@pytest.mark.parametrize("decay_mode,strength", [
-    ("none", "weak"), ("scalar", "weak"), ("scalar", "strong"), ("vector", "weak"), ("vector", "strong")])
+@pytest.mark.parametrize(
+  "decay_mode,strength",
+  [("none", "weak"), ("scalar", "weak"), ("scalar", "strong"), ("vector", "weak"), ("vector", "strong")],
+)
 def test_chunked_matches_reference_with_resets_and_states(decay_mode, strength):
   # T=150 is not a multiple of the chunk (64); Dk != Dv; resets inside chunks and on a chunk boundary.
   _check_chunked_against_reference(2, time=150, decay_mode=decay_mode, strength=strength)
@@ -98,15 +128,17 @@ def test_chunked_vector_decay_shorter_than_a_chunk():
 
 
 def test_chunked_vector_decay_with_small_chunk_and_no_segments():
-  _check_chunked_against_reference(4, time=40, decay_mode="vector", strength="weak", chunk_size=8,
-                                   segments=False, initial_state=False)
+  _check_chunked_against_reference(
+    4, time=40, decay_mode="vector", strength="weak", chunk_size=8, segments=False, initial_state=False
+  )
 
 
 def test_chunked_handles_extreme_vector_decay_without_overflow():
   # Per-step log-decay of -80 gives cumulative exponents down to -2560 within the chunk: any factor e^{-b}
   # would overflow. Outputs and gradients must stay finite, and outputs match the closed form.
-  q, k, v, _, _, _ = random_inputs(5, batch=1, time=32, heads=1, dim_k=8, dim_v=8, decay_mode="none",
-                                   segments=False, initial_state=False)
+  q, k, v, _, _, _ = random_inputs(
+    5, batch=1, time=32, heads=1, dim_k=8, dim_v=8, decay_mode="none", segments=False, initial_state=False
+  )
   log_decay = jnp.full(q.shape, -80.0)
   run = lambda q, k, v, log_decay: chunked.linear_attention_chunked(q, k, v, log_decay, None, None, None)[0]
 
@@ -125,8 +157,9 @@ def test_chunked_handles_extreme_vector_decay_without_overflow():
 def test_documents_never_share_state():
   # Second code path for the reset semantics: a document run alone (zero state) gives the same outputs as
   # inside the packed row.
-  q, k, v, log_decay, state, _ = random_inputs(6, batch=1, time=100, heads=2, dim_k=16, dim_v=8,
-                                               decay_mode="vector", segments=False)
+  q, k, v, log_decay, state, _ = random_inputs(
+    6, batch=1, time=100, heads=2, dim_k=16, dim_v=8, decay_mode="vector", segments=False
+  )
   segment_ids = jnp.asarray([[3] * 37 + [5] * 40 + [3] * 23], jnp.int32)
   run = jax.jit(chunked.linear_attention_chunked, static_argnums=6)
   packed = run(q, k, v, log_decay, state, segment_ids, None)[0]
@@ -137,10 +170,12 @@ def test_documents_never_share_state():
 
 
 def test_bfloat16_inputs_keep_output_dtype_and_float32_state():
-  q, k, v, log_decay, state, segment_ids = random_inputs(7, batch=1, time=70, heads=2, dim_k=16, dim_v=16,
-                                                         decay_mode="scalar", dtype=jnp.bfloat16)
+  q, k, v, log_decay, state, segment_ids = random_inputs(
+    7, batch=1, time=70, heads=2, dim_k=16, dim_v=16, decay_mode="scalar", dtype=jnp.bfloat16
+  )
   out, final_state = jax.jit(functools.partial(api.linear_attention, return_final_state=True, backend="xla"))(
-      q, k, v, log_decay, initial_state=state, segment_ids=segment_ids)
+    q, k, v, log_decay, initial_state=state, segment_ids=segment_ids
+  )
   assert out.dtype == jnp.bfloat16 and final_state.dtype == jnp.float32
   expected, expected_state = reference.linear_attention_recurrent(q, k, v, log_decay, state, segment_ids)
   assert relative_rms_error(out.astype(jnp.float32), expected.astype(jnp.float32)) < 1e-2
@@ -148,8 +183,9 @@ def test_bfloat16_inputs_keep_output_dtype_and_float32_state():
 
 
 def test_decoding_steps_continue_the_chunked_prefill():
-  q, k, v, log_decay, _, _ = random_inputs(8, batch=2, time=30, heads=2, dim_k=16, dim_v=8, decay_mode="vector",
-                                           segments=False, initial_state=False)
+  q, k, v, log_decay, _, _ = random_inputs(
+    8, batch=2, time=30, heads=2, dim_k=16, dim_v=8, decay_mode="vector", segments=False, initial_state=False
+  )
   run = jax.jit(functools.partial(api.linear_attention, return_final_state=True, backend="auto"))
   out, final_state = run(q, k, v, log_decay)
   prefix_out, state = run(q[:, :20], k[:, :20], v[:, :20], log_decay[:, :20])
@@ -169,7 +205,9 @@ def _valid_inputs():
   return random_inputs(9, batch=1, time=8, heads=2, dim_k=4, dim_v=4, decay_mode="vector")
 
 
-@pytest.mark.parametrize("mutate,error,message", [
+@pytest.mark.parametrize(
+  "mutate,error,message",
+  [
     (lambda a: {**a, "q": a["q"][0]}, ValueError, "rank 4"),
     (lambda a: {**a, "k": a["k"][:, :4]}, ValueError, "q and k must have the same shape"),
     (lambda a: {**a, "v": a["v"][:, :4]}, ValueError, "v must share"),
@@ -182,10 +220,21 @@ def _valid_inputs():
     (lambda a: {**a, "backend": "cuda"}, ValueError, "Unknown linear-attention backend 'cuda'"),
     (lambda a: {**a, "chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
     (lambda a: {**a, "chunk_size": 24}, ValueError, "multiple of 16"),
-])
+  ],
+)
 def test_invalid_inputs_raise_one_clear_error(mutate, error, message):
   q, k, v, log_decay, state, segment_ids = _valid_inputs()
-  args = mutate({"q": q, "k": k, "v": v, "log_decay": log_decay, "initial_state": state,
-                 "segment_ids": segment_ids, "backend": "xla", "chunk_size": None})
+  args = mutate(
+    {
+      "q": q,
+      "k": k,
+      "v": v,
+      "log_decay": log_decay,
+      "initial_state": state,
+      "segment_ids": segment_ids,
+      "backend": "xla",
+      "chunk_size": None,
+    }
+  )
   with pytest.raises(error, match=message):
     api.linear_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("log_decay"), **args)

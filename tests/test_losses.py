@@ -1,4 +1,5 @@
 """The chunked, fused-gradient cross-entropy checked against optax and plain autodiff."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,7 +43,8 @@ def test_chunked_cross_entropy_matches_optax_in_value_and_gradient(chunk):
   assert float(mask_sum) == float(reference_mask)
   grads = jax.jit(jax.grad(lambda w, h: ours(w, h)[0], argnums=(0, 1)))(weights, hidden)
   reference_grads = jax.jit(jax.grad(lambda w, h: _reference_sums(w, h, targets, mask)[0], argnums=(0, 1)))(
-      weights, hidden)
+    weights, hidden
+  )
   for grad, reference_grad in zip(grads, reference_grads):
     np.testing.assert_allclose(grad, reference_grad, rtol=1e-4, atol=1e-5)
 
@@ -63,8 +65,9 @@ def test_bf16_head_loss_gradient_matches_autodiff_and_is_formed_once():
   mask = (jax.random.uniform(keys[3], (2, 32)) > 0.2).astype(jnp.float32)
 
   def reference(w, h):
-    logits = jnp.einsum("btd,dv->btv", h.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum(
+      "btd,dv->btv", h.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32
+    )
     return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * mask)
 
   ours = lambda w, h: losses.masked_cross_entropy_sums(_Bf16Head(w), h, targets, mask, 8)[0]
@@ -74,8 +77,11 @@ def test_bf16_head_loss_gradient_matches_autodiff_and_is_formed_once():
     relative_rms = jnp.sqrt(jnp.mean(jnp.square(grad - reference_grad)) / jnp.mean(jnp.square(reference_grad)))
     assert float(relative_rms) < 5e-3
   jaxpr = jax.make_jaxpr(jax.grad(ours, argnums=(0, 1)))(weights, hidden).jaxpr
-  vocab_matmuls = [eqn for eqn in equations(jaxpr) if eqn.primitive.name == "dot_general"
-                   and any(97 in v.aval.shape for v in (*eqn.invars, *eqn.outvars))]
+  vocab_matmuls = [
+    eqn
+    for eqn in equations(jaxpr)
+    if eqn.primitive.name == "dot_general" and any(97 in v.aval.shape for v in (*eqn.invars, *eqn.outvars))
+  ]
   assert len(vocab_matmuls) == 3
 
 

@@ -1,18 +1,25 @@
 """ModelConfig, get_config and the 24 gin model files."""
+
 import dataclasses
 import glob
 import os
 
+import gin
 import pytest
 
-import gin
 from lsm_jax.models import configs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # arXiv 2406.16690 Tables 2 and 7, reconciled: size -> (layers, d, heads, GLU width).
-RECONCILED = {"70m": (6, 512, 4, 1536), "160m": (12, 768, 6, 2048), "410m": (26, 1024, 8, 2816),
-              "1b": (32, 1536, 12, 4096), "3b": (35, 2560, 20, 6912), "7b": (32, 4096, 32, 11008)}
+RECONCILED = {
+  "70m": (6, 512, 4, 1536),
+  "160m": (12, 768, 6, 2048),
+  "410m": (26, 1024, 8, 2816),
+  "1b": (32, 1536, 12, 4096),
+  "3b": (35, 2560, 20, 6912),
+  "7b": (32, 4096, 32, 11008),
+}
 
 
 @pytest.mark.parametrize("arch", configs.ARCHS)
@@ -23,8 +30,7 @@ def test_reconciled_shapes(arch, size):
   if size == "410m" and arch in ("tnl", "cosformer2"):
     layers = 25
   assert (config.num_layers, config.d_model, config.num_heads, config.ffn_dim) == (layers, d_model, heads, ffn)
-  assert (config.head_dim, config.vocab_size, config.dtype, config.param_dtype) == (128, 100280, "bfloat16",
-                                                                                    "float32")
+  assert (config.head_dim, config.vocab_size, config.dtype, config.param_dtype) == (128, 100280, "bfloat16", "float32")
 
 
 def test_json_round_trip_and_overrides():
@@ -36,9 +42,15 @@ def test_json_round_trip_and_overrides():
     config.num_layers = 3
 
 
-@pytest.mark.parametrize("platform, dtype, backend, attention", [
-    ("tpu", "bfloat16", "pallas_tpu", "splash"), ("gpu", "bfloat16", "pallas_gpu", "cudnn"),
-    ("gpu", "float32", "pallas_gpu", "xla"), ("cpu", "bfloat16", "xla", "xla")])
+@pytest.mark.parametrize(
+  "platform, dtype, backend, attention",
+  [
+    ("tpu", "bfloat16", "pallas_tpu", "splash"),
+    ("gpu", "bfloat16", "pallas_gpu", "cudnn"),
+    ("gpu", "float32", "pallas_gpu", "xla"),
+    ("cpu", "bfloat16", "xla", "xla"),
+  ],
+)
 def test_resolved_for_fixes_the_auto_kernel_choices_of_the_platform(platform, dtype, backend, attention):
   config = configs.get_config("tnl", "70m", dtype=dtype)
   resolved = config.resolved_for(platform)
@@ -48,19 +60,24 @@ def test_resolved_for_fixes_the_auto_kernel_choices_of_the_platform(platform, dt
   assert resolved.resolved_for("cpu") == resolved
 
 
-@pytest.mark.parametrize("call,message", [
+@pytest.mark.parametrize(
+  "call,message",
+  [
     (lambda: configs.get_config("mamba", "1b"), "Unknown arch 'mamba'; valid: llama, tnl, hgrn2, cosformer2"),
     (lambda: configs.get_config("tnl", "13b"), "Unknown size '13b'; valid: 70m, 160m, 410m, 1b, 3b, 7b"),
     (lambda: configs.get_config("tnl", "1b", n_layers=3), "Unknown ModelConfig field.* n_layers; valid: .*num_layers"),
     (lambda: configs.get_config("tnl", "1b", dtype="int8"), "Unknown dtype 'int8'; valid: float32, bfloat16"),
     (lambda: configs.get_config("tnl", "1b", remat_policy="some"), "Unknown remat_policy 'some'; valid: none, full"),
-    (lambda: configs.get_config("tnl", "1b", linear_attention_backend="cuda"),
-     "Unknown linear_attention_backend 'cuda'; valid: auto, reference, xla"),
+    (
+      lambda: configs.get_config("tnl", "1b", linear_attention_backend="cuda"),
+      "Unknown linear_attention_backend 'cuda'; valid: auto, reference, xla",
+    ),
     (lambda: configs.get_config("llama", "1b", attention_impl="flash"), "Unknown attention_impl 'flash'"),
     (lambda: configs.get_config("tnl", "1b", d_model=1000), r"num_heads \* head_dim == d_model"),
     (lambda: configs.get_config("tnl", "1b", num_layers=0), "num_layers must be a positive int"),
     (lambda: configs.get_config("tnl", "1b", chunk_size=-4), "chunk_size must be None or a positive int"),
-])
+  ],
+)
 def test_bad_configs_raise_clear_errors(call, message):
   with pytest.raises(ValueError, match=message):
     call()
@@ -69,18 +86,24 @@ def test_bad_configs_raise_clear_errors(call, message):
 def _write_model_file(root, arch, size, bindings):
   path = root / "gin" / "models" / arch / f"{size}.gin"
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text("from __gin__ import dynamic_registration\nfrom lsm_jax.models import configs\n\n"
-                  "configs.ModelConfig:\n" + "".join(f"  {name} = {value!r}\n" for name, value in bindings.items()))
+  path.write_text(
+    "from __gin__ import dynamic_registration\nfrom lsm_jax.models import configs\n\n"
+    "configs.ModelConfig:\n" + "".join(f"  {name} = {value!r}\n" for name, value in bindings.items())
+  )
 
 
-@pytest.mark.parametrize("bindings, message", [
+@pytest.mark.parametrize(
+  "bindings, message",
+  [
     (dict(arch="tnl", size="160m"), "binds arch 'tnl' and size '160m', not the 'tnl' and '70m' its path names"),
     (dict(arch="tnl", size="70m", n_layers=3), "binds unknown ModelConfig field.* n_layers; valid: .*num_layers"),
-])
+  ],
+)
 def test_get_config_reads_the_model_file_and_refuses_a_wrong_one(tmp_path, monkeypatch, bindings, message):
   monkeypatch.setattr(configs.train_cli, "CONFIG_ROOT", str(tmp_path))
-  _write_model_file(tmp_path, "tnl", "70m", dict(arch="tnl", size="70m", num_layers=3, d_model=256, num_heads=2,
-                                                  ffn_dim=640))
+  _write_model_file(
+    tmp_path, "tnl", "70m", dict(arch="tnl", size="70m", num_layers=3, d_model=256, num_heads=2, ffn_dim=640)
+  )
   assert configs.get_config("tnl", "70m") == configs.ModelConfig("tnl", "70m", 3, 256, 2, 640)
   _write_model_file(tmp_path, "tnl", "70m", bindings)
   configs._model_file_bindings.cache_clear()

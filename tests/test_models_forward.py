@@ -1,4 +1,5 @@
 """Behaviour of the four tiny models: causality, decoding == forward, packing, scan/remat equivalence, errors."""
+
 import collections
 import functools
 
@@ -13,8 +14,17 @@ from lsm_jax.models import ARCHS, build_model, get_config
 
 VOCAB = 512
 # Small but exercises several chunks (chunk 4, T not a multiple), two heads and two layers.
-TINY = dict(num_layers=2, d_model=64, num_heads=2, head_dim=32, ffn_dim=96, vocab_size=VOCAB, dtype="float32",
-            linear_attention_backend="xla", chunk_size=4)
+TINY = dict(
+  num_layers=2,
+  d_model=64,
+  num_heads=2,
+  head_dim=32,
+  ffn_dim=96,
+  vocab_size=VOCAB,
+  dtype="float32",
+  linear_attention_backend="xla",
+  chunk_size=4,
+)
 ATOL = 2e-4
 
 
@@ -38,8 +48,9 @@ class Runner:
 
   @functools.partial(jax.jit, static_argnums=(0, 5))
   def _prefill(self, state, tokens, segment_ids, positions, max_length):
-    return nnx.merge(self.graphdef, state).prefill(tokens, segment_ids=segment_ids, positions=positions,
-                                                   max_length=max_length)
+    return nnx.merge(self.graphdef, state).prefill(
+      tokens, segment_ids=segment_ids, positions=positions, max_length=max_length
+    )
 
   @functools.partial(jax.jit, static_argnums=0)
   def _decode(self, state, tokens, decode_state):
@@ -125,7 +136,8 @@ def _loss_and_grads(config, tokens, segment_ids):
   def loss_and_grads(params):
     def loss_fn(params):
       logits = nnx.merge(graphdef, params)(tokens, segment_ids=segment_ids)
-      return jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + jnp.mean(logits ** 2)
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + jnp.mean(logits**2)
+
     return jax.value_and_grad(loss_fn)(params)
 
   loss, grads = loss_and_grads(params)
@@ -139,29 +151,37 @@ def _unstack_layers(tree):
   return {**tree, "layers": {i: jax.tree.map(lambda a, i=i: a[i], layers) for i in range(count)}}
 
 
-@pytest.mark.parametrize("arch", ["llama", "hgrn2", pytest.param("tnl", marks=pytest.mark.slow),
-                                  pytest.param("cosformer2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  "arch",
+  ["llama", "hgrn2", pytest.param("tnl", marks=pytest.mark.slow), pytest.param("cosformer2", marks=pytest.mark.slow)],
+)
 def test_scanned_forward_matches_unscanned(arch):
   tokens = random_tokens(4, (2, LENGTH))
   segment_ids = jnp.asarray([[1] * 4 + [2] * 6, [1] * LENGTH], jnp.int32)
   unscanned = Runner(tiny_config(arch, scan_layers=False))
-  np.testing.assert_allclose(unscanned.forward(tokens, segment_ids), runner(arch).forward(tokens, segment_ids),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    unscanned.forward(tokens, segment_ids), runner(arch).forward(tokens, segment_ids), rtol=1e-5, atol=1e-6
+  )
 
 
-@pytest.mark.parametrize("arch,remat_policy,scan_layers", [
+@pytest.mark.parametrize(
+  "arch,remat_policy,scan_layers",
+  [
     ("hgrn2", "full", True),
     pytest.param("hgrn2", "dots_saveable", False, marks=pytest.mark.slow),
     pytest.param("llama", "full", True, marks=pytest.mark.slow),
     pytest.param("tnl", "dots_saveable", True, marks=pytest.mark.slow),
-    pytest.param("cosformer2", "dots_with_no_batch_dims_saveable", True, marks=pytest.mark.slow)])
+    pytest.param("cosformer2", "dots_with_no_batch_dims_saveable", True, marks=pytest.mark.slow),
+  ],
+)
 def test_scan_and_remat_gradients_match_unscanned(arch, remat_policy, scan_layers):
   """Loss and gradients of the scanned and/or rematerialised model equal the plain unscanned model's."""
   tokens = random_tokens(4, (2, 9))
   segment_ids = jnp.asarray([[1] * 4 + [2] * 5, [1] * 9], jnp.int32)
   loss_ref, grads_ref, params_ref = _loss_and_grads(tiny_config(arch, scan_layers=False), tokens, segment_ids)
-  loss, grads, params = _loss_and_grads(tiny_config(arch, scan_layers=scan_layers, remat_policy=remat_policy),
-                                        tokens, segment_ids)
+  loss, grads, params = _loss_and_grads(
+    tiny_config(arch, scan_layers=scan_layers, remat_policy=remat_policy), tokens, segment_ids
+  )
   if scan_layers:
     grads, params = _unstack_layers(grads), _unstack_layers(params)
   jax.tree.map(np.testing.assert_array_equal, params, params_ref)  # same initialisation in both layouts
@@ -192,8 +212,9 @@ def test_mixer_kernel_remat_policy_runs_the_kernel_forward_once():
   assert launches["dots_and_mixer_kernels_saveable"]["linear_attention_state_scan"] == 2 * layers
   assert launches["dots_and_mixer_kernels_saveable"]["linear_attention_chunk_sums"] == 3 * layers
   loss_ref, grads_ref, _ = _loss_and_grads(tiny_config("hgrn2", **kernels), tokens, segment_ids)
-  loss, grads, _ = _loss_and_grads(tiny_config("hgrn2", **kernels, remat_policy="dots_and_mixer_kernels_saveable"),
-                                   tokens, segment_ids)
+  loss, grads, _ = _loss_and_grads(
+    tiny_config("hgrn2", **kernels, remat_policy="dots_and_mixer_kernels_saveable"), tokens, segment_ids
+  )
   np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, grads_ref)
 
@@ -203,7 +224,8 @@ def test_bf16_compute_keeps_fp32_params_and_logits():
   params = nnx.state(model, nnx.Param)
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
   hidden, logits = nnx.jit(lambda m, t: (h := m.hidden_states(t), m.logits_from_hidden(h)))(
-      model, random_tokens(5, (1, 6)))
+    model, random_tokens(5, (1, 6))
+  )
   assert logits.dtype == jnp.float32 and hidden.dtype == jnp.bfloat16
   assert np.isfinite(np.asarray(logits)).all()
 
@@ -233,8 +255,12 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(TypeError, match="positions must have an integer dtype"):
     model(jnp.zeros((1, 4), jnp.int32), positions=jnp.zeros((1, 4), jnp.float32))
   with pytest.raises(ValueError, match="max_length must be an int >= the prompt length 4"):
-    model.prefill(jnp.zeros((1, 4), jnp.int32), segment_ids=jnp.ones((1, 4), jnp.int32),
-                  positions=jnp.zeros((1, 4), jnp.int32), max_length=3)
+    model.prefill(
+      jnp.zeros((1, 4), jnp.int32),
+      segment_ids=jnp.ones((1, 4), jnp.int32),
+      positions=jnp.zeros((1, 4), jnp.int32),
+      max_length=3,
+    )
   with pytest.raises(ValueError, match="prefill needs segment_ids and positions"):
     model.prefill(jnp.zeros((1, 4), jnp.int32), segment_ids=None, positions=None, max_length=8)
   with pytest.raises(ValueError, match=r"decode_step tokens must be \[batch\] integers"):

@@ -1,4 +1,5 @@
 """Building blocks and token mixers against float64 NumPy references written from the paper's equations."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +10,17 @@ from lsm_jax.models import build_model, configs, get_config, layers
 from lsm_jax.models.mixers import ARCHITECTURES, HGRN2Mixer, SoftmaxAttention, TNLAttention, cosformer2, softmax, tnl
 from lsm_jax.models.mixers.hgrn2 import hgrn2_log_forget_gate, hgrn2_lower_bounds
 
-TINY = dict(num_layers=3, d_model=16, num_heads=2, head_dim=8, ffn_dim=24, vocab_size=64, dtype="float32",
-            linear_attention_backend="xla", chunk_size=4)
+TINY = dict(
+  num_layers=3,
+  d_model=16,
+  num_heads=2,
+  head_dim=8,
+  ffn_dim=24,
+  vocab_size=64,
+  dtype="float32",
+  linear_attention_backend="xla",
+  chunk_size=4,
+)
 
 
 def f64(x):
@@ -30,16 +40,17 @@ def silu(x):
 
 
 def test_alibi_slopes_match_the_alibi_schedule():
-  np.testing.assert_allclose(tnl.alibi_slopes(8), [2.0 ** -i for i in range(1, 9)])
+  np.testing.assert_allclose(tnl.alibi_slopes(8), [2.0**-i for i in range(1, 9)])
   # Non-power-of-two: the 8-head slopes, then every other slope of the 16-head schedule.
-  np.testing.assert_allclose(tnl.alibi_slopes(12), [2.0 ** -i for i in range(1, 9)] +
-                             [2.0 ** -0.5, 2.0 ** -1.5, 2.0 ** -2.5, 2.0 ** -3.5])
+  np.testing.assert_allclose(
+    tnl.alibi_slopes(12), [2.0**-i for i in range(1, 9)] + [2.0**-0.5, 2.0**-1.5, 2.0**-2.5, 2.0**-3.5]
+  )
   assert len(tnl.alibi_slopes(20)) == 20
 
 
 def test_tnl_log_decays_scale_per_layer():
   log_decay = np.asarray(tnl.tnl_log_decays(4, 8))
-  slopes = np.asarray([2.0 ** -i for i in range(1, 9)])
+  slopes = np.asarray([2.0**-i for i in range(1, 9)])
   for layer in range(4):
     np.testing.assert_allclose(log_decay[layer], -slopes * (1 - layer / 3 + 1e-5), rtol=1e-6)
   # Layer 0, H = 8: ALiBi slopes 2^(-8(h+1)/H) give λ = exp(-slope) from 0.607 to 0.996.
@@ -57,17 +68,19 @@ def test_hgrn2_log_forget_gate_is_stable_and_exact():
   # Layer 0's bound is exactly 0; its gradient must stay finite (no log(0) leaking into it).
   def loss(bound, forget):
     return jnp.sum(hgrn2_log_forget_gate(forget, bound, jnp.int32(0)))
+
   grads = jax.grad(loss, argnums=(0, 1))(jnp.float32(0.0), jnp.asarray(forget, jnp.float32))
   assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
 
 def test_hgrn2_lower_bounds_are_an_exclusive_cumsum_over_layers():
   # At the (zero) init the softmax over layers is uniform: lb_l = l / L.
-  np.testing.assert_allclose(hgrn2_lower_bounds(jnp.zeros((4, 3))), np.broadcast_to(np.arange(4)[:, None] / 4, (4, 3)),
-                             atol=1e-7)
+  np.testing.assert_allclose(
+    hgrn2_lower_bounds(jnp.zeros((4, 3))), np.broadcast_to(np.arange(4)[:, None] / 4, (4, 3)), atol=1e-7
+  )
   logits = np.random.default_rng(7).normal(size=(5, 3))
   weights = np.exp(logits) / np.exp(logits).sum(0)
-  expected = np.stack([weights[:layer].sum(0) for layer in range(5)])   # Σ_{i<l}
+  expected = np.stack([weights[:layer].sum(0) for layer in range(5)])  # Σ_{i<l}
   np.testing.assert_allclose(hgrn2_lower_bounds(jnp.asarray(logits, jnp.float32)), expected, atol=1e-6)
 
 
@@ -89,10 +102,12 @@ def test_lrpe_is_a_relative_per_channel_cosine():
 def test_rotary_embedding_depends_only_on_relative_position():
   rng = np.random.default_rng(1)
   q, k = (jnp.asarray(rng.normal(size=(1, 1, 1, 8)), jnp.float32) for _ in range(2))
+
   def score(t, s):
     rq = softmax.rotary_embedding(q, jnp.asarray([[t]]), 10000.0)
     rk = softmax.rotary_embedding(k, jnp.asarray([[s]]), 10000.0)
     return float(jnp.sum(rq * rk))
+
   assert score(7, 3) == pytest.approx(score(104, 100), rel=1e-5)
   assert score(7, 3) != pytest.approx(score(7, 5), rel=1e-3)
   # Against the complex-rotation form on (first half, second half) pairs.
@@ -113,8 +128,7 @@ def test_every_architecture_is_registered_with_the_parameters_its_mixer_adds():
 
 def test_positions_restart_at_every_document():
   segment_ids = jnp.asarray([[1, 1, 2, 2, 2, 3], [0, 0, 1, 1, 1, 1]], jnp.int32)
-  np.testing.assert_array_equal(layers.positions_from_segments(segment_ids),
-                                [[0, 1, 0, 1, 2, 0], [0, 1, 0, 1, 2, 3]])
+  np.testing.assert_array_equal(layers.positions_from_segments(segment_ids), [[0, 1, 0, 1, 2, 0], [0, 1, 0, 1, 2, 3]])
 
 
 def test_tpe_matches_a_float64_recurrence_with_resets_and_steps():
@@ -149,11 +163,12 @@ def test_tnl_mixer_matches_masked_parallel_form():
   layer = 1
   log_decay = tnl.tnl_log_decays(3, 2)[layer]
   y, _ = nnx.jit(lambda m, x: m(x, segment_ids=None, positions=None, layer_inputs={"log_decay": log_decay}))(
-      mixer, jnp.asarray(x, jnp.float32))
+    mixer, jnp.asarray(x, jnp.float32)
+  )
   qkv = np.einsum("btd,dnhk->btnhk", x, f64(mixer.qkv.kernel[...]))
-  q, k, v = silu(qkv[0, :, 0]), silu(qkv[0, :, 1]), qkv[0, :, 2]          # [T, H, D]
+  q, k, v = silu(qkv[0, :, 0]), silu(qkv[0, :, 1]), qkv[0, :, 2]  # [T, H, D]
   t = np.arange(9)
-  mask = np.tril(np.exp(f64(log_decay)[:, None, None] * (t[:, None] - t[None, :])))   # λ^(t-s), s <= t
+  mask = np.tril(np.exp(f64(log_decay)[:, None, None] * (t[:, None] - t[None, :])))  # λ^(t-s), s <= t
   attended = np.einsum("thd,shd,hts,she->the", q, k, mask, v).reshape(9, 16)
   gate = sigmoid(x[0] @ f64(mixer.gate.down.kernel[...]) @ f64(mixer.gate.up.kernel[...]))
   expected = (srms(attended) * gate) @ f64(mixer.out.kernel[...])
@@ -167,9 +182,10 @@ def test_hgrn2_mixer_matches_float64_recurrence():
   lower_bound = np.random.default_rng(5).uniform(0.1, 0.8, size=16)
   layer_inputs = {"index": jnp.int32(2), "lower_bound": jnp.asarray(lower_bound, jnp.float32)}
   y, _ = nnx.jit(lambda m, x: m(x, segment_ids=None, positions=None, layer_inputs=layer_inputs))(
-      mixer, jnp.asarray(x, jnp.float32))
+    mixer, jnp.asarray(x, jnp.float32)
+  )
   proj = np.einsum("btd,dnhk->btnhk", x, f64(mixer.in_proj.kernel[...]))[0]
-  v, q, forget = proj[:, 0], silu(proj[:, 1]), proj[:, 2]                    # [T, H, D]
+  v, q, forget = proj[:, 0], silu(proj[:, 1]), proj[:, 2]  # [T, H, D]
   forget_gate = lower_bound.reshape(2, 8) + (1 - lower_bound.reshape(2, 8)) * sigmoid(forget)
   state, outs = np.zeros((2, 8, 8)), []
   for t in range(9):

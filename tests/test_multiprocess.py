@@ -5,6 +5,7 @@ reproduce one process with 8 devices: same losses, gradient norms, validation lo
 The multi-process run is split in two launches (steps 1-2, then 3-4 resumed from the step-2 checkpoint), so the
 Orbax save of shards from both processes into one MODEL_DIR and the collective restore are both exercised.
 """
+
 import os
 import subprocess
 import sys
@@ -14,8 +15,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from lsm_jax import checkpoint
-from lsm_jax import metrics
+from lsm_jax import checkpoint, metrics
 
 pytestmark = pytest.mark.slow  # five training processes; about 80 s of CPU time
 
@@ -25,25 +25,36 @@ TIMEOUT_S = 180
 # The smoke LLaMA (2 layers, d=64, byte vocabulary) on 16 × 32 tokens per step; validation and a resume
 # checkpoint every 2 steps, float32 milestones so they compare at float32 precision.
 OVERRIDES = (
-    "--gin_file=gin/smoke/llama.gin", "--gin.SEQ_LEN=32", "--gin.EVAL_EVERY_STEPS=2",
-    "--gin.trainer.train.eval_batches=1", "--gin.trainer.train.checkpoint_every_steps=2",
-    "--gin.trainer.train.num_milestones=3", "--gin.trainer.train.milestone_dtype='float32'",
-    "--gin.trainer.train.sample_tokens=2", "--gin.trainer.train.progress_bar=False",
-    "--gin.trainer.train.enable_tensorboard=False",
+  "--gin_file=gin/smoke/llama.gin",
+  "--gin.SEQ_LEN=32",
+  "--gin.EVAL_EVERY_STEPS=2",
+  "--gin.trainer.train.eval_batches=1",
+  "--gin.trainer.train.checkpoint_every_steps=2",
+  "--gin.trainer.train.num_milestones=3",
+  "--gin.trainer.train.milestone_dtype='float32'",
+  "--gin.trainer.train.sample_tokens=2",
+  "--gin.trainer.train.progress_bar=False",
+  "--gin.trainer.train.enable_tensorboard=False",
 )
 
 
 def _environment(num_devices, cache_dir):
   return dict(
-      os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-      # Cheaper XLA:CPU code generation: compilation dominates this test; both runs use the same flags.
-      XLA_FLAGS=(f"--xla_force_host_platform_device_count={num_devices} --xla_backend_optimization_level=0 "
-                 "--xla_llvm_disable_expensive_passes=true"),
-      # Cross-process collectives on CPU: gloo is jax 0.10's default; explicit, as older releases defaulted to none.
-      JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-      # The second multi-process launch reuses the first one's executables.
-      JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    PYTHONUNBUFFERED="1",
+    # Cheaper XLA:CPU code generation: compilation dominates this test; both runs use the same flags.
+    XLA_FLAGS=(
+      f"--xla_force_host_platform_device_count={num_devices} --xla_backend_optimization_level=0 "
+      "--xla_llvm_disable_expensive_passes=true"
+    ),
+    # Cross-process collectives on CPU: gloo is jax 0.10's default; explicit, as older releases defaulted to none.
+    JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+    # The second multi-process launch reuses the first one's executables.
+    JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+  )
 
 
 def _start(model_dir, train_steps, cache_dir, log_dir, *, num_processes, sample=False):
@@ -51,17 +62,37 @@ def _start(model_dir, train_steps, cache_dir, log_dir, *, num_processes, sample=
   port = portpicker.pick_unused_port()
   launched = []
   for process_id in range(num_processes):
-    command = [sys.executable, "-m", "lsm_jax.train", *OVERRIDES, f"--gin.MODEL_DIR='{model_dir}'",
-               f"--gin.TRAIN_STEPS={train_steps}"]
+    command = [
+      sys.executable,
+      "-m",
+      "lsm_jax.train",
+      *OVERRIDES,
+      f"--gin.MODEL_DIR='{model_dir}'",
+      f"--gin.TRAIN_STEPS={train_steps}",
+    ]
     if not sample:  # two jit compilations fewer; the final multi-process launch covers the sample
       command.append("--gin.trainer.train.sample_prompt=None")
     if num_processes > 1:
-      command += [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
-                  f"--process_id={process_id}"]
+      command += [
+        f"--coordinator_address=localhost:{port}",
+        f"--num_processes={num_processes}",
+        f"--process_id={process_id}",
+      ]
     log_path = os.path.join(log_dir, f"{os.path.basename(model_dir)}-{train_steps}-{process_id}.log")
     with open(log_path, "w") as log:
-      launched.append((subprocess.Popen(command, cwd=REPO_ROOT, env=_environment(8 // num_processes, cache_dir),
-                                        stdout=log, stderr=subprocess.STDOUT, text=True), log_path))
+      launched.append(
+        (
+          subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            env=_environment(8 // num_processes, cache_dir),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+          ),
+          log_path,
+        )
+      )
   return launched
 
 
@@ -88,8 +119,10 @@ def _finish(launched):
     with open(log_path) as log:
       outputs.append(log.read())
   if any(process.returncode != 0 for process, _ in launched):
-    report = "\n".join(f"===== {log_path} (exit {process.returncode}) =====\n{output[-6000:]}"
-                       for (process, log_path), output in zip(launched, outputs))
+    report = "\n".join(
+      f"===== {log_path} (exit {process.returncode}) =====\n{output[-6000:]}"
+      for (process, log_path), output in zip(launched, outputs)
+    )
     pytest.fail(f"training failed:\n{report}")
   return outputs
 
@@ -151,8 +184,13 @@ def test_checkpoints_written_by_two_processes_hold_every_shard(runs):
     flat_multi, flat_single = (dict(_flatten(params)) for params in (multi_params, single_params))
     assert flat_multi.keys() == flat_single.keys()
     for name, value in flat_single.items():
-      np.testing.assert_allclose(np.asarray(flat_multi[name]), np.asarray(value), rtol=tolerance, atol=tolerance,
-                                 err_msg=f"{name} at step {step}")
+      np.testing.assert_allclose(
+        np.asarray(flat_multi[name]),
+        np.asarray(value),
+        rtol=tolerance,
+        atol=tolerance,
+        err_msg=f"{name} at step {step}",
+      )
 
 
 def _flatten(tree, prefix=""):

@@ -1,4 +1,5 @@
 """AdamW recipe and learning-rate schedules, checked against closed-form values."""
+
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -10,8 +11,9 @@ from lsm_jax import optim
 def test_fixed_schedule_is_linear_warmup_then_constant():
   config = optim.OptimizerConfig(learning_rate=3e-4, schedule="fixed", warmup_steps=100)
   schedule = optim.learning_rate_schedule(config, total_steps=1000)
-  np.testing.assert_allclose([schedule(s) for s in (0, 50, 100, 500, 999, 5000)],
-                             [0.0, 1.5e-4, 3e-4, 3e-4, 3e-4, 3e-4], rtol=1e-6)
+  np.testing.assert_allclose(
+    [schedule(s) for s in (0, 50, 100, 500, 999, 5000)], [0.0, 1.5e-4, 3e-4, 3e-4, 3e-4, 3e-4], rtol=1e-6
+  )
 
 
 def test_fixed_schedule_does_not_depend_on_the_run_length():
@@ -31,11 +33,11 @@ def test_cosine_schedule_reaches_the_floor_at_the_end():
 
 
 def test_wsd_schedule_holds_then_decays_over_the_last_fraction():
-  config = optim.OptimizerConfig(learning_rate=1e-3, schedule="wsd", warmup_steps=10, decay_fraction=0.2,
-                                 min_learning_ratio=0.0)
+  config = optim.OptimizerConfig(
+    learning_rate=1e-3, schedule="wsd", warmup_steps=10, decay_fraction=0.2, min_learning_ratio=0.0
+  )
   schedule = optim.learning_rate_schedule(config, total_steps=100)
-  np.testing.assert_allclose([schedule(s) for s in (10, 50, 80, 90, 100)], [1e-3, 1e-3, 1e-3, 5e-4, 0.0],
-                             atol=1e-9)
+  np.testing.assert_allclose([schedule(s) for s in (10, 50, 80, 90, 100)], [1e-3, 1e-3, 1e-3, 5e-4, 0.0], atol=1e-9)
 
 
 def test_paper_defaults():
@@ -74,12 +76,15 @@ def test_gradients_are_clipped_to_global_norm_before_adam():
   np.testing.assert_allclose(adam_state["a"], 0.1 * 0.5, rtol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     ({"schedule": "linear"}, "schedule 'linear' is unknown; valid: fixed, cosine, wsd"),
     ({"learning_rate": 0.0}, "learning_rate must be positive"),
     ({"decay_fraction": 1.5}, "decay_fraction must lie in"),
     ({"gradient_clip_norm": -1.0}, "gradient_clip_norm must be positive"),
-])
+  ],
+)
 def test_bad_optimizer_config_fails_clearly(kwargs, message):
   with pytest.raises(ValueError, match=message):
     optim.OptimizerConfig(**kwargs)

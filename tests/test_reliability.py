@@ -4,6 +4,7 @@ MODEL_DIR, and the exit codes of lsm_jax/errors.py (user error 2 without a trace
 The end-to-end recovery cases (a flipped bit in a resume checkpoint, a NaN right after a restore, a second
 trainer next to a running one) train real runs and live in tests/test_resume.py.
 """
+
 import errno
 import json
 import os
@@ -16,38 +17,54 @@ import time
 import gin
 import pytest
 
-from lsm_jax import checkpoint
-from lsm_jax import errors
-from lsm_jax import train
-from lsm_jax import trainer
+from lsm_jax import checkpoint, errors, train, trainer
 
 SMOKE = "gin/smoke/llama.gin"
 # The smallest smoke run the CLI can train: compiles in seconds on one CPU device.
-TINY = ["--gin.SEQ_LEN=32", "--gin.GLOBAL_BATCH_SIZE=2", "--gin.EVAL_EVERY_STEPS=0",
-        "--gin.sharding.MeshConfig.fsdp=1", "--gin.trainer.train.progress_bar=False",
-        "--gin.trainer.train.enable_tensorboard=False", "--gin.trainer.train.sample_prompt=None"]
+TINY = [
+  "--gin.SEQ_LEN=32",
+  "--gin.GLOBAL_BATCH_SIZE=2",
+  "--gin.EVAL_EVERY_STEPS=0",
+  "--gin.sharding.MeshConfig.fsdp=1",
+  "--gin.trainer.train.progress_bar=False",
+  "--gin.trainer.train.enable_tensorboard=False",
+  "--gin.trainer.train.sample_prompt=None",
+]
 
 
 def cli(*args, timeout=120, **popen_kwargs):
-  environment = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                     PYTHONUNBUFFERED="1")
+  environment = dict(
+    os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1"
+  )
   environment.pop("LSM_JAX_VERBOSE", None)
-  return subprocess.Popen([sys.executable, "-m", "lsm_jax.train", f"--gin_file={SMOKE}", *args], cwd=train.REPO_ROOT,
-                          env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs)
+  return subprocess.Popen(
+    [sys.executable, "-m", "lsm_jax.train", f"--gin_file={SMOKE}", *args],
+    cwd=train.REPO_ROOT,
+    env=environment,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    **popen_kwargs,
+  )
 
 
 # --- macros ---------------------------------------------------------------------------------------------------
 
+
 def test_binding_an_undefined_macro_is_refused_like_a_misspelled_parameter():
   gin.clear_config()
   try:
-    with pytest.raises(ValueError, match=r"'TRAIN_STEP = 3' sets the macro TRAIN_STEP, which no gin file defines "
-                                         r"or uses; did you mean TRAIN_STEPS\? Macros of the files: .*MODEL_DIR"):
+    with pytest.raises(
+      ValueError,
+      match=r"'TRAIN_STEP = 3' sets the macro TRAIN_STEP, which no gin file defines "
+      r"or uses; did you mean TRAIN_STEPS\? Macros of the files: .*MODEL_DIR",
+    ):
       train.parse_gin([SMOKE], ["MODEL_DIR = '/tmp/x'", "TRAIN_STEP = 3"])
     gin.clear_config()
     # Defined macros, parameters and a new macro that another binding uses stay allowed.
-    train.parse_gin([SMOKE], ["MODEL_DIR = '/tmp/x'", "TRAIN_STEPS = 3", "MY_SEED = 5",
-                              "trainer.train.seed = %MY_SEED"])
+    train.parse_gin(
+      [SMOKE], ["MODEL_DIR = '/tmp/x'", "TRAIN_STEPS = 3", "MY_SEED = 5", "trainer.train.seed = %MY_SEED"]
+    )
     assert gin.query_parameter("trainer.train.seed").scoped_configurable_fn() == 5
     assert gin.query_parameter("TRAIN_STEPS/macro.value") == 3
   finally:
@@ -69,10 +86,26 @@ def test_cli_user_error_is_one_line_without_traceback_unless_verbose(tmp_path):
 
 # --- resume checks --------------------------------------------------------------------------------------------
 
-SAVED = {"arch": "llama", "size": "smoke", "tokenizer": "bytes", "seq_len": 32, "global_batch_size": 8, "seed": 0,
-         "data_dir": "embedded:bytes", "train_steps": 20, "optimizer": {"learning_rate": 3e-3},
-         "model_config": {"arch": "llama", "num_layers": 2, "d_model": 64, "vocab_size": 264, "dtype": "float32",
-                          "remat_policy": "none", "attention_impl": "auto"}}
+SAVED = {
+  "arch": "llama",
+  "size": "smoke",
+  "tokenizer": "bytes",
+  "seq_len": 32,
+  "global_batch_size": 8,
+  "seed": 0,
+  "data_dir": "embedded:bytes",
+  "train_steps": 20,
+  "optimizer": {"learning_rate": 3e-3},
+  "model_config": {
+    "arch": "llama",
+    "num_layers": 2,
+    "d_model": 64,
+    "vocab_size": 264,
+    "dtype": "float32",
+    "remat_policy": "none",
+    "attention_impl": "auto",
+  },
+}
 
 
 def saved_run(tmp_path, step=8, **saved_overrides):
@@ -91,7 +124,9 @@ def changed(**changes):
   return new
 
 
-@pytest.mark.parametrize("key, value, shown", [
+@pytest.mark.parametrize(
+  "key, value, shown",
+  [
     ("model_config.d_model", 128, "model_config.d_model: 64 -> 128"),
     ("model_config.num_layers", 3, "model_config.num_layers: 2 -> 3"),
     ("tokenizer", "o200k_base", "tokenizer: 'bytes' -> 'o200k_base'"),
@@ -99,7 +134,8 @@ def changed(**changes):
     ("global_batch_size", 16, "global_batch_size: 8 -> 16"),
     ("seed", 1, "seed: 0 -> 1"),
     ("data_dir", "/data/other", "data_dir: 'embedded:bytes' -> '/data/other'"),
-])
+  ],
+)
 def test_resume_refuses_a_change_of_the_run_and_lists_it(tmp_path, key, value, shown):
   run_dir = saved_run(tmp_path)
   with pytest.raises(errors.ConfigChangeError, match=r"refusing to resume .* \(at step 8\) .*: " + re.escape(shown)):
@@ -119,15 +155,24 @@ def test_resume_lists_every_difference_and_keeps_the_history(tmp_path):
   with pytest.raises(errors.ConfigChangeError, match=r"global_batch_size: 8 -> 4; seed: 0 -> 2\. Restore"):
     checkpoint.check_resumed_run(run_dir, changed(global_batch_size=4, seed=2))
   # How the same model is computed, the optimizer and a longer run are not the run's identity.
-  same_run = changed(**{"model_config.dtype": "bfloat16", "model_config.remat_policy": "full",
-                        "optimizer": {"learning_rate": 1e-3}, "train_steps": 40})
+  same_run = changed(
+    **{
+      "model_config.dtype": "bfloat16",
+      "model_config.remat_policy": "full",
+      "optimizer": {"learning_rate": 1e-3},
+      "train_steps": 40,
+    }
+  )
   assert checkpoint.check_resumed_run(run_dir, same_run) == {"config_changes": history}
 
 
 def test_resume_refuses_train_steps_below_the_reached_step(tmp_path):
   run_dir = saved_run(tmp_path, step=8)
-  with pytest.raises(errors.UserError, match=r"train_steps=5 is below step 8, which the run in .* has already "
-                                             r"reached \(checkpoints/resume/8\); give TRAIN_STEPS >= 8"):
+  with pytest.raises(
+    errors.UserError,
+    match=r"train_steps=5 is below step 8, which the run in .* has already "
+    r"reached \(checkpoints/resume/8\); give TRAIN_STEPS >= 8",
+  ):
     checkpoint.check_resumed_run(run_dir, changed(train_steps=5))
   assert checkpoint.check_resumed_run(run_dir, changed(train_steps=8)) == {}
   assert checkpoint.check_resumed_run(tmp_path / "fresh", changed(seed=3)) == {}  # nothing to resume
@@ -135,12 +180,23 @@ def test_resume_refuses_train_steps_below_the_reached_step(tmp_path):
 
 # --- one trainer per MODEL_DIR ---------------------------------------------------------------------------------
 
+
 def test_trainer_refuses_a_locked_model_dir_before_writing(tmp_path):
   model_dir = tmp_path / "run"
-  holder = subprocess.Popen([sys.executable, "-c", (
-      "import sys, time\nfrom lsm_jax import checkpoint\n"
-      f"with checkpoint.RunLock({str(model_dir)!r}):\n  print('held', flush=True)\n  time.sleep(120)\n")],
-      cwd=train.REPO_ROOT, stdout=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  holder = subprocess.Popen(
+    [
+      sys.executable,
+      "-c",
+      (
+        "import sys, time\nfrom lsm_jax import checkpoint\n"
+        f"with checkpoint.RunLock({str(model_dir)!r}):\n  print('held', flush=True)\n  time.sleep(120)\n"
+      ),
+    ],
+    cwd=train.REPO_ROOT,
+    stdout=subprocess.PIPE,
+    text=True,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   try:
     assert holder.stdout.readline().strip() == "held"
     gin.clear_config()
@@ -157,11 +213,16 @@ def test_trainer_refuses_a_locked_model_dir_before_writing(tmp_path):
 
 # --- exit codes -----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow  # one CLI training process: about 30 s of CPU time
 def test_sigterm_saves_and_exits_with_the_preempted_code(tmp_path):
   model_dir = tmp_path / "run"
-  process = cli(f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=100000",
-                "--gin.trainer.train.checkpoint_every_steps=100000", *TINY)
+  process = cli(
+    f"--gin.MODEL_DIR='{model_dir}'",
+    "--gin.TRAIN_STEPS=100000",
+    "--gin.trainer.train.checkpoint_every_steps=100000",
+    *TINY,
+  )
   metrics_path = model_dir / "metrics.jsonl"
   deadline = time.monotonic() + 240
   while not (metrics_path.exists() and metrics_path.read_text().count("\n") >= 2):
@@ -186,13 +247,15 @@ def test_exit_codes_of_errors():
   assert code == 2 and message.startswith("no space left on the device:") and "/runs/x/checkpoints" in message
   assert exit_code(errors.RunLockedError("in use"), True) == (2, "in use")
   assert exit_code(ValueError("bad value"), False) == (2, "bad value")  # configuration, before training
-  assert exit_code(ValueError("bad value"), True) == (1, None)          # during training: a failure, traceback
+  assert exit_code(ValueError("bad value"), True) == (1, None)  # during training: a failure, traceback
   too_big = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.00GiB")
   code, message = exit_code(too_big, False)
   assert code == 2 and "does not fit in device memory" in message and "81.00GiB" in message
   assert exit_code(too_big, True) == (1, None)
   assert exit_code(errors.NonFiniteLossError("the loss became nan at step 9"), True) == (
-      1, "the loss became nan at step 9")
+    1,
+    "the loss became nan at step 9",
+  )
   assert exit_code(KeyError("unexpected"), False) == (1, None)
 
 
@@ -208,12 +271,16 @@ echo ACTIVE
 """
 
 
-@pytest.mark.parametrize("codes, expected_code, expected_launches", [
+@pytest.mark.parametrize(
+  "codes, expected_code, expected_launches",
+  [
     ("75 1 0", 0, 3),  # preempted, failed, finished: relaunched twice
     ("75 2 0", 2, 2),  # a user error is not relaunched
-])
+  ],
+)
 def test_tpu_run_script_relaunches_on_preemption_and_failure_but_not_on_user_error(
-    tmp_path, codes, expected_code, expected_launches):
+  tmp_path, codes, expected_code, expected_launches
+):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   (bin_dir / "gcloud").write_text(_FAKE_GCLOUD)
@@ -222,10 +289,22 @@ def test_tpu_run_script_relaunches_on_preemption_and_failure_but_not_on_user_err
     fake.chmod(0o755)
   log = tmp_path / "gcloud.log"
   result = subprocess.run(
-      ["bash", "launch/tpu/run.sh", "--name=lsm-test", "--zone=us-east5-a", "--accelerator=v5p-128",
-       "--gin_file=gin/hgrn2_7b.gin", "--bucket=gs://bucket/lsm", "--data_dir=gs://bucket/data"],
-      cwd=train.REPO_ROOT, capture_output=True, text=True, timeout=60,
-      env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_CODES=codes, FAKE_LOG=str(log)))
+    [
+      "bash",
+      "launch/tpu/run.sh",
+      "--name=lsm-test",
+      "--zone=us-east5-a",
+      "--accelerator=v5p-128",
+      "--gin_file=gin/hgrn2_7b.gin",
+      "--bucket=gs://bucket/lsm",
+      "--data_dir=gs://bucket/data",
+    ],
+    cwd=train.REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=60,
+    env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_CODES=codes, FAKE_LOG=str(log)),
+  )
   assert result.returncode == expected_code, result.stderr
   launches = [line for line in log.read_text().splitlines() if "tpu-vm ssh" in line]
   assert len(launches) == expected_launches
@@ -235,6 +314,7 @@ def test_tpu_run_script_relaunches_on_preemption_and_failure_but_not_on_user_err
 
 
 # --- non-finite loss ------------------------------------------------------------------------------------------
+
 
 class _SavedSteps:
   def __init__(self, steps):
@@ -246,9 +326,11 @@ def test_non_finite_loss_names_the_step_the_last_good_checkpoint_and_what_to_try
     (tmp_path / "checkpoints" / "resume" / str(step)).mkdir(parents=True)
   error = trainer._non_finite_error(str(tmp_path), 12, {"loss": float("nan"), "grad_norm": 1.0}, None, None)
   assert type(error) is errors.NonFiniteLossError
-  assert str(error).startswith(f"the loss became nan at step 12; stopping. The last good checkpoint is resume "
-                               f"checkpoint 8 ({tmp_path}/checkpoints/resume/8), which a rerun resumes from. Try a "
-                               f"lower optim.OptimizerConfig.learning_rate")
+  assert str(error).startswith(
+    f"the loss became nan at step 12; stopping. The last good checkpoint is resume "
+    f"checkpoint 8 ({tmp_path}/checkpoints/resume/8), which a rerun resumes from. Try a "
+    f"lower optim.OptimizerConfig.learning_rate"
+  )
   error = trainer._non_finite_error(str(tmp_path), 3, {"loss": 2.5, "grad_norm": float("inf")}, None, None)
   assert str(error).startswith("the gradient norm became inf at step 3; stopping. The last good checkpoint is none")
   # Right after restoring checkpoint 8 (nothing saved since): the roll-back signal, naming the checkpoint.
@@ -264,13 +346,21 @@ def test_non_finite_loss_names_the_step_the_last_good_checkpoint_and_what_to_try
 def test_diverging_run_stops_with_exit_code_1_and_one_message(tmp_path):
   model_dir = tmp_path / "run"
   # A learning rate of 1e38 overflows the parameters within a step or two.
-  process = cli(f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=20",
-                "--gin.trainer.train.checkpoint_every_steps=1", "--gin.optim.OptimizerConfig.learning_rate=1e38",
-                "--gin.optim.OptimizerConfig.warmup_steps=0", *TINY)
+  process = cli(
+    f"--gin.MODEL_DIR='{model_dir}'",
+    "--gin.TRAIN_STEPS=20",
+    "--gin.trainer.train.checkpoint_every_steps=1",
+    "--gin.optim.OptimizerConfig.learning_rate=1e38",
+    "--gin.optim.OptimizerConfig.warmup_steps=0",
+    *TINY,
+  )
   _, stderr = process.communicate(timeout=400)
   assert process.returncode == errors.EXIT_FAILED == 1, stderr[-3000:]
-  match = re.search(r"error: the (loss|gradient norm) became (nan|inf) at step (\d+); stopping\. The last good "
-                    r"checkpoint is resume checkpoint (\d+) ", stderr)
+  match = re.search(
+    r"error: the (loss|gradient norm) became (nan|inf) at step (\d+); stopping\. The last good "
+    r"checkpoint is resume checkpoint (\d+) ",
+    stderr,
+  )
   assert match and int(match.group(4)) == int(match.group(3)) - 1, stderr[-3000:]
   assert "Traceback" not in stderr and "In call to configurable" not in stderr
   assert checkpoint.resume_checkpoint_steps(model_dir)[-1] == int(match.group(4))  # nothing non-finite was saved

@@ -4,6 +4,7 @@ asynchronous save, SIGTERM preemption, and restore onto another mesh and device 
 Every run is a fresh Python process executing `run_training` below (one configuration for all, so losses are
 comparable); the processes share a persistent compilation cache, so only the first run on each mesh compiles.
 """
+
 import json
 import os
 import shutil
@@ -23,18 +24,37 @@ REPO_ROOT = os.path.dirname(TESTS_DIR)
 
 def run_training(model_dir, train_steps, *, data=1, fsdp=-1, checkpoint_every_steps=2, seed=0):
   """The shared tiny run: LLaMA, 2 layers, d=64, byte tokenizer, 8 × 32 tokens per step, fp32 compute."""
-  from lsm_jax import optim
-  from lsm_jax import sharding
-  from lsm_jax import trainer
+  from lsm_jax import optim, sharding, trainer
   from lsm_jax.models import configs
-  model_config = configs.ModelConfig(arch="llama", size="smoke", num_layers=2, d_model=64, num_heads=2,
-                                     head_dim=32, ffn_dim=128, vocab_size=264, dtype="float32")
-  return trainer.train(model_dir=str(model_dir), model_config=model_config, train_steps=train_steps, seq_len=32,
-                       global_batch_size=8, data_dir="embedded:bytes", seed=seed,
-                       mesh_config=sharding.MeshConfig(data=data, fsdp=fsdp),
-                       optimizer=optim.OptimizerConfig(learning_rate=3e-3, warmup_steps=5),
-                       checkpoint_every_steps=checkpoint_every_steps, max_checkpoints_to_keep=2, num_milestones=4,
-                       sample_prompt=None, progress_bar=False, enable_tensorboard=False)
+
+  model_config = configs.ModelConfig(
+    arch="llama",
+    size="smoke",
+    num_layers=2,
+    d_model=64,
+    num_heads=2,
+    head_dim=32,
+    ffn_dim=128,
+    vocab_size=264,
+    dtype="float32",
+  )
+  return trainer.train(
+    model_dir=str(model_dir),
+    model_config=model_config,
+    train_steps=train_steps,
+    seq_len=32,
+    global_batch_size=8,
+    data_dir="embedded:bytes",
+    seed=seed,
+    mesh_config=sharding.MeshConfig(data=data, fsdp=fsdp),
+    optimizer=optim.OptimizerConfig(learning_rate=3e-3, warmup_steps=5),
+    checkpoint_every_steps=checkpoint_every_steps,
+    max_checkpoints_to_keep=2,
+    num_milestones=4,
+    sample_prompt=None,
+    progress_bar=False,
+    enable_tensorboard=False,
+  )
 
 
 # Runs in the child: optionally holds resume saves from a step on in their asynchronous phase (array data
@@ -61,17 +81,43 @@ print("training returned", flush=True)
 """
 
 
-def start_run(model_dir, train_steps, cache_dir, *, num_devices=8, data=1, fsdp=-1, checkpoint_every_steps=2,
-              hold_save_from_step=None):
-  options = {"model_dir": str(model_dir), "train_steps": train_steps, "data": data, "fsdp": fsdp,
-             "checkpoint_every_steps": checkpoint_every_steps,
-             "hold_save_from_step": hold_save_from_step, "marker": str(model_dir) + ".held"}
-  environment = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
-                     JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
-  return subprocess.Popen([sys.executable, "-c", _CHILD_SCRIPT.format(tests_dir=TESTS_DIR), json.dumps(options)],
-                          cwd=REPO_ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+def start_run(
+  model_dir,
+  train_steps,
+  cache_dir,
+  *,
+  num_devices=8,
+  data=1,
+  fsdp=-1,
+  checkpoint_every_steps=2,
+  hold_save_from_step=None,
+):
+  options = {
+    "model_dir": str(model_dir),
+    "train_steps": train_steps,
+    "data": data,
+    "fsdp": fsdp,
+    "checkpoint_every_steps": checkpoint_every_steps,
+    "hold_save_from_step": hold_save_from_step,
+    "marker": str(model_dir) + ".held",
+  }
+  environment = dict(
+    os.environ,
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+    JAX_PLATFORMS="cpu",
+    PYTHONUNBUFFERED="1",
+    JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+  )
+  return subprocess.Popen(
+    [sys.executable, "-c", _CHILD_SCRIPT.format(tests_dir=TESTS_DIR), json.dumps(options)],
+    cwd=REPO_ROOT,
+    env=environment,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def run(model_dir, train_steps, cache_dir, **kwargs):
@@ -151,8 +197,9 @@ def test_sigkill_during_async_save_then_rerun_on_one_device(runs, tmp_path):
   # The rerun, on one device instead of eight, resumes from step 12 (the last complete checkpoint).
   output = run(model_dir, 13, runs / "compilation_cache", num_devices=1)
   assert "resumed from step 12" in output
-  np.testing.assert_allclose(read_metrics(model_dir)[13]["loss"], read_metrics(runs / "uninterrupted")[13]["loss"],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    read_metrics(model_dir)[13]["loss"], read_metrics(runs / "uninterrupted")[13]["loss"], rtol=1e-5
+  )
   assert resume_steps(model_dir) == [12, 13]
   leftovers = [name for name in os.listdir(model_dir / "checkpoints" / "resume") if not name.isdigit()]
   assert not [name for name in leftovers if name.startswith("14")]  # the killed save's temporary data is gone
@@ -176,6 +223,7 @@ def test_rerunning_a_finished_run_restores_without_compiling(runs, tmp_path, mon
   """A study resumes its grid by rerunning every run: a finished one must return at once, without compiling
   the training step (seconds on a CPU, more for a big model) and without writing anything."""
   from lsm_jax import trainer
+
   model_dir = copy_of_first_ten(runs, tmp_path, "finished")
   before = read_metrics(model_dir)
 
@@ -190,6 +238,7 @@ def test_rerunning_a_finished_run_restores_without_compiling(runs, tmp_path, mon
 
 # --- integrity, roll back, one trainer per directory (docs/reliability.md) -----------------------------------------
 
+
 def assert_steps_match_uninterrupted(model_dir, runs, steps):
   resumed, uninterrupted = read_metrics(model_dir), read_metrics(runs / "uninterrupted")
   for step in steps:
@@ -203,6 +252,7 @@ def quarantined(model_dir):
 
 def test_flipped_bit_in_resume_checkpoint_is_quarantined_and_the_run_ends_bit_identical(runs, tmp_path):
   from test_checkpoint import flip_one_bit, largest_data_file
+
   model_dir = copy_of_first_ten(runs, tmp_path, "flipped")
   flip_one_bit(largest_data_file(str(model_dir / "checkpoints" / "resume" / "10"), "state"))
   output = run(model_dir, 20, runs / "compilation_cache")
@@ -217,7 +267,9 @@ def poison_resume_checkpoint(model_dir, step):
   import jax
   import jax.numpy as jnp
   import orbax.checkpoint as ocp
+
   from lsm_jax import checkpoint
+
   step_dir = model_dir / "checkpoints" / "resume" / str(step)
   with ocp.StandardCheckpointer() as checkpointer:
     state = checkpointer.restore(step_dir / "state")
@@ -244,14 +296,16 @@ def test_nan_right_after_a_restore_rolls_back_once(runs, tmp_path):
   process = start_run(model_dir, 20, runs / "compilation_cache")
   output, _ = process.communicate(timeout=400)
   assert process.returncode != 0
-  assert ("NonFiniteLossError: the loss became nan at step 9, 1 step(s) after restoring resume checkpoint 8, after "
-          "rolling back once from resume checkpoint 10; stopping") in output
+  assert (
+    "NonFiniteLossError: the loss became nan at step 9, 1 step(s) after restoring resume checkpoint 8, after "
+    "rolling back once from resume checkpoint 10; stopping"
+  ) in output
   assert quarantined(model_dir) == ["resume-10"] and resume_steps(model_dir) == [8]
 
 
 def test_second_trainer_is_refused_while_the_first_finishes_unharmed(runs, tmp_path):
-  from lsm_jax import checkpoint
-  from lsm_jax import errors
+  from lsm_jax import checkpoint, errors
+
   model_dir = copy_of_first_ten(runs, tmp_path, "contended")
   first = start_run(model_dir, 20, runs / "compilation_cache")
   wait_for(lambda: (model_dir / checkpoint.LOCK_FILE).exists(), first, 300, "the first trainer's lock")
@@ -266,8 +320,10 @@ def test_second_trainer_is_refused_while_the_first_finishes_unharmed(runs, tmp_p
 
 def test_flipped_bit_in_a_milestone_stops_evaluation_and_export_with_one_clear_error(runs, tmp_path):
   from test_checkpoint import flip_one_bit, largest_data_file
+
   from lsm_jax import checkpoint
   from lsm_jax.evaluate import sweep
+
   model_dir = copy_of_first_ten(runs, tmp_path, "milestone")
   assert checkpoint.list_milestones(str(model_dir)) == [0, 1, 8, 10]
   flip_one_bit(largest_data_file(str(model_dir / "checkpoints" / "milestones" / "8"), "params"))
@@ -278,10 +334,18 @@ def test_flipped_bit_in_a_milestone_stops_evaluation_and_export_with_one_clear_e
   assert sorted({row["step"] for row in rows}) == [0, 1]  # the milestones before it; none for 8
   assert all(np.isfinite(row["value"]) for row in rows)
 
-  command = [sys.executable, "-m", "lsm_jax.export", f"--checkpoint={model_dir}", f"--out={tmp_path / 'hf'}",
-             "--step=8", "--noverify"]
-  export = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  command = [
+    sys.executable,
+    "-m",
+    "lsm_jax.export",
+    f"--checkpoint={model_dir}",
+    f"--out={tmp_path / 'hf'}",
+    "--step=8",
+    "--noverify",
+  ]
+  export = subprocess.run(
+    command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu")
+  )
   assert export.returncode != 0 and "milestones/8: file params/" in export.stderr
   assert "fails its checksum" in export.stderr
   assert not (tmp_path / "hf" / "model.safetensors").exists()
@@ -289,10 +353,14 @@ def test_flipped_bit_in_a_milestone_stops_evaluation_and_export_with_one_clear_e
 
 def test_changed_seed_is_refused_before_anything_is_rewritten(runs, tmp_path):
   from lsm_jax import errors
+
   model_dir = copy_of_first_ten(runs, tmp_path, "changed")
   before = {name: (model_dir / name).read_text() for name in ("run_metadata.json", "metrics.jsonl")}
-  with pytest.raises(errors.ConfigChangeError, match=r"at step 10\) with a configuration that changes the run: "
-                                                     r"seed: 0 -> 1\. Restore the original settings"):
+  with pytest.raises(
+    errors.ConfigChangeError,
+    match=r"at step 10\) with a configuration that changes the run: "
+    r"seed: 0 -> 1\. Restore the original settings",
+  ):
     run_training(model_dir, 20, seed=1)
   assert {name: (model_dir / name).read_text() for name in before} == before
   assert resume_steps(model_dir) == [8, 10] and not os.path.exists(model_dir / "run.lock")

@@ -1,4 +1,5 @@
 """End-to-end `python -m lsm_jax.scaling` (fit, plot, predict) and refusal of degenerate input."""
+
 import csv
 import dataclasses
 import json
@@ -23,9 +24,16 @@ def curve_rows(archs=("tnl", "hgrn2"), points=20):
   for arch in archs:
     for size, params in SIZES.items():
       for tokens in np.geomspace(4e8, 3e11, points):
-        rows.append({"arch": arch, "size": size, "non_embedding_params": params, "tokens": tokens,
-                     "compute_pflops_days": 6 * params * tokens / 8.64e19,
-                     "loss": 1.8 + 400 / params**0.34 + 400 / tokens**0.28})
+        rows.append(
+          {
+            "arch": arch,
+            "size": size,
+            "non_embedding_params": params,
+            "tokens": tokens,
+            "compute_pflops_days": 6 * params * tokens / 8.64e19,
+            "loss": 1.8 + 400 / params**0.34 + 400 / tokens**0.28,
+          }
+        )
   return rows
 
 
@@ -77,8 +85,16 @@ def test_fit_prints_table3_layout_and_json(tmp_path, capsys):
 
 def test_compute_range_restricts_the_envelope(tmp_path, capsys):
   csv_path = write_csv(tmp_path / "curves.csv", curve_rows(("tnl",)))
-  code, out, _ = run_cli(capsys, "fit", f"--curves={csv_path}", "--format=json", "--bootstrap=0",
-                         "--no_chinchilla", "--min_compute=0.1", "--max_compute=10")
+  code, out, _ = run_cli(
+    capsys,
+    "fit",
+    f"--curves={csv_path}",
+    "--format=json",
+    "--bootstrap=0",
+    "--no_chinchilla",
+    "--min_compute=0.1",
+    "--max_compute=10",
+  )
   assert code == 0
   low, high = json.loads(out)["fits"]["tnl"]["compute_range"]
   assert 0.1 <= low < 0.11 and 9 < high <= 10
@@ -89,18 +105,35 @@ def test_plot_writes_valid_pngs(tmp_path, capsys):
   csv_path = write_csv(tmp_path / "curves.csv", rows)
   eval_rows = []
   for row in rows[::3]:
-    for task, metric, value in (("csr", "acc_avg", 0.6 - 0.01 * row["loss"]),
-                                ("wikitext2", "ppl", math.exp(row["loss"]))):
-      eval_rows.append({"arch": row["arch"], "size": row["size"], "step": 1, "tokens": row["tokens"],
-                        "compute_pflops_days": row["compute_pflops_days"], "task": task, "metric": metric,
-                        "value": value})
+    for task, metric, value in (
+      ("csr", "acc_avg", 0.6 - 0.01 * row["loss"]),
+      ("wikitext2", "ppl", math.exp(row["loss"])),
+    ):
+      eval_rows.append(
+        {
+          "arch": row["arch"],
+          "size": row["size"],
+          "step": 1,
+          "tokens": row["tokens"],
+          "compute_pflops_days": row["compute_pflops_days"],
+          "task": task,
+          "metric": metric,
+          "value": value,
+        }
+      )
   eval_path = write_csv(tmp_path / "eval.csv", eval_rows)
   out_dir = tmp_path / "plots"
-  code, out, err = run_cli(capsys, "plot", f"--curves={csv_path}", f"--eval_table={eval_path}",
-                           f"--out={out_dir}", "--bootstrap=0", "--no_chinchilla")
+  code, out, err = run_cli(
+    capsys,
+    "plot",
+    f"--curves={csv_path}",
+    f"--eval_table={eval_path}",
+    f"--out={out_dir}",
+    "--bootstrap=0",
+    "--no_chinchilla",
+  )
   assert code == 0, err
-  expected = {"figure1.png", "scaling_tnl.png", "downstream_csr_acc_avg.png",
-              "downstream_wikitext2_ppl.png"}
+  expected = {"figure1.png", "scaling_tnl.png", "downstream_csr_acc_avg.png", "downstream_wikitext2_ppl.png"}
   assert {path.name for path in out_dir.iterdir()} == expected
   assert sorted(out.split()) == sorted(str(out_dir / name) for name in expected)
   for name in expected:
@@ -111,8 +144,12 @@ def test_plot_writes_valid_pngs(tmp_path, capsys):
 
 
 def test_predict_as_a_module_uses_the_papers_table3():
-  result = subprocess.run([sys.executable, "-m", "lsm_jax.scaling", "predict", "--arch=llama", "--compute=100",
-                           "--format=json"], capture_output=True, text=True, check=True)
+  result = subprocess.run(
+    [sys.executable, "-m", "lsm_jax.scaling", "predict", "--arch=llama", "--compute=100", "--format=json"],
+    capture_output=True,
+    text=True,
+    check=True,
+  )
   prediction = json.loads(result.stdout)
   assert prediction["n_opt"] == pytest.approx(4.83e9, rel=1e-3)
   assert prediction["d_opt"] == pytest.approx(2.68e11, rel=2e-3)
@@ -126,8 +163,10 @@ def degenerate(case):
   if case == "nan loss":
     rows[7]["loss"] = float("nan")
   elif case == "non-monotone compute":
-    rows[9]["compute_pflops_days"], rows[10]["compute_pflops_days"] = \
-        rows[10]["compute_pflops_days"], rows[9]["compute_pflops_days"]
+    rows[9]["compute_pflops_days"], rows[10]["compute_pflops_days"] = (
+      rows[10]["compute_pflops_days"],
+      rows[9]["compute_pflops_days"],
+    )
   elif case == "zero compute":
     rows[0]["compute_pflops_days"] = 0.0
   elif case == "text loss":
@@ -139,7 +178,9 @@ def degenerate(case):
   return rows
 
 
-@pytest.mark.parametrize("case, message", [
+@pytest.mark.parametrize(
+  "case, message",
+  [
     ("one size", r"arch tnl has only one model size \(1b\).*at least two sizes"),
     ("nan loss", r"loss is NaN or infinite in 1 row\(s\), first row 8"),
     ("non-monotone compute", r"compute_pflops_days is not increasing within run tnl 160m \(row 11: "),
@@ -147,7 +188,8 @@ def degenerate(case):
     ("text loss", r"'loss' in row 4 is 'diverged', which is not a number"),
     ("two param counts in a run", r"run tnl 70m has 2 different non_embedding_params"),
     ("single-point run", r"run tnl 7b has a single point"),
-])
+  ],
+)
 def test_degenerate_curves_are_refused(case, message, tmp_path, capsys):
   rows = degenerate(case)
   with pytest.raises(ValueError, match=message):
@@ -161,8 +203,11 @@ def test_degenerate_curves_are_refused(case, message, tmp_path, capsys):
 def test_missing_columns_and_files_are_named(tmp_path, capsys):
   rows = curve_rows(("tnl",), points=4)
   path = write_csv(tmp_path / "curves.csv", rows, columns=["arch", "size", "tokens", "loss"])
-  with pytest.raises(ValueError, match=r"lacks column\(s\) non_embedding_params, compute_pflops_days; "
-                                       r"required columns are arch, size, non_embedding_params"):
+  with pytest.raises(
+    ValueError,
+    match=r"lacks column\(s\) non_embedding_params, compute_pflops_days; "
+    r"required columns are arch, size, non_embedding_params",
+  ):
     scaling.load_curves(path)
   code, _, err = run_cli(capsys, "plot", f"--curves={tmp_path / 'absent.csv'}", f"--out={tmp_path}")
   assert code == 2 and "does not exist" in err
@@ -203,13 +248,24 @@ def test_fit_lists_degenerate_fits_and_predict_refuses_one(tmp_path, capsys):
 
 def write_run_dir(run_dir, size, layers, d_model, heads, steps):
   run_dir.mkdir()
-  metadata = {"arch": "tnl", "size": size, "seq_len": 8192, "global_batch_size": 480,
-              "model_config": {"num_layers": layers, "d_model": d_model, "num_heads": heads}}
+  metadata = {
+    "arch": "tnl",
+    "size": size,
+    "seq_len": 8192,
+    "global_batch_size": 480,
+    "model_config": {"num_layers": layers, "d_model": d_model, "num_heads": heads},
+  }
   (run_dir / "run_metadata.json").write_text(json.dumps(metadata))
   records = [{"step": 0, "loss": 11.5, "tokens_seen": 0}]
   for step in steps:
-    records.append({"step": step, "loss": 2 + 50 / step**0.3 + 1e3 / d_model, "tokens_seen": step * 480 * 8192,
-                    "learning_rate": 3e-4})
+    records.append(
+      {
+        "step": step,
+        "loss": 2 + 50 / step**0.3 + 1e3 / d_model,
+        "tokens_seen": step * 480 * 8192,
+        "learning_rate": 3e-4,
+      }
+    )
   # Logged before a preemption, then logged again by the resumed run: the later record counts.
   records.insert(1, {"step": steps[0], "loss": 99.0, "tokens_seen": steps[0] * 480 * 8192})
   (run_dir / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
@@ -220,16 +276,18 @@ def test_curves_from_run_directories(tmp_path, capsys):
   write_run_dir(tmp_path / "tnl_160m", "160m", 12, 768, 6, steps)
   write_run_dir(tmp_path / "tnl_1b", "1b", 32, 1536, 12, steps)
   out = tmp_path / "curves.csv"
-  code, printed, err = run_cli(capsys, "curves", f"--run_dir={tmp_path / 'tnl_160m'}",
-                               f"--run_dir={tmp_path / 'tnl_1b'}", f"--out={out}")
+  code, printed, err = run_cli(
+    capsys, "curves", f"--run_dir={tmp_path / 'tnl_160m'}", f"--run_dir={tmp_path / 'tnl_1b'}", f"--out={out}"
+  )
   assert code == 0, err
   assert "wrote 8 rows from 2 run(s)" in printed
   runs = scaling.load_curves(str(out))["tnl"]
   table7_pflops_per_step = {"160m": 2.2, "1b": 22.3}  # the paper's Table 7, one decimal
   for run in runs:
     np.testing.assert_allclose(run.tokens, np.array(steps) * 480 * 8192)
-    np.testing.assert_allclose(run.compute_pflops_days * 8.64e19 / 1e15,
-                               np.array(steps) * table7_pflops_per_step[run.size], rtol=0.025)
+    np.testing.assert_allclose(
+      run.compute_pflops_days * 8.64e19 / 1e15, np.array(steps) * table7_pflops_per_step[run.size], rtol=0.025
+    )
     assert run.loss[0] < 99
   assert runs[1].non_embedding_params == pytest.approx(906.0e6 + 2 * 32 * 1536 * 128, rel=1e-3)
   with pytest.raises(ValueError, match=r"has no run_metadata.json"):

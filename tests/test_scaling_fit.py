@@ -1,4 +1,5 @@
 """Scaling fits recover known laws: envelope power laws, the Chinchilla surface, and the paper's Table 3."""
+
 import dataclasses
 import json
 import pathlib
@@ -13,14 +14,20 @@ from lsm_jax.scaling.envelope import smooth_log_loss
 
 # Chinchilla's published surface (Hoffmann et al. 2022), used as the known truth.
 SURFACE = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
-SHAPES = {"70m": (6, 512, 4), "160m": (12, 768, 6), "410m": (25, 1024, 8), "1b": (32, 1536, 12),
-          "3b": (35, 2560, 20), "7b": (32, 4096, 32)}
+SHAPES = {
+  "70m": (6, 512, 4),
+  "160m": (12, 768, 6),
+  "410m": (25, 1024, 8),
+  "1b": (32, 1536, 12),
+  "3b": (35, 2560, 20),
+  "7b": (32, 4096, 32),
+}
 TOKENS_PER_STEP = 480 * 8192
 STEPS = np.unique(np.geomspace(100, 76294, 57).astype(int))  # log-spaced checkpoints of a full run
 
 
 def true_loss(params, tokens, surface=SURFACE):
-  return surface["E"] + surface["A"] / params**surface["alpha"] + surface["B"] / tokens**surface["beta"]
+  return surface["E"] + surface["A"] / params ** surface["alpha"] + surface["B"] / tokens ** surface["beta"]
 
 
 def synthetic_rows(arch="tnl"):
@@ -30,8 +37,16 @@ def synthetic_rows(arch="tnl"):
     step_flops = flops.flops_per_step(arch, layers, d_model, heads, 480, 8192)
     for step in STEPS:
       tokens = step * TOKENS_PER_STEP
-      rows.append({"arch": arch, "size": size, "non_embedding_params": params, "tokens": float(tokens),
-                   "compute_pflops_days": step * step_flops / 8.64e19, "loss": true_loss(params, tokens)})
+      rows.append(
+        {
+          "arch": arch,
+          "size": size,
+          "non_embedding_params": params,
+          "tokens": float(tokens),
+          "compute_pflops_days": step * step_flops / 8.64e19,
+          "loss": true_loss(params, tokens),
+        }
+      )
   return rows
 
 
@@ -48,8 +63,9 @@ def exact_envelope_fit(arch="tnl", num_points=1000):
   best = np.full((3, num_points), np.inf)  # loss, params, tokens
   for params, step_pf_days in sizes:
     tokens = compute / step_pf_days * TOKENS_PER_STEP
-    loss = np.where((compute >= STEPS[0] * step_pf_days) & (compute <= STEPS[-1] * step_pf_days),
-                    true_loss(params, tokens), np.inf)
+    loss = np.where(
+      (compute >= STEPS[0] * step_pf_days) & (compute <= STEPS[-1] * step_pf_days), true_loss(params, tokens), np.inf
+    )
     better = loss < best[0]
     best[:, better] = np.stack([loss, np.full(num_points, params), tokens])[:, better]
   laws = {}
@@ -94,10 +110,12 @@ def test_envelope_interpolates_only_inside_each_run():
     assert np.all(envelope.compute_pflops_days[at] <= run.compute_pflops_days[-1] * (1 + 1e-12))
   # The envelope is never above any run that covers that compute.
   for run in runs:
-    inside = (envelope.compute_pflops_days >= run.compute_pflops_days[0]) & \
-        (envelope.compute_pflops_days <= run.compute_pflops_days[-1])
-    run_loss = np.exp(np.interp(np.log(envelope.compute_pflops_days[inside]), np.log(run.compute_pflops_days),
-                                np.log(run.loss)))
+    inside = (envelope.compute_pflops_days >= run.compute_pflops_days[0]) & (
+      envelope.compute_pflops_days <= run.compute_pflops_days[-1]
+    )
+    run_loss = np.exp(
+      np.interp(np.log(envelope.compute_pflops_days[inside]), np.log(run.compute_pflops_days), np.log(run.loss))
+    )
     assert np.all(envelope.loss[inside] <= run_loss * (1 + 1e-12))
 
 
@@ -112,8 +130,9 @@ def test_chinchilla_fit_recovers_a_known_surface_despite_outliers(tnl_fit):
   for name, value in SURFACE.items():
     assert getattr(tnl_fit.chinchilla, name) == pytest.approx(value, rel=1e-3), name
   rows = synthetic_rows("tnl")
-  params, tokens, loss, compute = (np.array([row[key] for row in rows]) for key in
-                                   ("non_embedding_params", "tokens", "loss", "compute_pflops_days"))
+  params, tokens, loss, compute = (
+    np.array([row[key] for row in rows]) for key in ("non_embedding_params", "tokens", "loss", "compute_pflops_days")
+  )
   noisy = loss * np.exp(np.random.default_rng(0).normal(0, 0.002, loss.size))
   noisy[::40] *= 1.3  # loss spikes: the Huber loss must keep them from dragging the fit
   surface = scaling.fit_chinchilla(params, tokens, noisy, compute)
@@ -135,14 +154,30 @@ def test_chinchilla_allocation_matches_a_brute_force_minimum(tnl_fit):
 
 # Compute-optimal allocations derived from arXiv 2406.16690 Table 3 at these budgets: N_opt / D_opt / L.
 DERIVED = {
-    1: {"llama": ("0.18B", "25.6B", "3.709"), "tnl": ("0.27B", "44.3B", "3.539"),
-        "hgrn2": ("0.27B", "48.0B", "3.479"), "cosformer2": ("0.27B", "42.3B", "3.588")},
-    10: {"llama": ("0.94B", "82.9B", "3.086"), "tnl": ("1.22B", "130B", "2.965"),
-         "hgrn2": ("1.17B", "135B", "2.925"), "cosformer2": ("1.19B", "120B", "3.015")},
-    100: {"llama": ("4.83B", "268B", "2.568"), "tnl": ("5.39B", "383B", "2.485"),
-          "hgrn2": ("5.13B", "381B", "2.459"), "cosformer2": ("5.33B", "341B", "2.533")},
-    1000: {"llama": ("24.9B", "869B", "2.137"), "tnl": ("23.9B", "1.13T", "2.082"),
-           "hgrn2": ("22.5B", "1.07T", "2.068"), "cosformer2": ("23.9B", "966B", "2.128")},
+  1: {
+    "llama": ("0.18B", "25.6B", "3.709"),
+    "tnl": ("0.27B", "44.3B", "3.539"),
+    "hgrn2": ("0.27B", "48.0B", "3.479"),
+    "cosformer2": ("0.27B", "42.3B", "3.588"),
+  },
+  10: {
+    "llama": ("0.94B", "82.9B", "3.086"),
+    "tnl": ("1.22B", "130B", "2.965"),
+    "hgrn2": ("1.17B", "135B", "2.925"),
+    "cosformer2": ("1.19B", "120B", "3.015"),
+  },
+  100: {
+    "llama": ("4.83B", "268B", "2.568"),
+    "tnl": ("5.39B", "383B", "2.485"),
+    "hgrn2": ("5.13B", "381B", "2.459"),
+    "cosformer2": ("5.33B", "341B", "2.533"),
+  },
+  1000: {
+    "llama": ("24.9B", "869B", "2.137"),
+    "tnl": ("23.9B", "1.13T", "2.082"),
+    "hgrn2": ("22.5B", "1.07T", "2.068"),
+    "cosformer2": ("23.9B", "966B", "2.128"),
+  },
 }
 
 
@@ -201,8 +236,9 @@ def test_smoothing_is_a_centred_moving_average_of_log_loss():
   smoothed = np.log(smooth_log_loss(loss, 5))
   log_loss = np.log(loss)
   np.testing.assert_allclose(smoothed[2:-2], np.convolve(log_loss, np.ones(5) / 5, mode="valid"), rtol=1e-12)
-  np.testing.assert_allclose(smoothed[[0, 1, -2, -1]],
-                             [log_loss[0], log_loss[:3].mean(), log_loss[-3:].mean(), log_loss[-1]], rtol=1e-12)
+  np.testing.assert_allclose(
+    smoothed[[0, 1, -2, -1]], [log_loss[0], log_loss[:3].mean(), log_loss[-3:].mean(), log_loss[-1]], rtol=1e-12
+  )
   # A straight line in log space is left as it is.
   line = np.exp(np.linspace(2, 1, 9))
   np.testing.assert_allclose(smooth_log_loss(line, 7), line, rtol=1e-12)
@@ -226,8 +262,14 @@ def test_smoothing_removes_most_of_the_noise_bias_of_the_envelope():
 # The committed mini study (1M-50M models, 300 steps): cosFormer2's curves are nearly flat, and its L(N, D) fit
 # ends at E = 0, A ≈ 6e112, α ≈ 19 (benchmarks/results/mini_study/fits.json).
 MINI_STUDY_CURVES = pathlib.Path(__file__).parent.parent / "benchmarks/results/mini_study/curves.csv"
-MINI_STUDY_COSFORMER2_SURFACE = dict(E=0.0, A=6.034625255778014e+112, B=64.40266580858564, alpha=19.004943968495343,
-                                     beta=0.2189786380613681, flops_per_param_token=7.078943777292577)
+MINI_STUDY_COSFORMER2_SURFACE = dict(
+  E=0.0,
+  A=6.034625255778014e112,
+  B=64.40266580858564,
+  alpha=19.004943968495343,
+  beta=0.2189786380613681,
+  flops_per_param_token=7.078943777292577,
+)
 
 
 def test_plausible_fits_have_no_problems(tnl_fit):
@@ -254,8 +296,11 @@ def test_mini_study_refit_is_flagged_and_kept_out_of_the_report(tmp_path):
   assert set(fits["cosformer2"].problems()) == {"chinchilla"}
   assert fits["hgrn2"].problems() == {}
   text = scaling.write_report(fits, tmp_path / "report.md", compare_to_paper=False)
-  rows = {line.split(" |")[0]: line for line in text.splitlines() if line.startswith("| cosFormer2") or
-          line.startswith("| HGRN2")}
+  rows = {
+    line.split(" |")[0]: line
+    for line in text.splitlines()
+    if line.startswith("| cosFormer2") or line.startswith("| HGRN2")
+  }
   # The surface's numbers stay visible, marked; its allocation is left out. HGRN2's is computed.
   assert rows["| cosFormer2 †"].endswith("| — | — |")
   n_opt, d_opt, _ = fits["hgrn2"].chinchilla.optimal_allocation(100.0)
@@ -269,8 +314,7 @@ def test_mini_study_refit_is_flagged_and_kept_out_of_the_report(tmp_path):
 
 
 def test_degenerate_power_law_is_marked_and_predicts_nothing(tnl_fit, tmp_path):
-  rising = dataclasses.replace(tnl_fit, loss=scaling.PowerLaw(2.0, 0.05),
-                               n_opt=scaling.PowerLaw(float("inf"), 0.7))
+  rising = dataclasses.replace(tnl_fit, loss=scaling.PowerLaw(2.0, 0.05), n_opt=scaling.PowerLaw(float("inf"), 0.7))
   assert rising.problems()["loss"] == ["exponent = 0.05 is outside (-1, 0)"]
   assert rising.problems()["n_opt"] == ["coefficient = inf is not finite"]
   assert "| TNL | 2.0000 C^0.0500 † | (inf) C^0.7000 † |" in scaling.format_table({"tnl": rising})

@@ -1,5 +1,6 @@
 """Sequence parallelism at the model level: a mesh with `sequence` > 1 splits time, and every architecture's
 loss, logits and gradients equal the single-device computation (8 fake CPU devices)."""
+
 import functools
 
 import jax
@@ -10,15 +11,23 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lsm_jax import sharding
-from lsm_jax import trainer
+from lsm_jax import sharding, trainer
 from lsm_jax.models import build_model, get_config, layers
 from pallas_kernels.linear_attention import linear_attention, sequence_parallel
 
 VOCAB = 256
 T = 64  # 4 sequence shards of 16
-TINY = dict(num_layers=2, d_model=64, num_heads=2, head_dim=32, ffn_dim=96, vocab_size=VOCAB, dtype="float32",
-            linear_attention_backend="xla", chunk_size=8)
+TINY = dict(
+  num_layers=2,
+  d_model=64,
+  num_heads=2,
+  head_dim=32,
+  ffn_dim=96,
+  vocab_size=VOCAB,
+  dtype="float32",
+  linear_attention_backend="xla",
+  chunk_size=8,
+)
 # Row 0: documents start inside shards (t = 5, 46) and exactly at a shard boundary (t = 16); row 1: one
 # document spans two shards and the next starts at the boundary t = 32.
 SEGMENT_IDS = np.asarray([[1] * 5 + [2] * 11 + [3] * 30 + [4] * 18, [1] * 32 + [2] * 32], np.int32)
@@ -42,7 +51,7 @@ def logits_loss_and_grads(config, mesh=None):
   def loss_fn(params, inputs, segment_ids):
     model = nnx.merge(graphdef, nnx.State(params))
     logits = model(inputs, segment_ids=segment_ids)
-    loss = jnp.mean(jax.nn.log_softmax(logits)[..., 3]) + jnp.mean(logits ** 2)
+    loss = jnp.mean(jax.nn.log_softmax(logits)[..., 3]) + jnp.mean(logits**2)
     return loss, logits
 
   step = jax.value_and_grad(loss_fn, has_aux=True)
@@ -58,8 +67,9 @@ def logits_loss_and_grads(config, mesh=None):
 
 
 def assert_close(actual, expected, rtol=1e-5, atol=1e-6):
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol),
-               actual, expected)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol), actual, expected
+  )
 
 
 @pytest.fixture
@@ -71,6 +81,7 @@ def sequence_parallel_calls(monkeypatch):
   def spy(*args, **kwargs):
     calls.append(kwargs["sequence_axis"])
     return original(*args, **kwargs)
+
   monkeypatch.setattr(sequence_parallel, "sequence_parallel_linear_attention", spy)
   return calls
 
@@ -100,12 +111,15 @@ def test_pallas_kernels_run_per_time_shard(sequence_parallel_calls):
 
   def loss(attention, q, k, v, log_decay):
     out, state = attention(q, k, v, log_decay, segment_ids=segment_ids, return_final_state=True)
-    return jnp.sum(out * weights) + jnp.sum(state ** 2), (out, state)
+    return jnp.sum(out * weights) + jnp.sum(state**2), (out, state)
 
   reference = lambda *a, **kw: linear_attention(*a, backend="reference", **kw)  # noqa: E731
   pallas = lambda *a, **kw: layers.sharded_linear_attention(*a, backend="pallas_gpu", chunk_size=16, **kw)  # noqa: E731
-  grad = lambda attention: jax.value_and_grad(functools.partial(loss, attention), argnums=(0, 1, 2, 3),  # noqa: E731
-                                              has_aux=True)
+  grad = lambda attention: jax.value_and_grad(
+    functools.partial(loss, attention),
+    argnums=(0, 1, 2, 3),  # noqa: E731
+    has_aux=True,
+  )
   (_, expected), grads_ref = grad(reference)(q, k, v, log_decay)
   with sharding.activate(sharding.make_mesh(SEQUENCE_MESH)):
     (_, actual), grads = jax.jit(grad(pallas))(q, k, v, log_decay)
@@ -129,8 +143,9 @@ def test_mesh_and_batch_sharding_split_time():
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=-1, sequence=4))
   assert dict(mesh.shape) == {"data": 1, "sequence": 4, "fsdp": 2, "tensor": 1}
   assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"), "sequence")
-  assert sharding.logical_to_mesh_spec(("activation_batch", "activation_length", "activation_embed"),
-                                       (2, T, 64), mesh) == P("fsdp", "sequence", None)
+  assert sharding.logical_to_mesh_spec(
+    ("activation_batch", "activation_length", "activation_embed"), (2, T, 64), mesh
+  ) == P("fsdp", "sequence", None)
   sharding.check_sequence_divisible(T, mesh)
   with pytest.raises(ValueError, match="seq_len 30 is not divisible by the 4 devices of mesh axis 'sequence'"):
     sharding.check_sequence_divisible(30, mesh)
@@ -157,15 +172,26 @@ def test_train_step_matches_single_device():
   """Trainer level: one step with two microbatches over a sequence mesh equals one device's full-batch step."""
   config = tiny_config("hgrn2")
   positions = np.concatenate([np.arange(n) for n in (5, 11, 30, 18, 32, 32)]).reshape(2, T)
-  batch = {"inputs": jnp.concatenate([tokens(1), tokens(2)]), "targets": jnp.concatenate([tokens(3), tokens(4)]),
-           "segment_ids": jnp.asarray(np.tile(SEGMENT_IDS, (2, 1))),
-           "positions": jnp.asarray(np.tile(positions, (2, 1)), jnp.int32),
-           "loss_mask": jnp.asarray(np.random.default_rng(5).random((4, T)) < 0.8, jnp.float32)}
+  batch = {
+    "inputs": jnp.concatenate([tokens(1), tokens(2)]),
+    "targets": jnp.concatenate([tokens(3), tokens(4)]),
+    "segment_ids": jnp.asarray(np.tile(SEGMENT_IDS, (2, 1))),
+    "positions": jnp.asarray(np.tile(positions, (2, 1)), jnp.int32),
+    "loss_mask": jnp.asarray(np.random.default_rng(5).random((4, T)) < 0.8, jnp.float32),
+  }
   metrics = {}
-  for name, mesh_config, microbatch in (("single", sharding.MeshConfig(fsdp=1, num_devices=1), None),
-                                        ("sequence", SEQUENCE_MESH, 1)):
-    program = trainer.build_train_program(config, mesh=sharding.make_mesh(mesh_config), train_steps=4,
-                                          seq_len=T, global_batch_size=4, per_shard_microbatch_size=microbatch)
+  for name, mesh_config, microbatch in (
+    ("single", sharding.MeshConfig(fsdp=1, num_devices=1), None),
+    ("sequence", SEQUENCE_MESH, 1),
+  ):
+    program = trainer.build_train_program(
+      config,
+      mesh=sharding.make_mesh(mesh_config),
+      train_steps=4,
+      seq_len=T,
+      global_batch_size=4,
+      per_shard_microbatch_size=microbatch,
+    )
     state, rest = program.init()
     placed = {key: jax.device_put(value, program.batch_sharding) for key, value in batch.items()}
     with sharding.activate(program.mesh):
@@ -176,5 +202,6 @@ def test_train_step_matches_single_device():
 
 def test_train_program_refuses_a_seq_len_the_sequence_axis_does_not_divide():
   with pytest.raises(ValueError, match="trainer.train.seq_len 30 is not divisible by the 4 devices"):
-    trainer.build_train_program(tiny_config("tnl"), mesh=sharding.make_mesh(SEQUENCE_MESH), train_steps=4,
-                                seq_len=30, global_batch_size=2)
+    trainer.build_train_program(
+      tiny_config("tnl"), mesh=sharding.make_mesh(SEQUENCE_MESH), train_steps=4, seq_len=30, global_batch_size=2
+    )

@@ -1,4 +1,5 @@
 """Sequence-parallel linear attention equals the unsharded op (values, final state, gradients)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,9 +17,11 @@ def make_inputs(mode, seed=0):
   q = jax.random.normal(keys[0], (B, T, H, DK))
   k = jax.random.normal(keys[1], (B, T, H, DK)) * 0.5
   v = jax.random.normal(keys[2], (B, T, H, DV))
-  log_decay = {"none": None,
-               "scalar": -jnp.array([0.05, 0.7]),
-               "vector": jax.nn.log_sigmoid(jax.random.normal(keys[3], (B, T, H, DK)) + 1.0)}[mode]
+  log_decay = {
+    "none": None,
+    "scalar": -jnp.array([0.05, 0.7]),
+    "vector": jax.nn.log_sigmoid(jax.random.normal(keys[3], (B, T, H, DK)) + 1.0),
+  }[mode]
   initial_state = jax.random.normal(keys[4], (B, H, DK, DV))
   # Documents start inside shards and exactly at a shard boundary (t = 16 with 4 shards of 8).
   segment_ids = jnp.array([[0] * 5 + [1] * 11 + [2] * 16, [3] * 8 + [4] * 24], jnp.int32)
@@ -35,18 +38,20 @@ def test_matches_unsharded_values_state_and_gradients(mode):
   q, k, v, log_decay, initial_state, segment_ids = make_inputs(mode)
 
   def loss(fn, q, k, v, log_decay, initial_state):
-    out, state = fn(q, k, v, log_decay, initial_state=initial_state, segment_ids=segment_ids,
-                    return_final_state=True)
-    return jnp.sum(out * jnp.cos(out)) + jnp.sum(state ** 2), (out, state)
+    out, state = fn(q, k, v, log_decay, initial_state=initial_state, segment_ids=segment_ids, return_final_state=True)
+    return jnp.sum(out * jnp.cos(out)) + jnp.sum(state**2), (out, state)
 
   unsharded = lambda *a, **kw: linear_attention(*a, backend="reference", **kw)
   sharded = lambda *a, **kw: sequence_parallel_linear_attention(
-      *a, mesh=mesh, batch_axis="data", backend="reference", **kw)
+    *a, mesh=mesh, batch_axis="data", backend="reference", **kw
+  )
   argnums = (0, 1, 2, 4) if mode != "vector" else (0, 1, 2, 3, 4)
   (_, (out_ref, state_ref)), grads_ref = jax.value_and_grad(
-      lambda *a: loss(unsharded, *a), argnums=argnums, has_aux=True)(q, k, v, log_decay, initial_state)
-  (_, (out, state)), grads = jax.jit(jax.value_and_grad(
-      lambda *a: loss(sharded, *a), argnums=argnums, has_aux=True))(q, k, v, log_decay, initial_state)
+    lambda *a: loss(unsharded, *a), argnums=argnums, has_aux=True
+  )(q, k, v, log_decay, initial_state)
+  (_, (out, state)), grads = jax.jit(jax.value_and_grad(lambda *a: loss(sharded, *a), argnums=argnums, has_aux=True))(
+    q, k, v, log_decay, initial_state
+  )
   assert relative_error(out, out_ref) < 1e-5
   assert relative_error(state, state_ref) < 1e-5
   for grad, grad_ref in zip(grads, grads_ref):

@@ -1,4 +1,5 @@
 """Mesh construction, the logical-axis rule table and sharding helpers, on 8 fake CPU devices."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,12 +17,15 @@ def test_fill_axis_takes_the_remaining_devices():
   assert sharding.MeshConfig(data=1, fsdp=8, tensor=1).resolve(8) == {"data": 1, "sequence": 1, "fsdp": 8, "tensor": 1}
 
 
-@pytest.mark.parametrize("config, message", [
+@pytest.mark.parametrize(
+  "config, message",
+  [
     (sharding.MeshConfig(data=3, fsdp=-1), "multiple of 3 devices, but there are 8"),
     (sharding.MeshConfig(data=-1, fsdp=-1), "at most one axis"),
     (sharding.MeshConfig(data=2, fsdp=2, tensor=1), "has 4 devices, but there are 8"),
     (sharding.MeshConfig(data=0), "data=0 is invalid"),
-])
+  ],
+)
 def test_mesh_shapes_that_do_not_tile_the_devices_fail_clearly(config, message):
   with pytest.raises(ValueError, match=message):
     config.resolve(8)
@@ -41,8 +45,18 @@ def test_make_mesh_uses_all_devices_or_the_first_n():
 def test_rule_table_covers_every_logical_name_once():
   names = [name for name, _ in sharding.LOGICAL_AXIS_RULES]
   assert len(names) == len(set(names))
-  assert set(names) == {"embed", "mlp", "heads", "kv", "vocab", "layers", "activation_batch",
-                        "activation_length", "activation_embed", "activation_heads"}
+  assert set(names) == {
+    "embed",
+    "mlp",
+    "heads",
+    "kv",
+    "vocab",
+    "layers",
+    "activation_batch",
+    "activation_length",
+    "activation_embed",
+    "activation_heads",
+  }
   for _, mesh_axes in sharding.LOGICAL_AXIS_RULES:
     assert set(sharding._as_axis_tuple(mesh_axes)) <= set(sharding.MESH_AXES)
 
@@ -52,7 +66,8 @@ def test_logical_names_map_through_the_table():
   assert sharding.logical_to_mesh_spec(("layers", "embed", "mlp"), (4, 64, 128), mesh) == P(None, "fsdp", "tensor")
   assert sharding.logical_to_mesh_spec(("vocab", "embed"), (256, 64), mesh) == P("tensor", "fsdp")
   assert sharding.logical_to_mesh_spec(("activation_batch", "activation_length"), (8, 16), mesh) == P(
-      ("data", "fsdp"), None)
+    ("data", "fsdp"), None
+  )
   # Without a mesh the table is applied verbatim.
   assert sharding.logical_to_mesh_spec(("heads", "kv")) == P("tensor", None)
 

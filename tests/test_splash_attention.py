@@ -1,13 +1,14 @@
 """LLaMA's splash attention (Pallas TPU, in Pallas' interpreter on CPU) against the XLA path: values and gradients of
 a tiny model with packed documents, unsharded and per shard of a batch × heads mesh, and the fallback for
 lengths splash cannot block."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from jaxpr_tools import equations
+
 from lsm_jax import sharding
 from lsm_jax.models import build_model, get_config
 from lsm_jax.models.mixers import softmax
@@ -18,6 +19,7 @@ VOCAB = 128
 @pytest.fixture(autouse=True)
 def interpret_splash(monkeypatch):
   monkeypatch.setattr(softmax, "INTERPRET_SPLASH", True)
+
 
 TINY = dict(num_layers=2, d_model=64, num_heads=4, head_dim=16, ffn_dim=96, vocab_size=VOCAB, dtype="float32")
 
@@ -42,7 +44,7 @@ def _loss_and_grads(attention_impl, time, mesh=None):
 
   def loss_fn(params, tokens, segment_ids):
     logits = nnx.merge(graphdef, nnx.State(params))(tokens, segment_ids=segment_ids)
-    return jnp.mean(jax.nn.log_softmax(logits)[..., 3]) + jnp.mean(logits ** 2)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 3]) + jnp.mean(logits**2)
 
   step = jax.value_and_grad(loss_fn)
   if mesh is None:
@@ -58,8 +60,9 @@ def _kernel_calls(jaxpr):
 def _assert_close(actual, expected):
   (loss, grads), (loss_ref, grads_ref) = actual, expected
   np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
-               grads, grads_ref)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6), grads, grads_ref
+  )
 
 
 def test_splash_matches_xla_with_documents():
@@ -97,9 +100,16 @@ def test_lengths_splash_cannot_block_take_the_xla_path():
   _assert_close(actual, expected)
 
 
-@pytest.mark.parametrize("platform,dtype,expected", [
-    ("tpu", jnp.bfloat16, "splash"), ("tpu", jnp.float32, "splash"), ("gpu", jnp.bfloat16, "cudnn"),
-    ("gpu", jnp.float32, "xla"), ("cpu", jnp.bfloat16, "xla")])
+@pytest.mark.parametrize(
+  "platform,dtype,expected",
+  [
+    ("tpu", jnp.bfloat16, "splash"),
+    ("tpu", jnp.float32, "splash"),
+    ("gpu", jnp.bfloat16, "cudnn"),
+    ("gpu", jnp.float32, "xla"),
+    ("cpu", jnp.bfloat16, "xla"),
+  ],
+)
 def test_auto_attention_follows_the_platform(platform, dtype, expected):
   dtype = jnp.dtype(dtype).name
   assert get_config("llama", "70m", dtype=dtype).resolved_for(platform).attention_impl == expected

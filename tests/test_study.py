@@ -1,6 +1,7 @@
 """`python -m lsm_jax.study --parallel=2` on a CPU micro grid: two worker processes train and evaluate every
 milestone, the main process fits what finished and writes the report, a failed run is named with its log; a
 rerun skips the finished runs."""
+
 import csv
 import json
 import os
@@ -38,16 +39,31 @@ def test_parallel_micro_grid_produces_a_report_with_fits_and_resumes(tmp_path):
   out = tmp_path / "study"
   size_files = ", ".join(f"'{size}': '{tmp_path / size}.gin'" for size in ("xs", "s", "bad"))
   command = [
-      sys.executable, "-m", "lsm_jax.study", "--gin_file=gin/study/mini/grid.gin", f"--out={out}",
-      "--parallel=2", "--gin.study.StudyGrid.archs=('tnl', 'hgrn2')", "--gin.study.StudyGrid.val_max_batches=4",
-      f"--gin.study.StudyGrid.size_files={{{size_files}}}",
-      "--gin.TRAIN_STEPS=12", "--gin.SEQ_LEN=64", "--gin.GLOBAL_BATCH_SIZE=8",
-      "--gin.trainer.train.num_milestones=4", "--gin.trainer.train.checkpoint_every_steps=6",
-      "--gin.trainer.train.log_every_steps=1",
-      "--gin.optim.OptimizerConfig.warmup_steps=2", "--gin.optim.OptimizerConfig.learning_rate=3e-3"]
+    sys.executable,
+    "-m",
+    "lsm_jax.study",
+    "--gin_file=gin/study/mini/grid.gin",
+    f"--out={out}",
+    "--parallel=2",
+    "--gin.study.StudyGrid.archs=('tnl', 'hgrn2')",
+    "--gin.study.StudyGrid.val_max_batches=4",
+    f"--gin.study.StudyGrid.size_files={{{size_files}}}",
+    "--gin.TRAIN_STEPS=12",
+    "--gin.SEQ_LEN=64",
+    "--gin.GLOBAL_BATCH_SIZE=8",
+    "--gin.trainer.train.num_milestones=4",
+    "--gin.trainer.train.checkpoint_every_steps=6",
+    "--gin.trainer.train.log_every_steps=1",
+    "--gin.optim.OptimizerConfig.warmup_steps=2",
+    "--gin.optim.OptimizerConfig.learning_rate=3e-3",
+  ]
   # Cheaper XLA compilation: the runs are tiny, so compile time dominates.
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1 "
-         "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"}
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=1 "
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+  }
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 1, result.stderr[-4000:]
   for run in ("tnl_bad", "hgrn2_bad"):  # named on stderr with their log tails, which hold the cause
@@ -85,9 +101,13 @@ def test_parallel_micro_grid_produces_a_report_with_fits_and_resumes(tmp_path):
 
 def test_runs_are_scheduled_largest_first_by_their_size_files():
   from lsm_jax import study
+
   sizes = ("1m", "3m", "10m", "25m", "50m")
-  grid = study.StudyGrid(archs=("llama", "hgrn2"), run_file="gin/study/mini/run.gin",
-                         size_files={size: f"gin/study/mini/sizes/{size}.gin" for size in sizes})
+  grid = study.StudyGrid(
+    archs=("llama", "hgrn2"),
+    run_file="gin/study/mini/run.gin",
+    size_files={size: f"gin/study/mini/sizes/{size}.gin" for size in sizes},
+  )
   runs = study.grid_runs("/unused", grid)
   costs = {run.name: study.run_cost(run) for run in runs}
   # The mini sizes are named after their non-embedding parameter counts (Appendix A.1, within ~10%).

@@ -1,6 +1,7 @@
 """An ablation grid through `python -m lsm_jax.study` on CPU: tiny HGRN2 runs at two aspect ratios and two contexts
 are trained, every milestone evaluated, and the report carries Table 5- and Table 6-shaped tables whose cells are
 the runs' own evaluation rows; the shipped ablation grids list the paper's runs."""
+
 import csv
 import dataclasses
 import json
@@ -63,8 +64,10 @@ SEQ_LEN = 128
 GLOBAL_BATCH_SIZE = 4
 trainer.train.ablation = 'context'
 """)
-  experiments = {f"hgrn2_{shape}": ["gin/models/hgrn2/base.gin", str(tmp_path / f"{shape}.gin"),
-                                    str(tmp_path / "recipe.gin")] for shape in ("32x4", "64x1")}
+  experiments = {
+    f"hgrn2_{shape}": ["gin/models/hgrn2/base.gin", str(tmp_path / f"{shape}.gin"), str(tmp_path / "recipe.gin")]
+    for shape in ("32x4", "64x1")
+  }
   experiments["hgrn2_32x4_128"] = [*experiments["hgrn2_32x4"], str(tmp_path / "context_128.gin")]
   (tmp_path / "grid.gin").write_text(f"""from __gin__ import dynamic_registration
 from lsm_jax import study
@@ -84,8 +87,12 @@ def test_micro_ablation_grid_reports_table_5_and_6_layouts(tmp_path):
   experiments = write_micro_grid(tmp_path)
   out = tmp_path / "study"
   command = [sys.executable, "-m", "lsm_jax.study", f"--gin_file={tmp_path / 'grid.gin'}", f"--out={out}"]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1 "
-         "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"}
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=1 "
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+  }
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-4000:]
 
@@ -98,7 +105,8 @@ def test_micro_ablation_grid_reports_table_5_and_6_layouts(tmp_path):
     rows = list(csv.DictReader(f))
   # 2 milestones (0, 8) × 3 runs of validation loss; NIAH at the last milestone only.
   assert {(r["run"], int(r["step"])) for r in rows if r["task"] == "val_loss"} == {
-      (name, step) for name in experiments for step in (0, 8)}
+    (name, step) for name in experiments for step in (0, 8)
+  }
   assert {(r["run"], int(r["step"])) for r in rows if r["task"] == "niah_easy"} == {(name, 8) for name in experiments}
   coordinates = {(r["run"], r["arch"], r["d_model"], r["num_layers"], r["seq_len"]) for r in rows}
   assert ("hgrn2_32x4_128", "hgrn2", "32", "4", "128") in coordinates and len(coordinates) == 3
@@ -119,8 +127,10 @@ def test_micro_ablation_grid_reports_table_5_and_6_layouts(tmp_path):
 
   report = (out / "report.md").read_text()
   assert "## Aspect ratio, 64-token context (Table 5 layout)" in report
-  assert ("| Arch | Dim | L | BoolQ | PIQA | HS | WG | ARC-E | ARC-C | OBQA | CSR | WIKI | λ | NIAH | SCROLLS "
-          "| val loss | run | step |") in report
+  assert (
+    "| Arch | Dim | L | BoolQ | PIQA | HS | WG | ARC-E | ARC-C | OBQA | CSR | WIKI | λ | NIAH | SCROLLS "
+    "| val loss | run | step |"
+  ) in report
   assert "## Pre-training context at d 32 × 4 layers (Table 6 layout)" in report
   assert "| Arch | Len | BoolQ |" in report
   wide_row = next(line for line in report.splitlines() if line.startswith("| HGRN2 | 64 | 1 |"))
@@ -175,18 +185,34 @@ def test_grid_kinds_are_not_mixed():
 
 
 def test_tables_group_runs_by_coordinates_and_keep_each_tasks_last_value():
-  def rows(run, arch, d, l, seq, step, task, metric, value):
-    return {"run": run, "arch": arch, "size": "1b", "d_model": d, "num_layers": l, "seq_len": seq, "ablation": None,
-            "step": step, "task": task, "metric": metric, "value": value}
-  eval_rows = [rows("a", "tnl", 1536, 32, 8192, 10, "val_loss", "loss", 3.0),
-               rows("a", "tnl", 1536, 32, 8192, 20, "val_loss", "loss", 2.5),
-               rows("a", "tnl", 1536, 32, 8192, 20, "csr", "average", 50.0),
-               rows("b", "tnl", 3072, 8, 8192, 20, "val_loss", "loss", 2.7),
-               rows("c", "tnl", 1536, 32, 2048, 20, "val_loss", "loss", 2.6),
-               rows("d", "llama", 1536, 32, 8192, 20, "val_loss", "loss", 2.4)]  # one LLaMA run: in neither table
+  def rows(run, arch, d, layers, seq, step, task, metric, value):
+    return {
+      "run": run,
+      "arch": arch,
+      "size": "1b",
+      "d_model": d,
+      "num_layers": layers,
+      "seq_len": seq,
+      "ablation": None,
+      "step": step,
+      "task": task,
+      "metric": metric,
+      "value": value,
+    }
+
+  eval_rows = [
+    rows("a", "tnl", 1536, 32, 8192, 10, "val_loss", "loss", 3.0),
+    rows("a", "tnl", 1536, 32, 8192, 20, "val_loss", "loss", 2.5),
+    rows("a", "tnl", 1536, 32, 8192, 20, "csr", "average", 50.0),
+    rows("b", "tnl", 3072, 8, 8192, 20, "val_loss", "loss", 2.7),
+    rows("c", "tnl", 1536, 32, 2048, 20, "val_loss", "loss", 2.6),
+    rows("d", "llama", 1536, 32, 8192, 20, "val_loss", "loss", 2.4),
+  ]  # one LLaMA run: in neither table
   tables = ablation_tables.build_tables(eval_rows)
   assert [(r["run"], r["scores"]) for r in tables["aspect"][0]["rows"]] == [
-      ("a", {"val loss": 2.5, "CSR": 50.0}), ("b", {"val loss": 2.7})]
+    ("a", {"val loss": 2.5, "CSR": 50.0}),
+    ("b", {"val loss": 2.7}),
+  ]
   assert [r["run"] for r in tables["context"][0]["rows"]] == ["c", "a"]  # by context, shortest first
   assert "| TNL | 2K | — |" in ablation_tables.format_table(tables["context"][0]["rows"], "context")
   with pytest.raises(ValueError, match="lacks the run coordinate column"):

@@ -1,5 +1,6 @@
 """Table 7 reproduced (parameter counts of the built models and PFLOPs/step for the 24 main runs) and every
 ablation experiment file listed with its coordinates."""
+
 import json
 
 import pytest
@@ -16,9 +17,10 @@ hgrn2 1b 906.0 22.0 | hgrn2 3b 2775.5 66.0 | hgrn2 7b 6476.1 153.6 | cosformer2 
 cosformer2 160m 87.5 2.3 | cosformer2 410m 328.0 8.1 | cosformer2 1b 919.1 22.7 | cosformer2 3b 2799.0 67.4
 cosformer2 7b 6511.0 155.6
 """
-PAPER = {(arch, size): (float(params), float(pflops))
-         for arch, size, params, pflops in (entry.split() for entry in TABLE_7.replace("\n", "|").split("|")
-                                            if entry.strip())}
+PAPER = {
+  (arch, size): (float(params), float(pflops))
+  for arch, size, params, pflops in (entry.split() for entry in TABLE_7.replace("\n", "|").split("|") if entry.strip())
+}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,11 @@ def test_ablation_runs_listed_with_coordinates(rows):
   # Context runs: one shape, the paper's global batches; PFLOPs/step are the Table-1 expression at that context.
   assert {(row["d_model"], row["num_layers"]) for row in context} == {(1536, 32)}
   assert {(row["seq_len"], row["global_batch_size"]) for row in context} == {
-      (2048, 1920), (4096, 960), (8192, 480), (16384, 240)}
+    (2048, 1920),
+    (4096, 960),
+    (8192, 480),
+    (16384, 240),
+  }
   by_name = {row["run_name"]: row for row in rows}
   assert by_name["tnl_2k"]["pflops_per_step"] == pytest.approx(by_name["tnl_1b"]["pflops_per_step"])  # linear in n
   assert by_name["llama_16k"]["pflops_per_step"] > 1.4 * by_name["llama_1b"]["pflops_per_step"]  # the n² term
@@ -76,8 +82,9 @@ def test_ablation_runs_listed_with_coordinates(rows):
 
 
 def test_param_count_of_a_tiny_model_by_hand():
-  config = configs.get_config("tnl", "70m", num_layers=2, d_model=64, num_heads=2, head_dim=32, ffn_dim=96,
-                              vocab_size=512)
+  config = configs.get_config(
+    "tnl", "70m", num_layers=2, d_model=64, num_heads=2, head_dim=32, ffn_dim=96, vocab_size=512
+  )
   per_layer = 3 * 64 * 64 + 64 * 64 + 2 * 64 * 32 + 3 * 64 * 96  # qkv, out, low-rank gate, SGLU
   assert summary.count_non_embedding_params(config) == 2 * per_layer
 
@@ -86,8 +93,18 @@ def test_cli_json_and_table(capsys):
   summary.main(["--format=json"])
   rows = json.loads(capsys.readouterr().out)
   assert len(rows) == 24 + 16 + 13
-  assert {"file", "run_name", "ablation", "arch", "d_model", "num_layers", "seq_len", "global_batch_size",
-          "non_embedding_params", "pflops_per_step"} <= set(rows[0])
+  assert {
+    "file",
+    "run_name",
+    "ablation",
+    "arch",
+    "d_model",
+    "num_layers",
+    "seq_len",
+    "global_batch_size",
+    "non_embedding_params",
+    "pflops_per_step",
+  } <= set(rows[0])
   summary.main([])
   table = capsys.readouterr().out
   assert "cosformer2_7b" in table and "PFLOPs/step" in table

@@ -3,6 +3,7 @@ runs, the checkpoint storage estimate and free-space check, failed saves, and wa
 
 Runs train the tiny LLaMA of gin/smoke/llama.gin on one of the fake CPU devices of tests/conftest.py.
 """
+
 import os
 import re
 import resource
@@ -15,19 +16,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lsm_jax import aot
-from lsm_jax import checkpoint
-from lsm_jax import metrics
-from lsm_jax import sharding
-from lsm_jax import train
-from lsm_jax import trainer
+from lsm_jax import aot, checkpoint, metrics, sharding, train, trainer
 from lsm_jax.data import loader
 from lsm_jax.models import configs
 
 SMOKE = "gin/smoke/llama.gin"
 ONE_DEVICE = "sharding.MeshConfig.num_devices = 1"
-QUIET = ("trainer.train.sample_prompt = None", "trainer.train.enable_tensorboard = False",
-         "trainer.train.progress_bar = False")
+QUIET = (
+  "trainer.train.sample_prompt = None",
+  "trainer.train.enable_tensorboard = False",
+  "trainer.train.progress_bar = False",
+)
 GIB = 1 << 30
 
 
@@ -59,20 +58,26 @@ def _smoke_program():
 
 # --- memory plan ---------------------------------------------------------------------------------------------------
 
+
 def test_a_step_beyond_the_memory_limit_stops_before_step_1(tmp_path):
   model_dir = str(tmp_path / "run")
   limit_gib = 1e-4  # 105 KB: the smoke model's state alone is larger
   with pytest.raises(trainer.StepDoesNotFitError) as raised:
     _train(model_dir, f"trainer.train.device_memory_limit_gib = {limit_gib}")
   message = str(raised.value)
-  needed, available = (float(x) for x in re.search(r"needs ([\d.e-]+) GiB per device .* device has ([\d.e-]+) GiB",
-                                                    message).groups())
+  needed, available = (
+    float(x) for x in re.search(r"needs ([\d.e-]+) GiB per device .* device has ([\d.e-]+) GiB", message).groups()
+  )
   # Both numbers are the real ones: the plan of the same program compiled here, and the limit given.
   plan = metrics.compiled_memory_bytes(_smoke_program().lower_train_step().compile())
   assert needed == pytest.approx(plan["total"] / GIB, rel=1e-2)  # printed to 3 digits
   assert available == pytest.approx(limit_gib, rel=1e-2)
-  for knob in ("ModelConfig.remat_policy, now 'none'", *configs.REMAT_POLICIES, "PER_SHARD_MICROBATCH_SIZE, now 16",
-               "gin/mesh/"):
+  for knob in (
+    "ModelConfig.remat_policy, now 'none'",
+    *configs.REMAT_POLICIES,
+    "PER_SHARD_MICROBATCH_SIZE, now 16",
+    "gin/mesh/",
+  ):
     assert knob in message
   # Stopped before the first step and before the initial checkpoint.
   assert not os.path.exists(os.path.join(model_dir, "metrics.jsonl"))
@@ -85,6 +90,7 @@ def test_bad_memory_limit_is_refused_before_compiling(tmp_path):
 
 
 # --- milestones, storage, saves ------------------------------------------------------------------------------------
+
 
 def test_short_run_milestones_keep_a_minimum_spacing():
   steps = checkpoint.milestone_schedule(40, 57)
@@ -101,18 +107,32 @@ def test_short_run_milestones_keep_a_minimum_spacing():
 
 
 def test_storage_estimate_counts_milestones_and_resume_checkpoints():
-  abstract_state = {"params": {"w": jax.ShapeDtypeStruct((10, 10), jnp.float32),
-                               "i": jax.ShapeDtypeStruct((3,), jnp.int32)},
-                    "opt_state": {"mu": jax.ShapeDtypeStruct((10, 10), jnp.float32)},
-                    "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
-  estimate = checkpoint.storage_estimate(abstract_state, train_steps=10, milestone_steps=[0, 5, 10],
-                                         milestone_dtype="bfloat16", save_interval_steps=4, max_to_keep=2)
+  abstract_state = {
+    "params": {"w": jax.ShapeDtypeStruct((10, 10), jnp.float32), "i": jax.ShapeDtypeStruct((3,), jnp.int32)},
+    "opt_state": {"mu": jax.ShapeDtypeStruct((10, 10), jnp.float32)},
+    "step": jax.ShapeDtypeStruct((), jnp.int32),
+    "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+  }
+  estimate = checkpoint.storage_estimate(
+    abstract_state,
+    train_steps=10,
+    milestone_steps=[0, 5, 10],
+    milestone_dtype="bfloat16",
+    save_interval_steps=4,
+    max_to_keep=2,
+  )
   assert estimate.milestone_bytes == 100 * 2 + 3 * 4  # floating leaves in bf16, integers as they are
   assert estimate.resume_bytes == 400 + 12 + 400 + 4 + 8
   assert estimate.num_resume == 3  # saves at 4, 8, 10; max_to_keep 2 + the one being written
   assert estimate.total_bytes == 3 * 212 + 3 * 824
-  one_save = checkpoint.storage_estimate(abstract_state, train_steps=3, milestone_steps=[0, 3],
-                                         milestone_dtype="float32", save_interval_steps=4, max_to_keep=2)
+  one_save = checkpoint.storage_estimate(
+    abstract_state,
+    train_steps=3,
+    milestone_steps=[0, 3],
+    milestone_dtype="float32",
+    save_interval_steps=4,
+    max_to_keep=2,
+  )
   assert (one_save.num_resume, one_save.milestone_bytes) == (1, 412)  # only the final save
 
 
@@ -129,9 +149,14 @@ def test_too_little_free_space_stops_before_training(tmp_path, monkeypatch):
     _train(model_dir)
   message = str(raised.value)
   program = _smoke_program()
-  expected = checkpoint.storage_estimate(program.abstract_state, train_steps=60,
-                                         milestone_steps=checkpoint.milestone_schedule(60, 8),
-                                         milestone_dtype="bfloat16", save_interval_steps=20, max_to_keep=2)
+  expected = checkpoint.storage_estimate(
+    program.abstract_state,
+    train_steps=60,
+    milestone_steps=checkpoint.milestone_schedule(60, 8),
+    milestone_dtype="bfloat16",
+    save_interval_steps=20,
+    max_to_keep=2,
+  )
   assert f"has {free / GIB:.3g} GiB free" in message
   assert f"need {expected.total_bytes / GIB:.3g} GiB more" in message
   assert "8 milestones x" in message and "3 resume checkpoints x" in message
@@ -144,8 +169,9 @@ def test_too_little_free_space_stops_before_training(tmp_path, monkeypatch):
 def test_a_failed_save_names_the_checkpoint_and_the_cause_and_keeps_the_previous_one(tmp_path):
   run_metadata = {"arch": "llama", "size": "test", "global_batch_size": 1, "seq_len": 1}
   state = {"params": {"w": jax.random.normal(jax.random.key(0), (256, 256))}, "step": jnp.int32(5)}
-  saver = checkpoint.Checkpointer(str(tmp_path), save_interval_steps=5, max_to_keep=2, milestone_steps=[],
-                                  run_metadata=run_metadata)
+  saver = checkpoint.Checkpointer(
+    str(tmp_path), save_interval_steps=5, max_to_keep=2, milestone_steps=[], run_metadata=run_metadata
+  )
   saver.save(5, state)
   saver.wait_until_finished()
   # A real write error from the kernel: files beyond 100 KB fail with EFBIG (root ignores permissions, and a
@@ -164,8 +190,9 @@ def test_a_failed_save_names_the_checkpoint_and_the_cause_and_keeps_the_previous
   assert f"saving checkpoint {tmp_path}/checkpoints/resume/10 failed: File too large (errno 27)" in message
   assert "checkpoints saved before it are intact" in message
   saver.close()  # the failure is reported once, not again while closing
-  reader = checkpoint.Checkpointer(str(tmp_path), save_interval_steps=5, max_to_keep=2, milestone_steps=[],
-                                   run_metadata=run_metadata)
+  reader = checkpoint.Checkpointer(
+    str(tmp_path), save_interval_steps=5, max_to_keep=2, milestone_steps=[], run_metadata=run_metadata
+  )
   try:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     restored, step = reader.restore_latest(abstract)
@@ -202,30 +229,45 @@ def test_a_save_failing_mid_run_stops_training_with_one_error_and_the_earlier_ch
     # Milestones 0, 1, 8, 12 and resume checkpoints every 4 steps, saved synchronously: batch 6 is read after
     # the saves of step 4 finished, so the saves of step 8 are the first to fail.
     with pytest.raises(checkpoint.CheckpointSaveError) as raised:
-      _train(model_dir, "TRAIN_STEPS = 12", "trainer.train.num_milestones = 4",
-             "trainer.train.checkpoint_every_steps = 4", "trainer.train.async_checkpointing = False",
-             make_loader=make_loader)
+      _train(
+        model_dir,
+        "TRAIN_STEPS = 12",
+        "trainer.train.num_milestones = 4",
+        "trainer.train.checkpoint_every_steps = 4",
+        "trainer.train.async_checkpointing = False",
+        make_loader=make_loader,
+      )
   finally:
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     signal.signal(signal.SIGXFSZ, previous_handler)
-  assert re.search(rf"saving checkpoint {model_dir}/checkpoints/\w+/8 failed: File too large \(errno 27\)",
-                   str(raised.value))
+  assert re.search(
+    rf"saving checkpoint {model_dir}/checkpoints/\w+/8 failed: File too large \(errno 27\)", str(raised.value)
+  )
   assert _step_dirs(model_dir, "milestones") == [0, 1] and _step_dirs(model_dir, "resume") == [4]
   # The run resumes from the intact step-4 checkpoint and finishes.
-  summary = _train(model_dir, "TRAIN_STEPS = 12", "trainer.train.num_milestones = 4",
-                   "trainer.train.checkpoint_every_steps = 4")
+  summary = _train(
+    model_dir, "TRAIN_STEPS = 12", "trainer.train.num_milestones = 4", "trainer.train.checkpoint_every_steps = 4"
+  )
   assert summary["step"] == 12 and _step_dirs(model_dir, "milestones") == [0, 1, 8, 12]
   assert [r["step"] for r in metrics.read_metrics(model_dir)][-8:] == list(range(5, 13))
 
 
 # --- the loop: wall-clock throughput, prefetching, milestones on disk -----------------------------------------------
 
+
 def test_step_timer_separates_wall_time_from_step_time():
-  clock = iter([0.0,             # start
-                1.0, 1.1,        # dispatch step 1, dispatch step 2 (the loop runs ahead)
-                3.0,             # step 1 seen complete: wall 3.0, step 3.0 - 1.0
-                3.2, 5.0,        # dispatch step 3; step 2 complete: started at 3.0 (after step 1), 2.0
-                9.0, 9.5]).__next__  # step 3 complete (4 s with a checkpoint); dispatch 4 (not completed)
+  clock = iter(
+    [
+      0.0,  # start
+      1.0,
+      1.1,  # dispatch step 1, dispatch step 2 (the loop runs ahead)
+      3.0,  # step 1 seen complete: wall 3.0, step 3.0 - 1.0
+      3.2,
+      5.0,  # dispatch step 3; step 2 complete: started at 3.0 (after step 1), 2.0
+      9.0,
+      9.5,
+    ]
+  ).__next__  # step 3 complete (4 s with a checkpoint); dispatch 4 (not completed)
   timer = metrics.StepTimer(clock)
   timer.dispatching(), timer.dispatching()
   timer.completed()
@@ -253,7 +295,7 @@ def test_prefetched_yields_the_batches_of_the_plain_loop_and_raises_at_the_faili
   with pytest.raises(OSError, match="unreadable record"):
     next(stream)
   stream.close()
-  assert built == list(range(3, 10))[:len(built)] and len(built) <= 7
+  assert built == list(range(3, 10))[: len(built)] and len(built) <= 7
   with pytest.raises(ValueError, match="prefetch depth must be a positive int, got 0"):
     loader.prefetched(make, range(3), depth=0)
 
@@ -264,17 +306,32 @@ def test_short_run_wall_clock_throughput_and_milestones(tmp_path):
   shows in the wall-clock figures but not in the step-only ones."""
   model_dir = str(tmp_path / "run")
   start = time.perf_counter()
-  _train(model_dir, "TRAIN_STEPS = 40", "trainer.train.num_milestones = 57", "trainer.train.checkpoint_every_steps = 4",
-         "EVAL_EVERY_STEPS = 5", "trainer.train.eval_batches = 1", "trainer.train.async_checkpointing = False")
+  _train(
+    model_dir,
+    "TRAIN_STEPS = 40",
+    "trainer.train.num_milestones = 57",
+    "trainer.train.checkpoint_every_steps = 4",
+    "EVAL_EVERY_STEPS = 5",
+    "trainer.train.eval_batches = 1",
+    "trainer.train.async_checkpointing = False",
+  )
   elapsed = time.perf_counter() - start
   assert checkpoint.list_milestones(model_dir) == [0, 6, 13, 20, 26, 33, 40]
   # The storage estimate against the disk: 7 milestones and the 2 resume checkpoints kept (the estimate adds the
   # one being written while the oldest still exists); Orbax compresses a little and adds kilobytes of metadata.
-  estimate = checkpoint.storage_estimate(_smoke_program().abstract_state, train_steps=40,
-                                         milestone_steps=checkpoint.milestone_schedule(40, 57),
-                                         milestone_dtype="bfloat16", save_interval_steps=4, max_to_keep=2)
-  on_disk = sum(os.path.getsize(os.path.join(root, name))
-                for root, _, names in os.walk(os.path.join(model_dir, "checkpoints")) for name in names)
+  estimate = checkpoint.storage_estimate(
+    _smoke_program().abstract_state,
+    train_steps=40,
+    milestone_steps=checkpoint.milestone_schedule(40, 57),
+    milestone_dtype="bfloat16",
+    save_interval_steps=4,
+    max_to_keep=2,
+  )
+  on_disk = sum(
+    os.path.getsize(os.path.join(root, name))
+    for root, _, names in os.walk(os.path.join(model_dir, "checkpoints"))
+    for name in names
+  )
   kept = estimate.num_milestones * estimate.milestone_bytes + 2 * estimate.resume_bytes
   assert 0.8 * kept < on_disk < estimate.total_bytes
 
@@ -287,14 +344,14 @@ def test_short_run_wall_clock_throughput_and_milestones(tmp_path):
   for first, last in ((0, 39), (0, 20), (9, 30)):
     between = records[last]["timestamp"] - records[first]["timestamp"]
     assert tokens_per_step * (last - first) / between == pytest.approx(
-        tokens_per_step * (last - first) / wall[first + 1:last + 1].sum(), rel=0.05)
+      tokens_per_step * (last - first) / wall[first + 1 : last + 1].sum(), rel=0.05
+    )
   assert wall.sum() < elapsed
   step_time = np.array([r["step_time_s"] for r in records])
   assert np.all(step_time <= wall * (1 + 1e-9))
   for record in records:
     assert record["step_tokens_per_sec"] == pytest.approx(tokens_per_step / record["step_time_s"], rel=1e-9)
-    assert record["mfu"] == pytest.approx(record["step_mfu"] * record["step_time_s"] / record["wall_time_s"],
-                                          rel=1e-9)
+    assert record["mfu"] == pytest.approx(record["step_mfu"] * record["step_time_s"] / record["wall_time_s"], rel=1e-9)
   # Validation follows steps 5, 10, ..., a (synchronous) save steps 4, 8, ... and the milestones: the next step's
   # wall time carries that work, its step time does not.
   busy = {*range(4, 41, 4), *range(5, 41, 5), 6, 13, 20, 26, 33}

@@ -10,6 +10,7 @@ On a GPU machine with jax[cuda], torch and the peers (pip install flash-linear-a
 lightning-attn==0.0.5):
   python3 benchmarks/peers/fla_kernels.py --out benchmarks/peers/fla_kernels_h200.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ def log(*parts):
 
 def jax_median_ms(function, *args, calls: int = 20) -> float:
   import jax
+
   jax.block_until_ready(function(*args))
   times = []
   for _ in range(calls):
@@ -45,6 +47,7 @@ def chunk_simple_gla_jax(q, k, v, log_decay, chunk: int = 64):
   """Chunked linear attention with a scalar log-decay per head in plain jnp (XLA only), on [B, T, H, D]."""
   import jax
   import jax.numpy as jnp
+
   batch, length, heads, dim = q.shape
   num_chunks = length // chunk
   qc, kc, vc = (x.reshape(batch, num_chunks, chunk, heads, dim) for x in (q, k, v))
@@ -53,11 +56,12 @@ def chunk_simple_gla_jax(q, k, v, log_decay, chunk: int = 64):
   decay_q = jnp.exp(log_decay[None, :] * (position[:, None] + 1))  # [C, H]
   decay_k = jnp.exp(log_decay[None, :] * (chunk - 1 - position[:, None]))  # [C, H]
   distance = position[:, None] - position[None, :]
-  mask = jnp.where(distance[None] >= 0, jnp.exp(log_decay[:, None, None] * jnp.maximum(distance, 0)[None]), 0.)
+  mask = jnp.where(distance[None] >= 0, jnp.exp(log_decay[:, None, None] * jnp.maximum(distance, 0)[None]), 0.0)
   scores = jnp.einsum("bnihd,bnjhd->bnhij", qc, kc, preferred_element_type=jnp.float32) * mask[None, None]
   intra = jnp.einsum("bnhij,bnjhd->bnihd", scores.astype(q.dtype), vc, preferred_element_type=jnp.float32)
-  chunk_states = jnp.einsum("bnjhd,bnjhe->bnhde", (kc * decay_k[None, None, :, :, None]).astype(q.dtype), vc,
-                            preferred_element_type=jnp.float32)
+  chunk_states = jnp.einsum(
+    "bnjhd,bnjhe->bnhde", (kc * decay_k[None, None, :, :, None]).astype(q.dtype), vc, preferred_element_type=jnp.float32
+  )
   chunk_decay = jnp.exp(log_decay * chunk)  # [H]
 
   def step(state, contribution):
@@ -65,14 +69,19 @@ def chunk_simple_gla_jax(q, k, v, log_decay, chunk: int = 64):
 
   _, states = jax.lax.scan(step, jnp.zeros((batch, heads, dim, dim), jnp.float32), jnp.moveaxis(chunk_states, 1, 0))
   states = jnp.moveaxis(states, 0, 1)  # the state before each chunk, [B, n, H, D, D]
-  inter = jnp.einsum("bnihd,bnhde->bnihe", (qc * decay_q[None, None, :, :, None]).astype(q.dtype),
-                     states.astype(q.dtype), preferred_element_type=jnp.float32)
+  inter = jnp.einsum(
+    "bnihd,bnhde->bnihe",
+    (qc * decay_q[None, None, :, :, None]).astype(q.dtype),
+    states.astype(q.dtype),
+    preferred_element_type=jnp.float32,
+  )
   return (intra + inter).reshape(batch, length, heads, dim).astype(q.dtype)
 
 
 def time_jax(results: dict) -> None:
   import jax
   import jax.numpy as jnp
+
   for shape in SHAPES:
     label = "x".join(map(str, shape))
     keys = jax.random.split(jax.random.key(0), 4)
@@ -98,6 +107,7 @@ def time_torch(results: dict) -> None:
   from fla.ops.linear_attn import chunk_linear_attn
   from fla.ops.simple_gla import chunk_simple_gla
   from triton.testing import do_bench
+
   try:
     from lightning_attn.ops import lightning_attn_func
   except ImportError as error:
@@ -114,20 +124,23 @@ def time_torch(results: dict) -> None:
     gates.requires_grad_()
     grad_out = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
     cases = {
-        "fla chunk_simple_gla (TNL decay)": lambda: chunk_simple_gla(q, k, v, g_gamma=log_decay)[0],
-        "fla chunk_gla (HGRN2-like)": lambda: chunk_gla(q, k, v, gates)[0],
-        "fla chunk_linear_attn (no decay)": lambda: chunk_linear_attn(q, k, v, normalize=False)[0],
-        "torch sdpa flash (causal)": lambda: torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True),
+      "fla chunk_simple_gla (TNL decay)": lambda: chunk_simple_gla(q, k, v, g_gamma=log_decay)[0],
+      "fla chunk_gla (HGRN2-like)": lambda: chunk_gla(q, k, v, gates)[0],
+      "fla chunk_linear_attn (no decay)": lambda: chunk_linear_attn(q, k, v, normalize=False)[0],
+      "torch sdpa flash (causal)": lambda: torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+      ),
     }
     if lightning_attn_func is not None:
       slopes = (-log_decay).reshape(heads, 1, 1).float()
       qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
       cases["lightning_attn2 (OpenNLPLab)"] = lambda: lightning_attn_func(qh, kh, vh, slopes)
     for name, function in cases.items():
+
       def forward_backward(function=function):
         out = function()
         out.backward(grad_out if out.shape == grad_out.shape else torch.ones_like(out))
+
       try:
         forward = do_bench(function, warmup=25, rep=100, return_mode="median")
         both = do_bench(forward_backward, warmup=25, rep=100, return_mode="median")
@@ -149,14 +162,18 @@ def main(argv=None) -> dict:
     except Exception:  # a missing framework leaves the other's timings
       traceback.print_exc()
   import jax
-  record = {"provenance": {
+
+  record = {
+    "provenance": {
       "script": "benchmarks/peers/fla_kernels.py",
       "command": f"python3 benchmarks/peers/fla_kernels.py --out {args.out}",
       "packages": package_versions("jax", "torch", "triton", "fla", "lightning_attn"),
       "device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "units": "milliseconds, [forward, forward+backward], median"},
-      "results": results}
+      "units": "milliseconds, [forward, forward+backward], median",
+    },
+    "results": results,
+  }
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as f:
     json.dump(record, f, indent=1)

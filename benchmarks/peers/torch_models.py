@@ -12,6 +12,7 @@ On a GPU machine with torch, transformers and fla (pip install flash-linear-atte
       --sizes 410m,1b --seq_lens 2048,8192,32768 --models hgrn2,llama
 fla's first call autotunes its Triton kernels (minutes per process), which the warm-up steps absorb.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,6 @@ import time
 import traceback
 
 import torch
-
 from provenance import package_versions  # benchmarks/peers/, the script's own directory
 
 # Layers, width, heads and GLU width of the paper's shapes (head dim 128, 1B GLU width 4096).
@@ -35,19 +35,37 @@ def build(model: str, size: str, max_seq_len: int) -> torch.nn.Module:
   shape = SIZES[size]
   if model == "hgrn2":
     from fla.models import HGRN2Config, HGRN2ForCausalLM
-    config = HGRN2Config(hidden_size=shape["d"], num_hidden_layers=shape["layers"], num_heads=shape["heads"],
-                         expand_ratio=None, intermediate_size=shape["ffn"], vocab_size=VOCAB,
-                         tie_word_embeddings=True, fuse_cross_entropy=True)
+
+    config = HGRN2Config(
+      hidden_size=shape["d"],
+      num_hidden_layers=shape["layers"],
+      num_heads=shape["heads"],
+      expand_ratio=None,
+      intermediate_size=shape["ffn"],
+      vocab_size=VOCAB,
+      tie_word_embeddings=True,
+      fuse_cross_entropy=True,
+    )
     return HGRN2ForCausalLM(config)
   from transformers import LlamaConfig, LlamaForCausalLM
-  config = LlamaConfig(hidden_size=shape["d"], num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
-                       num_key_value_heads=shape["heads"], intermediate_size=shape["ffn"], vocab_size=VOCAB,
-                       tie_word_embeddings=True, max_position_embeddings=max_seq_len, attn_implementation="sdpa")
+
+  config = LlamaConfig(
+    hidden_size=shape["d"],
+    num_hidden_layers=shape["layers"],
+    num_attention_heads=shape["heads"],
+    num_key_value_heads=shape["heads"],
+    intermediate_size=shape["ffn"],
+    vocab_size=VOCAB,
+    tie_word_embeddings=True,
+    max_position_embeddings=max_seq_len,
+    attn_implementation="sdpa",
+  )
   return LlamaForCausalLM(config)
 
 
-def bench(model_name: str, size: str, seq_len: int, tokens_per_step: int, max_seq_len: int, steps: int = 6,
-          warmup: int = 3) -> dict:
+def bench(
+  model_name: str, size: str, seq_len: int, tokens_per_step: int, max_seq_len: int, steps: int = 6, warmup: int = 3
+) -> dict:
   torch.manual_seed(0)
   model = build(model_name, size, max_seq_len).cuda()
   num_params = sum(p.numel() for p in model.parameters())
@@ -76,11 +94,17 @@ def bench(model_name: str, size: str, seq_len: int, tokens_per_step: int, max_se
     torch.cuda.synchronize()
     times.append(time.perf_counter() - start)
   step_s = sorted(times)[len(times) // 2]
-  row = dict(model=model_name, size=size, seq=seq_len, batch=batch, params=num_params, step_s=step_s,
-             tokens_per_s=batch * seq_len / step_s, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-             warmup_s=warmup_s)
-  del model, optimizer
-  torch.cuda.empty_cache()
+  row = dict(
+    model=model_name,
+    size=size,
+    seq=seq_len,
+    batch=batch,
+    params=num_params,
+    step_s=step_s,
+    tokens_per_s=batch * seq_len / step_s,
+    peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+    warmup_s=warmup_s,
+  )
   return row
 
 
@@ -98,17 +122,21 @@ def main(argv=None) -> dict:
       parser.error(f"{name}: unknown {unknown}; valid: {sorted(valid)}")
   seq_lens = [int(value) for value in args.seq_lens.split(",")]
   device = torch.cuda.get_device_properties(0)
-  record = {"provenance": {
+  record = {
+    "provenance": {
       "script": "benchmarks/peers/torch_models.py",
-      "command": "python3 benchmarks/peers/torch_models.py " + " ".join(
-          f"--{key} {value}" for key, value in vars(args).items()),
+      "command": "python3 benchmarks/peers/torch_models.py "
+      + " ".join(f"--{key} {value}" for key, value in vars(args).items()),
       "packages": package_versions("torch", "transformers", "triton", "fla"),
       "device": f"{torch.cuda.device_count()}x {device.name} ({device.total_memory / 1e9:.0f} GB)",
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "setup": "bf16 autocast, fp32 fused AdamW (lr 3e-4, weight decay 0.1), tied embeddings; fla "
-               "HGRN2ForCausalLM (fused cross-entropy), transformers LlamaForCausalLM (sdpa); median of 6 steps "
-               "after 3 warm-up steps"},
-      "tokens_per_step": args.tokens_per_step, "results": []}
+      "HGRN2ForCausalLM (fused cross-entropy), transformers LlamaForCausalLM (sdpa); median of 6 steps "
+      "after 3 warm-up steps",
+    },
+    "tokens_per_step": args.tokens_per_step,
+    "results": [],
+  }
   for size in sizes:
     for seq_len in seq_lens:
       for model in models:
@@ -116,8 +144,8 @@ def main(argv=None) -> dict:
           row = bench(model, size, seq_len, args.tokens_per_step, max(seq_lens))
         except Exception as error:  # one failing shape (e.g. out of memory) must not stop the table
           traceback.print_exc()
-          torch.cuda.empty_cache()
           row = dict(model=model, size=size, seq=seq_len, error=repr(error)[:300])
+        torch.cuda.empty_cache()  # the finished shape's model and optimizer are gone with bench()'s frame
         record["results"].append(row)
         print(json.dumps(row), flush=True)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -41,6 +41,7 @@ Interrupted builds: a build holds DIR/.build.lock (host, pid, process start time
 of the same DIR is refused while the first runs. A killed build leaves its lock and scratch (`.tokenizing-*`
 spill files, `lsm_packed/incomplete.*`); the next build takes the lock over and removes that scratch first.
 """
+
 from __future__ import annotations
 
 import collections
@@ -91,8 +92,12 @@ class _ReadStats:
   """Counts of what reading skipped or repaired, with a few example locations for the report."""
 
   def __init__(self, advance: Callable[[float], object] = lambda amount: None):
-    self.counts = {"documents_read": 0, "empty_documents_skipped": 0, "malformed_records_skipped": 0,
-                   "documents_with_invalid_utf8": 0}
+    self.counts = {
+      "documents_read": 0,
+      "empty_documents_skipped": 0,
+      "malformed_records_skipped": 0,
+      "documents_with_invalid_utf8": 0,
+    }
     self.skipped_locations: list[str] = []
     self.advance = advance  # readers report the bytes of source files they have consumed
 
@@ -112,8 +117,10 @@ def _decode_utf8(raw: bytes, stats: _ReadStats) -> str:
 
 def is_hf_dataset_dir(path: str) -> bool:
   """Whether `path` is a directory written by `datasets`' Dataset.save_to_disk or DatasetDict.save_to_disk."""
+
   def has(name):
     return os.path.isfile(os.path.join(path, name))
+
   return os.path.isdir(path) and (has("dataset_dict.json") or (has("dataset_info.json") and has("state.json")))
 
 
@@ -125,19 +132,30 @@ def resolve_source_files(source: str) -> list[str]:
     if is_hf_dataset_dir(part):
       matches = [part]
     elif os.path.isdir(part):
-      matches = [os.path.join(root, name) for root, _, names in os.walk(part) for name in names
-                 if name.endswith(SUPPORTED_SUFFIXES)]
+      matches = [
+        os.path.join(root, name)
+        for root, _, names in os.walk(part)
+        for name in names
+        if name.endswith(SUPPORTED_SUFFIXES)
+      ]
     elif os.path.isfile(part):
       if not part.endswith(SUPPORTED_SUFFIXES):
-        raise ValueError(f"source file {part!r} has an unsupported extension; valid: {', '.join(SUPPORTED_SUFFIXES)} "
-                         "or a Hugging Face datasets directory (save_to_disk)")
+        raise ValueError(
+          f"source file {part!r} has an unsupported extension; valid: {', '.join(SUPPORTED_SUFFIXES)} "
+          "or a Hugging Face datasets directory (save_to_disk)"
+        )
       matches = [part]
     else:
-      matches = [m for m in glob.glob(part, recursive=True)
-                 if (os.path.isfile(m) and m.endswith(SUPPORTED_SUFFIXES)) or is_hf_dataset_dir(m)]
+      matches = [
+        m
+        for m in glob.glob(part, recursive=True)
+        if (os.path.isfile(m) and m.endswith(SUPPORTED_SUFFIXES)) or is_hf_dataset_dir(m)
+      ]
     if not matches:
-      raise ValueError(f"source {part!r} matches no {', '.join(SUPPORTED_SUFFIXES)} file or Hugging Face datasets "
-                       "directory (missing path or empty glob)")
+      raise ValueError(
+        f"source {part!r} matches no {', '.join(SUPPORTED_SUFFIXES)} file or Hugging Face datasets "
+        "directory (missing path or empty glob)"
+      )
     files.extend(os.path.abspath(m) for m in matches)
   if not files:
     raise ValueError(f"--source={source!r} names no files")
@@ -241,10 +259,13 @@ def _texts_of_column(texts: Iterable, location: Callable[[int], str], stats: _Re
 
 def _read_parquet(path: str, stats: _ReadStats, text_field: str) -> Iterator[str]:
   import pyarrow.parquet as pq
+
   parquet_file = pq.ParquetFile(path)
   if text_field not in parquet_file.schema_arrow.names:
-    raise ValueError(f"parquet file {path!r} has no {text_field!r} column; columns: {parquet_file.schema_arrow.names} "
-                     "(choose one with --text_field)")
+    raise ValueError(
+      f"parquet file {path!r} has no {text_field!r} column; columns: {parquet_file.schema_arrow.names} "
+      "(choose one with --text_field)"
+    )
   rows_per_byte = max(1, parquet_file.metadata.num_rows) / os.path.getsize(path)
   first_row = 0
   for batch in parquet_file.iter_batches(columns=[text_field]):
@@ -257,27 +278,34 @@ def _read_hf_dataset(path: str, stats: _ReadStats, text_field: str) -> Iterator[
   try:
     import datasets
   except ImportError:
-    raise ValueError(f"{path} is a Hugging Face datasets directory; reading it needs the `datasets` package "
-                     "(pip install datasets; the `eval` extra brings it)") from None
+    raise ValueError(
+      f"{path} is a Hugging Face datasets directory; reading it needs the `datasets` package "
+      "(pip install datasets; the `eval` extra brings it)"
+    ) from None
   dataset = datasets.load_from_disk(path)
   if isinstance(dataset, datasets.DatasetDict):
     if "train" not in dataset:
-      raise ValueError(f"{path} holds splits {list(dataset)} and no 'train' split; give one split's directory as "
-                       f"--source, e.g. {os.path.join(path, next(iter(dataset)))}")
+      raise ValueError(
+        f"{path} holds splits {list(dataset)} and no 'train' split; give one split's directory as "
+        f"--source, e.g. {os.path.join(path, next(iter(dataset)))}"
+      )
     dataset = dataset["train"]
   if text_field not in dataset.column_names:
-    raise ValueError(f"Hugging Face dataset {path!r} has no {text_field!r} column; columns: {dataset.column_names} "
-                     "(choose one with --text_field)")
+    raise ValueError(
+      f"Hugging Face dataset {path!r} has no {text_field!r} column; columns: {dataset.column_names} "
+      "(choose one with --text_field)"
+    )
   total_bytes, rows = source_bytes(path), max(1, len(dataset))
   batch_size = 1024
   for first_row in range(0, len(dataset), batch_size):
-    texts = dataset[first_row:first_row + batch_size][text_field]
+    texts = dataset[first_row : first_row + batch_size][text_field]
     yield from _texts_of_column(texts, lambda row: f"{path} row {first_row + row}", stats)
     stats.advance(total_bytes * len(texts) / rows)
 
 
 def _read_tfds_catalog(name_and_split: str, stats: _ReadStats, download: bool, text_field: str) -> Iterator[str]:
   import tensorflow_datasets as tfds
+
   name, _, split = name_and_split.partition(":")
   split = split or "train"
   tfds_data_dir = os.environ.get("TFDS_DATA_DIR")  # None: TFDS's default, ~/tensorflow_datasets
@@ -285,23 +313,28 @@ def _read_tfds_catalog(name_and_split: str, stats: _ReadStats, download: bool, t
   try:
     builder = tfds.builder(name, data_dir=tfds_data_dir, file_format="array_record")
   except tfds.core.registered.DatasetNotFoundError as error:
-    raise ValueError(f"TFDS catalog dataset {name!r} is not available here: "
-                     f"{str(error).splitlines()[0]} (its builder may need packages that are not installed)") from error
+    raise ValueError(
+      f"TFDS catalog dataset {name!r} is not available here: "
+      f"{str(error).splitlines()[0]} (its builder may need packages that are not installed)"
+    ) from error
   if download:
     try:
       builder.download_and_prepare(file_format="array_record")
     except Exception as error:  # network, missing packages (apache-beam, tensorflow), quota: all end here
-      raise ValueError(f"downloading and preparing TFDS catalog dataset {name!r} into {where} failed (this "
-                       f"machine may be offline or lack the builder's packages): {type(error).__name__}: "
-                       f"{str(error).splitlines()[0] if str(error) else ''}") from error
+      raise ValueError(
+        f"downloading and preparing TFDS catalog dataset {name!r} into {where} failed (this "
+        f"machine may be offline or lack the builder's packages): {type(error).__name__}: "
+        f"{str(error).splitlines()[0] if str(error) else ''}"
+      ) from error
   try:
     source = builder.as_data_source(split=split)
   except Exception as error:  # TFDS raises KeyError/ValueError/AssertionError for "not prepared"
     raise ValueError(
-        f"TFDS catalog dataset {name!r} split {split!r} is not prepared in {where}; nothing is downloaded "
-        "unless --tfds_download is given (and this machine may be offline): prepare it with "
-        f"file_format=array_record where the network is reachable, or pass --tfds_download. "
-        f"Cause: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
+      f"TFDS catalog dataset {name!r} split {split!r} is not prepared in {where}; nothing is downloaded "
+      "unless --tfds_download is given (and this machine may be offline): prepare it with "
+      f"file_format=array_record where the network is reachable, or pass --tfds_download. "
+      f"Cause: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    ) from error
   for index in range(len(source)):
     text = source[index].get(text_field)
     text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
@@ -321,7 +354,7 @@ def _reader(path: str) -> Callable[[str, _ReadStats, str], Iterator[str]]:
 
 def _iter_source_documents(source: str, stats: _ReadStats, tfds_download: bool, text_field: str) -> Iterator[str]:
   if source.startswith("tfds:"):
-    yield from _read_tfds_catalog(source[len("tfds:"):], stats, tfds_download, text_field)
+    yield from _read_tfds_catalog(source[len("tfds:") :], stats, tfds_download, text_field)
     return
   for path in resolve_source_files(source):
     yield from _reader(path)(path, stats, text_field)
@@ -330,8 +363,11 @@ def _iter_source_documents(source: str, stats: _ReadStats, tfds_download: bool, 
 def source_fingerprint(source: str) -> list:
   if source.startswith("tfds:"):
     return [source]
-  return [(file, os.stat(file).st_size, os.stat(file).st_mtime_ns)
-          for path in resolve_source_files(source) for file in _source_files(path)]
+  return [
+    (file, os.stat(file).st_size, os.stat(file).st_mtime_ns)
+    for path in resolve_source_files(source)
+    for file in _source_files(path)
+  ]
 
 
 # ------------------------------------------------------------------------------------------------ tokenizing
@@ -346,8 +382,10 @@ def _init_tokenize_worker(tokenizer_spec: str, val_fraction: float):
 
 def _tokenize_documents(texts: list[str]) -> list[tuple[bool, np.ndarray]]:
   tokenizer, val_fraction = _worker_state["tokenizer"], _worker_state["val_fraction"]
-  return [(is_validation_document(text, val_fraction), np.asarray(tokenizer.encode_document(text), np.int32))
-          for text in texts]
+  return [
+    (is_validation_document(text, val_fraction), np.asarray(tokenizer.encode_document(text), np.int32))
+    for text in texts
+  ]
 
 
 def _batched(texts: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -361,8 +399,9 @@ def _batched(texts: Iterable[str], size: int) -> Iterator[list[str]]:
     yield batch
 
 
-def _tokenize_in_order(documents: Iterable[str], tokenizer_spec: str, val_fraction: float,
-                       num_workers: int) -> Iterator[tuple[bool, np.ndarray]]:
+def _tokenize_in_order(
+  documents: Iterable[str], tokenizer_spec: str, val_fraction: float, num_workers: int
+) -> Iterator[tuple[bool, np.ndarray]]:
   """(is_validation, ids) per document, in input order; at most 4 batches per worker are in flight."""
   batches = _batched(documents, _DOCUMENTS_PER_TASK)
   if num_workers == 1:
@@ -372,8 +411,11 @@ def _tokenize_in_order(documents: Iterable[str], tokenizer_spec: str, val_fracti
     return
   # "spawn": forking a process that may already run JAX or TFDS threads is unsafe.
   executor = concurrent.futures.ProcessPoolExecutor(
-      num_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_tokenize_worker,
-      initargs=(tokenizer_spec, val_fraction))
+    num_workers,
+    mp_context=multiprocessing.get_context("spawn"),
+    initializer=_init_tokenize_worker,
+    initargs=(tokenizer_spec, val_fraction),
+  )
   in_flight: collections.deque = collections.deque()
   try:
     for batch in batches:
@@ -383,14 +425,22 @@ def _tokenize_in_order(documents: Iterable[str], tokenizer_spec: str, val_fracti
     while in_flight:
       yield from in_flight.popleft().result()
   except concurrent.futures.process.BrokenProcessPool as error:
-    raise RuntimeError("a tokenizer worker process died; if it could not start, run from a module or a script "
-                       "with an `if __name__ == '__main__':` guard, or use num_workers=1") from error
+    raise RuntimeError(
+      "a tokenizer worker process died; if it could not start, run from a module or a script "
+      "with an `if __name__ == '__main__':` guard, or use num_workers=1"
+    ) from error
   finally:
     executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _tokenize_to_spill_files(documents: Iterable[str], spill_dir: str, tokenizer: tokenizer_lib.Tokenizer,
-                             val_fraction: float, num_workers: int, progress) -> None:
+def _tokenize_to_spill_files(
+  documents: Iterable[str],
+  spill_dir: str,
+  tokenizer: tokenizer_lib.Tokenizer,
+  val_fraction: float,
+  num_workers: int,
+  progress,
+) -> None:
   """Tokenizes in parallel (order kept) into per-split flat token files + document-length files."""
   token_files = {split: open(os.path.join(spill_dir, f"{split}.tokens"), "wb") for split in SPLITS}
   length_files = {split: open(os.path.join(spill_dir, f"{split}.lengths"), "wb") for split in SPLITS}
@@ -474,10 +524,15 @@ def _acquire_build_lock(data_dir: str) -> str:
         if holder is None:
           continue
         if build_holder_is_alive(holder):
-          raise ValueError(f"another build is writing {data_dir} (host {holder.get('host')}, pid {holder.get('pid')}); "
-                           f"wait for it to finish, or remove {path} if that build is gone") from None
-        print(f"taking over {data_dir} from an interrupted build (host {holder.get('host', '?')}, pid "
-              f"{holder.get('pid', '?')}) and removing its scratch", file=sys.stderr)
+          raise ValueError(
+            f"another build is writing {data_dir} (host {holder.get('host')}, pid {holder.get('pid')}); "
+            f"wait for it to finish, or remove {path} if that build is gone"
+          ) from None
+        print(
+          f"taking over {data_dir} from an interrupted build (host {holder.get('host', '?')}, pid "
+          f"{holder.get('pid', '?')}) and removing its scratch",
+          file=sys.stderr,
+        )
         if read_build_lock(data_dir) == holder:
           with contextlib.suppress(FileNotFoundError):
             os.remove(path)
@@ -503,8 +558,9 @@ def remove_build_scratch(data_dir: str) -> list[str]:
 # -------------------------------------------------------------------------------------------------- packing
 
 
-def pack_records(tokens: np.ndarray, document_lengths: np.ndarray, seq_len: int, first_record: int = 0,
-                 num_records: int | None = None) -> dict[str, np.ndarray]:
+def pack_records(
+  tokens: np.ndarray, document_lengths: np.ndarray, seq_len: int, first_record: int = 0, num_records: int | None = None
+) -> dict[str, np.ndarray]:
   """Records [first_record, first_record + num_records) of the packed stream, each [seq_len + 1] int32.
 
   `tokens` is the flat stream of documents (each ending in EOS), `document_lengths` their lengths.
@@ -524,9 +580,9 @@ def pack_records(tokens: np.ndarray, document_lengths: np.ndarray, seq_len: int,
   positions = token_index - np.maximum(document_starts[document_of_token], record_start)
   size = num_records * record_len
   out = {name: np.zeros(size, np.int32) for name in ("tokens", "segment_ids", "positions")}
-  out["tokens"][:stop - start] = tokens[start:stop]
-  out["segment_ids"][:stop - start] = segment_ids
-  out["positions"][:stop - start] = positions
+  out["tokens"][: stop - start] = tokens[start:stop]
+  out["segment_ids"][: stop - start] = segment_ids
+  out["positions"][: stop - start] = positions
   return {name: array.reshape(num_records, record_len) for name, array in out.items()}
 
 
@@ -538,10 +594,14 @@ def packing_report(document_lengths: np.ndarray, seq_len: int) -> dict[str, int]
   ends = np.cumsum(document_lengths)
   starts = ends - document_lengths
   crossing = (starts // record_len) != ((ends - 1) // record_len)
-  return {"documents": len(document_lengths), "tokens": total, "records": records,
-          "padding_tokens": records * record_len - total,
-          "documents_longer_than_record": int((document_lengths > record_len).sum()),
-          "documents_split_across_records": int(crossing.sum())}
+  return {
+    "documents": len(document_lengths),
+    "tokens": total,
+    "records": records,
+    "padding_tokens": records * record_len - total,
+    "documents_longer_than_record": int((document_lengths > record_len).sum()),
+    "documents_split_across_records": int(crossing.sum()),
+  }
 
 
 # ------------------------------------------------------------------------------------------------- writing
@@ -567,13 +627,19 @@ def _builder_class():
     def _info(self):
       record = tfds.features.Tensor(shape=(self._seq_len + 1,), dtype=np.int32)
       return tfds.core.DatasetInfo(
-          builder=self, description="Packed token records written by lsm_jax.data.build.",
-          features=tfds.features.FeaturesDict({"tokens": record, "segment_ids": record, "positions": record}),
-          metadata=tfds.core.MetadataDict(self._metadata), disable_shuffling=True)
+        builder=self,
+        description="Packed token records written by lsm_jax.data.build.",
+        features=tfds.features.FeaturesDict({"tokens": record, "segment_ids": record, "positions": record}),
+        metadata=tfds.core.MetadataDict(self._metadata),
+        disable_shuffling=True,
+      )
 
     def _split_generators(self, dl_manager):
-      return {split: self._generate_examples(split) for split in SPLITS
-              if self._metadata["report"]["splits"][split]["records"] > 0}
+      return {
+        split: self._generate_examples(split)
+        for split in SPLITS
+        if self._metadata["report"]["splits"][split]["records"] > 0
+      }
 
     def _generate_examples(self, split):
       tokens, lengths = _load_spill(self._spill_dir, split)
@@ -591,6 +657,7 @@ def _load_spill(spill_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   def load(suffix, dtype):
     path = os.path.join(spill_dir, f"{split}.{suffix}")
     return np.memmap(path, dtype=dtype, mode="r") if os.path.getsize(path) else np.zeros(0, dtype)
+
   return load("tokens", np.int32), load("lengths", np.int64)
 
 
@@ -602,10 +669,19 @@ def read_dataset_metadata(data_dir: str) -> dict | None:
     return json.load(f)
 
 
-def build_from_documents(documents: Iterable[str] | Callable[[_ReadStats], Iterable[str]], data_dir: str, *,
-                         seq_len: int, tokenizer: str = "cl100k", val_fraction: float = 0.01,
-                         input_fingerprint, num_workers: int | None = None, overwrite: bool = False,
-                         show_progress: bool = True, input_size: tuple[float, str] | None = None) -> dict:
+def build_from_documents(
+  documents: Iterable[str] | Callable[[_ReadStats], Iterable[str]],
+  data_dir: str,
+  *,
+  seq_len: int,
+  tokenizer: str = "cl100k",
+  val_fraction: float = 0.01,
+  input_fingerprint,
+  num_workers: int | None = None,
+  overwrite: bool = False,
+  show_progress: bool = True,
+  input_size: tuple[float, str] | None = None,
+) -> dict:
   """Tokenizes, splits, packs and writes `documents`; returns the build report (`reused` says if it existed).
 
   `documents` is an iterable of texts, or a function of the read-stats object returning one (file readers,
@@ -619,18 +695,31 @@ def build_from_documents(documents: Iterable[str] | Callable[[_ReadStats], Itera
   if not 0.0 <= val_fraction < 1.0:
     raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
   tokenizer_obj = tokenizer_lib.get_tokenizer(tokenizer)
-  options = {"format_version": FORMAT_VERSION, "seq_len": seq_len, "tokenizer": tokenizer_obj.spec,
-             "vocab_size": tokenizer_obj.vocab_size, "eos_id": tokenizer_obj.eos_id, "val_fraction": val_fraction}
-  tokenizer_file = ([os.stat(tokenizer_obj.spec).st_size, os.stat(tokenizer_obj.spec).st_mtime_ns]
-                    if os.path.isfile(tokenizer_obj.spec) else None)
-  fingerprint = hashlib.sha256(json.dumps([input_fingerprint, options, tokenizer_file], sort_keys=True)
-                               .encode()).hexdigest()
+  options = {
+    "format_version": FORMAT_VERSION,
+    "seq_len": seq_len,
+    "tokenizer": tokenizer_obj.spec,
+    "vocab_size": tokenizer_obj.vocab_size,
+    "eos_id": tokenizer_obj.eos_id,
+    "val_fraction": val_fraction,
+  }
+  tokenizer_file = (
+    [os.stat(tokenizer_obj.spec).st_size, os.stat(tokenizer_obj.spec).st_mtime_ns]
+    if os.path.isfile(tokenizer_obj.spec)
+    else None
+  )
+  fingerprint = hashlib.sha256(
+    json.dumps([input_fingerprint, options, tokenizer_file], sort_keys=True).encode()
+  ).hexdigest()
 
   existing = read_dataset_metadata(data_dir)
   holder = read_build_lock(data_dir)
   # Reused without the lock (the directory may be read-only), unless a killed build left scratch to remove.
-  if existing is not None and existing.get("fingerprint") == fingerprint and (
-      holder is None or build_holder_is_alive(holder)):
+  if (
+    existing is not None
+    and existing.get("fingerprint") == fingerprint
+    and (holder is None or build_holder_is_alive(holder))
+  ):
     return {**existing["report"], "reused": True}
   os.makedirs(data_dir, exist_ok=True)
   lock = _acquire_build_lock(data_dir)
@@ -640,30 +729,54 @@ def build_from_documents(documents: Iterable[str] | Callable[[_ReadStats], Itera
       if existing.get("fingerprint") == fingerprint:
         return {**existing["report"], "reused": True}
       if not overwrite:
-        raise ValueError(f"{dataset_version_dir(data_dir)} holds a dataset built from other inputs or options "
-                         f"(fingerprint {existing.get('fingerprint', '?')[:12]} != {fingerprint[:12]}); "
-                         "choose another --data_dir or pass --overwrite")
+        raise ValueError(
+          f"{dataset_version_dir(data_dir)} holds a dataset built from other inputs or options "
+          f"(fingerprint {existing.get('fingerprint', '?')[:12]} != {fingerprint[:12]}); "
+          "choose another --data_dir or pass --overwrite"
+        )
       shutil.rmtree(dataset_version_dir(data_dir))
-    report = _build_locked(documents, data_dir, seq_len=seq_len, tokenizer_obj=tokenizer_obj,
-                           val_fraction=val_fraction, options=options, fingerprint=fingerprint,
-                           input_fingerprint=input_fingerprint, num_workers=num_workers or os.cpu_count() or 1,
-                           show_progress=show_progress, input_size=input_size)
+    report = _build_locked(
+      documents,
+      data_dir,
+      seq_len=seq_len,
+      tokenizer_obj=tokenizer_obj,
+      val_fraction=val_fraction,
+      options=options,
+      fingerprint=fingerprint,
+      input_fingerprint=input_fingerprint,
+      num_workers=num_workers or os.cpu_count() or 1,
+      show_progress=show_progress,
+      input_size=input_size,
+    )
   finally:
     with contextlib.suppress(FileNotFoundError):
       os.remove(lock)
   return {**report, "reused": False}
 
 
-def _build_locked(documents, data_dir: str, *, seq_len: int, tokenizer_obj, val_fraction: float, options: dict,
-                  fingerprint: str, input_fingerprint, num_workers: int, show_progress: bool,
-                  input_size: tuple[float, str] | None) -> dict:
+def _build_locked(
+  documents,
+  data_dir: str,
+  *,
+  seq_len: int,
+  tokenizer_obj,
+  val_fraction: float,
+  options: dict,
+  fingerprint: str,
+  input_fingerprint,
+  num_workers: int,
+  show_progress: bool,
+  input_size: tuple[float, str] | None,
+) -> dict:
   from tqdm import tqdm
+
   if input_size is None:
     total, unit = (len(documents) if isinstance(documents, collections.abc.Sized) else None), " docs"
   else:
     total, unit = input_size
-  progress = tqdm(desc="reading and tokenizing", total=total, unit=unit, unit_scale=unit == "B",
-                  disable=not show_progress)
+  progress = tqdm(
+    desc="reading and tokenizing", total=total, unit=unit, unit_scale=unit == "B", disable=not show_progress
+  )
   stats = _ReadStats(advance=progress.update if input_size is not None else lambda amount: None)
   document_iter = documents(stats) if callable(documents) else documents
 
@@ -677,26 +790,35 @@ def _build_locked(documents, data_dir: str, *, seq_len: int, tokenizer_obj, val_
   with progress, tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=data_dir) as spill_dir:
     _tokenize_to_spill_files(counted(document_iter), spill_dir, tokenizer_obj, val_fraction, num_workers, progress)
     split_reports = {split: packing_report(_load_spill(spill_dir, split)[1], seq_len) for split in SPLITS}
-    report = {**options, "input": stats.counts, "skipped_locations": stats.skipped_locations,
-              "splits": split_reports}
+    report = {**options, "input": stats.counts, "skipped_locations": stats.skipped_locations, "splits": split_reports}
     if stats.counts["documents_read"] == 0:
-      raise ValueError(f"no documents found: every input was empty or malformed ({stats.counts}; first locations: "
-                       f"{stats.skipped_locations[:5]}); if the text is under another field, pass --text_field")
+      raise ValueError(
+        f"no documents found: every input was empty or malformed ({stats.counts}; first locations: "
+        f"{stats.skipped_locations[:5]}); if the text is under another field, pass --text_field"
+      )
     if split_reports["train"]["records"] == 0:
-      raise ValueError(f"all {stats.counts['documents_read']} documents fell into validation "
-                       f"(val_fraction={val_fraction}); use a smaller val_fraction or more documents")
+      raise ValueError(
+        f"all {stats.counts['documents_read']} documents fell into validation "
+        f"(val_fraction={val_fraction}); use a smaller val_fraction or more documents"
+      )
     if val_fraction > 0 and split_reports["validation"]["records"] == 0:
-      raise ValueError(f"val_fraction={val_fraction} selected none of the {stats.counts['documents_read']} "
-                       "documents for validation; use more documents, a larger val_fraction, or val_fraction=0")
+      raise ValueError(
+        f"val_fraction={val_fraction} selected none of the {stats.counts['documents_read']} "
+        "documents for validation; use more documents, a larger val_fraction, or val_fraction=0"
+      )
     metadata = {"fingerprint": fingerprint, "input_fingerprint": input_fingerprint, "report": report}
-    builder = _builder_class()(spill_dir=spill_dir, seq_len=seq_len, metadata=metadata, data_dir=data_dir,
-                               file_format="array_record")
+    builder = _builder_class()(
+      spill_dir=spill_dir, seq_len=seq_len, metadata=metadata, data_dir=data_dir, file_format="array_record"
+    )
     import tensorflow_datasets as tfds
+
     if not show_progress:
       tfds.display_progress_bar(False)
     try:
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(max_shard_size=256 << 20),
-                                   download_dir=os.path.join(spill_dir, "downloads"))
+      builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(max_shard_size=256 << 20),
+        download_dir=os.path.join(spill_dir, "downloads"),
+      )
     finally:
       tfds.display_progress_bar(True)
   with open(os.path.join(data_dir, "build_report.json"), "w") as f:
@@ -704,9 +826,19 @@ def _build_locked(documents, data_dir: str, *, seq_len: int, tokenizer_obj, val_
   return report
 
 
-def build_dataset(source: str, data_dir: str, *, seq_len: int, tokenizer: str = "cl100k",
-                  val_fraction: float = 0.01, num_workers: int | None = None, overwrite: bool = False,
-                  show_progress: bool = True, tfds_download: bool = False, text_field: str = "text") -> dict:
+def build_dataset(
+  source: str,
+  data_dir: str,
+  *,
+  seq_len: int,
+  tokenizer: str = "cl100k",
+  val_fraction: float = 0.01,
+  num_workers: int | None = None,
+  overwrite: bool = False,
+  show_progress: bool = True,
+  tfds_download: bool = False,
+  text_field: str = "text",
+) -> dict:
   """Builds the dataset for `source` (see the module docstring) into `data_dir`; returns the build report."""
   if not source:
     raise ValueError("--source is empty; give a file, directory, glob, comma-separated list or tfds:NAME")
@@ -719,14 +851,23 @@ def build_dataset(source: str, data_dir: str, *, seq_len: int, tokenizer: str = 
     input_size = None
   else:
     input_size = (sum(source_bytes(path) for path in resolve_source_files(source)), "B")
-  return build_from_documents(lambda stats: _iter_source_documents(source, stats, tfds_download, text_field),
-                              data_dir, seq_len=seq_len, tokenizer=tokenizer, val_fraction=val_fraction,
-                              input_fingerprint=fingerprint, num_workers=num_workers, overwrite=overwrite,
-                              show_progress=show_progress, input_size=input_size)
+  return build_from_documents(
+    lambda stats: _iter_source_documents(source, stats, tfds_download, text_field),
+    data_dir,
+    seq_len=seq_len,
+    tokenizer=tokenizer,
+    val_fraction=val_fraction,
+    input_fingerprint=fingerprint,
+    num_workers=num_workers,
+    overwrite=overwrite,
+    show_progress=show_progress,
+    input_size=input_size,
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
   import argparse
+
   parser = argparse.ArgumentParser(prog="python -m lsm_jax.data.build", description=__doc__.split("\n")[0])
   parser.add_argument("--source", required=True, help="file, directory, glob, comma list, or tfds:NAME[:SPLIT]")
   parser.add_argument("--data_dir", required=True)
@@ -736,13 +877,24 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--num_workers", default=None, type=int, help="tokenizing processes (default: all cores)")
   parser.add_argument("--overwrite", action="store_true", help="replace a dataset built from other inputs")
   parser.add_argument("--tfds_download", action="store_true", help="download and prepare a tfds: source first")
-  parser.add_argument("--text_field", default="text",
-                      help="JSON field / parquet or datasets column / TFDS feature holding the text (default: text)")
+  parser.add_argument(
+    "--text_field",
+    default="text",
+    help="JSON field / parquet or datasets column / TFDS feature holding the text (default: text)",
+  )
   args = parser.parse_args(argv)
   try:
-    report = build_dataset(args.source, args.data_dir, seq_len=args.seq_len, tokenizer=args.tokenizer,
-                           val_fraction=args.val_fraction, num_workers=args.num_workers, overwrite=args.overwrite,
-                           tfds_download=args.tfds_download, text_field=args.text_field)
+    report = build_dataset(
+      args.source,
+      args.data_dir,
+      seq_len=args.seq_len,
+      tokenizer=args.tokenizer,
+      val_fraction=args.val_fraction,
+      num_workers=args.num_workers,
+      overwrite=args.overwrite,
+      tfds_download=args.tfds_download,
+      text_field=args.text_field,
+    )
   except ValueError as error:  # bad input or options: one line, no traceback
     sys.exit(f"error: {error}")
   print(json.dumps(report, indent=2))

@@ -13,6 +13,7 @@ goes to a private temporary directory that is renamed into place atomically, so 
 several processes are safe: the first rename wins and the others discard their copy. A process killed while
 building leaves its temporary directory behind, with the owner's host and pid; the next build removes it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -29,8 +30,20 @@ from lsm_jax.data import build as build_lib
 
 EMBEDDED_CORPUS_VERSION = 1  # bump when the document selection changes
 EMBEDDED_VAL_FRACTION = 0.1
-_SKIPPED_STDLIB_DIRS = frozenset({"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip",
-                                  "site-packages", "dist-packages", "__pycache__"})
+_SKIPPED_STDLIB_DIRS = frozenset(
+  {
+    "test",
+    "tests",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "lib2to3",
+    "ensurepip",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+  }
+)
 
 
 def cache_dir() -> str:
@@ -41,6 +54,7 @@ def cache_dir() -> str:
 
 def _pydoc_topics() -> list[str]:
   from pydoc_data import topics
+
   return [topics.topics[name] for name in sorted(topics.topics)]
 
 
@@ -49,8 +63,11 @@ def _docstrings_of_source(source: bytes) -> str | None:
     tree = ast.parse(source)
   except (SyntaxError, ValueError):  # a few stdlib files target other Python versions
     return None
-  nodes = (node for node in ast.walk(tree)
-           if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))
+  nodes = (
+    node
+    for node in ast.walk(tree)
+    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+  )
   docstrings = dict.fromkeys(doc for doc in map(ast.get_docstring, nodes) if doc)
   return "\n\n".join(docstrings) or None
 
@@ -59,8 +76,9 @@ def _stdlib_docstring_documents() -> list[str]:
   root = sysconfig.get_paths()["stdlib"]
   documents = []
   for directory, subdirectories, files in os.walk(root):
-    subdirectories[:] = sorted(d for d in subdirectories
-                               if d not in _SKIPPED_STDLIB_DIRS and not d.startswith("config-"))
+    subdirectories[:] = sorted(
+      d for d in subdirectories if d not in _SKIPPED_STDLIB_DIRS and not d.startswith("config-")
+    )
     for name in sorted(files):
       if name.endswith(".py"):
         with open(os.path.join(directory, name), "rb") as f:
@@ -120,9 +138,16 @@ def embedded_dataset_dir(*, seq_len: int, tokenizer: str = "cl100k") -> str:
   try:
     with open(os.path.join(staging_dir, _STAGING_OWNER), "w") as f:
       json.dump(build_lib.process_owner(), f)
-    build_lib.build_from_documents(embedded_documents(), staging_dir, seq_len=seq_len, tokenizer=tokenizer,
-                                   val_fraction=EMBEDDED_VAL_FRACTION, input_fingerprint=["embedded", corpus_key],
-                                   num_workers=1, show_progress=False)
+    build_lib.build_from_documents(
+      embedded_documents(),
+      staging_dir,
+      seq_len=seq_len,
+      tokenizer=tokenizer,
+      val_fraction=EMBEDDED_VAL_FRACTION,
+      input_fingerprint=["embedded", corpus_key],
+      num_workers=1,
+      show_progress=False,
+    )
     os.remove(os.path.join(staging_dir, _STAGING_OWNER))
     try:
       os.rename(staging_dir, final_dir)

@@ -9,6 +9,7 @@ document as ordinary text, so a document cannot forge a boundary. The dataset bu
 `vocab_size` is the embedding-table size: the largest id + 1, rounded up to a multiple of 8
 (cl100k: 100,277 → 100,280, as in the paper).
 """
+
 from __future__ import annotations
 
 import abc
@@ -26,10 +27,17 @@ _CL100K_TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/encodings/cl1
 # The published cl100k_base definition (tiktoken_ext/openai_public.py): the sha256 tiktoken expects of the
 # ranks file, the pre-tokenizer pattern and the special tokens.
 _CL100K_RANKS_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
-_CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|"""
-                   r"""\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
-_CL100K_SPECIAL_TOKENS = {"<|endoftext|>": 100_257, "<|fim_prefix|>": 100_258, "<|fim_middle|>": 100_259,
-                          "<|fim_suffix|>": 100_260, "<|endofprompt|>": 100_276}
+_CL100K_PATTERN = (
+  r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|"""
+  r"""\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+_CL100K_SPECIAL_TOKENS = {
+  "<|endoftext|>": 100_257,
+  "<|fim_prefix|>": 100_258,
+  "<|fim_middle|>": 100_259,
+  "<|fim_suffix|>": 100_260,
+  "<|endofprompt|>": 100_276,
+}
 CL100K_BACKENDS = ("tiktoken", "bpe_openai", "tiktoken_bpe_openai_ranks")
 TOKENIZER_NAMES = ("cl100k", "bytes")
 
@@ -107,13 +115,15 @@ def _bpe_openai_ranks_file() -> str | None:
 
 def _tiktoken_with_bpe_openai_ranks():
   import tiktoken
+
   with gzip.open(_bpe_openai_ranks_file(), "rb") as f:
     raw = f.read()
   if hashlib.sha256(raw).hexdigest() != _CL100K_RANKS_SHA256:
     raise ValueError(f"{_bpe_openai_ranks_file()} is not the published cl100k_base ranks file (sha256 differs)")
   ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in raw.splitlines() if line)}
-  return tiktoken.Encoding("cl100k_base", pat_str=_CL100K_PATTERN, mergeable_ranks=ranks,
-                           special_tokens=_CL100K_SPECIAL_TOKENS)
+  return tiktoken.Encoding(
+    "cl100k_base", pat_str=_CL100K_PATTERN, mergeable_ranks=ranks, special_tokens=_CL100K_SPECIAL_TOKENS
+  )
 
 
 # Places where cl100k's pre-tokenizer always starts a new piece: a letter right after a newline, and a space
@@ -165,9 +175,12 @@ class Cl100kTokenizer(Tokenizer):
       backend = "tiktoken" if has_tiktoken and _tiktoken_cache_file() else "bpe_openai"
     if backend == "tiktoken":
       if not has_tiktoken or _tiktoken_cache_file() is None:
-        raise ValueError("tiktoken or its cl100k_base file is not available locally (no download is attempted); "
-                         f"use another backend: {CL100K_BACKENDS[1:]}")
+        raise ValueError(
+          "tiktoken or its cl100k_base file is not available locally (no download is attempted); "
+          f"use another backend: {CL100K_BACKENDS[1:]}"
+        )
       import tiktoken
+
       self._encoding = tiktoken.get_encoding("cl100k_base")
     elif backend == "tiktoken_bpe_openai_ranks":
       if not has_tiktoken or _bpe_openai_ranks_file() is None:
@@ -175,6 +188,7 @@ class Cl100kTokenizer(Tokenizer):
       self._encoding = _tiktoken_with_bpe_openai_ranks()
     else:
       import bpe_openai
+
       self._encoding = bpe_openai.get_encoding("cl100k_base")
     self.backend = backend
     if self._encoding.eot_token != self.eos_id:
@@ -196,8 +210,10 @@ class SentencePieceTokenizer(Tokenizer):
     try:
       import sentencepiece
     except ImportError as error:
-      raise ValueError(f"tokenizer {path!r} is a SentencePiece model but the `sentencepiece` package is not "
-                       "installed (pip install sentencepiece)") from error
+      raise ValueError(
+        f"tokenizer {path!r} is a SentencePiece model but the `sentencepiece` package is not "
+        "installed (pip install sentencepiece)"
+      ) from error
     self._processor = sentencepiece.SentencePieceProcessor(model_file=path)
     self.name = f"sentencepiece:{os.path.basename(path)}"
     self.spec = os.path.abspath(path)
@@ -222,8 +238,9 @@ class HuggingFaceTokenizer(Tokenizer):
     try:
       import tokenizers
     except ImportError as error:
-      raise ValueError(f"tokenizer {path!r} is a tokenizer.json but the `tokenizers` package is not installed "
-                       "(pip install tokenizers)") from error
+      raise ValueError(
+        f"tokenizer {path!r} is a tokenizer.json but the `tokenizers` package is not installed (pip install tokenizers)"
+      ) from error
     self._tokenizer = tokenizers.Tokenizer.from_file(path)
     self.name = f"hf:{os.path.basename(os.path.dirname(os.path.abspath(path))) or path}"
     self.spec = os.path.abspath(path)
@@ -244,7 +261,7 @@ class HuggingFaceTokenizer(Tokenizer):
 
 @functools.lru_cache(maxsize=8)
 def get_tokenizer(name_or_path: str) -> Tokenizer:
-  """"cl100k", "bytes", a SentencePiece model (*.model) or a Hugging Face tokenizer.json path."""
+  """ "cl100k", "bytes", a SentencePiece model (*.model) or a Hugging Face tokenizer.json path."""
   if name_or_path in ("cl100k", "cl100k_base"):
     return Cl100kTokenizer()
   if name_or_path == "bytes":
@@ -255,5 +272,7 @@ def get_tokenizer(name_or_path: str) -> Tokenizer:
     if name_or_path.endswith(".json"):
       return HuggingFaceTokenizer(name_or_path)
     return SentencePieceTokenizer(name_or_path)
-  raise ValueError(f"tokenizer {name_or_path!r} is not one of {TOKENIZER_NAMES} nor an existing SentencePiece "
-                   "model file or Hugging Face tokenizer.json path")
+  raise ValueError(
+    f"tokenizer {name_or_path!r} is not one of {TOKENIZER_NAMES} nor an existing SentencePiece "
+    "model file or Hugging Face tokenizer.json path"
+  )

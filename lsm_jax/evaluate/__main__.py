@@ -9,6 +9,7 @@ RUN_DIR/tensorboard/eval). lsm_jax's local lm-eval tasks read data from $LSM_JAX
 lsm_jax/evaluate/tasks/lsm_tasks.py).
 A milestone whose files fail their checksums (docs/reliability.md) stops the sweep with one error naming it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,15 +22,21 @@ from lsm_jax.evaluate import sweep
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m lsm_jax.evaluate", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m lsm_jax.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--run_dir", required=True, help="MODEL_DIR of a training run")
-  parser.add_argument("--tasks", required=True,
-                      help=f"comma-separated: {', '.join(sweep.TASKS)}, or lm-eval task/group/tag names")
-  parser.add_argument("--include_path", action="append", default=[],
-                      help="directory (or YAML file) of lm-eval task configs; repeatable")
-  parser.add_argument("--tensorboard_dir", default=None,
-                      help="TensorBoard scalars of the rows (default RUN_DIR/tensorboard/eval; '' for none)")
+  parser.add_argument(
+    "--tasks", required=True, help=f"comma-separated: {', '.join(sweep.TASKS)}, or lm-eval task/group/tag names"
+  )
+  parser.add_argument(
+    "--include_path", action="append", default=[], help="directory (or YAML file) of lm-eval task configs; repeatable"
+  )
+  parser.add_argument(
+    "--tensorboard_dir",
+    default=None,
+    help="TensorBoard scalars of the rows (default RUN_DIR/tensorboard/eval; '' for none)",
+  )
   parser.add_argument("--output", default=None, help="tidy table path (.jsonl/.csv written side by side)")
   parser.add_argument("--steps", default=None, help="comma-separated milestone steps (default: all)")
   parser.add_argument("--batch_size", type=int, default=8)
@@ -38,8 +45,9 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--lm_eval_limit", type=int, default=None, help="examples per lm-eval task (debugging)")
   parser.add_argument("--eval_data_dir", default=None, help="local task data (default $LSM_JAX_EVAL_DATA)")
   parser.add_argument("--haystack_file", default=None, help="NIAH haystack text (default: embedded corpus)")
-  parser.add_argument("--niah_config", default=None,
-                      help='JSON of NIAHConfig overrides, e.g. {"context_lengths": [1000, 2000]}')
+  parser.add_argument(
+    "--niah_config", default=None, help='JSON of NIAHConfig overrides, e.g. {"context_lengths": [1000, 2000]}'
+  )
   parser.add_argument("--no_progress", action="store_true")
   return parser
 
@@ -52,12 +60,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     if niah_overrides and key in niah_overrides:
       niah_overrides[key] = tuple(niah_overrides[key])
   try:
-    rows = sweep.evaluate_run(args.run_dir, args.tasks, args.output, steps=steps, batch_size=args.batch_size,
-                              compute_dtype=args.compute_dtype, val_max_batches=args.val_max_batches,
-                              lm_eval_limit=args.lm_eval_limit, eval_data_dir=args.eval_data_dir,
-                              haystack_file=args.haystack_file, niah_overrides=niah_overrides,
-                              progress=not args.no_progress, include_path=args.include_path,
-                              tensorboard_dir=args.tensorboard_dir)
+    rows = sweep.evaluate_run(
+      args.run_dir,
+      args.tasks,
+      args.output,
+      steps=steps,
+      batch_size=args.batch_size,
+      compute_dtype=args.compute_dtype,
+      val_max_batches=args.val_max_batches,
+      lm_eval_limit=args.lm_eval_limit,
+      eval_data_dir=args.eval_data_dir,
+      haystack_file=args.haystack_file,
+      niah_overrides=niah_overrides,
+      progress=not args.no_progress,
+      include_path=args.include_path,
+      tensorboard_dir=args.tensorboard_dir,
+    )
   except checkpoint.CorruptCheckpointError as error:
     # The rows of the milestones before it are kept; rerun with --steps to skip it, or restore its files.
     sys.exit(f"error: {error}. No rows were written for it or the milestones after it.")

@@ -13,6 +13,7 @@ one per request.
   LLaMA. Prompts shorter than two tokens get EOS in front. Generation stops at EOS, a stop string, or
   `max_new_tokens`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,15 +39,14 @@ def length_bucket(length: int, limit: int, min_bucket: int = DEFAULT_MIN_BUCKET)
 
 @dataclasses.dataclass(frozen=True)
 class ScoredSequence:
-  log_probs: np.ndarray      # [n - 1] log p(token_i | tokens_<i) for i = 1..n-1
-  is_greedy: np.ndarray      # [n - 1] whether token_i is the argmax
+  log_probs: np.ndarray  # [n - 1] log p(token_i | tokens_<i) for i = 1..n-1
+  is_greedy: np.ndarray  # [n - 1] whether token_i is the argmax
 
 
 class InferenceEngine:
   """Wraps a LanguageModel (split into graph + params once) with jitted, shape-bucketed score/generate."""
 
-  def __init__(self, model, tokenizer, *, max_length: int, batch_size: int = 8,
-               min_bucket: int = DEFAULT_MIN_BUCKET):
+  def __init__(self, model, tokenizer, *, max_length: int, batch_size: int = 8, min_bucket: int = DEFAULT_MIN_BUCKET):
     if max_length < 2 or batch_size < 1:
       raise ValueError(f"need max_length >= 2 and batch_size >= 1, got {max_length} and {batch_size}")
     self.tokenizer = tokenizer
@@ -59,8 +59,9 @@ class InferenceEngine:
 
   # ------------------------------------------------------------------ scoring
 
-  def score(self, sequences: Sequence[Sequence[int]], progress: Callable[[int], object] | None = None
-            ) -> list[ScoredSequence]:
+  def score(
+    self, sequences: Sequence[Sequence[int]], progress: Callable[[int], object] | None = None
+  ) -> list[ScoredSequence]:
     """Log-probabilities of every token after the first, for sequences of 2..max_length + 1 tokens.
 
     `progress`, if given, is called with the number of sequences each finished batch scored.
@@ -72,14 +73,14 @@ class InferenceEngine:
     # Longest first, so each batch shares one bucket and the first compile is the largest.
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     for start in range(0, len(order), self.batch_size):
-      rows = order[start:start + self.batch_size]
+      rows = order[start : start + self.batch_size]
       bucket = length_bucket(len(sequences[rows[0]]) - 1, self.max_length, self.min_bucket)
       inputs = np.zeros((self.batch_size, bucket), np.int32)
       targets = np.zeros((self.batch_size, bucket), np.int32)
       for slot, row in enumerate(rows):
         sequence = np.asarray(sequences[row], np.int32)
-        inputs[slot, :len(sequence) - 1] = sequence[:-1]
-        targets[slot, :len(sequence) - 1] = sequence[1:]
+        inputs[slot, : len(sequence) - 1] = sequence[:-1]
+        targets[slot, : len(sequence) - 1] = sequence[1:]
       log_probs, is_greedy = jax.device_get(_score_batch(self._graphdef, self._params, inputs, targets))
       for slot, row in enumerate(rows):
         length = len(sequences[row]) - 1
@@ -90,11 +91,17 @@ class InferenceEngine:
 
   def batch_log_probs(self, batch: dict[str, np.ndarray]) -> np.ndarray:
     """[B, T] log p(targets) of a loader batch (inputs, targets, segment_ids, positions) of any shape."""
-    return np.asarray(jax.device_get(_score_batch(self._graphdef, self._params, batch["inputs"], batch["targets"],
-                                                    batch["segment_ids"], batch["positions"])[0]))
+    return np.asarray(
+      jax.device_get(
+        _score_batch(
+          self._graphdef, self._params, batch["inputs"], batch["targets"], batch["segment_ids"], batch["positions"]
+        )[0]
+      )
+    )
 
-  def loglikelihoods(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
-                     progress: Callable[[int], object] | None = None) -> list[tuple[float, bool]]:
+  def loglikelihoods(
+    self, requests: Sequence[tuple[Sequence[int], Sequence[int]]], progress: Callable[[int], object] | None = None
+  ) -> list[tuple[float, bool]]:
     """lm-eval semantics: context + continuation is cut from the left to max_length + 1 tokens; an empty
     context is replaced by EOS; the continuation's tokens are summed. `progress` as in `score`."""
     sequences, lengths = [], []
@@ -104,7 +111,7 @@ class InferenceEngine:
       if len(continuation) > self.max_length:
         raise ValueError(f"a continuation of {len(continuation)} tokens exceeds the context of {self.max_length}")
       context = list(context) or [self.tokenizer.eos_id]
-      sequences.append((context + list(continuation))[-(self.max_length + 1):])
+      sequences.append((context + list(continuation))[-(self.max_length + 1) :])
       lengths.append(len(continuation))
     results = []
     for scored, length in zip(self.score(sequences, progress), lengths):
@@ -113,9 +120,14 @@ class InferenceEngine:
 
   # ---------------------------------------------------------------- generation
 
-  def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-               stop_sequences: Sequence[str] = (), max_context: int | None = None,
-               progress: Callable[[int], object] | None = None) -> list[str]:
+  def generate(
+    self,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    stop_sequences: Sequence[str] = (),
+    max_context: int | None = None,
+    progress: Callable[[int], object] | None = None,
+  ) -> list[str]:
     """Greedy continuations (text) of token prompts. Prompts are cut from the left so prompt + generation fits
     `max_context` (default: the engine's max_length); text is cut before the first stop string. `progress`, if
     given, is called with the number of prompts each finished batch completed."""
@@ -126,12 +138,14 @@ class InferenceEngine:
       raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in {max_context} tokens")
     prompt_limit = max_context - max_new_tokens
     # Every prompt needs two tokens (see _generate_batch); a document starts after EOS, so that is the prefix.
-    prompts = [([self.tokenizer.eos_id, self.tokenizer.eos_id] + list(prompt))[-max(2, min(len(prompt), prompt_limit)):]
-               for prompt in prompts]
+    prompts = [
+      ([self.tokenizer.eos_id, self.tokenizer.eos_id] + list(prompt))[-max(2, min(len(prompt), prompt_limit)) :]
+      for prompt in prompts
+    ]
     results: list[str | None] = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     for start in range(0, len(order), self.batch_size):
-      rows = order[start:start + self.batch_size]
+      rows = order[start : start + self.batch_size]
       texts = self._generate_batch([prompts[row] for row in rows], max_new_tokens, stop_sequences, max_context)
       for row, text in zip(rows, texts):
         results[row] = text
@@ -153,9 +167,9 @@ class InferenceEngine:
     for slot in range(self.batch_size):
       prompt = prompts[slot] if slot < len(prompts) else prompts[0]
       head = prompt[:-1]
-      tokens[slot, bucket - len(head):] = head
-      segment_ids[slot, bucket - len(head):] = 1
-      positions[slot, bucket - len(head):] = np.arange(len(head))
+      tokens[slot, bucket - len(head) :] = head
+      segment_ids[slot, bucket - len(head) :] = 1
+      positions[slot, bucket - len(head) :] = np.arange(len(head))
       last_tokens[slot] = prompt[-1]
     # The KV cache size is bucketed too, so generation lengths share compiled programs.
     cache_length = bucket + length_bucket(max_new_tokens + 1, max_new_tokens + 1 + self.min_bucket, self.min_bucket)
@@ -165,18 +179,20 @@ class InferenceEngine:
     finished = np.zeros(len(prompts), bool)
     lengths = np.full(len(prompts), max_new_tokens)
     for step in range(max_new_tokens):
-      step_tokens = np.asarray(jax.device_get(next_tokens))[:len(prompts)]
+      step_tokens = np.asarray(jax.device_get(next_tokens))[: len(prompts)]
       generated[:, step] = step_tokens
       for slot in np.flatnonzero(~finished):
         if step_tokens[slot] == self.tokenizer.eos_id:
           finished[slot], lengths[slot] = True, step
-        elif stop_sequences and _contains_stop(self.tokenizer.decode(generated[slot, :step + 1]), stop_sequences):
+        elif stop_sequences and _contains_stop(self.tokenizer.decode(generated[slot, : step + 1]), stop_sequences):
           finished[slot], lengths[slot] = True, step + 1
       if finished.all() or step == max_new_tokens - 1:
         break
       next_tokens, state = _decode(self._graphdef, self._params, next_tokens, state)
-    return [_cut_at_stop(self.tokenizer.decode(generated[slot, :lengths[slot]]), stop_sequences)
-            for slot in range(len(prompts))]
+    return [
+      _cut_at_stop(self.tokenizer.decode(generated[slot, : lengths[slot]]), stop_sequences)
+      for slot in range(len(prompts))
+    ]
 
 
 def _contains_stop(text: str, stop_sequences: Sequence[str]) -> bool:
@@ -198,7 +214,7 @@ def _score_batch(graphdef, params, inputs, targets, segment_ids=None, positions=
   batch, length, width = hidden.shape
   chunk = min(length, _SCORE_CHUNK)
   if length % chunk:
-    chunk = length   # buckets below the chunk size or not divisible: one chunk
+    chunk = length  # buckets below the chunk size or not divisible: one chunk
   hidden_chunks = hidden.reshape(batch, length // chunk, chunk, width).swapaxes(0, 1)
   target_chunks = targets.reshape(batch, length // chunk, chunk).swapaxes(0, 1)
 
@@ -215,8 +231,9 @@ def _score_batch(graphdef, params, inputs, targets, segment_ids=None, positions=
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="max_length")
 def _prefill_state(graphdef, params, tokens, segment_ids, positions, *, max_length):
-  _, state = nnx.merge(graphdef, params).prefill(tokens, segment_ids=segment_ids, positions=positions,
-                                                 max_length=max_length)
+  _, state = nnx.merge(graphdef, params).prefill(
+    tokens, segment_ids=segment_ids, positions=positions, max_length=max_length
+  )
   return state
 
 

@@ -11,6 +11,7 @@ From Python: `LsmJaxLM(checkpoint=RUN_DIR)` or `LsmJaxLM.from_engine(engine)`, t
 Inputs are truncated from the left to the run's training context (`seq_len` of run_metadata.json), as the
 paper does; requests are batched with padded, bucketed shapes by `InferenceEngine`.
 """
+
 from __future__ import annotations
 
 from lm_eval import utils as lm_eval_utils
@@ -36,10 +37,20 @@ def _as_int(name: str, value, default: int | None) -> int | None:
 class LsmJaxLM(LM):
   """lm-eval LM over one lsm_jax milestone checkpoint (greedy generation only)."""
 
-  def __init__(self, checkpoint: str | None = None, step=None, batch_size=DEFAULT_BATCH_SIZE,
-               max_gen_toks=DEFAULT_MAX_GEN_TOKS, max_length=None, dtype: str | None = None,
-               compute_dtype: str | None = None, engine: engine_lib.InferenceEngine | None = None,
-               device=None, max_batch_size=None, progress: bool = True):
+  def __init__(
+    self,
+    checkpoint: str | None = None,
+    step=None,
+    batch_size=DEFAULT_BATCH_SIZE,
+    max_gen_toks=DEFAULT_MAX_GEN_TOKS,
+    max_length=None,
+    dtype: str | None = None,
+    compute_dtype: str | None = None,
+    engine: engine_lib.InferenceEngine | None = None,
+    device=None,
+    max_batch_size=None,
+    progress: bool = True,
+  ):
     # device / max_batch_size: lm-eval's CLI always passes them; JAX places arrays itself.
     del device, max_batch_size
     super().__init__()
@@ -49,10 +60,14 @@ class LsmJaxLM(LM):
     if engine is None:
       overrides = {"dtype": compute_dtype} if compute_dtype else {}
       model, tokenizer, run_metadata, _ = engine_lib.load_model(
-          checkpoint, _as_int("step", step, None), dtype=dtype, **overrides)
+        checkpoint, _as_int("step", step, None), dtype=dtype, **overrides
+      )
       engine = engine_lib.InferenceEngine(
-          model, tokenizer, max_length=_as_int("max_length", max_length, run_metadata["seq_len"]),
-          batch_size=_as_int("batch_size", batch_size, DEFAULT_BATCH_SIZE))
+        model,
+        tokenizer,
+        max_length=_as_int("max_length", max_length, run_metadata["seq_len"]),
+        batch_size=_as_int("batch_size", batch_size, DEFAULT_BATCH_SIZE),
+      )
     self.engine = engine
     # lm-eval calls the request methods without disable_tqdm; this switches their progress bars off instead.
     self.progress = progress
@@ -87,7 +102,7 @@ class LsmJaxLM(LM):
       return [self.eot_token_id], self.tokenizer.encode(continuation)
     whole = self.tokenizer.encode(context + continuation)
     context_ids = self.tokenizer.encode(context)
-    return whole[:len(context_ids)], whole[len(context_ids):]
+    return whole[: len(context_ids)], whole[len(context_ids) :]
 
   def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
     pairs = [self._encode_pair(*request.args) for request in requests]
@@ -104,8 +119,11 @@ class LsmJaxLM(LM):
     for index, request in enumerate(requests):
       (text,) = request.args
       token_windows = lm_eval_utils.get_rolling_token_windows(
-          token_list=self.tokenizer.encode(text), prefix_token=self.eot_token_id, max_seq_len=self.max_length,
-          context_len=1)
+        token_list=self.tokenizer.encode(text),
+        prefix_token=self.eot_token_id,
+        max_seq_len=self.max_length,
+        context_len=1,
+      )
       for window in map(lm_eval_utils.make_disjoint_window, token_windows):
         windows.append(window)
         owners.append(index)
@@ -142,4 +160,5 @@ class LsmJaxLM(LM):
 
 def _progress_bar(total: int, description: str, disabled: bool):
   from tqdm import tqdm
+
   return tqdm(total=total, desc=f"lsm_jax {description}", unit="req", disable=disabled)

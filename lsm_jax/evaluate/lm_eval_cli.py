@@ -9,6 +9,7 @@ lm-eval's own command line, so every lm_eval argument works unchanged:
   python -m lsm_jax.evaluate.lm_eval_cli --model lsm_jax --model_args checkpoint=RUN_DIR,step=1000 \
       --tasks lsm_csr --output_path results/
 """
+
 from __future__ import annotations
 
 import os
@@ -19,9 +20,10 @@ TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  import lsm_jax.evaluate.harness  # noqa: F401  registers --model lsm_jax
   from lm_eval._cli import HarnessCLI
   from lm_eval.utils import setup_logging
+
+  import lsm_jax.evaluate.harness  # noqa: F401  registers --model lsm_jax
 
   if argv is not None:
     sys.argv = [sys.argv[0], *argv]

@@ -20,6 +20,7 @@ Scores over the success grid S[depth, length] (depths linspace(0, 100, 35)%, len
   succeeds, else 2^((1 − n)/2) with n the number of contiguous success/failure segments.
 All reported as percentages.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -129,8 +130,9 @@ def longest_success_run(column: Sequence[bool]) -> int:
 def _check_grid(success: np.ndarray, context_lengths: Sequence[int]) -> np.ndarray:
   success = np.asarray(success, dtype=bool)
   if success.ndim != 2 or success.shape[1] != len(context_lengths):
-    raise ValueError(f"success grid must be [depths, lengths] with {len(context_lengths)} lengths, "
-                     f"got shape {success.shape}")
+    raise ValueError(
+      f"success grid must be [depths, lengths] with {len(context_lengths)} lengths, got shape {success.shape}"
+    )
   return success
 
 
@@ -150,19 +152,23 @@ def accuracy_up_to(success, context_lengths: Sequence[int], length: float) -> fl
   return 100.0 * float(success[:, columns].mean())
 
 
-def weighted_average_accuracy(success, context_lengths: Sequence[int], alpha_depth: float = DEFAULT_ALPHA,
-                              alpha_length: float = DEFAULT_ALPHA) -> float:
+def weighted_average_accuracy(
+  success, context_lengths: Sequence[int], alpha_depth: float = DEFAULT_ALPHA, alpha_length: float = DEFAULT_ALPHA
+) -> float:
   success = _check_grid(success, context_lengths)
-  weights = np.outer(geometric_weights(success.shape[0], alpha_depth),
-                     geometric_weights(success.shape[1], alpha_length))
+  weights = np.outer(
+    geometric_weights(success.shape[0], alpha_depth), geometric_weights(success.shape[1], alpha_length)
+  )
   return 100.0 * float((weights * success).sum())
 
 
 def niah_score(success, context_lengths: Sequence[int], alpha_length: float = DEFAULT_ALPHA) -> float:
   success = _check_grid(success, context_lengths)
   num_depths = success.shape[0]
-  column_scores = [consistency_penalty(success[:, j]) * longest_success_run(success[:, j]) / num_depths
-                   for j in range(success.shape[1])]
+  column_scores = [
+    consistency_penalty(success[:, j]) * longest_success_run(success[:, j]) / num_depths
+    for j in range(success.shape[1])
+  ]
   return 100.0 * float(np.dot(geometric_weights(success.shape[1], alpha_length), column_scores))
 
 
@@ -197,25 +203,30 @@ def _sentence_boundary(tokenizer, haystack: list[int], position: int) -> int:
   return position
 
 
-def build_prompt(tokenizer, haystack_ids: Sequence[int], context_length: int, depth_percent: float,
-                 config: NIAHConfig) -> list[int]:
+def build_prompt(
+  tokenizer, haystack_ids: Sequence[int], context_length: int, depth_percent: float, config: NIAHConfig
+) -> list[int]:
   """Token ids of one prompt of exactly `context_length` tokens (haystack filler + needle + question)."""
   needle = tokenizer.encode(config.needle)
   suffix = tokenizer.encode(config.prompt_suffix)
   filler_length = context_length - len(needle) - len(suffix)
   if filler_length < 0:
-    raise ValueError(f"context length {context_length} is shorter than the needle and question "
-                     f"({len(needle) + len(suffix)} tokens)")
+    raise ValueError(
+      f"context length {context_length} is shorter than the needle and question ({len(needle) + len(suffix)} tokens)"
+    )
   haystack = _haystack_tokens(haystack_ids, filler_length)
-  insert_at = filler_length if depth_percent >= 100 else _sentence_boundary(
-      tokenizer, haystack, int(filler_length * depth_percent / 100))
+  insert_at = (
+    filler_length
+    if depth_percent >= 100
+    else _sentence_boundary(tokenizer, haystack, int(filler_length * depth_percent / 100))
+  )
   return haystack[:insert_at] + needle + haystack[insert_at:] + suffix
 
 
 @dataclasses.dataclass
 class NIAHResult:
   config: NIAHConfig
-  scores: np.ndarray        # [depths, lengths] cell scores 1..10
+  scores: np.ndarray  # [depths, lengths] cell scores 1..10
   generations: list[list[str]]
 
   @property
@@ -230,15 +241,27 @@ class NIAHResult:
     os.makedirs(directory, exist_ok=True)
     json_path = os.path.join(directory, f"niah_{self.config.mode}.json")
     with open(json_path, "w") as f:
-      json.dump({"config": dataclasses.asdict(self.config), "scores": self.scores.tolist(),
-                 "generations": self.generations, "summary": self.summary()}, f)
+      json.dump(
+        {
+          "config": dataclasses.asdict(self.config),
+          "scores": self.scores.tolist(),
+          "generations": self.generations,
+          "summary": self.summary(),
+        },
+        f,
+      )
     png_path = os.path.join(directory, f"niah_{self.config.mode}.png")
     plot_heatmap(self.scores, self.config, png_path)
     return {"json": json_path, "png": png_path}
 
 
-def run_niah(generate: Callable[[list[list[int]], int], list[str]], tokenizer, haystack_text: str,
-             config: NIAHConfig = NIAHConfig(), batch_size: int = 8) -> NIAHResult:
+def run_niah(
+  generate: Callable[[list[list[int]], int], list[str]],
+  tokenizer,
+  haystack_text: str,
+  config: NIAHConfig = NIAHConfig(),
+  batch_size: int = 8,
+) -> NIAHResult:
   """Runs the grid. `generate(prompts_token_ids, max_new_tokens) -> texts` answers greedily."""
   haystack_ids = tokenizer.encode(haystack_text)
   cells = [(i, j) for j in range(len(config.context_lengths)) for i in range(len(config.depth_percents))]
@@ -246,9 +269,11 @@ def run_niah(generate: Callable[[list[list[int]], int], list[str]], tokenizer, h
   generations = [[""] * len(config.context_lengths) for _ in config.depth_percents]
   # Cells are ordered by length so a batch shares (nearly) one padded shape.
   for start in range(0, len(cells), batch_size):
-    batch = cells[start:start + batch_size]
-    prompts = [build_prompt(tokenizer, haystack_ids, config.context_lengths[j], config.depth_percents[i], config)
-               for i, j in batch]
+    batch = cells[start : start + batch_size]
+    prompts = [
+      build_prompt(tokenizer, haystack_ids, config.context_lengths[j], config.depth_percents[i], config)
+      for i, j in batch
+    ]
     for (i, j), text in zip(batch, generate(prompts, config.max_new_tokens)):
       generations[i][j] = text
       scores[i, j] = cell_score(text, config.answer_key)
@@ -258,21 +283,21 @@ def run_niah(generate: Callable[[list[list[int]], int], list[str]], tokenizer, h
 def plot_heatmap(scores, config: NIAHConfig, path: str) -> None:
   """Depth (rows) × context length (columns) heatmap of the 1–10 cell scores, red (1) to green (10)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   scores = np.asarray(scores, dtype=np.float64)
   figure, axis = plt.subplots(figsize=(max(6, 0.4 * scores.shape[1]), max(4, 0.25 * scores.shape[0])))
   image = axis.imshow(scores, cmap="RdYlGn", vmin=1, vmax=10, aspect="auto")
-  axis.set_xticks(range(len(config.context_lengths)), [str(length) for length in config.context_lengths],
-                  rotation=90, fontsize=7)
-  axis.set_yticks(range(len(config.depth_percents)), [f"{depth:.0f}" for depth in config.depth_percents],
-                  fontsize=7)
+  axis.set_xticks(
+    range(len(config.context_lengths)), [str(length) for length in config.context_lengths], rotation=90, fontsize=7
+  )
+  axis.set_yticks(range(len(config.depth_percents)), [f"{depth:.0f}" for depth in config.depth_percents], fontsize=7)
   axis.set_xlabel("context length (tokens)")
   axis.set_ylabel("needle depth (%)")
   summary = summarize(scores >= config.success_threshold, config)
-  axis.set_title(f"NIAH ({config.mode}): weighted avg {summary['weighted_avg']:.1f}, "
-                 f"score {summary['niah_score']:.1f}")
+  axis.set_title(f"NIAH ({config.mode}): weighted avg {summary['weighted_avg']:.1f}, score {summary['niah_score']:.1f}")
   figure.colorbar(image, ax=axis, label="score (1-10)")
   figure.tight_layout()
   figure.savefig(path, dpi=100)

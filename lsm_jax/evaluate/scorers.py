@@ -8,6 +8,7 @@ Conventions follow the SCROLLS evaluator that lm-evaluation-harness wraps:
 - QuALITY and ContractNLI "EM" are scored as lm-eval does: 100 × whether the choice with the highest
   length-normalised log-likelihood is the gold one (see `lsm_jax/evaluate/tasks/scrolls_utils.py`).
 """
+
 from __future__ import annotations
 
 import collections
@@ -17,24 +18,24 @@ from collections.abc import Mapping, Sequence
 
 # The seven commonsense tasks of Table 4, with the metric the paper reports for each.
 CSR_METRICS = {
-    "boolq": "acc",
-    "piqa": "acc",
-    "hellaswag": "acc_norm",
-    "winogrande": "acc",
-    "arc_easy": "acc",
-    "arc_challenge": "acc_norm",
-    "openbookqa": "acc_norm",
+  "boolq": "acc",
+  "piqa": "acc",
+  "hellaswag": "acc_norm",
+  "winogrande": "acc",
+  "arc_easy": "acc",
+  "arc_challenge": "acc_norm",
+  "openbookqa": "acc_norm",
 }
 
 # The seven SCROLLS tasks of Table 8 and their metrics: 3 × 3 ROUGE + 4 = 13 numbers.
 SCROLLS_METRICS = {
-    "gov_report": ("rouge1", "rouge2", "rougeL"),
-    "summ_screen_fd": ("rouge1", "rouge2", "rougeL"),
-    "qmsum": ("rouge1", "rouge2", "rougeL"),
-    "qasper": ("f1",),
-    "narrative_qa": ("f1",),
-    "quality": ("em",),
-    "contract_nli": ("em",),
+  "gov_report": ("rouge1", "rouge2", "rougeL"),
+  "summ_screen_fd": ("rouge1", "rouge2", "rougeL"),
+  "qmsum": ("rouge1", "rouge2", "rougeL"),
+  "qasper": ("f1",),
+  "narrative_qa": ("f1",),
+  "quality": ("em",),
+  "contract_nli": ("em",),
 }
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
@@ -83,6 +84,7 @@ def exact_match(prediction: str, references: Sequence[str]) -> float:
 
 def _rouge_scorer():
   from rouge_score import rouge_scorer  # the `eval` extra; imported lazily so NIAH/means need no extra
+
   return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
 
 
@@ -119,8 +121,10 @@ def corpus_exact_match(predictions: Sequence[str], references: Sequence[Sequence
 
 def _check_pairs(predictions, references) -> None:
   if len(predictions) != len(references) or not predictions:
-    raise ValueError(f"need one reference list per prediction and at least one example, got "
-                     f"{len(predictions)} predictions and {len(references)} reference lists")
+    raise ValueError(
+      f"need one reference list per prediction and at least one example, got "
+      f"{len(predictions)} predictions and {len(references)} reference lists"
+    )
 
 
 def csr_average(scores: Mapping[str, float]) -> float:
@@ -128,8 +132,7 @@ def csr_average(scores: Mapping[str, float]) -> float:
   missing = sorted(set(CSR_METRICS) - set(scores))
   unknown = sorted(set(scores) - set(CSR_METRICS))
   if missing or unknown:
-    raise ValueError(f"CSR average needs exactly the tasks {sorted(CSR_METRICS)}; "
-                     f"missing {missing}, unknown {unknown}")
+    raise ValueError(f"CSR average needs exactly the tasks {sorted(CSR_METRICS)}; missing {missing}, unknown {unknown}")
   return sum(float(scores[task]) for task in CSR_METRICS) / len(CSR_METRICS)
 
 
@@ -154,4 +157,3 @@ def scrolls_average(scores: Mapping[str, Mapping[str, float] | None]) -> float:
   if not values:
     raise ValueError("SCROLLS average needs at least one task's scores")
   return sum(values) / len(values)
-

@@ -17,6 +17,7 @@ Built-in tasks (TASKS) and the rows they write:
   niah, niah_standard   niah_easy|niah_standard/acc@2k ... weighted_avg, niah_score (+ heatmap PNG)
 Accuracies are percentages, as in the paper's tables; perplexities are plain.
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,19 +29,40 @@ from collections.abc import Sequence
 
 from lsm_jax.evaluate import scorers
 
-COLUMNS = ("run", "arch", "size", "d_model", "num_layers", "seq_len", "ablation", "step", "tokens",
-           "compute_pflops_days", "task", "metric", "value")
+COLUMNS = (
+  "run",
+  "arch",
+  "size",
+  "d_model",
+  "num_layers",
+  "seq_len",
+  "ablation",
+  "step",
+  "tokens",
+  "compute_pflops_days",
+  "task",
+  "metric",
+  "value",
+)
 LM_EVAL_TASKS = ("wikitext", "lambada", "csr", "scrolls")
 TASKS = ("val_loss",) + LM_EVAL_TASKS + ("niah", "niah_standard")
 # The table task whose row marks a sweep task as done at a step (a task's rows are appended in one write).
-_COMPLETION_TASK = {"val_loss": "val_loss", "wikitext": "wikitext", "lambada": "lambada", "csr": "csr",
-                    "scrolls": "scrolls", "niah": "niah_easy", "niah_standard": "niah_standard"}
+_COMPLETION_TASK = {
+  "val_loss": "val_loss",
+  "wikitext": "wikitext",
+  "lambada": "lambada",
+  "csr": "csr",
+  "scrolls": "scrolls",
+  "niah": "niah_easy",
+  "niah_standard": "niah_standard",
+}
 _CSR_LM_EVAL_NAMES = {task: f"lsm_{task}" for task in scorers.CSR_METRICS}
 _SCROLLS_LM_EVAL_NAMES = {task: f"lsm_scrolls_{task}" for task in scorers.SCROLLS_METRICS}
 
 
-def parse_tasks(tasks: str | Sequence[str], include_path: str | Sequence[str] = (),
-                eval_data_dir: str | None = None) -> list[str]:
+def parse_tasks(
+  tasks: str | Sequence[str], include_path: str | Sequence[str] = (), eval_data_dir: str | None = None
+) -> list[str]:
   """Task names, each a built-in sweep task (TASKS) or a task, group or tag lm-eval knows: its bundled tasks,
   lsm_jax's local tasks and the YAML under `include_path`. Unknown names are refused, saying where they were
   looked for."""
@@ -56,19 +78,23 @@ def parse_tasks(tasks: str | Sequence[str], include_path: str | Sequence[str] = 
       where = ["lm-eval's bundled tasks", f"lsm_jax's local tasks ({_lsm_tasks_dir()})"]
       where += [f"--include_path {path}" for path in include_path]
       hint = "" if include_path else "; for a task defined in YAML elsewhere, pass --include_path=DIR"
-      raise ValueError(f"unknown evaluation task(s) {unknown}: not a built-in sweep task ({', '.join(TASKS)}) nor "
-                       f"an lm-eval task, group or tag in {', '.join(where)}{hint}")
+      raise ValueError(
+        f"unknown evaluation task(s) {unknown}: not a built-in sweep task ({', '.join(TASKS)}) nor "
+        f"an lm-eval task, group or tag in {', '.join(where)}{hint}"
+      )
   return list(dict.fromkeys(names))
 
 
 def _lsm_tasks_dir() -> str:
   from lsm_jax.evaluate import lm_eval_cli
+
   return lm_eval_cli.TASKS_DIR
 
 
 @functools.lru_cache(maxsize=4)
 def _cached_task_manager(include_path: tuple[str, ...], eval_data_dir: str | None):
   from lm_eval.tasks import TaskManager
+
   metadata = {"data_dir": eval_data_dir} if eval_data_dir else None
   return TaskManager(include_path=[_lsm_tasks_dir(), *include_path], metadata=metadata)
 
@@ -80,8 +106,10 @@ def lm_eval_task_manager(include_path: str | Sequence[str] = (), eval_data_dir: 
   include_path = tuple(os.path.abspath(path) for path in include_path)
   missing = [path for path in include_path if not os.path.exists(path)]
   if missing:
-    raise ValueError(f"--include_path {', '.join(missing)} does not exist; give directories (or YAML files) "
-                     "holding lm-eval task configs")
+    raise ValueError(
+      f"--include_path {', '.join(missing)} does not exist; give directories (or YAML files) "
+      "holding lm-eval task configs"
+    )
   return _cached_task_manager(include_path, eval_data_dir)
 
 
@@ -121,12 +149,18 @@ def append_rows(output: str, rows: list[dict]) -> None:
 
 # ------------------------------------------------------------------------------------------ task runners
 
+
 def validation_loss(engine, run_metadata: dict, *, max_batches: int | None = None) -> dict[str, float]:
   """Mean next-token loss over the run's validation split (each record once, `engine.batch_size` rows a batch)."""
   from lsm_jax.data import loader as loader_lib
 
-  loader = loader_lib.make_loader(run_metadata["data_dir"], split="validation", seq_len=run_metadata["seq_len"],
-                                  global_batch_size=engine.batch_size, seed=run_metadata.get("seed", 0))
+  loader = loader_lib.make_loader(
+    run_metadata["data_dir"],
+    split="validation",
+    seq_len=run_metadata["seq_len"],
+    global_batch_size=engine.batch_size,
+    seed=run_metadata.get("seed", 0),
+  )
   num_batches = max(1, loader.num_records // engine.batch_size)
   if max_batches is not None:
     num_batches = min(num_batches, max_batches)
@@ -140,8 +174,9 @@ def validation_loss(engine, run_metadata: dict, *, max_batches: int | None = Non
   return {"loss": loss, "perplexity": math.exp(loss)}
 
 
-def _lm_eval_results(engine, task_names: list[str], *, limit: int | None, eval_data_dir: str | None,
-                     progress: bool = True) -> dict:
+def _lm_eval_results(
+  engine, task_names: list[str], *, limit: int | None, eval_data_dir: str | None, progress: bool = True
+) -> dict:
   import lm_eval
   from lm_eval.tasks import TaskManager
 
@@ -149,14 +184,20 @@ def _lm_eval_results(engine, task_names: list[str], *, limit: int | None, eval_d
 
   metadata = {"data_dir": eval_data_dir} if eval_data_dir else None
   task_manager = TaskManager(include_path=lm_eval_cli.TASKS_DIR, include_defaults=False, metadata=metadata)
-  output = lm_eval.simple_evaluate(model=harness.LsmJaxLM.from_engine(engine, progress=progress), tasks=task_names,
-                                   task_manager=task_manager, limit=limit, log_samples=False,
-                                   bootstrap_iters=0)
+  output = lm_eval.simple_evaluate(
+    model=harness.LsmJaxLM.from_engine(engine, progress=progress),
+    tasks=task_names,
+    task_manager=task_manager,
+    limit=limit,
+    log_samples=False,
+    bootstrap_iters=0,
+  )
   return output["results"]
 
 
-def lm_eval_any_task_scores(engine, task: str, *, task_manager, limit: int | None = None,
-                            progress: bool = True) -> list[tuple[str, str, float]]:
+def lm_eval_any_task_scores(
+  engine, task: str, *, task_manager, limit: int | None = None, progress: bool = True
+) -> list[tuple[str, str, float]]:
   """(task, metric, value) rows of any lm-eval task, group or tag: every numeric metric lm-eval reports for it
   and its subtasks, as lm-eval reports it (fractions, not percentages). A metric under a filter other than
   "none" is named metric:filter; standard errors are left out."""
@@ -164,14 +205,21 @@ def lm_eval_any_task_scores(engine, task: str, *, task_manager, limit: int | Non
 
   from lsm_jax.evaluate import harness
 
-  output = lm_eval.simple_evaluate(model=harness.LsmJaxLM.from_engine(engine, progress=progress), tasks=[task],
-                                   task_manager=task_manager, limit=limit, log_samples=False, bootstrap_iters=0)
+  output = lm_eval.simple_evaluate(
+    model=harness.LsmJaxLM.from_engine(engine, progress=progress),
+    tasks=[task],
+    task_manager=task_manager,
+    limit=limit,
+    log_samples=False,
+    bootstrap_iters=0,
+  )
   rows = []
   for name, results in output["results"].items():
     for key, value in results.items():
       metric, _, filter_name = key.partition(",")
-      if not filter_name or metric.endswith("_stderr") or isinstance(value, bool) \
-          or not isinstance(value, (int, float)):
+      if (
+        not filter_name or metric.endswith("_stderr") or isinstance(value, bool) or not isinstance(value, (int, float))
+      ):
         continue
       rows.append((name, metric if filter_name == "none" else f"{metric}:{filter_name}", float(value)))
   if not rows:
@@ -183,9 +231,11 @@ def _metric(results: dict, task_name: str, metric: str) -> float:
   return float(results[task_name][f"{metric},none"])
 
 
-def lm_eval_task_scores(engine, task: str, *, limit: int | None = None, eval_data_dir: str | None = None,
-                        progress: bool = True) -> list[tuple[str, str, float]]:
+def lm_eval_task_scores(
+  engine, task: str, *, limit: int | None = None, eval_data_dir: str | None = None, progress: bool = True
+) -> list[tuple[str, str, float]]:
   """(task, metric, value) rows of one LM_EVAL_TASKS entry."""
+
   def lm_eval_results(task_names):
     return _lm_eval_results(engine, task_names, limit=limit, eval_data_dir=eval_data_dir, progress=progress)
 
@@ -194,14 +244,18 @@ def lm_eval_task_scores(engine, task: str, *, limit: int | None = None, eval_dat
     return [("wikitext", "word_perplexity", _metric(results, "lsm_wikitext", "word_perplexity"))]
   if task == "lambada":
     results = lm_eval_results(["lsm_lambada"])
-    return [("lambada", "perplexity", _metric(results, "lsm_lambada", "perplexity")),
-            ("lambada", "acc", 100.0 * _metric(results, "lsm_lambada", "acc"))]
+    return [
+      ("lambada", "perplexity", _metric(results, "lsm_lambada", "perplexity")),
+      ("lambada", "acc", 100.0 * _metric(results, "lsm_lambada", "acc")),
+    ]
   if task == "csr":
     results = lm_eval_results(list(_CSR_LM_EVAL_NAMES.values()))
-    scores = {name: 100.0 * _metric(results, _CSR_LM_EVAL_NAMES[name], metric)
-              for name, metric in scorers.CSR_METRICS.items()}
-    return ([(name, scorers.CSR_METRICS[name], value) for name, value in scores.items()]
-            + [("csr", "average", scorers.csr_average(scores))])
+    scores = {
+      name: 100.0 * _metric(results, _CSR_LM_EVAL_NAMES[name], metric) for name, metric in scorers.CSR_METRICS.items()
+    }
+    return [(name, scorers.CSR_METRICS[name], value) for name, value in scores.items()] + [
+      ("csr", "average", scorers.csr_average(scores))
+    ]
   if task == "scrolls":
     rows, scores = [], {}
     for name, metrics in scorers.SCROLLS_METRICS.items():
@@ -237,17 +291,30 @@ def niah_scores(engine, mode: str, *, haystack_text: str, output_dir: str, confi
 def default_haystack_text() -> str:
   """The data package's embedded corpus (Python's own documentation text), joined into one haystack."""
   from lsm_jax.data import corpora
+
   return "\n\n".join(corpora.embedded_documents())
 
 
 # ----------------------------------------------------------------------------------------------- sweep
 
-def evaluate_run(run_dir: str, tasks: str | Sequence[str], output: str | None = None, *,
-                 steps: Sequence[int] | None = None, batch_size: int = 8, compute_dtype: str | None = None,
-                 val_max_batches: int | None = None, lm_eval_limit: int | None = None,
-                 eval_data_dir: str | None = None, haystack_file: str | None = None,
-                 niah_overrides: dict | None = None, progress: bool = True, include_path: str | Sequence[str] = (),
-                 tensorboard_dir: str | None = None) -> list[dict]:
+
+def evaluate_run(
+  run_dir: str,
+  tasks: str | Sequence[str],
+  output: str | None = None,
+  *,
+  steps: Sequence[int] | None = None,
+  batch_size: int = 8,
+  compute_dtype: str | None = None,
+  val_max_batches: int | None = None,
+  lm_eval_limit: int | None = None,
+  eval_data_dir: str | None = None,
+  haystack_file: str | None = None,
+  niah_overrides: dict | None = None,
+  progress: bool = True,
+  include_path: str | Sequence[str] = (),
+  tensorboard_dir: str | None = None,
+) -> list[dict]:
   """Evaluates `tasks` on every milestone of `run_dir` (or `steps`) not yet in `output`; returns the new rows.
 
   tasks: built-in TASKS, or any lm-eval task, group or tag (its bundled tasks, lsm_jax's local tasks and the task
@@ -270,42 +337,61 @@ def evaluate_run(run_dir: str, tasks: str | Sequence[str], output: str | None = 
     available = sorted(set(steps))
   # One table may hold several runs, told apart by their run name (a row without one: <arch>_<size>).
   coordinates = run_coordinates(checkpoint.read_run_metadata(run_dir))
-  done = {(row["step"], row["task"]) for row in read_table(output)
-          if (row.get("run") or f"{row['arch']}_{row['size']}") == coordinates["run"]}
+  done = {
+    (row["step"], row["task"])
+    for row in read_table(output)
+    if (row.get("run") or f"{row['arch']}_{row['size']}") == coordinates["run"]
+  }
   # An lm-eval task is done when it has rows under its own name (a group reporting no aggregate has none, and
   # is evaluated again).
-  pending = [(step, task) for step in available for task in tasks
-             if (step, _COMPLETION_TASK.get(task, task)) not in done]
+  pending = [
+    (step, task) for step in available for task in tasks if (step, _COMPLETION_TASK.get(task, task)) not in done
+  ]
   haystack_text = None
   new_rows: list[dict] = []
-  tensorboard = _TensorBoardScalars(os.path.join(run_dir, "tensorboard", "eval") if tensorboard_dir is None
-                                    else tensorboard_dir)
+  tensorboard = _TensorBoardScalars(
+    os.path.join(run_dir, "tensorboard", "eval") if tensorboard_dir is None else tensorboard_dir
+  )
   bar = _progress_bar(len(pending), progress)
   for step in sorted({step for step, _ in pending}):
     overrides = {"dtype": compute_dtype} if compute_dtype else {}
     model, tokenizer, run_metadata, checkpoint_metadata = engine_lib.load_model(run_dir, step, **overrides)
     engine = engine_lib.InferenceEngine(model, tokenizer, max_length=run_metadata["seq_len"], batch_size=batch_size)
-    identity = {**coordinates, "step": step, "tokens": checkpoint_metadata.get("tokens_seen"),
-                "compute_pflops_days": checkpoint_metadata.get("compute_pflops_days")}
+    identity = {
+      **coordinates,
+      "step": step,
+      "tokens": checkpoint_metadata.get("tokens_seen"),
+      "compute_pflops_days": checkpoint_metadata.get("compute_pflops_days"),
+    }
     for task in [task for pending_step, task in pending if pending_step == step]:
       bar.set_description(f"step {step} {task}")
       if task == "val_loss":
-        scores = [("val_loss", metric, value)
-                  for metric, value in validation_loss(engine, run_metadata, max_batches=val_max_batches).items()]
+        scores = [
+          ("val_loss", metric, value)
+          for metric, value in validation_loss(engine, run_metadata, max_batches=val_max_batches).items()
+        ]
       elif task in LM_EVAL_TASKS:
-        scores = lm_eval_task_scores(engine, task, limit=lm_eval_limit, eval_data_dir=eval_data_dir,
-                                     progress=progress)
+        scores = lm_eval_task_scores(engine, task, limit=lm_eval_limit, eval_data_dir=eval_data_dir, progress=progress)
       elif task not in TASKS:
-        scores = lm_eval_any_task_scores(engine, task, limit=lm_eval_limit, progress=progress,
-                                         task_manager=lm_eval_task_manager(include_path, eval_data_dir))
+        scores = lm_eval_any_task_scores(
+          engine,
+          task,
+          limit=lm_eval_limit,
+          progress=progress,
+          task_manager=lm_eval_task_manager(include_path, eval_data_dir),
+        )
       else:
         if haystack_text is None:
           haystack_text = _read_text(haystack_file) if haystack_file else default_haystack_text()
         niah_dir = os.path.join(os.path.dirname(os.path.abspath(output)), "niah", f"step_{step}")
-        scores = niah_scores(engine, "easy" if task == "niah" else "standard", haystack_text=haystack_text,
-                             output_dir=niah_dir, config_overrides=niah_overrides)
-      rows = [{**identity, "task": name, "metric": metric, "value": float(value)}
-              for name, metric, value in scores]
+        scores = niah_scores(
+          engine,
+          "easy" if task == "niah" else "standard",
+          haystack_text=haystack_text,
+          output_dir=niah_dir,
+          config_overrides=niah_overrides,
+        )
+      rows = [{**identity, "task": name, "metric": metric, "value": float(value)} for name, metric, value in scores]
       append_rows(output, rows)
       tensorboard.add(rows)
       new_rows.extend(rows)
@@ -327,6 +413,7 @@ class _TensorBoardScalars:
       return
     if self._writer is None:
       from tensorboardX import SummaryWriter  # heavy import; only when there is something to write
+
       self._writer = SummaryWriter(self._log_dir)
     for row in rows:
       tag = f"{row['task']}/{row['metric']}"
@@ -343,10 +430,15 @@ class _TensorBoardScalars:
 def run_coordinates(run_metadata: dict) -> dict:
   """A run's name and ablation coordinates from its run_metadata.json (one without a run name: <arch>_<size>)."""
   model = run_metadata["model_config"]
-  return {"run": run_metadata.get("run_name") or f"{run_metadata['arch']}_{run_metadata['size']}",
-          "arch": run_metadata["arch"], "size": run_metadata["size"], "d_model": model["d_model"],
-          "num_layers": model["num_layers"], "seq_len": run_metadata["seq_len"],
-          "ablation": run_metadata.get("ablation")}
+  return {
+    "run": run_metadata.get("run_name") or f"{run_metadata['arch']}_{run_metadata['size']}",
+    "arch": run_metadata["arch"],
+    "size": run_metadata["size"],
+    "d_model": model["d_model"],
+    "num_layers": model["num_layers"],
+    "seq_len": run_metadata["seq_len"],
+    "ablation": run_metadata.get("ablation"),
+  }
 
 
 def _read_text(path: str) -> str:
@@ -356,4 +448,5 @@ def _read_text(path: str) -> str:
 
 def _progress_bar(total: int, enabled: bool):
   from tqdm import tqdm
+
   return tqdm(total=total, disable=not enabled, unit="eval")

@@ -6,6 +6,7 @@
   modeling_lsm.py, configuration_lsm.py   the PyTorch TNL / HGRN2 / cosFormer2 shipped inside exports
 CLI: `python -m lsm_jax.export` (see __main__.py and docs/export.md).
 """
+
 from lsm_jax.export.hf import ExportVerificationError, export_hf, import_llama
 from lsm_jax.export.tensors import torch_state_dict
 

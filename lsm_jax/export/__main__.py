@@ -12,6 +12,7 @@ compared with lsm_jax's unless `--noverify`.
 Import: writes the LLaMA checkpoint as milestone 0 of the new run directory MODEL_DIR, which
 `python -m lsm_jax.evaluate --run_dir=MODEL_DIR` evaluates.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,35 +22,56 @@ from lsm_jax.export import hf
 
 
 def _export(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(prog="python -m lsm_jax.export", description=__doc__.split("\n\n")[0],
-                                   epilog="Import: python -m lsm_jax.export import --help. Details: docs/export.md.")
+  parser = argparse.ArgumentParser(
+    prog="python -m lsm_jax.export",
+    description=__doc__.split("\n\n")[0],
+    epilog="Import: python -m lsm_jax.export import --help. Details: docs/export.md.",
+  )
   parser.add_argument("--checkpoint", required=True, help="run directory or milestone directory")
   parser.add_argument("--out", required=True, help="output directory")
   parser.add_argument("--step", type=int, default=None, help="milestone step (default: the last milestone)")
   parser.add_argument("--dtype", choices=hf.EXPORT_DTYPES, default=None, help="default: as saved")
-  parser.add_argument("--format", choices=hf.FORMATS, default="hf", dest="export_format",
-                      help="hf: transformers directory (default); fla: refused for lsm_jax's HGRN2, with the reason")
-  parser.add_argument("--noverify", action="store_false", dest="verify",
-                      help="skip reloading the export with transformers")
+  parser.add_argument(
+    "--format",
+    choices=hf.FORMATS,
+    default="hf",
+    dest="export_format",
+    help="hf: transformers directory (default); fla: refused for lsm_jax's HGRN2, with the reason",
+  )
+  parser.add_argument(
+    "--noverify", action="store_false", dest="verify", help="skip reloading the export with transformers"
+  )
   args = parser.parse_args(argv)
-  result = hf.export_hf(args.checkpoint, args.out, step=args.step, dtype=args.dtype,
-                        export_format=args.export_format, verify=args.verify)
+  result = hf.export_hf(
+    args.checkpoint, args.out, step=args.step, dtype=args.dtype, export_format=args.export_format, verify=args.verify
+  )
   check = result.get("verification") or {"verified": False, "reason": "not verified (--noverify)"}
-  status = (f"verified with transformers, max logit difference {check['max_abs_logit_difference']:.2g}"
-            if check["verified"] else check["reason"])
-  print(f"exported {result['arch']} step {result['step']} ({len(result['tensor_sources'])} tensors, "
-        f"{result['dtype']}) to {args.out}; {status}")
+  status = (
+    f"verified with transformers, max logit difference {check['max_abs_logit_difference']:.2g}"
+    if check["verified"]
+    else check["reason"]
+  )
+  print(
+    f"exported {result['arch']} step {result['step']} ({len(result['tensor_sources'])} tensors, "
+    f"{result['dtype']}) to {args.out}; {status}"
+  )
 
 
 def _import(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(prog="python -m lsm_jax.export import",
-                                   description="Import a transformers LLaMA checkpoint as an lsm_jax run.")
+  parser = argparse.ArgumentParser(
+    prog="python -m lsm_jax.export import", description="Import a transformers LLaMA checkpoint as an lsm_jax run."
+  )
   parser.add_argument("--hf_dir", required=True, help="directory with config.json and *.safetensors")
   parser.add_argument("--run_dir", required=True, help="new lsm_jax run directory to write")
-  parser.add_argument("--dtype", choices=hf.EXPORT_DTYPES, default=None,
-                      help="milestone and compute dtype (default: float32 for fp32 weights, else bfloat16)")
-  parser.add_argument("--tokenizer", default=None,
-                      help="tokenizer spec for the run (default: the checkpoint's tokenizer.json)")
+  parser.add_argument(
+    "--dtype",
+    choices=hf.EXPORT_DTYPES,
+    default=None,
+    help="milestone and compute dtype (default: float32 for fp32 weights, else bfloat16)",
+  )
+  parser.add_argument(
+    "--tokenizer", default=None, help="tokenizer spec for the run (default: the checkpoint's tokenizer.json)"
+  )
   args = parser.parse_args(argv)
   run_dir = hf.import_llama(args.hf_dir, args.run_dir, dtype=args.dtype, tokenizer=args.tokenizer)
   print(f"imported {args.hf_dir} as milestone 0 of {run_dir}")

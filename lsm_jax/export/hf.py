@@ -14,6 +14,7 @@ Import (`import_llama`) reads a transformers LLaMA checkpoint (config.json + *.s
 into lsm_jax's LLaMA parameters and writes them as milestone 0 of a run directory (run_metadata.json with the
 ModelConfig and tokenizer), which `python -m lsm_jax.evaluate --run_dir=...` evaluates like a trained run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,19 +36,20 @@ _LINEAR_ARCHS = ("tnl", "hgrn2", "cosformer2")
 _REMOTE_CODE_FILES = ("configuration_lsm.py", "modeling_lsm.py")
 # lsm_jax's torch names (tensors.py) -> transformers' LlamaForCausalLM names.
 _LLAMA_RENAMES = (
-    (r"^embed_tokens\.weight$", "model.embed_tokens.weight"),
-    (r"^norm\.weight$", "model.norm.weight"),
-    (r"^layers\.(\d+)\.token_mixer_norm\.weight$", r"model.layers.\1.input_layernorm.weight"),
-    (r"^layers\.(\d+)\.channel_mixer_norm\.weight$", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"^layers\.(\d+)\.token_mixer\.([qkvo])_proj\.weight$", r"model.layers.\1.self_attn.\2_proj.weight"),
-    (r"^layers\.(\d+)\.channel_mixer\.(gate|up|down)_proj\.weight$", r"model.layers.\1.mlp.\2_proj.weight"),
+  (r"^embed_tokens\.weight$", "model.embed_tokens.weight"),
+  (r"^norm\.weight$", "model.norm.weight"),
+  (r"^layers\.(\d+)\.token_mixer_norm\.weight$", r"model.layers.\1.input_layernorm.weight"),
+  (r"^layers\.(\d+)\.channel_mixer_norm\.weight$", r"model.layers.\1.post_attention_layernorm.weight"),
+  (r"^layers\.(\d+)\.token_mixer\.([qkvo])_proj\.weight$", r"model.layers.\1.self_attn.\2_proj.weight"),
+  (r"^layers\.(\d+)\.channel_mixer\.(gate|up|down)_proj\.weight$", r"model.layers.\1.mlp.\2_proj.weight"),
 )
 _FLA_MISMATCH = (
-    "--format=fla cannot represent lsm_jax's HGRN2 exactly, so it is refused: (1) our channel mixer is SGLU, "
-    "down(gate(x) * up(x)) with no activation, while fla's HGRN2ForCausalLM uses GatedMLP with swish (or powlu); "
-    "(2) our lower bounds are the exclusive cumsum over layers of softmax(lower_bound_logits), fla's are the "
-    "cumsum minus its first row, different bounds for the same logits. Use --format=hf (loads with "
-    "trust_remote_code=True, fla's chunk_gla kernel is used on CUDA when fla is installed).")
+  "--format=fla cannot represent lsm_jax's HGRN2 exactly, so it is refused: (1) our channel mixer is SGLU, "
+  "down(gate(x) * up(x)) with no activation, while fla's HGRN2ForCausalLM uses GatedMLP with swish (or powlu); "
+  "(2) our lower bounds are the exclusive cumsum over layers of softmax(lower_bound_logits), fla's are the "
+  "cumsum minus its first row, different bounds for the same logits. Use --format=hf (loads with "
+  "trust_remote_code=True, fla's chunk_gla kernel is used on CUDA when fla is installed)."
+)
 
 
 class ExportVerificationError(ValueError):
@@ -72,8 +74,10 @@ def _resolve(checkpoint_dir: str, step: int | None) -> tuple[str, int]:
       raise ValueError(f"--step={step} contradicts the milestone directory {checkpoint_dir}")
     return os.path.dirname(os.path.dirname(parent)), named_step
   if not os.path.isdir(os.path.join(checkpoint_dir, "checkpoints", "milestones")):
-    raise ValueError(f"--checkpoint={checkpoint_dir} must be a run directory (with checkpoints/milestones/) or "
-                     f"a milestone directory MODEL_DIR/checkpoints/milestones/<step>")
+    raise ValueError(
+      f"--checkpoint={checkpoint_dir} must be a run directory (with checkpoints/milestones/) or "
+      f"a milestone directory MODEL_DIR/checkpoints/milestones/<step>"
+    )
   steps = checkpoint.list_milestones(checkpoint_dir)
   if not steps:
     raise ValueError(f"{checkpoint_dir} has no complete milestone checkpoint")
@@ -102,58 +106,105 @@ def _validation_loss(run_dir: str, step: int) -> float | None:
 
 
 def _model_config_json(model_config: dict, *, max_length: int, eos_id: int | None, dtype: str) -> dict:
-  common = {"vocab_size": model_config["vocab_size"], "hidden_size": model_config["d_model"],
-            "num_hidden_layers": model_config["num_layers"], "num_attention_heads": model_config["num_heads"],
-            "head_dim": model_config["head_dim"], "intermediate_size": model_config["ffn_dim"],
-            "rms_norm_eps": model_config["norm_eps"], "initializer_range": model_config["init_std"],
-            "tie_word_embeddings": True, "use_cache": True, "eos_token_id": eos_id, "pad_token_id": eos_id,
-            "bos_token_id": None, "torch_dtype": dtype, "dtype": dtype}
+  common = {
+    "vocab_size": model_config["vocab_size"],
+    "hidden_size": model_config["d_model"],
+    "num_hidden_layers": model_config["num_layers"],
+    "num_attention_heads": model_config["num_heads"],
+    "head_dim": model_config["head_dim"],
+    "intermediate_size": model_config["ffn_dim"],
+    "rms_norm_eps": model_config["norm_eps"],
+    "initializer_range": model_config["init_std"],
+    "tie_word_embeddings": True,
+    "use_cache": True,
+    "eos_token_id": eos_id,
+    "pad_token_id": eos_id,
+    "bos_token_id": None,
+    "torch_dtype": dtype,
+    "dtype": dtype,
+  }
   if model_config["arch"] == "llama":
     rope_theta = float(model_config["rope_theta"])
-    return {**common, "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-            "num_key_value_heads": model_config["num_heads"], "hidden_act": "silu", "attention_bias": False,
-            "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1, "max_position_embeddings": max_length,
-            "rope_theta": rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
-            "rope_scaling": None}
-  return {**common, "model_type": "lsm_jax", "architectures": ["LsmForCausalLM"], "arch": model_config["arch"],
-          "auto_map": {"AutoConfig": "configuration_lsm.LsmConfig",
-                       "AutoModelForCausalLM": "modeling_lsm.LsmForCausalLM"}}
+    return {
+      **common,
+      "model_type": "llama",
+      "architectures": ["LlamaForCausalLM"],
+      "num_key_value_heads": model_config["num_heads"],
+      "hidden_act": "silu",
+      "attention_bias": False,
+      "attention_dropout": 0.0,
+      "mlp_bias": False,
+      "pretraining_tp": 1,
+      "max_position_embeddings": max_length,
+      "rope_theta": rope_theta,
+      "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
+      "rope_scaling": None,
+    }
+  return {
+    **common,
+    "model_type": "lsm_jax",
+    "architectures": ["LsmForCausalLM"],
+    "arch": model_config["arch"],
+    "auto_map": {"AutoConfig": "configuration_lsm.LsmConfig", "AutoModelForCausalLM": "modeling_lsm.LsmForCausalLM"},
+  }
 
 
-_ARCH_NAMES = {"llama": "LLaMA (softmax attention, RoPE, SwiGLU)",
-               "tnl": "TNL (TransNormerLLM: Lightning Attention with fixed decay, SGLU)",
-               "hgrn2": "HGRN2 (gated linear RNN with state expansion, SGLU)",
-               "cosformer2": "cosFormer2 (linear attention with LRPE and TPE, no decay, SGLU)"}
+_ARCH_NAMES = {
+  "llama": "LLaMA (softmax attention, RoPE, SwiGLU)",
+  "tnl": "TNL (TransNormerLLM: Lightning Attention with fixed decay, SGLU)",
+  "hgrn2": "HGRN2 (gated linear RNN with state expansion, SGLU)",
+  "cosformer2": "cosFormer2 (linear attention with LRPE and TPE, no decay, SGLU)",
+}
 
 
 def _model_card(model_config: dict, provenance: dict) -> str:
   arch = model_config["arch"]
-  loading = ("AutoModelForCausalLM.from_pretrained(path)" if arch == "llama"
-             else "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
+  loading = (
+    "AutoModelForCausalLM.from_pretrained(path)"
+    if arch == "llama"
+    else "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)"
+  )
 
   def show(value, unit=""):
     return "unknown" if value is None else f"{value:,}{unit}" if isinstance(value, int) else f"{value:.6g}{unit}"
 
-  rows = [("Architecture", _ARCH_NAMES[arch]), ("Size", model_config["size"]),
-          ("Parameters", show(provenance["num_params"])),
-          ("Layers / width / heads / FFN", f"{model_config['num_layers']} / {model_config['d_model']} / "
-           f"{model_config['num_heads']} x {model_config['head_dim']} / {model_config['ffn_dim']}"),
-          ("Vocabulary", f"{model_config['vocab_size']:,} ({provenance['tokenizer']})"),
-          ("Training step", show(provenance["step"])), ("Tokens seen", show(provenance["tokens_seen"])),
-          ("Compute C", show(provenance["compute_pflops_days"], " PFLOP/s-days")),
-          ("Validation loss", show(provenance["validation_loss"])),
-          ("Weights dtype", provenance["dtype"]), ("lsm_jax version", provenance["code_version"] or "unknown")]
+  rows = [
+    ("Architecture", _ARCH_NAMES[arch]),
+    ("Size", model_config["size"]),
+    ("Parameters", show(provenance["num_params"])),
+    (
+      "Layers / width / heads / FFN",
+      f"{model_config['num_layers']} / {model_config['d_model']} / "
+      f"{model_config['num_heads']} x {model_config['head_dim']} / {model_config['ffn_dim']}",
+    ),
+    ("Vocabulary", f"{model_config['vocab_size']:,} ({provenance['tokenizer']})"),
+    ("Training step", show(provenance["step"])),
+    ("Tokens seen", show(provenance["tokens_seen"])),
+    ("Compute C", show(provenance["compute_pflops_days"], " PFLOP/s-days")),
+    ("Validation loss", show(provenance["validation_loss"])),
+    ("Weights dtype", provenance["dtype"]),
+    ("lsm_jax version", provenance["code_version"] or "unknown"),
+  ]
   table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-  return (f"---\nlibrary_name: transformers\ntags: [lsm_jax, {arch}]\n---\n\n"
-          f"# {arch}-{model_config['size']} (lsm_jax)\n\n"
-          f"A {_ARCH_NAMES[arch]} language model trained with lsm_jax, a JAX reproduction of \"Scaling Laws for "
-          f"Linear Complexity Language Models\" (arXiv 2406.16690).\n\n| | |\n|---|---|\n{table}\n\n"
-          f"Load with `transformers`: `{loading}`; the tokenizer with `AutoTokenizer.from_pretrained(path)`.\n"
-          f"`lsm_jax_export.json` records the milestone and the JAX parameter behind every tensor.\n")
+  return (
+    f"---\nlibrary_name: transformers\ntags: [lsm_jax, {arch}]\n---\n\n"
+    f"# {arch}-{model_config['size']} (lsm_jax)\n\n"
+    f'A {_ARCH_NAMES[arch]} language model trained with lsm_jax, a JAX reproduction of "Scaling Laws for '
+    f'Linear Complexity Language Models" (arXiv 2406.16690).\n\n| | |\n|---|---|\n{table}\n\n'
+    f"Load with `transformers`: `{loading}`; the tokenizer with `AutoTokenizer.from_pretrained(path)`.\n"
+    f"`lsm_jax_export.json` records the milestone and the JAX parameter behind every tensor.\n"
+  )
 
 
-def export_hf(checkpoint_dir: str, out_dir: str, *, step: int | None = None, dtype: str | None = None,
-              export_format: str = "hf", verify: bool = True) -> dict:
+def export_hf(
+  checkpoint_dir: str,
+  out_dir: str,
+  *,
+  step: int | None = None,
+  dtype: str | None = None,
+  export_format: str = "hf",
+  verify: bool = True,
+) -> dict:
   """Writes the Hugging Face directory of a milestone (module docstring); returns lsm_jax_export.json's content.
 
   checkpoint_dir: a run directory (milestone `step`, default the last) or one milestone directory. dtype: of the
@@ -183,28 +234,41 @@ def export_hf(checkpoint_dir: str, out_dir: str, *, step: int | None = None, dty
 
   os.makedirs(out_dir, exist_ok=True)
   import safetensors.numpy
-  safetensors.numpy.save_file(weights, os.path.join(out_dir, "model.safetensors"),
-                              metadata={"format": "pt", "arch": arch, "step": str(step)})
+
+  safetensors.numpy.save_file(
+    weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt", "arch": arch, "step": str(step)}
+  )
   max_length = int(run_metadata.get("seq_len") or 2048)
   tokenizer_spec = run_metadata.get("tokenizer")
-  special = (hf_tokenizer.write_tokenizer_files(tokenizer_spec, out_dir, model_max_length=max_length)
-             if tokenizer_spec else None)
+  special = (
+    hf_tokenizer.write_tokenizer_files(tokenizer_spec, out_dir, model_max_length=max_length) if tokenizer_spec else None
+  )
   eos_id = special["eos_token_id"] if special else None
   with open(os.path.join(out_dir, "config.json"), "w") as handle:
-    json.dump(_model_config_json(model_config, max_length=max_length, eos_id=eos_id, dtype=saved_dtype), handle,
-              indent=2, sort_keys=True)
+    json.dump(
+      _model_config_json(model_config, max_length=max_length, eos_id=eos_id, dtype=saved_dtype),
+      handle,
+      indent=2,
+      sort_keys=True,
+    )
   if arch in _LINEAR_ARCHS:
     for name in _REMOTE_CODE_FILES:
       shutil.copyfile(os.path.join(os.path.dirname(__file__), name), os.path.join(out_dir, name))
   with open(os.path.join(out_dir, "generation_config.json"), "w") as handle:
     json.dump({"eos_token_id": eos_id, "pad_token_id": eos_id, "do_sample": False}, handle, indent=2)
   provenance = {
-      "format": export_format, "arch": arch, "step": step, "dtype": saved_dtype,
-      "num_params": int(sum(np.size(tensor) for tensor in weights.values())),
-      "tokens_seen": metadata.get("tokens_seen"), "compute_pflops_days": metadata.get("compute_pflops_days"),
-      "validation_loss": _validation_loss(run_dir, step), "code_version": metadata.get("code_version"),
-      "tokenizer": tokenizer_spec if special else f"{tokenizer_spec} (no tokenizer files written)",
-      "model_config": model_config, "tensor_sources": {name: source for name, (_, source) in named.items()},
+    "format": export_format,
+    "arch": arch,
+    "step": step,
+    "dtype": saved_dtype,
+    "num_params": int(sum(np.size(tensor) for tensor in weights.values())),
+    "tokens_seen": metadata.get("tokens_seen"),
+    "compute_pflops_days": metadata.get("compute_pflops_days"),
+    "validation_loss": _validation_loss(run_dir, step),
+    "code_version": metadata.get("code_version"),
+    "tokenizer": tokenizer_spec if special else f"{tokenizer_spec} (no tokenizer files written)",
+    "model_config": model_config,
+    "tensor_sources": {name: source for name, (_, source) in named.items()},
   }
   with open(os.path.join(out_dir, "README.md"), "w") as handle:
     handle.write(_model_card(model_config, provenance))
@@ -221,6 +285,7 @@ def jax_logits(params: dict, model_config: dict, tokens: np.ndarray) -> np.ndarr
   from flax import nnx
 
   from lsm_jax.models import ModelConfig, build_model
+
   config = ModelConfig(**{**model_config, "dtype": "float32", "param_dtype": "float32"})
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0))), nnx.Param)
   nnx.replace_by_pure_dict(abstract, jax.tree.map(lambda leaf: np.asarray(leaf, np.float32), params))
@@ -232,13 +297,16 @@ def load_with_transformers(out_dir: str):
   """(model, loading info) of an export, in float32 on CPU, refusing missing, unexpected or mismatched weights."""
   import torch
   import transformers
+
   dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
   model, info = transformers.AutoModelForCausalLM.from_pretrained(
-      out_dir, trust_remote_code=True, output_loading_info=True, **{dtype_key: torch.float32})
+    out_dir, trust_remote_code=True, output_loading_info=True, **{dtype_key: torch.float32}
+  )
   problems = {key: sorted(value) for key, value in info.items() if key != "error_msgs" and value}
   if problems or info.get("error_msgs"):
-    raise ExportVerificationError(f"{out_dir} does not load cleanly with transformers: {problems} "
-                                  f"{info.get('error_msgs') or ''}")
+    raise ExportVerificationError(
+      f"{out_dir} does not load cleanly with transformers: {problems} {info.get('error_msgs') or ''}"
+    )
   return model.eval(), info
 
 
@@ -259,8 +327,9 @@ def verify_export(out_dir: str, params: dict, model_config: dict, *, length: int
   difference = float(np.max(np.abs(actual - expected)))
   tolerance = atol * max(1.0, float(np.max(np.abs(expected))))
   if not difference <= tolerance:
-    raise ExportVerificationError(f"transformers' logits of {out_dir} differ from lsm_jax's by {difference:.3g} "
-                                  f"(tolerance {tolerance:.3g})")
+    raise ExportVerificationError(
+      f"transformers' logits of {out_dir} differ from lsm_jax's by {difference:.3g} (tolerance {tolerance:.3g})"
+    )
   return {"verified": True, "max_abs_logit_difference": difference, "tokens": list(tokens.shape)}
 
 
@@ -270,6 +339,7 @@ def verify_export(out_dir: str, params: dict, model_config: dict, *, length: int
 def _read_hf_checkpoint(hf_dir: str) -> tuple[dict, dict]:
   """(config.json, {name: array}) of a transformers checkpoint directory in safetensors (one file or shards)."""
   import safetensors.numpy
+
   config_path = os.path.join(hf_dir, "config.json")
   if not os.path.isfile(config_path):
     raise ValueError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
@@ -277,8 +347,10 @@ def _read_hf_checkpoint(hf_dir: str) -> tuple[dict, dict]:
     config = json.load(handle)
   files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
   if not files:
-    raise ValueError(f"{hf_dir} has no *.safetensors weights (PyTorch .bin checkpoints are not read: convert them "
-                     f"with save_pretrained(..., safe_serialization=True))")
+    raise ValueError(
+      f"{hf_dir} has no *.safetensors weights (PyTorch .bin checkpoints are not read: convert them "
+      f"with save_pretrained(..., safe_serialization=True))"
+    )
   weights = {}
   for path in files:
     weights.update(safetensors.numpy.load_file(path))
@@ -287,6 +359,7 @@ def _read_hf_checkpoint(hf_dir: str) -> tuple[dict, dict]:
 
 def _llama_model_config(config: dict) -> dict:
   """lsm_jax ModelConfig fields of a transformers LlamaConfig dict; refuses what lsm_jax's LLaMA cannot compute."""
+
   def require(condition, message):
     if not condition:
       raise ValueError(f"cannot import this LLaMA checkpoint: {message}")
@@ -295,20 +368,37 @@ def _llama_model_config(config: dict) -> dict:
   heads, d_model = config["num_attention_heads"], config["hidden_size"]
   head_dim = config.get("head_dim") or d_model // heads
   kv_heads = config.get("num_key_value_heads") or heads
-  require(kv_heads == heads, f"num_key_value_heads={kv_heads} != num_attention_heads={heads} (grouped-query "
-                             f"attention); lsm_jax's LLaMA has one key/value head per query head")
-  require(heads * head_dim == d_model, f"num_attention_heads * head_dim = {heads} * {head_dim} != hidden_size "
-                                       f"{d_model}; lsm_jax needs them equal")
+  require(
+    kv_heads == heads,
+    f"num_key_value_heads={kv_heads} != num_attention_heads={heads} (grouped-query "
+    f"attention); lsm_jax's LLaMA has one key/value head per query head",
+  )
+  require(
+    heads * head_dim == d_model,
+    f"num_attention_heads * head_dim = {heads} * {head_dim} != hidden_size {d_model}; lsm_jax needs them equal",
+  )
   require(config.get("hidden_act", "silu") == "silu", f"hidden_act is {config.get('hidden_act')!r}; SwiGLU needs silu")
-  require(not config.get("attention_bias") and not config.get("mlp_bias"), "biases (attention_bias/mlp_bias) "
-                                                                            "are not supported")
+  require(
+    not config.get("attention_bias") and not config.get("mlp_bias"),
+    "biases (attention_bias/mlp_bias) are not supported",
+  )
   rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-  require(rope.get("rope_type", rope.get("type", "default")) == "default",
-          f"RoPE scaling {rope} is not supported (only the default RoPE)")
-  return {"arch": "llama", "size": "imported", "num_layers": config["num_hidden_layers"], "d_model": d_model,
-          "num_heads": heads, "head_dim": head_dim, "ffn_dim": config["intermediate_size"],
-          "vocab_size": config["vocab_size"], "norm_eps": float(config.get("rms_norm_eps", 1e-6)),
-          "rope_theta": float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))}
+  require(
+    rope.get("rope_type", rope.get("type", "default")) == "default",
+    f"RoPE scaling {rope} is not supported (only the default RoPE)",
+  )
+  return {
+    "arch": "llama",
+    "size": "imported",
+    "num_layers": config["num_hidden_layers"],
+    "d_model": d_model,
+    "num_heads": heads,
+    "head_dim": head_dim,
+    "ffn_dim": config["intermediate_size"],
+    "vocab_size": config["vocab_size"],
+    "norm_eps": float(config.get("rms_norm_eps", 1e-6)),
+    "rope_theta": float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+  }
 
 
 def llama_params_from_hf(config: dict, weights: dict) -> tuple[dict, dict]:
@@ -320,11 +410,12 @@ def llama_params_from_hf(config: dict, weights: dict) -> tuple[dict, dict]:
     raise ValueError("cannot import this LLaMA checkpoint: model.embed_tokens.weight is missing")
   head = weights.get("lm_head.weight")
   if head is not None and not np.array_equal(head, embedding):
-    raise ValueError("cannot import this LLaMA checkpoint: lm_head.weight differs from model.embed_tokens.weight "
-                     "(untied output head); lsm_jax's models tie the head to the embedding")
+    raise ValueError(
+      "cannot import this LLaMA checkpoint: lm_head.weight differs from model.embed_tokens.weight "
+      "(untied output head); lsm_jax's models tie the head to the embedding"
+    )
   if head is None and config.get("tie_word_embeddings") is False:
-    raise ValueError("cannot import this LLaMA checkpoint: tie_word_embeddings is false but lm_head.weight is "
-                     "missing")
+    raise ValueError("cannot import this LLaMA checkpoint: tie_word_embeddings is false but lm_head.weight is missing")
   used = {"model.embed_tokens.weight", "lm_head.weight"}
 
   def take(name, shape):
@@ -332,8 +423,10 @@ def llama_params_from_hf(config: dict, weights: dict) -> tuple[dict, dict]:
       raise ValueError(f"cannot import this LLaMA checkpoint: {name} is missing")
     value = weights[name]
     if tuple(value.shape) != tuple(shape):
-      raise ValueError(f"cannot import this LLaMA checkpoint: {name} has shape {tuple(value.shape)}, expected "
-                       f"{tuple(shape)} from config.json")
+      raise ValueError(
+        f"cannot import this LLaMA checkpoint: {name} has shape {tuple(value.shape)}, expected "
+        f"{tuple(shape)} from config.json"
+      )
     used.add(name)
     return value
 
@@ -341,19 +434,26 @@ def llama_params_from_hf(config: dict, weights: dict) -> tuple[dict, dict]:
     return np.stack([to_kernel(take(f"model.layers.{layer}.{name}", shape)) for layer in range(layers)])
 
   width, ffn = heads * head_dim, fields["ffn_dim"]
-  qkv = np.stack([stacked(f"self_attn.{part}_proj.weight", (width, d_model)).reshape(layers, d_model, heads,
-                                                                                      head_dim)
-                  for part in "qkv"], axis=2)
+  qkv = np.stack(
+    [
+      stacked(f"self_attn.{part}_proj.weight", (width, d_model)).reshape(layers, d_model, heads, head_dim)
+      for part in "qkv"
+    ],
+    axis=2,
+  )
   params = {
-      "embedding": embedding,
-      "final_norm": {"scale": take("model.norm.weight", (d_model,))},
-      "layers": {
-          "mixer": {"qkv": {"kernel": qkv}, "out": {"kernel": stacked("self_attn.o_proj.weight", (d_model, width))}},
-          "mixer_norm": {"scale": stacked("input_layernorm.weight", (d_model,), lambda w: w)},
-          "mlp_norm": {"scale": stacked("post_attention_layernorm.weight", (d_model,), lambda w: w)},
-          "mlp": {"gate": {"kernel": stacked("mlp.gate_proj.weight", (ffn, d_model))},
-                  "up": {"kernel": stacked("mlp.up_proj.weight", (ffn, d_model))},
-                  "down": {"kernel": stacked("mlp.down_proj.weight", (d_model, ffn))}}},
+    "embedding": embedding,
+    "final_norm": {"scale": take("model.norm.weight", (d_model,))},
+    "layers": {
+      "mixer": {"qkv": {"kernel": qkv}, "out": {"kernel": stacked("self_attn.o_proj.weight", (d_model, width))}},
+      "mixer_norm": {"scale": stacked("input_layernorm.weight", (d_model,), lambda w: w)},
+      "mlp_norm": {"scale": stacked("post_attention_layernorm.weight", (d_model,), lambda w: w)},
+      "mlp": {
+        "gate": {"kernel": stacked("mlp.gate_proj.weight", (ffn, d_model))},
+        "up": {"kernel": stacked("mlp.up_proj.weight", (ffn, d_model))},
+        "down": {"kernel": stacked("mlp.down_proj.weight", (d_model, ffn))},
+      },
+    },
   }
   unused = sorted(name for name in weights if name not in used and not name.endswith("rotary_emb.inv_freq"))
   if unused:
@@ -370,6 +470,7 @@ def import_llama(hf_dir: str, run_dir: str, *, dtype: str | None = None, tokeniz
   import ml_dtypes
 
   from lsm_jax.models import ModelConfig, build_model
+
   if os.path.isdir(os.path.join(run_dir, "checkpoints")):
     raise ValueError(f"{run_dir} already holds checkpoints; import into a new run directory")
   config, weights = _read_hf_checkpoint(hf_dir)
@@ -383,10 +484,13 @@ def import_llama(hf_dir: str, run_dir: str, *, dtype: str | None = None, tokeniz
   model_config = ModelConfig(**fields, dtype=dtype, param_dtype="float32")
   _check_against_model(params, model_config, build_model)
   from lsm_jax.data import tokenizer as tokenizer_lib
+
   hf_tokenizer_file = os.path.join(hf_dir, "tokenizer.json")
   if tokenizer is None and not os.path.isfile(hf_tokenizer_file):
-    raise ValueError(f"{hf_dir} has no tokenizer.json; name the run's tokenizer (tokenizer='cl100k', 'bytes' or a "
-                     f"tokenizer path; CLI --tokenizer)")
+    raise ValueError(
+      f"{hf_dir} has no tokenizer.json; name the run's tokenizer (tokenizer='cl100k', 'bytes' or a "
+      f"tokenizer path; CLI --tokenizer)"
+    )
   vocab = tokenizer_lib.get_tokenizer(tokenizer or hf_tokenizer_file).vocab_size
   if vocab > model_config.vocab_size:
     raise ValueError(f"the tokenizer has {vocab} ids but the model's vocab_size is {model_config.vocab_size}")
@@ -395,11 +499,22 @@ def import_llama(hf_dir: str, run_dir: str, *, dtype: str | None = None, tokeniz
     tokenizer = os.path.join(os.path.abspath(run_dir), "tokenizer.json")
     shutil.copyfile(hf_tokenizer_file, tokenizer)
   saver = checkpoint.Checkpointer(
-      run_dir, save_interval_steps=1, max_to_keep=1, milestone_steps=[0], milestone_dtype=dtype, async_save=False,
-      run_metadata={"arch": "llama", "size": model_config.size, "model_config": dataclasses.asdict(model_config),
-                    "run_name": f"llama_imported_{os.path.basename(os.path.normpath(hf_dir))}",
-                    "tokenizer": tokenizer, "imported_from": os.path.abspath(hf_dir),
-                    "seq_len": config.get("max_position_embeddings")})
+    run_dir,
+    save_interval_steps=1,
+    max_to_keep=1,
+    milestone_steps=[0],
+    milestone_dtype=dtype,
+    async_save=False,
+    run_metadata={
+      "arch": "llama",
+      "size": model_config.size,
+      "model_config": dataclasses.asdict(model_config),
+      "run_name": f"llama_imported_{os.path.basename(os.path.normpath(hf_dir))}",
+      "tokenizer": tokenizer,
+      "imported_from": os.path.abspath(hf_dir),
+      "seq_len": config.get("max_position_embeddings"),
+    },
+  )
   try:
     saver.save(0, {"params": params})
   finally:
@@ -417,6 +532,7 @@ def _check_against_model(params: dict, model_config, build_model) -> None:
   """The imported tree has exactly the shapes lsm_jax's LLaMA of `model_config` expects."""
   import jax
   from flax import nnx
+
   abstract = nnx.state(nnx.eval_shape(lambda: build_model(model_config, rngs=nnx.Rngs(0))), nnx.Param).to_pure_dict()
   expected = {jax.tree_util.keystr(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
   actual = {jax.tree_util.keystr(path): np.shape(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}

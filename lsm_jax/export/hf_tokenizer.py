@@ -13,6 +13,7 @@ tokenizer_config.json sets `split_special_tokens`: like lsm_jax's `encode`, tran
 text inside a document (e.g. "<|endoftext|>") as ordinary text, so both give the same ids for every text; EOS is
 added by id (`eos_token_id`), never parsed from text.
 """
+
 from __future__ import annotations
 
 import base64
@@ -57,8 +58,10 @@ def cl100k_ranks() -> dict[bytes, int]:
   for raw in candidates:
     if hashlib.sha256(raw).hexdigest() == tokenizer_lib._CL100K_RANKS_SHA256:
       return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in raw.splitlines() if line)}
-  raise ValueError("no local cl100k_base ranks file with the published sha256: install bpe-openai (it ships the "
-                   "file) or place tiktoken's cl100k_base file in its cache; nothing is downloaded")
+  raise ValueError(
+    "no local cl100k_base ranks file with the published sha256: install bpe-openai (it ships the "
+    "file) or place tiktoken's cl100k_base file in its cache; nothing is downloaded"
+  )
 
 
 def _merge_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
@@ -73,7 +76,7 @@ def _merge_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[b
         best_index, best_rank = index, rank
     if best_index is None:
       return parts
-    parts[best_index:best_index + 2] = [parts[best_index] + parts[best_index + 1]]
+    parts[best_index : best_index + 2] = [parts[best_index] + parts[best_index + 1]]
 
 
 def _bpe_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -92,8 +95,9 @@ def _bpe_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list
   return vocab, merges
 
 
-def _byte_level_tokenizer(vocab: dict[str, int], merges: list, special_tokens: dict[str, int], size: int,
-                          split_pattern: str | None):
+def _byte_level_tokenizer(
+  vocab: dict[str, int], merges: list, special_tokens: dict[str, int], size: int, split_pattern: str | None
+):
   """A tokenizers.Tokenizer: byte-level BPE (whole pre-tokens in the vocabulary are taken as they are, like
   tiktoken), `special_tokens` at their ids and reserved tokens on every other id below `size`."""
   import tokenizers
@@ -105,11 +109,20 @@ def _byte_level_tokenizer(vocab: dict[str, int], merges: list, special_tokens: d
   model = models.BPE(vocab={**vocab, **specials}, merges=merges, ignore_merges=True)
   tokenizer = tokenizers.Tokenizer(model)
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-  tokenizer.pre_tokenizer = (byte_level if split_pattern is None else pre_tokenizers.Sequence(
-      [pre_tokenizers.Split(tokenizers.Regex(split_pattern), behavior="isolated", invert=False), byte_level]))
+  tokenizer.pre_tokenizer = (
+    byte_level
+    if split_pattern is None
+    else pre_tokenizers.Sequence(
+      [pre_tokenizers.Split(tokenizers.Regex(split_pattern), behavior="isolated", invert=False), byte_level]
+    )
+  )
   tokenizer.decoder = decoders.ByteLevel()
-  tokenizer.add_special_tokens([tokenizers.AddedToken(name, special=True, normalized=False)
-                                for name, _ in sorted(specials.items(), key=lambda item: item[1])])
+  tokenizer.add_special_tokens(
+    [
+      tokenizers.AddedToken(name, special=True, normalized=False)
+      for name, _ in sorted(specials.items(), key=lambda item: item[1])
+    ]
+  )
   return tokenizer
 
 
@@ -117,13 +130,15 @@ def build_tokenizer(spec: str):
   """(tokenizers.Tokenizer, EOS token) for "cl100k" or "bytes"."""
   if spec in ("cl100k", "cl100k_base"):
     vocab, merges = _bpe_vocab_and_merges(cl100k_ranks())
-    return _byte_level_tokenizer(vocab, merges, tokenizer_lib._CL100K_SPECIAL_TOKENS,
-                                 tokenizer_lib.CL100K_VOCAB_SIZE, CL100K_SPLIT_PATTERN), EOS_TOKEN
+    return _byte_level_tokenizer(
+      vocab, merges, tokenizer_lib._CL100K_SPECIAL_TOKENS, tokenizer_lib.CL100K_VOCAB_SIZE, CL100K_SPLIT_PATTERN
+    ), EOS_TOKEN
   if spec == "bytes":
     byte_tokenizer = tokenizer_lib.ByteTokenizer()
     vocab = {character: byte for byte, character in byte_level_alphabet().items()}
-    return _byte_level_tokenizer(vocab, [], {EOS_TOKEN: byte_tokenizer.eos_id}, byte_tokenizer.vocab_size,
-                                 None), EOS_TOKEN
+    return _byte_level_tokenizer(
+      vocab, [], {EOS_TOKEN: byte_tokenizer.eos_id}, byte_tokenizer.vocab_size, None
+    ), EOS_TOKEN
   raise ValueError(f"no Hugging Face tokenizer can be built for {spec!r}; buildable: cl100k, bytes")
 
 
@@ -141,9 +156,18 @@ def write_tokenizer_files(spec: str, out_dir: str, *, model_max_length: int) -> 
   else:
     return None
   eos_id = tokenizer_lib.get_tokenizer(spec).eos_id
-  config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token, "pad_token": eos_token,
-            "bos_token": None, "unk_token": None, "add_bos_token": False, "add_eos_token": False,
-            "clean_up_tokenization_spaces": False, "split_special_tokens": True, "model_max_length": model_max_length}
+  config = {
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "eos_token": eos_token,
+    "pad_token": eos_token,
+    "bos_token": None,
+    "unk_token": None,
+    "add_bos_token": False,
+    "add_eos_token": False,
+    "clean_up_tokenization_spaces": False,
+    "split_special_tokens": True,
+    "model_max_length": model_max_length,
+  }
   with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as handle:
     json.dump(config, handle, indent=2)
   with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as handle:

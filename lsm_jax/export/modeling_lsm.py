@@ -21,6 +21,7 @@ fla is installed, plain torch otherwise) and a one-token recurrent step for gene
 state S [B, H, D, D] (and cosFormer2's TPE state [B, D]) in an `LsmState` cache. Left padding (attention_mask 0)
 is skipped: padded tokens add nothing to any state and positions count real tokens only.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,8 +43,9 @@ except ImportError:
 
 CHUNK_SIZE = 64
 # transformers 5.x renamed the cache argument and output field from past_key_values to cache.
-CACHE_FIELD = ("cache" if "cache" in {field.name for field in dataclasses.fields(CausalLMOutputWithPast)}
-               else "past_key_values")
+CACHE_FIELD = (
+  "cache" if "cache" in {field.name for field in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+)
 
 
 def simple_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -55,9 +57,11 @@ def simple_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
 def alibi_slopes(num_heads: int) -> list[float]:
   """ALiBi head slopes 2^(-8(h+1)/H); for H not a power of two, those of the nearest lower power c followed by
   every other slope of 2c."""
+
   def power_of_two(n):
     start = 2.0 ** (-8.0 / n)
     return [start ** (i + 1) for i in range(n)]
+
   if math.log2(num_heads).is_integer():
     return power_of_two(num_heads)
   closest = 2 ** math.floor(math.log2(num_heads))
@@ -72,9 +76,16 @@ def _fla_linear_attention(q, k, v, log_decay, initial_state):
   """fla's chunk_gla on [B, T, H, D] inputs (q, k in v's dtype, log-decays and states fp32) with scale 1 (our
   attention is unscaled). fla versions that still have `head_first` default it to True: it is set to False."""
   keywords = {"head_first": False} if "head_first" in inspect.signature(_fla_chunk_gla).parameters else {}
-  out, state = _fla_chunk_gla(q=q.to(v.dtype), k=k.to(v.dtype), v=v, g=log_decay.float(), scale=1.0,
-                              initial_state=None if initial_state is None else initial_state.float(),
-                              output_final_state=True, **keywords)
+  out, state = _fla_chunk_gla(
+    q=q.to(v.dtype),
+    k=k.to(v.dtype),
+    v=v,
+    g=log_decay.float(),
+    scale=1.0,
+    initial_state=None if initial_state is None else initial_state.float(),
+    output_final_state=True,
+    **keywords,
+  )
   return out.float(), state.float()
 
 
@@ -89,7 +100,7 @@ def chunked_linear_attention(q, k, v, log_decay, initial_state=None, chunk_size:
     return _fla_linear_attention(q, k, v, log_decay, initial_state)
   q, k, v, log_decay = (t.float().transpose(1, 2) for t in (q, k, v, log_decay))  # [B, H, T, D]
   batch, heads, length, dim_k = q.shape
-  state = (q.new_zeros(batch, heads, dim_k, v.shape[-1]) if initial_state is None else initial_state.float())
+  state = q.new_zeros(batch, heads, dim_k, v.shape[-1]) if initial_state is None else initial_state.float()
   outputs = []
   for start in range(0, length, chunk_size):
     chunk = slice(start, start + chunk_size)
@@ -97,8 +108,11 @@ def chunked_linear_attention(q, k, v, log_decay, initial_state=None, chunk_size:
     cumulative = log_decay[:, :, chunk].cumsum(2)  # b_t, inclusive
     size = q_c.shape[2]
     causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
-    pair_decay = (cumulative[:, :, :, None, :] - cumulative[:, :, None, :, :]).masked_fill(
-        ~causal[:, :, None], float("-inf")).exp()  # [B, H, t, s, Dk]
+    pair_decay = (
+      (cumulative[:, :, :, None, :] - cumulative[:, :, None, :, :])
+      .masked_fill(~causal[:, :, None], float("-inf"))
+      .exp()
+    )  # [B, H, t, s, Dk]
     scores = torch.einsum("bhtk,bhsk,bhtsk->bhts", q_c, k_c, pair_decay)
     outputs.append((q_c * cumulative.exp()) @ state + scores @ v_c)
     last = cumulative[:, :, -1:]
@@ -115,6 +129,7 @@ def linear_attention_step(q, k, v, log_decay, state):
 @dataclasses.dataclass
 class LsmState:
   """Generation cache: per-layer recurrent states, cosFormer2's TPE state and each row's next position."""
+
   layers: list
   next_position: torch.Tensor  # [B] int64: real (unpadded) tokens seen per row
   tpe: torch.Tensor | None = None
@@ -135,8 +150,9 @@ class ToeplitzPositionalEncoding(nn.Module):
     self.dim, self.max_timescale = dim, max_timescale
 
   def log_decay(self, device) -> torch.Tensor:
-    timescales = torch.exp(torch.linspace(0.0, math.log(self.max_timescale), self.dim, dtype=torch.float32,
-                                          device=device))
+    timescales = torch.exp(
+      torch.linspace(0.0, math.log(self.max_timescale), self.dim, dtype=torch.float32, device=device)
+    )
     return -1.0 / timescales
 
   def forward(self, x, mask, state):
@@ -147,11 +163,12 @@ class ToeplitzPositionalEncoding(nn.Module):
     state = inputs.new_zeros(x.shape[0], self.dim) if state is None else state
     outputs = []
     for start in range(0, x.shape[1], CHUNK_SIZE):
-      u, cumulative = inputs[:, start:start + CHUNK_SIZE], log_decay[:, start:start + CHUNK_SIZE].cumsum(1)
+      u, cumulative = inputs[:, start : start + CHUNK_SIZE], log_decay[:, start : start + CHUNK_SIZE].cumsum(1)
       size = u.shape[1]
       causal = torch.ones(size, size, dtype=torch.bool, device=x.device).tril()
-      pair_decay = (cumulative[:, :, None] - cumulative[:, None, :]).masked_fill(
-          ~causal[:, :, None], float("-inf")).exp()  # [B, t, s, e]
+      pair_decay = (
+        (cumulative[:, :, None] - cumulative[:, None, :]).masked_fill(~causal[:, :, None], float("-inf")).exp()
+      )  # [B, t, s, e]
       hidden = cumulative.exp() * state[:, None] + torch.einsum("btse,bse->bte", pair_decay, u)
       outputs.append(hidden)
       state = hidden[:, -1]
@@ -185,8 +202,7 @@ class LinearAttentionMixer(nn.Module):
 
   def _lrpe(self, x, positions):
     half = x.shape[-1] // 2
-    rotating = self.config.lrpe_theta ** (-torch.arange(half, dtype=torch.float32, device=x.device) * 2.0
-                                         / x.shape[-1])
+    rotating = self.config.lrpe_theta ** (-torch.arange(half, dtype=torch.float32, device=x.device) * 2.0 / x.shape[-1])
     frequencies = torch.cat([rotating, rotating.new_zeros(x.shape[-1] - half)])
     angles = positions.float()[:, :, None, None] * frequencies
     return torch.cat([x.float() * angles.cos(), x.float() * angles.sin()], dim=-1)
@@ -261,7 +277,6 @@ class ChannelMixer(nn.Module):
 
 
 class LsmBlock(nn.Module):
-
   def __init__(self, config: LsmConfig, layer_idx: int):
     super().__init__()
     self.eps = config.rms_norm_eps
@@ -297,10 +312,14 @@ class LsmForCausalLM(LsmPreTrainedModel, GenerationMixin):
   def __init__(self, config: LsmConfig):
     super().__init__(config)
     self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-    self.tpe = (ToeplitzPositionalEncoding(config.hidden_size, config.head_dim, config.tpe_max_timescale)
-                if config.arch == "cosformer2" else None)
-    self.lower_bound_logits = (nn.Parameter(torch.zeros(config.num_hidden_layers, config.hidden_size))
-                               if config.arch == "hgrn2" else None)
+    self.tpe = (
+      ToeplitzPositionalEncoding(config.hidden_size, config.head_dim, config.tpe_max_timescale)
+      if config.arch == "cosformer2"
+      else None
+    )
+    self.lower_bound_logits = (
+      nn.Parameter(torch.zeros(config.num_hidden_layers, config.hidden_size)) if config.arch == "hgrn2" else None
+    )
     self.layers = nn.ModuleList([LsmBlock(config, index) for index in range(config.num_hidden_layers)])
     self.post_init()
 
@@ -315,9 +334,17 @@ class LsmForCausalLM(LsmPreTrainedModel, GenerationMixin):
     weights = torch.softmax(self.lower_bound_logits.float(), dim=0)
     return weights.cumsum(0) - weights
 
-  def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-              cache: LsmState | None = None, past_key_values: LsmState | None = None, use_cache: bool | None = None,
-              labels: torch.LongTensor | None = None, return_dict: bool | None = None, **kwargs):
+  def forward(
+    self,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None = None,
+    cache: LsmState | None = None,
+    past_key_values: LsmState | None = None,
+    use_cache: bool | None = None,
+    labels: torch.LongTensor | None = None,
+    return_dict: bool | None = None,
+    **kwargs,
+  ):
     """input_ids [B, T] -> logits [B, T, V] fp32. attention_mask [B, T or past + T]: 0 marks (left) padding.
     A cache (an LsmState, under either name) continues from its states; anything else starts fresh."""
     del kwargs, return_dict
@@ -334,20 +361,27 @@ class LsmForCausalLM(LsmPreTrainedModel, GenerationMixin):
     lower_bounds = self._lower_bounds() if self.lower_bound_logits is not None else None
     layer_states = []
     for index, block in enumerate(self.layers):
-      x, layer_state = block(x, mask=mask, positions=positions,
-                             lower_bound=lower_bounds[index] if lower_bounds is not None else None,
-                             state=state.layers[index] if state is not None else None)
+      x, layer_state = block(
+        x,
+        mask=mask,
+        positions=positions,
+        lower_bound=lower_bounds[index] if lower_bounds is not None else None,
+        state=state.layers[index] if state is not None else None,
+      )
       layer_states.append(layer_state)
     hidden = simple_rms_norm(x, self.config.rms_norm_eps)
     logits = F.linear(hidden, self.embed_tokens.weight).float()
     loss = None
     if labels is not None:
-      loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                             ignore_index=-100)
+      loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
     new_state = None
     if use_cache if use_cache is not None else self.config.use_cache:
-      new_state = LsmState(layers=layer_states, next_position=start + mask.long().sum(1), tpe=tpe_state,
-                           seen_tokens=(state.seen_tokens if state is not None else 0) + length)
+      new_state = LsmState(
+        layers=layer_states,
+        next_position=start + mask.long().sum(1),
+        tpe=tpe_state,
+        seen_tokens=(state.seen_tokens if state is not None else 0) + length,
+      )
     return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: new_state})
 
   def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
@@ -355,7 +389,7 @@ class LsmForCausalLM(LsmPreTrainedModel, GenerationMixin):
     state = kwargs.get("cache")
     state = state if isinstance(state, LsmState) else kwargs.get("past_key_values")
     if isinstance(state, LsmState):
-      input_ids = input_ids[:, state.seen_tokens:]
+      input_ids = input_ids[:, state.seen_tokens :]
     else:
       state = None
     return {"input_ids": input_ids, "attention_mask": attention_mask, CACHE_FIELD: state, "use_cache": True}

@@ -24,13 +24,22 @@ these names (the module names of modeling_lsm.py) and renames LLaMA's to transfo
                                             tied: y = x + h @ tpe.up_proj.weight)
 Any other parameter keeps its path joined with "." (`kernel`/`scale` become `weight`, linear layout as above).
 """
+
 from __future__ import annotations
 
 import numpy as np
 
-_COMPONENT_NAMES = {"mixer": "token_mixer", "mlp": "channel_mixer", "mixer_norm": "token_mixer_norm",
-                    "mlp_norm": "channel_mixer_norm", "final_norm": "norm", "out": "o_proj", "out_proj": "o_proj",
-                    "up": "up_proj", "down": "down_proj"}
+_COMPONENT_NAMES = {
+  "mixer": "token_mixer",
+  "mlp": "channel_mixer",
+  "mixer_norm": "token_mixer_norm",
+  "mlp_norm": "channel_mixer_norm",
+  "final_norm": "norm",
+  "out": "o_proj",
+  "out_proj": "o_proj",
+  "up": "up_proj",
+  "down": "down_proj",
+}
 _FUSED_PROJECTIONS = {"qkv": ("q_proj", "k_proj", "v_proj"), "in_proj": ("v_proj", "q_proj", "f_proj")}
 
 
@@ -59,8 +68,10 @@ def _leaf_tensors(path: list, leaf: np.ndarray, source: str) -> list[tuple[str, 
     parts = _FUSED_PROJECTIONS[path[-2]]
     if leaf.shape[1] != len(parts):
       raise ValueError(f"{source} has shape {leaf.shape}; expected [in, {len(parts)}, heads, head_dim]")
-    return [(".".join([*names[:-1], part, "weight"]), _linear_weight(leaf[:, index]), f"{source}[:, {index}]")
-            for index, part in enumerate(parts)]
+    return [
+      (".".join([*names[:-1], part, "weight"]), _linear_weight(leaf[:, index]), f"{source}[:, {index}]")
+      for index, part in enumerate(parts)
+    ]
   if last == "kernel":
     return [(".".join([*names, "weight"]), _linear_weight(leaf), source)]
   if last == "scale":
@@ -96,8 +107,9 @@ def torch_state_dict(params: dict, num_layers: int) -> dict[str, tuple[np.ndarra
         visit_stacked(child, [*path, key])
       return
     if node.shape[0] != num_layers:
-      raise ValueError(f"stacked parameter {'/'.join(path)} has leading dimension {node.shape[0]}, "
-                       f"expected num_layers={num_layers}")
+      raise ValueError(
+        f"stacked parameter {'/'.join(path)} has leading dimension {node.shape[0]}, expected num_layers={num_layers}"
+      )
     stacked = np.asarray(node)
     for layer in range(num_layers):
       add([path[0], layer, *path[1:]], stacked[layer], f"{'/'.join(path)}[{layer}]")

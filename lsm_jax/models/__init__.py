@@ -1,4 +1,5 @@
 """The four architectures of the study (LLaMA, TNL, HGRN2, cosFormer2) at the paper's 24 sizes."""
+
 from lsm_jax.models import configs
 from lsm_jax.models.configs import ARCHS, SIZES, ModelConfig, get_config
 from lsm_jax.models.model import LanguageModel, build_model

@@ -6,6 +6,7 @@ row of Table 7 (non-embedding parameters and PFLOPs/step): head dim 128 everywhe
 width is 4096 (Table 7 prints 5632, which contradicts its own parameter column); TNL and cosFormer2 use 25 layers
 at 410M to pay for their output-gate parameters.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,11 +15,11 @@ import json
 import os
 from typing import Any
 
+import gin
 import jax
 import jax.numpy as jnp
-
-import gin
 from gin import config_parser
+
 from lsm_jax import train as train_cli
 from pallas_kernels.linear_attention import api as linear_attention_api
 
@@ -28,15 +29,22 @@ DTYPES = ("float32", "bfloat16", "float16")
 LINEAR_ATTENTION_BACKENDS = linear_attention_api.BACKENDS
 # "none": keep every activation; "full": recompute the whole layer in the backward pass; the others are
 # jax.checkpoint_policies of the same name (save matmul outputs, recompute the cheap elementwise work).
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                  "dots_and_mixer_kernels_saveable")
+REMAT_POLICIES = (
+  "none",
+  "full",
+  "dots_saveable",
+  "dots_with_no_batch_dims_saveable",
+  "dots_and_mixer_kernels_saveable",
+)
 # "auto": splash attention on TPU, cuDNN flash attention on GPU for 16-bit compute, XLA elsewhere (jax 0.10's
 # implementation=None always picks XLA, so the choice is made here: ModelConfig.resolved_for).
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Everything needed to build a LanguageModel. JSON-able: `ModelConfig(**dataclasses.asdict(c))`."""
+
   arch: str
   size: str
   num_layers: int
@@ -45,17 +53,17 @@ class ModelConfig:
   ffn_dim: int
   head_dim: int = 128
   vocab_size: int = 100280
-  dtype: str = "bfloat16"            # compute dtype
+  dtype: str = "bfloat16"  # compute dtype
   param_dtype: str = "float32"
   linear_attention_backend: str = "auto"
-  chunk_size: int | None = None      # None: the backend's default
-  scan_layers: bool = True           # stack layers and lax.scan them (one layer compiled, not L)
-  remat_policy: str = "none"         # REMAT_POLICIES; where "none" does not fit, dots_and_mixer_kernels_saveable
-                                     # is the fastest on the H200 (docs/performance.md)
-  attention_impl: str = "auto"       # LLaMA only
+  chunk_size: int | None = None  # None: the backend's default
+  scan_layers: bool = True  # stack layers and lax.scan them (one layer compiled, not L)
+  remat_policy: str = "none"  # REMAT_POLICIES; where "none" does not fit, dots_and_mixer_kernels_saveable
+  # is the fastest on the H200 (docs/performance.md)
+  attention_impl: str = "auto"  # LLaMA only
   norm_eps: float = 1e-6
   rope_theta: float = 10000.0
-  init_std: float = 0.02             # normal(0, 0.02) for every linear and the embedding (OpenNLPLab)
+  init_std: float = 0.02  # normal(0, 0.02) for every linear and the embedding (OpenNLPLab)
 
   def __post_init__(self):
     _check_choice("arch", self.arch, ARCHS)
@@ -64,8 +72,9 @@ class ModelConfig:
       if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"ModelConfig.{name} must be a positive int; got {value!r}.")
     if self.num_heads * self.head_dim != self.d_model:
-      raise ValueError(f"ModelConfig needs num_heads * head_dim == d_model; got {self.num_heads} * "
-                       f"{self.head_dim} != {self.d_model}.")
+      raise ValueError(
+        f"ModelConfig needs num_heads * head_dim == d_model; got {self.num_heads} * {self.head_dim} != {self.d_model}."
+      )
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim must be even (RoPE/LRPE rotate channel pairs); got {self.head_dim}.")
     _check_choice("dtype", self.dtype, DTYPES)
@@ -95,8 +104,10 @@ class ModelConfig:
       else:
         attention_impl = "xla"
     return dataclasses.replace(
-        self, attention_impl=attention_impl,
-        linear_attention_backend=linear_attention_api.resolve_backend(self.linear_attention_backend, platform))
+      self,
+      attention_impl=attention_impl,
+      linear_attention_backend=linear_attention_api.resolve_backend(self.linear_attention_backend, platform),
+    )
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -130,8 +141,11 @@ def _model_file_bindings(path: str) -> tuple[tuple[str, Any], ...]:
   for statement in statements:
     if isinstance(statement, config_parser.IncludeStatement):
       bindings.extend(_model_file_bindings(os.path.join(train_cli.CONFIG_ROOT, statement.filename)))
-    elif (isinstance(statement, config_parser.BindingStatement) and not statement.scope
-          and statement.selector.split(".")[-1] == ModelConfig.__name__):
+    elif (
+      isinstance(statement, config_parser.BindingStatement)
+      and not statement.scope
+      and statement.selector.split(".")[-1] == ModelConfig.__name__
+    ):
       bindings.append((statement.arg_name, statement.value))
   return tuple(bindings)
 
@@ -147,10 +161,13 @@ def get_config(arch: str, size: str, **overrides) -> ModelConfig:
   values = dict(_model_file_bindings(path))
   unknown = sorted(set(values) - fields)
   if unknown:
-    raise ValueError(f"{path} binds unknown ModelConfig field(s) {', '.join(unknown)}; valid: "
-                     f"{', '.join(sorted(fields))}.")
+    raise ValueError(
+      f"{path} binds unknown ModelConfig field(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}."
+    )
   if (values.get("arch"), values.get("size")) != (arch, size):
-    raise ValueError(f"{path} binds arch {values.get('arch')!r} and size {values.get('size')!r}, not the "
-                     f"{arch!r} and {size!r} its path names.")
+    raise ValueError(
+      f"{path} binds arch {values.get('arch')!r} and size {values.get('size')!r}, not the "
+      f"{arch!r} and {size!r} its path names."
+    )
   values.update(overrides)
   return ModelConfig(**values)

@@ -6,6 +6,7 @@ metadata; they are cast to the compute dtype at use. Norms and positional phases
 Variables are created unsharded (`eager_sharding=False`): the trainer places them by jitting the init with
 shardings derived from `nnx.get_partition_spec` under the logical-axis rules of `lsm_jax.sharding`.
 """
+
 from __future__ import annotations
 
 import math
@@ -123,7 +124,8 @@ class KernelShards:
     if not self.sharded:
       return
     batch_axes, length_axes, heads_axes, _ = linen.logical_to_mesh_axes(
-        ("activation_batch", "activation_length", "activation_heads", None))
+      ("activation_batch", "activation_length", "activation_heads", None)
+    )
     self.batch = self._usable(batch_axes, x.shape[0])
     self.length = self._usable(length_axes, x.shape[1])
     self.heads = self._usable(heads_axes, x.shape[2])
@@ -150,8 +152,9 @@ class KernelShards:
     return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
-def sharded_linear_attention(q, k, v, log_decay=None, *, segment_ids=None, return_final_state=False,
-                             backend="auto", chunk_size=None):
+def sharded_linear_attention(
+  q, k, v, log_decay=None, *, segment_ids=None, return_final_state=False, backend="auto", chunk_size=None
+):
   """`pallas_kernels.linear_attention` under the active mesh: sequence-parallel or per-shard Pallas kernels.
 
   When `activation_length` maps to a mesh axis of > 1 devices that divides the time length (sequence
@@ -161,9 +164,11 @@ def sharded_linear_attention(q, k, v, log_decay=None, *, segment_ids=None, retur
   is independent across both), while the "xla" and "reference" backends stay plain JAX for GSPMD to partition.
   """
   backend = linear_attention_api.resolve_backend(backend)
-  call = lambda *args: linear_attention_api.linear_attention(  # noqa: E731
-      *args[:4], segment_ids=args[4], return_final_state=return_final_state, backend=backend,
-      chunk_size=chunk_size)
+  call = (
+    lambda *args: linear_attention_api.linear_attention(  # noqa: E731
+      *args[:4], segment_ids=args[4], return_final_state=return_final_state, backend=backend, chunk_size=chunk_size
+    )
+  )
   shards = KernelShards(q)
   if not shards.sharded:
     return call(q, k, v, log_decay, segment_ids)
@@ -171,17 +176,29 @@ def sharded_linear_attention(q, k, v, log_decay=None, *, segment_ids=None, retur
     if len(shards.length) != 1:
       raise ValueError(f"sequence parallelism needs activation_length on one mesh axis; got {shards.length}.")
     return sequence_parallel.sequence_parallel_linear_attention(
-        q, k, v, log_decay, mesh=shards.mesh, sequence_axis=shards.length[0], batch_axis=shards.batch,
-        head_axis=shards.heads, segment_ids=segment_ids, return_final_state=return_final_state, backend=backend,
-        chunk_size=chunk_size)
+      q,
+      k,
+      v,
+      log_decay,
+      mesh=shards.mesh,
+      sequence_axis=shards.length[0],
+      batch_axis=shards.batch,
+      head_axis=shards.heads,
+      segment_ids=segment_ids,
+      return_final_state=return_final_state,
+      backend=backend,
+      chunk_size=chunk_size,
+    )
   if not backend.startswith("pallas"):
     return call(q, k, v, log_decay, segment_ids)
   activation = shards.activation_spec()
   # no decay, one decay per head, or one per row and key channel
-  decay_spec = None if log_decay is None else (
-      jax.sharding.PartitionSpec(shards.heads) if log_decay.ndim == 1 else activation)
+  decay_spec = (
+    None if log_decay is None else (jax.sharding.PartitionSpec(shards.heads) if log_decay.ndim == 1 else activation)
+  )
   segment_spec = None if segment_ids is None else shards.segment_spec()
   state_spec = jax.sharding.PartitionSpec(shards.batch, shards.heads, None, None)
   out_specs = (activation, state_spec) if return_final_state else activation
-  return shards.per_shard(call, (activation, activation, activation, decay_spec, segment_spec),
-                          out_specs)(q, k, v, log_decay, segment_ids)
+  return shards.per_shard(call, (activation, activation, activation, decay_spec, segment_spec), out_specs)(
+    q, k, v, log_decay, segment_ids
+  )

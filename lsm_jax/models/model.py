@@ -19,6 +19,7 @@ decays, HGRN2 lower bounds) are scanned inputs. Both layouts draw layer l's para
 initialise identically.
 `config.remat_policy` wraps the per-layer function in `jax.checkpoint` in both layouts.
 """
+
 from __future__ import annotations
 
 import jax
@@ -55,11 +56,12 @@ def _mixer_kernel_outputs(prim, *_, **params):
 
 
 _REMAT_POLICIES = {
-    "full": None,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots_and_mixer_kernels_saveable": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_saveable, _mixer_kernel_outputs),
+  "full": None,
+  "dots_saveable": jax.checkpoint_policies.dots_saveable,
+  "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "dots_and_mixer_kernels_saveable": jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_saveable, _mixer_kernel_outputs
+  ),
 }
 
 
@@ -77,21 +79,29 @@ class Block(nnx.Module):
     self.mixer_norm = _norm(config, rngs=rngs)
     self.mlp_norm = _norm(config, rngs=rngs)
     self.mixer = mixer_type(config, rngs=rngs)
-    self.mlp = layers.GatedMLP(config.d_model, config.ffn_dim, swish=ARCHITECTURES[config.arch].swish_glu,
-                               std=config.init_std, param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
+    self.mlp = layers.GatedMLP(
+      config.d_model,
+      config.ffn_dim,
+      swish=ARCHITECTURES[config.arch].swish_glu,
+      std=config.init_std,
+      param_dtype=jnp.dtype(config.param_dtype),
+      rngs=rngs,
+    )
 
   def _channel_mix(self, x):
     x = x + self.mlp(self.mlp_norm(x), jnp.dtype(self.config.dtype))
     return layers.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
   def __call__(self, x, *, segment_ids, positions, layer_inputs, max_length=None):
-    mixed, cache = self.mixer(self.mixer_norm(x), segment_ids=segment_ids, positions=positions,
-                              layer_inputs=layer_inputs, max_length=max_length)
+    mixed, cache = self.mixer(
+      self.mixer_norm(x), segment_ids=segment_ids, positions=positions, layer_inputs=layer_inputs, max_length=max_length
+    )
     return self._channel_mix(x + mixed), cache
 
   def decode(self, x, cache, *, positions, layer_inputs, context):
-    mixed, cache = self.mixer.decode(self.mixer_norm(x), cache, positions=positions,
-                                     layer_inputs=layer_inputs, context=context)
+    mixed, cache = self.mixer.decode(
+      self.mixer_norm(x), cache, positions=positions, layer_inputs=layer_inputs, context=context
+    )
     return self._channel_mix(x + mixed), cache
 
 
@@ -103,15 +113,18 @@ class LanguageModel(nnx.Module):
       raise TypeError(f"config must be a lsm_jax.models.configs.ModelConfig; got {type(config).__name__}.")
     self.config = config
     param_dtype = jnp.dtype(config.param_dtype)
-    self.embedding = layers.make_param(rngs, (config.vocab_size, config.d_model), ("vocab", "embed"),
-                                       std=config.init_std, dtype=param_dtype)
+    self.embedding = layers.make_param(
+      rngs, (config.vocab_size, config.d_model), ("vocab", "embed"), std=config.init_std, dtype=param_dtype
+    )
     mixer_type = ARCHITECTURES[config.arch].mixer
     for name, value in mixer_type.model_parameters(config, rngs=rngs).items():
       setattr(self, name, value)
     layer_keys = jax.random.split(rngs.params(), config.num_layers)
     if config.scan_layers:
-      make_block = nnx.vmap(lambda key: Block(config, mixer_type, rngs=nnx.Rngs(params=key)),
-                            transform_metadata={nnx.PARTITION_NAME: "layers"})
+      make_block = nnx.vmap(
+        lambda key: Block(config, mixer_type, rngs=nnx.Rngs(params=key)),
+        transform_metadata={nnx.PARTITION_NAME: "layers"},
+      )
       self.layers = make_block(layer_keys)
     else:
       self.layers = nnx.List([Block(config, mixer_type, rngs=nnx.Rngs(params=key)) for key in layer_keys])
@@ -165,8 +178,11 @@ class LanguageModel(nnx.Module):
       if not jnp.issubdtype(value.dtype, jnp.integer):
         raise TypeError(f"{name} must have an integer dtype (int32); got {value.dtype}.")
     if positions is None:
-      positions = (layers.positions_from_segments(segment_ids) if segment_ids is not None
-                   else jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape))
+      positions = (
+        layers.positions_from_segments(segment_ids)
+        if segment_ids is not None
+        else jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+      )
     return positions
 
   def _embed(self, tokens):
@@ -202,16 +218,20 @@ class LanguageModel(nnx.Module):
     x, embed_state = self._mixer_type.embed(self, self._embed(tokens), segment_ids)
 
     def layer_fn(block, x, layer_input):
-      return block(x, segment_ids=segment_ids, positions=positions, layer_inputs=layer_input,
-                   max_length=max_length)
+      return block(x, segment_ids=segment_ids, positions=positions, layer_inputs=layer_input, max_length=max_length)
 
     x, caches = self._run_layers(layer_fn, x, self._layer_inputs())
     hidden = self.final_norm(x)
     if max_length is None:
       return hidden, None
-    state = {"layers": caches, "positions": positions[:, -1] + 1, "segment": segment_ids[:, -1],
-             "index": jnp.asarray(tokens.shape[1], jnp.int32), **embed_state,
-             **self._mixer_type.prefill_state(segment_ids, max_length)}
+    state = {
+      "layers": caches,
+      "positions": positions[:, -1] + 1,
+      "segment": segment_ids[:, -1],
+      "index": jnp.asarray(tokens.shape[1], jnp.int32),
+      **embed_state,
+      **self._mixer_type.prefill_state(segment_ids, max_length),
+    }
     return hidden, state
 
   def prefill(self, tokens, *, segment_ids, positions, max_length):
@@ -227,8 +247,9 @@ class LanguageModel(nnx.Module):
     """One token per row: tokens [B] int -> (logits [B,V] float32, the updated decode_state). For LLaMA at
     most `max_length` tokens in all fit the cache; later writes are clamped by dynamic_update_slice."""
     if tokens.ndim != 1 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-      raise ValueError(f"decode_step tokens must be [batch] integers; got shape {tuple(tokens.shape)} "
-                       f"dtype {tokens.dtype}.")
+      raise ValueError(
+        f"decode_step tokens must be [batch] integers; got shape {tuple(tokens.shape)} dtype {tokens.dtype}."
+      )
     state = dict(decode_state)
     x, updated = self._mixer_type.embed_step(self, self._embed(tokens[:, None]), state)
     state.update(updated)

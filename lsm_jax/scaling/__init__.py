@@ -30,20 +30,58 @@ Command line::
 Input that cannot give a meaningful fit (a missing column, NaN or non-positive values, compute not
 increasing within a run, a single model size for an architecture) raises one ValueError naming the problem.
 """
-from lsm_jax.scaling.curves import (CURVE_COLUMNS, EVAL_COLUMNS, Run, curves_from_run_dirs, load_curves,
-                                    load_eval_table, write_curves)
+
+from lsm_jax.scaling.curves import (
+  CURVE_COLUMNS,
+  EVAL_COLUMNS,
+  Run,
+  curves_from_run_dirs,
+  load_curves,
+  load_eval_table,
+  write_curves,
+)
 from lsm_jax.scaling.envelope import Envelope, compute_envelope
-from lsm_jax.scaling.fit import (ChinchillaFit, PowerLaw, ScalingFit, fit_all, fit_chinchilla, fit_power_law,
-                                 fit_runs, fits_from_json, fits_to_json)
+from lsm_jax.scaling.fit import (
+  ChinchillaFit,
+  PowerLaw,
+  ScalingFit,
+  fit_all,
+  fit_chinchilla,
+  fit_power_law,
+  fit_runs,
+  fits_from_json,
+  fits_to_json,
+)
 from lsm_jax.scaling.paper import TABLE_3, load_fits, paper_fits, predict
 from lsm_jax.scaling.report import format_table, write_report
 
 __all__ = [
-    "CURVE_COLUMNS", "EVAL_COLUMNS", "Run", "curves_from_run_dirs", "load_curves", "load_eval_table",
-    "write_curves", "Envelope", "compute_envelope",
-    "ChinchillaFit", "PowerLaw", "ScalingFit", "fit_all", "fit_chinchilla", "fit_power_law", "fit_runs",
-    "fits_from_json", "fits_to_json", "TABLE_3", "load_fits", "paper_fits", "predict", "format_table",
-    "write_report", "plot_downstream", "plot_fits",
+  "CURVE_COLUMNS",
+  "EVAL_COLUMNS",
+  "Run",
+  "curves_from_run_dirs",
+  "load_curves",
+  "load_eval_table",
+  "write_curves",
+  "Envelope",
+  "compute_envelope",
+  "ChinchillaFit",
+  "PowerLaw",
+  "ScalingFit",
+  "fit_all",
+  "fit_chinchilla",
+  "fit_power_law",
+  "fit_runs",
+  "fits_from_json",
+  "fits_to_json",
+  "TABLE_3",
+  "load_fits",
+  "paper_fits",
+  "predict",
+  "format_table",
+  "write_report",
+  "plot_downstream",
+  "plot_fits",
 ]
 
 
@@ -51,5 +89,6 @@ def __getattr__(name):
   # matplotlib is imported only when plotting is asked for: fitting and predict stay quick to start.
   if name in ("plot_fits", "plot_downstream"):
     from lsm_jax.scaling import plots
+
     return getattr(plots, name)
   raise AttributeError(f"module 'lsm_jax.scaling' has no attribute {name!r}")

@@ -1,4 +1,5 @@
 """python -m lsm_jax.scaling {fit,plot,predict,curves}: see the package docstring."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,12 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--min_compute", type=float, default=None, help="fit only C >= this (PFLOP/s-days)")
   parser.add_argument("--max_compute", type=float, default=None, help="fit only C <= this (PFLOP/s-days)")
-  parser.add_argument("--smoothing_window", type=int, default=1,
-                      help="centred moving average of log-loss over this many logged points (odd; 1 = off)")
+  parser.add_argument(
+    "--smoothing_window",
+    type=int,
+    default=1,
+    help="centred moving average of log-loss over this many logged points (odd; 1 = off)",
+  )
   parser.add_argument("--no_chinchilla", action="store_true", help="skip the L(N, D) surface fit")
 
 
@@ -25,9 +30,15 @@ def _fits(args) -> tuple[dict, dict]:
   compute_range = None
   if args.min_compute is not None or args.max_compute is not None:
     compute_range = (args.min_compute or 0.0, args.max_compute or float("inf"))
-  fits = fit.fit_all(runs, num_points=args.num_points, num_bootstrap=args.bootstrap, seed=args.seed,
-                     compute_range=compute_range, smoothing_window=args.smoothing_window,
-                     chinchilla=not args.no_chinchilla)
+  fits = fit.fit_all(
+    runs,
+    num_points=args.num_points,
+    num_bootstrap=args.bootstrap,
+    seed=args.seed,
+    compute_range=compute_range,
+    smoothing_window=args.smoothing_window,
+    chinchilla=not args.no_chinchilla,
+  )
   return fits, runs
 
 
@@ -47,6 +58,7 @@ def _command_fit(args) -> None:
 
 def _command_plot(args) -> None:
   from lsm_jax.scaling import plots  # matplotlib only when plotting
+
   fits, runs = _fits(args)
   written = plots.plot_fits(fits, runs, args.out)
   if args.eval_table:
@@ -59,11 +71,13 @@ def _command_predict(args) -> None:
   if args.format == "json":
     print(json.dumps(prediction, indent=2))
     return
-  print(f"Compute-optimal allocation from {args.fit or 'the paper Table 3'}:\n\n"
-        "| Arch | C (PFLOP/s-days) | N_opt (non-embedding params) | D_opt (tokens) | L |\n"
-        "|---|---|---|---|---|\n"
-        f"| {report.DISPLAY_NAMES.get(args.arch, args.arch)} | {args.compute:g} | {prediction['n_opt']:.4g} | "
-        f"{prediction['d_opt']:.4g} | {prediction['loss']:.4f} |")
+  print(
+    f"Compute-optimal allocation from {args.fit or 'the paper Table 3'}:\n\n"
+    "| Arch | C (PFLOP/s-days) | N_opt (non-embedding params) | D_opt (tokens) | L |\n"
+    "|---|---|---|---|---|\n"
+    f"| {report.DISPLAY_NAMES.get(args.arch, args.arch)} | {args.compute:g} | {prediction['n_opt']:.4g} | "
+    f"{prediction['d_opt']:.4g} | {prediction['loss']:.4f} |"
+  )
 
 
 def _command_curves(args) -> None:
@@ -80,22 +94,26 @@ def main(argv=None) -> int:
   fit_parser.add_argument("--format", choices=("json", "table"), default="table")
   plot_parser = commands.add_parser("plot", help="Figure-1 and Figure-2 style PNGs")
   _add_fit_options(plot_parser)
-  plot_parser.add_argument("--eval_table", default=None, help="evaluation tidy table: " +
-                           ", ".join(curves.EVAL_COLUMNS))
+  plot_parser.add_argument(
+    "--eval_table", default=None, help="evaluation tidy table: " + ", ".join(curves.EVAL_COLUMNS)
+  )
   plot_parser.add_argument("--out", required=True, help="directory for the PNG files")
   predict_parser = commands.add_parser("predict", help="compute-optimal N, D and loss at a budget")
   predict_parser.add_argument("--arch", required=True)
   predict_parser.add_argument("--compute", type=float, required=True, help="budget in PFLOP/s-days")
-  predict_parser.add_argument("--fit", default=None, help="fit JSON from `fit --format=json` "
-                              "(default: the paper's Table 3)")
+  predict_parser.add_argument(
+    "--fit", default=None, help="fit JSON from `fit --format=json` (default: the paper's Table 3)"
+  )
   predict_parser.add_argument("--format", choices=("json", "table"), default="table")
   curves_parser = commands.add_parser("curves", help="curves CSV from training run directories")
-  curves_parser.add_argument("--run_dir", action="append", required=True,
-                             help="MODEL_DIR with run_metadata.json and metrics.jsonl (repeatable)")
+  curves_parser.add_argument(
+    "--run_dir", action="append", required=True, help="MODEL_DIR with run_metadata.json and metrics.jsonl (repeatable)"
+  )
   curves_parser.add_argument("--out", required=True, help="CSV file to write")
   args = parser.parse_args(argv)
-  command = {"fit": _command_fit, "plot": _command_plot, "predict": _command_predict,
-             "curves": _command_curves}[args.command]
+  command = {"fit": _command_fit, "plot": _command_plot, "predict": _command_predict, "curves": _command_curves}[
+    args.command
+  ]
   try:
     command(args)
   except ValueError as error:

@@ -4,6 +4,7 @@ Training curves: one row per logged point, columns ``arch, size, non_embedding_p
 compute_pflops_days, loss``. Evaluation table: ``arch, size, step, tokens, compute_pflops_days, task,
 metric, value``. Both come as CSV or JSON lines (one object per line).
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,6 +24,7 @@ _TEXT_COLUMNS = ("arch", "size", "task", "metric")
 @dataclasses.dataclass(frozen=True)
 class Run:
   """One training run: a model size of one architecture, its points in logging order."""
+
   arch: str
   size: str
   non_embedding_params: float
@@ -57,8 +59,9 @@ def parse_table(rows: list[dict], columns: tuple[str, ...], name: str) -> dict[s
     raise ValueError(f"the {name} table has no rows; expected columns {', '.join(columns)}")
   missing = [column for column in columns if column not in rows[0]]
   if missing:
-    raise ValueError(f"the {name} table lacks column(s) {', '.join(missing)}; "
-                     f"required columns are {', '.join(columns)}")
+    raise ValueError(
+      f"the {name} table lacks column(s) {', '.join(missing)}; required columns are {', '.join(columns)}"
+    )
   table = {}
   for column in columns:
     values = [row.get(column) for row in rows]
@@ -70,8 +73,9 @@ def parse_table(rows: list[dict], columns: tuple[str, ...], name: str) -> dict[s
       try:
         parsed[index] = float(value)
       except (TypeError, ValueError):
-        raise ValueError(f"the {name} table's {column!r} in row {index + 1} is {value!r}, "
-                         "which is not a number") from None
+        raise ValueError(
+          f"the {name} table's {column!r} in row {index + 1} is {value!r}, which is not a number"
+        ) from None
     table[column] = parsed
   return table
 
@@ -81,40 +85,54 @@ def runs_from_table(table: dict[str, np.ndarray]) -> dict[str, list[Run]]:
   for column in ("non_embedding_params", "tokens", "compute_pflops_days", "loss"):
     bad = np.flatnonzero(~np.isfinite(table[column]))
     if bad.size:
-      raise ValueError(f"{column} is NaN or infinite in {bad.size} row(s), first row {bad[0] + 1}; "
-                       "drop or fix those rows")
+      raise ValueError(
+        f"{column} is NaN or infinite in {bad.size} row(s), first row {bad[0] + 1}; drop or fix those rows"
+      )
   for column in ("non_embedding_params", "tokens", "compute_pflops_days", "loss"):
     bad = np.flatnonzero(table[column] <= 0)
     if bad.size:
-      raise ValueError(f"{column} must be > 0 for a log-log fit but is {table[column][bad[0]]} in row "
-                       f"{bad[0] + 1}; drop step-0 rows")
+      raise ValueError(
+        f"{column} must be > 0 for a log-log fit but is {table[column][bad[0]]} in row {bad[0] + 1}; drop step-0 rows"
+      )
   runs: dict[str, list[Run]] = {}
   for arch in dict.fromkeys(table["arch"]):
     for size in dict.fromkeys(table["size"][table["arch"] == arch]):
       rows = np.flatnonzero((table["arch"] == arch) & (table["size"] == size))
       params = np.unique(table["non_embedding_params"][rows])
       if params.size != 1:
-        raise ValueError(f"run {arch} {size} has {params.size} different non_embedding_params values; "
-                         "one run must have one model size")
+        raise ValueError(
+          f"run {arch} {size} has {params.size} different non_embedding_params values; one run must have one model size"
+        )
       compute = table["compute_pflops_days"][rows]
       tokens = table["tokens"][rows]
       for column, values in (("compute_pflops_days", compute), ("tokens", tokens)):
         steps_back = np.flatnonzero(np.diff(values) <= 0)
         if steps_back.size:
           row = rows[steps_back[0] + 1] + 1
-          raise ValueError(f"{column} is not increasing within run {arch} {size} (row {row}: "
-                           f"{values[steps_back[0] + 1]} after {values[steps_back[0]]}); rows of a run "
-                           "must be in training order without repeats")
+          raise ValueError(
+            f"{column} is not increasing within run {arch} {size} (row {row}: "
+            f"{values[steps_back[0] + 1]} after {values[steps_back[0]]}); rows of a run "
+            "must be in training order without repeats"
+          )
       if rows.size < 2:
         raise ValueError(f"run {arch} {size} has a single point; a run needs at least two logged points")
-      runs.setdefault(arch, []).append(Run(arch=str(arch), size=str(size),
-                                           non_embedding_params=float(params[0]), tokens=tokens,
-                                           compute_pflops_days=compute, loss=table["loss"][rows]))
+      runs.setdefault(arch, []).append(
+        Run(
+          arch=str(arch),
+          size=str(size),
+          non_embedding_params=float(params[0]),
+          tokens=tokens,
+          compute_pflops_days=compute,
+          loss=table["loss"][rows],
+        )
+      )
   for arch, arch_runs in runs.items():
     sizes = {run.non_embedding_params for run in arch_runs}
     if len(sizes) < 2:
-      raise ValueError(f"arch {arch} has only one model size ({arch_runs[0].size}); the compute-optimal "
-                       "envelope needs runs of at least two sizes")
+      raise ValueError(
+        f"arch {arch} has only one model size ({arch_runs[0].size}); the compute-optimal "
+        "envelope needs runs of at least two sizes"
+      )
   return runs
 
 
@@ -132,8 +150,7 @@ def load_eval_table(table) -> dict[str, np.ndarray]:
   columns = parse_table(rows, EVAL_COLUMNS, "evaluation")
   bad = np.flatnonzero(~np.isfinite(columns["value"]) | ~np.isfinite(columns["compute_pflops_days"]))
   if bad.size:
-    raise ValueError(f"the evaluation table has a NaN or infinite value/compute_pflops_days in row "
-                     f"{bad[0] + 1}")
+    raise ValueError(f"the evaluation table has a NaN or infinite value/compute_pflops_days in row {bad[0] + 1}")
   return columns
 
 
@@ -160,8 +177,10 @@ def curves_from_run_dirs(run_dirs) -> list[dict]:
       shape = (model["num_layers"], model["d_model"], model["num_heads"])
       batch_size, seq_len = metadata["global_batch_size"], metadata["seq_len"]
     except KeyError as error:
-      raise ValueError(f"{metadata_path} lacks {error.args[0]!r}; it needs arch, size, seq_len, "
-                       "global_batch_size and model_config with num_layers, d_model, num_heads") from None
+      raise ValueError(
+        f"{metadata_path} lacks {error.args[0]!r}; it needs arch, size, seq_len, "
+        "global_batch_size and model_config with num_layers, d_model, num_heads"
+      ) from None
     params = flops.non_embedding_params(arch, *shape)
     step_flops = flops.flops_per_step(arch, *shape, batch_size, seq_len)
     by_step = {}
@@ -170,10 +189,16 @@ def curves_from_run_dirs(run_dirs) -> list[dict]:
         by_step[int(record["step"])] = record
     for step in sorted(by_step):
       record = by_step[step]
-      rows.append({"arch": arch, "size": size, "non_embedding_params": params,
-                   "tokens": float(record.get("tokens_seen", step * batch_size * seq_len)),
-                   "compute_pflops_days": flops.to_pflops_days(step * step_flops),
-                   "loss": float(record["loss"])})
+      rows.append(
+        {
+          "arch": arch,
+          "size": size,
+          "non_embedding_params": params,
+          "tokens": float(record.get("tokens_seen", step * batch_size * seq_len)),
+          "compute_pflops_days": flops.to_pflops_days(step * step_flops),
+          "loss": float(record["loss"]),
+        }
+      )
   return rows
 
 

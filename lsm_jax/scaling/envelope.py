@@ -11,6 +11,7 @@ Training loss is noisy and a minimum over noisy curves is biased low, so ``smoot
 = off) first replaces each run's log-loss by a centred moving average over that many logged points; near the
 ends the window shrinks symmetrically, which keeps straight stretches of log-loss unchanged.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,8 +53,7 @@ def smooth_log_loss(loss: np.ndarray, window: int) -> np.ndarray:
   return np.exp((cumulative[index + half + 1] - cumulative[index - half]) / (2 * half + 1))
 
 
-def interpolate_run(run: Run, compute: np.ndarray,
-                    smoothing_window: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def interpolate_run(run: Run, compute: np.ndarray, smoothing_window: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """(loss, tokens) of one run at ``compute``, NaN outside the run's own compute range."""
   log_compute = np.log(run.compute_pflops_days)
   target = np.log(compute)
@@ -66,8 +66,13 @@ def interpolate_run(run: Run, compute: np.ndarray,
   return loss, tokens
 
 
-def compute_envelope(runs: list[Run], *, num_points: int = 1000, compute_range: tuple[float, float] | None = None,
-                     smoothing_window: int = 1) -> Envelope:
+def compute_envelope(
+  runs: list[Run],
+  *,
+  num_points: int = 1000,
+  compute_range: tuple[float, float] | None = None,
+  smoothing_window: int = 1,
+) -> Envelope:
   """The envelope on the shared grid, optionally restricted to ``compute_range`` = (low, high)."""
   if not runs:
     raise ValueError("compute_envelope needs at least one run")
@@ -82,10 +87,17 @@ def compute_envelope(runs: list[Run], *, num_points: int = 1000, compute_range: 
       raise ValueError(f"compute_range must be (low, high) with 0 <= low < high, got {compute_range}")
     covered &= (grid >= low) & (grid <= high)
   if covered.sum() < 2:
-    raise ValueError(f"fewer than two envelope points inside compute_range {compute_range}; the runs span "
-                     f"{grid[0]:.4g} to {grid[-1]:.4g} PFLOP/s-days")
+    raise ValueError(
+      f"fewer than two envelope points inside compute_range {compute_range}; the runs span "
+      f"{grid[0]:.4g} to {grid[-1]:.4g} PFLOP/s-days"
+    )
   best = np.argmin(np.where(np.isfinite(losses), losses, np.inf)[:, covered], axis=0)
   columns = np.flatnonzero(covered)
   params = np.array([run.non_embedding_params for run in runs])
-  return Envelope(compute_pflops_days=grid[covered], loss=losses[best, columns],
-                  non_embedding_params=params[best], tokens=tokens[best, columns], run_index=best)
+  return Envelope(
+    compute_pflops_days=grid[covered],
+    loss=losses[best, columns],
+    non_embedding_params=params[best],
+    tokens=tokens[best, columns],
+    run_index=best,
+  )

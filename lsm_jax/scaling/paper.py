@@ -1,4 +1,5 @@
 """The paper's Table 3 as data, and compute-optimal predictions from it or from our own fits."""
+
 from __future__ import annotations
 
 import json
@@ -11,17 +12,16 @@ from lsm_jax.scaling.fit import LAWS, PowerLaw, ScalingFit, fits_from_json
 
 # arXiv 2406.16690 Table 3, C in PFLOP/s-days: (coefficient, exponent) of L(C), N_opt(C), D_opt(C).
 TABLE_3 = {
-    "llama": {"loss": (3.7087, -0.0798), "n_opt": (1.82e8, 0.7118), "d_opt": (2.56e10, 0.5102)},
-    "tnl": {"loss": (3.5391, -0.0768), "n_opt": (2.74e8, 0.6470), "d_opt": (4.43e10, 0.4684)},
-    "hgrn2": {"loss": (3.4788, -0.0753), "n_opt": (2.66e8, 0.6427), "d_opt": (4.80e10, 0.4500)},
-    "cosformer2": {"loss": (3.5877, -0.0756), "n_opt": (2.65e8, 0.6516), "d_opt": (4.23e10, 0.4529)},
+  "llama": {"loss": (3.7087, -0.0798), "n_opt": (1.82e8, 0.7118), "d_opt": (2.56e10, 0.5102)},
+  "tnl": {"loss": (3.5391, -0.0768), "n_opt": (2.74e8, 0.6470), "d_opt": (4.43e10, 0.4684)},
+  "hgrn2": {"loss": (3.4788, -0.0753), "n_opt": (2.66e8, 0.6427), "d_opt": (4.80e10, 0.4500)},
+  "cosformer2": {"loss": (3.5877, -0.0756), "n_opt": (2.65e8, 0.6516), "d_opt": (4.23e10, 0.4529)},
 }
 
 
 def paper_fits() -> dict[str, ScalingFit]:
   """Table 3 as ScalingFit objects (no intervals: the paper reports none)."""
-  return {arch: ScalingFit(arch=arch, **{law: PowerLaw(*TABLE_3[arch][law]) for law in LAWS})
-          for arch in ARCHS}
+  return {arch: ScalingFit(arch=arch, **{law: PowerLaw(*TABLE_3[arch][law]) for law in LAWS}) for arch in ARCHS}
 
 
 def load_fits(source=None) -> dict[str, ScalingFit]:
@@ -49,12 +49,18 @@ def predict(arch: str, compute_pflops_days: float, fit=None) -> dict:
   fits = load_fits(fit)
   if arch not in fits:
     raise ValueError(f"no fit for arch {arch!r}; available: {', '.join(fits)}")
-  if isinstance(compute_pflops_days, bool) or not isinstance(compute_pflops_days, numbers.Real) \
-      or not math.isfinite(compute_pflops_days) or compute_pflops_days <= 0:
+  if (
+    isinstance(compute_pflops_days, bool)
+    or not isinstance(compute_pflops_days, numbers.Real)
+    or not math.isfinite(compute_pflops_days)
+    or compute_pflops_days <= 0
+  ):
     raise ValueError(f"compute must be a positive number of PFLOP/s-days, got {compute_pflops_days!r}")
   problems = {law: reasons for law, reasons in fits[arch].problems().items() if law in LAWS}
   if problems:
-    raise ValueError(f"the {arch} fit is degenerate and predicts nothing: "
-                     + "; ".join(f"{law}: {', '.join(reasons)}" for law, reasons in problems.items()))
+    raise ValueError(
+      f"the {arch} fit is degenerate and predicts nothing: "
+      + "; ".join(f"{law}: {', '.join(reasons)}" for law, reasons in problems.items())
+    )
   prediction = fits[arch].predict(float(compute_pflops_days))
   return {"arch": arch, **{key: float(value) for key, value in prediction.items()}}

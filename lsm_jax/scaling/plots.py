@@ -1,4 +1,5 @@
 """Figure-1-style (loss, N_opt, D_opt vs compute) and Figure-2-style (downstream metric vs compute) PNGs."""
+
 from __future__ import annotations
 
 import os
@@ -6,6 +7,7 @@ import re
 
 import matplotlib
 import numpy as np
+
 # Figure without pyplot: renders straight to PNG, touches no global backend state of the caller.
 from matplotlib.figure import Figure
 
@@ -13,8 +15,11 @@ from lsm_jax.scaling.curves import Run
 from lsm_jax.scaling.fit import ScalingFit
 from lsm_jax.scaling.report import DISPLAY_NAMES
 
-_PANELS = (("loss", "L(C)", "training loss"), ("n_opt", "N_opt(C)", "non-embedding parameters"),
-           ("d_opt", "D_opt(C)", "tokens"))
+_PANELS = (
+  ("loss", "L(C)", "training loss"),
+  ("n_opt", "N_opt(C)", "non-embedding parameters"),
+  ("d_opt", "D_opt(C)", "tokens"),
+)
 
 
 def _file_name(*parts: str) -> str:
@@ -35,8 +40,13 @@ def _draw_arch(axes, fit: ScalingFit, runs: list[Run]) -> None:
   for axis, (law, title, label) in zip(axes, _PANELS):
     axis.plot(compute, envelope_values[law], color="black", linewidth=2, label="envelope")
     power_law = getattr(fit, law)
-    axis.plot(compute, power_law(compute), color="red", linestyle="--",
-              label=f"{power_law.coefficient:.4g}·C^{power_law.exponent:.4f}")
+    axis.plot(
+      compute,
+      power_law(compute),
+      color="red",
+      linestyle="--",
+      label=f"{power_law.coefficient:.4g}·C^{power_law.exponent:.4f}",
+    )
     axis.set_xscale("log")
     axis.set_yscale("log")
     axis.set_xlabel("compute (PFLOP/s-days)")
@@ -83,8 +93,9 @@ def plot_downstream(table: dict[str, np.ndarray], out_dir: str | os.PathLike) ->
       for size, colour in zip(sizes, colours):
         rows = np.flatnonzero(in_arch & (table["size"] == size))
         rows = rows[np.argsort(table["compute_pflops_days"][rows])]
-        axis.plot(table["compute_pflops_days"][rows], table["value"][rows], marker="o", markersize=2,
-                  color=colour, label=size)
+        axis.plot(
+          table["compute_pflops_days"][rows], table["value"][rows], marker="o", markersize=2, color=colour, label=size
+        )
       axis.set_xscale("log")
       if "ppl" in metric.lower() or "perplexity" in metric.lower():
         axis.set_yscale("log")

@@ -29,6 +29,7 @@ instead: each is trained from its gin files in `DIR/runs/<name>` (named `<name>`
 evaluated the same way, and `DIR/report.md` holds Table 5/6-style tables (`lsm_jax.study.ablation_tables`) and the
 milestone count beside the paper's 1,376 instead of fits; see docs/ablations.md.
 """
+
 from __future__ import annotations
 
 import collections
@@ -47,8 +48,8 @@ import gin
 from absl import logging
 
 GRID_SCOPE = "study."
-GRID_FILE = "study_grid.json"        # DIR/study_grid.json: the grid, read by worker processes
-RUN_RESULT_FILE = "study_run.json"   # DIR/runs/<run>/study_run.json: written when the run is trained and evaluated
+GRID_FILE = "study_grid.json"  # DIR/study_grid.json: the grid, read by worker processes
+RUN_RESULT_FILE = "study_run.json"  # DIR/runs/<run>/study_run.json: written when the run is trained and evaluated
 RUN_LOG_FILE = "log.txt"
 _LOG_TAIL_LINES = 30
 _STOP_GRACE_S = 30  # SIGTERM lets the trainer save a resume checkpoint before the worker is killed
@@ -64,6 +65,7 @@ def train_run(run_dir: str, gin_files: Sequence[str], bindings: Sequence[str]) -
   """Trains (or resumes, or finds finished) one run with a fresh gin config."""
   from lsm_jax import train as train_cli
   from lsm_jax import trainer
+
   # Each run gets a fresh config; parsing finalizes (locks) it, so clear and parse while unlocked.
   with gin.unlock_config():
     gin.clear_config()
@@ -84,6 +86,7 @@ class StudyGrid:
   `final_eval_tasks`, in batches of `eval_batch_size` rows; `val_max_batches` caps the validation batches (None:
   the whole validation split); `niah_overrides` are lsm_jax.evaluate.niah.NIAHConfig fields (e.g. shorter
   context_lengths for small models)."""
+
   archs: Sequence[str] = ()
   size_files: dict = dataclasses.field(default_factory=dict)
   run_file: str | None = None
@@ -106,6 +109,7 @@ class StudyGrid:
 @dataclasses.dataclass(frozen=True)
 class StudyRun:
   """One run of a grid: its name (`<arch>_<size>`, or an ablation grid's key), directory, gin files and bindings."""
+
   name: str
   arch: str
   size: str
@@ -116,6 +120,7 @@ class StudyRun:
 
 def _config_path_exists(path: str) -> bool:
   from lsm_jax import train as train_cli
+
   return os.path.exists(os.path.join(train_cli.CONFIG_ROOT, path)) or os.path.exists(path)
 
 
@@ -125,8 +130,10 @@ def experiment_runs(out_dir: str, grid: StudyGrid) -> list[StudyRun]:
 
   scaling_fields = [name for name in ("archs", "size_files", "run_file", "arch_bindings") if getattr(grid, name)]
   if scaling_fields:
-    raise ValueError(f"study.StudyGrid lists experiments and also {', '.join(scaling_fields)}; a grid is either "
-                     "experiments (an ablation grid) or archs × size_files with a run_file (a scaling grid)")
+    raise ValueError(
+      f"study.StudyGrid lists experiments and also {', '.join(scaling_fields)}; a grid is either "
+      "experiments (an ablation grid) or archs × size_files with a run_file (a scaling grid)"
+    )
   data_dirs = {int(seq_len): data_dir for seq_len, data_dir in grid.data_dirs.items()}
   runs = []
   for name, files in grid.experiments.items():
@@ -138,11 +145,21 @@ def experiment_runs(out_dir: str, grid: StudyGrid) -> list[StudyRun]:
     bindings = [f"trainer.train.run_name = {name!r}"]
     if data_dirs:
       if run["seq_len"] not in data_dirs:
-        raise ValueError(f"study.StudyGrid.data_dirs has no dataset for run {name!r}'s context {run['seq_len']}; "
-                         f"it has {sorted(data_dirs)}")
+        raise ValueError(
+          f"study.StudyGrid.data_dirs has no dataset for run {name!r}'s context {run['seq_len']}; "
+          f"it has {sorted(data_dirs)}"
+        )
       bindings.append(f"DATA_DIR = {data_dirs[run['seq_len']]!r}")
-    runs.append(StudyRun(name, run["config"].arch, run["config"].size, os.path.join(out_dir, "runs", name),
-                         gin_files, (*bindings, *grid.run_bindings)))  # command-line bindings win
+    runs.append(
+      StudyRun(
+        name,
+        run["config"].arch,
+        run["config"].size,
+        os.path.join(out_dir, "runs", name),
+        gin_files,
+        (*bindings, *grid.run_bindings),
+      )
+    )  # command-line bindings win
   return runs
 
 
@@ -153,8 +170,9 @@ def grid_runs(out_dir: str, grid: StudyGrid) -> list[StudyRun]:
   if grid.is_ablation:
     return experiment_runs(out_dir, grid)
   if not grid.archs or grid.run_file is None:
-    raise ValueError("study.StudyGrid needs either experiments (an ablation grid) or archs, size_files and "
-                     "run_file (a scaling grid)")
+    raise ValueError(
+      "study.StudyGrid needs either experiments (an ablation grid) or archs, size_files and run_file (a scaling grid)"
+    )
   for field in ("archs", "arch_bindings"):
     unknown = sorted(set(getattr(grid, field)) - set(configs.ARCHS))
     if unknown:
@@ -164,18 +182,31 @@ def grid_runs(out_dir: str, grid: StudyGrid) -> list[StudyRun]:
   for path in (grid.run_file, *grid.size_files.values()):
     if not _config_path_exists(path):
       raise ValueError(f"gin file {path!r} of the study grid does not exist")
-  return [StudyRun(f"{arch}_{size}", arch, size, os.path.join(out_dir, "runs", f"{arch}_{size}"),
-                   (f"gin/models/{arch}/base.gin", size_file, grid.run_file),
-                   (*grid.arch_bindings.get(arch, ()), *grid.run_bindings))  # command-line bindings win
-          for arch in grid.archs for size, size_file in grid.size_files.items()]
+  return [
+    StudyRun(
+      f"{arch}_{size}",
+      arch,
+      size,
+      os.path.join(out_dir, "runs", f"{arch}_{size}"),
+      (f"gin/models/{arch}/base.gin", size_file, grid.run_file),
+      (*grid.arch_bindings.get(arch, ()), *grid.run_bindings),
+    )  # command-line bindings win
+    for arch in grid.archs
+    for size, size_file in grid.size_files.items()
+  ]
 
 
 def _run_identity(run: StudyRun, grid: StudyGrid) -> dict:
   """What a finished run's result must match to be reused: its gin files, bindings and evaluation (as JSON
   holds them, so a result read back compares equal)."""
-  identity = {"gin_files": list(run.gin_files), "bindings": list(run.bindings), "eval_tasks": list(grid.eval_tasks),
-              "final_eval_tasks": list(grid.final_eval_tasks), "val_max_batches": grid.val_max_batches,
-              "niah_overrides": dict(grid.niah_overrides)}
+  identity = {
+    "gin_files": list(run.gin_files),
+    "bindings": list(run.bindings),
+    "eval_tasks": list(grid.eval_tasks),
+    "final_eval_tasks": list(grid.final_eval_tasks),
+    "val_max_batches": grid.val_max_batches,
+    "niah_overrides": dict(grid.niah_overrides),
+  }
   return json.loads(json.dumps(identity))
 
 
@@ -201,21 +232,32 @@ def train_and_evaluate(run: StudyRun, grid: StudyGrid) -> dict:
   summary = train_run(run.run_dir, run.gin_files, run.bindings)
   train_steps = checkpoint.read_run_metadata(run.run_dir)["train_steps"]
   if summary["step"] != train_steps:
-    raise RuntimeError(f"run {run.name} stopped at step {summary['step']} of {train_steps} (preempted); "
-                       "rerun the study to resume it")
+    raise RuntimeError(
+      f"run {run.name} stopped at step {summary['step']} of {train_steps} (preempted); rerun the study to resume it"
+    )
   trained = time.perf_counter()
   logging.info("study: evaluating %s", run.run_dir)
-  evaluation = dict(batch_size=grid.eval_batch_size, val_max_batches=grid.val_max_batches,
-                    niah_overrides=dict(grid.niah_overrides), progress=False)
+  evaluation = dict(
+    batch_size=grid.eval_batch_size,
+    val_max_batches=grid.val_max_batches,
+    niah_overrides=dict(grid.niah_overrides),
+    progress=False,
+  )
   sweep.evaluate_run(run.run_dir, tasks=list(grid.eval_tasks), **evaluation)
   if grid.final_eval_tasks:
     last_milestone = checkpoint.list_milestones(run.run_dir)[-1]
     sweep.evaluate_run(run.run_dir, tasks=list(grid.final_eval_tasks), steps=[last_milestone], **evaluation)
-  result = {"run": run.name, "identity": _run_identity(run, grid), "final_loss": _final_loss(run.run_dir),
-            "train_s": round(trained - start, 1), "eval_s": round(time.perf_counter() - trained, 1),
-            "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+  result = {
+    "run": run.name,
+    "identity": _run_identity(run, grid),
+    "final_loss": _final_loss(run.run_dir),
+    "train_s": round(trained - start, 1),
+    "eval_s": round(time.perf_counter() - trained, 1),
+    "device_kind": jax.devices()[0].device_kind,
+    "device_count": jax.device_count(),
+    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+  }
   with open(os.path.join(run.run_dir, RUN_RESULT_FILE), "w", encoding="utf-8") as f:
     json.dump(result, f, indent=1)
   return result
@@ -224,6 +266,7 @@ def train_and_evaluate(run: StudyRun, grid: StudyGrid) -> dict:
 def _final_loss(run_dir: str) -> float:
   """The training loss of the last logged step (a run resumed at its end logs nothing new)."""
   from lsm_jax import metrics
+
   return [record["loss"] for record in metrics.read_metrics(run_dir) if record.get("loss") is not None][-1]
 
 
@@ -248,11 +291,12 @@ def run_worker(out_dir: str, run_name: str) -> dict:
 
 def run_cost(run: StudyRun) -> float:
   """Relative training cost of a run (its non-embedding parameters; the runs of a grid see the same tokens)."""
-  from lsm_jax import flops
-  from lsm_jax import summary
+  from lsm_jax import flops, summary
+
   config = summary.experiment(run.gin_files, run.bindings)["config"]
-  return flops.non_embedding_params(run.arch, config.num_layers, config.d_model, config.num_heads,
-                                    ffn_dim=config.ffn_dim)
+  return flops.non_embedding_params(
+    run.arch, config.num_layers, config.d_model, config.num_heads, ffn_dim=config.ffn_dim
+  )
 
 
 def _log_tail(path: str) -> str:
@@ -268,32 +312,36 @@ def largest_first(runs: Sequence[StudyRun], costs: dict[str, float]) -> list[Stu
   return sorted(runs, key=lambda run: costs[run.name], reverse=True)
 
 
-def _train_in_workers(out_dir: str, grid: StudyGrid, runs: list[StudyRun], *, parallel: int,
-                      gpus: Sequence[str], deadline: float | None) -> tuple[dict, dict]:
+def _train_in_workers(
+  out_dir: str, grid: StudyGrid, runs: list[StudyRun], *, parallel: int, gpus: Sequence[str], deadline: float | None
+) -> tuple[dict, dict]:
   """Runs `runs` in `parallel` worker processes, largest first; returns ({name: result}, {name: failure})."""
   write_grid(out_dir, grid)
   costs = {run.name: run_cost(run) for run in runs}
   queue = largest_first(runs, costs)
-  logging.info("study: %d run(s) in %d worker(s), largest first: %s", len(queue), parallel,
-               ", ".join(run.name for run in queue))
+  logging.info(
+    "study: %d run(s) in %d worker(s), largest first: %s", len(queue), parallel, ", ".join(run.name for run in queue)
+  )
   base_env = dict(os.environ)
   # Several processes share a GPU: each allocates what it uses instead of 75% of the memory up front.
   if "XLA_PYTHON_CLIENT_MEM_FRACTION" not in base_env:
     base_env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-  active = {}   # slot → (run, process, log file)
+  active = {}  # slot → (run, process, log file)
   results, failures = {}, {}
   stopping = False
 
   def gpu_load(slot):  # slots belong to GPUs round-robin; a run starts on the least loaded GPU's free slot
-    return sum(costs[running.name] for other, (running, _, _) in active.items()
-               if gpus and other % len(gpus) == slot % len(gpus))
+    return sum(
+      costs[running.name] for other, (running, _, _) in active.items() if gpus and other % len(gpus) == slot % len(gpus)
+    )
 
   try:
     while queue or active:
       if deadline is not None and time.monotonic() > deadline and not stopping:
         stopping = True
-        logging.warning("study: time limit reached; stopping %d worker(s), %d run(s) not started",
-                        len(active), len(queue))
+        logging.warning(
+          "study: time limit reached; stopping %d worker(s), %d run(s) not started", len(active), len(queue)
+        )
         for run in queue:
           failures[run.name] = "not started: the time limit was reached"
         queue = []
@@ -341,6 +389,7 @@ def _train_in_workers(out_dir: str, grid: StudyGrid, runs: list[StudyRun], *, pa
 def _merge_eval_tables(runs: Sequence[StudyRun], output: str) -> str:
   """DIR/eval.jsonl + eval.csv: every run's RUN_DIR/eval/results table, in run order."""
   from lsm_jax.evaluate import sweep
+
   rows = [row for run in runs for row in sweep.read_table(os.path.join(run.run_dir, "eval", "results.jsonl"))]
   jsonl_path, csv_path = sweep.table_paths(output)
   if os.path.exists(jsonl_path):  # rebuilt from the runs' tables every time
@@ -352,18 +401,22 @@ def _merge_eval_tables(runs: Sequence[StudyRun], output: str) -> str:
 def _device_line(results: dict, parallel: int, gpus: Sequence[str]) -> str:
   """The devices of the runs: this process's, or those the workers reported (`results`)."""
   import jax
+
   if not parallel:
     return f"{jax.device_count()} × {jax.devices()[0].device_kind}"
   # This process stays off the accelerators (a backend here would take GPU memory from the workers).
   kinds = sorted({result["device_kind"] for result in results.values()})
   counts = sorted({result["device_count"] for result in results.values()})
   placement = f"GPUs {','.join(gpus)} (CUDA_VISIBLE_DEVICES)" if gpus else "every visible device"
-  return (f"{len(gpus) or 'all visible'} × {', '.join(kinds)}: {parallel} worker processes over {placement}, "
-          f"each run on {' or '.join(map(str, counts))} device(s)")
+  return (
+    f"{len(gpus) or 'all visible'} × {', '.join(kinds)}: {parallel} worker processes over {placement}, "
+    f"each run on {' or '.join(map(str, counts))} device(s)"
+  )
 
 
-def run_study(out_dir: str, grid: StudyGrid, *, parallel: int = 0, gpus: Sequence[str] = (),
-              time_limit_s: float | None = None) -> str:
+def run_study(
+  out_dir: str, grid: StudyGrid, *, parallel: int = 0, gpus: Sequence[str] = (), time_limit_s: float | None = None
+) -> str:
   """Trains and evaluates every arch × size, fits the scaling laws, writes report.md; returns its path.
 
   parallel: worker processes (0: train in this process); gpus: CUDA_VISIBLE_DEVICES values for the worker
@@ -403,10 +456,17 @@ def run_study(out_dir: str, grid: StudyGrid, *, parallel: int = 0, gpus: Sequenc
   if grid.is_ablation:
     if not finished:
       raise RuntimeError(f"no run of the ablation grid finished; failed runs:\n{failure_text}")
-    report = write_ablation_report(out_dir, grid, runs=runs, finished=finished,
-                                   results={run.name: results[run.name] for run in finished}, skipped=skipped,
-                                   failures=failures, device=_device_line(results, parallel, gpus),
-                                   wall_s=time.monotonic() - started)
+    report = write_ablation_report(
+      out_dir,
+      grid,
+      runs=runs,
+      finished=finished,
+      results={run.name: results[run.name] for run in finished},
+      skipped=skipped,
+      failures=failures,
+      device=_device_line(results, parallel, gpus),
+      wall_s=time.monotonic() - started,
+    )
     if failures:
       raise RuntimeError(f"{len(failures)} run(s) failed (report without them: {report}):\n{failure_text}")
     return report
@@ -414,8 +474,9 @@ def run_study(out_dir: str, grid: StudyGrid, *, parallel: int = 0, gpus: Sequenc
   fitted_archs = [arch for arch in grid.archs if sizes_per_arch[arch] >= 2]
   if not fitted_archs:
     finished_text = ", ".join(run.name for run in finished) or "none"
-    raise RuntimeError(f"no architecture has two finished sizes to fit (finished runs: {finished_text}); failed "
-                       f"runs:\n{failure_text}")
+    raise RuntimeError(
+      f"no architecture has two finished sizes to fit (finished runs: {finished_text}); failed runs:\n{failure_text}"
+    )
   fitted_runs = [run for run in finished if run.arch in fitted_archs]
   run_dirs = [run.run_dir for run in fitted_runs]
   eval_path = _merge_eval_tables(fitted_runs, os.path.join(out_dir, "eval.csv"))
@@ -430,10 +491,18 @@ def run_study(out_dir: str, grid: StudyGrid, *, parallel: int = 0, gpus: Sequenc
   figures += scaling.plot_downstream(scaling.load_eval_table(eval_path), plot_dir)
   scaling_report = os.path.join(out_dir, "scaling.md")
   scaling.write_report(fits, scaling_report)
-  report = write_report(out_dir, fits=fits, figures=figures, scaling_report=scaling_report,
-                        results={run.name: results[run.name] for run in finished}, skipped=skipped,
-                        failures=failures, device=_device_line(results, parallel, gpus),
-                        wall_s=time.monotonic() - started, description=grid.description)
+  report = write_report(
+    out_dir,
+    fits=fits,
+    figures=figures,
+    scaling_report=scaling_report,
+    results={run.name: results[run.name] for run in finished},
+    skipped=skipped,
+    failures=failures,
+    device=_device_line(results, parallel, gpus),
+    wall_s=time.monotonic() - started,
+    description=grid.description,
+  )
   if failures:
     raise RuntimeError(f"{len(failures)} run(s) failed (report without them: {report}):\n{failure_text}")
   return report
@@ -441,8 +510,8 @@ def run_study(out_dir: str, grid: StudyGrid, *, parallel: int = 0, gpus: Sequenc
 
 def milestone_counts(runs: Sequence[StudyRun], finished: Sequence[StudyRun]) -> tuple[int, int]:
   """(milestones the finished runs saved, milestones the whole grid plans), from run metadata and gin files."""
-  from lsm_jax import checkpoint
-  from lsm_jax import summary
+  from lsm_jax import checkpoint, summary
+
   saved = sum(len(checkpoint.list_milestones(run.run_dir)) for run in finished)
   planned = 0
   for run in runs:
@@ -453,20 +522,27 @@ def milestone_counts(runs: Sequence[StudyRun], finished: Sequence[StudyRun]) -> 
 
 def _provenance(results, skipped, device, wall_s) -> list[str]:
   import jax
-  return [f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-          f"- device: {device} (jax {jax.__version__}, Python {platform.python_version()})",
-          f"- wall time: {wall_s:.0f} s ({len(results) - len(skipped)} run(s) trained and evaluated, "
-          f"{len(skipped)} finished earlier and skipped)",
-          f"- command: `python -m lsm_jax.study {shlex.join(sys.argv[1:])}`",
-          f"- runs: {', '.join(results)}"]
+
+  return [
+    f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+    f"- device: {device} (jax {jax.__version__}, Python {platform.python_version()})",
+    f"- wall time: {wall_s:.0f} s ({len(results) - len(skipped)} run(s) trained and evaluated, "
+    f"{len(skipped)} finished earlier and skipped)",
+    f"- command: `python -m lsm_jax.study {shlex.join(sys.argv[1:])}`",
+    f"- runs: {', '.join(results)}",
+  ]
 
 
 def _runs_table(results) -> list[str]:
-  lines = ["| Run | final train loss | train s | eval s | CUDA_VISIBLE_DEVICES | finished |",
-           "|---|---|---|---|---|---|"]
+  lines = [
+    "| Run | final train loss | train s | eval s | CUDA_VISIBLE_DEVICES | finished |",
+    "|---|---|---|---|---|---|",
+  ]
   for name, result in results.items():
-    lines.append(f"| {name} | {result['final_loss']:.4f} | {result['train_s']:.0f} | {result['eval_s']:.0f} | "
-                 f"{result['cuda_visible_devices'] or '—'} | {result['finished_at'][:19]} |")
+    lines.append(
+      f"| {name} | {result['final_loss']:.4f} | {result['train_s']:.0f} | {result['eval_s']:.0f} | "
+      f"{result['cuda_visible_devices'] or '—'} | {result['finished_at'][:19]} |"
+    )
   return lines
 
 
@@ -480,32 +556,48 @@ def write_ablation_report(out_dir, grid, *, runs, finished, results, skipped, fa
   tables = ablation_tables.build_tables(sweep.read_table(eval_path))
   ablation_tables.write_tables(tables, os.path.join(out_dir, "ablation_tables"))
   saved, planned = milestone_counts(runs, finished)
-  lines = ["# Ablation study", "", *_provenance(results, skipped, device, wall_s),
-           f"- milestone checkpoints: {saved:,} saved by the {len(finished)} finished run(s), {planned:,} planned by "
-           f"the grid's {len(runs)} run(s); the paper's study saved {ablation_tables.PAPER_MILESTONES:,} over its "
-           "24 main runs and its ablations (arXiv 2406.16690)", ""]
+  lines = [
+    "# Ablation study",
+    "",
+    *_provenance(results, skipped, device, wall_s),
+    f"- milestone checkpoints: {saved:,} saved by the {len(finished)} finished run(s), {planned:,} planned by "
+    f"the grid's {len(runs)} run(s); the paper's study saved {ablation_tables.PAPER_MILESTONES:,} over its "
+    "24 main runs and its ablations (arXiv 2406.16690)",
+    "",
+  ]
   if grid.description:
     lines += [grid.description, ""]
   if failures:
     lines += ["## Failed runs (left out of the tables)", ""]
     for name, reason in failures.items():
       lines += [f"### {name}", "", "```", reason, "```", ""]
-  lines += [ablation_tables.format_report(tables), "", "## Runs", "", *_runs_table(results), "",
-            "## Raw tables", "",
-            "- `eval.csv`: every milestone's evaluation with each run's coordinates (run, arch, size, d_model, "
-            "num_layers, seq_len, ablation, step, tokens, compute_pflops_days, task, metric, value)",
-            "- `ablation_tables.csv` / `.json`: the tables above, one row per run at its last evaluated milestone",
-            "- `runs/<run>/log.txt` (worker processes) and `runs/<run>/study_run.json`: each run's log and timings", ""]
+  lines += [
+    ablation_tables.format_report(tables),
+    "",
+    "## Runs",
+    "",
+    *_runs_table(results),
+    "",
+    "## Raw tables",
+    "",
+    "- `eval.csv`: every milestone's evaluation with each run's coordinates (run, arch, size, d_model, "
+    "num_layers, seq_len, ablation, step, tokens, compute_pflops_days, task, metric, value)",
+    "- `ablation_tables.csv` / `.json`: the tables above, one row per run at its last evaluated milestone",
+    "- `runs/<run>/log.txt` (worker processes) and `runs/<run>/study_run.json`: each run's log and timings",
+    "",
+  ]
   path = os.path.join(out_dir, "report.md")
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines))
   return path
 
 
-def write_report(out_dir, *, fits, figures, scaling_report, results, skipped, failures, device, wall_s,
-                 description) -> str:
+def write_report(
+  out_dir, *, fits, figures, scaling_report, results, skipped, failures, device, wall_s, description
+) -> str:
   """report.md: provenance, the fits beside the paper's Table 3, per-run timings, figures and the raw tables."""
   from lsm_jax.scaling import paper
+
   paper_table = paper.paper_fits()
   lines = ["# Scaling study", "", *_provenance(results, skipped, device, wall_s), ""]
   if description:
@@ -514,9 +606,12 @@ def write_report(out_dir, *, fits, figures, scaling_report, results, skipped, fa
     lines += ["## Failed runs (left out of the fits)", ""]
     for name, reason in failures.items():
       lines += [f"### {name}", "", "```", reason, "```", ""]
-  lines += ["## Fitted exponents beside the paper's Table 3", "",
-            "| Arch | α_L (ours) | α_L (paper) | a, N_opt (ours) | a (paper) | b, D_opt (ours) | b (paper) |",
-            "|---|---|---|---|---|---|---|"]
+  lines += [
+    "## Fitted exponents beside the paper's Table 3",
+    "",
+    "| Arch | α_L (ours) | α_L (paper) | a, N_opt (ours) | a (paper) | b, D_opt (ours) | b (paper) |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for arch, fit in fits.items():
     reference = paper_table.get(arch)
     exponents = []
@@ -528,13 +623,18 @@ def write_report(out_dir, *, fits, figures, scaling_report, results, skipped, fa
     lines += ["", f.read().strip(), ""]
   lines += ["## Runs", "", *_runs_table(results), "", "## Figures", ""]
   lines += [f"![{os.path.basename(path)}]({os.path.relpath(path, out_dir)})" for path in figures]
-  lines += ["", "## Raw tables", "", "- `curves.csv`: training loss per logged step (arch, size, "
-            "non_embedding_params, tokens, compute_pflops_days, loss)",
-            "- `eval.csv`: every milestone's evaluation (run, arch, size, d_model, num_layers, seq_len, ablation, "
-            "step, tokens, compute_pflops_days, task, metric, value)",
-            "- `fits.json`: the fitted coefficients with bootstrap intervals",
-            "- `runs/<run>/log.txt` (worker processes) and `runs/<run>/study_run.json`: each run's log and timings",
-            ""]
+  lines += [
+    "",
+    "## Raw tables",
+    "",
+    "- `curves.csv`: training loss per logged step (arch, size, "
+    "non_embedding_params, tokens, compute_pflops_days, loss)",
+    "- `eval.csv`: every milestone's evaluation (run, arch, size, d_model, num_layers, seq_len, ablation, "
+    "step, tokens, compute_pflops_days, task, metric, value)",
+    "- `fits.json`: the fitted coefficients with bootstrap intervals",
+    "- `runs/<run>/log.txt` (worker processes) and `runs/<run>/study_run.json`: each run's log and timings",
+    "",
+  ]
   path = os.path.join(out_dir, "report.md")
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines))

@@ -3,14 +3,13 @@
 Uses the training CLI's gin flags (lsm_jax.train); see lsm_jax.study for what runs. `--run=NAME` is what a
 worker process runs: one run of the grid that `--out=DIR/study_grid.json` holds.
 """
+
 import dataclasses
 import sys
 from typing import Sequence
 
 import gin
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from lsm_jax import study
 from lsm_jax import train as train_cli
@@ -33,8 +32,13 @@ def main(argv: Sequence[str]) -> None:
   grid = gin.get_configurable(study.StudyGrid)()
   grid = dataclasses.replace(grid, run_bindings=[*grid.run_bindings, *run_bindings])
   try:
-    report = study.run_study(flag_values.out, grid, parallel=flag_values.parallel, gpus=flag_values.gpus,
-                             time_limit_s=flag_values.time_limit_s or None)
+    report = study.run_study(
+      flag_values.out,
+      grid,
+      parallel=flag_values.parallel,
+      gpus=flag_values.gpus,
+      time_limit_s=flag_values.time_limit_s or None,
+    )
   except RuntimeError as error:
     sys.exit(f"study failed: {error}")
   print(f"report: {report}")
@@ -43,12 +47,22 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
   train_cli._define_flags()  # the training CLI's gin flags
   flags.DEFINE_string("out", None, "Study directory (runs/, tables, plots, report.md).")
-  flags.DEFINE_integer("parallel", 0, "Worker processes training runs at once, largest first (0: train in this "
-                       "process, one run after another).", lower_bound=0)
-  flags.DEFINE_list("gpus", [], "CUDA_VISIBLE_DEVICES values given to the worker slots round-robin, e.g. 0,1 "
-                    "(needs --parallel).")
-  flags.DEFINE_float("time_limit_s", 0, "After this many seconds start no run, stop running workers and fit "
-                     "what finished (0: no limit).", lower_bound=0)
-  flags.DEFINE_string("run", None, "Internal (worker processes): train and evaluate only this run, "
-                      "<arch>_<size>, of the grid in --out.")
+  flags.DEFINE_integer(
+    "parallel",
+    0,
+    "Worker processes training runs at once, largest first (0: train in this process, one run after another).",
+    lower_bound=0,
+  )
+  flags.DEFINE_list(
+    "gpus", [], "CUDA_VISIBLE_DEVICES values given to the worker slots round-robin, e.g. 0,1 (needs --parallel)."
+  )
+  flags.DEFINE_float(
+    "time_limit_s",
+    0,
+    "After this many seconds start no run, stop running workers and fit what finished (0: no limit).",
+    lower_bound=0,
+  )
+  flags.DEFINE_string(
+    "run", None, "Internal (worker processes): train and evaluate only this run, <arch>_<size>, of the grid in --out."
+  )
   app.run(main, argv=train_cli.rewrite_gin_args(sys.argv))

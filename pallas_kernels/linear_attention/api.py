@@ -16,6 +16,7 @@ Backends compute the same function:
   "pallas_gpu"  Pallas GPU kernels for Hopper
   "auto"        Pallas on TPU and GPU, "xla" elsewhere
 """
+
 from __future__ import annotations
 
 import importlib
@@ -29,10 +30,10 @@ BACKENDS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu")
 # Module (inside this package) and function implementing each concrete backend. Each function has the
 # signature fn(q, k, v, log_decay, initial_state, segment_ids, chunk_size) -> (o, final_state).
 _BACKEND_IMPLS = {
-    "reference": ("reference", "linear_attention_recurrent_with_chunk"),
-    "xla": ("chunked", "linear_attention_chunked"),
-    "pallas_tpu": ("tpu", "linear_attention_tpu"),
-    "pallas_gpu": ("gpu", "linear_attention_gpu"),
+  "reference": ("reference", "linear_attention_recurrent_with_chunk"),
+  "xla": ("chunked", "linear_attention_chunked"),
+  "pallas_tpu": ("tpu", "linear_attention_tpu"),
+  "pallas_gpu": ("gpu", "linear_attention_gpu"),
 }
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 
@@ -64,11 +65,14 @@ def _impl(backend: str):
 def check_inputs(q, k, v, log_decay=None, initial_state=None, segment_ids=None):
   """Raises a ValueError or TypeError naming the first argument of `linear_attention` with a bad shape or dtype."""
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError("linear_attention expects q, k, v of rank 4 [batch, time, heads, dim]; got shapes "
-                     f"q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}.")
+    raise ValueError(
+      "linear_attention expects q, k, v of rank 4 [batch, time, heads, dim]; got shapes "
+      f"q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}."
+    )
   if q.shape != k.shape:
-    raise ValueError(f"q and k must have the same shape [batch, time, heads, dim_k]; got q{tuple(q.shape)} "
-                     f"and k{tuple(k.shape)}.")
+    raise ValueError(
+      f"q and k must have the same shape [batch, time, heads, dim_k]; got q{tuple(q.shape)} and k{tuple(k.shape)}."
+    )
   if v.shape[:3] != q.shape[:3]:
     raise ValueError(f"v must share [batch, time, heads] with q; got v{tuple(v.shape)} and q{tuple(q.shape)}.")
   for name, x in (("q", q), ("k", k), ("v", v)):
@@ -78,15 +82,18 @@ def check_inputs(q, k, v, log_decay=None, initial_state=None, segment_ids=None):
   if log_decay is not None:
     valid = ((heads,), (batch, time, heads, dim_k))
     if tuple(log_decay.shape) not in valid:
-      raise ValueError(f"log_decay has shape {tuple(log_decay.shape)}; valid: None (no decay), [heads]={valid[0]} "
-                       f"(fixed per head) or [batch, time, heads, dim_k]={valid[1]} (per key channel).")
+      raise ValueError(
+        f"log_decay has shape {tuple(log_decay.shape)}; valid: None (no decay), [heads]={valid[0]} "
+        f"(fixed per head) or [batch, time, heads, dim_k]={valid[1]} (per key channel)."
+      )
     if log_decay.dtype not in _FLOAT_DTYPES:
       raise TypeError(f"log_decay has dtype {log_decay.dtype}; valid: a floating dtype (float32 recommended).")
   if initial_state is not None:
     expected = (batch, heads, dim_k, v.shape[-1])
     if tuple(initial_state.shape) != expected:
-      raise ValueError(f"initial_state has shape {tuple(initial_state.shape)}; expected [batch, heads, dim_k, "
-                       f"dim_v]={expected}.")
+      raise ValueError(
+        f"initial_state has shape {tuple(initial_state.shape)}; expected [batch, heads, dim_k, dim_v]={expected}."
+      )
   if segment_ids is not None:
     if tuple(segment_ids.shape) != (batch, time):
       raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}; expected [batch, time]={(batch, time)}.")
@@ -94,13 +101,24 @@ def check_inputs(q, k, v, log_decay=None, initial_state=None, segment_ids=None):
       raise TypeError(f"segment_ids has dtype {segment_ids.dtype}; valid: an integer dtype.")
 
 
-def linear_attention(q, k, v, log_decay=None, *, initial_state=None, segment_ids=None,
-                     return_final_state=False, backend="auto", chunk_size=None):
+def linear_attention(
+  q,
+  k,
+  v,
+  log_decay=None,
+  *,
+  initial_state=None,
+  segment_ids=None,
+  return_final_state=False,
+  backend="auto",
+  chunk_size=None,
+):
   """Causal decay-scan linear attention. Returns o [B,T,H,Dv] (v.dtype), plus the final state if asked."""
   check_inputs(q, k, v, log_decay, initial_state, segment_ids)
   resolved = resolve_backend(backend)
   if backend == "auto" and resolved == "pallas_gpu":
     from pallas_kernels.linear_attention import gpu
+
     if not gpu.fits_shared_memory(q.dtype, q.shape[-1], v.shape[-1]):
       resolved = "xla"  # e.g. float32 cosFormer2 (Dk = 256): the GPU kernels' blocks would not fit
   impl = _impl(resolved)
@@ -120,6 +138,5 @@ def linear_attention_step(q, k, v, state, log_decay=None):
   else:
     decay = log_decay.astype(dtype)
   with jax.default_matmul_precision("highest"):
-    out, state = reference.recurrent_step(q.astype(dtype), k.astype(dtype), v.astype(dtype), decay,
-                                          state.astype(dtype))
+    out, state = reference.recurrent_step(q.astype(dtype), k.astype(dtype), v.astype(dtype), decay, state.astype(dtype))
   return out.astype(v.dtype), state

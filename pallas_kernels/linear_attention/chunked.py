@@ -10,6 +10,7 @@ sub-chunks of 16: off-diagonal sub-blocks rescale against the first row of the q
 factors <= 1), diagonal sub-blocks are exact elementwise products. All arithmetic is float32 (float64 for
 float64 inputs); the chunk body is rematerialised so training keeps O(T·D + (T/C)·Dk·Dv) memory.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,8 +34,10 @@ def resolve_chunk_size(chunk_size, time, per_channel_decay):
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
     raise ValueError(f"chunk_size must be a positive int or None (default {DEFAULT_CHUNK_SIZE}); got {chunk_size!r}.")
   if per_channel_decay and chunk_size > SUB_CHUNK_SIZE and chunk_size % SUB_CHUNK_SIZE:
-    raise ValueError(f"chunk_size {chunk_size} with a per-key-channel log_decay must be <= {SUB_CHUNK_SIZE} or a "
-                     f"multiple of {SUB_CHUNK_SIZE} (the sub-chunk size).")
+    raise ValueError(
+      f"chunk_size {chunk_size} with a per-key-channel log_decay must be <= {SUB_CHUNK_SIZE} or a "
+      f"multiple of {SUB_CHUNK_SIZE} (the sub-chunk size)."
+    )
   granule = SUB_CHUNK_SIZE if per_channel_decay and chunk_size > SUB_CHUNK_SIZE else 1
   return min(chunk_size, common.round_up(time, granule))
 
@@ -135,8 +138,7 @@ def linear_attention_chunked(q, k, v, log_decay, initial_state, segment_ids, chu
   previous_doc = jnp.concatenate([jnp.zeros((batch, 1), docs.dtype), docs[:, :-1, -1]], axis=1)
   docs, previous_doc = jnp.moveaxis(docs, 1, 0), jnp.moveaxis(previous_doc, 1, 0)
 
-  state = (jnp.zeros((batch, heads, dim_k, dim_v), dtype) if initial_state is None
-           else initial_state.astype(dtype))
+  state = jnp.zeros((batch, heads, dim_k, dim_v), dtype) if initial_state is None else initial_state.astype(dtype)
   body = jax.checkpoint(functools.partial(_chunk_step, decay_mode=decay_mode))
   state, outs = lax.scan(body, state, (to_chunks(q), to_chunks(k), to_chunks(v), b, docs, previous_doc))
   outs = outs.transpose(1, 0, 3, 2, 4).reshape(batch, padded_time, heads, dim_v)[:, :time]

@@ -1,4 +1,5 @@
 """Small helpers shared by the linear-attention backends and their callers."""
+
 from __future__ import annotations
 
 import jax.numpy as jnp

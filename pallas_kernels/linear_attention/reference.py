@@ -6,6 +6,7 @@ Computes, per batch row and head, with S_0 = initial_state (or 0):
 where reset_t is true where a new packed document starts (segment_ids[t] != segment_ids[t-1]).
 The state and all arithmetic are float32 (float64 when the inputs are float64 and x64 is on).
 """
+
 from __future__ import annotations
 
 import jax
@@ -46,8 +47,7 @@ def linear_attention_recurrent(q, k, v, log_decay=None, initial_state=None, segm
   dtype = compute_dtype(q, k, v, log_decay, initial_state)
   decay = expand_log_decay(log_decay, batch, time, heads, dim_k, dtype)
   resets = segment_starts(segment_ids, batch, time)
-  state = (jnp.zeros((batch, heads, dim_k, dim_v), dtype) if initial_state is None
-           else initial_state.astype(dtype))
+  state = jnp.zeros((batch, heads, dim_k, dim_v), dtype) if initial_state is None else initial_state.astype(dtype)
 
   def body(state, inputs):
     q_t, k_t, v_t, a_t, r_t = inputs
@@ -57,8 +57,8 @@ def linear_attention_recurrent(q, k, v, log_decay=None, initial_state=None, segm
   time_major = lambda x: jnp.moveaxis(x.astype(dtype), 1, 0)
   with jax.default_matmul_precision("highest"):
     state, outs = jax.lax.scan(
-        body, state, (time_major(q), time_major(k), time_major(v), time_major(decay),
-                      jnp.moveaxis(resets, 1, 0)))
+      body, state, (time_major(q), time_major(k), time_major(v), time_major(decay), jnp.moveaxis(resets, 1, 0))
+    )
   return jnp.moveaxis(outs, 0, 1).astype(v.dtype), state
 
 

@@ -9,6 +9,7 @@ with b_t the inclusive cumulative log-decay from the shard's start. The result e
 (recurrentgemma's multi-shard correction, generalised to matrix states and per-channel decays); the traffic
 is O(shards · B·H·Dk·Dv), independent of the sequence length, so contexts beyond one device's memory work.
 """
+
 from __future__ import annotations
 
 import jax
@@ -34,46 +35,59 @@ def _local_correction(q, log_decay, segment_ids, prev_last_segment, is_first_sha
     # A document may start exactly at the shard boundary: compare with the previous shard's last token.
     boundary = jnp.logical_and(segment_ids[:, 0] != prev_last_segment, jnp.logical_not(is_first_shard))
     starts = starts.at[:, 0].set(jnp.logical_or(starts[:, 0], boundary))
-  before_first_start = jnp.cumsum(starts.astype(jnp.int32), axis=1) == 0          # [B, T]
+  before_first_start = jnp.cumsum(starts.astype(jnp.int32), axis=1) == 0  # [B, T]
   factors = jnp.exp(cumulative) * before_first_start[:, :, None, None]
   total_log_decay = jnp.broadcast_to(cumulative[:, -1], (batch, heads, dim_k))
-  survives = before_first_start[:, -1]                                             # [B]
+  survives = before_first_start[:, -1]  # [B]
   return factors, total_log_decay, survives
 
 
-def sequence_parallel_linear_attention(q, k, v, log_decay=None, *, mesh, sequence_axis="sequence",
-                                       batch_axis=None, head_axis=None, initial_state=None,
-                                       segment_ids=None, return_final_state=False, backend="auto",
-                                       chunk_size=None):
+def sequence_parallel_linear_attention(
+  q,
+  k,
+  v,
+  log_decay=None,
+  *,
+  mesh,
+  sequence_axis="sequence",
+  batch_axis=None,
+  head_axis=None,
+  initial_state=None,
+  segment_ids=None,
+  return_final_state=False,
+  backend="auto",
+  chunk_size=None,
+):
   """`api.linear_attention` with [B,T,H,D] inputs sharded over `sequence_axis` on dim 1 (batch and heads may
   be sharded over `batch_axis` / `head_axis`). Same arguments and results as `api.linear_attention`."""
   if sequence_axis not in mesh.axis_names:
     raise ValueError(f"sequence_axis {sequence_axis!r} is not an axis of the mesh; mesh axes: {mesh.axis_names}.")
   num_shards = mesh.shape[sequence_axis]
   if q.shape[1] % num_shards:
-    raise ValueError(f"time length {q.shape[1]} is not divisible by the {num_shards} shards of mesh axis "
-                     f"{sequence_axis!r}; pad the sequence to a multiple of {num_shards}.")
+    raise ValueError(
+      f"time length {q.shape[1]} is not divisible by the {num_shards} shards of mesh axis "
+      f"{sequence_axis!r}; pad the sequence to a multiple of {num_shards}."
+    )
   api.check_inputs(q, k, v, log_decay, initial_state, segment_ids)
   activation = PartitionSpec(batch_axis, sequence_axis, head_axis, None)
-  decay_spec = None if log_decay is None else (
-      PartitionSpec(head_axis) if log_decay.ndim == 1 else activation)
+  decay_spec = None if log_decay is None else (PartitionSpec(head_axis) if log_decay.ndim == 1 else activation)
   state_spec = PartitionSpec(batch_axis, head_axis, None, None)
   segment_spec = PartitionSpec(batch_axis, sequence_axis)
 
   def shard_fn(q, k, v, log_decay, initial_state, segment_ids):
     shard_index = jax.lax.axis_index(sequence_axis)
-    out, local_state = api.linear_attention(q, k, v, log_decay, segment_ids=segment_ids,
-                                            return_final_state=True, backend=backend, chunk_size=chunk_size)
+    out, local_state = api.linear_attention(
+      q, k, v, log_decay, segment_ids=segment_ids, return_final_state=True, backend=backend, chunk_size=chunk_size
+    )
     prev_last_segment = None
     if segment_ids is not None:
-      last_segments = jax.lax.all_gather(segment_ids[:, -1], sequence_axis)       # [shards, B]
+      last_segments = jax.lax.all_gather(segment_ids[:, -1], sequence_axis)  # [shards, B]
       prev_last_segment = last_segments[jnp.maximum(shard_index - 1, 0)]
-    factors, total_log_decay, survives = _local_correction(q, log_decay, segment_ids, prev_last_segment,
-                                                           shard_index == 0)
-    states, totals, survivals = (jax.lax.all_gather(x, sequence_axis)
-                                 for x in (local_state, total_log_decay, survives))
-    incoming = (jnp.zeros_like(local_state) if initial_state is None
-                else initial_state.astype(local_state.dtype))
+    factors, total_log_decay, survives = _local_correction(
+      q, log_decay, segment_ids, prev_last_segment, shard_index == 0
+    )
+    states, totals, survivals = (jax.lax.all_gather(x, sequence_axis) for x in (local_state, total_log_decay, survives))
+    incoming = jnp.zeros_like(local_state) if initial_state is None else initial_state.astype(local_state.dtype)
     incoming_per_shard = []
     for shard in range(num_shards):
       incoming_per_shard.append(incoming)
@@ -86,8 +100,12 @@ def sequence_parallel_linear_attention(q, k, v, log_decay=None, *, mesh, sequenc
     out = (out.astype(jnp.float32) + correction).astype(v.dtype)
     return out, final_state
 
-  sharded = jax.shard_map(shard_fn, mesh=mesh,
-                          in_specs=(activation, activation, activation, decay_spec, state_spec, segment_spec),
-                          out_specs=(activation, state_spec), check_vma=False)
+  sharded = jax.shard_map(
+    shard_fn,
+    mesh=mesh,
+    in_specs=(activation, activation, activation, decay_spec, state_spec, segment_spec),
+    out_specs=(activation, state_spec),
+    check_vma=False,
+  )
   out, final_state = sharded(q, k, v, log_decay, initial_state, segment_ids)
   return (out, final_state) if return_final_state else out

@@ -1,4 +1,5 @@
 """Helpers shared by the backend tests: random inputs, the float64 ground truth and the error metric."""
+
 from __future__ import annotations
 
 import jax
@@ -21,8 +22,20 @@ def relative_rms_error(actual, expected):
   return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
-def random_inputs(seed, *, batch, time, heads, dim_k, dim_v, decay_mode, strength="weak", dtype=jnp.float32,
-                  segments=True, initial_state=True):
+def random_inputs(
+  seed,
+  *,
+  batch,
+  time,
+  heads,
+  dim_k,
+  dim_v,
+  decay_mode,
+  strength="weak",
+  dtype=jnp.float32,
+  segments=True,
+  initial_state=True,
+):
   """Fresh random q, k, v, log_decay (None / [H] / [B,T,H,Dk]), initial state and segment ids.
 
   Segment ids repeat (0,1,0,...) so a backend that matches ids instead of detecting changes fails, and one
@@ -34,8 +47,11 @@ def random_inputs(seed, *, batch, time, heads, dim_k, dim_v, decay_mode, strengt
   v = normal(batch, time, heads, dim_v)
   low, high = DECAY_RANGES[strength]
   draw_decay = lambda *shape: -np.exp(rng.uniform(np.log(low), np.log(high), size=shape)).astype(np.float32)
-  log_decay = {"none": None, "scalar": lambda: draw_decay(heads),
-               "vector": lambda: draw_decay(batch, time, heads, dim_k)}[decay_mode]
+  log_decay = {
+    "none": None,
+    "scalar": lambda: draw_decay(heads),
+    "vector": lambda: draw_decay(batch, time, heads, dim_k),
+  }[decay_mode]
   log_decay = None if log_decay is None else jnp.asarray(log_decay())
   state = jnp.asarray(normal(batch, heads, dim_k, dim_v)) if initial_state else None
   segment_ids = None
@@ -51,6 +67,7 @@ def random_inputs(seed, *, batch, time, heads, dim_k, dim_v, decay_mode, strengt
 def _run_with_vjp(fn, chunk_size, diff_args, segment_ids, output_cotangent, state_cotangent):
   """Outputs, final state and input gradients of Σ o·do + Σ S_T·dS_T for fn(q, k, v, log_decay,
   initial_state, segment_ids, chunk_size); `diff_args` holds the present (not None) array arguments."""
+
   def run(diff_args):
     full = {"log_decay": None, "initial_state": None, **diff_args}
     return fn(full["q"], full["k"], full["v"], full["log_decay"], full["initial_state"], segment_ids, chunk_size)
@@ -74,16 +91,21 @@ def reference_float64(q, k, v, log_decay, initial_state, segment_ids, output_cot
   Returns (out, final_state, grads) with grads a dict over q, k, v, log_decay, initial_state (present ones)."""
   with jax.enable_x64(True):
     to64 = lambda x: None if x is None else jnp.asarray(np.asarray(x, np.float64))
-    diff_args = _present(q=to64(q), k=to64(k), v=to64(v), log_decay=to64(log_decay),
-                         initial_state=to64(initial_state))
+    diff_args = _present(q=to64(q), k=to64(k), v=to64(v), log_decay=to64(log_decay), initial_state=to64(initial_state))
     out, final_state, grads = _jitted_run_with_vjp(
-        reference.linear_attention_recurrent_with_chunk, None, diff_args, segment_ids, to64(output_cotangent),
-        to64(state_cotangent))
+      reference.linear_attention_recurrent_with_chunk,
+      None,
+      diff_args,
+      segment_ids,
+      to64(output_cotangent),
+      to64(state_cotangent),
+    )
     return np.asarray(out), np.asarray(final_state), {name: np.asarray(g) for name, g in grads.items()}
 
 
-def backend_with_grads(fn, chunk_size, q, k, v, log_decay, initial_state, segment_ids, output_cotangent,
-                       state_cotangent):
+def backend_with_grads(
+  fn, chunk_size, q, k, v, log_decay, initial_state, segment_ids, output_cotangent, state_cotangent
+):
   """Runs a backend fn(q, k, v, log_decay, initial_state, segment_ids, chunk_size) and its VJP for the same
   loss as `reference_float64`, jitted (fn and chunk_size static)."""
   diff_args = _present(q=q, k=k, v=v, log_decay=log_decay, initial_state=initial_state)

@@ -18,6 +18,7 @@ comes from the identity (it holds with resets too: the masks do not depend on α
   d log α_r = Σ_{t >= r} (q_t ⊙ dq_t − k_t ⊙ dk_t) + Σ_v (S_T ⊙ dS_T),
 reverse-cumsummed in float32 outside the kernels (summed over channels and time for the per-head decay).
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,8 +41,9 @@ _TN = ((0,), (0,))  # [k,m] x [k,n]
 
 def _dot(a, b, contracting):
   # HIGHEST: float32 operands would otherwise be rounded to bfloat16 on the MXU.
-  return lax.dot_general(a, b, (contracting, ((), ())), precision=lax.Precision.HIGHEST,
-                         preferred_element_type=jnp.float32)
+  return lax.dot_general(
+    a, b, (contracting, ((), ())), precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+  )
 
 
 def resolve_block(chunk_size, time):
@@ -49,8 +51,10 @@ def resolve_block(chunk_size, time):
   if chunk_size is None:
     chunk_size = DEFAULT_BLOCK
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0 or chunk_size % 128:
-    raise ValueError(f"chunk_size for the pallas_tpu backend must be a positive multiple of 128 (tokens per grid "
-                     f"step) or None (default {DEFAULT_BLOCK}); got {chunk_size!r}.")
+    raise ValueError(
+      f"chunk_size for the pallas_tpu backend must be a positive multiple of 128 (tokens per grid "
+      f"step) or None (default {DEFAULT_BLOCK}); got {chunk_size!r}."
+    )
   return min(chunk_size, common.round_up(time, 128))
 
 
@@ -90,8 +94,9 @@ class _Chunk:
 class _ScalarChunk(_Chunk):
   """128 tokens with no decay (b refs None) or a per-head decay, whose b comes as a column and a row."""
 
-  def __init__(self, index, q_ref, k_ref, v_ref, sees_ref, last_ref, doc_col_ref, doc_row_ref, b_col_ref=None,
-               b_row_ref=None):
+  def __init__(
+    self, index, q_ref, k_ref, v_ref, sees_ref, last_ref, doc_col_ref, doc_row_ref, b_col_ref=None, b_row_ref=None
+  ):
     rows = slice(index * SCALAR_CHUNK, (index + 1) * SCALAR_CHUNK)
     super().__init__(rows, q_ref, k_ref, v_ref, sees_ref, last_ref)
     self.mask = _causal_same_document(doc_col_ref[rows, :], doc_row_ref[:, rows], SCALAR_CHUNK)
@@ -124,7 +129,7 @@ class _VectorChunk(_Chunk):
   def __init__(self, index, q_ref, k_ref, v_ref, sees_ref, last_ref, doc_col_ref, doc_rows_ref, b_ref):
     rows = slice(index * VECTOR_CHUNK, (index + 1) * VECTOR_CHUNK)
     super().__init__(rows, q_ref, k_ref, v_ref, sees_ref, last_ref)
-    self.mask = _causal_same_document(doc_col_ref[rows, :], doc_rows_ref[index:index + 1, :], VECTOR_CHUNK)
+    self.mask = _causal_same_document(doc_col_ref[rows, :], doc_rows_ref[index : index + 1, :], VECTOR_CHUNK)
     b = b_ref[rows, :]
     # The mask enters as float32 multiples: Mosaic cannot reshape a boolean [16,16] vector to [16,16,1].
     # Zeroing the exponent first keeps exp finite where b_i − b_j > 0 (masked pairs).
@@ -149,15 +154,17 @@ class _VectorChunk(_Chunk):
 def _make_chunks(decay_mode, q_ref, k_ref, v_ref, mode_refs):
   if decay_mode == "vector":
     sees_ref, last_ref, doc_col_ref, doc_rows_ref, b_ref = mode_refs
-    return [_VectorChunk(index, q_ref, k_ref, v_ref, sees_ref, last_ref, doc_col_ref, doc_rows_ref, b_ref)
-            for index in range(q_ref.shape[0] // VECTOR_CHUNK)]
+    return [
+      _VectorChunk(index, q_ref, k_ref, v_ref, sees_ref, last_ref, doc_col_ref, doc_rows_ref, b_ref)
+      for index in range(q_ref.shape[0] // VECTOR_CHUNK)
+    ]
   return [_ScalarChunk(index, q_ref, k_ref, v_ref, *mode_refs) for index in range(q_ref.shape[0] // SCALAR_CHUNK)]
 
 
 def _forward_kernel(*refs, decay_mode, num_mode_refs):
   q_ref, k_ref, v_ref = refs[:3]
-  mode_refs = refs[3:3 + num_mode_refs]
-  state0_ref, out_ref, final_ref, state_scratch = refs[3 + num_mode_refs:]
+  mode_refs = refs[3 : 3 + num_mode_refs]
+  state0_ref, out_ref, final_ref, state_scratch = refs[3 + num_mode_refs :]
 
   @pl.when(pl.program_id(2) == 0)
   def _():
@@ -177,8 +184,8 @@ def _forward_kernel(*refs, decay_mode, num_mode_refs):
 
 def _backward_dq_kernel(*refs, decay_mode, num_mode_refs):
   q_ref, k_ref, v_ref = refs[:3]
-  mode_refs = refs[3:3 + num_mode_refs]
-  state0_ref, dout_ref, dq_ref, state_scratch = refs[3 + num_mode_refs:]
+  mode_refs = refs[3 : 3 + num_mode_refs]
+  state0_ref, dout_ref, dq_ref, state_scratch = refs[3 + num_mode_refs :]
 
   @pl.when(pl.program_id(2) == 0)
   def _():
@@ -196,8 +203,8 @@ def _backward_dq_kernel(*refs, decay_mode, num_mode_refs):
 
 def _backward_dkv_kernel(*refs, decay_mode, num_mode_refs):
   q_ref, k_ref, v_ref = refs[:3]
-  mode_refs = refs[3:3 + num_mode_refs]
-  dfinal_ref, dout_ref, dk_ref, dv_ref, dstate0_ref, dstate_scratch = refs[3 + num_mode_refs:]
+  mode_refs = refs[3 : 3 + num_mode_refs]
+  dfinal_ref, dout_ref, dk_ref, dv_ref, dstate0_ref, dstate_scratch = refs[3 + num_mode_refs :]
 
   @pl.when(pl.program_id(2) == 0)
   def _():
@@ -244,8 +251,9 @@ def _segment_inputs(segment_ids, batch, time, padded_time, chunk, decay_mode):
   sees_state = (chunked == before).reshape(batch, padded_time, 1)
   in_last_doc = (chunked == chunked[:, :, -1:]).reshape(batch, padded_time, 1)
   docs = docs.astype(jnp.float32)
-  doc_rows = (docs.reshape(batch, padded_time // VECTOR_CHUNK, VECTOR_CHUNK) if decay_mode == "vector"
-              else docs[:, None, :])
+  doc_rows = (
+    docs.reshape(batch, padded_time // VECTOR_CHUNK, VECTOR_CHUNK) if decay_mode == "vector" else docs[:, None, :]
+  )
   return (sees_state.astype(jnp.float32), in_last_doc.astype(jnp.float32), docs[:, :, None], doc_rows)
 
 
@@ -269,9 +277,14 @@ def _call(kernel_fn, decay_mode, block, num_mode_refs, in_specs, out_specs, out_
   batch, heads, padded_time, _ = args[0].shape
   kernel = functools.partial(kernel_fn, decay_mode=decay_mode, num_mode_refs=num_mode_refs)
   return pl.pallas_call(
-      kernel, grid=(batch, heads, padded_time // block), in_specs=in_specs, out_specs=out_specs,
-      out_shape=out_shape, scratch_shapes=[pltpu.VMEM(scratch_shape, jnp.float32)],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")))(*args)
+    kernel,
+    grid=(batch, heads, padded_time // block),
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    scratch_shapes=[pltpu.VMEM(scratch_shape, jnp.float32)],
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+  )(*args)
 
 
 def _specs(decay_mode, block, num_blocks, dim_k, dim_v, reverse):
@@ -288,10 +301,21 @@ def _forward(q, k, v, log_decay, state0_t, segment_inputs, block, decay_mode, ti
   dim_v = v.shape[-1]
   mode_inputs = (*segment_inputs, *_decay_inputs(log_decay, decay_mode, time, padded_time))
   in_specs, per_head, state, num_mode_refs = _specs(decay_mode, block, padded_time // block, dim_k, dim_v, False)
-  return _call(_forward_kernel, decay_mode, block, num_mode_refs, in_specs, [per_head(dim_v), state],
-               [jax.ShapeDtypeStruct(v.shape, v.dtype),
-                jax.ShapeDtypeStruct((batch, heads, dim_v, dim_k), jnp.float32)],
-               (dim_v, dim_k), q, k, v, *mode_inputs, state0_t)
+  return _call(
+    _forward_kernel,
+    decay_mode,
+    block,
+    num_mode_refs,
+    in_specs,
+    [per_head(dim_v), state],
+    [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((batch, heads, dim_v, dim_k), jnp.float32)],
+    (dim_v, dim_k),
+    q,
+    k,
+    v,
+    *mode_inputs,
+    state0_t,
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
@@ -315,16 +339,43 @@ def _backward_rule(block, decay_mode, time, residuals, cotangents):
   dfinal_t = dfinal_t.astype(jnp.float32)
 
   in_specs, per_head, _, num_mode_refs = _specs(decay_mode, block, num_blocks, dim_k, dim_v, False)
-  dq = _call(_backward_dq_kernel, decay_mode, block, num_mode_refs, in_specs + [per_head(dim_v)],
-             per_head(dim_k), jax.ShapeDtypeStruct(q.shape, jnp.float32), (dim_v, dim_k),
-             q, k, v, *mode_inputs, state0_t, dout)
+  dq = _call(
+    _backward_dq_kernel,
+    decay_mode,
+    block,
+    num_mode_refs,
+    in_specs + [per_head(dim_v)],
+    per_head(dim_k),
+    jax.ShapeDtypeStruct(q.shape, jnp.float32),
+    (dim_v, dim_k),
+    q,
+    k,
+    v,
+    *mode_inputs,
+    state0_t,
+    dout,
+  )
   in_specs, per_head, state, _ = _specs(decay_mode, block, num_blocks, dim_k, dim_v, True)
   dk, dv, dstate0_t = _call(
-      _backward_dkv_kernel, decay_mode, block, num_mode_refs, in_specs + [per_head(dim_v)],
-      [per_head(dim_k), per_head(dim_v), state],
-      [jax.ShapeDtypeStruct(k.shape, jnp.float32), jax.ShapeDtypeStruct(v.shape, jnp.float32),
-       jax.ShapeDtypeStruct(state0_t.shape, jnp.float32)],
-      (dim_v, dim_k), q, k, v, *mode_inputs, dfinal_t, dout)
+    _backward_dkv_kernel,
+    decay_mode,
+    block,
+    num_mode_refs,
+    in_specs + [per_head(dim_v)],
+    [per_head(dim_k), per_head(dim_v), state],
+    [
+      jax.ShapeDtypeStruct(k.shape, jnp.float32),
+      jax.ShapeDtypeStruct(v.shape, jnp.float32),
+      jax.ShapeDtypeStruct(state0_t.shape, jnp.float32),
+    ],
+    (dim_v, dim_k),
+    q,
+    k,
+    v,
+    *mode_inputs,
+    dfinal_t,
+    dout,
+  )
 
   dlog_decay = None
   if decay_mode != "none":
@@ -360,8 +411,18 @@ def linear_attention_tpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
     log_decay = log_decay.astype(jnp.float32)
   chunk = VECTOR_CHUNK if decay_mode == "vector" else SCALAR_CHUNK
   segment_inputs = _segment_inputs(segment_ids, batch, time, padded_time, chunk, decay_mode)
-  state0 = (jnp.zeros((batch, heads, dim_k, dim_v), jnp.float32) if initial_state is None
-            else initial_state.astype(jnp.float32))
-  out, final_t = _linear_attention_blocks(head_major(q), head_major(k), head_major(v), log_decay,
-                                          jnp.swapaxes(state0, 2, 3), segment_inputs, block, decay_mode, time)
+  state0 = (
+    jnp.zeros((batch, heads, dim_k, dim_v), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+  )
+  out, final_t = _linear_attention_blocks(
+    head_major(q),
+    head_major(k),
+    head_major(v),
+    log_decay,
+    jnp.swapaxes(state0, 2, 3),
+    segment_inputs,
+    block,
+    decay_mode,
+    time,
+  )
   return jnp.swapaxes(out[:, :, :time], 1, 2), jnp.swapaxes(final_t, 2, 3)

@@ -23,6 +23,7 @@ Differences from lm-eval's stock SCROLLS tasks: Qasper's yes/no questions are an
 like every other Qasper question (the paper decodes greedily throughout), and metrics come from
 lsm_jax.evaluate.scorers instead of the hub-downloaded SCROLLS metric script.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,10 @@ CONTRACT_NLI_CHOICES = ("Not mentioned", "Entailment", "Contradiction")
 def _data_dir(options: dict) -> str:
   data_dir = options.get("data_dir") or os.environ.get(DATA_ENV_VAR)
   if not data_dir:
-    raise ValueError(f"local lm-eval tasks need their data: set ${DATA_ENV_VAR} (or --metadata "
-                     f"'{{\"data_dir\": DIR}}') to a directory holding <dataset>/<split>.jsonl files")
+    raise ValueError(
+      f"local lm-eval tasks need their data: set ${DATA_ENV_VAR} (or --metadata "
+      f"'{{\"data_dir\": DIR}}') to a directory holding <dataset>/<split>.jsonl files"
+    )
   return data_dir
 
 
@@ -56,8 +59,10 @@ def _dataset_loader(name: str, split: str):
 
     path = os.path.join(_data_dir(options), name, f"{split}.jsonl")
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"{path} not found: task data for {name!r} goes in <data_dir>/{name}/{split}.jsonl "
-                              f"(see lsm_jax/evaluate/tasks/lsm_tasks.py for the fields)")
+      raise FileNotFoundError(
+        f"{path} not found: task data for {name!r} goes in <data_dir>/{name}/{split}.jsonl "
+        f"(see lsm_jax/evaluate/tasks/lsm_tasks.py for the fields)"
+      )
     return datasets.DatasetDict({split: datasets.Dataset.from_list(_read_jsonl(path))})
 
   load.__name__ = f"{name}_dataset"
@@ -84,6 +89,7 @@ contract_nli_dataset = _dataset_loader("contract_nli", "validation")
 
 # --------------------------------------------------------------------------------------------- HellaSwag
 
+
 def _clean_hellaswag(text: str) -> str:
   # WikiHow contexts carry "[title]"-style markup; it is removed before scoring.
   text = text.strip().replace(" [title]", ". ")
@@ -93,8 +99,11 @@ def _clean_hellaswag(text: str) -> str:
 def hellaswag_process_docs(dataset):
   def process(doc):
     context = f"{doc['ctx_a']} {doc['ctx_b'].capitalize()}"
-    return {"query": _clean_hellaswag(f"{doc['activity_label']}: {context}"),
-            "choices": [_clean_hellaswag(ending) for ending in doc["endings"]], "gold": int(doc["label"])}
+    return {
+      "query": _clean_hellaswag(f"{doc['activity_label']}: {context}"),
+      "choices": [_clean_hellaswag(ending) for ending in doc["endings"]],
+      "gold": int(doc["label"]),
+    }
 
   return dataset.map(process)
 
@@ -102,6 +111,7 @@ def hellaswag_process_docs(dataset):
 # -------------------------------------------------------------------------------------------- WinoGrande
 # Partial scoring: the options fill the blank in the *context*, and the shared rest of the sentence is the
 # continuation scored under each context (lm-eval's multiple-input form: doc_to_text returns the gold index).
+
 
 def winogrande_gold(doc) -> int:
   return {"1": 0, "2": 1}[str(doc["answer"])]
@@ -113,19 +123,39 @@ def winogrande_contexts(doc) -> list[str]:
 
 
 def winogrande_continuation(doc) -> str:
-  return doc["sentence"][doc["sentence"].index("_") + 1:].strip()
+  return doc["sentence"][doc["sentence"].index("_") + 1 :].strip()
 
 
 # ---------------------------------------------------------------------------------------------- WikiText
 # Raw WikiText is tokenized with spaces around punctuation and @-@ style joiners; the perplexity is measured
 # on detokenized text, with words counted on the original page.
 _WIKITEXT_REPLACEMENTS = (
-    ("s '", "s'"), (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" : ", ": "), (" ; ", "; "), (" . ", ". "),
-    (" ! ", "! "), (" ? ", "? "), (" , ", ", "), ("= = = =", "===="), ("= = =", "==="), ("= =", "=="),
-    (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}"), (" \n", "\n"), ("\n ", "\n"), (" N ", " 1 "), (" 's", "'s"),
+  ("s '", "s'"),
+  (" @-@ ", "-"),
+  (" @,@ ", ","),
+  (" @.@ ", "."),
+  (" : ", ": "),
+  (" ; ", "; "),
+  (" . ", ". "),
+  (" ! ", "! "),
+  (" ? ", "? "),
+  (" , ", ", "),
+  ("= = = =", "===="),
+  ("= = =", "==="),
+  ("= =", "=="),
+  (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}"),
+  (" \n", "\n"),
+  ("\n ", "\n"),
+  (" N ", " 1 "),
+  (" 's", "'s"),
 )
-_WIKITEXT_BRACKETS = (r"\(\s*([^\)]*?)\s*\)", r"\[\s*([^\]]*?)\s*\]", r"{\s*([^}]*?)\s*}", r"\"\s*([^\"]*?)\s*\"",
-                      r"'\s*([^']*?)\s*'")
+_WIKITEXT_BRACKETS = (
+  r"\(\s*([^\)]*?)\s*\)",
+  r"\[\s*([^\]]*?)\s*\]",
+  r"{\s*([^}]*?)\s*}",
+  r"\"\s*([^\"]*?)\s*\"",
+  r"'\s*([^']*?)\s*'",
+)
 _WIKITEXT_BRACKET_FORMS = ("(\\1)", "[\\1]", "{\\1}", '"\\1"', "'\\1'")
 
 
@@ -143,11 +173,15 @@ def wikitext_results(doc, results):
   (log_likelihood,) = results
   num_words = len(re.split(r"\s+", doc["page"]))
   num_bytes = len(doc["page"].encode("utf-8"))
-  return {"word_perplexity": (log_likelihood, num_words), "byte_perplexity": (log_likelihood, num_bytes),
-          "bits_per_byte": (log_likelihood, num_bytes)}
+  return {
+    "word_perplexity": (log_likelihood, num_words),
+    "byte_perplexity": (log_likelihood, num_bytes),
+    "bits_per_byte": (log_likelihood, num_bytes),
+  }
 
 
 # ----------------------------------------------------------------------------------------------- SCROLLS
+
 
 def _merge_duplicate_ids(dataset):
   """SCROLLS lists one row per reference answer; merge them into one doc with an `outputs` list."""
@@ -163,7 +197,7 @@ def _merge_duplicate_ids(dataset):
 def _split_query(doc) -> dict:
   # Query tasks prepend the question to the document, separated by the first blank line.
   split = doc["input"].find("\n\n")
-  return {"question": doc["input"][:split], "text": doc["input"][split + 2:]}
+  return {"question": doc["input"][:split], "text": doc["input"][split + 2 :]}
 
 
 def scrolls_summary_docs(dataset):
@@ -184,8 +218,11 @@ def quality_docs(dataset):
     end_of_options = doc["text"].find("\n\n", doc["text"].find("(D)"))
     options_text = doc["text"][:end_of_options]
     choices = [_normalize_spaces(option) for option in re.split(r" *\([A-D]\) *", options_text)[1:]]
-    return {"text": doc["text"][end_of_options:].strip(), "choices": choices,
-            "gold": choices.index(_normalize_spaces(doc["outputs"][0]))}
+    return {
+      "text": doc["text"][end_of_options:].strip(),
+      "choices": choices,
+      "gold": choices.index(_normalize_spaces(doc["outputs"][0])),
+    }
 
   return scrolls_query_docs(dataset).map(process)
 

@@ -1,4 +1,5 @@
 """Token mixers, one per architecture (the interface: mixers/base.py), and the registry of architectures."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,17 +15,25 @@ from lsm_jax.models.mixers.tnl import TNLAttention
 class Architecture:
   """What sets an architecture apart in the shared LanguageModel: its token mixer (with the mixer's hooks) and
   the flavour of its norms and channel mixer."""
+
   mixer: type[TokenMixer]
   norm_gain: bool  # RMSNorm with a learned gain (LLaMA), else the gain-free SRMSNorm
   swish_glu: bool  # SwiGLU (LLaMA), else the activation-free SGLU
 
 
 ARCHITECTURES = {
-    "llama": Architecture(SoftmaxAttention, norm_gain=True, swish_glu=True),
-    "tnl": Architecture(TNLAttention, norm_gain=False, swish_glu=False),
-    "hgrn2": Architecture(HGRN2Mixer, norm_gain=False, swish_glu=False),
-    "cosformer2": Architecture(CosFormer2Attention, norm_gain=False, swish_glu=False),
+  "llama": Architecture(SoftmaxAttention, norm_gain=True, swish_glu=True),
+  "tnl": Architecture(TNLAttention, norm_gain=False, swish_glu=False),
+  "hgrn2": Architecture(HGRN2Mixer, norm_gain=False, swish_glu=False),
+  "cosformer2": Architecture(CosFormer2Attention, norm_gain=False, swish_glu=False),
 }
 
-__all__ = ["ARCHITECTURES", "Architecture", "CosFormer2Attention", "HGRN2Mixer", "SoftmaxAttention",
-           "TNLAttention", "TokenMixer"]
+__all__ = [
+  "ARCHITECTURES",
+  "Architecture",
+  "CosFormer2Attention",
+  "HGRN2Mixer",
+  "SoftmaxAttention",
+  "TNLAttention",
+  "TokenMixer",
+]

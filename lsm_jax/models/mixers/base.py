@@ -11,6 +11,7 @@ decoding state) lives in its mixer module and the model never branches on the ar
 nothing. `model` is the LanguageModel: a hook reads its `config` and the attributes its own `model_parameters`
 created.
 """
+
 from __future__ import annotations
 
 import jax

@@ -13,6 +13,7 @@ Open choices of the paper, as resolved here:
     up-projection, a per-channel exponentially decaying recurrence with fixed timescales in [1, 8192] and
     the tied down-projection, added residually. It is an approximation of LightNet's TPE (unavailable).
 """
+
 from __future__ import annotations
 
 import math
@@ -88,8 +89,11 @@ class CosFormer2Attention(TNLAttention):
 
   @classmethod
   def model_parameters(cls, config, *, rngs):
-    return {"tpe": ToeplitzPositionalEncoding(config.d_model, config.head_dim, std=config.init_std,
-                                              param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)}
+    return {
+      "tpe": ToeplitzPositionalEncoding(
+        config.d_model, config.head_dim, std=config.init_std, param_dtype=jnp.dtype(config.param_dtype), rngs=rngs
+      )
+    }
 
   @classmethod
   def layer_inputs(cls, model):

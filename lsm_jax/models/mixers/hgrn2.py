@@ -11,6 +11,7 @@ Eqs. 12-13; code semantics of hgru2-pytorch and FLA).
 There is no output gate beyond q. The lower bounds (lb = exclusive cumsum over layers of softmax of a
 learned [L, d] parameter of the model) are computed once per forward and scanned in with the layer index.
 """
+
 from __future__ import annotations
 
 import jax
@@ -40,12 +41,19 @@ def hgrn2_log_forget_gate(forget_logits, lower_bound, layer_index):
 
 
 class HGRN2Mixer(base.TokenMixer):
-
   @classmethod
   def model_parameters(cls, config, *, rngs):
     # Zero logits: uniform softmax over layers, so lower bounds start at l/L (FLA's init).
-    return {"lower_bound_logits": layers.make_param(rngs, (config.num_layers, config.d_model), ("layers", "embed"),
-                                                    std=0.0, dtype=jnp.dtype(config.param_dtype), init="zeros")}
+    return {
+      "lower_bound_logits": layers.make_param(
+        rngs,
+        (config.num_layers, config.d_model),
+        ("layers", "embed"),
+        std=0.0,
+        dtype=jnp.dtype(config.param_dtype),
+        init="zeros",
+      )
+    }
 
   @classmethod
   def layer_inputs(cls, model):
@@ -76,10 +84,16 @@ class HGRN2Mixer(base.TokenMixer):
   def __call__(self, x, *, segment_ids, positions, layer_inputs, max_length=None):
     del positions
     q, k, v, log_decay = self._project(x, layer_inputs)
-    result = layers.sharded_linear_attention(q, k, v, log_decay, segment_ids=segment_ids,
-                                             return_final_state=max_length is not None,
-                                             backend=self.config.linear_attention_backend,
-                                             chunk_size=self.config.chunk_size)
+    result = layers.sharded_linear_attention(
+      q,
+      k,
+      v,
+      log_decay,
+      segment_ids=segment_ids,
+      return_final_state=max_length is not None,
+      backend=self.config.linear_attention_backend,
+      chunk_size=self.config.chunk_size,
+    )
     if max_length is None:
       return self._output(result), None
     attended, state = result

@@ -9,6 +9,7 @@ Implementations: "splash" (Pallas TPU splash attention: block-sparse causal mask
 [T, T] array), "cudnn" (cuDNN flash attention through jax.nn.dot_product_attention) and "xla" (the same call,
 plain XLA). The last two take the documents as a dense [B, 1, T, T] mask.
 """
+
 from __future__ import annotations
 
 import jax
@@ -59,30 +60,36 @@ def splash_attention(q, k, v, segment_ids):
   def attend(q, k, v, segment_ids):
     local_heads = q.shape[2]
     mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((length, length))] * local_heads)
-    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                    interpret=INTERPRET_SPLASH)
+    sizes = splash.BlockSizes(
+      block_q=block,
+      block_kv=block,
+      block_kv_compute=block,
+      block_q_dkv=block,
+      block_kv_dkv=block,
+      block_kv_dkv_compute=block,
+      block_q_dq=block,
+      block_kv_dq=block,
+    )
+    kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=INTERPRET_SPLASH)
     # The kernel neither scales the logits nor batches: heads-major [H, T, D] rows, vmapped over the examples.
-    q = (q.astype(jnp.float32) * head_dim ** -0.5).astype(q.dtype)
+    q = (q.astype(jnp.float32) * head_dim**-0.5).astype(q.dtype)
     heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
     if segment_ids is None:
       out = jax.vmap(kernel)(heads_major(q), heads_major(k), heads_major(v))
     else:
       out = jax.vmap(lambda q, k, v, ids: kernel(q, k, v, segment_ids=splash.SegmentIds(q=ids, kv=ids)))(
-          heads_major(q), heads_major(k), heads_major(v), segment_ids)
+        heads_major(q), heads_major(k), heads_major(v), segment_ids
+      )
     return heads_major(out)
 
   if not shards.sharded:
     return attend(q, k, v, segment_ids)
   activation = shards.activation_spec()
   segment_spec = None if segment_ids is None else shards.segment_spec()
-  return shards.per_shard(attend, (activation, activation, activation, segment_spec), activation)(
-      q, k, v, segment_ids)
+  return shards.per_shard(attend, (activation, activation, activation, segment_spec), activation)(q, k, v, segment_ids)
 
 
 class SoftmaxAttention(base.TokenMixer):
-
   def __init__(self, config, *, rngs: nnx.Rngs):
     self.config = config
     d, heads, head_dim = config.d_model, config.num_heads, config.head_dim
@@ -98,8 +105,11 @@ class SoftmaxAttention(base.TokenMixer):
   @classmethod
   def decode_context(cls, decode_state):
     key_segment_ids = jax.lax.dynamic_update_slice_in_dim(
-        decode_state["key_segment_ids"], decode_state["segment"][:, None].astype(decode_state["key_segment_ids"].dtype),
-        decode_state["index"], axis=1)
+      decode_state["key_segment_ids"],
+      decode_state["segment"][:, None].astype(decode_state["key_segment_ids"].dtype),
+      decode_state["index"],
+      axis=1,
+    )
     return {"key_segment_ids": key_segment_ids}, {"key_segment_ids": key_segment_ids}
 
   def _project(self, x, positions):
@@ -124,7 +134,8 @@ class SoftmaxAttention(base.TokenMixer):
       if segment_ids is not None:
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
       attended = jax.nn.dot_product_attention(
-          q, k, v, mask=mask, is_causal=True, implementation="xla" if implementation == "splash" else implementation)
+        q, k, v, mask=mask, is_causal=True, implementation="xla" if implementation == "splash" else implementation
+      )
     cache = None
     if max_length is not None:
       pad = [(0, 0), (0, max_length - k.shape[1]), (0, 0), (0, 0)]

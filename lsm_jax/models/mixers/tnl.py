@@ -6,6 +6,7 @@
 No query scaling and no denominator: the norm after the attention keeps it stable. The per-layer
 log-decays arrive in `layer_inputs["log_decay"]` ([H]) so stacked, scanned layers share one code path.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,9 +23,11 @@ from pallas_kernels.linear_attention import linear_attention_step
 def alibi_slopes(num_heads: int):
   """ALiBi head slopes: 2^(-8(h+1)/H) for a power of two H; otherwise those of the nearest lower power of
   two c followed by every other slope of 2c (ALiBi paper, lightning-attention utils)."""
+
   def power_of_two(n):
     start = 2.0 ** (-8.0 / n)
     return [start ** (i + 1) for i in range(n)]
+
   if math.log2(num_heads).is_integer():
     return power_of_two(num_heads)
   closest = 2 ** math.floor(math.log2(num_heads))
@@ -39,7 +42,6 @@ def tnl_log_decays(num_layers: int, num_heads: int):
 
 
 class TNLAttention(base.TokenMixer):
-
   def __init__(self, config, *, rngs: nnx.Rngs):
     self.config = config
     d, heads, head_dim = config.d_model, config.num_heads, config.head_dim
@@ -72,10 +74,16 @@ class TNLAttention(base.TokenMixer):
 
   def __call__(self, x, *, segment_ids, positions, layer_inputs, max_length=None):
     q, k, v = self._project(x, positions)
-    result = layers.sharded_linear_attention(q, k, v, self._log_decay(layer_inputs), segment_ids=segment_ids,
-                                             return_final_state=max_length is not None,
-                                             backend=self.config.linear_attention_backend,
-                                             chunk_size=self.config.chunk_size)
+    result = layers.sharded_linear_attention(
+      q,
+      k,
+      v,
+      self._log_decay(layer_inputs),
+      segment_ids=segment_ids,
+      return_final_state=max_length is not None,
+      backend=self.config.linear_attention_backend,
+      chunk_size=self.config.chunk_size,
+    )
     if max_length is None:
       return self._output(result, x), None
     attended, state = result
@@ -84,6 +92,5 @@ class TNLAttention(base.TokenMixer):
   def decode(self, x, cache, *, positions, layer_inputs, context):
     del context
     q, k, v = self._project(x, positions)
-    attended, state = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], cache["state"],
-                                            self._log_decay(layer_inputs))
+    attended, state = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], cache["state"], self._log_decay(layer_inputs))
     return self._output(attended[:, None], x), {"state": state}

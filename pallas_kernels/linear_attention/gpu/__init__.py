@@ -18,8 +18,16 @@ program (and its compile time) stays the size of one body; the state scans delib
 latency-bound. Planning, layouts and padding: planning.py; every tuning knob and its tuned default: config.py.
 Off the GPU the kernels run in Pallas interpret mode (tests on CPU).
 """
+
 from pallas_kernels.linear_attention.gpu.config import DECAY_MODES, GpuKernelConfig, default_config, parse_overrides
 from pallas_kernels.linear_attention.gpu.op import decay_mode, fits_shared_memory, linear_attention_gpu
 
-__all__ = ["DECAY_MODES", "GpuKernelConfig", "decay_mode", "default_config", "fits_shared_memory",
-           "linear_attention_gpu", "parse_overrides"]
+__all__ = [
+  "DECAY_MODES",
+  "GpuKernelConfig",
+  "decay_mode",
+  "default_config",
+  "fits_shared_memory",
+  "linear_attention_gpu",
+  "parse_overrides",
+]

@@ -8,6 +8,7 @@ dS_e its gradient from later rows; the dq/dk kernel emits q·dq − k·dk, the d
 the sums. The suffix sum cancels heavily: over the whole sequence its error would grow with T and need fp32 states.
 Chunk-local, bf16 states suffice; only the intra-chunk dq/dk matmuls keep fp32 operands, and only when a decay
 gradient is wanted (HGRN2; TNL's decay is a fixed buffer)."""
+
 import functools
 
 import jax
@@ -15,10 +16,22 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.linear_attention.gpu.blocks import (ChunkFactors, compiler_params, earlier_rows, edge_factors,
-                                                        for_each_sub_chunk, interpret_mode, intra_mask, load_row,
-                                                        load_scalar, matmul, matmul_nt, matmul_tn, rescaled_rows,
-                                                        split_refs)
+from pallas_kernels.linear_attention.gpu.blocks import (
+  ChunkFactors,
+  compiler_params,
+  earlier_rows,
+  edge_factors,
+  for_each_sub_chunk,
+  interpret_mode,
+  intra_mask,
+  load_row,
+  load_scalar,
+  matmul,
+  matmul_nt,
+  matmul_tn,
+  rescaled_rows,
+  split_refs,
+)
 from pallas_kernels.linear_attention.gpu.forward import value_tiled_call
 from pallas_kernels.linear_attention.gpu.planning import chunk_sums, pad_time, prepare, state_dtype, value_major
 from pallas_kernels.linear_attention.gpu.scans import state_scan
@@ -51,8 +64,7 @@ def _dqdk_kernel(*refs, plan, operand_dtype):
   intra-chunk terms (scaled by fp32 decay factors) need more than bf16-operand accuracy. The state terms do·h and
   v·dS, like dA = do·vᵀ, multiply values already in the input/state dtype: 16-bit products are exact in the fp32
   accumulator, so they take one tensor-core pass, not three."""
-  (q_ref, k_ref, v_ref, do_ref), g_ref, resets_ref, (h_ref, dh_ref, dq_ref, dk_ref, *x_ref) = split_refs(
-      refs, plan, 4)
+  (q_ref, k_ref, v_ref, do_ref), g_ref, resets_ref, (h_ref, dh_ref, dq_ref, dk_ref, *x_ref) = split_refs(refs, plan, 4)
   dtype = operand_dtype
   dot = functools.partial(matmul, one_pass=plan.config.one_pass_tf32)
 
@@ -61,7 +73,7 @@ def _dqdk_kernel(*refs, plan, operand_dtype):
     dq_ref[out_rows, :] = dq.astype(dq_ref.dtype)
     dk_ref[out_rows, :] = dk.astype(dk_ref.dtype)
     if x_ref:
-      x_ref[0][out_rows, :] = (q_ref[rows, :].astype(jnp.float32) * dq - k_ref[rows, :].astype(jnp.float32) * dk)
+      x_ref[0][out_rows, :] = q_ref[rows, :].astype(jnp.float32) * dq - k_ref[rows, :].astype(jnp.float32) * dk
 
   if plan.mode != "vector":
     sub = ChunkFactors(plan, g_ref, resets_ref, plan.chunk)
@@ -133,16 +145,21 @@ def _grad_dv(layout, q, k, do, g, resets, d_states, scores, out_dtype, states=No
   """dv, and given the per-chunk `states`, the decay gradient's state term per chunk and Dv tile (the last
   chunk's a placeholder: its leaving state is the final one, which the caller has)."""
   kernel = functools.partial(_dv_kernel, plan=layout.plan, decay_grad=states is not None)
-  return value_tiled_call(kernel, "linear_attention_grad_v", layout, q, k, do, g, resets, d_states, scores,
-                          out_dtype, leaving=states)
+  return value_tiled_call(
+    kernel, "linear_attention_grad_v", layout, q, k, do, g, resets, d_states, scores, out_dtype, leaving=states
+  )
 
 
 def _grad_dqdk(layout, q, k, v, do, g, resets, states, d_states, out_dtype, decay_grad):
   """dq, dk, and with decay_grad the decay gradient's per-row q·dq − k·dk [B,T,H,Dk] f32."""
   plan = layout.plan
   tile_k = min(plan.config.key_tile, layout.dim_k)
-  in_specs = [layout.chunk_spec(tile_k, True), layout.chunk_spec(tile_k, True),
-              layout.chunk_spec(layout.dim_v), layout.chunk_spec(layout.dim_v)]
+  in_specs = [
+    layout.chunk_spec(tile_k, True),
+    layout.chunk_spec(tile_k, True),
+    layout.chunk_spec(layout.dim_v),
+    layout.chunk_spec(layout.dim_v),
+  ]
   if g is not None:
     in_specs.append(layout.chunk_g_spec(tile_k, True))
   if resets is not None:
@@ -152,11 +169,14 @@ def _grad_dqdk(layout, q, k, v, do, g, resets, states, d_states, out_dtype, deca
   out_shape = [jax.ShapeDtypeStruct(shape, out_dtype)] * 2 + [jax.ShapeDtypeStruct(shape, jnp.float32)] * decay_grad
   operand_dtype = jnp.float32 if decay_grad else q.dtype
   return pl.pallas_call(
-      functools.partial(_dqdk_kernel, plan=plan, operand_dtype=operand_dtype),
-      grid=layout.chunk_grid(layout.dim_k // tile_k), in_specs=in_specs,
-      out_specs=[layout.result_spec(tile_k, True)] * len(out_shape), out_shape=out_shape,
-      compiler_params=compiler_params(plan, plan.config.key_warps), interpret=interpret_mode(),
-      name="linear_attention_grad_qk",
+    functools.partial(_dqdk_kernel, plan=plan, operand_dtype=operand_dtype),
+    grid=layout.chunk_grid(layout.dim_k // tile_k),
+    in_specs=in_specs,
+    out_specs=[layout.result_spec(tile_k, True)] * len(out_shape),
+    out_shape=out_shape,
+    compiler_params=compiler_params(plan, plan.config.key_warps),
+    interpret=interpret_mode(),
+    name="linear_attention_grad_qk",
   )(q, k, v, do, *layout.extras(g, resets), states, d_states)
 
 
@@ -181,8 +201,9 @@ def backward(plan, residuals, cotangents):
   if states is None or states.dtype != states_dtype:  # the fused forward's, or bf16 where fp32 is needed
     states, last = state_scan(layout, kp, vp, g, resets, value_major(initial_state), states_dtype, reverse=False)
   d_states, d_init = state_scan(layout, qp, dop, g, resets, value_major(cotangents[1]), states_dtype, reverse=True)
-  dv, *state_term = _grad_dv(layout, qp, kp, dop, g, resets, d_states, scores, v.dtype,
-                             states if wants_decay_grad else None)
+  dv, *state_term = _grad_dv(
+    layout, qp, kp, dop, g, resets, d_states, scores, v.dtype, states if wants_decay_grad else None
+  )
   dq, dk, *per_step = _grad_dqdk(layout, qp, kp, vp, dop, g, resets, states, d_states, q.dtype, wants_decay_grad)
   d_log_decay = None
   if wants_decay_grad:

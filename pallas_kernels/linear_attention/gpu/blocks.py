@@ -2,6 +2,7 @@
 masks. Every decay factor is exp of a difference of chunk-local cumulative log-decays taken in the direction that
 makes it <= 0, so nothing overflows however strong the decay (the chunkwise form of
 GLA, arXiv 2312.06635, as in fla's chunk_gla)."""
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -23,8 +24,11 @@ def matmul(a, b, contract=((1,), (0,)), one_pass=False):
   TF32 passes on the GPU's tensor cores, exact fp32 in interpret mode; one_pass: a single TF32 pass on the GPU."""
   precision = None
   if a.dtype == jnp.float32:
-    precision = lax.Precision.HIGHEST if interpret_mode() else (
-        lax.DotAlgorithmPreset.TF32_TF32_F32 if one_pass else lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
+    precision = (
+      lax.Precision.HIGHEST
+      if interpret_mode()
+      else (lax.DotAlgorithmPreset.TF32_TF32_F32 if one_pass else lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
+    )
   return lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32)
 
 

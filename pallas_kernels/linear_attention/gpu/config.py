@@ -2,6 +2,7 @@
 
 Why each default is what it is (the H200 measurements that chose it): docs/tuning.md.
 """
+
 import dataclasses
 from typing import Sequence
 
@@ -45,6 +46,7 @@ class GpuKernelConfig:
     combine_tile: state tile of the segment combine (elementwise: small tiles, many programs).
     num_stages: software-pipelining stages of every kernel.
   """
+
   chunk_size: int
   num_warps: int
   key_tile: int
@@ -75,8 +77,15 @@ class GpuKernelConfig:
           raise TypeError(f"GpuKernelConfig.{field.name}={value!r}; valid: True or False.")
       elif not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"GpuKernelConfig.{field.name}={value!r}; valid: an int.")
-    for name in ("chunk_size", "key_tile", "value_tile", "fused_value_tile", "scan_tile", "segment_scan_tile",
-                 "combine_tile"):
+    for name in (
+      "chunk_size",
+      "key_tile",
+      "value_tile",
+      "fused_value_tile",
+      "scan_tile",
+      "segment_scan_tile",
+      "combine_tile",
+    ):
       value = getattr(self, name)
       if value < MIN_BLOCK or value & (value - 1):
         raise ValueError(f"GpuKernelConfig.{name}={value}; valid: a power of two >= {MIN_BLOCK}.")
@@ -115,14 +124,15 @@ def default_config(mode: str, shape: Sequence[int], dtype) -> GpuKernelConfig:
   vector = mode == "vector"
   wide = jnp.dtype(dtype).itemsize >= 4
   return GpuKernelConfig(
-      chunk_size=effective_chunk(32 if vector else 64, shape[1]),
-      num_warps=2 if vector else 4,
-      key_tile=64 if vector or wide else 128,
-      key_warps=4,
-      value_tile=64 if wide else 128,
-      split_sub_chunks=vector,
-      fused_forward=not vector,
-      one_pass_tf32=not wide)
+    chunk_size=effective_chunk(32 if vector else 64, shape[1]),
+    num_warps=2 if vector else 4,
+    key_tile=64 if vector or wide else 128,
+    key_warps=4,
+    value_tile=64 if wide else 128,
+    split_sub_chunks=vector,
+    fused_forward=not vector,
+    one_pass_tf32=not wide,
+  )
 
 
 def parse_overrides(assignments: Sequence[str]) -> dict:

@@ -1,5 +1,6 @@
 """The forward: the output kernel o = q̄·h + A·v (chunk-parallel, matmuls only) after a state scan that stores every
 chunk's state, or one fused kernel walking the chunks with the state in registers (fla's fused_chunk form)."""
+
 import functools
 
 import jax
@@ -7,10 +8,25 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.linear_attention.gpu.blocks import (ChunkFactors, compiler_params, from_row, interpret_mode, matmul,
-                                                        matmul_nt, matmul_tn, split_refs, starting_state)
-from pallas_kernels.linear_attention.gpu.planning import (prepare, present, segment_count, state_dtype, state_tiles,
-                                                          value_major)
+from pallas_kernels.linear_attention.gpu.blocks import (
+  ChunkFactors,
+  compiler_params,
+  from_row,
+  interpret_mode,
+  matmul,
+  matmul_nt,
+  matmul_tn,
+  split_refs,
+  starting_state,
+)
+from pallas_kernels.linear_attention.gpu.planning import (
+  prepare,
+  present,
+  segment_count,
+  state_dtype,
+  state_tiles,
+  value_major,
+)
 from pallas_kernels.linear_attention.gpu.scans import segment_start_states, state_scan
 from pallas_kernels.linear_attention.gpu.scores import chunk_scores, intra_scores
 
@@ -19,8 +35,9 @@ def _output_kernel(*refs, plan):
   """o = q̄·h + A·v for one chunk and Dv tile."""
   (q_ref, k_ref, v_ref), g_ref, resets_ref, (h_ref, *scores_ref, o_ref) = split_refs(refs, plan, 3)
   sub = ChunkFactors(plan, g_ref, resets_ref, plan.chunk)
-  o_ref[...] = _chunk_output(plan, sub, q_ref[...], k_ref[...], v_ref[...], h_ref[...],
-                             *[ref[...] for ref in scores_ref]).astype(o_ref.dtype)
+  o_ref[...] = _chunk_output(
+    plan, sub, q_ref[...], k_ref[...], v_ref[...], h_ref[...], *[ref[...] for ref in scores_ref]
+  ).astype(o_ref.dtype)
 
 
 def _chunk_output(plan, sub, q, k, v, state, scores=None):
@@ -84,17 +101,35 @@ def value_tiled_call(kernel, name, layout, q, k, value_like, g, resets, states, 
     in_specs.append(layout.chunk_state_spec(tile_v, layout.dim_k, tile_rows=True, next_chunk=True))
     operands.append(leaving)
     out_specs.append(layout.chunk_row_spec(layout.dim_k))
-    out_shape.append(jax.ShapeDtypeStruct((layout.batch, layout.num_chunks, layout.heads, tiles, layout.dim_k),
-                                          jnp.float32))
+    out_shape.append(
+      jax.ShapeDtypeStruct((layout.batch, layout.num_chunks, layout.heads, tiles, layout.dim_k), jnp.float32)
+    )
   return pl.pallas_call(
-      kernel, grid=layout.chunk_grid(tiles), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      compiler_params=compiler_params(plan, plan.config.num_warps), interpret=interpret_mode(), name=name,
+    kernel,
+    grid=layout.chunk_grid(tiles),
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    compiler_params=compiler_params(plan, plan.config.num_warps),
+    interpret=interpret_mode(),
+    name=name,
   )(*operands)
 
 
 def _output(layout, q, k, v, g, resets, states, scores, out_dtype):
-  (out,) = value_tiled_call(functools.partial(_output_kernel, plan=layout.plan), "linear_attention_output",
-                            layout, q, k, v, g, resets, states, scores, out_dtype)
+  (out,) = value_tiled_call(
+    functools.partial(_output_kernel, plan=layout.plan),
+    "linear_attention_output",
+    layout,
+    q,
+    k,
+    v,
+    g,
+    resets,
+    states,
+    scores,
+    out_dtype,
+  )
   return out
 
 
@@ -113,8 +148,9 @@ def _fused_forward(layout, q, k, v, g, resets, init, scores, out_dtype):
   def time_spec(width, tiled=False):
     return pl.BlockSpec((None, rows, None, width), lambda t, s, bh: (bh // heads, s, bh % heads, t if tiled else 0))
 
-  state_spec = pl.BlockSpec((None, None, None, tile_v, layout.dim_k),
-                            lambda t, s, bh: (bh // heads, s, bh % heads, t, 0))
+  state_spec = pl.BlockSpec(
+    (None, None, None, tile_v, layout.dim_k), lambda t, s, bh: (bh // heads, s, bh % heads, t, 0)
+  )
   in_specs = [time_spec(layout.dim_k), time_spec(layout.dim_k), time_spec(tile_v, True)]
   if plan.mode == "scalar":
     in_specs.append(pl.BlockSpec((rows, None), lambda t, s, bh: (s, bh % heads)))
@@ -130,14 +166,23 @@ def _fused_forward(layout, q, k, v, g, resets, init, scores, out_dtype):
   # Only the last segment's program stores the state leaving it: the final state [B,H,Dv,Dk].
   last_spec = pl.BlockSpec((None, None, tile_v, layout.dim_k), lambda t, s, bh: (bh // heads, bh % heads, t, 0))
   return pl.pallas_call(
-      functools.partial(_fused_forward_kernel, plan=plan, num_chunks=layout.num_chunks // segments,
-                        has_init=starts is not None, segments=segments),
-      grid=(tiles, segments, layout.batch * heads), in_specs=in_specs,
-      out_specs=[time_spec(tile_v, True), last_spec],
-      out_shape=[jax.ShapeDtypeStruct((layout.batch, layout.time, heads, layout.dim_v), out_dtype),
-                 jax.ShapeDtypeStruct((layout.batch, heads, layout.dim_v, layout.dim_k), jnp.float32)],
-      compiler_params=compiler_params(plan, plan.config.num_warps), interpret=interpret_mode(),
-      name="linear_attention_fused_forward",
+    functools.partial(
+      _fused_forward_kernel,
+      plan=plan,
+      num_chunks=layout.num_chunks // segments,
+      has_init=starts is not None,
+      segments=segments,
+    ),
+    grid=(tiles, segments, layout.batch * heads),
+    in_specs=in_specs,
+    out_specs=[time_spec(tile_v, True), last_spec],
+    out_shape=[
+      jax.ShapeDtypeStruct((layout.batch, layout.time, heads, layout.dim_v), out_dtype),
+      jax.ShapeDtypeStruct((layout.batch, heads, layout.dim_v, layout.dim_k), jnp.float32),
+    ],
+    compiler_params=compiler_params(plan, plan.config.num_warps),
+    interpret=interpret_mode(),
+    name="linear_attention_fused_forward",
   )(*operands)
 
 

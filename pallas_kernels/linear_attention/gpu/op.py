@@ -1,4 +1,5 @@
 """The "pallas_gpu" op: input checks, the plan of one call and the custom_vjp tying the forward to the backward."""
+
 import dataclasses
 import functools
 
@@ -21,7 +22,7 @@ def fits_shared_memory(dtype, dim_k, dim_v) -> bool:
 
 
 def decay_mode(log_decay) -> str:
-  """"none", "scalar" (log_decay [H]) or "vector" (log_decay [B,T,H,Dk])."""
+  """ "none", "scalar" (log_decay [H]) or "vector" (log_decay [B,T,H,Dk])."""
   return "none" if log_decay is None else ("scalar" if log_decay.ndim == 1 else "vector")
 
 
@@ -38,7 +39,8 @@ def _linear_attention_fwd(q, k, v, log_decay, initial_state, segment_ids, plan):
   # its per-chunk states: O((T/C)·Dk·Dv) more memory than fla keeps, one state scan less than it runs.
   # log_decay's value is not needed: a zero-size marker of its dtype says that its gradient is wanted.
   q, k, v, log_decay, initial_state, segment_ids = (
-      None if x is None else x.value for x in (q, k, v, log_decay, initial_state, segment_ids))
+    None if x is None else x.value for x in (q, k, v, log_decay, initial_state, segment_ids)
+  )
   (out, final_state), saved = forward(plan, q, k, v, log_decay, initial_state, segment_ids)
   marker = jnp.zeros((0,), log_decay.dtype) if wants_decay_grad else None
   return (out, final_state), (q, k, v, initial_state, segment_ids, final_state, saved, marker)
@@ -47,8 +49,9 @@ def _linear_attention_fwd(q, k, v, log_decay, initial_state, segment_ids, plan):
 _linear_attention.defvjp(_linear_attention_fwd, backward, symbolic_zeros=True)
 
 
-def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_size=None,
-                         config: GpuKernelConfig | None = None):
+def linear_attention_gpu(
+  q, k, v, log_decay, initial_state, segment_ids, chunk_size=None, config: GpuKernelConfig | None = None
+):
   """The "pallas_gpu" backend of `linear_attention` (api.py), with the same arguments.
 
   Args:
@@ -70,9 +73,11 @@ def linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
     if dim < 16 or dim & (dim - 1):
       raise ValueError(f"pallas_gpu: {name}={dim}; valid: a power of two >= 16 (Triton block rule).")
   if not fits_shared_memory(q.dtype, dim_k, dim_v):
-    raise ValueError(f"pallas_gpu: {jnp.dtype(q.dtype).name} inputs with dim_k={dim_k}, dim_v={dim_v} need more "
-                     f"shared memory than an H100/H200 block has (227 KB); valid: dims <= {MAX_WIDE_DIM} for "
-                     "32-bit inputs, or bfloat16/float16 inputs (backend='xla' takes any).")
+    raise ValueError(
+      f"pallas_gpu: {jnp.dtype(q.dtype).name} inputs with dim_k={dim_k}, dim_v={dim_v} need more "
+      f"shared memory than an H100/H200 block has (227 KB); valid: dims <= {MAX_WIDE_DIM} for "
+      "32-bit inputs, or bfloat16/float16 inputs (backend='xla' takes any)."
+    )
   if config is not None and not isinstance(config, GpuKernelConfig):
     raise TypeError(f"pallas_gpu: config is a {type(config).__name__}; valid: None or a GpuKernelConfig.")
   mode = decay_mode(log_decay)

@@ -1,6 +1,7 @@
 """Planning and layouts: what one call runs (decay mode, documents, chunk, tuning), its grids and BlockSpecs,
 the choice of state tiles and time segments, and the inputs padded to whole chunks with their chunk-local
 cumulative log-decays and document-reset counts."""
+
 import copy
 import dataclasses
 import functools
@@ -17,6 +18,7 @@ from pallas_kernels.linear_attention.gpu.config import SUB_CHUNK, GpuKernelConfi
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """The static part of one call (hashable: a nondiff argument of the custom_vjp)."""
+
   mode: str  # "none", "scalar" or "vector" (config.DECAY_MODES)
   has_segments: bool  # segment_ids given: states reset at document starts
   chunk: int  # the chunk this sequence runs with (config.effective_chunk)
@@ -56,13 +58,16 @@ class Layout:
 
   def chunk_spec(self, width, tiled=False):
     heads, parts = self.heads, self.parts
-    return pl.BlockSpec((None, self.plan.chunk, None, width),
-                        lambda t, n, bh: (bh // heads, n // parts, bh % heads, t if tiled else 0))
+    return pl.BlockSpec(
+      (None, self.plan.chunk, None, width), lambda t, n, bh: (bh // heads, n // parts, bh % heads, t if tiled else 0)
+    )
 
   def result_spec(self, width, tiled=False):
     heads = self.heads
-    return pl.BlockSpec((None, self.plan.chunk // self.parts, None, width),
-                        lambda t, n, bh: (bh // heads, n, bh % heads, t if tiled else 0))
+    return pl.BlockSpec(
+      (None, self.plan.chunk // self.parts, None, width),
+      lambda t, n, bh: (bh // heads, n, bh % heads, t if tiled else 0),
+    )
 
   def chunk_g_spec(self, width=None, tiled=False):
     heads, parts = self.heads, self.parts
@@ -79,9 +84,10 @@ class Layout:
     chunk reads its own, a placeholder for the final state, which the per-chunk states lack)."""
     heads, parts, last = self.heads, self.parts, self.num_chunks - 1
     chunk = (lambda n: jnp.minimum(n // parts + 1, last)) if next_chunk else (lambda n: n // parts)
-    return pl.BlockSpec((None, None, None, rows, columns),
-                        lambda t, n, bh: (bh // heads, chunk(n), bh % heads, t if tile_rows else 0,
-                                          0 if tile_rows else t))
+    return pl.BlockSpec(
+      (None, None, None, rows, columns),
+      lambda t, n, bh: (bh // heads, chunk(n), bh % heads, t if tile_rows else 0, 0 if tile_rows else t),
+    )
 
   def chunk_row_spec(self, width):
     """One [width] row per chunk and value tile: [B, N, H, tiles, width] (the decay gradient's state term)."""
@@ -96,8 +102,7 @@ class Layout:
 
   def scan_spec(self, width, tile_axis, segments):
     index = self._segment_index()
-    return pl.BlockSpec((None, self.time // segments, None, width),
-                        lambda i, ik, iv: (*index(i), (ik, iv)[tile_axis]))
+    return pl.BlockSpec((None, self.time // segments, None, width), lambda i, ik, iv: (*index(i), (ik, iv)[tile_axis]))
 
   def scan_g_spec(self, width, segments):
     if self.plan.mode == "scalar":
@@ -133,8 +138,11 @@ def segment_count(plan, num_chunks, programs, target):
   stay under `target` and each segment keeps plan.config.min_segment_chunks chunks (equal segments: a power of two
   dividing num_chunks). target 0: one segment."""
   segments = 1
-  while (programs * segments < target and num_chunks % (2 * segments) == 0
-         and num_chunks // (2 * segments) >= plan.config.min_segment_chunks):
+  while (
+    programs * segments < target
+    and num_chunks % (2 * segments) == 0
+    and num_chunks // (2 * segments) >= plan.config.min_segment_chunks
+  ):
     segments *= 2
   return segments
 
@@ -181,11 +189,14 @@ def chunk_sums(layout, x, reverse=False, offsets=None):
     in_specs.append(pl.BlockSpec((None, None, None, width), lambda t, n, bh: (bh // heads, n, bh % heads, 0)))
     operands.append(offsets)
   return pl.pallas_call(
-      functools.partial(_chunk_sums_kernel, reverse=reverse),
-      grid=layout.chunk_grid(1), in_specs=in_specs, out_specs=layout.result_spec(width),
-      out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
-      compiler_params=compiler_params(layout.plan, layout.plan.config.scan_warps), interpret=interpret_mode(),
-      name="linear_attention_chunk_sums",
+    functools.partial(_chunk_sums_kernel, reverse=reverse),
+    grid=layout.chunk_grid(1),
+    in_specs=in_specs,
+    out_specs=layout.result_spec(width),
+    out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
+    compiler_params=compiler_params(layout.plan, layout.plan.config.scan_warps),
+    interpret=interpret_mode(),
+    name="linear_attention_chunk_sums",
   )(*operands)
 
 

@@ -1,6 +1,7 @@
 """State scans: the sequential walk over chunks that writes the state entering each chunk (forward) or the state
 gradient leaving it (reverse), and the two-level form for latency-bound shapes: each time segment's state from
 zero in parallel, a small kernel combining the segments in order, then every segment from its true start."""
+
 import functools
 
 import jax
@@ -8,8 +9,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.linear_attention.gpu.blocks import (ChunkFactors, compiler_params, from_row, interpret_mode,
-                                                        matmul_tn, split_refs, starting_state)
+from pallas_kernels.linear_attention.gpu.blocks import (
+  ChunkFactors,
+  compiler_params,
+  from_row,
+  interpret_mode,
+  matmul_tn,
+  split_refs,
+  starting_state,
+)
 from pallas_kernels.linear_attention.gpu.planning import present, segment_count, state_tiles
 
 # Unrolled 128-wide state tiles exceed the H100/H200's 227 KB of shared memory per block.
@@ -37,6 +45,7 @@ def _state_scan_kernel(*refs, plan, num_chunks, reverse, per_chunk, unroll, has_
   def steps(unroll):
     """A loop body over `unroll` consecutive chunks: all their loads and matmuls first, then the short chain of
     state updates (the scan is latency-bound: one chunk per iteration leaves the loads' latency exposed)."""
+
     def body(step, state):
       chunks = [num_chunks - 1 - (step * unroll + u) if reverse else step * unroll + u for u in range(unroll)]
       updates = [chunk_update(n) for n in chunks]
@@ -45,6 +54,7 @@ def _state_scan_kernel(*refs, plan, num_chunks, reverse, per_chunk, unroll, has_
           states_ref[0][n] = state.astype(states_ref[0].dtype)
         state = ChunkFactors.scale(state, decay) + update
       return state
+
     return body
 
   # 32-bit operands stay rolled: twice the shared memory, and slower.
@@ -74,17 +84,30 @@ def _state_scan_call(layout, a, b, g, resets, init, state_dtype, reverse, segmen
   out_specs, out_shape = [segment_state], [jax.ShapeDtypeStruct(per_segment, jnp.float32)]
   if per_chunk:
     out_specs.insert(0, layout.scan_state_spec(tile_k, tile_v, segments, per_chunk=True))
-    out_shape.insert(0, jax.ShapeDtypeStruct(
-        (layout.batch, layout.num_chunks, layout.heads, layout.dim_v, layout.dim_k), state_dtype))
+    out_shape.insert(
+      0, jax.ShapeDtypeStruct((layout.batch, layout.num_chunks, layout.heads, layout.dim_v, layout.dim_k), state_dtype)
+    )
   programs = grid[0] * grid[1] * grid[2]
   latency_bound = programs < plan.config.latency_bound_programs and tile_k * tile_v <= _MAX_UNROLLED_TILE
   unroll = plan.config.scan_unroll if latency_bound else 1
-  kernel = functools.partial(_state_scan_kernel, plan=plan, num_chunks=layout.num_chunks // segments,
-                             reverse=reverse, per_chunk=per_chunk, unroll=unroll, has_init=init is not None)
+  kernel = functools.partial(
+    _state_scan_kernel,
+    plan=plan,
+    num_chunks=layout.num_chunks // segments,
+    reverse=reverse,
+    per_chunk=per_chunk,
+    unroll=unroll,
+    has_init=init is not None,
+  )
   return pl.pallas_call(
-      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      compiler_params=compiler_params(plan, plan.config.scan_warps), interpret=interpret_mode(),
-      name="linear_attention_state_scan" + ("_reverse" if reverse else "") + ("" if per_chunk else "_segments"),
+    kernel,
+    grid=grid,
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    compiler_params=compiler_params(plan, plan.config.scan_warps),
+    interpret=interpret_mode(),
+    name="linear_attention_state_scan" + ("_reverse" if reverse else "") + ("" if per_chunk else "_segments"),
   )(a, b, *layout.extras(g, resets), *present(init))
 
 
@@ -109,13 +132,13 @@ def _segment_decays(layout, g, resets, segments):
   per_segment = layout.num_chunks // segments
   decay = jnp.ones((1, segments, 1, 1), jnp.float32)
   if plan.mode == "scalar":  # g [T, H]
-    ends = g[chunk - 1::chunk].reshape(segments, per_segment, layout.heads)
+    ends = g[chunk - 1 :: chunk].reshape(segments, per_segment, layout.heads)
     decay = jnp.exp(ends.sum(axis=1))[None, :, :, None]
   elif plan.mode == "vector":  # g [B, T, H, Dk]
-    ends = g[:, chunk - 1::chunk].reshape(layout.batch, segments, per_segment, layout.heads, layout.dim_k)
+    ends = g[:, chunk - 1 :: chunk].reshape(layout.batch, segments, per_segment, layout.heads, layout.dim_k)
     decay = jnp.exp(ends.sum(axis=2))
   if resets is not None:
-    carried = (resets[:, chunk - 1::chunk] == 0).reshape(layout.batch, segments, per_segment).all(axis=-1)
+    carried = (resets[:, chunk - 1 :: chunk] == 0).reshape(layout.batch, segments, per_segment).all(axis=-1)
     decay = decay * carried[:, :, None, None]
   return decay
 
@@ -144,20 +167,26 @@ def segment_start_states(layout, a, b, g, resets, init, reverse, segments, tiles
   decay = jnp.broadcast_to(_segment_decays(layout, g, resets, segments), (batch, segments, heads, dim_k))
   tile = layout.plan.config.combine_tile
   tile_k, tile_v = min(tile, dim_k), min(tile, dim_v)
-  segment_tiles = pl.BlockSpec((None, segments, None, tile_v, tile_k),
-                               lambda bh, ik, iv: (bh // heads, 0, bh % heads, iv, ik))
+  segment_tiles = pl.BlockSpec(
+    (None, segments, None, tile_v, tile_k), lambda bh, ik, iv: (bh // heads, 0, bh % heads, iv, ik)
+  )
   state_tile = pl.BlockSpec((None, None, tile_v, tile_k), lambda bh, ik, iv: (bh // heads, bh % heads, iv, ik))
   starts, last = pl.pallas_call(
-      functools.partial(_combine_kernel, segments=segments, reverse=reverse),
-      grid=(batch * heads, dim_k // tile_k, dim_v // tile_v),
-      in_specs=[segment_tiles,
-                pl.BlockSpec((None, segments, None, tile_k), lambda bh, ik, iv: (bh // heads, 0, bh % heads, ik)),
-                *[state_tile] * (init is not None)],
-      out_specs=[segment_tiles, state_tile],
-      out_shape=[jax.ShapeDtypeStruct(local.shape, jnp.float32),
-                 jax.ShapeDtypeStruct((batch, heads, dim_v, dim_k), jnp.float32)],
-      compiler_params=compiler_params(layout.plan, layout.plan.config.scan_warps), interpret=interpret_mode(),
-      name="linear_attention_segment_combine",
+    functools.partial(_combine_kernel, segments=segments, reverse=reverse),
+    grid=(batch * heads, dim_k // tile_k, dim_v // tile_v),
+    in_specs=[
+      segment_tiles,
+      pl.BlockSpec((None, segments, None, tile_k), lambda bh, ik, iv: (bh // heads, 0, bh % heads, ik)),
+      *[state_tile] * (init is not None),
+    ],
+    out_specs=[segment_tiles, state_tile],
+    out_shape=[
+      jax.ShapeDtypeStruct(local.shape, jnp.float32),
+      jax.ShapeDtypeStruct((batch, heads, dim_v, dim_k), jnp.float32),
+    ],
+    compiler_params=compiler_params(layout.plan, layout.plan.config.scan_warps),
+    interpret=interpret_mode(),
+    name="linear_attention_segment_combine",
   )(local, decay, *present(init))
   return starts, last
 
@@ -167,8 +196,9 @@ def state_scan(layout, a, b, g, resets, init, state_dtype, reverse):
   Latency-bound shapes (few programs, many chunks) run it as a two-level scan over segments."""
   segments, *tiles = _scan_plan(layout)
   if segments == 1:
-    states, last = _state_scan_call(layout, a, b, g, resets, None if init is None else init[:, None], state_dtype,
-                                    reverse, 1, tiles, True)
+    states, last = _state_scan_call(
+      layout, a, b, g, resets, None if init is None else init[:, None], state_dtype, reverse, 1, tiles, True
+    )
     return states, last[:, 0]
   starts, last = segment_start_states(layout, a, b, g, resets, init, reverse, segments, tiles)
   states, _ = _state_scan_call(layout, a, b, g, resets, starts, state_dtype, reverse, segments, tiles, True)

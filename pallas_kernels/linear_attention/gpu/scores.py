@@ -2,6 +2,7 @@
 Chunks split into 16-token sub-chunks with no state carried through them: a sub-chunk's queries read the chunk's
 earlier keys through one matmul whose factors are referenced to the row at the sub-chunk's edge (both <= 1), and
 the diagonal 16x16 blocks are exact for any gate strength (as fla's chunk_gla)."""
+
 import functools
 
 import jax
@@ -9,9 +10,17 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.linear_attention.gpu.blocks import (compiler_params, earlier_rows, for_each_sub_chunk,
-                                                        interpret_mode, intra_mask, load_row, matmul, matmul_nt,
-                                                        split_refs)
+from pallas_kernels.linear_attention.gpu.blocks import (
+  compiler_params,
+  earlier_rows,
+  for_each_sub_chunk,
+  interpret_mode,
+  intra_mask,
+  load_row,
+  matmul,
+  matmul_nt,
+  split_refs,
+)
 
 
 def nested_levels(g):
@@ -120,11 +129,14 @@ def intra_scores(layout, q, k, g, resets):
   if resets is not None:
     in_specs.append(layout.chunk_resets_spec())
   return pl.pallas_call(
-      functools.partial(_intra_scores_kernel, plan=plan),
-      grid=layout.chunk_grid(1), in_specs=in_specs, out_specs=layout.result_spec(plan.chunk),
-      out_shape=jax.ShapeDtypeStruct((layout.batch, layout.time, layout.heads, plan.chunk), q.dtype),
-      compiler_params=compiler_params(plan, plan.config.scores_warps), interpret=interpret_mode(),
-      name="linear_attention_intra_scores",
+    functools.partial(_intra_scores_kernel, plan=plan),
+    grid=layout.chunk_grid(1),
+    in_specs=in_specs,
+    out_specs=layout.result_spec(plan.chunk),
+    out_shape=jax.ShapeDtypeStruct((layout.batch, layout.time, layout.heads, plan.chunk), q.dtype),
+    compiler_params=compiler_params(plan, plan.config.scores_warps),
+    interpret=interpret_mode(),
+    name="linear_attention_intra_scores",
   )(q, k, *layout.extras(g, resets))
 
 
