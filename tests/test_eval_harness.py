@@ -380,3 +380,16 @@ def test_the_model_is_declared_for_lm_evals_plugin_discovery():
   name, value = (part.strip() for part in line.split("="))
   assert name == "lsm_jax"
   assert metadata.EntryPoint(name=name, value=value, group="lm_eval.models").load() is harness.LsmJaxLM
+
+
+def test_importing_the_adapter_keeps_lm_evals_own_models():
+  # A fresh interpreter: lm-eval registers its models only while its registry is empty.
+  import subprocess
+
+  code = (
+    "import lsm_jax.evaluate.harness\n"
+    "from lm_eval.api.registry import get_model\n"
+    "print(get_model('hf').__name__, get_model('lsm_jax').__name__)\n"
+  )
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert result.stdout.split() == ["HFLM", "LsmJaxLM"]

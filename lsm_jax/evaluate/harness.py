@@ -14,6 +14,9 @@ paper does; requests are batched with padded, bucketed shapes by `InferenceEngin
 
 from __future__ import annotations
 
+# lm-eval fills its registry with its own models (hf, vllm, ...) only while the registry is empty, so they are
+# registered (lazily, by name) before lsm_jax is added; otherwise importing this module would hide them.
+import lm_eval.models  # noqa: F401
 from lm_eval import utils as lm_eval_utils
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
