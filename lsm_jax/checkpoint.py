@@ -331,7 +331,14 @@ def _incomplete_reason(step_dir: epath.Path, items: Iterable[str]) -> str | None
 
 
 class CorruptCheckpointError(errors.LsmJaxError, ValueError):
-  """A checkpoint's files differ from its manifest (bit rot, a truncated copy, a damaged disk)."""
+  """A checkpoint's files differ from its manifest (bit rot, a truncated copy, a damaged disk).
+
+  `step_dir`: the damaged checkpoint's directory (MODEL_DIR/checkpoints/<resume|milestones>/<step>).
+  """
+
+  def __init__(self, message: str, step_dir: str | os.PathLike):
+    super().__init__(message)
+    self.step_dir = epath.Path(step_dir)
 
 
 class UnrestorableCheckpointsError(errors.UserError, RuntimeError):
@@ -387,18 +394,19 @@ def verify_manifest(step_dir: str | os.PathLike) -> bool:
     expected_files = manifest["files"]
   except (ValueError, KeyError, TypeError) as error:
     raise CorruptCheckpointError(
-      f"checkpoint {step_dir}: its manifest {MANIFEST_FILE} is unreadable ({type(error).__name__}: {error})"
+      f"checkpoint {step_dir}: its manifest {MANIFEST_FILE} is unreadable ({type(error).__name__}: {error})", step_dir
     ) from error
   for name, expected in sorted(expected_files.items()):
     path = step_dir / name
     if not path.exists():
-      raise CorruptCheckpointError(f"checkpoint {step_dir}: file {name} of its manifest is missing")
+      raise CorruptCheckpointError(f"checkpoint {step_dir}: file {name} of its manifest is missing", step_dir)
     size, crc = _size_and_crc32(path)
     if (size, crc) != (expected["size"], expected["crc32"]):
       raise CorruptCheckpointError(
         f"checkpoint {step_dir}: file {name} fails its checksum (size {size}, CRC-32 "
         f"{crc:08x}; the manifest says size {expected['size']}, CRC-32 "
-        f"{expected['crc32']:08x})"
+        f"{expected['crc32']:08x})",
+        step_dir,
       )
   return True
 
@@ -450,7 +458,9 @@ def quarantine_resume_checkpoint(model_dir: str | os.PathLike, step: int, reason
 # --- resuming the same run --------------------------------------------------------------------------------------
 
 # What a run is: changing any of these mid-run changes what its checkpoints and curves mean.
-RUN_DEFINING_KEYS = ("tokenizer", "seq_len", "global_batch_size", "seed", "data_dir")
+RUN_DEFINING_KEYS = ("tokenizer", "seq_len", "global_batch_size", "seed", "data_dir", "init_from")
+# How the run started, written once when it starts and kept when it resumes (a resume never re-reads its source).
+RUN_ORIGIN_KEYS = ("init_from_milestone",)
 # ModelConfig fields that choose how the same model is computed (kernels, remat, compute dtype), free to change.
 EXECUTION_MODEL_FIELDS = ("dtype", "linear_attention_backend", "chunk_size", "remat_policy", "attention_impl")
 
@@ -476,7 +486,8 @@ def check_resumed_run(
   the newest checkpoint's step is a UserError; a difference in the model's definition (ModelConfig except
   EXECUTION_MODEL_FIELDS) or in RUN_DEFINING_KEYS is a ConfigChangeError listing every difference, unless
   `allow_config_change`, which records the differences. Returns the entries to merge into the new run
-  metadata: `config_changes`, the list of recorded changes (each {"step", "changes": {key: [old, new]}}).
+  metadata: `config_changes`, the list of recorded changes (each {"step", "changes": {key: [old, new]}}), and the
+  saved RUN_ORIGIN_KEYS.
   """
   steps = resume_checkpoint_steps(model_dir)
   metadata_path = _as_path(model_dir) / RUN_METADATA_FILE
@@ -506,7 +517,8 @@ def check_resumed_run(
       stacklevel=2,
     )
     history.append({"step": reached, "changes": {key: [old, new] for key, (old, new) in differences.items()}})
-  return {"config_changes": history} if history else {}
+  carried = {key: saved[key] for key in RUN_ORIGIN_KEYS if key in saved}
+  return {**carried, "config_changes": history} if history else carried
 
 
 # --- one trainer per run directory -----------------------------------------------------------------------------
@@ -1005,6 +1017,88 @@ def list_milestones(run_dir: str) -> list[int]:
   return complete
 
 
+def resolve_milestone(path: str, step: int | None = None, *, path_name: str, step_name: str) -> tuple[str, int]:
+  """(run directory, milestone step) of `path`: a run directory (milestone `step`, default its last complete one)
+  or one milestone directory RUN_DIR/checkpoints/milestones/<step>. `path_name` and `step_name` name the two
+  settings in the errors (e.g. "--checkpoint" and "--step")."""
+  if step is not None and (isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0):
+    raise ValueError(f"{step_name} must be None (the last milestone) or a milestone step >= 0, got {step!r}")
+  directory = _as_path(path)
+  if directory.name.isdigit() and directory.parent.name == "milestones":
+    named_step = int(directory.name)
+    if step is not None and step != named_step:
+      raise ValueError(f"{step_name}={step} contradicts the milestone directory {path_name}={directory}")
+    return str(directory.parent.parent.parent), named_step
+  if not (directory / "checkpoints" / "milestones").is_dir():
+    raise ValueError(
+      f"{path_name}={directory} must be a run directory (with checkpoints/milestones/) or a milestone directory "
+      f"MODEL_DIR/checkpoints/milestones/<step>"
+    )
+  steps = list_milestones(str(directory))
+  if not steps:
+    raise ValueError(f"{path_name}={directory} has no complete milestone checkpoint")
+  if step is not None and step not in steps:
+    raise ValueError(f"{step_name}={step} is not a complete milestone of {directory}; its milestones: {steps}")
+  return str(directory), steps[-1] if step is None else int(step)
+
+
+def milestone_metadata(run_dir: str, step: int) -> dict:
+  """The metadata item of milestone `step` (model_config, param_layout, tokens_seen, ...), without reading the
+  parameters or checking their files (load_milestone does)."""
+  step_dir = _milestone_step_dir(run_dir, step)
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
+    return reader.restore(step_dir / _METADATA_ITEM)
+
+
+def nearest_intact_milestones(run_dir: str, step: int) -> list[int]:
+  """The closest complete milestone before `step` and the closest after it whose files match their manifests
+  (a milestone without a manifest counts: it loads with a warning). Checks outwards from `step`, so a run with
+  one damaged milestone reads two others, not all of them."""
+  steps = [other for other in list_milestones(run_dir) if other != step]
+  directory = _milestones_dir(run_dir)
+
+  def first_intact(candidates):
+    for candidate in candidates:
+      try:
+        verify_manifest(directory / str(candidate))
+      except CorruptCheckpointError:
+        continue
+      return [candidate]
+    return []
+
+  earlier = [other for other in steps if other < step]
+  later = [other for other in steps if other > step]
+  return first_intact(reversed(earlier)) + first_intact(later)
+
+
+def intact_alternatives(error: CorruptCheckpointError) -> str:
+  """For a damaged milestone: which milestones of its run to use instead, e.g. 'intact milestones nearest to step
+  8: 1 and 10 (the run's milestones: 0, 1, 8, 10)'."""
+  step_dir = error.step_dir
+  if step_dir.parent.name != "milestones" or not step_dir.name.isdigit():
+    return f"{step_dir} is not a milestone directory"
+  run_dir, step = str(step_dir.parent.parent.parent), int(step_dir.name)
+  nearest = nearest_intact_milestones(run_dir, step)
+  every = ", ".join(map(str, list_milestones(run_dir)))
+  if not nearest:
+    return f"no other milestone of {run_dir} is intact (its milestones: {every})"
+  nearest_text = " and ".join(map(str, nearest))
+  return f"intact milestones nearest to step {step}: {nearest_text} (the run's milestones: {every})"
+
+
+def _milestone_step_dir(run_dir: str, step: int) -> epath.Path:
+  """The directory of complete milestone `step`; ValueError naming the available steps otherwise."""
+  directory = _milestones_dir(run_dir)
+  steps = _step_numbers(directory)
+  if step not in steps:
+    raise ValueError(f"no milestone at step {step} in {directory}; available steps: {steps}")
+  step_dir = directory / str(step)
+  problem = _incomplete_reason(step_dir, (_PARAMS_ITEM, _METADATA_ITEM))
+  if problem:
+    raise ValueError(f"milestone checkpoint {step_dir} is incomplete: {problem}")
+  return step_dir
+
+
 def load_milestone(run_dir: str, step: int, *, dtype: str | None = None, sharding: Any = None) -> tuple[dict, dict]:
   """Params (pure nested dict) and metadata of milestone `step`; no model code needed.
 
@@ -1017,14 +1111,7 @@ def load_milestone(run_dir: str, step: int, *, dtype: str | None = None, shardin
   """
   if dtype is not None and dtype not in MILESTONE_DTYPES:
     raise ValueError(f"dtype must be None or one of {MILESTONE_DTYPES}, got {dtype!r}")
-  directory = _milestones_dir(run_dir)
-  steps = _step_numbers(directory)
-  if step not in steps:
-    raise ValueError(f"no milestone at step {step} in {directory}; available steps: {steps}")
-  step_dir = directory / str(step)
-  problem = _incomplete_reason(step_dir, (_PARAMS_ITEM, _METADATA_ITEM))
-  if problem:
-    raise ValueError(f"milestone checkpoint {step_dir} is incomplete: {problem}")
+  step_dir = _milestone_step_dir(run_dir, step)
   if not verify_manifest(step_dir):
     warnings.warn(
       f"milestone checkpoint {step_dir} has no {MANIFEST_FILE} (saved by an older lsm_jax, or the "

@@ -6,10 +6,14 @@
   75  preempted: SIGTERM (or JAX's preemption notice) arrived and a checkpoint was saved: relaunch.
 
 75 is EX_TEMPFAIL of BSD's sysexits.h ("try again later"). User errors print one line without a traceback;
-`--verbose` or LSM_JAX_VERBOSE=1 prints the traceback too.
+`--verbose` or LSM_JAX_VERBOSE=1 prints the traceback too. `python -m lsm_jax.export` and `python -m
+lsm_jax.evaluate` use 0, 1 and 2 the same way, through `exit_with`.
 """
 
 from __future__ import annotations
+
+import sys
+from typing import NoReturn
 
 EXIT_FINISHED = 0
 EXIT_FAILED = 1
@@ -35,3 +39,9 @@ class ConfigChangeError(UserError):
 
 class NonFiniteLossError(LsmJaxError, FloatingPointError):
   """The loss became NaN or infinite and rolling back to an intact checkpoint did not help."""
+
+
+def exit_with(code: int, message: str) -> NoReturn:
+  """Ends a command-line tool with `code` after one line, `error: MESSAGE`, on stderr (no traceback)."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import sys
 
 import jax
@@ -313,7 +314,7 @@ def _tensorboard_scalars(log_dir):
   return scalars
 
 
-def test_sweep_runs_a_task_written_outside_the_project_over_every_milestone(run_dir, tmp_path, monkeypatch):
+def test_sweep_runs_a_task_written_outside_the_project_over_every_milestone(run_dir, tmp_path, monkeypatch, capsys):
   from lsm_jax.evaluate import __main__ as evaluate_main
 
   task_dir = _write_toy_task(tmp_path / "tasks")
@@ -347,13 +348,16 @@ def test_sweep_runs_a_task_written_outside_the_project_over_every_milestone(run_
   # Done pairs are skipped; an unknown name is refused with where it was looked for.
   monkeypatch.setattr(engine_lib, "load_model", lambda *a, **k: pytest.fail("a finished checkpoint was reloaded"))
   assert sweep.evaluate_run(run_dir, "toy_mc", output, include_path=[task_dir], progress=False) == []
-  with pytest.raises(
-    SystemExit,
-    match=r"^error: unknown evaluation task\(s\) \['toy_mcq'\]: not a built-in sweep "
-    r"task \(val_loss, .*\) nor an lm-eval task, group or tag in lm-eval's "
-    rf"bundled tasks, lsm_jax's local tasks \(.*\), --include_path {task_dir}$",
-  ):
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_info:
     evaluate_main.main([*argv[:3], "toy_mcq", *argv[4:]])
+  assert exit_info.value.code == 2  # a user error (lsm_jax/errors.py)
+  assert re.match(
+    r"error: unknown evaluation task\(s\) \['toy_mcq'\]: not a built-in sweep "
+    r"task \(val_loss, .*\) nor an lm-eval task, group or tag in lm-eval's "
+    rf"bundled tasks, lsm_jax's local tasks \(.*\), --include_path {task_dir}\n$",
+    capsys.readouterr().err,
+  )
   with pytest.raises(ValueError, match=r"--include_path .*nowhere does not exist"):
     sweep.parse_tasks("toy_mc", [str(tmp_path / "nowhere")])
 

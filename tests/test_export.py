@@ -177,7 +177,7 @@ def test_bad_arguments_are_named(tmp_path):
     hf.export_hf(str(tmp_path), str(tmp_path / "out"))
   config, params = tiny_params("llama", scan_layers=True)
   save_milestone(tmp_path / "run", config, params)
-  with pytest.raises(ValueError, match=r"no milestone at step 3 .*available steps: \[4\]"):
+  with pytest.raises(ValueError, match=r"--step=3 is not a complete milestone of .*run; its milestones: \[4\]"):
     hf.export_hf(str(tmp_path / "run"), str(tmp_path / "out"), step=3)
   with pytest.raises(ValueError, match="dtype must be one of"):
     hf.export_hf(str(tmp_path / "run"), str(tmp_path / "out"), dtype="float16")

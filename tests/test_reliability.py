@@ -5,6 +5,7 @@ The end-to-end recovery cases (a flipped bit in a resume checkpoint, a NaN right
 trainer next to a running one) train real runs and live in tests/test_resume.py.
 """
 
+import dataclasses
 import errno
 import json
 import os
@@ -96,6 +97,7 @@ SAVED = {
   "data_dir": "embedded:bytes",
   "train_steps": 20,
   "optimizer": {"learning_rate": 3e-3},
+  "init_from": None,
   "model_config": {
     "arch": "llama",
     "num_layers": 2,
@@ -134,6 +136,7 @@ def changed(**changes):
     ("global_batch_size", 16, "global_batch_size: 8 -> 16"),
     ("seed", 1, "seed: 0 -> 1"),
     ("data_dir", "/data/other", "data_dir: 'embedded:bytes' -> '/data/other'"),
+    ("init_from", {"path": "/runs/a", "step": None}, "init_from: None -> {'path': '/runs/a', 'step': None}"),
   ],
 )
 def test_resume_refuses_a_change_of_the_run_and_lists_it(tmp_path, key, value, shown):
@@ -364,3 +367,81 @@ def test_diverging_run_stops_with_exit_code_1_and_one_message(tmp_path):
   assert match and int(match.group(4)) == int(match.group(3)) - 1, stderr[-3000:]
   assert "Traceback" not in stderr and "In call to configurable" not in stderr
   assert checkpoint.resume_checkpoint_steps(model_dir)[-1] == int(match.group(4))  # nothing non-finite was saved
+
+
+# --- damaged milestones in the export and evaluation CLIs -----------------------------------------------------
+
+
+@pytest.fixture
+def run_with_damaged_milestones(tmp_path):
+  """Milestones 0, 4, 8, 12 of a tiny LLaMA; one bit flipped in a data file of milestones 4 and 8."""
+  from flax import nnx
+  from test_checkpoint import flip_one_bit, largest_data_file
+
+  from lsm_jax.models import build_model, get_config
+
+  config = get_config(
+    "llama", "70m", num_layers=1, d_model=64, num_heads=2, head_dim=32, ffn_dim=128, vocab_size=264, dtype="float32"
+  )
+  params = nnx.state(build_model(config, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()
+  run_dir = tmp_path / "run"
+  saver = checkpoint.Checkpointer(
+    str(run_dir),
+    save_interval_steps=100,
+    max_to_keep=1,
+    milestone_steps=[0, 4, 8, 12],
+    milestone_dtype="float32",
+    async_save=False,
+    run_metadata={
+      **SAVED,
+      "model_config": dataclasses.asdict(config),
+    },
+  )
+  for step in (0, 4, 8, 12):
+    saver.save(step, {"params": params})
+  saver.close()
+  for step in (4, 8):
+    flip_one_bit(largest_data_file(str(run_dir / "checkpoints" / "milestones" / str(step)), "params"))
+  return run_dir
+
+
+def test_export_and_evaluate_clis_name_a_damaged_milestone_and_the_nearest_intact_ones(
+  run_with_damaged_milestones, tmp_path, capsys
+):
+  from lsm_jax.evaluate import __main__ as evaluate_cli
+  from lsm_jax.export import __main__ as export_cli
+
+  run_dir = run_with_damaged_milestones
+  damaged = re.escape(str(run_dir / "checkpoints" / "milestones" / "4"))
+  # The outward search passes over the damaged milestone 8 to 12.
+  alternatives = re.escape("intact milestones nearest to step 4: 0 and 12 (the run's milestones: 0, 4, 8, 12)")
+
+  def one_line_error(command, argv):
+    with pytest.raises(SystemExit) as exit_info:
+      command(argv)
+    captured = capsys.readouterr()
+    assert exit_info.value.code == errors.EXIT_USER_ERROR
+    assert len(captured.err.strip().splitlines()) == 1 and "Traceback" not in captured.err
+    return captured.err
+
+  out_dir = tmp_path / "hf"
+  for checkpoint_argument in (f"--checkpoint={run_dir}", f"--checkpoint={run_dir}/checkpoints/milestones/4"):
+    message = one_line_error(export_cli.main, [checkpoint_argument, f"--out={out_dir}", "--step=4", "--noverify"])
+    assert re.match(
+      rf"error: checkpoint {damaged}: file params/\S+ fails its checksum \(size \d+, CRC-32 [0-9a-f]{{8}}; the "
+      rf"manifest says size \d+, CRC-32 [0-9a-f]{{8}}\)\. Nothing was exported\. Export another milestone with "
+      rf"--step \({alternatives}\) or restore the damaged files from a copy$",
+      message,
+    ), message
+    assert not (out_dir / "model.safetensors").exists()
+
+  message = one_line_error(
+    evaluate_cli.main,
+    ["--run_dir", str(run_dir), "--tasks", "val_loss", "--steps", "4", "--output", str(tmp_path / "eval.jsonl")]
+    + ["--tensorboard_dir", "", "--no_progress"],
+  )
+  assert re.match(rf"error: checkpoint {damaged}: file params/\S+ fails its checksum", message), message
+  assert re.search(rf"Rerun with --steps naming intact milestones \({alternatives}\)", message), message
+  # A step that is no milestone: the same one-line form, with the valid steps.
+  message = one_line_error(export_cli.main, [f"--checkpoint={run_dir}", f"--out={out_dir}", "--step=5"])
+  assert message == f"error: --step=5 is not a complete milestone of {run_dir}; its milestones: [0, 4, 8, 12]\n"

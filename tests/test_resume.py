@@ -346,8 +346,9 @@ def test_flipped_bit_in_a_milestone_stops_evaluation_and_export_with_one_clear_e
   export = subprocess.run(
     command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu")
   )
-  assert export.returncode != 0 and "milestones/8: file params/" in export.stderr
-  assert "fails its checksum" in export.stderr
+  assert export.returncode == 2 and "Traceback" not in export.stderr
+  assert "milestones/8: file params/" in export.stderr and "fails its checksum" in export.stderr
+  assert "intact milestones nearest to step 8: 1 and 10 (the run's milestones: 0, 1, 8, 10)" in export.stderr
   assert not (tmp_path / "hf" / "model.safetensors").exists()
 
 

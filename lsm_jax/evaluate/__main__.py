@@ -7,17 +7,17 @@ rows (arch, size, step, tokens, compute_pflops_days, task, metric, value) to FIL
 local ones, and tasks in YAML files under --include_path (repeatable). Rows also go to TensorBoard (default
 RUN_DIR/tensorboard/eval). lsm_jax's local lm-eval tasks read data from $LSM_JAX_EVAL_DATA (see
 lsm_jax/evaluate/tasks/lsm_tasks.py).
-A milestone whose files fail their checksums (docs/reliability.md) stops the sweep with one error naming it.
+A milestone whose files fail their checksums (docs/reliability.md) stops the sweep with one error naming it and
+the intact milestones nearest to it. Errors print one line, `error: ...`, and exit with 2 (lsm_jax/errors.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 
-from lsm_jax import checkpoint
+from lsm_jax import checkpoint, errors
 from lsm_jax.evaluate import sweep
 
 
@@ -77,10 +77,14 @@ def main(argv: Sequence[str] | None = None) -> None:
       tensorboard_dir=args.tensorboard_dir,
     )
   except checkpoint.CorruptCheckpointError as error:
-    # The rows of the milestones before it are kept; rerun with --steps to skip it, or restore its files.
-    sys.exit(f"error: {error}. No rows were written for it or the milestones after it.")
-  except ValueError as error:  # unknown task, missing include path, bad steps: one line, no traceback
-    sys.exit(f"error: {error}")
+    # The rows of the milestones before it are kept.
+    errors.exit_with(
+      errors.EXIT_USER_ERROR,
+      f"{error}. No rows were written for it or the milestones after it. Rerun with --steps naming intact "
+      f"milestones ({checkpoint.intact_alternatives(error)}) or restore the damaged files from a copy",
+    )
+  except (ValueError, FileNotFoundError) as error:  # unknown task, missing include path, bad steps, no run
+    errors.exit_with(errors.EXIT_USER_ERROR, str(error))
   print(f"wrote {len(rows)} new rows")
 
 

@@ -10,7 +10,11 @@ MODEL_DIR/checkpoints/milestones/<step>; DIR then loads with `AutoModelForCausal
 refused with the reason: the architectures differ. The export is reloaded with transformers and its logits
 compared with lsm_jax's unless `--noverify`.
 Import: writes the LLaMA checkpoint as milestone 0 of the new run directory MODEL_DIR, which
-`python -m lsm_jax.evaluate --run_dir=MODEL_DIR` evaluates.
+`python -m lsm_jax.evaluate --run_dir=MODEL_DIR` evaluates and `trainer.train.init_from=MODEL_DIR` trains on from.
+
+Exit codes (lsm_jax/errors.py): 0 done; 2 a problem to fix first (bad arguments, a milestone whose files fail
+their checksums, a checkpoint that cannot be imported), one line `error: ...` and no traceback; 1 an export that
+transformers does not load as the same model.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lsm_jax import checkpoint, errors
 from lsm_jax.export import hf
 
 
@@ -79,10 +84,21 @@ def _import(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else argv
-  if argv and argv[0] == "import":
-    _import(argv[1:])
-  else:
-    _export(argv)
+  try:
+    if argv and argv[0] == "import":
+      _import(argv[1:])
+    else:
+      _export(argv)
+  except hf.ExportVerificationError as error:
+    errors.exit_with(errors.EXIT_FAILED, str(error))
+  except checkpoint.CorruptCheckpointError as error:
+    errors.exit_with(
+      errors.EXIT_USER_ERROR,
+      f"{error}. Nothing was exported. Export another milestone with --step "
+      f"({checkpoint.intact_alternatives(error)}) or restore the damaged files from a copy",
+    )
+  except (ValueError, FileNotFoundError) as error:  # bad arguments or an unrepresentable checkpoint
+    errors.exit_with(errors.EXIT_USER_ERROR, str(error))
 
 
 if __name__ == "__main__":

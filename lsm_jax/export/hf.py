@@ -64,26 +64,6 @@ def llama_tensor_name(name: str) -> str:
   raise ValueError(f"LLaMA parameter {name} has no LlamaForCausalLM counterpart")
 
 
-def _resolve(checkpoint_dir: str, step: int | None) -> tuple[str, int]:
-  """(run directory, milestone step) from a run directory or a milestone step directory."""
-  checkpoint_dir = os.path.abspath(checkpoint_dir)
-  parent = os.path.dirname(checkpoint_dir)
-  if os.path.basename(checkpoint_dir).isdigit() and os.path.basename(parent) == "milestones":
-    named_step = int(os.path.basename(checkpoint_dir))
-    if step is not None and step != named_step:
-      raise ValueError(f"--step={step} contradicts the milestone directory {checkpoint_dir}")
-    return os.path.dirname(os.path.dirname(parent)), named_step
-  if not os.path.isdir(os.path.join(checkpoint_dir, "checkpoints", "milestones")):
-    raise ValueError(
-      f"--checkpoint={checkpoint_dir} must be a run directory (with checkpoints/milestones/) or "
-      f"a milestone directory MODEL_DIR/checkpoints/milestones/<step>"
-    )
-  steps = checkpoint.list_milestones(checkpoint_dir)
-  if not steps:
-    raise ValueError(f"{checkpoint_dir} has no complete milestone checkpoint")
-  return checkpoint_dir, steps[-1] if step is None else step
-
-
 def _read_run_metadata(run_dir: str) -> dict:
   try:
     return checkpoint.read_run_metadata(run_dir)
@@ -215,7 +195,7 @@ def export_hf(
     raise ValueError(f"format must be one of {FORMATS}, got {export_format!r}")
   if dtype is not None and dtype not in EXPORT_DTYPES:
     raise ValueError(f"dtype must be one of {list(EXPORT_DTYPES)}, got {dtype!r}")
-  run_dir, step = _resolve(checkpoint_dir, step)
+  run_dir, step = checkpoint.resolve_milestone(checkpoint_dir, step, path_name="--checkpoint", step_name="--step")
   params, metadata = checkpoint.load_milestone(run_dir, step, dtype=dtype)
   model_config = metadata.get("model_config")
   if not model_config:
