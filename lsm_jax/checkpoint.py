@@ -687,8 +687,9 @@ class Checkpointer:
   """The two checkpoint managers of one run. Every process calls every method (Orbax saves collectively).
 
   Training loop protocol (trainer): `restore_latest(abstract_state)` once; if it returns None call
-  `save(0, state)` (milestone 0 = initialization); after each step `save(step, state, metadata=...)`, then stop
-  if `reached_preemption(step)`; after the last step `save(last, state, force=True)`; finally `close()`.
+  `save(0, state)` (milestone 0 = initialization); after each step poll `reached_preemption(step)` once, then
+  `save(step, state, metadata=...)` and stop if it was True; after the last step `save(last, state, force=True)`;
+  finally `close()`.
   """
 
   def __init__(
@@ -787,6 +788,11 @@ class Checkpointer:
       return True
     return False
 
+  def _preemption_noticed_by(self, step: int) -> bool:
+    # Only what reached_preemption has already seen: a signal arriving between the trainer's poll and its save
+    # must not turn that save into the last one while the trainer goes on.
+    return self._preemption_step is not None and step >= self._preemption_step
+
   def _checkpoint_metadata(self, step: int, metadata: Mapping[str, Any] | None) -> dict:
     record = {
       key: self.run_metadata[key]
@@ -812,7 +818,7 @@ class Checkpointer:
     # Orbax's policies decide the regular saves (every K steps; preemption through JAX's sync point). Step 0,
     # the untrained initialization, needs no resume checkpoint unless forced.
     resume = step not in self._resume.all_steps() and (
-      force or self.reached_preemption(step) or (step > 0 and self._resume.should_save(step))
+      force or self._preemption_noticed_by(step) or (step > 0 and self._resume.should_save(step))
     )
     return milestone, resume
 

@@ -780,6 +780,9 @@ def train(
         finish_step(*unread)  # the previous step, read while this one runs
       unread = (completed, step_metrics)
       evaluate = compiled_eval is not None and (completed % eval_every_steps == 0 or completed == train_steps)
+      # Polled once per step, before the save decision: a notice arriving during a save is acted on at the next
+      # step, so the step that stops is always one whose resume checkpoint was saved.
+      preempted = checkpointer is not None and checkpointer.reached_preemption(completed)
       save = checkpointer is not None and checkpointer.save_due(completed, force=completed == train_steps)
       if evaluate or save:
         # Checked before it is saved: a checkpoint never holds the state of a non-finite loss.
@@ -787,10 +790,10 @@ def train(
         unread = None
       if save:
         checkpointer.save(completed, state, force=completed == train_steps, metadata=accounting(completed))
-        if checkpointer.reached_preemption(completed):
-          logging.warning("preemption signal at step %d: checkpoint saved, stopping", completed)
-          last["preempted"] = True
-          break
+      if preempted:
+        logging.warning("preemption signal at step %d: checkpoint saved, stopping", completed)
+        last["preempted"] = True
+        break
     if unread is not None:
       finish_step(*unread)
   finally:

@@ -252,6 +252,28 @@ def test_a_save_failing_mid_run_stops_training_with_one_error_and_the_earlier_ch
   assert [r["step"] for r in metrics.read_metrics(model_dir)][-8:] == list(range(5, 13))
 
 
+def test_a_preemption_notice_during_a_milestone_save_stops_only_after_a_resume_checkpoint(tmp_path, monkeypatch):
+  # SIGTERM lands while step 8 saves its milestone (no resume checkpoint due there): the run must not stop at
+  # step 8 claiming a saved checkpoint, but save a resume checkpoint at step 9 and stop there.
+  model_dir = str(tmp_path / "run")
+  save = checkpoint.Checkpointer.save
+
+  def save_then_signal(self, step, state, **kwargs):
+    save(self, step, state, **kwargs)
+    if step == 8:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_signal)
+  bindings = ("TRAIN_STEPS = 12", "trainer.train.num_milestones = 4", "trainer.train.checkpoint_every_steps = 100")
+  summary = _train(model_dir, *bindings)
+  assert summary["preempted"] and summary["step"] == 9
+  assert _step_dirs(model_dir, "milestones") == [0, 1, 8] and _step_dirs(model_dir, "resume") == [9]
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", save)
+  summary = _train(model_dir, *bindings)
+  assert not summary["preempted"] and summary["step"] == 12
+  assert [r["step"] for r in metrics.read_metrics(model_dir)][-3:] == [10, 11, 12]
+
+
 # --- the loop: wall-clock throughput, prefetching, milestones on disk -----------------------------------------------
 
 
