@@ -105,6 +105,7 @@ class TrainProgram:
   model_from_params: Callable[[dict, dict], nnx.Module]
   _init: Any
   _init_rest: Any
+  _start_from_params: Any
 
   def init(self) -> tuple[dict, dict]:
     """(state, rest): freshly initialised, placed directly in their shardings."""
@@ -115,6 +116,12 @@ class TrainProgram:
     """The non-parameter variables alone (a resumed run restores the state but rebuilds these)."""
     with sharding.activate(self.mesh):
       return self._init_rest()
+
+  def init_from_params(self, params: dict) -> tuple[dict, dict]:
+    """(state, rest) of a new run starting from `params` (a pure dict shaped like abstract_state["params"], in
+    param_shardings, any floating dtype): parameters cast to the model's dtypes, fresh optimizer state, step 0."""
+    with sharding.activate(self.mesh):
+      return self._start_from_params(params), self._init_rest()
 
   def lower_train_step(self) -> jax.stages.Lowered:
     with sharding.activate(self.mesh):
@@ -274,13 +281,15 @@ def build_train_program(
     }
     return new_state, step_metrics
 
+  def start_state(params):
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32), "rng": rng_key_data}
+
   def init_state():
     _, params, rest = nnx.split(new_model(), nnx.Param, ...)
-    params = params.to_pure_dict()
-    return (
-      {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32), "rng": rng_key_data},
-      rest.to_pure_dict(),
-    )
+    return start_state(params.to_pure_dict()), rest.to_pure_dict()
+
+  def start_from_params(params):
+    return start_state(jax.tree.map(lambda param, like: param.astype(like.dtype), params, abstract_param_dict))
 
   abstract_batch = {
     key: jax.ShapeDtypeStruct(
@@ -324,6 +333,7 @@ def build_train_program(
     model_from_params=model_from_params,
     _init=jax.jit(init_state, out_shardings=(state_shardings, rest_shardings)),
     _init_rest=jax.jit(lambda: init_state()[1], out_shardings=rest_shardings),
+    _start_from_params=jax.jit(start_from_params, in_shardings=(param_shardings,), out_shardings=state_shardings),
   )
 
 
@@ -406,6 +416,100 @@ def compile_train_step(program: TrainProgram, device_memory_limit_gib: float | N
       f"({source}). {_memory_knobs(program)}"
     )
   return compiled
+
+
+class InitCheckpointMismatchError(errors.UserError):
+  """trainer.train.init_from names a checkpoint of another model than the run's model_config."""
+
+
+# ModelConfig fields that may differ between init_from's checkpoint and the new run without a warning: names and
+# how the same model is computed.
+_INIT_FREE_MODEL_FIELDS = ("size", "param_dtype", *checkpoint_lib.EXECUTION_MODEL_FIELDS)
+
+
+def _absolute(path: str) -> str:
+  return path if "://" in path else os.path.abspath(path)
+
+
+def _param_name(keys) -> str:
+  return ".".join(str(key) for key in keys)
+
+
+def _listing(items: list[str], limit: int = 8) -> str:
+  return "; ".join(items[:limit]) + (f"; and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _check_init_from(
+  init_from: str, init_from_step: int | None, program: TrainProgram, model_config: dict, tokenizer_spec: str
+) -> tuple[str, int, dict]:
+  """(run directory, milestone step, record for run_metadata.json) of init_from's milestone, after checking from
+  its metadata alone (no weights read) that its parameters are exactly those of the run's model.
+
+  Raises InitCheckpointMismatchError naming every parameter whose shape differs, is missing or is extra, and the
+  model_config fields behind them. Other model_config differences (e.g. rope_theta) are allowed with a warning and
+  recorded: they change what the same weights compute.
+  """
+  run_dir, step = checkpoint_lib.resolve_milestone(
+    init_from, init_from_step, path_name="trainer.train.init_from", step_name="trainer.train.init_from_step"
+  )
+  metadata = checkpoint_lib.milestone_metadata(run_dir, step)
+  try:
+    source_run = checkpoint_lib.read_run_metadata(run_dir)
+  except FileNotFoundError:
+    source_run = {}
+  source_config = metadata.get("model_config") or source_run.get("model_config") or {}
+  changed = {
+    field: [source_config.get(field), model_config.get(field)]
+    for field in sorted(set(source_config) | set(model_config))
+    if field not in _INIT_FREE_MODEL_FIELDS and source_config.get(field) != model_config.get(field)
+  }
+  saved = {_param_name(entry["path"]): tuple(entry["shape"]) for entry in metadata["param_layout"]}
+  expected = {
+    _param_name(entry.key for entry in path): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(program.abstract_state["params"])[0]
+  }
+  problems = []
+  if source_config.get("arch") not in (None, model_config["arch"]):
+    problems.append(f"it is a {source_config.get('arch')} model, this run's is {model_config['arch']}")
+  shapes = [
+    f"{name} {saved[name]} in the checkpoint, {shape} in the model"
+    for name, shape in sorted(expected.items())
+    if name in saved and saved[name] != shape
+  ]
+  if shapes:
+    problems.append(f"{len(shapes)} parameter(s) differ in shape: {_listing(shapes)}")
+  missing = sorted(set(expected) - set(saved))
+  if missing:
+    problems.append(f"missing from the checkpoint: {_listing(missing)}")
+  extra = sorted(set(saved) - set(expected))
+  if extra:
+    problems.append(f"not in this run's model: {_listing(extra)}")
+  where = f"trainer.train.init_from: milestone {step} of {run_dir}"
+  changes = ", ".join(f"{field} {old!r} -> {new!r}" for field, (old, new) in changed.items())
+  if problems:
+    raise InitCheckpointMismatchError(
+      f"{where} does not fit this run's model_config: {'; '.join(problems)}. The checkpoint's model_config differs "
+      f"in {changes or 'nothing recorded'}. Set MODEL_CONFIG to the checkpoint's model (model_config in "
+      f"{run_dir}/run_metadata.json) or start from another checkpoint."
+    )
+  if changed:
+    logging.warning("%s: same parameter shapes, but the model_config differs in %s", where, changes)
+  source_tokenizer = source_run.get("tokenizer")
+  if source_tokenizer is not None and source_tokenizer != tokenizer_spec:
+    logging.warning("%s was trained with tokenizer %r; this run uses %r", where, source_tokenizer, tokenizer_spec)
+  record = {
+    "run_dir": run_dir,
+    "step": step,
+    "arch": source_config.get("arch"),
+    "run_name": source_run.get("run_name"),
+    "tokenizer": source_tokenizer,
+    "tokens_seen": metadata.get("tokens_seen"),
+    "code_version": metadata.get("code_version"),
+    "model_config_changes": changed,
+  }
+  if "imported_from" in source_run:
+    record["imported_from"] = source_run["imported_from"]
+  return run_dir, step, record
 
 
 _LOOP_STARTED = contextvars.ContextVar("lsm_jax_training_loop_started", default=False)
@@ -521,6 +625,8 @@ def train(
   milestone_dtype: str = "bfloat16",
   async_checkpointing: bool = True,
   allow_config_change: bool = False,
+  init_from: str | None = None,
+  init_from_step: int | None = None,
   peak_flops_per_device: float | None = None,
   device_memory_limit_gib: float | None = None,
   sample_prompt: str | None = "The ",
@@ -544,6 +650,12 @@ def train(
   storage is printed and, on a local MODEL_DIR, checked against the free space.
   `allow_config_change`: resume even though the model, tokenizer, seq_len, global batch, seed or data differ from
   the run's run_metadata.json (the differences are recorded there); refused otherwise.
+  `init_from`: start a NEW run from the parameters of a milestone of another run directory (e.g. one written by
+  `python -m lsm_jax.export import`), or of one milestone directory; `init_from_step` picks the milestone (default:
+  its last). Parameters only: fresh optimizer state, step 0, the run's own schedule and data. Its parameter shapes
+  must be those of `model_config` (InitCheckpointMismatchError otherwise, before anything is compiled); the source
+  is recorded in run_metadata.json (`init_from_milestone`). A run that resumes from its own checkpoints never reads
+  init_from again, and a changed init_from is refused like any change of the run (allow_config_change).
   `config_text`: the effective gin config, written to MODEL_DIR/config.gin. `run_name` (default
   `<arch>_<size>`) and `ablation` (e.g. 'aspect', 'context') name the run in run_metadata.json, and through it in
   evaluation tables, where two runs of one (arch, size) may differ in shape or context.
@@ -557,6 +669,8 @@ def train(
   """
   # --- configuration checks: all of them before anything is compiled -------------------------------------
   _check_positive_ints("trainer.train", log_every_steps=log_every_steps, prefetch_batches=prefetch_batches)
+  if init_from_step is not None and init_from is None:
+    raise ValueError("trainer.train.init_from_step needs trainer.train.init_from (the run directory to start from)")
   if device_memory_limit_gib is not None and not (
     isinstance(device_memory_limit_gib, (int, float)) and device_memory_limit_gib > 0
   ):
@@ -624,11 +738,19 @@ def train(
     "optimizer": dataclasses.asdict(optimizer),
     "mesh": dict(mesh.shape),
     "num_params": program.num_params,
+    "init_from": None if init_from is None else {"path": _absolute(init_from), "step": init_from_step},
   }
   # A resumed run must still be the same run; checked before config.gin and run_metadata.json are rewritten.
   run_metadata.update(
     checkpoint_lib.check_resumed_run(model_dir, run_metadata, allow_config_change=allow_config_change)
   )
+  init_params = None
+  if init_from is not None and not (enable_checkpointing and checkpoint_lib.resume_checkpoint_steps(model_dir)):
+    init_run_dir, init_step, run_metadata["init_from_milestone"] = _check_init_from(
+      init_from, init_from_step, program, run_metadata["model_config"], run_metadata["tokenizer"]
+    )
+    # Read (and checked against its manifest) before anything is written into MODEL_DIR.
+    init_params, _ = checkpoint_lib.load_milestone(init_run_dir, init_step, sharding=program.param_shardings)
   if is_main_process:
     os.makedirs(model_dir, exist_ok=True)
     if config_text is not None:
@@ -677,6 +799,11 @@ def train(
     state, start_step = restored
     rest = program.init_rest()
     logging.info("resumed from step %d", start_step)
+  elif init_params is not None:
+    state, rest = program.init_from_params(init_params)
+    del init_params
+    start_step = 0
+    logging.info("initialised from %s", run_metadata["init_from_milestone"])
   else:
     state, rest = program.init()
     start_step = 0
