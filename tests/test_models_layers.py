@@ -118,7 +118,7 @@ def test_rotary_embedding_depends_only_on_relative_position():
 
 
 def test_every_architecture_is_registered_with_the_parameters_its_mixer_adds():
-  assert set(ARCHITECTURES) == set(configs.ARCHS)
+  assert set(ARCHITECTURES) == set(configs.ALL_ARCHS)
   own_parameters = {"llama": set(), "tnl": set(), "hgrn2": {"lower_bound_logits"}, "cosformer2": {"tpe"}}
   for arch, expected in own_parameters.items():
     model = nnx.eval_shape(lambda arch=arch: build_model(get_config(arch, "70m", **TINY), rngs=nnx.Rngs(0)))

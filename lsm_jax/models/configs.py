@@ -20,10 +20,15 @@ import jax
 import jax.numpy as jnp
 from gin import config_parser
 
+from lsm_jax import layer_pattern as layer_pattern_lib
 from lsm_jax import train as train_cli
 from pallas_kernels.linear_attention import api as linear_attention_api
 
+# The four architectures of the paper; the hybrid families (linear layers interleaved with softmax ones,
+# lsm_jax/layer_pattern.py) have their linear architecture's norms and channel mixer.
 ARCHS = ("llama", "tnl", "hgrn2", "cosformer2")
+HYBRID_ARCHS = tuple(layer_pattern_lib.HYBRID_ARCHS)
+ALL_ARCHS = ARCHS + HYBRID_ARCHS
 SIZES = ("70m", "160m", "410m", "1b", "3b", "7b")
 DTYPES = ("float32", "bfloat16", "float16")
 LINEAR_ATTENTION_BACKENDS = linear_attention_api.BACKENDS
@@ -60,13 +65,16 @@ class ModelConfig:
   scan_layers: bool = True  # stack layers and lax.scan them (one layer compiled, not L)
   remat_policy: str = "none"  # REMAT_POLICIES; where "none" does not fit, dots_and_mixer_kernels_saveable
   # is the fastest on the H200 (docs/performance.md)
-  attention_impl: str = "auto"  # LLaMA only
+  attention_impl: str = "auto"  # softmax layers only
   norm_eps: float = 1e-6
   rope_theta: float = 10000.0
   init_std: float = 0.02  # normal(0, 0.02) for every linear and the embedding (OpenNLPLab)
+  # Token mixer of each layer (grammar: lsm_jax/layer_pattern.py, e.g. "hgrn2*7,llama"); "" means the
+  # architecture's own mixer in every layer. Hybrid families must set one.
+  layer_pattern: str = ""
 
   def __post_init__(self):
-    _check_choice("arch", self.arch, ARCHS)
+    _check_choice("arch", self.arch, ALL_ARCHS)
     for name in ("num_layers", "d_model", "num_heads", "ffn_dim", "head_dim", "vocab_size"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -86,6 +94,21 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.chunk_size must be None or a positive int; got {self.chunk_size!r}.")
     if not isinstance(self.scan_layers, bool):
       raise ValueError(f"ModelConfig.scan_layers must be a bool; got {self.scan_layers!r}.")
+    if not isinstance(self.layer_pattern, str):
+      raise ValueError(
+        f"ModelConfig.layer_pattern must be a string such as 'hgrn2*7,llama'; got {self.layer_pattern!r}."
+      )
+    layer_pattern_lib.parse(self.pattern)  # a bad pattern fails here, naming the valid mixers
+
+  @property
+  def pattern(self) -> str:
+    """The layer pattern in effect: `layer_pattern`, or the architecture's own mixer in every layer."""
+    return self.layer_pattern or layer_pattern_lib.default_pattern(self.arch)
+
+  @property
+  def layer_mixers(self) -> tuple[str, ...]:
+    """The token mixer of every layer (canonical names: llama, tnl, hgrn2, cosformer2)."""
+    return layer_pattern_lib.layer_mixers(self.pattern, self.num_layers)
 
   def resolved_for(self, platform: str | None = None) -> ModelConfig:
     """This config with its "auto" kernel choices fixed for `platform` ("tpu", "gpu", "cpu"; None: the default
@@ -124,7 +147,7 @@ def _check_choice(name, value, valid):
 
 def model_file(arch: str, size: str) -> str:
   """The gin model file of (arch, size): gin/models/<arch>/<size>.gin under the config root."""
-  _check_choice("arch", arch, ARCHS)
+  _check_choice("arch", arch, ALL_ARCHS)
   _check_choice("size", size, SIZES)
   return os.path.join(train_cli.CONFIG_ROOT, "gin", "models", arch, f"{size}.gin")
 

@@ -12,11 +12,17 @@ Each architecture is an entry of `mixers.ARCHITECTURES`: its token mixer and its
 architecture needs beyond its layers (cosFormer2's TPE, HGRN2's lower bounds, TNL's decays, LLaMA's key segment
 ids while decoding) comes from its mixer's hooks (mixers/base.py), so the model never branches on the architecture.
 
-Layers are either an `nnx.List` of blocks or, with `config.scan_layers`, one block whose parameters are
-stacked on a leading "layers" axis (built with nnx.vmap) and applied with `lax.scan`, so one layer is
-compiled instead of L. Per-layer constants (the layer index and those of the mixer's `layer_inputs` hook: TNL
-decays, HGRN2 lower bounds) are scanned inputs. Both layouts draw layer l's parameters from the same key, so they
-initialise identically.
+Each layer's token mixer comes from the layer pattern (`config.layer_mixers`: the architecture's own mixer in
+every layer, or a hybrid's mix of linear and softmax layers, lsm_jax/layer_pattern.py); norms and GLU are the
+architecture's in every layer. The hooks run once per distinct mixer, each counting and indexing its own layers.
+
+Layers are either an `nnx.List` of blocks or, with `config.scan_layers`, one stack of blocks per run of the
+pattern's groups (`layer_pattern.layer_groups`), parameters stacked on a leading "layers" axis (built with
+nnx.vmap) and applied with `lax.scan` over the repetitions of the block (and over the layers of a run longer than
+one), so one layer per run is compiled instead of L. A pure model has a single run: `layers` is its stack. Per-layer
+constants (the layer's rank among its mixer's layers and those of the mixer's `layer_inputs` hook: TNL decays,
+HGRN2 lower bounds) are scanned inputs. Both layouts draw layer l's parameters from the same key, so they
+initialise identically; decoding caches have one layout in both: per run, stacked on [layers of the run].
 `config.remat_policy` wraps the per-layer function in `jax.checkpoint` in both layouts.
 """
 
@@ -26,9 +32,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lsm_jax import layer_pattern
 from lsm_jax.models import layers
 from lsm_jax.models.configs import ModelConfig
-from lsm_jax.models.mixers import ARCHITECTURES
+from lsm_jax.models.mixers import ARCHITECTURES, MIXERS
 
 # Primitives of the token mixers' fused kernels: the Pallas linear-attention kernels and cuDNN flash attention's
 # forward (its output and softmax statistics). jax 0.10 and 0.11 name them so.
@@ -116,36 +123,78 @@ class LanguageModel(nnx.Module):
     self.embedding = layers.make_param(
       rngs, (config.vocab_size, config.d_model), ("vocab", "embed"), std=config.init_std, dtype=param_dtype
     )
-    mixer_type = ARCHITECTURES[config.arch].mixer
-    for name, value in mixer_type.model_parameters(config, rngs=rngs).items():
-      setattr(self, name, value)
+    for mixer, count in layer_pattern.mixer_counts(config.pattern, config.num_layers).items():
+      for name, value in MIXERS[mixer].model_parameters(config, count, rngs=rngs).items():
+        if hasattr(self, name):
+          raise ValueError(f"mixer {mixer!r} sets model parameter {name!r}, which another mixer already set.")
+        setattr(self, name, value)
     layer_keys = jax.random.split(rngs.params(), config.num_layers)
     if config.scan_layers:
-      make_block = nnx.vmap(
-        lambda key: Block(config, mixer_type, rngs=nnx.Rngs(params=key)),
-        transform_metadata={nnx.PARTITION_NAME: "layers"},
-      )
-      self.layers = make_block(layer_keys)
+      stacks = [self._block_stack(MIXERS[run.mixer], layer_keys[jnp.asarray(run.flat_layers)]) for run in self._runs]
+      self.layers = stacks[0] if len(stacks) == 1 else nnx.List(stacks)
     else:
-      self.layers = nnx.List([Block(config, mixer_type, rngs=nnx.Rngs(params=key)) for key in layer_keys])
+      self.layers = nnx.List(
+        [Block(config, MIXERS[mixer], rngs=nnx.Rngs(params=key)) for mixer, key in zip(config.layer_mixers, layer_keys)]
+      )
     self.final_norm = _norm(config, rngs=rngs)
 
   # ---------------------------------------------------------------- helpers
+
+  def _block_stack(self, mixer_type, keys):
+    """Blocks of one mixer, one per key, with parameters stacked on a leading "layers" axis."""
+    config = self.config
+    make_block = nnx.vmap(
+      lambda key: Block(config, mixer_type, rngs=nnx.Rngs(params=key)),
+      transform_metadata={nnx.PARTITION_NAME: "layers"},
+    )
+    return make_block(keys)
 
   @property
   def _dtype(self):
     return jnp.dtype(self.config.dtype)
 
   @property
-  def _mixer_type(self):
-    return ARCHITECTURES[self.config.arch].mixer
+  def _groups(self) -> tuple[tuple[layer_pattern.LayerRun, ...], ...]:
+    return layer_pattern.layer_groups(self.config.pattern, self.config.num_layers)
 
-  def _layer_inputs(self):
-    """Per-layer constants with a leading [L] axis (scanned inputs)."""
-    return {"index": jnp.arange(self.config.num_layers, dtype=jnp.int32), **self._mixer_type.layer_inputs(self)}
+  @property
+  def _runs(self) -> list[layer_pattern.LayerRun]:
+    return [run for group in self._groups for run in group]
 
-  def _run_layers(self, layer_fn, x, per_layer):
-    """x <- layer_fn(block, x, per_layer[l]) for every layer; returns (x, per-layer outputs stacked on [L])."""
+  @property
+  def _mixer_types(self):
+    """The distinct token mixers of the layers, in the order they first appear."""
+    return [MIXERS[mixer] for mixer in layer_pattern.mixer_counts(self.config.pattern, self.config.num_layers)]
+
+  def _per_run(self, tree) -> list:
+    """A layers-level tree (the `layers` module, decoding caches) as one entry per run: a single-run model keeps
+    the entry itself, a hybrid a list of them."""
+    return [tree] if len(self._runs) == 1 else list(tree)
+
+  def _from_runs(self, entries: list):
+    return entries[0] if len(self._runs) == 1 else list(entries)
+
+  def _layer_inputs(self) -> list[dict]:
+    """Per run: the constants of its layers stacked on a leading [layers of the run] axis (scanned inputs)."""
+    counts = layer_pattern.mixer_counts(self.config.pattern, self.config.num_layers)
+    per_mixer = {
+      mixer: {"index": jnp.arange(count, dtype=jnp.int32), **MIXERS[mixer].layer_inputs(self, count)}
+      for mixer, count in counts.items()
+    }
+    mixers = self.config.layer_mixers
+    ranks = [mixers[:layer].count(mixer) for layer, mixer in enumerate(mixers)]
+    inputs = []
+    for run in self._runs:
+      run_ranks = [ranks[layer] for layer in run.flat_layers]
+      if run_ranks == list(range(counts[run.mixer])):
+        inputs.append(per_mixer[run.mixer])  # a pure model: every layer, in order
+      else:
+        inputs.append(jax.tree.map(lambda a, rows=jnp.asarray(run_ranks): a[rows], per_mixer[run.mixer]))
+    return inputs
+
+  def _run_layers(self, layer_fn, x, per_run):
+    """x <- layer_fn(block, x, inputs of layer l) for every layer l in order, where `per_run` holds one tree per
+    run stacked on [layers of the run]; returns (x, the per-layer outputs stacked the same way)."""
     policy = self.config.remat_policy
 
     def apply(graphdef, block_state, x, layer_input):
@@ -153,15 +202,50 @@ class LanguageModel(nnx.Module):
 
     if policy != "none":
       apply = jax.checkpoint(apply, policy=_REMAT_POLICIES[policy], static_argnums=(0,))
-    if self.config.scan_layers:
-      graphdef, stacked_state = nnx.split(self.layers)
-      return jax.lax.scan(lambda x, xs: apply(graphdef, xs[0], x, xs[1]), x, (stacked_state, per_layer))
-    outputs = []
-    for index, block in enumerate(self.layers):
-      graphdef, block_state = nnx.split(block)
-      x, output = apply(graphdef, block_state, x, jax.tree.map(lambda a, i=index: a[i], per_layer))
-      outputs.append(output)
-    return x, jax.tree.map(lambda *leaves: jnp.stack(leaves), *outputs)
+    runs = self._runs
+    if not self.config.scan_layers:
+      position = {layer: (k, j) for k, run in enumerate(runs) for j, layer in enumerate(run.flat_layers)}
+      outputs = []
+      for layer, block in enumerate(self.layers):
+        graphdef, block_state = nnx.split(block)
+        k, j = position[layer]
+        x, output = apply(graphdef, block_state, x, jax.tree.map(lambda a, j=j: a[j], per_run[k]))
+        outputs.append(output)
+      stacked = [
+        jax.tree.map(lambda *leaves: jnp.stack(leaves), *[outputs[i] for i in run.flat_layers]) for run in runs
+      ]
+      return x, stacked
+
+    stacks = self._per_run(self.layers)
+    results = []
+    first = 0
+    for group in self._groups:
+      members = range(first, first + len(group))
+      first += len(group)
+      graphdefs, scanned = [], []
+      for k, run in zip(members, group):
+        graphdef, state = nnx.split(stacks[k])
+        graphdefs.append(graphdef)
+        # [repeats × length, ...] -> [repeats, length, ...]: the group's scan takes a repetition, the run's a layer.
+        fold = lambda a, run=run: a if run.length == 1 else a.reshape(run.repeats, run.length, *a.shape[1:])  # noqa: E731
+        scanned.append(jax.tree.map(fold, (state, per_run[k])))
+
+      def repetition(x, scanned, group=group, graphdefs=graphdefs):
+        outputs = []
+        for run, graphdef, (state, inputs) in zip(group, graphdefs, scanned):
+          if run.length == 1:
+            x, output = apply(graphdef, state, x, inputs)
+          else:
+            x, output = jax.lax.scan(lambda x, xs, g=graphdef: apply(g, xs[0], x, xs[1]), x, (state, inputs))
+          outputs.append(output)
+        return x, outputs
+
+      x, outputs = jax.lax.scan(repetition, x, scanned)
+      results.extend(
+        jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), output) if run.length > 1 else output
+        for run, output in zip(group, outputs)
+      )
+    return x, results
 
   def _check_tokens(self, tokens, segment_ids, positions, *, require_segments=False):
     if tokens.ndim != 2:
@@ -215,7 +299,10 @@ class LanguageModel(nnx.Module):
 
   def _forward(self, tokens, segment_ids, positions, max_length):
     positions = self._check_tokens(tokens, segment_ids, positions, require_segments=max_length is not None)
-    x, embed_state = self._mixer_type.embed(self, self._embed(tokens), segment_ids)
+    x, embed_state = self._embed(tokens), {}
+    for mixer_type in self._mixer_types:
+      x, entries = mixer_type.embed(self, x, segment_ids)
+      embed_state.update(entries)
 
     def layer_fn(block, x, layer_input):
       return block(x, segment_ids=segment_ids, positions=positions, layer_inputs=layer_input, max_length=max_length)
@@ -225,43 +312,55 @@ class LanguageModel(nnx.Module):
     if max_length is None:
       return hidden, None
     state = {
-      "layers": caches,
+      "layers": self._from_runs(caches),
       "positions": positions[:, -1] + 1,
       "segment": segment_ids[:, -1],
       "index": jnp.asarray(tokens.shape[1], jnp.int32),
       **embed_state,
-      **self._mixer_type.prefill_state(segment_ids, max_length),
     }
+    for mixer_type in self._mixer_types:
+      state.update(mixer_type.prefill_state(segment_ids, max_length))
     return hidden, state
 
   def prefill(self, tokens, *, segment_ids, positions, max_length):
     """Runs the prompt [B,T] and returns (logits [B,T,V] float32, decode_state). Left-padded prompts: padding
     has segment id 0, the prompt id 1, positions restart at 0 at the prompt. `max_length` bounds prompt plus
-    generated tokens (the LLaMA KV cache size; the linear models' state is O(1) in it)."""
+    generated tokens (the KV cache size of softmax layers; a linear layer's state is O(1) in it). The state's
+    "layers" entry holds each layer's cache (KV for softmax layers, the recurrent state for linear ones), stacked
+    per run of the layer pattern: one stack for a pure model, a list of them for a hybrid."""
     if not isinstance(max_length, int) or max_length < tokens.shape[-1]:
       raise ValueError(f"max_length must be an int >= the prompt length {tokens.shape[-1]}; got {max_length!r}.")
     hidden, state = self._forward(tokens, segment_ids, positions, max_length=max_length)
     return self.logits_from_hidden(hidden), state
 
   def decode_step(self, tokens, decode_state):
-    """One token per row: tokens [B] int -> (logits [B,V] float32, the updated decode_state). For LLaMA at
-    most `max_length` tokens in all fit the cache; later writes are clamped by dynamic_update_slice."""
+    """One token per row: tokens [B] int -> (logits [B,V] float32, the updated decode_state). With softmax
+    layers at most `max_length` tokens in all fit the cache; later writes are clamped by dynamic_update_slice."""
     if tokens.ndim != 1 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(
         f"decode_step tokens must be [batch] integers; got shape {tuple(tokens.shape)} dtype {tokens.dtype}."
       )
     state = dict(decode_state)
-    x, updated = self._mixer_type.embed_step(self, self._embed(tokens[:, None]), state)
-    state.update(updated)
-    updated, mixer_context = self._mixer_type.decode_context(state)
-    state.update(updated)
-    context = {"index": state["index"], "segment": state["segment"], **mixer_context}
+    x = self._embed(tokens[:, None])
+    for mixer_type in self._mixer_types:
+      x, updated = mixer_type.embed_step(self, x, state)
+      state.update(updated)
+    context = {"index": state["index"], "segment": state["segment"]}
+    for mixer_type in self._mixer_types:
+      updated, mixer_context = mixer_type.decode_context(state)
+      state.update(updated)
+      context.update(mixer_context)
     positions = state["positions"][:, None]
 
     def layer_fn(block, x, layer_input):
       return block.decode(x, layer_input["cache"], positions=positions, layer_inputs=layer_input, context=context)
 
-    x, state["layers"] = self._run_layers(layer_fn, x, {**self._layer_inputs(), "cache": state["layers"]})
+    per_run = [
+      {**inputs, "cache": cache}
+      for inputs, cache in zip(self._layer_inputs(), self._per_run(state["layers"]), strict=True)
+    ]
+    x, caches = self._run_layers(layer_fn, x, per_run)
+    state["layers"] = self._from_runs(caches)
     state["positions"] = state["positions"] + 1
     state["index"] = state["index"] + 1
     return self.logits_from_hidden(self.final_norm(x))[:, 0], state

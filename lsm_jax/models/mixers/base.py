@@ -5,7 +5,8 @@ A mixer runs inside every layer:
       (the decoding cache is returned only for a prefill, i.e. when max_length is given)
   decode(x [B,1,d], cache, *, positions [B,1], layer_inputs, context) -> (y, cache)
 
-Its classmethods are the hooks the shared LanguageModel calls once per model, so that everything one architecture
+Its classmethods are the hooks the shared LanguageModel calls once per model (and per mixer of a hybrid's layer
+pattern, which counts and indexes each mixer's layers by themselves), so that everything one architecture
 needs beyond its layers (parameters of its own, per-layer constants, a transform of the embeddings, model-level
 decoding state) lives in its mixer module and the model never branches on the architecture. The defaults do
 nothing. `model` is the LanguageModel: a hook reads its `config` and the attributes its own `model_parameters`
@@ -22,16 +23,17 @@ class TokenMixer(nnx.Module):
   """Base of the token mixers: the architecture-level hooks with their do-nothing defaults."""
 
   @classmethod
-  def model_parameters(cls, config, *, rngs: nnx.Rngs) -> dict:
-    """Model-level modules or parameters, set on the LanguageModel under these names right after the
-    embedding (and so drawn from the parameter keys in that order)."""
-    del config, rngs
+  def model_parameters(cls, config, num_layers: int, *, rngs: nnx.Rngs) -> dict:
+    """Model-level modules or parameters for this mixer's `num_layers` layers, set on the LanguageModel under
+    these names right after the embedding (and so drawn from the parameter keys in that order)."""
+    del config, num_layers, rngs
     return {}
 
   @classmethod
-  def layer_inputs(cls, model) -> dict[str, jax.Array]:
-    """Per-layer constants with a leading [num_layers] axis, scanned in with the layer (beside "index")."""
-    del model
+  def layer_inputs(cls, model, num_layers: int) -> dict[str, jax.Array]:
+    """Per-layer constants of this mixer's `num_layers` layers, with that leading axis, scanned in with the
+    layer beside "index" (the layer's rank among them)."""
+    del model, num_layers
     return {}
 
   @classmethod

@@ -88,7 +88,8 @@ class CosFormer2Attention(TNLAttention):
   """TNL's projections, gate and norm, with LRPE features and no decay."""
 
   @classmethod
-  def model_parameters(cls, config, *, rngs):
+  def model_parameters(cls, config, num_layers, *, rngs):
+    del num_layers  # one TPE after the embedding, whatever the depth
     return {
       "tpe": ToeplitzPositionalEncoding(
         config.d_model, config.head_dim, std=config.init_std, param_dtype=jnp.dtype(config.param_dtype), rngs=rngs
@@ -96,8 +97,8 @@ class CosFormer2Attention(TNLAttention):
     }
 
   @classmethod
-  def layer_inputs(cls, model):
-    del model
+  def layer_inputs(cls, model, num_layers):
+    del model, num_layers
     return {}  # no decay
 
   @classmethod

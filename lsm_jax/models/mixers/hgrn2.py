@@ -42,12 +42,13 @@ def hgrn2_log_forget_gate(forget_logits, lower_bound, layer_index):
 
 class HGRN2Mixer(base.TokenMixer):
   @classmethod
-  def model_parameters(cls, config, *, rngs):
-    # Zero logits: uniform softmax over layers, so lower bounds start at l/L (FLA's init).
+  def model_parameters(cls, config, num_layers, *, rngs):
+    # Zero logits: uniform softmax over layers, so lower bounds start at l/L (FLA's init). A hybrid's bounds
+    # rise over its HGRN2 layers alone.
     return {
       "lower_bound_logits": layers.make_param(
         rngs,
-        (config.num_layers, config.d_model),
+        (num_layers, config.d_model),
         ("layers", "embed"),
         std=0.0,
         dtype=jnp.dtype(config.param_dtype),
@@ -56,7 +57,8 @@ class HGRN2Mixer(base.TokenMixer):
     }
 
   @classmethod
-  def layer_inputs(cls, model):
+  def layer_inputs(cls, model, num_layers):
+    del num_layers  # the rows of lower_bound_logits
     return {"lower_bound": hgrn2_lower_bounds(model.lower_bound_logits[...])}
 
   def __init__(self, config, *, rngs: nnx.Rngs):

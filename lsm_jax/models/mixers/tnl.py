@@ -51,8 +51,9 @@ class TNLAttention(base.TokenMixer):
     self.out = layers.Linear(heads * head_dim, d, ("heads", "embed"), **kwargs)
 
   @classmethod
-  def layer_inputs(cls, model):
-    return {"log_decay": tnl_log_decays(model.config.num_layers, model.config.num_heads)}
+  def layer_inputs(cls, model, num_layers):
+    # In a hybrid the depth runs over the TNL layers alone: the first decays fastest, the last ~1.
+    return {"log_decay": tnl_log_decays(num_layers, model.config.num_heads)}
 
   def _feature_map(self, q, k, positions):
     del positions
