@@ -186,6 +186,7 @@ def build_train_program(
     num_heads=model_config.num_heads,
     batch_size=global_batch_size,
     seq_len=seq_len,
+    layer_pattern=model_config.layer_pattern,
   )
 
   # --- abstract model → shardings -------------------------------------------------------------------------
@@ -488,9 +489,9 @@ def _check_init_from(
   changes = ", ".join(f"{field} {old!r} -> {new!r}" for field, (old, new) in changed.items())
   if problems:
     raise InitCheckpointMismatchError(
-      f"{where} does not fit this run's model_config: {'; '.join(problems)}. The checkpoint's model_config differs "
-      f"in {changes or 'nothing recorded'}. Set MODEL_CONFIG to the checkpoint's model (model_config in "
-      f"{run_dir}/run_metadata.json) or start from another checkpoint."
+      f"{where} does not fit this run's model_config: {'; '.join(problems)}. ModelConfig fields that differ "
+      f"(checkpoint -> this run): {changes or 'none recorded'}. Set MODEL_CONFIG to the checkpoint's model "
+      f"(model_config in {run_dir}/run_metadata.json) or start from another checkpoint."
     )
   if changed:
     logging.warning("%s: same parameter shapes, but the model_config differs in %s", where, changes)

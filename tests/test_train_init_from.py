@@ -141,8 +141,8 @@ def test_a_model_config_that_does_not_fit_the_checkpoint_is_refused_before_anyth
     match=r"^trainer\.train\.init_from: milestone 0 of .*imported does not fit this run's model_config: 3 "
     r"parameter\(s\) differ in shape: layers\.mlp\.down\.kernel \(2, 128, 64\) in the checkpoint, \(2, 192, 64\) "
     r"in the model; layers\.mlp\.gate\.kernel \(2, 64, 128\) in the checkpoint, \(2, 64, 192\) in the model; "
-    r"layers\.mlp\.up\.kernel .*\. The checkpoint's model_config differs in ffn_dim 128 -> 192, norm_eps 1e-05 -> "
-    r"1e-06, rope_theta 5000\.0 -> 10000\.0\. Set MODEL_CONFIG to the checkpoint's model",
+    r"layers\.mlp\.up\.kernel .*\. ModelConfig fields that differ \(checkpoint -> this run\): ffn_dim 128 -> 192, "
+    r"norm_eps 1e-05 -> 1e-06, rope_theta 5000\.0 -> 10000\.0\. Set MODEL_CONFIG to the checkpoint's model",
   ):
     _train(model_dir, f"trainer.train.init_from = '{imported_dir}'")
   assert not (model_dir / "run_metadata.json").exists() and not (model_dir / "checkpoints").exists()
