@@ -14,6 +14,8 @@ On a GPU host (jax[cuda]), then the PyTorch peers of benchmarks/peers/ at the sa
   python3 benchmarks/train_step.py --out_dir $OUT                       # 4 archs × 410M, 1B × 2K, 8K, 32K
   python3 benchmarks/train_step.py --out_dir $OUT --archs hgrn2,llama --sizes 1b --seq_lens 8192 \
       --remat_policy dots_saveable --per_device_microbatch 2
+  python3 benchmarks/train_step.py --out_dir $OUT --archs hgrn2_hybrid,hgrn2,tnl_hybrid,tnl,llama --sizes 1b \
+      --seq_lens 8192,32768                                              # 7:1 hybrids beside the pure rows
   python3 benchmarks/peers/torch_models.py --out benchmarks/peers/torch_models_h200.json   # fla HGRN2, HF LLaMA
 The markdown's "peer" columns are read from --peers (default benchmarks/peers/torch_models_h200.json), labelled
 with that file's provenance; rows match by (arch, size, seq_len). Every row records the date and commit it was
@@ -60,7 +62,11 @@ TINY_SHAPE = dict(num_layers=2, d_model=256, num_heads=2, ffn_dim=512, vocab_siz
 
 def model_config(arch: str, size: str, remat_policy: str, scan_layers: bool = True) -> configs.ModelConfig:
   if size == "tiny":
-    return configs.ModelConfig(arch=arch, size="tiny", remat_policy=remat_policy, scan_layers=scan_layers, **TINY_SHAPE)
+    # The family's gin settings (a hybrid's layer pattern) at the tiny shape; hybrids get the four layers their
+    # pattern needs to hold a softmax layer.
+    shape = {**TINY_SHAPE, "num_layers": 4} if arch in configs.HYBRID_ARCHS else TINY_SHAPE
+    config = configs.get_config(arch, "70m", remat_policy=remat_policy, scan_layers=scan_layers, **shape)
+    return dataclasses.replace(config, size="tiny")
   return configs.get_config(arch, size, remat_policy=remat_policy, scan_layers=scan_layers)
 
 

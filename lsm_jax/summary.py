@@ -71,7 +71,7 @@ def count_non_embedding_params(config: configs.ModelConfig) -> int:
 
 def experiment_files(root: str = train_cli.REPO_ROOT) -> list[str]:
   """The runnable experiment files, relative to `root`: the main grid, then the ablations."""
-  names = "|".join(configs.ARCHS), "|".join(configs.SIZES)
+  names = "|".join(configs.ALL_ARCHS), "|".join(configs.SIZES)
   main = [
     path
     for path in glob.glob(os.path.join(root, "gin", "*.gin"))
@@ -117,7 +117,13 @@ def summary_row(path: str) -> dict:
   config = run["config"]
   pflops = (
     flops.flops_per_step(
-      config.arch, config.num_layers, config.d_model, config.num_heads, run["global_batch_size"], run["seq_len"]
+      config.arch,
+      config.num_layers,
+      config.d_model,
+      config.num_heads,
+      run["global_batch_size"],
+      run["seq_len"],
+      layer_pattern=config.layer_pattern,
     )
     / 1e15
   )
@@ -128,6 +134,7 @@ def summary_row(path: str) -> dict:
     ablation=run["ablation"],
     arch=config.arch,
     size=config.size,
+    layer_pattern=config.layer_pattern,
     num_layers=config.num_layers,
     d_model=config.d_model,
     num_heads=config.num_heads,
@@ -145,7 +152,7 @@ def summary_rows() -> list[dict]:
   """Rows of every experiment file: the main grid by (arch, size), then each ablation group by arch and shape."""
   rows = [summary_row(path) for path in experiment_files()]
   size_order = {size: index for index, size in enumerate(configs.SIZES)}
-  arch_order = {arch: index for index, arch in enumerate(configs.ARCHS)}
+  arch_order = {arch: index for index, arch in enumerate(configs.ALL_ARCHS)}
   return sorted(
     rows,
     key=lambda row: (

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lsm_jax import summary
+from lsm_jax import flops, summary
 from lsm_jax.models import configs
 
 # Paper Table 7, typed in: (non-embedding params, millions; PFLOPs per step at 480 × 8192).
@@ -29,13 +29,17 @@ def rows():
 
 
 def main_rows(rows):
-  return [row for row in rows if row["ablation"] is None]
+  """The paper's 24 runs (the hybrid families' experiment files follow them in the main group)."""
+  return [row for row in rows if row["ablation"] is None and row["arch"] in configs.ARCHS]
 
 
 def test_all_24_configurations_listed_first(rows):
   assert len(PAPER) == 24
   assert [(row["arch"], row["size"]) for row in rows[:24]] == [(a, s) for a in configs.ARCHS for s in configs.SIZES]
   assert main_rows(rows) == rows[:24]
+  hybrids = [(a, s) for a in configs.HYBRID_ARCHS for s in configs.SIZES]
+  assert [(row["arch"], row["size"]) for row in rows[24:36]] == hybrids
+  assert {row["ablation"] for row in rows[24:36]} == {None}
   assert [row["file"] for row in rows[:2]] == ["gin/llama_70m.gin", "gin/llama_160m.gin"]
   assert {(row["seq_len"], row["global_batch_size"]) for row in rows[:24]} == {(8192, 480)}
 
@@ -55,10 +59,34 @@ def test_pflops_per_step_match_table_7(rows):
     assert abs(row["pflops_per_step"] - paper_pflops) <= max(0.01 * paper_pflops, 0.05), row
 
 
+def test_hybrid_rows_count_the_built_model_and_mix_the_pure_rows(rows):
+  by_name = {row["run_name"]: row for row in rows}
+  for family, linear in (("hgrn2_hybrid", "hgrn2"), ("tnl_hybrid", "tnl")):
+    for size in configs.SIZES:
+      row, pure = by_name[f"{family}_{size}"], by_name[f"{linear}_{size}"]
+      assert row["layer_pattern"] == f"{linear}*3,llama,{linear}*4" and pure["layer_pattern"] == ""
+      assert (row["num_layers"], row["d_model"], row["ffn_dim"]) == (
+        pure["num_layers"],
+        pure["d_model"],
+        pure["ffn_dim"],
+      )
+      expected = flops.non_embedding_params(
+        family,
+        row["num_layers"],
+        row["d_model"],
+        row["num_heads"],
+        ffn_dim=row["ffn_dim"],
+        layer_pattern=row["layer_pattern"],
+      )
+      assert row["non_embedding_params"] == expected
+      # Softmax layers cost more per token than linear ones at 8K: between the pure linear and LLaMA rows.
+      assert pure["pflops_per_step"] < row["pflops_per_step"] < by_name[f"llama_{size}"]["pflops_per_step"]
+
+
 def test_ablation_runs_listed_with_coordinates(rows):
   aspect = [row for row in rows if row["ablation"] == "aspect"]
   context = [row for row in rows if row["ablation"] == "context"]
-  assert len(aspect) == 16 and len(context) == 13 and len(rows) == 24 + 16 + 13
+  assert len(aspect) == 16 and len(context) == 13 and len(rows) == 24 + 12 + 16 + 13
   for row in aspect:
     assert row["run_name"] == f"{row['arch']}_{row['d_model']}x{row['num_layers']}"
     assert row["file"] == f"gin/ablations/aspect/{row['run_name']}.gin"
@@ -92,12 +120,13 @@ def test_param_count_of_a_tiny_model_by_hand():
 def test_cli_json_and_table(capsys):
   summary.main(["--format=json"])
   rows = json.loads(capsys.readouterr().out)
-  assert len(rows) == 24 + 16 + 13
+  assert len(rows) == 24 + 12 + 16 + 13
   assert {
     "file",
     "run_name",
     "ablation",
     "arch",
+    "layer_pattern",
     "d_model",
     "num_layers",
     "seq_len",

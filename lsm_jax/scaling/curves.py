@@ -181,8 +181,9 @@ def curves_from_run_dirs(run_dirs) -> list[dict]:
         f"{metadata_path} lacks {error.args[0]!r}; it needs arch, size, seq_len, "
         "global_batch_size and model_config with num_layers, d_model, num_heads"
       ) from None
-    params = flops.non_embedding_params(arch, *shape)
-    step_flops = flops.flops_per_step(arch, *shape, batch_size, seq_len)
+    layer_pattern = model.get("layer_pattern")  # hybrids' mixer per layer; runs of the pure models lack it
+    params = flops.non_embedding_params(arch, *shape, layer_pattern=layer_pattern)
+    step_flops = flops.flops_per_step(arch, *shape, batch_size, seq_len, layer_pattern=layer_pattern)
     by_step = {}
     for record in read_rows(metrics_path):
       if record.get("loss") is not None and int(record["step"]) > 0:

@@ -18,7 +18,14 @@ from lsm_jax.scaling.fit import (
 )
 from lsm_jax.scaling.paper import paper_fits
 
-DISPLAY_NAMES = {"llama": "LLaMA", "tnl": "TNL", "hgrn2": "HGRN2", "cosformer2": "cosFormer2"}
+DISPLAY_NAMES = {
+  "llama": "LLaMA",
+  "tnl": "TNL",
+  "hgrn2": "HGRN2",
+  "cosformer2": "cosFormer2",
+  "tnl_hybrid": "TNL hybrid",
+  "hgrn2_hybrid": "HGRN2 hybrid",
+}
 BUDGETS = (1.0, 10.0, 100.0, 1000.0)  # PFLOP/s-days at which Table 3's allocations are derived
 
 

@@ -174,9 +174,9 @@ def grid_runs(out_dir: str, grid: StudyGrid) -> list[StudyRun]:
       "study.StudyGrid needs either experiments (an ablation grid) or archs, size_files and run_file (a scaling grid)"
     )
   for field in ("archs", "arch_bindings"):
-    unknown = sorted(set(getattr(grid, field)) - set(configs.ARCHS))
+    unknown = sorted(set(getattr(grid, field)) - set(configs.ALL_ARCHS))
     if unknown:
-      raise ValueError(f"study.StudyGrid.{field} has unknown architectures {unknown}; valid: {configs.ARCHS}")
+      raise ValueError(f"study.StudyGrid.{field} has unknown architectures {unknown}; valid: {configs.ALL_ARCHS}")
   if len(grid.size_files) < 2:
     raise ValueError(f"study.StudyGrid.size_files has {len(grid.size_files)} size(s); a scaling fit needs at least 2")
   for path in (grid.run_file, *grid.size_files.values()):
@@ -295,7 +295,12 @@ def run_cost(run: StudyRun) -> float:
 
   config = summary.experiment(run.gin_files, run.bindings)["config"]
   return flops.non_embedding_params(
-    run.arch, config.num_layers, config.d_model, config.num_heads, ffn_dim=config.ffn_dim
+    run.arch,
+    config.num_layers,
+    config.d_model,
+    config.num_heads,
+    ffn_dim=config.ffn_dim,
+    layer_pattern=config.layer_pattern,
   )
 
 
