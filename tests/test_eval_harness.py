@@ -178,10 +178,13 @@ def test_generate_until_honours_max_length_and_stop_sequences(adapter, direct_mo
     adapter.generate_until([Instance("generate_until", {}, (prompt, {"do_sample": True}), 0)])
 
 
-@pytest.mark.parametrize("arch", ["hgrn2", "llama"])
-def test_batched_decoding_matches_full_forward(arch):
-  """Recurrent state (HGRN2) / KV cache (LLaMA), left-padded batch of unequal prompts == full forward."""
-  model = _model(arch, 3)
+@pytest.mark.parametrize(
+  "arch, overrides", [("hgrn2", {}), ("llama", {}), ("hgrn2_hybrid", {"layer_pattern": "hgrn2,llama"})]
+)
+def test_batched_decoding_matches_full_forward(arch, overrides):
+  """Recurrent state (HGRN2) / KV cache (LLaMA) / both (a hybrid), left-padded batch of unequal prompts == full
+  forward."""
+  model = build_model(get_config(arch, "70m", **{**TINY, **overrides}), rngs=nnx.Rngs(3))
   engine = engine_lib.InferenceEngine(model, TOKENIZER, max_length=SEQ_LEN, batch_size=BATCH)
   prompts = [TOKENIZER.encode(text) for text in ("Hi", "The quick brown fox", "Numbers: 1 2 3 4 5 6 7")]
   generated = engine.generate(prompts, max_new_tokens=8)

@@ -176,6 +176,19 @@ def _model_card(model_config: dict, provenance: dict) -> str:
   )
 
 
+def _check_exportable(model_config: dict) -> None:
+  """Hybrid stacks are refused before any weight is read: LsmForCausalLM and LlamaForCausalLM have one token
+  mixer in every layer."""
+  pattern = model_config.get("layer_pattern")
+  if pattern or model_config.get("arch", "llama") not in ("llama", *_LINEAR_ARCHS):
+    raise ValueError(
+      f"cannot export the {model_config.get('arch')} model with layer pattern {pattern!r}: the exported modeling "
+      f"files have one token mixer in every layer, so hybrid stacks (docs/hybrids.md) have no Hugging Face export; "
+      f"exportable: {', '.join(('llama', *_LINEAR_ARCHS))} without a layer pattern. Evaluate hybrids with "
+      "`python -m lsm_jax.evaluate`."
+    )
+
+
 def export_hf(
   checkpoint_dir: str,
   out_dir: str,
@@ -196,10 +209,12 @@ def export_hf(
   if dtype is not None and dtype not in EXPORT_DTYPES:
     raise ValueError(f"dtype must be one of {list(EXPORT_DTYPES)}, got {dtype!r}")
   run_dir, step = checkpoint.resolve_milestone(checkpoint_dir, step, path_name="--checkpoint", step_name="--step")
+  _check_exportable(_read_run_metadata(run_dir).get("model_config") or {})  # cheap: before the weights are read
   params, metadata = checkpoint.load_milestone(run_dir, step, dtype=dtype)
   model_config = metadata.get("model_config")
   if not model_config:
     raise ValueError(f"milestone {step} in {run_dir} has no model_config in its metadata; it cannot be exported")
+  _check_exportable(model_config)
   arch = model_config["arch"]
   if export_format == "fla":
     if arch != "hgrn2":
