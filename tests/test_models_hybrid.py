@@ -1,14 +1,18 @@
 """Hybrid stacks (linear layers interleaved with softmax ones): the layer-pattern grammar, decoding with mixed
 caches, single-mixer patterns against the pure models, scanned against unscanned, and the accounting."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_sequence_mesh as sequence_mesh
 from flax import nnx
 from test_models_forward import ATOL, LENGTH, TINY, Runner, random_tokens
+from test_sequence_mesh import sequence_parallel_calls  # noqa: F401  (fixture)
 
-from lsm_jax import flops, layer_pattern, summary
+from lsm_jax import flops, layer_pattern, sharding, summary
 from lsm_jax.models import configs, get_config
 
 # Five layers of "X*2,llama": one full block (a scanned run of two linear layers, then the softmax layer) and a
@@ -169,3 +173,17 @@ def test_hybrid_flops_mix_the_pure_models_layer_by_layer(linear):
   assert params == pytest.approx(mixed + tpe, rel=1e-12)
   with pytest.raises(ValueError, match="needs a layer pattern"):
     flops.non_embedding_params("hgrn2_hybrid", *shape)
+
+
+def test_hybrid_under_fsdp_and_sequence_parallelism_with_remat_matches_single_device(sequence_parallel_calls):  # noqa: F811
+  """fsdp=2 × sequence=4: the linear layers take the sequence-parallel op, the softmax layer is left to GSPMD;
+  full remat there, none in the single-device reference; loss, logits and gradients agree."""
+  config = sequence_mesh.tiny_config("hgrn2_hybrid", num_layers=3, layer_pattern="hgrn2,llama", attention_impl="xla")
+  logits, loss, grads = sequence_mesh.logits_loss_and_grads(
+    dataclasses.replace(config, remat_policy="full"), sharding.make_mesh(sequence_mesh.SEQUENCE_MESH)
+  )
+  logits_ref, loss_ref, grads_ref = sequence_mesh.logits_loss_and_grads(config)
+  assert sequence_parallel_calls and set(sequence_parallel_calls) == {"sequence"}
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+  sequence_mesh.assert_close(logits, logits_ref)
+  sequence_mesh.assert_close(grads, grads_ref, rtol=1e-4, atol=1e-6)
