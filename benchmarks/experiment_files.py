@@ -41,8 +41,10 @@ import jax  # noqa: E402
 import train_step  # noqa: E402  (benchmarks/train_step.py)
 
 from lsm_jax import metrics, sharding  # noqa: E402
+from lsm_jax.models import configs  # noqa: E402
 
 ARCHS = ("llama", "tnl", "hgrn2", "cosformer2")
+HYBRID_ARCHS = configs.HYBRID_ARCHS  # not in the default list: --archs=hgrn2_hybrid (docs/hybrids.md)
 SIZES = ("1b", "410m", "160m", "70m")
 # The target of the 70M–1B files: one 80 GB-class GPU (H100/A100 80GB) under JAX's default preallocation of 75%
 # of its memory, which is what a plain `python -m lsm_jax.train` gets there.
@@ -304,8 +306,8 @@ def main(argv=None) -> None:
   parser.add_argument("--out_dir", default=os.path.join(REPO_ROOT, "benchmarks", "results"))
   args = parser.parse_args(argv)
   for arch in args.archs.split(","):
-    if arch not in ARCHS:
-      parser.error(f"--archs: unknown architecture {arch!r}; valid: {ARCHS}")
+    if arch not in ARCHS + HYBRID_ARCHS:
+      parser.error(f"--archs: unknown architecture {arch!r}; valid: {ARCHS + HYBRID_ARCHS}")
   for size in args.sizes.split(","):
     if size not in CANDIDATES:
       parser.error(f"--sizes: {size!r} has no candidates; valid: {tuple(CANDIDATES)}")

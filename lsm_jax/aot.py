@@ -163,6 +163,7 @@ def compile_for_topology(topology_name: str, arguments: dict) -> dict:
     "target_platform": program.platform,
     "arch": model_config.arch,
     "size": model_config.size,
+    "layer_mixers": sorted(set(model_config.layer_mixers)),
     "num_params": program.num_params,
     "linear_attention_backend": model_config.linear_attention_backend,
     "attention_impl": model_config.attention_impl,
@@ -208,7 +209,13 @@ def _gib(value: float) -> str:
 
 
 def _mixer_kernels(record: dict) -> str:
-  return record["attention_impl"] if record["arch"] == "llama" else record["linear_attention_backend"]
+  """The kernels of the record's token mixers: softmax attention's, the linear-attention op's, or both (hybrids).
+  Records written before layer mixers were recorded have one mixer, their arch's."""
+  mixers = record.get("layer_mixers") or [record["arch"]]
+  kernels = [record["attention_impl"]] if "llama" in mixers else []
+  if any(mixer != "llama" for mixer in mixers):
+    kernels.append(record["linear_attention_backend"])
+  return " + ".join(kernels)
 
 
 def summary_text(record: dict) -> str:
