@@ -428,6 +428,29 @@ class InitCheckpointMismatchError(errors.UserError):
 _INIT_FREE_MODEL_FIELDS = ("size", "param_dtype", *checkpoint_lib.EXECUTION_MODEL_FIELDS)
 
 
+def run_model_config(run_dir: str, overrides: dict | None = None) -> model_configs.ModelConfig:
+  """The ModelConfig recorded in RUN_DIR/run_metadata.json (e.g. an imported LLaMA's), with `overrides` (field ->
+  value, e.g. {'dtype': 'bfloat16'}). For gin, next to trainer.train.init_from: MODEL_CONFIG =
+  @trainer.run_model_config() with trainer.run_model_config.run_dir = the same directory."""
+  recorded = checkpoint_lib.read_run_metadata(run_dir).get("model_config")
+  if not recorded:
+    raise ValueError(f"{run_dir}/{checkpoint_lib.RUN_METADATA_FILE} records no model_config")
+  fields = {field.name for field in dataclasses.fields(model_configs.ModelConfig)}
+  overrides = dict(overrides or {})
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(
+      f"trainer.run_model_config.overrides: unknown ModelConfig field(s) {unknown}; valid: {sorted(fields)}"
+    )
+  unsupported = sorted(set(recorded) - fields)
+  if unsupported:
+    raise ValueError(
+      f"the model_config of {run_dir} has field(s) {unsupported} that this lsm_jax's ModelConfig lacks; "
+      f"write MODEL_CONFIG by hand"
+    )
+  return model_configs.ModelConfig(**{**recorded, **overrides})
+
+
 def _absolute(path: str) -> str:
   return path if "://" in path else os.path.abspath(path)
 

@@ -1,5 +1,8 @@
 """A new training run initialised from another checkpoint (trainer.train.init_from): a random transformers LLaMA,
-imported with `python -m lsm_jax.export import`, trains on in lsm_jax from exactly transformers' loss."""
+imported with `python -m lsm_jax.export import`, trains on in lsm_jax from exactly transformers' loss.
+
+The fine-tuning run takes its model from the import (trainer.run_model_config in a gin file, as docs/training.md
+shows) or from gin bindings written by hand (MATCHING_MODEL)."""
 
 import json
 import shutil
@@ -26,11 +29,11 @@ MATCHING_MODEL = [
 ]
 
 
-def _train(model_dir, *bindings, steps=STEPS):
+def _train(model_dir, *bindings, steps=STEPS, gin_file=SMOKE):
   gin.clear_config()
   try:
     train.parse_gin(
-      [SMOKE],
+      [str(gin_file)],
       [
         f"MODEL_DIR = '{model_dir}'",
         f"TRAIN_STEPS = {steps}",
@@ -97,7 +100,13 @@ def transformers_loss(model, batch):
 def test_run_initialised_from_an_imported_llama_starts_at_transformers_loss_and_learns(imported, tmp_path):
   hf_model, imported_dir = imported
   model_dir = tmp_path / "finetune"
-  _train(model_dir, *MATCHING_MODEL, f"trainer.train.init_from = '{imported_dir}'")
+  finetune_gin = tmp_path / "finetune.gin"
+  finetune_gin.write_text(
+    f"from __gin__ import dynamic_registration\nfrom lsm_jax import trainer\ninclude '{SMOKE}'\n"
+    f"MODEL_CONFIG = @trainer.run_model_config()\ntrainer.run_model_config.run_dir = '{imported_dir}'\n"
+    f"trainer.train.init_from = '{imported_dir}'\n"
+  )
+  _train(model_dir, gin_file=finetune_gin)
   losses = [record["loss"] for record in metrics.read_metrics(str(model_dir))]
   assert len(losses) == STEPS
   batch = loader.make_loader("embedded:bytes", seq_len=SEQ_LEN, global_batch_size=BATCH, seed=0).global_batch(0)
@@ -110,6 +119,7 @@ def test_run_initialised_from_an_imported_llama_starts_at_transformers_loss_and_
   origin = run_metadata["init_from_milestone"]
   assert (origin["run_dir"], origin["step"], origin["arch"]) == (str(imported_dir), 0, "llama")
   assert origin["imported_from"] == str(imported_dir.parent / "hf_llama") and origin["model_config_changes"] == {}
+  assert run_metadata["model_config"] == checkpoint.read_run_metadata(str(imported_dir))["model_config"]
   # Fresh optimizer and step: the run's own milestone 0 holds the imported weights, its accounting starts at 0.
   milestone_zero, metadata = checkpoint.load_milestone(str(model_dir), 0, dtype="float32")
   imported_params, _ = checkpoint.load_milestone(str(imported_dir), 0)
@@ -118,16 +128,23 @@ def test_run_initialised_from_an_imported_llama_starts_at_transformers_loss_and_
   )
   assert metadata["tokens_seen"] == 0
 
-  # Resuming never reads init_from again: the source may be gone, and the run continues from its own checkpoint.
+  # Resuming never reads init_from again: the source may be gone, and the run continues from its own checkpoint
+  # (the model config then comes from bindings: run_model_config would read the source).
   moved = tmp_path / "moved"
   shutil.move(str(imported_dir), str(moved))
   try:
-    _train(model_dir, *MATCHING_MODEL, f"trainer.train.init_from = '{imported_dir}'", steps=STEPS + 2)
+    _train(
+      model_dir,
+      *MATCHING_MODEL,
+      "configs.ModelConfig.size = 'imported'",
+      f"trainer.train.init_from = '{imported_dir}'",
+      steps=STEPS + 2,
+    )
     assert [record["step"] for record in metrics.read_metrics(str(model_dir))][-3:] == [STEPS, STEPS + 1, STEPS + 2]
     assert checkpoint.read_run_metadata(str(model_dir))["init_from_milestone"] == origin
     # A changed init_from on resume is a change of the run, refused like any other.
     with pytest.raises(errors.ConfigChangeError, match=r"init_from: \{'path': '.*imported', 'step': None\} -> None"):
-      _train(model_dir, *MATCHING_MODEL, steps=STEPS + 4)
+      _train(model_dir, *MATCHING_MODEL, "configs.ModelConfig.size = 'imported'", steps=STEPS + 4)
   finally:
     shutil.move(str(moved), str(imported_dir))
 
@@ -151,3 +168,8 @@ def test_a_model_config_that_does_not_fit_the_checkpoint_is_refused_before_anyth
       model_dir, *MATCHING_MODEL, f"trainer.train.init_from = '{imported_dir}'", "trainer.train.init_from_step = 3"
     )
   assert json.loads((imported_dir / "run_metadata.json").read_text())["size"] == "imported"  # the source untouched
+  with pytest.raises(
+    ValueError, match=r"overrides: unknown ModelConfig field\(s\) \['d_modle'\]; valid: \[.*'d_model'"
+  ):
+    trainer.run_model_config(str(imported_dir), {"d_modle": 32})
+  assert trainer.run_model_config(str(imported_dir), {"dtype": "bfloat16"}).dtype == "bfloat16"
