@@ -693,6 +693,8 @@ def train(
   """
   # --- configuration checks: all of them before anything is compiled -------------------------------------
   _check_positive_ints("trainer.train", log_every_steps=log_every_steps, prefetch_batches=prefetch_batches)
+  if init_from is not None and not (isinstance(init_from, str) and init_from):
+    raise ValueError(f"trainer.train.init_from must be None or a run or milestone directory path, got {init_from!r}")
   if init_from_step is not None and init_from is None:
     raise ValueError("trainer.train.init_from_step needs trainer.train.init_from (the run directory to start from)")
   if device_memory_limit_gib is not None and not (

@@ -167,6 +167,10 @@ def test_a_model_config_that_does_not_fit_the_checkpoint_is_refused_before_anyth
     _train(
       model_dir, *MATCHING_MODEL, f"trainer.train.init_from = '{imported_dir}'", "trainer.train.init_from_step = 3"
     )
+  with pytest.raises(ValueError, match=r"init_from_step needs trainer\.train\.init_from"):
+    _train(model_dir, "trainer.train.init_from_step = 0")
+  with pytest.raises(ValueError, match=r"init_from must be None or a run or milestone directory path, got ''"):
+    _train(model_dir, "trainer.train.init_from = ''")
   assert json.loads((imported_dir / "run_metadata.json").read_text())["size"] == "imported"  # the source untouched
   with pytest.raises(
     ValueError, match=r"overrides: unknown ModelConfig field\(s\) \['d_modle'\]; valid: \[.*'d_model'"
