@@ -4,7 +4,8 @@ The shapes are stored once, in the gin model files gin/models/<arch>/<size>.gin 
 base.gin), and `get_config` reads them. They reconcile arXiv 2406.16690 Table 2 with Table 7 and reproduce every
 row of Table 7 (non-embedding parameters and PFLOPs/step): head dim 128 everywhere, so heads = d/128; the 1B FFN
 width is 4096 (Table 7 prints 5632, which contradicts its own parameter column); TNL and cosFormer2 use 25 layers
-at 410M to pay for their output-gate parameters.
+at 410M to pay for their output-gate parameters. The hybrid families (`HYBRID_ARCHS`, docs/hybrids.md) have the
+shapes of their linear architecture and a `layer_pattern` that puts a softmax layer among the linear ones.
 """
 
 from __future__ import annotations
