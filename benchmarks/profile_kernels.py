@@ -2,9 +2,9 @@
 
 Runs each (op, variant) under `jax.profiler.trace` and sums the device events of the Perfetto trace by kernel
 name (our pallas_calls are named linear_attention_*; XLA's fusions keep theirs), per call. Complements
-benchmarks/kernels.py, whose medians are end-to-end.
+benchmarks/kernel_timing.py, whose medians are end-to-end.
   python3 benchmarks/profile_kernels.py --out $OUT --ops hgrn2 --shape 8x2048x16x128 --config num_warps=4
---config KNOB=VALUE (repeatable) replaces one knob of the default kernel configuration, as in kernels.py; runs
+--config KNOB=VALUE (repeatable) replaces one knob of the default kernel configuration, as in kernel_timing.py; runs
 with different --config and --name compare configurations. CPU smoke (interpret mode; the trace then holds host
 events, summed the same way):
   python3 benchmarks/profile_kernels.py --out /tmp/profile_smoke --shape 1x64x2x16 --calls 1
@@ -26,7 +26,7 @@ import tempfile
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import kernels  # noqa: E402  (benchmarks/kernels.py: inputs, jitted closures, --config parsing)
+import kernel_timing  # noqa: E402  (benchmarks/kernel_timing.py: inputs, jitted closures, --config parsing)
 
 
 def device_kernel_us(trace_dir: str) -> tuple[dict[str, list[float]], str]:
@@ -101,23 +101,23 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", required=True)
   parser.add_argument("--name", default="kernel_profile_h200", help="results file stem")
-  parser.add_argument("--ops", default="hgrn2", help="subset of " + ",".join(kernels.OPS))
-  parser.add_argument("--shape", default="8x2048x16x128", help="BxTxHxD or an index into kernels.SHAPES")
+  parser.add_argument("--ops", default="hgrn2", help="subset of " + ",".join(kernel_timing.OPS))
+  parser.add_argument("--shape", default="8x2048x16x128", help="BxTxHxD or an index into kernel_timing.SHAPES")
   parser.add_argument(
     "--config",
     action="append",
     default=[],
     metavar="KNOB=VALUE",
-    help="replace one knob of the default kernel configuration (repeatable), as in kernels.py",
+    help="replace one knob of the default kernel configuration (repeatable), as in kernel_timing.py",
   )
   parser.add_argument("--calls", type=int, default=5)
   args = parser.parse_args()
-  (shape,) = kernels.parse_shapes(args.shape)
+  (shape,) = kernel_timing.parse_shapes(args.shape)
   ops = [op for op in args.ops.split(",") if op]
   for op in ops:
-    if op not in kernels.OPS:
-      raise SystemExit(f"--ops: {op!r}; valid: {', '.join(kernels.OPS)}.")
-  overrides = kernels.parse_config(args.config)
+    if op not in kernel_timing.OPS:
+      raise SystemExit(f"--ops: {op!r}; valid: {', '.join(kernel_timing.OPS)}.")
+  overrides = kernel_timing.parse_config(args.config)
   config_text = ",".join(f"{name}={value}" for name, value in overrides.items()) or "default"
   os.makedirs(args.out, exist_ok=True)
   record = {
@@ -130,12 +130,14 @@ def main():
   }
   label = "x".join(map(str, shape))
   for op in ops:
-    forward, forward_args, backward, backward_args = kernels.ours_fns(op, shape, kernels.ours(overrides=overrides))
+    forward, forward_args, backward, backward_args = kernel_timing.ours_fns(
+      op, shape, kernel_timing.ours(overrides=overrides)
+    )
     for part, fn, fn_args in (("fwd", forward, forward_args), ("fwd_bwd", backward, backward_args)):
       rows, source = profile(fn, fn_args, args.calls)
       run = {"op": op, "shape": label, "config": config_text, "part": part, "events": source, "kernels": rows}
       record["runs"].append(run)
-      kernels.log(op, label, config_text, part, json.dumps(run["kernels"][:8]))
+      kernel_timing.log(op, label, config_text, part, json.dumps(run["kernels"][:8]))
       with open(os.path.join(args.out, args.name + ".json"), "w") as handle:
         json.dump(record, handle, indent=1)
       write_markdown(os.path.join(args.out, args.name + ".md"), record)

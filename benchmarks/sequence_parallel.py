@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import kernels  # noqa: E402  (benchmarks/kernels.py: inputs, the fwd+bwd closure, compile and timing, log)
+import kernel_timing  # noqa: E402  (benchmarks/kernel_timing.py: inputs, the fwd+bwd closure, compile and timing, log)
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
@@ -51,7 +51,7 @@ def placed_step(op, mode, inputs, devices, backend, chunk_size):
       q, k, v, log_decay, backend=backend, chunk_size=chunk_size
     )
     place = lambda x: None if x is None else jax.device_put(x, devices[0])  # noqa: E731
-    return kernels.gradient_fn(attention, op == "hgrn2"), [place(x) for x in inputs]
+    return kernel_timing.gradient_fn(attention, op == "hgrn2"), [place(x) for x in inputs]
   mesh = Mesh(np.asarray(devices), ("sequence",))
   attention = lambda q, k, v, log_decay: sequence_parallel_linear_attention(  # noqa: E731
     q, k, v, log_decay, mesh=mesh, backend=backend, chunk_size=chunk_size
@@ -67,11 +67,11 @@ def placed_step(op, mode, inputs, devices, backend, chunk_size):
     place(log_decay, decay_sharding),
     place(d_out, split_time),
   ]
-  return kernels.gradient_fn(attention, op == "hgrn2"), args
+  return kernel_timing.gradient_fn(attention, op == "hgrn2"), args
 
 
 def measure(op, mode, length, args, devices):
-  inputs = kernels.jax_inputs(op, args.batch, length, args.heads, args.dim, dtype=jnp.dtype(args.dtype))
+  inputs = kernel_timing.jax_inputs(op, args.batch, length, args.heads, args.dim, dtype=jnp.dtype(args.dtype))
   row = {
     "op": op,
     "mode": mode,
@@ -81,10 +81,10 @@ def measure(op, mode, length, args, devices):
   }
   try:
     step, placed = placed_step(op, mode, inputs, devices, args.backend, args.chunk_size)
-    compiled, row["compile_s"] = kernels.compile_jax(step, placed)
+    compiled, row["compile_s"] = kernel_timing.compile_jax(step, placed)
     memory = metrics.compiled_memory_bytes(compiled)
     row["memory_gib_per_device"] = None if memory is None else memory["total"] / GIB
-    row["fwd_bwd_ms"] = kernels.time_compiled(compiled, placed, args.reps, args.calls)
+    row["fwd_bwd_ms"] = kernel_timing.time_compiled(compiled, placed, args.reps, args.calls)
     row["status"] = "ok"
   except Exception as error:  # record the row (out of memory is a result) and go on
     if metrics.is_out_of_memory(error):
@@ -185,7 +185,7 @@ def main(argv=None):
     "command": "python3 benchmarks/sequence_parallel.py " + " ".join(sys.argv[1:]),
     "results": [],
   }
-  kernels.log("devices", len(devices), record["device"], "jax", jax.__version__, "backend", record["backend"])
+  kernel_timing.log("devices", len(devices), record["device"], "jax", jax.__version__, "backend", record["backend"])
   started = time.perf_counter()
   for op in args.ops:
     for length in args.seq_lens:
@@ -196,12 +196,12 @@ def main(argv=None):
             f"--budget_s {args.budget_s:g} reached after {elapsed:.0f} s, before {op} T={length} {mode}"
           )
           save(args.out_dir, args.name, record)
-          kernels.log(record["stopped"])
+          kernel_timing.log(record["stopped"])
           return record
         row = measure(op, mode, length, args, devices)
         record["results"].append(row)
         save(args.out_dir, args.name, record)
-        kernels.log(json.dumps(row))
+        kernel_timing.log(json.dumps(row))
   return record
 
 

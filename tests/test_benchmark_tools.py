@@ -10,37 +10,37 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-import kernels  # noqa: E402
+import kernel_timing  # noqa: E402
 import profile_kernels  # noqa: E402
 
 
 def test_parse_config():
   # --config KNOB=VALUE: converted to each knob's type, checked against the ops' default configurations.
-  assert kernels.parse_config([]) == {}
-  assert kernels.parse_config(
+  assert kernel_timing.parse_config([]) == {}
+  assert kernel_timing.parse_config(
     ["num_warps=8", "fused_forward=false", "split_sub_chunks=True", "segment_programs=0"]
   ) == {"num_warps": 8, "fused_forward": False, "split_sub_chunks": True, "segment_programs": 0}
   with pytest.raises(SystemExit, match="unknown GpuKernelConfig knob 'warps'; valid: chunk_size, num_warps"):
-    kernels.parse_config(["warps=8"])
+    kernel_timing.parse_config(["warps=8"])
   with pytest.raises(SystemExit, match="num_warps=eight; valid: an integer"):
-    kernels.parse_config(["num_warps=eight"])
+    kernel_timing.parse_config(["num_warps=eight"])
   with pytest.raises(SystemExit, match="fused_forward=yes; valid: true or false"):
-    kernels.parse_config(["fused_forward=yes"])
+    kernel_timing.parse_config(["fused_forward=yes"])
   with pytest.raises(SystemExit, match="num_warps=3; valid: one of"):
-    kernels.parse_config(["num_warps=3"])
+    kernel_timing.parse_config(["num_warps=3"])
   with pytest.raises(SystemExit, match="'num_warps'; valid: knob=value"):
-    kernels.parse_config(["num_warps"])
+    kernel_timing.parse_config(["num_warps"])
 
 
 def test_config_overrides_reach_our_op():
-  # The op kernels.py times takes the default configuration of its inputs with the overrides replaced.
+  # The op kernel_timing.py times takes the default configuration of its inputs with the overrides replaced.
   import jax
   from jaxpr_tools import pallas_kernel_names
 
-  q, k, v, log_decay, _ = kernels.jax_inputs("tnl", 1, 64, 2, 16)
+  q, k, v, log_decay, _ = kernel_timing.jax_inputs("tnl", 1, 64, 2, 16)
   launches = lambda op_fn: pallas_kernel_names(jax.make_jaxpr(op_fn)(q, k, v, log_decay).jaxpr)  # noqa: E731
-  assert launches(kernels.ours()) == ["linear_attention_fused_forward"]
-  assert launches(kernels.ours(overrides=kernels.parse_config(["fused_forward=false"]))) == [
+  assert launches(kernel_timing.ours()) == ["linear_attention_fused_forward"]
+  assert launches(kernel_timing.ours(overrides=kernel_timing.parse_config(["fused_forward=false"]))) == [
     "linear_attention_state_scan",
     "linear_attention_output",
   ]
@@ -100,15 +100,15 @@ def test_forward_then_backward_gives_the_gradients_of_one_jitted_grad():
   op = lambda q, k, v, log_decay: jnp.cumsum(q * k * jnp.exp(log_decay), axis=1) * v  # noqa: E731
   keys = jax.random.split(jax.random.key(0), 5)
   args = [jax.random.normal(key, (2, 8, 3, 4)) for key in keys]
-  expected = kernels.gradient_fn(op, True)(*args)
-  two_calls = kernels.ForwardThenBackward(op, True)
-  compiled, seconds = kernels.compile_jax(two_calls, args)
+  expected = kernel_timing.gradient_fn(op, True)(*args)
+  two_calls = kernel_timing.ForwardThenBackward(op, True)
+  compiled, seconds = kernel_timing.compile_jax(two_calls, args)
   assert seconds > 0
   for grads in (two_calls(*args), compiled(*args)):
     assert len(grads) == 4
     for got, want in zip(grads, expected):
       assert jnp.allclose(got, want, rtol=1e-6, atol=1e-6)
-  fixed = kernels.ForwardThenBackward(op, False)(*args)  # no decay gradient asked for: q, k, v only
+  fixed = kernel_timing.ForwardThenBackward(op, False)(*args)  # no decay gradient asked for: q, k, v only
   assert len(fixed) == 3 and jnp.allclose(fixed[2], expected[2], rtol=1e-6, atol=1e-6)
   # Residuals that are inputs (the op saves q, k and v) are not forward outputs: a jit output aliasing an
   # input would be a device copy, which a training step does not pay.
@@ -193,7 +193,7 @@ def test_committed_peer_files_carry_their_provenance():
     timings = json.load(f)["results"]
   assert all(
     f"fla {name} {shape}" in timings
-    for name in kernels.REFERENCE_PEER_NAMES.values()
+    for name in kernel_timing.REFERENCE_PEER_NAMES.values()
     for shape in ("8x2048x16x128", "2x8192x16x128", "1x32768x16x128")
   )
 
@@ -233,21 +233,21 @@ def test_fla_measured_in_process_replaces_the_reference_timing(tmp_path, monkeyp
     "variants": [],
     "skipped": [],
   }
-  runner = kernels.Runner(record, str(tmp_path), None, {"fla chunk_gla (HGRN2-like) 8x2048x16x128": [2.0, 6.0]})
+  runner = kernel_timing.Runner(record, str(tmp_path), None, {"fla chunk_gla (HGRN2-like) 8x2048x16x128": [2.0, 6.0]})
   row = {"op": "hgrn2", "shape": "8x2048x16x128", "fwd": {"ours_ms": 1.0}, "fwd_bwd": {"ours_ms": 3.0}}
   record["results"].append(row)
-  kernels.apply_reference_peer(runner, row)
+  kernel_timing.apply_reference_peer(runner, row)
   assert row["fwd_bwd"]["fla_source"] == "reference"
   assert (row["fwd"]["ratio"], row["fwd_bwd"]["ratio"]) == (2.0, 2.0)
-  monkeypatch.setattr(kernels, "time_fla", lambda op, shape: (_ for _ in ()).throw(RuntimeError("no GPU")))
-  kernels.measure_fla(runner, row, "hgrn2", (8, 2048, 16, 128))
+  monkeypatch.setattr(kernel_timing, "time_fla", lambda op, shape: (_ for _ in ()).throw(RuntimeError("no GPU")))
+  kernel_timing.measure_fla(runner, row, "hgrn2", (8, 2048, 16, 128))
   assert row["fwd_bwd"]["fla_source"] == "reference" and row["fwd_bwd"]["ratio"] == 2.0
   monkeypatch.setattr(
-    kernels,
+    kernel_timing,
     "time_fla",
     lambda op, shape: {"fwd": {"ms": 1.5, "first_call_s": 9.0}, "fwd_bwd": {"ms": 4.5, "first_call_s": 30.0}},
   )
-  kernels.measure_fla(runner, row, "hgrn2", (8, 2048, 16, 128))
+  kernel_timing.measure_fla(runner, row, "hgrn2", (8, 2048, 16, 128))
   assert "fla_source" not in row["fwd"] and "fla_source" not in row["fwd_bwd"]
   assert (row["fwd"]["ratio"], row["fwd_bwd"]["ratio"]) == (1.5, 1.5)
   text = (tmp_path / "kernels_h200.md").read_text()

@@ -1,4 +1,4 @@
-"""Kernel timings of the peers that benchmarks/kernels.py compares against (its --reference_peers file).
+"""Kernel timings of the peers that benchmarks/kernel_timing.py compares against (its --reference_peers file).
 
 At three shapes (bf16, D=128): fla's chunk_simple_gla (scalar per-head decay, TNL), chunk_gla (per-key-channel
 decay, HGRN2-like gates logsigmoid(N(0, 1) + 4)) and chunk_linear_attn (no decay, cosFormer2), OpenNLPLab's

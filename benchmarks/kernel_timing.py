@@ -2,7 +2,7 @@
 
 On a GPU host with jax[cuda] and, for the fla columns, fla (pip install flash-linear-attention==0.6.0
 fla-core==0.6.0):
-  python3 benchmarks/kernels.py --out $OUT [--budget_s 240] [--chunk_sizes 64,128] [--check] \
+  python3 benchmarks/kernel_timing.py --out $OUT [--budget_s 240] [--chunk_sizes 64,128] [--check] \
       [--config num_warps=8 --config fused_forward=false ...]
 
 Ops (bf16, D=128 unless noted), each forward and forward+backward (grads of q, k, v and, for the HGRN2 gate,
@@ -26,7 +26,7 @@ ops with triton.testing.do_bench (median, CUDA events), fla's first call (Triton
 rewritten after every measurement, so a run cut short keeps what it measured. --check first compares the
 pallas_gpu backend with the float64 recurrent reference on the GPU (outputs, final state and all gradients).
 --shapes takes indices into SHAPES or explicit BxTxHxD shapes; a CPU smoke (kernels in interpret mode):
-  python3 benchmarks/kernels.py --out /tmp/kernels_smoke --shapes 1x64x2x16 --reps 1 --calls 1
+  python3 benchmarks/kernel_timing.py --out /tmp/kernels_smoke --shapes 1x64x2x16 --reps 1 --calls 1
 """
 
 from __future__ import annotations
@@ -595,7 +595,7 @@ def main():
     "device": getattr(device, "device_kind", str(device)),
     "jax_version": jax.__version__,
     "python": platform.python_version(),
-    "command": "python3 benchmarks/kernels.py " + " ".join(sys.argv[1:]),
+    "command": "python3 benchmarks/kernel_timing.py " + " ".join(sys.argv[1:]),
     "timing": f"JAX: median of {args.reps} x ({args.calls} calls, block_until_ready) after lower().compile(); "
     "torch: triton do_bench median",
     "budget_s": args.budget_s,
