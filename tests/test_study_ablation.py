@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -139,9 +140,14 @@ def test_micro_ablation_grid_reports_table_5_and_6_layouts(tmp_path):
   assert "- milestone checkpoints: 6 saved by the 3 finished run(s), 6 planned by the grid's 3 run(s)" in report
   assert "1,376" in report
 
-  # A rerun (here in-process) skips every finished run and rebuilds the same tables.
+  # A rerun (here in-process) skips every finished run and rebuilds the same tables, also from a study directory
+  # shared without its checkpoints.
+  for run_dir in (out / "runs").iterdir():
+    shutil.rmtree(run_dir / "checkpoints")
   study.run_study(str(out), _grid(str(tmp_path / "grid.gin")))
-  assert "0 run(s) trained and evaluated, 3 finished earlier and skipped" in (out / "report.md").read_text()
+  rerun_report = (out / "report.md").read_text()
+  assert "0 run(s) trained and evaluated, 3 finished earlier and skipped" in rerun_report
+  assert "- milestone checkpoints: 6 saved by the 3 finished run(s)" in rerun_report
   assert json.loads((out / "ablation_tables.json").read_text()) == tables
 
 

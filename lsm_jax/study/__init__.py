@@ -513,11 +513,20 @@ def run_study(
   return report
 
 
+def _evaluated_steps(run_dir: str) -> set[int]:
+  with open(os.path.join(run_dir, "eval", "results.jsonl"), encoding="utf-8") as f:
+    return {json.loads(line)["step"] for line in f if line.strip()}
+
+
 def milestone_counts(runs: Sequence[StudyRun], finished: Sequence[StudyRun]) -> tuple[int, int]:
-  """(milestones the finished runs saved, milestones the whole grid plans), from run metadata and gin files."""
+  """(milestones the finished runs saved and evaluated, milestones the whole grid plans).
+
+  Saved milestones are counted from each run's evaluation records (the study evaluates every milestone), so a study
+  directory shared without its checkpoints reports the same count.
+  """
   from lsm_jax import checkpoint, summary
 
-  saved = sum(len(checkpoint.list_milestones(run.run_dir)) for run in finished)
+  saved = sum(len(_evaluated_steps(run.run_dir)) for run in finished)
   planned = 0
   for run in runs:
     spec = summary.experiment(run.gin_files, run.bindings)
