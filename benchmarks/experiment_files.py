@@ -170,6 +170,8 @@ def run(gin_file: str, args, cache_dir: str) -> dict:
     "seq_len": shipped["seq_len"],
     "train_steps": args.train_steps,
   }
+  if args.work_dir:
+    os.makedirs(args.work_dir, exist_ok=True)
   model_dir = tempfile.mkdtemp(prefix="experiment-", dir=args.work_dir)
   command = [
     sys.executable,
