@@ -2,7 +2,8 @@
 the dense causal + document mask: outputs and the gradients of q, k, v, in float32 (tight) and 16 bits
 (bounds), over packed documents (boundaries inside and on blocks, single-token documents), unsorted ids, one
 document, no ids, grouped-query heads with D = 128, no causal mask; T = 72 is no multiple of the blocks (the op
-pads). The block ranges the kernels loop over skip the blocks the mask hides.
+pads). The block ranges the kernels loop over skip the blocks the mask hides. Last, LLaMA's "pallas_gpu"
+attention against its "xla" attention.
 
 Shapes are tiny and cases share compiled functions (interpret mode compiles slowly, runs fast)."""
 
@@ -12,7 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from jaxpr_tools import pallas_kernel_names
 
+from lsm_jax.models import build_model, get_config
 from pallas_kernels.attention import FlashConfig, block_ranges, default_config, flash_attention
 
 BATCH, TIME, HEADS = 2, 72, 2
@@ -157,3 +161,27 @@ def test_default_config_and_short_sequences():
   assert default_config(128, jnp.float32).block_q == 64
   fitted = default_config(64, jnp.bfloat16).fitted(40)  # blocks capped at 64, T padded to 64
   assert (fitted.block_q, fitted.block_k, fitted.multiple) == (64, 64, 64)
+
+
+def test_llama_pallas_gpu_attention_matches_xla():
+  tiny = dict(num_layers=1, d_model=128, num_heads=2, head_dim=64, ffn_dim=96, vocab_size=64, dtype="float32")
+  ids = jnp.asarray(LAYOUTS["documents"])
+  tokens = jnp.asarray(np.random.default_rng(5).integers(0, 64, ids.shape), jnp.int32)
+
+  def loss_and_grads(attention_impl):
+    model = build_model(get_config("llama", "70m", attention_impl=attention_impl, **tiny), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(params):
+      logits = nnx.merge(graphdef, params)(tokens, segment_ids=ids)
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 3]) + jnp.mean(logits**2)
+
+    step = jax.value_and_grad(loss)
+    return jax.jit(step, compiler_options=FAST_COMPILE)(params), pallas_kernel_names(jax.make_jaxpr(step)(params).jaxpr)
+
+  (loss, grads), kernels = loss_and_grads("pallas_gpu")
+  (loss_ref, grads_ref), reference_kernels = loss_and_grads("xla")
+  assert sorted(kernels) == ["flash_attention_dkv", "flash_attention_dq", "flash_attention_forward"]
+  assert reference_kernels == []
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, grads_ref)

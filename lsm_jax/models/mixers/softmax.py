@@ -6,8 +6,10 @@ document inside a packed row sees exactly what it would see alone. Decoding uses
 left padding, segment id 0, and unwritten slots).
 
 Implementations: "splash" (Pallas TPU splash attention: block-sparse causal mask, documents by segment ids, no
-[T, T] array), "cudnn" (cuDNN flash attention through jax.nn.dot_product_attention) and "xla" (the same call,
-plain XLA). The last two take the documents as a dense [B, 1, T, T] mask.
+[T, T] array), "pallas_gpu" (Pallas GPU flash attention, pallas_kernels.attention: documents by segment ids, no
+[T, T] array, key blocks hidden by the mask skipped), "cudnn" (cuDNN flash attention through
+jax.nn.dot_product_attention) and "xla" (the same call, plain XLA). The last two take the documents as a dense
+[B, 1, T, T] mask.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 
 from lsm_jax.models import layers
 from lsm_jax.models.mixers import base
+from pallas_kernels import attention as pallas_attention
 
 # Splash attention's query and key blocks: the largest of these dividing T (512 is MaxText's default).
 SPLASH_BLOCKS = (512, 256, 128)
@@ -89,6 +92,25 @@ def splash_attention(q, k, v, segment_ids):
   return shards.per_shard(attend, (activation, activation, activation, segment_spec), activation)(q, k, v, segment_ids)
 
 
+def pallas_gpu_attention(q, k, v, segment_ids):
+  """Causal flash attention (Pallas GPU kernels; interpret mode off the GPU) of q, k, v [B, T, H, D] (keys limited
+  to the query's segment when segment_ids [B, T] are given) -> [B, T, H, D], per shard of the active mesh (batch
+  and heads); None where it cannot run: a head_dim the kernels lack, or the time axis split over the mesh."""
+  shards = layers.KernelShards(q)
+  if q.shape[-1] not in pallas_attention.HEAD_DIMS or shards.length is not None:
+    return None
+  if not shards.sharded:
+    return pallas_attention.flash_attention(q, k, v, segment_ids)
+  activation = shards.activation_spec()
+  segment_spec = None if segment_ids is None else shards.segment_spec()
+  in_specs = (activation, activation, activation, segment_spec)
+  return shards.per_shard(pallas_attention.flash_attention, in_specs, activation)(q, k, v, segment_ids)
+
+
+# The attention kernels by implementation; the others ("cudnn", "xla") are jax.nn.dot_product_attention's.
+KERNELS = {"splash": splash_attention, "pallas_gpu": pallas_gpu_attention}
+
+
 class SoftmaxAttention(base.TokenMixer):
   def __init__(self, config, *, rngs: nnx.Rngs):
     self.config = config
@@ -128,13 +150,14 @@ class SoftmaxAttention(base.TokenMixer):
     del layer_inputs
     q, k, v = self._project(x, positions)
     implementation = self.config.resolved_for().attention_impl
-    attended = splash_attention(q, k, v, segment_ids) if implementation == "splash" else None
+    kernel = KERNELS.get(implementation)
+    attended = None if kernel is None else kernel(q, k, v, segment_ids)
     if attended is None:
       mask = None
       if segment_ids is not None:
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
       attended = jax.nn.dot_product_attention(
-        q, k, v, mask=mask, is_causal=True, implementation="xla" if implementation == "splash" else implementation
+        q, k, v, mask=mask, is_causal=True, implementation="xla" if kernel is not None else implementation
       )
     cache = None
     if max_length is not None:
