@@ -29,6 +29,8 @@ def _parallel_masked_float64(q, k, v, log_decay, initial_state, segment_ids):
     steps = np.zeros(q.shape)
   elif np.ndim(log_decay) == 1:
     steps = np.broadcast_to(np.asarray(log_decay, np.float64)[None, None, :, None], q.shape)
+  elif np.ndim(log_decay) == 3:
+    steps = np.broadcast_to(np.asarray(log_decay, np.float64)[..., None], q.shape)
   else:
     steps = np.asarray(log_decay, np.float64)
   cumulative = np.cumsum(steps, axis=1)  # [B,T,H,Dk]
@@ -47,7 +49,7 @@ def _parallel_masked_float64(q, k, v, log_decay, initial_state, segment_ids):
   return out
 
 
-@pytest.mark.parametrize("decay_mode", ["none", "scalar", "vector"])
+@pytest.mark.parametrize("decay_mode", ["none", "scalar", "token", "vector"])
 def test_recurrent_reference_matches_float64_parallel_form(decay_mode):
   q, k, v, log_decay, state, segment_ids = random_inputs(
     0, batch=2, time=24, heads=2, dim_k=8, dim_v=4, decay_mode=decay_mode, strength="weak"
@@ -116,11 +118,35 @@ def _check_chunked_against_reference(
 
 @pytest.mark.parametrize(
   "decay_mode,strength",
-  [("none", "weak"), ("scalar", "weak"), ("scalar", "strong"), ("vector", "weak"), ("vector", "strong")],
+  [
+    ("none", "weak"),
+    ("scalar", "weak"),
+    ("scalar", "strong"),
+    ("vector", "weak"),
+    ("vector", "strong"),
+  ],
 )
 def test_chunked_matches_reference_with_resets_and_states(decay_mode, strength):
   # T=150 is not a multiple of the chunk (64); Dk != Dv; resets inside chunks and on a chunk boundary.
   _check_chunked_against_reference(2, time=150, decay_mode=decay_mode, strength=strength)
+
+
+def test_chunked_token_decay_matches_reference_and_vector_decay_broadcast_over_dim_k():
+  # Against the float64 recurrence (T=40 over chunks of 16, documents, an initial state), and against a second
+  # code path: the per-key-channel scores with the decay repeated over Dk, whose gradient summed over Dk is the
+  # per-token one.
+  _check_chunked_against_reference(10, time=40, decay_mode="token", strength="strong", chunk_size=16, dim_k=16)
+  q, k, v, log_decay, state, segment_ids = random_inputs(
+    10, batch=2, time=40, heads=2, dim_k=16, dim_v=16, decay_mode="token", strength="strong"
+  )
+  d_out = jnp.asarray(np.random.default_rng(10).normal(size=v.shape), jnp.float32)
+  d_state = jnp.ones(state.shape, jnp.float32)
+  run = functools.partial(backend_with_grads, chunked.linear_attention_chunked, 16)
+  token = run(q, k, v, log_decay, state, segment_ids, d_out, d_state)
+  vector = run(q, k, v, jnp.broadcast_to(log_decay[..., None], q.shape), state, segment_ids, d_out, d_state)
+  vector[2]["log_decay"] = vector[2]["log_decay"].sum(axis=-1)
+  for got, expected in [(token[0], vector[0]), (token[1], vector[1])] + [(token[2][n], vector[2][n]) for n in token[2]]:
+    assert relative_rms_error(got, expected) < 1e-5
 
 
 def test_chunked_vector_decay_shorter_than_a_chunk():
@@ -182,9 +208,11 @@ def test_bfloat16_inputs_keep_output_dtype_and_float32_state():
   assert relative_rms_error(final_state, expected_state) < 1e-5  # same bf16 inputs, float32 arithmetic
 
 
-def test_decoding_steps_continue_the_chunked_prefill():
+@pytest.mark.parametrize("decay_mode", ["vector", "token"])
+def test_decoding_steps_continue_the_chunked_prefill(decay_mode):
+  # log_decay[:, t] is the step's [B,H,Dk] or [B,H] decay.
   q, k, v, log_decay, _, _ = random_inputs(
-    8, batch=2, time=30, heads=2, dim_k=16, dim_v=8, decay_mode="vector", segments=False, initial_state=False
+    8, batch=2, time=30, heads=2, dim_k=16, dim_v=8, decay_mode=decay_mode, segments=False, initial_state=False
   )
   run = jax.jit(functools.partial(api.linear_attention, return_final_state=True, backend="auto"))
   out, final_state = run(q, k, v, log_decay)
@@ -214,6 +242,11 @@ def _valid_inputs():
     (lambda a: {**a, "v": a["v"].astype(jnp.int32)}, TypeError, "v has dtype int32"),
     (lambda a: {**a, "log_decay": a["log_decay"][..., :2]}, ValueError, "log_decay has shape"),
     (lambda a: {**a, "log_decay": jnp.zeros((3,))}, ValueError, "log_decay has shape"),
+    (
+      lambda a: {**a, "log_decay": a["log_decay"][..., 0, 0]},
+      ValueError,
+      r"log_decay has shape \(1, 8\); valid: .*\[batch, time, heads\]=\(1, 8, 2\) \(per head and token\)",
+    ),
     (lambda a: {**a, "initial_state": a["initial_state"][:, :1]}, ValueError, "initial_state has shape"),
     (lambda a: {**a, "segment_ids": a["segment_ids"][:, :4]}, ValueError, "segment_ids has shape"),
     (lambda a: {**a, "segment_ids": a["segment_ids"].astype(jnp.float32)}, TypeError, "segment_ids has dtype"),

@@ -1,9 +1,10 @@
 """Public API of decay-scan linear attention and its backend dispatch (recurrentgemma-style).
 
-Layout: q, k [batch, time, heads, dim_k]; v [batch, time, heads, dim_v]. Three decay modes, chosen by
+Layout: q, k [batch, time, heads, dim_k]; v [batch, time, heads, dim_v]. Four decay modes, chosen by
 the shape of `log_decay` (natural-log decay per step, every value <= 0):
   * None                       no decay (cosFormer2)
   * [heads]                    fixed scalar decay per head (TNL)
+  * [batch, time, heads]       data-dependent scalar decay per head and token (Mamba-2, simple GLA)
   * [batch, time, heads, dim_k] data-dependent decay per key channel (HGRN2)
 States are [batch, heads, dim_k, dim_v] float32. `segment_ids` [batch, time] marks packed documents: the
 state is reset wherever the id changes, so documents never share state. `initial_state` feeds the first
@@ -80,11 +81,12 @@ def check_inputs(q, k, v, log_decay=None, initial_state=None, segment_ids=None):
       raise TypeError(f"{name} has dtype {x.dtype}; valid: float32, bfloat16, float16, float64.")
   batch, time, heads, dim_k = q.shape
   if log_decay is not None:
-    valid = ((heads,), (batch, time, heads, dim_k))
+    valid = ((heads,), (batch, time, heads), (batch, time, heads, dim_k))
     if tuple(log_decay.shape) not in valid:
       raise ValueError(
         f"log_decay has shape {tuple(log_decay.shape)}; valid: None (no decay), [heads]={valid[0]} "
-        f"(fixed per head) or [batch, time, heads, dim_k]={valid[1]} (per key channel)."
+        f"(fixed per head), [batch, time, heads]={valid[1]} (per head and token) or "
+        f"[batch, time, heads, dim_k]={valid[2]} (per key channel)."
       )
     if log_decay.dtype not in _FLOAT_DTYPES:
       raise TypeError(f"log_decay has dtype {log_decay.dtype}; valid: a floating dtype (float32 recommended).")
@@ -128,13 +130,16 @@ def linear_attention(
 
 def linear_attention_step(q, k, v, state, log_decay=None):
   """One decoding step with an O(1) state: q,k [B,H,Dk], v [B,H,Dv], state [B,H,Dk,Dv] float32,
-  log_decay None / [H] / [B,H,Dk]. Returns (o [B,H,Dv] in v.dtype, new state)."""
+  log_decay None / [H] (fixed per head) / [B,H] (this token's decay per head) / [B,H,Dk] (per key channel).
+  Returns (o [B,H,Dv] in v.dtype, new state)."""
   batch, heads, dim_k = q.shape
   dtype = reference.compute_dtype(q, k, v, state)
   if log_decay is None:
     decay = jnp.zeros((batch, heads, dim_k), dtype)
   elif log_decay.ndim == 1:
     decay = jnp.broadcast_to(log_decay.astype(dtype)[None, :, None], (batch, heads, dim_k))
+  elif log_decay.ndim == 2:
+    decay = jnp.broadcast_to(log_decay.astype(dtype)[:, :, None], (batch, heads, dim_k))
   else:
     decay = log_decay.astype(dtype)
   with jax.default_matmul_precision("highest"):

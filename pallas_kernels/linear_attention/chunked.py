@@ -74,8 +74,9 @@ def _vector_decay_scores(q, k, b):
 
 
 def _chunk_step(state, chunk_inputs, *, decay_mode):
-  """One chunk. state [B,H,Dk,Dv]; q,k [B,H,C,Dk]; v [B,H,C,Dv]; b chunk-local cumsum ([B|1,H,C] scalar,
-  [B,H,C,Dk] vector, unused for none); docs [B,C]; previous_doc [B] (document of the token before)."""
+  """One chunk. state [B,H,Dk,Dv]; q,k [B,H,C,Dk]; v [B,H,C,Dv]; b chunk-local cumsum ([1,H,C] scalar,
+  [B,H,C] token, [B,H,C,Dk] vector, unused for none); docs [B,C]; previous_doc [B] (document of the token
+  before)."""
   q, k, v, b, docs, previous_doc = chunk_inputs
   chunk = q.shape[2]
   causal = jnp.tril(jnp.ones((chunk, chunk), bool))
@@ -87,7 +88,7 @@ def _chunk_step(state, chunk_inputs, *, decay_mode):
   if decay_mode == "none":
     scores = jnp.where(same_doc[:, None], _einsum("bhid,bhjd->bhij", q, k), 0.0)
     q_inter, k_inter, state_decay = q, k, 1.0
-  elif decay_mode == "scalar":
+  elif decay_mode in ("scalar", "token"):
     mask = same_doc[:, None]
     exponent = jnp.where(mask, b[..., :, None] - b[..., None, :], 0.0)
     scores = jnp.where(mask, _einsum("bhid,bhjd->bhij", q, k) * jnp.exp(exponent), 0.0)
@@ -113,7 +114,7 @@ def linear_attention_chunked(q, k, v, log_decay, initial_state, segment_ids, chu
   """Backend "xla". Shapes as in api.py. Returns (o [B,T,H,Dv] in v.dtype, final_state [B,H,Dk,Dv] f32)."""
   batch, time, heads, dim_k = q.shape
   dim_v = v.shape[-1]
-  decay_mode = "none" if log_decay is None else ("scalar" if log_decay.ndim == 1 else "vector")
+  decay_mode = "none" if log_decay is None else {1: "scalar", 3: "token", 4: "vector"}[log_decay.ndim]
   chunk = resolve_chunk_size(chunk_size, time, decay_mode == "vector")
   padded_time = common.round_up(time, chunk)
   num_chunks = padded_time // chunk
@@ -130,6 +131,8 @@ def linear_attention_chunked(q, k, v, log_decay, initial_state, segment_ids, chu
     per_step = jnp.where(jnp.arange(padded_time) < time, 1.0, 0.0).astype(dtype)
     steps = per_step.reshape(num_chunks, 1, 1, chunk) * log_decay.astype(dtype)[None, None, :, None]
     b = jnp.cumsum(steps, axis=-1)  # [N,1,H,C]
+  elif decay_mode == "token":
+    b = jnp.cumsum(to_chunks(log_decay[..., None])[..., 0], axis=-1)  # [N,B,H,C]; padding decays by 1
   else:
     b = jnp.cumsum(to_chunks(log_decay), axis=-2)  # [N,B,H,C,Dk]
 

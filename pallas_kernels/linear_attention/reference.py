@@ -21,12 +21,14 @@ def compute_dtype(*arrays):
 
 
 def expand_log_decay(log_decay, batch, time, heads, dim_k, dtype):
-  """Broadcasts None / [H] / [B,T,H,Dk] log-decays to [B,T,H,Dk] in `dtype`."""
+  """Broadcasts None / [H] / [B,T,H] / [B,T,H,Dk] log-decays to [B,T,H,Dk] in `dtype`."""
   if log_decay is None:
     return jnp.zeros((batch, time, heads, dim_k), dtype)
   log_decay = log_decay.astype(dtype)
   if log_decay.ndim == 1:
     return jnp.broadcast_to(log_decay[None, None, :, None], (batch, time, heads, dim_k))
+  if log_decay.ndim == 3:
+    return jnp.broadcast_to(log_decay[..., None], (batch, time, heads, dim_k))
   return log_decay
 
 

@@ -36,7 +36,7 @@ def random_inputs(
   segments=True,
   initial_state=True,
 ):
-  """Fresh random q, k, v, log_decay (None / [H] / [B,T,H,Dk]), initial state and segment ids.
+  """Fresh random q, k, v, log_decay (None / [H] / [B,T,H] / [B,T,H,Dk]), initial state and segment ids.
 
   Segment ids repeat (0,1,0,...) so a backend that matches ids instead of detecting changes fails, and one
   reset sits exactly on t=64, a common chunk boundary (on t=T/2 in shorter rows)."""
@@ -50,6 +50,7 @@ def random_inputs(
   log_decay = {
     "none": None,
     "scalar": lambda: draw_decay(heads),
+    "token": lambda: draw_decay(batch, time, heads),
     "vector": lambda: draw_decay(batch, time, heads, dim_k),
   }[decay_mode]
   log_decay = None if log_decay is None else jnp.asarray(log_decay())
