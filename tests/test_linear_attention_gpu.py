@@ -144,7 +144,7 @@ def test_vector_decay_bf16_with_decay_gradient():
   )
 
 
-@pytest.mark.parametrize("decay_mode", ["scalar", "vector", "none"])
+@pytest.mark.parametrize("decay_mode", ["scalar", "token", "vector", "none"])
 def test_unrolled_state_scans_bf16(decay_mode):
   # Six chunks through scans unrolled by 4: one unrolled step, then two chunks one at a time. The forward scans
   # unroll in every mode; the reverse scan only with 16-bit operands, i.e. without a decay gradient ("none").
@@ -165,6 +165,7 @@ def test_unrolled_state_scans_bf16(decay_mode):
   "decay_mode,dtype,fused_forward",
   [
     ("scalar", jnp.float32, None),
+    ("token", jnp.float32, None),
     ("vector", jnp.float32, True),
     ("vector", jnp.float32, None),
     ("none", jnp.bfloat16, None),
@@ -193,7 +194,13 @@ def test_segment_parallel_scans_and_fused_forward(decay_mode, dtype, fused_forwa
 
 @pytest.mark.parametrize(
   "decay_mode,dtype,scan_launches",
-  [("vector", jnp.bfloat16, 1), ("vector", jnp.float32, 1), ("scalar", jnp.float32, 1), ("scalar", jnp.bfloat16, 2)],
+  [
+    ("vector", jnp.bfloat16, 1),
+    ("vector", jnp.float32, 1),
+    ("token", jnp.bfloat16, 1),
+    ("scalar", jnp.float32, 1),
+    ("scalar", jnp.bfloat16, 2),
+  ],
 )
 def test_backward_reuses_the_unfused_forward_states(decay_mode, dtype, scan_launches):
   # The unfused forward's per-chunk states and chunk-local gates are residuals: forward+backward runs one forward
@@ -377,11 +384,12 @@ def test_default_config_table():
   tnl = gpu.default_config("scalar", (8, 2048, 16, 128), jnp.bfloat16)
   assert (tnl.chunk_size, tnl.num_warps, tnl.key_tile, tnl.value_tile) == (64, 4, 128, 128)
   assert tnl.fused_forward and not tnl.split_sub_chunks
+  assert gpu.default_config("token", (8, 2048, 16, 128), jnp.bfloat16) == tnl  # the fixed decay's kernels and tuning
   wide = gpu.default_config("none", (1, 4096, 2, 64), jnp.float32)
   assert (wide.key_tile, wide.value_tile, wide.one_pass_tf32) == (64, 64, False)
   assert gpu.default_config("none", (1, 9, 2, 64), jnp.bfloat16).chunk_size == 16  # shorter than a chunk
   assert hash(hgrn2) == hash(gpu.default_config("vector", (2, 4096, 4, 64), jnp.bfloat16))
-  with pytest.raises(ValueError, match="mode='gated'; valid: none, scalar, vector"):
+  with pytest.raises(ValueError, match="mode='gated'; valid: none, scalar, token, vector"):
     gpu.default_config("gated", (1, 64, 1, 16), jnp.bfloat16)
 
 

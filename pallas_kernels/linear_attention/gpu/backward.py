@@ -7,7 +7,7 @@ d log α_r = Σ_{r≤t≤e} (q·dq − k·dk)_t + Σ_v S_e·dS_e, e the chunk's 
 dS_e its gradient from later rows; the dq/dk kernel emits q·dq − k·dk, the dv kernel Σ_v S_e·dS_e, a small kernel
 the sums. The suffix sum cancels heavily: over the whole sequence its error would grow with T and need fp32 states.
 Chunk-local, bf16 states suffice; only the intra-chunk dq/dk matmuls keep fp32 operands, and only when a decay
-gradient is wanted (HGRN2; TNL's decay is a fixed buffer)."""
+gradient is wanted (HGRN2, a per-token decay; TNL's decay is a fixed buffer)."""
 
 import functools
 
@@ -218,7 +218,14 @@ def backward(plan, residuals, cotangents):
 
 def _decay_grad(layout, per_step, state_term, time):
   """d log α: per row r, Σ_{r≤t≤e} (q·dq − k·dk)_t + Σ_v S_e·dS_e (module docstring) from the per-row
-  q·dq − k·dk [B,T,H,Dk] (chunk-padded) and Σ_v S_e·dS_e per chunk [B,N,H,Dk]; [B,T,H,Dk] for vector decay, [H]
-  for a scalar decay per head (which acts on every row and channel)."""
+  q·dq − k·dk [B,T,H,Dk] (chunk-padded) and Σ_v S_e·dS_e per chunk [B,N,H,Dk]; [B,T,H,Dk] for vector decay,
+  [B,T,H] for a decay per head and token (which acts on every channel of its row), [H] for a fixed decay per head
+  (which acts on every row and channel)."""
+  if layout.plan.mode == "token":
+    # Summing the channels first leaves T·H suffix sums (XLA) instead of T·H·Dk.
+    batch, padded_time, heads, _ = per_step.shape
+    per_chunk = per_step.sum(axis=-1).reshape(batch, layout.num_chunks, layout.plan.chunk, heads)
+    per_row = lax.cumsum(per_chunk, axis=2, reverse=True) + state_term.sum(axis=-1)[:, :, None]
+    return per_row.reshape(batch, padded_time, heads)[:, :time]
   per_row = chunk_sums(layout, per_step, reverse=True, offsets=state_term)[:, :time]
   return per_row if layout.plan.mode == "vector" else per_row.sum(axis=(0, 1, 3))

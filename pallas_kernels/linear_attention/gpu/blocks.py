@@ -89,7 +89,7 @@ class ChunkFactors:
 
   def __init__(self, plan, g_ref, resets_ref, size):
     self.g = g_rows = g_end = self.state_decay = None
-    if plan.mode == "scalar":
+    if plan.row_gates:
       self.g = g_ref[pl.ds(0, size)].astype(jnp.float32)  # [C]
       g_rows, g_end = self.g[:, None], load_scalar(g_ref, size - 1)
     elif plan.mode == "vector":
@@ -160,14 +160,15 @@ def for_each_sub_chunk(plan, body):
 
 
 def intra_mask(plan, g, resets):
-  """[C,C] fp32 decay-and-mask matrix of a chunk for scalar/no decay: exp(g_i − g_j) for i ≥ j in one document."""
+  """[C,C] fp32 decay-and-mask matrix of a chunk for per-row or no decay: exp(g_i − g_j) for i ≥ j in one
+  document."""
   size = plan.chunk
   rows = lax.broadcasted_iota(jnp.int32, (size, size), 0)
   cols = lax.broadcasted_iota(jnp.int32, (size, size), 1)
   keep = rows >= cols
   if plan.has_segments:
     keep = keep & (resets[:, None] == resets[None, :])
-  if plan.mode == "scalar":
+  if plan.row_gates:
     diff = jnp.where(keep, g[:, None] - g[None, :], 0.0)
     return jnp.where(keep, jnp.exp(diff), 0.0)
   return keep.astype(jnp.float32)

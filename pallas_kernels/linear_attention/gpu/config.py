@@ -8,7 +8,8 @@ from typing import Sequence
 
 import jax.numpy as jnp
 
-DECAY_MODES = ("none", "scalar", "vector")  # no decay (cosFormer2), one per head (TNL), per key channel (HGRN2)
+# No decay (cosFormer2), fixed per head (TNL), per head and token (Mamba-2, simple GLA), per key channel (HGRN2).
+DECAY_MODES = ("none", "scalar", "token", "vector")
 SUB_CHUNK = 16  # per-key-channel decay: rows whose diagonal blocks need more than one matmul (fla's chunk_gla)
 MIN_BLOCK = 16  # Triton's smallest matmul operand dimension
 _WARPS = (1, 2, 4, 8, 16, 32)
@@ -113,7 +114,7 @@ def default_config(mode: str, shape: Sequence[int], dtype) -> GpuKernelConfig:
   """The tuned configuration for queries of `shape` [batch, time, heads, dim_k] and `dtype` in decay `mode`.
 
   Args:
-    mode: "none", "scalar" (one decay per head) or "vector" (per key channel).
+    mode: "none", "scalar" (one decay per head), "token" (one per head and token) or "vector" (per key channel).
     shape: q's shape; a sequence shorter than the default chunk gets a smaller one.
     dtype: the inputs' dtype; 32-bit inputs take narrower tiles (shared memory) and three-pass TF32 matmuls.
   """
@@ -121,6 +122,8 @@ def default_config(mode: str, shape: Sequence[int], dtype) -> GpuKernelConfig:
     raise ValueError(f"default_config: mode={mode!r}; valid: {', '.join(DECAY_MODES)}.")
   if len(shape) != 4:
     raise ValueError(f"default_config: shape={tuple(shape)}; valid: q's shape [batch, time, heads, dim_k].")
+  # "token" runs the fixed decay's kernels with per-batch-row gates: its defaults are the fixed decay's tuning, not
+  # yet measured for it on an H200.
   vector = mode == "vector"
   wide = jnp.dtype(dtype).itemsize >= 4
   return GpuKernelConfig(

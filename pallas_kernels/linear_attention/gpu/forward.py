@@ -154,6 +154,8 @@ def _fused_forward(layout, q, k, v, g, resets, init, scores, out_dtype):
   in_specs = [time_spec(layout.dim_k), time_spec(layout.dim_k), time_spec(tile_v, True)]
   if plan.mode == "scalar":
     in_specs.append(pl.BlockSpec((rows, None), lambda t, s, bh: (s, bh % heads)))
+  elif plan.mode == "token":
+    in_specs.append(pl.BlockSpec((None, rows, None), lambda t, s, bh: (bh // heads, s, bh % heads)))
   elif plan.mode == "vector":
     in_specs.append(time_spec(layout.dim_k))
   if resets is not None:

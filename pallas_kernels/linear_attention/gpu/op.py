@@ -22,8 +22,8 @@ def fits_shared_memory(dtype, dim_k, dim_v) -> bool:
 
 
 def decay_mode(log_decay) -> str:
-  """ "none", "scalar" (log_decay [H]) or "vector" (log_decay [B,T,H,Dk])."""
-  return "none" if log_decay is None else ("scalar" if log_decay.ndim == 1 else "vector")
+  """ "none", "scalar" (log_decay [H]), "token" (log_decay [B,T,H]) or "vector" (log_decay [B,T,H,Dk])."""
+  return "none" if log_decay is None else {1: "scalar", 3: "token", 4: "vector"}[log_decay.ndim]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))

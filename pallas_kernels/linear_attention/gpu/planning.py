@@ -19,10 +19,15 @@ from pallas_kernels.linear_attention.gpu.config import SUB_CHUNK, GpuKernelConfi
 class Plan:
   """The static part of one call (hashable: a nondiff argument of the custom_vjp)."""
 
-  mode: str  # "none", "scalar" or "vector" (config.DECAY_MODES)
+  mode: str  # "none", "scalar", "token" or "vector" (config.DECAY_MODES)
   has_segments: bool  # segment_ids given: states reset at document starts
   chunk: int  # the chunk this sequence runs with (config.effective_chunk)
   config: GpuKernelConfig
+
+  @property
+  def row_gates(self):
+    """One gate per row shared by all key channels (g [T, H] for "scalar", [B, T, H] for "token")."""
+    return self.mode in ("scalar", "token")
 
   @property
   def sub_chunk(self):
@@ -73,6 +78,8 @@ class Layout:
     heads, parts = self.heads, self.parts
     if self.plan.mode == "scalar":
       return pl.BlockSpec((self.plan.chunk, None), lambda t, n, bh: (n // parts, bh % heads))
+    if self.plan.mode == "token":
+      return pl.BlockSpec((None, self.plan.chunk, None), lambda t, n, bh: (bh // heads, n // parts, bh % heads))
     return self.chunk_spec(width or self.dim_k, tiled)
 
   def chunk_resets_spec(self):
@@ -105,9 +112,11 @@ class Layout:
     return pl.BlockSpec((None, self.time // segments, None, width), lambda i, ik, iv: (*index(i), (ik, iv)[tile_axis]))
 
   def scan_g_spec(self, width, segments):
+    index = self._segment_index()
     if self.plan.mode == "scalar":
-      index = self._segment_index()
       return pl.BlockSpec((self.time // segments, None), lambda i, ik, iv: index(i)[1:])
+    if self.plan.mode == "token":
+      return pl.BlockSpec((None, self.time // segments, None), lambda i, ik, iv: index(i))
     return self.scan_spec(width, 0, segments)
 
   def scan_resets_spec(self, segments):
@@ -214,6 +223,8 @@ def prepare(plan, q, k, v, log_decay, segment_ids, gates=None):
   if plan.mode == "scalar":
     per_step = jnp.where(jnp.arange(padded_time)[:, None] < time, log_decay.astype(jnp.float32)[None, :], 0.0)
     g = _chunk_cumsum(per_step[None], chunk)[0]  # [T, H]: the same for every batch row
+  elif plan.mode == "token":
+    g = _chunk_cumsum(pad_time(log_decay.astype(jnp.float32), padded_time), chunk)  # [B, T, H]
   elif plan.mode == "vector":
     g = chunk_sums(layout, pad_time(log_decay, padded_time))
   resets = None

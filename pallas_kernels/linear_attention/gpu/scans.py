@@ -134,6 +134,9 @@ def _segment_decays(layout, g, resets, segments):
   if plan.mode == "scalar":  # g [T, H]
     ends = g[chunk - 1 :: chunk].reshape(segments, per_segment, layout.heads)
     decay = jnp.exp(ends.sum(axis=1))[None, :, :, None]
+  elif plan.mode == "token":  # g [B, T, H]
+    ends = g[:, chunk - 1 :: chunk].reshape(layout.batch, segments, per_segment, layout.heads)
+    decay = jnp.exp(ends.sum(axis=2))[..., None]
   elif plan.mode == "vector":  # g [B, T, H, Dk]
     ends = g[:, chunk - 1 :: chunk].reshape(layout.batch, segments, per_segment, layout.heads, layout.dim_k)
     decay = jnp.exp(ends.sum(axis=2))
