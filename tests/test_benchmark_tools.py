@@ -252,3 +252,47 @@ def test_fla_measured_in_process_replaces_the_reference_timing(tmp_path, monkeyp
   assert (row["fwd"]["ratio"], row["fwd_bwd"]["ratio"]) == (1.5, 1.5)
   text = (tmp_path / "kernels_h200.md").read_text()
   assert "| 1.500 | 1.500 |" in text and "†" not in text.split("| hgrn2 |")[1]
+
+
+def test_attention_timing_documents_flops_and_table(tmp_path):
+  # attention_timing.py's packed rows, its causal + document FLOP count, its --config parsing and its table.
+  import attention_timing
+  import numpy as np
+
+  ids, lengths = attention_timing.document_ids(2, 4096, 300, seed=1)
+  assert sum(lengths) == ids.size and min(lengths) >= 1 and 100 < sum(lengths) / len(lengths) < 1000
+  assert all(np.all(np.diff(row) >= 0) for row in ids)  # ids non-decreasing along each row, as packed
+  assert np.array_equal(np.bincount(ids.ravel()), lengths)
+  assert attention_timing.forward_flops([1, 3], heads=2, dim=4) == 4 * 4 * 2 * (1 + 6)
+  assert attention_timing.parse_config(["block_q=64", "num_warps=4"]) == {"block_q": 64, "num_warps": 4}
+  with pytest.raises(SystemExit, match="valid: knob=int"):
+    attention_timing.parse_config(["blocks=64"])
+  assert attention_timing.parse_shapes("2,1x64x2x64") == [(1, 32768, 16, 128), (1, 64, 2, 64)]
+  record = {
+    "device": "cpu",
+    "date": "2026-12-04",
+    "commit": "abc",
+    "jax_version": "x",
+    "command": "c",
+    "config": "default configuration",
+    "mean_document": 1000,
+    "seed": 0,
+    "budget_s": 1.0,
+    "results": [
+      {
+        "shape": "1x64x2x64",
+        "documents": 3,
+        "variant": variant,
+        "fwd": {"ms": ms, "tflops": 1.0, "over_mask": 2.0 / ms, "compile_s": 1.0},
+        "fwd_bwd": {},
+      }
+      for variant, ms in (("cudnn_document_mask", 2.0), ("pallas_segment_ids", 1.0))
+    ],
+    "checks": {"1x64x2x64": {"error": "OOM"}},
+    "skipped": ["pallas_causal fwd 1x64x2x64"],
+  }
+  attention_timing.save(str(tmp_path), record)
+  text = (tmp_path / "attention_timing.md").read_text()
+  assert "| 1x64x2x64 | 3 | pallas_segment_ids | 1.000 | 1.0 | 2.00 | — |" in text
+  assert "failed: OOM" in text and "Not measured (--budget_s 1.0 spent): pallas_causal fwd 1x64x2x64." in text
+  assert json.loads((tmp_path / "attention_timing.json").read_text()) == record
