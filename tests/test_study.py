@@ -66,8 +66,9 @@ def test_parallel_micro_grid_produces_a_report_with_fits_and_resumes(tmp_path):
   }
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 1, result.stderr[-4000:]
-  for run in ("tnl_bad", "hgrn2_bad"):  # named on stderr with their log tails, which hold the cause
-    assert f"- {run}: worker exited with status 1" in result.stderr
+  for run in ("tnl_bad", "hgrn2_bad"):  # started twice, then named on stderr with their log tails (the cause)
+    assert f"- {run}: worker exited with status 1 in each of 2 attempts" in result.stderr
+    assert (out / "runs" / run / "log.txt").read_text().count("$ ") == 2
   assert result.stderr.count("peak FLOP/s override must be positive, got -1.0") >= 2
 
   runs = sorted(p.name for p in (out / "runs").iterdir())

@@ -17,9 +17,10 @@ worker process, `parallel` at a time, largest runs first (longest-processing-tim
 to GPUs through CUDA_VISIBLE_DEVICES, and a run starts in a free slot of the GPU with the least running work;
 workers do not preallocate GPU memory, so several share a GPU. Worker output goes to `DIR/runs/<run>/log.txt`.
 `time_limit_s` bounds the training phase: then no run starts, running workers are stopped (SIGTERM: they save a
-resume checkpoint) and the study fits what finished. A failed run is named with its log tail in the report and on
-stderr; architectures with at least two finished sizes are still fitted, and the command then fails. `parallel` = 0
-trains in this process, one run after another.
+resume checkpoint) and the study fits what finished. A failed run is started once more (it resumes from its own
+checkpoints: workers sharing a GPU can die of a transient device error); one that fails again is named with its log
+tail in the report and on stderr; architectures with at least two finished sizes are still fitted, and the command
+then fails. `parallel` = 0 trains in this process, one run after another.
 
 Then the training curves become scaling-law inputs (`lsm_jax.scaling`) and `DIR/report.md` collects the
 Table-3-style fits, the Figure-1/2-style PNGs and the raw tidy tables (`curves.csv`, `eval.csv`).
@@ -52,6 +53,7 @@ GRID_FILE = "study_grid.json"  # DIR/study_grid.json: the grid, read by worker p
 RUN_RESULT_FILE = "study_run.json"  # DIR/runs/<run>/study_run.json: written when the run is trained and evaluated
 RUN_LOG_FILE = "log.txt"
 _LOG_TAIL_LINES = 30
+WORKER_RETRIES = 1  # a failed run is started once more before the study reports it
 _STOP_GRACE_S = 30  # SIGTERM lets the trainer save a resume checkpoint before the worker is killed
 
 
@@ -333,6 +335,7 @@ def _train_in_workers(
     base_env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   active = {}  # slot → (run, process, log file)
   results, failures = {}, {}
+  attempts = collections.Counter()
   stopping = False
 
   def gpu_load(slot):  # slots belong to GPUs round-robin; a run starts on the least loaded GPU's free slot
@@ -366,6 +369,7 @@ def _train_in_workers(
         log.flush()
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
         active[slot] = (run, process, log)
+        attempts[run.name] += 1
         logging.info("study: started %s (slot %d, pid %d)", run.name, slot, process.pid)
       for slot, (run, process, log) in list(active.items()):
         if stopping and time.monotonic() > stop_by and process.poll() is None:
@@ -378,8 +382,15 @@ def _train_in_workers(
         if process.returncode == 0 and result is not None:
           results[run.name] = result
           logging.info("study: finished %s (train %.0f s, eval %.0f s)", run.name, result["train_s"], result["eval_s"])
+        elif not stopping and attempts[run.name] <= WORKER_RETRIES:
+          # A worker can die of a transient device error (seen: a CUDA-graph capture failing while ten workers
+          # shared one GPU); the run resumes from its own checkpoints.
+          logging.warning("study: run %s exited with status %d; running it again", run.name, process.returncode)
+          queue.insert(0, run)
         else:
           reason = "stopped at the time limit" if stopping else f"worker exited with status {process.returncode}"
+          if attempts[run.name] > 1:
+            reason += f" in each of {attempts[run.name]} attempts"
           log_path = os.path.join(run.run_dir, RUN_LOG_FILE)
           failures[run.name] = f"{reason}; last lines of {log_path}:\n{_log_tail(log_path)}"
           logging.error("study: run %s failed: %s", run.name, failures[run.name])
