@@ -170,7 +170,8 @@ def check(args, config, heads):
     mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="xla")
 
-  expected = values(reference, full(q), full(k), full(v), segment_ids, full(d_out))
+  with jax.default_matmul_precision("highest"):  # full fp32 products, not the GPU's default TF32
+    expected = values(reference, full(q), full(k), full(v), segment_ids, full(d_out))
   errors = {}
   for variant in ("pallas_segment_ids", "cudnn_document_mask"):
     actual = values(attention_fn(variant, config), q, k, v, segment_ids, d_out)
