@@ -7,9 +7,12 @@ fla-core==0.6.0):
 
 Ops (bf16, D=128 unless noted), each forward and forward+backward (grads of q, k, v and, for the HGRN2 gate,
 the log-decay; the TNL decay is a fixed buffer, as in fla's g_gamma):
-  hgrn2       ours: log_decay [B,T,H,Dk]    fla: chunk_gla(g=...)
-  tnl         ours: log_decay [H]           fla: chunk_simple_gla(g_gamma=...)
-  cosformer2  ours: no decay                fla: chunk_linear_attn(normalize=False)
+  hgrn2              ours: log_decay [B,T,H,Dk]    fla: chunk_gla(g=...)
+  tnl                ours: log_decay [H]           fla: chunk_simple_gla(g_gamma=...)
+  cosformer2         ours: no decay                fla: chunk_linear_attn(normalize=False)
+  gated_scalar       ours: log_decay [B,T,H]       fla: chunk_simple_gla(g=...)   (Mamba-2 / gated RetNet decay)
+  tnl_learned_decay  ours: log_decay [H], its gradient taken (a trainable TNL decay); no fla peer: its ratio
+                     column compares with our fixed-decay tnl row at the same shape
 plus, at every shape, our "xla" chunked backend (TNL) and JAX cuDNN causal flash attention, also with the
 dense document mask our LLaMA passes it (segment ids; all one document here).
 Order: our ops at every shape, then the JAX baselines, then fla in this process (--fla_shapes, not
@@ -54,10 +57,23 @@ import numpy as np  # noqa: E402
 from pallas_kernels.linear_attention import api, gpu, testing  # noqa: E402
 
 SHAPES = ((8, 2048, 16, 128), (2, 8192, 16, 128), (1, 32768, 16, 128))
-OPS = ("hgrn2", "tnl", "cosformer2")  # measurement order: HGRN2 (the slowest compile) first
-OP_DECAY_MODES = {"hgrn2": "vector", "tnl": "scalar", "cosformer2": "none"}
+# Measurement order: HGRN2 (the slowest compile) first; tnl before tnl_learned_decay, which is compared with it.
+OPS = ("hgrn2", "tnl", "cosformer2", "gated_scalar", "tnl_learned_decay")
+OP_DECAY_MODES = {
+  "hgrn2": "vector",
+  "tnl": "scalar",
+  "cosformer2": "none",
+  "gated_scalar": "token",
+  "tnl_learned_decay": "scalar",
+}
+LEARNED_DECAY_OPS = ("hgrn2", "gated_scalar", "tnl_learned_decay")  # ops whose fwd+bwd includes d log_decay
 HBM_BYTES_PER_S = 4.3e12  # device-to-device copy bandwidth measured on the H200
-FLA_NAMES = {"tnl": "chunk_simple_gla(g_gamma)", "hgrn2": "chunk_gla", "cosformer2": "chunk_linear_attn"}
+FLA_NAMES = {
+  "tnl": "chunk_simple_gla(g_gamma)",
+  "hgrn2": "chunk_gla",
+  "cosformer2": "chunk_linear_attn",
+  "gated_scalar": "chunk_simple_gla(g)",
+}
 # Keys of the --reference_peers file's "results" (benchmarks/peers/fla_kernels.py: [fwd_ms, fwd_bwd_ms]).
 REFERENCE_PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", "fla_kernels_h200.json")
 REFERENCE_PEER_NAMES = {
@@ -76,6 +92,8 @@ def forward_floor_ms(op, batch, time_, heads, dim):
   per_token_head = 2 * (4 * dim)
   if op == "hgrn2":
     per_token_head += 4 * dim
+  elif op == "gated_scalar":
+    per_token_head += 4
   total = batch * heads * (time_ * per_token_head + dim * dim * 4)
   return total / HBM_BYTES_PER_S * 1e3
 
@@ -116,10 +134,12 @@ def jax_inputs(op, batch, time_, heads, dim, seed=0, dtype=jnp.bfloat16):
   q = (normal(keys[0], (batch, time_, heads, dim)) * 0.1).astype(dtype)
   k = (normal(keys[1], (batch, time_, heads, dim)) * 0.1).astype(dtype)
   v = (normal(keys[2], (batch, time_, heads, dim)) * 0.1).astype(dtype)
-  if op == "tnl":
+  if op in ("tnl", "tnl_learned_decay"):
     log_decay = -jnp.exp(jax.random.uniform(keys[3], (heads,), minval=-6.0, maxval=-1.0))
   elif op == "hgrn2":  # the peer benchmark's mild gate: logsigmoid(N(0,1) + 4)
     log_decay = jax.nn.log_sigmoid(normal(keys[3], (batch, time_, heads, dim)) + 4.0)
+  elif op == "gated_scalar":  # the same gate, one per head and token
+    log_decay = jax.nn.log_sigmoid(normal(keys[3], (batch, time_, heads)) + 4.0)
   else:
     log_decay = None
   d_out = normal(keys[4], (batch, time_, heads, dim)).astype(dtype)
@@ -205,7 +225,12 @@ def ours_fns(op, shape, op_fn=None):
   """(forward fn, its args, forward+backward fn, its args) of our op (or op_fn) on the benchmark inputs."""
   q, k, v, log_decay, d_out = jax_inputs(op, *shape)
   op_fn = op_fn or ours()
-  return (jax.jit(op_fn), (q, k, v, log_decay), ForwardThenBackward(op_fn, op == "hgrn2"), (q, k, v, log_decay, d_out))
+  return (
+    jax.jit(op_fn),
+    (q, k, v, log_decay),
+    ForwardThenBackward(op_fn, op in LEARNED_DECAY_OPS),
+    (q, k, v, log_decay, d_out),
+  )
 
 
 def cudnn_fns(shape, document_mask=False):
@@ -246,6 +271,10 @@ def time_fla(op, shape):
     gate = torch.nn.functional.logsigmoid(torch.randn(batch, time_, heads, dim, device="cuda") + 4)
     gate = gate.to(torch.float32).requires_grad_()
     fn = lambda: chunk_gla(q, k, v, gate)[0]
+  elif op == "gated_scalar":
+    gate = torch.nn.functional.logsigmoid(torch.randn(batch, time_, heads, device="cuda") + 4)
+    gate = gate.to(torch.float32).requires_grad_()
+    fn = lambda: chunk_simple_gla(q, k, v, g=gate)[0]
   else:
     fn = lambda: chunk_linear_attn(q, k, v, normalize=False)[0]
 
@@ -281,11 +310,12 @@ def _kernel_with_grads(q, k, v, log_decay, state, segment_ids, d_out, d_state):
   return run(present, segment_ids, d_out, d_state)
 
 
-def check_against_reference(modes=("scalar", "vector", "none")):
+def check_against_reference(modes=("scalar", "token", "vector", "none")):
   """pallas_gpu vs the float64 recurrent reference on the GPU: worst relative RMS error per mode and dtype."""
   worst = {}
   for mode, dim_k, dim_v, strength in (
     ("scalar", 64, 128, "weak"),
+    ("token", 64, 128, "strong"),
     ("vector", 128, 64, "strong"),
     ("none", 256, 128, "weak"),
   ):
@@ -363,6 +393,10 @@ def write_markdown(path, record):
       f"{_fmt(fwd.get('compile_s'), 1)} | {_fmt(fwd_bwd.get('compile_s'), 1)} | "
       f"{_fmt(fwd.get('fla_first_call_s'), 1)} | {_fmt(fwd_bwd.get('fla_first_call_s'), 1)} |"
     )
+  learned = [row for row in record["results"] if row["fwd_bwd"].get("over_fixed_decay")]
+  if learned:
+    lines += ["", "Trainable TNL decay: fwd+bwd with d log_decay over the fixed-decay tnl row at the same shape:", ""]
+    lines += [f"- {row['shape']}: {row['fwd_bwd']['over_fixed_decay']:.2f}×" for row in learned]
   swept = [row for row in record["results"] if len(row["fwd"].get("by_chunk", {})) > 1]
   if swept:
     lines += [
@@ -406,9 +440,11 @@ def write_markdown(path, record):
 
 
 def save(out_dir, record):
-  with open(os.path.join(out_dir, "kernels_h200.json"), "w") as handle:
+  """Writes <out_dir>/<name>.{json,md}, name: the record's (--name), kernels_h200 by default."""
+  name = record.get("name", "kernels_h200")
+  with open(os.path.join(out_dir, name + ".json"), "w") as handle:
     json.dump(record, handle, indent=1)
-  write_markdown(os.path.join(out_dir, "kernels_h200.md"), record)
+  write_markdown(os.path.join(out_dir, name + ".md"), record)
 
 
 class Runner:
@@ -443,7 +479,7 @@ def measure_op(runner, op, shape, args, chunk_sizes, overrides):
   row = {
     "op": op,
     "shape": label,
-    "fla_op": FLA_NAMES[op],
+    "fla_op": FLA_NAMES.get(op),
     "fwd": {"by_chunk": {}},
     "fwd_bwd": {"chunk": chunk_sizes[0]},
     "fwd_floor_ms": forward_floor_ms(op, *shape),
@@ -474,6 +510,8 @@ def measure_op(runner, op, shape, args, chunk_sizes, overrides):
 
 def apply_reference_peer(runner, row):
   """fla's timing from --reference_peers (marked "reference", shown †) where that file has the row's op and shape."""
+  if row["op"] not in REFERENCE_PEER_NAMES:
+    return
   reference = runner.reference_peers.get(f"fla {REFERENCE_PEER_NAMES[row['op']]} {row['shape']}")
   for index, part in enumerate(("fwd", "fwd_bwd")):
     if reference is not None:
@@ -541,6 +579,7 @@ def parse_shapes(text):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+  parser.add_argument("--name", default="kernels_h200", help="result files: <out>/<name>.{json,md}")
   parser.add_argument("--reps", type=int, default=20)
   # Each sample pays its first call's host dispatch once; 20 calls amortise it, as fla's do_bench (CUDA events)
   # does not pay it.
@@ -591,6 +630,7 @@ def main():
   overrides = parse_config(args.config)
   device = jax.devices()[0]
   record = {
+    "name": args.name,
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     "device": getattr(device, "device_kind", str(device)),
     "jax_version": jax.__version__,
@@ -621,6 +661,10 @@ def main():
   if args.check:
     record["check"] = runner.measure("check against the float64 reference", check_against_reference)
   rows = {(op, shape): measure_op(runner, op, shape, args, chunk_sizes, overrides) for op in ops for shape in shapes}
+  for shape in shapes:
+    learned, fixed = rows.get(("tnl_learned_decay", shape)), rows.get(("tnl", shape))
+    if learned and fixed and learned["fwd_bwd"].get("ours_ms") and fixed["fwd_bwd"].get("ours_ms"):
+      learned["fwd_bwd"]["over_fixed_decay"] = learned["fwd_bwd"]["ours_ms"] / fixed["fwd_bwd"]["ours_ms"]
   if not args.skip_peers:
     for shape in shapes:
       for name in ("cudnn_flash_causal", "cudnn_flash_causal_document_mask", "xla_chunked_tnl"):
@@ -631,10 +675,10 @@ def main():
   if not args.skip_peers and record["fla_version"] is not None:
     for op in ops:
       for shape in shapes:
-        if op not in skip_fla and shape in fla_shapes:
+        if op in FLA_NAMES and op not in skip_fla and shape in fla_shapes:
           measure_fla(runner, rows[op, shape], op, shape)
   save(args.out, record)
-  log(open(os.path.join(args.out, "kernels_h200.md")).read())
+  log(open(os.path.join(args.out, args.name + ".md")).read())
 
 
 if __name__ == "__main__":
