@@ -594,6 +594,7 @@ def main():
     + ", ".join(field.name for field in dataclasses.fields(gpu.GpuKernelConfig)),
   )
   parser.add_argument("--skip_peers", action="store_true", help="time ours only (no fla, no JAX baselines)")
+  parser.add_argument("--skip_baselines", action="store_true", help="no JAX baselines (cuDNN attention, xla op)")
   parser.add_argument("--ops", default=",".join(OPS), help="subset of " + ",".join(OPS))
   parser.add_argument(
     "--skip_fla_ops",
@@ -665,7 +666,7 @@ def main():
     learned, fixed = rows.get(("tnl_learned_decay", shape)), rows.get(("tnl", shape))
     if learned and fixed and learned["fwd_bwd"].get("ours_ms") and fixed["fwd_bwd"].get("ours_ms"):
       learned["fwd_bwd"]["over_fixed_decay"] = learned["fwd_bwd"]["ours_ms"] / fixed["fwd_bwd"]["ours_ms"]
-  if not args.skip_peers:
+  if not (args.skip_peers or args.skip_baselines):
     for shape in shapes:
       for name in ("cudnn_flash_causal", "cudnn_flash_causal_document_mask", "xla_chunked_tnl"):
         measure_baseline(runner, name, shape, args)
