@@ -1,6 +1,6 @@
 """Hugging Face export and import, checked against lsm_jax itself: transformers' logits and greedy continuations of
-every architecture's export, the exported tokenizers, a transformers LLaMA imported into a run, and lm-eval's
-`hf` model on an export."""
+every architecture's export and of hybrid stacks, the exported tokenizers, a transformers LLaMA imported into a run,
+and lm-eval's `hf` model on an export."""
 
 import dataclasses
 import importlib
@@ -26,6 +26,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 ARCHS = ("llama", "tnl", "hgrn2", "cosformer2")
+# (pattern, layers) of hybrids: HGRN2's 3:1 and a TNL/cosFormer2 mix whose block repeats, so that its scanned
+# runs stack layers (0, 3), (1, 4) and (2, 5) (two softmax layers, two TNL layers sharing the decay depth).
+HYBRIDS = {"hgrn2_hybrid": ("hgrn2*3,llama", 4), "tnl_hybrid": ("tnl,cosformer2,llama", 6)}
 TEXT = "Hello, world! Ünïcödé 日本語 🤖\n\n  code(x) 1234567 it's THEY'RE\ttabs <|endoftext|> as text"
 DTYPE_KEY = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
@@ -38,30 +41,34 @@ def one_torch_thread():
   torch.set_num_threads(threads)
 
 
-def tiny_config(arch):
+def tiny_config(arch, **overrides):
   # init_std 0.1 gives logits spread enough that greedy decoding has clear winners.
-  return get_config(
-    arch,
-    "70m",
-    num_layers=2,
-    d_model=256,
-    num_heads=2,
-    ffn_dim=384,
-    vocab_size=264,
-    init_std=0.1,
-    dtype="float32",
-    rope_theta=5000.0,
-  )
+  shape = dict(num_layers=2, d_model=256, num_heads=2, ffn_dim=384, vocab_size=264)
+  return get_config(arch, "70m", **{**shape, **overrides}, init_std=0.1, dtype="float32", rope_theta=5000.0)
 
 
-@pytest.fixture(scope="module", params=ARCHS)
-def exported(request, tmp_path_factory):
-  """(arch, JAX model, export directory) of a randomly initialised 2-layer model with the byte tokenizer."""
-  arch = request.param
-  config = tiny_config(arch)
-  model = build_model(config, rngs=nnx.Rngs(1))
-  if arch == "hgrn2":  # non-uniform lower bounds exercise the softmax over layers
-    model.lower_bound_logits[...] = jax.random.normal(jax.random.key(2), model.lower_bound_logits.shape)
+def random_model(config, seed=1):
+  """The model of `config` with seeded normal(0, init_std) weights, norm gains near one and non-uniform HGRN2
+  lower-bound logits (they exercise the softmax over layers); filled from the abstract model, which skips the
+  initialisers' compilation."""
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0))), nnx.Param)
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    noise = rng.standard_normal(leaf.shape).astype(np.float32)
+    name = jax.tree_util.keystr(path)
+    if "scale" in name:
+      return 1.0 + 0.1 * noise
+    return noise if "lower_bound_logits" in name else config.init_std * noise
+
+  nnx.replace_by_pure_dict(params, jax.tree_util.tree_map_with_path(fill, params.to_pure_dict()))
+  return nnx.merge(graphdef, params)
+
+
+def export_tiny(config, tmp_path_factory):
+  """(JAX model, export directory) of a random `config` saved as milestone 6 of a run with the byte tokenizer."""
+  arch = config.arch
+  model = random_model(config)
   run_dir = tmp_path_factory.mktemp(f"{arch}_run")
   saver = checkpoint.Checkpointer(
     str(run_dir),
@@ -83,7 +90,20 @@ def exported(request, tmp_path_factory):
   (run_dir / "metrics.jsonl").write_text('{"step": 4, "val_loss": 5.25}\n{"step": 8, "val_loss": 4.5}\n')
   out_dir = tmp_path_factory.mktemp(f"{arch}_hf")
   hf.export_hf(str(run_dir), str(out_dir), verify=False)
-  return arch, model, str(out_dir)
+  return model, str(out_dir)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def exported(request, tmp_path_factory):
+  """(arch, JAX model, export directory) of a 2-layer model."""
+  return request.param, *export_tiny(tiny_config(request.param), tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=sorted(HYBRIDS))
+def exported_hybrid(request, tmp_path_factory):
+  """(JAX model, export directory) of a hybrid stack."""
+  pattern, num_layers = HYBRIDS[request.param]
+  return export_tiny(tiny_config(request.param, num_layers=num_layers, layer_pattern=pattern), tmp_path_factory)
 
 
 def load(out_dir):
@@ -155,6 +175,68 @@ def test_greedy_generation_matches_lsm_jax_through_the_recurrent_path(exported, 
     padded = hf_model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=256)
   assert until_eos(padded[0, len(prompt) :].tolist()) == until_eos(expected[:6])
   assert until_eos(padded[1, len(prompt) :].tolist()) == until_eos(jax_greedy(model, short, 6))
+
+
+def test_hybrid_export_gives_the_jax_logits_and_generates_with_mixed_caches(exported_hybrid, monkeypatch):
+  """Each layer has its own mixer (softmax layers RoPE and a KV cache, linear ones their recurrent state): the
+  logits are lsm_jax's, and greedy generation with the mixed cache equals a full forward per token (so lsm_jax's
+  greedy continuation, whose logits these are)."""
+  model, out_dir = exported_hybrid
+  hf_model, info = load(out_dir)
+  assert not info["missing_keys"] and not info["unexpected_keys"] and not info.get("mismatched_keys")
+  assert type(hf_model).__name__ == "LsmForCausalLM"
+  config = json.loads(open(f"{out_dir}/config.json").read())
+  assert config["layer_mixers"] == list(model.config.layer_mixers) and config["arch"] in ARCHS
+  mixers = [type(layer.token_mixer).__name__ for layer in hf_model.layers]
+  softmax_layers = model.config.layer_mixers.count("llama")
+  assert mixers.count("SoftmaxAttentionMixer") == softmax_layers > 0
+  tokens = np.random.default_rng(5).integers(0, 264, size=(2, 80))
+  expected = np.asarray(jax.jit(lambda m, t: m(t))(model, jnp.asarray(tokens, jnp.int32)))
+  with torch.no_grad():
+    actual = hf_model(torch.from_numpy(tokens)).logits.numpy()
+  assert np.abs(expected).max() > 1.0
+  np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=0)
+  # The cache continues a prefix: token by token (the recurrent step, one new key), then a chunk (the chunked
+  # form from a state, queries offset by the cached keys), as the full forward.
+  module = sys.modules[type(hf_model).__module__]
+  with torch.no_grad():
+    state = getattr(hf_model(torch.from_numpy(tokens[:, :50]), use_cache=True), module.CACHE_FIELD)
+    continued = []
+    for start, end in ((50, 51), (51, 52), (52, 53), (53, 80)):
+      output = hf_model(torch.from_numpy(tokens[:, start:end]), past_key_values=state, use_cache=True)
+      continued.append(output.logits.numpy())
+      state = getattr(output, module.CACHE_FIELD)
+  np.testing.assert_allclose(np.concatenate(continued, 1), expected[:, 50:], atol=1e-4, rtol=0)
+  card = open(f"{out_dir}/README.md").read()
+  assert f"layer pattern {model.config.layer_pattern}" in card and "trust_remote_code=True" in card
+
+  prompt, new_tokens = [72, 101, 108, 108, 111, 44, 32, 119, 111], 12
+  steps = []
+  step = module.linear_attention_step
+  monkeypatch.setattr(module, "linear_attention_step", lambda *args: steps.append(1) or step(*args))
+
+  def greedy(ids, mask=None, use_cache=True, max_new_tokens=new_tokens):
+    with torch.no_grad():
+      generated = hf_model.generate(
+        torch.tensor(ids),
+        attention_mask=None if mask is None else torch.tensor(mask),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=256,
+        use_cache=use_cache,
+      )
+    return [until_eos(row[len(ids[0]) :].tolist()) for row in generated]
+
+  (cached,) = greedy([prompt])
+  if 256 not in cached:
+    # every token after the first, in each linear layer
+    assert len(steps) == (new_tokens - 1) * (model.config.num_layers - softmax_layers)
+  steps.clear()
+  assert greedy([prompt], use_cache=False) == [cached] and not steps  # a full forward per token
+  # Left padding: the KV cache and the states skip it, so the shorter prompt continues as when alone.
+  short = prompt[3:]
+  padded = greedy([prompt, [256] * 3 + short], [[1] * len(prompt), [0] * 3 + [1] * len(short)], max_new_tokens=6)
+  assert padded == [until_eos(cached[:6]), *greedy([short], max_new_tokens=6)]
 
 
 def test_export_writes_tokenizer_generation_config_and_model_card(exported):

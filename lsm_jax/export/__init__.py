@@ -3,7 +3,7 @@
   hf            export_hf (milestone -> transformers directory), import_llama (transformers LLaMA -> run directory)
   hf_tokenizer  tokenizer.json for cl100k and the byte tokenizer
   tensors       lsm_jax parameter paths -> PyTorch tensor names
-  modeling_lsm.py, configuration_lsm.py   the PyTorch TNL / HGRN2 / cosFormer2 shipped inside exports
+  modeling_lsm.py, configuration_lsm.py   the PyTorch TNL / HGRN2 / cosFormer2 / hybrid stacks shipped inside exports
 CLI: `python -m lsm_jax.export` (see __main__.py and docs/export.md).
 """
 

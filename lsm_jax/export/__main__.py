@@ -6,9 +6,9 @@ r"""Export a milestone for Hugging Face transformers, or import a transformers L
 
 Export: `--checkpoint` is a run directory (milestone `--step`, default the last) or one milestone directory
 MODEL_DIR/checkpoints/milestones/<step>; DIR then loads with `AutoModelForCausalLM.from_pretrained(DIR)` (LLaMA) or
-`from_pretrained(DIR, trust_remote_code=True)` (TNL, HGRN2, cosFormer2). `--format=fla` (fla's HGRN2 classes) is
-refused with the reason: the architectures differ. The export is reloaded with transformers and its logits
-compared with lsm_jax's unless `--noverify`.
+`from_pretrained(DIR, trust_remote_code=True)` (TNL, HGRN2, cosFormer2, hybrid stacks). `--format=fla` (fla's HGRN2
+classes) is refused with the reason: the architectures differ. The export is reloaded with transformers and its
+logits compared with lsm_jax's unless `--noverify`.
 Import: writes the LLaMA checkpoint as milestone 0 of the new run directory MODEL_DIR, which
 `python -m lsm_jax.evaluate --run_dir=MODEL_DIR` evaluates and `trainer.train.init_from=MODEL_DIR` trains on from.
 

@@ -1,4 +1,5 @@
-"""Hugging Face configuration of lsm_jax's linear models (TNL, HGRN2, cosFormer2); shipped inside every export.
+"""Hugging Face configuration of lsm_jax's linear models (TNL, HGRN2, cosFormer2) and hybrid stacks; shipped inside
+every export that needs remote code.
 
 Plain transformers code (no lsm_jax import): the exporter copies this file next to config.json, which names it in
 `auto_map`, so `AutoConfig.from_pretrained(dir, trust_remote_code=True)` finds it.
@@ -10,10 +11,18 @@ except ImportError:
   from transformers import PretrainedConfig
 
 LINEAR_ARCHS = ("tnl", "hgrn2", "cosformer2")
+# Token mixers a layer can have (lsm_jax.layer_pattern.MIXERS); "llama" is softmax attention with RoPE.
+MIXERS = ("llama", *LINEAR_ARCHS)
 
 
 class LsmConfig(PretrainedConfig):
-  """Shapes of an lsm_jax linear model (lsm_jax.models.ModelConfig under Hugging Face field names)."""
+  """Shapes of an lsm_jax model (lsm_jax.models.ModelConfig under Hugging Face field names).
+
+  arch: the architecture whose norms and channel mixer every layer has (RMSNorm with a gain and SwiGLU for
+  "llama", SRMSNorm and SGLU for the linear ones) and, without `layer_mixers`, whose token mixer every layer has.
+  layer_mixers: the token mixer of every layer of a hybrid stack, one of MIXERS per layer (the expanded layer
+  pattern: ["hgrn2", "hgrn2", "hgrn2", "llama"] for "hgrn2*3,llama" over four layers).
+  """
 
   model_type = "lsm_jax"
 
@@ -29,15 +38,23 @@ class LsmConfig(PretrainedConfig):
     rms_norm_eps: float = 1e-6,
     lrpe_theta: float = 10000.0,
     tpe_max_timescale: float = 8192.0,
+    rope_theta: float = 10000.0,
+    layer_mixers: list[str] | None = None,
     initializer_range: float = 0.02,
     use_cache: bool = True,
     tie_word_embeddings: bool = True,
     **kwargs,
   ):
-    if arch not in LINEAR_ARCHS:
-      raise ValueError(
-        f"LsmConfig.arch must be one of {LINEAR_ARCHS} (LLaMA exports as LlamaForCausalLM); got {arch!r}"
-      )
+    if arch not in MIXERS:
+      raise ValueError(f"LsmConfig.arch must be one of {MIXERS}; got {arch!r}")
+    if layer_mixers is not None:
+      layer_mixers = list(layer_mixers)
+      unknown = sorted({mixer for mixer in layer_mixers if mixer not in MIXERS})
+      if unknown or len(layer_mixers) != num_hidden_layers:
+        raise ValueError(
+          f"LsmConfig.layer_mixers must name one mixer of {MIXERS} for each of the {num_hidden_layers} layers; "
+          f"got {layer_mixers!r}"
+        )
     if num_attention_heads * head_dim != hidden_size:
       raise ValueError(
         f"LsmConfig needs num_attention_heads * head_dim == hidden_size; got {num_attention_heads} "
@@ -55,6 +72,8 @@ class LsmConfig(PretrainedConfig):
     self.rms_norm_eps = rms_norm_eps
     self.lrpe_theta = lrpe_theta
     self.tpe_max_timescale = tpe_max_timescale
+    self.rope_theta = rope_theta
+    self.layer_mixers = layer_mixers
     self.initializer_range = initializer_range
     self.use_cache = use_cache
     super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

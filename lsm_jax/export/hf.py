@@ -4,6 +4,9 @@ Export (`export_hf`) writes a directory that `transformers.AutoModelForCausalLM.
   LLaMA                  stock `LlamaForCausalLM` (model_type "llama", transformers' tensor names, no remote code)
   TNL, HGRN2, cosFormer2 `LsmForCausalLM` from modeling_lsm.py + configuration_lsm.py, copied into the directory and
                          named in config.json's `auto_map` (load with trust_remote_code=True)
+  hybrid stacks          the same `LsmForCausalLM`, config.json's `layer_mixers` naming each layer's token mixer
+                         (the expanded layer pattern); a pattern of one mixer of the architecture's family (linear
+                         or softmax) exports as that pure model
 plus model.safetensors (safetensors' own writer; bfloat16 through ml_dtypes), tokenizer.json and
 tokenizer_config.json (hf_tokenizer), generation_config.json, a model card README.md, and lsm_jax_export.json (the
 milestone's step, tokens, compute, ModelConfig and the JAX source of every tensor). When torch and transformers are
@@ -26,7 +29,7 @@ import shutil
 
 import numpy as np
 
-from lsm_jax import checkpoint
+from lsm_jax import checkpoint, layer_pattern
 from lsm_jax.export import hf_tokenizer
 from lsm_jax.export import tensors as tensor_names
 
@@ -85,6 +88,22 @@ def _validation_loss(run_dir: str, step: int) -> float | None:
   return loss
 
 
+def export_layout(model_config: dict) -> tuple[str, list[str] | None]:
+  """(config.json's arch, its layer_mixers) of a ModelConfig dict: a model whose every layer has the mixer of its
+  norms' family exports as that pure architecture (layer_mixers None; LLaMA as LlamaForCausalLM), any other stack
+  as LsmForCausalLM with the architecture of its norms and channel mixer and one token mixer per layer."""
+  arch = model_config.get("arch")
+  valid = ("llama", *_LINEAR_ARCHS, *layer_pattern.HYBRID_ARCHS)
+  if arch not in valid:
+    raise ValueError(f"cannot export a model of arch {arch!r}; exportable architectures: {', '.join(valid)}")
+  pattern = model_config.get("layer_pattern") or layer_pattern.default_pattern(arch)
+  mixers = list(layer_pattern.layer_mixers(pattern, model_config["num_layers"]))
+  norms = layer_pattern.HYBRID_ARCHS.get(arch, arch)
+  if len(set(mixers)) == 1 and (mixers[0] == "llama") == (norms == "llama"):
+    return mixers[0], None  # the linear architectures share their norms and channel mixer
+  return norms, mixers
+
+
 def _model_config_json(model_config: dict, *, max_length: int, eos_id: int | None, dtype: str) -> dict:
   common = {
     "vocab_size": model_config["vocab_size"],
@@ -103,7 +122,8 @@ def _model_config_json(model_config: dict, *, max_length: int, eos_id: int | Non
     "torch_dtype": dtype,
     "dtype": dtype,
   }
-  if model_config["arch"] == "llama":
+  arch, mixers = export_layout(model_config)
+  if (arch, mixers) == ("llama", None):
     rope_theta = float(model_config["rope_theta"])
     return {
       **common,
@@ -120,11 +140,13 @@ def _model_config_json(model_config: dict, *, max_length: int, eos_id: int | Non
       "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
       "rope_scaling": None,
     }
+  hybrid = {} if mixers is None else {"layer_mixers": mixers, "rope_theta": float(model_config["rope_theta"])}
   return {
     **common,
     "model_type": "lsm_jax",
     "architectures": ["LsmForCausalLM"],
-    "arch": model_config["arch"],
+    "arch": arch,
+    **hybrid,
     "auto_map": {"AutoConfig": "configuration_lsm.LsmConfig", "AutoModelForCausalLM": "modeling_lsm.LsmForCausalLM"},
   }
 
@@ -137,11 +159,26 @@ _ARCH_NAMES = {
 }
 
 
+_MIXER_NAMES = {"llama": "softmax attention", "tnl": "TNL", "hgrn2": "HGRN2", "cosformer2": "cosFormer2"}
+
+
+def _architecture_name(model_config: dict) -> str:
+  arch, mixers = export_layout(model_config)
+  if mixers is None:
+    return _ARCH_NAMES[arch]
+  counts = layer_pattern.mixer_counts(model_config["layer_pattern"], model_config["num_layers"])
+  layers = " and ".join(f"{count} {_MIXER_NAMES[mixer]}" for mixer, count in counts.items())
+  return (
+    f"hybrid of {layers} layers (layer pattern {model_config['layer_pattern']}; norms and channel mixer of "
+    f"{_ARCH_NAMES[arch].split(' (')[0]})"
+  )
+
+
 def _model_card(model_config: dict, provenance: dict) -> str:
-  arch = model_config["arch"]
+  arch, name = model_config["arch"], _architecture_name(model_config)
   loading = (
     "AutoModelForCausalLM.from_pretrained(path)"
-    if arch == "llama"
+    if export_layout(model_config) == ("llama", None)
     else "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)"
   )
 
@@ -149,7 +186,7 @@ def _model_card(model_config: dict, provenance: dict) -> str:
     return "unknown" if value is None else f"{value:,}{unit}" if isinstance(value, int) else f"{value:.6g}{unit}"
 
   rows = [
-    ("Architecture", _ARCH_NAMES[arch]),
+    ("Architecture", name),
     ("Size", model_config["size"]),
     ("Parameters", show(provenance["num_params"])),
     (
@@ -169,24 +206,11 @@ def _model_card(model_config: dict, provenance: dict) -> str:
   return (
     f"---\nlibrary_name: transformers\ntags: [lsm_jax, {arch}]\n---\n\n"
     f"# {arch}-{model_config['size']} (lsm_jax)\n\n"
-    f'A {_ARCH_NAMES[arch]} language model trained with lsm_jax, a JAX reproduction of "Scaling Laws for '
+    f'A {name} language model trained with lsm_jax, a JAX reproduction of "Scaling Laws for '
     f'Linear Complexity Language Models" (arXiv 2406.16690).\n\n| | |\n|---|---|\n{table}\n\n'
     f"Load with `transformers`: `{loading}`; the tokenizer with `AutoTokenizer.from_pretrained(path)`.\n"
     f"`lsm_jax_export.json` records the milestone and the JAX parameter behind every tensor.\n"
   )
-
-
-def _check_exportable(model_config: dict) -> None:
-  """Hybrid stacks are refused before any weight is read: LsmForCausalLM and LlamaForCausalLM have one token
-  mixer in every layer."""
-  pattern = model_config.get("layer_pattern")
-  if pattern or model_config.get("arch", "llama") not in ("llama", *_LINEAR_ARCHS):
-    raise ValueError(
-      f"cannot export the {model_config.get('arch')} model with layer pattern {pattern!r}: the exported modeling "
-      f"files have one token mixer in every layer, so hybrid stacks (docs/hybrids.md) have no Hugging Face export; "
-      f"exportable: {', '.join(('llama', *_LINEAR_ARCHS))} without a layer pattern. Evaluate hybrids with "
-      "`python -m lsm_jax.evaluate`."
-    )
 
 
 def export_hf(
@@ -209,21 +233,21 @@ def export_hf(
   if dtype is not None and dtype not in EXPORT_DTYPES:
     raise ValueError(f"dtype must be one of {list(EXPORT_DTYPES)}, got {dtype!r}")
   run_dir, step = checkpoint.resolve_milestone(checkpoint_dir, step, path_name="--checkpoint", step_name="--step")
-  _check_exportable(_read_run_metadata(run_dir).get("model_config") or {})  # cheap: before the weights are read
   params, metadata = checkpoint.load_milestone(run_dir, step, dtype=dtype)
   model_config = metadata.get("model_config")
   if not model_config:
     raise ValueError(f"milestone {step} in {run_dir} has no model_config in its metadata; it cannot be exported")
-  _check_exportable(model_config)
   arch = model_config["arch"]
+  layout = export_layout(model_config)
   if export_format == "fla":
-    if arch != "hgrn2":
+    if layout != ("hgrn2", None):
       raise ValueError(f"--format=fla exists only for HGRN2 (fla has no {arch}); use --format=hf")
     raise ValueError(_FLA_MISMATCH)
   run_metadata = _read_run_metadata(run_dir)
   saved_dtype = dtype or metadata.get("dtype", "float32")
-  named = tensor_names.torch_state_dict(params, model_config["num_layers"])
-  if arch == "llama":
+  pattern = model_config.get("layer_pattern") or layer_pattern.default_pattern(arch)
+  named = tensor_names.torch_state_dict(params, model_config["num_layers"], pattern)
+  if layout == ("llama", None):
     named = {llama_tensor_name(name): value for name, value in named.items()}
   weights = {name: np.asarray(tensor) for name, (tensor, _) in named.items()}
 
@@ -246,7 +270,7 @@ def export_hf(
       indent=2,
       sort_keys=True,
     )
-  if arch in _LINEAR_ARCHS:
+  if layout != ("llama", None):
     for name in _REMOTE_CODE_FILES:
       shutil.copyfile(os.path.join(os.path.dirname(__file__), name), os.path.join(out_dir, name))
   with open(os.path.join(out_dir, "generation_config.json"), "w") as handle:
