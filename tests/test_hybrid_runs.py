@@ -1,7 +1,9 @@
 """Hybrid stacks through a run directory: a milestone saves and restores the per-run parameter stacks, the evaluation
-loader rebuilds the same model from run_metadata.json, and the Hugging Face export refuses it before reading weights."""
+loader rebuilds the same model from run_metadata.json, and the Hugging Face export writes each layer with its own
+mixer (transformers' logits: tests/test_export_hf.py)."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -61,8 +63,11 @@ def test_milestone_restores_the_hybrid_and_the_loader_rebuilds_it(hybrid_run):
   np.testing.assert_array_equal(np.asarray(loaded(tokens)), np.asarray(model(tokens)))
 
 
-def test_export_refuses_a_hybrid_naming_what_is_exportable(hybrid_run, tmp_path):
+def test_export_writes_each_layer_with_its_own_mixer(hybrid_run, tmp_path):
   run_dir, _ = hybrid_run
-  with pytest.raises(ValueError, match=r"tnl_hybrid model with layer pattern 'tnl,llama'.*exportable: llama, tnl"):
-    hf.export_hf(run_dir, str(tmp_path / "out"), verify=False)
-  assert not (tmp_path / "out").exists()
+  result = hf.export_hf(run_dir, str(tmp_path / "out"), verify=False)
+  config = json.loads((tmp_path / "out" / "config.json").read_text())
+  assert config["arch"] == "tnl" and config["layer_mixers"] == ["tnl", "llama", "tnl"]
+  sources = result["tensor_sources"]
+  assert sources["layers.1.token_mixer.k_proj.weight"] == "layers/1/mixer/qkv/kernel[0][:, 1]"  # the softmax run
+  assert sources["layers.2.token_mixer.output_gate.up_proj.weight"] == "layers/2/mixer/gate/up/kernel[0]"
