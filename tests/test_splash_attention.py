@@ -105,7 +105,7 @@ def test_lengths_splash_cannot_block_take_the_xla_path():
   [
     ("tpu", jnp.bfloat16, "splash"),
     ("tpu", jnp.float32, "splash"),
-    ("gpu", jnp.bfloat16, "cudnn"),
+    ("gpu", jnp.bfloat16, "pallas_gpu"),
     ("gpu", jnp.float32, "xla"),
     ("cpu", jnp.bfloat16, "xla"),
   ],

@@ -125,7 +125,8 @@ class ModelConfig:
       if platform == "tpu":
         attention_impl = "splash"
       elif platform == "gpu" and jnp.dtype(self.dtype) in (jnp.bfloat16, jnp.float16):
-        attention_impl = "cudnn"
+        # Documents by segment ids: 1.3-12x cuDNN with the dense mask (benchmarks/results/attention_h200.md)
+        attention_impl = "pallas_gpu"
       else:
         attention_impl = "xla"
     return dataclasses.replace(

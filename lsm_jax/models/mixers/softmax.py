@@ -7,9 +7,9 @@ left padding, segment id 0, and unwritten slots).
 
 Implementations: "splash" (Pallas TPU splash attention: block-sparse causal mask, documents by segment ids, no
 [T, T] array), "pallas_gpu" (Pallas GPU flash attention, pallas_kernels.attention: documents by segment ids, no
-[T, T] array, key blocks hidden by the mask skipped), "cudnn" (cuDNN flash attention through
-jax.nn.dot_product_attention) and "xla" (the same call, plain XLA). The last two take the documents as a dense
-[B, 1, T, T] mask.
+[T, T] array, key blocks hidden by the mask skipped; rows without documents go to cuDNN), "cudnn" (cuDNN flash
+attention through jax.nn.dot_product_attention) and "xla" (the same call, plain XLA). The last two take the
+documents as a dense [B, 1, T, T] mask. "auto" picks splash on TPU, pallas_gpu on GPU (16-bit), xla elsewhere.
 """
 
 from __future__ import annotations
@@ -96,6 +96,9 @@ def pallas_gpu_attention(q, k, v, segment_ids):
   """Causal flash attention (Pallas GPU kernels; interpret mode off the GPU) of q, k, v [B, T, H, D] (keys limited
   to the query's segment when segment_ids [B, T] are given) -> [B, T, H, D], per shard of the active mesh (batch
   and heads); None where it cannot run: a head_dim the kernels lack, or the time axis split over the mesh."""
+  if segment_ids is None and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    # Without documents cuDNN's causal kernel is 2.4x faster than this one forward+backward (H200, 8x2048).
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
   shards = layers.KernelShards(q)
   if q.shape[-1] not in pallas_attention.HEAD_DIMS or shards.length is not None:
     return None
