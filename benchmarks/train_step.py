@@ -70,15 +70,33 @@ def model_config(arch: str, size: str, remat_policy: str, scan_layers: bool = Tr
   return configs.get_config(arch, size, remat_policy=remat_policy, scan_layers=scan_layers)
 
 
-def synthetic_batch(program: trainer.TrainProgram, seed: int) -> dict:
+def packed_documents(rng, shape, mean_document: int):
+  """(segment_ids, positions) [B, T] of rows packed with documents of lognormal lengths (sigma 1, mean
+  `mean_document` tokens; the last one cut at the row's end); mean_document 0: one document per row."""
+  if not mean_document:
+    return np.ones(shape, np.int32), np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()
+  segment_ids, positions = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+  for row in range(shape[0]):
+    start, document = 0, 1
+    while start < shape[1]:
+      length = max(1, int(rng.lognormal(np.log(mean_document) - 0.5, 1.0)))
+      end = min(shape[1], start + length)
+      segment_ids[row, start:end] = document
+      positions[row, start:end] = np.arange(end - start)
+      start, document = end, document + 1
+  return segment_ids, positions
+
+
+def synthetic_batch(program: trainer.TrainProgram, seed: int, mean_document: int = 0) -> dict:
   rng = np.random.default_rng(seed)
   shape = (program.global_batch_size, program.seq_len)
   tokens = rng.integers(0, program.model_config.vocab_size, size=(shape[0], shape[1] + 1), dtype=np.int32)
+  segment_ids, positions = packed_documents(rng, shape, mean_document)
   host = {
     "inputs": tokens[:, :-1],
     "targets": tokens[:, 1:],
-    "segment_ids": np.ones(shape, np.int32),
-    "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
+    "segment_ids": segment_ids,
+    "positions": positions,
     "loss_mask": np.ones(shape, np.float32),
   }
   return {key: jax.device_put(value, program.batch_sharding) for key, value in host.items()}
@@ -177,7 +195,9 @@ def time_compiled(program: trainer.TrainProgram, compiled, row: dict, args) -> d
   """`row` completed with the step's median time, tokens/s, MFU, loss and the process's peak memory."""
   mesh, seq_len, global_batch = program.mesh, program.seq_len, program.global_batch_size
   state, rest = program.init()
-  batch = synthetic_batch(program, seed=0)
+  batch = synthetic_batch(program, seed=0, mean_document=args.mean_document)
+  if args.mean_document:
+    row["mean_document"] = args.mean_document
   times = []
   for index in range(args.warmup + args.steps):
     start = time.perf_counter()
@@ -259,7 +279,8 @@ def write_markdown(path: str, header: dict, rows: list[dict], peers: dict, peer_
     "|---|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for row in rows:
-    peer = peers.get((row["arch"], row["size"], row["seq_len"]), {})
+    # Peers train one document per row: a row of packed documents has no peer.
+    peer = {} if row.get("mean_document") else peers.get((row["arch"], row["size"], row["seq_len"]), {})
     peer_tokens = _format(peer.get("tokens_per_s"), ",.0f") or ("error" if "error" in peer else "")
     measured = f"{row.get('date', header['date'])[:10]}, {row.get('commit') or 'commit unknown'}"
     if "error" in row:
@@ -269,8 +290,11 @@ def write_markdown(path: str, header: dict, rows: list[dict], peers: dict, peer_
         f"error: {row['error'][:80]} | | | | {peer_tokens} | | {_format(peer.get('peak_gib'), '.1f')} |"
       )
       continue
+    length = row["seq_len"]
+    if row.get("mean_document"):
+      length = f"{length}, documents of mean {row['mean_document']}"
     lines.append(
-      f"| {row['arch']} | {row['size']} | {row['seq_len']} | {measured} | {row['global_batch_size']} "
+      f"| {row['arch']} | {row['size']} | {length} | {measured} | {row['global_batch_size']} "
       f"({row['num_microbatches']}) | {_mesh_label(row.get('mesh'))} | {row['remat_policy']}"
       f"{'' if row.get('scan_layers', True) else ', unrolled layers'} | "
       f"{row['compile_s']:.1f} | {row['step_s']:.4f} | "
@@ -317,6 +341,12 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--sizes", default="410m,1b", help="comma-separated sizes, or 'tiny' (CPU check)")
   parser.add_argument("--seq_lens", default="2048,8192,32768")
   parser.add_argument("--tokens_per_step", type=int, default=32768)
+  parser.add_argument(
+    "--mean_document",
+    type=int,
+    default=0,
+    help="pack each row with documents of lognormal lengths of this mean (tokens); 0: one document per row",
+  )
   parser.add_argument("--remat_policy", default="none", choices=configs.REMAT_POLICIES)
   parser.add_argument(
     "--remat_fallbacks",
