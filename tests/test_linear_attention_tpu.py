@@ -1,5 +1,5 @@
 """The Pallas TPU kernels, run in TPU interpret mode on CPU, against the float64 recurrent reference:
-outputs, final state and every gradient, for the three decay modes, fp32 and bf16; and their Mosaic lowering."""
+outputs, final state and every gradient, for the four decay modes, fp32 and bf16; and their Mosaic lowering."""
 
 import re
 
@@ -20,10 +20,12 @@ from pallas_kernels.linear_attention.testing import (
 TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 1e-2}
 
 
-def _check_tpu_against_reference(seed, *, time, decay_mode, strength, dtype, dim_k=128, dim_v=128, heads=2, block=None):
+def _check_tpu_against_reference(
+  seed, *, time, decay_mode, strength, dtype, dim_k=128, dim_v=128, heads=2, block=None, batch=1
+):
   q, k, v, log_decay, state, segment_ids = random_inputs(
     seed,
-    batch=1,
+    batch=batch,
     time=time,
     heads=heads,
     dim_k=dim_k,
@@ -70,6 +72,17 @@ def test_scalar_decay_strong_bf16_two_blocks():
   _check_tpu_against_reference(2, time=200, decay_mode="scalar", strength="strong", dtype=jnp.bfloat16)
 
 
+def test_token_decay_strong_fp32_two_blocks_two_rows():
+  # One decay per head and token (Mamba-2), log-decay to -10 per step, T=200: the second block padded; two
+  # batch rows with different decays and documents, so a decay block read from the wrong row fails.
+  _check_tpu_against_reference(5, time=200, decay_mode="token", strength="strong", dtype=jnp.float32, batch=2)
+
+
+def test_token_decay_weak_bf16_two_chunks_per_block():
+  # Blocks of 256 tokens: the cumulative decay restarts at the second 128-token chunk of a grid step.
+  _check_tpu_against_reference(6, time=260, decay_mode="token", strength="weak", dtype=jnp.bfloat16, block=256)
+
+
 def test_no_decay_fp32_two_chunks_per_block():
   # Blocks of 256 tokens: two 128-token chunks per grid step, the second block padded.
   _check_tpu_against_reference(3, time=300, decay_mode="none", strength="weak", dtype=jnp.float32, block=256)
@@ -81,7 +94,7 @@ def test_block_size_must_be_a_multiple_of_128():
     api.linear_attention(q, q, q, backend="pallas_tpu", chunk_size=64)
 
 
-@pytest.mark.parametrize("decay_mode", ["none", "scalar", "vector"])
+@pytest.mark.parametrize("decay_mode", ["none", "scalar", "token", "vector"])
 def test_forward_and_backward_lower_to_mosaic(decay_mode):
   # Interpret mode does not run Mosaic's lowering rules; exporting for the TPU platform does (no TPU needed),
   # so unsupported ops, layouts or block shapes fail here.

@@ -7,8 +7,9 @@ axis "arbitrary" (sequential) and a float32 state in a VMEM scratch that persist
   backward dk,dv walks in reverse (index_map t -> n-1-t) carrying dS; its last step writes d initial_state.
 A grid step covers a block of 128·m tokens, cut into chunks of the two-level algorithm, each with its own
 local cumulative log-decay b (every exponent <= 0, masked before exp):
-  * no decay / per-head decay: chunks of 128 tokens; scores are (Q Kᵀ) ⊙ D on the MXU, with D the causal,
-    same-document mask times e^{b_i − b_j} (b a column and a row, so no in-kernel transpose or cumsum);
+  * no decay / per-head decay / per-head-and-token decay: chunks of 128 tokens; scores are (Q Kᵀ) ⊙ D on the
+    MXU, with D the causal, same-document mask times e^{b_i − b_j} (b a column and a row, so no in-kernel
+    transpose or cumsum; shared by the heads for a per-head decay, per batch row and head for a per-token one);
   * per-key-channel decay (HGRN2): chunks of 16 tokens whose 16×16 scores are exact elementwise float32
     products Σ_d q_id k_jd e^{b_id − b_jd}; the state crosses chunks through [16, D] × [D, D] matmuls.
 The state is kept transposed, [Dv, Dk], so a per-key decay scales lanes. Segment resets: a token reads the
@@ -16,7 +17,8 @@ carried state only if no reset happened since its chunk began, and only keys of 
 the outgoing state; these per-token flags and the document index are precomputed in XLA. The decay gradient
 comes from the identity (it holds with resets too: the masks do not depend on α)
   d log α_r = Σ_{t >= r} (q_t ⊙ dq_t − k_t ⊙ dk_t) + Σ_v (S_T ⊙ dS_T),
-reverse-cumsummed in float32 outside the kernels (summed over channels and time for the per-head decay).
+reverse-cumsummed in float32 outside the kernels (summed over channels for the per-token decay, over channels
+and time for the per-head decay).
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ class _Chunk:
 
 
 class _ScalarChunk(_Chunk):
-  """128 tokens with no decay (b refs None) or a per-head decay, whose b comes as a column and a row."""
+  """128 tokens with no decay (b refs None) or a per-head or per-token decay, whose b comes as a column and a row."""
 
   def __init__(
     self, index, q_ref, k_ref, v_ref, sees_ref, last_ref, doc_col_ref, doc_row_ref, b_col_ref=None, b_row_ref=None
@@ -238,6 +240,9 @@ def _mode_specs(decay_mode, block, dim_k, time_index):
     if decay_mode == "scalar":
       specs.append(pl.BlockSpec((None, block, 1), lambda b, h, t: (h, time_index(t), 0)))  # b_col
       specs.append(pl.BlockSpec((None, 1, block), lambda b, h, t: (h, 0, time_index(t))))  # b_row
+    elif decay_mode == "token":
+      specs.append(pl.BlockSpec((None, None, block, 1), lambda b, h, t: (b, h, time_index(t), 0)))  # b_col
+      specs.append(pl.BlockSpec((None, None, 1, block), lambda b, h, t: (b, h, 0, time_index(t))))  # b_row
   return specs
 
 
@@ -258,14 +263,20 @@ def _segment_inputs(segment_ids, batch, time, padded_time, chunk, decay_mode):
 
 
 def _decay_inputs(log_decay, decay_mode, time, padded_time):
-  """Chunk-local cumulative log-decays: [B,H,Tp,Dk] per 16 tokens (vector), or a column [H,Tp,1] and a row
-  [H,1,Tp] per 128 tokens (scalar; padded steps decay by 1 so they leave the final state untouched)."""
+  """Chunk-local cumulative log-decays: [B,H,Tp,Dk] per 16 tokens (vector), or per 128 tokens a column and a
+  row, [B,H,Tp,1] and [B,H,1,Tp] (token) or [H,Tp,1] and [H,1,Tp] (scalar). Padded steps decay by 1 so they
+  leave the final state untouched (token and vector log-decays arrive zero-padded)."""
   if decay_mode == "none":
     return ()
   if decay_mode == "vector":
     batch, heads, _, dim_k = log_decay.shape
     chunks = log_decay.reshape(batch, heads, padded_time // VECTOR_CHUNK, VECTOR_CHUNK, dim_k)
     return (jnp.cumsum(chunks, axis=3).reshape(batch, heads, padded_time, dim_k),)
+  if decay_mode == "token":
+    batch, heads, _ = log_decay.shape
+    chunks = log_decay.reshape(batch, heads, padded_time // SCALAR_CHUNK, SCALAR_CHUNK)
+    cumulative = jnp.cumsum(chunks, axis=3).reshape(batch, heads, padded_time)
+    return cumulative[:, :, :, None], cumulative[:, :, None, :]
   valid = (jnp.arange(padded_time) < time).astype(jnp.float32)
   steps = log_decay.astype(jnp.float32)[:, None] * valid[None, :]
   chunks = steps.reshape(-1, padded_time // SCALAR_CHUNK, SCALAR_CHUNK)
@@ -320,7 +331,7 @@ def _forward(q, k, v, log_decay, state0_t, segment_inputs, block, decay_mode, ti
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def _linear_attention_blocks(q, k, v, log_decay, state0_t, segment_inputs, block, decay_mode, time):
-  """q, k [B,H,Tp,Dk], v [B,H,Tp,Dv] (Tp a multiple of block), log_decay None / [H] / [B,H,Tp,Dk],
+  """q, k [B,H,Tp,Dk], v [B,H,Tp,Dv] (Tp a multiple of block), log_decay None / [H] / [B,H,Tp] / [B,H,Tp,Dk],
   state0_t [B,H,Dv,Dk] -> (o [B,H,Tp,Dv], final state [B,H,Dv,Dk]); `time` = the unpadded length."""
   return _forward(q, k, v, log_decay, state0_t, segment_inputs, block, decay_mode, time)
 
@@ -382,7 +393,7 @@ def _backward_rule(block, decay_mode, time, residuals, cotangents):
     # d log α_r = Σ_{t >= r} (q⊙dq − k⊙dk)_t + Σ_v (S_T ⊙ dS_T): the final state carries e^{B_T}.
     per_token = q.astype(jnp.float32) * dq - k.astype(jnp.float32) * dk  # [B,H,Tp,Dk]
     final_term = jnp.sum(final_t * dfinal_t, axis=2)  # [B,H,Dk]
-    if decay_mode == "scalar":
+    if decay_mode in ("scalar", "token"):
       per_token, final_term = jnp.sum(per_token, axis=-1), jnp.sum(final_term, axis=-1)
     per_step = jnp.flip(jnp.cumsum(jnp.flip(per_token, axis=2), axis=2), axis=2)
     per_step = per_step + final_term[:, :, None]
@@ -400,13 +411,20 @@ def linear_attention_tpu(q, k, v, log_decay, initial_state, segment_ids, chunk_s
   """Backend "pallas_tpu". Shapes as in api.py. Returns (o [B,T,H,Dv] in v.dtype, final_state [B,H,Dk,Dv] f32)."""
   batch, time, heads, dim_k = q.shape
   dim_v = v.shape[-1]
-  decay_mode = "none" if log_decay is None else ("scalar" if log_decay.ndim == 1 else "vector")
+  decay_mode = "none" if log_decay is None else {1: "scalar", 3: "token", 4: "vector"}.get(log_decay.ndim)
+  if decay_mode is None:
+    raise ValueError(
+      f"log_decay has shape {tuple(log_decay.shape)}; valid: None, [heads], [batch, time, heads] or "
+      "[batch, time, heads, dim_k]."
+    )
   block = resolve_block(chunk_size, time)
   padded_time = common.round_up(time, block)
   # Head-major [B,H,Tp,D] so that a block is a (tokens, D) tile; padding is zeros (and decay 1).
   head_major = lambda x: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, padded_time - time), (0, 0)))
   if decay_mode == "vector":
     log_decay = head_major(log_decay.astype(jnp.float32))
+  elif decay_mode == "token":
+    log_decay = head_major(log_decay.astype(jnp.float32)[..., None])[..., 0]
   elif decay_mode == "scalar":
     log_decay = log_decay.astype(jnp.float32)
   chunk = VECTOR_CHUNK if decay_mode == "vector" else SCALAR_CHUNK
