@@ -46,7 +46,7 @@ def test_json_round_trip_and_overrides():
   "platform, dtype, backend, attention",
   [
     ("tpu", "bfloat16", "pallas_tpu", "splash"),
-    ("gpu", "bfloat16", "pallas_gpu", "cudnn"),
+    ("gpu", "bfloat16", "pallas_gpu", "pallas_gpu"),
     ("gpu", "float32", "pallas_gpu", "xla"),
     ("cpu", "bfloat16", "xla", "xla"),
   ],
