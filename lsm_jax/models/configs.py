@@ -42,9 +42,9 @@ REMAT_POLICIES = (
   "dots_with_no_batch_dims_saveable",
   "dots_and_mixer_kernels_saveable",
 )
-# "auto": splash attention on TPU, cuDNN flash attention on GPU for 16-bit compute, XLA elsewhere (jax 0.10's
-# implementation=None always picks XLA, so the choice is made here: ModelConfig.resolved_for). "pallas_gpu": the
-# Pallas GPU flash-attention kernels (documents by segment ids, no [T, T] mask), on request only.
+# "auto": splash attention on TPU, "pallas_gpu" on GPU for 16-bit compute (the Pallas GPU flash-attention kernels:
+# documents by segment ids, no [T, T] mask; cuDNN for batches of one document per row), XLA elsewhere (jax 0.10's
+# implementation=None always picks XLA, so the choice is made here: ModelConfig.resolved_for).
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "pallas_gpu")
 
 
