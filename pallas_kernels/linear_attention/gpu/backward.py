@@ -7,7 +7,16 @@ d log α_r = Σ_{r≤t≤e} (q·dq − k·dk)_t + Σ_v S_e·dS_e, e the chunk's 
 dS_e its gradient from later rows; the dq/dk kernel emits q·dq − k·dk, the dv kernel Σ_v S_e·dS_e, a small kernel
 the sums. The suffix sum cancels heavily: over the whole sequence its error would grow with T and need fp32 states.
 Chunk-local, bf16 states suffice; only the intra-chunk dq/dk matmuls keep fp32 operands, and only when a decay
-gradient is wanted (HGRN2, a per-token decay; TNL's decay is a fixed buffer)."""
+gradient is wanted (HGRN2, a per-token decay).
+
+A fixed decay per head (TNL's, when trainable) wants the sum of those per-row gradients over all rows, where the
+cancelling terms are known in closed form: every pair of tokens j ≤ i (one document) enters with weight i − j, the
+steps whose decay lies between them. Per chunk of L rows before T, r the row in the chunk:
+d log α = Σ_r [(r + 1)·q·dq_state + (L − 1 − r)·k·dk_state + Σ_j (r − j)·(q_r·k_j)·dA_rj D_rj] + L·e^Γ·Σ S·dS_e,
+S the state entering the chunk (its queries' pairs with earlier chunks, its keys' with later ones, pairs across
+it, pairs inside it). No term cancels, so bf16 states and 16-bit dq/dk operands keep it accurate: the backward
+of a trainable fixed decay is the fixed decay's plus a q·kᵀ matmul and elementwise sums in the dq/dk kernel and
+one more state read in the dv kernel."""
 
 import functools
 
@@ -40,12 +49,13 @@ from pallas_kernels.linear_attention.gpu.scores import chunk_scores, nested_leve
 
 def _dv_kernel(*refs, plan, decay_grad):
   """dv = Aᵀ·do + (k ⊙ k_factor)·dS for one chunk and Dv tile; with decay_grad also this tile's part of the
-  decay gradient's Σ_v S_e·dS_e (S_e, the state leaving the chunk, is the per-chunk state of the next one)."""
+  decay gradient's Σ_v S·dS_e: S_e, the state leaving the chunk (the per-chunk state of the next one), or for a
+  fixed decay per head the state entering it."""
   (q_ref, k_ref, do_ref), g_ref, resets_ref, (dh_ref, *rest) = split_refs(refs, plan, 3)
   scores_ref = rest.pop(0) if plan.mode == "vector" else None
   if decay_grad:
-    leaving_ref, dv_ref, state_term_ref = rest
-    state_term_ref[...] = jnp.sum(leaving_ref[...].astype(jnp.float32) * dh_ref[...].astype(jnp.float32), axis=0)
+    paired_ref, dv_ref, state_term_ref = rest
+    state_term_ref[...] = jnp.sum(paired_ref[...].astype(jnp.float32) * dh_ref[...].astype(jnp.float32), axis=0)
   else:
     (dv_ref,) = rest
   dtype = q_ref.dtype
@@ -57,11 +67,12 @@ def _dv_kernel(*refs, plan, decay_grad):
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dqdk_kernel(*refs, plan, operand_dtype):
+def _dqdk_kernel(*refs, plan, operand_dtype, time):
   """dq = (do·h) ⊙ q_factor + (dA ⊙ D)·k and dk = (v·dS) ⊙ k_factor + (dA ⊙ D)ᵀ·q for one chunk and Dk tile.
 
-  operand_dtype is float32 when the decay gradient is wanted: it sums q·dq − k·dk, which cancels, so the
-  intra-chunk terms (scaled by fp32 decay factors) need more than bf16-operand accuracy. The state terms do·h and
+  operand_dtype is float32 when a per-key-channel or per-token decay gradient is wanted: it sums q·dq − k·dk,
+  which cancels, so the intra-chunk terms (scaled by fp32 decay factors) need more than bf16-operand accuracy (a
+  fixed decay per head takes _head_decay_rows instead, whose terms do not cancel). The state terms do·h and
   v·dS, like dA = do·vᵀ, multiply values already in the input/state dtype: 16-bit products are exact in the fp32
   accumulator, so they take one tensor-core pass, not three."""
   (q_ref, k_ref, v_ref, do_ref), g_ref, resets_ref, (h_ref, dh_ref, dq_ref, dk_ref, *x_ref) = split_refs(refs, plan, 4)
@@ -78,10 +89,13 @@ def _dqdk_kernel(*refs, plan, operand_dtype):
   if plan.mode != "vector":
     sub = ChunkFactors(plan, g_ref, resets_ref, plan.chunk)
     q, k, do, v = (ref[...] for ref in (q_ref, k_ref, do_ref, v_ref))
-    d_scores = (matmul_nt(do, v) * intra_mask(plan, sub.g, sub.resets)).astype(dtype)
+    d_scores = matmul_nt(do, v) * intra_mask(plan, sub.g, sub.resets)
     dq_state, dk_state = _state_terms(do, v, h_ref, dh_ref)
-    dq = ChunkFactors.scale(dq_state, sub.q_factor) + matmul(d_scores, k.astype(dtype))
-    dk = ChunkFactors.scale(dk_state, sub.k_factor) + matmul_tn(d_scores, q.astype(dtype))
+    dq_state, dk_state = ChunkFactors.scale(dq_state, sub.q_factor), ChunkFactors.scale(dk_state, sub.k_factor)
+    dq = dq_state + matmul(d_scores.astype(dtype), k.astype(dtype))
+    dk = dk_state + matmul_tn(d_scores.astype(dtype), q.astype(dtype))
+    if plan.mode == "scalar" and x_ref:  # its rows' sums instead of q·dq − k·dk
+      x_ref.pop()[...] = _head_decay_rows(plan, q, k, dq_state, dk_state, d_scores, time)
     store(slice(None), slice(None), dq, dk)
     return
   size, chunk = plan.sub_chunk, plan.chunk
@@ -136,22 +150,51 @@ def _dqdk_kernel(*refs, plan, operand_dtype):
   for_each_sub_chunk(plan, sub_chunk)
 
 
+def _head_decay_rows(plan, q, k, dq_state, dk_state, d_scores, time):
+  """A fixed decay per head: this chunk's rows' part of d log α [C] (this Dk tile's channels), each pair of tokens
+  weighted by the steps between them, with no terms that cancel (module docstring): (r + 1)·q·dq_state +
+  (L − 1 − r)·k·dk_state + Σ_j (r − j)·(q_r·k_j)·dA_rj D_rj, r the row in the chunk, L the chunk's rows before
+  `time` (padding carries no decay)."""
+  chunk = plan.chunk
+  length = jnp.minimum(time - pl.program_id(1) * chunk, chunk).astype(jnp.float32)
+  rows = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+  position = lax.broadcasted_iota(jnp.int32, (chunk, 1), 0).astype(jnp.float32)
+  pairs = matmul_nt(q, k) * d_scores * (rows - cols).astype(jnp.float32)
+  edges = (position + 1) * q.astype(jnp.float32) * dq_state + (length - 1 - position) * k.astype(jnp.float32) * dk_state
+  return jnp.sum(edges, axis=1) + jnp.sum(pairs, axis=1)
+
+
 def _state_terms(do, v, h_ref, dh_ref):
   """(do·h, v·dS) of a chunk's rows in the states' dtype (bf16 states for bf16 inputs: one exact pass)."""
   return matmul(do.astype(h_ref.dtype), h_ref[...]), matmul(v.astype(dh_ref.dtype), dh_ref[...])
 
 
 def _grad_dv(layout, q, k, do, g, resets, d_states, scores, out_dtype, states=None):
-  """dv, and given the per-chunk `states`, the decay gradient's state term per chunk and Dv tile (the last
-  chunk's a placeholder: its leaving state is the final one, which the caller has)."""
+  """dv, and given the per-chunk `states`, the decay gradient's state term per chunk and Dv tile: of the state
+  entering the chunk for a fixed decay per head, else of the state leaving it (the last chunk's a placeholder: its
+  leaving state is the final one, which the caller has)."""
   kernel = functools.partial(_dv_kernel, plan=layout.plan, decay_grad=states is not None)
   return value_tiled_call(
-    kernel, "linear_attention_grad_v", layout, q, k, do, g, resets, d_states, scores, out_dtype, leaving=states
+    kernel,
+    "linear_attention_grad_v",
+    layout,
+    q,
+    k,
+    do,
+    g,
+    resets,
+    d_states,
+    scores,
+    out_dtype,
+    paired=states,
+    paired_next=layout.plan.mode != "scalar",
   )
 
 
-def _grad_dqdk(layout, q, k, v, do, g, resets, states, d_states, out_dtype, decay_grad):
-  """dq, dk, and with decay_grad the decay gradient's per-row q·dq − k·dk [B,T,H,Dk] f32."""
+def _grad_dqdk(layout, q, k, v, do, g, resets, states, d_states, out_dtype, decay_grad, time):
+  """dq, dk, and with decay_grad the decay gradient's per-row q·dq − k·dk [B,T,H,Dk] f32 (a fixed decay per head:
+  _head_decay_rows per Dk tile, [B,T,H,tiles])."""
   plan = layout.plan
   tile_k = min(plan.config.key_tile, layout.dim_k)
   in_specs = [
@@ -166,13 +209,22 @@ def _grad_dqdk(layout, q, k, v, do, g, resets, states, d_states, out_dtype, deca
     in_specs.append(layout.chunk_resets_spec())
   in_specs += [layout.chunk_state_spec(layout.dim_v, tile_k, tile_rows=False)] * 2
   shape = (layout.batch, layout.time, layout.heads, layout.dim_k)
-  out_shape = [jax.ShapeDtypeStruct(shape, out_dtype)] * 2 + [jax.ShapeDtypeStruct(shape, jnp.float32)] * decay_grad
-  operand_dtype = jnp.float32 if decay_grad else q.dtype
+  out_shape = [jax.ShapeDtypeStruct(shape, out_dtype)] * 2
+  out_specs = [layout.result_spec(tile_k, True)] * 2
+  head_decay = decay_grad and plan.mode == "scalar"
+  if head_decay:  # one row sum per Dk tile
+    heads = layout.heads
+    out_shape.append(jax.ShapeDtypeStruct((*shape[:3], layout.dim_k // tile_k), jnp.float32))
+    out_specs.append(pl.BlockSpec((None, plan.chunk, None, None), lambda t, n, bh: (bh // heads, n, bh % heads, t)))
+  elif decay_grad:
+    out_shape.append(jax.ShapeDtypeStruct(shape, jnp.float32))
+    out_specs.append(layout.result_spec(tile_k, True))
+  operand_dtype = jnp.float32 if decay_grad and not head_decay else q.dtype
   return pl.pallas_call(
-    functools.partial(_dqdk_kernel, plan=plan, operand_dtype=operand_dtype),
+    functools.partial(_dqdk_kernel, plan=plan, operand_dtype=operand_dtype, time=time),
     grid=layout.chunk_grid(layout.dim_k // tile_k),
     in_specs=in_specs,
-    out_specs=[layout.result_spec(tile_k, True)] * len(out_shape),
+    out_specs=out_specs,
     out_shape=out_shape,
     compiler_params=compiler_params(plan, plan.config.key_warps),
     interpret=interpret_mode(),
@@ -194,19 +246,19 @@ def backward(plan, residuals, cotangents):
   time = q.shape[1]
   qp, kp, vp, g, resets, layout = prepare(plan, q, k, v, None, segment_ids, gates)
   dop = pad_time(d_out.astype(v.dtype), layout.time)
-  # One decay per head sums the per-row decay gradients over the whole sequence, which cancels again: it needs
-  # fp32 states (a trainable TNL decay; HGRN2 keeps bf16 states).
-  states_dtype = jnp.float32 if (wants_decay_grad and plan.mode == "scalar") else state_dtype(q.dtype)
+  states_dtype = state_dtype(q.dtype)
   last = jnp.swapaxes(final_state, -1, -2)
-  if states is None or states.dtype != states_dtype:  # the fused forward's, or bf16 where fp32 is needed
+  if states is None:  # the fused forward's
     states, last = state_scan(layout, kp, vp, g, resets, value_major(initial_state), states_dtype, reverse=False)
   d_states, d_init = state_scan(layout, qp, dop, g, resets, value_major(cotangents[1]), states_dtype, reverse=True)
   dv, *state_term = _grad_dv(
     layout, qp, kp, dop, g, resets, d_states, scores, v.dtype, states if wants_decay_grad else None
   )
-  dq, dk, *per_step = _grad_dqdk(layout, qp, kp, vp, dop, g, resets, states, d_states, q.dtype, wants_decay_grad)
+  dq, dk, *per_step = _grad_dqdk(layout, qp, kp, vp, dop, g, resets, states, d_states, q.dtype, wants_decay_grad, time)
   d_log_decay = None
-  if wants_decay_grad:
+  if wants_decay_grad and plan.mode == "scalar":
+    d_log_decay = _head_decay_grad(layout, *per_step, state_term[0], g, resets, time).astype(marker.dtype)
+  elif wants_decay_grad:
     # The last chunk's S_e·dS_e (the kernel read a placeholder): the exact fp32 final state, and dS_T as the
     # kernels saw it (bf16 d_states), so that it cancels against their q·dq − k·dk.
     final_term = jnp.sum(last * d_states[:, -1].astype(jnp.float32), axis=-2)  # [B,H,Dk]
@@ -216,16 +268,26 @@ def backward(plan, residuals, cotangents):
   return (dq[:, :time], dk[:, :time], dv[:, :time], d_log_decay, d_initial, None)
 
 
+def _head_decay_grad(layout, rows, state_term, g, resets, time):
+  """d log α [H] of a fixed decay per head: the rows' part [B,T,H,tiles] (_head_decay_rows) plus, per chunk,
+  L·exp(Γ)·Σ S·dS_e of the state S entering it (zero across a document start) [B,N,H,tiles,Dk], which every one
+  of its L rows before `time` carries."""
+  chunk, num_chunks = layout.plan.chunk, layout.num_chunks
+  length = jnp.clip(time - chunk * jnp.arange(num_chunks), 0, chunk).astype(jnp.float32)
+  carried = jnp.exp(g[chunk - 1 :: chunk])[None] * length[None, :, None]  # [1,N,H]
+  if resets is not None:
+    carried = carried * (resets[:, chunk - 1 :: chunk] == 0)[:, :, None]
+  return rows.sum(axis=(0, 1, 3)) + jnp.sum(carried * state_term.sum(axis=(3, 4)), axis=(0, 1))
+
+
 def _decay_grad(layout, per_step, state_term, time):
   """d log α: per row r, Σ_{r≤t≤e} (q·dq − k·dk)_t + Σ_v S_e·dS_e (module docstring) from the per-row
   q·dq − k·dk [B,T,H,Dk] (chunk-padded) and Σ_v S_e·dS_e per chunk [B,N,H,Dk]; [B,T,H,Dk] for vector decay,
-  [B,T,H] for a decay per head and token (which acts on every channel of its row), [H] for a fixed decay per head
-  (which acts on every row and channel)."""
+  [B,T,H] for a decay per head and token (which acts on every channel of its row)."""
   if layout.plan.mode == "token":
     # Summing the channels first leaves T·H suffix sums (XLA) instead of T·H·Dk.
     batch, padded_time, heads, _ = per_step.shape
     per_chunk = per_step.sum(axis=-1).reshape(batch, layout.num_chunks, layout.plan.chunk, heads)
     per_row = lax.cumsum(per_chunk, axis=2, reverse=True) + state_term.sum(axis=-1)[:, :, None]
     return per_row.reshape(batch, padded_time, heads)[:, :time]
-  per_row = chunk_sums(layout, per_step, reverse=True, offsets=state_term)[:, :time]
-  return per_row if layout.plan.mode == "vector" else per_row.sum(axis=(0, 1, 3))
+  return chunk_sums(layout, per_step, reverse=True, offsets=state_term)[:, :time]

@@ -33,7 +33,8 @@ def _linear_attention(q, k, v, log_decay, initial_state, segment_ids, plan):
 
 def _linear_attention_fwd(q, k, v, log_decay, initial_state, segment_ids, plan):
   # symbolic_zeros: the primals arrive wrapped, telling whether a decay gradient is wanted at all (TNL's decay
-  # is a fixed buffer); only then does the backward pay for fp32 dq/dk.
+  # is a fixed buffer); only then does the backward pay for its terms (and fp32 dq/dk operands for a decay per token or
+  # per key channel).
   wants_decay_grad = log_decay is not None and log_decay.perturbed
   # The backward takes the forward's chunk-local gates (fla saves its g_cumsum too) and, from the unfused forward,
   # its per-chunk states: O((T/C)·Dk·Dv) more memory than fla keeps, one state scan less than it runs.
