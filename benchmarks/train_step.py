@@ -17,10 +17,11 @@ On a GPU host (jax[cuda]), then the PyTorch peers of benchmarks/peers/ at the sa
   python3 benchmarks/train_step.py --out_dir $OUT --archs hgrn2_hybrid,hgrn2,tnl_hybrid,tnl,llama --sizes 1b \
       --seq_lens 8192,32768                                              # 7:1 hybrids beside the pure rows
   python3 benchmarks/peers/torch_models.py --out benchmarks/peers/torch_models_h200.json   # fla HGRN2, HF LLaMA
-The markdown's "peer" columns are read from --peers (default benchmarks/peers/torch_models_h200.json), labelled
-with that file's provenance; rows match by (arch, size, seq_len). Every row records the date and commit it was
-measured at ($LSM_JAX_COMMIT, else git describe), so a table assembled with --append from several runs says
-which row comes from which.
+  python3 benchmarks/peers/torch_models.py --out benchmarks/peers/torch_models_h200_retnet.json --models retnet
+The markdown's "peer" columns are read from --peers (comma-separated files, default the two above; the peer of
+hgrn2 is fla's HGRN2, of tnl fla's RetNet, of llama HF's LLaMA), labelled with each file's provenance; rows match
+by (arch, size, seq_len). Every row records the date and commit it was measured at ($LSM_JAX_COMMIT, else git
+describe), so a table assembled with --append from several runs says which row comes from which.
 
 CPU check (tiny shapes, known to run here):
   python benchmarks/train_step.py --archs hgrn2,llama --sizes tiny --seq_lens 128 --tokens_per_step 1024 \
@@ -54,7 +55,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import profile_kernels  # noqa: E402  (benchmarks/profile_kernels.py: trace → device time per kernel)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEERS_PATH = os.path.join(REPO_ROOT, "benchmarks", "peers", "torch_models_h200.json")
+PEERS_PATH = ",".join(
+  os.path.join(REPO_ROOT, "benchmarks", "peers", name)
+  for name in ("torch_models_h200.json", "torch_models_h200_retnet.json")
+)
 # "tiny": a CPU-sized shape with 128-wide heads, for checking that the script runs.
 PROFILE_TOP = 30  # kernels listed per profiled row
 TINY_SHAPE = dict(num_layers=2, d_model=256, num_heads=2, ffn_dim=512, vocab_size=1024)
@@ -233,19 +237,28 @@ def time_compiled(program: trainer.TrainProgram, compiled, row: dict, args) -> d
   return row
 
 
-def load_peers(path: str) -> tuple[dict, str]:
-  if not path or not os.path.exists(path):
-    return {}, ""
-  with open(path, encoding="utf-8") as f:
-    peers = json.load(f)
-  table = {(r["model"], r["size"], r["seq"]): r for r in peers.get("results", [])}
-  provenance = peers.get("provenance", {})
-  packages = ", ".join(f"{name} {version}" for name, version in provenance.get("packages", {}).items())
-  label = (
-    f"{os.path.basename(path)} ({provenance.get('script', 'script unknown')}; {packages or 'versions unknown'}; "
-    f"{provenance.get('device', 'device unknown')}; {provenance.get('date', 'date unknown')})"
-  )
-  return table, label
+# The PyTorch peer of each architecture in the peers' files: TNL's is fla's RetNet (fixed decay per head).
+PEER_MODELS = {"hgrn2": "hgrn2", "tnl": "retnet", "llama": "llama"}
+
+
+def load_peers(paths: str) -> tuple[dict, str]:
+  """{(arch, size, seq_len): peer row} and a provenance label from comma-separated peer files (later files win)."""
+  table, labels = {}, []
+  for path in filter(None, paths.split(",")):
+    if not os.path.exists(path):
+      continue
+    with open(path, encoding="utf-8") as f:
+      peers = json.load(f)
+    by_model = {(r["model"], r["size"], r["seq"]): r for r in peers.get("results", [])}
+    for arch, model in PEER_MODELS.items():
+      table.update({(arch, size, seq): row for (name, size, seq), row in by_model.items() if name == model})
+    provenance = peers.get("provenance", {})
+    packages = ", ".join(f"{name} {version}" for name, version in provenance.get("packages", {}).items())
+    labels.append(
+      f"{os.path.basename(path)} ({provenance.get('script', 'script unknown')}; {packages or 'versions unknown'}; "
+      f"{provenance.get('device', 'device unknown')}; {provenance.get('date', 'date unknown')})"
+    )
+  return table, "; ".join(labels)
 
 
 def current_commit() -> str:
@@ -272,7 +285,7 @@ def write_markdown(path: str, header: dict, rows: list[dict], peers: dict, peer_
     "after warm-up; MFU = Appendix A.1 FLOPs / (step time × peak × devices); peak memory = the largest "
     "per-device peak of the process so far.",
     *([header["note"]] if header.get("note") else []),
-    f"Peer columns: PyTorch (fla HGRN2 / HF LLaMA) from {peer_label or 'n/a'}.",
+    f"Peer columns: PyTorch (fla HGRN2 for hgrn2, fla RetNet for tnl, HF LLaMA for llama) from {peer_label or 'n/a'}.",
     "",
     "| arch | size | T | measured (date, commit) | batch (micro) | mesh | remat | compile s | step s | tokens/s "
     "| MFU | XLA plan GiB | peak GiB | peer tokens/s | ours / peer | peer peak GiB |",

@@ -152,17 +152,20 @@ def test_train_step_table_states_each_rows_date_and_commit_and_its_peer(tmp_path
         "results": [
           {"model": "hgrn2", "size": "1b", "seq": 8192, "tokens_per_s": 50000.0, "peak_gib": 99.0},
           {"model": "hgrn2", "size": "1b", "seq": 2048, "error": "OutOfMemoryError()"},
+          {"model": "retnet", "size": "1b", "seq": 8192, "tokens_per_s": 40000.0, "peak_gib": 80.0},
         ],
       }
     )
   )
-  peers, label = train_step.load_peers(str(peers_file))
+  peers, label = train_step.load_peers(f"{peers_file},{tmp_path / 'absent.json'}")
   assert label == "peers.json (benchmarks/peers/torch_models.py; fla 0.6.0; 1x GPU; 2026-11-27)"
+  # Each architecture meets its own peer: TNL fla's RetNet; no architecture takes another's.
+  assert peers[("tnl", "1b", 8192)]["tokens_per_s"] == 40000.0 and ("llama", "1b", 8192) not in peers
   path = tmp_path / "table.md"
   older = {key: value for key, value in row.items() if key not in ("date", "commit")}
   train_step.write_markdown(str(path), header, [row, dict(older, seq_len=2048)], peers, label)
   lines = path.read_text().splitlines()
-  assert f"Peer columns: PyTorch (fla HGRN2 / HF LLaMA) from {label}." in lines
+  assert f"Peer columns: PyTorch (fla HGRN2 for hgrn2, fla RetNet for tnl, HF LLaMA for llama) from {label}." in lines
   measured = next(line for line in lines if line.startswith("| hgrn2 | 1b | 8192 "))
   assert measured.startswith("| hgrn2 | 1b | 8192 | 2026-11-29, abc1234 | 4 (1) |")
   assert "| 60,000 | 40.0% |" in measured and "| 50,000 | 1.20 | 99.0 |" in measured
@@ -187,7 +190,7 @@ def test_committed_peer_files_carry_their_provenance():
     assert record["results"]
   import train_step
 
-  assert train_step.PEERS_PATH == os.path.join(peers_dir, "torch_models_h200.json")
+  assert train_step.PEERS_PATH.split(",")[0] == os.path.join(peers_dir, "torch_models_h200.json")
   assert train_step.load_peers(train_step.PEERS_PATH)[0][("hgrn2", "1b", 8192)]["tokens_per_s"] > 0
   with open(os.path.join(peers_dir, "fla_kernels_h200.json"), encoding="utf-8") as f:
     timings = json.load(f)["results"]
@@ -245,13 +248,22 @@ def test_fla_measured_in_process_replaces_the_reference_timing(tmp_path, monkeyp
   monkeypatch.setattr(
     kernel_timing,
     "time_fla",
-    lambda op, shape: {"fwd": {"ms": 1.5, "first_call_s": 9.0}, "fwd_bwd": {"ms": 4.5, "first_call_s": 30.0}},
+    lambda op, shape: {
+      "fwd": {"ms": 1.5, "first_call_s": 9.0},
+      "fwd_bwd": {"ms": 4.5, "first_call_s": 30.0},
+      "note": "guard lifted" if op == "gated_scalar" else None,
+    },
   )
   kernel_timing.measure_fla(runner, row, "hgrn2", (8, 2048, 16, 128))
   assert "fla_source" not in row["fwd"] and "fla_source" not in row["fwd_bwd"]
   assert (row["fwd"]["ratio"], row["fwd_bwd"]["ratio"]) == (1.5, 1.5)
   text = (tmp_path / "kernels_h200.md").read_text()
-  assert "| 1.500 | 1.500 |" in text and "†" not in text.split("| hgrn2 |")[1]
+  assert "| 1.500 | 1.500 |" in text and "†" not in text.split("| hgrn2 |")[1] and "guard" not in text
+  # A peer timed with a caveat (fla's lifted guard) carries it into the table.
+  gated = {"op": "gated_scalar", "shape": "8x2048x16x128", "fwd": {"ours_ms": 1.0}, "fwd_bwd": {"ours_ms": 3.0}}
+  record["results"].append(gated)
+  kernel_timing.measure_fla(runner, gated, "gated_scalar", (8, 2048, 16, 128))
+  assert "fla gated_scalar: guard lifted." in (tmp_path / "kernels_h200.md").read_text().splitlines()
 
 
 def test_attention_timing_documents_flops_and_table(tmp_path):

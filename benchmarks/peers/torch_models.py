@@ -1,6 +1,7 @@
 """Training throughput of the PyTorch peers that benchmarks/train_step.py compares against.
 
-fla's HGRN2ForCausalLM and Hugging Face's LlamaForCausalLM (SDPA attention) at the paper's 410M and 1B shapes
+fla's HGRN2ForCausalLM, fla's RetNetForCausalLM (the fixed-decay peer of TNL: one decay per head, head dim 128
+for keys and values) and Hugging Face's LlamaForCausalLM (SDPA attention) at the paper's 410M and 1B shapes
 (arXiv 2406.16690 Table 2, head dim 128, vocabulary 100,280, tied embeddings), bf16 autocast with fp32 fused AdamW,
 a fixed number of tokens per step (default 32,768, the same as train_step.py). Per (model, size, sequence length):
 median step time of 6 steps after 3 warm-up steps, tokens/s and the peak of torch's allocated memory. A failing
@@ -27,7 +28,7 @@ from provenance import package_versions  # benchmarks/peers/, the script's own d
 
 # Layers, width, heads and GLU width of the paper's shapes (head dim 128, 1B GLU width 4096).
 SIZES = {"410m": dict(d=1024, layers=26, heads=8, ffn=2816), "1b": dict(d=1536, layers=32, heads=12, ffn=4096)}
-MODELS = ("hgrn2", "llama")
+MODELS = ("hgrn2", "retnet", "llama")
 VOCAB = 100280
 
 
@@ -47,6 +48,22 @@ def build(model: str, size: str, max_seq_len: int) -> torch.nn.Module:
       fuse_cross_entropy=True,
     )
     return HGRN2ForCausalLM(config)
+  if model == "retnet":
+    from fla.models import RetNetConfig, RetNetForCausalLM
+
+    config = RetNetConfig(
+      hidden_size=shape["d"],
+      num_hidden_layers=shape["layers"],
+      num_heads=shape["heads"],
+      expand_k=1,
+      expand_v=1,
+      hidden_ratio=None,
+      intermediate_size=shape["ffn"],
+      vocab_size=VOCAB,
+      tie_word_embeddings=True,
+      fuse_cross_entropy=True,
+    )
+    return RetNetForCausalLM(config)
   from transformers import LlamaConfig, LlamaForCausalLM
 
   config = LlamaConfig(
@@ -131,8 +148,8 @@ def main(argv=None) -> dict:
       "device": f"{torch.cuda.device_count()}x {device.name} ({device.total_memory / 1e9:.0f} GB)",
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "setup": "bf16 autocast, fp32 fused AdamW (lr 3e-4, weight decay 0.1), tied embeddings; fla "
-      "HGRN2ForCausalLM (fused cross-entropy), transformers LlamaForCausalLM (sdpa); median of 6 steps "
-      "after 3 warm-up steps",
+      "HGRN2ForCausalLM and RetNetForCausalLM (fused cross-entropy), transformers LlamaForCausalLM (sdpa); "
+      "median of 6 steps after 3 warm-up steps",
     },
     "tokens_per_step": args.tokens_per_step,
     "results": [],
