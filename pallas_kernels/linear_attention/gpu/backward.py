@@ -71,8 +71,9 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
   """dq = (do·h) ⊙ q_factor + (dA ⊙ D)·k and dk = (v·dS) ⊙ k_factor + (dA ⊙ D)ᵀ·q for one chunk and Dk tile.
 
   operand_dtype is float32 when a per-key-channel or per-token decay gradient is wanted: it sums q·dq − k·dk,
-  which cancels, so the intra-chunk terms (scaled by fp32 decay factors) need more than bf16-operand accuracy (a
-  fixed decay per head takes _head_decay_rows instead, whose terms do not cancel). The state terms do·h and
+  which cancels, so the intra-chunk terms (scaled by fp32 decay factors) need more than bf16-operand accuracy (one
+  TF32 pass for 16-bit inputs, config.one_pass_tf32; a fixed decay per head takes _head_decay_rows instead, whose
+  terms do not cancel). The state terms do·h and
   v·dS, like dA = do·vᵀ, multiply values already in the input/state dtype: 16-bit products are exact in the fp32
   accumulator, so they take one tensor-core pass, not three."""
   (q_ref, k_ref, v_ref, do_ref), g_ref, resets_ref, (h_ref, dh_ref, dq_ref, dk_ref, *x_ref) = split_refs(refs, plan, 4)
@@ -80,7 +81,7 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
   dot = functools.partial(matmul, one_pass=plan.config.one_pass_tf32)
 
   def store(rows, out_rows, dq, dk):
-    """dq, dk of `rows`, and (decay gradient wanted) their q·dq − k·dk in fp32."""
+    """Vector decay: dq, dk of `rows`, and (decay gradient wanted) their q·dq − k·dk in fp32."""
     dq_ref[out_rows, :] = dq.astype(dq_ref.dtype)
     dk_ref[out_rows, :] = dk.astype(dk_ref.dtype)
     if x_ref:
@@ -92,11 +93,16 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
     d_scores = matmul_nt(do, v) * intra_mask(plan, sub.g, sub.resets)
     dq_state, dk_state = _state_terms(do, v, h_ref, dh_ref)
     dq_state, dk_state = ChunkFactors.scale(dq_state, sub.q_factor), ChunkFactors.scale(dk_state, sub.k_factor)
-    dq = dq_state + matmul(d_scores.astype(dtype), k.astype(dtype))
-    dk = dk_state + matmul_tn(d_scores.astype(dtype), q.astype(dtype))
-    if plan.mode == "scalar" and x_ref:  # its rows' sums instead of q·dq − k·dk
+    if plan.mode == "scalar" and x_ref:  # before dq, dk: fewer fp32 tiles live at once
       x_ref.pop()[...] = _head_decay_rows(plan, q, k, dq_state, dk_state, d_scores, time)
-    store(slice(None), slice(None), dq, dk)
+    dq = dq_state + dot(d_scores.astype(dtype), k.astype(dtype))
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    if x_ref:  # a decay per head and token acts on every channel: q·dq − k·dk summed over this Dk tile
+      row_sums = jnp.sum(q.astype(jnp.float32) * dq, axis=1)
+    dk = dk_state + matmul_tn(d_scores.astype(dtype), q.astype(dtype), plan.config.one_pass_tf32)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    if x_ref:
+      x_ref[0][...] = row_sums - jnp.sum(k.astype(jnp.float32) * dk, axis=1)
     return
   size, chunk = plan.sub_chunk, plan.chunk
   rows = lax.broadcasted_iota(jnp.int32, (size, size), 0)
@@ -193,8 +199,8 @@ def _grad_dv(layout, q, k, do, g, resets, d_states, scores, out_dtype, states=No
 
 
 def _grad_dqdk(layout, q, k, v, do, g, resets, states, d_states, out_dtype, decay_grad, time):
-  """dq, dk, and with decay_grad the decay gradient's per-row q·dq − k·dk [B,T,H,Dk] f32 (a fixed decay per head:
-  _head_decay_rows per Dk tile, [B,T,H,tiles])."""
+  """dq, dk, and with decay_grad the decay gradient's per-row q·dq − k·dk [B,T,H,Dk] f32 (a decay per head and
+  token: summed over each Dk tile, [B,T,H,tiles]; a fixed decay per head: _head_decay_rows per Dk tile)."""
   plan = layout.plan
   tile_k = min(plan.config.key_tile, layout.dim_k)
   in_specs = [
@@ -211,15 +217,14 @@ def _grad_dqdk(layout, q, k, v, do, g, resets, states, d_states, out_dtype, deca
   shape = (layout.batch, layout.time, layout.heads, layout.dim_k)
   out_shape = [jax.ShapeDtypeStruct(shape, out_dtype)] * 2
   out_specs = [layout.result_spec(tile_k, True)] * 2
-  head_decay = decay_grad and plan.mode == "scalar"
-  if head_decay:  # one row sum per Dk tile
+  if decay_grad and plan.row_gates:  # one row sum per Dk tile
     heads = layout.heads
     out_shape.append(jax.ShapeDtypeStruct((*shape[:3], layout.dim_k // tile_k), jnp.float32))
     out_specs.append(pl.BlockSpec((None, plan.chunk, None, None), lambda t, n, bh: (bh // heads, n, bh % heads, t)))
   elif decay_grad:
     out_shape.append(jax.ShapeDtypeStruct(shape, jnp.float32))
     out_specs.append(layout.result_spec(tile_k, True))
-  operand_dtype = jnp.float32 if decay_grad and not head_decay else q.dtype
+  operand_dtype = jnp.float32 if decay_grad and plan.mode != "scalar" else q.dtype
   return pl.pallas_call(
     functools.partial(_dqdk_kernel, plan=plan, operand_dtype=operand_dtype, time=time),
     grid=layout.chunk_grid(layout.dim_k // tile_k),
@@ -282,10 +287,11 @@ def _head_decay_grad(layout, rows, state_term, g, resets, time):
 
 def _decay_grad(layout, per_step, state_term, time):
   """d log α: per row r, Σ_{r≤t≤e} (q·dq − k·dk)_t + Σ_v S_e·dS_e (module docstring) from the per-row
-  q·dq − k·dk [B,T,H,Dk] (chunk-padded) and Σ_v S_e·dS_e per chunk [B,N,H,Dk]; [B,T,H,Dk] for vector decay,
-  [B,T,H] for a decay per head and token (which acts on every channel of its row)."""
+  q·dq − k·dk [B,T,H,Dk] (chunk-padded; a decay per head and token: [B,T,H,Dk tiles]) and Σ_v S_e·dS_e per chunk
+  [B,N,H,Dk]; [B,T,H,Dk] for vector decay, [B,T,H] for a decay per head and token (which acts on every channel of
+  its row)."""
   if layout.plan.mode == "token":
-    # Summing the channels first leaves T·H suffix sums (XLA) instead of T·H·Dk.
+    # Channels summed first: T·H suffix sums (XLA) instead of T·H·Dk.
     batch, padded_time, heads, _ = per_step.shape
     per_chunk = per_step.sum(axis=-1).reshape(batch, layout.num_chunks, layout.plan.chunk, heads)
     per_row = lax.cumsum(per_chunk, axis=2, reverse=True) + state_term.sum(axis=-1)[:, :, None]

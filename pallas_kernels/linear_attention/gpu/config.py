@@ -29,8 +29,8 @@ class GpuKernelConfig:
       instead of one looping over the chunk's sub-chunks.
     fused_forward: the forward walks the chunks in one kernel with the state in registers instead of a state
       scan that stores every chunk's state followed by the output kernel.
-    one_pass_tf32: the per-key-channel dq/dk kernel's fp32 matmuls (the decay gradient's intra-chunk terms) in
-      one TF32 pass instead of three.
+    one_pass_tf32: the dq/dk kernel's fp32 matmuls (a per-key-channel or per-token decay gradient's intra-chunk
+      terms) in one TF32 pass instead of three.
     score_levels: halvings of the score kernel's 16x16 diagonal blocks done as matmuls before its elementwise
       loop (0 to 4).
     scores_warps: warps of the per-key-channel intra-chunk score kernel.
