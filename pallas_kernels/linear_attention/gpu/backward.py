@@ -202,7 +202,7 @@ def _grad_dqdk(layout, q, k, v, do, g, resets, states, d_states, out_dtype, deca
   """dq, dk, and with decay_grad the decay gradient's per-row q·dq − k·dk [B,T,H,Dk] f32 (a decay per head and
   token: summed over each Dk tile, [B,T,H,tiles]; a fixed decay per head: _head_decay_rows per Dk tile)."""
   plan = layout.plan
-  tile_k = min(plan.config.key_tile, layout.dim_k)
+  tile_k = min(plan.config.decay_key_tile if decay_grad else plan.config.key_tile, layout.dim_k)
   in_specs = [
     layout.chunk_spec(tile_k, True),
     layout.chunk_spec(tile_k, True),

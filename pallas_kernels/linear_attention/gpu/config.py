@@ -23,6 +23,8 @@ class GpuKernelConfig:
     chunk_size: tokens per chunk; a sequence shorter than a chunk takes the next power of two >= its length.
     num_warps: warps of the chunk-parallel output and dv kernels.
     key_tile: Dk tile of the dq/dk kernel (clipped to Dk).
+    decay_key_tile: Dk tile of the dq/dk kernel when the decay's gradient is taken (its fp32 per-row terms take
+      the registers of a wider tile).
     key_warps: warps of the dq/dk kernel.
     value_tile: Dv tile of the output and dv kernels (clipped to Dv).
     split_sub_chunks: per-key-channel decay: one program per 16-row sub-chunk in the score and dq/dk kernels
@@ -56,6 +58,7 @@ class GpuKernelConfig:
   split_sub_chunks: bool
   fused_forward: bool
   one_pass_tf32: bool
+  decay_key_tile: int = 64
   score_levels: int = 1
   scores_warps: int = 8
   fused_value_tile: int = 64
@@ -81,6 +84,7 @@ class GpuKernelConfig:
     for name in (
       "chunk_size",
       "key_tile",
+      "decay_key_tile",
       "value_tile",
       "fused_value_tile",
       "scan_tile",

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.linear_attention.gpu.blocks import (
   compiler_params,
@@ -18,7 +17,6 @@ from pallas_kernels.linear_attention.gpu.blocks import (
   interpret_mode,
   intra_mask,
   load_row,
-  load_scalar,
   matmul,
   matmul_nt,
   split_refs,
@@ -99,48 +97,30 @@ def _intra_scores_kernel(*refs, plan):
   A_ij = Σ_d q_id k_jd exp(g_id − g_jd) (j ≤ i, one document), [C, C] per chunk, which the output and dv kernels
   then use as plain matmul operands. The chunk's earlier keys go through one matmul whose factors are referenced
   to the row just before the sub-chunk (q ⊙ exp(g_i − g_r) and k ⊙ exp(g_r − g_j), both ≤ 1; the chunk's first
-  sub-chunk has none). The diagonal block: with config.score_levels 0, key by key in fp32, each key's column
-  stored where it belongs (as fla's chunk_gla); otherwise _diag_block (that many matmul halvings, then
-  elementwise), placed by a one-hot matmul. Kept apart from the matmul-heavy output kernel, which runs faster
-  without it."""
+  sub-chunk has none), the diagonal block by _diag_block (config.score_levels matmul halvings, then elementwise).
+  Kept apart from the matmul-heavy output kernel, which runs faster without it."""
   (q_ref, k_ref), g_ref, resets_ref, (a_ref,) = split_refs(refs, plan, 2)
   dtype = q_ref.dtype
-  size, chunk, levels = plan.sub_chunk, plan.chunk, plan.config.score_levels
+  size, chunk = plan.sub_chunk, plan.chunk
   block_rows = lax.broadcasted_iota(jnp.int32, (size, chunk), 0)
   block_cols = lax.broadcasted_iota(jnp.int32, (size, chunk), 1)
-  rows = lax.broadcasted_iota(jnp.int32, (size, 1), 0)
 
   def sub_chunk(start, out_start):
     q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
     g_q = g_ref[pl.ds(start, size), :].astype(jnp.float32)
-    resets_q = resets_ref[pl.ds(start, size)] if plan.has_segments else None
 
     def earlier_keys():  # zero from column `start` on
       g_r, k_tilde = earlier_rows(k_ref, g_ref, g_ref[...].astype(jnp.float32), start)
       return matmul_nt((q * jnp.exp(g_q - g_r)).astype(dtype), k_tilde.astype(dtype))
 
     scores = lax.cond(start > 0, earlier_keys, lambda: jnp.zeros((size, chunk), jnp.float32))
-    if levels:
-      block = _diag_block(q, k_ref, g_q, g_ref, start, size, levels, dtype)
-      # The [c, c] diagonal block into columns [start, start + c): a one-hot matmul (no dynamic column slicing).
-      scores = scores + matmul(block, (block_cols == start + block_rows).astype(jnp.float32))
+    block = _diag_block(q, k_ref, g_q, g_ref, start, size, plan.config.score_levels, dtype)
+    # The [c, c] diagonal block into columns [start, start + c): a one-hot matmul (no dynamic column slicing).
+    scores = scores + matmul(block, (block_cols == start + block_rows).astype(jnp.float32))
     if plan.has_segments:
+      resets_q = resets_ref[pl.ds(start, size)]
       scores = jnp.where(resets_q[:, None] == resets_ref[...][None, :], scores, 0.0)
     a_ref[pl.ds(out_start, size), :] = scores.astype(a_ref.dtype)
-    if levels:
-      return
-    if not interpret_mode():
-      pltriton.debug_barrier()  # the columns below overwrite zeros of the store above
-
-    def key_column(j, carry):
-      exponent = jnp.where(rows >= j, g_q - load_row(g_ref, start + j), -jnp.inf)
-      column = jnp.sum(q * load_row(k_ref, start + j) * jnp.exp(exponent), axis=1)
-      if plan.has_segments:
-        column = jnp.where(resets_q == load_scalar(resets_ref, start + j), column, 0.0)
-      a_ref[pl.ds(out_start, size), pl.ds(start + j, 1)] = column[:, None].astype(a_ref.dtype)
-      return carry
-
-    lax.fori_loop(0, size, key_column, 0)
 
   for_each_sub_chunk(plan, sub_chunk)
 
