@@ -322,7 +322,8 @@ def write_markdown(path: str, header: dict, rows: list[dict], peers: dict, peer_
       profile = row["profile"]
       lines += [
         "",
-        f"## Profile: {row['arch']} {row['size']} T={row['seq_len']} ({row['remat_policy']})",
+        f"## Profile: {row['arch']} {row['size']} T={row['seq_len']} ({row['remat_policy']}"
+        f"{'' if row.get('scan_layers', True) else ', unrolled layers'})",
         "",
         f"Device time per step by kernel ({profile['events']} events; {profile['total_us'] / 1e3:.1f} ms "
         f"in all; the {len(profile['kernels'])} longest):",
