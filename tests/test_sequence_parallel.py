@@ -20,6 +20,7 @@ def make_inputs(mode, seed=0):
   log_decay = {
     "none": None,
     "scalar": -jnp.array([0.05, 0.7]),
+    "token": jax.nn.log_sigmoid(jax.random.normal(keys[3], (B, T, H)) + 1.0),
     "vector": jax.nn.log_sigmoid(jax.random.normal(keys[3], (B, T, H, DK)) + 1.0),
   }[mode]
   initial_state = jax.random.normal(keys[4], (B, H, DK, DV))
@@ -32,7 +33,7 @@ def relative_error(x, y):
   return float(jnp.linalg.norm((x - y).ravel()) / jnp.linalg.norm(y.ravel()))
 
 
-@pytest.mark.parametrize("mode", ["none", "scalar", "vector"])
+@pytest.mark.parametrize("mode", ["none", "scalar", "token", "vector"])
 def test_matches_unsharded_values_state_and_gradients(mode):
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "sequence"))
   q, k, v, log_decay, initial_state, segment_ids = make_inputs(mode)
@@ -45,7 +46,7 @@ def test_matches_unsharded_values_state_and_gradients(mode):
   sharded = lambda *a, **kw: sequence_parallel_linear_attention(
     *a, mesh=mesh, batch_axis="data", backend="reference", **kw
   )
-  argnums = (0, 1, 2, 4) if mode != "vector" else (0, 1, 2, 3, 4)
+  argnums = (0, 1, 2, 4) if mode in ("none", "scalar") else (0, 1, 2, 3, 4)
   (_, (out_ref, state_ref)), grads_ref = jax.value_and_grad(
     lambda *a: loss(unsharded, *a), argnums=argnums, has_aux=True
   )(q, k, v, log_decay, initial_state)

@@ -28,6 +28,8 @@ def _local_correction(q, log_decay, segment_ids, prev_last_segment, is_first_sha
   elif log_decay.ndim == 1:
     steps = jnp.arange(1, time + 1, dtype=jnp.float32)
     cumulative = steps[None, :, None, None] * log_decay.astype(jnp.float32)[None, None, :, None]
+  elif log_decay.ndim == 3:  # one decay per head and token: the same for every key channel
+    cumulative = jnp.cumsum(log_decay.astype(jnp.float32), axis=1)[..., None]
   else:
     cumulative = jnp.cumsum(log_decay.astype(jnp.float32), axis=1)
   starts = common.segment_starts(segment_ids, batch, time)
@@ -70,7 +72,12 @@ def sequence_parallel_linear_attention(
     )
   api.check_inputs(q, k, v, log_decay, initial_state, segment_ids)
   activation = PartitionSpec(batch_axis, sequence_axis, head_axis, None)
-  decay_spec = None if log_decay is None else (PartitionSpec(head_axis) if log_decay.ndim == 1 else activation)
+  decay_spec = {
+    None: None,
+    1: PartitionSpec(head_axis),  # fixed per head
+    3: PartitionSpec(batch_axis, sequence_axis, head_axis),  # per head and token
+    4: activation,  # per key channel
+  }[None if log_decay is None else log_decay.ndim]
   state_spec = PartitionSpec(batch_axis, head_axis, None, None)
   segment_spec = PartitionSpec(batch_axis, sequence_axis)
 
