@@ -73,9 +73,9 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
   operand_dtype is float32 when a per-key-channel or per-token decay gradient is wanted: it sums q·dq − k·dk,
   which cancels, so the intra-chunk terms (scaled by fp32 decay factors) need more than bf16-operand accuracy (one
   TF32 pass for 16-bit inputs, config.one_pass_tf32; a fixed decay per head takes _head_decay_rows instead, whose
-  terms do not cancel). The state terms do·h and
-  v·dS, like dA = do·vᵀ, multiply values already in the input/state dtype: 16-bit products are exact in the fp32
-  accumulator, so they take one tensor-core pass, not three."""
+  terms do not cancel). The state terms do·h and v·dS, like dA = do·vᵀ, multiply values already in the
+  input/state dtype: 16-bit products are exact in the fp32 accumulator, so they take one tensor-core pass, not
+  three."""
   (q_ref, k_ref, v_ref, do_ref), g_ref, resets_ref, (h_ref, dh_ref, dq_ref, dk_ref, *x_ref) = split_refs(refs, plan, 4)
   dtype = operand_dtype
   dot = functools.partial(matmul, one_pass=plan.config.one_pass_tf32)
