@@ -428,3 +428,24 @@ def test_config_overrides_change_the_launched_kernels():
   default = gpu.default_config("scalar", q.shape, q.dtype)
   unfused = dataclasses.replace(default, fused_forward=False, num_warps=8, scan_warps=2)
   assert launches(unfused) == [("linear_attention_state_scan", 2), ("linear_attention_output", 8)]
+
+
+@pytest.mark.parametrize("trainable_decay", [False, True])
+def test_dqdk_key_tile_follows_whether_the_decay_gradient_is_taken(trainable_decay):
+  """The dq/dk kernel tiles Dk by key_tile, or by decay_key_tile when the decay's gradient is taken."""
+  q, k, v, log_decay, state, segment_ids = testing.random_inputs(
+    16, batch=1, time=64, heads=2, dim_k=64, dim_v=16, decay_mode="scalar", dtype=jnp.bfloat16
+  )
+  config = dataclasses.replace(gpu.default_config("scalar", q.shape, q.dtype), key_tile=64, decay_key_tile=16)
+
+  def loss(q, log_decay):
+    return jnp.sum(gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 16, config)[0].astype(jnp.float32))
+
+  grad = jax.grad(loss, argnums=(0, 1) if trainable_decay else 0)
+  jaxpr = jax.make_jaxpr(grad)(q, log_decay)
+  (grid,) = [
+    eqn.params["grid_mapping"].grid
+    for eqn in equations(jaxpr.jaxpr)
+    if eqn.primitive.name == "pallas_call" and pallas_kernel_name(eqn.params) == "linear_attention_grad_qk"
+  ]
+  assert grid[0] == (64 // 16 if trainable_decay else 64 // 64)
