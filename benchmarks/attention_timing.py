@@ -42,7 +42,6 @@ import statistics
 import subprocess
 import sys
 import time
-import traceback
 
 _STARTED = time.monotonic()  # --budget_s counts from here, JAX start-up included
 
@@ -56,14 +55,16 @@ import numpy as np  # noqa: E402
 
 from pallas_kernels.attention import FlashConfig, default_config, flash_attention  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import measurement  # noqa: E402  (benchmarks/measurement.py: the budgeted runner and --shapes)
+
 SHAPES = ((8, 2048, 16, 128), (2, 8192, 16, 128), (1, 32768, 16, 128))
 VARIANTS = ("cudnn_causal", "cudnn_document_mask", "pallas_segment_ids", "pallas_causal")
 BACKWARD_OVER_FORWARD = 2.5  # FLOPs of the backward over the forward's
 CHECK_BOUND = 2e-2  # bf16 kernel against the float32 reference, relative RMS
 
 
-def log(*parts):
-  print(*parts, flush=True)
+log = measurement.log
 
 
 def current_commit() -> str:
@@ -237,43 +238,8 @@ def save(out_dir, record):
   write_markdown(os.path.join(out_dir, "attention_timing.md"), record)
 
 
-class Runner:
-  """Runs measurements in order until --budget_s is spent, saving the record after each one."""
-
-  def __init__(self, record, out_dir, budget_s):
-    self.record, self.out_dir = record, out_dir
-    self.deadline = None if budget_s is None else _STARTED + budget_s
-
-  def measure(self, what, thunk):
-    """thunk()'s result, or None when it failed or the budget was spent before it could start."""
-    if self.deadline is not None and time.monotonic() >= self.deadline:
-      log("budget spent, not measuring", what)
-      self.record["skipped"].append(what)
-      result = None
-    else:
-      log("measuring", what, "at %.0f s" % (time.monotonic() - _STARTED))
-      try:
-        result = thunk()
-      except Exception as error:  # report and keep measuring the rest
-        traceback.print_exc()
-        result = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
-      log(what, json.dumps(result))
-    save(self.out_dir, self.record)  # after every measurement, so a run cut short keeps its numbers
-    return result
-
-
 def parse_shapes(text):
-  """Comma-separated indices into SHAPES or explicit BxTxHxD shapes."""
-  shapes = []
-  for item in filter(None, text.split(",")):
-    parts = item.split("x")
-    if item.isdigit() and int(item) < len(SHAPES):
-      shapes.append(SHAPES[int(item)])
-    elif len(parts) == 4 and all(part.isdigit() for part in parts):
-      shapes.append(tuple(map(int, parts)))
-    else:
-      raise SystemExit(f"--shapes: {item!r}; valid: an index 0..{len(SHAPES) - 1} or BxTxHxD (e.g. 1x4096x16x128).")
-  return shapes
+  return measurement.parse_shapes(text, SHAPES)
 
 
 def parse_config(items):
@@ -362,7 +328,14 @@ def main():
   }
   log("device", record["device"], "jax", jax.__version__, "commit", record["commit"])
   os.makedirs(args.out, exist_ok=True)
-  runner = Runner(record, args.out, args.budget_s)
+  runner = measurement.Runner(
+    record,
+    args.out,
+    save,
+    _STARTED,
+    args.budget_s,
+    failed=lambda error: {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"},
+  )
   for shape in shapes:
     call_args, config = measure_shape(runner, shape, args, overrides)
     if args.check_heads:

@@ -44,7 +44,6 @@ import platform
 import statistics
 import sys
 import time
-import traceback
 
 _STARTED = time.monotonic()  # --budget_s counts from here, JAX start-up included
 
@@ -56,6 +55,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels.linear_attention import api, gpu, testing  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import measurement  # noqa: E402  (benchmarks/measurement.py: the budgeted runner and --shapes)
 
 SHAPES = ((8, 2048, 16, 128), (2, 8192, 16, 128), (1, 32768, 16, 128))
 # Measurement order: HGRN2 (the slowest compile) first; tnl before tnl_learned_decay, which is compared with it.
@@ -84,8 +86,7 @@ REFERENCE_PEER_NAMES = {
 }
 
 
-def log(*parts):
-  print(*parts, flush=True)
+log = measurement.log
 
 
 def forward_floor_ms(op, batch, time_, heads, dim):
@@ -472,29 +473,12 @@ def save(out_dir, record):
   write_markdown(os.path.join(out_dir, name + ".md"), record)
 
 
-class Runner:
-  """Runs measurements in order until --budget_s is spent, saving the record after each one."""
+class Runner(measurement.Runner):
+  """measurement.Runner saving this script's files, with the --reference_peers timings at hand."""
 
   def __init__(self, record, out_dir, budget_s, reference_peers):
-    self.record, self.out_dir, self.reference_peers = record, out_dir, reference_peers
-    self.deadline = None if budget_s is None else _STARTED + budget_s
-
-  def measure(self, what, thunk):
-    """thunk()'s result, or None when it failed or the budget was spent before it could start."""
-    if self.deadline is not None and time.monotonic() >= self.deadline:
-      log("budget spent, not measuring", what)
-      self.record["skipped"].append(what)
-      result = None
-    else:
-      log("measuring", what, "at %.0f s" % (time.monotonic() - _STARTED))
-      try:
-        result = thunk()
-      except Exception:  # report and keep measuring the rest
-        traceback.print_exc()
-        result = None
-      log(what, json.dumps(result))
-    save(self.out_dir, self.record)  # after every measurement, so a run cut short keeps its numbers
-    return result
+    super().__init__(record, out_dir, save, _STARTED, budget_s)
+    self.reference_peers = reference_peers
 
 
 def measure_op(runner, op, shape, args, chunk_sizes, overrides):
@@ -591,16 +575,7 @@ def parse_config(assignments):
 
 
 def parse_shapes(text):
-  """Comma-separated indices into SHAPES or explicit BxTxHxD shapes."""
-  shapes = []
-  for item in filter(None, text.split(",")):
-    if item.isdigit() and int(item) < len(SHAPES):
-      shapes.append(SHAPES[int(item)])
-    elif "x" in item and all(part.isdigit() for part in item.split("x")) and len(item.split("x")) == 4:
-      shapes.append(tuple(int(part) for part in item.split("x")))
-    else:
-      raise SystemExit(f"--shapes: {item!r}; valid: an index 0..{len(SHAPES) - 1} or BxTxHxD (e.g. 1x64x2x16).")
-  return shapes
+  return measurement.parse_shapes(text, SHAPES)
 
 
 def main():

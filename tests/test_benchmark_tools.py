@@ -11,6 +11,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import kernel_timing  # noqa: E402
+import measurement  # noqa: E402
 import profile_kernels  # noqa: E402
 
 
@@ -308,3 +309,28 @@ def test_attention_timing_documents_flops_and_table(tmp_path):
   assert "| 1x64x2x64 | 3 | pallas_segment_ids | 1.000 | 1.0 | 2.00 | — |" in text
   assert "failed: OOM" in text and "Not measured (--budget_s 1.0 spent): pallas_causal fwd 1x64x2x64." in text
   assert json.loads((tmp_path / "attention_timing.json").read_text()) == record
+
+
+def test_budgeted_runner_saves_after_each_measurement_and_records_failures_and_skips():
+  # A failing measurement records what the script's failed() makes of it and the next one still runs; once the
+  # budget is spent nothing starts, and the skipped names are kept. The record is saved after every measurement.
+  saves = []
+  record = {"skipped": []}
+
+  def broken():
+    raise RuntimeError("out of memory\nmore detail")
+
+  runner = measurement.Runner(
+    record, "out", lambda out_dir, rec: saves.append((out_dir, len(rec["skipped"]))), 0.0, None, lambda e: str(e)
+  )
+  assert runner.measure("broken", broken) == "out of memory\nmore detail"
+  assert runner.measure("fine", lambda: {"ms": 1.0}) == {"ms": 1.0}
+  spent = measurement.Runner(record, "out", lambda out_dir, rec: saves.append((out_dir, len(rec["skipped"]))), 0.0, 0)
+  assert spent.measure("late", lambda: {"ms": 2.0}) is None
+  assert record["skipped"] == ["late"] and saves == [("out", 0), ("out", 0), ("out", 1)]
+  assert measurement.parse_shapes("1,2x64x2x16", ((8, 2048, 16, 128), (1, 4096, 2, 64))) == [
+    (1, 4096, 2, 64),
+    (2, 64, 2, 16),
+  ]
+  with pytest.raises(SystemExit, match="'2x64'; valid: an index 0..1 or BxTxHxD"):
+    measurement.parse_shapes("2x64", ((8, 2048, 16, 128), (1, 4096, 2, 64)))

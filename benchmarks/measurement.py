@@ -1,0 +1,53 @@
+"""What the GPU timing scripts share: a runner that takes measurements in order within a time budget and saves the
+record after each one (a run cut short keeps what it measured), and the --shapes parser."""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+
+
+def log(*parts):
+  print(*parts, flush=True)
+
+
+class Runner:
+  """Runs measurements in order until `budget_s` seconds after `started` (time.monotonic()) have passed; after each
+  one, save(out_dir, record) rewrites the script's result files. A measurement that raises is reported and records
+  failed(error) (None: nothing); the next one runs."""
+
+  def __init__(self, record, out_dir, save, started, budget_s, failed=lambda error: None):
+    self.record, self.out_dir, self.save, self.started, self.failed = record, out_dir, save, started, failed
+    self.deadline = None if budget_s is None else started + budget_s
+
+  def measure(self, what, thunk):
+    """thunk()'s result, failed(error) when it raised, or None when the budget was spent before it could start."""
+    if self.deadline is not None and time.monotonic() >= self.deadline:
+      log("budget spent, not measuring", what)
+      self.record["skipped"].append(what)
+      result = None
+    else:
+      log("measuring", what, "at %.0f s" % (time.monotonic() - self.started))
+      try:
+        result = thunk()
+      except Exception as error:  # report and keep measuring the rest
+        traceback.print_exc()
+        result = self.failed(error)
+      log(what, json.dumps(result))
+    self.save(self.out_dir, self.record)
+    return result
+
+
+def parse_shapes(text, shapes):
+  """Comma-separated indices into `shapes` or explicit BxTxHxD shapes."""
+  parsed = []
+  for item in filter(None, text.split(",")):
+    parts = item.split("x")
+    if item.isdigit() and int(item) < len(shapes):
+      parsed.append(shapes[int(item)])
+    elif len(parts) == 4 and all(part.isdigit() for part in parts):
+      parsed.append(tuple(map(int, parts)))
+    else:
+      raise SystemExit(f"--shapes: {item!r}; valid: an index 0..{len(shapes) - 1} or BxTxHxD (e.g. 1x4096x16x128).")
+  return parsed
