@@ -34,36 +34,23 @@ VOCAB = 100280
 
 def build(model: str, size: str, max_seq_len: int) -> torch.nn.Module:
   shape = SIZES[size]
+  fla_shape = dict(
+    hidden_size=shape["d"],
+    num_hidden_layers=shape["layers"],
+    num_heads=shape["heads"],
+    intermediate_size=shape["ffn"],
+    vocab_size=VOCAB,
+    tie_word_embeddings=True,
+    fuse_cross_entropy=True,
+  )
   if model == "hgrn2":
     from fla.models import HGRN2Config, HGRN2ForCausalLM
 
-    config = HGRN2Config(
-      hidden_size=shape["d"],
-      num_hidden_layers=shape["layers"],
-      num_heads=shape["heads"],
-      expand_ratio=None,
-      intermediate_size=shape["ffn"],
-      vocab_size=VOCAB,
-      tie_word_embeddings=True,
-      fuse_cross_entropy=True,
-    )
-    return HGRN2ForCausalLM(config)
+    return HGRN2ForCausalLM(HGRN2Config(expand_ratio=None, **fla_shape))
   if model == "retnet":
     from fla.models import RetNetConfig, RetNetForCausalLM
 
-    config = RetNetConfig(
-      hidden_size=shape["d"],
-      num_hidden_layers=shape["layers"],
-      num_heads=shape["heads"],
-      expand_k=1,
-      expand_v=1,
-      hidden_ratio=None,
-      intermediate_size=shape["ffn"],
-      vocab_size=VOCAB,
-      tie_word_embeddings=True,
-      fuse_cross_entropy=True,
-    )
-    return RetNetForCausalLM(config)
+    return RetNetForCausalLM(RetNetConfig(expand_k=1, expand_v=1, hidden_ratio=None, **fla_shape))
   from transformers import LlamaConfig, LlamaForCausalLM
 
   config = LlamaConfig(

@@ -93,15 +93,17 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
     d_scores = matmul_nt(do, v) * intra_mask(plan, sub.g, sub.resets)
     dq_state, dk_state = _state_terms(do, v, h_ref, dh_ref)
     dq_state, dk_state = ChunkFactors.scale(dq_state, sub.q_factor), ChunkFactors.scale(dk_state, sub.k_factor)
+    # A decay per head and token acts on every channel: its rows' q·dq − k·dk summed over this Dk tile.
+    token_rows = plan.mode == "token" and bool(x_ref)
     if plan.mode == "scalar" and x_ref:  # before dq, dk: fewer fp32 tiles live at once
-      x_ref.pop()[...] = _head_decay_rows(plan, q, k, dq_state, dk_state, d_scores, time)
+      x_ref[0][...] = _head_decay_rows(plan, q, k, dq_state, dk_state, d_scores, time)
     dq = dq_state + dot(d_scores.astype(dtype), k.astype(dtype))
     dq_ref[...] = dq.astype(dq_ref.dtype)
-    if x_ref:  # a decay per head and token acts on every channel: q·dq − k·dk summed over this Dk tile
+    if token_rows:
       row_sums = jnp.sum(q.astype(jnp.float32) * dq, axis=1)
     dk = dk_state + matmul_tn(d_scores.astype(dtype), q.astype(dtype), plan.config.one_pass_tf32)
     dk_ref[...] = dk.astype(dk_ref.dtype)
-    if x_ref:
+    if token_rows:
       x_ref[0][...] = row_sums - jnp.sum(k.astype(jnp.float32) * dk, axis=1)
     return
   size, chunk = plan.sub_chunk, plan.chunk
