@@ -57,21 +57,31 @@ def run_training(model_dir, train_steps, *, data=1, fsdp=-1, checkpoint_every_st
   )
 
 
-# Runs in the child: optionally holds resume saves from a step on in their asynchronous phase (array data
-# written to the temporary directory, not yet committed) and drops a marker file, so the test can SIGKILL there.
+# Runs in the child: optionally holds resume saves from a step on at their commit (array data written to the
+# temporary directory, the rename to the step directory not yet done) and drops a marker file, so the test can
+# SIGKILL there. Orbax commits in its checkpointer's background thread, through `atomicity.on_commit_callback`
+# (a coroutine in newer versions, a plain function in older ones).
 _CHILD_SCRIPT = """
-import json, os, sys, time
+import inspect, json, os, sys, time
 sys.path.insert(0, {tests_dir!r})
 options = json.loads(sys.argv[1])
 if options["hold_save_from_step"] is not None:
-  import orbax.checkpoint as ocp
-  original_finalize = ocp.CheckpointManager._finalize
-  def held_finalize(self, step, *args, **kwargs):
-    if "resume" in str(self.directory) and step >= options["hold_save_from_step"]:
-      open(options["marker"], "w").write(str(step))
+  from orbax.checkpoint._src.path import atomicity
+  original_commit = atomicity.on_commit_callback
+  def hold(tmp_dir):
+    final = tmp_dir.get_final()
+    if final.parent.name == "resume" and int(final.name) >= options["hold_save_from_step"]:
+      open(options["marker"], "w").write(final.name)
       time.sleep(600)
-    return original_finalize(self, step, *args, **kwargs)
-  ocp.CheckpointManager._finalize = held_finalize
+  if inspect.iscoroutinefunction(original_commit):
+    async def held_commit(tmp_dir, **kwargs):
+      hold(tmp_dir)
+      return await original_commit(tmp_dir, **kwargs)
+  else:
+    def held_commit(tmp_dir, **kwargs):
+      hold(tmp_dir)
+      return original_commit(tmp_dir, **kwargs)
+  atomicity.on_commit_callback = held_commit
 from absl import logging
 logging.set_verbosity(logging.INFO)  # the trainer logs "resumed from step N" and the preemption at INFO/WARNING
 import test_resume
@@ -192,7 +202,9 @@ def test_sigkill_during_async_save_then_rerun_on_one_device(runs, tmp_path):
   os.kill(process.pid, signal.SIGKILL)
   process.wait(timeout=30)
   assert process.returncode == -signal.SIGKILL
-  assert resume_steps(model_dir) == [10, 12]  # step 14 never committed
+  assert resume_steps(model_dir) == [10, 12]  # step 14 never committed ...
+  resume_dir = model_dir / "checkpoints" / "resume"
+  assert [name for name in os.listdir(resume_dir) if name.startswith("14.")]  # ... though its data was written
 
   # The rerun, on one device instead of eight, resumes from step 12 (the last complete checkpoint).
   output = run(model_dir, 13, runs / "compilation_cache", num_devices=1)
