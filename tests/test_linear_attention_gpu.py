@@ -297,27 +297,30 @@ def test_bad_input_names_the_problem(bad, message):
       gpu.linear_attention_gpu(q, q, v, None, None, None, bad.get("chunk_size"))
 
 
-def test_bf16_decay_gradient_error_does_not_grow_with_sequence_length():
+@pytest.mark.parametrize("decay_mode", ["vector", "token"])
+def test_bf16_decay_gradient_error_does_not_grow_with_sequence_length(decay_mode):
   """The decay gradient's suffix sum of q·dq − k·dk cancels heavily. Summed over the whole sequence with bf16
-  states its error grew with T (9.0e-3 at T=1024 in this case, 1.7e-1 with bf16 dq/dk operands too); telescoped
-  only to each chunk's end it is 2.5e-3 at T=1024 (chunk 32, the HGRN2 default)."""
+  states its error grew with T (9.0e-3 at T=1024 for the vector decay here, 1.7e-1 with bf16 dq/dk operands too);
+  telescoped only to each chunk's end it was 2.5e-3 at T=1024 (chunk 32, the HGRN2 default) while the chunk's
+  stored bf16 leaving state closed the sum, and is 3.4e-4 (vector) and 1.9e-4 (token) with that state written as
+  the entering state carried over plus the chunk's own k·dk terms."""
   for time in (300, 1024):
     q, k, v, log_decay, state, segment_ids = testing.random_inputs(
-      7, batch=1, time=time, heads=2, dim_k=64, dim_v=32, decay_mode="vector", strength="strong", dtype=jnp.bfloat16
+      7, batch=1, time=time, heads=2, dim_k=64, dim_v=32, decay_mode=decay_mode, strength="strong", dtype=jnp.bfloat16
     )
     d_out, d_state = _cotangents(3, v, state.shape)
     _, _, expected = testing.reference_float64(q, k, v, log_decay, state, segment_ids, d_out, d_state)
     _, _, grads = _kernel_with_grads(32, q, k, v, log_decay, state, segment_ids, d_out, d_state)
-    assert testing.relative_rms_error(grads["log_decay"], expected["log_decay"]) <= 4e-3, time
+    assert testing.relative_rms_error(grads["log_decay"], expected["log_decay"]) <= 1e-3, time
 
 
-@pytest.mark.parametrize("decay_mode", ["vector", "scalar"])
+@pytest.mark.parametrize("decay_mode", ["vector", "token", "scalar"])
 def test_bf16_decay_gradient_with_an_unrounded_final_state_cotangent(decay_mode):
-  """dS_T in fp32 (as a loss on the final state gives it): the last chunk's Σ_v S_e·dS_e must use dS_T as the
-  kernels' bf16 state gradients carry it, or it stops cancelling their q·dq − k·dk (8.8e-3 vector). A fixed
-  decay's gradient, a sum over the whole sequence, takes its pair-weighted terms that do not cancel: 1.8e-3 with
-  bf16 states and dq/dk operands (the per-row gradients summed gave 1.0e-2 with bf16 states, 4.1e-2 with a
-  bf16-rounded dS_T)."""
+  """dS_T in fp32 (as a loss on the final state gives it), while the kernels' state gradients are bf16: the last
+  chunk's terms must all see dS_T alike. Decay gradient errors: 9.2e-4 (vector), 9.3e-4 (token), against 2.6e-3
+  and 2.9e-3 with the final state's Σ_v S_T·dS_T closing the sum. A fixed decay's gradient, a sum over the whole
+  sequence, takes its pair-weighted terms that do not cancel: 1.8e-3 with bf16 states and dq/dk operands (the
+  per-row gradients summed gave 1.0e-2 with bf16 states, 4.1e-2 with a bf16-rounded dS_T)."""
   q, k, v, log_decay, state, segment_ids = testing.random_inputs(
     5, batch=1, time=200, heads=2, dim_k=64, dim_v=32, decay_mode=decay_mode, strength="strong", dtype=jnp.bfloat16
   )
@@ -327,7 +330,7 @@ def test_bf16_decay_gradient_with_an_unrounded_final_state_cotangent(decay_mode)
   _, _, expected = testing.reference_float64(q, k, v, log_decay, state, segment_ids, d_out, d_state)
   _, _, grads = _kernel_with_grads(None, q, k, v, log_decay, state, segment_ids, d_out, d_state)
   errors = {name: testing.relative_rms_error(grads[name], expected[name]) for name in expected}
-  assert max(errors.values()) <= 5e-3, errors
+  assert errors["log_decay"] <= 2e-3 and max(errors.values()) <= 5e-3, errors
 
 
 def test_trainable_fixed_decay_near_one_bf16_long_sequence():

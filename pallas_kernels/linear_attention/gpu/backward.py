@@ -4,15 +4,19 @@ forward, its per-chunk states as residuals; after the fused forward it rescans t
 
 The decay gradient telescopes only to the end of each chunk (as fla's chunk_gla does):
 d log α_r = Σ_{r≤t≤e} (q·dq − k·dk)_t + Σ_v S_e·dS_e, e the chunk's last row, S_e the state leaving the chunk and
-dS_e its gradient from later rows; the dq/dk kernel emits q·dq − k·dk, the dv kernel Σ_v S_e·dS_e, a small kernel
-the sums. The suffix sum cancels heavily: over the whole sequence its error would grow with T and need fp32 states.
-Chunk-local, bf16 states suffice; only the intra-chunk dq/dk matmuls keep fp32 operands, and only when a decay
-gradient is wanted (HGRN2, a per-token decay).
+dS_e its gradient from later rows. The suffix sum cancels: the pairs of a key in the chunk and a later chunk's query
+enter through k·dk and again through S_e. S_e is not read: it is written as the forward builds it,
+S_e = e^Γ·S + Σ_j k̂_j v_jᵀ (S the state entering the chunk, k̂_j = k_j·e^(g_e − g_j)), so its second part is
+Σ_j k̂_j·(v_j·dS_e), the very terms of k·dk, summed from the same fp32 values, and they cancel exactly; a stored
+S_e (bf16 states, bf16 k̂) would leave bf16 rounding in the difference. The dq/dk kernel emits q·dq − k·dk per row
+and Σ_j k_j·dk_state,j per chunk, the dv kernel e^Γ·Σ_v S·dS_e, a small kernel the sums. Only the intra-chunk
+pairs still cancel: the dq/dk matmuls keep fp32 operands, and only when a decay gradient is wanted (HGRN2, a
+per-token decay).
 
 A fixed decay per head (TNL's, when trainable) wants the sum of those per-row gradients over all rows, where the
 cancelling terms are known in closed form: every pair of tokens j ≤ i (one document) enters with weight i − j, the
 steps whose decay lies between them. Per chunk of L rows before T, r the row in the chunk:
-d log α = Σ_r [(r + 1)·q·dq_state + (L − 1 − r)·k·dk_state + Σ_j (r − j)·(q_r·k_j)·dA_rj D_rj] + L·e^Γ·Σ S·dS_e,
+d log α = Σ_r [(r + 1)·q·dq_state + (L − 1 − r)·k·dk_state + Σ_j (r − j)·(q_r·k_j)·dA_rj D_rj] + L·e^Γ·Σ_v S·dS_e,
 S the state entering the chunk (its queries' pairs with earlier chunks, its keys' with later ones, pairs across
 it, pairs inside it). No term cancels, so bf16 states and 16-bit dq/dk operands keep it accurate: the backward
 of a trainable fixed decay is the fixed decay's plus a q·kᵀ matmul and elementwise sums in the dq/dk kernel and
@@ -49,17 +53,18 @@ from pallas_kernels.linear_attention.gpu.scores import chunk_scores, nested_leve
 
 def _dv_kernel(*refs, plan, decay_grad):
   """dv = Aᵀ·do + (k ⊙ k_factor)·dS for one chunk and Dv tile; with decay_grad also this tile's part of the
-  decay gradient's Σ_v S·dS_e: S_e, the state leaving the chunk (the per-chunk state of the next one), or for a
-  fixed decay per head the state entering it."""
+  decay gradient's e^Γ·Σ_v S·dS_e, S the state entering the chunk carried to its end (zero across a document
+  start)."""
   (q_ref, k_ref, do_ref), g_ref, resets_ref, (dh_ref, *rest) = split_refs(refs, plan, 3)
   scores_ref = rest.pop(0) if plan.mode == "vector" else None
+  sub = ChunkFactors(plan, g_ref, resets_ref, plan.chunk)
   if decay_grad:
-    paired_ref, dv_ref, state_term_ref = rest
-    state_term_ref[...] = jnp.sum(paired_ref[...].astype(jnp.float32) * dh_ref[...].astype(jnp.float32), axis=0)
+    entering_ref, dv_ref, state_term_ref = rest
+    carried = entering_ref[...].astype(jnp.float32) * sub.state_decay
+    state_term_ref[...] = jnp.sum(carried * dh_ref[...].astype(jnp.float32), axis=0)
   else:
     (dv_ref,) = rest
   dtype = q_ref.dtype
-  sub = ChunkFactors(plan, g_ref, resets_ref, plan.chunk)
   k = k_ref[...]
   scores = chunk_scores(plan, sub, q_ref[...], k, None if scores_ref is None else scores_ref[...])
   k_hat = ChunkFactors.scale(k.astype(jnp.float32), sub.k_factor).astype(dtype)
@@ -75,7 +80,8 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
   TF32 pass for 16-bit inputs, config.one_pass_tf32; a fixed decay per head takes _head_decay_rows instead, whose
   terms do not cancel). The state terms do·h and v·dS, like dA = do·vᵀ, multiply values already in the
   input/state dtype: 16-bit products are exact in the fp32 accumulator, so they take one tensor-core pass, not
-  three."""
+  three. With a decay per key channel or per token the chunk's Σ_j k_j·dk_state,j (module docstring) goes with
+  the rows: per program into its own output (vector), onto the chunk's last row (token)."""
   (q_ref, k_ref, v_ref, do_ref), g_ref, resets_ref, (h_ref, dh_ref, dq_ref, dk_ref, *x_ref) = split_refs(refs, plan, 4)
   dtype = operand_dtype
   dot = functools.partial(matmul, one_pass=plan.config.one_pass_tf32)
@@ -104,7 +110,9 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
     dk = dk_state + matmul_tn(d_scores.astype(dtype), q.astype(dtype), plan.config.one_pass_tf32)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     if token_rows:
-      x_ref[0][...] = row_sums - jnp.sum(k.astype(jnp.float32) * dk, axis=1)
+      k_dk_state = jnp.sum(k.astype(jnp.float32) * dk_state)
+      last_row = lax.broadcasted_iota(jnp.int32, (plan.chunk,), 0) == plan.chunk - 1
+      x_ref[0][...] = row_sums - jnp.sum(k.astype(jnp.float32) * dk, axis=1) + jnp.where(last_row, k_dk_state, 0.0)
     return
   size, chunk = plan.sub_chunk, plan.chunk
   rows = lax.broadcasted_iota(jnp.int32, (size, size), 0)
@@ -151,11 +159,15 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
     g_end = load_row(g_ref, end)
     q_tilde = rescaled_rows(q_ref[...].astype(jnp.float32), g_all - g_end, chunk_rows > end)
     d_later = jnp.where((chunk_cols > end) & same_document, matmul_nt(v, do_ref[...]), 0.0)  # dA_ij at [key j, query i]
-    dk = dk_state * k_factor + jnp.exp(g_end - g_sub) * dot(d_later.astype(dtype), q_tilde.astype(dtype))
-    dk = dk + dk_diagonal
+    dk_state = dk_state * k_factor
+    dk = dk_state + jnp.exp(g_end - g_sub) * dot(d_later.astype(dtype), q_tilde.astype(dtype)) + dk_diagonal
     store(pl.ds(start, size), pl.ds(out_start, size), dq, dk)
+    return jnp.sum(k * dk_state, axis=0) if x_ref else None
 
-  for_each_sub_chunk(plan, sub_chunk)
+  if x_ref:
+    x_ref[1][...] = for_each_sub_chunk(plan, sub_chunk, jnp.zeros(k_ref.shape[-1:], jnp.float32))
+  else:
+    for_each_sub_chunk(plan, sub_chunk)
 
 
 def _head_decay_rows(plan, q, k, dq_state, dk_state, d_scores, time):
@@ -179,9 +191,8 @@ def _state_terms(do, v, h_ref, dh_ref):
 
 
 def _grad_dv(layout, q, k, do, g, resets, d_states, scores, out_dtype, states=None):
-  """dv, and given the per-chunk `states`, the decay gradient's state term per chunk and Dv tile: of the state
-  entering the chunk for a fixed decay per head, else of the state leaving it (the last chunk's a placeholder: its
-  leaving state is the final one, which the caller has)."""
+  """dv, and given the per-chunk `states`, the decay gradient's e^Γ·Σ_v S·dS_e per chunk and Dv tile
+  [B,N,H,tiles,Dk]."""
   kernel = functools.partial(_dv_kernel, plan=layout.plan, decay_grad=states is not None)
   return value_tiled_call(
     kernel,
@@ -196,13 +207,13 @@ def _grad_dv(layout, q, k, do, g, resets, d_states, scores, out_dtype, states=No
     scores,
     out_dtype,
     paired=states,
-    paired_next=layout.plan.mode != "scalar",
   )
 
 
 def _grad_dqdk(layout, q, k, v, do, g, resets, states, d_states, out_dtype, decay_grad, time):
-  """dq, dk, and with decay_grad the decay gradient's per-row q·dq − k·dk [B,T,H,Dk] f32 (a decay per head and
-  token: summed over each Dk tile, [B,T,H,tiles]; a fixed decay per head: _head_decay_rows per Dk tile)."""
+  """dq, dk, and with decay_grad the decay gradient's per-row q·dq − k·dk [B,T,H,Dk] f32 with each program's
+  Σ_j k_j·dk_state,j [B,N·parts,H,Dk] (a decay per head and token: summed over each Dk tile, the chunk's sum on its
+  last row, [B,T,H,tiles]; a fixed decay per head: _head_decay_rows per Dk tile)."""
   plan = layout.plan
   tile_k = min(plan.config.decay_key_tile if decay_grad else plan.config.key_tile, layout.dim_k)
   in_specs = [
@@ -226,6 +237,10 @@ def _grad_dqdk(layout, q, k, v, do, g, resets, states, d_states, out_dtype, deca
   elif decay_grad:
     out_shape.append(jax.ShapeDtypeStruct(shape, jnp.float32))
     out_specs.append(layout.result_spec(tile_k, True))
+  if decay_grad and plan.mode == "vector":
+    heads = layout.heads
+    out_shape.append(jax.ShapeDtypeStruct((shape[0], layout.num_chunks * layout.parts, *shape[2:]), jnp.float32))
+    out_specs.append(pl.BlockSpec((None, None, None, tile_k), lambda t, n, bh: (bh // heads, n, bh % heads, t)))
   operand_dtype = jnp.float32 if decay_grad and plan.mode != "scalar" else q.dtype
   return pl.pallas_call(
     functools.partial(_dqdk_kernel, plan=plan, operand_dtype=operand_dtype, time=time),
@@ -247,16 +262,15 @@ def _dense(cotangent, like):
 
 def backward(plan, residuals, cotangents):
   """The custom_vjp's backward rule: gradients of q, k, v, log_decay and initial_state."""
-  q, k, v, initial_state, segment_ids, final_state, (gates, scores, states), marker = residuals
+  q, k, v, initial_state, segment_ids, (gates, scores, states), marker = residuals
   wants_decay_grad = marker is not None
   d_out = _dense(cotangents[0], v)
   time = q.shape[1]
   qp, kp, vp, g, resets, layout = prepare(plan, q, k, v, None, segment_ids, gates)
   dop = pad_time(d_out.astype(v.dtype), layout.time)
   states_dtype = state_dtype(q.dtype)
-  last = jnp.swapaxes(final_state, -1, -2)
   if states is None:  # the fused forward's
-    states, last = state_scan(layout, kp, vp, g, resets, value_major(initial_state), states_dtype, reverse=False)
+    states, _ = state_scan(layout, kp, vp, g, resets, value_major(initial_state), states_dtype, reverse=False)
   d_states, d_init = state_scan(layout, qp, dop, g, resets, value_major(cotangents[1]), states_dtype, reverse=True)
   dv, *state_term = _grad_dv(
     layout, qp, kp, dop, g, resets, d_states, scores, v.dtype, states if wants_decay_grad else None
@@ -264,27 +278,25 @@ def backward(plan, residuals, cotangents):
   dq, dk, *per_step = _grad_dqdk(layout, qp, kp, vp, dop, g, resets, states, d_states, q.dtype, wants_decay_grad, time)
   d_log_decay = None
   if wants_decay_grad and plan.mode == "scalar":
-    d_log_decay = _head_decay_grad(layout, *per_step, state_term[0], g, resets, time).astype(marker.dtype)
+    d_log_decay = _head_decay_grad(layout, *per_step, state_term[0], time).astype(marker.dtype)
   elif wants_decay_grad:
-    # The last chunk's S_e·dS_e (the kernel read a placeholder): the exact fp32 final state, and dS_T as the
-    # kernels saw it (bf16 d_states), so that it cancels against their q·dq − k·dk.
-    final_term = jnp.sum(last * d_states[:, -1].astype(jnp.float32), axis=-2)  # [B,H,Dk]
-    state_term = state_term[0].sum(axis=3).at[:, -1].set(final_term)
-    d_log_decay = _decay_grad(layout, *per_step, state_term, time).astype(marker.dtype)
+    carried = state_term[0].sum(axis=3)  # [B,N,H,Dk]
+    if plan.mode == "vector":
+      rows, k_dk_state = per_step
+      batch, _, heads, dim_k = k_dk_state.shape
+      carried = carried + k_dk_state.reshape(batch, layout.num_chunks, -1, heads, dim_k).sum(axis=2)
+      per_step = [rows]
+    d_log_decay = _decay_grad(layout, *per_step, carried, time).astype(marker.dtype)
   d_initial = None if initial_state is None else jnp.swapaxes(d_init, -1, -2).astype(initial_state.dtype)
   return (dq[:, :time], dk[:, :time], dv[:, :time], d_log_decay, d_initial, None)
 
 
-def _head_decay_grad(layout, rows, state_term, g, resets, time):
+def _head_decay_grad(layout, rows, state_term, time):
   """d log α [H] of a fixed decay per head: the rows' part [B,T,H,tiles] (_head_decay_rows) plus, per chunk,
-  L·exp(Γ)·Σ S·dS_e of the state S entering it (zero across a document start) [B,N,H,tiles,Dk], which every one
-  of its L rows before `time` carries."""
-  chunk, num_chunks = layout.plan.chunk, layout.num_chunks
-  length = jnp.clip(time - chunk * jnp.arange(num_chunks), 0, chunk).astype(jnp.float32)
-  carried = jnp.exp(g[chunk - 1 :: chunk])[None] * length[None, :, None]  # [1,N,H]
-  if resets is not None:
-    carried = carried * (resets[:, chunk - 1 :: chunk] == 0)[:, :, None]
-  return rows.sum(axis=(0, 1, 3)) + jnp.sum(carried * state_term.sum(axis=(3, 4)), axis=(0, 1))
+  L·e^Γ·Σ_v S·dS_e [B,N,H,tiles,Dk] (the dv kernel's), which every one of its L rows before `time` carries."""
+  chunk = layout.plan.chunk
+  length = jnp.clip(time - chunk * jnp.arange(layout.num_chunks), 0, chunk).astype(jnp.float32)
+  return rows.sum(axis=(0, 1, 3)) + jnp.sum(length[:, None] * state_term.sum(axis=(3, 4)), axis=(0, 1))
 
 
 def _decay_grad(layout, per_step, state_term, time):

@@ -141,22 +141,22 @@ def earlier_rows(x_ref, g_ref, g_all, start):
   return g_r, rescaled_rows(x_ref[...].astype(jnp.float32), g_r - g_all, rows < start)
 
 
-def for_each_sub_chunk(plan, body):
+def for_each_sub_chunk(plan, body, total=None):
   """Vector decay: body(start, out_start) for the sub-chunks this program owns, `start` the row in the chunk and
   `out_start` the row in the output block. All of the chunk's in a loop, or (plan.parts > 1) the one the grid
-  names, whose output block is that sub-chunk alone."""
+  names, whose output block is that sub-chunk alone. Given `total` (an fp32 array), body returns an addend of its
+  shape and the sum of `total` and the addends is returned."""
   size = plan.sub_chunk
+  accumulate = (lambda carry, addend: carry + addend) if total is not None else (lambda carry, addend: carry)
   if plan.parts > 1:
     start = pl.multiple_of((pl.program_id(1) % plan.parts) * size, size)
-    body(start, 0)
-    return
+    return accumulate(total, body(start, 0))
 
   def step(index, carry):
     start = pl.multiple_of(index * size, size)
-    body(start, start)
-    return carry
+    return accumulate(carry, body(start, start))
 
-  lax.fori_loop(0, plan.chunk // size, step, 0)
+  return lax.fori_loop(0, plan.chunk // size, step, 0 if total is None else total)
 
 
 def intra_mask(plan, g, resets):

@@ -76,14 +76,11 @@ def _fused_forward_kernel(*refs, plan, num_chunks, has_init, segments):
     last_ref[...] = state
 
 
-def value_tiled_call(
-  kernel, name, layout, q, k, value_like, g, resets, states, scores, out_dtype, paired=None, paired_next=True
-):
+def value_tiled_call(kernel, name, layout, q, k, value_like, g, resets, states, scores, out_dtype, paired=None):
   """A chunk-parallel kernel over (value tile, chunk, batch·head) reading q, k, a [B,T,H,Dv] operand, the
   per-chunk states and (vector decay) the intra-chunk scores, writing a [B,T,H,Dv] result: the forward output
-  (v → o) and the dv gradient (do → dv; given per-chunk states `paired`, also the decay gradient's state term: of
-  the state leaving each chunk, the next chunk's, when paired_next, else of the state entering it). One program
-  per chunk: only matmuls and per-row factors."""
+  (v → o) and the dv gradient (do → dv; given per-chunk states `paired`, also the decay gradient's state term of
+  the state entering each chunk). One program per chunk: only matmuls and per-row factors."""
   layout = layout.whole_chunks()
   plan = layout.plan
   tile_v = min(plan.config.value_tile, layout.dim_v)
@@ -101,7 +98,7 @@ def value_tiled_call(
   out_specs = [layout.result_spec(tile_v, True)]
   out_shape = [jax.ShapeDtypeStruct((layout.batch, layout.time, layout.heads, layout.dim_v), out_dtype)]
   if paired is not None:
-    in_specs.append(layout.chunk_state_spec(tile_v, layout.dim_k, tile_rows=True, next_chunk=paired_next))
+    in_specs.append(layout.chunk_state_spec(tile_v, layout.dim_k, tile_rows=True))
     operands.append(paired)
     out_specs.append(layout.chunk_row_spec(layout.dim_k))
     out_shape.append(

@@ -44,7 +44,7 @@ def _linear_attention_fwd(q, k, v, log_decay, initial_state, segment_ids, plan):
   )
   (out, final_state), saved = forward(plan, q, k, v, log_decay, initial_state, segment_ids)
   marker = jnp.zeros((0,), log_decay.dtype) if wants_decay_grad else None
-  return (out, final_state), (q, k, v, initial_state, segment_ids, final_state, saved, marker)
+  return (out, final_state), (q, k, v, initial_state, segment_ids, saved, marker)
 
 
 _linear_attention.defvjp(_linear_attention_fwd, backward, symbolic_zeros=True)

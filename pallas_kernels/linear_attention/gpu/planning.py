@@ -86,14 +86,12 @@ class Layout:
     heads, parts = self.heads, self.parts
     return pl.BlockSpec((None, self.plan.chunk), lambda t, n, bh: (bh // heads, n // parts))
 
-  def chunk_state_spec(self, rows, columns, tile_rows, next_chunk=False):
-    """The state [rows, columns] of each chunk; next_chunk: of the chunk after it, the state leaving it (the last
-    chunk reads its own, a placeholder for the final state, which the per-chunk states lack)."""
-    heads, parts, last = self.heads, self.parts, self.num_chunks - 1
-    chunk = (lambda n: jnp.minimum(n // parts + 1, last)) if next_chunk else (lambda n: n // parts)
+  def chunk_state_spec(self, rows, columns, tile_rows):
+    """The state [rows, columns] entering each chunk."""
+    heads, parts = self.heads, self.parts
     return pl.BlockSpec(
       (None, None, None, rows, columns),
-      lambda t, n, bh: (bh // heads, chunk(n), bh % heads, t if tile_rows else 0, 0 if tile_rows else t),
+      lambda t, n, bh: (bh // heads, n // parts, bh % heads, t if tile_rows else 0, 0 if tile_rows else t),
     )
 
   def chunk_row_spec(self, width):
