@@ -29,6 +29,8 @@ ops with triton.testing.do_bench (median, CUDA events), fla's first call (Triton
 --budget_s: no measurement starts once that many seconds have passed since start; JSON and markdown are
 rewritten after every measurement, so a run cut short keeps what it measured. --check first compares the
 pallas_gpu backend with the float64 recurrent reference on the GPU (outputs, final state and all gradients).
+--accuracy compares ours and fla with the float64 recurrence on the same inputs (ACCURACY_SHAPE, bf16, packed
+documents: our segment ids, fla's cu_seqlens), the errors of o and of every gradient side by side.
 --shapes takes indices into SHAPES or explicit BxTxHxD shapes; a CPU smoke (kernels in interpret mode):
   python3 benchmarks/kernel_timing.py --out /tmp/kernels_smoke --shapes 1x64x2x16 --reps 1 --calls 1
 """
@@ -314,6 +316,88 @@ def time_fla(op, shape):
   return results
 
 
+ACCURACY_SHAPE = (1, 2048, 16, 128)  # one row of packed documents (fla's varlen form takes one row)
+ACCURACY_OPS = {"hgrn2": "strong", "gated_scalar": "strong", "tnl": "weak"}  # op: testing.DECAY_RANGES strength
+
+
+def accuracy_inputs(op, shape=ACCURACY_SHAPE, seed=11):
+  """(q, k, v, log_decay, segment_ids, d_out) for --accuracy: bf16 q, k, v, fp32 decays of the op's mode and
+  strength, documents as segment ids, a bf16-representable output cotangent (no initial state: fla's varlen
+  form takes one per document)."""
+  batch, time_, heads, dim = shape
+  q, k, v, log_decay, _, segment_ids = testing.random_inputs(
+    seed,
+    batch=batch,
+    time=time_,
+    heads=heads,
+    dim_k=dim,
+    dim_v=dim,
+    decay_mode=OP_DECAY_MODES[op],
+    strength=ACCURACY_OPS[op],
+    dtype=jnp.bfloat16,
+    initial_state=False,
+  )
+  rng = np.random.default_rng(seed + 1)
+  d_out = jnp.asarray(rng.normal(size=v.shape), jnp.bfloat16).astype(jnp.float32)
+  return q, k, v, log_decay, segment_ids, d_out
+
+
+def cu_seqlens(segment_ids):
+  """fla's document offsets [0, starts..., T] of one row of segment ids (a document starts where the id changes)."""
+  ids = np.asarray(segment_ids)
+  if ids.ndim != 2 or ids.shape[0] != 1:
+    raise ValueError(f"segment_ids of shape {ids.shape}; fla's varlen form takes one row, [1, T]")
+  starts = np.flatnonzero(np.diff(ids[0]) != 0) + 1
+  return np.concatenate([[0], starts, [ids.shape[1]]]).astype(np.int64)
+
+
+def fla_with_grads(op, q, k, v, log_decay, segment_ids, d_out):
+  """fla's o and gradients (q, k, v and the learned decay's) for --accuracy, as float32 numpy arrays."""
+  import torch
+  from fla.ops.gla import chunk_gla
+  from fla.ops.simple_gla import chunk_simple_gla
+
+  cuda = lambda x, dtype: torch.tensor(np.asarray(x, np.float32), device="cuda", dtype=dtype)
+  leaves = {name: cuda(x, torch.bfloat16).requires_grad_() for name, x in dict(q=q, k=k, v=v).items()}
+  offsets = torch.tensor(cu_seqlens(segment_ids), device="cuda")
+  decay = cuda(log_decay, torch.float32)
+  common = dict(scale=1.0, cu_seqlens=offsets)
+  if op == "hgrn2":
+    leaves["log_decay"] = decay.requires_grad_()
+    out, _ = chunk_gla(leaves["q"], leaves["k"], leaves["v"], leaves["log_decay"], **common)
+  elif op == "gated_scalar":
+    _allow_gated_backward_for_timing()
+    leaves["log_decay"] = decay.requires_grad_()
+    out, _ = chunk_simple_gla(leaves["q"], leaves["k"], leaves["v"], g=leaves["log_decay"], **common)
+  else:
+    out, _ = chunk_simple_gla(leaves["q"], leaves["k"], leaves["v"], g_gamma=decay, **common)
+  out.backward(cuda(d_out, torch.bfloat16))
+  as_numpy = lambda x: x.detach().float().cpu().numpy()
+  return as_numpy(out), {name: as_numpy(leaf.grad) for name, leaf in leaves.items()}
+
+
+def accuracy_against_fla(ops=tuple(ACCURACY_OPS), shape=ACCURACY_SHAPE):
+  """{op: {"ours"|"fla": {"o", "dq", ...: relative RMS error against the float64 recurrence}}} on the same inputs."""
+  results = {}
+  for op in ops:
+    q, k, v, log_decay, segment_ids, d_out = accuracy_inputs(op, shape)
+    d_state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
+    ref_out, _, ref_grads = testing.reference_float64(q, k, v, log_decay, None, segment_ids, d_out, d_state)
+    out, _, grads = _kernel_with_grads(q, k, v, log_decay, None, segment_ids, d_out, d_state)
+    names = ("q", "k", "v", "log_decay") if op in LEARNED_DECAY_OPS else ("q", "k", "v")
+    errors = lambda o, g: {
+      "o": testing.relative_rms_error(o, ref_out),
+      **{f"d{name}": testing.relative_rms_error(g[name], ref_grads[name]) for name in names},
+    }
+    results[op] = {"fla_op": FLA_NAMES[op], "ours": errors(out, grads)}
+    try:
+      results[op]["fla"] = errors(*fla_with_grads(op, q, k, v, log_decay, segment_ids, d_out))
+    except Exception as error:  # fla refusing an op leaves ours reported
+      results[op]["fla"] = {"error": f"{type(error).__name__}: {error}"}
+    log("accuracy", op, results[op])
+  return results
+
+
 def _kernel_with_grads(q, k, v, log_decay, state, segment_ids, d_out, d_state):
   present = {
     name: x for name, x in dict(q=q, k=k, v=v, log_decay=log_decay, initial_state=state).items() if x is not None
@@ -322,7 +406,7 @@ def _kernel_with_grads(q, k, v, log_decay, state, segment_ids, d_out, d_state):
   @jax.jit
   def run(present, segment_ids, d_out, d_state):
     def op(present):
-      merged = {"log_decay": None, **present}
+      merged = {"log_decay": None, "initial_state": None, **present}
       return gpu.linear_attention_gpu(
         merged["q"], merged["k"], merged["v"], merged["log_decay"], merged["initial_state"], segment_ids, None
       )
@@ -459,6 +543,26 @@ def write_markdown(path, record):
     ]
     for name, entry in record["check"].items():
       lines.append(f"| {name} | {entry['max_error']:.2e} | {entry['bound']:.0e} |")
+  if record.get("accuracy"):
+    shape = "×".join(map(str, ACCURACY_SHAPE))
+    lines += [
+      "",
+      f"Accuracy against the float64 recurrence on the same inputs (B×T×H×D {shape}, bf16 q, k, v and output "
+      "cotangent, fp32 decays, packed documents: our segment ids, fla's cu_seqlens; relative RMS error):",
+      "",
+      "| op | kernel | o | dq | dk | dv | d log_decay |",
+      "|---|---|---|---|---|---|---|",
+    ]
+    for op, entry in record["accuracy"].items():
+      for who, label in (("ours", "ours"), ("fla", f"fla {entry['fla_op']}")):
+        errors = entry[who]
+        if "error" in errors:
+          lines.append(f"| {op} | {label} | failed: {errors['error'][:200]} | | | | |")
+          continue
+        cells = " | ".join(
+          f"{errors[name]:.2e}" if name in errors else "—" for name in ("o", "dq", "dk", "dv", "dlog_decay")
+        )
+        lines.append(f"| {op} | {label} | {cells} |")
   if record.get("skipped"):
     lines += ["", f"Not measured (--budget_s {record['budget_s']} spent): " + "; ".join(record["skipped"]) + "."]
   with open(path, "w") as handle:
@@ -588,6 +692,11 @@ def main():
   parser.add_argument("--calls", type=int, default=20)
   parser.add_argument("--check", action="store_true", help="compare with the float64 reference first")
   parser.add_argument(
+    "--accuracy",
+    action="store_true",
+    help="compare ours and fla with the float64 recurrence on the same inputs (" + ", ".join(ACCURACY_OPS) + ")",
+  )
+  parser.add_argument(
     "--config",
     action="append",
     default=[],
@@ -663,6 +772,9 @@ def main():
   runner = Runner(record, args.out, args.budget_s, reference_peers)
   if args.check:
     record["check"] = runner.measure("check against the float64 reference", check_against_reference)
+  if args.accuracy:
+    accuracy_ops = [op for op in ops if op in ACCURACY_OPS]
+    record["accuracy"] = runner.measure("accuracy of ours and fla", lambda: accuracy_against_fla(accuracy_ops))
   rows = {(op, shape): measure_op(runner, op, shape, args, chunk_sizes, overrides) for op in ops for shape in shapes}
   for shape in shapes:
     learned, fixed = rows.get(("tnl_learned_decay", shape)), rows.get(("tnl", shape))

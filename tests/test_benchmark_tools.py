@@ -267,6 +267,54 @@ def test_fla_measured_in_process_replaces_the_reference_timing(tmp_path, monkeyp
   assert "fla gated_scalar: guard lifted." in (tmp_path / "kernels_h200.md").read_text().splitlines()
 
 
+def test_cu_seqlens_start_a_document_wherever_the_segment_id_changes():
+  assert kernel_timing.cu_seqlens([[0, 0, 1, 1, 1, 0, 0, 3]]).tolist() == [0, 2, 5, 7, 8]
+  assert kernel_timing.cu_seqlens([[4] * 6]).tolist() == [0, 6]
+  with pytest.raises(ValueError, match="one row"):
+    kernel_timing.cu_seqlens([[0, 1], [0, 1]])
+
+
+def test_accuracy_against_a_peer_on_the_same_inputs(tmp_path, monkeypatch):
+  """--accuracy: ours and the peer (here the xla backend in fla's place, a second code path) scored against the
+  float64 recurrence on the same packed-document inputs; a peer that fails leaves ours reported."""
+  import jax
+  import numpy as np
+
+  from pallas_kernels.linear_attention import api
+
+  def xla_peer(op, q, k, v, log_decay, segment_ids, d_out):
+    def run(q, k, v, log_decay):
+      return api.linear_attention(q, k, v, log_decay, segment_ids=segment_ids, backend="xla")
+
+    learned = op in kernel_timing.LEARNED_DECAY_OPS
+    out, vjp = jax.vjp(run, q, k, v, log_decay)
+    grads = dict(zip(("q", "k", "v", "log_decay"), vjp(d_out.astype(out.dtype))))
+    names = ("q", "k", "v", "log_decay") if learned else ("q", "k", "v")
+    return np.asarray(out, np.float32), {name: np.asarray(grads[name], np.float32) for name in names}
+
+  monkeypatch.setattr(kernel_timing, "fla_with_grads", xla_peer)
+  results = kernel_timing.accuracy_against_fla(("hgrn2", "tnl"), shape=(1, 64, 2, 16))
+  assert set(results["hgrn2"]["ours"]) == {"o", "dq", "dk", "dv", "dlog_decay"}
+  assert set(results["tnl"]["fla"]) == {"o", "dq", "dk", "dv"}  # TNL's decay is a fixed buffer
+  for entry in results.values():
+    for errors in (entry["ours"], entry["fla"]):
+      assert 0 < max(errors.values()) < 1e-2, errors  # bf16 inputs: rounding, no more
+
+  def no_gpu(*args):
+    raise RuntimeError("no GPU")
+
+  monkeypatch.setattr(kernel_timing, "fla_with_grads", no_gpu)
+  failed = kernel_timing.accuracy_against_fla(("hgrn2",), shape=(1, 64, 2, 16))
+  assert failed["hgrn2"]["fla"] == {"error": "RuntimeError: no GPU"} and failed["hgrn2"]["ours"]
+  record = {"device": "cpu", "date": "d", "jax_version": "x", "command": "c", "results": [], "skipped": []}
+  record["accuracy"] = {**results, **failed}
+  kernel_timing.write_markdown(tmp_path / "k.md", record)
+  text = (tmp_path / "k.md").read_text()
+  assert "| hgrn2 | fla chunk_gla | failed: RuntimeError: no GPU |" in text
+  tnl_ours = results["tnl"]["ours"]
+  assert f"| tnl | ours | {tnl_ours['o']:.2e} | {tnl_ours['dq']:.2e} |" in text and "| — |" in text
+
+
 def test_attention_timing_documents_flops_and_table(tmp_path):
   # attention_timing.py's packed rows, its causal + document FLOP count, its --config parsing and its table.
   import attention_timing
