@@ -14,6 +14,7 @@ import time
 import numpy as np
 import portpicker
 import pytest
+from conftest import FAST_CPU_COMPILE
 
 from lsm_jax import checkpoint, metrics
 
@@ -44,10 +45,7 @@ def _environment(num_devices, cache_dir):
     JAX_PLATFORMS="cpu",
     PYTHONUNBUFFERED="1",
     # Cheaper XLA:CPU code generation: compilation dominates this test; both runs use the same flags.
-    XLA_FLAGS=(
-      f"--xla_force_host_platform_device_count={num_devices} --xla_backend_optimization_level=0 "
-      "--xla_llvm_disable_expensive_passes=true"
-    ),
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices} {FAST_CPU_COMPILE}",
     # Cross-process collectives on CPU: gloo is jax 0.10's default; explicit, as older releases defaulted to none.
     JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
     # The second multi-process launch reuses the first one's executables.

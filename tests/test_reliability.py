@@ -17,6 +17,7 @@ import time
 
 import gin
 import pytest
+from conftest import FAST_CPU_COMPILE
 
 from lsm_jax import checkpoint, errors, train, trainer
 
@@ -35,7 +36,10 @@ TINY = [
 
 def cli(*args, timeout=120, **popen_kwargs):
   environment = dict(
-    os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1"
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_CPU_COMPILE}",
+    PYTHONUNBUFFERED="1",
   )
   environment.pop("LSM_JAX_VERBOSE", None)
   return subprocess.Popen(

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import FAST_CPU_COMPILE
 
 pytestmark = pytest.mark.slow  # four training processes; about 90 s of CPU time
 
@@ -113,7 +114,7 @@ def start_run(
   }
   environment = dict(
     os.environ,
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices} {FAST_CPU_COMPILE}",
     JAX_PLATFORMS="cpu",
     PYTHONUNBUFFERED="1",
     JAX_COMPILATION_CACHE_DIR=str(cache_dir),

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import FAST_CPU_COMPILE
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -61,8 +62,7 @@ def test_parallel_micro_grid_produces_a_report_with_fits_and_resumes(tmp_path):
   env = {
     **os.environ,
     "JAX_PLATFORMS": "cpu",
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=1 "
-    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {FAST_CPU_COMPILE}",
   }
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 1, result.stderr[-4000:]

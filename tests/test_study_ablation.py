@@ -13,6 +13,7 @@ import sys
 
 import gin
 import pytest
+from conftest import FAST_CPU_COMPILE
 
 from lsm_jax import study
 from lsm_jax import train as train_cli
@@ -91,8 +92,7 @@ def test_micro_ablation_grid_reports_table_5_and_6_layouts(tmp_path):
   env = {
     **os.environ,
     "JAX_PLATFORMS": "cpu",
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=1 "
-    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {FAST_CPU_COMPILE}",
   }
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-4000:]
