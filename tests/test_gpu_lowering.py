@@ -1,0 +1,105 @@
+"""The Pallas GPU kernels lowered for CUDA on a CPU-only machine. Interpret mode runs a kernel's body as jax ops,
+so it cannot tell whether Pallas's Triton lowering accepts it; lowering for the "cuda" platform runs that
+lowering (Pallas to Triton IR) without a GPU, for every launch of the forward and the backward."""
+
+import dataclasses
+import importlib
+import pkgutil
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.attention import flash
+from pallas_kernels.linear_attention import gpu
+
+BATCH, TIME, HEADS = 1, 100, 2  # T not a multiple of the chunk: the padded path
+
+
+@pytest.fixture
+def lowering_for_the_gpu(monkeypatch):
+  """The kernels' interpret-mode switch turned off, as on a GPU."""
+  modules = [importlib.import_module(f"{gpu.__name__}.{info.name}") for info in pkgutil.iter_modules(gpu.__path__)]
+  for module in [*modules, flash]:
+    if hasattr(module, "interpret_mode"):
+      monkeypatch.setattr(module, "interpret_mode", lambda: False)
+
+
+def lowered_kernel_names(fn, *args):
+  """Names of the Pallas kernels in fn's lowering for CUDA (each one lowered to Triton IR on the way)."""
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "__gpu$xla.gpu.triton" in text
+  return set(re.findall(r"linear_attention_[a-z_]+|flash_attention_[a-z_]+", text))
+
+
+def spec(*shape, dtype=jnp.bfloat16):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+DECAY_SHAPES = {"none": None, "scalar": (HEADS,), "token": (BATCH, TIME, HEADS), "vector": (BATCH, TIME, HEADS, 64)}
+BACKWARD = {"linear_attention_state_scan_reverse", "linear_attention_grad_v", "linear_attention_grad_qk"}
+
+
+@pytest.mark.parametrize(
+  "decay_mode,dtype,overrides",
+  [
+    ("none", jnp.bfloat16, {}),
+    ("scalar", jnp.bfloat16, {}),
+    ("scalar", jnp.bfloat16, {"fused_forward": False}),
+    ("token", jnp.bfloat16, {}),
+    ("vector", jnp.bfloat16, {}),
+    ("vector", jnp.bfloat16, {"split_sub_chunks": False, "score_levels": 0}),
+    ("vector", jnp.float32, {}),
+  ],
+)
+def test_linear_attention_lowers_to_triton(lowering_for_the_gpu, decay_mode, dtype, overrides):
+  q = spec(BATCH, TIME, HEADS, 64, dtype=dtype)
+  config = dataclasses.replace(gpu.default_config(decay_mode, q.shape, dtype), **overrides)
+  decay_shape = DECAY_SHAPES[decay_mode]
+  learned = decay_mode != "none"  # every decay's gradient: HGRN2's, a per-token one, a trainable TNL decay
+
+  def loss(q, k, v, log_decay, initial_state, segment_ids):
+    out, final_state = gpu.linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, None, config)
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(final_state)
+
+  args = (
+    q,
+    q,
+    q,
+    None if decay_shape is None else spec(*decay_shape, dtype=jnp.float32),
+    spec(BATCH, HEADS, 64, 64, dtype=jnp.float32),
+    spec(BATCH, TIME, dtype=jnp.int32),
+  )
+  names = lowered_kernel_names(jax.grad(loss, argnums=(0, 1, 2, 3, 4) if learned else (0, 1, 2, 4)), *args)
+  forward = {"linear_attention_fused_forward"} if config.fused_forward else {"linear_attention_output"}
+  if decay_mode == "vector":
+    forward |= {"linear_attention_intra_scores", "linear_attention_chunk_sums"}
+  assert forward | BACKWARD <= names, names
+
+
+def test_flash_attention_with_documents_lowers_to_triton(lowering_for_the_gpu):
+  q = spec(BATCH, 256, HEADS, 64)
+
+  def loss(q, k, v, segment_ids):
+    return jnp.sum(flash.flash_attention(q, k, v, segment_ids, causal=True).astype(jnp.float32))
+
+  names = lowered_kernel_names(jax.grad(loss, argnums=(0, 1, 2)), q, q, q, spec(BATCH, 256, dtype=jnp.int32))
+  assert {"flash_attention_forward", "flash_attention_dkv", "flash_attention_dq"} <= names, names
+
+
+def test_an_unsupported_primitive_fails_the_lowering(lowering_for_the_gpu):
+  """The check has teeth: a kernel Triton cannot take (a sort) is refused at lowering, with no GPU present."""
+
+  def kernel(x_ref, o_ref):
+    o_ref[...] = jnp.sort(x_ref[...], axis=0)
+
+  def sort_rows(x):
+    return pl.pallas_call(
+      kernel, out_shape=x, compiler_params=pltriton.CompilerParams(num_warps=4), name="linear_attention_sort"
+    )(x)
+
+  with pytest.raises(NotImplementedError, match="sort"):
+    lowered_kernel_names(sort_rows, spec(16, 16, dtype=jnp.float32))
