@@ -1,6 +1,6 @@
-"""The Pallas GPU kernels lowered for CUDA on a CPU-only machine. Interpret mode runs a kernel's body as jax ops,
-so it cannot tell whether Pallas's Triton lowering accepts it; lowering for the "cuda" platform runs that
-lowering (Pallas to Triton IR) without a GPU, for every launch of the forward and the backward."""
+"""The Pallas kernels lowered for their hardware on a CPU-only machine. Interpret mode runs a kernel's body as jax
+ops, so it cannot tell whether Pallas's Triton (GPU) or Mosaic (TPU) lowering accepts it; lowering for the "cuda"
+or "tpu" platform runs that lowering without the device, for every launch of the forward and the backward."""
 
 import dataclasses
 import importlib
@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.attention import flash
-from pallas_kernels.linear_attention import gpu
+from pallas_kernels.linear_attention import gpu, tpu
 
 BATCH, TIME, HEADS = 1, 100, 2  # T not a multiple of the chunk: the padded path
 
@@ -33,6 +34,12 @@ def lowered_kernel_names(fn, *args):
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "__gpu$xla.gpu.triton" in text
   return set(re.findall(r"linear_attention_[a-z_]+|flash_attention_[a-z_]+", text))
+
+
+def lowered_tpu_kernel_names(fn, *args):
+  """Names of the Pallas kernels in fn's lowering for TPU (each one lowered to Mosaic on the way)."""
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+  return set(re.findall(r'kernel_name = "([A-Za-z_]+)"', text))
 
 
 def spec(*shape, dtype=jnp.bfloat16):
@@ -103,3 +110,37 @@ def test_an_unsupported_primitive_fails_the_lowering(lowering_for_the_gpu):
 
   with pytest.raises(NotImplementedError, match="sort"):
     lowered_kernel_names(sort_rows, spec(16, 16, dtype=jnp.float32))
+
+
+@pytest.mark.parametrize("decay_mode", ["none", "scalar", "token", "vector"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_tpu_linear_attention_lowers_to_mosaic(decay_mode, dtype):
+  q = spec(BATCH, TIME, HEADS, 128, dtype=dtype)
+  decay_shape = {**DECAY_SHAPES, "vector": (BATCH, TIME, HEADS, 128)}[decay_mode]
+  learned = decay_mode != "none"
+
+  def loss(q, k, v, log_decay, initial_state, segment_ids):
+    out, final_state = tpu.linear_attention_tpu(q, k, v, log_decay, initial_state, segment_ids, None)
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(final_state)
+
+  args = (
+    q,
+    q,
+    q,
+    None if decay_shape is None else spec(*decay_shape, dtype=jnp.float32),
+    spec(BATCH, HEADS, 128, 128, dtype=jnp.float32),
+    spec(BATCH, TIME, dtype=jnp.int32),
+  )
+  names = lowered_tpu_kernel_names(jax.grad(loss, argnums=(0, 1, 2, 3, 4) if learned else (0, 1, 2, 4)), *args)
+  assert {"_forward_kernel", "_backward_dq_kernel", "_backward_dkv_kernel"} <= names, names
+
+
+def test_an_unsupported_primitive_fails_the_tpu_lowering():
+  def kernel(x_ref, o_ref):
+    o_ref[...] = jnp.sort(x_ref[...], axis=0)
+
+  def sort_rows(x):
+    return pl.pallas_call(kernel, out_shape=x, compiler_params=pltpu.CompilerParams())(x)
+
+  with pytest.raises(NotImplementedError, match="sort"):
+    lowered_tpu_kernel_names(sort_rows, spec(8, 128, dtype=jnp.float32))
