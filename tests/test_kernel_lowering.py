@@ -10,10 +10,12 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from lsm_jax.models import build_model, get_config
 from pallas_kernels.attention import flash
 from pallas_kernels.linear_attention import gpu, tpu
 
@@ -144,3 +146,23 @@ def test_an_unsupported_primitive_fails_the_tpu_lowering():
 
   with pytest.raises(NotImplementedError, match="sort"):
     lowered_tpu_kernel_names(sort_rows, spec(8, 128, dtype=jnp.float32))
+
+
+@pytest.mark.parametrize("arch", ["tnl", "hgrn2", "cosformer2", "llama"])
+@pytest.mark.parametrize("remat_policy", ["none", "dots_and_mixer_kernels_saveable"])
+def test_models_lower_with_their_gpu_kernels(lowering_for_the_gpu, arch, remat_policy):
+  """A training step's loss and gradients of each architecture as a GPU host runs it (its "auto" kernels resolved
+  for the GPU: the Pallas linear-attention and flash-attention kernels), scanned layers and documents."""
+  tiny = dict(num_layers=2, d_model=128, num_heads=2, head_dim=64, ffn_dim=128, vocab_size=64)
+  config = get_config(arch, "70m", remat_policy=remat_policy, **tiny).resolved_for("gpu")
+  model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def loss(params, tokens, segment_ids):
+    logits = nnx.merge(graphdef, params)(tokens, segment_ids=segment_ids)
+    return jnp.mean(jax.nn.log_softmax(logits.astype(jnp.float32))[..., 3])
+
+  tokens = spec(2, TIME, dtype=jnp.int32)
+  names = lowered_kernel_names(jax.grad(loss), params, tokens, tokens)
+  kernel = "flash_attention_forward" if arch == "llama" else "linear_attention_grad_qk"
+  assert config.linear_attention_backend == "pallas_gpu" and kernel in names, names
