@@ -399,22 +399,9 @@ def accuracy_against_fla(ops=tuple(ACCURACY_OPS), shape=ACCURACY_SHAPE):
 
 
 def _kernel_with_grads(q, k, v, log_decay, state, segment_ids, d_out, d_state):
-  present = {
-    name: x for name, x in dict(q=q, k=k, v=v, log_decay=log_decay, initial_state=state).items() if x is not None
-  }
-
-  @jax.jit
-  def run(present, segment_ids, d_out, d_state):
-    def op(present):
-      merged = {"log_decay": None, "initial_state": None, **present}
-      return gpu.linear_attention_gpu(
-        merged["q"], merged["k"], merged["v"], merged["log_decay"], merged["initial_state"], segment_ids, None
-      )
-
-    (out, final_state), vjp = jax.vjp(op, present)
-    return (out, final_state, *vjp((d_out.astype(out.dtype), d_state)))
-
-  return run(present, segment_ids, d_out, d_state)
+  """pallas_gpu's (out, final state, {name: gradient}) for the loss testing.reference_float64 differentiates."""
+  inputs = (q, k, v, log_decay, state, segment_ids, d_out, d_state)
+  return testing.backend_with_grads(gpu.linear_attention_gpu, None, *inputs)
 
 
 def check_against_reference(modes=("scalar", "token", "vector", "none")):

@@ -31,16 +31,13 @@ def lowering_for_the_gpu(monkeypatch):
       monkeypatch.setattr(module, "interpret_mode", lambda: False)
 
 
-def lowered_kernel_names(fn, *args):
-  """Names of the Pallas kernels in fn's lowering for CUDA (each one lowered to Triton IR on the way)."""
-  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert "__gpu$xla.gpu.triton" in text
-  return set(re.findall(r"linear_attention_[a-z_]+|flash_attention_[a-z_]+", text))
-
-
-def lowered_tpu_kernel_names(fn, *args):
-  """Names of the Pallas kernels in fn's lowering for TPU (each one lowered to Mosaic on the way)."""
-  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+def lowered_kernel_names(fn, *args, platform="cuda"):
+  """Names of the Pallas kernels in fn's lowering for `platform` ("cuda": each lowered to Triton IR on the way;
+  "tpu": to Mosaic)."""
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  if platform == "cuda":
+    assert "__gpu$xla.gpu.triton" in text
+    return set(re.findall(r"linear_attention_[a-z_]+|flash_attention_[a-z_]+", text))
   return set(re.findall(r'kernel_name = "([A-Za-z_]+)"', text))
 
 
@@ -48,7 +45,28 @@ def spec(*shape, dtype=jnp.bfloat16):
   return jax.ShapeDtypeStruct(shape, dtype)
 
 
-DECAY_SHAPES = {"none": None, "scalar": (HEADS,), "token": (BATCH, TIME, HEADS), "vector": (BATCH, TIME, HEADS, 64)}
+def linear_attention_gradients(op, decay_mode, dtype, dim):
+  """(grad fn, abstract args) of Σ o + Σ S_T through `op` (a backend's linear_attention(q, k, v, log_decay,
+  initial_state, segment_ids)) with documents, an initial state and every gradient: q, k, v, the initial state and
+  any decay (HGRN2's, a per-token one, a trainable TNL decay)."""
+  q = spec(BATCH, TIME, HEADS, dim, dtype=dtype)
+  decay_shape = {"none": None, "scalar": (HEADS,), "token": (BATCH, TIME, HEADS), "vector": q.shape}[decay_mode]
+
+  def loss(q, k, v, log_decay, initial_state, segment_ids):
+    out, final_state = op(q, k, v, log_decay, initial_state, segment_ids)
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(final_state)
+
+  args = (
+    q,
+    q,
+    q,
+    None if decay_shape is None else spec(*decay_shape, dtype=jnp.float32),
+    spec(BATCH, HEADS, dim, dim, dtype=jnp.float32),
+    spec(BATCH, TIME, dtype=jnp.int32),
+  )
+  return jax.grad(loss, argnums=(0, 1, 2, 3, 4) if decay_shape else (0, 1, 2, 4)), args
+
+
 BACKWARD = {"linear_attention_state_scan_reverse", "linear_attention_grad_v", "linear_attention_grad_qk"}
 
 
@@ -65,28 +83,28 @@ BACKWARD = {"linear_attention_state_scan_reverse", "linear_attention_grad_v", "l
   ],
 )
 def test_linear_attention_lowers_to_triton(lowering_for_the_gpu, decay_mode, dtype, overrides):
-  q = spec(BATCH, TIME, HEADS, 64, dtype=dtype)
-  config = dataclasses.replace(gpu.default_config(decay_mode, q.shape, dtype), **overrides)
-  decay_shape = DECAY_SHAPES[decay_mode]
-  learned = decay_mode != "none"  # every decay's gradient: HGRN2's, a per-token one, a trainable TNL decay
+  config = dataclasses.replace(gpu.default_config(decay_mode, (BATCH, TIME, HEADS, 64), dtype), **overrides)
 
-  def loss(q, k, v, log_decay, initial_state, segment_ids):
-    out, final_state = gpu.linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, None, config)
-    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(final_state)
+  def op(*inputs):
+    return gpu.linear_attention_gpu(*inputs, None, config)
 
-  args = (
-    q,
-    q,
-    q,
-    None if decay_shape is None else spec(*decay_shape, dtype=jnp.float32),
-    spec(BATCH, HEADS, 64, 64, dtype=jnp.float32),
-    spec(BATCH, TIME, dtype=jnp.int32),
-  )
-  names = lowered_kernel_names(jax.grad(loss, argnums=(0, 1, 2, 3, 4) if learned else (0, 1, 2, 4)), *args)
+  gradients, args = linear_attention_gradients(op, decay_mode, dtype, 64)
+  names = lowered_kernel_names(gradients, *args)
   forward = {"linear_attention_fused_forward"} if config.fused_forward else {"linear_attention_output"}
   if decay_mode == "vector":
     forward |= {"linear_attention_intra_scores", "linear_attention_chunk_sums"}
   assert forward | BACKWARD <= names, names
+
+
+@pytest.mark.parametrize("decay_mode", ["none", "scalar", "token", "vector"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_tpu_linear_attention_lowers_to_mosaic(decay_mode, dtype):
+  def op(*inputs):
+    return tpu.linear_attention_tpu(*inputs, None)
+
+  gradients, args = linear_attention_gradients(op, decay_mode, dtype, 128)
+  names = lowered_kernel_names(gradients, *args, platform="tpu")
+  assert {"_forward_kernel", "_backward_dq_kernel", "_backward_dkv_kernel"} <= names, names
 
 
 def test_flash_attention_with_documents_lowers_to_triton(lowering_for_the_gpu):
@@ -99,53 +117,21 @@ def test_flash_attention_with_documents_lowers_to_triton(lowering_for_the_gpu):
   assert {"flash_attention_forward", "flash_attention_dkv", "flash_attention_dq"} <= names, names
 
 
-def test_an_unsupported_primitive_fails_the_lowering(lowering_for_the_gpu):
-  """The check has teeth: a kernel Triton cannot take (a sort) is refused at lowering, with no GPU present."""
+@pytest.mark.parametrize(
+  "platform,compiler_params,shape",
+  [("cuda", pltriton.CompilerParams(num_warps=4), (16, 16)), ("tpu", pltpu.CompilerParams(), (8, 128))],
+)
+def test_an_unsupported_primitive_fails_the_lowering(lowering_for_the_gpu, platform, compiler_params, shape):
+  """The check has teeth: a kernel the backend cannot take (a sort) is refused at lowering, with no device."""
 
   def kernel(x_ref, o_ref):
     o_ref[...] = jnp.sort(x_ref[...], axis=0)
 
   def sort_rows(x):
-    return pl.pallas_call(
-      kernel, out_shape=x, compiler_params=pltriton.CompilerParams(num_warps=4), name="linear_attention_sort"
-    )(x)
+    return pl.pallas_call(kernel, out_shape=x, compiler_params=compiler_params)(x)
 
-  with pytest.raises(NotImplementedError, match="sort"):
-    lowered_kernel_names(sort_rows, spec(16, 16, dtype=jnp.float32))
-
-
-@pytest.mark.parametrize("decay_mode", ["none", "scalar", "token", "vector"])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_tpu_linear_attention_lowers_to_mosaic(decay_mode, dtype):
-  q = spec(BATCH, TIME, HEADS, 128, dtype=dtype)
-  decay_shape = {**DECAY_SHAPES, "vector": (BATCH, TIME, HEADS, 128)}[decay_mode]
-  learned = decay_mode != "none"
-
-  def loss(q, k, v, log_decay, initial_state, segment_ids):
-    out, final_state = tpu.linear_attention_tpu(q, k, v, log_decay, initial_state, segment_ids, None)
-    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(final_state)
-
-  args = (
-    q,
-    q,
-    q,
-    None if decay_shape is None else spec(*decay_shape, dtype=jnp.float32),
-    spec(BATCH, HEADS, 128, 128, dtype=jnp.float32),
-    spec(BATCH, TIME, dtype=jnp.int32),
-  )
-  names = lowered_tpu_kernel_names(jax.grad(loss, argnums=(0, 1, 2, 3, 4) if learned else (0, 1, 2, 4)), *args)
-  assert {"_forward_kernel", "_backward_dq_kernel", "_backward_dkv_kernel"} <= names, names
-
-
-def test_an_unsupported_primitive_fails_the_tpu_lowering():
-  def kernel(x_ref, o_ref):
-    o_ref[...] = jnp.sort(x_ref[...], axis=0)
-
-  def sort_rows(x):
-    return pl.pallas_call(kernel, out_shape=x, compiler_params=pltpu.CompilerParams())(x)
-
-  with pytest.raises(NotImplementedError, match="sort"):
-    lowered_tpu_kernel_names(sort_rows, spec(8, 128, dtype=jnp.float32))
+  with pytest.raises(NotImplementedError, match="Unimplemented primitive in Pallas .* lowering.*: sort"):
+    lowered_kernel_names(sort_rows, spec(*shape, dtype=jnp.float32), platform=platform)
 
 
 @pytest.mark.parametrize("arch", ["tnl", "hgrn2", "cosformer2", "llama"])

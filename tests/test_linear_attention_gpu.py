@@ -32,32 +32,8 @@ def _config(decay_mode, q, **overrides):
 
 
 def _kernel_with_grads(chunk_size, q, k, v, log_decay, initial_state, segment_ids, d_out, d_state, config=None):
-  present = {
-    name: x
-    for name, x in dict(q=q, k=k, v=v, log_decay=log_decay, initial_state=initial_state).items()
-    if x is not None
-  }
-
-  @jax.jit
-  def run(present, segment_ids, d_out, d_state):
-    def op(present):
-      merged = {"log_decay": None, "initial_state": None, **present}
-      return gpu.linear_attention_gpu(
-        merged["q"],
-        merged["k"],
-        merged["v"],
-        merged["log_decay"],
-        merged["initial_state"],
-        segment_ids,
-        chunk_size,
-        config,
-      )
-
-    (out, final_state), vjp = jax.vjp(op, present)
-    (grads,) = vjp((d_out.astype(out.dtype), d_state))
-    return out, final_state, grads
-
-  return run(present, segment_ids, d_out, d_state)
+  op = gpu.linear_attention_gpu if config is None else functools.partial(gpu.linear_attention_gpu, config=config)
+  return testing.backend_with_grads(op, chunk_size, q, k, v, log_decay, initial_state, segment_ids, d_out, d_state)
 
 
 def _assert_matches_reference(
