@@ -273,13 +273,13 @@ def _allow_gated_backward_for_timing():
   return FLA_GUARD_NOTE
 
 
-def time_fla(op, shape):
-  """{"fwd"|"fwd_bwd": {"ms", "first_call_s"}, "note": why its values are unchecked, or None} of the fla op."""
+def fla_fns(op, shape):
+  """(forward, forward+backward, note) of the fla op on random bf16 inputs of `shape`: closures of no arguments, and
+  why its values are unchecked (or None)."""
   import torch
   from fla.ops.gla import chunk_gla
   from fla.ops.linear_attn import chunk_linear_attn
   from fla.ops.simple_gla import chunk_simple_gla
-  from triton.testing import do_bench
 
   batch, time_, heads, dim = shape
   note = None
@@ -305,6 +305,15 @@ def time_fla(op, shape):
   def fn_bwd():
     fn().backward(d_out)
 
+  return fn, fn_bwd, note
+
+
+def time_fla(op, shape):
+  """{"fwd"|"fwd_bwd": {"ms", "first_call_s"}, "note": why its values are unchecked, or None} of the fla op."""
+  import torch
+  from triton.testing import do_bench
+
+  fn, fn_bwd, note = fla_fns(op, shape)
   results = {}
   for name, bench in (("fwd", fn), ("fwd_bwd", fn_bwd)):
     start = time.perf_counter()

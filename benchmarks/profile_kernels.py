@@ -5,7 +5,8 @@ name (our pallas_calls are named linear_attention_*; XLA's fusions keep theirs),
 benchmarks/kernel_timing.py, whose medians are end-to-end.
   python3 benchmarks/profile_kernels.py --out $OUT --ops hgrn2 --shape 8x2048x16x128 --config num_warps=4
 --config KNOB=VALUE (repeatable) replaces one knob of the default kernel configuration, as in kernel_timing.py; runs
-with different --config and --name compare configurations. CPU smoke (interpret mode; the trace then holds host
+with different --config and --name compare configurations; --peer adds fla's kernels for the same op and shape
+(torch.profiler). CPU smoke (interpret mode; the trace then holds host
 events, summed the same way):
   python3 benchmarks/profile_kernels.py --out /tmp/profile_smoke --shape 1x64x2x16 --calls 1
 """
@@ -70,6 +71,28 @@ def profile(fn, fn_args, calls: int) -> tuple[list[dict], str]:
   return sorted(rows, key=lambda row: -row["us"]), source
 
 
+def profile_fla(fn, calls: int) -> list[dict]:
+  """fla's kernels over `calls` calls of fn after a warm-up (its Triton autotuning included), as profile's rows,
+  from torch.profiler's CUDA activity (kernels, copies and fills only: no host events recorded)."""
+  import torch
+  from torch.profiler import ProfilerActivity
+
+  fn()
+  torch.cuda.synchronize()
+  with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+    for _ in range(calls):
+      fn()
+    torch.cuda.synchronize()
+  rows = []
+  for event in prof.key_averages():
+    device_us = getattr(event, "device_time_total", None)
+    if device_us is None:  # torch < 2.4
+      device_us = event.cuda_time_total
+    if device_us > 0:
+      rows.append({"kernel": event.key, "launches": event.count / calls, "us": device_us / calls})
+  return sorted(rows, key=lambda row: -row["us"])
+
+
 def write_markdown(path: str, record: dict) -> None:
   lines = [
     f"# Linear-attention kernel profile on {record['device']}",
@@ -111,6 +134,7 @@ def main():
     help="replace one knob of the default kernel configuration (repeatable), as in kernel_timing.py",
   )
   parser.add_argument("--calls", type=int, default=5)
+  parser.add_argument("--peer", action="store_true", help="also profile fla's op (torch.profiler) for each op")
   args = parser.parse_args()
   (shape,) = kernel_timing.parse_shapes(args.shape)
   ops = [op for op in args.ops.split(",") if op]
@@ -118,6 +142,13 @@ def main():
     if op not in kernel_timing.OPS:
       raise SystemExit(f"--ops: {op!r}; valid: {', '.join(kernel_timing.OPS)}.")
   overrides = kernel_timing.parse_config(args.config)
+  if args.peer:
+    try:
+      import fla  # noqa: F401
+    except ImportError:
+      raise SystemExit(
+        "--peer profiles fla on a CUDA GPU: pip install flash-linear-attention==0.6.0 fla-core==0.6.0"
+      ) from None
   config_text = ",".join(f"{name}={value}" for name, value in overrides.items()) or "default"
   os.makedirs(args.out, exist_ok=True)
   record = {
@@ -136,11 +167,31 @@ def main():
     for part, fn, fn_args in (("fwd", forward, forward_args), ("fwd_bwd", backward, backward_args)):
       rows, source = profile(fn, fn_args, args.calls)
       run = {"op": op, "shape": label, "config": config_text, "part": part, "events": source, "kernels": rows}
-      record["runs"].append(run)
-      kernel_timing.log(op, label, config_text, part, json.dumps(run["kernels"][:8]))
-      with open(os.path.join(args.out, args.name + ".json"), "w") as handle:
-        json.dump(record, handle, indent=1)
-      write_markdown(os.path.join(args.out, args.name + ".md"), record)
+      save_run(args, record, run)
+    if args.peer and op in kernel_timing.FLA_NAMES:
+      forward, backward, _ = kernel_timing.fla_fns(op, shape)
+      for part, fn in (("fwd", forward), ("fwd_bwd", backward)):
+        rows = profile_fla(fn, args.calls)
+        save_run(
+          args,
+          record,
+          {
+            "op": op,
+            "shape": label,
+            "config": "fla " + kernel_timing.FLA_NAMES[op],
+            "part": part,
+            "events": "device",
+            "kernels": rows,
+          },
+        )
+
+
+def save_run(args, record, run):
+  record["runs"].append(run)
+  kernel_timing.log(run["op"], run["shape"], run["config"], run["part"], json.dumps(run["kernels"][:8]))
+  with open(os.path.join(args.out, args.name + ".json"), "w") as handle:
+    json.dump(record, handle, indent=1)
+  write_markdown(os.path.join(args.out, args.name + ".md"), record)
 
 
 if __name__ == "__main__":
