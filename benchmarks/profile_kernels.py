@@ -3,12 +3,12 @@
 Runs each (op, variant) under `jax.profiler.trace` and sums the device events of the Perfetto trace by kernel
 name (our pallas_calls are named linear_attention_*; XLA's fusions keep theirs), per call. Complements
 benchmarks/kernel_timing.py, whose medians are end-to-end.
-  python3 benchmarks/profile_kernels.py --out $OUT --ops hgrn2 --shape 8x2048x16x128 --config num_warps=4
---config KNOB=VALUE (repeatable) replaces one knob of the default kernel configuration, as in kernel_timing.py; runs
-with different --config and --name compare configurations; --peer adds fla's kernels for the same op and shape
-(torch.profiler). CPU smoke (interpret mode; the trace then holds host
-events, summed the same way):
-  python3 benchmarks/profile_kernels.py --out /tmp/profile_smoke --shape 1x64x2x16 --calls 1
+  python3 benchmarks/profile_kernels.py --out $OUT --ops hgrn2 --shapes 0,1 --variant num_warps=4 \
+      --variant chunk_size=64,num_warps=4
+--config KNOB=VALUE (repeatable) replaces one knob of the default kernel configuration, as in kernel_timing.py;
+each --variant KNOB=VALUE,... is profiled on top of it in the same process. --peer adds fla's kernels for the same
+op and shape (torch.profiler). CPU smoke (interpret mode; the trace then holds host events, summed the same way):
+  python3 benchmarks/profile_kernels.py --out /tmp/profile_smoke --shapes 1x64x2x16 --calls 1
 """
 
 from __future__ import annotations
@@ -125,7 +125,9 @@ def main():
   parser.add_argument("--out", required=True)
   parser.add_argument("--name", default="kernel_profile_h200", help="results file stem")
   parser.add_argument("--ops", default="hgrn2", help="subset of " + ",".join(kernel_timing.OPS))
-  parser.add_argument("--shape", default="8x2048x16x128", help="BxTxHxD or an index into kernel_timing.SHAPES")
+  parser.add_argument(
+    "--shapes", default="8x2048x16x128", help="BxTxHxD shapes or indices into kernel_timing.SHAPES, comma-separated"
+  )
   parser.add_argument(
     "--config",
     action="append",
@@ -133,15 +135,23 @@ def main():
     metavar="KNOB=VALUE",
     help="replace one knob of the default kernel configuration (repeatable), as in kernel_timing.py",
   )
+  parser.add_argument(
+    "--variant",
+    action="append",
+    default=[],
+    metavar="KNOB=VALUE,...",
+    help="a configuration to profile on top of --config (repeatable; one process compares them); default: --config",
+  )
   parser.add_argument("--calls", type=int, default=5)
   parser.add_argument("--peer", action="store_true", help="also profile fla's op (torch.profiler) for each op")
   args = parser.parse_args()
-  (shape,) = kernel_timing.parse_shapes(args.shape)
+  shapes = kernel_timing.parse_shapes(args.shapes)
   ops = [op for op in args.ops.split(",") if op]
   for op in ops:
     if op not in kernel_timing.OPS:
       raise SystemExit(f"--ops: {op!r}; valid: {', '.join(kernel_timing.OPS)}.")
-  overrides = kernel_timing.parse_config(args.config)
+  base = kernel_timing.parse_config(args.config)
+  variants = [{**base, **kernel_timing.parse_config(text.split(","))} for text in args.variant] or [base]
   if args.peer:
     try:
       import fla  # noqa: F401
@@ -149,7 +159,6 @@ def main():
       raise SystemExit(
         "--peer profiles fla on a CUDA GPU: pip install flash-linear-attention==0.6.0 fla-core==0.6.0"
       ) from None
-  config_text = ",".join(f"{name}={value}" for name, value in overrides.items()) or "default"
   os.makedirs(args.out, exist_ok=True)
   record = {
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -159,31 +168,24 @@ def main():
     "command": "python3 " + " ".join(sys.argv),
     "runs": [],
   }
-  label = "x".join(map(str, shape))
-  for op in ops:
-    forward, forward_args, backward, backward_args = kernel_timing.ours_fns(
-      op, shape, kernel_timing.ours(overrides=overrides)
-    )
-    for part, fn, fn_args in (("fwd", forward, forward_args), ("fwd_bwd", backward, backward_args)):
-      rows, source = profile(fn, fn_args, args.calls)
-      run = {"op": op, "shape": label, "config": config_text, "part": part, "events": source, "kernels": rows}
-      save_run(args, record, run)
-    if args.peer and op in kernel_timing.FLA_NAMES:
-      forward, backward, _ = kernel_timing.fla_fns(op, shape)
-      for part, fn in (("fwd", forward), ("fwd_bwd", backward)):
-        rows = profile_fla(fn, args.calls)
-        save_run(
-          args,
-          record,
-          {
-            "op": op,
-            "shape": label,
-            "config": "fla " + kernel_timing.FLA_NAMES[op],
-            "part": part,
-            "events": "device",
-            "kernels": rows,
-          },
+  for shape in shapes:
+    label = "x".join(map(str, shape))
+    for op in ops:
+      for overrides in variants:
+        config_text = ",".join(f"{name}={value}" for name, value in overrides.items()) or "default"
+        forward, forward_args, backward, backward_args = kernel_timing.ours_fns(
+          op, shape, kernel_timing.ours(overrides=overrides)
         )
+        for part, fn, fn_args in (("fwd", forward, forward_args), ("fwd_bwd", backward, backward_args)):
+          rows, source = profile(fn, fn_args, args.calls)
+          run = {"op": op, "shape": label, "config": config_text, "part": part, "events": source, "kernels": rows}
+          save_run(args, record, run)
+      if args.peer and op in kernel_timing.FLA_NAMES:
+        forward, backward, _ = kernel_timing.fla_fns(op, shape)
+        for part, fn in (("fwd", forward), ("fwd_bwd", backward)):
+          config_text = "fla " + kernel_timing.FLA_NAMES[op]
+          run = {"op": op, "shape": label, "config": config_text, "part": part, "events": "device"}
+          save_run(args, record, {**run, "kernels": profile_fla(fn, args.calls)})
 
 
 def save_run(args, record, run):
