@@ -106,6 +106,11 @@ def write_markdown(path: str, record: dict) -> None:
     "|---|---|---|---|---|---:|---:|---:|",
   ]
   for run in record["runs"]:
+    if "error" in run:
+      lines.append(
+        f"| {run['op']} | {run['shape']} | {run['config']} | {run['part']} | failed: {run['error'][:80]} | | | |"
+      )
+      continue
     total = sum(row["us"] for row in run["kernels"])
     for row in run["kernels"]:
       part = run["part"] + (" (host)" if run["events"] == "host" else "")
@@ -177,9 +182,13 @@ def main():
           op, shape, kernel_timing.ours(overrides=overrides)
         )
         for part, fn, fn_args in (("fwd", forward, forward_args), ("fwd_bwd", backward, backward_args)):
-          rows, source = profile(fn, fn_args, args.calls)
-          run = {"op": op, "shape": label, "config": config_text, "part": part, "events": source, "kernels": rows}
-          save_run(args, record, run)
+          run = {"op": op, "shape": label, "config": config_text, "part": part}
+          try:
+            rows, source = profile(fn, fn_args, args.calls)
+          except Exception as error:  # a configuration the device refuses (e.g. shared memory) leaves the others
+            save_run(args, record, {**run, "error": f"{type(error).__name__}: {str(error)[:2000]}"})
+            continue
+          save_run(args, record, {**run, "events": source, "kernels": rows})
       if args.peer and op in kernel_timing.FLA_NAMES:
         forward, backward, _ = kernel_timing.fla_fns(op, shape)
         for part, fn in (("fwd", forward), ("fwd_bwd", backward)):
@@ -190,7 +199,9 @@ def main():
 
 def save_run(args, record, run):
   record["runs"].append(run)
-  kernel_timing.log(run["op"], run["shape"], run["config"], run["part"], json.dumps(run["kernels"][:8]))
+  kernel_timing.log(
+    run["op"], run["shape"], run["config"], run["part"], run.get("error") or json.dumps(run["kernels"][:8])
+  )
   with open(os.path.join(args.out, args.name + ".json"), "w") as handle:
     json.dump(record, handle, indent=1)
   write_markdown(os.path.join(args.out, args.name + ".md"), record)
