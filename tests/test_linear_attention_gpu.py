@@ -374,7 +374,7 @@ def test_config_rejects_a_bad_knob_naming_it(knob, value, error, message):
 def test_default_config_table():
   """The tuned defaults per decay mode and dtype, equal configurations equal and hashing alike (one compile)."""
   hgrn2 = gpu.default_config("vector", (8, 2048, 16, 128), jnp.bfloat16)
-  assert (hgrn2.chunk_size, hgrn2.num_warps, hgrn2.key_tile, hgrn2.key_warps, hgrn2.value_tile) == (32, 2, 64, 4, 128)
+  assert (hgrn2.chunk_size, hgrn2.num_warps, hgrn2.key_tile, hgrn2.key_warps, hgrn2.value_tile) == (64, 4, 64, 4, 128)
   assert hgrn2.split_sub_chunks and not hgrn2.fused_forward and hgrn2.one_pass_tf32
   tnl = gpu.default_config("scalar", (8, 2048, 16, 128), jnp.bfloat16)
   assert (tnl.chunk_size, tnl.num_warps, tnl.key_tile, tnl.value_tile) == (64, 4, 128, 128)

@@ -131,8 +131,8 @@ def default_config(mode: str, shape: Sequence[int], dtype) -> GpuKernelConfig:
   vector = mode == "vector"
   wide = jnp.dtype(dtype).itemsize >= 4
   return GpuKernelConfig(
-    chunk_size=effective_chunk(32 if vector else 64, shape[1]),
-    num_warps=2 if vector else 4,
+    chunk_size=effective_chunk(64, shape[1]),
+    num_warps=4,
     key_tile=64 if vector or wide else 128,
     key_warps=4,
     value_tile=64 if wide else 128,
