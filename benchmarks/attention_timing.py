@@ -39,7 +39,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -65,18 +64,6 @@ CHECK_BOUND = 2e-2  # bf16 kernel against the float32 reference, relative RMS
 
 
 log = measurement.log
-
-
-def current_commit() -> str:
-  """$LSM_JAX_COMMIT when set (a copy of the tree without its git history), else the checkout's git describe."""
-  if os.environ.get("LSM_JAX_COMMIT"):
-    return os.environ["LSM_JAX_COMMIT"]
-  try:
-    return subprocess.run(
-      ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
 
 
 def document_ids(batch, length, mean_document, seed):
@@ -311,7 +298,7 @@ def main():
   device = jax.devices()[0]
   record = {
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "commit": current_commit(),
+    "commit": measurement.current_commit(),
     "device": getattr(device, "device_kind", str(device)),
     "jax_version": jax.__version__,
     "python": platform.python_version(),

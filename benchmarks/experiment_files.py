@@ -38,6 +38,7 @@ REPO_ROOT = os.path.dirname(BENCHMARKS_DIR)
 sys.path[:0] = [REPO_ROOT, BENCHMARKS_DIR]
 
 import jax  # noqa: E402
+import measurement  # noqa: E402  (benchmarks/measurement.py: the commit measured)
 import train_step  # noqa: E402  (benchmarks/train_step.py)
 
 from lsm_jax import metrics, sharding  # noqa: E402
@@ -87,7 +88,7 @@ def _header(command: str) -> dict:
   limit = metrics.device_memory_limit_bytes(jax.devices())
   return {
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "commit": _commit(),
+    "commit": measurement.current_commit(),
     "device": f"{jax.device_count()} × {device.device_kind}",
     "device_gib": None if limit is None else limit / 2**30,
     "versions": f"jax {jax.__version__}, Python {platform.python_version()}",
@@ -95,17 +96,6 @@ def _header(command: str) -> dict:
     "target_hardware": TARGET_HARDWARE,
     "target_gib": TARGET_GIB,
   }
-
-
-def _commit() -> str:
-  if os.environ.get("LSM_JAX_COMMIT"):  # a copy of the tree without its git history (e.g. an exported snapshot)
-    return os.environ["LSM_JAX_COMMIT"]
-  try:
-    return subprocess.run(
-      ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=REPO_ROOT
-    ).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
 
 
 def _timing_args(steps: int, warmup: int) -> argparse.Namespace:

@@ -1,11 +1,28 @@
 """What the GPU timing scripts share: a runner that takes measurements in order within a time budget and saves the
-record after each one (a run cut short keeps what it measured), and the --shapes parser."""
+record after each one (a run cut short keeps what it measured), the --shapes parser and the commit measured."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 import traceback
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def current_commit() -> str:
+  """$LSM_JAX_COMMIT when set (a copy of the tree without its git history), else the checkout's git describe
+  (-dirty when it has uncommitted changes)."""
+  if os.environ.get("LSM_JAX_COMMIT"):
+    return os.environ["LSM_JAX_COMMIT"]
+  try:
+    return subprocess.run(
+      ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
 
 
 def log(*parts):

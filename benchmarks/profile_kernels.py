@@ -28,6 +28,7 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kernel_timing  # noqa: E402  (benchmarks/kernel_timing.py: inputs, jitted closures, --config parsing)
+import measurement  # noqa: E402  (benchmarks/measurement.py: the commit measured)
 
 
 def device_kernel_us(trace_dir: str) -> tuple[dict[str, list[float]], str]:
@@ -97,7 +98,8 @@ def write_markdown(path: str, record: dict) -> None:
   lines = [
     f"# Linear-attention kernel profile on {record['device']}",
     "",
-    f"Date: {record['date']}. jax {record['jax']}. Command: `{record['command']}`.",
+    f"Date: {record['date']}. Commit {record.get('commit', 'not recorded')}. jax {record['jax']}. "
+    f"Command: `{record['command']}`.",
     "",
     "Device time per call, summed by kernel name over the profiled calls (jax.profiler trace; rows of a run "
     "whose trace had no device events are host events, marked 'host').",
@@ -170,6 +172,7 @@ def main():
     "device": jax.devices()[0].device_kind,
     "jax": jax.__version__,
     "python": platform.python_version(),
+    "commit": measurement.current_commit(),
     "command": "python3 " + " ".join(sys.argv),
     "runs": [],
   }

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -235,7 +236,10 @@ def test_fit_lists_degenerate_fits_and_predict_refuses_one(tmp_path, capsys):
   code, out, _ = run_cli(capsys, "fit", f"--curves={curves_path}", "--bootstrap=0", "--num_points=200")
   assert code == 0
   problems = out.split("Degenerate fits (marked †; left out of every prediction in this report):")[1]
-  assert "- cosFormer2 L(N, D): E = 0 is at its bound 0" in problems and "α = 19 is outside (0, 2)" in problems
+  assert "- cosFormer2 L(N, D): E = 0 is at its bound 0" in problems
+  # A degenerate optimum: α lands near 19, its digits depending on the CPU's floating-point kernels.
+  (alpha,) = re.findall(r"cosFormer2 L\(N, D\):.*α = ([0-9.]+) is outside \(0, 2\)", problems)
+  assert 10 < float(alpha) < 30
   assert "| cosFormer2 † |" in out and "HGRN2 L(N, D)" not in problems
   fits = scaling.fit_all(curve_rows(("tnl",), points=6), num_bootstrap=0, chinchilla=False)
   fits["tnl"] = dataclasses.replace(fits["tnl"], d_opt=scaling.PowerLaw(1e9, 1.3))
