@@ -306,10 +306,13 @@ def test_mini_study_refit_is_flagged_and_kept_out_of_the_report(tmp_path):
   n_opt, d_opt, _ = fits["hgrn2"].chinchilla.optimal_allocation(100.0)
   assert rows["| HGRN2"].endswith(f"| {n_opt / 1e9:.2f}B | {d_opt / 1e9:.2f}B |")
   section = text.split("## Degenerate fits")[1]
-  assert "- cosFormer2 L(N, D): E = 0 is at its bound 0" in section and "α = 19 is outside (0, 2)" in section
+  assert "- cosFormer2 L(N, D): E = 0 is at its bound 0" in section
+  # A degenerate optimum: α lands near 19, its digits depending on the CPU's floating-point kernels.
+  (alpha,) = re.findall(r"cosFormer2 L\(N, D\):.*α = ([0-9.]+) is outside \(0, 2\)", section)
+  assert 10 < float(alpha) < 30
   assert "HGRN2" not in section
   document = scaling.fits_to_json(fits)
-  assert document["fits"]["cosformer2"]["degenerate"]["chinchilla"][-1] == "α = 19 is outside (0, 2)"
+  assert document["fits"]["cosformer2"]["degenerate"]["chinchilla"][-1] == f"α = {alpha} is outside (0, 2)"
   assert scaling.fits_from_json(json.loads(json.dumps(document)))["cosformer2"].chinchilla == surface
 
 

@@ -136,31 +136,61 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
       same_document = resets_sub[:, None] == resets_all[None, :]
     d_scores = jnp.where(keep, matmul_nt(do, v), 0.0)  # the diagonal block of dA = do·vᵀ
 
+    def block_pairs(first, last, pair_scores, rescaled):
+      """config.blocked_sub_chunks: Σ over the 16-row blocks first..last − 1 of the chunk (the other sub-chunks
+      this one pairs with) of dot(dA block, rescaled rows)."""
+
+      def add_block(index, total):
+        block = pl.ds(pl.multiple_of(index * size, size), size)
+        d_block = pair_scores(block)
+        if plan.has_segments:
+          d_block = jnp.where(resets_sub[:, None] == resets_ref[block][None, :], d_block, 0.0)
+        return total + dot(d_block.astype(dtype), rescaled(block).astype(dtype))
+
+      return lax.fori_loop(first, last, add_block, jnp.zeros((size, k_ref.shape[-1]), jnp.float32))
+
     # dq of this sub-chunk's queries: the incoming state, the chunk's earlier keys (factors referenced to the
     # row before the sub-chunk, both ≤ 1), the diagonal block below. Whole-chunk operands are loaded
     # where they are used (short live ranges; they sit in L2).
-    g_all = g_ref[...].astype(jnp.float32)
-    g_before, k_tilde = earlier_rows(k_ref, g_ref, g_all, start)
-    d_earlier = jnp.where((chunk_cols < start) & same_document, matmul_nt(do, v_ref[...]), 0.0)
+    g_before = jnp.where(start > 0, load_row(g_ref, jnp.maximum(start - 1, 0)), 0.0)
+    if plan.config.blocked_sub_chunks:
+      keys_hat = lambda block: (
+        k_ref[block, :].astype(jnp.float32) * jnp.exp(g_before - g_ref[block, :].astype(jnp.float32))
+      )
+      dq_earlier = block_pairs(0, start // size, lambda block: matmul_nt(do, v_ref[block, :]), keys_hat)
+    else:
+      g_all = g_ref[...].astype(jnp.float32)
+      _, k_tilde = earlier_rows(k_ref, g_ref, g_all, start)
+      d_earlier = jnp.where((chunk_cols < start) & same_document, matmul_nt(do, v_ref[...]), 0.0)
+      dq_earlier = dot(d_earlier.astype(dtype), k_tilde.astype(dtype))
     dq_state, dk_state = _state_terms(do, v, h_ref, dh_ref)
-    dq = dq_state * q_factor + jnp.exp(g_sub - g_before) * dot(d_earlier.astype(dtype), k_tilde.astype(dtype))
+    dq = dq_state * q_factor + jnp.exp(g_sub - g_before) * dq_earlier
 
-    # The diagonal block level by level (nested_levels), for dq and dk at once.
+    # The diagonal block level by level (nested_levels), for dq and dk at once. Its pairs are the nearest tokens',
+    # the largest of the terms that cancel in q·dq − k·dk (config.three_pass_diagonal).
     k, q = (ref[pl.ds(start, size), :].astype(jnp.float32) for ref in (k_ref, q_ref))
     d_diagonal = jnp.sum(jnp.where(rows == cols, d_scores, 0.0), axis=1)[:, None]
     dq, dk_diagonal = dq + d_diagonal * k, d_diagonal * q
+    diagonal_one_pass = plan.config.one_pass_tf32 and not plan.config.three_pass_diagonal
     for a, b, same in nested_levels(g_sub):
       d_level = jnp.where(same, d_scores, 0.0)
-      dq = dq + a * dot(d_level, k * b)
-      dk_diagonal = dk_diagonal + b * matmul_tn(d_level, q * a, plan.config.one_pass_tf32)
+      dq = dq + a * matmul(d_level, k * b, one_pass=diagonal_one_pass)
+      dk_diagonal = dk_diagonal + b * matmul_tn(d_level, q * a, diagonal_one_pass)
 
     # dk of this sub-chunk's keys: the outgoing state gradient, the chunk's later queries (referenced to the
     # sub-chunk's last row), the diagonal block's part from above.
     g_end = load_row(g_ref, end)
-    q_tilde = rescaled_rows(q_ref[...].astype(jnp.float32), g_all - g_end, chunk_rows > end)
-    d_later = jnp.where((chunk_cols > end) & same_document, matmul_nt(v, do_ref[...]), 0.0)  # dA_ij at [key j, query i]
+    if plan.config.blocked_sub_chunks:  # dA_ij at [key j, query i]
+      queries_hat = lambda block: (
+        q_ref[block, :].astype(jnp.float32) * jnp.exp(g_ref[block, :].astype(jnp.float32) - g_end)
+      )
+      dk_later = block_pairs(end // size + 1, chunk // size, lambda block: matmul_nt(v, do_ref[block, :]), queries_hat)
+    else:
+      q_tilde = rescaled_rows(q_ref[...].astype(jnp.float32), g_all - g_end, chunk_rows > end)
+      d_later = jnp.where((chunk_cols > end) & same_document, matmul_nt(v, do_ref[...]), 0.0)
+      dk_later = dot(d_later.astype(dtype), q_tilde.astype(dtype))
     dk_state = dk_state * k_factor
-    dk = dk_state + jnp.exp(g_end - g_sub) * dot(d_later.astype(dtype), q_tilde.astype(dtype)) + dk_diagonal
+    dk = dk_state + jnp.exp(g_end - g_sub) * dk_later + dk_diagonal
     store(pl.ds(start, size), pl.ds(out_start, size), dq, dk)
     return jnp.sum(k * dk_state, axis=0) if x_ref else None
 

@@ -21,15 +21,24 @@ def interpret_mode():
 
 def matmul(a, b, contract=((1,), (0,)), one_pass=False):
   """2-D matmul with fp32 accumulation. fp32 operands keep fp32 accuracy (plain TF32 would cost ~1e-3): three
-  TF32 passes on the GPU's tensor cores, exact fp32 in interpret mode; one_pass: a single TF32 pass on the GPU."""
+  TF32 passes on the GPU's tensor cores, exact fp32 in interpret mode. one_pass: a single TF32 pass on the GPU;
+  interpret mode then rounds both operands to TF32 as the tensor cores take them, so tests on the CPU see the
+  GPU's error."""
   precision = None
   if a.dtype == jnp.float32:
-    precision = (
-      lax.Precision.HIGHEST
-      if interpret_mode()
-      else (lax.DotAlgorithmPreset.TF32_TF32_F32 if one_pass else lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
-    )
+    if interpret_mode():
+      precision = lax.Precision.HIGHEST
+      if one_pass:
+        a, b = tf32(a), tf32(b)
+    else:
+      precision = lax.DotAlgorithmPreset.TF32_TF32_F32 if one_pass else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
   return lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32)
+
+
+def tf32(x):
+  """fp32 x rounded to TF32's 10-bit mantissa (to nearest, ties away from zero: the PTX cvt.rna.tf32.f32)."""
+  bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  return lax.bitcast_convert_type((bits + jnp.uint32(0x1000)) & jnp.uint32(0xFFFFE000), jnp.float32)
 
 
 def matmul_nt(a, b):  # a·bᵀ

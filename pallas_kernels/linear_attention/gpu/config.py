@@ -33,6 +33,12 @@ class GpuKernelConfig:
       scan that stores every chunk's state followed by the output kernel.
     one_pass_tf32: the dq/dk kernel's fp32 matmuls (a per-key-channel or per-token decay gradient's intra-chunk
       terms) in one TF32 pass instead of three.
+    three_pass_diagonal: with one_pass_tf32, the per-key-channel dq/dk kernel's diagonal-block matmuls still take
+      three passes: their pairs (the nearest tokens) carry most of the decay gradient's error from one pass.
+    blocked_sub_chunks: per-key-channel decay: the score and dq/dk kernels pair a sub-chunk with the chunk's other
+      rows one 16-row block at a time, only the blocks it pairs with (earlier keys; for dk, later queries), instead
+      of whole-chunk matmuls masked to them (the score kernel also stores its diagonal block in place instead of
+      through a one-hot matmul).
     score_levels: halvings of the score kernel's 16x16 diagonal blocks done as matmuls before its elementwise
       loop (0 to 4).
     scores_warps: warps of the per-key-channel intra-chunk score kernel.
@@ -59,6 +65,8 @@ class GpuKernelConfig:
   fused_forward: bool
   one_pass_tf32: bool
   decay_key_tile: int = 64
+  three_pass_diagonal: bool = False
+  blocked_sub_chunks: bool = False
   score_levels: int = 1
   scores_warps: int = 8
   fused_value_tile: int = 64
