@@ -41,8 +41,10 @@ def nested_levels(g):
     reference = ((rows >> shift) << shift) + half - 1
     # Each row's reference gate row by a one-hot matmul (no gathers in Triton); its rounding cancels in a·b.
     g_reference = matmul((pair_cols == reference).astype(jnp.float32), g)
-    a = jnp.where(second, jnp.exp(jnp.where(second, g - g_reference, 0.0)), 0.0)
-    b = jnp.where(second, 0.0, jnp.exp(jnp.where(second, 0.0, g_reference - g)))
+    # One exponential per element: each row is in exactly one half, so a and b share it.
+    factor = jnp.exp(jnp.where(second, g - g_reference, g_reference - g))
+    a = jnp.where(second, factor, 0.0)
+    b = jnp.where(second, 0.0, factor)
     yield a, b, (pair_rows >> shift) == (pair_cols >> shift)
     half //= 2
 
