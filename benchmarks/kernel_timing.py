@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -385,14 +386,18 @@ def fla_with_grads(op, q, k, v, log_decay, segment_ids, d_out):
   return as_numpy(out), {name: as_numpy(leaf.grad) for name, leaf in leaves.items()}
 
 
-def accuracy_against_fla(ops=tuple(ACCURACY_OPS), shape=ACCURACY_SHAPE):
-  """{op: {"ours"|"fla": {"o", "dq", ...: relative RMS error against the float64 recurrence}}} on the same inputs."""
+def accuracy_against_fla(ops=tuple(ACCURACY_OPS), shape=ACCURACY_SHAPE, overrides=None, with_fla=True):
+  """{op: {"ours"|"fla": {"o", "dq", ...: relative RMS error against the float64 recurrence}}} on the same inputs;
+  ours with the default kernel configuration, `overrides` (--config) replaced; fla's only `with_fla`."""
   results = {}
   for op in ops:
     q, k, v, log_decay, segment_ids, d_out = accuracy_inputs(op, shape)
     d_state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
     ref_out, _, ref_grads = testing.reference_float64(q, k, v, log_decay, None, segment_ids, d_out, d_state)
-    out, _, grads = _kernel_with_grads(q, k, v, log_decay, None, segment_ids, d_out, d_state)
+    config = None
+    if overrides:
+      config = dataclasses.replace(gpu.default_config(gpu.decay_mode(log_decay), q.shape, q.dtype), **overrides)
+    out, _, grads = _kernel_with_grads(q, k, v, log_decay, None, segment_ids, d_out, d_state, config)
     names = ("q", "k", "v", "log_decay") if op in LEARNED_DECAY_OPS else ("q", "k", "v")
     errors = lambda o, g: {
       "o": testing.relative_rms_error(o, ref_out),
@@ -400,17 +405,20 @@ def accuracy_against_fla(ops=tuple(ACCURACY_OPS), shape=ACCURACY_SHAPE):
     }
     results[op] = {"fla_op": FLA_NAMES[op], "ours": errors(out, grads)}
     try:
-      results[op]["fla"] = errors(*fla_with_grads(op, q, k, v, log_decay, segment_ids, d_out))
+      if with_fla:
+        results[op]["fla"] = errors(*fla_with_grads(op, q, k, v, log_decay, segment_ids, d_out))
     except Exception as error:  # fla refusing an op leaves ours reported
       results[op]["fla"] = {"error": f"{type(error).__name__}: {error}"}
     log("accuracy", op, results[op])
   return results
 
 
-def _kernel_with_grads(q, k, v, log_decay, state, segment_ids, d_out, d_state):
-  """pallas_gpu's (out, final state, {name: gradient}) for the loss testing.reference_float64 differentiates."""
+def _kernel_with_grads(q, k, v, log_decay, state, segment_ids, d_out, d_state, config=None):
+  """pallas_gpu's (out, final state, {name: gradient}) for the loss testing.reference_float64 differentiates,
+  with `config` (None: the default)."""
   inputs = (q, k, v, log_decay, state, segment_ids, d_out, d_state)
-  return testing.backend_with_grads(gpu.linear_attention_gpu, None, *inputs)
+  fn = gpu.linear_attention_gpu if config is None else functools.partial(gpu.linear_attention_gpu, config=config)
+  return testing.backend_with_grads(fn, None, *inputs)
 
 
 def check_against_reference(modes=("scalar", "token", "vector", "none")):
@@ -774,7 +782,8 @@ def main():
     record["accuracy"] = {}
     for op in ops:  # one op at a time: fla's first-call autotuning per op can outlast a run, the ops before it stay
       if op in ACCURACY_OPS:
-        result = runner.measure(f"accuracy of ours and fla, {op}", lambda: accuracy_against_fla([op]))
+        measured = lambda: accuracy_against_fla([op], overrides=overrides, with_fla=not args.skip_peers)
+        result = runner.measure(f"accuracy of ours and fla, {op}", measured)
         record["accuracy"].update(result or {})  # None: it raised (reported) or the budget was spent
   rows = {(op, shape): measure_op(runner, op, shape, args, chunk_sizes, overrides) for op in ops for shape in shapes}
   for shape in shapes:

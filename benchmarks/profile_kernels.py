@@ -7,7 +7,8 @@ benchmarks/kernel_timing.py, whose medians are end-to-end.
       --variant chunk_size=64,num_warps=4
 --config KNOB=VALUE (repeatable) replaces one knob of the default kernel configuration, as in kernel_timing.py;
 each --variant KNOB=VALUE,... is profiled on top of it in the same process. --peer adds fla's kernels for the same
-op and shape (torch.profiler). CPU smoke (interpret mode; the trace then holds host events, summed the same way):
+op and shape (torch.profiler); --accuracy each variant's errors against the float64 recurrence. CPU smoke
+(interpret mode; the trace then holds host events, summed the same way):
   python3 benchmarks/profile_kernels.py --out /tmp/profile_smoke --shapes 1x64x2x16 --calls 1
 """
 
@@ -104,6 +105,29 @@ def write_markdown(path: str, record: dict) -> None:
     "Device time per call, summed by kernel name over the profiled calls (jax.profiler trace; rows of a run "
     "whose trace had no device events are host events, marked 'host').",
     "",
+  ]
+  totals = collections.defaultdict(dict)
+  for run in record["runs"]:
+    total = run.get("error") and "failed" or f"{sum(row['us'] for row in run['kernels']):.1f}"
+    totals[run["op"], run["shape"], run["config"]][run["part"]] = total
+  lines += ["| op | B×T×H×D | config | fwd µs | fwd+bwd µs |", "|---|---|---|---:|---:|"]
+  for (op, shape, config), parts in totals.items():
+    lines.append(f"| {op} | {shape} | {config} | {parts.get('fwd', '')} | {parts.get('fwd_bwd', '')} |")
+  if record.get("accuracy"):
+    names = sorted({name for entry in record["accuracy"] for name in entry["errors"]})
+    lines += [
+      "",
+      f"Accuracy ({kernel_timing.ACCURACY_SHAPE}, bf16, packed documents): relative RMS error against the "
+      "float64 recurrence.",
+      "",
+      "| op | config | " + " | ".join(names) + " |",
+      "|---|---|" + "---:|" * len(names),
+    ]
+    for entry in record["accuracy"]:
+      errors = [f"{entry['errors'][name]:.2e}" if name in entry["errors"] else "" for name in names]
+      lines.append(f"| {entry['op']} | {entry['config']} | " + " | ".join(errors) + " |")
+  lines += [
+    "",
     "| op | B×T×H×D | config | part | kernel | launches | µs | share |",
     "|---|---|---|---|---|---:|---:|---:|",
   ]
@@ -151,6 +175,11 @@ def main():
   )
   parser.add_argument("--calls", type=int, default=5)
   parser.add_argument("--peer", action="store_true", help="also profile fla's op (torch.profiler) for each op")
+  parser.add_argument(
+    "--accuracy",
+    action="store_true",
+    help="also each variant's errors against the float64 recurrence (" + ", ".join(kernel_timing.ACCURACY_OPS) + ")",
+  )
   args = parser.parse_args()
   shapes = kernel_timing.parse_shapes(args.shapes)
   ops = [op for op in args.ops.split(",") if op]
@@ -175,12 +204,20 @@ def main():
     "commit": measurement.current_commit(),
     "command": "python3 " + " ".join(sys.argv),
     "runs": [],
+    "accuracy": [],
   }
+  if args.accuracy:  # first: one shape, independent of --shapes
+    for op in ops:
+      for overrides in variants if op in kernel_timing.ACCURACY_OPS else []:
+        errors = kernel_timing.accuracy_against_fla([op], overrides=overrides, with_fla=False)[op]["ours"]
+        record["accuracy"].append({"op": op, "config": config_label(overrides), "errors": errors})
+        kernel_timing.log("accuracy", op, config_label(overrides), errors)
+        write(args, record)
   for shape in shapes:
     label = "x".join(map(str, shape))
     for op in ops:
       for overrides in variants:
-        config_text = ",".join(f"{name}={value}" for name, value in overrides.items()) or "default"
+        config_text = config_label(overrides)
         forward, forward_args, backward, backward_args = kernel_timing.ours_fns(
           op, shape, kernel_timing.ours(overrides=overrides)
         )
@@ -200,11 +237,19 @@ def main():
           save_run(args, record, {**run, "kernels": profile_fla(fn, args.calls)})
 
 
+def config_label(overrides: dict) -> str:
+  return ",".join(f"{name}={value}" for name, value in overrides.items()) or "default"
+
+
 def save_run(args, record, run):
   record["runs"].append(run)
   kernel_timing.log(
     run["op"], run["shape"], run["config"], run["part"], run.get("error") or json.dumps(run["kernels"][:8])
   )
+  write(args, record)
+
+
+def write(args, record):
   with open(os.path.join(args.out, args.name + ".json"), "w") as handle:
     json.dump(record, handle, indent=1)
   write_markdown(os.path.join(args.out, args.name + ".md"), record)

@@ -79,8 +79,7 @@ BACKWARD = {"linear_attention_state_scan_reverse", "linear_attention_grad_v", "l
     ("token", jnp.bfloat16, {}),
     ("vector", jnp.bfloat16, {}),
     ("vector", jnp.bfloat16, {"split_sub_chunks": False, "score_levels": 0}),
-    ("vector", jnp.bfloat16, {"three_pass_diagonal": True, "blocked_sub_chunks": True}),
-    ("vector", jnp.bfloat16, {"split_sub_chunks": False, "blocked_sub_chunks": True}),
+    ("vector", jnp.bfloat16, {"three_pass_diagonal": True}),
     ("vector", jnp.float32, {}),
   ],
 )

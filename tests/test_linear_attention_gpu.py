@@ -101,14 +101,12 @@ def test_vector_decay_strong_gates_fp32():
   [
     dict(split_sub_chunks=False),
     dict(split_sub_chunks=True, key_tile=32),
-    dict(split_sub_chunks=False, blocked_sub_chunks=True),
-    dict(split_sub_chunks=True, blocked_sub_chunks=True),
   ],
 )
 def test_vector_decay_four_sub_chunks_fp32(overrides):
   # 64-token chunks: the middle sub-chunks (start − 1 inside the chunk, earlier and later rows on both sides) only
   # exist at chunk >= 48; their start is traced, from the loop or (split) from the grid. Dk = 64: one dq/dk key
-  # tile (nested diagonal levels over all of Dk), or two. Blocked earlier keys: 0 to 3 key blocks per sub-chunk.
+  # tile (nested diagonal levels over all of Dk), or two. Paired 16-row blocks: 0 to 3 per sub-chunk and side.
   _assert_matches_reference(
     4, decay_mode="vector", dim_k=64, dim_v=16, time=150, chunk_size=64, strength="strong", heads=1, **overrides
   )
@@ -123,7 +121,7 @@ def test_vector_decay_score_levels(score_levels):
   )
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(blocked_sub_chunks=True)])
+@pytest.mark.parametrize("overrides", [{}, dict(three_pass_diagonal=True)])
 def test_vector_decay_bf16_with_decay_gradient(overrides):
   _assert_matches_reference(
     2,
@@ -396,6 +394,7 @@ def test_auto_backend_falls_back_to_xla_where_the_gpu_blocks_would_not_fit(monke
     ("num_warps", 3, ValueError, r"num_warps=3; valid: one of \(1, 2, 4, 8, 16, 32\)"),
     ("score_levels", 5, ValueError, "score_levels=5; valid: 0 to 4"),
     ("min_segment_chunks", 0, ValueError, "min_segment_chunks=0; valid: an int >= 1"),
+    ("scan_stages", 0, ValueError, "scan_stages=0; valid: an int >= 1"),
     ("segment_programs", -1, ValueError, "segment_programs=-1; valid: an int >= 0"),
     ("fused_forward", 1, TypeError, "fused_forward=1; valid: True or False"),
     ("scan_tile", 64.0, TypeError, "scan_tile=64.0; valid: an int"),
@@ -412,6 +411,7 @@ def test_default_config_table():
   hgrn2 = gpu.default_config("vector", (8, 2048, 16, 128), jnp.bfloat16)
   assert (hgrn2.chunk_size, hgrn2.num_warps, hgrn2.key_tile, hgrn2.key_warps, hgrn2.value_tile) == (64, 4, 64, 4, 128)
   assert hgrn2.split_sub_chunks and not hgrn2.fused_forward and hgrn2.one_pass_tf32
+  assert (hgrn2.num_stages, hgrn2.scan_stages) == (2, 3)
   tnl = gpu.default_config("scalar", (8, 2048, 16, 128), jnp.bfloat16)
   assert (tnl.chunk_size, tnl.num_warps, tnl.key_tile, tnl.value_tile) == (64, 4, 128, 128)
   assert tnl.fused_forward and not tnl.split_sub_chunks and tnl.decay_key_tile == 64  # a trainable decay: 64

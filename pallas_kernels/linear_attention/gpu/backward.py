@@ -32,7 +32,6 @@ from jax.experimental import pallas as pl
 from pallas_kernels.linear_attention.gpu.blocks import (
   ChunkFactors,
   compiler_params,
-  earlier_rows,
   edge_factors,
   for_each_sub_chunk,
   interpret_mode,
@@ -42,7 +41,6 @@ from pallas_kernels.linear_attention.gpu.blocks import (
   matmul,
   matmul_nt,
   matmul_tn,
-  rescaled_rows,
   split_refs,
 )
 from pallas_kernels.linear_attention.gpu.forward import value_tiled_call
@@ -117,10 +115,7 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
   size, chunk = plan.sub_chunk, plan.chunk
   rows = lax.broadcasted_iota(jnp.int32, (size, size), 0)
   cols = lax.broadcasted_iota(jnp.int32, (size, size), 1)
-  chunk_rows = lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
-  chunk_cols = lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
   g_last = load_row(g_ref, chunk - 1)
-  resets_all = resets_ref[...] if plan.has_segments else None
   resets_last = load_scalar(resets_ref, chunk - 1) if plan.has_segments else None
 
   def sub_chunk(start, out_start):
@@ -130,15 +125,13 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
     resets_sub = resets_ref[pl.ds(start, size)] if plan.has_segments else None
     q_factor, k_factor = edge_factors(plan, g_sub, g_last, resets_sub, resets_last)
     keep = rows >= cols
-    same_document = True
     if plan.has_segments:
       keep = keep & (resets_sub[:, None] == resets_sub[None, :])
-      same_document = resets_sub[:, None] == resets_all[None, :]
     d_scores = jnp.where(keep, matmul_nt(do, v), 0.0)  # the diagonal block of dA = do·vᵀ
 
     def block_pairs(first, last, pair_scores, rescaled):
-      """config.blocked_sub_chunks: Σ over the 16-row blocks first..last − 1 of the chunk (the other sub-chunks
-      this one pairs with) of dot(dA block, rescaled rows)."""
+      """Σ over the 16-row blocks first..last − 1 of the chunk (the other sub-chunks this one pairs with, only
+      those: their factors need those rows alone) of dot(dA block, rescaled rows)."""
 
       def add_block(index, total):
         block = pl.ds(pl.multiple_of(index * size, size), size)
@@ -153,16 +146,10 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
     # row before the sub-chunk, both ≤ 1), the diagonal block below. Whole-chunk operands are loaded
     # where they are used (short live ranges; they sit in L2).
     g_before = jnp.where(start > 0, load_row(g_ref, jnp.maximum(start - 1, 0)), 0.0)
-    if plan.config.blocked_sub_chunks:
-      keys_hat = lambda block: (
-        k_ref[block, :].astype(jnp.float32) * jnp.exp(g_before - g_ref[block, :].astype(jnp.float32))
-      )
-      dq_earlier = block_pairs(0, start // size, lambda block: matmul_nt(do, v_ref[block, :]), keys_hat)
-    else:
-      g_all = g_ref[...].astype(jnp.float32)
-      _, k_tilde = earlier_rows(k_ref, g_ref, g_all, start)
-      d_earlier = jnp.where((chunk_cols < start) & same_document, matmul_nt(do, v_ref[...]), 0.0)
-      dq_earlier = dot(d_earlier.astype(dtype), k_tilde.astype(dtype))
+    keys_hat = lambda block: (
+      k_ref[block, :].astype(jnp.float32) * jnp.exp(g_before - g_ref[block, :].astype(jnp.float32))
+    )
+    dq_earlier = block_pairs(0, start // size, lambda block: matmul_nt(do, v_ref[block, :]), keys_hat)
     dq_state, dk_state = _state_terms(do, v, h_ref, dh_ref)
     dq = dq_state * q_factor + jnp.exp(g_sub - g_before) * dq_earlier
 
@@ -180,15 +167,11 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
     # dk of this sub-chunk's keys: the outgoing state gradient, the chunk's later queries (referenced to the
     # sub-chunk's last row), the diagonal block's part from above.
     g_end = load_row(g_ref, end)
-    if plan.config.blocked_sub_chunks:  # dA_ij at [key j, query i]
-      queries_hat = lambda block: (
-        q_ref[block, :].astype(jnp.float32) * jnp.exp(g_ref[block, :].astype(jnp.float32) - g_end)
-      )
-      dk_later = block_pairs(end // size + 1, chunk // size, lambda block: matmul_nt(v, do_ref[block, :]), queries_hat)
-    else:
-      q_tilde = rescaled_rows(q_ref[...].astype(jnp.float32), g_all - g_end, chunk_rows > end)
-      d_later = jnp.where((chunk_cols > end) & same_document, matmul_nt(v, do_ref[...]), 0.0)
-      dk_later = dot(d_later.astype(dtype), q_tilde.astype(dtype))
+    queries_hat = lambda block: (
+      q_ref[block, :].astype(jnp.float32) * jnp.exp(g_ref[block, :].astype(jnp.float32) - g_end)
+    )
+    # dA_ij at [key j, query i]
+    dk_later = block_pairs(end // size + 1, chunk // size, lambda block: matmul_nt(v, do_ref[block, :]), queries_hat)
     dk_state = dk_state * k_factor
     dk = dk_state + jnp.exp(g_end - g_sub) * dk_later + dk_diagonal
     store(pl.ds(start, size), pl.ds(out_start, size), dq, dk)

@@ -10,8 +10,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 
-def compiler_params(plan, num_warps):
-  return pltriton.CompilerParams(num_warps=num_warps, num_stages=plan.config.num_stages)
+def compiler_params(plan, num_warps, num_stages=None):
+  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages or plan.config.num_stages)
 
 
 def interpret_mode():

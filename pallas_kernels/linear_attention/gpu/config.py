@@ -35,16 +35,14 @@ class GpuKernelConfig:
       terms) in one TF32 pass instead of three.
     three_pass_diagonal: with one_pass_tf32, the per-key-channel dq/dk kernel's diagonal-block matmuls still take
       three passes: their pairs (the nearest tokens) carry most of the decay gradient's error from one pass.
-    blocked_sub_chunks: per-key-channel decay: the score and dq/dk kernels pair a sub-chunk with the chunk's other
-      rows one 16-row block at a time, only the blocks it pairs with (earlier keys; for dk, later queries), instead
-      of whole-chunk matmuls masked to them (the score kernel also stores its diagonal block in place instead of
-      through a one-hot matmul).
     score_levels: halvings of the score kernel's 16x16 diagonal blocks done as matmuls before its elementwise
       loop (0 to 4).
     scores_warps: warps of the per-key-channel intra-chunk score kernel.
     fused_value_tile: Dv tile of the fused forward (its fp32 state [tile, Dk] stays in registers).
     scan_tile: Dk and Dv tile of the state scans.
     scan_warps: warps of the state scans, the segment combine and the chunk cumulative sums.
+    scan_stages: software-pipelining stages of the state scans that walk one chunk per step over one segment
+      (the others take num_stages).
     scan_unroll: chunks per loop step of latency-bound state scans with 16-bit operands.
     latency_bound_programs: state scans with fewer programs than this unroll scan_unroll chunks per step.
     segment_programs: sequential kernels split time into segments (a two-level scan) while they have fewer
@@ -53,7 +51,7 @@ class GpuKernelConfig:
     segment_scan_tile: state tile of segmented state scans with 16-bit operands.
     min_segment_chunks: chunks each segment keeps at least.
     combine_tile: state tile of the segment combine (elementwise: small tiles, many programs).
-    num_stages: software-pipelining stages of every kernel.
+    num_stages: software-pipelining stages of every other kernel.
   """
 
   chunk_size: int
@@ -66,12 +64,12 @@ class GpuKernelConfig:
   one_pass_tf32: bool
   decay_key_tile: int = 64
   three_pass_diagonal: bool = False
-  blocked_sub_chunks: bool = False
   score_levels: int = 1
   scores_warps: int = 8
   fused_value_tile: int = 64
   scan_tile: int = 64
   scan_warps: int = 4
+  scan_stages: int = 3
   scan_unroll: int = 4
   latency_bound_programs: int = 256
   segment_programs: int = 512
@@ -108,7 +106,7 @@ class GpuKernelConfig:
     levels = SUB_CHUNK.bit_length() - 1
     if not 0 <= self.score_levels <= levels:
       raise ValueError(f"GpuKernelConfig.score_levels={self.score_levels}; valid: 0 to {levels}.")
-    for name in ("num_stages", "scan_unroll", "min_segment_chunks"):
+    for name in ("num_stages", "scan_stages", "scan_unroll", "min_segment_chunks"):
       if getattr(self, name) < 1:
         raise ValueError(f"GpuKernelConfig.{name}={getattr(self, name)}; valid: an int >= 1.")
     for name in ("latency_bound_programs", "segment_programs", "segment_scans_below"):

@@ -90,6 +90,9 @@ def _state_scan_call(layout, a, b, g, resets, init, state_dtype, reverse, segmen
   programs = grid[0] * grid[1] * grid[2]
   latency_bound = programs < plan.config.latency_bound_programs and tile_k * tile_v <= _MAX_UNROLLED_TILE
   unroll = plan.config.scan_unroll if latency_bound else 1
+  # Deeper pipelining pays where many programs walk 64-wide tiles one chunk at a time; unrolled chunks would
+  # exceed the shared memory, and the segments' wide tiles ran slower with it.
+  stages = plan.config.scan_stages if segments == 1 and unroll == 1 else None
   kernel = functools.partial(
     _state_scan_kernel,
     plan=plan,
@@ -105,7 +108,7 @@ def _state_scan_call(layout, a, b, g, resets, init, state_dtype, reverse, segmen
     in_specs=in_specs,
     out_specs=out_specs,
     out_shape=out_shape,
-    compiler_params=compiler_params(plan, plan.config.scan_warps),
+    compiler_params=compiler_params(plan, plan.config.scan_warps, stages),
     interpret=interpret_mode(),
     name="linear_attention_state_scan" + ("_reverse" if reverse else "") + ("" if per_chunk else "_segments"),
   )(a, b, *layout.extras(g, resets), *present(init))

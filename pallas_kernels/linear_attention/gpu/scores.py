@@ -111,9 +111,6 @@ def _intra_scores_kernel(*refs, plan):
     q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
     g_q = g_ref[pl.ds(start, size), :].astype(jnp.float32)
     block = _diag_block(q, k_ref, g_q, g_ref, start, size, plan.config.score_levels, dtype)
-    if plan.config.blocked_sub_chunks:
-      _store_by_blocks(plan, q, g_q, k_ref, g_ref, resets_ref, a_ref, start, pl.ds(out_start, size), block)
-      return
 
     def earlier_keys():  # zero from column `start` on
       g_r, k_tilde = earlier_rows(k_ref, g_ref, g_ref[...].astype(jnp.float32), start)
@@ -128,37 +125,6 @@ def _intra_scores_kernel(*refs, plan):
     a_ref[pl.ds(out_start, size), :] = scores.astype(a_ref.dtype)
 
   for_each_sub_chunk(plan, sub_chunk)
-
-
-def _store_by_blocks(plan, q, g_q, k_ref, g_ref, resets_ref, a_ref, start, out_rows, diagonal):
-  """config.blocked_sub_chunks: a sub-chunk's score rows written one [c, c] column block at a time: a matmul per
-  block of earlier keys (only those: their factors need the rows before `start` alone), the diagonal block, zeros
-  after it."""
-  size, dtype = plan.sub_chunk, k_ref.dtype
-  g_r = load_row(g_ref, jnp.maximum(start - 1, 0))
-  q_hat = (q * jnp.exp(g_q - g_r)).astype(dtype)
-
-  def store(column, block):
-    if plan.has_segments:
-      same = resets_ref[pl.ds(start, size)][:, None] == resets_ref[pl.ds(column, size)][None, :]
-      block = jnp.where(same, block, 0.0)
-    a_ref[out_rows, pl.ds(column, size)] = block.astype(a_ref.dtype)
-
-  def earlier(index, carry):
-    column = pl.multiple_of(index * size, size)
-    keys = pl.ds(column, size)
-    k_hat = k_ref[keys, :].astype(jnp.float32) * jnp.exp(g_r - g_ref[keys, :].astype(jnp.float32))
-    store(column, matmul_nt(q_hat, k_hat.astype(dtype)))
-    return carry
-
-  def later(index, carry):
-    column = pl.multiple_of(index * size, size)
-    a_ref[out_rows, pl.ds(column, size)] = jnp.zeros((size, size), a_ref.dtype)
-    return carry
-
-  lax.fori_loop(0, start // size, earlier, 0)
-  store(start, diagonal)
-  lax.fori_loop(start // size + 1, plan.chunk // size, later, 0)
 
 
 def intra_scores(layout, q, k, g, resets):
