@@ -415,6 +415,7 @@ def test_default_config_table():
   tnl = gpu.default_config("scalar", (8, 2048, 16, 128), jnp.bfloat16)
   assert (tnl.chunk_size, tnl.num_warps, tnl.key_tile, tnl.value_tile) == (64, 4, 128, 128)
   assert tnl.fused_forward and not tnl.split_sub_chunks and tnl.decay_key_tile == 64  # a trainable decay: 64
+  assert tnl.scan_stages == 2
   assert gpu.default_config("token", (8, 2048, 16, 128), jnp.bfloat16) == tnl  # the fixed decay's kernels and tuning
   wide = gpu.default_config("none", (1, 4096, 2, 64), jnp.float32)
   assert (wide.key_tile, wide.value_tile, wide.one_pass_tf32) == (64, 64, False)
