@@ -110,7 +110,8 @@ def write_markdown(path: str, record: dict) -> None:
   for run in record["runs"]:
     total = run.get("error") and "failed" or f"{sum(row['us'] for row in run['kernels']):.1f}"
     totals[run["op"], run["shape"], run["config"]][run["part"]] = total
-  lines += ["| op | B×T×H×D | config | fwd µs | fwd+bwd µs |", "|---|---|---|---:|---:|"]
+  if totals:
+    lines += ["| op | B×T×H×D | config | fwd µs | fwd+bwd µs |", "|---|---|---|---:|---:|"]
   for (op, shape, config), parts in totals.items():
     lines.append(f"| {op} | {shape} | {config} | {parts.get('fwd', '')} | {parts.get('fwd_bwd', '')} |")
   if record.get("accuracy"):
@@ -126,11 +127,12 @@ def write_markdown(path: str, record: dict) -> None:
     for entry in record["accuracy"]:
       errors = [f"{entry['errors'][name]:.2e}" if name in entry["errors"] else "" for name in names]
       lines.append(f"| {entry['op']} | {entry['config']} | " + " | ".join(errors) + " |")
-  lines += [
-    "",
-    "| op | B×T×H×D | config | part | kernel | launches | µs | share |",
-    "|---|---|---|---|---|---:|---:|---:|",
-  ]
+  if record["runs"]:
+    lines += [
+      "",
+      "| op | B×T×H×D | config | part | kernel | launches | µs | share |",
+      "|---|---|---|---|---|---:|---:|---:|",
+    ]
   for run in record["runs"]:
     if "error" in run:
       lines.append(
