@@ -42,6 +42,7 @@ from pallas_kernels.linear_attention.gpu.blocks import (
   matmul_nt,
   matmul_tn,
   split_refs,
+  tf32,
 )
 from pallas_kernels.linear_attention.gpu.forward import value_tiled_call
 from pallas_kernels.linear_attention.gpu.planning import chunk_sums, pad_time, prepare, state_dtype, value_major
@@ -84,12 +85,14 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
   dtype = operand_dtype
   dot = functools.partial(matmul, one_pass=plan.config.one_pass_tf32)
 
-  def store(rows, out_rows, dq, dk):
-    """Vector decay: dq, dk of `rows`, and (decay gradient wanted) their q·dq − k·dk in fp32."""
+  def store(rows, out_rows, dq, dk, correction):
+    """Vector decay: dq, dk of `rows`, and (decay gradient wanted) their q·dq − k·dk in fp32, plus `correction`
+    (config.matched_rounding; None: none)."""
     dq_ref[out_rows, :] = dq.astype(dq_ref.dtype)
     dk_ref[out_rows, :] = dk.astype(dk_ref.dtype)
     if x_ref:
-      x_ref[0][out_rows, :] = q_ref[rows, :].astype(jnp.float32) * dq - k_ref[rows, :].astype(jnp.float32) * dk
+      x = q_ref[rows, :].astype(jnp.float32) * dq - k_ref[rows, :].astype(jnp.float32) * dk
+      x_ref[0][out_rows, :] = x if correction is None else x + correction
 
   if plan.mode != "vector":
     sub = ChunkFactors(plan, g_ref, resets_ref, plan.chunk)
@@ -117,6 +120,8 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
   cols = lax.broadcasted_iota(jnp.int32, (size, size), 1)
   g_last = load_row(g_ref, chunk - 1)
   resets_last = load_scalar(resets_ref, chunk - 1) if plan.has_segments else None
+  matched = plan.config.matched_rounding and plan.config.one_pass_tf32 and bool(x_ref)
+  diagonal_one_pass = plan.config.one_pass_tf32 and not plan.config.three_pass_diagonal
 
   def sub_chunk(start, out_start):
     end = start + size - 1
@@ -129,18 +134,33 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
       keep = keep & (resets_sub[:, None] == resets_sub[None, :])
     d_scores = jnp.where(keep, matmul_nt(do, v), 0.0)  # the diagonal block of dA = do·vᵀ
 
-    def block_pairs(first, last, pair_scores, rescaled):
-      """Σ over the 16-row blocks first..last − 1 of the chunk (the other sub-chunks this one pairs with, only
-      those: their factors need those rows alone) of dot(dA block, rescaled rows)."""
+    def block_pairs(first, last, pair_scores, rescaled, adjacent_first):
+      """(Σ over the 16-row blocks first..last − 1 of the chunk (the other sub-chunks this one pairs with, only
+      those: their factors need those rows alone) of dot(dA block, rescaled rows), with `matched` the adjacent
+      block's term alone (its rescaled rows rounded to TF32 first), else None). The adjacent block is `first`
+      (adjacent_first) or last − 1: the one whose factors share this sub-chunk's reference row."""
 
-      def add_block(index, total):
+      def term(index, rounded=False):
         block = pl.ds(pl.multiple_of(index * size, size), size)
         d_block = pair_scores(block)
         if plan.has_segments:
           d_block = jnp.where(resets_sub[:, None] == resets_ref[block][None, :], d_block, 0.0)
-        return total + dot(d_block.astype(dtype), rescaled(block).astype(dtype))
+        operand = rescaled(block).astype(dtype)
+        return dot(d_block.astype(dtype), tf32(operand) if rounded else operand)
 
-      return lax.fori_loop(first, last, add_block, jnp.zeros((size, k_ref.shape[-1]), jnp.float32))
+      add_block = lambda index, total: total + term(index)
+      zero = jnp.zeros((size, k_ref.shape[-1]), jnp.float32)
+      if not matched:
+        return lax.fori_loop(first, last, add_block, zero), None
+      present = first < last
+      adjacent = jnp.clip(first if adjacent_first else last - 1, 0, chunk // size - 1)
+      others = (
+        lax.fori_loop(first + 1, last, add_block, zero)
+        if adjacent_first
+        else lax.fori_loop(first, last - 1, add_block, zero)
+      )
+      near = jnp.where(present, term(adjacent, rounded=True), 0.0)
+      return others + near, near
 
     # dq of this sub-chunk's queries: the incoming state, the chunk's earlier keys (factors referenced to the
     # row before the sub-chunk, both ≤ 1), the diagonal block below. Whole-chunk operands are loaded
@@ -149,7 +169,7 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
     keys_hat = lambda block: (
       k_ref[block, :].astype(jnp.float32) * jnp.exp(g_before - g_ref[block, :].astype(jnp.float32))
     )
-    dq_earlier = block_pairs(0, start // size, lambda block: matmul_nt(do, v_ref[block, :]), keys_hat)
+    dq_earlier, near_q = block_pairs(0, start // size, lambda block: matmul_nt(do, v_ref[block, :]), keys_hat, False)
     dq_state, dk_state = _state_terms(do, v, h_ref, dh_ref)
     dq = dq_state * q_factor + jnp.exp(g_sub - g_before) * dq_earlier
 
@@ -158,11 +178,22 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
     k, q = (ref[pl.ds(start, size), :].astype(jnp.float32) for ref in (k_ref, q_ref))
     d_diagonal = jnp.sum(jnp.where(rows == cols, d_scores, 0.0), axis=1)[:, None]
     dq, dk_diagonal = dq + d_diagonal * k, d_diagonal * q
-    diagonal_one_pass = plan.config.one_pass_tf32 and not plan.config.three_pass_diagonal
+    # config.matched_rounding: q·dq − k·dk takes the TF32-rounded factors the one-pass matmuls multiplied (each
+    # pair inside the block then enters it twice with the same rounded values and cancels exactly).
+    correction = None
     for a, b, same in nested_levels(g_sub):
       d_level = jnp.where(same, d_scores, 0.0)
-      dq = dq + a * matmul(d_level, k * b, one_pass=diagonal_one_pass)
-      dk_diagonal = dk_diagonal + b * matmul_tn(d_level, q * a, diagonal_one_pass)
+      key_side, query_side = k * b, q * a
+      if matched and diagonal_one_pass:
+        key_exact, query_exact = key_side, query_side
+        key_side, query_side = tf32(key_side), tf32(query_side)
+      from_keys = matmul(d_level, key_side, one_pass=diagonal_one_pass)
+      from_queries = matmul_tn(d_level, query_side, diagonal_one_pass)
+      dq = dq + a * from_keys
+      dk_diagonal = dk_diagonal + b * from_queries
+      if matched and diagonal_one_pass:
+        level = (query_side - query_exact) * from_keys - (key_side - key_exact) * from_queries
+        correction = level if correction is None else correction + level
 
     # dk of this sub-chunk's keys: the outgoing state gradient, the chunk's later queries (referenced to the
     # sub-chunk's last row), the diagonal block's part from above.
@@ -171,10 +202,16 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
       q_ref[block, :].astype(jnp.float32) * jnp.exp(g_ref[block, :].astype(jnp.float32) - g_end)
     )
     # dA_ij at [key j, query i]
-    dk_later = block_pairs(end // size + 1, chunk // size, lambda block: matmul_nt(v, do_ref[block, :]), queries_hat)
+    dk_later, near_k = block_pairs(
+      end // size + 1, chunk // size, lambda block: matmul_nt(v, do_ref[block, :]), queries_hat, True
+    )
+    if matched:  # the adjacent blocks' pairs: rows rescaled as the neighbouring sub-chunks' programs rescale them
+      q_hat, k_hat = q * jnp.exp(g_sub - g_before), k * jnp.exp(g_end - g_sub)
+      adjacent = (tf32(q_hat) - q_hat) * near_q - (tf32(k_hat) - k_hat) * near_k
+      correction = adjacent if correction is None else correction + adjacent
     dk_state = dk_state * k_factor
     dk = dk_state + jnp.exp(g_end - g_sub) * dk_later + dk_diagonal
-    store(pl.ds(start, size), pl.ds(out_start, size), dq, dk)
+    store(pl.ds(start, size), pl.ds(out_start, size), dq, dk, correction)
     return jnp.sum(k * dk_state, axis=0) if x_ref else None
 
   if x_ref:

@@ -35,6 +35,9 @@ class GpuKernelConfig:
       terms) in one TF32 pass instead of three.
     three_pass_diagonal: with one_pass_tf32, the per-key-channel dq/dk kernel's diagonal-block matmuls still take
       three passes: their pairs (the nearest tokens) carry most of the decay gradient's error from one pass.
+    matched_rounding: with one_pass_tf32 and a per-key-channel decay's gradient, the dq/dk kernel's q·dq − k·dk
+      takes the TF32-rounded factors that its one-pass matmuls multiplied, for the pairs inside a sub-chunk and
+      with its adjacent sub-chunks: those pairs then cancel exactly.
     score_levels: halvings of the score kernel's 16x16 diagonal blocks done as matmuls before its elementwise
       loop (0 to 4).
     scores_warps: warps of the per-key-channel intra-chunk score kernel.
@@ -64,6 +67,7 @@ class GpuKernelConfig:
   one_pass_tf32: bool
   decay_key_tile: int = 64
   three_pass_diagonal: bool = False
+  matched_rounding: bool = False
   score_levels: int = 1
   scores_warps: int = 8
   fused_value_tile: int = 64
