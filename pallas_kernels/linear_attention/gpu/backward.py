@@ -162,9 +162,8 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
       near = jnp.where(present, term(adjacent, rounded=True), 0.0)
       return others + near, near
 
-    # dq of this sub-chunk's queries: the incoming state, the chunk's earlier keys (factors referenced to the
-    # row before the sub-chunk, both ≤ 1), the diagonal block below. Whole-chunk operands are loaded
-    # where they are used (short live ranges; they sit in L2).
+    # dq of this sub-chunk's queries: the incoming state, the chunk's earlier keys one 16-row block at a time
+    # (factors referenced to the row before the sub-chunk, both ≤ 1), the diagonal block below.
     g_before = jnp.where(start > 0, load_row(g_ref, jnp.maximum(start - 1, 0)), 0.0)
     keys_hat = lambda block: (
       k_ref[block, :].astype(jnp.float32) * jnp.exp(g_before - g_ref[block, :].astype(jnp.float32))
