@@ -102,6 +102,13 @@ def _state_scan_call(layout, a, b, g, resets, init, state_dtype, reverse, segmen
     unroll=unroll,
     has_init=init is not None,
   )
+  if plan.config.scan_tiles_first:
+    grid = (grid[1], grid[2], grid[0])
+
+    def tiles_first(spec):
+      return pl.BlockSpec(spec.block_shape, lambda ik, iv, i, index=spec.index_map: index(i, ik, iv))
+
+    in_specs, out_specs = [tiles_first(s) for s in in_specs], [tiles_first(s) for s in out_specs]
   return pl.pallas_call(
     kernel,
     grid=grid,
