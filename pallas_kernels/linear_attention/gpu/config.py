@@ -38,8 +38,6 @@ class GpuKernelConfig:
     matched_rounding: with one_pass_tf32 and a per-key-channel decay's gradient, the dq/dk kernel's q·dq − k·dk
       takes the TF32-rounded factors that its one-pass matmuls multiplied, for the pairs inside a sub-chunk and
       with its adjacent sub-chunks: those pairs then cancel exactly.
-    score_pairs: per-key-channel decay: the score kernel runs one program per pair of 16-row sub-chunks (query,
-      key) writing its [16, 16] block, instead of one per query sub-chunk writing its [16, C] rows.
     score_levels: halvings of the score kernel's 16x16 diagonal blocks done as matmuls before its elementwise
       loop (0 to 4).
     scores_warps: warps of the per-key-channel intra-chunk score kernel.
@@ -48,8 +46,6 @@ class GpuKernelConfig:
     scan_warps: warps of the state scans, the segment combine and the chunk cumulative sums.
     scan_stages: software-pipelining stages of the state scans that walk one chunk per step over one segment
       (the others take num_stages).
-    scan_tiles_first: the state scans' state tiles vary fastest in launch order (the programs sharing a
-      sequence's rows run together), instead of batch·head.
     scan_unroll: chunks per loop step of latency-bound state scans with 16-bit operands.
     latency_bound_programs: state scans with fewer programs than this unroll scan_unroll chunks per step.
     segment_programs: sequential kernels split time into segments (a two-level scan) while they have fewer
@@ -72,14 +68,12 @@ class GpuKernelConfig:
   decay_key_tile: int = 64
   three_pass_diagonal: bool = False
   matched_rounding: bool = False
-  score_pairs: bool = False
   score_levels: int = 1
   scores_warps: int = 8
   fused_value_tile: int = 64
   scan_tile: int = 64
   scan_warps: int = 4
   scan_stages: int = 2
-  scan_tiles_first: bool = False
   scan_unroll: int = 4
   latency_bound_programs: int = 256
   segment_programs: int = 512

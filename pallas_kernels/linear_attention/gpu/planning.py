@@ -99,33 +99,38 @@ class Layout:
     heads = self.heads
     return pl.BlockSpec((None, None, None, None, width), lambda t, n, bh: (bh // heads, n, bh % heads, t, 0))
 
-  # Grid of the sequential kernels (segment·batch·head, Dk tile, Dv tile): each program walks one of `segments`
-  # equal stretches of time (all of it when segments is 1).
+  # Grid of the sequential kernels (Dk tile, Dv tile, segment·batch·head): each program walks one of `segments`
+  # equal stretches of time (all of it when segments is 1). The tiles vary fastest in launch order, so the programs
+  # reading the same rows run together and share them in L2 (on one H200 the HGRN2 forward scan at 8x2048 took
+  # 137 µs, against 156 with batch·head fastest).
+  def scan_grid(self, tile_k, tile_v, segments):
+    return (self.dim_k // tile_k, self.dim_v // tile_v, segments * self.batch * self.heads)
+
   def _segment_index(self):
     rows, heads = self.batch * self.heads, self.heads
     return lambda i: (i % rows // heads, i // rows, i % heads)  # (batch, segment, head)
 
   def scan_spec(self, width, tile_axis, segments):
     index = self._segment_index()
-    return pl.BlockSpec((None, self.time // segments, None, width), lambda i, ik, iv: (*index(i), (ik, iv)[tile_axis]))
+    return pl.BlockSpec((None, self.time // segments, None, width), lambda ik, iv, i: (*index(i), (ik, iv)[tile_axis]))
 
   def scan_g_spec(self, width, segments):
     index = self._segment_index()
     if self.plan.mode == "scalar":
-      return pl.BlockSpec((self.time // segments, None), lambda i, ik, iv: index(i)[1:])
+      return pl.BlockSpec((self.time // segments, None), lambda ik, iv, i: index(i)[1:])
     if self.plan.mode == "token":
-      return pl.BlockSpec((None, self.time // segments, None), lambda i, ik, iv: index(i))
+      return pl.BlockSpec((None, self.time // segments, None), lambda ik, iv, i: index(i))
     return self.scan_spec(width, 0, segments)
 
   def scan_resets_spec(self, segments):
     index = self._segment_index()
-    return pl.BlockSpec((None, self.time // segments), lambda i, ik, iv: index(i)[:2])
+    return pl.BlockSpec((None, self.time // segments), lambda ik, iv, i: index(i)[:2])
 
   def scan_state_spec(self, tile_k, tile_v, segments, per_chunk):
     """Per chunk: [B,N,H,Dv,Dk], a segment's chunks per program; else one state per segment [B,S,H,Dv,Dk]."""
     index = self._segment_index()
     rows = self.num_chunks // segments if per_chunk else None
-    return pl.BlockSpec((None, rows, None, tile_v, tile_k), lambda i, ik, iv: (*index(i), iv, ik))
+    return pl.BlockSpec((None, rows, None, tile_v, tile_k), lambda ik, iv, i: (*index(i), iv, ik))
 
   def extras(self, g, resets):
     return [x for x in (g, resets) if x is not None]

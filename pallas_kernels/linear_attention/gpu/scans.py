@@ -3,6 +3,7 @@ gradient leaving it (reverse), and the two-level form for latency-bound shapes: 
 zero in parallel, a small kernel combining the segments in order, then every segment from its true start."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +73,7 @@ def _state_scan_call(layout, a, b, g, resets, init, state_dtype, reverse, segmen
   state_dtype] if per_chunk, the state leaving each segment [B,S,H,Dv,Dk] f32)."""
   plan = layout.plan
   tile_k, tile_v = tiles
-  grid = (segments * layout.batch * layout.heads, layout.dim_k // tile_k, layout.dim_v // tile_v)
+  grid = layout.scan_grid(tile_k, tile_v, segments)
   in_specs = [layout.scan_spec(tile_k, 0, segments), layout.scan_spec(tile_v, 1, segments)]
   if g is not None:
     in_specs.append(layout.scan_g_spec(tile_k, segments))
@@ -87,7 +88,7 @@ def _state_scan_call(layout, a, b, g, resets, init, state_dtype, reverse, segmen
     out_shape.insert(
       0, jax.ShapeDtypeStruct((layout.batch, layout.num_chunks, layout.heads, layout.dim_v, layout.dim_k), state_dtype)
     )
-  programs = grid[0] * grid[1] * grid[2]
+  programs = math.prod(grid)
   latency_bound = programs < plan.config.latency_bound_programs and tile_k * tile_v <= _MAX_UNROLLED_TILE
   unroll = plan.config.scan_unroll if latency_bound else 1
   # Deeper pipelining pays where many programs walk 64-wide tiles one chunk at a time; unrolled chunks would
@@ -102,13 +103,6 @@ def _state_scan_call(layout, a, b, g, resets, init, state_dtype, reverse, segmen
     unroll=unroll,
     has_init=init is not None,
   )
-  if plan.config.scan_tiles_first:
-    grid = (grid[1], grid[2], grid[0])
-
-    def tiles_first(spec):
-      return pl.BlockSpec(spec.block_shape, lambda ik, iv, i, index=spec.index_map: index(i, ik, iv))
-
-    in_specs, out_specs = [tiles_first(s) for s in in_specs], [tiles_first(s) for s in out_specs]
   return pl.pallas_call(
     kernel,
     grid=grid,

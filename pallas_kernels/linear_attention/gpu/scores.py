@@ -127,81 +127,10 @@ def _intra_scores_kernel(*refs, plan):
   for_each_sub_chunk(plan, sub_chunk)
 
 
-def _score_block_kernel(*refs, plan):
-  """Vector decay: one [c, c] block (query sub-chunk i, key sub-chunk j) of a chunk's masked, decayed attention
-  matrix A_ij = Σ_d q_id k_jd exp(g_id − g_jd). Below the diagonal one matmul whose factors are referenced to the
-  query sub-chunk's first row n (q ⊙ exp(g_i − g_n) and k ⊙ exp(g_n − g_j), both ≤ 1, as fla's
-  chunk_gla_fwd_A_kernel_intra_sub_inter); on it _diag_block; above it zeros, which the output and dv kernels'
-  matmuls need."""
-  q_ref, k_ref, gq_ref, gk_ref, *rest = refs
-  resets_q_ref, resets_k_ref, a_ref = rest if plan.has_segments else (None, None, *rest)
-  size, dtype = plan.sub_chunk, q_ref.dtype
-  parts = plan.chunk // size
-  i, j = pl.program_id(0) // parts, pl.program_id(0) % parts
-
-  def store(block):
-    if plan.has_segments:
-      same_document = resets_q_ref[...][:, None] == resets_k_ref[...][None, :]
-      block = jnp.where(same_document, block, 0.0)
-    a_ref[...] = block.astype(a_ref.dtype)
-
-  @pl.when(j < i)
-  def _():
-    g_q = gq_ref[...].astype(jnp.float32)
-    g_n = load_row(gq_ref, 0)
-    a = (q_ref[...].astype(jnp.float32) * jnp.exp(g_q - g_n)).astype(dtype)
-    b = (k_ref[...].astype(jnp.float32) * jnp.exp(g_n - gk_ref[...].astype(jnp.float32))).astype(dtype)
-    store(matmul_nt(a, b))
-
-  @pl.when(j == i)
-  def _():
-    q = q_ref[...].astype(jnp.float32)
-    g_q = gq_ref[...].astype(jnp.float32)
-    store(_diag_block(q, k_ref, g_q, gq_ref, 0, size, plan.config.score_levels, dtype))
-
-  @pl.when(j > i)
-  def _():
-    a_ref[...] = jnp.zeros(a_ref.shape, a_ref.dtype)
-
-
-def _pair_scores(layout, q, k, g, resets):
-  plan, heads = layout.plan, layout.heads
-  size = plan.sub_chunk
-  parts = plan.chunk // size
-
-  def rows(width, side):  # side 0: the query sub-chunk's rows, 1: the key sub-chunk's
-    return pl.BlockSpec(
-      (None, size, None, width), lambda p, n, bh: (bh // heads, n * parts + (p // parts, p % parts)[side], bh % heads, 0)
-    )
-
-  def reset_rows(side):
-    return pl.BlockSpec((None, size), lambda p, n, bh: (bh // heads, n * parts + (p // parts, p % parts)[side]))
-
-  in_specs = [rows(layout.dim_k, 0), rows(layout.dim_k, 1), rows(layout.dim_k, 0), rows(layout.dim_k, 1)]
-  operands = [q, k, g, g]
-  if resets is not None:
-    in_specs += [reset_rows(0), reset_rows(1)]
-    operands += [resets, resets]
-  return pl.pallas_call(
-    functools.partial(_score_block_kernel, plan=plan),
-    grid=(parts * parts, layout.num_chunks, layout.batch * heads),
-    in_specs=in_specs,
-    out_specs=pl.BlockSpec(
-      (None, size, None, size), lambda p, n, bh: (bh // heads, n * parts + p // parts, bh % heads, p % parts)
-    ),
-    out_shape=jax.ShapeDtypeStruct((layout.batch, layout.time, heads, plan.chunk), q.dtype),
-    compiler_params=compiler_params(plan, plan.config.scores_warps),
-    interpret=interpret_mode(),
-    name="linear_attention_intra_scores",
-  )(*operands)
-
-
 def intra_scores(layout, q, k, g, resets):
   """Vector decay: A [B,T,H,C], row t holding A_tj for the keys j of t's chunk (in q's dtype, as the output and
   dv kernels use it)."""
   plan = layout.plan
-  if plan.config.score_pairs:
-    return _pair_scores(layout, q, k, g, resets)
   in_specs = [layout.chunk_spec(layout.dim_k), layout.chunk_spec(layout.dim_k), layout.chunk_g_spec()]
   if resets is not None:
     in_specs.append(layout.chunk_resets_spec())
