@@ -81,8 +81,6 @@ BACKWARD = {"linear_attention_state_scan_reverse", "linear_attention_grad_v", "l
     ("vector", jnp.bfloat16, {"split_sub_chunks": False, "score_levels": 0}),
     ("vector", jnp.bfloat16, {"three_pass_diagonal": True}),
     ("vector", jnp.bfloat16, {"matched_rounding": True}),
-    ("vector", jnp.bfloat16, {"score_diag_nested": True, "score_static_parts": True}),
-    ("vector", jnp.float32, {"score_static_parts": True}),
     ("vector", jnp.float32, {}),
   ],
 )

@@ -40,10 +40,6 @@ class GpuKernelConfig:
       with its adjacent sub-chunks: those pairs then cancel exactly.
     score_levels: halvings of the score kernel's 16x16 diagonal blocks done as matmuls before its elementwise
       loop (0 to 4).
-    score_diag_nested: the score kernel's diagonal blocks from nested matmul levels alone (reference rows by
-      one-hot matmuls), instead of score_levels halvings then elementwise columns.
-    score_static_parts: the score kernel branches on its sub-chunk's index (static rows): only the earlier keys'
-      rows, and every block stored at static columns.
     scores_warps: warps of the per-key-channel intra-chunk score kernel.
     fused_value_tile: Dv tile of the fused forward (its fp32 state [tile, Dk] stays in registers).
     scan_tile: Dk and Dv tile of the state scans.
@@ -73,8 +69,6 @@ class GpuKernelConfig:
   three_pass_diagonal: bool = False
   matched_rounding: bool = False
   score_levels: int = 1
-  score_diag_nested: bool = False
-  score_static_parts: bool = False
   scores_warps: int = 8
   fused_value_tile: int = 64
   scan_tile: int = 64

@@ -94,63 +94,6 @@ def _diag_block(q_sub, k_ref, g_sub, g_ref, start, sub, levels, dtype):
   return lax.fori_loop(0, width, add_offset, block)
 
 
-def _diag_nested(q_sub, k_sub, g_sub, dtype):
-  """Vector decay: the [c,c] block A_ij (i ≥ j) from nested_levels alone: one matmul per level (its reference rows
-  by one-hot matmuls, no row loads), the diagonal i = j (decay 1) as a row sum."""
-  size = q_sub.shape[0]
-  rows = lax.broadcasted_iota(jnp.int32, (size, size), 0)
-  cols = lax.broadcasted_iota(jnp.int32, (size, size), 1)
-  block = jnp.where(rows == cols, jnp.sum(q_sub * k_sub, axis=1)[:, None], 0.0)
-  for a, b, same in nested_levels(g_sub):
-    block = block + jnp.where(same, matmul_nt((q_sub * a).astype(dtype), (k_sub * b).astype(dtype)), 0.0)
-  return block
-
-
-def _powers_of_two(first, last):
-  """[first, last) as (start, width) pieces of power-of-two widths (Triton's block shapes), aligned to them."""
-  pieces = []
-  while first < last:
-    width = first & -first if first else 1 << (last.bit_length() - 1)
-    while first + width > last:
-      width //= 2
-    pieces.append((first, width))
-    first += width
-  return pieces
-
-
-def _static_part_scores(plan, q_ref, k_ref, g_ref, resets_ref, a_ref, diagonal):
-  """Vector decay, one program per sub-chunk: a branch per sub-chunk index with static rows, so that its earlier
-  keys are only the rows before it (no masked rows' exponentials) and every block is stored at its static columns
-  (no placement matmul)."""
-  size, chunk, dtype = plan.sub_chunk, plan.chunk, q_ref.dtype
-  part = pl.program_id(1) % plan.parts
-
-  def masked(block, start, first, width):
-    if not plan.has_segments:
-      return block
-    same = resets_ref[pl.ds(start, size)][:, None] == resets_ref[pl.ds(first, width)][None, :]
-    return jnp.where(same, block, 0.0)
-
-  for index in range(plan.parts):
-
-    @pl.when(part == index)
-    def _(start=index * size):
-      q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
-      g_q = g_ref[pl.ds(start, size), :].astype(jnp.float32)
-      block = masked(diagonal(q, g_q, start), start, start, size)
-      a_ref[:, pl.ds(start, size)] = block.astype(a_ref.dtype)
-      if start:
-        g_r = load_row(g_ref, start - 1)
-        q_tilde = (q * jnp.exp(g_q - g_r)).astype(dtype)
-        for first, width in _powers_of_two(0, start):
-          rows = pl.ds(first, width)
-          k_tilde = k_ref[rows, :].astype(jnp.float32) * jnp.exp(g_r - g_ref[rows, :].astype(jnp.float32))
-          earlier = masked(matmul_nt(q_tilde, k_tilde.astype(dtype)), start, first, width)
-          a_ref[:, rows] = earlier.astype(a_ref.dtype)
-      for first, width in _powers_of_two(start + size, chunk):
-        a_ref[:, pl.ds(first, width)] = jnp.zeros((size, width), a_ref.dtype)
-
-
 def _intra_scores_kernel(*refs, plan):
   """Vector decay: the rows of one sub-chunk of queries of the chunk's masked, decayed attention matrix
   A_ij = Σ_d q_id k_jd exp(g_id − g_jd) (j ≤ i, one document), [C, C] per chunk, which the output and dv kernels
@@ -161,22 +104,13 @@ def _intra_scores_kernel(*refs, plan):
   (q_ref, k_ref), g_ref, resets_ref, (a_ref,) = split_refs(refs, plan, 2)
   dtype = q_ref.dtype
   size, chunk = plan.sub_chunk, plan.chunk
-
-  def diagonal(q, g_q, start):
-    if plan.config.score_diag_nested:
-      return _diag_nested(q, k_ref[pl.ds(start, size), :].astype(jnp.float32), g_q, dtype)
-    return _diag_block(q, k_ref, g_q, g_ref, start, size, plan.config.score_levels, dtype)
-
-  if plan.config.score_static_parts and plan.parts > 1:
-    _static_part_scores(plan, q_ref, k_ref, g_ref, resets_ref, a_ref, diagonal)
-    return
   block_rows = lax.broadcasted_iota(jnp.int32, (size, chunk), 0)
   block_cols = lax.broadcasted_iota(jnp.int32, (size, chunk), 1)
 
   def sub_chunk(start, out_start):
     q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
     g_q = g_ref[pl.ds(start, size), :].astype(jnp.float32)
-    block = diagonal(q, g_q, start)
+    block = _diag_block(q, k_ref, g_q, g_ref, start, size, plan.config.score_levels, dtype)
 
     def earlier_keys():  # zero from column `start` on
       g_r, k_tilde = earlier_rows(k_ref, g_ref, g_ref[...].astype(jnp.float32), start)
