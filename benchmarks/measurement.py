@@ -5,24 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 import traceback
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def current_commit() -> str:
   """$LSM_JAX_COMMIT when set (a copy of the tree without its git history), else the checkout's git describe
-  (-dirty when it has uncommitted changes)."""
+  (-dirty when it has uncommitted changes), as checkpoints record it."""
   if os.environ.get("LSM_JAX_COMMIT"):
     return os.environ["LSM_JAX_COMMIT"]
-  try:
-    return subprocess.run(
-      ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
+  from lsm_jax import checkpoint  # the scripts put the repository on sys.path; a kernel-only run pays it here alone
+
+  return checkpoint.code_version()
 
 
 def log(*parts):

@@ -48,10 +48,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lsm_jax import checkpoint, metrics, optim, sharding, trainer  # noqa: E402
+from lsm_jax import metrics, optim, sharding, trainer  # noqa: E402
 from lsm_jax.models import configs  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import measurement  # noqa: E402  (benchmarks/measurement.py: the commit measured)
 import profile_kernels  # noqa: E402  (benchmarks/profile_kernels.py: trace → device time per kernel)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -261,11 +262,6 @@ def load_peers(paths: str) -> tuple[dict, str]:
   return table, "; ".join(labels)
 
 
-def current_commit() -> str:
-  """$LSM_JAX_COMMIT when set (a copy of the tree without its git history), else the checkout's git describe."""
-  return os.environ.get("LSM_JAX_COMMIT") or checkpoint.code_version()
-
-
 def _format(value, pattern):
   return "" if value is None else format(value, pattern)
 
@@ -429,7 +425,7 @@ def main(argv=None) -> list[dict]:
     "versions": f"jax {jax.__version__}, Python {platform.python_version()}",
     "commands": [command],
   }
-  commit = current_commit()
+  commit = measurement.current_commit()
   rows = []
   if args.append and os.path.exists(base + ".json"):
     with open(base + ".json", encoding="utf-8") as f:
