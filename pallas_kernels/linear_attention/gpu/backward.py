@@ -180,7 +180,7 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
     # config.matched_rounding: q·dq − k·dk takes the TF32-rounded factors the one-pass matmuls multiplied (each
     # pair inside the block then enters it twice with the same rounded values and cancels exactly).
     correction = None
-    for a, b, same in nested_levels(g_sub):
+    for a, b, same in ([] if plan.config.grad_diagonal_ablation else nested_levels(g_sub)):
       d_level = jnp.where(same, d_scores, 0.0)
       key_side, query_side = k * b, q * a
       if matched and diagonal_one_pass:

@@ -69,6 +69,9 @@ class GpuKernelConfig:
   three_pass_diagonal: bool = False
   matched_rounding: bool = False
   score_levels: int = 1
+  score_diagonal: int = 0
+  diagonal_warps: int = 4
+  grad_diagonal_ablation: bool = False
   scores_warps: int = 8
   fused_value_tile: int = 64
   scan_tile: int = 64
@@ -104,7 +107,7 @@ class GpuKernelConfig:
       value = getattr(self, name)
       if value < MIN_BLOCK or value & (value - 1):
         raise ValueError(f"GpuKernelConfig.{name}={value}; valid: a power of two >= {MIN_BLOCK}.")
-    for name in ("num_warps", "key_warps", "scores_warps", "scan_warps"):
+    for name in ("num_warps", "key_warps", "scores_warps", "scan_warps", "diagonal_warps"):
       if getattr(self, name) not in _WARPS:
         raise ValueError(f"GpuKernelConfig.{name}={getattr(self, name)}; valid: one of {_WARPS}.")
     levels = SUB_CHUNK.bit_length() - 1

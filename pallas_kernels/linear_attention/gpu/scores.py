@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.linear_attention.gpu.blocks import (
   compiler_params,
@@ -17,6 +18,7 @@ from pallas_kernels.linear_attention.gpu.blocks import (
   interpret_mode,
   intra_mask,
   load_row,
+  load_scalar,
   matmul,
   matmul_nt,
   split_refs,
@@ -94,6 +96,24 @@ def _diag_block(q_sub, k_ref, g_sub, g_ref, start, sub, levels, dtype):
   return lax.fori_loop(0, width, add_offset, block)
 
 
+def _diag_columns(q_sub, k_ref, g_sub, g_ref, resets_q, resets_ref, start, out_ref, out_start):
+  """Vector decay: the [c, c] diagonal block stored column by column into out_ref's columns [start, start + c)
+  (rows of the sub-chunk), zero above the diagonal and across document starts, as fla's intra-sub-chunk kernel."""
+  size = q_sub.shape[0]
+  rows = lax.broadcasted_iota(jnp.int32, (size, 1), 0)
+
+  def column(j, carry):
+    key = start + j
+    exponent = jnp.where(rows >= j, g_sub - load_row(g_ref, key), -jnp.inf)
+    values = jnp.sum(q_sub * load_row(k_ref, key) * jnp.exp(exponent), axis=1, keepdims=True)
+    if resets_q is not None:
+      values = jnp.where(resets_q[:, None] == load_scalar(resets_ref, key), values, 0.0)
+    pltriton.store(out_ref.at[pl.ds(out_start, size), pl.ds(key, 1)], values.astype(out_ref.dtype))
+    return carry
+
+  lax.fori_loop(0, size, column, 0)
+
+
 def _intra_scores_kernel(*refs, plan):
   """Vector decay: the rows of one sub-chunk of queries of the chunk's masked, decayed attention matrix
   A_ij = Σ_d q_id k_jd exp(g_id − g_jd) (j ≤ i, one document), [C, C] per chunk, which the output and dv kernels
@@ -106,23 +126,47 @@ def _intra_scores_kernel(*refs, plan):
   size, chunk = plan.sub_chunk, plan.chunk
   block_rows = lax.broadcasted_iota(jnp.int32, (size, chunk), 0)
   block_cols = lax.broadcasted_iota(jnp.int32, (size, chunk), 1)
+  diagonal = plan.config.score_diagonal
 
   def sub_chunk(start, out_start):
     q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
     g_q = g_ref[pl.ds(start, size), :].astype(jnp.float32)
-    block = _diag_block(q, k_ref, g_q, g_ref, start, size, plan.config.score_levels, dtype)
 
     def earlier_keys():  # zero from column `start` on
       g_r, k_tilde = earlier_rows(k_ref, g_ref, g_ref[...].astype(jnp.float32), start)
       return matmul_nt((q * jnp.exp(g_q - g_r)).astype(dtype), k_tilde.astype(dtype))
 
     scores = lax.cond(start > 0, earlier_keys, lambda: jnp.zeros((size, chunk), jnp.float32))
-    # The [c, c] diagonal block into columns [start, start + c): a one-hot matmul (no dynamic column slicing).
-    scores = scores + matmul(block, (block_cols == start + block_rows).astype(jnp.float32))
+    resets_q = resets_ref[pl.ds(start, size)] if plan.has_segments else None
+    if diagonal == 0:
+      block = _diag_block(q, k_ref, g_q, g_ref, start, size, plan.config.score_levels, dtype)
+      # The [c, c] diagonal block into columns [start, start + c): a one-hot matmul (no dynamic column slicing).
+      scores = scores + matmul(block, (block_cols == start + block_rows).astype(jnp.float32))
     if plan.has_segments:
-      resets_q = resets_ref[pl.ds(start, size)]
       scores = jnp.where(resets_q[:, None] == resets_ref[...][None, :], scores, 0.0)
-    a_ref[pl.ds(out_start, size), :] = scores.astype(a_ref.dtype)
+    rows_out = a_ref.at[pl.ds(out_start, size), :]
+    if diagonal == 0:
+      rows_out[...] = scores.astype(a_ref.dtype)
+    else:
+      # Every column but the diagonal block's (the diagonal kernel or the column stores below write those).
+      outside = (block_cols < start) | (block_cols >= start + size)
+      pltriton.store(rows_out, scores.astype(a_ref.dtype), mask=outside)
+      if diagonal == 1:
+        _diag_columns(q, k_ref, g_q, g_ref, resets_q, resets_ref, start, a_ref, out_start)
+
+  for_each_sub_chunk(plan, sub_chunk)
+
+
+def _diag_scores_kernel(*refs, plan):
+  """Vector decay: only the diagonal blocks of A (the score kernel wrote the rest; A is aliased)."""
+  (q_ref, k_ref), g_ref, resets_ref, (_, a_ref) = split_refs(refs, plan, 2)
+  size = plan.sub_chunk
+
+  def sub_chunk(start, out_start):
+    q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
+    g_q = g_ref[pl.ds(start, size), :].astype(jnp.float32)
+    resets_q = resets_ref[pl.ds(start, size)] if plan.has_segments else None
+    _diag_columns(q, k_ref, g_q, g_ref, resets_q, resets_ref, start, a_ref, out_start)
 
   for_each_sub_chunk(plan, sub_chunk)
 
@@ -134,16 +178,31 @@ def intra_scores(layout, q, k, g, resets):
   in_specs = [layout.chunk_spec(layout.dim_k), layout.chunk_spec(layout.dim_k), layout.chunk_g_spec()]
   if resets is not None:
     in_specs.append(layout.chunk_resets_spec())
-  return pl.pallas_call(
+  out_shape = jax.ShapeDtypeStruct((layout.batch, layout.time, layout.heads, plan.chunk), q.dtype)
+  scores = pl.pallas_call(
     functools.partial(_intra_scores_kernel, plan=plan),
     grid=layout.chunk_grid(1),
     in_specs=in_specs,
     out_specs=layout.result_spec(plan.chunk),
-    out_shape=jax.ShapeDtypeStruct((layout.batch, layout.time, layout.heads, plan.chunk), q.dtype),
+    out_shape=out_shape,
     compiler_params=compiler_params(plan, plan.config.scores_warps),
     interpret=interpret_mode(),
     name="linear_attention_intra_scores",
   )(q, k, *layout.extras(g, resets))
+  if plan.config.score_diagonal != 2:
+    return scores
+  extras = layout.extras(g, resets)
+  return pl.pallas_call(
+    functools.partial(_diag_scores_kernel, plan=plan),
+    grid=layout.chunk_grid(1),
+    in_specs=[*in_specs, layout.result_spec(plan.chunk)],
+    out_specs=layout.result_spec(plan.chunk),
+    out_shape=out_shape,
+    input_output_aliases={2 + len(extras): 0},
+    compiler_params=compiler_params(plan, plan.config.diagonal_warps),
+    interpret=interpret_mode(),
+    name="linear_attention_diagonal_scores",
+  )(q, k, *extras, scores)
 
 
 def chunk_scores(plan, sub, q, k, scores=None):
