@@ -30,6 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.linear_attention.gpu.blocks import (
+  exp,
   ChunkFactors,
   compiler_params,
   edge_factors,
@@ -166,11 +167,11 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
     # (factors referenced to the row before the sub-chunk, both ≤ 1), the diagonal block below.
     g_before = jnp.where(start > 0, load_row(g_ref, jnp.maximum(start - 1, 0)), 0.0)
     keys_hat = lambda block: (
-      k_ref[block, :].astype(jnp.float32) * jnp.exp(g_before - g_ref[block, :].astype(jnp.float32))
+      k_ref[block, :].astype(jnp.float32) * exp(g_before - g_ref[block, :].astype(jnp.float32))
     )
     dq_earlier, near_q = block_pairs(0, start // size, lambda block: matmul_nt(do, v_ref[block, :]), keys_hat, False)
     dq_state, dk_state = _state_terms(do, v, h_ref, dh_ref)
-    dq = dq_state * q_factor + jnp.exp(g_sub - g_before) * dq_earlier
+    dq = dq_state * q_factor + exp(g_sub - g_before) * dq_earlier
 
     # The diagonal block level by level (nested_levels), for dq and dk at once. Its pairs are the nearest tokens',
     # the largest of the terms that cancel in q·dq − k·dk (config.three_pass_diagonal).
@@ -198,18 +199,18 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
     # sub-chunk's last row), the diagonal block's part from above.
     g_end = load_row(g_ref, end)
     queries_hat = lambda block: (
-      q_ref[block, :].astype(jnp.float32) * jnp.exp(g_ref[block, :].astype(jnp.float32) - g_end)
+      q_ref[block, :].astype(jnp.float32) * exp(g_ref[block, :].astype(jnp.float32) - g_end)
     )
     # dA_ij at [key j, query i]
     dk_later, near_k = block_pairs(
       end // size + 1, chunk // size, lambda block: matmul_nt(v, do_ref[block, :]), queries_hat, True
     )
     if matched:  # the adjacent blocks' pairs: rows rescaled as the neighbouring sub-chunks' programs rescale them
-      q_hat, k_hat = q * jnp.exp(g_sub - g_before), k * jnp.exp(g_end - g_sub)
+      q_hat, k_hat = q * exp(g_sub - g_before), k * exp(g_end - g_sub)
       adjacent = (tf32(q_hat) - q_hat) * near_q - (tf32(k_hat) - k_hat) * near_k
       correction = adjacent if correction is None else correction + adjacent
     dk_state = dk_state * k_factor
-    dk = dk_state + jnp.exp(g_end - g_sub) * dk_later + dk_diagonal
+    dk = dk_state + exp(g_end - g_sub) * dk_later + dk_diagonal
     store(pl.ds(start, size), pl.ds(out_start, size), dq, dk, correction)
     return jnp.sum(k * dk_state, axis=0) if x_ref else None
 

@@ -3,6 +3,8 @@ masks. Every decay factor is exp of a difference of chunk-local cumulative log-d
 makes it <= 0, so nothing overflows however strong the decay (the chunkwise form of
 GLA, arXiv 2312.06635, as in fla's chunk_gla)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -12,6 +14,27 @@ from jax.experimental.pallas import triton as pltriton
 
 def compiler_params(plan, num_warps, num_stages=None):
   return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages or plan.config.num_stages)
+
+
+LOG2E = 1.4426950408889634
+_EXP_MODE = int(os.environ.get("LSM_JAX_EXP_MODE", "0"))
+
+
+def exp(x):
+  """e^x of fp32 x: 0 libdevice expf, 1 libdevice exp2f(x·log2 e), 2 one ex2.approx instruction."""
+  if _EXP_MODE == 0:
+    return jnp.exp(x)
+  scaled = x * LOG2E
+  if _EXP_MODE == 1 or interpret_mode():
+    return jnp.exp2(scaled)
+  (result,) = pltriton.elementwise_inline_asm(
+    "ex2.approx.f32 $0, $1;",
+    args=[scaled],
+    constraints="=r,r",
+    pack=1,
+    result_shape_dtypes=[jax.ShapeDtypeStruct(scaled.shape, jnp.float32)],
+  )
+  return result
 
 
 def interpret_mode():
@@ -105,7 +128,7 @@ class ChunkFactors:
       self.g = g_rows = g_ref[pl.ds(0, size), :].astype(jnp.float32)  # [C, Dk]
       g_end = load_row(g_ref, size - 1)
     if g_end is not None:
-      self.state_decay = jnp.exp(g_end)
+      self.state_decay = exp(g_end)
     self.resets = resets_end = None
     if plan.has_segments:
       self.resets = resets_ref[pl.ds(0, size)]
@@ -125,7 +148,7 @@ def edge_factors(plan, g, g_end, resets, resets_end):
   without decay; a None factor means "no scaling"."""
   q_factor = k_factor = None
   if g is not None:
-    q_factor, k_factor = jnp.exp(g), jnp.exp(g_end - g)
+    q_factor, k_factor = exp(g), exp(g_end - g)
   if plan.has_segments:
     q_factor = _and_mask(q_factor, (resets == 0)[:, None])
     k_factor = _and_mask(k_factor, (resets == resets_end)[:, None])
@@ -139,7 +162,7 @@ def _and_mask(factor, mask):
 def rescaled_rows(x, exponent, rows):
   """x ⊙ exp(exponent) on `rows`, zero elsewhere. The exponent is ≤ 0 on `rows` (rows of the chunk referenced
   to a sub-chunk's edge) but may be large elsewhere, so it is masked before the exp."""
-  return jnp.where(rows, x * jnp.exp(jnp.where(rows, exponent, 0.0)), 0.0)
+  return jnp.where(rows, x * exp(jnp.where(rows, exponent, 0.0)), 0.0)
 
 
 def earlier_rows(x_ref, g_ref, g_all, start):
@@ -179,5 +202,5 @@ def intra_mask(plan, g, resets):
     keep = keep & (resets[:, None] == resets[None, :])
   if plan.row_gates:
     diff = jnp.where(keep, g[:, None] - g[None, :], 0.0)
-    return jnp.where(keep, jnp.exp(diff), 0.0)
+    return jnp.where(keep, exp(diff), 0.0)
   return keep.astype(jnp.float32)

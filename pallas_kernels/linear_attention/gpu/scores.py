@@ -12,6 +12,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.linear_attention.gpu.blocks import (
+  exp,
   compiler_params,
   earlier_rows,
   for_each_sub_chunk,
@@ -44,7 +45,7 @@ def nested_levels(g):
     # Each row's reference gate row by a one-hot matmul (no gathers in Triton); its rounding cancels in a·b.
     g_reference = matmul((pair_cols == reference).astype(jnp.float32), g)
     # One exponential per element: each row is in exactly one half, so a and b share it.
-    factor = jnp.exp(jnp.where(second, g - g_reference, g_reference - g))
+    factor = exp(jnp.where(second, g - g_reference, g_reference - g))
     a = jnp.where(second, factor, 0.0)
     b = jnp.where(second, 0.0, factor)
     yield a, b, (pair_rows >> shift) == (pair_cols >> shift)
@@ -79,7 +80,7 @@ def _diag_block(q_sub, k_ref, g_sub, g_ref, start, sub, levels, dtype):
     half = width // 2
     second = (rows & (width - 1)) >= half
     g_reference = _block_rows(g_ref, start, sub, width, half - 1)
-    factor = jnp.exp(jnp.where(second, g_sub - g_reference, g_reference - g_sub))
+    factor = exp(jnp.where(second, g_sub - g_reference, g_reference - g_sub))
     a = jnp.where(second, q_sub * factor, 0.0).astype(dtype)
     b = jnp.where(second, 0.0, k_sub * factor).astype(dtype)
     shift = width.bit_length() - 1
@@ -89,7 +90,7 @@ def _diag_block(q_sub, k_ref, g_sub, g_ref, start, sub, levels, dtype):
 
   def add_offset(j, block):
     exponent = jnp.where(offsets >= j, g_sub - _block_rows(g_ref, start, sub, width, j), -jnp.inf)
-    column = jnp.sum(q_sub * _block_rows(k_ref, start, sub, width, j) * jnp.exp(exponent), axis=1)
+    column = jnp.sum(q_sub * _block_rows(k_ref, start, sub, width, j) * exp(exponent), axis=1)
     return jnp.where(cols == rows - offsets + j, column[:, None], block)
 
   # A loop, not unrolled: keeps the Triton program (and its compile time) small.
@@ -105,7 +106,7 @@ def _diag_columns(q_sub, k_ref, g_sub, g_ref, resets_q, resets_ref, start, out_r
   def column(j, carry):
     key = start + j
     exponent = jnp.where(rows >= j, g_sub - load_row(g_ref, key), -jnp.inf)
-    values = jnp.sum(q_sub * load_row(k_ref, key) * jnp.exp(exponent), axis=1, keepdims=True)
+    values = jnp.sum(q_sub * load_row(k_ref, key) * exp(exponent), axis=1, keepdims=True)
     if resets_q is not None:
       values = jnp.where(resets_q[:, None] == load_scalar(resets_ref, key), values, 0.0)
     pltriton.store(out_ref.at[pl.ds(out_start, size), pl.ds(key, 1)], values.astype(out_ref.dtype))
@@ -134,7 +135,7 @@ def _intra_scores_kernel(*refs, plan):
 
     def earlier_keys():  # zero from column `start` on
       g_r, k_tilde = earlier_rows(k_ref, g_ref, g_ref[...].astype(jnp.float32), start)
-      return matmul_nt((q * jnp.exp(g_q - g_r)).astype(dtype), k_tilde.astype(dtype))
+      return matmul_nt((q * exp(g_q - g_r)).astype(dtype), k_tilde.astype(dtype))
 
     scores = lax.cond(start > 0, earlier_keys, lambda: jnp.zeros((size, chunk), jnp.float32))
     resets_q = resets_ref[pl.ds(start, size)] if plan.has_segments else None
