@@ -81,6 +81,16 @@ def load_row(ref, index):
   return ref[pl.ds(index, 1), :].astype(jnp.float32)
 
 
+def block_rows(ref, start, sub, width, offset):
+  """[sub, W] fp32: for each row i of the sub-chunk at `start`, ref's row i − (i mod width) + offset (one row load
+  per width-row block, merged by selects: Triton has no gathers)."""
+  rows = lax.broadcasted_iota(jnp.int32, (sub, 1), 0)
+  merged = load_row(ref, start + offset)
+  for first in range(width, sub, width):
+    merged = jnp.where(rows >= first, load_row(ref, start + first + offset), merged)
+  return merged
+
+
 def split_refs(refs, plan, num_leading):
   """Kernel refs in call order: `num_leading` operands, the optional gate and reset refs (present as
   `layout.extras` passed them), then the rest."""

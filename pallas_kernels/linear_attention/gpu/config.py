@@ -71,7 +71,7 @@ class GpuKernelConfig:
   score_levels: int = 1
   score_diagonal: int = 0
   diagonal_warps: int = 4
-  grad_diagonal_ablation: bool = False
+  grad_levels: int = 4
   scores_warps: int = 8
   fused_value_tile: int = 64
   scan_tile: int = 64
@@ -111,8 +111,9 @@ class GpuKernelConfig:
       if getattr(self, name) not in _WARPS:
         raise ValueError(f"GpuKernelConfig.{name}={getattr(self, name)}; valid: one of {_WARPS}.")
     levels = SUB_CHUNK.bit_length() - 1
-    if not 0 <= self.score_levels <= levels:
-      raise ValueError(f"GpuKernelConfig.score_levels={self.score_levels}; valid: 0 to {levels}.")
+    for name in ("score_levels", "grad_levels"):
+      if not 0 <= getattr(self, name) <= levels:
+        raise ValueError(f"GpuKernelConfig.{name}={getattr(self, name)}; valid: 0 to {levels}.")
     for name in ("num_stages", "scan_stages", "scan_unroll", "min_segment_chunks"):
       if getattr(self, name) < 1:
         raise ValueError(f"GpuKernelConfig.{name}={getattr(self, name)}; valid: an int >= 1.")

@@ -18,6 +18,7 @@ from pallas_kernels.linear_attention.gpu.blocks import (
   for_each_sub_chunk,
   interpret_mode,
   intra_mask,
+  block_rows,
   load_row,
   load_scalar,
   matmul,
@@ -52,16 +53,6 @@ def nested_levels(g):
     half //= 2
 
 
-def _block_rows(ref, start, sub, width, offset):
-  """[sub, W] fp32: for each row i of the sub-chunk at `start`, ref's row i − (i mod width) + offset (one row load
-  per width-row block, merged by selects: Triton has no gathers)."""
-  rows = lax.broadcasted_iota(jnp.int32, (sub, 1), 0)
-  merged = load_row(ref, start + offset)
-  for first in range(width, sub, width):
-    merged = jnp.where(rows >= first, load_row(ref, start + first + offset), merged)
-  return merged
-
-
 def _diag_block(q_sub, k_ref, g_sub, g_ref, start, sub, levels, dtype):
   """Vector decay: the [c,c] block A_ij = Σ_d q_id k_jd exp(g_id − g_jd) (i ≥ j; document masks are the
   caller's) with no exponent ever positive. The first `levels` halvings of nested_levels are one matmul each
@@ -79,7 +70,7 @@ def _diag_block(q_sub, k_ref, g_sub, g_ref, start, sub, levels, dtype):
   for _ in range(levels):
     half = width // 2
     second = (rows & (width - 1)) >= half
-    g_reference = _block_rows(g_ref, start, sub, width, half - 1)
+    g_reference = block_rows(g_ref, start, sub, width, half - 1)
     factor = exp(jnp.where(second, g_sub - g_reference, g_reference - g_sub))
     a = jnp.where(second, q_sub * factor, 0.0).astype(dtype)
     b = jnp.where(second, 0.0, k_sub * factor).astype(dtype)
@@ -89,8 +80,8 @@ def _diag_block(q_sub, k_ref, g_sub, g_ref, start, sub, levels, dtype):
   offsets = rows & (width - 1)
 
   def add_offset(j, block):
-    exponent = jnp.where(offsets >= j, g_sub - _block_rows(g_ref, start, sub, width, j), -jnp.inf)
-    column = jnp.sum(q_sub * _block_rows(k_ref, start, sub, width, j) * exp(exponent), axis=1)
+    exponent = jnp.where(offsets >= j, g_sub - block_rows(g_ref, start, sub, width, j), -jnp.inf)
+    column = jnp.sum(q_sub * block_rows(k_ref, start, sub, width, j) * exp(exponent), axis=1)
     return jnp.where(cols == rows - offsets + j, column[:, None], block)
 
   # A loop, not unrolled: keeps the Triton program (and its compile time) small.
