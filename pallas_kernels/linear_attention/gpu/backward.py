@@ -30,14 +30,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.linear_attention.gpu.blocks import (
-  exp,
   ChunkFactors,
   compiler_params,
   edge_factors,
+  exp,
   for_each_sub_chunk,
   interpret_mode,
   intra_mask,
-  block_rows,
   load_row,
   load_scalar,
   matmul,
@@ -123,7 +122,6 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
   g_last = load_row(g_ref, chunk - 1)
   resets_last = load_scalar(resets_ref, chunk - 1) if plan.has_segments else None
   matched = plan.config.matched_rounding and plan.config.one_pass_tf32 and bool(x_ref)
-  levels_n = plan.config.grad_levels
   diagonal_one_pass = plan.config.one_pass_tf32 and not plan.config.three_pass_diagonal
 
   def sub_chunk(start, out_start):
@@ -175,17 +173,15 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
     dq_state, dk_state = _state_terms(do, v, h_ref, dh_ref)
     dq = dq_state * q_factor + exp(g_sub - g_before) * dq_earlier
 
-    # The diagonal block for dq and dk at once: config.grad_levels halvings as matmuls (pairs in opposite halves
-    # of a block, through the block's reference row), the pairs left elementwise in fp32. Its pairs are the nearest
-    # tokens', the largest of the terms that cancel in q·dq − k·dk (config.three_pass_diagonal).
+    # The diagonal block level by level (nested_levels), for dq and dk at once. Its pairs are the nearest tokens',
+    # the largest of the terms that cancel in q·dq − k·dk (config.three_pass_diagonal).
     k, q = (ref[pl.ds(start, size), :].astype(jnp.float32) for ref in (k_ref, q_ref))
     d_diagonal = jnp.sum(jnp.where(rows == cols, d_scores, 0.0), axis=1)[:, None]
     dq, dk_diagonal = dq + d_diagonal * k, d_diagonal * q
     # config.matched_rounding: q·dq − k·dk takes the TF32-rounded factors the one-pass matmuls multiplied (each
     # pair inside the block then enters it twice with the same rounded values and cancels exactly).
     correction = None
-    levels = nested_levels(g_sub) if plan.config.grad_levels == 4 else _levels(g_ref, g_sub, start, size, levels_n)
-    for a, b, same in levels:
+    for a, b, same in nested_levels(g_sub):
       d_level = jnp.where(same, d_scores, 0.0)
       key_side, query_side = k * b, q * a
       if matched and diagonal_one_pass:
@@ -198,10 +194,6 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
       if matched and diagonal_one_pass:
         level = (query_side - query_exact) * from_keys - (key_side - key_exact) * from_queries
         correction = level if correction is None else correction + level
-    if plan.config.grad_levels < 4:
-      dq, dk_diagonal = _elementwise_pairs(
-        q_ref, k_ref, g_ref, g_sub, d_scores, start, size, size >> levels_n, dq, dk_diagonal
-      )
 
     # dk of this sub-chunk's keys: the outgoing state gradient, the chunk's later queries (referenced to the
     # sub-chunk's last row), the diagonal block's part from above.
@@ -226,45 +218,6 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
     x_ref[1][...] = for_each_sub_chunk(plan, sub_chunk, jnp.zeros(k_ref.shape[-1:], jnp.float32))
   else:
     for_each_sub_chunk(plan, sub_chunk)
-
-
-def _levels(g_ref, g_sub, start, size, count):
-  """The first `count` halvings of a sub-chunk's diagonal block as nested_levels yields them (a, b, same), with
-  each reference row loaded, not gathered by a one-hot matmul."""
-  rows = lax.broadcasted_iota(jnp.int32, (size, 1), 0)
-  pair_rows = lax.broadcasted_iota(jnp.int32, (size, size), 0)
-  pair_cols = lax.broadcasted_iota(jnp.int32, (size, size), 1)
-  width = size
-  for _ in range(count):
-    half = width // 2
-    second = (rows & (width - 1)) >= half
-    g_reference = block_rows(g_ref, start, size, width, half - 1)
-    factor = exp(jnp.where(second, g_sub - g_reference, g_reference - g_sub))
-    shift = width.bit_length() - 1
-    yield jnp.where(second, factor, 0.0), jnp.where(second, 0.0, factor), (pair_rows >> shift) == (pair_cols >> shift)
-    width = half
-
-
-def _elementwise_pairs(q_ref, k_ref, g_ref, g_sub, d_scores, start, size, width, dq, dk):
-  """dq and dk plus the diagonal block's pairs i > j inside blocks of `width` rows, in fp32, one offset t within
-  the block per iteration for all blocks at once: row i meets key i − (i mod w) + t (for dq) and key j meets query
-  j − (j mod w) + t (for dk); every exponent ≤ 0."""
-  rows = lax.broadcasted_iota(jnp.int32, (size, 1), 0)
-  cols = lax.broadcasted_iota(jnp.int32, (size, size), 1)
-  offsets = rows & (width - 1)
-  d_scores_t = d_scores.T
-
-  def add_offset(t, carry):
-    dq, dk = carry
-    partner = cols == rows - offsets + t
-    g_t = block_rows(g_ref, start, size, width, t)
-    to_key = jnp.sum(jnp.where(partner, d_scores, 0.0), axis=1, keepdims=True)  # dA[i, i − (i mod w) + t]
-    dq = dq + to_key * block_rows(k_ref, start, size, width, t) * exp(jnp.where(offsets > t, g_sub - g_t, -jnp.inf))
-    from_query = jnp.sum(jnp.where(partner, d_scores_t, 0.0), axis=1, keepdims=True)  # dA[j − (j mod w) + t, j]
-    dk = dk + from_query * block_rows(q_ref, start, size, width, t) * exp(jnp.where(offsets < t, g_t - g_sub, -jnp.inf))
-    return dq, dk
-
-  return lax.fori_loop(0, width, add_offset, (dq, dk))
 
 
 def _head_decay_rows(plan, q, k, dq_state, dk_state, d_scores, time):

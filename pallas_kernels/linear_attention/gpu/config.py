@@ -69,9 +69,6 @@ class GpuKernelConfig:
   three_pass_diagonal: bool = False
   matched_rounding: bool = False
   score_levels: int = 1
-  score_diagonal: int = 0
-  diagonal_warps: int = 4
-  grad_levels: int = 4
   scores_warps: int = 8
   fused_value_tile: int = 64
   scan_tile: int = 64
@@ -107,13 +104,12 @@ class GpuKernelConfig:
       value = getattr(self, name)
       if value < MIN_BLOCK or value & (value - 1):
         raise ValueError(f"GpuKernelConfig.{name}={value}; valid: a power of two >= {MIN_BLOCK}.")
-    for name in ("num_warps", "key_warps", "scores_warps", "scan_warps", "diagonal_warps"):
+    for name in ("num_warps", "key_warps", "scores_warps", "scan_warps"):
       if getattr(self, name) not in _WARPS:
         raise ValueError(f"GpuKernelConfig.{name}={getattr(self, name)}; valid: one of {_WARPS}.")
     levels = SUB_CHUNK.bit_length() - 1
-    for name in ("score_levels", "grad_levels"):
-      if not 0 <= getattr(self, name) <= levels:
-        raise ValueError(f"GpuKernelConfig.{name}={getattr(self, name)}; valid: 0 to {levels}.")
+    if not 0 <= self.score_levels <= levels:
+      raise ValueError(f"GpuKernelConfig.score_levels={self.score_levels}; valid: 0 to {levels}.")
     for name in ("num_stages", "scan_stages", "scan_unroll", "min_segment_chunks"):
       if getattr(self, name) < 1:
         raise ValueError(f"GpuKernelConfig.{name}={getattr(self, name)}; valid: an int >= 1.")

@@ -9,18 +9,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.linear_attention.gpu.blocks import (
-  exp,
   compiler_params,
   earlier_rows,
+  exp,
   for_each_sub_chunk,
   interpret_mode,
   intra_mask,
-  block_rows,
   load_row,
-  load_scalar,
   matmul,
   matmul_nt,
   split_refs,
@@ -53,6 +50,16 @@ def nested_levels(g):
     half //= 2
 
 
+def _block_rows(ref, start, sub, width, offset):
+  """[sub, W] fp32: for each row i of the sub-chunk at `start`, ref's row i − (i mod width) + offset (one row load
+  per width-row block, merged by selects: Triton has no gathers)."""
+  rows = lax.broadcasted_iota(jnp.int32, (sub, 1), 0)
+  merged = load_row(ref, start + offset)
+  for first in range(width, sub, width):
+    merged = jnp.where(rows >= first, load_row(ref, start + first + offset), merged)
+  return merged
+
+
 def _diag_block(q_sub, k_ref, g_sub, g_ref, start, sub, levels, dtype):
   """Vector decay: the [c,c] block A_ij = Σ_d q_id k_jd exp(g_id − g_jd) (i ≥ j; document masks are the
   caller's) with no exponent ever positive. The first `levels` halvings of nested_levels are one matmul each
@@ -70,7 +77,7 @@ def _diag_block(q_sub, k_ref, g_sub, g_ref, start, sub, levels, dtype):
   for _ in range(levels):
     half = width // 2
     second = (rows & (width - 1)) >= half
-    g_reference = block_rows(g_ref, start, sub, width, half - 1)
+    g_reference = _block_rows(g_ref, start, sub, width, half - 1)
     factor = exp(jnp.where(second, g_sub - g_reference, g_reference - g_sub))
     a = jnp.where(second, q_sub * factor, 0.0).astype(dtype)
     b = jnp.where(second, 0.0, k_sub * factor).astype(dtype)
@@ -80,30 +87,12 @@ def _diag_block(q_sub, k_ref, g_sub, g_ref, start, sub, levels, dtype):
   offsets = rows & (width - 1)
 
   def add_offset(j, block):
-    exponent = jnp.where(offsets >= j, g_sub - block_rows(g_ref, start, sub, width, j), -jnp.inf)
-    column = jnp.sum(q_sub * block_rows(k_ref, start, sub, width, j) * exp(exponent), axis=1)
+    exponent = jnp.where(offsets >= j, g_sub - _block_rows(g_ref, start, sub, width, j), -jnp.inf)
+    column = jnp.sum(q_sub * _block_rows(k_ref, start, sub, width, j) * exp(exponent), axis=1)
     return jnp.where(cols == rows - offsets + j, column[:, None], block)
 
   # A loop, not unrolled: keeps the Triton program (and its compile time) small.
   return lax.fori_loop(0, width, add_offset, block)
-
-
-def _diag_columns(q_sub, k_ref, g_sub, g_ref, resets_q, resets_ref, start, out_ref, out_start):
-  """Vector decay: the [c, c] diagonal block stored column by column into out_ref's columns [start, start + c)
-  (rows of the sub-chunk), zero above the diagonal and across document starts, as fla's intra-sub-chunk kernel."""
-  size = q_sub.shape[0]
-  rows = lax.broadcasted_iota(jnp.int32, (size, 1), 0)
-
-  def column(j, carry):
-    key = start + j
-    exponent = jnp.where(rows >= j, g_sub - load_row(g_ref, key), -jnp.inf)
-    values = jnp.sum(q_sub * load_row(k_ref, key) * exp(exponent), axis=1, keepdims=True)
-    if resets_q is not None:
-      values = jnp.where(resets_q[:, None] == load_scalar(resets_ref, key), values, 0.0)
-    pltriton.store(out_ref.at[pl.ds(out_start, size), pl.ds(key, 1)], values.astype(out_ref.dtype))
-    return carry
-
-  lax.fori_loop(0, size, column, 0)
 
 
 def _intra_scores_kernel(*refs, plan):
@@ -118,47 +107,23 @@ def _intra_scores_kernel(*refs, plan):
   size, chunk = plan.sub_chunk, plan.chunk
   block_rows = lax.broadcasted_iota(jnp.int32, (size, chunk), 0)
   block_cols = lax.broadcasted_iota(jnp.int32, (size, chunk), 1)
-  diagonal = plan.config.score_diagonal
 
   def sub_chunk(start, out_start):
     q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
     g_q = g_ref[pl.ds(start, size), :].astype(jnp.float32)
+    block = _diag_block(q, k_ref, g_q, g_ref, start, size, plan.config.score_levels, dtype)
 
     def earlier_keys():  # zero from column `start` on
       g_r, k_tilde = earlier_rows(k_ref, g_ref, g_ref[...].astype(jnp.float32), start)
       return matmul_nt((q * exp(g_q - g_r)).astype(dtype), k_tilde.astype(dtype))
 
     scores = lax.cond(start > 0, earlier_keys, lambda: jnp.zeros((size, chunk), jnp.float32))
-    resets_q = resets_ref[pl.ds(start, size)] if plan.has_segments else None
-    if diagonal == 0:
-      block = _diag_block(q, k_ref, g_q, g_ref, start, size, plan.config.score_levels, dtype)
-      # The [c, c] diagonal block into columns [start, start + c): a one-hot matmul (no dynamic column slicing).
-      scores = scores + matmul(block, (block_cols == start + block_rows).astype(jnp.float32))
+    # The [c, c] diagonal block into columns [start, start + c): a one-hot matmul (no dynamic column slicing).
+    scores = scores + matmul(block, (block_cols == start + block_rows).astype(jnp.float32))
     if plan.has_segments:
+      resets_q = resets_ref[pl.ds(start, size)]
       scores = jnp.where(resets_q[:, None] == resets_ref[...][None, :], scores, 0.0)
-    rows_out = a_ref.at[pl.ds(out_start, size), :]
-    if diagonal == 0:
-      rows_out[...] = scores.astype(a_ref.dtype)
-    else:
-      # Every column but the diagonal block's (the diagonal kernel or the column stores below write those).
-      outside = (block_cols < start) | (block_cols >= start + size)
-      pltriton.store(rows_out, scores.astype(a_ref.dtype), mask=outside)
-      if diagonal == 1:
-        _diag_columns(q, k_ref, g_q, g_ref, resets_q, resets_ref, start, a_ref, out_start)
-
-  for_each_sub_chunk(plan, sub_chunk)
-
-
-def _diag_scores_kernel(*refs, plan):
-  """Vector decay: only the diagonal blocks of A (the score kernel wrote the rest; A is aliased)."""
-  (q_ref, k_ref), g_ref, resets_ref, (_, a_ref) = split_refs(refs, plan, 2)
-  size = plan.sub_chunk
-
-  def sub_chunk(start, out_start):
-    q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
-    g_q = g_ref[pl.ds(start, size), :].astype(jnp.float32)
-    resets_q = resets_ref[pl.ds(start, size)] if plan.has_segments else None
-    _diag_columns(q, k_ref, g_q, g_ref, resets_q, resets_ref, start, a_ref, out_start)
+    a_ref[pl.ds(out_start, size), :] = scores.astype(a_ref.dtype)
 
   for_each_sub_chunk(plan, sub_chunk)
 
@@ -170,31 +135,16 @@ def intra_scores(layout, q, k, g, resets):
   in_specs = [layout.chunk_spec(layout.dim_k), layout.chunk_spec(layout.dim_k), layout.chunk_g_spec()]
   if resets is not None:
     in_specs.append(layout.chunk_resets_spec())
-  out_shape = jax.ShapeDtypeStruct((layout.batch, layout.time, layout.heads, plan.chunk), q.dtype)
-  scores = pl.pallas_call(
+  return pl.pallas_call(
     functools.partial(_intra_scores_kernel, plan=plan),
     grid=layout.chunk_grid(1),
     in_specs=in_specs,
     out_specs=layout.result_spec(plan.chunk),
-    out_shape=out_shape,
+    out_shape=jax.ShapeDtypeStruct((layout.batch, layout.time, layout.heads, plan.chunk), q.dtype),
     compiler_params=compiler_params(plan, plan.config.scores_warps),
     interpret=interpret_mode(),
     name="linear_attention_intra_scores",
   )(q, k, *layout.extras(g, resets))
-  if plan.config.score_diagonal != 2:
-    return scores
-  extras = layout.extras(g, resets)
-  return pl.pallas_call(
-    functools.partial(_diag_scores_kernel, plan=plan),
-    grid=layout.chunk_grid(1),
-    in_specs=[*in_specs, layout.result_spec(plan.chunk)],
-    out_specs=layout.result_spec(plan.chunk),
-    out_shape=out_shape,
-    input_output_aliases={2 + len(extras): 0},
-    compiler_params=compiler_params(plan, plan.config.diagonal_warps),
-    interpret=interpret_mode(),
-    name="linear_attention_diagonal_scores",
-  )(q, k, *extras, scores)
 
 
 def chunk_scores(plan, sub, q, k, scores=None):
