@@ -65,14 +65,20 @@ PROFILE_TOP = 30  # kernels listed per profiled row
 TINY_SHAPE = dict(num_layers=2, d_model=256, num_heads=2, ffn_dim=512, vocab_size=1024)
 
 
-def model_config(arch: str, size: str, remat_policy: str, scan_layers: bool = True) -> configs.ModelConfig:
+def model_config(
+  arch: str, size: str, remat_policy: str, scan_layers: bool = True, unroll_layers: bool = False
+) -> configs.ModelConfig:
   if size == "tiny":
     # The family's gin settings (a hybrid's layer pattern) at the tiny shape; hybrids get the four layers their
     # pattern needs to hold a softmax layer.
     shape = {**TINY_SHAPE, "num_layers": 4} if arch in configs.HYBRID_ARCHS else TINY_SHAPE
-    config = configs.get_config(arch, "70m", remat_policy=remat_policy, scan_layers=scan_layers, **shape)
+    config = configs.get_config(
+      arch, "70m", remat_policy=remat_policy, scan_layers=scan_layers, unroll_layers=unroll_layers, **shape
+    )
     return dataclasses.replace(config, size="tiny")
-  return configs.get_config(arch, size, remat_policy=remat_policy, scan_layers=scan_layers)
+  return configs.get_config(
+    arch, size, remat_policy=remat_policy, scan_layers=scan_layers, unroll_layers=unroll_layers
+  )
 
 
 def packed_documents(rng, shape, mean_document: int):
@@ -112,6 +118,12 @@ def peak_memory_bytes(devices) -> int | None:
   return max(peaks) if peaks and all(p is not None for p in peaks) else None
 
 
+def _layers_label(row) -> str:
+  if not row.get("scan_layers", True):
+    return ", unrolled layers"
+  return ", stacked layers unrolled" if row.get("unroll_layers") else ""
+
+
 def cli_spec(arch, size, seq_len, args, mesh) -> dict:
   """What one row trains, from the command-line grid."""
   global_batch = args.tokens_per_step // seq_len
@@ -119,7 +131,9 @@ def cli_spec(arch, size, seq_len, args, mesh) -> dict:
   if per_shard_microbatch is not None and per_shard_microbatch * sharding.batch_shards(mesh) >= global_batch:
     per_shard_microbatch = None  # the whole batch already fits in one microbatch
   return dict(
-    model_config=model_config(arch, size, args.remat_policy, not args.unrolled_layers),
+    model_config=model_config(
+      arch, size, args.remat_policy, not args.unrolled_layers, args.unroll_stacked_layers
+    ),
     mesh=mesh,
     seq_len=seq_len,
     global_batch_size=global_batch,
@@ -180,6 +194,7 @@ def compile_spec(spec: dict) -> tuple[trainer.TrainProgram, jax.stages.Compiled,
     "mesh": dict(mesh.shape),
     "remat_policy": config.remat_policy,
     "scan_layers": config.scan_layers,
+    "unroll_layers": config.unroll_layers,
     "linear_attention_backend": program.model_config.linear_attention_backend,
     "attention_impl": program.model_config.attention_impl,
   }
@@ -305,7 +320,7 @@ def write_markdown(path: str, header: dict, rows: list[dict], peers: dict, peer_
     lines.append(
       f"| {row['arch']} | {row['size']} | {length} | {measured} | {row['global_batch_size']} "
       f"({row['num_microbatches']}) | {_mesh_label(row.get('mesh'))} | {row['remat_policy']}"
-      f"{'' if row.get('scan_layers', True) else ', unrolled layers'} | "
+      f"{_layers_label(row)} | "
       f"{row['compile_s']:.1f} | {row['step_s']:.4f} | "
       f"{row['tokens_per_s']:,.0f} | {100 * row['mfu']:.1f}% | "
       f"{_format(row.get('planned_gib'), '.1f')} | "
@@ -319,7 +334,7 @@ def write_markdown(path: str, header: dict, rows: list[dict], peers: dict, peer_
       lines += [
         "",
         f"## Profile: {row['arch']} {row['size']} T={row['seq_len']} ({row['remat_policy']}"
-        f"{'' if row.get('scan_layers', True) else ', unrolled layers'})",
+        f"{_layers_label(row)})",
         "",
         f"Device time per step by kernel ({profile['events']} events; {profile['total_us'] / 1e3:.1f} ms "
         f"in all; the {len(profile['kernels'])} longest):",
@@ -386,6 +401,11 @@ def main(argv=None) -> list[dict]:
     "--unrolled_layers",
     action="store_true",
     help="compile every layer (scan_layers=False) instead of one scanned layer",
+  )
+  parser.add_argument(
+    "--unroll_stacked_layers",
+    action="store_true",
+    help="stacked layers applied one by one (ModelConfig.unroll_layers) instead of by lax.scan",
   )
   parser.add_argument(
     "--profile_steps",

@@ -190,6 +190,22 @@ def test_scan_and_remat_gradients_match_unscanned(arch, remat_policy, scan_layer
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(grads))
 
 
+def test_unrolled_stacked_layers_match_the_scan():
+  """unroll_layers applies the stacked layers one by one (no scan in the program) with the scan's loss and
+  gradients, in the same stacked parameter layout."""
+  tokens = random_tokens(4, (2, 9))
+  segment_ids = jnp.asarray([[1] * 4 + [2] * 5, [1] * 9], jnp.int32)
+  loss_ref, grads_ref, _ = _loss_and_grads(tiny_config("hgrn2", remat_policy="dots_saveable"), tokens, segment_ids)
+  config = tiny_config("hgrn2", remat_policy="dots_saveable", unroll_layers=True)
+  loss, grads, _ = _loss_and_grads(config, tokens, segment_ids)
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, grads_ref)
+  model = build_model(config, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p: nnx.merge(graphdef, p)(tokens, segment_ids=segment_ids).mean()))(params)
+  assert "scan" not in {equation.primitive.name for equation in jaxpr.jaxpr.eqns}
+
+
 def test_mixer_kernel_remat_policy_runs_the_kernel_forward_once():
   """dots_and_mixer_kernels_saveable keeps the linear-attention kernels' outputs and residuals but the per-chunk
   states: the gradient launches each other forward kernel once per layer (dots_saveable re-runs them in the

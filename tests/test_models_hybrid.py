@@ -136,6 +136,18 @@ def test_scanned_hybrid_equals_unscanned():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), state_a, state_b)
 
 
+def test_unrolled_stacked_hybrid_equals_unscanned():
+  """Stacked runs applied layer by layer (unroll_layers) interleave the runs' layers in the pattern's order."""
+  unrolled = Runner(hybrid_config("hgrn2_hybrid", unroll_layers=True))
+  unscanned = Runner(hybrid_config("hgrn2_hybrid", scan_layers=False))
+  tokens = random_tokens(6, (2, LENGTH))
+  segment_ids, positions = jnp.ones_like(tokens), jnp.broadcast_to(jnp.arange(LENGTH), tokens.shape)
+  logits_a, state_a = unrolled._prefill(unrolled.state, tokens, segment_ids, positions, 12)
+  logits_b, state_b = unscanned._prefill(unscanned.state, tokens, segment_ids, positions, 12)
+  np.testing.assert_allclose(logits_a, logits_b, atol=1e-5, rtol=0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), state_a, state_b)
+
+
 @pytest.mark.parametrize("arch", configs.HYBRID_ARCHS)
 @pytest.mark.parametrize("size", ["tiny", "1b"])
 def test_instantiated_parameters_equal_the_accounting(arch, size):

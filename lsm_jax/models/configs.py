@@ -65,6 +65,10 @@ class ModelConfig:
   linear_attention_backend: str = "auto"
   chunk_size: int | None = None  # None: the backend's default
   scan_layers: bool = True  # stack layers and lax.scan them (one layer compiled, not L)
+  # Stacked layers applied one after another instead of by lax.scan: every layer compiled (longer compile), no
+  # per-layer copies of stacked residuals and weights (faster on GPUs; docs/performance.md). Parameters,
+  # checkpoints and optimizer state keep the stacked layout.
+  unroll_layers: bool = False
   remat_policy: str = "none"  # REMAT_POLICIES; where "none" does not fit, dots_and_mixer_kernels_saveable
   # is the fastest on the H200 (docs/performance.md)
   attention_impl: str = "auto"  # softmax layers only
@@ -94,8 +98,9 @@ class ModelConfig:
     _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
     if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size <= 0):
       raise ValueError(f"ModelConfig.chunk_size must be None or a positive int; got {self.chunk_size!r}.")
-    if not isinstance(self.scan_layers, bool):
-      raise ValueError(f"ModelConfig.scan_layers must be a bool; got {self.scan_layers!r}.")
+    for name in ("scan_layers", "unroll_layers"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"ModelConfig.{name} must be a bool; got {getattr(self, name)!r}.")
     if not isinstance(self.layer_pattern, str):
       raise ValueError(
         f"ModelConfig.layer_pattern must be a string such as 'hgrn2*7,llama'; got {self.layer_pattern!r}."

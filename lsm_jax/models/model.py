@@ -19,7 +19,8 @@ architecture's in every layer. The hooks run once per distinct mixer, each count
 Layers are either an `nnx.List` of blocks or, with `config.scan_layers`, one stack of blocks per run of the
 pattern's groups (`layer_pattern.layer_groups`), parameters stacked on a leading "layers" axis (built with
 nnx.vmap) and applied with `lax.scan` over the repetitions of the block (and over the layers of a run longer than
-one), so one layer per run is compiled instead of L. A pure model has a single run: `layers` is its stack. Per-layer
+one), so one layer per run is compiled instead of L; `config.unroll_layers` applies the stacks' layers one by one
+instead (every layer compiled, the stacked layout kept). A pure model has a single run: `layers` is its stack. Per-layer
 constants (the layer's rank among its mixer's layers and those of the mixer's `layer_inputs` hook: TNL decays,
 HGRN2 lower bounds) are scanned inputs. Both layouts draw layer l's parameters from the same key, so they
 initialise identically; decoding caches have one layout in both: per run, stacked on [layers of the run].
@@ -110,6 +111,32 @@ class Block(nnx.Module):
       self.mixer_norm(x), cache, positions=positions, layer_inputs=layer_inputs, context=context
     )
     return self._channel_mix(x + mixed), cache
+
+
+@jax.custom_vjp
+def _unstack_leaf(a):
+  return tuple(a[i] for i in range(a.shape[0]))
+
+
+def _unstack_leaf_fwd(a):
+  return _unstack_leaf(a), None
+
+
+def _unstack_leaf_bwd(_, grads):
+  # One stack of the layers' gradients; slicing's own transpose would pad each to the whole stack and add them.
+  return (jnp.stack(grads),)
+
+
+_unstack_leaf.defvjp(_unstack_leaf_fwd, _unstack_leaf_bwd)
+
+
+def unstack(tree) -> list:
+  """A tree of [L, ...] leaves as L trees of one layer each."""
+  leaves, treedef = jax.tree.flatten(tree)
+  if not leaves:
+    return []
+  per_leaf = [_unstack_leaf(leaf) for leaf in leaves]
+  return [jax.tree.unflatten(treedef, [slices[i] for slices in per_leaf]) for i in range(len(per_leaf[0]))]
 
 
 class LanguageModel(nnx.Module):
@@ -217,6 +244,17 @@ class LanguageModel(nnx.Module):
       return x, stacked
 
     stacks = self._per_run(self.layers)
+    if self.config.unroll_layers:
+      split = [nnx.split(stack) for stack in stacks]
+      layer_states = [unstack(state) for _, state in split]
+      outputs = [[] for _ in runs]
+      for layer in sorted(layer for run in runs for layer in run.flat_layers):
+        k = next(k for k, run in enumerate(runs) if layer in run.flat_layers)
+        j = runs[k].flat_layers.index(layer)
+        x, output = apply(split[k][0], layer_states[k][j], x, jax.tree.map(lambda a, j=j: a[j], per_run[k]))
+        outputs[k].append(output)
+      return x, [jax.tree.map(lambda *leaves: jnp.stack(leaves), *run_outputs) for run_outputs in outputs]
+
     results = []
     first = 0
     for group in self._groups:
