@@ -196,9 +196,9 @@ def test_segment_parallel_scans_and_fused_forward(decay_mode, dtype, fused_forwa
 )
 def test_backward_reuses_the_unfused_forward_states(decay_mode, dtype):
   # The unfused forward's per-chunk states and chunk-local gates are residuals: forward+backward runs one forward
-  # state scan and one gate cumulative sum (vector decay; the decay gradient's suffix sums are the second
-  # chunk_sums launch), also with a decay gradient, whose terms all take the bf16 states of bf16 inputs. (The
-  # gradients against the float64 reference: the tests above, which take these paths.)
+  # state scan, which also sums a per-key-channel decay into its chunk-local gates (the one chunk_sums launch is
+  # the decay gradient's suffix sums), also with a decay gradient, whose terms all take the bf16 states of bf16
+  # inputs. (The gradients against the float64 reference: the tests above, which take these paths.)
   q, k, v, log_decay, state, segment_ids = testing.random_inputs(
     11, batch=1, time=64, heads=2, dim_k=16, dim_v=16, decay_mode=decay_mode, dtype=dtype
   )
@@ -207,7 +207,7 @@ def test_backward_reuses_the_unfused_forward_states(decay_mode, dtype):
   launches = pallas_kernel_names(jax.make_jaxpr(jax.grad(op, argnums=(0, 1)))(q, log_decay).jaxpr)
   assert launches.count("linear_attention_state_scan") == 1
   if decay_mode == "vector":
-    assert launches.count("linear_attention_chunk_sums") == 2
+    assert launches.count("linear_attention_chunk_sums") == 1
 
 
 @pytest.mark.parametrize("decay_mode,strength", [("scalar", "weak"), ("vector", "strong")])

@@ -96,11 +96,16 @@ class ChunkFactors:
   keys into the state leaving it, state_decay = exp(g_end) (× 0 when a document starts inside) carries the state
   across. None means "no scaling"."""
 
-  def __init__(self, plan, g_ref, resets_ref, size):
+  def __init__(self, plan, g_ref, resets_ref, size, vector_gates=None):
+    """vector_gates: a per-key-channel decay's (g rows [C, Dk], g_end [1, Dk]) computed by the caller instead of
+    loaded from g_ref."""
     self.g = g_rows = g_end = self.state_decay = None
     if plan.row_gates:
       self.g = g_ref[pl.ds(0, size)].astype(jnp.float32)  # [C]
       g_rows, g_end = self.g[:, None], load_scalar(g_ref, size - 1)
+    elif vector_gates is not None:
+      self.g = g_rows = vector_gates[0]
+      g_end = vector_gates[1]
     elif plan.mode == "vector":
       self.g = g_rows = g_ref[pl.ds(0, size), :].astype(jnp.float32)  # [C, Dk]
       g_end = load_row(g_ref, size - 1)

@@ -20,6 +20,7 @@ from pallas_kernels.linear_attention.gpu.blocks import (
   starting_state,
 )
 from pallas_kernels.linear_attention.gpu.planning import (
+  chunk_sums,
   prepare,
   present,
   segment_count,
@@ -27,7 +28,7 @@ from pallas_kernels.linear_attention.gpu.planning import (
   state_tiles,
   value_major,
 )
-from pallas_kernels.linear_attention.gpu.scans import segment_start_states, state_scan
+from pallas_kernels.linear_attention.gpu.scans import scan_sums_gates, segment_start_states, state_scan
 from pallas_kernels.linear_attention.gpu.scores import chunk_scores, intra_scores
 
 
@@ -192,13 +193,19 @@ def forward(plan, q, k, v, log_decay, initial_state, segment_ids):
   """((o, final state), what the backward reuses: (chunk-local g, resets), the intra-chunk scores A (vector
   decay, else None) and the per-chunk states (None from the fused forward, which never stores them))."""
   time = q.shape[1]
-  qp, kp, vp, g, resets, layout = prepare(plan, q, k, v, log_decay, segment_ids)
+  qp, kp, vp, g, resets, layout = prepare(plan, q, k, v, log_decay, segment_ids, raw_vector_gates=True)
   init = value_major(initial_state)
-  scores = intra_scores(layout, qp, kp, g, resets) if plan.mode == "vector" else None
-  states = None
+  sums_gates = not plan.config.fused_forward and scan_sums_gates(layout)
+  if plan.mode == "vector" and not sums_gates:
+    g = chunk_sums(layout, g)
+  states = scores = None
+  if not plan.config.fused_forward:
+    states, last, *gates = state_scan(layout, kp, vp, g, resets, init, state_dtype(q.dtype), False, sums_gates)
+    g = gates[0] if sums_gates else g
+  if plan.mode == "vector":
+    scores = intra_scores(layout, qp, kp, g, resets)
   if plan.config.fused_forward:
     out, last = _fused_forward(layout, qp, kp, vp, g, resets, init, scores, v.dtype)
   else:
-    states, last = state_scan(layout, kp, vp, g, resets, init, state_dtype(q.dtype), reverse=False)
     out = _output(layout, qp, kp, vp, g, resets, states, scores, v.dtype)
   return (out[:, :time], jnp.swapaxes(last, -1, -2)), ((g, resets), scores, states)

@@ -212,9 +212,10 @@ def chunk_sums(layout, x, reverse=False, offsets=None):
   )(*operands)
 
 
-def prepare(plan, q, k, v, log_decay, segment_ids, gates=None):
+def prepare(plan, q, k, v, log_decay, segment_ids, gates=None, raw_vector_gates=False):
   """Pads time to whole chunks (zero q/k/v, zero log-decay) and builds the chunk-local g and reset counts
-  (unless `gates`, the forward's (g, resets), are given); returns them with the calls' Layout."""
+  (unless `gates`, the forward's (g, resets), are given); returns them with the calls' Layout. raw_vector_gates:
+  a per-key-channel log-decay comes back padded but not summed (the forward's state scan sums it)."""
   batch, time, heads, dim_k = q.shape
   chunk = plan.chunk
   padded_time = round_up(time, chunk)
@@ -229,7 +230,9 @@ def prepare(plan, q, k, v, log_decay, segment_ids, gates=None):
   elif plan.mode == "token":
     g = _chunk_cumsum(pad_time(log_decay.astype(jnp.float32), padded_time), chunk)  # [B, T, H]
   elif plan.mode == "vector":
-    g = chunk_sums(layout, pad_time(log_decay, padded_time))
+    g = pad_time(log_decay, padded_time)
+    if not raw_vector_gates:
+      g = chunk_sums(layout, g)
   resets = None
   if plan.has_segments:
     starts = pad_time(segment_starts(segment_ids, batch, time).astype(jnp.int32), padded_time)

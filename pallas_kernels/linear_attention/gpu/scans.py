@@ -25,19 +25,35 @@ from pallas_kernels.linear_attention.gpu.planning import present, segment_count,
 _MAX_UNROLLED_TILE = 64 * 64
 
 
-def _state_scan_kernel(*refs, plan, num_chunks, reverse, per_chunk, unroll, has_init):
+def _state_scan_kernel(*refs, plan, num_chunks, reverse, per_chunk, unroll, has_init, sums_gates):
   """Forward (a=k, b=v): S ← decay·S + (k ⊙ k_factor)ᵀv, storing S entering each chunk.
   Reverse (a=q, b=do): dS ← decay·dS + (q ⊙ q_factor)ᵀdo, storing dS leaving each chunk; S is [Dv, Dk].
   One segment of `num_chunks` chunks from the state in init_ref (zero without one); per_chunk False stores only
-  the last state."""
-  (a_ref, b_ref), g_ref, resets_ref, (*init_ref, last_ref) = split_refs(refs, plan, 2)
+  the last state. sums_gates: g_ref holds a per-key-channel log-decay per step, which each chunk sums into its
+  chunk-local g here, and the first Dv tile's programs store it (the other kernels' g)."""
+  (a_ref, b_ref), g_ref, resets_ref, rest = split_refs(refs, plan, 2)
+  gates_ref = rest.pop() if sums_gates else None
+  *init_ref, last_ref = rest
   init_ref, states_ref = (init_ref[:1], init_ref[1:]) if has_init else ([], init_ref)
   chunk, operand_dtype = plan.chunk, a_ref.dtype
+  first_value_tile = pl.program_id(1) == 0  # read here: interpret mode has no program ids inside loops
+
+  def chunk_gates(start):
+    """(g rows, g_end) of the chunk at `start` from the per-step log-decays; stores g from the first Dv tile."""
+    steps = g_ref[pl.ds(start, chunk), :].astype(jnp.float32)
+    g = jnp.cumsum(steps, axis=0)
+
+    @pl.when(first_value_tile)
+    def _():
+      gates_ref[pl.ds(start, chunk), :] = g
+
+    return g, jnp.sum(steps, axis=0)[None, :]
 
   def chunk_update(n):
     """(decay, b̂ᵀâ) of chunk n: independent of the carried state, so loads and matmul can run ahead of it."""
     start = pl.multiple_of(n * chunk, chunk)
-    sub = ChunkFactors(plan, from_row(g_ref, start), from_row(resets_ref, start), chunk)
+    gates = chunk_gates(start) if sums_gates else None
+    sub = ChunkFactors(plan, from_row(g_ref, start), from_row(resets_ref, start), chunk, gates)
     factor = sub.q_factor if reverse else sub.k_factor
     a = ChunkFactors.scale(a_ref[pl.ds(start, chunk), :].astype(jnp.float32), factor).astype(operand_dtype)
     b = b_ref[pl.ds(start, chunk), :].astype(operand_dtype)
@@ -67,7 +83,7 @@ def _state_scan_kernel(*refs, plan, num_chunks, reverse, per_chunk, unroll, has_
   last_ref[...] = state
 
 
-def _state_scan_call(layout, a, b, g, resets, init, state_dtype, reverse, segments, tiles, per_chunk):
+def _state_scan_call(layout, a, b, g, resets, init, state_dtype, reverse, segments, tiles, per_chunk, sums_gates=False):
   """The state scan over each of `segments` segments from init [B,S,H,Dv,Dk] f32 (the state entering each segment
   in the scan's direction; None: zero) with (Dk, Dv) state `tiles`; returns ([per-chunk states [B,N,H,Dv,Dk]
   state_dtype] if per_chunk, the state leaving each segment [B,S,H,Dv,Dk] f32)."""
@@ -88,6 +104,9 @@ def _state_scan_call(layout, a, b, g, resets, init, state_dtype, reverse, segmen
     out_shape.insert(
       0, jax.ShapeDtypeStruct((layout.batch, layout.num_chunks, layout.heads, layout.dim_v, layout.dim_k), state_dtype)
     )
+  if sums_gates:
+    out_specs.append(layout.scan_spec(tile_k, 0, segments))
+    out_shape.append(jax.ShapeDtypeStruct(g.shape, jnp.float32))
   programs = math.prod(grid)
   latency_bound = programs < plan.config.latency_bound_programs and tile_k * tile_v <= _MAX_UNROLLED_TILE
   unroll = plan.config.scan_unroll if latency_bound else 1
@@ -102,6 +121,7 @@ def _state_scan_call(layout, a, b, g, resets, init, state_dtype, reverse, segmen
     per_chunk=per_chunk,
     unroll=unroll,
     has_init=init is not None,
+    sums_gates=sums_gates,
   )
   return pl.pallas_call(
     kernel,
@@ -198,15 +218,33 @@ def segment_start_states(layout, a, b, g, resets, init, reverse, segments, tiles
   return starts, last
 
 
-def state_scan(layout, a, b, g, resets, init, state_dtype, reverse):
-  """Runs the state scan; returns (per-chunk states [B,N,H,Dv,Dk] state_dtype, last state [B,H,Dv,Dk] f32).
+def scan_sums_gates(layout):
+  """Whether the forward's state scan sums a per-key-channel log-decay into the chunk-local g itself (one segment:
+  one program per state tile walks every chunk), saving the separate cumulative-sum kernel."""
+  return layout.plan.mode == "vector" and _scan_plan(layout)[0] == 1
+
+
+def state_scan(layout, a, b, g, resets, init, state_dtype, reverse, sums_gates=False):
+  """Runs the state scan; returns (per-chunk states [B,N,H,Dv,Dk] state_dtype, last state [B,H,Dv,Dk] f32), and
+  with sums_gates (scan_sums_gates; g the per-step log-decay) the chunk-local g [B,T,H,Dk] f32 as a third value.
   Latency-bound shapes (few programs, many chunks) run it as a two-level scan over segments."""
   segments, *tiles = _scan_plan(layout)
   if segments == 1:
-    states, last = _state_scan_call(
-      layout, a, b, g, resets, None if init is None else init[:, None], state_dtype, reverse, 1, tiles, True
+    states, last, *gates = _state_scan_call(
+      layout,
+      a,
+      b,
+      g,
+      resets,
+      None if init is None else init[:, None],
+      state_dtype,
+      reverse,
+      1,
+      tiles,
+      True,
+      sums_gates,
     )
-    return states, last[:, 0]
+    return states, last[:, 0], *gates
   starts, last = segment_start_states(layout, a, b, g, resets, init, reverse, segments, tiles)
   states, _ = _state_scan_call(layout, a, b, g, resets, starts, state_dtype, reverse, segments, tiles, True)
   return states, last
