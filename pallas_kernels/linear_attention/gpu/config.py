@@ -69,6 +69,8 @@ class GpuKernelConfig:
   three_pass_diagonal: bool = False
   matched_rounding: bool = False
   score_levels: int = 1
+  scan_sums_gates: bool = True  # candidate: the forward scan sums a per-key-channel decay (false: chunk_sums first)
+  score_ablation: int = 0  # timing diagnosis only (wrong results): 1 skips the diagonal blocks, 2 the earlier keys
   scores_warps: int = 8
   fused_value_tile: int = 64
   scan_tile: int = 64

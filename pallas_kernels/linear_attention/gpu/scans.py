@@ -221,7 +221,7 @@ def segment_start_states(layout, a, b, g, resets, init, reverse, segments, tiles
 def scan_sums_gates(layout):
   """Whether the forward's state scan sums a per-key-channel log-decay into the chunk-local g itself (one segment:
   one program per state tile walks every chunk), saving the separate cumulative-sum kernel."""
-  return layout.plan.mode == "vector" and _scan_plan(layout)[0] == 1
+  return layout.plan.config.scan_sums_gates and layout.plan.mode == "vector" and _scan_plan(layout)[0] == 1
 
 
 def state_scan(layout, a, b, g, resets, init, state_dtype, reverse, sums_gates=False):

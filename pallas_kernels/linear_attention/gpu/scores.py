@@ -110,13 +110,19 @@ def _intra_scores_kernel(*refs, plan):
   def sub_chunk(start, out_start):
     q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
     g_q = g_ref[pl.ds(start, size), :].astype(jnp.float32)
-    block = _diag_block(q, k_ref, g_q, g_ref, start, size, plan.config.score_levels, dtype)
+    if plan.config.score_ablation & 1:
+      block = jnp.zeros((size, size), jnp.float32)
+    else:
+      block = _diag_block(q, k_ref, g_q, g_ref, start, size, plan.config.score_levels, dtype)
 
     def earlier_keys():  # zero from column `start` on
       g_r, k_tilde = earlier_rows(k_ref, g_ref, g_ref[...].astype(jnp.float32), start)
       return matmul_nt((q * jnp.exp(g_q - g_r)).astype(dtype), k_tilde.astype(dtype))
 
-    scores = lax.cond(start > 0, earlier_keys, lambda: jnp.zeros((size, chunk), jnp.float32))
+    if plan.config.score_ablation & 2:
+      scores = jnp.zeros((size, chunk), jnp.float32) + jnp.sum(q)
+    else:
+      scores = lax.cond(start > 0, earlier_keys, lambda: jnp.zeros((size, chunk), jnp.float32))
     # The [c, c] diagonal block into columns [start, start + c): a one-hot matmul (no dynamic column slicing).
     scores = scores + matmul(block, (block_cols == start + block_rows).astype(jnp.float32))
     if plan.has_segments:
