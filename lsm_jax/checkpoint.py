@@ -462,7 +462,14 @@ RUN_DEFINING_KEYS = ("tokenizer", "seq_len", "global_batch_size", "seed", "data_
 # How the run started, written once when it starts and kept when it resumes (a resume never re-reads its source).
 RUN_ORIGIN_KEYS = ("init_from_milestone",)
 # ModelConfig fields that choose how the same model is computed (kernels, remat, compute dtype), free to change.
-EXECUTION_MODEL_FIELDS = ("dtype", "linear_attention_backend", "chunk_size", "remat_policy", "attention_impl")
+EXECUTION_MODEL_FIELDS = (
+  "dtype",
+  "linear_attention_backend",
+  "chunk_size",
+  "remat_policy",
+  "attention_impl",
+  "unroll_layers",
+)
 
 
 def _run_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
