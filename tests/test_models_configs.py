@@ -76,6 +76,7 @@ def test_resolved_for_fixes_the_auto_kernel_choices_of_the_platform(platform, dt
     (lambda: configs.get_config("tnl", "1b", d_model=1000), r"num_heads \* head_dim == d_model"),
     (lambda: configs.get_config("tnl", "1b", num_layers=0), "num_layers must be a positive int"),
     (lambda: configs.get_config("tnl", "1b", chunk_size=-4), "chunk_size must be None or a positive int"),
+    (lambda: configs.get_config("tnl", "1b", unroll_layers="yes"), "unroll_layers must be a bool; got 'yes'"),
   ],
 )
 def test_bad_configs_raise_clear_errors(call, message):
