@@ -117,6 +117,16 @@ def test_single_mixer_pattern_equals_the_pure_model(arch, pattern, pure_arch):
   np.testing.assert_allclose(patterned.forward(tokens), expected, atol=1e-5, rtol=0)
 
 
+def _assert_same_prefill(runner_a, runner_b):
+  """Both runners' prefill logits and decoding caches on the same prompt agree."""
+  tokens = random_tokens(6, (2, LENGTH))
+  segment_ids, positions = jnp.ones_like(tokens), jnp.broadcast_to(jnp.arange(LENGTH), tokens.shape)
+  logits_a, state_a = runner_a._prefill(runner_a.state, tokens, segment_ids, positions, 12)
+  logits_b, state_b = runner_b._prefill(runner_b.state, tokens, segment_ids, positions, 12)
+  np.testing.assert_allclose(logits_a, logits_b, atol=1e-5, rtol=0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), state_a, state_b)
+
+
 def test_scanned_hybrid_equals_unscanned():
   """Both layouts draw layer l from key l: the stacked runs hold the unscanned blocks' parameters, and logits and
   decoding caches agree."""
@@ -128,24 +138,14 @@ def test_scanned_hybrid_equals_unscanned():
       block_params = jax.tree.map(lambda a, p=position: a[p], nnx.state(stack, nnx.Param).to_pure_dict())
       unscanned_params = nnx.state(unscanned.model.layers[layer], nnx.Param).to_pure_dict()
       jax.tree.map(np.testing.assert_array_equal, block_params, unscanned_params)
-  tokens = random_tokens(6, (2, LENGTH))
-  segment_ids, positions = jnp.ones_like(tokens), jnp.broadcast_to(jnp.arange(LENGTH), tokens.shape)
-  logits_a, state_a = scanned._prefill(scanned.state, tokens, segment_ids, positions, 12)
-  logits_b, state_b = unscanned._prefill(unscanned.state, tokens, segment_ids, positions, 12)
-  np.testing.assert_allclose(logits_a, logits_b, atol=1e-5, rtol=0)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), state_a, state_b)
+  _assert_same_prefill(scanned, unscanned)
 
 
 def test_unrolled_stacked_hybrid_equals_unscanned():
   """Stacked runs applied layer by layer (unroll_layers) interleave the runs' layers in the pattern's order."""
   unrolled = Runner(hybrid_config("hgrn2_hybrid", unroll_layers=True))
   unscanned = Runner(hybrid_config("hgrn2_hybrid", scan_layers=False))
-  tokens = random_tokens(6, (2, LENGTH))
-  segment_ids, positions = jnp.ones_like(tokens), jnp.broadcast_to(jnp.arange(LENGTH), tokens.shape)
-  logits_a, state_a = unrolled._prefill(unrolled.state, tokens, segment_ids, positions, 12)
-  logits_b, state_b = unscanned._prefill(unscanned.state, tokens, segment_ids, positions, 12)
-  np.testing.assert_allclose(logits_a, logits_b, atol=1e-5, rtol=0)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), state_a, state_b)
+  _assert_same_prefill(unrolled, unscanned)
 
 
 @pytest.mark.parametrize("arch", configs.HYBRID_ARCHS)
