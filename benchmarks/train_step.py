@@ -76,9 +76,7 @@ def model_config(
       arch, "70m", remat_policy=remat_policy, scan_layers=scan_layers, unroll_layers=unroll_layers, **shape
     )
     return dataclasses.replace(config, size="tiny")
-  return configs.get_config(
-    arch, size, remat_policy=remat_policy, scan_layers=scan_layers, unroll_layers=unroll_layers
-  )
+  return configs.get_config(arch, size, remat_policy=remat_policy, scan_layers=scan_layers, unroll_layers=unroll_layers)
 
 
 def packed_documents(rng, shape, mean_document: int):
@@ -131,9 +129,7 @@ def cli_spec(arch, size, seq_len, args, mesh) -> dict:
   if per_shard_microbatch is not None and per_shard_microbatch * sharding.batch_shards(mesh) >= global_batch:
     per_shard_microbatch = None  # the whole batch already fits in one microbatch
   return dict(
-    model_config=model_config(
-      arch, size, args.remat_policy, not args.unrolled_layers, args.unroll_stacked_layers
-    ),
+    model_config=model_config(arch, size, args.remat_policy, not args.unrolled_layers, args.unroll_stacked_layers),
     mesh=mesh,
     seq_len=seq_len,
     global_batch_size=global_batch,
@@ -333,8 +329,7 @@ def write_markdown(path: str, header: dict, rows: list[dict], peers: dict, peer_
       profile = row["profile"]
       lines += [
         "",
-        f"## Profile: {row['arch']} {row['size']} T={row['seq_len']} ({row['remat_policy']}"
-        f"{_layers_label(row)})",
+        f"## Profile: {row['arch']} {row['size']} T={row['seq_len']} ({row['remat_policy']}{_layers_label(row)})",
         "",
         f"Device time per step by kernel ({profile['events']} events; {profile['total_us'] / 1e3:.1f} ms "
         f"in all; the {len(profile['kernels'])} longest):",

@@ -166,9 +166,7 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
     # dq of this sub-chunk's queries: the incoming state, the chunk's earlier keys one 16-row block at a time
     # (factors referenced to the row before the sub-chunk, both ≤ 1), the diagonal block below.
     g_before = jnp.where(start > 0, load_row(g_ref, jnp.maximum(start - 1, 0)), 0.0)
-    keys_hat = lambda block: (
-      k_ref[block, :].astype(jnp.float32) * exp(g_before - g_ref[block, :].astype(jnp.float32))
-    )
+    keys_hat = lambda block: k_ref[block, :].astype(jnp.float32) * exp(g_before - g_ref[block, :].astype(jnp.float32))
     dq_earlier, near_q = block_pairs(0, start // size, lambda block: matmul_nt(do, v_ref[block, :]), keys_hat, False)
     dq_state, dk_state = _state_terms(do, v, h_ref, dh_ref)
     dq = dq_state * q_factor + exp(g_sub - g_before) * dq_earlier
@@ -198,9 +196,7 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
     # dk of this sub-chunk's keys: the outgoing state gradient, the chunk's later queries (referenced to the
     # sub-chunk's last row), the diagonal block's part from above.
     g_end = load_row(g_ref, end)
-    queries_hat = lambda block: (
-      q_ref[block, :].astype(jnp.float32) * exp(g_ref[block, :].astype(jnp.float32) - g_end)
-    )
+    queries_hat = lambda block: q_ref[block, :].astype(jnp.float32) * exp(g_ref[block, :].astype(jnp.float32) - g_end)
     # dA_ij at [key j, query i]
     dk_later, near_k = block_pairs(
       end // size + 1, chunk // size, lambda block: matmul_nt(v, do_ref[block, :]), queries_hat, True
