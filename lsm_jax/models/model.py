@@ -130,13 +130,11 @@ def _unstack_leaf_bwd(_, grads):
 _unstack_leaf.defvjp(_unstack_leaf_fwd, _unstack_leaf_bwd)
 
 
-def unstack(tree) -> list:
-  """A tree of [L, ...] leaves as L trees of one layer each."""
+def unstack(tree, count: int) -> list:
+  """A tree of [count, ...] leaves as `count` trees of one layer each."""
   leaves, treedef = jax.tree.flatten(tree)
-  if not leaves:
-    return []
   per_leaf = [_unstack_leaf(leaf) for leaf in leaves]
-  return [jax.tree.unflatten(treedef, [slices[i] for slices in per_leaf]) for i in range(len(per_leaf[0]))]
+  return [jax.tree.unflatten(treedef, [slices[i] for slices in per_leaf]) for i in range(count)]
 
 
 class LanguageModel(nnx.Module):
@@ -230,11 +228,16 @@ class LanguageModel(nnx.Module):
     if policy != "none":
       apply = jax.checkpoint(apply, policy=_REMAT_POLICIES[policy], static_argnums=(0,))
     runs = self._runs
-    if not self.config.scan_layers:
+    if not self.config.scan_layers or self.config.unroll_layers:
       position = {layer: (k, j) for k, run in enumerate(runs) for j, layer in enumerate(run.flat_layers)}
+      if self.config.scan_layers:  # stacked parameters, applied one layer at a time
+        split = [nnx.split(stack) for stack in self._per_run(self.layers)]
+        states = [unstack(state, len(run.flat_layers)) for (_, state), run in zip(split, runs)]
+        layer_blocks = [(split[k][0], states[k][j]) for k, j in map(position.get, range(self.config.num_layers))]
+      else:
+        layer_blocks = [nnx.split(block) for block in self.layers]
       outputs = []
-      for layer, block in enumerate(self.layers):
-        graphdef, block_state = nnx.split(block)
+      for layer, (graphdef, block_state) in enumerate(layer_blocks):
         k, j = position[layer]
         x, output = apply(graphdef, block_state, x, jax.tree.map(lambda a, j=j: a[j], per_run[k]))
         outputs.append(output)
@@ -244,17 +247,6 @@ class LanguageModel(nnx.Module):
       return x, stacked
 
     stacks = self._per_run(self.layers)
-    if self.config.unroll_layers:
-      split = [nnx.split(stack) for stack in stacks]
-      layer_states = [unstack(state) for _, state in split]
-      outputs = [[] for _ in runs]
-      for layer in sorted(layer for run in runs for layer in run.flat_layers):
-        k = next(k for k, run in enumerate(runs) if layer in run.flat_layers)
-        j = runs[k].flat_layers.index(layer)
-        x, output = apply(split[k][0], layer_states[k][j], x, jax.tree.map(lambda a, j=j: a[j], per_run[k]))
-        outputs[k].append(output)
-      return x, [jax.tree.map(lambda *leaves: jnp.stack(leaves), *run_outputs) for run_outputs in outputs]
-
     results = []
     first = 0
     for group in self._groups:
