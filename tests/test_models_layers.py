@@ -8,7 +8,7 @@ from flax import nnx
 
 from lsm_jax.models import build_model, configs, get_config, layers
 from lsm_jax.models.mixers import ARCHITECTURES, HGRN2Mixer, SoftmaxAttention, TNLAttention, cosformer2, softmax, tnl
-from lsm_jax.models.mixers.hgrn2 import hgrn2_log_forget_gate, hgrn2_lower_bounds
+from lsm_jax.models.mixers.hgrn2 import hgrn2_gate, hgrn2_log_forget_gate, hgrn2_lower_bounds
 
 TINY = dict(
   num_layers=3,
@@ -71,6 +71,35 @@ def test_hgrn2_log_forget_gate_is_stable_and_exact():
 
   grads = jax.grad(loss, argnums=(0, 1))(jnp.float32(0.0), jnp.asarray(forget, jnp.float32))
   assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+
+
+@pytest.mark.parametrize("layer_index", [0, 3])
+@pytest.mark.parametrize("traced_index", [False, True])
+def test_hgrn2_gate_gradients_match_the_paper_formula_in_float64(layer_index, traced_index):
+  # λ = lb + (1 - lb) σ(f), k = 1 - λ. For L = Σ a·k + b·log λ, float64 NumPy by hand:
+  # ∂L/∂f = (b/λ - a) (1 - lb) σ(f) (1 - σ(f)),  ∂L/∂lb = Σ (b/λ - a) (1 - σ(f)) (layer 0: lb ≡ 0, no gradient).
+  rng = np.random.default_rng(layer_index)
+  forget = np.concatenate([rng.normal(0.0, 4.0, (2, 5, 2, 3)), np.full((2, 1, 2, 3), -30.0)], axis=1)
+  bound = 0.0 if layer_index == 0 else rng.uniform(0.05, 0.95, (2, 3))
+  a, b = rng.normal(size=forget.shape), rng.normal(size=forget.shape)
+  index = jnp.int32(layer_index) if traced_index else layer_index
+
+  def loss(forget, bound):
+    k, log_decay = hgrn2_gate(forget, bound, index, jnp.float32)
+    return jnp.sum(a * k) + jnp.sum(b * log_decay)
+
+  got_forget, got_bound = jax.jit(jax.grad(loss, argnums=(0, 1)))(
+    jnp.asarray(forget, jnp.float32), jnp.broadcast_to(jnp.asarray(bound, jnp.float32), (2, 3))
+  )
+  s = 1 / (1 + np.exp(-f64(forget)))
+  decay = bound + (1 - bound) * s
+  g = b / decay - a
+  np.testing.assert_allclose(got_forget, g * (1 - bound) * s * (1 - s), rtol=2e-5, atol=1e-6)
+  expected_bound = np.zeros((2, 3)) if layer_index == 0 else np.sum(g * (1 - s), axis=(0, 1))
+  np.testing.assert_allclose(got_bound, expected_bound, rtol=2e-5, atol=1e-4)
+  k, log_decay = hgrn2_gate(jnp.asarray(forget, jnp.bfloat16), jnp.asarray(bound, jnp.float32), index, jnp.bfloat16)
+  assert k.dtype == jnp.bfloat16 and log_decay.dtype == jnp.float32
+  np.testing.assert_allclose(log_decay, np.log(bound + (1 - bound) * s), rtol=1e-2, atol=1e-2)
 
 
 def test_hgrn2_lower_bounds_are_an_exclusive_cumsum_over_layers():
