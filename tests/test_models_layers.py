@@ -79,7 +79,8 @@ def test_hgrn2_gate_gradients_match_the_paper_formula_in_float64(layer_index, tr
   # λ = lb + (1 - lb) σ(f), k = 1 - λ. For L = Σ a·k + b·log λ, float64 NumPy by hand:
   # ∂L/∂f = (b/λ - a) (1 - lb) σ(f) (1 - σ(f)),  ∂L/∂lb = Σ (b/λ - a) (1 - σ(f)) (layer 0: lb ≡ 0, no gradient).
   rng = np.random.default_rng(layer_index)
-  forget = np.concatenate([rng.normal(0.0, 4.0, (2, 5, 2, 3)), np.full((2, 1, 2, 3), -30.0)], axis=1)
+  extremes = np.broadcast_to(np.asarray([-100.0, -30.0, -18.0, 18.0, 40.0])[None, :, None, None], (2, 5, 2, 3))
+  forget = np.concatenate([rng.normal(0.0, 4.0, (2, 5, 2, 3)), extremes], axis=1)
   bound = 0.0 if layer_index == 0 else rng.uniform(0.05, 0.95, (2, 3))
   a, b = rng.normal(size=forget.shape), rng.normal(size=forget.shape)
   index = jnp.int32(layer_index) if traced_index else layer_index

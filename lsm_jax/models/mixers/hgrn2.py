@@ -4,8 +4,7 @@ Eqs. 12-13; code semantics of hgru2-pytorch and FLA).
   v, q, f = split(x W_in)                   one d -> 3d projection, in that order
   q = SiLU(q)
   λ = lb_l + (1 - lb_l) σ(f)                per key channel; lb_l from `layer_inputs["lower_bound"]`
-  log λ = logaddexp(log lb_l, log1p(-lb_l) + logσ(f))   (stable; layer 0 has lb = 0 so log λ = logσ(f))
-  k = 1 - λ
+  k = 1 - λ = (1 - lb_l) σ(-f),  log λ = log1p(-k) or log λ, whichever is exact   (layer 0 has lb = 0)
   S_t = Diag(λ_t) S_{t-1} + k_tᵀ v_t,  o_t = q_t S_t      (head dim d/h = 128, state 128 × 128 per head)
   y = SRMSNorm(concat_h o) W_out
 There is no output gate beyond q. The lower bounds (lb = exclusive cumsum over layers of softmax of a
@@ -32,28 +31,33 @@ def hgrn2_lower_bounds(lower_bound_logits):
   return jnp.cumsum(layer_weights, axis=0) - layer_weights
 
 
-def hgrn2_log_forget_gate(forget_logits, lower_bound, layer_index):
-  """log λ in fp32 for forget logits [..., H, D], lower bound [H, D] and the (possibly traced) layer index.
-  Layer 0 takes logσ(f) exactly; the `where` on the bound keeps log(0) out of every gradient."""
-  log_sigmoid = jax.nn.log_sigmoid(forget_logits)
-  is_first = layer_index == 0
-  safe_bound = jnp.where(is_first, 0.5, lower_bound)
-  bounded = jnp.logaddexp(jnp.log(safe_bound), jnp.log1p(-safe_bound) + log_sigmoid)
-  return jnp.where(is_first, log_sigmoid, bounded)
+def _hgrn2_gate_parts(forget, lower_bound, layer_index):
+  """fp32 (s = σ(f), 1 - s, lb, λ, k = 1 - λ, log λ) for forget logits [..., H, D], lower bound [H, D] and the
+  (possibly traced) layer index, with one exp, one reciprocal and two logs per element: the gate is computed
+  elementwise over every token and channel, so transcendental count, not memory, sets its time."""
+  bound = jnp.where(layer_index == 0, 0.0, lower_bound)  # layer 0's bound is exactly 0
+  e = jnp.exp(-jnp.abs(forget))
+  r = 1.0 / (1.0 + e)
+  positive = forget >= 0
+  s, one_minus_s = jnp.where(positive, r, e * r), jnp.where(positive, e * r, r)
+  decay = bound + (1.0 - bound) * s
+  k = (1.0 - bound) * one_minus_s  # 1 - λ without cancellation
+  log_decay = jnp.where(k < 0.5, jnp.log1p(-k), jnp.log(decay))
+  # With lb = 0, λ = σ(f) underflows below f ≈ -87; there log σ(f) = f - log1p(e^f) is f to fp32 precision.
+  log_decay = jnp.where((bound == 0.0) & (forget < -20.0), forget, log_decay)
+  return s, one_minus_s, bound, decay, k, log_decay
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def hgrn2_gate(forget_logits, lower_bound, layer_index, dtype):
   """(k = 1 - λ in `dtype`, log λ in fp32) for forget logits [..., H, D] in any float dtype.
 
-  The custom VJP keeps the backward to one elementwise pass over the logits: autodiff of the log-space formula
-  above saves several fp32 intermediates per element and splits the gradient over four memory-bound fusions.
-  With g = ∂L/∂log λ - λ ∂L/∂k (k = -expm1(log λ)), s = σ(f) and λ = lb + (1 - lb) s:
-    ∂L/∂f = g (1 - lb) s (1 - s) / λ,   ∂L/∂lb = Σ g (1 - s) / λ,
-  both formed as exponentials of log-space sums, so no factor underflows or divides by zero.
+  The custom VJP forms the gradient in one elementwise pass from the logits alone; autodiff of the gate saves fp32
+  intermediates per element and spreads its gradient over several fusions. With g = ∂L/∂log λ - λ ∂L/∂k and
+  s = σ(f): ∂L/∂f = g (1 - lb) s (1 - s) / λ and ∂L/∂lb = Σ g (1 - s) / λ (none for layer 0, whose bound is 0).
   """
-  log_decay = hgrn2_log_forget_gate(forget_logits.astype(jnp.float32), lower_bound, layer_index)
-  return (-jnp.expm1(log_decay)).astype(dtype), log_decay
+  _, _, _, _, k, log_decay = _hgrn2_gate_parts(forget_logits.astype(jnp.float32), lower_bound, layer_index)
+  return k.astype(dtype), log_decay
 
 
 def _hgrn2_gate_fwd(forget_logits, lower_bound, layer_index, dtype):
@@ -64,21 +68,22 @@ def _hgrn2_gate_bwd(dtype, residuals, cotangents):
   del dtype
   forget_logits, lower_bound, layer_index = residuals
   d_k, d_log_decay = cotangents
-  forget = forget_logits.astype(jnp.float32)
-  log_decay = hgrn2_log_forget_gate(forget, lower_bound, layer_index)
-  g = d_log_decay - d_k.astype(jnp.float32) * jnp.exp(log_decay)
-  is_first = layer_index == 0
-  safe_bound = jnp.where(is_first, 0.5, lower_bound)
-  log_one_minus_s = jax.nn.log_sigmoid(-forget)
-  # Layer 0 (lb = 0): λ = s, so ∂log λ/∂f = 1 - s; its bound is the constant 0 and gets no gradient.
-  log_bounded_share = jnp.where(is_first, 0.0, jnp.log1p(-safe_bound) + jax.nn.log_sigmoid(forget) - log_decay)
-  d_forget = g * jnp.exp(log_bounded_share + log_one_minus_s)
-  d_bound = jnp.where(is_first, 0.0, g * jnp.exp(log_one_minus_s - log_decay))
+  s, one_minus_s, bound, decay, _, _ = _hgrn2_gate_parts(forget_logits.astype(jnp.float32), lower_bound, layer_index)
+  g = d_log_decay - d_k.astype(jnp.float32) * decay
+  # (1 - lb) s / λ lies in [0, 1]; it is 1 where λ = s underflows (lb = 0).
+  bounded_share = jnp.where(decay > 0.0, (1.0 - bound) * s / decay, 1.0)
+  d_forget = g * bounded_share * one_minus_s
+  d_bound = jnp.where((layer_index == 0) | (decay == 0.0), 0.0, g * one_minus_s / decay)
   d_bound = jnp.sum(d_bound, axis=tuple(range(d_bound.ndim - jnp.ndim(lower_bound))))
   return d_forget.astype(forget_logits.dtype), d_bound.astype(lower_bound.dtype), None
 
 
 hgrn2_gate.defvjp(_hgrn2_gate_fwd, _hgrn2_gate_bwd)
+
+
+def hgrn2_log_forget_gate(forget_logits, lower_bound, layer_index):
+  """log λ in fp32 for forget logits [..., H, D], lower bound [H, D] and the (possibly traced) layer index."""
+  return hgrn2_gate(forget_logits, lower_bound, layer_index, jnp.float32)[1]
 
 
 class HGRN2Mixer(base.TokenMixer):
