@@ -8,7 +8,7 @@ from flax import nnx
 
 from lsm_jax.models import build_model, configs, get_config, layers
 from lsm_jax.models.mixers import ARCHITECTURES, HGRN2Mixer, SoftmaxAttention, TNLAttention, cosformer2, softmax, tnl
-from lsm_jax.models.mixers.hgrn2 import hgrn2_gate, hgrn2_log_forget_gate, hgrn2_lower_bounds
+from lsm_jax.models.mixers.hgrn2 import hgrn2_gate, hgrn2_lower_bounds
 
 TINY = dict(
   num_layers=3,
@@ -57,17 +57,17 @@ def test_tnl_log_decays_scale_per_layer():
   np.testing.assert_allclose(np.exp(log_decay[0, [0, -1]]), [0.607, 0.996], atol=1e-3)
 
 
-def test_hgrn2_log_forget_gate_is_stable_and_exact():
+def test_hgrn2_log_decay_is_stable_and_exact():
   forget = np.linspace(-40.0, 40.0, 81)
   for layer_index, bound in ((0, 0.0), (1, 0.3), (2, 0.9)):
-    got = np.asarray(hgrn2_log_forget_gate(jnp.asarray(forget, jnp.float32), jnp.float32(bound), layer_index))
+    got = np.asarray(hgrn2_gate(jnp.asarray(forget, jnp.float32), jnp.float32(bound), layer_index, jnp.float32)[1])
     expected = np.log(bound + (1 - bound) * sigmoid(forget))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert np.isfinite(got).all()
 
   # Layer 0's bound is exactly 0; its gradient must stay finite (no log(0) leaking into it).
   def loss(bound, forget):
-    return jnp.sum(hgrn2_log_forget_gate(forget, bound, jnp.int32(0)))
+    return jnp.sum(hgrn2_gate(forget, bound, jnp.int32(0), jnp.float32)[1])
 
   grads = jax.grad(loss, argnums=(0, 1))(jnp.float32(0.0), jnp.asarray(forget, jnp.float32))
   assert all(np.isfinite(np.asarray(g)).all() for g in grads)

@@ -81,11 +81,6 @@ def _hgrn2_gate_bwd(dtype, residuals, cotangents):
 hgrn2_gate.defvjp(_hgrn2_gate_fwd, _hgrn2_gate_bwd)
 
 
-def hgrn2_log_forget_gate(forget_logits, lower_bound, layer_index):
-  """log λ in fp32 for forget logits [..., H, D], lower bound [H, D] and the (possibly traced) layer index."""
-  return hgrn2_gate(forget_logits, lower_bound, layer_index, jnp.float32)[1]
-
-
 class HGRN2Mixer(base.TokenMixer):
   @classmethod
   def model_parameters(cls, config, num_layers, *, rngs):
