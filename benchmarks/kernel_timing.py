@@ -327,13 +327,21 @@ def time_fla(op, shape):
 
 
 ACCURACY_SHAPE = (1, 2048, 16, 128)  # one row of packed documents (fla's varlen form takes one row)
-ACCURACY_OPS = {"hgrn2": "strong", "gated_scalar": "strong", "tnl": "weak"}  # op: testing.DECAY_RANGES strength
+# op: the testing.DECAY_RANGES strengths it is checked at. HGRN2 at both: its kernels take the diagonal blocks
+# exactly where gates decay fast (strong) and by one matmul where they decay slowly (weak; GpuKernelConfig's
+# diagonal_span_limit).
+ACCURACY_OPS = {"hgrn2": ("strong", "weak"), "gated_scalar": ("strong",), "tnl": ("weak",)}
 
 
-def accuracy_inputs(op, shape=ACCURACY_SHAPE, seed=11):
+def accuracy_case(op, strength):
+  """The result key of one accuracy case: the op at its first strength, else "op, strength gates"."""
+  return op if strength == ACCURACY_OPS[op][0] else f"{op}, {strength} gates"
+
+
+def accuracy_inputs(op, shape=ACCURACY_SHAPE, seed=11, strength=None):
   """(q, k, v, log_decay, segment_ids, d_out) for --accuracy: bf16 q, k, v, fp32 decays of the op's mode and
-  strength, documents as segment ids, a bf16-representable output cotangent (no initial state: fla's varlen
-  form takes one per document)."""
+  strength (default: its first in ACCURACY_OPS), documents as segment ids, a bf16-representable output cotangent
+  (no initial state: fla's varlen form takes one per document)."""
   batch, time_, heads, dim = shape
   q, k, v, log_decay, _, segment_ids = testing.random_inputs(
     seed,
@@ -343,7 +351,7 @@ def accuracy_inputs(op, shape=ACCURACY_SHAPE, seed=11):
     dim_k=dim,
     dim_v=dim,
     decay_mode=OP_DECAY_MODES[op],
-    strength=ACCURACY_OPS[op],
+    strength=strength or ACCURACY_OPS[op][0],
     dtype=jnp.bfloat16,
     initial_state=False,
   )
@@ -387,11 +395,13 @@ def fla_with_grads(op, q, k, v, log_decay, segment_ids, d_out):
 
 
 def accuracy_against_fla(ops=tuple(ACCURACY_OPS), shape=ACCURACY_SHAPE, overrides=None, with_fla=True):
-  """{op: {"ours"|"fla": {"o", "dq", ...: relative RMS error against the float64 recurrence}}} on the same inputs;
-  ours with the default kernel configuration, `overrides` (--config) replaced; fla's only `with_fla`."""
+  """{case (accuracy_case): {"ours"|"fla": {"o", "dq", ...: relative RMS error against the float64 recurrence}}}
+  on the same inputs, each op at each of its strengths; ours with the default kernel configuration, `overrides`
+  (--config) replaced; fla's only `with_fla`."""
   results = {}
-  for op in ops:
-    q, k, v, log_decay, segment_ids, d_out = accuracy_inputs(op, shape)
+  for op, strength in ((name, strength) for name in ops for strength in ACCURACY_OPS[name]):
+    case = accuracy_case(op, strength)
+    q, k, v, log_decay, segment_ids, d_out = accuracy_inputs(op, shape, strength=strength)
     d_state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
     ref_out, _, ref_grads = testing.reference_float64(q, k, v, log_decay, None, segment_ids, d_out, d_state)
     config = None
@@ -403,13 +413,13 @@ def accuracy_against_fla(ops=tuple(ACCURACY_OPS), shape=ACCURACY_SHAPE, override
       "o": testing.relative_rms_error(o, ref_out),
       **{f"d{name}": testing.relative_rms_error(g[name], ref_grads[name]) for name in names},
     }
-    results[op] = {"fla_op": FLA_NAMES[op], "ours": errors(out, grads)}
+    results[case] = {"fla_op": FLA_NAMES[op], "ours": errors(out, grads)}
     try:
       if with_fla:
-        results[op]["fla"] = errors(*fla_with_grads(op, q, k, v, log_decay, segment_ids, d_out))
+        results[case]["fla"] = errors(*fla_with_grads(op, q, k, v, log_decay, segment_ids, d_out))
     except Exception as error:  # fla refusing an op leaves ours reported
-      results[op]["fla"] = {"error": f"{type(error).__name__}: {error}"}
-    log("accuracy", op, results[op])
+      results[case]["fla"] = {"error": f"{type(error).__name__}: {error}"}
+    log("accuracy", case, results[case])
   return results
 
 
@@ -553,7 +563,9 @@ def write_markdown(path, record):
     lines += [
       "",
       f"Accuracy against the float64 recurrence on the same inputs (B×T×H×D {shape}, bf16 q, k, v and output "
-      "cotangent, fp32 decays, packed documents: our segment ids, fla's cu_seqlens; relative RMS error):",
+      "cotangent, fp32 per-step log-decays −exp(U(log lo, log hi)), strong (lo, hi) = "
+      f"{testing.DECAY_RANGES['strong']} and weak {testing.DECAY_RANGES['weak']}, HGRN2 and the [B,T,H] decay "
+      "strong unless named, TNL weak; packed documents: our segment ids, fla's cu_seqlens; relative RMS error):",
       "",
       "| op | kernel | o | dq | dk | dv | d log_decay |",
       "|---|---|---|---|---|---|---|",

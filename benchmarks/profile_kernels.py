@@ -211,9 +211,10 @@ def main():
   if args.accuracy:  # first: one shape, independent of --shapes
     for op in ops:
       for overrides in variants if op in kernel_timing.ACCURACY_OPS else []:
-        errors = kernel_timing.accuracy_against_fla([op], overrides=overrides, with_fla=False)[op]["ours"]
-        record["accuracy"].append({"op": op, "config": config_label(overrides), "errors": errors})
-        kernel_timing.log("accuracy", op, config_label(overrides), errors)
+        results = kernel_timing.accuracy_against_fla([op], overrides=overrides, with_fla=False)
+        for case, result in results.items():
+          record["accuracy"].append({"op": case, "config": config_label(overrides), "errors": result["ours"]})
+          kernel_timing.log("accuracy", case, config_label(overrides), result["ours"])
         write(args, record)
   for shape in shapes:
     label = "x".join(map(str, shape))

@@ -112,6 +112,47 @@ def test_vector_decay_four_sub_chunks_fp32(overrides):
   )
 
 
+def _chunk_spans(log_decay, chunk):
+  """Per (batch, chunk, head): the largest decay in nats over the key channels from the chunk's first row to its
+  middle row or from there to its last row (what GpuKernelConfig.diagonal_span_limit bounds)."""
+  batch, time, heads, dim = log_decay.shape
+  padded = np.zeros((batch, -(-time // chunk) * chunk, heads, dim))
+  padded[:, :time] = log_decay
+  g = np.cumsum(padded.reshape(batch, -1, chunk, heads, dim), axis=2)
+  middle = g[:, :, chunk // 2 - 1]
+  return np.maximum(g[:, :, 0] - middle, middle - g[:, :, -1]).max(axis=-1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_vector_decay_chunks_on_both_sides_of_the_span_limit(dtype):
+  # One call takes some chunks' pairs by single matmuls referenced to their middle row (the short last chunks here
+  # span 36 to 45 nats) and the others' by the exact sub-chunk forms (strong gates, documents, 64-token chunks;
+  # the dq/dk kernel's two Dk tiles decide apart).
+  args = dict(batch=2, time=200, heads=2, dim_k=64, dim_v=16, decay_mode="vector", strength="strong")
+  spans = _chunk_spans(np.asarray(testing.random_inputs(21, **args)[3]), 64)
+  limit = 45
+  assert 0 < np.mean(spans <= limit) < 1, spans
+  _assert_matches_reference(21, **args, chunk_size=64, dtype=dtype, diagonal_span_limit=limit, decay_key_tile=32)
+
+
+@pytest.mark.parametrize(
+  "overrides",
+  [
+    {},
+    dict(three_pass_diagonal=False, matched_rounding=False),
+    dict(three_pass_diagonal=False),
+    dict(split_sub_chunks=False),
+  ],
+)
+def test_vector_decay_within_the_span_limit_bf16(overrides):
+  # Weak gates: every chunk within the default limit (checked), so every pair comes from the single matmuls, with
+  # the decay gradient's roundings matched or not, in one or three TF32 passes.
+  args = dict(batch=2, time=150, heads=2, dim_k=32, dim_v=16, decay_mode="vector", strength="weak")
+  spans = _chunk_spans(np.asarray(testing.random_inputs(22, **args)[3]), 64)
+  assert np.all(spans <= gpu.default_config("vector", (1, 150, 1, 32), jnp.bfloat16).diagonal_span_limit)
+  _assert_matches_reference(22, **args, chunk_size=64, dtype=jnp.bfloat16, **overrides)
+
+
 @pytest.mark.parametrize("score_levels", [0, 3])
 def test_vector_decay_score_levels(score_levels):
   # The forward's diagonal score blocks wholly elementwise (16 keys one by one) or with three halvings as matmuls
@@ -121,7 +162,10 @@ def test_vector_decay_score_levels(score_levels):
   )
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(three_pass_diagonal=True), dict(matched_rounding=True)])
+@pytest.mark.parametrize(
+  "overrides",
+  [{}, dict(three_pass_diagonal=False, matched_rounding=False), dict(three_pass_diagonal=False)],
+)
 def test_vector_decay_bf16_with_decay_gradient(overrides):
   _assert_matches_reference(
     2,
@@ -304,10 +348,10 @@ def test_bf16_decay_gradient_error_does_not_grow_with_sequence_length():
     d_out, d_state = _cotangents(3, v, state.shape)
     _, _, expected = testing.reference_float64(q, k, v, log_decay, state, segment_ids, d_out, d_state)
     for overrides, bound in (
-      ({}, 1.5e-3),
-      (dict(three_pass_diagonal=True), 5e-4),
-      (dict(matched_rounding=True), 5e-4),
-      (dict(matched_rounding=True, three_pass_diagonal=True), 3.5e-4),
+      (dict(three_pass_diagonal=False, matched_rounding=False), 1.5e-3),
+      (dict(three_pass_diagonal=True, matched_rounding=False), 5e-4),
+      (dict(three_pass_diagonal=False, matched_rounding=True), 5e-4),
+      ({}, 3.5e-4),  # the defaults: both
     ):
       config = _config("vector", q, **overrides)
       _, _, grads = _kernel_with_grads(None, q, k, v, log_decay, state, segment_ids, d_out, d_state, config)
@@ -399,6 +443,7 @@ def test_auto_backend_falls_back_to_xla_where_the_gpu_blocks_would_not_fit(monke
     ("key_tile", 8, ValueError, "key_tile=8; valid: a power of two >= 16"),
     ("num_warps", 3, ValueError, r"num_warps=3; valid: one of \(1, 2, 4, 8, 16, 32\)"),
     ("score_levels", 5, ValueError, "score_levels=5; valid: 0 to 4"),
+    ("diagonal_span_limit", 61, ValueError, "diagonal_span_limit=61; valid: 0 to 60"),
     ("min_segment_chunks", 0, ValueError, "min_segment_chunks=0; valid: an int >= 1"),
     ("scan_stages", 0, ValueError, "scan_stages=0; valid: an int >= 1"),
     ("segment_programs", -1, ValueError, "segment_programs=-1; valid: an int >= 0"),
@@ -417,11 +462,12 @@ def test_default_config_table():
   hgrn2 = gpu.default_config("vector", (8, 2048, 16, 128), jnp.bfloat16)
   assert (hgrn2.chunk_size, hgrn2.num_warps, hgrn2.key_tile, hgrn2.key_warps, hgrn2.value_tile) == (64, 4, 64, 4, 128)
   assert hgrn2.split_sub_chunks and not hgrn2.fused_forward and hgrn2.one_pass_tf32
-  assert (hgrn2.num_stages, hgrn2.scan_stages) == (2, 3)
+  assert (hgrn2.num_stages, hgrn2.scan_stages, hgrn2.scores_warps, hgrn2.diagonal_span_limit) == (2, 3, 4, 40)
+  assert hgrn2.three_pass_diagonal and hgrn2.matched_rounding
   tnl = gpu.default_config("scalar", (8, 2048, 16, 128), jnp.bfloat16)
   assert (tnl.chunk_size, tnl.num_warps, tnl.key_tile, tnl.value_tile) == (64, 4, 128, 128)
   assert tnl.fused_forward and not tnl.split_sub_chunks and tnl.decay_key_tile == 64  # a trainable decay: 64
-  assert tnl.scan_stages == 2
+  assert tnl.scan_stages == 2 and not (tnl.three_pass_diagonal or tnl.matched_rounding)
   assert gpu.default_config("token", (8, 2048, 16, 128), jnp.bfloat16) == tnl  # the fixed decay's kernels and tuning
   wide = gpu.default_config("none", (1, 4096, 2, 64), jnp.float32)
   assert (wide.key_tile, wide.value_tile, wide.one_pass_tf32) == (64, 64, False)

@@ -42,6 +42,7 @@ from pallas_kernels.linear_attention.gpu.blocks import (
   matmul,
   matmul_nt,
   matmul_tn,
+  span_within_limit,
   split_refs,
   tf32,
 )
@@ -123,13 +124,18 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
   resets_last = load_scalar(resets_ref, chunk - 1) if plan.has_segments else None
   matched = plan.config.matched_rounding and plan.config.one_pass_tf32 and bool(x_ref)
   diagonal_one_pass = plan.config.one_pass_tf32 and not plan.config.three_pass_diagonal
+  dot_within = functools.partial(matmul, one_pass=diagonal_one_pass)
 
-  def sub_chunk(start, out_start):
+  limit = plan.config.diagonal_span_limit
+  g_middle = load_row(g_ref, chunk // 2 - 1) if limit else None
+  block_rows = lax.broadcasted_iota(jnp.int32, (size, chunk), 0)
+  block_cols = lax.broadcasted_iota(jnp.int32, (size, chunk), 1)
+
+  def exact_pairs(start, g_sub, q, k, do, v, resets_sub):
+    """(dq, dk) of the sub-chunk's pairs within the chunk for any gate strength, with the matched_rounding
+    correction (None without): the chunk's other sub-chunks one 16-row block at a time, the diagonal block level
+    by level."""
     end = start + size - 1
-    g_sub = g_ref[pl.ds(start, size), :].astype(jnp.float32)
-    do, v = do_ref[pl.ds(start, size), :], v_ref[pl.ds(start, size), :]
-    resets_sub = resets_ref[pl.ds(start, size)] if plan.has_segments else None
-    q_factor, k_factor = edge_factors(plan, g_sub, g_last, resets_sub, resets_last)
     keep = rows >= cols
     if plan.has_segments:
       keep = keep & (resets_sub[:, None] == resets_sub[None, :])
@@ -163,17 +169,15 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
       near = jnp.where(present, term(adjacent, rounded=True), 0.0)
       return others + near, near
 
-    # dq of this sub-chunk's queries: the incoming state, the chunk's earlier keys one 16-row block at a time
-    # (factors referenced to the row before the sub-chunk, both ≤ 1), the diagonal block below.
+    # dq of this sub-chunk's queries: the chunk's earlier keys one 16-row block at a time (factors referenced to
+    # the row before the sub-chunk, both ≤ 1), the diagonal block below.
     g_before = jnp.where(start > 0, load_row(g_ref, jnp.maximum(start - 1, 0)), 0.0)
     keys_hat = lambda block: k_ref[block, :].astype(jnp.float32) * exp(g_before - g_ref[block, :].astype(jnp.float32))
     dq_earlier, near_q = block_pairs(0, start // size, lambda block: matmul_nt(do, v_ref[block, :]), keys_hat, False)
-    dq_state, dk_state = _state_terms(do, v, h_ref, dh_ref)
-    dq = dq_state * q_factor + exp(g_sub - g_before) * dq_earlier
+    dq = exp(g_sub - g_before) * dq_earlier
 
     # The diagonal block level by level (nested_levels), for dq and dk at once. Its pairs are the nearest tokens',
     # the largest of the terms that cancel in q·dq − k·dk (config.three_pass_diagonal).
-    k, q = (ref[pl.ds(start, size), :].astype(jnp.float32) for ref in (k_ref, q_ref))
     d_diagonal = jnp.sum(jnp.where(rows == cols, d_scores, 0.0), axis=1)[:, None]
     dq, dk_diagonal = dq + d_diagonal * k, d_diagonal * q
     # config.matched_rounding: q·dq − k·dk takes the TF32-rounded factors the one-pass matmuls multiplied (each
@@ -193,8 +197,8 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
         level = (query_side - query_exact) * from_keys - (key_side - key_exact) * from_queries
         correction = level if correction is None else correction + level
 
-    # dk of this sub-chunk's keys: the outgoing state gradient, the chunk's later queries (referenced to the
-    # sub-chunk's last row), the diagonal block's part from above.
+    # dk of this sub-chunk's keys: the chunk's later queries (referenced to the sub-chunk's last row), the diagonal
+    # block's part from above.
     g_end = load_row(g_ref, end)
     queries_hat = lambda block: q_ref[block, :].astype(jnp.float32) * exp(g_ref[block, :].astype(jnp.float32) - g_end)
     # dA_ij at [key j, query i]
@@ -205,9 +209,47 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
       q_hat, k_hat = q * exp(g_sub - g_before), k * exp(g_end - g_sub)
       adjacent = (tf32(q_hat) - q_hat) * near_q - (tf32(k_hat) - k_hat) * near_k
       correction = adjacent if correction is None else correction + adjacent
+    return dq, exp(g_end - g_sub) * dk_later + dk_diagonal, correction
+
+  def pairs_within_span(start, g_sub, q, k, do, v, resets_sub):
+    """(dq, dk) of the sub-chunk's pairs within the chunk when the chunk's gates stay within
+    config.diagonal_span_limit of its middle row m (blocks.span_within_limit), with the matched_rounding correction
+    (None without): each from one matmul over the chunk's rows referenced to m. Every program of the chunk takes
+    the same factors q̃ = q ⊙ e^(g − g_m) and k̃ = k ⊙ e^(g_m − g), so a pair enters q·dq and k·dk as the same
+    product (config.three_pass_diagonal: three TF32 passes, the diagonal block's pairs being in them)."""
+    g_all = g_ref[...].astype(jnp.float32)
+    same = block_rows == block_rows if resets_sub is None else resets_sub[:, None] == resets_ref[...][None, :]
+    # dq_i = e^(g_i − g_m) Σ_{j ≤ i} dA_ij k̃_j and dk_j = e^(g_m − g_j) Σ_{i ≥ j} dA_ij q̃_i.
+    d_rows = jnp.where(same & (block_cols <= start + block_rows), matmul_nt(do, v_ref[...]), 0.0)
+    d_cols = jnp.where(same & (block_cols >= start + block_rows), matmul_nt(v, do_ref[...]), 0.0)  # [key j, query i]
+    k_tilde = (k_ref[...].astype(jnp.float32) * exp(g_middle - g_all)).astype(dtype)
+    q_tilde = (q_ref[...].astype(jnp.float32) * exp(g_all - g_middle)).astype(dtype)
+    from_keys = dot_within(d_rows.astype(dtype), k_tilde)
+    from_queries = dot_within(d_cols.astype(dtype), q_tilde)
+    q_factor, k_factor = exp(g_sub - g_middle), exp(g_middle - g_sub)
+    correction = None
+    if matched:
+      correction = jnp.zeros_like(from_keys)
+      if diagonal_one_pass:  # q·dq − k·dk from the TF32-rounded factors the matmuls of both sides multiplied
+        q_hat, k_hat = q * q_factor, k * k_factor
+        correction = (tf32(q_hat) - q_hat) * from_keys - (tf32(k_hat) - k_hat) * from_queries
+    return q_factor * from_keys, k_factor * from_queries, correction
+
+  def sub_chunk(start, out_start):
+    g_sub = g_ref[pl.ds(start, size), :].astype(jnp.float32)
+    do, v = do_ref[pl.ds(start, size), :], v_ref[pl.ds(start, size), :]
+    resets_sub = resets_ref[pl.ds(start, size)] if plan.has_segments else None
+    q_factor, k_factor = edge_factors(plan, g_sub, g_last, resets_sub, resets_last)
+    k, q = (ref[pl.ds(start, size), :].astype(jnp.float32) for ref in (k_ref, q_ref))
+    exact = lambda: exact_pairs(start, g_sub, q, k, do, v, resets_sub)
+    if limit:
+      within = lambda: pairs_within_span(start, g_sub, q, k, do, v, resets_sub)
+      dq, dk, correction = lax.cond(span_within_limit(g_ref, 0, chunk, g_middle, limit), within, exact)
+    else:
+      dq, dk, correction = exact()
+    dq_state, dk_state = _state_terms(do, v, h_ref, dh_ref)
     dk_state = dk_state * k_factor
-    dk = dk_state + exp(g_end - g_sub) * dk_later + dk_diagonal
-    store(pl.ds(start, size), pl.ds(out_start, size), dq, dk, correction)
+    store(pl.ds(start, size), pl.ds(out_start, size), dq_state * q_factor + dq, dk_state + dk, correction)
     return jnp.sum(k * dk_state, axis=0) if x_ref else None
 
   if x_ref:

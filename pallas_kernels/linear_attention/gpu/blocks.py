@@ -146,9 +146,19 @@ def _and_mask(factor, mask):
 
 
 def rescaled_rows(x, exponent, rows):
-  """x ⊙ exp(exponent) on `rows`, zero elsewhere. The exponent is ≤ 0 on `rows` (rows of the chunk referenced
-  to a sub-chunk's edge) but may be large elsewhere, so it is masked before the exp."""
+  """x ⊙ exp(exponent) on `rows`, zero elsewhere. The exponent is bounded on `rows` (rows of the chunk referenced
+  to a row of a sub-chunk) but may be large elsewhere, so it is masked before the exp."""
   return jnp.where(rows, x * exp(jnp.where(rows, exponent, 0.0)), 0.0)
+
+
+def span_within_limit(g_ref, start, size, g_middle, limit):
+  """Whether, in every channel, the `size` rows from `start` decay by at most e^−limit from their first row to
+  g_middle's row and from there to their last. Referenced to that middle row, every query factor exp(g_i − g_m)
+  and key factor exp(g_m − g_j) of the rows then lies in [e^−limit, e^limit], far inside fp32's range, so their
+  decayed pairs are one matmul (the product of the two factors is the pair's exact decay ≤ 1; rounding stays
+  relative)."""
+  first, last = load_row(g_ref, start), load_row(g_ref, start + size - 1)
+  return jnp.max(jnp.maximum(first - g_middle, g_middle - last)) <= limit
 
 
 def earlier_rows(x_ref, g_ref, g_all, start):
@@ -177,15 +187,18 @@ def for_each_sub_chunk(plan, body, total=None):
   return lax.fori_loop(0, plan.chunk // size, step, 0 if total is None else total)
 
 
-def intra_mask(plan, g, resets):
-  """[C,C] fp32 decay-and-mask matrix of a chunk for per-row or no decay: exp(g_i − g_j) for i ≥ j in one
-  document."""
-  size = plan.chunk
+def causal_mask(size, resets):
+  """[size, size] bool: i ≥ j within one document (resets None: no documents)."""
   rows = lax.broadcasted_iota(jnp.int32, (size, size), 0)
   cols = lax.broadcasted_iota(jnp.int32, (size, size), 1)
   keep = rows >= cols
-  if plan.has_segments:
-    keep = keep & (resets[:, None] == resets[None, :])
+  return keep if resets is None else keep & (resets[:, None] == resets[None, :])
+
+
+def intra_mask(plan, g, resets):
+  """[C,C] fp32 decay-and-mask matrix of a chunk for per-row or no decay: exp(g_i − g_j) for i ≥ j in one
+  document."""
+  keep = causal_mask(plan.chunk, resets if plan.has_segments else None)
   if plan.row_gates:
     diff = jnp.where(keep, g[:, None] - g[None, :], 0.0)
     return jnp.where(keep, exp(diff), 0.0)

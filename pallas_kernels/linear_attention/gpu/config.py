@@ -13,6 +13,8 @@ DECAY_MODES = ("none", "scalar", "token", "vector")
 SUB_CHUNK = 16  # per-key-channel decay: rows whose diagonal blocks need more than one matmul (fla's chunk_gla)
 MIN_BLOCK = 16  # Triton's smallest matmul operand dimension
 _WARPS = (1, 2, 4, 8, 16, 32)
+# Factors up to e^60 times rows down to 1e-10 stay normal fp32 numbers (e^±87); 40, the default, leaves e^20 more.
+MAX_SPAN_LIMIT = 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,17 +29,24 @@ class GpuKernelConfig:
       the registers of a wider tile).
     key_warps: warps of the dq/dk kernel.
     value_tile: Dv tile of the output and dv kernels (clipped to Dv).
-    split_sub_chunks: per-key-channel decay: one program per 16-row sub-chunk in the score and dq/dk kernels
-      instead of one looping over the chunk's sub-chunks.
+    split_sub_chunks: per-key-channel decay: one program per 16-row sub-chunk in the dq/dk kernel instead of one
+      looping over the chunk's sub-chunks.
     fused_forward: the forward walks the chunks in one kernel with the state in registers instead of a state
       scan that stores every chunk's state followed by the output kernel.
     one_pass_tf32: the dq/dk kernel's fp32 matmuls (a per-key-channel or per-token decay gradient's intra-chunk
       terms) in one TF32 pass instead of three.
-    three_pass_diagonal: with one_pass_tf32, the per-key-channel dq/dk kernel's diagonal-block matmuls still take
-      three passes: their pairs (the nearest tokens) carry most of the decay gradient's error from one pass.
+    three_pass_diagonal: with one_pass_tf32, the per-key-channel dq/dk kernel's diagonal-block matmuls (and the
+      within-span matmuls, which hold those blocks) still take three passes: their pairs (the nearest tokens)
+      carry most of the decay gradient's error from one pass.
     matched_rounding: with one_pass_tf32 and a per-key-channel decay's gradient, the dq/dk kernel's q·dq − k·dk
       takes the TF32-rounded factors that its one-pass matmuls multiplied, for the pairs inside a sub-chunk and
-      with its adjacent sub-chunks: those pairs then cancel exactly.
+      with its adjacent sub-chunks (all the chunk's pairs within diagonal_span_limit): those pairs then cancel
+      exactly.
+    diagonal_span_limit: per-key-channel decay: a chunk whose gates decay by at most e^−limit (nats) in every
+      channel (of the kernel's Dk tile) from its first row to its middle one and from there to its last takes its
+      intra-chunk pairs in the score and dq/dk kernels from single matmuls of rows referenced to its middle row
+      (factors within e^±limit, far inside fp32's range even for rows of 1e−20); a chunk decaying faster takes the
+      16-row sub-chunk forms, exact for any gate strength (0: always).
     score_levels: halvings of the score kernel's 16x16 diagonal blocks done as matmuls before its elementwise
       loop (0 to 4).
     scores_warps: warps of the per-key-channel intra-chunk score kernel.
@@ -68,8 +77,9 @@ class GpuKernelConfig:
   decay_key_tile: int = 64
   three_pass_diagonal: bool = False
   matched_rounding: bool = False
+  diagonal_span_limit: int = 40
   score_levels: int = 1
-  scores_warps: int = 8
+  scores_warps: int = 4  # one program per chunk, mostly one [C, Dk]x[Dk, C] matmul: 4 warps beat 8
   fused_value_tile: int = 64
   scan_tile: int = 64
   scan_warps: int = 4
@@ -113,6 +123,8 @@ class GpuKernelConfig:
     for name in ("num_stages", "scan_stages", "scan_unroll", "min_segment_chunks"):
       if getattr(self, name) < 1:
         raise ValueError(f"GpuKernelConfig.{name}={getattr(self, name)}; valid: an int >= 1.")
+    if not 0 <= self.diagonal_span_limit <= MAX_SPAN_LIMIT:
+      raise ValueError(f"GpuKernelConfig.diagonal_span_limit={self.diagonal_span_limit}; valid: 0 to {MAX_SPAN_LIMIT}.")
     for name in ("latency_bound_programs", "segment_programs", "segment_scans_below"):
       if getattr(self, name) < 0:
         raise ValueError(f"GpuKernelConfig.{name}={getattr(self, name)}; valid: an int >= 0.")
@@ -151,6 +163,9 @@ def default_config(mode: str, shape: Sequence[int], dtype) -> GpuKernelConfig:
     one_pass_tf32=not wide,
     # Per-key-channel gates make the scans' loads the largest; 3 stages slowed the row-gate modes' scans.
     scan_stages=3 if vector else 2,
+    # The decay gradient's intra-chunk pairs as accurate as fla's chunk_gla's, for 5% of the HGRN2 backward.
+    three_pass_diagonal=vector,
+    matched_rounding=vector,
   )
 
 

@@ -1,7 +1,9 @@
 """Intra-chunk scores with per-key-channel decay (HGRN2): A_ij = Σ_d q_id k_jd exp(g_id − g_jd) is no plain matmul.
 Chunks split into 16-token sub-chunks with no state carried through them: a sub-chunk's queries read the chunk's
 earlier keys through one matmul whose factors are referenced to the row at the sub-chunk's edge (both <= 1), and
-the diagonal 16x16 blocks are exact for any gate strength (as fla's chunk_gla)."""
+the diagonal 16x16 blocks are exact for any gate strength (as fla's chunk_gla). Where a chunk's gates decay slowly
+enough that factors referenced to its middle row stay far inside fp32's range (config.diagonal_span_limit), its
+scores are one matmul instead."""
 
 import functools
 
@@ -11,15 +13,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.linear_attention.gpu.blocks import (
+  causal_mask,
   compiler_params,
   earlier_rows,
   exp,
-  for_each_sub_chunk,
   interpret_mode,
   intra_mask,
   load_row,
   matmul,
   matmul_nt,
+  span_within_limit,
   split_refs,
 )
 
@@ -96,19 +99,25 @@ def _diag_block(q_sub, k_ref, g_sub, g_ref, start, sub, levels, dtype):
 
 
 def _intra_scores_kernel(*refs, plan):
-  """Vector decay: the rows of one sub-chunk of queries of the chunk's masked, decayed attention matrix
-  A_ij = Σ_d q_id k_jd exp(g_id − g_jd) (j ≤ i, one document), [C, C] per chunk, which the output and dv kernels
-  then use as plain matmul operands. The chunk's earlier keys go through matmuls whose factors are referenced to
-  the row r just before the sub-chunk (q ⊙ exp(g_i − g_r) and k ⊙ exp(g_r − g_j), both ≤ 1; the chunk's first
-  sub-chunk has none), the diagonal block by _diag_block (config.score_levels matmul halvings, then elementwise).
-  Kept apart from the matmul-heavy output kernel, which runs faster without it."""
+  """Vector decay: one chunk's masked, decayed attention matrix A_ij = Σ_d q_id k_jd exp(g_id − g_jd) (j ≤ i, one
+  document), [C, C], which the output and dv kernels then use as plain matmul operands.
+
+  A chunk whose gates stay within config.diagonal_span_limit of its middle row (span_within_limit) is one matmul
+  of rows referenced to that row (fp32 factors; one TF32 pass for 16-bit inputs, config.one_pass_tf32, as A is
+  stored in q's dtype). Any other chunk goes one 16-row sub-chunk of queries at a time: the chunk's earlier keys
+  through matmuls whose factors are referenced to the row r just before the sub-chunk (q ⊙ exp(g_i − g_r) and
+  k ⊙ exp(g_r − g_j), both ≤ 1; the chunk's first sub-chunk has none), the diagonal block by _diag_block
+  (config.score_levels matmul halvings, then elementwise), exact for any gate strength. Kept apart from the
+  matmul-heavy output kernel, which runs faster without it."""
   (q_ref, k_ref), g_ref, resets_ref, (a_ref,) = split_refs(refs, plan, 2)
   dtype = q_ref.dtype
   size, chunk = plan.sub_chunk, plan.chunk
   block_rows = lax.broadcasted_iota(jnp.int32, (size, chunk), 0)
   block_cols = lax.broadcasted_iota(jnp.int32, (size, chunk), 1)
+  resets = resets_ref[...] if plan.has_segments else None
 
-  def sub_chunk(start, out_start):
+  def sub_chunk(index, carry):
+    start = pl.multiple_of(index * size, size)
     q = q_ref[pl.ds(start, size), :].astype(jnp.float32)
     g_q = g_ref[pl.ds(start, size), :].astype(jnp.float32)
     block = _diag_block(q, k_ref, g_q, g_ref, start, size, plan.config.score_levels, dtype)
@@ -121,16 +130,33 @@ def _intra_scores_kernel(*refs, plan):
     # The [c, c] diagonal block into columns [start, start + c): a one-hot matmul (no dynamic column slicing).
     scores = scores + matmul(block, (block_cols == start + block_rows).astype(jnp.float32))
     if plan.has_segments:
-      resets_q = resets_ref[pl.ds(start, size)]
-      scores = jnp.where(resets_q[:, None] == resets_ref[...][None, :], scores, 0.0)
-    a_ref[pl.ds(out_start, size), :] = scores.astype(a_ref.dtype)
+      scores = jnp.where(resets_ref[pl.ds(start, size)][:, None] == resets[None, :], scores, 0.0)
+    a_ref[pl.ds(start, size), :] = scores.astype(a_ref.dtype)
+    return carry
 
-  for_each_sub_chunk(plan, sub_chunk)
+  def exact():
+    lax.fori_loop(0, chunk // size, sub_chunk, 0)
+
+  limit = plan.config.diagonal_span_limit
+  if not limit:
+    exact()
+    return
+  g_middle = load_row(g_ref, chunk // 2 - 1)
+
+  def within_span():
+    g = g_ref[...].astype(jnp.float32)
+    q_tilde = q_ref[...].astype(jnp.float32) * exp(g - g_middle)
+    k_tilde = k_ref[...].astype(jnp.float32) * exp(g_middle - g)
+    scores = matmul(q_tilde, k_tilde, ((1,), (1,)), one_pass=plan.config.one_pass_tf32)
+    a_ref[...] = jnp.where(causal_mask(chunk, resets), scores, 0.0).astype(a_ref.dtype)
+
+  lax.cond(span_within_limit(g_ref, 0, chunk, g_middle, limit), within_span, exact)
 
 
 def intra_scores(layout, q, k, g, resets):
   """Vector decay: A [B,T,H,C], row t holding A_tj for the keys j of t's chunk (in q's dtype, as the output and
-  dv kernels use it)."""
+  dv kernels use it). One program per chunk."""
+  layout = layout.whole_chunks()
   plan = layout.plan
   in_specs = [layout.chunk_spec(layout.dim_k), layout.chunk_spec(layout.dim_k), layout.chunk_g_spec()]
   if resets is not None:
