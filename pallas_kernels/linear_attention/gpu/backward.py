@@ -356,7 +356,7 @@ def backward(plan, residuals, cotangents):
   time = q.shape[1]
   qp, kp, vp, g, resets, layout = prepare(plan, q, k, v, None, segment_ids, gates)
   dop = pad_time(d_out.astype(v.dtype), layout.time)
-  states_dtype = state_dtype(q.dtype)
+  states_dtype = state_dtype(plan, q.dtype)
   if states is None:  # the fused forward's
     states, _ = state_scan(layout, kp, vp, g, resets, value_major(initial_state), states_dtype, reverse=False)
   d_states, d_init = state_scan(layout, qp, dop, g, resets, value_major(cotangents[1]), states_dtype, reverse=True)

@@ -42,6 +42,9 @@ class GpuKernelConfig:
       takes the TF32-rounded factors that its one-pass matmuls multiplied, for the pairs inside a sub-chunk and
       with its adjacent sub-chunks (all the chunk's pairs within diagonal_span_limit): those pairs then cancel
       exactly.
+    fp32_states: 16-bit inputs keep their materialised per-chunk states and state gradients in fp32 instead of
+      bf16 (twice the scans' stores and the chunk kernels' state reads, for a decay gradient whose terms cancel
+      less rounded).
     diagonal_span_limit: per-key-channel decay: a chunk whose gates decay by at most e^−limit (nats) in every
       channel (of the kernel's Dk tile) from its first row to its middle one and from there to its last takes its
       intra-chunk pairs in the score and dq/dk kernels from single matmuls of rows referenced to its middle row
@@ -77,6 +80,7 @@ class GpuKernelConfig:
   decay_key_tile: int = 64
   three_pass_diagonal: bool = False
   matched_rounding: bool = False
+  fp32_states: bool = False
   diagonal_span_limit: int = 40
   score_levels: int = 1
   scores_warps: int = 4  # one program per chunk, mostly one [C, Dk]x[Dk, C] matmul: 4 warps beat 8

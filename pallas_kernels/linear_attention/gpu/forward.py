@@ -199,6 +199,6 @@ def forward(plan, q, k, v, log_decay, initial_state, segment_ids):
   if plan.config.fused_forward:
     out, last = _fused_forward(layout, qp, kp, vp, g, resets, init, scores, v.dtype)
   else:
-    states, last = state_scan(layout, kp, vp, g, resets, init, state_dtype(q.dtype), reverse=False)
+    states, last = state_scan(layout, kp, vp, g, resets, init, state_dtype(plan, q.dtype), reverse=False)
     out = _output(layout, qp, kp, vp, g, resets, states, scores, v.dtype)
   return (out[:, :time], jnp.swapaxes(last, -1, -2)), ((g, resets), scores, states)

@@ -237,9 +237,9 @@ def prepare(plan, q, k, v, log_decay, segment_ids, gates=None):
   return q, k, v, g, resets, layout
 
 
-def state_dtype(dtype):
+def state_dtype(plan, dtype):
   # bf16 states halve the traffic of the materialised per-chunk states (fla does the same); fp16 would overflow.
-  return jnp.bfloat16 if dtype == jnp.bfloat16 else jnp.float32
+  return jnp.bfloat16 if dtype == jnp.bfloat16 and not plan.config.fp32_states else jnp.float32
 
 
 def value_major(state):
