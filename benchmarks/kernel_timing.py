@@ -797,6 +797,7 @@ def main():
         measured = lambda: accuracy_against_fla([op], overrides=overrides, with_fla=not args.skip_peers)
         result = runner.measure(f"accuracy of ours and fla, {op}", measured)
         record["accuracy"].update(result or {})  # None: it raised (reported) or the budget was spent
+        save(args.out, record)  # before the next op's fla autotuning, which may outlast the run
   rows = {(op, shape): measure_op(runner, op, shape, args, chunk_sizes, overrides) for op in ops for shape in shapes}
   for shape in shapes:
     learned, fixed = rows.get(("tnl_learned_decay", shape)), rows.get(("tnl", shape))
