@@ -218,10 +218,14 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
     the same factors q̃ = q ⊙ e^(g − g_m) and k̃ = k ⊙ e^(g_m − g), so a pair enters q·dq and k·dk as the same
     product (config.three_pass_diagonal: three TF32 passes, the diagonal block's pairs being in them)."""
     g_all = g_ref[...].astype(jnp.float32)
-    same = block_rows == block_rows if resets_sub is None else resets_sub[:, None] == resets_ref[...][None, :]
+    earlier_keys = block_cols <= start + block_rows  # [query i, key j ≤ i]
+    later_queries = block_cols >= start + block_rows  # [key j, query i ≥ j]
+    if plan.has_segments:
+      same = resets_sub[:, None] == resets_ref[...][None, :]
+      earlier_keys, later_queries = earlier_keys & same, later_queries & same
     # dq_i = e^(g_i − g_m) Σ_{j ≤ i} dA_ij k̃_j and dk_j = e^(g_m − g_j) Σ_{i ≥ j} dA_ij q̃_i.
-    d_rows = jnp.where(same & (block_cols <= start + block_rows), matmul_nt(do, v_ref[...]), 0.0)
-    d_cols = jnp.where(same & (block_cols >= start + block_rows), matmul_nt(v, do_ref[...]), 0.0)  # [key j, query i]
+    d_rows = jnp.where(earlier_keys, matmul_nt(do, v_ref[...]), 0.0)
+    d_cols = jnp.where(later_queries, matmul_nt(v, do_ref[...]), 0.0)
     k_tilde = (k_ref[...].astype(jnp.float32) * exp(g_middle - g_all)).astype(dtype)
     q_tilde = (q_ref[...].astype(jnp.float32) * exp(g_all - g_middle)).astype(dtype)
     from_keys = dot_within(d_rows.astype(dtype), k_tilde)
