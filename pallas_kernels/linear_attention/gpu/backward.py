@@ -127,7 +127,9 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
   dot_within = functools.partial(matmul, one_pass=diagonal_one_pass)
 
   limit = plan.config.diagonal_span_limit
-  g_middle = load_row(g_ref, chunk // 2 - 1) if limit else None
+  if limit:  # one decision per program: its sub-chunks share the chunk's reference row
+    g_middle = load_row(g_ref, chunk // 2 - 1)
+    within_limit = span_within_limit(g_ref, chunk, g_middle, limit)
   block_rows = lax.broadcasted_iota(jnp.int32, (size, chunk), 0)
   block_cols = lax.broadcasted_iota(jnp.int32, (size, chunk), 1)
 
@@ -248,7 +250,7 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
     exact = lambda: exact_pairs(start, g_sub, q, k, do, v, resets_sub)
     if limit:
       within = lambda: pairs_within_span(start, g_sub, q, k, do, v, resets_sub)
-      dq, dk, correction = lax.cond(span_within_limit(g_ref, 0, chunk, g_middle, limit), within, exact)
+      dq, dk, correction = lax.cond(within_limit, within, exact)
     else:
       dq, dk, correction = exact()
     dq_state, dk_state = _state_terms(do, v, h_ref, dh_ref)

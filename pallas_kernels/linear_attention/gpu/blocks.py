@@ -146,18 +146,17 @@ def _and_mask(factor, mask):
 
 
 def rescaled_rows(x, exponent, rows):
-  """x ⊙ exp(exponent) on `rows`, zero elsewhere. The exponent is bounded on `rows` (rows of the chunk referenced
-  to a row of a sub-chunk) but may be large elsewhere, so it is masked before the exp."""
+  """x ⊙ exp(exponent) on `rows`, zero elsewhere. The exponent is ≤ 0 on `rows` (rows of the chunk referenced
+  to a sub-chunk's edge) but may be large elsewhere, so it is masked before the exp."""
   return jnp.where(rows, x * exp(jnp.where(rows, exponent, 0.0)), 0.0)
 
 
-def span_within_limit(g_ref, start, size, g_middle, limit):
-  """Whether, in every channel, the `size` rows from `start` decay by at most e^−limit from their first row to
-  g_middle's row and from there to their last. Referenced to that middle row, every query factor exp(g_i − g_m)
-  and key factor exp(g_m − g_j) of the rows then lies in [e^−limit, e^limit], far inside fp32's range, so their
-  decayed pairs are one matmul (the product of the two factors is the pair's exact decay ≤ 1; rounding stays
-  relative)."""
-  first, last = load_row(g_ref, start), load_row(g_ref, start + size - 1)
+def span_within_limit(g_ref, size, g_middle, limit):
+  """Whether, in every channel, the chunk's `size` rows decay by at most e^−limit from its first row to g_middle's
+  row and from there to its last. Referenced to that middle row, every query factor exp(g_i − g_m) and key factor
+  exp(g_m − g_j) of the chunk then lies in [e^−limit, e^limit], far inside fp32's range, so its decayed pairs are
+  one matmul (the product of the two factors is the pair's exact decay ≤ 1; rounding stays relative)."""
+  first, last = load_row(g_ref, 0), load_row(g_ref, size - 1)
   return jnp.max(jnp.maximum(first - g_middle, g_middle - last)) <= limit
 
 

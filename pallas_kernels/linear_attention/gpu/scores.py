@@ -150,7 +150,7 @@ def _intra_scores_kernel(*refs, plan):
     scores = matmul(q_tilde, k_tilde, ((1,), (1,)), one_pass=plan.config.one_pass_tf32)
     a_ref[...] = jnp.where(causal_mask(chunk, resets), scores, 0.0).astype(a_ref.dtype)
 
-  lax.cond(span_within_limit(g_ref, 0, chunk, g_middle, limit), within_span, exact)
+  lax.cond(span_within_limit(g_ref, chunk, g_middle, limit), within_span, exact)
 
 
 def intra_scores(layout, q, k, g, resets):
