@@ -100,7 +100,7 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
     sub = ChunkFactors(plan, g_ref, resets_ref, plan.chunk)
     q, k, do, v = (ref[...] for ref in (q_ref, k_ref, do_ref, v_ref))
     d_scores = matmul_nt(do, v) * intra_mask(plan, sub.g, sub.resets)
-    dq_state, dk_state = _state_terms(do, v, h_ref, dh_ref)
+    dq_state, dk_state = _state_terms(plan, do, v, h_ref, dh_ref)
     dq_state, dk_state = ChunkFactors.scale(dq_state, sub.q_factor), ChunkFactors.scale(dk_state, sub.k_factor)
     # A decay per head and token acts on every channel: its rows' q·dq − k·dk summed over this Dk tile.
     token_rows = plan.mode == "token" and bool(x_ref)
@@ -253,7 +253,7 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
       dq, dk, correction = lax.cond(within_limit, within, exact)
     else:
       dq, dk, correction = exact()
-    dq_state, dk_state = _state_terms(do, v, h_ref, dh_ref)
+    dq_state, dk_state = _state_terms(plan, do, v, h_ref, dh_ref)
     dk_state = dk_state * k_factor
     store(pl.ds(start, size), pl.ds(out_start, size), dq_state * q_factor + dq, dk_state + dk, correction)
     return jnp.sum(k * dk_state, axis=0) if x_ref else None
@@ -279,9 +279,20 @@ def _head_decay_rows(plan, q, k, dq_state, dk_state, d_scores, time):
   return jnp.sum(edges, axis=1) + jnp.sum(pairs, axis=1)
 
 
-def _state_terms(do, v, h_ref, dh_ref):
-  """(do·h, v·dS) of a chunk's rows in the states' dtype (bf16 states for bf16 inputs: one exact pass)."""
-  return matmul(do.astype(h_ref.dtype), h_ref[...]), matmul(v.astype(dh_ref.dtype), dh_ref[...])
+def _state_terms(plan, do, v, h_ref, dh_ref):
+  """(do·h, v·dS) of a chunk's rows: 16-bit rows times 16-bit states in one exact pass; fp32 states rounded to the
+  rows' dtype, or (config.split_state_products) as that rounding plus its residual in a second pass."""
+  return _state_product(plan, do, h_ref[...]), _state_product(plan, v, dh_ref[...])
+
+
+def _state_product(plan, rows, state):
+  if rows.dtype == jnp.float32 or state.dtype != jnp.float32:
+    return matmul(rows.astype(state.dtype), state)
+  high = state.astype(rows.dtype)
+  product = matmul(rows, high)
+  if plan.config.split_state_products:
+    product = product + matmul(rows, (state - high.astype(jnp.float32)).astype(rows.dtype))
+  return product
 
 
 def _grad_dv(layout, q, k, do, g, resets, d_states, scores, out_dtype, states=None):
@@ -362,10 +373,10 @@ def backward(plan, residuals, cotangents):
   time = q.shape[1]
   qp, kp, vp, g, resets, layout = prepare(plan, q, k, v, None, segment_ids, gates)
   dop = pad_time(d_out.astype(v.dtype), layout.time)
-  states_dtype = state_dtype(plan, q.dtype)
   if states is None:  # the fused forward's
-    states, _ = state_scan(layout, kp, vp, g, resets, value_major(initial_state), states_dtype, reverse=False)
-  d_states, d_init = state_scan(layout, qp, dop, g, resets, value_major(cotangents[1]), states_dtype, reverse=True)
+    states, _ = state_scan(layout, kp, vp, g, resets, value_major(initial_state), state_dtype(plan, q.dtype), False)
+  grads_dtype = state_dtype(plan, q.dtype, gradients=True)
+  d_states, d_init = state_scan(layout, qp, dop, g, resets, value_major(cotangents[1]), grads_dtype, reverse=True)
   dv, *state_term = _grad_dv(
     layout, qp, kp, dop, g, resets, d_states, scores, v.dtype, states if wants_decay_grad else None
   )

@@ -42,9 +42,12 @@ class GpuKernelConfig:
       takes the TF32-rounded factors that its one-pass matmuls multiplied, for the pairs inside a sub-chunk and
       with its adjacent sub-chunks (all the chunk's pairs within diagonal_span_limit): those pairs then cancel
       exactly.
-    fp32_states: 16-bit inputs keep their materialised per-chunk states and state gradients in fp32 instead of
-      bf16 (twice the scans' stores and the chunk kernels' state reads, for a decay gradient whose terms cancel
-      less rounded).
+    fp32_states: 16-bit inputs store the per-chunk states in fp32 instead of bf16 (twice the forward scan's
+      stores and the chunk kernels' state reads), for a decay gradient whose state term Σ_v S·dS_e is summed from
+      unrounded states.
+    fp32_state_grads: the same for the state gradients (the reverse scan's stores), as fla's chunk_gla keeps them.
+    split_state_products: fp32 states or state gradients enter the dq/dk kernel's do·h and v·dS as two bf16 passes
+      (the state's bf16 rounding and its residual) instead of rounded to bf16 once.
     diagonal_span_limit: per-key-channel decay: a chunk whose gates decay by at most e^−limit (nats) in every
       channel (of the kernel's Dk tile) from its first row to its middle one and from there to its last takes its
       intra-chunk pairs in the score and dq/dk kernels from single matmuls of rows referenced to its middle row
@@ -81,6 +84,8 @@ class GpuKernelConfig:
   three_pass_diagonal: bool = False
   matched_rounding: bool = False
   fp32_states: bool = False
+  fp32_state_grads: bool = False
+  split_state_products: bool = False
   diagonal_span_limit: int = 40
   score_levels: int = 1
   scores_warps: int = 4  # one program per chunk, mostly one [C, Dk]x[Dk, C] matmul: 4 warps beat 8

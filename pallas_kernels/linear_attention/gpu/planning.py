@@ -237,9 +237,11 @@ def prepare(plan, q, k, v, log_decay, segment_ids, gates=None):
   return q, k, v, g, resets, layout
 
 
-def state_dtype(plan, dtype):
+def state_dtype(plan, dtype, gradients=False):
+  """The dtype of the stored per-chunk states (gradients: of their gradients) for inputs of `dtype`."""
   # bf16 states halve the traffic of the materialised per-chunk states (fla does the same); fp16 would overflow.
-  return jnp.bfloat16 if dtype == jnp.bfloat16 and not plan.config.fp32_states else jnp.float32
+  fp32 = plan.config.fp32_state_grads if gradients else plan.config.fp32_states
+  return jnp.bfloat16 if dtype == jnp.bfloat16 and not fp32 else jnp.float32
 
 
 def value_major(state):
