@@ -327,21 +327,32 @@ def time_fla(op, shape):
 
 
 ACCURACY_SHAPE = (1, 2048, 16, 128)  # one row of packed documents (fla's varlen form takes one row)
-# op: the testing.DECAY_RANGES strengths it is checked at. HGRN2 at both: its kernels take the diagonal blocks
-# exactly where gates decay fast (strong) and by one matmul where they decay slowly (weak; GpuKernelConfig's
-# diagonal_span_limit).
-ACCURACY_OPS = {"hgrn2": ("strong", "weak"), "gated_scalar": ("strong",), "tnl": ("weak",)}
+# A document starts at each token with this probability: short documents (16 tokens on average, testing's
+# default) and long ones (512 on average).
+SHORT_DOCUMENTS, LONG_DOCUMENTS = 0.06, 1 / 512
+# op: the (testing.DECAY_RANGES strength, document start rate) cases it is checked at. HGRN2 at both strengths:
+# its kernels take the diagonal blocks exactly where gates decay fast (strong) and by one matmul where they decay
+# slowly (weak; GpuKernelConfig's diagonal_span_limit). Weak gates with long documents too: fla's varlen chunks
+# restart at every document, so most short documents never pass through its stored (bf16-rounded) states, while
+# ours (chunks aligned to the row) do wherever a document crosses a chunk boundary.
+ACCURACY_OPS = {
+  "hgrn2": (("strong", SHORT_DOCUMENTS), ("weak", SHORT_DOCUMENTS), ("weak", LONG_DOCUMENTS)),
+  "gated_scalar": (("strong", SHORT_DOCUMENTS),),
+  "tnl": (("weak", SHORT_DOCUMENTS),),
+}
 
 
-def accuracy_case(op, strength):
-  """The result key of one accuracy case: the op at its first strength, else "op, strength gates"."""
-  return op if strength == ACCURACY_OPS[op][0] else f"{op}, {strength} gates"
+def accuracy_case(op, strength, document_start_rate=SHORT_DOCUMENTS):
+  """The result key of one accuracy case: the op at its first case, else "op, strength gates" (and ", long
+  documents")."""
+  name = op if strength == ACCURACY_OPS[op][0][0] else f"{op}, {strength} gates"
+  return name + (", long documents" if document_start_rate == LONG_DOCUMENTS else "")
 
 
-def accuracy_inputs(op, shape=ACCURACY_SHAPE, seed=11, strength=None):
+def accuracy_inputs(op, shape=ACCURACY_SHAPE, seed=11, strength=None, document_start_rate=SHORT_DOCUMENTS):
   """(q, k, v, log_decay, segment_ids, d_out) for --accuracy: bf16 q, k, v, fp32 decays of the op's mode and
-  strength (default: its first in ACCURACY_OPS), documents as segment ids, a bf16-representable output cotangent
-  (no initial state: fla's varlen form takes one per document)."""
+  strength (default: its first case's), documents as segment ids, a bf16-representable output cotangent (no
+  initial state: fla's varlen form takes one per document)."""
   batch, time_, heads, dim = shape
   q, k, v, log_decay, _, segment_ids = testing.random_inputs(
     seed,
@@ -351,9 +362,10 @@ def accuracy_inputs(op, shape=ACCURACY_SHAPE, seed=11, strength=None):
     dim_k=dim,
     dim_v=dim,
     decay_mode=OP_DECAY_MODES[op],
-    strength=strength or ACCURACY_OPS[op][0],
+    strength=strength or ACCURACY_OPS[op][0][0],
     dtype=jnp.bfloat16,
     initial_state=False,
+    document_start_rate=document_start_rate,
   )
   rng = np.random.default_rng(seed + 1)
   d_out = jnp.asarray(rng.normal(size=v.shape), jnp.bfloat16).astype(jnp.float32)
@@ -396,12 +408,12 @@ def fla_with_grads(op, q, k, v, log_decay, segment_ids, d_out):
 
 def accuracy_against_fla(ops=tuple(ACCURACY_OPS), shape=ACCURACY_SHAPE, overrides=None, with_fla=True):
   """{case (accuracy_case): {"ours"|"fla": {"o", "dq", ...: relative RMS error against the float64 recurrence}}}
-  on the same inputs, each op at each of its strengths; ours with the default kernel configuration, `overrides`
+  on the same inputs, each op at each of its ACCURACY_OPS cases; ours with the default kernel configuration, `overrides`
   (--config) replaced; fla's only `with_fla`."""
   results = {}
-  for op, strength in ((name, strength) for name in ops for strength in ACCURACY_OPS[name]):
-    case = accuracy_case(op, strength)
-    q, k, v, log_decay, segment_ids, d_out = accuracy_inputs(op, shape, strength=strength)
+  for op, (strength, rate) in ((name, case) for name in ops for case in ACCURACY_OPS[name]):
+    case = accuracy_case(op, strength, rate)
+    q, k, v, log_decay, segment_ids, d_out = accuracy_inputs(op, shape, strength=strength, document_start_rate=rate)
     d_state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
     ref_out, _, ref_grads = testing.reference_float64(q, k, v, log_decay, None, segment_ids, d_out, d_state)
     config = None

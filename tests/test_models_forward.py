@@ -209,12 +209,14 @@ def test_unrolled_stacked_layers_match_the_scan():
 def test_mixer_kernel_remat_policy_runs_the_kernel_forward_once():
   """dots_and_mixer_kernels_saveable keeps the linear-attention kernels' outputs and residuals but the per-chunk
   states: the gradient launches each other forward kernel once per layer (dots_saveable re-runs them in the
-  backward), with the same loss and gradients as no remat. Pallas GPU kernels in interpret mode."""
+  backward); dots_and_all_mixer_kernels_saveable keeps the states too. Both give the loss and gradients of no
+  remat. Pallas GPU kernels in interpret mode."""
   tokens = random_tokens(6, (2, 40))
   segment_ids = jnp.asarray([[1] * 25 + [2] * 15, [1] * 40], jnp.int32)
   kernels = dict(linear_attention_backend="pallas_gpu", chunk_size=16, scan_layers=False)
   launches = {}
-  for policy in ("dots_saveable", "dots_and_mixer_kernels_saveable"):
+  policies = ("dots_saveable", "dots_and_mixer_kernels_saveable", "dots_and_all_mixer_kernels_saveable")
+  for policy in policies:
     config = tiny_config("hgrn2", **kernels, remat_policy=policy)
     model = build_model(config, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
@@ -224,15 +226,17 @@ def test_mixer_kernel_remat_policy_runs_the_kernel_forward_once():
   for forward_kernel in ("linear_attention_intra_scores", "linear_attention_output"):
     assert launches["dots_saveable"][forward_kernel] == 2 * layers
     assert launches["dots_and_mixer_kernels_saveable"][forward_kernel] == layers
-  # The op's per-chunk states and gates are residuals but not kept: recomputed once for the backward.
+    assert launches["dots_and_all_mixer_kernels_saveable"][forward_kernel] == layers
+  # The op's per-chunk states and gates are residuals: recomputed once for the backward, or kept.
   assert launches["dots_and_mixer_kernels_saveable"]["linear_attention_state_scan"] == 2 * layers
   assert launches["dots_and_mixer_kernels_saveable"]["linear_attention_chunk_sums"] == 3 * layers
+  assert launches["dots_and_all_mixer_kernels_saveable"]["linear_attention_state_scan"] == layers
+  assert launches["dots_and_all_mixer_kernels_saveable"]["linear_attention_chunk_sums"] == 2 * layers
   loss_ref, grads_ref, _ = _loss_and_grads(tiny_config("hgrn2", **kernels), tokens, segment_ids)
-  loss, grads, _ = _loss_and_grads(
-    tiny_config("hgrn2", **kernels, remat_policy="dots_and_mixer_kernels_saveable"), tokens, segment_ids
-  )
-  np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, grads_ref)
+  for policy in policies[1:]:
+    loss, grads, _ = _loss_and_grads(tiny_config("hgrn2", **kernels, remat_policy=policy), tokens, segment_ids)
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, grads_ref)
 
 
 def test_bf16_compute_keeps_fp32_params_and_logits():

@@ -33,14 +33,17 @@ ALL_ARCHS = ARCHS + HYBRID_ARCHS
 SIZES = ("70m", "160m", "410m", "1b", "3b", "7b")
 DTYPES = ("float32", "bfloat16", "float16")
 LINEAR_ATTENTION_BACKENDS = linear_attention_api.BACKENDS
-# "none": keep every activation; "full": recompute the whole layer in the backward pass; the others are
-# jax.checkpoint_policies of the same name (save matmul outputs, recompute the cheap elementwise work).
+# "none": keep every activation; "full": recompute the whole layer in the backward pass; the dots policies are
+# jax.checkpoint_policies of the same name (save matmul outputs, recompute the cheap elementwise work), the
+# mixer-kernel ones also keep the token mixers' fused-kernel outputs: HGRN2's GPU per-chunk states recomputed
+# (dots_and_mixer_kernels_saveable) or kept (dots_and_all_mixer_kernels_saveable, more memory, less time).
 REMAT_POLICIES = (
   "none",
   "full",
   "dots_saveable",
   "dots_with_no_batch_dims_saveable",
   "dots_and_mixer_kernels_saveable",
+  "dots_and_all_mixer_kernels_saveable",
 )
 # "auto": splash attention on TPU, "pallas_gpu" on GPU for 16-bit compute (the Pallas GPU flash-attention kernels:
 # documents by segment ids, no [T, T] mask; cuDNN for batches of one document per row), XLA elsewhere (jax 0.10's

@@ -42,9 +42,9 @@ from lsm_jax.models.mixers import ARCHITECTURES, MIXERS
 # forward (its output and softmax statistics). jax 0.10 and 0.11 name them so.
 _MIXER_KERNEL_PRIMITIVES = frozenset({"pallas_call", "dot_product_attention_fwd_wrapper"})
 # HGRN2's per-chunk states and chunk-local gates are residuals of its GPU op (its backward then runs no forward
-# state scan), but kept for every layer they cost more than they save: H200, 1B at 8K, 72.4 GiB and 51,262
-# tokens/s kept, 54.4 GiB and 53,249 tokens/s recomputed under remat (docs/performance.md).
-_UNSAVED_KERNELS = frozenset({"linear_attention_state_scan", "linear_attention_chunk_sums"})
+# state scan). dots_and_mixer_kernels_saveable recomputes them, dots_and_all_mixer_kernels_saveable keeps them:
+# H200, 1B at 8K, 59,863 tokens/s in 54.2 GiB recomputed, 61,590 in 64.1 GiB kept (docs/performance.md).
+_STATE_KERNELS = frozenset({"linear_attention_state_scan", "linear_attention_chunk_sums"})
 
 
 def pallas_kernel_name(params) -> str:
@@ -54,13 +54,18 @@ def pallas_kernel_name(params) -> str:
   return params.get("name", "") if info is None else info.name
 
 
-def _mixer_kernel_outputs(prim, *_, **params):
+def _mixer_kernel_outputs(prim, *_, keep_states=False, **params):
   """Under dots_saveable alone the backward re-runs every layer's attention forward (its outputs are not dots):
   a third of HGRN2's kernel time per layer. Only the kernels' values the backward reads are kept (the output and
-  the op's residuals such as HGRN2's intra-chunk scores), not the per-chunk states (_UNSAVED_KERNELS)."""
+  the op's residuals such as HGRN2's intra-chunk scores), the per-chunk states (_STATE_KERNELS) only with
+  keep_states."""
   if prim.name != "pallas_call":
     return prim.name in _MIXER_KERNEL_PRIMITIVES
-  return pallas_kernel_name(params) not in _UNSAVED_KERNELS
+  return keep_states or pallas_kernel_name(params) not in _STATE_KERNELS
+
+
+def _all_mixer_kernel_outputs(prim, *args, **params):
+  return _mixer_kernel_outputs(prim, *args, keep_states=True, **params)
 
 
 _REMAT_POLICIES = {
@@ -69,6 +74,9 @@ _REMAT_POLICIES = {
   "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
   "dots_and_mixer_kernels_saveable": jax.checkpoint_policies.save_from_both_policies(
     jax.checkpoint_policies.dots_saveable, _mixer_kernel_outputs
+  ),
+  "dots_and_all_mixer_kernels_saveable": jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_saveable, _all_mixer_kernel_outputs
   ),
 }
 

@@ -35,11 +35,13 @@ def random_inputs(
   dtype=jnp.float32,
   segments=True,
   initial_state=True,
+  document_start_rate=0.06,
 ):
   """Fresh random q, k, v, log_decay (None / [H] / [B,T,H] / [B,T,H,Dk]), initial state and segment ids.
 
   Segment ids repeat (0,1,0,...) so a backend that matches ids instead of detecting changes fails, and one
-  reset sits exactly on t=64, a common chunk boundary (on t=T/2 in shorter rows)."""
+  reset sits exactly on t=64, a common chunk boundary (on t=T/2 in shorter rows). A document starts at each token
+  with probability document_start_rate (short documents by default: most chunks hold several)."""
   rng = np.random.default_rng(seed)
   normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
   q = normal(batch, time, heads, dim_k) / np.sqrt(dim_k)
@@ -57,7 +59,7 @@ def random_inputs(
   state = jnp.asarray(normal(batch, heads, dim_k, dim_v)) if initial_state else None
   segment_ids = None
   if segments:
-    starts = rng.random((batch, time)) < 0.06
+    starts = rng.random((batch, time)) < document_start_rate
     starts[:, min(64, time // 2)] = True
     starts[:, 0] = False
     segment_ids = jnp.asarray(np.cumsum(starts, axis=1) % 2, jnp.int32)
