@@ -43,7 +43,7 @@ from lsm_jax.models.mixers import ARCHITECTURES, MIXERS
 _MIXER_KERNEL_PRIMITIVES = frozenset({"pallas_call", "dot_product_attention_fwd_wrapper"})
 # HGRN2's per-chunk states and chunk-local gates are residuals of its GPU op (its backward then runs no forward
 # state scan). dots_and_mixer_kernels_saveable recomputes them, dots_and_all_mixer_kernels_saveable keeps them:
-# H200, 1B at 8K, 59,863 tokens/s in 54.2 GiB recomputed, 61,590 in 64.1 GiB kept (docs/performance.md).
+# H200, 1B at 8K, 60,386 tokens/s in 54.2 GiB recomputed, 61,373 in 66.2 GiB kept (docs/performance.md).
 _STATE_KERNELS = frozenset({"linear_attention_state_scan", "linear_attention_chunk_sums"})
 
 

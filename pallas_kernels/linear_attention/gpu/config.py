@@ -43,11 +43,12 @@ class GpuKernelConfig:
       with its adjacent sub-chunks (all the chunk's pairs within diagonal_span_limit): those pairs then cancel
       exactly.
     fp32_states: 16-bit inputs store the per-chunk states in fp32 instead of bf16 (twice the forward scan's
-      stores and the chunk kernels' state reads), for a decay gradient whose state term Σ_v S·dS_e is summed from
-      unrounded states.
-    fp32_state_grads: the same for the state gradients (the reverse scan's stores), as fla's chunk_gla keeps them.
+      stores and the chunk kernels' state reads). Without split_state_products only the decay gradient's
+      Σ_v S·dS_e term sees the unrounded values, which changes little.
+    fp32_state_grads: the same for the state gradients (the reverse scan's stores).
     split_state_products: fp32 states or state gradients enter the dq/dk kernel's do·h and v·dS as two bf16 passes
-      (the state's bf16 rounding and its residual) instead of rounded to bf16 once.
+      (the state's bf16 rounding and its residual) instead of rounded to bf16 once: with weak gates most of the
+      decay gradient's error is that rounding (docs/tuning.md).
     diagonal_span_limit: per-key-channel decay: a chunk whose gates decay by at most e^−limit (nats) in every
       channel (of the kernel's Dk tile) from its first row to its middle one and from there to its last takes its
       intra-chunk pairs in the score and dq/dk kernels from single matmuls of rows referenced to its middle row
