@@ -54,18 +54,18 @@ def pallas_kernel_name(params) -> str:
   return params.get("name", "") if info is None else info.name
 
 
-def _mixer_kernel_outputs(prim, *_, keep_states=False, **params):
+def _mixer_kernel_outputs(keep_states):
   """Under dots_saveable alone the backward re-runs every layer's attention forward (its outputs are not dots):
-  a third of HGRN2's kernel time per layer. Only the kernels' values the backward reads are kept (the output and
-  the op's residuals such as HGRN2's intra-chunk scores), the per-chunk states (_STATE_KERNELS) only with
+  a third of HGRN2's kernel time per layer. The policy keeps the kernels' values the backward reads (the output
+  and the op's residuals such as HGRN2's intra-chunk scores), the per-chunk states (_STATE_KERNELS) only with
   keep_states."""
-  if prim.name != "pallas_call":
-    return prim.name in _MIXER_KERNEL_PRIMITIVES
-  return keep_states or pallas_kernel_name(params) not in _STATE_KERNELS
 
+  def saveable(prim, *_, **params):
+    if prim.name != "pallas_call":
+      return prim.name in _MIXER_KERNEL_PRIMITIVES
+    return keep_states or pallas_kernel_name(params) not in _STATE_KERNELS
 
-def _all_mixer_kernel_outputs(prim, *args, **params):
-  return _mixer_kernel_outputs(prim, *args, keep_states=True, **params)
+  return saveable
 
 
 _REMAT_POLICIES = {
@@ -73,10 +73,10 @@ _REMAT_POLICIES = {
   "dots_saveable": jax.checkpoint_policies.dots_saveable,
   "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
   "dots_and_mixer_kernels_saveable": jax.checkpoint_policies.save_from_both_policies(
-    jax.checkpoint_policies.dots_saveable, _mixer_kernel_outputs
+    jax.checkpoint_policies.dots_saveable, _mixer_kernel_outputs(keep_states=False)
   ),
   "dots_and_all_mixer_kernels_saveable": jax.checkpoint_policies.save_from_both_policies(
-    jax.checkpoint_policies.dots_saveable, _all_mixer_kernel_outputs
+    jax.checkpoint_policies.dots_saveable, _mixer_kernel_outputs(keep_states=True)
   ),
 }
 
