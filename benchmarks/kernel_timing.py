@@ -342,17 +342,17 @@ ACCURACY_OPS = {
 }
 
 
-def accuracy_case(op, strength, document_start_rate=SHORT_DOCUMENTS):
+def accuracy_case(op, strength, document_start_rate):
   """The result key of one accuracy case: the op at its first case, else "op, strength gates" (and ", long
   documents")."""
   name = op if strength == ACCURACY_OPS[op][0][0] else f"{op}, {strength} gates"
   return name + (", long documents" if document_start_rate == LONG_DOCUMENTS else "")
 
 
-def accuracy_inputs(op, shape=ACCURACY_SHAPE, seed=11, strength=None, document_start_rate=SHORT_DOCUMENTS):
+def accuracy_inputs(op, shape, strength, document_start_rate, seed=11):
   """(q, k, v, log_decay, segment_ids, d_out) for --accuracy: bf16 q, k, v, fp32 decays of the op's mode and
-  strength (default: its first case's), documents as segment ids, a bf16-representable output cotangent (no
-  initial state: fla's varlen form takes one per document)."""
+  `strength`, documents as segment ids, a bf16-representable output cotangent (no initial state: fla's varlen form
+  takes one per document)."""
   batch, time_, heads, dim = shape
   q, k, v, log_decay, _, segment_ids = testing.random_inputs(
     seed,
@@ -362,7 +362,7 @@ def accuracy_inputs(op, shape=ACCURACY_SHAPE, seed=11, strength=None, document_s
     dim_k=dim,
     dim_v=dim,
     decay_mode=OP_DECAY_MODES[op],
-    strength=strength or ACCURACY_OPS[op][0][0],
+    strength=strength,
     dtype=jnp.bfloat16,
     initial_state=False,
     document_start_rate=document_start_rate,
@@ -413,7 +413,7 @@ def accuracy_against_fla(ops=tuple(ACCURACY_OPS), shape=ACCURACY_SHAPE, override
   results = {}
   for op, (strength, rate) in ((name, case) for name in ops for case in ACCURACY_OPS[name]):
     case = accuracy_case(op, strength, rate)
-    q, k, v, log_decay, segment_ids, d_out = accuracy_inputs(op, shape, strength=strength, document_start_rate=rate)
+    q, k, v, log_decay, segment_ids, d_out = accuracy_inputs(op, shape, strength, rate)
     d_state = jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)
     ref_out, _, ref_grads = testing.reference_float64(q, k, v, log_decay, None, segment_ids, d_out, d_state)
     config = None
