@@ -49,6 +49,9 @@ class GpuKernelConfig:
     split_state_products: fp32 states or state gradients enter the dq/dk kernel's do·h and v·dS as two bf16 passes
       (the state's bf16 rounding and its residual) instead of rounded to bf16 once: with weak gates most of the
       decay gradient's error is that rounding (docs/tuning.md).
+    split_scan_updates: the state scans' decayed keys k̂ (queries q̂ in the reverse scan) enter their chunk's
+      update v̂ᵀk̂ as their 16-bit rounding plus its residual, two passes instead of one: the rounding of k̂ and q̂
+      is the larger part of a per-key-channel decay gradient's error with weak gates (docs/tuning.md).
     diagonal_span_limit: per-key-channel decay: a chunk whose gates decay by at most e^−limit (nats) in every
       channel (of the kernel's Dk tile) from its first row to its middle one and from there to its last takes its
       intra-chunk pairs in the score and dq/dk kernels from single matmuls of rows referenced to its middle row
@@ -87,6 +90,7 @@ class GpuKernelConfig:
   fp32_states: bool = False
   fp32_state_grads: bool = False
   split_state_products: bool = False
+  split_scan_updates: bool = False
   diagonal_span_limit: int = 40
   score_levels: int = 1
   scores_warps: int = 4  # one program per chunk, mostly one [C, Dk]x[Dk, C] matmul: 4 warps beat 8

@@ -15,7 +15,6 @@ from pallas_kernels.linear_attention.gpu.blocks import (
   interpret_mode,
   matmul,
   matmul_nt,
-  matmul_tn,
   split_refs,
   starting_state,
 )
@@ -27,7 +26,7 @@ from pallas_kernels.linear_attention.gpu.planning import (
   state_tiles,
   value_major,
 )
-from pallas_kernels.linear_attention.gpu.scans import segment_start_states, state_scan
+from pallas_kernels.linear_attention.gpu.scans import scaled_update, segment_start_states, state_scan
 from pallas_kernels.linear_attention.gpu.scores import chunk_scores, intra_scores
 
 
@@ -66,8 +65,8 @@ def _fused_forward_kernel(*refs, plan, num_chunks, has_init, segments):
     q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
     scores = None if scores_ref is None else scores_ref[rows, :]
     o_ref[rows, :] = _chunk_output(plan, sub, q, k, v, state, scores).astype(o_ref.dtype)
-    k_hat = ChunkFactors.scale(k.astype(jnp.float32), sub.k_factor).astype(dtype)
-    return ChunkFactors.scale(state, sub.state_decay) + matmul_tn(v, k_hat)
+    k_hat = ChunkFactors.scale(k.astype(jnp.float32), sub.k_factor)
+    return ChunkFactors.scale(state, sub.state_decay) + scaled_update(plan, v, k_hat, dtype)
 
   state = lax.fori_loop(0, num_chunks, step, starting_state(init_ref, last_ref.shape))
 

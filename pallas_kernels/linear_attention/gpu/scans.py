@@ -39,9 +39,9 @@ def _state_scan_kernel(*refs, plan, num_chunks, reverse, per_chunk, unroll, has_
     start = pl.multiple_of(n * chunk, chunk)
     sub = ChunkFactors(plan, from_row(g_ref, start), from_row(resets_ref, start), chunk)
     factor = sub.q_factor if reverse else sub.k_factor
-    a = ChunkFactors.scale(a_ref[pl.ds(start, chunk), :].astype(jnp.float32), factor).astype(operand_dtype)
+    a = ChunkFactors.scale(a_ref[pl.ds(start, chunk), :].astype(jnp.float32), factor)
     b = b_ref[pl.ds(start, chunk), :].astype(operand_dtype)
-    return sub.state_decay, matmul_tn(b, a)
+    return sub.state_decay, scaled_update(plan, b, a, operand_dtype)
 
   def steps(unroll):
     """A loop body over `unroll` consecutive chunks: all their loads and matmuls first, then the short chain of
@@ -65,6 +65,16 @@ def _state_scan_kernel(*refs, plan, num_chunks, reverse, per_chunk, unroll, has_
   if num_chunks % unroll:  # the remainder, one chunk at a time
     state = lax.fori_loop(whole * unroll, num_chunks, steps(1), state)
   last_ref[...] = state
+
+
+def scaled_update(plan, b, a_scaled, operand_dtype):
+  """bᵀ·â of a chunk, â [C, Dk] fp32 (rows times their decay factors): â rounded to `operand_dtype` for one
+  pass, or (config.split_scan_updates, 16-bit operands) that rounding plus its residual in a second pass."""
+  high = a_scaled.astype(operand_dtype)
+  update = matmul_tn(b, high)
+  if plan.config.split_scan_updates and operand_dtype.itemsize < 4:
+    update = update + matmul_tn(b, (a_scaled - high.astype(jnp.float32)).astype(operand_dtype))
+  return update
 
 
 def _state_scan_call(layout, a, b, g, resets, init, state_dtype, reverse, segments, tiles, per_chunk):
