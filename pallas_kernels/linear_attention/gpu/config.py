@@ -180,6 +180,12 @@ def default_config(mode: str, shape: Sequence[int], dtype) -> GpuKernelConfig:
     # The decay gradient's intra-chunk pairs as accurate as fla's chunk_gla's, for 5% of the HGRN2 backward.
     three_pass_diagonal=vector,
     matched_rounding=vector,
+    # A decay gradient more accurate than fla's chunk_gla's with weak gates, for 1-7% of HGRN2's forward+backward;
+    # the two passes slow 128-wide segmented scan tiles far more than 64-wide ones.
+    split_scan_updates=vector,
+    segment_scan_tile=64 if vector else 128,
+    # Unrolled per-key-channel scans won at 128 programs and lost at 192 (more than the H200's 132 SMs).
+    latency_bound_programs=133 if vector else 256,
   )
 
 
