@@ -549,8 +549,27 @@ def test_two_pass_scan_updates_and_state_products_cut_the_weak_gate_decay_gradie
     config = _config("vector", q, **overrides)
     out, _, grads = _kernel_with_grads(None, q, k, v, log_decay, state, segment_ids, d_out, d_state, config)
     assert testing.relative_rms_error(out, expected_out) <= BF16_BOUND
-    assert all(testing.relative_rms_error(grads[name], expected[name]) <= BF16_BOUND for name in expected)
     errors.append({name: testing.relative_rms_error(grads[name], expected[name]) for name in expected})
+    assert max(errors[-1].values()) <= BF16_BOUND, errors[-1]
   one_pass, two_pass, grads_split, all_split = (e["log_decay"] for e in errors)
   assert two_pass <= 0.75 * one_pass and grads_split <= 0.75 * two_pass and all_split <= 1e-5, errors
   assert errors[0]["initial_state"] > 1e-4 and errors[1]["initial_state"] <= 1e-5, errors
+
+
+@pytest.mark.parametrize("decay_mode", ["scalar", "token"])
+def test_fused_forward_two_pass_updates_make_the_final_state_exact(decay_mode):
+  """The fused forward's state update takes the decayed keys in two passes too (split_scan_updates): the final
+  state then matches the float64 recurrence to fp32 accumulation (2e-6 here, 1.6e-3 in one pass)."""
+  q, k, v, log_decay, state, segment_ids = testing.random_inputs(
+    5, batch=1, time=300, heads=2, dim_k=32, dim_v=32, decay_mode=decay_mode, strength="weak", dtype=jnp.bfloat16
+  )
+  d_out, d_state = _cotangents(6, v, state.shape)
+  expected_out, expected_state, _ = testing.reference_float64(q, k, v, log_decay, state, segment_ids, d_out, d_state)
+  state_errors = []
+  for split in (False, True):
+    config = _config(decay_mode, q, split_scan_updates=split)
+    assert config.fused_forward
+    out, final_state = gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, config=config)
+    assert testing.relative_rms_error(out, expected_out) <= BF16_BOUND
+    state_errors.append(testing.relative_rms_error(final_state, expected_state))
+  assert state_errors[0] > 1e-4 and state_errors[1] <= 1e-5, state_errors
