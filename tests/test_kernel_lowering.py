@@ -18,6 +18,7 @@ from jax.experimental.pallas import triton as pltriton
 from lsm_jax.models import build_model, get_config
 from pallas_kernels.attention import flash
 from pallas_kernels.linear_attention import gpu, tpu
+from pallas_kernels.linear_attention.gpu.forward import FUSED_FORWARD_STATES
 
 BATCH, TIME, HEADS = 1, 100, 2  # T not a multiple of the chunk: the padded path
 
@@ -76,6 +77,7 @@ BACKWARD = {"linear_attention_state_scan_reverse", "linear_attention_grad_v", "l
     ("none", jnp.bfloat16, {}),
     ("scalar", jnp.bfloat16, {}),
     ("scalar", jnp.bfloat16, {"fused_forward": False}),
+    ("scalar", jnp.bfloat16, {"fused_forward_states": True}),
     ("token", jnp.bfloat16, {}),
     ("vector", jnp.bfloat16, {}),
     ("vector", jnp.bfloat16, {"split_sub_chunks": False, "score_levels": 0}),
@@ -92,7 +94,8 @@ def test_linear_attention_lowers_to_triton(lowering_for_the_gpu, decay_mode, dty
 
   gradients, args = linear_attention_gradients(op, decay_mode, dtype, 64)
   names = lowered_kernel_names(gradients, *args)
-  forward = {"linear_attention_fused_forward"} if config.fused_forward else {"linear_attention_output"}
+  fused = FUSED_FORWARD_STATES if config.fused_forward_states else "linear_attention_fused_forward"
+  forward = {fused} if config.fused_forward else {"linear_attention_output"}
   if decay_mode == "vector":
     forward |= {"linear_attention_intra_scores", "linear_attention_chunk_sums"}
   assert forward | BACKWARD <= names, names

@@ -15,6 +15,7 @@ from jaxpr_tools import equations, pallas_kernel_name, pallas_kernel_names
 
 from pallas_kernels.linear_attention import gpu, testing
 from pallas_kernels.linear_attention.gpu import blocks
+from pallas_kernels.linear_attention.gpu.forward import FUSED_FORWARD_STATES
 
 FP32_BOUND = 1e-4
 BF16_BOUND = 1e-2
@@ -252,6 +253,30 @@ def test_backward_reuses_the_unfused_forward_states(decay_mode, dtype):
   assert launches.count("linear_attention_state_scan") == 1
   if decay_mode == "vector":
     assert launches.count("linear_attention_chunk_sums") == 2
+
+
+@pytest.mark.parametrize(
+  "decay_mode,dtype,min_segment_chunks",
+  [("scalar", jnp.float32, 2), ("token", jnp.bfloat16, 2), ("none", jnp.bfloat16, 8)],
+)
+def test_fused_forward_states_feed_the_backward(decay_mode, dtype, min_segment_chunks):
+  # The fused forward that also stores the state entering each chunk (config.fused_forward_states), over four
+  # segments of two chunks (documents and strong decay crossing their edges) or one segment: values and gradients
+  # (the decay's too) against the float64 recurrence, and the backward runs no forward state scan.
+  overrides = dict(fused_forward_states=True, min_segment_chunks=min_segment_chunks)
+  _assert_matches_reference(
+    14, decay_mode=decay_mode, dim_k=32, dim_v=16, time=120, chunk_size=16, dtype=dtype, strength="strong", **overrides
+  )
+  q, k, v, log_decay, state, segment_ids = testing.random_inputs(
+    14, batch=2, time=120, heads=2, dim_k=32, dim_v=16, decay_mode=decay_mode, dtype=dtype
+  )
+  config = _config(decay_mode, q, **overrides)
+  op = lambda q: gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 16, config)[0].sum()
+  launches = pallas_kernel_names(jax.make_jaxpr(jax.grad(op))(q).jaxpr)
+  assert launches.count(FUSED_FORWARD_STATES) == 1 and "linear_attention_fused_forward" not in launches
+  assert "linear_attention_state_scan" not in launches
+  # level 1 of the two-level scan: the fused forward's segments alone, no rescan of its states
+  assert launches.count("linear_attention_state_scan_segments") == (1 if min_segment_chunks == 2 else 0)
 
 
 @pytest.mark.parametrize("decay_mode,strength", [("scalar", "weak"), ("vector", "strong")])

@@ -37,14 +37,16 @@ from lsm_jax import layer_pattern
 from lsm_jax.models import layers
 from lsm_jax.models.configs import ModelConfig
 from lsm_jax.models.mixers import ARCHITECTURES, MIXERS
+from pallas_kernels.linear_attention.gpu.forward import FUSED_FORWARD_STATES
 
 # Primitives of the token mixers' fused kernels: the Pallas linear-attention kernels and cuDNN flash attention's
 # forward (its output and softmax statistics). jax 0.10 and 0.11 name them so.
 _MIXER_KERNEL_PRIMITIVES = frozenset({"pallas_call", "dot_product_attention_fwd_wrapper"})
 # HGRN2's per-chunk states and chunk-local gates are residuals of its GPU op (its backward then runs no forward
-# state scan). dots_and_mixer_kernels_saveable recomputes them, dots_and_all_mixer_kernels_saveable keeps them:
-# H200, 1B at 8K, 60,386 tokens/s in 54.2 GiB recomputed, 61,373 in 66.2 GiB kept (docs/performance.md).
-_STATE_KERNELS = frozenset({"linear_attention_state_scan", "linear_attention_chunk_sums"})
+# state scan), as are those of a fused forward that stores its states (GpuKernelConfig.fused_forward_states).
+# dots_and_mixer_kernels_saveable recomputes them, dots_and_all_mixer_kernels_saveable keeps them:
+# H200, HGRN2 1B at 8K, 60,386 tokens/s in 54.2 GiB recomputed, 61,373 in 66.2 GiB kept (docs/performance.md).
+_STATE_KERNELS = frozenset({"linear_attention_state_scan", "linear_attention_chunk_sums", FUSED_FORWARD_STATES})
 
 
 def pallas_kernel_name(params) -> str:

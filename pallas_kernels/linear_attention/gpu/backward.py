@@ -1,6 +1,6 @@
 """The backward: the reverse scan of the state gradient, then two chunk-parallel kernels, dv = Aᵀ·do + k̄·dh (Dv
-tiles, A from the forward) and dq, dk (Dk tiles). It takes the forward's chunk-local gates and, from the unfused
-forward, its per-chunk states as residuals; after the fused forward it rescans the states.
+tiles, A from the forward) and dq, dk (Dk tiles). It takes the forward's chunk-local gates and its per-chunk
+states, where the forward stored them, as residuals; otherwise it rescans the states.
 
 The decay gradient telescopes only to the end of each chunk (as fla's chunk_gla does):
 d log α_r = Σ_{r≤t≤e} (q·dq − k·dk)_t + Σ_v S_e·dS_e, e the chunk's last row, S_e the state leaving the chunk and
@@ -373,7 +373,7 @@ def backward(plan, residuals, cotangents):
   time = q.shape[1]
   qp, kp, vp, g, resets, layout = prepare(plan, q, k, v, None, segment_ids, gates)
   dop = pad_time(d_out.astype(v.dtype), layout.time)
-  if states is None:  # the fused forward's
+  if states is None:  # a fused forward that stored none
     states, _ = state_scan(layout, kp, vp, g, resets, value_major(initial_state), state_dtype(plan, q.dtype), False)
   grads_dtype = state_dtype(plan, q.dtype, gradients=True)
   d_states, d_init = state_scan(layout, qp, dop, g, resets, value_major(cotangents[1]), grads_dtype, reverse=True)

@@ -33,6 +33,9 @@ class GpuKernelConfig:
       looping over the chunk's sub-chunks.
     fused_forward: the forward walks the chunks in one kernel with the state in registers instead of a state
       scan that stores every chunk's state followed by the output kernel.
+    fused_forward_states: the fused forward also stores the state entering each chunk, rounded as the state
+      scan's, for the backward, which then runs no forward state scan: a residual of O((T/C)·Dk·Dv) per call, as
+      the unfused forward keeps.
     one_pass_tf32: the dq/dk kernel's fp32 matmuls (a per-key-channel or per-token decay gradient's intra-chunk
       terms) in one TF32 pass instead of three.
     three_pass_diagonal: with one_pass_tf32, the per-key-channel dq/dk kernel's diagonal-block matmuls (and the
@@ -85,6 +88,7 @@ class GpuKernelConfig:
   fused_forward: bool
   one_pass_tf32: bool
   decay_key_tile: int = 64
+  fused_forward_states: bool = False
   three_pass_diagonal: bool = False
   matched_rounding: bool = False
   fp32_states: bool = False

@@ -29,6 +29,10 @@ from pallas_kernels.linear_attention.gpu.planning import (
 from pallas_kernels.linear_attention.gpu.scans import scaled_update, segment_start_states, state_scan
 from pallas_kernels.linear_attention.gpu.scores import chunk_scores, intra_scores
 
+# The fused forward that also stores every chunk's state: a state kernel to the remat policies, which recompute it
+# rather than keep its states when they keep no states.
+FUSED_FORWARD_STATES = "linear_attention_fused_forward_states"
+
 
 def _output_kernel(*refs, plan):
   """o = q̄·h + A·v for one chunk and Dv tile."""
@@ -48,14 +52,15 @@ def _chunk_output(plan, sub, q, k, v, state, scores=None):
 
 
 def _fused_forward_kernel(*refs, plan, num_chunks, has_init, segments):
-  """The forward without materialised states: one program per (Dv tile, segment, batch·head) walks the
+  """The forward with the state in registers: one program per (Dv tile, segment, batch·head) walks the
   segment's chunks from the state entering it, o = q̄·hᵀ + A·v then h ← decay·h + v̂ᵀk̂, the fp32 state
   [Dv tile, Dk] in registers (rounded to the inputs' dtype for the q̄·hᵀ matmul, as the stored per-chunk states of
-  the unfused path are); the last segment's program stores the state leaving it."""
+  the unfused path are); the last segment's program stores the state leaving it. With a states output
+  (config.fused_forward_states) it also stores the state entering each chunk, rounded as the unfused path's."""
   (q_ref, k_ref, v_ref), g_ref, resets_ref, rest = split_refs(refs, plan, 3)
   init_ref = [rest.pop(0)] if has_init else []
   scores_ref = rest.pop(0) if plan.mode == "vector" else None
-  o_ref, last_ref = rest
+  o_ref, last_ref, *states_ref = rest
   chunk, dtype = plan.chunk, q_ref.dtype
 
   def step(n, state):
@@ -64,6 +69,8 @@ def _fused_forward_kernel(*refs, plan, num_chunks, has_init, segments):
     sub = ChunkFactors(plan, from_row(g_ref, start), from_row(resets_ref, start), chunk)
     q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
     scores = None if scores_ref is None else scores_ref[rows, :]
+    if states_ref:
+      states_ref[0][n] = state.astype(states_ref[0].dtype)
     o_ref[rows, :] = _chunk_output(plan, sub, q, k, v, state, scores).astype(o_ref.dtype)
     k_hat = ChunkFactors.scale(k.astype(jnp.float32), sub.k_factor)
     return ChunkFactors.scale(state, sub.state_decay) + scaled_update(plan, v, k_hat, dtype)
@@ -132,9 +139,10 @@ def _output(layout, q, k, v, g, resets, states, scores, out_dtype):
   return out
 
 
-def _fused_forward(layout, q, k, v, g, resets, init, scores, out_dtype):
-  """(o [B,T,H,Dv], last state [B,H,Dv,Dk] f32) by the fused kernel; with few programs the segments' starting
-  states come from the first two levels of the two-level scan."""
+def _fused_forward(layout, q, k, v, g, resets, init, scores, out_dtype, states_dtype=None):
+  """(o [B,T,H,Dv], last state [B,H,Dv,Dk] f32, and given states_dtype the state entering each chunk
+  [B,N,H,Dv,Dk]) by the fused kernel; with few programs the segments' starting states come from the first two
+  levels of the two-level scan."""
   plan, heads = layout.plan, layout.heads
   tile_v = min(plan.config.fused_value_tile, layout.dim_v)
   tiles = layout.dim_v // tile_v
@@ -166,6 +174,19 @@ def _fused_forward(layout, q, k, v, g, resets, init, scores, out_dtype):
     operands.append(scores)
   # Only the last segment's program stores the state leaving it: the final state [B,H,Dv,Dk].
   last_spec = pl.BlockSpec((None, None, tile_v, layout.dim_k), lambda t, s, bh: (bh // heads, bh % heads, t, 0))
+  out_specs = [time_spec(tile_v, True), last_spec]
+  out_shape = [
+    jax.ShapeDtypeStruct((layout.batch, layout.time, heads, layout.dim_v), out_dtype),
+    jax.ShapeDtypeStruct((layout.batch, heads, layout.dim_v, layout.dim_k), jnp.float32),
+  ]
+  if states_dtype is not None:
+    chunks = layout.num_chunks // segments
+    out_specs.append(
+      pl.BlockSpec((None, chunks, None, tile_v, layout.dim_k), lambda t, s, bh: (bh // heads, s, bh % heads, t, 0))
+    )
+    out_shape.append(
+      jax.ShapeDtypeStruct((layout.batch, layout.num_chunks, heads, layout.dim_v, layout.dim_k), states_dtype)
+    )
   return pl.pallas_call(
     functools.partial(
       _fused_forward_kernel,
@@ -176,27 +197,26 @@ def _fused_forward(layout, q, k, v, g, resets, init, scores, out_dtype):
     ),
     grid=(tiles, segments, layout.batch * heads),
     in_specs=in_specs,
-    out_specs=[time_spec(tile_v, True), last_spec],
-    out_shape=[
-      jax.ShapeDtypeStruct((layout.batch, layout.time, heads, layout.dim_v), out_dtype),
-      jax.ShapeDtypeStruct((layout.batch, heads, layout.dim_v, layout.dim_k), jnp.float32),
-    ],
+    out_specs=out_specs,
+    out_shape=out_shape,
     compiler_params=compiler_params(plan, plan.config.num_warps),
     interpret=interpret_mode(),
-    name="linear_attention_fused_forward",
+    name=FUSED_FORWARD_STATES if states_dtype is not None else "linear_attention_fused_forward",
   )(*operands)
 
 
 def forward(plan, q, k, v, log_decay, initial_state, segment_ids):
   """((o, final state), what the backward reuses: (chunk-local g, resets), the intra-chunk scores A (vector
-  decay, else None) and the per-chunk states (None from the fused forward, which never stores them))."""
+  decay, else None) and the per-chunk states (None from a fused forward without config.fused_forward_states))."""
   time = q.shape[1]
   qp, kp, vp, g, resets, layout = prepare(plan, q, k, v, log_decay, segment_ids)
   init = value_major(initial_state)
   scores = intra_scores(layout, qp, kp, g, resets) if plan.mode == "vector" else None
   states = None
   if plan.config.fused_forward:
-    out, last = _fused_forward(layout, qp, kp, vp, g, resets, init, scores, v.dtype)
+    stored = state_dtype(plan, q.dtype) if plan.config.fused_forward_states else None
+    out, last, *states = _fused_forward(layout, qp, kp, vp, g, resets, init, scores, v.dtype, stored)
+    states = states[0] if states else None
   else:
     states, last = state_scan(layout, kp, vp, g, resets, init, state_dtype(plan, q.dtype), reverse=False)
     out = _output(layout, qp, kp, vp, g, resets, states, scores, v.dtype)

@@ -36,8 +36,9 @@ def _linear_attention_fwd(q, k, v, log_decay, initial_state, segment_ids, plan):
   # is a fixed buffer); only then does the backward pay for its terms (and fp32 dq/dk operands for a decay per token or
   # per key channel).
   wants_decay_grad = log_decay is not None and log_decay.perturbed
-  # The backward takes the forward's chunk-local gates (fla saves its g_cumsum too) and, from the unfused forward,
-  # its per-chunk states: O((T/C)·Dk·Dv) more memory than fla keeps, one state scan less than it runs.
+  # The backward takes the forward's chunk-local gates (fla saves its g_cumsum too) and, from the unfused forward
+  # (or the fused one with config.fused_forward_states), its per-chunk states: O((T/C)·Dk·Dv) more memory than
+  # fla keeps, one state scan less than it runs.
   # log_decay's value is not needed: a zero-size marker of its dtype says that its gradient is wanted.
   q, k, v, log_decay, initial_state, segment_ids = (
     None if x is None else x.value for x in (q, k, v, log_decay, initial_state, segment_ids)
