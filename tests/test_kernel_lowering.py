@@ -101,6 +101,24 @@ def test_linear_attention_lowers_to_triton(lowering_for_the_gpu, decay_mode, dty
   assert forward | BACKWARD <= names, names
 
 
+@pytest.mark.parametrize(
+  "decay_mode,overrides",
+  [("scalar", {}), ("token", {"fused_forward_states": True}), ("none", {"fused_forward": False})],
+)
+def test_packed_operands_lower_to_triton(lowering_for_the_gpu, decay_mode, overrides):
+  """The kernels reading q, k, v in place from the packed projection (slot BlockSpecs of a 5-D array), with the
+  SiLU on q and k, and writing dq and dk into the packed gradient that the dv kernel allocated (an aliased
+  [C, 2, W] block)."""
+  shape = (BATCH, TIME, HEADS, 64)
+  config = dataclasses.replace(gpu.default_config(decay_mode, shape, jnp.bfloat16), packed_operands=True, **overrides)
+
+  def op(q, k, v, *inputs):
+    return gpu.linear_attention_gpu_qkv(jnp.stack([q, k, v], axis=2), *inputs, None, "silu", config)
+
+  gradients, args = linear_attention_gradients(op, decay_mode, jnp.bfloat16, 64)
+  assert BACKWARD <= lowered_kernel_names(gradients, *args)
+
+
 @pytest.mark.parametrize("decay_mode", ["none", "scalar", "token", "vector"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_tpu_linear_attention_lowers_to_mosaic(decay_mode, dtype):

@@ -38,6 +38,16 @@ def _kernel_with_grads(chunk_size, q, k, v, log_decay, initial_state, segment_id
   return testing.backend_with_grads(op, chunk_size, q, k, v, log_decay, initial_state, segment_ids, d_out, d_state)
 
 
+def _packed_op(config, feature_map):
+  """linear_attention_gpu_qkv as a backend of separate q, k, v: they are stacked into the packed projection."""
+
+  def op(q, k, v, log_decay, initial_state, segment_ids, chunk_size):
+    qkv = jnp.stack([q, k, v], axis=2)
+    return gpu.linear_attention_gpu_qkv(qkv, log_decay, initial_state, segment_ids, chunk_size, feature_map, config)
+
+  return op
+
+
 def _assert_matches_reference(
   seed,
   *,
@@ -52,8 +62,11 @@ def _assert_matches_reference(
   initial_state=True,
   batch=2,
   heads=2,
+  packed_feature_map=False,
   **overrides,
 ):
+  """The op's values and gradients against the float64 recurrence; packed_feature_map (False: the op of separate
+  q, k, v): linear_attention_gpu_qkv with that feature map (None or a name), through its stacked q, k, v."""
   q, k, v, log_decay, state, segment_ids = testing.random_inputs(
     seed,
     batch=batch,
@@ -68,13 +81,19 @@ def _assert_matches_reference(
     initial_state=initial_state,
   )
   d_out, d_state = _cotangents(seed + 1, v, (batch, heads, dim_k, dim_v))
+  packed = packed_feature_map is not False
   expected_out, expected_state, expected_grads = testing.reference_float64(
-    q, k, v, log_decay, state, segment_ids, d_out, d_state
+    q, k, v, log_decay, state, segment_ids, d_out, d_state, feature_map=packed_feature_map if packed else None
   )
   config = _config(decay_mode, q, **overrides) if overrides else None
-  out, final_state, grads = _kernel_with_grads(
-    chunk_size, q, k, v, log_decay, state, segment_ids, d_out, d_state, config
-  )
+  if packed:
+    out, final_state, grads = testing.backend_with_grads(
+      _packed_op(config, packed_feature_map), chunk_size, q, k, v, log_decay, state, segment_ids, d_out, d_state
+    )
+  else:
+    out, final_state, grads = _kernel_with_grads(
+      chunk_size, q, k, v, log_decay, state, segment_ids, d_out, d_state, config
+    )
   assert out.dtype == v.dtype and final_state.dtype == jnp.float32
   bound = FP32_BOUND if dtype == jnp.float32 else BF16_BOUND
   errors = {
@@ -277,6 +296,51 @@ def test_fused_forward_states_feed_the_backward(decay_mode, dtype, min_segment_c
   assert "linear_attention_state_scan" not in launches
   # level 1 of the two-level scan: the fused forward's segments alone, no rescan of its states
   assert launches.count("linear_attention_state_scan_segments") == (1 if min_segment_chunks == 2 else 0)
+
+
+@pytest.mark.parametrize(
+  "decay_mode,dtype,feature_map,overrides",
+  [
+    ("scalar", jnp.float32, "silu", dict(min_segment_chunks=2)),
+    ("scalar", jnp.bfloat16, "silu", {}),
+    ("token", jnp.bfloat16, "silu", dict(fused_forward_states=True)),
+    ("none", jnp.float32, None, dict(fused_forward=False)),
+  ],
+)
+def test_packed_operands_match_reference(decay_mode, dtype, feature_map, overrides):
+  # linear_attention_gpu_qkv reading q, k, v in place from the packed projection (config.packed_operands), the
+  # SiLU applied as the kernels load q and k: values and gradients (the decay's too) against the float64 recurrence
+  # of (SiLU(q), SiLU(k), v) differentiated through the SiLU; four segments of two chunks, the fused forward storing
+  # its states, or the state scan + output kernel forward. Every kernel reading q, k or v takes the packed array
+  # itself, and its gradient leaves as one packed array (no slice, no concatenation).
+  overrides = dict(packed_operands=True) | overrides
+  _assert_matches_reference(
+    15,
+    decay_mode=decay_mode,
+    dim_k=32,
+    dim_v=32,
+    time=120,
+    chunk_size=16,
+    dtype=dtype,
+    strength="strong",
+    packed_feature_map=feature_map,
+    **overrides,
+  )
+  q, k, v, log_decay, state, segment_ids = testing.random_inputs(
+    15, batch=2, time=128, heads=2, dim_k=32, dim_v=32, decay_mode=decay_mode, dtype=dtype
+  )
+  qkv = jnp.stack([q, k, v], axis=2)
+  config = _config(decay_mode, q, **overrides)
+  op = lambda qkv: gpu.linear_attention_gpu_qkv(qkv, log_decay, state, segment_ids, 16, feature_map, config)[0].sum()
+  jaxpr = jax.make_jaxpr(jax.grad(op))(qkv).jaxpr
+  flat = list(equations(jaxpr))
+  readers = [eqn for eqn in flat if any(getattr(x.aval, "shape", None) == qkv.shape for x in eqn.invars)]
+  assert {eqn.primitive.name for eqn in readers} == {"pallas_call"}
+  reading = {"linear_attention_grad_v", "linear_attention_grad_qk", "linear_attention_state_scan_reverse"}
+  assert reading <= {pallas_kernel_name(eqn.params) for eqn in readers}
+  (gradient,) = jaxpr.outvars
+  (producer,) = [eqn for eqn in flat if gradient in eqn.outvars]
+  assert pallas_kernel_name(producer.params) == "linear_attention_grad_qk"
 
 
 @pytest.mark.parametrize("decay_mode,strength", [("scalar", "weak"), ("vector", "strong")])

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jaxpr_tools import pallas_kernel_names
+from jaxpr_tools import equations, pallas_kernel_names
 
 from lsm_jax.models import ARCHS, build_model, get_config
 from pallas_kernels.linear_attention.gpu import op as gpu_op
@@ -245,15 +245,18 @@ def test_mixer_kernel_remat_policy_runs_the_kernel_forward_once():
 def test_remat_policies_recompute_or_keep_the_fused_forward_states(monkeypatch):
   """A fused forward that stores its per-chunk states (GpuKernelConfig.fused_forward_states, TNL) is a state kernel
   to the remat policies: dots_and_mixer_kernels_saveable re-runs it for the backward, dots_and_all_mixer_kernels_
-  saveable and no remat run it once; none runs a forward state scan. All give the loss and gradients of the
-  default kernels without remat. Pallas GPU kernels in interpret mode."""
+  saveable and no remat run it once; none runs a forward state scan. With the kernels also reading the packed
+  q, k, v projection in place (packed_operands) all give the loss and gradients of the default kernels without
+  remat. Pallas GPU kernels in interpret mode."""
   tokens = random_tokens(7, (2, 40))
   segment_ids = jnp.asarray([[1] * 25 + [2] * 15, [1] * 40], jnp.int32)
   kernels = dict(linear_attention_backend="pallas_gpu", chunk_size=16, scan_layers=False)
   loss_ref, grads_ref, _ = _loss_and_grads(tiny_config("tnl", **kernels), tokens, segment_ids)
   tuned = gpu_op.default_config
   monkeypatch.setattr(
-    gpu_op, "default_config", lambda *args: dataclasses.replace(tuned(*args), fused_forward_states=True)
+    gpu_op,
+    "default_config",
+    lambda *args: dataclasses.replace(tuned(*args), fused_forward_states=True, packed_operands=True),
   )
   layers = TINY["num_layers"]
   runs = {"none": layers, "dots_and_mixer_kernels_saveable": 2 * layers, "dots_and_all_mixer_kernels_saveable": layers}
@@ -264,6 +267,12 @@ def test_remat_policies_recompute_or_keep_the_fused_forward_states(monkeypatch):
     loss_fn = lambda p: nnx.merge(graphdef, p)(tokens, segment_ids=segment_ids).mean()
     launches = collections.Counter(pallas_kernel_names(jax.make_jaxpr(jax.grad(loss_fn))(params).jaxpr))
     assert launches[FUSED_FORWARD_STATES] == runs_expected, (policy, launches)
+    packed_reads = [
+      eqn
+      for eqn in equations(jax.make_jaxpr(jax.grad(loss_fn))(params).jaxpr)
+      if eqn.primitive.name == "pallas_call" and any(len(getattr(x.aval, "shape", ())) == 5 for x in eqn.invars)
+    ]
+    assert len(packed_reads) >= 4 * layers  # fused forward, reverse scan, dv and dq/dk kernels per layer
     assert launches["linear_attention_state_scan"] == 0 and launches["linear_attention_fused_forward"] == 0
     loss, grads, _ = _loss_and_grads(config, tokens, segment_ids)
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)

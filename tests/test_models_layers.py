@@ -240,3 +240,49 @@ def test_softmax_mixer_matches_float64_attention():
   weights /= weights.sum(-1, keepdims=True)
   expected = np.einsum("hts,shd->thd", weights, v).reshape(7, 16) @ f64(mixer.out.kernel[...])
   np.testing.assert_allclose(y[0], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("decay_mode", ["scalar", "token"])
+def test_packed_linear_attention_runs_per_shard_of_batch_and_heads(monkeypatch, decay_mode):
+  """sharded_linear_attention_qkv hands the Pallas GPU kernels (interpret mode) the packed projection per shard,
+  batch over data × fsdp and heads over tensor, with the kernels reading it in place (packed_operands): the same
+  values and gradients as the unsharded XLA op of the sliced, SiLU-mapped q, k, v. A decay per head and token
+  [B, T, H] is split like the rows."""
+  import dataclasses
+
+  from lsm_jax import sharding
+  from pallas_kernels.linear_attention import testing
+  from pallas_kernels.linear_attention.gpu import op as gpu_op
+
+  if jax.device_count() < 8:
+    pytest.skip("needs the 8 fake CPU devices of tests/conftest.py")
+  tuned = gpu_op.default_config
+  calls = []
+
+  def packed_config(mode, shape, dtype):
+    calls.append(shape)
+    return dataclasses.replace(tuned(mode, shape, dtype), packed_operands=True)
+
+  monkeypatch.setattr(gpu_op, "default_config", packed_config)
+  batch, time, heads, dim = 4, 48, 2, 16
+  q, k, v, log_decay, _, segment_ids = testing.random_inputs(
+    3, batch=batch, time=time, heads=heads, dim_k=dim, dim_v=dim, decay_mode=decay_mode
+  )
+  qkv = jnp.stack([q, k, v], axis=2)
+
+  def loss(qkv, log_decay, backend):
+    out = layers.sharded_linear_attention_qkv(
+      qkv, log_decay, feature_map="silu", segment_ids=segment_ids, backend=backend, chunk_size=16
+    )
+    return jnp.sum(out * jnp.arange(dim, dtype=out.dtype)), out
+
+  (_, expected), expected_grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(qkv, log_decay, "xla")
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=4, tensor=2))
+  with sharding.activate(mesh):
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)(
+      qkv, log_decay, "pallas_gpu"
+    )
+  assert set(calls) == {(batch // 4, time, heads // 2, dim)}
+  np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-4, atol=1e-5)
+  for got, want in zip(grads, expected_grads):
+    assert testing.relative_rms_error(got, want) < 1e-4

@@ -146,6 +146,20 @@ class KernelShards:
   def segment_spec(self):
     return jax.sharding.PartitionSpec(self.batch, None)
 
+  def attention_specs(self, log_decay, segment_ids, return_final_state):
+    """(log_decay's spec, segment_ids' spec, the out_specs) of a linear-attention call per shard."""
+    activation = self.activation_spec()
+    # no decay, one decay per head [H], one per row and head [B, T, H], or one per row and key channel
+    decay_spec = None
+    if log_decay is not None:
+      decay_spec = {
+        1: jax.sharding.PartitionSpec(self.heads),
+        3: jax.sharding.PartitionSpec(self.batch, None, self.heads),
+      }.get(log_decay.ndim, activation)
+    segment_spec = None if segment_ids is None else self.segment_spec()
+    state_spec = jax.sharding.PartitionSpec(self.batch, self.heads, None, None)
+    return decay_spec, segment_spec, ((activation, state_spec) if return_final_state else activation)
+
   def per_shard(self, fn, in_specs, out_specs):
     """fn under a shard_map with these specs; check_vma off: pallas_call has no replication rule, the specs
     state the layout exactly."""
@@ -192,13 +206,49 @@ def sharded_linear_attention(
   if not backend.startswith("pallas"):
     return call(q, k, v, log_decay, segment_ids)
   activation = shards.activation_spec()
-  # no decay, one decay per head, or one per row and key channel
-  decay_spec = (
-    None if log_decay is None else (jax.sharding.PartitionSpec(shards.heads) if log_decay.ndim == 1 else activation)
-  )
-  segment_spec = None if segment_ids is None else shards.segment_spec()
-  state_spec = jax.sharding.PartitionSpec(shards.batch, shards.heads, None, None)
-  out_specs = (activation, state_spec) if return_final_state else activation
+  decay_spec, segment_spec, out_specs = shards.attention_specs(log_decay, segment_ids, return_final_state)
   return shards.per_shard(call, (activation, activation, activation, decay_spec, segment_spec), out_specs)(
     q, k, v, log_decay, segment_ids
   )
+
+
+def sharded_linear_attention_qkv(
+  qkv, log_decay=None, *, feature_map=None, segment_ids=None, return_final_state=False, backend="auto", chunk_size=None
+):
+  """`pallas_kernels.linear_attention.linear_attention_qkv` (qkv [B, T, 3, H, D]: q, k, v packed, φ = feature_map
+  on q and k) under the active mesh. The Pallas GPU kernels take the packed projection per shard (batch and
+  heads, as in sharded_linear_attention); every other case (other backends, sequence parallelism) slices q, k, v,
+  maps q and k and runs sharded_linear_attention."""
+  backend = linear_attention_api.resolve_backend(backend)
+  batch, time, _, heads, dim = qkv.shape
+  shards = KernelShards(jax.ShapeDtypeStruct((batch, time, heads, dim), qkv.dtype))
+  if backend != "pallas_gpu" or shards.length is not None:
+    q, k, v = (qkv[:, :, index] for index in range(3))
+    q, k = common.apply_feature_map(feature_map, q), common.apply_feature_map(feature_map, k)
+    return sharded_linear_attention(
+      q,
+      k,
+      v,
+      log_decay,
+      segment_ids=segment_ids,
+      return_final_state=return_final_state,
+      backend=backend,
+      chunk_size=chunk_size,
+    )
+
+  def call(qkv, log_decay, segment_ids):
+    return linear_attention_api.linear_attention_qkv(
+      qkv,
+      log_decay,
+      feature_map=feature_map,
+      segment_ids=segment_ids,
+      return_final_state=return_final_state,
+      backend=backend,
+      chunk_size=chunk_size,
+    )
+
+  if not shards.sharded:
+    return call(qkv, log_decay, segment_ids)
+  packed = jax.sharding.PartitionSpec(shards.batch, None, None, shards.heads, None)
+  decay_spec, segment_spec, out_specs = shards.attention_specs(log_decay, segment_ids, return_final_state)
+  return shards.per_shard(call, (packed, decay_spec, segment_spec), out_specs)(qkv, log_decay, segment_ids)

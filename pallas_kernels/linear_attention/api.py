@@ -25,7 +25,7 @@ import importlib
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.linear_attention import reference
+from pallas_kernels.linear_attention import common, reference
 
 BACKENDS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu")
 # Module (inside this package) and function implementing each concrete backend. Each function has the
@@ -126,6 +126,51 @@ def linear_attention(
   impl = _impl(resolved)
   out, final_state = impl(q, k, v, log_decay, initial_state, segment_ids, chunk_size)
   return (out, final_state) if return_final_state else out
+
+
+def linear_attention_qkv(
+  qkv,
+  log_decay=None,
+  *,
+  feature_map=None,
+  initial_state=None,
+  segment_ids=None,
+  return_final_state=False,
+  backend="auto",
+  chunk_size=None,
+):
+  """`linear_attention(φ(q), φ(k), v, ...)` of a packed projection qkv [batch, time, 3, heads, dim] whose slots
+  0, 1, 2 are q, k, v (dim_k = dim_v), φ the feature map `feature_map` (None: none; "silu": TNL's). The
+  "pallas_gpu" backend can read the slots in place and apply φ as its kernels load q and k, its gradient one packed
+  array (GpuKernelConfig.packed_operands); the others slice q, k, v out."""
+  if qkv.ndim != 5 or qkv.shape[2] != 3:
+    raise ValueError(f"qkv has shape {tuple(qkv.shape)}; expected [batch, time, 3, heads, dim] (q, k, v packed).")
+  if feature_map is not None and feature_map not in common.FEATURE_MAPS:
+    raise ValueError(f"Unknown feature map {feature_map!r}; valid: None, {', '.join(map(repr, common.FEATURE_MAPS))}.")
+  slices = [qkv[:, :, index] for index in range(3)]  # unused (and never computed under jit) by the packed kernels
+  check_inputs(*slices, log_decay, initial_state, segment_ids)
+  resolved = resolve_backend(backend)
+  if resolved == "pallas_gpu":
+    from pallas_kernels.linear_attention import gpu
+
+    if gpu.fits_shared_memory(qkv.dtype, qkv.shape[-1], qkv.shape[-1]) or backend == "pallas_gpu":
+      out, final_state = gpu.linear_attention_gpu_qkv(
+        qkv, log_decay, initial_state, segment_ids, chunk_size, feature_map
+      )
+      return (out, final_state) if return_final_state else out
+  q, k, v = slices
+  q, k = common.apply_feature_map(feature_map, q), common.apply_feature_map(feature_map, k)
+  return linear_attention(
+    q,
+    k,
+    v,
+    log_decay,
+    initial_state=initial_state,
+    segment_ids=segment_ids,
+    return_final_state=return_final_state,
+    backend=backend,
+    chunk_size=chunk_size,
+  )
 
 
 def linear_attention_step(q, k, v, state, log_decay=None):

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+
+# Feature maps that `linear_attention_qkv` applies to q and k (TNL's SiLU; None: none).
+FEATURE_MAPS = {"silu": jax.nn.silu}
+
+
+def apply_feature_map(name, x):
+  return x if name is None else FEATURE_MAPS[name](x)
 
 
 def round_up(value: int, multiple: int) -> int:

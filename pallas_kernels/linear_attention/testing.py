@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.linear_attention import reference
+from pallas_kernels.linear_attention import common, reference
 
 # Per-step log-decay ranges, drawn as -exp(U(log lo, log hi)): weak (TNL's last layers), strong (HGRN2 gates
 # near 0, down to e^-10 per step).
@@ -88,15 +90,31 @@ def _present(**arrays):
   return {name: x for name, x in arrays.items() if x is not None}
 
 
-def reference_float64(q, k, v, log_decay, initial_state, segment_ids, output_cotangent, state_cotangent):
-  """Float64 recurrent outputs, final state and gradients of Σ o·do + Σ S_T·dS_T, as numpy arrays.
+@functools.cache
+def _reference_with_feature_map(feature_map):
+  """The recurrence of (φ(q), φ(k), v), one function object per feature map (a static jit argument)."""
+  if feature_map is None:
+    return reference.linear_attention_recurrent_with_chunk
+
+  def mapped(q, k, v, *rest):
+    q, k = common.apply_feature_map(feature_map, q), common.apply_feature_map(feature_map, k)
+    return reference.linear_attention_recurrent_with_chunk(q, k, v, *rest)
+
+  return mapped
+
+
+def reference_float64(
+  q, k, v, log_decay, initial_state, segment_ids, output_cotangent, state_cotangent, feature_map=None
+):
+  """Float64 recurrent outputs, final state and gradients of Σ o·do + Σ S_T·dS_T, as numpy arrays; with a
+  feature map φ (common.FEATURE_MAPS), those of the attention of φ(q), φ(k), v, differentiated through φ.
 
   Returns (out, final_state, grads) with grads a dict over q, k, v, log_decay, initial_state (present ones)."""
   with jax.enable_x64(True):
     to64 = lambda x: None if x is None else jnp.asarray(np.asarray(x, np.float64))
     diff_args = _present(q=to64(q), k=to64(k), v=to64(v), log_decay=to64(log_decay), initial_state=to64(initial_state))
     out, final_state, grads = _jitted_run_with_vjp(
-      reference.linear_attention_recurrent_with_chunk,
+      _reference_with_feature_map(feature_map),
       None,
       diff_args,
       segment_ids,

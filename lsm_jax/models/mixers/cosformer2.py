@@ -114,6 +114,20 @@ class CosFormer2Attention(TNLAttention):
   def _feature_map(self, q, k, positions):
     return lrpe(jax.nn.silu(q), positions), lrpe(jax.nn.silu(k), positions)
 
+  def _attend(self, x, positions, log_decay, segment_ids, return_final_state):
+    # LRPE doubles the key width: q, k, v leave the projection as separate arrays.
+    q, k, v = self._project(x, positions)
+    return layers.sharded_linear_attention(
+      q,
+      k,
+      v,
+      log_decay,
+      segment_ids=segment_ids,
+      return_final_state=return_final_state,
+      backend=self.config.linear_attention_backend,
+      chunk_size=self.config.chunk_size,
+    )
+
   def _log_decay(self, layer_inputs):
     del layer_inputs
     return None

@@ -73,18 +73,21 @@ class TNLAttention(base.TokenMixer):
     normed = layers.simple_rms_norm(attended.reshape(*attended.shape[:-2], -1), self.config.norm_eps)
     return self.out(normed * self.gate(x, dtype), dtype)
 
-  def __call__(self, x, *, segment_ids, positions, layer_inputs, max_length=None):
-    q, k, v = self._project(x, positions)
-    result = layers.sharded_linear_attention(
-      q,
-      k,
-      v,
-      self._log_decay(layer_inputs),
+  def _attend(self, x, positions, log_decay, segment_ids, return_final_state):
+    # The packed projection goes to the op whole: the GPU kernels can read q, k, v in place and apply the SiLU.
+    del positions
+    return layers.sharded_linear_attention_qkv(
+      self.qkv(x, jnp.dtype(self.config.dtype)),
+      log_decay,
+      feature_map="silu",
       segment_ids=segment_ids,
-      return_final_state=max_length is not None,
+      return_final_state=return_final_state,
       backend=self.config.linear_attention_backend,
       chunk_size=self.config.chunk_size,
     )
+
+  def __call__(self, x, *, segment_ids, positions, layer_inputs, max_length=None):
+    result = self._attend(x, positions, self._log_decay(layer_inputs), segment_ids, max_length is not None)
     if max_length is None:
       return self._output(result, x), None
     attended, state = result

@@ -20,7 +20,12 @@ Off the GPU the kernels run in Pallas interpret mode (tests on CPU).
 """
 
 from pallas_kernels.linear_attention.gpu.config import DECAY_MODES, GpuKernelConfig, default_config, parse_overrides
-from pallas_kernels.linear_attention.gpu.op import decay_mode, fits_shared_memory, linear_attention_gpu
+from pallas_kernels.linear_attention.gpu.op import (
+  decay_mode,
+  fits_shared_memory,
+  linear_attention_gpu,
+  linear_attention_gpu_qkv,
+)
 
 __all__ = [
   "DECAY_MODES",
@@ -29,5 +34,6 @@ __all__ = [
   "default_config",
   "fits_shared_memory",
   "linear_attention_gpu",
+  "linear_attention_gpu_qkv",
   "parse_overrides",
 ]

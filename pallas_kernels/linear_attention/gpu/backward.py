@@ -31,9 +31,12 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.linear_attention.gpu.blocks import (
   ChunkFactors,
+  SlotRef,
   compiler_params,
   edge_factors,
   exp,
+  feature,
+  feature_grad,
   for_each_sub_chunk,
   interpret_mode,
   intra_mask,
@@ -47,7 +50,16 @@ from pallas_kernels.linear_attention.gpu.blocks import (
   tf32,
 )
 from pallas_kernels.linear_attention.gpu.forward import value_tiled_call
-from pallas_kernels.linear_attention.gpu.planning import chunk_sums, pad_time, prepare, state_dtype, value_major
+from pallas_kernels.linear_attention.gpu.planning import (
+  Slot,
+  chunk_sums,
+  operand,
+  pad_time,
+  prepare,
+  slot_of,
+  state_dtype,
+  value_major,
+)
 from pallas_kernels.linear_attention.gpu.scans import state_scan
 from pallas_kernels.linear_attention.gpu.scores import chunk_scores, nested_levels
 
@@ -66,14 +78,14 @@ def _dv_kernel(*refs, plan, decay_grad):
   else:
     (dv_ref,) = rest
   dtype = q_ref.dtype
-  k = k_ref[...]
-  scores = chunk_scores(plan, sub, q_ref[...], k, None if scores_ref is None else scores_ref[...])
+  k = feature(plan, k_ref[...])
+  scores = chunk_scores(plan, sub, feature(plan, q_ref[...]), k, None if scores_ref is None else scores_ref[...])
   k_hat = ChunkFactors.scale(k.astype(jnp.float32), sub.k_factor).astype(dtype)
   dv = matmul_tn(scores.astype(dtype), do_ref[...]) + matmul_nt(k_hat, dh_ref[...].astype(dtype))
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dqdk_kernel(*refs, plan, operand_dtype, time):
+def _dqdk_kernel(*refs, plan, operand_dtype, time, packed):
   """dq = (do·h) ⊙ q_factor + (dA ⊙ D)·k and dk = (v·dS) ⊙ k_factor + (dA ⊙ D)ᵀ·q for one chunk and Dk tile.
 
   operand_dtype is float32 when a per-key-channel or per-token decay gradient is wanted: it sums q·dq − k·dk,
@@ -82,8 +94,14 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
   terms do not cancel). The state terms do·h and v·dS, like dA = do·vᵀ, multiply values already in the
   input/state dtype: 16-bit products are exact in the fp32 accumulator, so they take one tensor-core pass, not
   three. With a decay per key channel or per token the chunk's Σ_j k_j·dk_state,j (module docstring) goes with
-  the rows: per program into its own output (vector), onto the chunk's last row (token)."""
-  (q_ref, k_ref, v_ref, do_ref), g_ref, resets_ref, (h_ref, dh_ref, dq_ref, dk_ref, *x_ref) = split_refs(refs, plan, 4)
+  the rows: per program into its own output (vector), onto the chunk's last row (token). packed: dq and dk go into
+  slots 0 and 1 of the packed gradient (its dv already written), through the plan's feature map."""
+  (q_ref, k_ref, v_ref, do_ref), g_ref, resets_ref, rest = split_refs(refs, plan, 4)
+  if packed:  # the aliased packed gradient's input ref (never read), then its output ref
+    h_ref, dh_ref, _, dqk_ref, *x_ref = rest
+    dq_ref, dk_ref = SlotRef(dqk_ref, 0), SlotRef(dqk_ref, 1)
+  else:
+    h_ref, dh_ref, dq_ref, dk_ref, *x_ref = rest
   dtype = operand_dtype
   dot = functools.partial(matmul, one_pass=plan.config.one_pass_tf32)
 
@@ -98,7 +116,8 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
 
   if plan.mode != "vector":
     sub = ChunkFactors(plan, g_ref, resets_ref, plan.chunk)
-    q, k, do, v = (ref[...] for ref in (q_ref, k_ref, do_ref, v_ref))
+    q_raw, k_raw, do, v = (ref[...] for ref in (q_ref, k_ref, do_ref, v_ref))
+    q, k = feature(plan, q_raw), feature(plan, k_raw)
     d_scores = matmul_nt(do, v) * intra_mask(plan, sub.g, sub.resets)
     dq_state, dk_state = _state_terms(plan, do, v, h_ref, dh_ref)
     dq_state, dk_state = ChunkFactors.scale(dq_state, sub.q_factor), ChunkFactors.scale(dk_state, sub.k_factor)
@@ -107,11 +126,11 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time):
     if plan.mode == "scalar" and x_ref:  # before dq, dk: fewer fp32 tiles live at once
       x_ref[0][...] = _head_decay_rows(plan, q, k, dq_state, dk_state, d_scores, time)
     dq = dq_state + dot(d_scores.astype(dtype), k.astype(dtype))
-    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dq_ref[...] = feature_grad(plan, q_raw, dq).astype(dq_ref.dtype)
     if token_rows:
       row_sums = jnp.sum(q.astype(jnp.float32) * dq, axis=1)
     dk = dk_state + matmul_tn(d_scores.astype(dtype), q.astype(dtype), plan.config.one_pass_tf32)
-    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dk_ref[...] = feature_grad(plan, k_raw, dk).astype(dk_ref.dtype)
     if token_rows:
       k_dk_state = jnp.sum(k.astype(jnp.float32) * dk_state)
       last_row = lax.broadcasted_iota(jnp.int32, (plan.chunk,), 0) == plan.chunk - 1
@@ -295,9 +314,9 @@ def _state_product(plan, rows, state):
   return product
 
 
-def _grad_dv(layout, q, k, do, g, resets, d_states, scores, out_dtype, states=None):
-  """dv, and given the per-chunk `states`, the decay gradient's e^Γ·Σ_v S·dS_e per chunk and Dv tile
-  [B,N,H,tiles,Dk]."""
+def _grad_dv(layout, q, k, do, g, resets, d_states, scores, out_dtype, states=None, out_slot=None):
+  """dv (out_slot given: in that slot of a packed [B,T,3,H,Dv] gradient), and given the per-chunk `states`, the
+  decay gradient's e^Γ·Σ_v S·dS_e per chunk and Dv tile [B,N,H,tiles,Dk]."""
   kernel = functools.partial(_dv_kernel, plan=layout.plan, decay_grad=states is not None)
   return value_tiled_call(
     kernel,
@@ -312,19 +331,21 @@ def _grad_dv(layout, q, k, do, g, resets, d_states, scores, out_dtype, states=No
     scores,
     out_dtype,
     paired=states,
+    out_slot=out_slot,
   )
 
 
-def _grad_dqdk(layout, q, k, v, do, g, resets, states, d_states, out_dtype, decay_grad, time):
-  """dq, dk, and with decay_grad the decay gradient's per-row q·dq − k·dk [B,T,H,Dk] f32 with each program's
+def _grad_dqdk(layout, q, k, v, do, g, resets, states, d_states, out_dtype, decay_grad, time, packed_grad=None):
+  """dq, dk (given packed_grad, the packed [B,T,3,H,D] gradient holding dv: it, with dq and dk written into its
+  slots 0 and 1), and with decay_grad the decay gradient's per-row q·dq − k·dk [B,T,H,Dk] f32 with each program's
   Σ_j k_j·dk_state,j [B,N·parts,H,Dk] (a decay per head and token: summed over each Dk tile, the chunk's sum on its
   last row, [B,T,H,tiles]; a fixed decay per head: _head_decay_rows per Dk tile)."""
   plan = layout.plan
   tile_k = min(plan.config.decay_key_tile if decay_grad else plan.config.key_tile, layout.dim_k)
   in_specs = [
-    layout.chunk_spec(tile_k, True),
-    layout.chunk_spec(tile_k, True),
-    layout.chunk_spec(layout.dim_v),
+    layout.chunk_spec(tile_k, True, slot_of(q)),
+    layout.chunk_spec(tile_k, True, slot_of(k)),
+    layout.chunk_spec(layout.dim_v, slot=slot_of(v)),
     layout.chunk_spec(layout.dim_v),
   ]
   if g is not None:
@@ -332,9 +353,18 @@ def _grad_dqdk(layout, q, k, v, do, g, resets, states, d_states, out_dtype, deca
   if resets is not None:
     in_specs.append(layout.chunk_resets_spec())
   in_specs += [layout.chunk_state_spec(layout.dim_v, tile_k, tile_rows=False)] * 2
+  operands = [operand(q), operand(k), operand(v), do, *layout.extras(g, resets), states, d_states]
   shape = (layout.batch, layout.time, layout.heads, layout.dim_k)
-  out_shape = [jax.ShapeDtypeStruct(shape, out_dtype)] * 2
-  out_specs = [layout.result_spec(tile_k, True)] * 2
+  aliases = {}
+  if packed_grad is None:
+    out_shape = [jax.ShapeDtypeStruct(shape, out_dtype)] * 2
+    out_specs = [layout.result_spec(tile_k, True)] * 2
+  else:
+    in_specs.append(layout.query_key_result_spec(tile_k))
+    aliases = {len(operands): 0}
+    operands.append(packed_grad)
+    out_shape = [jax.ShapeDtypeStruct(packed_grad.shape, packed_grad.dtype)]
+    out_specs = [layout.query_key_result_spec(tile_k)]
   if decay_grad and plan.row_gates:  # one row sum per Dk tile
     heads = layout.heads
     out_shape.append(jax.ShapeDtypeStruct((*shape[:3], layout.dim_k // tile_k), jnp.float32))
@@ -347,16 +377,20 @@ def _grad_dqdk(layout, q, k, v, do, g, resets, states, d_states, out_dtype, deca
     out_shape.append(jax.ShapeDtypeStruct((shape[0], layout.num_chunks * layout.parts, *shape[2:]), jnp.float32))
     out_specs.append(pl.BlockSpec((None, None, None, tile_k), lambda t, n, bh: (bh // heads, n, bh % heads, t)))
   operand_dtype = jnp.float32 if decay_grad and plan.mode != "scalar" else q.dtype
+  kernel = functools.partial(
+    _dqdk_kernel, plan=plan, operand_dtype=operand_dtype, time=time, packed=packed_grad is not None
+  )
   return pl.pallas_call(
-    functools.partial(_dqdk_kernel, plan=plan, operand_dtype=operand_dtype, time=time),
+    kernel,
     grid=layout.chunk_grid(layout.dim_k // tile_k),
     in_specs=in_specs,
     out_specs=out_specs,
     out_shape=out_shape,
+    input_output_aliases=aliases,
     compiler_params=compiler_params(plan, plan.config.key_warps),
     interpret=interpret_mode(),
     name="linear_attention_grad_qk",
-  )(q, k, v, do, *layout.extras(g, resets), states, d_states)
+  )(*operands)
 
 
 def _dense(cotangent, like):
@@ -367,8 +401,26 @@ def _dense(cotangent, like):
 
 def backward(plan, residuals, cotangents):
   """The custom_vjp's backward rule: gradients of q, k, v, log_decay and initial_state."""
-  q, k, v, initial_state, segment_ids, (gates, scores, states), marker = residuals
+  q, k, v, initial_state, segment_ids, saved, marker = residuals
+  (dq, dk, dv), d_log_decay, d_initial = _gradients(
+    plan, q, k, v, initial_state, segment_ids, saved, marker, cotangents
+  )
+  return (dq, dk, dv, d_log_decay, d_initial, None)
+
+
+def backward_packed(plan, residuals, cotangents):
+  """The packed op's backward rule: gradients of the packed projection [B,T,3,H,D], log_decay and initial_state."""
+  qkv, initial_state, segment_ids, saved, marker = residuals
+  slots = [Slot(qkv, index) for index in range(3)]
+  (d_qkv,), d_log_decay, d_initial = _gradients(plan, *slots, initial_state, segment_ids, saved, marker, cotangents)
+  return (d_qkv, d_log_decay, d_initial, None)
+
+
+def _gradients(plan, q, k, v, initial_state, segment_ids, saved, marker, cotangents):
+  """((dq, dk, dv), or (the packed gradient,) for Slots of one packed projection; d log_decay; d initial_state)."""
+  gates, scores, states = saved
   wants_decay_grad = marker is not None
+  packed = isinstance(q, Slot)
   d_out = _dense(cotangents[0], v)
   time = q.shape[1]
   qp, kp, vp, g, resets, layout = prepare(plan, q, k, v, None, segment_ids, gates)
@@ -378,9 +430,28 @@ def backward(plan, residuals, cotangents):
   grads_dtype = state_dtype(plan, q.dtype, gradients=True)
   d_states, d_init = state_scan(layout, qp, dop, g, resets, value_major(cotangents[1]), grads_dtype, reverse=True)
   dv, *state_term = _grad_dv(
-    layout, qp, kp, dop, g, resets, d_states, scores, v.dtype, states if wants_decay_grad else None
+    layout,
+    qp,
+    kp,
+    dop,
+    g,
+    resets,
+    d_states,
+    scores,
+    v.dtype,
+    states if wants_decay_grad else None,
+    2 if packed else None,
   )
-  dq, dk, *per_step = _grad_dqdk(layout, qp, kp, vp, dop, g, resets, states, d_states, q.dtype, wants_decay_grad, time)
+  if packed:  # dq and dk into the gradient that holds dv
+    d_qkv, *per_step = _grad_dqdk(
+      layout, qp, kp, vp, dop, g, resets, states, d_states, q.dtype, wants_decay_grad, time, packed_grad=dv
+    )
+    input_grads = (d_qkv[:, :time],)
+  else:
+    dq, dk, *per_step = _grad_dqdk(
+      layout, qp, kp, vp, dop, g, resets, states, d_states, q.dtype, wants_decay_grad, time
+    )
+    input_grads = (dq[:, :time], dk[:, :time], dv[:, :time])
   d_log_decay = None
   if wants_decay_grad and plan.mode == "scalar":
     d_log_decay = _head_decay_grad(layout, *per_step, state_term[0], time).astype(marker.dtype)
@@ -393,7 +464,7 @@ def backward(plan, residuals, cotangents):
       per_step = [rows]
     d_log_decay = _decay_grad(layout, *per_step, carried, time).astype(marker.dtype)
   d_initial = None if initial_state is None else jnp.swapaxes(d_init, -1, -2).astype(initial_state.dtype)
-  return (dq[:, :time], dk[:, :time], dv[:, :time], d_log_decay, d_initial, None)
+  return input_grads, d_log_decay, d_initial
 
 
 def _head_decay_grad(layout, rows, state_term, time):

@@ -23,6 +23,39 @@ def exp(x):
   return jnp.exp2(x * LOG2E)
 
 
+def feature(plan, x):
+  """q or k as the attention takes them: x, or (plan.feature_map "silu") x·sigmoid(x) from fp32, in x's dtype."""
+  if plan.feature_map is None:
+    return x
+  x32 = x.astype(jnp.float32)
+  return (x32 / (1.0 + exp(-x32))).astype(x.dtype)
+
+
+def feature_grad(plan, x, grad):
+  """The fp32 gradient of the raw q or k rows x from `grad`, that of their feature map's output."""
+  if plan.feature_map is None:
+    return grad
+  x32 = x.astype(jnp.float32)
+  sigmoid = 1.0 / (1.0 + exp(-x32))
+  return grad * sigmoid * (1.0 + x32 * (1.0 - sigmoid))
+
+
+class SlotRef:
+  """Slot `index` of a [rows, slots, W] block ref as a [rows, W] ref that is written whole (dq and dk in the
+  packed gradient)."""
+
+  def __init__(self, ref, index):
+    self.ref, self.index = ref, index
+
+  @property
+  def dtype(self):
+    return self.ref.dtype
+
+  def __setitem__(self, index, value):
+    assert index is Ellipsis, index
+    self.ref[:, self.index, :] = value
+
+
 def interpret_mode():
   """Off the GPU the kernels run in Pallas interpret mode (tests on CPU)."""
   return jax.default_backend() != "gpu"

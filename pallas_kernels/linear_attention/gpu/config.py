@@ -36,6 +36,10 @@ class GpuKernelConfig:
     fused_forward_states: the fused forward also stores the state entering each chunk, rounded as the state
       scan's, for the backward, which then runs no forward state scan: a residual of O((T/C)·Dk·Dv) per call, as
       the unfused forward keeps.
+    packed_operands: `linear_attention_qkv` (no decay, or one per head or per head and token) reads q, k and v in
+      place from the packed projection, applies the feature map to q and k as it loads them, and writes their
+      gradients into one packed gradient, instead of slicing q, k, v out, mapping q and k and concatenating the
+      gradients in XLA.
     one_pass_tf32: the dq/dk kernel's fp32 matmuls (a per-key-channel or per-token decay gradient's intra-chunk
       terms) in one TF32 pass instead of three.
     three_pass_diagonal: with one_pass_tf32, the per-key-channel dq/dk kernel's diagonal-block matmuls (and the
@@ -89,6 +93,7 @@ class GpuKernelConfig:
   one_pass_tf32: bool
   decay_key_tile: int = 64
   fused_forward_states: bool = False
+  packed_operands: bool = False
   three_pass_diagonal: bool = False
   matched_rounding: bool = False
   fp32_states: bool = False

@@ -11,6 +11,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.linear_attention.gpu.blocks import (
   ChunkFactors,
   compiler_params,
+  feature,
   from_row,
   interpret_mode,
   matmul,
@@ -19,9 +20,12 @@ from pallas_kernels.linear_attention.gpu.blocks import (
   starting_state,
 )
 from pallas_kernels.linear_attention.gpu.planning import (
+  in_slot,
+  operand,
   prepare,
   present,
   segment_count,
+  slot_of,
   state_dtype,
   state_tiles,
   value_major,
@@ -38,9 +42,10 @@ def _output_kernel(*refs, plan):
   """o = q̄·h + A·v for one chunk and Dv tile."""
   (q_ref, k_ref, v_ref), g_ref, resets_ref, (h_ref, *scores_ref, o_ref) = split_refs(refs, plan, 3)
   sub = ChunkFactors(plan, g_ref, resets_ref, plan.chunk)
-  o_ref[...] = _chunk_output(
-    plan, sub, q_ref[...], k_ref[...], v_ref[...], h_ref[...], *[ref[...] for ref in scores_ref]
-  ).astype(o_ref.dtype)
+  q, k = feature(plan, q_ref[...]), feature(plan, k_ref[...])
+  o_ref[...] = _chunk_output(plan, sub, q, k, v_ref[...], h_ref[...], *[ref[...] for ref in scores_ref]).astype(
+    o_ref.dtype
+  )
 
 
 def _chunk_output(plan, sub, q, k, v, state, scores=None):
@@ -67,7 +72,7 @@ def _fused_forward_kernel(*refs, plan, num_chunks, has_init, segments):
     start = pl.multiple_of(n * chunk, chunk)
     rows = pl.ds(start, chunk)
     sub = ChunkFactors(plan, from_row(g_ref, start), from_row(resets_ref, start), chunk)
-    q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
+    q, k, v = feature(plan, q_ref[rows, :]), feature(plan, k_ref[rows, :]), v_ref[rows, :]
     scores = None if scores_ref is None else scores_ref[rows, :]
     if states_ref:
       states_ref[0][n] = state.astype(states_ref[0].dtype)
@@ -82,27 +87,35 @@ def _fused_forward_kernel(*refs, plan, num_chunks, has_init, segments):
     last_ref[...] = state
 
 
-def value_tiled_call(kernel, name, layout, q, k, value_like, g, resets, states, scores, out_dtype, paired=None):
+def value_tiled_call(
+  kernel, name, layout, q, k, value_like, g, resets, states, scores, out_dtype, paired=None, out_slot=None
+):
   """A chunk-parallel kernel over (value tile, chunk, batch·head) reading q, k, a [B,T,H,Dv] operand, the
-  per-chunk states and (vector decay) the intra-chunk scores, writing a [B,T,H,Dv] result: the forward output
-  (v → o) and the dv gradient (do → dv; given per-chunk states `paired`, also the decay gradient's state term of
-  the state entering each chunk). One program per chunk: only matmuls and per-row factors."""
+  per-chunk states and (vector decay) the intra-chunk scores, writing a [B,T,H,Dv] result (out_slot given: that
+  slot of a packed [B,T,3,H,Dv] one): the forward output (v → o) and the dv gradient (do → dv; given per-chunk
+  states `paired`, also the decay gradient's state term of the state entering each chunk). One program per chunk:
+  only matmuls and per-row factors."""
   layout = layout.whole_chunks()
   plan = layout.plan
   tile_v = min(plan.config.value_tile, layout.dim_v)
   tiles = layout.dim_v // tile_v
-  in_specs = [layout.chunk_spec(layout.dim_k), layout.chunk_spec(layout.dim_k), layout.chunk_spec(tile_v, True)]
+  in_specs = [
+    layout.chunk_spec(layout.dim_k, slot=slot_of(q)),
+    layout.chunk_spec(layout.dim_k, slot=slot_of(k)),
+    layout.chunk_spec(tile_v, True, slot_of(value_like)),
+  ]
   if g is not None:
     in_specs.append(layout.chunk_g_spec())
   if resets is not None:
     in_specs.append(layout.chunk_resets_spec())
   in_specs.append(layout.chunk_state_spec(tile_v, layout.dim_k, tile_rows=True))
-  operands = [q, k, value_like, *layout.extras(g, resets), states]
+  operands = [operand(q), operand(k), operand(value_like), *layout.extras(g, resets), states]
   if scores is not None:
     in_specs.append(layout.chunk_spec(plan.chunk))
     operands.append(scores)
-  out_specs = [layout.result_spec(tile_v, True)]
-  out_shape = [jax.ShapeDtypeStruct((layout.batch, layout.time, layout.heads, layout.dim_v), out_dtype)]
+  out_specs = [layout.result_spec(tile_v, True, out_slot)]
+  slots = () if out_slot is None else (3,)
+  out_shape = [jax.ShapeDtypeStruct((layout.batch, layout.time, *slots, layout.heads, layout.dim_v), out_dtype)]
   if paired is not None:
     in_specs.append(layout.chunk_state_spec(tile_v, layout.dim_k, tile_rows=True))
     operands.append(paired)
@@ -152,13 +165,17 @@ def _fused_forward(layout, q, k, v, g, resets, init, scores, out_dtype, states_d
     starts, _ = segment_start_states(layout, k, v, g, resets, init, False, segments, state_tiles(layout, True))
   rows = layout.time // segments
 
-  def time_spec(width, tiled=False):
-    return pl.BlockSpec((None, rows, None, width), lambda t, s, bh: (bh // heads, s, bh % heads, t if tiled else 0))
+  def time_spec(width, tiled=False, slot=None):
+    return in_slot((None, rows, None, width), lambda t, s, bh: (bh // heads, s, bh % heads, t if tiled else 0), slot)
 
   state_spec = pl.BlockSpec(
     (None, None, None, tile_v, layout.dim_k), lambda t, s, bh: (bh // heads, s, bh % heads, t, 0)
   )
-  in_specs = [time_spec(layout.dim_k), time_spec(layout.dim_k), time_spec(tile_v, True)]
+  in_specs = [
+    time_spec(layout.dim_k, slot=slot_of(q)),
+    time_spec(layout.dim_k, slot=slot_of(k)),
+    time_spec(tile_v, True, slot_of(v)),
+  ]
   if plan.mode == "scalar":
     in_specs.append(pl.BlockSpec((rows, None), lambda t, s, bh: (s, bh % heads)))
   elif plan.mode == "token":
@@ -168,7 +185,7 @@ def _fused_forward(layout, q, k, v, g, resets, init, scores, out_dtype, states_d
   if resets is not None:
     in_specs.append(pl.BlockSpec((None, rows), lambda t, s, bh: (bh // heads, s)))
   in_specs += [state_spec] * (starts is not None)
-  operands = [q, k, v, *layout.extras(g, resets), *present(starts)]
+  operands = [operand(q), operand(k), operand(v), *layout.extras(g, resets), *present(starts)]
   if scores is not None:
     in_specs.append(time_spec(plan.chunk))
     operands.append(scores)

@@ -6,10 +6,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.linear_attention.gpu.backward import backward
+from pallas_kernels.linear_attention.common import apply_feature_map
+from pallas_kernels.linear_attention.gpu.backward import backward, backward_packed
 from pallas_kernels.linear_attention.gpu.config import GpuKernelConfig, default_config, effective_chunk
 from pallas_kernels.linear_attention.gpu.forward import forward
-from pallas_kernels.linear_attention.gpu.planning import Plan
+from pallas_kernels.linear_attention.gpu.planning import Plan, Slot
 
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_WIDE_DIM = 128  # largest Dk/Dv the kernels take with 32-bit inputs
@@ -31,7 +32,9 @@ def _linear_attention(q, k, v, log_decay, initial_state, segment_ids, plan):
   return forward(plan, q, k, v, log_decay, initial_state, segment_ids)[0]
 
 
-def _linear_attention_fwd(q, k, v, log_decay, initial_state, segment_ids, plan):
+def _forward_with_residuals(plan, q, k, v, log_decay, initial_state, segment_ids):
+  """(the outputs, the residuals the backward needs: (initial_state, segment_ids, saved, marker)) from the
+  custom_vjp's wrapped primals (q, k, v: Slots of a packed projection, or arrays)."""
   # symbolic_zeros: the primals arrive wrapped, telling whether a decay gradient is wanted at all (TNL's decay
   # is a fixed buffer); only then does the backward pay for its terms (and fp32 dq/dk operands for a decay per token or
   # per key channel).
@@ -40,15 +43,61 @@ def _linear_attention_fwd(q, k, v, log_decay, initial_state, segment_ids, plan):
   # (or the fused one with config.fused_forward_states), its per-chunk states: O((T/C)·Dk·Dv) more memory than
   # fla keeps, one state scan less than it runs.
   # log_decay's value is not needed: a zero-size marker of its dtype says that its gradient is wanted.
-  q, k, v, log_decay, initial_state, segment_ids = (
-    None if x is None else x.value for x in (q, k, v, log_decay, initial_state, segment_ids)
+  log_decay, initial_state, segment_ids = (
+    None if x is None else x.value for x in (log_decay, initial_state, segment_ids)
   )
-  (out, final_state), saved = forward(plan, q, k, v, log_decay, initial_state, segment_ids)
+  outputs, saved = forward(plan, q, k, v, log_decay, initial_state, segment_ids)
   marker = jnp.zeros((0,), log_decay.dtype) if wants_decay_grad else None
-  return (out, final_state), (q, k, v, initial_state, segment_ids, saved, marker)
+  return outputs, (initial_state, segment_ids, saved, marker)
+
+
+def _linear_attention_fwd(q, k, v, log_decay, initial_state, segment_ids, plan):
+  q, k, v = (x.value for x in (q, k, v))
+  outputs, residuals = _forward_with_residuals(plan, q, k, v, log_decay, initial_state, segment_ids)
+  return outputs, (q, k, v, *residuals)
 
 
 _linear_attention.defvjp(_linear_attention_fwd, backward, symbolic_zeros=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _packed_linear_attention(qkv, log_decay, initial_state, segment_ids, plan):
+  return forward(plan, *(Slot(qkv, index) for index in range(3)), log_decay, initial_state, segment_ids)[0]
+
+
+def _packed_linear_attention_fwd(qkv, log_decay, initial_state, segment_ids, plan):
+  qkv = qkv.value
+  slots = [Slot(qkv, index) for index in range(3)]
+  outputs, residuals = _forward_with_residuals(plan, *slots, log_decay, initial_state, segment_ids)
+  return outputs, (qkv, *residuals)
+
+
+_packed_linear_attention.defvjp(_packed_linear_attention_fwd, backward_packed, symbolic_zeros=True)
+
+
+def _resolved_config(config, mode, shape, dtype, chunk_size):
+  if config is not None and not isinstance(config, GpuKernelConfig):
+    raise TypeError(f"pallas_gpu: config is a {type(config).__name__}; valid: None or a GpuKernelConfig.")
+  config = default_config(mode, shape, dtype) if config is None else config
+  return config if chunk_size is None else dataclasses.replace(config, chunk_size=chunk_size)
+
+
+def _check_operands(dtypes, dim_k, dim_v):
+  for name, dtype in dtypes.items():
+    if dtype not in _SUPPORTED_DTYPES:
+      raise TypeError(f"pallas_gpu: {name} has dtype {dtype}; valid: float32, bfloat16, float16.")
+  if len(set(dtypes.values())) > 1:
+    raise TypeError(f"pallas_gpu: q, k, v must share one dtype; got {', '.join(map(str, dtypes.values()))}.")
+  for name, dim in (("dim_k", dim_k), ("dim_v", dim_v)):
+    if dim < 16 or dim & (dim - 1):
+      raise ValueError(f"pallas_gpu: {name}={dim}; valid: a power of two >= 16 (Triton block rule).")
+  dtype = next(iter(dtypes.values()))
+  if not fits_shared_memory(dtype, dim_k, dim_v):
+    raise ValueError(
+      f"pallas_gpu: {jnp.dtype(dtype).name} inputs with dim_k={dim_k}, dim_v={dim_v} need more "
+      f"shared memory than an H100/H200 block has (227 KB); valid: dims <= {MAX_WIDE_DIM} for "
+      "32-bit inputs, or bfloat16/float16 inputs (backend='xla' takes any)."
+    )
 
 
 def linear_attention_gpu(
@@ -64,27 +113,29 @@ def linear_attention_gpu(
   Returns:
     (o [B,T,H,Dv] in v.dtype, final_state [B,H,Dk,Dv] float32).
   """
-  batch, time, heads, dim_k = q.shape
-  dim_v = v.shape[-1]
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    if x.dtype not in _SUPPORTED_DTYPES:
-      raise TypeError(f"pallas_gpu: {name} has dtype {x.dtype}; valid: float32, bfloat16, float16.")
-  if not (q.dtype == k.dtype == v.dtype):
-    raise TypeError(f"pallas_gpu: q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}.")
-  for name, dim in (("dim_k", dim_k), ("dim_v", dim_v)):
-    if dim < 16 or dim & (dim - 1):
-      raise ValueError(f"pallas_gpu: {name}={dim}; valid: a power of two >= 16 (Triton block rule).")
-  if not fits_shared_memory(q.dtype, dim_k, dim_v):
-    raise ValueError(
-      f"pallas_gpu: {jnp.dtype(q.dtype).name} inputs with dim_k={dim_k}, dim_v={dim_v} need more "
-      f"shared memory than an H100/H200 block has (227 KB); valid: dims <= {MAX_WIDE_DIM} for "
-      "32-bit inputs, or bfloat16/float16 inputs (backend='xla' takes any)."
-    )
-  if config is not None and not isinstance(config, GpuKernelConfig):
-    raise TypeError(f"pallas_gpu: config is a {type(config).__name__}; valid: None or a GpuKernelConfig.")
+  time = q.shape[1]
+  _check_operands({"q": q.dtype, "k": k.dtype, "v": v.dtype}, q.shape[-1], v.shape[-1])
   mode = decay_mode(log_decay)
-  config = default_config(mode, q.shape, q.dtype) if config is None else config
-  if chunk_size is not None:
-    config = dataclasses.replace(config, chunk_size=chunk_size)
+  config = _resolved_config(config, mode, q.shape, q.dtype, chunk_size)
   plan = Plan(mode, segment_ids is not None, effective_chunk(config.chunk_size, time), config)
   return _linear_attention(q, k, v, log_decay, initial_state, segment_ids, plan)
+
+
+def linear_attention_gpu_qkv(
+  qkv, log_decay, initial_state, segment_ids, chunk_size=None, feature_map=None, config: GpuKernelConfig | None = None
+):
+  """The "pallas_gpu" backend of `linear_attention_qkv` (api.py), with the same arguments and config as
+  `linear_attention_gpu`. With config.packed_operands (not for a decay per key channel) the kernels read q, k, v in
+  place from qkv [B,T,3,H,D] and apply the feature map as they load q and k; otherwise q, k, v are sliced out and
+  mapped in XLA. Returns (o [B,T,H,D] in qkv's dtype, final_state [B,H,D,D] float32)."""
+  batch, time, _, heads, dim = qkv.shape
+  shape = (batch, time, heads, dim)
+  mode = decay_mode(log_decay)
+  config = _resolved_config(config, mode, shape, qkv.dtype, chunk_size)
+  if not config.packed_operands or mode == "vector":
+    q, k, v = (qkv[:, :, index] for index in range(3))
+    q, k = apply_feature_map(feature_map, q), apply_feature_map(feature_map, k)
+    return linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, config=config)
+  _check_operands({"qkv": qkv.dtype}, dim, dim)
+  plan = Plan(mode, segment_ids is not None, effective_chunk(config.chunk_size, time), config, feature_map)
+  return _packed_linear_attention(qkv, log_decay, initial_state, segment_ids, plan)

@@ -23,6 +23,7 @@ class Plan:
   has_segments: bool  # segment_ids given: states reset at document starts
   chunk: int  # the chunk this sequence runs with (config.effective_chunk)
   config: GpuKernelConfig
+  feature_map: str | None = None  # FEATURE_MAPS: applied to q and k as the kernels load them
 
   @property
   def row_gates(self):
@@ -37,6 +38,44 @@ class Plan:
   def parts(self):
     """Programs per chunk of the sub-chunk kernels: one per sub-chunk, or one looping over them."""
     return self.chunk // self.sub_chunk if self.config.split_sub_chunks and self.mode == "vector" else 1
+
+
+class Slot:
+  """q, k or v read in place from slot `index` (0, 1, 2) of the packed projection [B, T, 3, H, D]: the kernels'
+  BlockSpecs pick the slot, so no slice of the projection is ever copied."""
+
+  def __init__(self, packed, index):
+    self.packed, self.index = packed, index
+
+  @property
+  def shape(self):
+    return (*self.packed.shape[:2], *self.packed.shape[3:])
+
+  @property
+  def dtype(self):
+    return self.packed.dtype
+
+
+def operand(x):
+  """The array a kernel call passes for x: the packed projection for a Slot."""
+  return x.packed if isinstance(x, Slot) else x
+
+
+def slot_of(x):
+  return x.index if isinstance(x, Slot) else None
+
+
+def in_slot(block, index_map, slot):
+  """A [B, T, H, W] BlockSpec's block and index map, or (slot given) those of that slot of a [B, T, 3, H, W]
+  array."""
+  if slot is None:
+    return pl.BlockSpec(block, index_map)
+
+  def slot_index_map(*ids):
+    batch, time, *rest = index_map(*ids)
+    return (batch, time, slot, *rest)
+
+  return pl.BlockSpec((*block[:2], None, *block[2:]), slot_index_map)
 
 
 class Layout:
@@ -61,18 +100,26 @@ class Layout:
   def chunk_grid(self, tiles):
     return (tiles, self.num_chunks * self.parts, self.batch * self.heads)
 
-  def chunk_spec(self, width, tiled=False):
+  def chunk_spec(self, width, tiled=False, slot=None):
     heads, parts = self.heads, self.parts
-    return pl.BlockSpec(
-      (None, self.plan.chunk, None, width), lambda t, n, bh: (bh // heads, n // parts, bh % heads, t if tiled else 0)
+    return in_slot(
+      (None, self.plan.chunk, None, width),
+      lambda t, n, bh: (bh // heads, n // parts, bh % heads, t if tiled else 0),
+      slot,
     )
 
-  def result_spec(self, width, tiled=False):
+  def result_spec(self, width, tiled=False, slot=None):
     heads = self.heads
-    return pl.BlockSpec(
+    return in_slot(
       (None, self.plan.chunk // self.parts, None, width),
       lambda t, n, bh: (bh // heads, n, bh % heads, t if tiled else 0),
+      slot,
     )
+
+  def query_key_result_spec(self, width):
+    """Slots 0 and 1 (dq and dk) of a packed [B, T, 3, H, Dk] gradient: one [C, 2, width] block per program."""
+    heads = self.heads
+    return pl.BlockSpec((None, self.plan.chunk, 2, None, width), lambda t, n, bh: (bh // heads, n, 0, bh % heads, t))
 
   def chunk_g_spec(self, width=None, tiled=False):
     heads, parts = self.heads, self.parts
@@ -110,9 +157,9 @@ class Layout:
     rows, heads = self.batch * self.heads, self.heads
     return lambda i: (i % rows // heads, i // rows, i % heads)  # (batch, segment, head)
 
-  def scan_spec(self, width, tile_axis, segments):
+  def scan_spec(self, width, tile_axis, segments, slot=None):
     index = self._segment_index()
-    return pl.BlockSpec((None, self.time // segments, None, width), lambda ik, iv, i: (*index(i), (ik, iv)[tile_axis]))
+    return in_slot((None, self.time // segments, None, width), lambda ik, iv, i: (*index(i), (ik, iv)[tile_axis]), slot)
 
   def scan_g_spec(self, width, segments):
     index = self._segment_index()
@@ -213,13 +260,18 @@ def chunk_sums(layout, x, reverse=False, offsets=None):
 
 
 def prepare(plan, q, k, v, log_decay, segment_ids, gates=None):
-  """Pads time to whole chunks (zero q/k/v, zero log-decay) and builds the chunk-local g and reset counts
-  (unless `gates`, the forward's (g, resets), are given); returns them with the calls' Layout."""
+  """Pads time to whole chunks (zero q/k/v, zero log-decay; Slots of one packed projection: it, once) and builds
+  the chunk-local g and reset counts (unless `gates`, the forward's (g, resets), are given); returns them with the
+  calls' Layout."""
   batch, time, heads, dim_k = q.shape
   chunk = plan.chunk
   padded_time = round_up(time, chunk)
   layout = Layout(plan, batch, padded_time, heads, dim_k, v.shape[-1], q.dtype)
-  q, k, v = (pad_time(x, padded_time) for x in (q, k, v))
+  if isinstance(q, Slot):
+    packed = pad_time(q.packed, padded_time)
+    q, k, v = (Slot(packed, index) for index in range(3))
+  else:
+    q, k, v = (pad_time(x, padded_time) for x in (q, k, v))
   if gates is not None:
     return q, k, v, *gates, layout
   g = None

@@ -13,20 +13,22 @@ from jax.experimental import pallas as pl
 from pallas_kernels.linear_attention.gpu.blocks import (
   ChunkFactors,
   compiler_params,
+  feature,
   from_row,
   interpret_mode,
   matmul_tn,
   split_refs,
   starting_state,
 )
-from pallas_kernels.linear_attention.gpu.planning import present, segment_count, state_tiles
+from pallas_kernels.linear_attention.gpu.planning import operand, present, segment_count, slot_of, state_tiles
 
 # Unrolled 128-wide state tiles exceed the H100/H200's 227 KB of shared memory per block.
 _MAX_UNROLLED_TILE = 64 * 64
 
 
 def _state_scan_kernel(*refs, plan, num_chunks, reverse, per_chunk, unroll, has_init):
-  """Forward (a=k, b=v): S ← decay·S + (k ⊙ k_factor)ᵀv, storing S entering each chunk.
+  """Forward (a=k, b=v): S ← decay·S + (k ⊙ k_factor)ᵀv, storing S entering each chunk (k, like q in the
+  reverse scan, through the plan's feature map).
   Reverse (a=q, b=do): dS ← decay·dS + (q ⊙ q_factor)ᵀdo, storing dS leaving each chunk; S is [Dv, Dk].
   One segment of `num_chunks` chunks from the state in init_ref (zero without one); per_chunk False stores only
   the last state."""
@@ -39,7 +41,7 @@ def _state_scan_kernel(*refs, plan, num_chunks, reverse, per_chunk, unroll, has_
     start = pl.multiple_of(n * chunk, chunk)
     sub = ChunkFactors(plan, from_row(g_ref, start), from_row(resets_ref, start), chunk)
     factor = sub.q_factor if reverse else sub.k_factor
-    a = ChunkFactors.scale(a_ref[pl.ds(start, chunk), :].astype(jnp.float32), factor)
+    a = ChunkFactors.scale(feature(plan, a_ref[pl.ds(start, chunk), :]).astype(jnp.float32), factor)
     b = b_ref[pl.ds(start, chunk), :].astype(operand_dtype)
     return sub.state_decay, scaled_update(plan, b, a, operand_dtype)
 
@@ -84,7 +86,7 @@ def _state_scan_call(layout, a, b, g, resets, init, state_dtype, reverse, segmen
   plan = layout.plan
   tile_k, tile_v = tiles
   grid = layout.scan_grid(tile_k, tile_v, segments)
-  in_specs = [layout.scan_spec(tile_k, 0, segments), layout.scan_spec(tile_v, 1, segments)]
+  in_specs = [layout.scan_spec(tile_k, 0, segments, slot_of(a)), layout.scan_spec(tile_v, 1, segments, slot_of(b))]
   if g is not None:
     in_specs.append(layout.scan_g_spec(tile_k, segments))
   if resets is not None:
@@ -122,7 +124,7 @@ def _state_scan_call(layout, a, b, g, resets, init, state_dtype, reverse, segmen
     compiler_params=compiler_params(plan, plan.config.scan_warps, stages),
     interpret=interpret_mode(),
     name="linear_attention_state_scan" + ("_reverse" if reverse else "") + ("" if per_chunk else "_segments"),
-  )(a, b, *layout.extras(g, resets), *present(init))
+  )(operand(a), operand(b), *layout.extras(g, resets), *present(init))
 
 
 def _scan_plan(layout):
