@@ -78,6 +78,7 @@ BACKWARD = {"linear_attention_state_scan_reverse", "linear_attention_grad_v", "l
     ("scalar", jnp.bfloat16, {}),
     ("scalar", jnp.bfloat16, {"fused_forward": False}),
     ("scalar", jnp.bfloat16, {"fused_forward_states": True}),
+    ("none", jnp.bfloat16, {"fused_backward_dv": True}),
     ("token", jnp.bfloat16, {}),
     ("vector", jnp.bfloat16, {}),
     ("vector", jnp.bfloat16, {"split_sub_chunks": False, "score_levels": 0}),
@@ -98,12 +99,19 @@ def test_linear_attention_lowers_to_triton(lowering_for_the_gpu, decay_mode, dty
   forward = {fused} if config.fused_forward else {"linear_attention_output"}
   if decay_mode == "vector":
     forward |= {"linear_attention_intra_scores", "linear_attention_chunk_sums"}
-  assert forward | BACKWARD <= names, names
+  # without a decay gradient (no decay) fused_backward_dv takes dv into the dq/dk kernel
+  backward = BACKWARD - {"linear_attention_grad_v"} if config.fused_backward_dv and decay_mode == "none" else BACKWARD
+  assert forward | backward <= names, names
 
 
 @pytest.mark.parametrize(
   "decay_mode,overrides",
-  [("scalar", {}), ("token", {"fused_forward_states": True}), ("none", {"fused_forward": False})],
+  [
+    ("scalar", {}),
+    ("token", {"fused_forward_states": True}),
+    ("none", {"fused_forward": False}),
+    ("none", {"fused_backward_dv": True}),
+  ],
 )
 def test_packed_operands_lower_to_triton(lowering_for_the_gpu, decay_mode, overrides):
   """The kernels reading q, k, v in place from the packed projection (slot BlockSpecs of a 5-D array), with the
@@ -116,7 +124,10 @@ def test_packed_operands_lower_to_triton(lowering_for_the_gpu, decay_mode, overr
     return gpu.linear_attention_gpu_qkv(jnp.stack([q, k, v], axis=2), *inputs, None, "silu", config)
 
   gradients, args = linear_attention_gradients(op, decay_mode, jnp.bfloat16, 64)
-  assert BACKWARD <= lowered_kernel_names(gradients, *args)
+  names = lowered_kernel_names(gradients, *args)
+  dv_kernel = not config.fused_backward_dv or decay_mode != "none"  # fused_backward_dv: dv from the dq/dk kernel
+  assert BACKWARD - ({"linear_attention_grad_v"} if not dv_kernel else set()) <= names, names
+  assert ("linear_attention_grad_v" in names) == dv_kernel
 
 
 @pytest.mark.parametrize("decay_mode", ["none", "scalar", "token", "vector"])

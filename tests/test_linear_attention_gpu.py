@@ -343,6 +343,43 @@ def test_packed_operands_match_reference(decay_mode, dtype, feature_map, overrid
   assert pallas_kernel_name(producer.params) == "linear_attention_grad_qk"
 
 
+@pytest.mark.parametrize(
+  "decay_mode,dtype,packed",
+  [("scalar", jnp.float32, False), ("token", jnp.bfloat16, True), ("none", jnp.bfloat16, False)],
+)
+def test_dv_from_the_dqdk_kernel(decay_mode, dtype, packed):
+  # config.fused_backward_dv: with no decay gradient the dq/dk kernel also writes dv (into the packed gradient's
+  # third slot when packed), and no dv kernel runs. Gradients of q, k, v and the initial state against the float64
+  # recurrence (of SiLU(q), SiLU(k), v when packed), strong decay and documents, the decay a fixed input.
+  q, k, v, log_decay, state, segment_ids = testing.random_inputs(
+    16, batch=2, time=120, heads=2, dim_k=32, dim_v=32, decay_mode=decay_mode, strength="strong", dtype=dtype
+  )
+  d_out, d_state = _cotangents(17, v, (2, 2, 32, 32))
+  feature_map = "silu" if packed else None
+  _, _, expected = testing.reference_float64(
+    q, k, v, log_decay, state, segment_ids, d_out, d_state, feature_map=feature_map
+  )
+  config = _config(decay_mode, q, fused_backward_dv=True, packed_operands=packed)
+
+  def op(q, k, v, state):
+    if packed:
+      qkv = jnp.stack([q, k, v], axis=2)
+      return gpu.linear_attention_gpu_qkv(qkv, log_decay, state, segment_ids, 16, feature_map, config)
+    return gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 16, config)
+
+  def loss(*args):
+    out, final_state = op(*args)
+    return jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(final_state * d_state)
+
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, state)
+  errors = {
+    name: testing.relative_rms_error(got, expected[name]) for name, got in zip(("q", "k", "v", "initial_state"), grads)
+  }
+  assert max(errors.values()) <= (FP32_BOUND if dtype == jnp.float32 else BF16_BOUND), errors
+  launches = pallas_kernel_names(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, state).jaxpr)
+  assert "linear_attention_grad_qk" in launches and "linear_attention_grad_v" not in launches
+
+
 @pytest.mark.parametrize("decay_mode,strength", [("scalar", "weak"), ("vector", "strong")])
 def test_no_initial_state_and_unused_final_state(decay_mode, strength):
   # Without an initial state and with the final state unused (its cotangent a symbolic zero), the kernels start

@@ -85,7 +85,7 @@ def _dv_kernel(*refs, plan, decay_grad):
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dqdk_kernel(*refs, plan, operand_dtype, time, packed):
+def _dqdk_kernel(*refs, plan, operand_dtype, time, packed, with_dv):
   """dq = (do·h) ⊙ q_factor + (dA ⊙ D)·k and dk = (v·dS) ⊙ k_factor + (dA ⊙ D)ᵀ·q for one chunk and Dk tile.
 
   operand_dtype is float32 when a per-key-channel or per-token decay gradient is wanted: it sums q·dq − k·dk,
@@ -95,11 +95,21 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time, packed):
   input/state dtype: 16-bit products are exact in the fp32 accumulator, so they take one tensor-core pass, not
   three. With a decay per key channel or per token the chunk's Σ_j k_j·dk_state,j (module docstring) goes with
   the rows: per program into its own output (vector), onto the chunk's last row (token). packed: dq and dk go into
-  slots 0 and 1 of the packed gradient (its dv already written), through the plan's feature map."""
+  slots 0 and 1 of the packed gradient (its dv already written), through the plan's feature map. with_dv (no
+  decay per key channel, no decay gradient, one Dk tile): the program also writes its chunk's dv = Aᵀ·do + k̂·dSᵀ
+  (config.fused_backward_dv), into slot 2 when packed."""
   (q_ref, k_ref, v_ref, do_ref), g_ref, resets_ref, rest = split_refs(refs, plan, 4)
-  if packed:  # the aliased packed gradient's input ref (never read), then its output ref
+  dv_ref = None
+  if packed and with_dv:  # the packed gradient, all three slots
+    h_ref, dh_ref, dqkv_ref = rest
+    dq_ref, dk_ref, dv_ref = (SlotRef(dqkv_ref, index) for index in range(3))
+    x_ref = []
+  elif packed:  # the aliased packed gradient's input ref (never read), then its output ref
     h_ref, dh_ref, _, dqk_ref, *x_ref = rest
     dq_ref, dk_ref = SlotRef(dqk_ref, 0), SlotRef(dqk_ref, 1)
+  elif with_dv:
+    h_ref, dh_ref, dq_ref, dk_ref, dv_ref = rest
+    x_ref = []
   else:
     h_ref, dh_ref, dq_ref, dk_ref, *x_ref = rest
   dtype = operand_dtype
@@ -118,7 +128,13 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time, packed):
     sub = ChunkFactors(plan, g_ref, resets_ref, plan.chunk)
     q_raw, k_raw, do, v = (ref[...] for ref in (q_ref, k_ref, do_ref, v_ref))
     q, k = feature(plan, q_raw), feature(plan, k_raw)
-    d_scores = matmul_nt(do, v) * intra_mask(plan, sub.g, sub.resets)
+    mask = intra_mask(plan, sub.g, sub.resets)
+    d_scores = matmul_nt(do, v) * mask
+    if dv_ref is not None:  # as the dv kernel: Aᵀ·do + (k ⊙ k_factor)·dSᵀ, dS [Dv, Dk] this program's whole state
+      k_hat = ChunkFactors.scale(k.astype(jnp.float32), sub.k_factor).astype(k.dtype)
+      scores = (matmul_nt(q, k) * mask).astype(k.dtype)
+      dv = matmul_tn(scores, do) + matmul_nt(k_hat, dh_ref[...].astype(k.dtype))
+      dv_ref[...] = dv.astype(dv_ref.dtype)
     dq_state, dk_state = _state_terms(plan, do, v, h_ref, dh_ref)
     dq_state, dk_state = ChunkFactors.scale(dq_state, sub.q_factor), ChunkFactors.scale(dk_state, sub.k_factor)
     # A decay per head and token acts on every channel: its rows' q·dq − k·dk summed over this Dk tile.
@@ -335,13 +351,18 @@ def _grad_dv(layout, q, k, do, g, resets, d_states, scores, out_dtype, states=No
   )
 
 
-def _grad_dqdk(layout, q, k, v, do, g, resets, states, d_states, out_dtype, decay_grad, time, packed_grad=None):
+def _grad_dqdk(
+  layout, q, k, v, do, g, resets, states, d_states, out_dtype, decay_grad, time, packed_grad=None, with_dv=False
+):
   """dq, dk (given packed_grad, the packed [B,T,3,H,D] gradient holding dv: it, with dq and dk written into its
   slots 0 and 1), and with decay_grad the decay gradient's per-row q·dq − k·dk [B,T,H,Dk] f32 with each program's
   Σ_j k_j·dk_state,j [B,N·parts,H,Dk] (a decay per head and token: summed over each Dk tile, the chunk's sum on its
-  last row, [B,T,H,tiles]; a fixed decay per head: _head_decay_rows per Dk tile)."""
+  last row, [B,T,H,tiles]; a fixed decay per head: _head_decay_rows per Dk tile). with_dv (no decay gradient):
+  dq, dk and dv, or for Slots of a packed projection the packed gradient, from this one kernel, whose programs
+  then take the whole Dk."""
   plan = layout.plan
   tile_k = min(plan.config.decay_key_tile if decay_grad else plan.config.key_tile, layout.dim_k)
+  tile_k = layout.dim_k if with_dv else tile_k
   in_specs = [
     layout.chunk_spec(tile_k, True, slot_of(q)),
     layout.chunk_spec(tile_k, True, slot_of(k)),
@@ -356,7 +377,16 @@ def _grad_dqdk(layout, q, k, v, do, g, resets, states, d_states, out_dtype, deca
   operands = [operand(q), operand(k), operand(v), do, *layout.extras(g, resets), states, d_states]
   shape = (layout.batch, layout.time, layout.heads, layout.dim_k)
   aliases = {}
-  if packed_grad is None:
+  packed = packed_grad is not None or (with_dv and isinstance(q, Slot))
+  if with_dv and packed:
+    heads = layout.heads
+    out_shape = [jax.ShapeDtypeStruct((*shape[:2], 3, *shape[2:]), out_dtype)]
+    out_specs = [pl.BlockSpec((None, plan.chunk, 3, None, tile_k), lambda t, n, bh: (bh // heads, n, 0, bh % heads, 0))]
+  elif with_dv:
+    values = jax.ShapeDtypeStruct((*shape[:3], layout.dim_v), out_dtype)
+    out_shape = [jax.ShapeDtypeStruct(shape, out_dtype)] * 2 + [values]
+    out_specs = [layout.result_spec(tile_k, True)] * 2 + [layout.result_spec(layout.dim_v)]
+  elif packed_grad is None:
     out_shape = [jax.ShapeDtypeStruct(shape, out_dtype)] * 2
     out_specs = [layout.result_spec(tile_k, True)] * 2
   else:
@@ -378,7 +408,7 @@ def _grad_dqdk(layout, q, k, v, do, g, resets, states, d_states, out_dtype, deca
     out_specs.append(pl.BlockSpec((None, None, None, tile_k), lambda t, n, bh: (bh // heads, n, bh % heads, t)))
   operand_dtype = jnp.float32 if decay_grad and plan.mode != "scalar" else q.dtype
   kernel = functools.partial(
-    _dqdk_kernel, plan=plan, operand_dtype=operand_dtype, time=time, packed=packed_grad is not None
+    _dqdk_kernel, plan=plan, operand_dtype=operand_dtype, time=time, packed=packed, with_dv=with_dv
   )
   return pl.pallas_call(
     kernel,
@@ -429,6 +459,10 @@ def _gradients(plan, q, k, v, initial_state, segment_ids, saved, marker, cotange
     states, _ = state_scan(layout, kp, vp, g, resets, value_major(initial_state), state_dtype(plan, q.dtype), False)
   grads_dtype = state_dtype(plan, q.dtype, gradients=True)
   d_states, d_init = state_scan(layout, qp, dop, g, resets, value_major(cotangents[1]), grads_dtype, reverse=True)
+  d_initial = None if initial_state is None else jnp.swapaxes(d_init, -1, -2).astype(initial_state.dtype)
+  if plan.config.fused_backward_dv and plan.mode != "vector" and not wants_decay_grad:
+    grads = _grad_dqdk(layout, qp, kp, vp, dop, g, resets, states, d_states, q.dtype, False, time, with_dv=True)
+    return tuple(x[:, :time] for x in grads), None, d_initial
   dv, *state_term = _grad_dv(
     layout,
     qp,
@@ -463,7 +497,6 @@ def _gradients(plan, q, k, v, initial_state, segment_ids, saved, marker, cotange
       carried = carried + k_dk_state.reshape(batch, layout.num_chunks, -1, heads, dim_k).sum(axis=2)
       per_step = [rows]
     d_log_decay = _decay_grad(layout, *per_step, carried, time).astype(marker.dtype)
-  d_initial = None if initial_state is None else jnp.swapaxes(d_init, -1, -2).astype(initial_state.dtype)
   return input_grads, d_log_decay, d_initial
 
 

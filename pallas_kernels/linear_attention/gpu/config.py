@@ -36,6 +36,9 @@ class GpuKernelConfig:
     fused_forward_states: the fused forward also stores the state entering each chunk, rounded as the state
       scan's, for the backward, which then runs no forward state scan: a residual of O((T/C)·Dk·Dv) per call, as
       the unfused forward keeps.
+    fused_backward_dv: without a decay per key channel and without a decay gradient, the dq/dk kernel also
+      computes dv (its programs then take the whole Dk, one tile), instead of a dv kernel of its own reading the
+      same rows and state gradients again.
     packed_operands: `linear_attention_qkv` (no decay, or one per head or per head and token) reads q, k and v in
       place from the packed projection, applies the feature map to q and k as it loads them, and writes their
       gradients into one packed gradient, instead of slicing q, k, v out, mapping q and k and concatenating the
@@ -94,6 +97,7 @@ class GpuKernelConfig:
   decay_key_tile: int = 64
   fused_forward_states: bool = False
   packed_operands: bool = False
+  fused_backward_dv: bool = False
   three_pass_diagonal: bool = False
   matched_rounding: bool = False
   fp32_states: bool = False
