@@ -271,3 +271,33 @@ def test_invalid_inputs_raise_one_clear_error(mutate, error, message):
   )
   with pytest.raises(error, match=message):
     api.linear_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("log_decay"), **args)
+
+
+@pytest.mark.parametrize(
+  "mutate,error,message",
+  [
+    (lambda a: {**a, "qkv": a["qkv"][:, :, :2]}, ValueError, r"qkv has shape \(1, 8, 2, 2, 4\); expected"),
+    (lambda a: {**a, "qkv": a["qkv"][..., 0]}, ValueError, "qkv has shape"),
+    (lambda a: {**a, "feature_map": "relu"}, ValueError, "Unknown feature map 'relu'; valid: None, 'silu'"),
+    (lambda a: {**a, "log_decay": jnp.zeros((3,))}, ValueError, "log_decay has shape"),
+    (lambda a: {**a, "qkv": a["qkv"].astype(jnp.int32)}, TypeError, "q has dtype int32"),
+  ],
+)
+def test_invalid_packed_inputs_raise_one_clear_error(mutate, error, message):
+  q, k, v, log_decay, _, segment_ids = random_inputs(9, batch=1, time=8, heads=2, dim_k=4, dim_v=4, decay_mode="scalar")
+  args = mutate({"qkv": jnp.stack([q, k, v], axis=2), "log_decay": log_decay, "feature_map": "silu"})
+  with pytest.raises(error, match=message):
+    api.linear_attention_qkv(args.pop("qkv"), args.pop("log_decay"), segment_ids=segment_ids, backend="xla", **args)
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla"])
+def test_packed_op_is_the_op_of_the_mapped_slices(backend):
+  """linear_attention_qkv = linear_attention(SiLU(q), SiLU(k), v) on every backend but the GPU kernels (tested in
+  interpret mode in test_linear_attention_gpu), values and final state."""
+  q, k, v, log_decay, state, segment_ids = random_inputs(
+    10, batch=2, time=40, heads=2, dim_k=8, dim_v=8, decay_mode="scalar"
+  )
+  kwargs = dict(initial_state=state, segment_ids=segment_ids, return_final_state=True, backend=backend)
+  out, final_state = api.linear_attention_qkv(jnp.stack([q, k, v], axis=2), log_decay, feature_map="silu", **kwargs)
+  expected_out, expected_state = api.linear_attention(jax.nn.silu(q), jax.nn.silu(k), v, log_decay, **kwargs)
+  assert relative_rms_error(out, expected_out) < 1e-6 and relative_rms_error(final_state, expected_state) < 1e-6

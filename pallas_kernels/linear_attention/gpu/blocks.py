@@ -23,10 +23,15 @@ def exp(x):
   return jnp.exp2(x * LOG2E)
 
 
+# Feature maps the kernels apply as they load q and k; each maps 0 to 0, so the zero rows padding time stay zero.
+KERNEL_FEATURE_MAPS = ("silu",)
+
+
 def feature(plan, x):
   """q or k as the attention takes them: x, or (plan.feature_map "silu") x·sigmoid(x) from fp32, in x's dtype."""
   if plan.feature_map is None:
     return x
+  assert plan.feature_map in KERNEL_FEATURE_MAPS, plan.feature_map
   x32 = x.astype(jnp.float32)
   return (x32 / (1.0 + exp(-x32))).astype(x.dtype)
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.linear_attention.common import apply_feature_map
 from pallas_kernels.linear_attention.gpu.backward import backward, backward_packed
+from pallas_kernels.linear_attention.gpu.blocks import KERNEL_FEATURE_MAPS
 from pallas_kernels.linear_attention.gpu.config import GpuKernelConfig, default_config, effective_chunk
 from pallas_kernels.linear_attention.gpu.forward import forward
 from pallas_kernels.linear_attention.gpu.planning import Plan, Slot
@@ -125,14 +126,15 @@ def linear_attention_gpu_qkv(
   qkv, log_decay, initial_state, segment_ids, chunk_size=None, feature_map=None, config: GpuKernelConfig | None = None
 ):
   """The "pallas_gpu" backend of `linear_attention_qkv` (api.py), with the same arguments and config as
-  `linear_attention_gpu`. With config.packed_operands (not for a decay per key channel) the kernels read q, k, v in
-  place from qkv [B,T,3,H,D] and apply the feature map as they load q and k; otherwise q, k, v are sliced out and
-  mapped in XLA. Returns (o [B,T,H,D] in qkv's dtype, final_state [B,H,D,D] float32)."""
+  `linear_attention_gpu`. With config.packed_operands (not for a decay per key channel; a feature map of
+  KERNEL_FEATURE_MAPS or none) the kernels read q, k, v in place from qkv [B,T,3,H,D] and apply the feature map as
+  they load q and k; otherwise q, k, v are sliced out and mapped in XLA. Returns (o [B,T,H,D] in qkv's dtype,
+  final_state [B,H,D,D] float32)."""
   batch, time, _, heads, dim = qkv.shape
   shape = (batch, time, heads, dim)
   mode = decay_mode(log_decay)
   config = _resolved_config(config, mode, shape, qkv.dtype, chunk_size)
-  if not config.packed_operands or mode == "vector":
+  if not config.packed_operands or mode == "vector" or feature_map not in (None, *KERNEL_FEATURE_MAPS):
     q, k, v = (qkv[:, :, index] for index in range(3))
     q, k = apply_feature_map(feature_map, q), apply_feature_map(feature_map, k)
     return linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, config=config)
