@@ -1,6 +1,7 @@
 """The backward: the reverse scan of the state gradient, then two chunk-parallel kernels, dv = Aᵀ·do + k̄·dh (Dv
-tiles, A from the forward) and dq, dk (Dk tiles). It takes the forward's chunk-local gates and its per-chunk
-states, where the forward stored them, as residuals; otherwise it rescans the states.
+tiles, A from the forward) and dq, dk (Dk tiles), or (config.fused_backward_dv, no decay gradient) the second alone
+computing all three. It takes the forward's chunk-local gates and its per-chunk states, where the forward stored
+them, as residuals; otherwise it rescans the states.
 
 The decay gradient telescopes only to the end of each chunk (as fla's chunk_gla does):
 d log α_r = Σ_{r≤t≤e} (q·dq − k·dk)_t + Σ_v S_e·dS_e, e the chunk's last row, S_e the state leaving the chunk and
@@ -361,8 +362,9 @@ def _grad_dqdk(
   dq, dk and dv, or for Slots of a packed projection the packed gradient, from this one kernel, whose programs
   then take the whole Dk."""
   plan = layout.plan
-  tile_k = min(plan.config.decay_key_tile if decay_grad else plan.config.key_tile, layout.dim_k)
-  tile_k = layout.dim_k if with_dv else tile_k
+  tile_k = (
+    layout.dim_k if with_dv else min(plan.config.decay_key_tile if decay_grad else plan.config.key_tile, layout.dim_k)
+  )
   in_specs = [
     layout.chunk_spec(tile_k, True, slot_of(q)),
     layout.chunk_spec(tile_k, True, slot_of(k)),
