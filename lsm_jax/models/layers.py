@@ -223,8 +223,7 @@ def sharded_linear_attention_qkv(
   batch, time, _, heads, dim = qkv.shape
   shards = KernelShards(jax.ShapeDtypeStruct((batch, time, heads, dim), qkv.dtype))
   if backend != "pallas_gpu" or shards.length is not None:
-    q, k, v = (qkv[:, :, index] for index in range(3))
-    q, k = common.apply_feature_map(feature_map, q), common.apply_feature_map(feature_map, k)
+    q, k, v = common.mapped_slices(qkv, feature_map)
     return sharded_linear_attention(
       q,
       k,

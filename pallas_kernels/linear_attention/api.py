@@ -147,8 +147,8 @@ def linear_attention_qkv(
     raise ValueError(f"qkv has shape {tuple(qkv.shape)}; expected [batch, time, 3, heads, dim] (q, k, v packed).")
   if feature_map is not None and feature_map not in common.FEATURE_MAPS:
     raise ValueError(f"Unknown feature map {feature_map!r}; valid: None, {', '.join(map(repr, common.FEATURE_MAPS))}.")
-  slices = [qkv[:, :, index] for index in range(3)]  # unused (and never computed under jit) by the packed kernels
-  check_inputs(*slices, log_decay, initial_state, segment_ids)
+  # the slices are only checked here (and never computed under jit) when the packed kernels take qkv whole
+  check_inputs(*common.mapped_slices(qkv, None), log_decay, initial_state, segment_ids)
   resolved = resolve_backend(backend)
   if resolved == "pallas_gpu":
     from pallas_kernels.linear_attention import gpu
@@ -158,8 +158,7 @@ def linear_attention_qkv(
         qkv, log_decay, initial_state, segment_ids, chunk_size, feature_map
       )
       return (out, final_state) if return_final_state else out
-  q, k, v = slices
-  q, k = common.apply_feature_map(feature_map, q), common.apply_feature_map(feature_map, k)
+  q, k, v = common.mapped_slices(qkv, feature_map)
   return linear_attention(
     q,
     k,

@@ -13,6 +13,12 @@ def apply_feature_map(name, x):
   return x if name is None else FEATURE_MAPS[name](x)
 
 
+def mapped_slices(qkv, feature_map):
+  """(φ(q), φ(k), v) sliced out of a packed projection [B, T, 3, H, D]."""
+  q, k, v = (qkv[:, :, index] for index in range(3))
+  return apply_feature_map(feature_map, q), apply_feature_map(feature_map, k), v
+
+
 def round_up(value: int, multiple: int) -> int:
   """The smallest multiple of `multiple` that is >= `value`."""
   return -(-value // multiple) * multiple

@@ -6,7 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.linear_attention.common import apply_feature_map
+from pallas_kernels.linear_attention.common import mapped_slices
 from pallas_kernels.linear_attention.gpu.backward import backward, backward_packed
 from pallas_kernels.linear_attention.gpu.blocks import KERNEL_FEATURE_MAPS
 from pallas_kernels.linear_attention.gpu.config import GpuKernelConfig, default_config, effective_chunk
@@ -135,8 +135,7 @@ def linear_attention_gpu_qkv(
   mode = decay_mode(log_decay)
   config = _resolved_config(config, mode, shape, qkv.dtype, chunk_size)
   if not config.packed_operands or mode == "vector" or feature_map not in (None, *KERNEL_FEATURE_MAPS):
-    q, k, v = (qkv[:, :, index] for index in range(3))
-    q, k = apply_feature_map(feature_map, q), apply_feature_map(feature_map, k)
+    q, k, v = mapped_slices(qkv, feature_map)
     return linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, config=config)
   _check_operands({"qkv": qkv.dtype}, dim, dim)
   plan = Plan(mode, segment_ids is not None, effective_chunk(config.chunk_size, time), config, feature_map)
