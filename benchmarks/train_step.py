@@ -16,6 +16,8 @@ On a GPU host (jax[cuda]), then the PyTorch peers of benchmarks/peers/ at the sa
       --remat_policy dots_saveable --per_device_microbatch 2
   python3 benchmarks/train_step.py --out_dir $OUT --archs hgrn2_hybrid,hgrn2,tnl_hybrid,tnl,llama --sizes 1b \
       --seq_lens 8192,32768                                              # 7:1 hybrids beside the pure rows
+  python3 benchmarks/train_step.py --out_dir $OUT --archs tnl --sizes 1b --seq_lens 8192 \
+      --gpu_overrides fused_forward_states=true,packed_operands=true    # GPU kernel knobs (docs/tuning.md)
   python3 benchmarks/peers/torch_models.py --out benchmarks/peers/torch_models_h200.json   # fla HGRN2, HF LLaMA
   python3 benchmarks/peers/torch_models.py --out benchmarks/peers/torch_models_h200_retnet.json --models retnet
 The markdown's "peer" columns are read from --peers (comma-separated files, default the two above; the peer of
@@ -50,6 +52,7 @@ import numpy as np  # noqa: E402
 
 from lsm_jax import metrics, optim, sharding, trainer  # noqa: E402
 from lsm_jax.models import configs  # noqa: E402
+from pallas_kernels.linear_attention import gpu  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import measurement  # noqa: E402  (benchmarks/measurement.py: the commit measured)
@@ -66,17 +69,25 @@ TINY_SHAPE = dict(num_layers=2, d_model=256, num_heads=2, ffn_dim=512, vocab_siz
 
 
 def model_config(
-  arch: str, size: str, remat_policy: str, scan_layers: bool = True, unroll_layers: bool = False
+  arch: str,
+  size: str,
+  remat_policy: str,
+  scan_layers: bool = True,
+  unroll_layers: bool = False,
+  gpu_overrides=(),
 ) -> configs.ModelConfig:
+  settings = dict(
+    remat_policy=remat_policy,
+    scan_layers=scan_layers,
+    unroll_layers=unroll_layers,
+    linear_attention_gpu_overrides=gpu_overrides,
+  )
   if size == "tiny":
     # The family's gin settings (a hybrid's layer pattern) at the tiny shape; hybrids get the four layers their
     # pattern needs to hold a softmax layer.
     shape = {**TINY_SHAPE, "num_layers": 4} if arch in configs.HYBRID_ARCHS else TINY_SHAPE
-    config = configs.get_config(
-      arch, "70m", remat_policy=remat_policy, scan_layers=scan_layers, unroll_layers=unroll_layers, **shape
-    )
-    return dataclasses.replace(config, size="tiny")
-  return configs.get_config(arch, size, remat_policy=remat_policy, scan_layers=scan_layers, unroll_layers=unroll_layers)
+    return dataclasses.replace(configs.get_config(arch, "70m", **settings, **shape), size="tiny")
+  return configs.get_config(arch, size, **settings)
 
 
 def packed_documents(rng, shape, mean_document: int):
@@ -117,9 +128,16 @@ def peak_memory_bytes(devices) -> int | None:
 
 
 def _layers_label(row) -> str:
+  """The remat column's suffix: how the layers run and any GPU kernel overrides."""
+  label = ""
   if not row.get("scan_layers", True):
-    return ", unrolled layers"
-  return ", stacked layers unrolled" if row.get("unroll_layers") else ""
+    label = ", unrolled layers"
+  elif row.get("unroll_layers"):
+    label = ", stacked layers unrolled"
+  overrides = row.get("linear_attention_gpu_overrides")
+  if overrides:
+    label += ", kernels: " + " ".join(f"{knob}={str(value).lower()}" for knob, value in overrides.items())
+  return label
 
 
 def cli_spec(arch, size, seq_len, args, mesh) -> dict:
@@ -129,7 +147,14 @@ def cli_spec(arch, size, seq_len, args, mesh) -> dict:
   if per_shard_microbatch is not None and per_shard_microbatch * sharding.batch_shards(mesh) >= global_batch:
     per_shard_microbatch = None  # the whole batch already fits in one microbatch
   return dict(
-    model_config=model_config(arch, size, args.remat_policy, not args.unrolled_layers, args.unroll_stacked_layers),
+    model_config=model_config(
+      arch,
+      size,
+      args.remat_policy,
+      not args.unrolled_layers,
+      args.unroll_stacked_layers,
+      gpu.parse_overrides(filter(None, args.gpu_overrides.split(","))),
+    ),
     mesh=mesh,
     seq_len=seq_len,
     global_batch_size=global_batch,
@@ -192,6 +217,7 @@ def compile_spec(spec: dict) -> tuple[trainer.TrainProgram, jax.stages.Compiled,
     "scan_layers": config.scan_layers,
     "unroll_layers": config.unroll_layers,
     "linear_attention_backend": program.model_config.linear_attention_backend,
+    "linear_attention_gpu_overrides": dict(config.linear_attention_gpu_overrides),
     "attention_impl": program.model_config.attention_impl,
   }
   start = time.perf_counter()
@@ -380,6 +406,12 @@ def main(argv=None) -> list[dict]:
     help="rows per batch shard per microbatch (gradient accumulation); default: one microbatch",
   )
   parser.add_argument("--loss_chunk_length", type=int, default=1024)
+  parser.add_argument(
+    "--gpu_overrides",
+    default="",
+    help="GpuKernelConfig knobs of the linear-attention GPU kernels (ModelConfig.linear_attention_gpu_overrides), "
+    "e.g. fused_forward_states=true,packed_operands=true",
+  )
   parser.add_argument(
     "--gin_file",
     action="append",

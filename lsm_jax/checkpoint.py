@@ -466,6 +466,7 @@ EXECUTION_MODEL_FIELDS = (
   "dtype",
   "linear_attention_backend",
   "chunk_size",
+  "linear_attention_gpu_overrides",
   "remat_policy",
   "attention_impl",
   "unroll_layers",

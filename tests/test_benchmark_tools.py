@@ -1,5 +1,6 @@
 """The benchmark scripts' own logic: --config parsing and the per-kernel profile's trace reduction."""
 
+import argparse
 import datetime
 import gzip
 import json
@@ -175,6 +176,49 @@ def test_train_step_table_states_each_rows_date_and_commit_and_its_peer(tmp_path
     "| hgrn2 | 1b | 2048 | 2026-11-28, commit unknown |"
   )
   assert "| error |  |" in path.read_text()
+
+
+def test_train_step_rows_take_and_state_gpu_kernel_overrides(tmp_path):
+  # --gpu_overrides reaches the model config of every row, and its row's remat column names the knobs.
+  import train_step
+
+  args = argparse.Namespace(
+    tokens_per_step=1024,
+    per_device_microbatch=None,
+    remat_policy="none",
+    unrolled_layers=False,
+    unroll_stacked_layers=True,
+    loss_chunk_length=1024,
+    gpu_overrides="packed_operands=true,fused_forward_states=true",
+  )
+  spec = train_step.cli_spec("tnl", "tiny", 128, args, mesh=None)
+  assert spec["model_config"].linear_attention_gpu_overrides == (
+    ("fused_forward_states", True),
+    ("packed_operands", True),
+  )
+  row = {
+    "arch": "tnl",
+    "size": "tiny",
+    "seq_len": 128,
+    "global_batch_size": 8,
+    "num_microbatches": 1,
+    "remat_policy": "none",
+    "unroll_layers": True,
+    "linear_attention_gpu_overrides": dict(spec["model_config"].linear_attention_gpu_overrides),
+    "compile_s": 1.0,
+    "step_s": 0.5,
+    "tokens_per_s": 2048.0,
+    "mfu": 0.1,
+    "peak_gib": None,
+  }
+  header = {"device": "1 × cpu", "date": "2026-12-04T00:00:00+00:00", "versions": "jax", "commands": ["x"]}
+  train_step.write_markdown(str(tmp_path / "t.md"), header, [row], {}, "")
+  assert (
+    "| none, stacked layers unrolled, kernels: fused_forward_states=true packed_operands=true |"
+    in (tmp_path / "t.md").read_text()
+  )
+  with pytest.raises(ValueError, match="unknown GpuKernelConfig knob 'packed'"):
+    train_step.cli_spec("tnl", "tiny", 128, argparse.Namespace(**{**vars(args), "gpu_overrides": "packed=true"}), None)
 
 
 def test_committed_peer_files_carry_their_provenance():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jaxpr_tools import equations, pallas_kernel_name, pallas_kernel_names
 
-from pallas_kernels.linear_attention import gpu, testing
+from pallas_kernels.linear_attention import api, gpu, testing
 from pallas_kernels.linear_attention.gpu import blocks
 from pallas_kernels.linear_attention.gpu.forward import FUSED_FORWARD_STATES
 
@@ -621,6 +621,35 @@ def test_config_overrides_change_the_launched_kernels():
   default = gpu.default_config("scalar", q.shape, q.dtype)
   unfused = dataclasses.replace(default, fused_forward=False, num_warps=8, scan_warps=2)
   assert launches(unfused) == [("linear_attention_state_scan", 2), ("linear_attention_output", 8)]
+
+
+def test_public_api_overrides_reach_the_kernels_and_are_checked_on_every_backend():
+  """`linear_attention(..., gpu_overrides=)` replaces knobs of the tuned defaults: the same launches as that config
+  given whole, the same values; a bad knob is refused whatever the backend, before anything runs."""
+  q, k, v, log_decay, _, segment_ids = testing.random_inputs(
+    17, batch=1, time=64, heads=2, dim_k=16, dim_v=16, decay_mode="scalar", dtype=jnp.bfloat16
+  )
+  overrides = {"fused_forward": False, "num_warps": 8, "scan_warps": 2}
+
+  def call(**kwargs):
+    return api.linear_attention(q, k, v, log_decay, segment_ids=segment_ids, chunk_size=16, **kwargs)
+
+  jaxpr = jax.make_jaxpr(lambda q: call(backend="pallas_gpu", gpu_overrides=overrides))(q).jaxpr
+  launched = [
+    (pallas_kernel_name(eqn.params), eqn.params["compiler_params"].num_warps)
+    for eqn in equations(jaxpr)
+    if eqn.primitive.name == "pallas_call"
+  ]
+  assert launched == [("linear_attention_state_scan", 2), ("linear_attention_output", 8)]
+  np.testing.assert_allclose(
+    np.asarray(call(backend="pallas_gpu", gpu_overrides=overrides), np.float32),
+    np.asarray(call(backend="pallas_gpu"), np.float32),
+    rtol=2e-2,
+    atol=2e-2,
+  )
+  for backend in ("xla", "reference", "pallas_gpu"):
+    with pytest.raises(ValueError, match="unknown GpuKernelConfig knob 'fused'; valid: .*fused_forward"):
+      call(backend=backend, gpu_overrides={"fused": False})
 
 
 @pytest.mark.parametrize("trainable_decay", [False, True])

@@ -42,6 +42,27 @@ def test_json_round_trip_and_overrides():
     config.num_layers = 3
 
 
+def test_gpu_kernel_overrides_from_a_gin_mapping_survive_json_and_stay_hashable():
+  # An experiment binds a dict; the config keeps sorted (knob, value) pairs, so it stays hashable and JSON gives
+  # it back.
+  from lsm_jax import train as train_cli
+  from lsm_jax import trainer
+
+  binding = "configs.ModelConfig.linear_attention_gpu_overrides = {'packed_operands': True, 'num_warps': 8}"
+  with gin.unlock_config():
+    gin.clear_config()
+    try:
+      train_cli.parse_gin(["gin/tnl_70m.gin"], ["MODEL_DIR = '/tmp/unused'", "DATA_DIR = 'unused'", binding])
+      config = gin.get_bindings(trainer.train)["model_config"]
+    finally:
+      gin.clear_config()
+  assert config.linear_attention_gpu_overrides == (("num_warps", 8), ("packed_operands", True))
+  assert config.arch == "tnl" and config.size == "70m"
+  restored = configs.ModelConfig.from_json(config.to_json())
+  assert restored == config and hash(restored) == hash(config)
+  assert configs.get_config("tnl", "70m").linear_attention_gpu_overrides == ()
+
+
 @pytest.mark.parametrize(
   "platform, dtype, backend, attention",
   [
@@ -77,11 +98,31 @@ def test_resolved_for_fixes_the_auto_kernel_choices_of_the_platform(platform, dt
     (lambda: configs.get_config("tnl", "1b", num_layers=0), "num_layers must be a positive int"),
     (lambda: configs.get_config("tnl", "1b", chunk_size=-4), "chunk_size must be None or a positive int"),
     (lambda: configs.get_config("tnl", "1b", unroll_layers="yes"), "unroll_layers must be a bool; got 'yes'"),
+    (
+      lambda: configs.get_config("tnl", "1b", linear_attention_gpu_overrides={"num_warp": 8}),
+      "ModelConfig.linear_attention_gpu_overrides: unknown GpuKernelConfig knob 'num_warp'; valid: .*num_warps",
+    ),
+    (
+      lambda: configs.get_config("tnl", "1b", linear_attention_gpu_overrides={"chunk_size": 48}),
+      "ModelConfig.linear_attention_gpu_overrides: GpuKernelConfig.chunk_size=48; valid: a power of two >= 16",
+    ),
   ],
 )
 def test_bad_configs_raise_clear_errors(call, message):
   with pytest.raises(ValueError, match=message):
     call()
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    ({"fused_forward_states": 1}, "GpuKernelConfig.fused_forward_states=1; valid: True or False"),
+    ("packed_operands", "GpuKernelConfig overrides 'packed_operands'; valid: a mapping of knob to value"),
+  ],
+)
+def test_gpu_kernel_overrides_of_the_wrong_type_are_refused(overrides, message):
+  with pytest.raises(TypeError, match=f"ModelConfig.linear_attention_gpu_overrides: {message}"):
+    configs.get_config("tnl", "1b", linear_attention_gpu_overrides=overrides)
 
 
 def _write_model_file(root, arch, size, bindings):

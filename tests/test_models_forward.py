@@ -1,7 +1,6 @@
 """Behaviour of the four tiny models: causality, decoding == forward, packing, scan/remat equivalence, errors."""
 
 import collections
-import dataclasses
 import functools
 
 import jax
@@ -12,7 +11,6 @@ from flax import nnx
 from jaxpr_tools import equations, pallas_kernel_names
 
 from lsm_jax.models import ARCHS, build_model, get_config
-from pallas_kernels.linear_attention.gpu import op as gpu_op
 from pallas_kernels.linear_attention.gpu.forward import FUSED_FORWARD_STATES
 
 VOCAB = 512
@@ -242,22 +240,17 @@ def test_mixer_kernel_remat_policy_runs_the_kernel_forward_once():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, grads_ref)
 
 
-def test_remat_policies_recompute_or_keep_the_fused_forward_states(monkeypatch):
+def test_remat_policies_recompute_or_keep_the_fused_forward_states():
   """A fused forward that stores its per-chunk states (GpuKernelConfig.fused_forward_states, TNL) is a state kernel
   to the remat policies: dots_and_mixer_kernels_saveable re-runs it for the backward, dots_and_all_mixer_kernels_
   saveable and no remat run it once; none runs a forward state scan. With the kernels also reading the packed
-  q, k, v projection in place (packed_operands) all give the loss and gradients of the default kernels without
-  remat. Pallas GPU kernels in interpret mode."""
+  q, k, v projection in place (packed_operands), both set through ModelConfig.linear_attention_gpu_overrides, all
+  give the loss and gradients of the default kernels without remat. Pallas GPU kernels in interpret mode."""
   tokens = random_tokens(7, (2, 40))
   segment_ids = jnp.asarray([[1] * 25 + [2] * 15, [1] * 40], jnp.int32)
   kernels = dict(linear_attention_backend="pallas_gpu", chunk_size=16, scan_layers=False)
   loss_ref, grads_ref, _ = _loss_and_grads(tiny_config("tnl", **kernels), tokens, segment_ids)
-  tuned = gpu_op.default_config
-  monkeypatch.setattr(
-    gpu_op,
-    "default_config",
-    lambda *args: dataclasses.replace(tuned(*args), fused_forward_states=True, packed_operands=True),
-  )
+  kernels["linear_attention_gpu_overrides"] = {"fused_forward_states": True, "packed_operands": True}
   layers = TINY["num_layers"]
   runs = {"none": layers, "dots_and_mixer_kernels_saveable": 2 * layers, "dots_and_all_mixer_kernels_saveable": layers}
   for policy, runs_expected in runs.items():

@@ -166,6 +166,8 @@ def test_resume_lists_every_difference_and_keeps_the_history(tmp_path):
     **{
       "model_config.dtype": "bfloat16",
       "model_config.remat_policy": "full",
+      # a run saved before the field existed has none
+      "model_config.linear_attention_gpu_overrides": [["packed_operands", True]],
       "optimizer": {"learning_rate": 1e-3},
       "train_steps": 40,
     }

@@ -67,6 +67,10 @@ class ModelConfig:
   param_dtype: str = "float32"
   linear_attention_backend: str = "auto"
   chunk_size: int | None = None  # None: the backend's default
+  # GpuKernelConfig knobs replacing the tuned defaults of the "pallas_gpu" linear-attention kernels, e.g. in gin
+  # `configs.ModelConfig.linear_attention_gpu_overrides = {'fused_forward_states': True}` (docs/tuning.md). Kept as
+  # sorted (knob, value) pairs; the other backends have no such knobs.
+  linear_attention_gpu_overrides: tuple[tuple[str, bool | int], ...] = ()
   scan_layers: bool = True  # stack layers and lax.scan them (one layer compiled, not L)
   # Stacked layers applied one after another instead of by lax.scan: every layer compiled (longer compile), no
   # per-layer copies of stacked residuals and weights (faster on GPUs; docs/performance.md). Parameters,
@@ -101,6 +105,11 @@ class ModelConfig:
     _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
     if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size <= 0):
       raise ValueError(f"ModelConfig.chunk_size must be None or a positive int; got {self.chunk_size!r}.")
+    try:
+      overrides = linear_attention_api.checked_gpu_overrides(self.linear_attention_gpu_overrides)
+    except (TypeError, ValueError) as error:
+      raise type(error)(f"ModelConfig.linear_attention_gpu_overrides: {error}") from None
+    object.__setattr__(self, "linear_attention_gpu_overrides", overrides)  # a mapping or JSON's lists, normalized
     for name in ("scan_layers", "unroll_layers"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"ModelConfig.{name} must be a bool; got {getattr(self, name)!r}.")

@@ -167,7 +167,16 @@ class KernelShards:
 
 
 def sharded_linear_attention(
-  q, k, v, log_decay=None, *, segment_ids=None, return_final_state=False, backend="auto", chunk_size=None
+  q,
+  k,
+  v,
+  log_decay=None,
+  *,
+  segment_ids=None,
+  return_final_state=False,
+  backend="auto",
+  chunk_size=None,
+  gpu_overrides=None,
 ):
   """`pallas_kernels.linear_attention` under the active mesh: sequence-parallel or per-shard Pallas kernels.
 
@@ -180,7 +189,12 @@ def sharded_linear_attention(
   backend = linear_attention_api.resolve_backend(backend)
   call = (
     lambda *args: linear_attention_api.linear_attention(  # noqa: E731
-      *args[:4], segment_ids=args[4], return_final_state=return_final_state, backend=backend, chunk_size=chunk_size
+      *args[:4],
+      segment_ids=args[4],
+      return_final_state=return_final_state,
+      backend=backend,
+      chunk_size=chunk_size,
+      gpu_overrides=gpu_overrides,
     )
   )
   shards = KernelShards(q)
@@ -202,6 +216,7 @@ def sharded_linear_attention(
       return_final_state=return_final_state,
       backend=backend,
       chunk_size=chunk_size,
+      gpu_overrides=gpu_overrides,
     )
   if not backend.startswith("pallas"):
     return call(q, k, v, log_decay, segment_ids)
@@ -213,7 +228,15 @@ def sharded_linear_attention(
 
 
 def sharded_linear_attention_qkv(
-  qkv, log_decay=None, *, feature_map=None, segment_ids=None, return_final_state=False, backend="auto", chunk_size=None
+  qkv,
+  log_decay=None,
+  *,
+  feature_map=None,
+  segment_ids=None,
+  return_final_state=False,
+  backend="auto",
+  chunk_size=None,
+  gpu_overrides=None,
 ):
   """`pallas_kernels.linear_attention.linear_attention_qkv` (qkv [B, T, 3, H, D]: q, k, v packed, φ = feature_map
   on q and k) under the active mesh. The Pallas GPU kernels take the packed projection per shard (batch and
@@ -233,6 +256,7 @@ def sharded_linear_attention_qkv(
       return_final_state=return_final_state,
       backend=backend,
       chunk_size=chunk_size,
+      gpu_overrides=gpu_overrides,
     )
 
   def call(qkv, log_decay, segment_ids):
@@ -244,6 +268,7 @@ def sharded_linear_attention_qkv(
       return_final_state=return_final_state,
       backend=backend,
       chunk_size=chunk_size,
+      gpu_overrides=gpu_overrides,
     )
 
   if not shards.sharded:

@@ -114,9 +114,14 @@ def linear_attention(
   return_final_state=False,
   backend="auto",
   chunk_size=None,
+  gpu_overrides=None,
 ):
-  """Causal decay-scan linear attention. Returns o [B,T,H,Dv] (v.dtype), plus the final state if asked."""
+  """Causal decay-scan linear attention. Returns o [B,T,H,Dv] (v.dtype), plus the final state if asked.
+
+  gpu_overrides: {knob: value} of `gpu.GpuKernelConfig` that replace the tuned defaults of the "pallas_gpu" kernels
+  (checked on every backend; the others have no such knobs)."""
   check_inputs(q, k, v, log_decay, initial_state, segment_ids)
+  gpu_overrides = checked_gpu_overrides(gpu_overrides)
   resolved = resolve_backend(backend)
   if backend == "auto" and resolved == "pallas_gpu":
     from pallas_kernels.linear_attention import gpu
@@ -124,8 +129,18 @@ def linear_attention(
     if not gpu.fits_shared_memory(q.dtype, q.shape[-1], v.shape[-1]):
       resolved = "xla"  # e.g. float32 cosFormer2 (Dk = 256): the GPU kernels' blocks would not fit
   impl = _impl(resolved)
-  out, final_state = impl(q, k, v, log_decay, initial_state, segment_ids, chunk_size)
+  extra = {"overrides": gpu_overrides} if resolved == "pallas_gpu" else {}
+  out, final_state = impl(q, k, v, log_decay, initial_state, segment_ids, chunk_size, **extra)
   return (out, final_state) if return_final_state else out
+
+
+def checked_gpu_overrides(overrides):
+  """`gpu.checked_overrides`: the overrides as sorted (knob, value) pairs, each checked; () for None or empty."""
+  if not overrides:
+    return ()
+  from pallas_kernels.linear_attention.gpu import config as gpu_config
+
+  return gpu_config.checked_overrides(overrides)
 
 
 def linear_attention_qkv(
@@ -138,24 +153,26 @@ def linear_attention_qkv(
   return_final_state=False,
   backend="auto",
   chunk_size=None,
+  gpu_overrides=None,
 ):
   """`linear_attention(φ(q), φ(k), v, ...)` of a packed projection qkv [batch, time, 3, heads, dim] whose slots
   0, 1, 2 are q, k, v (dim_k = dim_v), φ the feature map `feature_map` (None: none; "silu": TNL's). The
   "pallas_gpu" backend can read the slots in place and apply φ as its kernels load q and k, its gradient one packed
-  array (GpuKernelConfig.packed_operands); the others slice q, k, v out."""
+  array (GpuKernelConfig.packed_operands); the others slice q, k, v out. gpu_overrides: as in `linear_attention`."""
   if qkv.ndim != 5 or qkv.shape[2] != 3:
     raise ValueError(f"qkv has shape {tuple(qkv.shape)}; expected [batch, time, 3, heads, dim] (q, k, v packed).")
   if feature_map is not None and feature_map not in common.FEATURE_MAPS:
     raise ValueError(f"Unknown feature map {feature_map!r}; valid: None, {', '.join(map(repr, common.FEATURE_MAPS))}.")
   # the slices are only checked here (and never computed under jit) when the packed kernels take qkv whole
   check_inputs(*common.mapped_slices(qkv, None), log_decay, initial_state, segment_ids)
+  gpu_overrides = checked_gpu_overrides(gpu_overrides)
   resolved = resolve_backend(backend)
   if resolved == "pallas_gpu":
     from pallas_kernels.linear_attention import gpu
 
     if gpu.fits_shared_memory(qkv.dtype, qkv.shape[-1], qkv.shape[-1]) or backend == "pallas_gpu":
       out, final_state = gpu.linear_attention_gpu_qkv(
-        qkv, log_decay, initial_state, segment_ids, chunk_size, feature_map
+        qkv, log_decay, initial_state, segment_ids, chunk_size, feature_map, overrides=gpu_overrides
       )
       return (out, final_state) if return_final_state else out
   q, k, v = common.mapped_slices(qkv, feature_map)
@@ -169,6 +186,7 @@ def linear_attention_qkv(
     return_final_state=return_final_state,
     backend=backend,
     chunk_size=chunk_size,
+    gpu_overrides=gpu_overrides,
   )
 
 

@@ -59,6 +59,7 @@ def sequence_parallel_linear_attention(
   return_final_state=False,
   backend="auto",
   chunk_size=None,
+  gpu_overrides=None,
 ):
   """`api.linear_attention` with [B,T,H,D] inputs sharded over `sequence_axis` on dim 1 (batch and heads may
   be sharded over `batch_axis` / `head_axis`). Same arguments and results as `api.linear_attention`."""
@@ -84,7 +85,15 @@ def sequence_parallel_linear_attention(
   def shard_fn(q, k, v, log_decay, initial_state, segment_ids):
     shard_index = jax.lax.axis_index(sequence_axis)
     out, local_state = api.linear_attention(
-      q, k, v, log_decay, segment_ids=segment_ids, return_final_state=True, backend=backend, chunk_size=chunk_size
+      q,
+      k,
+      v,
+      log_decay,
+      segment_ids=segment_ids,
+      return_final_state=True,
+      backend=backend,
+      chunk_size=chunk_size,
+      gpu_overrides=gpu_overrides,
     )
     prev_last_segment = None
     if segment_ids is not None:

@@ -126,6 +126,7 @@ class CosFormer2Attention(TNLAttention):
       return_final_state=return_final_state,
       backend=self.config.linear_attention_backend,
       chunk_size=self.config.chunk_size,
+      gpu_overrides=self.config.linear_attention_gpu_overrides,
     )
 
   def _log_decay(self, layer_inputs):

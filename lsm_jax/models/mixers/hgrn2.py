@@ -135,6 +135,7 @@ class HGRN2Mixer(base.TokenMixer):
       return_final_state=max_length is not None,
       backend=self.config.linear_attention_backend,
       chunk_size=self.config.chunk_size,
+      gpu_overrides=self.config.linear_attention_gpu_overrides,
     )
     if max_length is None:
       return self._output(result), None

@@ -84,6 +84,7 @@ class TNLAttention(base.TokenMixer):
       return_final_state=return_final_state,
       backend=self.config.linear_attention_backend,
       chunk_size=self.config.chunk_size,
+      gpu_overrides=self.config.linear_attention_gpu_overrides,
     )
 
   def __call__(self, x, *, segment_ids, positions, layer_inputs, max_length=None):

@@ -19,7 +19,13 @@ latency-bound. Planning, layouts and padding: planning.py; every tuning knob and
 Off the GPU the kernels run in Pallas interpret mode (tests on CPU).
 """
 
-from pallas_kernels.linear_attention.gpu.config import DECAY_MODES, GpuKernelConfig, default_config, parse_overrides
+from pallas_kernels.linear_attention.gpu.config import (
+  DECAY_MODES,
+  GpuKernelConfig,
+  checked_overrides,
+  default_config,
+  parse_overrides,
+)
 from pallas_kernels.linear_attention.gpu.op import (
   decay_mode,
   fits_shared_memory,
@@ -30,6 +36,7 @@ from pallas_kernels.linear_attention.gpu.op import (
 __all__ = [
   "DECAY_MODES",
   "GpuKernelConfig",
+  "checked_overrides",
   "decay_mode",
   "default_config",
   "fits_shared_memory",

@@ -227,3 +227,28 @@ def parse_overrides(assignments: Sequence[str]) -> dict:
       except ValueError:
         raise ValueError(f"GpuKernelConfig.{name}={text}; valid: an integer.") from None
   return overrides
+
+
+def checked_overrides(overrides) -> tuple[tuple[str, bool | int], ...]:
+  """GpuKernelConfig overrides (a mapping, or (knob, value) pairs as JSON gives them back) as sorted (knob, value)
+  pairs: hashable, so that they can be a static argument or a frozen config's field.
+
+  Raises:
+    ValueError or TypeError: not a mapping or pairs, an unknown knob, or a value of the wrong type or range (checked
+      on a tuned configuration, so that a bad override fails before any kernel is traced).
+  """
+  if overrides is None:
+    return ()
+  try:
+    pairs = dict(overrides.items() if hasattr(overrides, "items") else overrides)
+  except (TypeError, ValueError):
+    raise TypeError(
+      f"GpuKernelConfig overrides {overrides!r}; valid: a mapping of knob to value, e.g. {{'num_warps': 8}}."
+    ) from None
+  names = {field.name for field in dataclasses.fields(GpuKernelConfig)}
+  for name in pairs:
+    if name not in names:
+      raise ValueError(f"unknown GpuKernelConfig knob {name!r}; valid: {', '.join(sorted(names))}.")
+  # the dataclass checks each value's type and range
+  dataclasses.replace(default_config("scalar", (1, 64, 1, 128), jnp.bfloat16), **pairs)
+  return tuple(sorted(pairs.items()))

@@ -9,7 +9,12 @@ import jax.numpy as jnp
 from pallas_kernels.linear_attention.common import mapped_slices
 from pallas_kernels.linear_attention.gpu.backward import backward, backward_packed
 from pallas_kernels.linear_attention.gpu.blocks import KERNEL_FEATURE_MAPS
-from pallas_kernels.linear_attention.gpu.config import GpuKernelConfig, default_config, effective_chunk
+from pallas_kernels.linear_attention.gpu.config import (
+  GpuKernelConfig,
+  checked_overrides,
+  default_config,
+  effective_chunk,
+)
 from pallas_kernels.linear_attention.gpu.forward import forward
 from pallas_kernels.linear_attention.gpu.planning import Plan, Slot
 
@@ -76,10 +81,11 @@ def _packed_linear_attention_fwd(qkv, log_decay, initial_state, segment_ids, pla
 _packed_linear_attention.defvjp(_packed_linear_attention_fwd, backward_packed, symbolic_zeros=True)
 
 
-def _resolved_config(config, mode, shape, dtype, chunk_size):
+def _resolved_config(config, mode, shape, dtype, chunk_size, overrides):
   if config is not None and not isinstance(config, GpuKernelConfig):
     raise TypeError(f"pallas_gpu: config is a {type(config).__name__}; valid: None or a GpuKernelConfig.")
   config = default_config(mode, shape, dtype) if config is None else config
+  config = dataclasses.replace(config, **dict(checked_overrides(overrides)))
   return config if chunk_size is None else dataclasses.replace(config, chunk_size=chunk_size)
 
 
@@ -102,7 +108,15 @@ def _check_operands(dtypes, dim_k, dim_v):
 
 
 def linear_attention_gpu(
-  q, k, v, log_decay, initial_state, segment_ids, chunk_size=None, config: GpuKernelConfig | None = None
+  q,
+  k,
+  v,
+  log_decay,
+  initial_state,
+  segment_ids,
+  chunk_size=None,
+  config: GpuKernelConfig | None = None,
+  overrides=None,
 ):
   """The "pallas_gpu" backend of `linear_attention` (api.py), with the same arguments.
 
@@ -110,6 +124,7 @@ def linear_attention_gpu(
     q, k, v, log_decay, initial_state, segment_ids: as in `linear_attention`.
     chunk_size: tokens per chunk; None: config.chunk_size. Replaces config.chunk_size when given.
     config: the kernels' tuning; None: default_config for this call's decay mode, shape and dtype.
+    overrides: GpuKernelConfig knobs to change in that configuration, {knob: value} (checked_overrides).
 
   Returns:
     (o [B,T,H,Dv] in v.dtype, final_state [B,H,Dk,Dv] float32).
@@ -117,15 +132,22 @@ def linear_attention_gpu(
   time = q.shape[1]
   _check_operands({"q": q.dtype, "k": k.dtype, "v": v.dtype}, q.shape[-1], v.shape[-1])
   mode = decay_mode(log_decay)
-  config = _resolved_config(config, mode, q.shape, q.dtype, chunk_size)
+  config = _resolved_config(config, mode, q.shape, q.dtype, chunk_size, overrides)
   plan = Plan(mode, segment_ids is not None, effective_chunk(config.chunk_size, time), config)
   return _linear_attention(q, k, v, log_decay, initial_state, segment_ids, plan)
 
 
 def linear_attention_gpu_qkv(
-  qkv, log_decay, initial_state, segment_ids, chunk_size=None, feature_map=None, config: GpuKernelConfig | None = None
+  qkv,
+  log_decay,
+  initial_state,
+  segment_ids,
+  chunk_size=None,
+  feature_map=None,
+  config: GpuKernelConfig | None = None,
+  overrides=None,
 ):
-  """The "pallas_gpu" backend of `linear_attention_qkv` (api.py), with the same arguments and config as
+  """The "pallas_gpu" backend of `linear_attention_qkv` (api.py), with the same arguments, config and overrides as
   `linear_attention_gpu`. With config.packed_operands (not for a decay per key channel; a feature map of
   KERNEL_FEATURE_MAPS or none) the kernels read q, k, v in place from qkv [B,T,3,H,D] and apply the feature map as
   they load q and k; otherwise q, k, v are sliced out and mapped in XLA. Returns (o [B,T,H,D] in qkv's dtype,
@@ -133,7 +155,7 @@ def linear_attention_gpu_qkv(
   batch, time, _, heads, dim = qkv.shape
   shape = (batch, time, heads, dim)
   mode = decay_mode(log_decay)
-  config = _resolved_config(config, mode, shape, qkv.dtype, chunk_size)
+  config = _resolved_config(config, mode, shape, qkv.dtype, chunk_size, overrides)
   if not config.packed_operands or mode == "vector" or feature_map not in (None, *KERNEL_FEATURE_MAPS):
     q, k, v = mapped_slices(qkv, feature_map)
     return linear_attention_gpu(q, k, v, log_decay, initial_state, segment_ids, config=config)
