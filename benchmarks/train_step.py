@@ -75,12 +75,14 @@ def model_config(
   scan_layers: bool = True,
   unroll_layers: bool = False,
   gpu_overrides=(),
+  fused_mlp: bool = False,
 ) -> configs.ModelConfig:
   settings = dict(
     remat_policy=remat_policy,
     scan_layers=scan_layers,
     unroll_layers=unroll_layers,
     linear_attention_gpu_overrides=gpu_overrides,
+    fused_mlp=fused_mlp,
   )
   if size == "tiny":
     # The family's gin settings (a hybrid's layer pattern) at the tiny shape; hybrids get the four layers their
@@ -128,12 +130,14 @@ def peak_memory_bytes(devices) -> int | None:
 
 
 def _layers_label(row) -> str:
-  """The remat column's suffix: how the layers run and any GPU kernel overrides."""
+  """The remat column's suffix: how the layers and the GLU run and any GPU kernel overrides."""
   label = ""
   if not row.get("scan_layers", True):
     label = ", unrolled layers"
   elif row.get("unroll_layers"):
     label = ", stacked layers unrolled"
+  if row.get("fused_mlp"):
+    label += ", fused mlp"
   overrides = row.get("linear_attention_gpu_overrides")
   if overrides:
     label += ", kernels: " + " ".join(f"{knob}={str(value).lower()}" for knob, value in overrides.items())
@@ -154,6 +158,7 @@ def cli_spec(arch, size, seq_len, args, mesh) -> dict:
       not args.unrolled_layers,
       args.unroll_stacked_layers,
       gpu.parse_overrides(filter(None, args.gpu_overrides.split(","))),
+      args.fused_mlp,
     ),
     mesh=mesh,
     seq_len=seq_len,
@@ -216,6 +221,7 @@ def compile_spec(spec: dict) -> tuple[trainer.TrainProgram, jax.stages.Compiled,
     "remat_policy": config.remat_policy,
     "scan_layers": config.scan_layers,
     "unroll_layers": config.unroll_layers,
+    "fused_mlp": config.fused_mlp,
     "linear_attention_backend": program.model_config.linear_attention_backend,
     "linear_attention_gpu_overrides": dict(config.linear_attention_gpu_overrides),
     "attention_impl": program.model_config.attention_impl,
@@ -433,6 +439,11 @@ def main(argv=None) -> list[dict]:
     "--unroll_stacked_layers",
     action="store_true",
     help="stacked layers applied one by one (ModelConfig.unroll_layers) instead of by lax.scan",
+  )
+  parser.add_argument(
+    "--fused_mlp",
+    action="store_true",
+    help="the GLU's up and gate projections as one matmul (ModelConfig.fused_mlp)",
   )
   parser.add_argument(
     "--profile_steps",

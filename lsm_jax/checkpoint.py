@@ -470,6 +470,7 @@ EXECUTION_MODEL_FIELDS = (
   "remat_policy",
   "attention_impl",
   "unroll_layers",
+  "fused_mlp",
 )
 
 

@@ -179,7 +179,7 @@ def test_train_step_table_states_each_rows_date_and_commit_and_its_peer(tmp_path
 
 
 def test_train_step_rows_take_and_state_gpu_kernel_overrides(tmp_path):
-  # --gpu_overrides reaches the model config of every row, and its row's remat column names the knobs.
+  # --gpu_overrides and --fused_mlp reach the model config of every row, and its row's remat column names them.
   import train_step
 
   args = argparse.Namespace(
@@ -190,12 +190,14 @@ def test_train_step_rows_take_and_state_gpu_kernel_overrides(tmp_path):
     unroll_stacked_layers=True,
     loss_chunk_length=1024,
     gpu_overrides="packed_operands=true,fused_forward_states=true",
+    fused_mlp=True,
   )
   spec = train_step.cli_spec("tnl", "tiny", 128, args, mesh=None)
   assert spec["model_config"].linear_attention_gpu_overrides == (
     ("fused_forward_states", True),
     ("packed_operands", True),
   )
+  assert spec["model_config"].fused_mlp
   row = {
     "arch": "tnl",
     "size": "tiny",
@@ -204,6 +206,7 @@ def test_train_step_rows_take_and_state_gpu_kernel_overrides(tmp_path):
     "num_microbatches": 1,
     "remat_policy": "none",
     "unroll_layers": True,
+    "fused_mlp": True,
     "linear_attention_gpu_overrides": dict(spec["model_config"].linear_attention_gpu_overrides),
     "compile_s": 1.0,
     "step_s": 0.5,
@@ -214,7 +217,7 @@ def test_train_step_rows_take_and_state_gpu_kernel_overrides(tmp_path):
   header = {"device": "1 × cpu", "date": "2026-12-04T00:00:00+00:00", "versions": "jax", "commands": ["x"]}
   train_step.write_markdown(str(tmp_path / "t.md"), header, [row], {}, "")
   assert (
-    "| none, stacked layers unrolled, kernels: fused_forward_states=true packed_operands=true |"
+    "| none, stacked layers unrolled, fused mlp, kernels: fused_forward_states=true packed_operands=true |"
     in (tmp_path / "t.md").read_text()
   )
   with pytest.raises(ValueError, match="unknown GpuKernelConfig knob 'packed'"):

@@ -191,6 +191,21 @@ def test_scan_and_remat_gradients_match_unscanned(arch, remat_policy, scan_layer
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(grads))
 
 
+@pytest.mark.parametrize("arch", ["llama", "tnl"])
+def test_fused_mlp_keeps_the_parameters_loss_and_gradients(arch):
+  """fused_mlp changes how the GLU is computed, not the model: same parameters (one checkpoint serves both),
+  loss and gradients, with the stacked layers scanned and a remat policy that saves the fused matmul."""
+  tokens = random_tokens(4, (2, 9))
+  segment_ids = jnp.asarray([[1] * 4 + [2] * 5, [1] * 9], jnp.int32)
+  loss_ref, grads_ref, params_ref = _loss_and_grads(tiny_config(arch), tokens, segment_ids)
+  loss, grads, params = _loss_and_grads(
+    tiny_config(arch, fused_mlp=True, remat_policy="dots_saveable"), tokens, segment_ids
+  )
+  jax.tree.map(np.testing.assert_array_equal, params, params_ref)
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, grads_ref)
+
+
 def test_unrolled_stacked_layers_match_the_scan():
   """unroll_layers applies the stacked layers one by one (no scan in the program) with the scan's loss and
   gradients, in the same stacked parameter layout."""

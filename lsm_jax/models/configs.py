@@ -76,6 +76,9 @@ class ModelConfig:
   # per-layer copies of stacked residuals and weights (faster on GPUs; docs/performance.md). Parameters,
   # checkpoints and optimizer state keep the stacked layout.
   unroll_layers: bool = False
+  # The GLU's up and gate projections as one matmul of their weights stacked at use (layers.GatedMLP; parameters
+  # and checkpoints unchanged).
+  fused_mlp: bool = False
   remat_policy: str = "none"  # REMAT_POLICIES; where "none" does not fit, dots_and_mixer_kernels_saveable
   # is the fastest on the H200 (docs/performance.md)
   attention_impl: str = "auto"  # softmax layers only
@@ -110,7 +113,7 @@ class ModelConfig:
     except (TypeError, ValueError) as error:
       raise type(error)(f"ModelConfig.linear_attention_gpu_overrides: {error}") from None
     object.__setattr__(self, "linear_attention_gpu_overrides", overrides)  # a mapping or JSON's lists, normalized
-    for name in ("scan_layers", "unroll_layers"):
+    for name in ("scan_layers", "unroll_layers", "fused_mlp"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"ModelConfig.{name} must be a bool; got {getattr(self, name)!r}.")
     if not isinstance(self.layer_pattern, str):

@@ -104,6 +104,7 @@ class Block(nnx.Module):
       std=config.init_std,
       param_dtype=jnp.dtype(config.param_dtype),
       rngs=rngs,
+      fused=config.fused_mlp,
     )
 
   def _channel_mix(self, x):
