@@ -217,6 +217,16 @@ def test_unrolled_state_scans_bf16(decay_mode):
   )
 
 
+def _segmented_grad_launches(seed, decay_mode, dtype, **overrides):
+  """The Pallas launches of q's gradient for 2×120 tokens in 16-token chunks (the segment tests' inputs)."""
+  q, k, v, log_decay, state, segment_ids = testing.random_inputs(
+    seed, batch=2, time=120, heads=2, dim_k=32, dim_v=16, decay_mode=decay_mode, dtype=dtype
+  )
+  config = _config(decay_mode, q, **overrides)
+  op = lambda q: gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 16, config)[0].sum()
+  return pallas_kernel_names(jax.make_jaxpr(jax.grad(op))(q).jaxpr)
+
+
 @pytest.mark.parametrize(
   "decay_mode,dtype,fused_forward",
   [
@@ -235,12 +245,7 @@ def test_segment_parallel_scans_and_fused_forward(decay_mode, dtype, fused_forwa
   _assert_matches_reference(
     9, decay_mode=decay_mode, dim_k=32, dim_v=16, time=120, chunk_size=16, dtype=dtype, strength="strong", **overrides
   )
-  q, k, v, log_decay, state, segment_ids = testing.random_inputs(
-    9, batch=2, time=120, heads=2, dim_k=32, dim_v=16, decay_mode=decay_mode, dtype=dtype
-  )
-  config = _config(decay_mode, q, **overrides)
-  op = lambda q: gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 16, config)[0].sum()
-  launches = pallas_kernel_names(jax.make_jaxpr(jax.grad(op))(q).jaxpr)
+  launches = _segmented_grad_launches(9, decay_mode, dtype, **overrides)
   # level 1 of the forward's scan (fused or not), of the backward's reverse scan, and of its recomputed states
   # unless the unfused forward stored them (per-key-channel decay's default)
   stored = decay_mode == "vector" and not fused_forward
@@ -286,12 +291,7 @@ def test_fused_forward_states_feed_the_backward(decay_mode, dtype, min_segment_c
   _assert_matches_reference(
     14, decay_mode=decay_mode, dim_k=32, dim_v=16, time=120, chunk_size=16, dtype=dtype, strength="strong", **overrides
   )
-  q, k, v, log_decay, state, segment_ids = testing.random_inputs(
-    14, batch=2, time=120, heads=2, dim_k=32, dim_v=16, decay_mode=decay_mode, dtype=dtype
-  )
-  config = _config(decay_mode, q, **overrides)
-  op = lambda q: gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 16, config)[0].sum()
-  launches = pallas_kernel_names(jax.make_jaxpr(jax.grad(op))(q).jaxpr)
+  launches = _segmented_grad_launches(14, decay_mode, dtype, **overrides)
   assert launches.count(FUSED_FORWARD_STATES) == 1 and "linear_attention_fused_forward" not in launches
   assert "linear_attention_state_scan" not in launches
   # level 1 of the two-level scan: the fused forward's segments alone, no rescan of its states
@@ -603,6 +603,15 @@ def test_default_config_table():
     gpu.default_config("gated", (1, 64, 1, 16), jnp.bfloat16)
 
 
+def _kernels_and_warps(closed_jaxpr):
+  """(kernel name, warps) of every Pallas launch, in program order."""
+  return [
+    (pallas_kernel_name(eqn.params), eqn.params["compiler_params"].num_warps)
+    for eqn in equations(closed_jaxpr.jaxpr)
+    if eqn.primitive.name == "pallas_call"
+  ]
+
+
 def test_config_overrides_change_the_launched_kernels():
   """A config reaches the kernels: its forward form in the launches' names, its warps in their compiler params."""
   q, k, v, log_decay, state, segment_ids = testing.random_inputs(
@@ -610,12 +619,9 @@ def test_config_overrides_change_the_launched_kernels():
   )
 
   def launches(config):
-    jaxpr = jax.make_jaxpr(lambda q: gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 16, config))(q)
-    return [
-      (pallas_kernel_name(eqn.params), eqn.params["compiler_params"].num_warps)
-      for eqn in equations(jaxpr.jaxpr)
-      if eqn.primitive.name == "pallas_call"
-    ]
+    return _kernels_and_warps(
+      jax.make_jaxpr(lambda q: gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 16, config))(q)
+    )
 
   assert launches(None) == [("linear_attention_fused_forward", 4)]
   default = gpu.default_config("scalar", q.shape, q.dtype)
@@ -634,12 +640,7 @@ def test_public_api_overrides_reach_the_kernels_and_are_checked_on_every_backend
   def call(**kwargs):
     return api.linear_attention(q, k, v, log_decay, segment_ids=segment_ids, chunk_size=16, **kwargs)
 
-  jaxpr = jax.make_jaxpr(lambda q: call(backend="pallas_gpu", gpu_overrides=overrides))(q).jaxpr
-  launched = [
-    (pallas_kernel_name(eqn.params), eqn.params["compiler_params"].num_warps)
-    for eqn in equations(jaxpr)
-    if eqn.primitive.name == "pallas_call"
-  ]
+  launched = _kernels_and_warps(jax.make_jaxpr(lambda q: call(backend="pallas_gpu", gpu_overrides=overrides))(q))
   assert launched == [("linear_attention_state_scan", 2), ("linear_attention_output", 8)]
   np.testing.assert_allclose(
     np.asarray(call(backend="pallas_gpu", gpu_overrides=overrides), np.float32),
