@@ -29,6 +29,9 @@ QUIET = (
 )
 GIB = 1 << 30
 
+# Orbax's failed background write leaves a callback for an event loop it has closed; Python reports it as ignored.
+_ignore_orbax_closed_loop_callback = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 
 def _train(model_dir, *bindings, **arguments):
   gin.clear_config()
@@ -166,6 +169,7 @@ def test_too_little_free_space_stops_before_training(tmp_path, monkeypatch):
   checkpoint.check_free_space("gs://bucket/run", expected)
 
 
+@_ignore_orbax_closed_loop_callback
 def test_a_failed_save_names_the_checkpoint_and_the_cause_and_keeps_the_previous_one(tmp_path):
   run_metadata = {"arch": "llama", "size": "test", "global_batch_size": 1, "seq_len": 1}
   state = {"params": {"w": jax.random.normal(jax.random.key(0), (256, 256))}, "step": jnp.int32(5)}
@@ -215,8 +219,7 @@ class _FileSizeLimitFrom:
     return self._loader.local_batch(step, *args)
 
 
-# Orbax's failed background write leaves a callback for an event loop it has closed; Python reports it as ignored.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@_ignore_orbax_closed_loop_callback
 def test_a_save_failing_mid_run_stops_training_with_one_error_and_the_earlier_checkpoints_restore(tmp_path):
   model_dir = str(tmp_path / "run")
 
