@@ -696,9 +696,9 @@ class Checkpointer:
   """The two checkpoint managers of one run. Every process calls every method (Orbax saves collectively).
 
   Training loop protocol (trainer): `restore_latest(abstract_state)` once; if it returns None call
-  `save(0, state)` (milestone 0 = initialization); after each step poll `reached_preemption(step)` once, then
-  `save(step, state, metadata=...)` and stop if it was True; after the last step `save(last, state, force=True)`;
-  finally `close()`.
+  `save(0, state)` (milestone 0 = initialization); after each step call `check_background_saves()`, poll
+  `reached_preemption(step)` once, then `save(step, state, metadata=...)` and stop if it was True; after the last
+  step `save(last, state, force=True)`; finally `close()`.
   """
 
   def __init__(
@@ -782,6 +782,8 @@ class Checkpointer:
     self._manifest_jobs: list[concurrent.futures.Future] = []
     self.saved_resume_steps: list[int] = []  # resume checkpoints this Checkpointer saved
     self._latest_save_dirs: dict[str, epath.Path] = {}  # "milestone" / "resume" -> step directory being written
+    self._started_save_dirs: list[epath.Path] = []  # every step directory this Checkpointer began to write
+    self._unchecked_saves: dict[str, Any] = {}  # "milestone" / "resume" -> manager whose last save is unchecked
     self._save_failure: CheckpointSaveError | None = None
 
   def _on_sigterm(self, signum, frame) -> None:
@@ -855,6 +857,7 @@ class Checkpointer:
         params = _cast_floating(state["params"], self.milestone_dtype)
         milestone_record = {**record, "param_layout": _param_layout(params), "dtype": self.milestone_dtype}
         self._latest_save_dirs["milestone"] = epath.Path(self._milestones.directory) / str(step)
+        self._started_save_dirs.append(self._latest_save_dirs["milestone"])
         self._milestones.save(
           step,
           force=True,
@@ -863,8 +866,10 @@ class Checkpointer:
           ),
         )
         self._unmanifested.append((self._milestones, epath.Path(self._milestones.directory) / str(step)))
+        self._unchecked_saves["milestone"] = self._milestones
       if save_resume:
         self._latest_save_dirs["resume"] = epath.Path(self._resume.directory) / str(step)
+        self._started_save_dirs.append(self._latest_save_dirs["resume"])
         self._resume.save(
           step,
           force=True,
@@ -873,6 +878,7 @@ class Checkpointer:
           ),
         )
         self._unmanifested.append((self._resume, epath.Path(self._resume.directory) / str(step)))
+        self._unchecked_saves["resume"] = self._resume
         self.saved_resume_steps.append(step)
     self._write_committed_manifests()
 
@@ -890,7 +896,9 @@ class Checkpointer:
       if self._save_failure is not None:
         return
       text = str(error)
-      named = [path for path in self._latest_save_dirs.values() if f"{path}.orbax-checkpoint-tmp" in text]
+      # An asynchronous save's failure surfaces when the next save starts, so the failed one may be older than
+      # the latest: the cause names its temporary directory.
+      named = [path for path in self._started_save_dirs if f"{path}.orbax-checkpoint-tmp" in text]
       paths = named or list(self._latest_save_dirs.values()) or [self.model_dir / "checkpoints"]
       self._save_failure = CheckpointSaveError(
         f"saving checkpoint {' and '.join(map(str, paths))} failed: {_failure_cause(error)}. The checkpoints "
@@ -973,6 +981,19 @@ class Checkpointer:
         f"the model and optimizer match the run, or move these directories away to start from scratch."
       )
     return None
+
+  def check_background_saves(self) -> None:
+    """Raises the CheckpointSaveError of an asynchronous save that failed; returns at once while saves run.
+
+    Polled every step, so a failed write (a full disk) stops training at the next step rather than at the next
+    save, which may be hours later.
+    """
+    for kind, manager in list(self._unchecked_saves.items()):
+      if manager.is_saving_in_progress():
+        continue
+      del self._unchecked_saves[kind]
+      with self._reporting_save_failures():
+        manager.wait_until_finished()  # a finished save returns at once; a failed one raises its error
 
   def resume_steps(self) -> list[int]:
     """Steps of the resume checkpoints on disk (finished saves only)."""

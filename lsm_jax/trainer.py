@@ -933,6 +933,8 @@ def train(
         finish_step(*unread)  # the previous step, read while this one runs
       unread = (completed, step_metrics)
       evaluate = compiled_eval is not None and (completed % eval_every_steps == 0 or completed == train_steps)
+      if checkpointer is not None:
+        checkpointer.check_background_saves()
       # Polled once per step, before the save decision: a notice arriving during a save is acted on at the next
       # step, so the step that stops is always one whose resume checkpoint was saved.
       preempted = checkpointer is not None and checkpointer.reached_preemption(completed)

@@ -207,15 +207,18 @@ def test_a_failed_save_names_the_checkpoint_and_the_cause_and_keeps_the_previous
 
 
 class _FileSizeLimitFrom:
-  """Wraps a BatchLoader: once batch `step` is read, files beyond 100 KB can no longer be written (EFBIG)."""
+  """Wraps a BatchLoader: once batch `step` is read, files beyond 100 KB can no longer be written (EFBIG).
+  Batches from `slow_from` on take `delay` seconds more to read."""
 
-  def __init__(self, batch_loader, step):
-    self._loader, self._step = batch_loader, step
+  def __init__(self, batch_loader, step, *, slow_from=None, delay=0.0):
+    self._loader, self._step, self._slow_from, self._delay = batch_loader, step, slow_from, delay
     self.tokenizer = batch_loader.tokenizer
 
   def local_batch(self, step, *args):
     if step == self._step:
       resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    if self._slow_from is not None and step >= self._slow_from:
+      time.sleep(self._delay)
     return self._loader.local_batch(step, *args)
 
 
@@ -255,6 +258,36 @@ def test_a_save_failing_mid_run_stops_training_with_one_error_and_the_earlier_ch
   )
   assert summary["step"] == 12 and _step_dirs(model_dir, "milestones") == [0, 1, 8, 12]
   assert [r["step"] for r in metrics.read_metrics(model_dir)][-8:] == list(range(5, 13))
+
+
+@_ignore_orbax_closed_loop_callback
+def test_a_background_save_failing_stops_training_at_the_next_step_naming_that_checkpoint(tmp_path):
+  model_dir = str(tmp_path / "run")
+
+  # Milestones 0 and 1, resume checkpoints at 30 and 60, saved asynchronously. Batch 5 is read long after the
+  # step-1 milestone's few kilobytes were written, so the resume checkpoint of step 30 is the first save to fail,
+  # in the background. Steps after it read their batches 0.1 s slower, leaving that write time to fail.
+  def make_loader(data_dir, **kwargs):
+    return _FileSizeLimitFrom(loader.make_loader(data_dir, **kwargs), step=5, slow_from=30, delay=0.1)
+
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  try:
+    with pytest.raises(checkpoint.CheckpointSaveError) as raised:
+      _train(
+        model_dir,
+        "TRAIN_STEPS = 60",
+        "trainer.train.num_milestones = 3",
+        "trainer.train.checkpoint_every_steps = 30",
+        make_loader=make_loader,
+      )
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, previous_handler)
+  # Found by the next step's check, not by the save of step 60 waiting for it (which would also name step 60).
+  assert f"saving checkpoint {model_dir}/checkpoints/resume/30 failed: File too large (errno 27)" in str(raised.value)
+  assert max(r["step"] for r in metrics.read_metrics(model_dir)) < 45
+  assert _step_dirs(model_dir, "milestones") == [0, 1] and _step_dirs(model_dir, "resume") == []
 
 
 def test_a_preemption_notice_during_a_milestone_save_stops_only_after_a_resume_checkpoint(tmp_path, monkeypatch):
