@@ -103,6 +103,39 @@ def _macros_of_parsed_files() -> set[str]:
   return macros
 
 
+def _binding_statements(binding: str) -> list:
+  """The parsed statements of one command-line binding; ValueError naming it when it does not parse."""
+  try:
+    return list(gin.config_parser.ConfigParser(binding, gin.config.ParserDelegate(skip_unknown=True)))
+  except SyntaxError as error:
+    raise ValueError(
+      f"binding {binding.strip()!r} does not parse as gin (NAME = VALUE with a Python literal, @configurable or "
+      f"%MACRO value); a string value needs quotes that reach gin, inside the shell's: "
+      f"--gin.MODEL_DIR=\"'/runs/x'\"."
+    ) from error
+
+
+def _check_gin_files_exist(gin_files: Sequence[str], search_paths: Sequence[str]) -> None:
+  """FileNotFoundError naming a --gin_file found under none of the search paths, with the closest existing names."""
+  roots = ["", *search_paths]  # "" as gin tries it first: the path as given
+  for name in gin_files:
+    if any(os.path.isfile(os.path.join(root, name)) for root in roots):
+      continue
+    known = {
+      os.path.relpath(os.path.join(directory, file), root)
+      for root in search_paths
+      if os.path.isdir(os.path.join(root, "gin"))
+      for directory, _, files in os.walk(os.path.join(root, "gin"))
+      for file in files
+      if file.endswith(".gin")
+    }
+    close = difflib.get_close_matches(name, sorted(known), n=3)
+    raise FileNotFoundError(
+      f"gin file {name!r} not found in the working directory or {[root for root in search_paths if root != '.']}"
+      f"{'; did you mean ' + ' or '.join(close) + '?' if close else ''}"
+    )
+
+
 def check_macro_bindings(gin_bindings: Sequence[str]) -> None:
   """Raises ValueError for a binding of a bare macro name that the parsed gin files neither define nor use.
 
@@ -112,11 +145,7 @@ def check_macro_bindings(gin_bindings: Sequence[str]) -> None:
   defined = _macros_of_parsed_files()
   used_by_bindings = set(re.findall(r"%([A-Za-z_]\w*)", "\n".join(gin_bindings)))
   for binding in gin_bindings:
-    try:
-      statements = list(gin.config_parser.ConfigParser(binding, gin.config.ParserDelegate(skip_unknown=True)))
-    except SyntaxError:
-      continue  # gin reports it when it parses the bindings
-    for statement in statements:
+    for statement in _binding_statements(binding):
       if not isinstance(statement, gin.config_parser.BindingStatement) or statement.arg_name or statement.scope:
         continue
       name = statement.selector
@@ -133,9 +162,16 @@ def check_macro_bindings(gin_bindings: Sequence[str]) -> None:
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str], search_paths: Sequence[str] = ()) -> None:
   """Parses files then bindings strictly: unknown configurables, parameters, macros no file defines and unset
   required macros raise."""
-  for path in gin_search_paths(search_paths):
+  paths = gin_search_paths(search_paths)
+  for path in paths:
     gin.add_config_file_search_path(path)
-  gin.parse_config_files_and_bindings(list(gin_files), None, skip_unknown=False, finalize_config=False)
+  _check_gin_files_exist(gin_files, paths)
+  try:
+    gin.parse_config_files_and_bindings(list(gin_files), None, skip_unknown=False, finalize_config=False)
+  except OSError as error:  # gin's IOError for an `include` it cannot find
+    raise FileNotFoundError(str(error)) from error
+  except SyntaxError as error:
+    raise ValueError(f"{error.filename}, line {error.lineno}: {error.msg}: {(error.text or '').strip()!r}") from error
   check_macro_bindings(gin_bindings)
   gin.parse_config_files_and_bindings(None, list(gin_bindings), skip_unknown=False, finalize_config=True)
 

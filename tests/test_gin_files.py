@@ -85,6 +85,36 @@ def test_misspelled_binding_fails_naming_it():
   gin.clear_config()
 
 
+def test_a_missing_gin_file_is_named_with_the_closest_existing_ones():
+  gin.clear_config()
+  with pytest.raises(FileNotFoundError, match=r"gin file 'gin/hgrn2_1B.gin' not found .*did you mean gin/hgrn2_1b.gin"):
+    train.parse_gin(["gin/hgrn2_1B.gin"], ["MODEL_DIR = '/tmp/x'"])
+  gin.clear_config()
+
+
+def test_a_missing_include_and_a_syntax_error_in_a_file_name_the_file(tmp_path):
+  missing_include = tmp_path / "missing_include.gin"
+  missing_include.write_text("include 'gin/models/tnl/9b.gin'\n")
+  bad_line = tmp_path / "bad_line.gin"
+  bad_line.write_text("include 'gin/smoke/tnl.gin'\nTRAIN_STEPS = 3 +\n")
+  gin.clear_config()
+  with pytest.raises(FileNotFoundError, match=r"gin/models/tnl/9b\.gin"):
+    train.parse_gin([str(missing_include)], [])
+  gin.clear_config()
+  with pytest.raises(ValueError, match=rf"{re.escape(str(bad_line))}, line 2: .*'TRAIN_STEPS = 3 \+'"):
+    train.parse_gin([str(bad_line)], [])
+  gin.clear_config()
+
+
+@pytest.mark.parametrize("value", ["/runs/x", "my_run"])
+def test_an_unquoted_string_binding_is_named_with_how_to_quote_it(value):
+  gin.clear_config()
+  hint = re.escape("--gin.MODEL_DIR=\"'/runs/x'\"")
+  with pytest.raises(ValueError, match=rf"binding 'MODEL_DIR = {value}' does not parse as gin.*{hint}"):
+    train.parse_gin(["gin/smoke/llama.gin"], [f"MODEL_DIR = {value}"])
+  gin.clear_config()
+
+
 def test_missing_required_macro_fails_naming_it():
   gin.clear_config()
   with pytest.raises(ValueError, match="MODEL_DIR/macro.value set to `%gin.REQUIRED`"):
