@@ -32,6 +32,8 @@ import sys
 import time
 from typing import Sequence
 
+from lsm_jax import errors
+
 GIB = 1 << 30
 # HBM per chip (one JAX device per chip; v4 and v5p run their two TensorCores as one megacore device).
 # Matched as a case-insensitive substring of device_kind, first match wins: "TPU v5 lite" is v5e.
@@ -322,7 +324,6 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str]) -> dict:
   """Runs the check for the command line `argv` (without the program name); returns the record."""
-  import gin
   import jax
 
   from lsm_jax import train
@@ -331,11 +332,13 @@ def main(argv: Sequence[str]) -> dict:
   # Before gin or any model work: without libtpu nothing else can succeed.
   if not libtpu_installed():
     raise LibtpuMissingError(LIBTPU_MISSING.format(jax_version=jax.__version__))
-  for path in train.gin_search_paths([p for p in args.gin_search_paths.split(",") if p]):
-    gin.add_config_file_search_path(path)
-  # Not finalized: MODEL_DIR and DATA_DIR stay unset (REQUIRED), which only train() needs; unknown names
-  # and parameters still raise.
-  gin.parse_config_files_and_bindings(args.gin_file, args.gin_bindings, skip_unknown=False, finalize_config=False)
+  # Not finalized: MODEL_DIR and DATA_DIR stay unset (REQUIRED), which only train() needs; everything else the
+  # training CLI refuses is refused here too.
+  search_paths = [path for path in args.gin_search_paths.split(",") if path]
+  try:
+    train.parse_gin(args.gin_file, args.gin_bindings, search_paths, finalize=False)
+  except (ValueError, FileNotFoundError) as error:
+    raise errors.UserError(str(error)) from error
   record = compile_for_topology(args.topology, program_arguments_from_gin())
   record.update(
     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -356,7 +359,7 @@ def main(argv: Sequence[str]) -> dict:
 def run(argv: Sequence[str] | None = None) -> None:
   try:
     main(sys.argv[1:] if argv is None else argv)
-  except LibtpuMissingError as error:
+  except (LibtpuMissingError, errors.UserError) as error:
     sys.exit(f"lsm_jax.aot: error: {error}")
 
 

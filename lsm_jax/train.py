@@ -159,9 +159,11 @@ def check_macro_bindings(gin_bindings: Sequence[str]) -> None:
       )
 
 
-def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str], search_paths: Sequence[str] = ()) -> None:
-  """Parses files then bindings strictly: unknown configurables, parameters, macros no file defines and unset
-  required macros raise."""
+def parse_gin(
+  gin_files: Sequence[str], gin_bindings: Sequence[str], search_paths: Sequence[str] = (), *, finalize: bool = True
+) -> None:
+  """Parses files then bindings strictly: missing files, syntax errors, unknown configurables, parameters and
+  macros no file defines raise; so do unset required macros, when `finalize`."""
   paths = gin_search_paths(search_paths)
   for path in paths:
     gin.add_config_file_search_path(path)
@@ -173,7 +175,7 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str], search_path
   except SyntaxError as error:
     raise ValueError(f"{error.filename}, line {error.lineno}: {error.msg}: {(error.text or '').strip()!r}") from error
   check_macro_bindings(gin_bindings)
-  gin.parse_config_files_and_bindings(None, list(gin_bindings), skip_unknown=False, finalize_config=True)
+  gin.parse_config_files_and_bindings(None, list(gin_bindings), skip_unknown=False, finalize_config=finalize)
 
 
 def multiprocess_requested(environ=os.environ) -> bool:

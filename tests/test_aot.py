@@ -46,6 +46,23 @@ def test_cli_without_libtpu_fails_with_one_line():
   assert "pip install 'jax[tpu]'" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_gin_mistake_is_one_line_before_any_compile(monkeypatch):
+  import gin
+
+  monkeypatch.setattr(aot, "libtpu_installed", lambda: True)  # the gin check comes before anything needs libtpu
+  try:
+    for argv, expected in [
+      (["--gin_file=gin/smoke/hgrn2.gin", "--topology=v5e:2x2", "--gin.SEQ_LENN=64"], "sets the macro SEQ_LENN"),
+      (["--gin_file=gin/smoke/hgrn3.gin", "--topology=v5e:2x2"], "gin file 'gin/smoke/hgrn3.gin' not found"),
+    ]:
+      gin.clear_config()
+      with pytest.raises(SystemExit) as exit_info:
+        aot.run(argv)
+      assert str(exit_info.value.code).startswith("lsm_jax.aot: error: ") and expected in str(exit_info.value.code)
+  finally:
+    gin.clear_config()
+
+
 def test_hbm_table():
   assert aot.hbm_bytes("TPU v5 lite") == 16 * aot.GIB
   assert aot.hbm_bytes("TPU v5") == 95 * aot.GIB

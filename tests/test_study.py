@@ -3,6 +3,7 @@ milestone, the main process fits what finished and writes the report, a failed r
 rerun skips the finished runs."""
 
 import csv
+import dataclasses
 import json
 import os
 import pathlib
@@ -118,3 +119,18 @@ def test_runs_are_scheduled_largest_first_by_their_size_files():
   # The workers' queue, against the sizes the run names state.
   nominal = [float(run.name.split("_")[1][:-1]) for run in study.largest_first(runs, costs)]
   assert nominal == sorted(nominal, reverse=True) and len(nominal) == len(runs)
+
+
+def test_a_misspelled_run_binding_stops_the_study_before_any_run_naming_the_run():
+  from lsm_jax import study
+
+  grid = study.StudyGrid(
+    archs=("llama", "hgrn2"),
+    run_file="gin/study/mini/run.gin",
+    size_files={size: f"gin/study/mini/sizes/{size}.gin" for size in ("1m", "3m")},
+    run_bindings=("trainer.train.num_milestone = 4",),
+  )
+  with pytest.raises(ValueError, match=r"run llama_1m of the study grid: .*num_milestone"):
+    study.grid_runs("/unused", grid)
+  valid = dataclasses.replace(grid, run_bindings=("trainer.train.num_milestones = 4",))
+  assert [run.name for run in study.grid_runs("/unused", valid)] == ["llama_1m", "llama_3m", "hgrn2_1m", "hgrn2_3m"]

@@ -167,6 +167,7 @@ def experiment_runs(out_dir: str, grid: StudyGrid) -> list[StudyRun]:
 
 def grid_runs(out_dir: str, grid: StudyGrid) -> list[StudyRun]:
   """The grid's runs (scaling grids in (arch, size) order), after checking the grid."""
+  from lsm_jax import summary
   from lsm_jax.models import configs
 
   if grid.is_ablation:
@@ -184,7 +185,7 @@ def grid_runs(out_dir: str, grid: StudyGrid) -> list[StudyRun]:
   for path in (grid.run_file, *grid.size_files.values()):
     if not _config_path_exists(path):
       raise ValueError(f"gin file {path!r} of the study grid does not exist")
-  return [
+  runs = [
     StudyRun(
       f"{arch}_{size}",
       arch,
@@ -196,6 +197,13 @@ def grid_runs(out_dir: str, grid: StudyGrid) -> list[StudyRun]:
     for arch in grid.archs
     for size, size_file in grid.size_files.items()
   ]
+  # Every run's config is parsed now, so a misspelled binding stops the study before the first run trains.
+  for run in runs:
+    try:
+      summary.experiment(run.gin_files, run.bindings)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+      raise ValueError(f"run {run.name} of the study grid: {error}") from error
+  return runs
 
 
 def _run_identity(run: StudyRun, grid: StudyGrid) -> dict:

@@ -11,7 +11,7 @@ from typing import Sequence
 import gin
 from absl import app, flags, logging
 
-from lsm_jax import study
+from lsm_jax import errors, study
 from lsm_jax import train as train_cli
 
 
@@ -27,10 +27,14 @@ def main(argv: Sequence[str]) -> None:
     return
   if not flag_values.gin_file or not flag_values.out:
     raise app.UsageError("give --gin_file=gin/study/mini/grid.gin and --out=DIR")
-  grid_bindings, run_bindings = study.split_bindings(flag_values.gin_bindings)
-  train_cli.parse_gin(flag_values.gin_file, grid_bindings, flag_values.gin_search_paths)
-  grid = gin.get_configurable(study.StudyGrid)()
-  grid = dataclasses.replace(grid, run_bindings=[*grid.run_bindings, *run_bindings])
+  try:
+    grid_bindings, run_bindings = study.split_bindings(flag_values.gin_bindings)
+    train_cli.parse_gin(flag_values.gin_file, grid_bindings, flag_values.gin_search_paths)
+    grid = gin.get_configurable(study.StudyGrid)()
+    grid = dataclasses.replace(grid, run_bindings=[*grid.run_bindings, *run_bindings])
+    study.grid_runs(flag_values.out, grid)  # every run's configuration, before any run starts
+  except (ValueError, TypeError, FileNotFoundError) as error:
+    errors.exit_with(errors.EXIT_USER_ERROR, str(error).split("\n  In call to configurable")[0])
   try:
     report = study.run_study(
       flag_values.out,
