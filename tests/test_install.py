@@ -1,11 +1,15 @@
 """The package as a user installs it: a wheel built from this checkout, installed elsewhere, trains a smoke model
 from a directory that holds no gin/ of its own (the configs resolve from the installed package)."""
 
+import configparser
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
+
+from packaging.version import Version
 
 from lsm_jax import train
 
@@ -53,3 +57,20 @@ def test_training_from_an_installed_wheel_outside_the_checkout(tmp_path):
   with open(model_dir / "metrics.jsonl", encoding="utf-8") as f:
     steps = [json.loads(line)["step"] for line in f]
   assert steps[-1] == 2
+
+
+def _versions(text, operator):
+  """{normalized name: version} of the `name<operator>version` lines of a requirements text."""
+  pattern = rf"^([\w.-]+){re.escape(operator)}([\d.]+)"
+  return {re.sub(r"[-_.]+", "-", name).lower(): Version(version) for name, version in re.findall(pattern, text, re.M)}
+
+
+def test_the_minimum_versions_file_pins_exactly_the_floors_of_setup_cfg():
+  """requirements/minimum.txt, the versions the suite is checked at, must move with every floor of setup.cfg."""
+  config = configparser.ConfigParser()
+  config.read(os.path.join(REPO_ROOT, "setup.cfg"))
+  floors = _versions(config["options"]["install_requires"] + config["options.extras_require"]["eval"], ">=")
+  with open(os.path.join(REPO_ROOT, "requirements", "minimum.txt"), encoding="utf-8") as f:
+    pins = _versions(f.read(), "==")
+  assert pins.pop("jaxlib") == pins["jax"]
+  assert pins == floors

@@ -47,7 +47,7 @@ def spec(*shape, dtype=jnp.bfloat16):
 
 
 def linear_attention_gradients(op, decay_mode, dtype, dim):
-  """(grad fn, abstract args) of Σ o + Σ S_T through `op` (a backend's linear_attention(q, k, v, log_decay,
+  """(value-and-grad fn, abstract args) of Σ o + Σ S_T through `op` (a backend's linear_attention(q, k, v, log_decay,
   initial_state, segment_ids)) with documents, an initial state and every gradient: q, k, v, the initial state and
   any decay (HGRN2's, a per-token one, a trainable TNL decay)."""
   q = spec(BATCH, TIME, HEADS, dim, dtype=dtype)
@@ -65,7 +65,8 @@ def linear_attention_gradients(op, decay_mode, dtype, dim):
     spec(BATCH, HEADS, dim, dim, dtype=jnp.float32),
     spec(BATCH, TIME, dtype=jnp.int32),
   )
-  return jax.grad(loss, argnums=(0, 1, 2, 3, 4) if decay_shape else (0, 1, 2, 4)), args
+  # The loss is returned too, as a train step does: otherwise the forward kernel may be eliminated as unused.
+  return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4) if decay_shape else (0, 1, 2, 4)), args
 
 
 BACKWARD = {"linear_attention_state_scan_reverse", "linear_attention_grad_v", "linear_attention_grad_qk"}
