@@ -4,6 +4,7 @@ runs, the checkpoint storage estimate and free-space check, failed saves, and wa
 Runs train the tiny LLaMA of gin/smoke/llama.gin on one of the fake CPU devices of tests/conftest.py.
 """
 
+import contextlib
 import os
 import re
 import resource
@@ -169,6 +170,25 @@ def test_too_little_free_space_stops_before_training(tmp_path, monkeypatch):
   checkpoint.check_free_space("gs://bucket/run", expected)
 
 
+def _limit_file_size():
+  """Files beyond 100 KB can no longer be written: a real write error (EFBIG) from the kernel, as root ignores
+  permissions and a full disk cannot be made here."""
+  resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+@contextlib.contextmanager
+def _file_size_limit_restored():
+  """Writes past the limit fail with EFBIG instead of killing the process (SIGXFSZ ignored); the limit and the
+  signal handler are restored on exit."""
+  limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+  previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  try:
+    yield
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    signal.signal(signal.SIGXFSZ, previous_handler)
+
+
 @_ignore_orbax_closed_loop_callback
 def test_a_failed_save_names_the_checkpoint_and_the_cause_and_keeps_the_previous_one(tmp_path):
   run_metadata = {"arch": "llama", "size": "test", "global_batch_size": 1, "seq_len": 1}
@@ -178,18 +198,11 @@ def test_a_failed_save_names_the_checkpoint_and_the_cause_and_keeps_the_previous
   )
   saver.save(5, state)
   saver.wait_until_finished()
-  # A real write error from the kernel: files beyond 100 KB fail with EFBIG (root ignores permissions, and a
-  # full disk cannot be made here); the 256 KB array does not fit, the JSON metadata does.
-  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-  previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-  resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
-  try:
-    with pytest.raises(checkpoint.CheckpointSaveError) as raised:
-      saver.save(10, {**state, "step": jnp.int32(10)})
-      saver.wait_until_finished()  # the asynchronous write fails in the background
-  finally:
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    signal.signal(signal.SIGXFSZ, previous_handler)
+  # The 256 KB array does not fit under the file size limit, the JSON metadata does.
+  with _file_size_limit_restored(), pytest.raises(checkpoint.CheckpointSaveError) as raised:
+    _limit_file_size()
+    saver.save(10, {**state, "step": jnp.int32(10)})
+    saver.wait_until_finished()  # the asynchronous write fails in the background
   message = str(raised.value)
   assert f"saving checkpoint {tmp_path}/checkpoints/resume/10 failed: File too large (errno 27)" in message
   assert "checkpoints saved before it are intact" in message
@@ -216,7 +229,7 @@ class _FileSizeLimitFrom:
 
   def local_batch(self, step, *args):
     if step == self._step:
-      resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+      _limit_file_size()
     if self._slow_from is not None and step >= self._slow_from:
       time.sleep(self._delay)
     return self._loader.local_batch(step, *args)
@@ -229,9 +242,7 @@ def test_a_save_failing_mid_run_stops_training_with_one_error_and_the_earlier_ch
   def make_loader(data_dir, **kwargs):
     return _FileSizeLimitFrom(loader.make_loader(data_dir, **kwargs), step=6)
 
-  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-  previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-  try:
+  with _file_size_limit_restored():
     # Milestones 0, 1, 8, 12 and resume checkpoints every 4 steps, saved synchronously: batch 6 is read after
     # the saves of step 4 finished, so the saves of step 8 are the first to fail.
     with pytest.raises(checkpoint.CheckpointSaveError) as raised:
@@ -243,9 +254,6 @@ def test_a_save_failing_mid_run_stops_training_with_one_error_and_the_earlier_ch
         "trainer.train.async_checkpointing = False",
         make_loader=make_loader,
       )
-  finally:
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    signal.signal(signal.SIGXFSZ, previous_handler)
   assert re.search(
     rf"saving checkpoint {model_dir}/checkpoints/\w+/8 failed: File too large \(errno 27\)", str(raised.value)
   )
@@ -270,9 +278,7 @@ def test_a_background_save_failing_stops_training_at_the_next_step_naming_that_c
   def make_loader(data_dir, **kwargs):
     return _FileSizeLimitFrom(loader.make_loader(data_dir, **kwargs), step=5, slow_from=30, delay=0.1)
 
-  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-  previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-  try:
+  with _file_size_limit_restored():
     with pytest.raises(checkpoint.CheckpointSaveError) as raised:
       _train(
         model_dir,
@@ -281,9 +287,6 @@ def test_a_background_save_failing_stops_training_at_the_next_step_naming_that_c
         "trainer.train.checkpoint_every_steps = 30",
         make_loader=make_loader,
       )
-  finally:
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    signal.signal(signal.SIGXFSZ, previous_handler)
   # Found by the next step's check, not by the save of step 60 waiting for it (which would also name step 60).
   assert f"saving checkpoint {model_dir}/checkpoints/resume/30 failed: File too large (errno 27)" in str(raised.value)
   assert max(r["step"] for r in metrics.read_metrics(model_dir)) < 45
