@@ -124,6 +124,9 @@ def synthetic_batch(program: trainer.TrainProgram, seed: int, mean_document: int
   return {key: jax.device_put(value, program.batch_sharding) for key, value in host.items()}
 
 
+LOSS_CHUNK_LENGTH = 1024  # positions per loss chunk, as gin/runs/pretrain.gin trains
+
+
 def peak_memory_bytes(devices) -> int | None:
   peaks = [(device.memory_stats() or {}).get("peak_bytes_in_use") for device in devices]
   return max(peaks) if peaks and all(p is not None for p in peaks) else None
@@ -138,6 +141,8 @@ def _layers_label(row) -> str:
     label = ", stacked layers unrolled"
   if row.get("fused_mlp"):
     label += ", fused mlp"
+  if row.get("loss_chunk_length") not in (None, LOSS_CHUNK_LENGTH):
+    label += f", loss chunks of {row['loss_chunk_length']}"
   overrides = row.get("linear_attention_gpu_overrides")
   if overrides:
     label += ", kernels: " + " ".join(f"{knob}={str(value).lower()}" for knob, value in overrides.items())
@@ -225,6 +230,7 @@ def compile_spec(spec: dict) -> tuple[trainer.TrainProgram, jax.stages.Compiled,
     "linear_attention_backend": program.model_config.linear_attention_backend,
     "linear_attention_gpu_overrides": dict(config.linear_attention_gpu_overrides),
     "attention_impl": program.model_config.attention_impl,
+    "loss_chunk_length": spec["loss_chunk_length"],
   }
   start = time.perf_counter()
   compiled = program.lower_train_step().compile()
@@ -411,7 +417,7 @@ def main(argv=None) -> list[dict]:
     default=None,
     help="rows per batch shard per microbatch (gradient accumulation); default: one microbatch",
   )
-  parser.add_argument("--loss_chunk_length", type=int, default=1024)
+  parser.add_argument("--loss_chunk_length", type=int, default=LOSS_CHUNK_LENGTH)
   parser.add_argument(
     "--gpu_overrides",
     default="",

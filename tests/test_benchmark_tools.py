@@ -41,7 +41,7 @@ def test_config_overrides_reach_our_op():
 
   q, k, v, log_decay, _ = kernel_timing.jax_inputs("tnl", 1, 64, 2, 16)
   launches = lambda op_fn: pallas_kernel_names(jax.make_jaxpr(op_fn)(q, k, v, log_decay).jaxpr)  # noqa: E731
-  assert launches(kernel_timing.ours()) == ["linear_attention_fused_forward"]
+  assert launches(kernel_timing.ours()) == ["linear_attention_fused_forward_states"]  # TNL's default
   assert launches(kernel_timing.ours(overrides=kernel_timing.parse_config(["fused_forward=false"]))) == [
     "linear_attention_state_scan",
     "linear_attention_output",

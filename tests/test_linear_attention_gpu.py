@@ -228,27 +228,29 @@ def _segmented_grad_launches(seed, decay_mode, dtype, **overrides):
 
 
 @pytest.mark.parametrize(
-  "decay_mode,dtype,fused_forward",
+  "decay_mode,dtype,kernel_overrides",
   [
-    ("scalar", jnp.float32, None),
-    ("token", jnp.float32, None),
-    ("vector", jnp.float32, True),
-    ("vector", jnp.float32, None),
-    ("none", jnp.bfloat16, None),
+    ("scalar", jnp.float32, {}),
+    ("scalar", jnp.float32, {"fused_forward_states": False}),
+    ("token", jnp.float32, {}),
+    ("vector", jnp.float32, {"fused_forward": True}),
+    ("vector", jnp.float32, {}),
+    ("none", jnp.bfloat16, {}),
   ],
 )
-def test_segment_parallel_scans_and_fused_forward(decay_mode, dtype, fused_forward):
+def test_segment_parallel_scans_and_fused_forward(decay_mode, dtype, kernel_overrides):
   # Eight 16-token chunks in four segments of two: the two-level scans (forward and reverse: level 1 from zero,
   # the combine, level 2 from the true starts) and the fused forward from its segments' starts (the default
   # without per-key-channel decay), with documents and strong decay crossing segment edges and an initial state.
-  overrides = dict(min_segment_chunks=2) | ({} if fused_forward is None else dict(fused_forward=fused_forward))
+  overrides = dict(min_segment_chunks=2) | kernel_overrides
   _assert_matches_reference(
     9, decay_mode=decay_mode, dim_k=32, dim_v=16, time=120, chunk_size=16, dtype=dtype, strength="strong", **overrides
   )
   launches = _segmented_grad_launches(9, decay_mode, dtype, **overrides)
   # level 1 of the forward's scan (fused or not), of the backward's reverse scan, and of its recomputed states
-  # unless the unfused forward stored them (per-key-channel decay's default)
-  stored = decay_mode == "vector" and not fused_forward
+  # unless the forward stored them (the unfused forward; the fused one with fused_forward_states)
+  config = _config(decay_mode, jnp.zeros((2, 120, 2, 32), dtype), **overrides)
+  stored = not config.fused_forward or config.fused_forward_states
   assert launches.count("linear_attention_state_scan_segments") == (1 if stored else 2)
   assert launches.count("linear_attention_state_scan_reverse_segments") == 1
 
@@ -336,7 +338,9 @@ def test_packed_operands_match_reference(decay_mode, dtype, feature_map, overrid
   flat = list(equations(jaxpr))
   readers = [eqn for eqn in flat if any(getattr(x.aval, "shape", None) == qkv.shape for x in eqn.invars)]
   assert {eqn.primitive.name for eqn in readers} == {"pallas_call"}
-  reading = {"linear_attention_grad_v", "linear_attention_grad_qk", "linear_attention_state_scan_reverse"}
+  reading = {"linear_attention_grad_qk", "linear_attention_state_scan_reverse"}
+  if not config.fused_backward_dv:  # otherwise dv leaves the dq/dk kernel (no decay gradient is taken here)
+    reading.add("linear_attention_grad_v")
   assert reading <= {pallas_kernel_name(eqn.params) for eqn in readers}
   (gradient,) = jaxpr.outvars
   (producer,) = [eqn for eqn in flat if gradient in eqn.outvars]
@@ -594,7 +598,12 @@ def test_default_config_table():
   assert (tnl.chunk_size, tnl.num_warps, tnl.key_tile, tnl.value_tile) == (64, 4, 128, 128)
   assert tnl.fused_forward and not tnl.split_sub_chunks and tnl.decay_key_tile == 64  # a trainable decay: 64
   assert tnl.scan_stages == 2 and not (tnl.three_pass_diagonal or tnl.matched_rounding)
-  assert gpu.default_config("token", (8, 2048, 16, 128), jnp.bfloat16) == tnl  # the fixed decay's kernels and tuning
+  assert tnl.fused_forward_states and tnl.fused_backward_dv and not tnl.packed_operands  # measured in TNL training
+  # The fixed decay's kernels and tuning, without the two options measured only for it.
+  token = gpu.default_config("token", (8, 2048, 16, 128), jnp.bfloat16)
+  assert token == dataclasses.replace(tnl, fused_forward_states=False, fused_backward_dv=False)
+  none = gpu.default_config("none", (8, 2048, 16, 128), jnp.bfloat16)
+  assert not (none.fused_forward_states or none.fused_backward_dv)  # cosFormer2 was slower with them
   wide = gpu.default_config("none", (1, 4096, 2, 64), jnp.float32)
   assert (wide.key_tile, wide.value_tile, wide.one_pass_tf32) == (64, 64, False)
   assert gpu.default_config("none", (1, 9, 2, 64), jnp.bfloat16).chunk_size == 16  # shorter than a chunk
@@ -623,7 +632,7 @@ def test_config_overrides_change_the_launched_kernels():
       jax.make_jaxpr(lambda q: gpu.linear_attention_gpu(q, k, v, log_decay, state, segment_ids, 16, config))(q)
     )
 
-  assert launches(None) == [("linear_attention_fused_forward", 4)]
+  assert launches(None) == [("linear_attention_fused_forward_states", 4)]
   default = gpu.default_config("scalar", q.shape, q.dtype)
   unfused = dataclasses.replace(default, fused_forward=False, num_warps=8, scan_warps=2)
   assert launches(unfused) == [("linear_attention_state_scan", 2), ("linear_attention_output", 8)]
