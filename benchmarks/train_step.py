@@ -75,15 +75,17 @@ def model_config(
   scan_layers: bool = True,
   unroll_layers: bool = False,
   gpu_overrides=(),
-  fused_mlp: bool = False,
+  fused_mlp: bool | None = None,
 ) -> configs.ModelConfig:
+  """The model file's configuration of (arch, size) with these settings; fused_mlp None keeps the file's."""
   settings = dict(
     remat_policy=remat_policy,
     scan_layers=scan_layers,
     unroll_layers=unroll_layers,
     linear_attention_gpu_overrides=gpu_overrides,
-    fused_mlp=fused_mlp,
   )
+  if fused_mlp is not None:
+    settings["fused_mlp"] = fused_mlp
   if size == "tiny":
     # The family's gin settings (a hybrid's layer pattern) at the tiny shape; hybrids get the four layers their
     # pattern needs to hold a softmax layer.
@@ -448,8 +450,9 @@ def main(argv=None) -> list[dict]:
   )
   parser.add_argument(
     "--fused_mlp",
-    action="store_true",
-    help="the GLU's up and gate projections as one matmul (ModelConfig.fused_mlp)",
+    action=argparse.BooleanOptionalAction,
+    default=None,
+    help="the GLU's up and gate projections as one matmul or not (ModelConfig.fused_mlp); default: the model file's",
   )
   parser.add_argument(
     "--profile_steps",

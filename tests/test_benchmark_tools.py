@@ -427,3 +427,15 @@ def test_budgeted_runner_saves_after_each_measurement_and_records_failures_and_s
   ]
   with pytest.raises(SystemExit, match="'2x64'; valid: an index 0..1 or BxTxHxD"):
     measurement.parse_shapes("2x64", ((8, 2048, 16, 128), (1, 4096, 2, 64)))
+
+
+def test_train_step_rows_keep_the_model_files_fused_mlp_unless_told():
+  import train_step
+
+  from lsm_jax.models import configs
+
+  for arch in ("tnl", "hgrn2", "llama", "cosformer2"):
+    assert train_step.model_config(arch, "1b", "none").fused_mlp == configs.get_config(arch, "1b").fused_mlp
+  assert configs.get_config("tnl", "1b").fused_mlp and not configs.get_config("llama", "1b").fused_mlp
+  assert not train_step.model_config("tnl", "1b", "none", fused_mlp=False).fused_mlp
+  assert train_step.model_config("llama", "1b", "none", fused_mlp=True).fused_mlp
