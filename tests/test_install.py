@@ -69,7 +69,8 @@ def test_the_minimum_versions_file_pins_exactly_the_floors_of_setup_cfg():
   """requirements/minimum.txt, the versions the suite is checked at, must move with every floor of setup.cfg."""
   config = configparser.ConfigParser()
   config.read(os.path.join(REPO_ROOT, "setup.cfg"))
-  floors = _versions(config["options"]["install_requires"] + config["options.extras_require"]["eval"], ">=")
+  extras = config["options.extras_require"]
+  floors = _versions(config["options"]["install_requires"] + extras["eval"] + extras["test"], ">=")
   with open(os.path.join(REPO_ROOT, "requirements", "minimum.txt"), encoding="utf-8") as f:
     pins = _versions(f.read(), "==")
   assert pins.pop("jaxlib") == pins["jax"]
