@@ -115,9 +115,9 @@ def test_linear_attention_lowers_to_triton(lowering_for_the_gpu, decay_mode, dty
   ],
 )
 def test_packed_operands_lower_to_triton(lowering_for_the_gpu, decay_mode, overrides):
-  """The kernels reading q, k, v in place from the packed projection (slot BlockSpecs of a 5-D array), with the
-  SiLU on q and k, and writing dq and dk into the packed gradient that the dv kernel allocated (an aliased
-  [C, 2, W] block)."""
+  """The kernels reading v in place from the packed projection and q, k from the SiLU's packed output (slot
+  BlockSpecs of 5-D arrays), and writing dq and dk, through the SiLU's gradient from the raw rows, into the packed
+  gradient that the dv kernel allocated (an aliased [C, 2, W] block)."""
   shape = (BATCH, TIME, HEADS, 64)
   config = dataclasses.replace(gpu.default_config(decay_mode, shape, jnp.bfloat16), packed_operands=True, **overrides)
 

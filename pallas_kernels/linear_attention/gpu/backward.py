@@ -30,13 +30,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.linear_attention.common import round_up
 from pallas_kernels.linear_attention.gpu.blocks import (
   ChunkFactors,
   SlotRef,
   compiler_params,
   edge_factors,
   exp,
-  feature,
   feature_grad,
   for_each_sub_chunk,
   interpret_mode,
@@ -55,6 +55,8 @@ from pallas_kernels.linear_attention.gpu.planning import (
   Slot,
   chunk_sums,
   operand,
+  packed_slots,
+  pad_operands,
   pad_time,
   prepare,
   slot_of,
@@ -79,8 +81,8 @@ def _dv_kernel(*refs, plan, decay_grad):
   else:
     (dv_ref,) = rest
   dtype = q_ref.dtype
-  k = feature(plan, k_ref[...])
-  scores = chunk_scores(plan, sub, feature(plan, q_ref[...]), k, None if scores_ref is None else scores_ref[...])
+  k = k_ref[...]
+  scores = chunk_scores(plan, sub, q_ref[...], k, None if scores_ref is None else scores_ref[...])
   k_hat = ChunkFactors.scale(k.astype(jnp.float32), sub.k_factor).astype(dtype)
   dv = matmul_tn(scores.astype(dtype), do_ref[...]) + matmul_nt(k_hat, dh_ref[...].astype(dtype))
   dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -96,23 +98,26 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time, packed, with_dv):
   input/state dtype: 16-bit products are exact in the fp32 accumulator, so they take one tensor-core pass, not
   three. With a decay per key channel or per token the chunk's Σ_j k_j·dk_state,j (module docstring) goes with
   the rows: per program into its own output (vector), onto the chunk's last row (token). packed: dq and dk go into
-  slots 0 and 1 of the packed gradient (its dv already written), through the plan's feature map. with_dv (no
-  decay per key channel, no decay gradient, one Dk tile): the program also writes its chunk's dv = Aᵀ·do + k̂·dSᵀ
-  (config.fused_backward_dv), into slot 2 when packed."""
+  slots 0 and 1 of the packed gradient (its dv already written), through the gradient of the plan's feature map,
+  read from the raw q and k rows that follow the states. with_dv (no decay per key channel, no decay gradient, one
+  Dk tile): the program also writes its chunk's dv = Aᵀ·do + k̂·dSᵀ (config.fused_backward_dv), into slot 2 when
+  packed."""
   (q_ref, k_ref, v_ref, do_ref), g_ref, resets_ref, rest = split_refs(refs, plan, 4)
+  h_ref, dh_ref, *rest = rest
+  raw_q_ref, raw_k_ref = (rest.pop(0), rest.pop(0)) if plan.feature_map else (None, None)
   dv_ref = None
   if packed and with_dv:  # the packed gradient, all three slots
-    h_ref, dh_ref, dqkv_ref = rest
+    (dqkv_ref,) = rest
     dq_ref, dk_ref, dv_ref = (SlotRef(dqkv_ref, index) for index in range(3))
     x_ref = []
   elif packed:  # the aliased packed gradient's input ref (never read), then its output ref
-    h_ref, dh_ref, _, dqk_ref, *x_ref = rest
+    _, dqk_ref, *x_ref = rest
     dq_ref, dk_ref = SlotRef(dqk_ref, 0), SlotRef(dqk_ref, 1)
   elif with_dv:
-    h_ref, dh_ref, dq_ref, dk_ref, dv_ref = rest
+    dq_ref, dk_ref, dv_ref = rest
     x_ref = []
   else:
-    h_ref, dh_ref, dq_ref, dk_ref, *x_ref = rest
+    dq_ref, dk_ref, *x_ref = rest
   dtype = operand_dtype
   dot = functools.partial(matmul, one_pass=plan.config.one_pass_tf32)
 
@@ -127,8 +132,7 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time, packed, with_dv):
 
   if plan.mode != "vector":
     sub = ChunkFactors(plan, g_ref, resets_ref, plan.chunk)
-    q_raw, k_raw, do, v = (ref[...] for ref in (q_ref, k_ref, do_ref, v_ref))
-    q, k = feature(plan, q_raw), feature(plan, k_raw)
+    q, k, do, v = (ref[...] for ref in (q_ref, k_ref, do_ref, v_ref))
     mask = intra_mask(plan, sub.g, sub.resets)
     d_scores = matmul_nt(do, v) * mask
     if dv_ref is not None:  # as the dv kernel: Aᵀ·do + (k ⊙ k_factor)·dSᵀ, dS [Dv, Dk] this program's whole state
@@ -136,18 +140,23 @@ def _dqdk_kernel(*refs, plan, operand_dtype, time, packed, with_dv):
       scores = (matmul_nt(q, k) * mask).astype(k.dtype)
       dv = matmul_tn(scores, do) + matmul_nt(k_hat, dh_ref[...].astype(k.dtype))
       dv_ref[...] = dv.astype(dv_ref.dtype)
-    dq_state, dk_state = _state_terms(plan, do, v, h_ref, dh_ref)
-    dq_state, dk_state = ChunkFactors.scale(dq_state, sub.q_factor), ChunkFactors.scale(dk_state, sub.k_factor)
     # A decay per head and token acts on every channel: its rows' q·dq − k·dk summed over this Dk tile.
     token_rows = plan.mode == "token" and bool(x_ref)
     if plan.mode == "scalar" and x_ref:  # before dq, dk: fewer fp32 tiles live at once
+      dq_state, dk_state = _state_terms(plan, do, v, h_ref, dh_ref)
+      dq_state, dk_state = ChunkFactors.scale(dq_state, sub.q_factor), ChunkFactors.scale(dk_state, sub.k_factor)
       x_ref[0][...] = _head_decay_rows(plan, q, k, dq_state, dk_state, d_scores, time)
+    else:  # one state term at a time, each consumed by its gradient
+      dq_state = ChunkFactors.scale(_state_product(plan, do, h_ref[...]), sub.q_factor)
+      dk_state = None
     dq = dq_state + dot(d_scores.astype(dtype), k.astype(dtype))
-    dq_ref[...] = feature_grad(plan, q_raw, dq).astype(dq_ref.dtype)
+    dq_ref[...] = feature_grad(plan, raw_q_ref, dq).astype(dq_ref.dtype)
     if token_rows:
       row_sums = jnp.sum(q.astype(jnp.float32) * dq, axis=1)
+    if dk_state is None:
+      dk_state = ChunkFactors.scale(_state_product(plan, v, dh_ref[...]), sub.k_factor)
     dk = dk_state + matmul_tn(d_scores.astype(dtype), q.astype(dtype), plan.config.one_pass_tf32)
-    dk_ref[...] = feature_grad(plan, k_raw, dk).astype(dk_ref.dtype)
+    dk_ref[...] = feature_grad(plan, raw_k_ref, dk).astype(dk_ref.dtype)
     if token_rows:
       k_dk_state = jnp.sum(k.astype(jnp.float32) * dk_state)
       last_row = lax.broadcasted_iota(jnp.int32, (plan.chunk,), 0) == plan.chunk - 1
@@ -353,14 +362,28 @@ def _grad_dv(layout, q, k, do, g, resets, d_states, scores, out_dtype, states=No
 
 
 def _grad_dqdk(
-  layout, q, k, v, do, g, resets, states, d_states, out_dtype, decay_grad, time, packed_grad=None, with_dv=False
+  layout,
+  q,
+  k,
+  v,
+  do,
+  g,
+  resets,
+  states,
+  d_states,
+  out_dtype,
+  decay_grad,
+  time,
+  packed_grad=None,
+  with_dv=False,
+  raw=None,
 ):
   """dq, dk (given packed_grad, the packed [B,T,3,H,D] gradient holding dv: it, with dq and dk written into its
   slots 0 and 1), and with decay_grad the decay gradient's per-row q·dq − k·dk [B,T,H,Dk] f32 with each program's
   Σ_j k_j·dk_state,j [B,N·parts,H,Dk] (a decay per head and token: summed over each Dk tile, the chunk's sum on its
   last row, [B,T,H,tiles]; a fixed decay per head: _head_decay_rows per Dk tile). with_dv (no decay gradient):
   dq, dk and dv, or for Slots of a packed projection the packed gradient, from this one kernel, whose programs
-  then take the whole Dk."""
+  then take the whole Dk. raw: the (q, k) Slots the feature map took q and k from (the plan's feature map)."""
   plan = layout.plan
   tile_k = (
     layout.dim_k if with_dv else min(plan.config.decay_key_tile if decay_grad else plan.config.key_tile, layout.dim_k)
@@ -377,6 +400,9 @@ def _grad_dqdk(
     in_specs.append(layout.chunk_resets_spec())
   in_specs += [layout.chunk_state_spec(layout.dim_v, tile_k, tile_rows=False)] * 2
   operands = [operand(q), operand(k), operand(v), do, *layout.extras(g, resets), states, d_states]
+  if plan.feature_map:
+    in_specs += [layout.chunk_spec(tile_k, True, slot_of(x)) for x in raw]
+    operands += [operand(x) for x in raw]
   shape = (layout.batch, layout.time, layout.heads, layout.dim_k)
   aliases = {}
   packed = packed_grad is not None or (with_dv and isinstance(q, Slot))
@@ -442,19 +468,23 @@ def backward(plan, residuals, cotangents):
 
 def backward_packed(plan, residuals, cotangents):
   """The packed op's backward rule: gradients of the packed projection [B,T,3,H,D], log_decay and initial_state."""
-  qkv, initial_state, segment_ids, saved, marker = residuals
-  slots = [Slot(qkv, index) for index in range(3)]
-  (d_qkv,), d_log_decay, d_initial = _gradients(plan, *slots, initial_state, segment_ids, saved, marker, cotangents)
+  qkv, mapped, initial_state, segment_ids, saved, marker = residuals
+  raw = (Slot(qkv, 0), Slot(qkv, 1)) if plan.feature_map else ()
+  (d_qkv,), d_log_decay, d_initial = _gradients(
+    plan, *packed_slots(qkv, mapped), initial_state, segment_ids, saved, marker, cotangents, raw
+  )
   return (d_qkv, d_log_decay, d_initial, None)
 
 
-def _gradients(plan, q, k, v, initial_state, segment_ids, saved, marker, cotangents):
-  """((dq, dk, dv), or (the packed gradient,) for Slots of one packed projection; d log_decay; d initial_state)."""
+def _gradients(plan, q, k, v, initial_state, segment_ids, saved, marker, cotangents, raw=()):
+  """((dq, dk, dv), or (the packed gradient,) for Slots of the packed projection (q and k of its feature map's
+  output, whose inputs are the `raw` Slots); d log_decay; d initial_state)."""
   gates, scores, states = saved
   wants_decay_grad = marker is not None
   packed = isinstance(q, Slot)
   d_out = _dense(cotangents[0], v)
   time = q.shape[1]
+  q, k, v, *raw = pad_operands((q, k, v, *raw), round_up(time, plan.chunk))
   qp, kp, vp, g, resets, layout = prepare(plan, q, k, v, None, segment_ids, gates)
   dop = pad_time(d_out.astype(v.dtype), layout.time)
   if states is None:  # a fused forward that stored none
@@ -463,7 +493,9 @@ def _gradients(plan, q, k, v, initial_state, segment_ids, saved, marker, cotange
   d_states, d_init = state_scan(layout, qp, dop, g, resets, value_major(cotangents[1]), grads_dtype, reverse=True)
   d_initial = None if initial_state is None else jnp.swapaxes(d_init, -1, -2).astype(initial_state.dtype)
   if plan.config.fused_backward_dv and plan.mode != "vector" and not wants_decay_grad:
-    grads = _grad_dqdk(layout, qp, kp, vp, dop, g, resets, states, d_states, q.dtype, False, time, with_dv=True)
+    grads = _grad_dqdk(
+      layout, qp, kp, vp, dop, g, resets, states, d_states, q.dtype, False, time, with_dv=True, raw=raw
+    )
     return tuple(x[:, :time] for x in grads), None, d_initial
   dv, *state_term = _grad_dv(
     layout,
@@ -480,7 +512,7 @@ def _gradients(plan, q, k, v, initial_state, segment_ids, saved, marker, cotange
   )
   if packed:  # dq and dk into the gradient that holds dv
     d_qkv, *per_step = _grad_dqdk(
-      layout, qp, kp, vp, dop, g, resets, states, d_states, q.dtype, wants_decay_grad, time, packed_grad=dv
+      layout, qp, kp, vp, dop, g, resets, states, d_states, q.dtype, wants_decay_grad, time, packed_grad=dv, raw=raw
     )
     input_grads = (d_qkv[:, :time],)
   else:

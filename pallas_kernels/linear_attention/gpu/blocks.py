@@ -23,24 +23,16 @@ def exp(x):
   return jnp.exp2(x * LOG2E)
 
 
-# Feature maps the kernels apply as they load q and k; each maps 0 to 0, so the zero rows padding time stay zero.
+# Feature maps whose gradient the dq/dk kernel applies as it writes the packed projection's gradient.
 KERNEL_FEATURE_MAPS = ("silu",)
 
 
-def feature(plan, x):
-  """q or k as the attention takes them: x, or (plan.feature_map "silu") x·sigmoid(x) from fp32, in x's dtype."""
-  if plan.feature_map is None:
-    return x
-  assert plan.feature_map in KERNEL_FEATURE_MAPS, plan.feature_map
-  x32 = x.astype(jnp.float32)
-  return (x32 / (1.0 + exp(-x32))).astype(x.dtype)
-
-
-def feature_grad(plan, x, grad):
-  """The fp32 gradient of the raw q or k rows x from `grad`, that of their feature map's output."""
+def feature_grad(plan, raw_ref, grad):
+  """The fp32 gradient of the raw q or k rows in raw_ref from `grad`, that of their feature map's output."""
   if plan.feature_map is None:
     return grad
-  x32 = x.astype(jnp.float32)
+  assert plan.feature_map in KERNEL_FEATURE_MAPS, plan.feature_map
+  x32 = raw_ref[...].astype(jnp.float32)
   sigmoid = 1.0 / (1.0 + exp(-x32))
   return grad * sigmoid * (1.0 + x32 * (1.0 - sigmoid))
 

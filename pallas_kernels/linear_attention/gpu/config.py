@@ -39,10 +39,10 @@ class GpuKernelConfig:
     fused_backward_dv: without a decay per key channel and without a decay gradient, the dq/dk kernel also
       computes dv (its programs then take the whole Dk, one tile), instead of a dv kernel of its own reading the
       same rows and state gradients again.
-    packed_operands: `linear_attention_qkv` (no decay, or one per head or per head and token) reads q, k and v in
-      place from the packed projection, applies the feature map to q and k as it loads them, and writes their
-      gradients into one packed gradient, instead of slicing q, k, v out, mapping q and k and concatenating the
-      gradients in XLA.
+    packed_operands: `linear_attention_qkv` (no decay, or one per head or per head and token) reads v in place
+      from the packed projection and q, k from it or from one [B, T, 2, H, D] array of their feature map's output,
+      and writes the packed projection's gradient whole (the map's gradient applied in the dq/dk kernel), instead of
+      slicing q, k, v out and concatenating their gradients in XLA.
     one_pass_tf32: the dq/dk kernel's fp32 matmuls (a per-key-channel or per-token decay gradient's intra-chunk
       terms) in one TF32 pass instead of three.
     three_pass_diagonal: with one_pass_tf32, the per-key-channel dq/dk kernel's diagonal-block matmuls (and the
@@ -203,6 +203,7 @@ def default_config(mode: str, shape: Sequence[int], dtype) -> GpuKernelConfig:
     # 7.3% with both.
     fused_forward_states=mode == "scalar",
     fused_backward_dv=mode == "scalar",
+    packed_operands=mode == "scalar",
   )
 
 

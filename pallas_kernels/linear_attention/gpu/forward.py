@@ -11,7 +11,6 @@ from jax.experimental import pallas as pl
 from pallas_kernels.linear_attention.gpu.blocks import (
   ChunkFactors,
   compiler_params,
-  feature,
   from_row,
   interpret_mode,
   matmul,
@@ -42,10 +41,8 @@ def _output_kernel(*refs, plan):
   """o = q̄·h + A·v for one chunk and Dv tile."""
   (q_ref, k_ref, v_ref), g_ref, resets_ref, (h_ref, *scores_ref, o_ref) = split_refs(refs, plan, 3)
   sub = ChunkFactors(plan, g_ref, resets_ref, plan.chunk)
-  q, k = feature(plan, q_ref[...]), feature(plan, k_ref[...])
-  o_ref[...] = _chunk_output(plan, sub, q, k, v_ref[...], h_ref[...], *[ref[...] for ref in scores_ref]).astype(
-    o_ref.dtype
-  )
+  scores = [ref[...] for ref in scores_ref]
+  o_ref[...] = _chunk_output(plan, sub, q_ref[...], k_ref[...], v_ref[...], h_ref[...], *scores).astype(o_ref.dtype)
 
 
 def _chunk_output(plan, sub, q, k, v, state, scores=None):
@@ -72,7 +69,7 @@ def _fused_forward_kernel(*refs, plan, num_chunks, has_init, segments):
     start = pl.multiple_of(n * chunk, chunk)
     rows = pl.ds(start, chunk)
     sub = ChunkFactors(plan, from_row(g_ref, start), from_row(resets_ref, start), chunk)
-    q, k, v = feature(plan, q_ref[rows, :]), feature(plan, k_ref[rows, :]), v_ref[rows, :]
+    q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
     scores = None if scores_ref is None else scores_ref[rows, :]
     if states_ref:
       states_ref[0][n] = state.astype(states_ref[0].dtype)

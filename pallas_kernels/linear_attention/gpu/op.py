@@ -6,7 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.linear_attention.common import mapped_slices
+from pallas_kernels.linear_attention.common import apply_feature_map, mapped_slices
 from pallas_kernels.linear_attention.gpu.backward import backward, backward_packed
 from pallas_kernels.linear_attention.gpu.blocks import KERNEL_FEATURE_MAPS
 from pallas_kernels.linear_attention.gpu.config import (
@@ -16,7 +16,7 @@ from pallas_kernels.linear_attention.gpu.config import (
   effective_chunk,
 )
 from pallas_kernels.linear_attention.gpu.forward import forward
-from pallas_kernels.linear_attention.gpu.planning import Plan, Slot
+from pallas_kernels.linear_attention.gpu.planning import Plan, packed_slots
 
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_WIDE_DIM = 128  # largest Dk/Dv the kernels take with 32-bit inputs
@@ -66,16 +66,24 @@ def _linear_attention_fwd(q, k, v, log_decay, initial_state, segment_ids, plan):
 _linear_attention.defvjp(_linear_attention_fwd, backward, symbolic_zeros=True)
 
 
+def _mapped_queries_keys(plan, qkv):
+  """φ(q), φ(k) [B,T,2,H,D] in one XLA pass over the projection, None without a feature map: the kernels read them
+  as they read the projection (a map applied as they load their rows stalled their pipelines and spilled
+  registers)."""
+  return None if plan.feature_map is None else apply_feature_map(plan.feature_map, qkv[:, :, :2])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _packed_linear_attention(qkv, log_decay, initial_state, segment_ids, plan):
-  return forward(plan, *(Slot(qkv, index) for index in range(3)), log_decay, initial_state, segment_ids)[0]
+  slots = packed_slots(qkv, _mapped_queries_keys(plan, qkv))
+  return forward(plan, *slots, log_decay, initial_state, segment_ids)[0]
 
 
 def _packed_linear_attention_fwd(qkv, log_decay, initial_state, segment_ids, plan):
   qkv = qkv.value
-  slots = [Slot(qkv, index) for index in range(3)]
-  outputs, residuals = _forward_with_residuals(plan, *slots, log_decay, initial_state, segment_ids)
-  return outputs, (qkv, *residuals)
+  mapped = _mapped_queries_keys(plan, qkv)
+  outputs, residuals = _forward_with_residuals(plan, *packed_slots(qkv, mapped), log_decay, initial_state, segment_ids)
+  return outputs, (qkv, mapped, *residuals)
 
 
 _packed_linear_attention.defvjp(_packed_linear_attention_fwd, backward_packed, symbolic_zeros=True)
@@ -149,9 +157,10 @@ def linear_attention_gpu_qkv(
 ):
   """The "pallas_gpu" backend of `linear_attention_qkv` (api.py), with the same arguments, config and overrides as
   `linear_attention_gpu`. With config.packed_operands (not for a decay per key channel; a feature map of
-  KERNEL_FEATURE_MAPS or none) the kernels read q, k, v in place from qkv [B,T,3,H,D] and apply the feature map as
-  they load q and k; otherwise q, k, v are sliced out and mapped in XLA. Returns (o [B,T,H,D] in qkv's dtype,
-  final_state [B,H,D,D] float32)."""
+  KERNEL_FEATURE_MAPS or none) the kernels read v in place from qkv [B,T,3,H,D] and q, k from it or from their
+  feature map's output [B,T,2,H,D], and the dq/dk kernel writes the gradient of qkv whole, through the map's
+  gradient; otherwise q, k, v are sliced out and mapped in XLA. Returns (o [B,T,H,D] in qkv's dtype, final_state
+  [B,H,D,D] float32)."""
   batch, time, _, heads, dim = qkv.shape
   shape = (batch, time, heads, dim)
   mode = decay_mode(log_decay)

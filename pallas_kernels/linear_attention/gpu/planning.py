@@ -23,7 +23,9 @@ class Plan:
   has_segments: bool  # segment_ids given: states reset at document starts
   chunk: int  # the chunk this sequence runs with (config.effective_chunk)
   config: GpuKernelConfig
-  feature_map: str | None = None  # FEATURE_MAPS: applied to q and k as the kernels load them
+  # KERNEL_FEATURE_MAPS: the map q and k went through before the kernels (packed operands); the dq/dk kernel
+  # applies its gradient, reading the raw rows.
+  feature_map: str | None = None
 
   @property
   def row_gates(self):
@@ -41,8 +43,8 @@ class Plan:
 
 
 class Slot:
-  """q, k or v read in place from slot `index` (0, 1, 2) of the packed projection [B, T, 3, H, D]: the kernels'
-  BlockSpecs pick the slot, so no slice of the projection is ever copied."""
+  """q, k or v read in place from slot `index` of a packed array [B, T, slots, H, D] (the projection, or q and k
+  through their feature map): the kernels' BlockSpecs pick the slot, so no slice of it is ever copied."""
 
   def __init__(self, packed, index):
     self.packed, self.index = packed, index
@@ -54,6 +56,27 @@ class Slot:
   @property
   def dtype(self):
     return self.packed.dtype
+
+
+def packed_slots(qkv, mapped=None):
+  """(q, k, v) as Slots: q and k of `mapped` [B, T, 2, H, D] (their feature map's output) when given, else of
+  the projection qkv [B, T, 3, H, D], and v of the projection."""
+  queries_keys = qkv if mapped is None else mapped
+  return Slot(queries_keys, 0), Slot(queries_keys, 1), Slot(qkv, 2)
+
+
+def pad_operands(operands, padded_time):
+  """Arrays and Slots padded to `padded_time` steps; each packed array once, however many Slots it backs."""
+  padded = {}
+
+  def pad(x):
+    if not isinstance(x, Slot):
+      return pad_time(x, padded_time)
+    if id(x.packed) not in padded:
+      padded[id(x.packed)] = pad_time(x.packed, padded_time)
+    return Slot(padded[id(x.packed)], x.index)
+
+  return [pad(x) for x in operands]
 
 
 def operand(x):
@@ -260,18 +283,13 @@ def chunk_sums(layout, x, reverse=False, offsets=None):
 
 
 def prepare(plan, q, k, v, log_decay, segment_ids, gates=None):
-  """Pads time to whole chunks (zero q/k/v, zero log-decay; Slots of one packed projection: it, once) and builds
-  the chunk-local g and reset counts (unless `gates`, the forward's (g, resets), are given); returns them with the
-  calls' Layout."""
+  """Pads time to whole chunks (zero q/k/v, zero log-decay; pad_operands) and builds the chunk-local g and reset
+  counts (unless `gates`, the forward's (g, resets), are given); returns them with the calls' Layout."""
   batch, time, heads, dim_k = q.shape
   chunk = plan.chunk
   padded_time = round_up(time, chunk)
   layout = Layout(plan, batch, padded_time, heads, dim_k, v.shape[-1], q.dtype)
-  if isinstance(q, Slot):
-    packed = pad_time(q.packed, padded_time)
-    q, k, v = (Slot(packed, index) for index in range(3))
-  else:
-    q, k, v = (pad_time(x, padded_time) for x in (q, k, v))
+  q, k, v = pad_operands((q, k, v), padded_time)
   if gates is not None:
     return q, k, v, *gates, layout
   g = None

@@ -13,7 +13,6 @@ from jax.experimental import pallas as pl
 from pallas_kernels.linear_attention.gpu.blocks import (
   ChunkFactors,
   compiler_params,
-  feature,
   from_row,
   interpret_mode,
   matmul_tn,
@@ -27,8 +26,7 @@ _MAX_UNROLLED_TILE = 64 * 64
 
 
 def _state_scan_kernel(*refs, plan, num_chunks, reverse, per_chunk, unroll, has_init):
-  """Forward (a=k, b=v): S ← decay·S + (k ⊙ k_factor)ᵀv, storing S entering each chunk (k, like q in the
-  reverse scan, through the plan's feature map).
+  """Forward (a=k, b=v): S ← decay·S + (k ⊙ k_factor)ᵀv, storing S entering each chunk.
   Reverse (a=q, b=do): dS ← decay·dS + (q ⊙ q_factor)ᵀdo, storing dS leaving each chunk; S is [Dv, Dk].
   One segment of `num_chunks` chunks from the state in init_ref (zero without one); per_chunk False stores only
   the last state."""
@@ -41,7 +39,7 @@ def _state_scan_kernel(*refs, plan, num_chunks, reverse, per_chunk, unroll, has_
     start = pl.multiple_of(n * chunk, chunk)
     sub = ChunkFactors(plan, from_row(g_ref, start), from_row(resets_ref, start), chunk)
     factor = sub.q_factor if reverse else sub.k_factor
-    a = ChunkFactors.scale(feature(plan, a_ref[pl.ds(start, chunk), :]).astype(jnp.float32), factor)
+    a = ChunkFactors.scale(a_ref[pl.ds(start, chunk), :].astype(jnp.float32), factor)
     b = b_ref[pl.ds(start, chunk), :].astype(operand_dtype)
     return sub.state_decay, scaled_update(plan, b, a, operand_dtype)
 
