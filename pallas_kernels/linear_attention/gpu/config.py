@@ -203,6 +203,7 @@ def default_config(mode: str, shape: Sequence[int], dtype) -> GpuKernelConfig:
     # 7.3% with both.
     fused_forward_states=mode == "scalar",
     fused_backward_dv=mode == "scalar",
+    # TNL 1B at 8K on an H200: 0.8% faster, 3 GiB less in XLA's memory plan.
     packed_operands=mode == "scalar",
   )
 

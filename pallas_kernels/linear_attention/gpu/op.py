@@ -68,8 +68,7 @@ _linear_attention.defvjp(_linear_attention_fwd, backward, symbolic_zeros=True)
 
 def _mapped_queries_keys(plan, qkv):
   """φ(q), φ(k) [B,T,2,H,D] in one XLA pass over the projection, None without a feature map: the kernels read them
-  as they read the projection (a map applied as they load their rows stalled their pipelines and spilled
-  registers)."""
+  as they read the projection (the map applied as the kernels load their rows spilled their registers)."""
   return None if plan.feature_map is None else apply_feature_map(plan.feature_map, qkv[:, :, :2])
 
 
