@@ -27,14 +27,24 @@ def exp(x):
 KERNEL_FEATURE_MAPS = ("silu",)
 
 
+def sigmoid(x):
+  """The logistic function of fp32 x. On the GPU as 0.5 + 0.5·tanh(x/2) by the hardware's approximate tanh (one
+  instruction, relative error ~2^-11, below the bf16 rounding of the gradients it scales): the exp and division
+  spilled the dq/dk kernel's registers (docs/tuning.md has the measurement). Interpret mode has no inline PTX and
+  takes 1 / (1 + e^-x)."""
+  if interpret_mode():
+    return 1.0 / (1.0 + exp(-x))
+  return 0.5 + 0.5 * pltriton.approx_tanh(0.5 * x)
+
+
 def feature_grad(plan, raw_ref, grad):
   """The fp32 gradient of the raw q or k rows in raw_ref from `grad`, that of their feature map's output."""
   if plan.feature_map is None:
     return grad
   assert plan.feature_map in KERNEL_FEATURE_MAPS, plan.feature_map
   x32 = raw_ref[...].astype(jnp.float32)
-  sigmoid = 1.0 / (1.0 + exp(-x32))
-  return grad * sigmoid * (1.0 + x32 * (1.0 - sigmoid))
+  s = sigmoid(x32)
+  return grad * s * (1.0 + x32 * (1.0 - s))
 
 
 class SlotRef:
