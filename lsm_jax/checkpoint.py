@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import logging
 import math
 import os
 import re
@@ -214,6 +215,40 @@ def check_free_space(model_dir: str, estimate: StorageEstimate) -> None:
       f"more ({estimate.describe()}{already}). Free space, choose another MODEL_DIR, or save less: "
       f"trainer.train.num_milestones, max_checkpoints_to_keep, milestone_dtype='bfloat16'."
     )
+
+
+# Orbax logs each failed write from its background threads with a traceback (through absl's logger) before the
+# failure reaches the caller, which Checkpointer reports as one CheckpointSaveError: these records repeat it.
+_ORBAX_SAVE_FAILURE_LOGS = re.compile(
+  r"_SignalingThread\.run\(\) raised an exception|Failed to run \d+ Handler Commit operations|Save Finalize thread"
+)
+
+
+class _OrbaxSaveFailureFilter(logging.Filter):
+  """Drops Orbax's error records of a failed save while a Checkpointer is open (it raises that failure itself)."""
+
+  def __init__(self):
+    super().__init__()
+    self._open = 0
+    self._lock = threading.Lock()
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
+    return not (from_orbax and record.levelno >= logging.ERROR and _ORBAX_SAVE_FAILURE_LOGS.search(str(record.msg)))
+
+  def attach(self) -> None:
+    with self._lock:
+      self._open += 1
+      logging.getLogger("absl").addFilter(self)
+
+  def detach(self) -> None:
+    with self._lock:
+      self._open -= 1
+      if self._open == 0:
+        logging.getLogger("absl").removeFilter(self)
+
+
+_orbax_save_failure_filter = _OrbaxSaveFailureFilter()
 
 
 def _failure_cause(error: BaseException) -> str:
@@ -785,6 +820,8 @@ class Checkpointer:
     self._started_save_dirs: list[epath.Path] = []  # every step directory this Checkpointer began to write
     self._unchecked_saves: dict[str, Any] = {}  # "milestone" / "resume" -> manager whose last save is unchecked
     self._save_failure: CheckpointSaveError | None = None
+    _orbax_save_failure_filter.attach()
+    self._filtering_orbax_logs = True
 
   def _on_sigterm(self, signum, frame) -> None:
     del signum, frame
@@ -1018,6 +1055,9 @@ class Checkpointer:
       self._write_committed_manifests(wait=True)
     finally:
       self._manifest_writer.shutdown()
+      if self._filtering_orbax_logs:
+        _orbax_save_failure_filter.detach()
+        self._filtering_orbax_logs = False
       if self._previous_sigterm_handler is not None:
         signal.signal(signal.SIGTERM, self._previous_sigterm_handler)
         self._previous_sigterm_handler = None
