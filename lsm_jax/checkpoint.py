@@ -44,6 +44,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -224,31 +225,46 @@ _ORBAX_SAVE_FAILURE_LOGS = re.compile(
 )
 
 
-class _OrbaxSaveFailureFilter(logging.Filter):
-  """Drops Orbax's error records of a failed save while a Checkpointer is open (it raises that failure itself)."""
+class _SaveFailureEchoes(logging.Filter):
+  """While a Checkpointer is open, drops what only repeats a failed save that it raises as one CheckpointSaveError:
+  Orbax's error records of the failure, and the "Event loop is closed" errors of TensorStore writes that finish
+  after Orbax closed the failed save's event loop (Python reports those as unraisable exceptions, with a
+  traceback each)."""
 
   def __init__(self):
     super().__init__()
     self._open = 0
     self._lock = threading.Lock()
+    self._previous_unraisablehook = None
 
   def filter(self, record: logging.LogRecord) -> bool:
     from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
     return not (from_orbax and record.levelno >= logging.ERROR and _ORBAX_SAVE_FAILURE_LOGS.search(str(record.msg)))
 
+  def _unraisablehook(self, unraisable) -> None:
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+      return
+    self._previous_unraisablehook(unraisable)
+
   def attach(self) -> None:
     with self._lock:
       self._open += 1
-      logging.getLogger("absl").addFilter(self)
+      if self._open == 1:
+        logging.getLogger("absl").addFilter(self)
+        self._previous_unraisablehook = sys.unraisablehook
+        sys.unraisablehook = self._unraisablehook
 
   def detach(self) -> None:
     with self._lock:
       self._open -= 1
       if self._open == 0:
         logging.getLogger("absl").removeFilter(self)
+        if sys.unraisablehook == self._unraisablehook:  # not replaced by someone else meanwhile
+          sys.unraisablehook = self._previous_unraisablehook
 
 
-_orbax_save_failure_filter = _OrbaxSaveFailureFilter()
+_save_failure_echoes = _SaveFailureEchoes()
 
 
 def _failure_cause(error: BaseException) -> str:
@@ -820,8 +836,8 @@ class Checkpointer:
     self._started_save_dirs: list[epath.Path] = []  # every step directory this Checkpointer began to write
     self._unchecked_saves: dict[str, Any] = {}  # "milestone" / "resume" -> manager whose last save is unchecked
     self._save_failure: CheckpointSaveError | None = None
-    _orbax_save_failure_filter.attach()
-    self._filtering_orbax_logs = True
+    _save_failure_echoes.attach()
+    self._dropping_save_failure_echoes = True
 
   def _on_sigterm(self, signum, frame) -> None:
     del signum, frame
@@ -1055,9 +1071,9 @@ class Checkpointer:
       self._write_committed_manifests(wait=True)
     finally:
       self._manifest_writer.shutdown()
-      if self._filtering_orbax_logs:
-        _orbax_save_failure_filter.detach()
-        self._filtering_orbax_logs = False
+      if self._dropping_save_failure_echoes:
+        _save_failure_echoes.detach()
+        self._dropping_save_failure_echoes = False
       if self._previous_sigterm_handler is not None:
         signal.signal(signal.SIGTERM, self._previous_sigterm_handler)
         self._previous_sigterm_handler = None

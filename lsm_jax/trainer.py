@@ -819,112 +819,117 @@ def train(
     with open(os.path.join(model_dir, "run_metadata.json"), "w", encoding="utf-8") as f:
       json.dump(run_metadata, f, indent=2)
 
-  with sharding.activate(mesh):
-    restored = checkpointer.restore_latest(program.abstract_state) if checkpointer is not None else None
-  if restored is not None:
-    state, start_step = restored
-    rest = program.init_rest()
-    logging.info("resumed from step %d", start_step)
-  elif init_params is not None:
-    state, rest = program.init_from_params(init_params)
-    del init_params
-    start_step = 0
-    logging.info("initialised from %s", run_metadata["init_from_milestone"])
-  else:
-    state, rest = program.init()
-    start_step = 0
-  compiled_step = compiled_eval = None
-  if start_step < train_steps:  # a finished run (e.g. a study's rerun) restores and returns without compiling
-    compile_start = time.perf_counter()
-    compiled_step = compile_train_step(program, device_memory_limit_gib)
-    compiled_eval = program.lower_eval_step().compile() if validation_loader is not None else None
-    logging.info("compiled in %.1f s; %d parameters", time.perf_counter() - compile_start, program.num_params)
-
-  def global_batch(batch_loader, index):
-    local = batch_loader.local_batch(index, jax.process_index(), jax.process_count())
-    return {
-      key: jax.make_array_from_process_local_data(
-        program.batch_sharding, np.asarray(local[key]), (global_batch_size, seq_len)
-      )
-      for key in BATCH_KEYS
-    }
-
-  def validation_loss():
-    loss_total, mask_total = 0.0, 0.0
-    for index in range(eval_batches):
-      loss_sum, mask_sum = jax.device_get(compiled_eval(state["params"], rest, global_batch(validation_loader, index)))
-      loss_total += float(loss_sum)
-      mask_total += float(mask_sum)
-    return loss_total / max(mask_total, 1.0)
-
-  if checkpointer is not None and restored is None:
-    checkpointer.save(0, state, metadata={"tokens_seen": 0, "compute_pflops_days": 0.0})
-
-  # --- the loop ------------------------------------------------------------------------------------------
-  # The host runs one step ahead of the device: it dispatches step s + 1, then reads step s's metrics while
-  # s + 1 runs, and a background thread builds the next batches. Evaluation and checkpoints need the state after
-  # a step before the next step consumes it (donated), so at those steps the metrics are read at once.
-  writer = metrics_lib.MetricsWriter(model_dir, enable_tensorboard=enable_tensorboard)
-  if config_text is not None:
-    writer.write_text("config", config_text)
-  tokens_per_step = global_batch_size * seq_len
-  peak_flops_all_devices = peak_flops * jax.device_count()
-  local_devices = jax.local_devices()
-  last = {"step": start_step, "loss": None, "val_loss": None, "sample": None, "preempted": False}
-  progress = tqdm.tqdm(
-    total=train_steps,
-    initial=start_step,
-    disable=not (progress_bar and is_main_process),
-    unit="step",
-    dynamic_ncols=True,
-  )
-  _LOOP_STARTED.set(True)
-  restored_step = start_step if restored is not None else None
-  batches = loader_lib.prefetched(
-    lambda index: global_batch(train_loader, index), range(start_step, train_steps), depth=prefetch_batches
-  )
-  timer = metrics_lib.StepTimer()
-
-  def accounting(completed):
-    return {
-      "tokens_seen": completed * tokens_per_step,
-      "compute_pflops_days": flops.to_pflops_days(completed * program.flops_per_step_table1),
-    }
-
-  def finish_step(completed, device_metrics, evaluate=False):
-    """Reads step `completed`'s metrics (waiting for it), checks them, evaluates if asked, logs."""
-    host_metrics = jax.device_get(device_metrics)
-    timer.completed()
-    scalars = {
-      "loss": float(host_metrics["loss"]),
-      "grad_norm": float(host_metrics["grad_norm"]),
-      "learning_rate": float(host_metrics["learning_rate"]),
-      **accounting(completed),
-    }
-    if not (np.isfinite(scalars["loss"]) and np.isfinite(scalars["grad_norm"])):
-      raise _non_finite_error(model_dir, completed, scalars, restored_step, checkpointer)
-    if evaluate:
-      scalars["val_loss"] = last["val_loss"] = validation_loss()
-    if completed % log_every_steps == 0 or completed == train_steps or evaluate:
-      scalars.update(
-        metrics_lib.throughput(
-          *timer.interval(),
-          tokens_per_step=tokens_per_step,
-          flops_per_step=program.flops_per_step_model,
-          peak_flops=peak_flops_all_devices,
-        )
-      )
-      scalars["timestamp"] = time.time()
-      peak_gib = metrics_lib.peak_memory_gib(local_devices)
-      if peak_gib is not None:
-        scalars["peak_memory_gib"] = peak_gib
-      writer.write(completed, scalars)
-      progress.set_postfix_str(metrics_lib.format_progress(scalars), refresh=False)
-    last.update(step=completed, loss=scalars["loss"])
-    progress.update(1)
-
-  unread = None  # (step, device metrics) of the newest dispatched step whose metrics are not read yet
+  # From here on the checkpointer is closed however the run ends (its saves waited for, the SIGTERM handler
+  # restored), also when restoring, compiling (a step over the memory limit) or the first save fails.
+  batches = progress = writer = None
   try:
+    with sharding.activate(mesh):
+      restored = checkpointer.restore_latest(program.abstract_state) if checkpointer is not None else None
+    if restored is not None:
+      state, start_step = restored
+      rest = program.init_rest()
+      logging.info("resumed from step %d", start_step)
+    elif init_params is not None:
+      state, rest = program.init_from_params(init_params)
+      del init_params
+      start_step = 0
+      logging.info("initialised from %s", run_metadata["init_from_milestone"])
+    else:
+      state, rest = program.init()
+      start_step = 0
+    compiled_step = compiled_eval = None
+    if start_step < train_steps:  # a finished run (e.g. a study's rerun) restores and returns without compiling
+      compile_start = time.perf_counter()
+      compiled_step = compile_train_step(program, device_memory_limit_gib)
+      compiled_eval = program.lower_eval_step().compile() if validation_loader is not None else None
+      logging.info("compiled in %.1f s; %d parameters", time.perf_counter() - compile_start, program.num_params)
+
+    def global_batch(batch_loader, index):
+      local = batch_loader.local_batch(index, jax.process_index(), jax.process_count())
+      return {
+        key: jax.make_array_from_process_local_data(
+          program.batch_sharding, np.asarray(local[key]), (global_batch_size, seq_len)
+        )
+        for key in BATCH_KEYS
+      }
+
+    def validation_loss():
+      loss_total, mask_total = 0.0, 0.0
+      for index in range(eval_batches):
+        loss_sum, mask_sum = jax.device_get(
+          compiled_eval(state["params"], rest, global_batch(validation_loader, index))
+        )
+        loss_total += float(loss_sum)
+        mask_total += float(mask_sum)
+      return loss_total / max(mask_total, 1.0)
+
+    if checkpointer is not None and restored is None:
+      checkpointer.save(0, state, metadata={"tokens_seen": 0, "compute_pflops_days": 0.0})
+
+    # --- the loop ------------------------------------------------------------------------------------------
+    # The host runs one step ahead of the device: it dispatches step s + 1, then reads step s's metrics while
+    # s + 1 runs, and a background thread builds the next batches. Evaluation and checkpoints need the state after
+    # a step before the next step consumes it (donated), so at those steps the metrics are read at once.
+    writer = metrics_lib.MetricsWriter(model_dir, enable_tensorboard=enable_tensorboard)
+    if config_text is not None:
+      writer.write_text("config", config_text)
+    tokens_per_step = global_batch_size * seq_len
+    peak_flops_all_devices = peak_flops * jax.device_count()
+    local_devices = jax.local_devices()
+    last = {"step": start_step, "loss": None, "val_loss": None, "sample": None, "preempted": False}
+    progress = tqdm.tqdm(
+      total=train_steps,
+      initial=start_step,
+      disable=not (progress_bar and is_main_process),
+      unit="step",
+      dynamic_ncols=True,
+    )
+    _LOOP_STARTED.set(True)
+    restored_step = start_step if restored is not None else None
+    batches = loader_lib.prefetched(
+      lambda index: global_batch(train_loader, index), range(start_step, train_steps), depth=prefetch_batches
+    )
+    timer = metrics_lib.StepTimer()
+
+    def accounting(completed):
+      return {
+        "tokens_seen": completed * tokens_per_step,
+        "compute_pflops_days": flops.to_pflops_days(completed * program.flops_per_step_table1),
+      }
+
+    def finish_step(completed, device_metrics, evaluate=False):
+      """Reads step `completed`'s metrics (waiting for it), checks them, evaluates if asked, logs."""
+      host_metrics = jax.device_get(device_metrics)
+      timer.completed()
+      scalars = {
+        "loss": float(host_metrics["loss"]),
+        "grad_norm": float(host_metrics["grad_norm"]),
+        "learning_rate": float(host_metrics["learning_rate"]),
+        **accounting(completed),
+      }
+      if not (np.isfinite(scalars["loss"]) and np.isfinite(scalars["grad_norm"])):
+        raise _non_finite_error(model_dir, completed, scalars, restored_step, checkpointer)
+      if evaluate:
+        scalars["val_loss"] = last["val_loss"] = validation_loss()
+      if completed % log_every_steps == 0 or completed == train_steps or evaluate:
+        scalars.update(
+          metrics_lib.throughput(
+            *timer.interval(),
+            tokens_per_step=tokens_per_step,
+            flops_per_step=program.flops_per_step_model,
+            peak_flops=peak_flops_all_devices,
+          )
+        )
+        scalars["timestamp"] = time.time()
+        peak_gib = metrics_lib.peak_memory_gib(local_devices)
+        if peak_gib is not None:
+          scalars["peak_memory_gib"] = peak_gib
+        writer.write(completed, scalars)
+        progress.set_postfix_str(metrics_lib.format_progress(scalars), refresh=False)
+      last.update(step=completed, loss=scalars["loss"])
+      progress.update(1)
+
+    unread = None  # (step, device metrics) of the newest dispatched step whose metrics are not read yet
     for step, batch in batches:
       completed = step + 1
       timer.dispatching()
@@ -952,9 +957,9 @@ def train(
     if unread is not None:
       finish_step(*unread)
   finally:
-    batches.close()
-    progress.close()
-    writer.close()
+    for resource in (batches, progress, writer):
+      if resource is not None:
+        resource.close()
     if checkpointer is not None:
       checkpointer.close()
 

@@ -5,6 +5,8 @@ import json
 import math
 import os
 import signal
+import sys
+import types
 import warnings
 
 import jax
@@ -259,6 +261,26 @@ def test_all_checkpoints_unrestorable_raises_instead_of_restarting(tmp_path):
       checkpointer.restore_latest(abstract_of(state, lambda s: jax.sharding.SingleDeviceSharding(jax.devices()[0])))
   checkpointer.close()
   assert os.path.isdir(tmp_path / "checkpoints" / "resume" / "5")  # nothing moved when nothing restored
+
+
+def test_an_open_checkpointer_drops_only_the_event_loop_errors_left_by_a_failed_save(tmp_path, monkeypatch):
+  # TensorStore writes that finish after Orbax closed a failed save's event loop raise "Event loop is closed" as
+  # unraisable exceptions: they repeat the CheckpointSaveError. Other unraisable errors still reach the hook.
+  reported = []
+  monkeypatch.setattr(sys, "unraisablehook", reported.append)
+  saver = make_checkpointer(tmp_path)
+  try:
+    for error in (RuntimeError("Event loop is closed"), RuntimeError("other"), ValueError("Event loop is closed")):
+      sys.unraisablehook(
+        types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=None, err_msg=None, object=None)
+      )
+  finally:
+    saver.close()
+  assert [(type(a.exc_value), str(a.exc_value)) for a in reported] == [
+    (RuntimeError, "other"),
+    (ValueError, "Event loop is closed"),
+  ]
+  assert sys.unraisablehook == reported.append  # the previous hook is back once no Checkpointer is open
 
 
 # --- milestones ---------------------------------------------------------------------------------------------------

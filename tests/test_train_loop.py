@@ -67,8 +67,11 @@ def _smoke_program():
 def test_a_step_beyond_the_memory_limit_stops_before_step_1(tmp_path):
   model_dir = str(tmp_path / "run")
   limit_gib = 1e-4  # 105 KB: the smoke model's state alone is larger
+  sigterm_handler = signal.getsignal(signal.SIGTERM)
   with pytest.raises(trainer.StepDoesNotFitError) as raised:
     _train(model_dir, f"trainer.train.device_memory_limit_gib = {limit_gib}")
+  # The run's checkpointer was closed on the way out: the SIGTERM handler it installed is gone again.
+  assert signal.getsignal(signal.SIGTERM) is sigterm_handler
   message = str(raised.value)
   needed, available = (
     float(x) for x in re.search(r"needs ([\d.e-]+) GiB per device .* device has ([\d.e-]+) GiB", message).groups()
@@ -194,6 +197,7 @@ def _file_size_limit_restored():
 def test_a_failed_save_names_the_checkpoint_and_the_cause_and_keeps_the_previous_one(tmp_path, caplog):
   run_metadata = {"arch": "llama", "size": "test", "global_batch_size": 1, "seq_len": 1}
   state = {"params": {"w": jax.random.normal(jax.random.key(0), (256, 256))}, "step": jnp.int32(5)}
+  absl_filters = list(logging.getLogger("absl").filters)
   saver = checkpoint.Checkpointer(
     str(tmp_path), save_interval_steps=5, max_to_keep=2, milestone_steps=[], run_metadata=run_metadata
   )
@@ -211,7 +215,7 @@ def test_a_failed_save_names_the_checkpoint_and_the_cause_and_keeps_the_previous
   # ... and only by that error: Orbax's own records of it (a traceback per background thread) are dropped while a
   # Checkpointer is open, and its other records pass again once none is.
   assert not [r for r in caplog.records if r.levelno >= logging.ERROR and "orbax" in r.pathname]
-  assert not logging.getLogger("absl").filters
+  assert logging.getLogger("absl").filters == absl_filters
   reader = checkpoint.Checkpointer(
     str(tmp_path), save_interval_steps=5, max_to_keep=2, milestone_steps=[], run_metadata=run_metadata
   )
