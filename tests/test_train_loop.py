@@ -31,7 +31,8 @@ QUIET = (
 )
 GIB = 1 << 30
 
-# Orbax's failed background write leaves a callback for an event loop it has closed; Python reports it as ignored.
+# A failed save's writes can still finish after the checkpointer closed (it drops those echoes only while open);
+# their callbacks then find Orbax's event loop closed, which Python reports as ignored.
 _ignore_orbax_closed_loop_callback = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
