@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lsm_jax import metrics, optim, sharding, trainer  # noqa: E402
+from lsm_jax import losses, metrics, optim, sharding, trainer  # noqa: E402
 from lsm_jax.models import configs  # noqa: E402
 from pallas_kernels.linear_attention import gpu  # noqa: E402
 
@@ -127,6 +127,7 @@ def synthetic_batch(program: trainer.TrainProgram, seed: int, mean_document: int
 
 
 LOSS_CHUNK_LENGTH = 1024  # positions per loss chunk, as gin/runs/pretrain.gin trains
+LOSS_LOGITS_DTYPE = "float32"  # the training loss's logits, as gin/runs/pretrain.gin trains
 
 
 def peak_memory_bytes(devices) -> int | None:
@@ -145,6 +146,8 @@ def _layers_label(row) -> str:
     label += ", fused mlp"
   if row.get("loss_chunk_length") not in (None, LOSS_CHUNK_LENGTH):
     label += f", loss chunks of {row['loss_chunk_length']}"
+  if row.get("loss_logits_dtype", "float32") != LOSS_LOGITS_DTYPE:
+    label += f", {row['loss_logits_dtype']} logits"
   overrides = row.get("linear_attention_gpu_overrides")
   if overrides:
     label += ", kernels: " + " ".join(f"{knob}={str(value).lower()}" for knob, value in overrides.items())
@@ -172,6 +175,7 @@ def cli_spec(arch, size, seq_len, args, mesh) -> dict:
     global_batch_size=global_batch,
     per_shard_microbatch_size=per_shard_microbatch,
     loss_chunk_length=args.loss_chunk_length if args.loss_chunk_length < seq_len else None,
+    loss_logits_dtype=args.loss_logits_dtype,
     optimizer=optim.OptimizerConfig(warmup_steps=10),
   )
 
@@ -199,6 +203,7 @@ def gin_spec(gin_files, bindings) -> dict:
     train_steps=bound.get("train_steps", 1000),
     per_shard_microbatch_size=bound.get("per_shard_microbatch_size"),
     loss_chunk_length=bound.get("loss_chunk_length"),
+    loss_logits_dtype=bound.get("loss_logits_dtype", "float32"),
     optimizer=bound.get("optimizer", optim.OptimizerConfig()),
   )
 
@@ -216,6 +221,7 @@ def compile_spec(spec: dict) -> tuple[trainer.TrainProgram, jax.stages.Compiled,
     optimizer=spec["optimizer"],
     per_shard_microbatch_size=spec["per_shard_microbatch_size"],
     loss_chunk_length=spec["loss_chunk_length"],
+    loss_logits_dtype=spec["loss_logits_dtype"],
   )
   row = {
     "arch": config.arch,
@@ -233,6 +239,7 @@ def compile_spec(spec: dict) -> tuple[trainer.TrainProgram, jax.stages.Compiled,
     "linear_attention_gpu_overrides": dict(config.linear_attention_gpu_overrides),
     "attention_impl": program.model_config.attention_impl,
     "loss_chunk_length": spec["loss_chunk_length"],
+    "loss_logits_dtype": spec["loss_logits_dtype"],
   }
   start = time.perf_counter()
   compiled = program.lower_train_step().compile()
@@ -420,6 +427,12 @@ def main(argv=None) -> list[dict]:
     help="rows per batch shard per microbatch (gradient accumulation); default: one microbatch",
   )
   parser.add_argument("--loss_chunk_length", type=int, default=LOSS_CHUNK_LENGTH)
+  parser.add_argument(
+    "--loss_logits_dtype",
+    default=LOSS_LOGITS_DTYPE,
+    choices=losses.LOGITS_DTYPES,
+    help="dtype of the training loss's logits (trainer.train.loss_logits_dtype)",
+  )
   parser.add_argument(
     "--gpu_overrides",
     default="",

@@ -53,6 +53,7 @@ PROGRAM_ARGUMENTS = (
   "optimizer",
   "per_shard_microbatch_size",
   "loss_chunk_length",
+  "loss_logits_dtype",
   "seed",
 )
 LIBTPU_MISSING = (
@@ -175,6 +176,7 @@ def compile_for_topology(topology_name: str, arguments: dict) -> dict:
     "num_microbatches": program.num_microbatches,
     "microbatch_size": program.microbatch_size,
     "loss_chunk_length": arguments["loss_chunk_length"],
+    "loss_logits_dtype": arguments["loss_logits_dtype"],
     "lower_seconds": round(lower_seconds, 2),
     "hbm_bytes_per_device": capacity,
     "model_flops_per_device": program.flops_per_step_model / num_devices,

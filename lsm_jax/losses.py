@@ -6,12 +6,23 @@ import functools
 import jax
 import jax.numpy as jnp
 
+LOGITS_DTYPES = ("float32", "bfloat16")
+
 
 def masked_cross_entropy_sums(
-  model, hidden: jax.Array, targets: jax.Array, loss_mask: jax.Array, loss_chunk_length: int | None
+  model,
+  hidden: jax.Array,
+  targets: jax.Array,
+  loss_mask: jax.Array,
+  loss_chunk_length: int | None,
+  logits_dtype: str = "float32",
 ) -> tuple[jax.Array, jax.Array]:
   """(sum of masked token losses, sum of the mask), in fp32, through the model's vocabulary head
   (`model.head()`: logits = hidden·Wᵀ with fp32 accumulation).
+
+  `logits_dtype`: what the head's matmul writes its logits in (one of LOGITS_DTYPES). 'bfloat16' halves the
+  traffic of the 100K-wide logits, as PyTorch autocast and fla's fused loss do; the log-softmax and its gradient
+  are computed in fp32 from them either way.
 
   With `loss_chunk_length`, the head and the softmax run over time chunks, so the full [batch, length, vocab]
   logits (100K wide) are never alive at once. Under differentiation each chunk's gradient is formed right away in
@@ -22,7 +33,11 @@ def masked_cross_entropy_sums(
   weight, dtype = model.head()
   length = hidden.shape[1]
   chunk = length if loss_chunk_length is None or loss_chunk_length >= length else loss_chunk_length
-  return _head_cross_entropy_sums(hidden, weight, targets, loss_mask.astype(jnp.float32), chunk, jnp.dtype(dtype))
+  if logits_dtype not in LOGITS_DTYPES:
+    raise ValueError(f"logits_dtype {logits_dtype!r} is not one of {LOGITS_DTYPES}")
+  return _head_cross_entropy_sums(
+    hidden, weight, targets, loss_mask.astype(jnp.float32), chunk, jnp.dtype(dtype), jnp.dtype(logits_dtype)
+  )
 
 
 def _time_chunks(x, chunk):
@@ -36,19 +51,20 @@ def _from_time_chunks(x):
   return x.reshape(x.shape[0], -1, *x.shape[3:])
 
 
-def _chunk_logits(hidden_chunk, weight, target_chunk):
-  """(fp32 logits [B, c, V], log-normaliser, per-token loss) of one chunk; weight already in compute dtype."""
-  logits = jnp.einsum("...d,vd->...v", hidden_chunk, weight, preferred_element_type=jnp.float32)
-  log_normalizer = jax.nn.logsumexp(logits, axis=-1)
-  target_logits = jnp.take_along_axis(logits, target_chunk[..., None], axis=-1)[..., 0]
+def _chunk_logits(hidden_chunk, weight, target_chunk, logits_dtype):
+  """(logits [B, c, V] in logits_dtype, fp32 log-normaliser, fp32 per-token loss) of one chunk; weight already in
+  compute dtype. The matmul accumulates in fp32 and rounds once to logits_dtype."""
+  logits = jnp.einsum("...d,vd->...v", hidden_chunk, weight, preferred_element_type=logits_dtype)
+  log_normalizer = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+  target_logits = jnp.take_along_axis(logits, target_chunk[..., None], axis=-1)[..., 0].astype(jnp.float32)
   return logits, log_normalizer, log_normalizer - target_logits
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _head_cross_entropy_sums(hidden, weight, targets, mask, chunk, dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _head_cross_entropy_sums(hidden, weight, targets, mask, chunk, dtype, logits_dtype):
   def body(total, xs):
     hidden_chunk, target_chunk, mask_chunk = xs
-    _, _, losses = _chunk_logits(hidden_chunk.astype(dtype), weight.astype(dtype), target_chunk)
+    _, _, losses = _chunk_logits(hidden_chunk.astype(dtype), weight.astype(dtype), target_chunk, logits_dtype)
     return total + jnp.sum(losses * mask_chunk), None
 
   chunks = [_time_chunks(x, chunk) for x in (hidden, targets, mask)]
@@ -56,17 +72,17 @@ def _head_cross_entropy_sums(hidden, weight, targets, mask, chunk, dtype):
   return loss_sum, jnp.sum(mask)
 
 
-def _head_cross_entropy_sums_fwd(hidden, weight, targets, mask, chunk, dtype):
+def _head_cross_entropy_sums_fwd(hidden, weight, targets, mask, chunk, dtype, logits_dtype):
   compute_weight = weight.astype(dtype)
 
   def body(carry, xs):
     total, d_weight = carry
     hidden_chunk, target_chunk, mask_chunk = xs
     hidden_chunk = hidden_chunk.astype(dtype)
-    logits, log_normalizer, losses = _chunk_logits(hidden_chunk, compute_weight, target_chunk)
+    logits, log_normalizer, losses = _chunk_logits(hidden_chunk, compute_weight, target_chunk, logits_dtype)
     vocab = jnp.arange(logits.shape[-1], dtype=target_chunk.dtype)
     # d loss / d logits = softmax − one-hot(target), on the tokens the mask keeps.
-    d_logits = jnp.exp(logits - log_normalizer[..., None]) - (vocab == target_chunk[..., None])
+    d_logits = jnp.exp(logits.astype(jnp.float32) - log_normalizer[..., None]) - (vocab == target_chunk[..., None])
     d_logits = (d_logits * mask_chunk[..., None]).astype(dtype)
     d_hidden = jnp.einsum("...v,vd->...d", d_logits, compute_weight, preferred_element_type=jnp.float32)
     d_weight = d_weight + jnp.einsum("...v,...d->vd", d_logits, hidden_chunk, preferred_element_type=jnp.float32)
@@ -78,7 +94,7 @@ def _head_cross_entropy_sums_fwd(hidden, weight, targets, mask, chunk, dtype):
   return (loss_sum, jnp.sum(mask)), (_from_time_chunks(d_hidden), d_weight.astype(weight.dtype))
 
 
-def _head_cross_entropy_sums_bwd(chunk, dtype, residuals, cotangents):
+def _head_cross_entropy_sums_bwd(chunk, dtype, logits_dtype, residuals, cotangents):
   d_hidden, d_weight = residuals
   scale = cotangents[0].astype(jnp.float32)  # the mask sum depends on no input that has a gradient
   # Scaled in fp32: the scale (e.g. 1 / tokens) rounded to bf16 would shift every gradient by up to 0.4%.

@@ -142,6 +142,7 @@ def build_train_program(
   optimizer: optim.OptimizerConfig = optim.OptimizerConfig(),
   per_shard_microbatch_size: int | None = None,
   loss_chunk_length: int | None = None,
+  loss_logits_dtype: str = "float32",
   seed: int = 0,
 ) -> TrainProgram:
   """Validates the numbers, then builds the abstract model, shardings and jitted steps (nothing compiled).
@@ -176,6 +177,10 @@ def build_train_program(
     raise ValueError(
       f"trainer.train.loss_chunk_length {loss_chunk_length} must divide seq_len {seq_len} "
       "(or be >= seq_len, or None: no chunking)"
+    )
+  if loss_logits_dtype not in losses.LOGITS_DTYPES:
+    raise ValueError(
+      f"trainer.train.loss_logits_dtype {loss_logits_dtype!r} is not one of {', '.join(losses.LOGITS_DTYPES)}"
     )
   platform = mesh.devices.flat[0].platform
   model_config = model_config.resolved_for(platform)
@@ -228,13 +233,17 @@ def build_train_program(
   batch_sharding = sharding.batch_sharding(mesh)
   batch_shardings = {key: batch_sharding for key in BATCH_KEYS}
 
-  def loss_sums(params, rest, batch):
+  def loss_sums(params, rest, batch, logits_dtype="float32"):
     model = model_from_params(params, rest)
     hidden = model.hidden_states(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
-    return losses.masked_cross_entropy_sums(model, hidden, batch["targets"], batch["loss_mask"], loss_chunk_length)
+    return losses.masked_cross_entropy_sums(
+      model, hidden, batch["targets"], batch["loss_mask"], loss_chunk_length, logits_dtype
+    )
 
   def grad_sums(params, rest, batch):
-    (loss_sum, mask_sum), grads = jax.value_and_grad(lambda p: loss_sums(p, rest, batch), has_aux=True)(params)
+    (loss_sum, mask_sum), grads = jax.value_and_grad(
+      lambda p: loss_sums(p, rest, batch, loss_logits_dtype), has_aux=True
+    )(params)
     return loss_sum, mask_sum, grads
 
   def train_step(state, rest, batch):
@@ -328,6 +337,7 @@ def build_train_program(
       out_shardings=(state_shardings, replicated),
       donate_argnums=0,
     ),
+    # Validation keeps fp32 logits whatever the training loss uses: it is the number the scaling laws fit.
     eval_step=jax.jit(
       loss_sums, in_shardings=(param_shardings, rest_shardings, batch_shardings), out_shardings=replicated
     ),
@@ -638,6 +648,7 @@ def train(
   optimizer: optim.OptimizerConfig = optim.OptimizerConfig(),
   per_shard_microbatch_size: int | None = None,
   loss_chunk_length: int | None = None,
+  loss_logits_dtype: str = "float32",
   eval_every_steps: int = 0,
   eval_batches: int = 4,
   log_every_steps: int = 1,
@@ -666,7 +677,9 @@ def train(
   Args mirror gin/runs/pretrain.gin. `per_shard_microbatch_size`: rows per data×fsdp shard in one microbatch;
   the global batch is reached by accumulating gradients over global_batch_size / (that × shards) microbatches
   (None: one microbatch). `loss_chunk_length`: time chunk for the vocabulary projection + softmax (None: whole
-  sequence). `make_loader`: `lsm_jax.data.loader.make_loader` unless gin passes a configured one.
+  sequence). `loss_logits_dtype`: 'float32' or 'bfloat16', the dtype the vocabulary head writes the training
+  loss's logits in (the softmax runs in fp32 from them either way; validation always uses fp32).
+  `make_loader`: `lsm_jax.data.loader.make_loader` unless gin passes a configured one.
   `prefetch_batches`: global batches a background thread builds ahead of the step (2: the next batch is ready
   when the step is dispatched while one more absorbs a slow read). `device_memory_limit_gib`: memory per device
   the compiled step's plan must fit (None: the allocator's limit where the device reports one, no check on CPU);
@@ -719,6 +732,7 @@ def train(
     optimizer=optimizer,
     per_shard_microbatch_size=per_shard_microbatch_size,
     loss_chunk_length=loss_chunk_length,
+    loss_logits_dtype=loss_logits_dtype,
     seed=seed,
   )
   if global_batch_size % jax.process_count():
