@@ -2,11 +2,12 @@ r"""Training-step benchmark: the trainer's own program (`trainer.build_train_pro
 
 For each architecture × size × sequence length at a fixed number of tokens per step (default 32,768, the peers'
 setting), bf16 compute with fp32 parameters and AdamW: compile time (separately), step time (median of --steps
-after --warmup, each step ended by block_until_ready), tokens/s, MFU (Appendix A.1 model FLOPs from
-`lsm_jax.flops.flops_per_step(..., ffn_dim=, vocab_size=)` over the lsm_jax.metrics peak) and peak device
-memory (`device.memory_stats()['peak_bytes_in_use']`, where the backend reports it; the peak is process-wide, so
-it never decreases from row to row: run one shape per process for exact per-shape peaks). Batches are
-synthetic (random tokens, one document per row). Rows are appended to
+after --warmup of the intervals between step completions, the host running one step ahead as the trainer's loop
+does; `synced_step_s` also records each step alone, dispatched and waited for), tokens/s, MFU (Appendix A.1
+model FLOPs from `lsm_jax.flops.flops_per_step(..., ffn_dim=, vocab_size=)` over the lsm_jax.metrics peak) and
+peak device memory (`device.memory_stats()['peak_bytes_in_use']`, where the backend reports it; the peak is
+process-wide, so it never decreases from row to row: run one shape per process for exact per-shape peaks). Batches
+are synthetic (random tokens, one document per row). Rows are appended to
 benchmarks/results/train_step_<device>.json and the .md table is rewritten after every row, so a run cut off by
 a time limit keeps what it measured. Failures (e.g. out of memory) become rows with an error.
 
@@ -127,7 +128,7 @@ def synthetic_batch(program: trainer.TrainProgram, seed: int, mean_document: int
 
 
 LOSS_CHUNK_LENGTH = 1024  # positions per loss chunk, as gin/runs/pretrain.gin trains
-LOSS_LOGITS_DTYPE = "float32"  # the training loss's logits, as gin/runs/pretrain.gin trains
+LOSS_LOGITS_DTYPE = "bfloat16"  # the training loss's logits, as gin/runs/pretrain.gin trains
 
 
 def peak_memory_bytes(devices) -> int | None:
@@ -146,8 +147,9 @@ def _layers_label(row) -> str:
     label += ", fused mlp"
   if row.get("loss_chunk_length") not in (None, LOSS_CHUNK_LENGTH):
     label += f", loss chunks of {row['loss_chunk_length']}"
-  if row.get("loss_logits_dtype", "float32") != LOSS_LOGITS_DTYPE:
-    label += f", {row['loss_logits_dtype']} logits"
+  logits_dtype = row.get("loss_logits_dtype", "float32")  # rows without one were measured with fp32 logits
+  if logits_dtype != LOSS_LOGITS_DTYPE:
+    label += f", {logits_dtype} logits"
   overrides = row.get("linear_attention_gpu_overrides")
   if overrides:
     label += ", kernels: " + " ".join(f"{knob}={str(value).lower()}" for knob, value in overrides.items())
@@ -261,13 +263,26 @@ def time_compiled(program: trainer.TrainProgram, compiled, row: dict, args) -> d
   batch = synthetic_batch(program, seed=0, mean_document=args.mean_document)
   if args.mean_document:
     row["mean_document"] = args.mean_document
-  times = []
-  for index in range(args.warmup + args.steps):
+  # As the trainer's loop runs: the host dispatches step s + 1, then reads step s's metrics while s + 1 runs, so
+  # the dispatch of a step overlaps the device's work on the one before. A step's time is the interval between
+  # the completions of consecutive steps.
+  completions = []
+  state, unread = compiled(state, rest, batch)
+  for _ in range(args.warmup + args.steps):
+    state, step_metrics = compiled(state, rest, batch)
+    jax.device_get(unread)
+    completions.append(time.perf_counter())
+    unread = step_metrics
+  jax.device_get(unread)
+  completions.append(time.perf_counter())
+  times = np.diff(completions)[args.warmup :].tolist()
+  # Each step alone (dispatched, then waited for): adds the host's dispatch latency to the device time.
+  synced_times = []
+  for _ in range(args.steps):
     start = time.perf_counter()
     state, step_metrics = compiled(state, rest, batch)
     jax.block_until_ready((state, step_metrics))
-    if index >= args.warmup:
-      times.append(time.perf_counter() - start)
+    synced_times.append(time.perf_counter() - start)
   loss = float(step_metrics["loss"])
   if not np.isfinite(loss):
     raise FloatingPointError(f"loss {loss}")
@@ -288,6 +303,8 @@ def time_compiled(program: trainer.TrainProgram, compiled, row: dict, args) -> d
   row.update(
     step_s=step_s,
     tokens_per_s=global_batch * seq_len / step_s,
+    timing="run_ahead",
+    synced_step_s=statistics.median(synced_times),
     mfu=program.flops_per_step_model / step_s / (peak_flops * len(devices)),
     model_flops_per_step=program.flops_per_step_model,
     loss=loss,
@@ -301,16 +318,20 @@ PEER_MODELS = {"hgrn2": "hgrn2", "tnl": "retnet", "llama": "llama"}
 
 
 def load_peers(paths: str) -> tuple[dict, str]:
-  """{(arch, size, seq_len): peer row} and a provenance label from comma-separated peer files (later files win)."""
+  """{(arch, size, seq_len, timing): peer row} and a provenance label from comma-separated peer files (later files
+  win). A row's timing is 'run_ahead' or 'synced' (rows that name none): a row is compared with its peer's row of
+  the same timing."""
   table, labels = {}, []
   for path in filter(None, paths.split(",")):
     if not os.path.exists(path):
       continue
     with open(path, encoding="utf-8") as f:
       peers = json.load(f)
-    by_model = {(r["model"], r["size"], r["seq"]): r for r in peers.get("results", [])}
+    by_model = {(r["model"], r["size"], r["seq"], _timing(r)): r for r in peers.get("results", [])}
     for arch, model in PEER_MODELS.items():
-      table.update({(arch, size, seq): row for (name, size, seq), row in by_model.items() if name == model})
+      table.update(
+        {(arch, size, seq, timing): row for (name, size, seq, timing), row in by_model.items() if name == model}
+      )
     provenance = peers.get("provenance", {})
     packages = ", ".join(f"{name} {version}" for name, version in provenance.get("packages", {}).items())
     labels.append(
@@ -318,6 +339,10 @@ def load_peers(paths: str) -> tuple[dict, str]:
       f"{provenance.get('device', 'device unknown')}; {provenance.get('date', 'date unknown')})"
     )
   return table, "; ".join(labels)
+
+
+def _timing(row) -> str:
+  return row.get("timing", "synced")
 
 
 def _format(value, pattern):
@@ -336,23 +361,28 @@ def write_markdown(path: str, header: dict, rows: list[dict], peers: dict, peer_
     f"Command(s): {'; '.join(f'`{c}`' for c in header['commands'])}.",
     "",
     "Tokens per step = batch × T; bf16 compute, fp32 parameters and AdamW, synthetic batches. step = median "
-    "after warm-up; MFU = Appendix A.1 FLOPs / (step time × peak × devices); peak memory = the largest "
+    "after warm-up of: (run-ahead) the interval between consecutive steps' completions with the host dispatching "
+    "step s + 1 before it reads step s's loss, as lsm_jax's trainer loop runs and for the peers the same loop "
+    "(the loss read by .item()); (synced) one step from dispatch to completion, waited for before the next. "
+    "MFU = Appendix A.1 FLOPs / (step time × peak × devices); peak memory = the largest "
     "per-device peak of the process so far.",
     *([header["note"]] if header.get("note") else []),
     f"Peer columns: PyTorch (fla HGRN2 for hgrn2, fla RetNet for tnl, HF LLaMA for llama) from {peer_label or 'n/a'}.",
     "",
-    "| arch | size | T | measured (date, commit) | batch (micro) | mesh | remat | compile s | step s | tokens/s "
-    "| MFU | XLA plan GiB | peak GiB | peer tokens/s | ours / peer | peer peak GiB |",
-    "|---|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| arch | size | T | measured (date, commit) | timing | batch (micro) | mesh | remat | compile s | step s "
+    "| tokens/s | MFU | XLA plan GiB | peak GiB | peer tokens/s | ours / peer | peer peak GiB |",
+    "|---|---|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for row in rows:
     # Peers train one document per row: a row of packed documents has no peer.
-    peer = {} if row.get("mean_document") else peers.get((row["arch"], row["size"], row["seq_len"]), {})
+    key = (row["arch"], row["size"], row["seq_len"], _timing(row))
+    peer = {} if row.get("mean_document") else peers.get(key, {})
+    timing = _timing(row).replace("_", "-")
     peer_tokens = _format(peer.get("tokens_per_s"), ",.0f") or ("error" if "error" in peer else "")
     measured = f"{row.get('date', header['date'])[:10]}, {row.get('commit') or 'commit unknown'}"
     if "error" in row:
       lines.append(
-        f"| {row['arch']} | {row['size']} | {row['seq_len']} | {measured} | | | "
+        f"| {row['arch']} | {row['size']} | {row['seq_len']} | {measured} | {timing} | | | "
         f"{row.get('remat_policy') or ''} | | | "
         f"error: {row['error'][:80]} | | | | {peer_tokens} | | {_format(peer.get('peak_gib'), '.1f')} |"
       )
@@ -361,7 +391,7 @@ def write_markdown(path: str, header: dict, rows: list[dict], peers: dict, peer_
     if row.get("mean_document"):
       length = f"{length}, documents of mean {row['mean_document']}"
     lines.append(
-      f"| {row['arch']} | {row['size']} | {length} | {measured} | {row['global_batch_size']} "
+      f"| {row['arch']} | {row['size']} | {length} | {measured} | {timing} | {row['global_batch_size']} "
       f"({row['num_microbatches']}) | {_mesh_label(row.get('mesh'))} | {row['remat_policy']}"
       f"{_layers_label(row)} | "
       f"{row['compile_s']:.1f} | {row['step_s']:.4f} | "

@@ -155,6 +155,7 @@ def test_train_step_table_states_each_rows_date_and_commit_and_its_peer(tmp_path
           {"model": "hgrn2", "size": "1b", "seq": 8192, "tokens_per_s": 50000.0, "peak_gib": 99.0},
           {"model": "hgrn2", "size": "1b", "seq": 2048, "error": "OutOfMemoryError()"},
           {"model": "retnet", "size": "1b", "seq": 8192, "tokens_per_s": 40000.0, "peak_gib": 80.0},
+          {"model": "retnet", "size": "1b", "seq": 8192, "tokens_per_s": 42000.0, "timing": "run_ahead"},
         ],
       }
     )
@@ -162,18 +163,24 @@ def test_train_step_table_states_each_rows_date_and_commit_and_its_peer(tmp_path
   peers, label = train_step.load_peers(f"{peers_file},{tmp_path / 'absent.json'}")
   assert label == "peers.json (benchmarks/peers/torch_models.py; fla 0.6.0; 1x GPU; 2026-11-27)"
   # Each architecture meets its own peer: TNL fla's RetNet; no architecture takes another's.
-  assert peers[("tnl", "1b", 8192)]["tokens_per_s"] == 40000.0 and ("llama", "1b", 8192) not in peers
+  # A row meets the peer row timed the same way (rows that name no timing were timed synced).
+  assert peers[("tnl", "1b", 8192, "synced")]["tokens_per_s"] == 40000.0
+  assert peers[("tnl", "1b", 8192, "run_ahead")]["tokens_per_s"] == 42000.0
+  assert ("llama", "1b", 8192, "synced") not in peers
   path = tmp_path / "table.md"
   older = {key: value for key, value in row.items() if key not in ("date", "commit")}
-  train_step.write_markdown(str(path), header, [row, dict(older, seq_len=2048)], peers, label)
+  run_ahead = dict(row, arch="tnl", timing="run_ahead", tokens_per_s=63000.0)
+  train_step.write_markdown(str(path), header, [row, dict(older, seq_len=2048), run_ahead], peers, label)
   lines = path.read_text().splitlines()
   assert f"Peer columns: PyTorch (fla HGRN2 for hgrn2, fla RetNet for tnl, HF LLaMA for llama) from {label}." in lines
   measured = next(line for line in lines if line.startswith("| hgrn2 | 1b | 8192 "))
-  assert measured.startswith("| hgrn2 | 1b | 8192 | 2026-11-29, abc1234 | 4 (1) |")
+  assert measured.startswith("| hgrn2 | 1b | 8192 | 2026-11-29, abc1234 | synced | 4 (1) |")
   assert "| 60,000 | 40.0% |" in measured and "| 50,000 | 1.20 | 99.0 |" in measured
+  tnl = next(line for line in lines if line.startswith("| tnl | 1b | 8192 "))
+  assert "| run-ahead |" in tnl and "| 42,000 | 1.50 |" in tnl
   # A row without its own date and commit shows the file's date; a peer that failed shows its error, no ratio.
   assert next(line for line in lines if line.startswith("| hgrn2 | 1b | 2048 ")).startswith(
-    "| hgrn2 | 1b | 2048 | 2026-11-28, commit unknown |"
+    "| hgrn2 | 1b | 2048 | 2026-11-28, commit unknown | synced |"
   )
   assert "| error |  |" in path.read_text()
 
@@ -189,6 +196,7 @@ def test_train_step_rows_take_and_state_gpu_kernel_overrides(tmp_path):
     unrolled_layers=False,
     unroll_stacked_layers=True,
     loss_chunk_length=1024,
+    loss_logits_dtype="bfloat16",
     gpu_overrides="packed_operands=true,fused_forward_states=true",
     fused_mlp=True,
   )
@@ -217,8 +225,8 @@ def test_train_step_rows_take_and_state_gpu_kernel_overrides(tmp_path):
   header = {"device": "1 × cpu", "date": "2026-12-04T00:00:00+00:00", "versions": "jax", "commands": ["x"]}
   train_step.write_markdown(str(tmp_path / "t.md"), header, [row], {}, "")
   assert (
-    "| none, stacked layers unrolled, fused mlp, kernels: fused_forward_states=true packed_operands=true |"
-    in (tmp_path / "t.md").read_text()
+    "| none, stacked layers unrolled, fused mlp, float32 logits, kernels: fused_forward_states=true "
+    "packed_operands=true |" in (tmp_path / "t.md").read_text()
   )
   with pytest.raises(ValueError, match="unknown GpuKernelConfig knob 'packed'"):
     train_step.cli_spec("tnl", "tiny", 128, argparse.Namespace(**{**vars(args), "gpu_overrides": "packed=true"}), None)
@@ -239,7 +247,7 @@ def test_committed_peer_files_carry_their_provenance():
   import train_step
 
   assert train_step.PEERS_PATH.split(",")[0] == os.path.join(peers_dir, "torch_models_h200.json")
-  assert train_step.load_peers(train_step.PEERS_PATH)[0][("hgrn2", "1b", 8192)]["tokens_per_s"] > 0
+  assert train_step.load_peers(train_step.PEERS_PATH)[0][("hgrn2", "1b", 8192, "synced")]["tokens_per_s"] > 0
   with open(os.path.join(peers_dir, "fla_kernels_h200.json"), encoding="utf-8") as f:
     timings = json.load(f)["results"]
   assert all(

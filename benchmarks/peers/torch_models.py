@@ -4,9 +4,10 @@ fla's HGRN2ForCausalLM, fla's RetNetForCausalLM (the fixed-decay peer of TNL: on
 for keys and values) and Hugging Face's LlamaForCausalLM (SDPA attention) at the paper's 410M and 1B shapes
 (arXiv 2406.16690 Table 2, head dim 128, vocabulary 100,280, tied embeddings), bf16 autocast with fp32 fused AdamW,
 a fixed number of tokens per step (default 32,768, the same as train_step.py). Per (model, size, sequence length):
-median step time of 6 steps after 3 warm-up steps, tokens/s and the peak of torch's allocated memory. A failing
-shape (e.g. out of memory) becomes a row with an error. Rows are written after every shape, so a run cut off by a
-time limit keeps what it measured.
+median step time of 6 steps after 3 warm-up steps (step s + 1 queued before step s's loss is read, as
+benchmarks/train_step.py times lsm_jax), tokens/s and the peak of torch's allocated memory. A failing shape
+(e.g. out of memory) becomes a row with an error. Rows are written after every shape, so a run cut off by a time
+limit keeps what it measured.
 
 On a GPU machine with torch, transformers and fla (pip install flash-linear-attention==0.6.0 fla-core==0.6.0):
   python3 benchmarks/peers/torch_models.py --out benchmarks/peers/torch_models_h200.json \
@@ -20,6 +21,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import time
 import traceback
 
@@ -84,20 +86,32 @@ def bench(
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
   start = time.perf_counter()
   for _ in range(warmup):
     step()
   torch.cuda.synchronize()
   warmup_s = time.perf_counter() - start
-  times = []
+  # The loop lsm_jax's trainer runs (benchmarks/train_step.py times it the same way): step s + 1 is queued
+  # before step s's loss is read; a step's time is the interval between consecutive completions.
+  completions = []
+  unread = step()
+  for _ in range(steps):
+    loss = step()
+    unread.item()
+    completions.append(time.perf_counter())
+    unread = loss
+  unread.item()
+  completions.append(time.perf_counter())
+  step_s = statistics.median(b - a for a, b in zip(completions, completions[1:]))
+  synced = []
   for _ in range(steps):
     torch.cuda.synchronize()
     start = time.perf_counter()
     step()
     torch.cuda.synchronize()
-    times.append(time.perf_counter() - start)
-  step_s = sorted(times)[len(times) // 2]
+    synced.append(time.perf_counter() - start)
   row = dict(
     model=model_name,
     size=size,
@@ -106,6 +120,8 @@ def bench(
     params=num_params,
     step_s=step_s,
     tokens_per_s=batch * seq_len / step_s,
+    timing="run_ahead",
+    synced_step_s=statistics.median(synced),
     peak_gib=torch.cuda.max_memory_allocated() / 2**30,
     warmup_s=warmup_s,
   )
@@ -136,7 +152,8 @@ def main(argv=None) -> dict:
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "setup": "bf16 autocast, fp32 fused AdamW (lr 3e-4, weight decay 0.1), tied embeddings; fla "
       "HGRN2ForCausalLM and RetNetForCausalLM (fused cross-entropy), transformers LlamaForCausalLM (sdpa); "
-      "median of 6 steps after 3 warm-up steps",
+      "after 3 warm-up steps, the median of 6 intervals between step completions with step s + 1 queued before "
+      "step s's loss is read (run-ahead), and of 6 steps each synchronized (synced_step_s)",
     },
     "tokens_per_step": args.tokens_per_step,
     "results": [],
