@@ -94,3 +94,46 @@ def test_masked_positions_do_not_contribute():
   # logits (1, 1): each token costs ln 2, and only the first counts.
   np.testing.assert_allclose(loss_sum, np.log(2.0), rtol=1e-6)
   assert float(mask_sum) == 1.0
+
+
+def _float64_bf16_logits_reference(weights, hidden, targets, mask):
+  """(loss sum, d hidden, d W) in float64 numpy from the bf16-rounded inputs and bf16-rounded logits: the exact
+  result of a loss whose head writes bf16 logits and takes the softmax in high precision."""
+  w = np.asarray(jnp.asarray(weights, jnp.bfloat16), np.float64)
+  h = np.asarray(jnp.asarray(hidden, jnp.bfloat16), np.float64)
+  logits = np.asarray(jnp.asarray(h @ w, jnp.bfloat16), np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  picked = np.take_along_axis(log_softmax, np.asarray(targets)[..., None], -1)[..., 0]
+  m = np.asarray(mask, np.float64)
+  d_logits = (np.exp(log_softmax) - np.eye(w.shape[1])[np.asarray(targets)]) * m[..., None]
+  return -(picked * m).sum(), d_logits @ w.T, np.einsum("btd,btv->dv", h, d_logits)
+
+
+def test_bf16_logits_match_a_float64_loss_of_the_rounded_logits():
+  """loss_logits_dtype='bfloat16': the value is the float64 cross-entropy of the bf16-rounded logits (not of the
+  fp32 ones, which differ measurably at these logit sizes), and the gradients follow it to bf16 rounding."""
+  keys = jax.random.split(jax.random.key(2), 4)
+  hidden = jax.random.normal(keys[0], (2, 32, 16))
+  weights = jax.random.normal(keys[1], (16, 97)) * 2.0  # logits of ~8: bf16 rounding steps of ~0.03
+  targets = jax.random.randint(keys[2], (2, 32), 0, 97)
+  mask = (jax.random.uniform(keys[3], (2, 32)) > 0.2).astype(jnp.float32)
+
+  def ours(w, h, logits_dtype):
+    return losses.masked_cross_entropy_sums(_Bf16Head(w), h, targets, mask, 8, logits_dtype)[0]
+
+  loss, d_hidden, d_weight = _float64_bf16_logits_reference(weights, hidden, targets, mask)
+  np.testing.assert_allclose(float(jax.jit(ours, static_argnums=2)(weights, hidden, "bfloat16")), loss, rtol=2e-6)
+  fp32_logits_loss = float(jax.jit(ours, static_argnums=2)(weights, hidden, "float32"))
+  assert abs(fp32_logits_loss - loss) > 20 * 2e-6 * abs(loss)
+  grads = jax.jit(jax.grad(ours, argnums=(0, 1)), static_argnums=2)(weights, hidden, "bfloat16")
+  for grad, reference in zip(grads, (d_weight, d_hidden)):
+    relative_rms = np.sqrt(np.mean((np.asarray(grad, np.float64) - reference) ** 2) / np.mean(reference**2))
+    assert relative_rms < 5e-3
+
+
+def test_an_unknown_logits_dtype_is_refused():
+  with pytest.raises(ValueError, match="logits_dtype 'float16' is not one of \\('float32', 'bfloat16'\\)"):
+    losses.masked_cross_entropy_sums(
+      _LinearHead(jnp.ones((2, 3))), jnp.ones((1, 4, 2)), jnp.zeros((1, 4), int), jnp.ones((1, 4)), None, "float16"
+    )

@@ -98,6 +98,12 @@ def test_bad_memory_limit_is_refused_before_compiling(tmp_path):
     _train(str(tmp_path / "run"), "trainer.train.device_memory_limit_gib = -1")
 
 
+def test_an_unknown_loss_logits_dtype_is_refused_before_compiling(tmp_path):
+  with pytest.raises(ValueError, match="loss_logits_dtype 'float16' is not one of float32, bfloat16"):
+    _train(str(tmp_path / "run"), "trainer.train.loss_logits_dtype = 'float16'")
+  assert not os.path.exists(os.path.join(str(tmp_path / "run"), "metrics.jsonl"))
+
+
 # --- milestones, storage, saves ------------------------------------------------------------------------------------
 
 
