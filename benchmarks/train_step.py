@@ -62,7 +62,7 @@ import profile_kernels  # noqa: E402  (benchmarks/profile_kernels.py: trace → 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS_PATH = ",".join(
   os.path.join(REPO_ROOT, "benchmarks", "peers", name)
-  for name in ("torch_models_h200.json", "torch_models_h200_retnet.json")
+  for name in ("torch_models_h200.json", "torch_models_h200_retnet.json", "torch_models_h200_retnet_run_ahead.json")
 )
 # "tiny": a CPU-sized shape with 128-wide heads, for checking that the script runs.
 PROFILE_TOP = 30  # kernels listed per profiled row
