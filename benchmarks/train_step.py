@@ -37,6 +37,7 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import inspect
 import json
 import os
 import platform
@@ -205,7 +206,9 @@ def gin_spec(gin_files, bindings) -> dict:
     train_steps=bound.get("train_steps", 1000),
     per_shard_microbatch_size=bound.get("per_shard_microbatch_size"),
     loss_chunk_length=bound.get("loss_chunk_length"),
-    loss_logits_dtype=bound.get("loss_logits_dtype", "float32"),
+    loss_logits_dtype=bound.get(
+      "loss_logits_dtype", inspect.signature(trainer.train).parameters["loss_logits_dtype"].default
+    ),
     optimizer=bound.get("optimizer", optim.OptimizerConfig()),
   )
 
