@@ -63,7 +63,7 @@ import profile_kernels  # noqa: E402  (benchmarks/profile_kernels.py: trace → 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS_PATH = ",".join(
   os.path.join(REPO_ROOT, "benchmarks", "peers", name)
-  for name in ("torch_models_h200.json", "torch_models_h200_retnet.json", "torch_models_h200_retnet_run_ahead.json")
+  for name in ("torch_models_h200.json", "torch_models_h200_retnet.json")
 )
 # "tiny": a CPU-sized shape with 128-wide heads, for checking that the script runs.
 PROFILE_TOP = 30  # kernels listed per profiled row
@@ -129,7 +129,7 @@ def synthetic_batch(program: trainer.TrainProgram, seed: int, mean_document: int
 
 
 LOSS_CHUNK_LENGTH = 1024  # positions per loss chunk, as gin/runs/pretrain.gin trains
-LOSS_LOGITS_DTYPE = "bfloat16"  # the training loss's logits, as gin/runs/pretrain.gin trains
+LOSS_LOGITS_DTYPE = "float32"  # the training loss's logits, as gin/runs/pretrain.gin trains
 
 
 def peak_memory_bytes(devices) -> int | None:

@@ -216,6 +216,7 @@ def test_train_step_rows_take_and_state_gpu_kernel_overrides(tmp_path):
     "unroll_layers": True,
     "fused_mlp": True,
     "linear_attention_gpu_overrides": dict(spec["model_config"].linear_attention_gpu_overrides),
+    "loss_logits_dtype": spec["loss_logits_dtype"],
     "compile_s": 1.0,
     "step_s": 0.5,
     "tokens_per_s": 2048.0,
@@ -225,7 +226,7 @@ def test_train_step_rows_take_and_state_gpu_kernel_overrides(tmp_path):
   header = {"device": "1 × cpu", "date": "2026-12-04T00:00:00+00:00", "versions": "jax", "commands": ["x"]}
   train_step.write_markdown(str(tmp_path / "t.md"), header, [row], {}, "")
   assert (
-    "| none, stacked layers unrolled, fused mlp, float32 logits, kernels: fused_forward_states=true "
+    "| none, stacked layers unrolled, fused mlp, bfloat16 logits, kernels: fused_forward_states=true "
     "packed_operands=true |" in (tmp_path / "t.md").read_text()
   )
   with pytest.raises(ValueError, match="unknown GpuKernelConfig knob 'packed'"):
