@@ -78,8 +78,10 @@ def model_config(
   unroll_layers: bool = False,
   gpu_overrides=(),
   fused_mlp: bool | None = None,
+  norm_backend: str | None = None,
 ) -> configs.ModelConfig:
-  """The model file's configuration of (arch, size) with these settings; fused_mlp None keeps the file's."""
+  """The model file's configuration of (arch, size) with these settings; fused_mlp and norm_backend None keep
+  the file's."""
   settings = dict(
     remat_policy=remat_policy,
     scan_layers=scan_layers,
@@ -88,6 +90,8 @@ def model_config(
   )
   if fused_mlp is not None:
     settings["fused_mlp"] = fused_mlp
+  if norm_backend is not None:
+    settings["norm_backend"] = norm_backend
   if size == "tiny":
     # The family's gin settings (a hybrid's layer pattern) at the tiny shape; hybrids get the four layers their
     # pattern needs to hold a softmax layer.
@@ -130,6 +134,7 @@ def synthetic_batch(program: trainer.TrainProgram, seed: int, mean_document: int
 
 LOSS_CHUNK_LENGTH = 1024  # positions per loss chunk, as gin/runs/pretrain.gin trains
 LOSS_LOGITS_DTYPE = "float32"  # the training loss's logits, as gin/runs/pretrain.gin trains
+GPU_NORM_BACKEND = "pallas_gpu"  # what ModelConfig.norm_backend "auto" runs on a GPU
 
 
 def peak_memory_bytes(devices) -> int | None:
@@ -146,6 +151,9 @@ def _layers_label(row) -> str:
     label = ", stacked layers unrolled"
   if row.get("fused_mlp"):
     label += ", fused mlp"
+  norm_backend = row.get("norm_backend", "xla")  # rows without one were measured with XLA's norms
+  if row.get("arch") != "llama" and norm_backend != GPU_NORM_BACKEND:
+    label += f", {norm_backend} norms"
   if row.get("loss_chunk_length") not in (None, LOSS_CHUNK_LENGTH):
     label += f", loss chunks of {row['loss_chunk_length']}"
   logits_dtype = row.get("loss_logits_dtype", "float32")  # rows without one were measured with fp32 logits
@@ -172,6 +180,7 @@ def cli_spec(arch, size, seq_len, args, mesh) -> dict:
       args.unroll_stacked_layers,
       gpu.parse_overrides(filter(None, args.gpu_overrides.split(","))),
       args.fused_mlp,
+      args.norm_backend,
     ),
     mesh=mesh,
     seq_len=seq_len,
@@ -240,6 +249,7 @@ def compile_spec(spec: dict) -> tuple[trainer.TrainProgram, jax.stages.Compiled,
     "scan_layers": config.scan_layers,
     "unroll_layers": config.unroll_layers,
     "fused_mlp": config.fused_mlp,
+    "norm_backend": program.model_config.norm_backend,
     "linear_attention_backend": program.model_config.linear_attention_backend,
     "linear_attention_gpu_overrides": dict(config.linear_attention_gpu_overrides),
     "attention_impl": program.model_config.attention_impl,
@@ -499,6 +509,12 @@ def main(argv=None) -> list[dict]:
     action=argparse.BooleanOptionalAction,
     default=None,
     help="the GLU's up and gate projections as one matmul or not (ModelConfig.fused_mlp); default: the model file's",
+  )
+  parser.add_argument(
+    "--norm_backend",
+    choices=configs.NORM_BACKENDS,
+    default=None,
+    help="the linear architectures' residual RMS norms (ModelConfig.norm_backend); default: the model file's",
   )
   parser.add_argument(
     "--profile_steps",

@@ -19,6 +19,7 @@ from lsm_jax.models import build_model, get_config
 from pallas_kernels.attention import flash
 from pallas_kernels.linear_attention import gpu, tpu
 from pallas_kernels.linear_attention.gpu.forward import FUSED_FORWARD_STATES
+from pallas_kernels.rms_norm import gpu as rms_norm_gpu
 
 BATCH, TIME, HEADS = 1, 100, 2  # T not a multiple of the chunk: the padded path
 
@@ -27,7 +28,7 @@ BATCH, TIME, HEADS = 1, 100, 2  # T not a multiple of the chunk: the padded path
 def lowering_for_the_gpu(monkeypatch):
   """The kernels' interpret-mode switch turned off, as on a GPU."""
   modules = [importlib.import_module(f"{gpu.__name__}.{info.name}") for info in pkgutil.iter_modules(gpu.__path__)]
-  for module in [*modules, flash]:
+  for module in [*modules, flash, rms_norm_gpu]:
     if hasattr(module, "interpret_mode"):
       monkeypatch.setattr(module, "interpret_mode", lambda: False)
 
@@ -38,7 +39,7 @@ def lowered_kernel_names(fn, *args, platform="cuda"):
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
   if platform == "cuda":
     assert "__gpu$xla.gpu.triton" in text
-    return set(re.findall(r"linear_attention_[a-z_]+|flash_attention_[a-z_]+", text))
+    return set(re.findall(r"linear_attention_[a-z_]+|flash_attention_[a-z_]+|rms_norm_(?:forward|backward)", text))
   return set(re.findall(r'kernel_name = "([A-Za-z_]+)"', text))
 
 
@@ -187,3 +188,22 @@ def test_models_lower_with_their_gpu_kernels(lowering_for_the_gpu, arch, remat_p
   names = lowered_kernel_names(jax.grad(loss), params, tokens, tokens)
   kernel = "flash_attention_forward" if arch == "llama" else "linear_attention_grad_qk"
   assert config.linear_attention_backend == "pallas_gpu" and kernel in names, names
+  # LLaMA's norms have a gain and stay XLA's; the others' run the fused kernels both ways.
+  norms = {"rms_norm_forward", "rms_norm_backward"}
+  assert norms.isdisjoint(names) if arch == "llama" else norms <= names, names
+
+
+@pytest.mark.parametrize("width", [1536, 256])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_rms_norm_lowers_to_triton(lowering_for_the_gpu, width, with_delta):
+  """Both kernels, with a row wider than a power of two (1536: loaded as 2048, masked) and one that is."""
+  x = spec(3, 8, width)
+
+  def loss(x, delta):
+    s, y = rms_norm_gpu.residual_rms_norm_gpu(x, delta, eps=1e-6)
+    return jnp.sum(s.astype(jnp.float32)) + jnp.sum(y.astype(jnp.float32))
+
+  names = lowered_kernel_names(
+    jax.value_and_grad(loss, argnums=(0, 1) if with_delta else 0), x, x if with_delta else None
+  )
+  assert names == {"rms_norm_forward", "rms_norm_backward"}, names

@@ -64,19 +64,24 @@ def test_gpu_kernel_overrides_from_a_gin_mapping_survive_json_and_stay_hashable(
 
 
 @pytest.mark.parametrize(
-  "platform, dtype, backend, attention",
+  "platform, dtype, backend, attention, norm",
   [
-    ("tpu", "bfloat16", "pallas_tpu", "splash"),
-    ("gpu", "bfloat16", "pallas_gpu", "pallas_gpu"),
-    ("gpu", "float32", "pallas_gpu", "xla"),
-    ("cpu", "bfloat16", "xla", "xla"),
+    ("tpu", "bfloat16", "pallas_tpu", "splash", "xla"),
+    ("gpu", "bfloat16", "pallas_gpu", "pallas_gpu", "pallas_gpu"),
+    ("gpu", "float32", "pallas_gpu", "xla", "pallas_gpu"),
+    ("cpu", "bfloat16", "xla", "xla", "xla"),
   ],
 )
-def test_resolved_for_fixes_the_auto_kernel_choices_of_the_platform(platform, dtype, backend, attention):
+def test_resolved_for_fixes_the_auto_kernel_choices_of_the_platform(platform, dtype, backend, attention, norm):
   config = configs.get_config("tnl", "70m", dtype=dtype)
   resolved = config.resolved_for(platform)
-  assert (resolved.linear_attention_backend, resolved.attention_impl) == (backend, attention)
-  assert dataclasses.replace(resolved, linear_attention_backend="auto", attention_impl="auto") == config
+  assert (resolved.linear_attention_backend, resolved.attention_impl, resolved.norm_backend) == (
+    backend,
+    attention,
+    norm,
+  )
+  auto = dict(linear_attention_backend="auto", attention_impl="auto", norm_backend="auto")
+  assert dataclasses.replace(resolved, **auto) == config
   # Explicit choices stay, whatever the platform.
   assert resolved.resolved_for("cpu") == resolved
 
@@ -94,6 +99,7 @@ def test_resolved_for_fixes_the_auto_kernel_choices_of_the_platform(platform, dt
       "Unknown linear_attention_backend 'cuda'; valid: auto, reference, xla",
     ),
     (lambda: configs.get_config("llama", "1b", attention_impl="flash"), "Unknown attention_impl 'flash'"),
+    (lambda: configs.get_config("tnl", "1b", norm_backend="triton"), "Unknown norm_backend 'triton'; valid: auto"),
     (lambda: configs.get_config("tnl", "1b", d_model=1000), r"num_heads \* head_dim == d_model"),
     (lambda: configs.get_config("tnl", "1b", num_layers=0), "num_layers must be a positive int"),
     (lambda: configs.get_config("tnl", "1b", chunk_size=-4), "chunk_size must be None or a positive int"),

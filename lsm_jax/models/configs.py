@@ -23,6 +23,7 @@ from gin import config_parser
 
 from lsm_jax import layer_pattern as layer_pattern_lib
 from lsm_jax import train as train_cli
+from pallas_kernels import rms_norm
 from pallas_kernels.linear_attention import api as linear_attention_api
 
 # The four architectures of the paper; the hybrid families (linear layers interleaved with softmax ones,
@@ -33,6 +34,9 @@ ALL_ARCHS = ARCHS + HYBRID_ARCHS
 SIZES = ("70m", "160m", "410m", "1b", "3b", "7b")
 DTYPES = ("float32", "bfloat16", "float16")
 LINEAR_ATTENTION_BACKENDS = linear_attention_api.BACKENDS
+# The gain-free RMS norms of the linear architectures, residual add fused: "auto" is the Pallas GPU kernel on GPU
+# (one pass over the rows each way), XLA elsewhere. LLaMA's norms (with a gain) are always XLA's.
+NORM_BACKENDS = rms_norm.BACKENDS
 # "none": keep every activation; "full": recompute the whole layer in the backward pass; the dots policies are
 # jax.checkpoint_policies of the same name (save matmul outputs, recompute the cheap elementwise work), the
 # mixer-kernel ones also keep the token mixers' fused-kernel outputs: HGRN2's GPU per-chunk states recomputed
@@ -79,6 +83,7 @@ class ModelConfig:
   # The GLU's up and gate projections as one matmul of their weights stacked at use (layers.GatedMLP; parameters
   # and checkpoints unchanged).
   fused_mlp: bool = False
+  norm_backend: str = "auto"  # NORM_BACKENDS
   remat_policy: str = "none"  # REMAT_POLICIES; where "none" does not fit, dots_and_mixer_kernels_saveable
   # is the fastest on the H200 (docs/performance.md)
   attention_impl: str = "auto"  # softmax layers only
@@ -104,6 +109,7 @@ class ModelConfig:
     _check_choice("dtype", self.dtype, DTYPES)
     _check_choice("param_dtype", self.param_dtype, DTYPES)
     _check_choice("linear_attention_backend", self.linear_attention_backend, LINEAR_ATTENTION_BACKENDS)
+    _check_choice("norm_backend", self.norm_backend, NORM_BACKENDS)
     _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
     _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
     if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size <= 0):
@@ -153,6 +159,7 @@ class ModelConfig:
       self,
       attention_impl=attention_impl,
       linear_attention_backend=linear_attention_api.resolve_backend(self.linear_attention_backend, platform),
+      norm_backend=rms_norm.resolve_backend(self.norm_backend, platform),
     )
 
   def to_json(self) -> str:

@@ -9,12 +9,14 @@ shardings derived from `nnx.get_partition_spec` under the logical-axis rules of 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import linen, nnx
 
+from pallas_kernels import rms_norm
 from pallas_kernels.linear_attention import api as linear_attention_api
 from pallas_kernels.linear_attention import common, sequence_parallel
 
@@ -59,11 +61,16 @@ def simple_rms_norm(x, eps: float):
 class SRMSNorm(nnx.Module):
   """Parameter-free RMS norm of the linear models (TNL, HGRN2, cosFormer2)."""
 
-  def __init__(self, eps: float):
+  def __init__(self, eps: float, backend: str = "auto"):
     self.eps = eps
+    self.backend = backend
 
   def __call__(self, x):
     return simple_rms_norm(x, self.eps)
+
+  def residual(self, x, delta=None):
+    """(s, norm(s)) of the residual stream s = x + delta (x without delta), by the fused kernel of `backend`."""
+    return sharded_residual_rms_norm(x, delta, eps=self.eps, backend=self.backend)
 
 
 class RMSNorm(nnx.Module):
@@ -75,6 +82,11 @@ class RMSNorm(nnx.Module):
 
   def __call__(self, x):
     return simple_rms_norm(x, self.eps) * self.scale[...].astype(x.dtype)
+
+  def residual(self, x, delta=None):
+    """(s, norm(s)) of the residual stream s = x + delta (x without delta)."""
+    s = x if delta is None else x + delta
+    return s, self(s)
 
 
 class GatedMLP(nnx.Module):
@@ -176,6 +188,26 @@ class KernelShards:
     """fn under a shard_map with these specs; check_vma off: pallas_call has no replication rule, the specs
     state the layout exactly."""
     return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def sharded_residual_rms_norm(x, delta=None, *, eps, backend="auto"):
+  """`pallas_kernels.rms_norm.residual_rms_norm` of [B, T, d] activations under the active mesh: the Pallas GPU
+  kernel runs per shard of batch and length (the norm is independent across tokens); with the channels split
+  over a mesh axis (tensor parallelism) the row statistics need a collective, so XLA's form runs instead."""
+  backend = rms_norm.resolve_backend(backend)
+  call = functools.partial(rms_norm.residual_rms_norm, eps=eps, backend=backend)
+  mesh = jax.sharding.get_abstract_mesh()
+  if backend == "xla" or mesh.empty or mesh.size == 1:
+    return call(x, delta)
+  shards = KernelShards(jax.ShapeDtypeStruct((*x.shape[:2], 1, x.shape[-1]), x.dtype))
+  (embed_axes,) = linen.logical_to_mesh_axes(("activation_embed",))
+  embed_axes = (embed_axes,) if isinstance(embed_axes, str) else tuple(embed_axes or ())
+  if any(mesh.shape.get(axis, 1) > 1 for axis in embed_axes):
+    return rms_norm.residual_rms_norm(x, delta, eps=eps, backend="xla")
+  spec = jax.sharding.PartitionSpec(shards.batch, shards.length, None)
+  if delta is None:
+    return shards.per_shard(call, (spec,), (spec, spec))(x)
+  return shards.per_shard(call, (spec, spec), (spec, spec))(x, delta)
 
 
 def sharded_linear_attention(

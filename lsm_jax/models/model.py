@@ -86,7 +86,7 @@ _REMAT_POLICIES = {
 def _norm(config: ModelConfig, *, rngs: nnx.Rngs):
   if ARCHITECTURES[config.arch].norm_gain:
     return layers.RMSNorm(config.d_model, config.norm_eps, param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
-  return layers.SRMSNorm(config.norm_eps)
+  return layers.SRMSNorm(config.norm_eps, config.norm_backend)
 
 
 class Block(nnx.Module):
@@ -107,21 +107,24 @@ class Block(nnx.Module):
       fused=config.fused_mlp,
     )
 
-  def _channel_mix(self, x):
-    x = x + self.mlp(self.mlp_norm(x), jnp.dtype(self.config.dtype))
+  # The norms take the residual stream and hand it back (norm.residual): the fused kernels add the mixer's output
+  # into the stream as they normalize it, and add the stream's cotangent to the norm's in one backward pass.
+  def _channel_mix(self, x, mixed):
+    x, normed = self.mlp_norm.residual(x, mixed)
+    x = x + self.mlp(normed, jnp.dtype(self.config.dtype))
     return layers.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
   def __call__(self, x, *, segment_ids, positions, layer_inputs, max_length=None):
+    x, normed = self.mixer_norm.residual(x)
     mixed, cache = self.mixer(
-      self.mixer_norm(x), segment_ids=segment_ids, positions=positions, layer_inputs=layer_inputs, max_length=max_length
+      normed, segment_ids=segment_ids, positions=positions, layer_inputs=layer_inputs, max_length=max_length
     )
-    return self._channel_mix(x + mixed), cache
+    return self._channel_mix(x, mixed), cache
 
   def decode(self, x, cache, *, positions, layer_inputs, context):
-    mixed, cache = self.mixer.decode(
-      self.mixer_norm(x), cache, positions=positions, layer_inputs=layer_inputs, context=context
-    )
-    return self._channel_mix(x + mixed), cache
+    x, normed = self.mixer_norm.residual(x)
+    mixed, cache = self.mixer.decode(normed, cache, positions=positions, layer_inputs=layer_inputs, context=context)
+    return self._channel_mix(x, mixed), cache
 
 
 @jax.custom_vjp

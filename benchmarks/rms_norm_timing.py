@@ -1,0 +1,171 @@
+"""Times the residual RMS norm (pallas_kernels.rms_norm) on a GPU: XLA's form against the Pallas kernels over a
+grid of rows-per-program and warps, forward and forward+backward, and names the fastest configuration per width
+(the tuned table of pallas_kernels/rms_norm/gpu.py).
+
+What is timed is the norm alone, as a model's pre-norm calls it: s = x + delta, y = norm(s), and the backward of
+both outputs. Inside a model XLA fuses the add into neighbouring passes differently; benchmarks/train_step.py
+measures the whole training step with each backend (--norm_backend).
+
+  python3 benchmarks/rms_norm_timing.py --widths 1024,1536,2048,4096
+"""
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+_STARTED = time.monotonic()
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import measurement  # noqa: E402
+from pallas_kernels import rms_norm  # noqa: E402
+
+GRID_ROWS = (1, 2, 4)
+GRID_WARPS = (4, 8)
+
+
+def time_fn(fn, args, reps, calls):
+  """Median ms per call: compiled ahead, two warm-up calls, reps × (calls back-to-back, block_until_ready)."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  jax.block_until_ready(compiled(*args))
+  jax.block_until_ready(compiled(*args))
+  samples = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    for _ in range(calls):
+      out = compiled(*args)
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - start) / calls * 1e3)
+  return statistics.median(samples)
+
+
+def norm_fns(backend, config):
+  def forward(x, delta):
+    return rms_norm.residual_rms_norm(x, delta, eps=1e-6, backend=backend, config=config)
+
+  def forward_backward(x, delta, ds, dy):
+    outputs, vjp = jax.vjp(forward, x, delta)
+    return outputs, vjp((ds, dy))
+
+  return forward, forward_backward
+
+
+def measure_width(rows, width, reps, calls):
+  keys = jax.random.split(jax.random.key(0), 4)
+  x, delta, ds, dy = (jax.random.normal(k, (rows, width), jnp.float32).astype(jnp.bfloat16) for k in keys)
+  element_bytes = rows * width * 2
+  # Least traffic: forward reads x, delta and writes s, y; backward reads s, dy, ds and writes the gradient.
+  traffic = {"fwd": 4 * element_bytes, "bwd": 4 * element_bytes}
+  result = {"rows": rows, "width": width, "variants": []}
+
+  def entry(name, config, fwd_ms, fwd_bwd_ms):
+    return {
+      "variant": name,
+      "config": config,
+      "fwd_ms": fwd_ms,
+      "fwd_bwd_ms": fwd_bwd_ms,
+      "fwd_gb_s": traffic["fwd"] / fwd_ms / 1e6,
+      "fwd_bwd_gb_s": (traffic["fwd"] + traffic["bwd"]) / fwd_bwd_ms / 1e6,
+    }
+
+  forward, forward_backward = norm_fns("xla", None)
+  result["variants"].append(
+    entry(
+      "xla", None, time_fn(forward, (x, delta), reps, calls), time_fn(forward_backward, (x, delta, ds, dy), reps, calls)
+    )
+  )
+  fwd_times = {}
+  for block_rows, warps in itertools.product(GRID_ROWS, GRID_WARPS):
+    config = rms_norm.NormConfig(block_rows=block_rows, num_warps=warps)
+    fwd_times[(block_rows, warps)] = time_fn(norm_fns("pallas_gpu", config)[0], (x, delta), reps, calls)
+  best_rows, best_warps = min(fwd_times, key=fwd_times.get)
+  for block_rows, warps in itertools.product(GRID_ROWS, GRID_WARPS):
+    config = rms_norm.NormConfig(
+      block_rows=best_rows, num_warps=best_warps, block_rows_backward=block_rows, num_warps_backward=warps
+    )
+    fwd_bwd = time_fn(norm_fns("pallas_gpu", config)[1], (x, delta, ds, dy), reps, calls)
+    fields = {"block_rows": best_rows, "num_warps": best_warps}
+    fields |= {"block_rows_backward": block_rows, "num_warps_backward": warps}
+    result["variants"].append(entry("pallas_gpu", fields, fwd_times[(best_rows, best_warps)], fwd_bwd))
+  result["forward_grid_ms"] = {f"{r}x{w}": ms for (r, w), ms in fwd_times.items()}
+  best = min((v for v in result["variants"] if v["variant"] == "pallas_gpu"), key=lambda v: v["fwd_bwd_ms"])
+  result["best_config"] = best["config"]
+  result["xla_over_best"] = result["variants"][0]["fwd_bwd_ms"] / best["fwd_bwd_ms"]
+  return result
+
+
+def write_markdown(path, record):
+  lines = [
+    f"# Residual RMS norm on {record['device']}",
+    "",
+    f"Date: {record['date']}, commit {record['commit']}, jax {record['jax_version']}. Command: `{record['command']}`.",
+    "",
+    "bf16 rows; s = x + delta, y = s / rms(s) and the backward of both. ms: median per call. GB/s: the least "
+    "traffic (forward: x, delta read, s, y written; backward: s, dy, ds read, the gradient written) over the time. "
+    "Configs: forward rows×warps (the fastest forward), then the backward's rows×warps.",
+    "",
+    "| rows × width | variant | config | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for result in record["results"]:
+    for v in result["variants"]:
+      config = v["config"]
+      label = (
+        "—"
+        if config is None
+        else f"{config['block_rows']}×{config['num_warps']}, bwd {config['block_rows_backward']}×"
+        f"{config['num_warps_backward']}"
+      )
+      lines.append(
+        f"| {result['rows']} × {result['width']} | {v['variant']} | {label} | {v['fwd_ms']:.3f} | "
+        f"{v['fwd_gb_s']:.0f} | {v['fwd_bwd_ms']:.3f} | {v['fwd_bwd_gb_s']:.0f} |"
+      )
+  lines += ["", "| width | fastest Pallas config | XLA fwd+bwd / Pallas fwd+bwd |", "|---|---|---|"]
+  for result in record["results"]:
+    lines.append(f"| {result['width']} | {result['best_config']} | {result['xla_over_best']:.2f} |")
+  with open(path, "w") as handle:
+    handle.write("\n".join(lines) + "\n")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+  parser.add_argument("--name", default="rms_norm_h200")
+  parser.add_argument("--rows", type=int, default=32768, help="tokens per call (batch × length)")
+  parser.add_argument("--widths", default="1024,1536,2048,4096")
+  parser.add_argument("--reps", type=int, default=5)
+  parser.add_argument("--calls", type=int, default=20)
+  args = parser.parse_args()
+  if jax.default_backend() != "gpu":
+    raise SystemExit("rms_norm_timing.py times GPU kernels: run it on a GPU host.")
+  widths = [int(w) for w in args.widths.split(",") if w]
+  record = {
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "commit": measurement.current_commit(),
+    "device": jax.devices()[0].device_kind,
+    "jax_version": jax.__version__,
+    "python": platform.python_version(),
+    "command": "python3 benchmarks/rms_norm_timing.py " + " ".join(sys.argv[1:]),
+    "results": [],
+  }
+  os.makedirs(args.out_dir, exist_ok=True)
+  for width in widths:
+    result = measure_width(args.rows, width, args.reps, args.calls)
+    measurement.log(json.dumps({k: result[k] for k in ("width", "best_config", "xla_over_best")}))
+    record["results"].append(result)
+    with open(os.path.join(args.out_dir, f"{args.name}.json"), "w") as handle:
+      json.dump(record, handle, indent=1)
+    write_markdown(os.path.join(args.out_dir, f"{args.name}.md"), record)
+  measurement.log("done at %.0f s" % (time.monotonic() - _STARTED))
+
+
+if __name__ == "__main__":
+  main()

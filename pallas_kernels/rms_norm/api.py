@@ -1,0 +1,35 @@
+"""Backend choice for the residual RMS norm."""
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.rms_norm.gpu import residual_rms_norm_gpu
+
+BACKENDS = ("auto", "xla", "pallas_gpu")
+
+
+def resolve_backend(backend: str, platform: str | None = None) -> str:
+  """Maps "auto" to the faster backend for `platform` ("tpu", "gpu", "cpu"; None: the default device's)."""
+  if backend not in BACKENDS:
+    raise ValueError(f"Unknown rms-norm backend {backend!r}; valid: {', '.join(BACKENDS)}.")
+  if backend != "auto":
+    return backend
+  return "pallas_gpu" if (platform or jax.default_backend()) == "gpu" else "xla"
+
+
+def residual_rms_norm_xla(x, delta=None, *, eps):
+  s = x if delta is None else x + delta
+  s32 = s.astype(jnp.float32)
+  return s, (s32 * jax.lax.rsqrt(jnp.mean(s32 * s32, axis=-1, keepdims=True) + eps)).astype(s.dtype)
+
+
+def residual_rms_norm(x, delta=None, *, eps: float, backend: str = "auto", config=None):
+  """(s, y): the residual stream s = x + delta (x when delta is None) and y = s / sqrt(mean(s²) + eps) over the
+  last axis (no gain: OpenNLPLab's SimpleRMSNorm), both in x's dtype.
+
+  Returning s lets a pre-norm block carry the stream through the norm: the fused backward adds the stream's own
+  cotangent to the norm's in the same pass. `config`: a gpu.NormConfig for "pallas_gpu" (None: tuned default)."""
+  backend = resolve_backend(backend)
+  if backend == "pallas_gpu":
+    return residual_rms_norm_gpu(x, delta, eps=eps, config=config)
+  return residual_rms_norm_xla(x, delta, eps=eps)

@@ -1,0 +1,190 @@
+"""Residual RMS norm as Pallas GPU (Triton) kernels: one pass over the rows forward and one backward.
+
+Forward: s = x + delta (rounded to x's dtype, as the unfused add stores it), r = rsqrt(mean(s²) + eps) in fp32,
+y = s·r. Backward, with ŷ = s·r: ds = r·(dy − ŷ·mean(dy·ŷ)) + ds_out, the stream's own cotangent added in the
+same pass, so the residual add's gradient costs no extra read. XLA runs each of these as two passes (a row
+reduction, then an elementwise pass reading the rows again); a row of a few thousand channels fits one program.
+
+Rows wider than a power of two are loaded as the next power of two with the tail masked (Triton's tensors are
+powers of two). Off the GPU the kernels run in Pallas interpret mode (tests on CPU).
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+MAX_WIDTH = 16384  # one row per program in registers; wider rows would spill
+
+
+def _power_of_two(value):
+  return isinstance(value, int) and not isinstance(value, bool) and value > 0 and value & (value - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class NormConfig:
+  """Rows per program and warps of the forward and backward kernels (powers of two)."""
+
+  block_rows: int = 1
+  num_warps: int = 4
+  block_rows_backward: int = 1
+  num_warps_backward: int = 8
+
+  def __post_init__(self):
+    for name in ("block_rows", "block_rows_backward"):
+      value = getattr(self, name)
+      if not _power_of_two(value) or value > 64:
+        raise ValueError(f"NormConfig.{name} must be a power of two <= 64; got {value!r}.")
+    for name in ("num_warps", "num_warps_backward"):
+      value = getattr(self, name)
+      if not _power_of_two(value) or value > 16:
+        raise ValueError(f"NormConfig.{name} must be 1, 2, 4, 8 or 16; got {value!r}.")
+
+
+# Tuned on an H200 (benchmarks/results/rms_norm_h200.md): width -> config; the nearest width at or above applies.
+_TUNED = {
+  16384: NormConfig(),
+}
+
+
+def default_config(width: int) -> NormConfig:
+  for tuned_width in sorted(_TUNED):
+    if width <= tuned_width:
+      return _TUNED[tuned_width]
+  return _TUNED[max(_TUNED)]
+
+
+def interpret_mode():
+  return jax.default_backend() != "gpu"
+
+
+def _row_mask(width, padded):
+  return (jnp.arange(padded) < width)[None, :]
+
+
+def _load(ref, mask):
+  return pltriton.load(ref, mask=mask, other=0).astype(jnp.float32)
+
+
+def _forward_kernel(*refs, width, eps, has_delta):
+  if has_delta:
+    x_ref, delta_ref, y_ref, r_ref, s_ref = refs
+  else:
+    (x_ref, y_ref, r_ref), delta_ref, s_ref = refs, None, None
+  mask = _row_mask(width, x_ref.shape[-1])
+  s = _load(x_ref, mask)
+  if has_delta:
+    s = (s + _load(delta_ref, mask)).astype(s_ref.dtype)
+    pltriton.store(s_ref, s, mask=mask)
+    s = s.astype(jnp.float32)
+  r = jax.lax.rsqrt(jnp.sum(s * s, axis=-1) / width + eps)
+  pltriton.store(y_ref, (s * r[:, None]).astype(y_ref.dtype), mask=mask)
+  r_ref[...] = r
+
+
+def _backward_kernel(s_ref, r_ref, dy_ref, ds_out_ref, ds_ref, *, width):
+  mask = _row_mask(width, s_ref.shape[-1])
+  r = r_ref[...]
+  normed = _load(s_ref, mask) * r[:, None]
+  dy = _load(dy_ref, mask)
+  mean_dy_normed = jnp.sum(dy * normed, axis=-1) / width
+  ds = r[:, None] * (dy - normed * mean_dy_normed[:, None]) + _load(ds_out_ref, mask)
+  pltriton.store(ds_ref, ds.astype(ds_ref.dtype), mask=mask)
+
+
+def _rows_dividing(n, rows):
+  """The largest power of two <= rows that divides n: the row blocks never overhang (only columns are masked)."""
+  while n % rows:
+    rows //= 2
+  return rows
+
+
+def _row_specs(rows, padded):
+  return pl.BlockSpec((rows, padded), lambda i: (i, 0)), pl.BlockSpec((rows,), lambda i: (i,))
+
+
+def _forward(x, delta, eps, config):
+  """(s, y, r) of 2-D rows; s is x itself without delta."""
+  n, width = x.shape
+  rows, padded = _rows_dividing(n, config.block_rows), pl.next_power_of_2(width)
+  row, stat = _row_specs(rows, padded)
+  has_delta = delta is not None
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((n,), jnp.float32)]
+  out_specs = [row, stat]
+  if has_delta:
+    out_shape.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
+    out_specs.append(row)
+  outputs = pl.pallas_call(
+    functools.partial(_forward_kernel, width=width, eps=eps, has_delta=has_delta),
+    grid=(pl.cdiv(n, rows),),
+    in_specs=[row, row] if has_delta else [row],
+    out_specs=out_specs,
+    out_shape=out_shape,
+    compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=1),
+    interpret=interpret_mode(),
+    name="rms_norm_forward",
+  )(*((x, delta) if has_delta else (x,)))
+  y, r = outputs[:2]
+  return (outputs[2] if has_delta else x), y, r
+
+
+def _backward(s, r, dy, ds_out, config):
+  n, width = s.shape
+  rows, padded = _rows_dividing(n, config.block_rows_backward), pl.next_power_of_2(width)
+  row, stat = _row_specs(rows, padded)
+  return pl.pallas_call(
+    functools.partial(_backward_kernel, width=width),
+    grid=(pl.cdiv(n, rows),),
+    in_specs=[row, stat, row, row],
+    out_specs=row,
+    out_shape=jax.ShapeDtypeStruct(s.shape, s.dtype),
+    compiler_params=pltriton.CompilerParams(num_warps=config.num_warps_backward, num_stages=1),
+    interpret=interpret_mode(),
+    name="rms_norm_backward",
+  )(s, r, dy, ds_out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _residual_rms_norm_rows(x, delta, eps, config):
+  s, y, _ = _forward(x, delta, eps, config)
+  return s, y
+
+
+def _residual_rms_norm_rows_fwd(x, delta, eps, config):
+  s, y, r = _forward(x, delta, eps, config)
+  return (s, y), (s, r, delta is not None)
+
+
+def _residual_rms_norm_rows_bwd(eps, config, residuals, cotangents):
+  del eps
+  s, r, has_delta = residuals
+  ds_out, dy = cotangents
+  ds = _backward(s, r, dy.astype(s.dtype), ds_out.astype(s.dtype), config)
+  return ds, (ds if has_delta else None)
+
+
+_residual_rms_norm_rows.defvjp(_residual_rms_norm_rows_fwd, _residual_rms_norm_rows_bwd)
+
+
+def residual_rms_norm_gpu(x, delta=None, *, eps, config=None):
+  """(s, y): the stream s = x + delta (x without delta) and its RMS norm y = s / sqrt(mean(s²) + eps) over the
+  last axis, both in x's dtype, by the Pallas GPU kernels. x [..., width], delta x's shape and dtype or None."""
+  if x.dtype not in DTYPES:
+    raise TypeError(f"pallas_gpu rms norm: x has dtype {x.dtype}; valid: float32, bfloat16, float16.")
+  if delta is not None and (delta.shape != x.shape or delta.dtype != x.dtype):
+    raise ValueError(
+      f"pallas_gpu rms norm: delta must match x's shape and dtype {x.shape} {x.dtype}; got {delta.shape} {delta.dtype}."
+    )
+  width = x.shape[-1]
+  if width > MAX_WIDTH:
+    raise ValueError(
+      f"pallas_gpu rms norm: rows of {width} channels; valid: at most {MAX_WIDTH} (backend='xla' takes any)."
+    )
+  config = default_config(width) if config is None else config
+  rows = x.reshape(-1, width)
+  s, y = _residual_rms_norm_rows(rows, None if delta is None else delta.reshape(-1, width), float(eps), config)
+  return s.reshape(x.shape), y.reshape(x.shape)
