@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
 import measurement  # noqa: E402
+
 from pallas_kernels import rms_norm  # noqa: E402
 
 GRID_ROWS = (1, 2, 4)
