@@ -1,4 +1,4 @@
-"""Times the residual RMS norm (pallas_kernels.rms_norm) on a GPU: XLA's form against the Pallas kernels over a
+"""Times the RMS norms (pallas_kernels.rms_norm) on a GPU: XLA's form against the Pallas kernels over a
 grid of rows-per-program and warps, forward and forward+backward, and names the fastest configuration per width
 (the tuned table of pallas_kernels/rms_norm/gpu.py).
 
@@ -98,6 +98,15 @@ def measure_width(rows, width, reps, calls):
   result["forward_grid_ms"] = {f"{r}x{w}": ms for (r, w), ms in fwd_times.items()}
   best = min((v for v in result["variants"] if v["variant"] == "pallas_gpu"), key=lambda v: v["fwd_bwd_ms"])
   result["best_config"] = best["config"]
+  # The gated output norm (TNL's) with the fastest configuration: y = norm(x)·sigmoid(gate), both gradients.
+  best_config = rms_norm.NormConfig(**best["config"])
+  for backend, config in (("xla", None), ("pallas_gpu", best_config)):
+
+    def gated(x, gate, dy, backend=backend, config=config):
+      y, vjp = jax.vjp(lambda x, g: rms_norm.gated_rms_norm(x, g, eps=1e-6, backend=backend, config=config), x, gate)
+      return y, vjp(dy)
+
+    result[f"gated_{backend}_fwd_bwd_ms"] = time_fn(gated, (x, delta, dy), reps, calls)
   result["xla_over_best"] = result["variants"][0]["fwd_bwd_ms"] / best["fwd_bwd_ms"]
   return result
 
@@ -128,9 +137,19 @@ def write_markdown(path, record):
         f"| {result['rows']} × {result['width']} | {v['variant']} | {label} | {v['fwd_ms']:.3f} | "
         f"{v['fwd_gb_s']:.0f} | {v['fwd_bwd_ms']:.3f} | {v['fwd_bwd_gb_s']:.0f} |"
       )
-  lines += ["", "| width | fastest Pallas config | XLA fwd+bwd / Pallas fwd+bwd |", "|---|---|---|"]
+  lines += [
+    "",
+    "Gated output norm: y = norm(x)·sigmoid(gate) and both gradients, with the fastest configuration.",
+    "",
+    "| width | fastest Pallas config | XLA / Pallas, residual norm fwd+bwd | gated norm fwd+bwd ms, XLA / Pallas |",
+    "|---|---|---|---|",
+  ]
   for result in record["results"]:
-    lines.append(f"| {result['width']} | {result['best_config']} | {result['xla_over_best']:.2f} |")
+    xla_ms, pallas_ms = result["gated_xla_fwd_bwd_ms"], result["gated_pallas_gpu_fwd_bwd_ms"]
+    lines.append(
+      f"| {result['width']} | {result['best_config']} | {result['xla_over_best']:.2f} | "
+      f"{xla_ms:.3f} / {pallas_ms:.3f} = {xla_ms / pallas_ms:.2f} |"
+    )
   with open(path, "w") as handle:
     handle.write("\n".join(lines) + "\n")
 

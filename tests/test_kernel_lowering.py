@@ -39,7 +39,9 @@ def lowered_kernel_names(fn, *args, platform="cuda"):
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
   if platform == "cuda":
     assert "__gpu$xla.gpu.triton" in text
-    return set(re.findall(r"linear_attention_[a-z_]+|flash_attention_[a-z_]+|rms_norm_(?:forward|backward)", text))
+    return set(
+      re.findall(r"linear_attention_[a-z_]+|flash_attention_[a-z_]+|rms_norm_(?:gated_)?(?:forward|backward)", text)
+    )
   return set(re.findall(r'kernel_name = "([A-Za-z_]+)"', text))
 
 
@@ -189,14 +191,15 @@ def test_models_lower_with_their_gpu_kernels(lowering_for_the_gpu, arch, remat_p
   kernel = "flash_attention_forward" if arch == "llama" else "linear_attention_grad_qk"
   assert config.linear_attention_backend == "pallas_gpu" and kernel in names, names
   # LLaMA's norms have a gain and stay XLA's; the others' run the fused kernels both ways.
-  norms = {"rms_norm_forward", "rms_norm_backward"}
+  norms = {"rms_norm_forward", "rms_norm_backward", "rms_norm_gated_forward", "rms_norm_gated_backward"}
   assert norms.isdisjoint(names) if arch == "llama" else norms <= names, names
 
 
 @pytest.mark.parametrize("width", [1536, 256])
 @pytest.mark.parametrize("with_delta", [True, False])
 def test_rms_norm_lowers_to_triton(lowering_for_the_gpu, width, with_delta):
-  """Both kernels, with a row wider than a power of two (1536: loaded as 2048, masked) and one that is."""
+  """The residual and the gated norm's kernels (with_delta: with a delta and a gate), with a row wider than a
+  power of two (1536: loaded as 2048, masked) and one that is."""
   x = spec(3, 8, width)
 
   def loss(x, delta):
@@ -207,3 +210,10 @@ def test_rms_norm_lowers_to_triton(lowering_for_the_gpu, width, with_delta):
     jax.value_and_grad(loss, argnums=(0, 1) if with_delta else 0), x, x if with_delta else None
   )
   assert names == {"rms_norm_forward", "rms_norm_backward"}, names
+
+  def gated_loss(x, gate_logits):
+    return jnp.sum(rms_norm_gpu.gated_rms_norm_gpu(x, gate_logits, eps=1e-6).astype(jnp.float32))
+
+  gate = x if with_delta else None
+  names = lowered_kernel_names(jax.value_and_grad(gated_loss, argnums=(0, 1) if with_delta else 0), x, gate)
+  assert names == {"rms_norm_gated_forward", "rms_norm_gated_backward"}, names

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from lsm_jax.models import build_model, get_config, layers
-from pallas_kernels.rms_norm import NormConfig, residual_rms_norm, resolve_backend
+from pallas_kernels.rms_norm import NormConfig, gated_rms_norm, residual_rms_norm, resolve_backend
 
 EPS = 1e-6
 
@@ -69,6 +69,35 @@ def test_values_and_gradients_match_a_float64_reference(backend, shape, dtype, b
   assert relative_error(want_grad - np.asarray(ds, np.float64), want_grad) > 20 * bound
 
 
+def gated_reference(x, gate_logits, dy):
+  """(y, dL/dx, dL/dgate_logits) in float64 for L = Σ y·dy, y = x / sqrt(mean(x²) + eps) · sigmoid(gate_logits)."""
+  x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+  r = 1 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + EPS)
+  normed = x * r
+  gate = 1.0 if gate_logits is None else 1 / (1 + np.exp(-np.asarray(gate_logits, np.float64)))
+  d_normed = dy * gate
+  dx = r * (d_normed - normed * np.mean(d_normed * normed, axis=-1, keepdims=True))
+  return normed * gate, dx, (None if gate_logits is None else dy * normed * gate * (1 - gate))
+
+
+@pytest.mark.parametrize("backend", ["pallas_gpu", "xla"])
+@pytest.mark.parametrize("shape,dtype,bound", [((2, 9, 96), jnp.bfloat16, 8e-3), ((3, 4, 40), jnp.float32, 1e-6)])
+@pytest.mark.parametrize("with_gate", [True, False])
+def test_the_gated_norm_matches_a_float64_reference(backend, shape, dtype, bound, with_gate):
+  x, gate_logits, _, dy = inputs(shape, dtype, seed=4)
+  gate_logits = gate_logits if with_gate else None
+  config = NormConfig(block_rows=2, block_rows_backward=4) if backend == "pallas_gpu" else None
+  y, vjp = jax.vjp(lambda x, g: gated_rms_norm(x, g, eps=EPS, backend=backend, config=config), x, gate_logits)
+  dx, d_gate = vjp(dy)
+  want_y, want_dx, want_d_gate = gated_reference(x, gate_logits, dy)
+  assert y.dtype == dx.dtype == dtype
+  assert relative_error(y, want_y) < bound and relative_error(dx, want_dx) < bound
+  if with_gate:
+    assert d_gate.dtype == dtype and relative_error(d_gate, want_d_gate) < bound
+  else:
+    assert d_gate is None
+
+
 def test_the_kernels_round_the_stream_as_the_unfused_add_does():
   """bf16 s = x + delta is rounded once, and y normalizes the rounded s: bit-equal to XLA's form."""
   x, delta, ds, dy = inputs((4, 6, 96), jnp.bfloat16, seed=1)
@@ -120,14 +149,16 @@ def test_the_kernels_run_per_shard_of_batch_and_length():
     assert relative_error(g, e) < 1e-6
 
 
-def test_a_model_trains_the_same_with_the_fused_norms():
-  """A TNL model's loss and gradients with the Pallas norms (interpret mode) equal those with XLA's."""
+@pytest.mark.parametrize("arch", ["tnl", "hgrn2"])
+def test_a_model_trains_the_same_with_the_fused_norms(arch):
+  """A model's loss and gradients with the Pallas norms (interpret mode: the pre-norms with the residual adds,
+  TNL's gated output norm, HGRN2's output norm) equal those with XLA's."""
   tiny = dict(num_layers=2, d_model=96, num_heads=2, head_dim=48, ffn_dim=64, vocab_size=64, dtype="float32")
   tiny |= dict(linear_attention_backend="xla", chunk_size=8)
   tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, 64)
 
   def loss_and_grads(norm_backend):
-    model = build_model(get_config("tnl", "70m", norm_backend=norm_backend, **tiny), rngs=nnx.Rngs(0))
+    model = build_model(get_config(arch, "70m", norm_backend=norm_backend, **tiny), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
 
     def loss(params):

@@ -126,8 +126,11 @@ class LowRankOutputGate(nnx.Module):
     self.down = Linear(d_model, rank, ("embed", "kv"), std=std, param_dtype=param_dtype, rngs=rngs)
     self.up = Linear(rank, d_model, ("kv", "embed"), std=std, param_dtype=param_dtype, rngs=rngs)
 
+  def logits(self, x, dtype):
+    return self.up(self.down(x, dtype), dtype)
+
   def __call__(self, x, dtype):
-    return jax.nn.sigmoid(self.up(self.down(x, dtype), dtype))
+    return jax.nn.sigmoid(self.logits(x, dtype))
 
 
 def positions_from_segments(segment_ids):
@@ -190,24 +193,42 @@ class KernelShards:
     return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
-def sharded_residual_rms_norm(x, delta=None, *, eps, backend="auto"):
-  """`pallas_kernels.rms_norm.residual_rms_norm` of [B, T, d] activations under the active mesh: the Pallas GPU
-  kernel runs per shard of batch and length (the norm is independent across tokens); with the channels split
-  over a mesh axis (tensor parallelism) the row statistics need a collective, so XLA's form runs instead."""
-  backend = rms_norm.resolve_backend(backend)
-  call = functools.partial(rms_norm.residual_rms_norm, eps=eps, backend=backend)
+def _per_token_shards(fn, backend, *arrays):
+  """fn(*arrays) of [B, T, d] activations (None entries allowed) under the active mesh: a Pallas GPU kernel runs
+  per shard of batch and length (these norms are independent across tokens). With the channels split over a mesh
+  axis (tensor parallelism) the row statistics need a collective, so XLA's form runs instead."""
   mesh = jax.sharding.get_abstract_mesh()
   if backend == "xla" or mesh.empty or mesh.size == 1:
-    return call(x, delta)
-  shards = KernelShards(jax.ShapeDtypeStruct((*x.shape[:2], 1, x.shape[-1]), x.dtype))
+    return fn(*arrays, backend=backend)
   (embed_axes,) = linen.logical_to_mesh_axes(("activation_embed",))
   embed_axes = (embed_axes,) if isinstance(embed_axes, str) else tuple(embed_axes or ())
   if any(mesh.shape.get(axis, 1) > 1 for axis in embed_axes):
-    return rms_norm.residual_rms_norm(x, delta, eps=eps, backend="xla")
+    return fn(*arrays, backend="xla")
+  x = arrays[0]
+  shards = KernelShards(jax.ShapeDtypeStruct((*x.shape[:2], 1, x.shape[-1]), x.dtype))
   spec = jax.sharding.PartitionSpec(shards.batch, shards.length, None)
-  if delta is None:
-    return shards.per_shard(call, (spec,), (spec, spec))(x)
-  return shards.per_shard(call, (spec, spec), (spec, spec))(x, delta)
+  present = [a for a in arrays if a is not None]
+
+  def call(*present):
+    it = iter(present)
+    return fn(*(None if a is None else next(it) for a in arrays), backend=backend)
+
+  out_specs = jax.tree.map(lambda _: spec, jax.eval_shape(lambda *p: call(*p), *present))
+  return shards.per_shard(call, (spec,) * len(present), out_specs)(*present)
+
+
+def sharded_residual_rms_norm(x, delta=None, *, eps, backend="auto"):
+  """`pallas_kernels.rms_norm.residual_rms_norm` of [B, T, d] activations under the active mesh: (s, norm(s)) of
+  the stream s = x + delta (_per_token_shards)."""
+  fn = functools.partial(rms_norm.residual_rms_norm, eps=eps)
+  return _per_token_shards(fn, rms_norm.resolve_backend(backend), x, delta)
+
+
+def sharded_gated_rms_norm(x, gate_logits=None, *, eps, backend="auto"):
+  """`pallas_kernels.rms_norm.gated_rms_norm` of [B, T, d] activations under the active mesh: norm(x) ·
+  sigmoid(gate_logits), or norm(x) without a gate (_per_token_shards)."""
+  fn = functools.partial(rms_norm.gated_rms_norm, eps=eps)
+  return _per_token_shards(fn, rms_norm.resolve_backend(backend), x, gate_logits)
 
 
 def sharded_linear_attention(

@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.rms_norm.gpu import residual_rms_norm_gpu
+from pallas_kernels.rms_norm.gpu import gated_rms_norm_gpu, residual_rms_norm_gpu
 
 BACKENDS = ("auto", "xla", "pallas_gpu")
 
@@ -33,3 +33,18 @@ def residual_rms_norm(x, delta=None, *, eps: float, backend: str = "auto", confi
   if backend == "pallas_gpu":
     return residual_rms_norm_gpu(x, delta, eps=eps, config=config)
   return residual_rms_norm_xla(x, delta, eps=eps)
+
+
+def gated_rms_norm_xla(x, gate_logits=None, *, eps):
+  x32 = x.astype(jnp.float32)
+  normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+  return normed if gate_logits is None else normed * jax.nn.sigmoid(gate_logits)
+
+
+def gated_rms_norm(x, gate_logits=None, *, eps: float, backend: str = "auto", config=None):
+  """y = x / sqrt(mean(x²) + eps) · sigmoid(gate_logits) over the last axis, in x's dtype; without gate_logits
+  the norm alone. The output norm and gate of a token mixer (TNL, cosFormer2; HGRN2 has no gate)."""
+  backend = resolve_backend(backend)
+  if backend == "pallas_gpu":
+    return gated_rms_norm_gpu(x, gate_logits, eps=eps, config=config)
+  return gated_rms_norm_xla(x, gate_logits, eps=eps)

@@ -170,21 +170,126 @@ def _residual_rms_norm_rows_bwd(eps, config, residuals, cotangents):
 _residual_rms_norm_rows.defvjp(_residual_rms_norm_rows_fwd, _residual_rms_norm_rows_bwd)
 
 
+def _check(x, other, name):
+  if x.dtype not in DTYPES:
+    raise TypeError(f"pallas_gpu rms norm: x has dtype {x.dtype}; valid: float32, bfloat16, float16.")
+  if other is not None and (other.shape != x.shape or other.dtype != x.dtype):
+    raise ValueError(
+      f"pallas_gpu rms norm: {name} must match x's shape and dtype {x.shape} {x.dtype}; "
+      f"got {other.shape} {other.dtype}."
+    )
+  if x.shape[-1] > MAX_WIDTH:
+    raise ValueError(
+      f"pallas_gpu rms norm: rows of {x.shape[-1]} channels; valid: at most {MAX_WIDTH} (backend='xla' takes any)."
+    )
+
+
 def residual_rms_norm_gpu(x, delta=None, *, eps, config=None):
   """(s, y): the stream s = x + delta (x without delta) and its RMS norm y = s / sqrt(mean(s²) + eps) over the
   last axis, both in x's dtype, by the Pallas GPU kernels. x [..., width], delta x's shape and dtype or None."""
-  if x.dtype not in DTYPES:
-    raise TypeError(f"pallas_gpu rms norm: x has dtype {x.dtype}; valid: float32, bfloat16, float16.")
-  if delta is not None and (delta.shape != x.shape or delta.dtype != x.dtype):
-    raise ValueError(
-      f"pallas_gpu rms norm: delta must match x's shape and dtype {x.shape} {x.dtype}; got {delta.shape} {delta.dtype}."
-    )
+  _check(x, delta, "delta")
   width = x.shape[-1]
-  if width > MAX_WIDTH:
-    raise ValueError(
-      f"pallas_gpu rms norm: rows of {width} channels; valid: at most {MAX_WIDTH} (backend='xla' takes any)."
-    )
   config = default_config(width) if config is None else config
   rows = x.reshape(-1, width)
   s, y = _residual_rms_norm_rows(rows, None if delta is None else delta.reshape(-1, width), float(eps), config)
   return s.reshape(x.shape), y.reshape(x.shape)
+
+
+def _gated_forward_kernel(*refs, width, eps, gated):
+  if gated:
+    x_ref, gate_ref, y_ref, r_ref = refs
+  else:
+    (x_ref, y_ref, r_ref), gate_ref = refs, None
+  mask = _row_mask(width, x_ref.shape[-1])
+  x = _load(x_ref, mask)
+  r = jax.lax.rsqrt(jnp.sum(x * x, axis=-1) / width + eps)
+  y = x * r[:, None]
+  if gated:
+    y = y * jax.nn.sigmoid(_load(gate_ref, mask))
+  pltriton.store(y_ref, y.astype(y_ref.dtype), mask=mask)
+  r_ref[...] = r
+
+
+def _gated_backward_kernel(*refs, width, gated):
+  if gated:
+    x_ref, r_ref, gate_ref, dy_ref, dx_ref, dgate_ref = refs
+  else:
+    (x_ref, r_ref, dy_ref, dx_ref), gate_ref, dgate_ref = refs, None, None
+  mask = _row_mask(width, x_ref.shape[-1])
+  r = r_ref[...]
+  normed = _load(x_ref, mask) * r[:, None]
+  d_normed = _load(dy_ref, mask)
+  if gated:
+    gate = jax.nn.sigmoid(_load(gate_ref, mask))
+    pltriton.store(dgate_ref, (d_normed * normed * gate * (1 - gate)).astype(dgate_ref.dtype), mask=mask)
+    d_normed = d_normed * gate
+  mean_d_normed = jnp.sum(d_normed * normed, axis=-1) / width
+  dx = r[:, None] * (d_normed - normed * mean_d_normed[:, None])
+  pltriton.store(dx_ref, dx.astype(dx_ref.dtype), mask=mask)
+
+
+def _gated_forward(x, gate_logits, eps, config):
+  n, width = x.shape
+  rows, padded = _rows_dividing(n, config.block_rows), pl.next_power_of_2(width)
+  row, stat = _row_specs(rows, padded)
+  gated = gate_logits is not None
+  return pl.pallas_call(
+    functools.partial(_gated_forward_kernel, width=width, eps=eps, gated=gated),
+    grid=(pl.cdiv(n, rows),),
+    in_specs=[row, row] if gated else [row],
+    out_specs=[row, stat],
+    out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((n,), jnp.float32)],
+    compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=1),
+    interpret=interpret_mode(),
+    name="rms_norm_gated_forward",
+  )(*((x, gate_logits) if gated else (x,)))
+
+
+def _gated_backward(x, r, gate_logits, dy, config):
+  n, width = x.shape
+  rows, padded = _rows_dividing(n, config.block_rows_backward), pl.next_power_of_2(width)
+  row, stat = _row_specs(rows, padded)
+  gated = gate_logits is not None
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
+  if gated:
+    out_shape.append(jax.ShapeDtypeStruct(gate_logits.shape, gate_logits.dtype))
+  outputs = pl.pallas_call(
+    functools.partial(_gated_backward_kernel, width=width, gated=gated),
+    grid=(pl.cdiv(n, rows),),
+    in_specs=[row, stat, row, row] if gated else [row, stat, row],
+    out_specs=[row] * len(out_shape),
+    out_shape=out_shape,
+    compiler_params=pltriton.CompilerParams(num_warps=config.num_warps_backward, num_stages=1),
+    interpret=interpret_mode(),
+    name="rms_norm_gated_backward",
+  )(*((x, r, gate_logits, dy) if gated else (x, r, dy)))
+  return outputs[0], (outputs[1] if gated else None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _gated_rms_norm_rows(x, gate_logits, eps, config):
+  return _gated_forward(x, gate_logits, eps, config)[0]
+
+
+def _gated_rms_norm_rows_fwd(x, gate_logits, eps, config):
+  y, r = _gated_forward(x, gate_logits, eps, config)
+  return y, (x, r, gate_logits)
+
+
+def _gated_rms_norm_rows_bwd(eps, config, residuals, dy):
+  del eps
+  x, r, gate_logits = residuals
+  return _gated_backward(x, r, gate_logits, dy.astype(x.dtype), config)
+
+
+_gated_rms_norm_rows.defvjp(_gated_rms_norm_rows_fwd, _gated_rms_norm_rows_bwd)
+
+
+def gated_rms_norm_gpu(x, gate_logits=None, *, eps, config=None):
+  """y = x / sqrt(mean(x²) + eps) · sigmoid(gate_logits) over the last axis (no gate: the norm alone) in x's dtype,
+  by the Pallas GPU kernels: the output norm and gate of TNL and cosFormer2, HGRN2's output norm."""
+  _check(x, gate_logits, "gate_logits")
+  width = x.shape[-1]
+  config = default_config(width) if config is None else config
+  rows = None if gate_logits is None else gate_logits.reshape(-1, width)
+  return _gated_rms_norm_rows(x.reshape(-1, width), rows, float(eps), config).reshape(x.shape)

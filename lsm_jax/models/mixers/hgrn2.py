@@ -120,7 +120,9 @@ class HGRN2Mixer(base.TokenMixer):
   def _output(self, attended):
     dtype = jnp.dtype(self.config.dtype)
     attended = layers.constrain(attended, ("activation_batch", "activation_length", "activation_heads", None))
-    normed = layers.simple_rms_norm(attended.reshape(*attended.shape[:-2], -1), self.config.norm_eps)
+    normed = layers.sharded_gated_rms_norm(
+      attended.reshape(*attended.shape[:-2], -1), eps=self.config.norm_eps, backend=self.config.norm_backend
+    )
     return self.out_proj(normed, dtype)
 
   def __call__(self, x, *, segment_ids, positions, layer_inputs, max_length=None):

@@ -70,8 +70,13 @@ class TNLAttention(base.TokenMixer):
   def _output(self, attended, x):
     dtype = jnp.dtype(self.config.dtype)
     attended = layers.constrain(attended, ("activation_batch", "activation_length", "activation_heads", None))
-    normed = layers.simple_rms_norm(attended.reshape(*attended.shape[:-2], -1), self.config.norm_eps)
-    return self.out(normed * self.gate(x, dtype), dtype)
+    gated = layers.sharded_gated_rms_norm(
+      attended.reshape(*attended.shape[:-2], -1),
+      self.gate.logits(x, dtype),
+      eps=self.config.norm_eps,
+      backend=self.config.norm_backend,
+    )
+    return self.out(gated, dtype)
 
   def _attend(self, x, positions, log_decay, segment_ids, return_final_state):
     # The packed projection goes to the op whole: the GPU kernels can read q, k, v in place and apply the SiLU.
