@@ -54,6 +54,7 @@ import numpy as np  # noqa: E402
 
 from lsm_jax import losses, metrics, optim, sharding, trainer  # noqa: E402
 from lsm_jax.models import configs  # noqa: E402
+from pallas_kernels import rms_norm  # noqa: E402
 from pallas_kernels.linear_attention import gpu  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -134,7 +135,7 @@ def synthetic_batch(program: trainer.TrainProgram, seed: int, mean_document: int
 
 LOSS_CHUNK_LENGTH = 1024  # positions per loss chunk, as gin/runs/pretrain.gin trains
 LOSS_LOGITS_DTYPE = "float32"  # the training loss's logits, as gin/runs/pretrain.gin trains
-GPU_NORM_BACKEND = "pallas_gpu"  # what ModelConfig.norm_backend "auto" runs on a GPU
+GPU_NORM_BACKEND = rms_norm.resolve_backend("auto", "gpu")  # what ModelConfig.norm_backend "auto" runs on a GPU
 
 
 def peak_memory_bytes(devices) -> int | None:

@@ -199,8 +199,10 @@ def test_train_step_rows_take_and_state_gpu_kernel_overrides(tmp_path):
     loss_logits_dtype="bfloat16",
     gpu_overrides="packed_operands=true,fused_forward_states=true",
     fused_mlp=True,
+    norm_backend="pallas_gpu",
   )
   spec = train_step.cli_spec("tnl", "tiny", 128, args, mesh=None)
+  assert spec["model_config"].norm_backend == "pallas_gpu"
   assert spec["model_config"].linear_attention_gpu_overrides == (
     ("fused_forward_states", True),
     ("packed_operands", True),
@@ -215,6 +217,7 @@ def test_train_step_rows_take_and_state_gpu_kernel_overrides(tmp_path):
     "remat_policy": "none",
     "unroll_layers": True,
     "fused_mlp": True,
+    "norm_backend": train_step.GPU_NORM_BACKEND,
     "linear_attention_gpu_overrides": dict(spec["model_config"].linear_attention_gpu_overrides),
     "loss_logits_dtype": spec["loss_logits_dtype"],
     "compile_s": 1.0,
@@ -228,6 +231,12 @@ def test_train_step_rows_take_and_state_gpu_kernel_overrides(tmp_path):
   assert (
     "| none, stacked layers unrolled, fused mlp, bfloat16 logits, kernels: fused_forward_states=true "
     "packed_operands=true |" in (tmp_path / "t.md").read_text()
+  )
+  # A row whose norms are not the GPU default names them.
+  other = "xla" if train_step.GPU_NORM_BACKEND == "pallas_gpu" else "pallas_gpu"
+  train_step.write_markdown(str(tmp_path / "t.md"), header, [{**row, "norm_backend": other}], {}, "")
+  assert (
+    f"| none, stacked layers unrolled, fused mlp, {other} norms, bfloat16 logits," in (tmp_path / "t.md").read_text()
   )
   with pytest.raises(ValueError, match="unknown GpuKernelConfig knob 'packed'"):
     train_step.cli_spec("tnl", "tiny", 128, argparse.Namespace(**{**vars(args), "gpu_overrides": "packed=true"}), None)

@@ -178,7 +178,7 @@ def test_models_lower_with_their_gpu_kernels(lowering_for_the_gpu, arch, remat_p
   """A training step's loss and gradients of each architecture as a GPU host runs it (its "auto" kernels resolved
   for the GPU: the Pallas linear-attention and flash-attention kernels), scanned layers and documents."""
   tiny = dict(num_layers=2, d_model=128, num_heads=2, head_dim=64, ffn_dim=128, vocab_size=64)
-  config = get_config(arch, "70m", remat_policy=remat_policy, **tiny).resolved_for("gpu")
+  config = get_config(arch, "70m", remat_policy=remat_policy, norm_backend="pallas_gpu", **tiny).resolved_for("gpu")
   model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(model, nnx.Param)
 
@@ -190,7 +190,7 @@ def test_models_lower_with_their_gpu_kernels(lowering_for_the_gpu, arch, remat_p
   names = lowered_kernel_names(jax.grad(loss), params, tokens, tokens)
   kernel = "flash_attention_forward" if arch == "llama" else "linear_attention_grad_qk"
   assert config.linear_attention_backend == "pallas_gpu" and kernel in names, names
-  # LLaMA's norms have a gain and stay XLA's; the others' run the fused kernels both ways.
+  # LLaMA's norms have a gain and stay XLA's; the others' run the fused kernels both ways when asked to.
   norms = {"rms_norm_forward", "rms_norm_backward", "rms_norm_gated_forward", "rms_norm_gated_backward"}
   assert norms.isdisjoint(names) if arch == "llama" else norms <= names, names
 

@@ -8,6 +8,7 @@ import gin
 import pytest
 
 from lsm_jax.models import configs
+from pallas_kernels.rms_norm import api as rms_norm
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,8 +68,8 @@ def test_gpu_kernel_overrides_from_a_gin_mapping_survive_json_and_stay_hashable(
   "platform, dtype, backend, attention, norm",
   [
     ("tpu", "bfloat16", "pallas_tpu", "splash", "xla"),
-    ("gpu", "bfloat16", "pallas_gpu", "pallas_gpu", "pallas_gpu"),
-    ("gpu", "float32", "pallas_gpu", "xla", "pallas_gpu"),
+    ("gpu", "bfloat16", "pallas_gpu", "pallas_gpu", rms_norm.GPU_DEFAULT),
+    ("gpu", "float32", "pallas_gpu", "xla", rms_norm.GPU_DEFAULT),
     ("cpu", "bfloat16", "xla", "xla", "xla"),
   ],
 )

@@ -8,13 +8,18 @@ from pallas_kernels.rms_norm.gpu import gated_rms_norm_gpu, residual_rms_norm_gp
 BACKENDS = ("auto", "xla", "pallas_gpu")
 
 
+# What "auto" runs on a GPU. The kernels stay opt-in until the training step measures them faster than XLA's norms
+# (benchmarks/train_step.py --norm_backend); every other platform runs XLA's form.
+GPU_DEFAULT = "xla"
+
+
 def resolve_backend(backend: str, platform: str | None = None) -> str:
-  """Maps "auto" to the faster backend for `platform` ("tpu", "gpu", "cpu"; None: the default device's)."""
+  """Maps "auto" to the backend for `platform` ("tpu", "gpu", "cpu"; None: the default device's)."""
   if backend not in BACKENDS:
     raise ValueError(f"Unknown rms-norm backend {backend!r}; valid: {', '.join(BACKENDS)}.")
   if backend != "auto":
     return backend
-  return "pallas_gpu" if (platform or jax.default_backend()) == "gpu" else "xla"
+  return GPU_DEFAULT if (platform or jax.default_backend()) == "gpu" else "xla"
 
 
 def residual_rms_norm_xla(x, delta=None, *, eps):

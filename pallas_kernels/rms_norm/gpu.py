@@ -45,7 +45,8 @@ class NormConfig:
         raise ValueError(f"NormConfig.{name} must be 1, 2, 4, 8 or 16; got {value!r}.")
 
 
-# Tuned on an H200 (benchmarks/results/rms_norm_h200.md): width -> config; the nearest width at or above applies.
+# width -> config, the nearest width at or above applying: one row per program, as Triton's layer-norm kernels lay
+# it out (benchmarks/rms_norm_timing.py times the grid of rows and warps).
 _TUNED = {
   16384: NormConfig(),
 }
