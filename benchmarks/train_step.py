@@ -134,7 +134,7 @@ def synthetic_batch(program: trainer.TrainProgram, seed: int, mean_document: int
 
 
 LOSS_CHUNK_LENGTH = 1024  # positions per loss chunk, as gin/runs/pretrain.gin trains
-LOSS_LOGITS_DTYPE = "float32"  # the training loss's logits, as gin/runs/pretrain.gin trains
+LOSS_LOGITS_DTYPE = "bfloat16"  # the training loss's logits, as gin/runs/pretrain.gin trains
 GPU_NORM_BACKEND = rms_norm.resolve_backend("auto", "gpu")  # what ModelConfig.norm_backend "auto" runs on a GPU
 
 

@@ -142,7 +142,7 @@ def build_train_program(
   optimizer: optim.OptimizerConfig = optim.OptimizerConfig(),
   per_shard_microbatch_size: int | None = None,
   loss_chunk_length: int | None = None,
-  loss_logits_dtype: str = "float32",
+  loss_logits_dtype: str = "bfloat16",
   seed: int = 0,
 ) -> TrainProgram:
   """Validates the numbers, then builds the abstract model, shardings and jitted steps (nothing compiled).
@@ -648,7 +648,7 @@ def train(
   optimizer: optim.OptimizerConfig = optim.OptimizerConfig(),
   per_shard_microbatch_size: int | None = None,
   loss_chunk_length: int | None = None,
-  loss_logits_dtype: str = "float32",
+  loss_logits_dtype: str = "bfloat16",
   eval_every_steps: int = 0,
   eval_batches: int = 4,
   log_every_steps: int = 1,

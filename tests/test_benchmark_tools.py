@@ -196,7 +196,7 @@ def test_train_step_rows_take_and_state_gpu_kernel_overrides(tmp_path):
     unrolled_layers=False,
     unroll_stacked_layers=True,
     loss_chunk_length=1024,
-    loss_logits_dtype="bfloat16",
+    loss_logits_dtype="float32",
     gpu_overrides="packed_operands=true,fused_forward_states=true",
     fused_mlp=True,
     norm_backend="pallas_gpu",
@@ -229,14 +229,14 @@ def test_train_step_rows_take_and_state_gpu_kernel_overrides(tmp_path):
   header = {"device": "1 × cpu", "date": "2026-12-04T00:00:00+00:00", "versions": "jax", "commands": ["x"]}
   train_step.write_markdown(str(tmp_path / "t.md"), header, [row], {}, "")
   assert (
-    "| none, stacked layers unrolled, fused mlp, bfloat16 logits, kernels: fused_forward_states=true "
+    "| none, stacked layers unrolled, fused mlp, float32 logits, kernels: fused_forward_states=true "
     "packed_operands=true |" in (tmp_path / "t.md").read_text()
   )
   # A row whose norms are not the GPU default names them.
   other = "xla" if train_step.GPU_NORM_BACKEND == "pallas_gpu" else "pallas_gpu"
   train_step.write_markdown(str(tmp_path / "t.md"), header, [{**row, "norm_backend": other}], {}, "")
   assert (
-    f"| none, stacked layers unrolled, fused mlp, {other} norms, bfloat16 logits," in (tmp_path / "t.md").read_text()
+    f"| none, stacked layers unrolled, fused mlp, {other} norms, float32 logits," in (tmp_path / "t.md").read_text()
   )
   with pytest.raises(ValueError, match="unknown GpuKernelConfig knob 'packed'"):
     train_step.cli_spec("tnl", "tiny", 128, argparse.Namespace(**{**vars(args), "gpu_overrides": "packed=true"}), None)

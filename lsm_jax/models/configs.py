@@ -35,8 +35,8 @@ SIZES = ("70m", "160m", "410m", "1b", "3b", "7b")
 DTYPES = ("float32", "bfloat16", "float16")
 LINEAR_ATTENTION_BACKENDS = linear_attention_api.BACKENDS
 # The gain-free RMS norms of the linear architectures (pre-norms with their residual adds, the mixers' output
-# norms): "pallas_gpu" runs them as fused Pallas GPU kernels, "auto" resolves by rms_norm.resolve_backend. LLaMA's
-# norms (with a gain) are always XLA's.
+# norms): "pallas_gpu" runs them as fused Pallas GPU kernels, "auto" resolves by rms_norm.resolve_backend (the
+# kernels on a GPU, XLA elsewhere). LLaMA's norms (with a gain) are always XLA's.
 NORM_BACKENDS = rms_norm.BACKENDS
 # "none": keep every activation; "full": recompute the whole layer in the backward pass; the dots policies are
 # jax.checkpoint_policies of the same name (save matmul outputs, recompute the cheap elementwise work), the

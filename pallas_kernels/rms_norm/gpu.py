@@ -45,10 +45,13 @@ class NormConfig:
         raise ValueError(f"NormConfig.{name} must be 1, 2, 4, 8 or 16; got {value!r}.")
 
 
-# width -> config, the nearest width at or above applying: one row per program, as Triton's layer-norm kernels lay
-# it out (benchmarks/rms_norm_timing.py times the grid of rows and warps).
+# width -> config, the nearest width at or above applying: the fastest forward and backward of the rows × warps
+# grid on an H200 (benchmarks/results/rms_norm_h200.md, 32,768 bf16 rows).
 _TUNED = {
-  16384: NormConfig(),
+  1024: NormConfig(block_rows=1, num_warps=4, block_rows_backward=2, num_warps_backward=8),
+  1536: NormConfig(block_rows=1, num_warps=8, block_rows_backward=1, num_warps_backward=4),
+  2048: NormConfig(block_rows=1, num_warps=8, block_rows_backward=1, num_warps_backward=8),
+  16384: NormConfig(block_rows=4, num_warps=8, block_rows_backward=1, num_warps_backward=8),
 }
 
 
