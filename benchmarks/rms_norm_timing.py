@@ -15,7 +15,6 @@ import itertools
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import kernel_timing  # noqa: E402
 import measurement  # noqa: E402
 
 from pallas_kernels import rms_norm  # noqa: E402
@@ -33,18 +33,8 @@ GRID_WARPS = (4, 8)
 
 
 def time_fn(fn, args, reps, calls):
-  """Median ms per call: compiled ahead, two warm-up calls, reps × (calls back-to-back, block_until_ready)."""
-  compiled = jax.jit(fn).lower(*args).compile()
-  jax.block_until_ready(compiled(*args))
-  jax.block_until_ready(compiled(*args))
-  samples = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    for _ in range(calls):
-      out = compiled(*args)
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - start) / calls * 1e3)
-  return statistics.median(samples)
+  """Median ms per call (kernel_timing.time_jax: compiled ahead, warmed up, reps × back-to-back calls)."""
+  return kernel_timing.time_jax(jax.jit(fn), args, reps, calls)["ms"]
 
 
 def norm_fns(backend, config):
