@@ -213,7 +213,7 @@ def _per_token_shards(fn, backend, *arrays):
     it = iter(present)
     return fn(*(None if a is None else next(it) for a in arrays), backend=backend)
 
-  out_specs = jax.tree.map(lambda _: spec, jax.eval_shape(lambda *p: call(*p), *present))
+  out_specs = jax.tree.map(lambda _: spec, jax.eval_shape(call, *present))
   return shards.per_shard(call, (spec,) * len(present), out_specs)(*present)
 
 

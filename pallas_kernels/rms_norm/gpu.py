@@ -1,9 +1,12 @@
-"""Residual RMS norm as Pallas GPU (Triton) kernels: one pass over the rows forward and one backward.
+"""RMS norms as Pallas GPU (Triton) kernels: one pass over the rows forward and one backward.
 
 Forward: s = x + delta (rounded to x's dtype, as the unfused add stores it), r = rsqrt(mean(s²) + eps) in fp32,
 y = s·r. Backward, with ŷ = s·r: ds = r·(dy − ŷ·mean(dy·ŷ)) + ds_out, the stream's own cotangent added in the
 same pass, so the residual add's gradient costs no extra read. XLA runs each of these as two passes (a row
 reduction, then an elementwise pass reading the rows again); a row of a few thousand channels fits one program.
+
+The gated output norm, y = x·r·sigmoid(gate), takes the gate's logits and writes both gradients in its backward
+pass (dgate = dy·x·r·σ(1 − σ)); without a gate it is the norm alone.
 
 Rows wider than a power of two are loaded as the next power of two with the tail masked (Triton's tensors are
 powers of two). Off the GPU the kernels run in Pallas interpret mode (tests on CPU).
