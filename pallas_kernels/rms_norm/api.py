@@ -1,4 +1,4 @@
-"""Backend choice for the residual RMS norm."""
+"""Backend choice for the RMS norms: XLA's form or the Pallas GPU kernels."""
 
 import jax
 import jax.numpy as jnp
