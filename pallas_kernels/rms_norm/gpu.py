@@ -110,15 +110,16 @@ def _rows_dividing(n, rows):
   return rows
 
 
-def _row_specs(rows, padded):
-  return pl.BlockSpec((rows, padded), lambda i: (i, 0)), pl.BlockSpec((rows,), lambda i: (i,))
+def _row_blocks(n, width, block_rows):
+  """(grid, spec of a block of rows padded to a power of two, spec of their per-row statistics) of n rows."""
+  rows, padded = _rows_dividing(n, block_rows), pl.next_power_of_2(width)
+  return (n // rows,), pl.BlockSpec((rows, padded), lambda i: (i, 0)), pl.BlockSpec((rows,), lambda i: (i,))
 
 
 def _forward(x, delta, eps, config):
   """(s, y, r) of 2-D rows; s is x itself without delta."""
   n, width = x.shape
-  rows, padded = _rows_dividing(n, config.block_rows), pl.next_power_of_2(width)
-  row, stat = _row_specs(rows, padded)
+  grid, row, stat = _row_blocks(n, width, config.block_rows)
   has_delta = delta is not None
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((n,), jnp.float32)]
   out_specs = [row, stat]
@@ -127,7 +128,7 @@ def _forward(x, delta, eps, config):
     out_specs.append(row)
   outputs = pl.pallas_call(
     functools.partial(_forward_kernel, width=width, eps=eps, has_delta=has_delta),
-    grid=(pl.cdiv(n, rows),),
+    grid=grid,
     in_specs=[row, row] if has_delta else [row],
     out_specs=out_specs,
     out_shape=out_shape,
@@ -141,11 +142,10 @@ def _forward(x, delta, eps, config):
 
 def _backward(s, r, dy, ds_out, config):
   n, width = s.shape
-  rows, padded = _rows_dividing(n, config.block_rows_backward), pl.next_power_of_2(width)
-  row, stat = _row_specs(rows, padded)
+  grid, row, stat = _row_blocks(n, width, config.block_rows_backward)
   return pl.pallas_call(
     functools.partial(_backward_kernel, width=width),
-    grid=(pl.cdiv(n, rows),),
+    grid=grid,
     in_specs=[row, stat, row, row],
     out_specs=row,
     out_shape=jax.ShapeDtypeStruct(s.shape, s.dtype),
@@ -237,12 +237,11 @@ def _gated_backward_kernel(*refs, width, gated):
 
 def _gated_forward(x, gate_logits, eps, config):
   n, width = x.shape
-  rows, padded = _rows_dividing(n, config.block_rows), pl.next_power_of_2(width)
-  row, stat = _row_specs(rows, padded)
+  grid, row, stat = _row_blocks(n, width, config.block_rows)
   gated = gate_logits is not None
   return pl.pallas_call(
     functools.partial(_gated_forward_kernel, width=width, eps=eps, gated=gated),
-    grid=(pl.cdiv(n, rows),),
+    grid=grid,
     in_specs=[row, row] if gated else [row],
     out_specs=[row, stat],
     out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((n,), jnp.float32)],
@@ -254,15 +253,14 @@ def _gated_forward(x, gate_logits, eps, config):
 
 def _gated_backward(x, r, gate_logits, dy, config):
   n, width = x.shape
-  rows, padded = _rows_dividing(n, config.block_rows_backward), pl.next_power_of_2(width)
-  row, stat = _row_specs(rows, padded)
+  grid, row, stat = _row_blocks(n, width, config.block_rows_backward)
   gated = gate_logits is not None
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
   if gated:
     out_shape.append(jax.ShapeDtypeStruct(gate_logits.shape, gate_logits.dtype))
   outputs = pl.pallas_call(
     functools.partial(_gated_backward_kernel, width=width, gated=gated),
-    grid=(pl.cdiv(n, rows),),
+    grid=grid,
     in_specs=[row, stat, row, row] if gated else [row, stat, row],
     out_specs=[row] * len(out_shape),
     out_shape=out_shape,
