@@ -5,6 +5,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from flax import linen
+
+from lsm_jax.models import layers
+from pallas_kernels import cross_entropy
 
 LOGITS_DTYPES = ("float32", "bfloat16")
 
@@ -16,6 +20,7 @@ def masked_cross_entropy_sums(
   loss_mask: jax.Array,
   loss_chunk_length: int | None,
   logits_dtype: str = "float32",
+  backend: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:
   """(sum of masked token losses, sum of the mask), in fp32, through the model's vocabulary head
   (`model.head()`: logits = hidden·Wᵀ with fp32 accumulation).
@@ -36,7 +41,14 @@ def masked_cross_entropy_sums(
   if logits_dtype not in LOGITS_DTYPES:
     raise ValueError(f"logits_dtype {logits_dtype!r} is not one of {LOGITS_DTYPES}")
   return _head_cross_entropy_sums(
-    hidden, weight, targets, loss_mask.astype(jnp.float32), chunk, jnp.dtype(dtype), jnp.dtype(logits_dtype)
+    hidden,
+    weight,
+    targets,
+    loss_mask.astype(jnp.float32),
+    chunk,
+    jnp.dtype(dtype),
+    jnp.dtype(logits_dtype),
+    cross_entropy.resolve_backend(backend),
   )
 
 
@@ -51,20 +63,38 @@ def _from_time_chunks(x):
   return x.reshape(x.shape[0], -1, *x.shape[3:])
 
 
-def _chunk_logits(hidden_chunk, weight, target_chunk, logits_dtype):
+def _row_statistics(logits, targets, backend):
+  """(log-normaliser, target logit) of [B, c, V] logits under the active mesh. A Pallas kernel cannot be
+  partitioned by XLA, so it runs per shard of batch and length (rows are independent); with the vocabulary split
+  over a mesh axis the row needs a collective, and XLA's form runs instead."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if backend == "xla" or mesh.empty or mesh.size == 1:
+    return cross_entropy.row_log_normalizer_and_pick(logits, targets, backend=backend)
+  (vocab_axes,) = linen.logical_to_mesh_axes(("vocab",))
+  vocab_axes = (vocab_axes,) if isinstance(vocab_axes, str) else tuple(vocab_axes or ())
+  if any(mesh.shape.get(axis, 1) > 1 for axis in vocab_axes):
+    return cross_entropy.row_log_normalizer_and_pick(logits, targets, backend="xla")
+  shards = layers.KernelShards(jax.ShapeDtypeStruct((*logits.shape[:2], 1, logits.shape[-1]), logits.dtype))
+  rows = jax.sharding.PartitionSpec(shards.batch, shards.length)
+  call = lambda logits, targets: cross_entropy.row_log_normalizer_and_pick(logits, targets, backend=backend)  # noqa: E731
+  return shards.per_shard(call, (jax.sharding.PartitionSpec(shards.batch, shards.length, None), rows), (rows, rows))(
+    logits, targets
+  )
+
+
+def _chunk_logits(hidden_chunk, weight, target_chunk, logits_dtype, backend):
   """(logits [B, c, V] in logits_dtype, fp32 log-normaliser, fp32 per-token loss) of one chunk; weight already in
   compute dtype. The matmul accumulates in fp32 and rounds once to logits_dtype."""
   logits = jnp.einsum("...d,vd->...v", hidden_chunk, weight, preferred_element_type=logits_dtype)
-  log_normalizer = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
-  target_logits = jnp.take_along_axis(logits, target_chunk[..., None], axis=-1)[..., 0].astype(jnp.float32)
+  log_normalizer, target_logits = _row_statistics(logits, target_chunk, backend)
   return logits, log_normalizer, log_normalizer - target_logits
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _head_cross_entropy_sums(hidden, weight, targets, mask, chunk, dtype, logits_dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _head_cross_entropy_sums(hidden, weight, targets, mask, chunk, dtype, logits_dtype, backend):
   def body(total, xs):
     hidden_chunk, target_chunk, mask_chunk = xs
-    _, _, losses = _chunk_logits(hidden_chunk.astype(dtype), weight.astype(dtype), target_chunk, logits_dtype)
+    _, _, losses = _chunk_logits(hidden_chunk.astype(dtype), weight.astype(dtype), target_chunk, logits_dtype, backend)
     return total + jnp.sum(losses * mask_chunk), None
 
   chunks = [_time_chunks(x, chunk) for x in (hidden, targets, mask)]
@@ -72,14 +102,14 @@ def _head_cross_entropy_sums(hidden, weight, targets, mask, chunk, dtype, logits
   return loss_sum, jnp.sum(mask)
 
 
-def _head_cross_entropy_sums_fwd(hidden, weight, targets, mask, chunk, dtype, logits_dtype):
+def _head_cross_entropy_sums_fwd(hidden, weight, targets, mask, chunk, dtype, logits_dtype, backend):
   compute_weight = weight.astype(dtype)
 
   def body(carry, xs):
     total, d_weight = carry
     hidden_chunk, target_chunk, mask_chunk = xs
     hidden_chunk = hidden_chunk.astype(dtype)
-    logits, log_normalizer, losses = _chunk_logits(hidden_chunk, compute_weight, target_chunk, logits_dtype)
+    logits, log_normalizer, losses = _chunk_logits(hidden_chunk, compute_weight, target_chunk, logits_dtype, backend)
     vocab = jnp.arange(logits.shape[-1], dtype=target_chunk.dtype)
     # d loss / d logits = softmax − one-hot(target), on the tokens the mask keeps.
     d_logits = jnp.exp(logits.astype(jnp.float32) - log_normalizer[..., None]) - (vocab == target_chunk[..., None])
@@ -94,7 +124,7 @@ def _head_cross_entropy_sums_fwd(hidden, weight, targets, mask, chunk, dtype, lo
   return (loss_sum, jnp.sum(mask)), (_from_time_chunks(d_hidden), d_weight.astype(weight.dtype))
 
 
-def _head_cross_entropy_sums_bwd(chunk, dtype, logits_dtype, residuals, cotangents):
+def _head_cross_entropy_sums_bwd(chunk, dtype, logits_dtype, backend, residuals, cotangents):
   d_hidden, d_weight = residuals
   scale = cotangents[0].astype(jnp.float32)  # the mask sum depends on no input that has a gradient
   # Scaled in fp32: the scale (e.g. 1 / tokens) rounded to bf16 would shift every gradient by up to 0.4%.

@@ -15,8 +15,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from lsm_jax import losses
 from lsm_jax.models import build_model, get_config
 from pallas_kernels.attention import flash
+from pallas_kernels.cross_entropy import gpu as cross_entropy_gpu
 from pallas_kernels.linear_attention import gpu, tpu
 from pallas_kernels.linear_attention.gpu.forward import FUSED_FORWARD_STATES
 from pallas_kernels.rms_norm import gpu as rms_norm_gpu
@@ -28,7 +30,7 @@ BATCH, TIME, HEADS = 1, 100, 2  # T not a multiple of the chunk: the padded path
 def lowering_for_the_gpu(monkeypatch):
   """The kernels' interpret-mode switch turned off, as on a GPU."""
   modules = [importlib.import_module(f"{gpu.__name__}.{info.name}") for info in pkgutil.iter_modules(gpu.__path__)]
-  for module in [*modules, flash, rms_norm_gpu]:
+  for module in [*modules, flash, rms_norm_gpu, cross_entropy_gpu]:
     if hasattr(module, "interpret_mode"):
       monkeypatch.setattr(module, "interpret_mode", lambda: False)
 
@@ -40,7 +42,10 @@ def lowered_kernel_names(fn, *args, platform="cuda"):
   if platform == "cuda":
     assert "__gpu$xla.gpu.triton" in text
     return set(
-      re.findall(r"linear_attention_[a-z_]+|flash_attention_[a-z_]+|rms_norm_(?:gated_)?(?:forward|backward)", text)
+      re.findall(
+        r"linear_attention_[a-z_]+|flash_attention_[a-z_]+|rms_norm_(?:gated_)?(?:forward|backward)|cross_entropy_[a-z_]+",
+        text,
+      )
     )
   return set(re.findall(r'kernel_name = "([A-Za-z_]+)"', text))
 
@@ -217,3 +222,20 @@ def test_rms_norm_lowers_to_triton(lowering_for_the_gpu, width, with_delta):
   gate = x if with_delta else None
   names = lowered_kernel_names(jax.value_and_grad(gated_loss, argnums=(0, 1) if with_delta else 0), x, gate)
   assert names == {"rms_norm_gated_forward", "rms_norm_gated_backward"}, names
+
+
+def test_the_loss_row_statistics_lower_to_triton(lowering_for_the_gpu):
+  """The fused loss's value and gradients with its row statistics by the Pallas kernel: a vocabulary of 100,280
+  (the paper's), walked in masked column blocks, bf16 logits."""
+
+  class Head:
+    def head(self):
+      return jnp.zeros((100280, 64), jnp.float32), jnp.bfloat16
+
+  def loss(hidden, targets):
+    return losses.masked_cross_entropy_sums(
+      Head(), hidden, targets, jnp.ones(targets.shape), 8, "bfloat16", "pallas_gpu"
+    )[0]
+
+  names = lowered_kernel_names(jax.value_and_grad(loss), spec(2, 16, 64), spec(2, 16, dtype=jnp.int32))
+  assert names == {"cross_entropy_row_stats"}, names

@@ -1,0 +1,36 @@
+"""Backend choice for the loss's row statistics: XLA's form or the Pallas GPU kernel."""
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.cross_entropy.gpu import row_log_normalizer_and_pick_gpu
+
+BACKENDS = ("auto", "xla", "pallas_gpu")
+
+# What "auto" runs on a GPU.
+GPU_DEFAULT = "pallas_gpu"
+
+
+def resolve_backend(backend: str, platform: str | None = None) -> str:
+  """Maps "auto" to the backend for `platform` ("tpu", "gpu", "cpu"; None: the default device's)."""
+  if backend not in BACKENDS:
+    raise ValueError(f"Unknown cross-entropy backend {backend!r}; valid: {', '.join(BACKENDS)}.")
+  if backend != "auto":
+    return backend
+  return GPU_DEFAULT if (platform or jax.default_backend()) == "gpu" else "xla"
+
+
+def row_log_normalizer_and_pick_xla(logits, targets):
+  log_normalizer = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0].astype(jnp.float32)
+  return log_normalizer, picked
+
+
+def row_log_normalizer_and_pick(logits, targets, *, backend: str = "auto", config=None):
+  """(logsumexp(logits) over the last axis, logits[..., target]), both fp32 of shape targets.shape: the two row
+  statistics of a cross-entropy, loss = log-normaliser − picked. No gradient: the loss's custom VJP forms its
+  own. `config`: a gpu.RowStatsConfig for "pallas_gpu" (None: the default)."""
+  backend = resolve_backend(backend)
+  if backend == "pallas_gpu":
+    return row_log_normalizer_and_pick_gpu(logits, targets, config)
+  return row_log_normalizer_and_pick_xla(logits, targets)
