@@ -315,10 +315,6 @@ def test_fused_mlp_is_one_input_matmul_with_the_values_and_gradients_of_two(swis
     grads[name] = jax.grad(forward, argnums=(0, 1))(params, x)
     dots = (_dot_count(forward, params, x), _dot_count(jax.grad(forward, argnums=(0, 1)), params, x))
     assert dots == ((2, 6) if name == "fused" else (3, 9)), (name, dots)
-  # the fused GLU's gradient is one stack of its two halves, not two padded halves summed
-  graphdef, params = nnx.split(fused, nnx.Param)
-  backward = jax.make_jaxpr(jax.grad(lambda p, x: loss(nnx.merge(graphdef, p), x)))(params, x)
-  assert "pad" not in {eqn.primitive.name for eqn in backward.jaxpr.eqns}
   for got, want in zip(jax.tree.leaves(grads["fused"]), jax.tree.leaves(grads["unfused"])):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 

@@ -109,42 +109,14 @@ class GatedMLP(nnx.Module):
     if self.fused:
       # stacked on a new axis, not concatenated along "mlp": a sharded mlp axis keeps its layout
       kernel = jnp.stack([self.up.kernel[...], self.gate.kernel[...]], axis=1).astype(dtype)
-      hidden = _glu_of_stacked(jnp.einsum("...d,dkf->...kf", x.astype(dtype), kernel), self.swish)
+      both = jnp.einsum("...d,dkf->...kf", x.astype(dtype), kernel)
+      up, gate = both[..., 0, :], both[..., 1, :]
     else:
       up, gate = self.up(x, dtype), self.gate(x, dtype)
-      hidden = up * (jax.nn.silu(gate) if self.swish else gate)
-    hidden = constrain(hidden, ("activation_batch", "activation_length", "mlp"))
+    if self.swish:
+      gate = jax.nn.silu(gate)
+    hidden = constrain(up * gate, ("activation_batch", "activation_length", "mlp"))
     return self.down(hidden, dtype)
-
-
-def _glu_terms(gate, swish):
-  """(act(gate), act'(gate)) in the gate's dtype."""
-  if not swish:
-    return gate, None
-  sigmoid = jax.nn.sigmoid(gate)
-  return gate * sigmoid, sigmoid * (1 + gate * (1 - sigmoid))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _glu_of_stacked(both, swish):
-  """up · act(gate) of the fused projection both = [..., 2, ffn] (up, gate)."""
-  return both[..., 0, :] * _glu_terms(both[..., 1, :], swish)[0]
-
-
-def _glu_of_stacked_fwd(both, swish):
-  return _glu_of_stacked(both, swish), both
-
-
-def _glu_of_stacked_bwd(swish, both, d_hidden):
-  # Both halves of the gradient written by one stack: differentiating the two slices gives two padded
-  # gradients and their sum, an extra pass over [..., 2, ffn] in XLA's fusion.
-  up, gate = both[..., 0, :], both[..., 1, :]
-  activated, derivative = _glu_terms(gate, swish)
-  d_gate = d_hidden * up if derivative is None else d_hidden * up * derivative
-  return (jnp.stack([d_hidden * activated, d_gate], axis=-2),)
-
-
-_glu_of_stacked.defvjp(_glu_of_stacked_fwd, _glu_of_stacked_bwd)
 
 
 class LowRankOutputGate(nnx.Module):

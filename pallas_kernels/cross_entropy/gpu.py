@@ -32,8 +32,8 @@ class RowStatsConfig:
   """Rows per program, columns per step of a program's loop and warps (powers of two)."""
 
   block_rows: int = 1
-  block_columns: int = 4096
-  num_warps: int = 8
+  block_columns: int = 2048
+  num_warps: int = 4
 
   def __post_init__(self):
     for name, limit in (("block_rows", 64), ("block_columns", 65536), ("num_warps", 16)):
@@ -42,6 +42,8 @@ class RowStatsConfig:
         raise ValueError(f"RowStatsConfig.{name} must be a power of two <= {limit}; got {value!r}.")
 
 
+# The fastest of the rows × columns × warps grid on an H200: 0.375 ms for 4,096 bf16 rows of 100,280 logits, XLA's
+# two passes 0.494 ms (benchmarks/results/cross_entropy_h200.md).
 DEFAULT_CONFIG = RowStatsConfig()
 
 
