@@ -76,10 +76,12 @@ def _row_statistics(logits, targets, backend):
     return cross_entropy.row_log_normalizer_and_pick(logits, targets, backend="xla")
   shards = layers.KernelShards(jax.ShapeDtypeStruct((*logits.shape[:2], 1, logits.shape[-1]), logits.dtype))
   rows = jax.sharding.PartitionSpec(shards.batch, shards.length)
-  call = lambda logits, targets: cross_entropy.row_log_normalizer_and_pick(logits, targets, backend=backend)  # noqa: E731
-  return shards.per_shard(call, (jax.sharding.PartitionSpec(shards.batch, shards.length, None), rows), (rows, rows))(
-    logits, targets
-  )
+  logits_spec = jax.sharding.PartitionSpec(shards.batch, shards.length, None)
+
+  def per_shard(logits, targets):
+    return cross_entropy.row_log_normalizer_and_pick(logits, targets, backend=backend)
+
+  return shards.per_shard(per_shard, (logits_spec, rows), (rows, rows))(logits, targets)
 
 
 def _chunk_logits(hidden_chunk, weight, target_chunk, logits_dtype, backend):

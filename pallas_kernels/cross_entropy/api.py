@@ -7,7 +7,8 @@ from pallas_kernels.cross_entropy.gpu import row_log_normalizer_and_pick_gpu
 
 BACKENDS = ("auto", "xla", "pallas_gpu")
 
-# What "auto" runs on a GPU.
+# What "auto" runs on a GPU: with the kernel, TNL 1B's whole fused loss at 8K (head matmuls, statistics, gradient)
+# took 53.4 ms against 57.2 ms with XLA's statistics on an H200 (benchmarks/results/cross_entropy_h200.md).
 GPU_DEFAULT = "pallas_gpu"
 
 
