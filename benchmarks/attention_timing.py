@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -295,14 +293,8 @@ def main():
     raise SystemExit("attention_timing.py times GPU kernels (cuDNN, Pallas Triton): run it on a GPU host.")
   shapes = parse_shapes(args.shapes)
   overrides = parse_config(args.config)
-  device = jax.devices()[0]
   record = {
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "commit": measurement.current_commit(),
-    "device": getattr(device, "device_kind", str(device)),
-    "jax_version": jax.__version__,
-    "python": platform.python_version(),
-    "command": "python3 benchmarks/attention_timing.py " + " ".join(sys.argv[1:]),
+    **measurement.record_header("attention_timing.py"),
     "timing": f"median of {args.reps} x ({args.calls} calls, block_until_ready) after lower().compile()",
     "config": "default configuration"
     + ("" if not overrides else " with " + ", ".join(f"{k}={v}" for k, v in overrides.items())),

@@ -9,11 +9,9 @@ the head's matmul and read again by the gradient's pass. benchmarks/train_step.p
 """
 
 import argparse
-import datetime
 import itertools
 import json
 import os
-import platform
 import sys
 import time
 
@@ -143,12 +141,7 @@ def main():
   if jax.default_backend() != "gpu":
     raise SystemExit("cross_entropy_timing.py times GPU kernels: run it on a GPU host.")
   record = {
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "commit": measurement.current_commit(),
-    "device": jax.devices()[0].device_kind,
-    "jax_version": jax.__version__,
-    "python": platform.python_version(),
-    "command": "python3 benchmarks/cross_entropy_timing.py " + " ".join(sys.argv[1:]),
+    **measurement.record_header("cross_entropy_timing.py"),
   }
   record["statistics"] = measure_statistics(args.rows, args.vocab, args.reps, args.calls)
   measurement.log(json.dumps({"best_config": record["statistics"]["best_config"]}))

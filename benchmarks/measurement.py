@@ -1,10 +1,14 @@
 """What the GPU timing scripts share: a runner that takes measurements in order within a time budget and saves the
-record after each one (a run cut short keeps what it measured), the --shapes parser and the commit measured."""
+record after each one (a run cut short keeps what it measured), the --shapes parser, the commit measured and the
+header of a record."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import platform
+import sys
 import time
 import traceback
 
@@ -17,6 +21,21 @@ def current_commit() -> str:
   from lsm_jax import checkpoint  # the scripts put the repository on sys.path; a kernel-only run pays it here alone
 
   return checkpoint.code_version()
+
+
+def record_header(script: str) -> dict:
+  """Date, commit, device, jax and Python versions, and the command line of a timing script's record."""
+  import jax
+
+  device = jax.devices()[0]
+  return {
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "commit": current_commit(),
+    "device": getattr(device, "device_kind", str(device)),
+    "jax_version": jax.__version__,
+    "python": platform.python_version(),
+    "command": f"python3 benchmarks/{script} " + " ".join(sys.argv[1:]),
+  }
 
 
 def log(*parts):

@@ -10,11 +10,9 @@ measures the whole training step with each backend (--norm_backend).
 """
 
 import argparse
-import datetime
 import itertools
 import json
 import os
-import platform
 import sys
 import time
 
@@ -157,12 +155,7 @@ def main():
     raise SystemExit("rms_norm_timing.py times GPU kernels: run it on a GPU host.")
   widths = [int(w) for w in args.widths.split(",") if w]
   record = {
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "commit": measurement.current_commit(),
-    "device": jax.devices()[0].device_kind,
-    "jax_version": jax.__version__,
-    "python": platform.python_version(),
-    "command": "python3 benchmarks/rms_norm_timing.py " + " ".join(sys.argv[1:]),
+    **measurement.record_header("rms_norm_timing.py"),
     "results": [],
   }
   os.makedirs(args.out_dir, exist_ok=True)
