@@ -4,11 +4,9 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from pallas_kernels.blocks import is_power_of_two
+
 MIN_BLOCK = 16  # Triton's smallest dot operand
-
-
-def _power_of_two(value):
-  return isinstance(value, int) and not isinstance(value, bool) and value > 0 and value & (value - 1) == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,11 +29,11 @@ class FlashConfig:
   def __post_init__(self):
     for name in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq"):
       value = getattr(self, name)
-      if not _power_of_two(value) or value < MIN_BLOCK:
+      if not is_power_of_two(value) or value < MIN_BLOCK:
         raise ValueError(f"FlashConfig.{name} must be a power of two >= {MIN_BLOCK}; got {value!r}.")
     for name in ("num_warps", "num_warps_backward"):
       value = getattr(self, name)
-      if not _power_of_two(value) or value > 16:
+      if not is_power_of_two(value) or value > 16:
         raise ValueError(f"FlashConfig.{name} must be 1, 2, 4, 8 or 16; got {value!r}.")
     for name in ("num_stages", "num_stages_backward"):
       value = getattr(self, name)

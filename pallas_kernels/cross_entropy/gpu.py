@@ -17,14 +17,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.blocks import is_power_of_two, rows_dividing
+
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 # Below every finite logit and exp(-inf - _FLOOR) is still 0: the running max starts here, not at -inf, so the
 # first rescale is exp(_FLOOR - max) = 0 rather than exp(-inf + inf) = nan.
 _FLOOR = -3.0e38
-
-
-def _power_of_two(value):
-  return isinstance(value, int) and not isinstance(value, bool) and value > 0 and value & (value - 1) == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +36,7 @@ class RowStatsConfig:
   def __post_init__(self):
     for name, limit in (("block_rows", 64), ("block_columns", 65536), ("num_warps", 16)):
       value = getattr(self, name)
-      if not _power_of_two(value) or value > limit:
+      if not is_power_of_two(value) or value > limit:
         raise ValueError(f"RowStatsConfig.{name} must be a power of two <= {limit}; got {value!r}.")
 
 
@@ -74,13 +72,6 @@ def _kernel(logits_ref, targets_ref, log_normalizer_ref, picked_ref, *, width, b
   picked_ref[...] = picked
 
 
-def _rows_dividing(n, rows):
-  """The largest power of two <= rows that divides n: row blocks never overhang."""
-  while n % rows:
-    rows //= 2
-  return rows
-
-
 def row_log_normalizer_and_pick_gpu(logits, targets, config: RowStatsConfig | None = None):
   """(logsumexp over the last axis, logits[..., target]) of logits [..., V] and int targets [...] in [0, V), both
   fp32 [...], by the Pallas GPU kernel. A target outside [0, V) picks 0."""
@@ -95,7 +86,7 @@ def row_log_normalizer_and_pick_gpu(logits, targets, config: RowStatsConfig | No
   batch_shape, width = logits.shape[:-1], logits.shape[-1]
   rows_2d = logits.reshape(-1, width)
   n = rows_2d.shape[0]
-  rows = _rows_dividing(n, config.block_rows)
+  rows = rows_dividing(n, config.block_rows)
   block_columns = min(config.block_columns, pl.next_power_of_2(width))
   stat = pl.BlockSpec((rows,), lambda i: (i,))
   log_normalizer, picked = pl.pallas_call(

@@ -20,12 +20,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.blocks import is_power_of_two, rows_dividing
+
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 MAX_WIDTH = 16384  # one row per program in registers; wider rows would spill
-
-
-def _power_of_two(value):
-  return isinstance(value, int) and not isinstance(value, bool) and value > 0 and value & (value - 1) == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +38,11 @@ class NormConfig:
   def __post_init__(self):
     for name in ("block_rows", "block_rows_backward"):
       value = getattr(self, name)
-      if not _power_of_two(value) or value > 64:
+      if not is_power_of_two(value) or value > 64:
         raise ValueError(f"NormConfig.{name} must be a power of two <= 64; got {value!r}.")
     for name in ("num_warps", "num_warps_backward"):
       value = getattr(self, name)
-      if not _power_of_two(value) or value > 16:
+      if not is_power_of_two(value) or value > 16:
         raise ValueError(f"NormConfig.{name} must be 1, 2, 4, 8 or 16; got {value!r}.")
 
 
@@ -103,16 +101,9 @@ def _backward_kernel(s_ref, r_ref, dy_ref, ds_out_ref, ds_ref, *, width):
   pltriton.store(ds_ref, ds.astype(ds_ref.dtype), mask=mask)
 
 
-def _rows_dividing(n, rows):
-  """The largest power of two <= rows that divides n: the row blocks never overhang (only columns are masked)."""
-  while n % rows:
-    rows //= 2
-  return rows
-
-
 def _row_blocks(n, width, block_rows):
   """(grid, spec of a block of rows padded to a power of two, spec of their per-row statistics) of n rows."""
-  rows, padded = _rows_dividing(n, block_rows), pl.next_power_of_2(width)
+  rows, padded = rows_dividing(n, block_rows), pl.next_power_of_2(width)
   return (n // rows,), pl.BlockSpec((rows, padded), lambda i: (i, 0)), pl.BlockSpec((rows,), lambda i: (i,))
 
 
