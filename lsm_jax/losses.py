@@ -9,6 +9,7 @@ from flax import linen
 
 from lsm_jax.models import layers
 from pallas_kernels import cross_entropy
+from pallas_kernels.cross_entropy import api as cross_entropy_api
 
 LOGITS_DTYPES = ("float32", "bfloat16")
 
@@ -48,7 +49,10 @@ def masked_cross_entropy_sums(
     chunk,
     jnp.dtype(dtype),
     jnp.dtype(logits_dtype),
-    cross_entropy.resolve_backend(backend),
+    (
+      cross_entropy.resolve_backend(backend),
+      cross_entropy.resolve_backend(backend, gpu_default=cross_entropy_api.GPU_GRADIENT_DEFAULT),
+    ),
   )
 
 
@@ -63,25 +67,43 @@ def _from_time_chunks(x):
   return x.reshape(x.shape[0], -1, *x.shape[3:])
 
 
-def _row_statistics(logits, targets, backend):
-  """(log-normaliser, target logit) of [B, c, V] logits under the active mesh. A Pallas kernel cannot be
-  partitioned by XLA, so it runs per shard of batch and length (rows are independent); with the vocabulary split
-  over a mesh axis the row needs a collective, and XLA's form runs instead."""
+def _per_row_shards(fn, backend, logits, rows, outputs):
+  """fn(logits [B, c, V], *rows [B, c], backend=...) under the active mesh; `outputs` names each output's layout,
+  "rows" or "logits". A Pallas kernel cannot be partitioned by XLA, so it runs per shard of batch and length (rows
+  are independent); with the vocabulary split over a mesh axis a row needs a collective, and XLA's form runs."""
   mesh = jax.sharding.get_abstract_mesh()
   if backend == "xla" or mesh.empty or mesh.size == 1:
-    return cross_entropy.row_log_normalizer_and_pick(logits, targets, backend=backend)
+    return fn(logits, *rows, backend=backend)
   (vocab_axes,) = linen.logical_to_mesh_axes(("vocab",))
   vocab_axes = (vocab_axes,) if isinstance(vocab_axes, str) else tuple(vocab_axes or ())
   if any(mesh.shape.get(axis, 1) > 1 for axis in vocab_axes):
-    return cross_entropy.row_log_normalizer_and_pick(logits, targets, backend="xla")
+    return fn(logits, *rows, backend="xla")
   shards = layers.KernelShards(jax.ShapeDtypeStruct((*logits.shape[:2], 1, logits.shape[-1]), logits.dtype))
-  rows = jax.sharding.PartitionSpec(shards.batch, shards.length)
-  logits_spec = jax.sharding.PartitionSpec(shards.batch, shards.length, None)
+  specs = {
+    "rows": jax.sharding.PartitionSpec(shards.batch, shards.length),
+    "logits": jax.sharding.PartitionSpec(shards.batch, shards.length, None),
+  }
+  out_specs = tuple(specs[name] for name in outputs)
 
-  def per_shard(logits, targets):
-    return cross_entropy.row_log_normalizer_and_pick(logits, targets, backend=backend)
+  def per_shard(logits, *rows):
+    return fn(logits, *rows, backend=backend)
 
-  return shards.per_shard(per_shard, (logits_spec, rows), (rows, rows))(logits, targets)
+  in_specs = (specs["logits"], *[specs["rows"]] * len(rows))
+  return shards.per_shard(per_shard, in_specs, out_specs if len(outputs) > 1 else out_specs[0])(logits, *rows)
+
+
+def _row_statistics(logits, targets, backend):
+  """(log-normaliser, target logit) of [B, c, V] logits, per shard under the active mesh."""
+  return _per_row_shards(cross_entropy.row_log_normalizer_and_pick, backend, logits, (targets,), ("rows", "rows"))
+
+
+def _softmax_gradient(logits, log_normalizer, targets, mask, dtype, backend):
+  """d Σ mask · loss / d logits [B, c, V] in dtype, per shard under the active mesh."""
+
+  def gradient(logits, log_normalizer, targets, mask, backend):
+    return cross_entropy.softmax_gradient(logits, log_normalizer, targets, mask, dtype, backend=backend)
+
+  return _per_row_shards(gradient, backend, logits, (log_normalizer, targets, mask), ("logits",))
 
 
 def _chunk_logits(hidden_chunk, weight, target_chunk, logits_dtype, backend):
@@ -93,10 +115,13 @@ def _chunk_logits(hidden_chunk, weight, target_chunk, logits_dtype, backend):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _head_cross_entropy_sums(hidden, weight, targets, mask, chunk, dtype, logits_dtype, backend):
+def _head_cross_entropy_sums(hidden, weight, targets, mask, chunk, dtype, logits_dtype, backends):
+  """backends: (the row statistics', the softmax gradient's)."""
+
   def body(total, xs):
     hidden_chunk, target_chunk, mask_chunk = xs
-    _, _, losses = _chunk_logits(hidden_chunk.astype(dtype), weight.astype(dtype), target_chunk, logits_dtype, backend)
+    hidden_chunk, compute_weight = hidden_chunk.astype(dtype), weight.astype(dtype)
+    _, _, losses = _chunk_logits(hidden_chunk, compute_weight, target_chunk, logits_dtype, backends[0])
     return total + jnp.sum(losses * mask_chunk), None
 
   chunks = [_time_chunks(x, chunk) for x in (hidden, targets, mask)]
@@ -104,18 +129,18 @@ def _head_cross_entropy_sums(hidden, weight, targets, mask, chunk, dtype, logits
   return loss_sum, jnp.sum(mask)
 
 
-def _head_cross_entropy_sums_fwd(hidden, weight, targets, mask, chunk, dtype, logits_dtype, backend):
+def _head_cross_entropy_sums_fwd(hidden, weight, targets, mask, chunk, dtype, logits_dtype, backends):
   compute_weight = weight.astype(dtype)
 
   def body(carry, xs):
     total, d_weight = carry
     hidden_chunk, target_chunk, mask_chunk = xs
     hidden_chunk = hidden_chunk.astype(dtype)
-    logits, log_normalizer, losses = _chunk_logits(hidden_chunk, compute_weight, target_chunk, logits_dtype, backend)
-    vocab = jnp.arange(logits.shape[-1], dtype=target_chunk.dtype)
+    logits, log_normalizer, losses = _chunk_logits(
+      hidden_chunk, compute_weight, target_chunk, logits_dtype, backends[0]
+    )
     # d loss / d logits = softmax − one-hot(target), on the tokens the mask keeps.
-    d_logits = jnp.exp(logits.astype(jnp.float32) - log_normalizer[..., None]) - (vocab == target_chunk[..., None])
-    d_logits = (d_logits * mask_chunk[..., None]).astype(dtype)
+    d_logits = _softmax_gradient(logits, log_normalizer, target_chunk, mask_chunk, dtype, backends[1])
     d_hidden = jnp.einsum("...v,vd->...d", d_logits, compute_weight, preferred_element_type=jnp.float32)
     d_weight = d_weight + jnp.einsum("...v,...d->vd", d_logits, hidden_chunk, preferred_element_type=jnp.float32)
     return (total + jnp.sum(losses * mask_chunk), d_weight), d_hidden.astype(hidden.dtype)
@@ -126,7 +151,7 @@ def _head_cross_entropy_sums_fwd(hidden, weight, targets, mask, chunk, dtype, lo
   return (loss_sum, jnp.sum(mask)), (_from_time_chunks(d_hidden), d_weight.astype(weight.dtype))
 
 
-def _head_cross_entropy_sums_bwd(chunk, dtype, logits_dtype, backend, residuals, cotangents):
+def _head_cross_entropy_sums_bwd(chunk, dtype, logits_dtype, backends, residuals, cotangents):
   d_hidden, d_weight = residuals
   scale = cotangents[0].astype(jnp.float32)  # the mask sum depends on no input that has a gradient
   # Scaled in fp32: the scale (e.g. 1 / tokens) rounded to bf16 would shift every gradient by up to 0.4%.

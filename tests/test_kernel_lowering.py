@@ -224,9 +224,12 @@ def test_rms_norm_lowers_to_triton(lowering_for_the_gpu, width, with_delta):
   assert names == {"rms_norm_gated_forward", "rms_norm_gated_backward"}, names
 
 
-def test_the_loss_row_statistics_lower_to_triton(lowering_for_the_gpu):
-  """The fused loss's value and gradients with its row statistics by the Pallas kernel: a vocabulary of 100,280
-  (the paper's), walked in masked column blocks, bf16 logits."""
+@pytest.mark.parametrize("row_splits", [1, 4])
+def test_the_loss_kernels_lower_to_triton(lowering_for_the_gpu, monkeypatch, row_splits):
+  """The fused loss's value and gradients with its row statistics and softmax gradient by the Pallas kernels: a
+  vocabulary of 100,280 (the paper's), walked in masked column blocks, bf16 logits; one or several programs per
+  row of the statistics."""
+  monkeypatch.setattr(cross_entropy_gpu, "DEFAULT_CONFIG", cross_entropy_gpu.RowStatsConfig(row_splits=row_splits))
 
   class Head:
     def head(self):
@@ -238,4 +241,4 @@ def test_the_loss_row_statistics_lower_to_triton(lowering_for_the_gpu):
     )[0]
 
   names = lowered_kernel_names(jax.value_and_grad(loss), spec(2, 16, 64), spec(2, 16, dtype=jnp.int32))
-  assert names == {"cross_entropy_row_stats"}, names
+  assert names == {"cross_entropy_row_stats", "cross_entropy_softmax_gradient"}, names

@@ -1,12 +1,15 @@
-"""Row statistics of a language model's logits as a Pallas GPU (Triton) kernel: the log-normaliser
-logsumexp(row) and the target's logit, in one pass over the row.
+"""A language model's cross-entropy over a wide vocabulary as Pallas GPU (Triton) kernels.
 
-XLA reduces a 100K-wide row in two passes (the max, then the sum of exponentials against it); this kernel keeps
-a running max and rescales its running sum as the max grows (the online softmax), reading each logit once. The
-target's logit is picked up on the way. Statistics are fp32 whatever the logits' dtype.
+* Row statistics: the log-normaliser logsumexp(row) and the target's logit, in one pass over the row. XLA reduces a
+  100K-wide row in two passes (the max, then the sum of exponentials against it); this kernel keeps a running max
+  and rescales its running sum as the max grows (the online softmax), reading each logit once. The target's logit
+  is picked up on the way. `row_splits` programs share a row, each walking a span of its columns; their partial
+  statistics are combined by XLA (a few values per row).
+* Softmax gradient: (softmax(row) − one-hot(target)) · weight from the logits and the log-normaliser, one program
+  per column block of a row.
 
-Rows are read in column blocks of `block_columns`, the last one masked. Off the GPU the kernel runs in Pallas
-interpret mode (tests on CPU).
+Statistics are fp32 whatever the logits' dtype. Rows are read in column blocks of `block_columns`, the last one
+masked. Off the GPU the kernels run in Pallas interpret mode (tests on CPU).
 """
 
 import dataclasses
@@ -25,34 +28,68 @@ DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _FLOOR = -3.0e38
 
 
+def _check_powers_of_two(config, limits):
+  for name, limit in limits:
+    value = getattr(config, name)
+    if not is_power_of_two(value) or value > limit:
+      raise ValueError(f"{type(config).__name__}.{name} must be a power of two <= {limit}; got {value!r}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class RowStatsConfig:
-  """Rows per program, columns per step of a program's loop and warps (powers of two)."""
+  """Rows per program, columns per step of a program's loop, warps and programs per row (powers of two)."""
+
+  block_rows: int = 1
+  block_columns: int = 2048
+  num_warps: int = 4
+  row_splits: int = 1
+
+  def __post_init__(self):
+    _check_powers_of_two(self, (("block_rows", 64), ("block_columns", 65536), ("num_warps", 16), ("row_splits", 64)))
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxGradConfig:
+  """Rows and columns of one program's block, and its warps (powers of two)."""
 
   block_rows: int = 1
   block_columns: int = 2048
   num_warps: int = 4
 
   def __post_init__(self):
-    for name, limit in (("block_rows", 64), ("block_columns", 65536), ("num_warps", 16)):
-      value = getattr(self, name)
-      if not is_power_of_two(value) or value > limit:
-        raise ValueError(f"RowStatsConfig.{name} must be a power of two <= {limit}; got {value!r}.")
+    _check_powers_of_two(self, (("block_rows", 64), ("block_columns", 65536), ("num_warps", 16)))
 
 
 # The fastest of the rows × columns × warps grid on an H200: 0.375 ms for 4,096 bf16 rows of 100,280 logits, XLA's
 # two passes 0.494 ms (benchmarks/results/cross_entropy_h200.md).
 DEFAULT_CONFIG = RowStatsConfig()
+DEFAULT_GRADIENT_CONFIG = SoftmaxGradConfig()
 
 
 def interpret_mode():
   return jax.default_backend() != "gpu"
 
 
-def _kernel(logits_ref, targets_ref, log_normalizer_ref, picked_ref, *, width, block_columns):
+def _check_logits(logits, targets, what):
+  if logits.dtype not in DTYPES:
+    raise TypeError(f"pallas_gpu {what}: logits have dtype {logits.dtype}; valid: float32, bfloat16, float16.")
+  if targets.shape != logits.shape[:-1] or not jnp.issubdtype(targets.dtype, jnp.integer):
+    raise ValueError(
+      f"pallas_gpu {what}: targets must be integers of shape {logits.shape[:-1]}; got {targets.dtype} {targets.shape}."
+    )
+
+
+def _row_block_spec(rows, width, block_columns):
+  """The whole (padded) row as a block, its columns addressed by the kernel (a Triton block is a power of two wide
+  and the vocabulary is not)."""
+  return pl.BlockSpec((rows, pl.cdiv(width, block_columns) * block_columns), lambda i, j: (i, 0))
+
+
+def _stats_kernel(logits_ref, targets_ref, max_ref, sum_ref, picked_ref, *, width, block_columns, blocks_per_split):
   rows = logits_ref.shape[0]
   targets = targets_ref[...]
   columns = jnp.arange(block_columns, dtype=jnp.int32)[None, :]
+  first = pl.program_id(1) * blocks_per_split
 
   def step(j, carry):
     running_max, running_sum, picked = carry
@@ -67,37 +104,84 @@ def _kernel(logits_ref, targets_ref, log_normalizer_ref, picked_ref, *, width, b
     return new_max, running_sum, picked
 
   init = (jnp.full((rows,), _FLOOR, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), jnp.float32))
-  running_max, running_sum, picked = jax.lax.fori_loop(0, pl.cdiv(width, block_columns), step, init)
-  log_normalizer_ref[...] = running_max + jnp.log(running_sum)
-  picked_ref[...] = picked
+  last = jnp.minimum(first + blocks_per_split, pl.cdiv(width, block_columns))
+  running_max, running_sum, picked = jax.lax.fori_loop(first, last, step, init)
+  max_ref[...] = running_max[:, None]
+  sum_ref[...] = running_sum[:, None]
+  picked_ref[...] = picked[:, None]
 
 
 def row_log_normalizer_and_pick_gpu(logits, targets, config: RowStatsConfig | None = None):
   """(logsumexp over the last axis, logits[..., target]) of logits [..., V] and int targets [...] in [0, V), both
   fp32 [...], by the Pallas GPU kernel. A target outside [0, V) picks 0."""
   config = DEFAULT_CONFIG if config is None else config
-  if logits.dtype not in DTYPES:
-    raise TypeError(f"pallas_gpu row statistics: logits have dtype {logits.dtype}; valid: float32, bfloat16, float16.")
-  if targets.shape != logits.shape[:-1] or not jnp.issubdtype(targets.dtype, jnp.integer):
-    raise ValueError(
-      f"pallas_gpu row statistics: targets must be integers of shape {logits.shape[:-1]}; "
-      f"got {targets.dtype} {targets.shape}."
-    )
+  _check_logits(logits, targets, "row statistics")
   batch_shape, width = logits.shape[:-1], logits.shape[-1]
   rows_2d = logits.reshape(-1, width)
   n = rows_2d.shape[0]
   rows = rows_dividing(n, config.block_rows)
   block_columns = min(config.block_columns, pl.next_power_of_2(width))
-  stat = pl.BlockSpec((rows,), lambda i: (i,))
-  log_normalizer, picked = pl.pallas_call(
-    functools.partial(_kernel, width=width, block_columns=block_columns),
-    grid=(n // rows,),
-    # The whole row as the block, its columns walked by the kernel's loop (a Triton block is a power of two wide).
-    in_specs=[pl.BlockSpec((rows, pl.cdiv(width, block_columns) * block_columns), lambda i: (i, 0)), stat],
-    out_specs=[stat, stat],
-    out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)] * 2,
+  blocks = pl.cdiv(width, block_columns)
+  splits = min(config.row_splits, blocks)
+  partial = pl.BlockSpec((rows, 1), lambda i, j: (i, j))
+  running_max, running_sum, picked = pl.pallas_call(
+    functools.partial(
+      _stats_kernel, width=width, block_columns=block_columns, blocks_per_split=pl.cdiv(blocks, splits)
+    ),
+    grid=(n // rows, splits),
+    in_specs=[_row_block_spec(rows, width, block_columns), pl.BlockSpec((rows,), lambda i, j: (i,))],
+    out_specs=[partial] * 3,
+    out_shape=[jax.ShapeDtypeStruct((n, splits), jnp.float32)] * 3,
     compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=1),
     interpret=interpret_mode(),
     name="cross_entropy_row_stats",
   )(rows_2d, targets.reshape(n).astype(jnp.int32))
-  return log_normalizer.reshape(batch_shape), picked.reshape(batch_shape)
+  if splits == 1:
+    log_normalizer = running_max[:, 0] + jnp.log(running_sum[:, 0])
+  else:
+    top = jnp.max(running_max, axis=1)
+    log_normalizer = top + jnp.log(jnp.sum(running_sum * jnp.exp(running_max - top[:, None]), axis=1))
+  return log_normalizer.reshape(batch_shape), jnp.sum(picked, axis=1).reshape(batch_shape)
+
+
+def _gradient_kernel(logits_ref, log_normalizer_ref, targets_ref, weights_ref, out_ref, *, width, block_columns):
+  start = pl.program_id(1) * block_columns
+  index = start + jnp.arange(block_columns, dtype=jnp.int32)[None, :]
+  inside = index < width
+  block = pltriton.load(logits_ref.at[:, pl.ds(start, block_columns)], mask=inside, other=0.0).astype(jnp.float32)
+  probabilities = jnp.exp(block - log_normalizer_ref[...][:, None])
+  gradient = (probabilities - (index == targets_ref[...][:, None]).astype(jnp.float32)) * weights_ref[...][:, None]
+  pltriton.store(out_ref.at[:, pl.ds(start, block_columns)], gradient.astype(out_ref.dtype), mask=inside)
+
+
+def softmax_gradient_gpu(logits, log_normalizer, targets, weights, dtype, config: SoftmaxGradConfig | None = None):
+  """(exp(logits − log_normalizer) − one-hot(target)) · weight, in `dtype` [..., V], from logits [..., V], the
+  fp32 log-normaliser [...], int targets [...] and fp32 row weights [...]: the gradient of weight · cross-entropy
+  with respect to the logits, by the Pallas GPU kernel."""
+  config = DEFAULT_GRADIENT_CONFIG if config is None else config
+  _check_logits(logits, targets, "softmax gradient")
+  for name, value in (("log_normalizer", log_normalizer), ("weights", weights)):
+    if value.shape != logits.shape[:-1]:
+      raise ValueError(f"pallas_gpu softmax gradient: {name} must have shape {logits.shape[:-1]}; got {value.shape}.")
+  batch_shape, width = logits.shape[:-1], logits.shape[-1]
+  rows_2d = logits.reshape(-1, width)
+  n = rows_2d.shape[0]
+  rows = rows_dividing(n, config.block_rows)
+  block_columns = min(config.block_columns, pl.next_power_of_2(width))
+  row = pl.BlockSpec((rows,), lambda i, j: (i,))
+  gradient = pl.pallas_call(
+    functools.partial(_gradient_kernel, width=width, block_columns=block_columns),
+    grid=(n // rows, pl.cdiv(width, block_columns)),
+    in_specs=[_row_block_spec(rows, width, block_columns), row, row, row],
+    out_specs=_row_block_spec(rows, width, block_columns),
+    out_shape=jax.ShapeDtypeStruct((n, width), dtype),
+    compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=1),
+    interpret=interpret_mode(),
+    name="cross_entropy_softmax_gradient",
+  )(
+    rows_2d,
+    log_normalizer.reshape(n).astype(jnp.float32),
+    targets.reshape(n).astype(jnp.int32),
+    weights.reshape(n).astype(jnp.float32),
+  )
+  return gradient.reshape(*batch_shape, width)
