@@ -1,5 +1,6 @@
-"""The loss's row statistics (pallas_kernels.cross_entropy): the one-pass Pallas GPU kernel (interpret mode) and
-XLA's form against float64, through the fused loss in values and gradients, and per shard under a mesh."""
+"""The loss's kernels (pallas_kernels.cross_entropy): the one-pass row statistics and the softmax gradient, Pallas GPU
+(interpret mode) and XLA's forms against float64, through the fused loss in values and gradients, and per shard under
+a mesh."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,13 @@ import numpy as np
 import pytest
 
 from lsm_jax import losses
-from pallas_kernels.cross_entropy import RowStatsConfig, resolve_backend, row_log_normalizer_and_pick
+from pallas_kernels.cross_entropy import (
+  RowStatsConfig,
+  SoftmaxGradConfig,
+  resolve_backend,
+  row_log_normalizer_and_pick,
+  softmax_gradient,
+)
 
 
 def float64_statistics(logits, targets):
@@ -26,6 +33,11 @@ def float64_statistics(logits, targets):
     # one block wider than the row; 7 rows: blocks of 1
     ((7, 50), jnp.float32, RowStatsConfig(block_rows=2, block_columns=64)),
     ((2, 5, 300), jnp.float16, None),
+    # four blocks of 256 over four programs per row, combined; 3 rows of 2,000: eight blocks, two per program
+    ((3, 1000), jnp.bfloat16, RowStatsConfig(block_columns=256, row_splits=4)),
+    ((3, 2000), jnp.bfloat16, RowStatsConfig(block_rows=2, block_columns=256, row_splits=4)),
+    # more programs than blocks: the splits are capped at the blocks
+    ((2, 300), jnp.float32, RowStatsConfig(block_columns=128, row_splits=16)),
   ],
 )
 def test_row_statistics_match_float64(backend, shape, dtype, config):
@@ -52,6 +64,39 @@ def test_a_row_of_minus_infinity_but_one_is_its_one_logit():
   np.testing.assert_array_equal(np.asarray(picked), [3.0, -2.0])
 
 
+@pytest.mark.parametrize("backend", ["pallas_gpu", "xla"])
+@pytest.mark.parametrize(
+  "shape,dtype,out_dtype,config",
+  [
+    # 1,000 columns in blocks of 256, the last masked; blocks of 4 rows
+    ((3, 4, 1000), jnp.bfloat16, jnp.bfloat16, SoftmaxGradConfig(block_rows=4, block_columns=256)),
+    ((7, 50), jnp.float32, jnp.float32, SoftmaxGradConfig(block_rows=2, block_columns=64)),
+    ((2, 5, 300), jnp.float16, jnp.bfloat16, None),
+  ],
+)
+def test_softmax_gradient_matches_float64(backend, shape, dtype, out_dtype, config):
+  """(softmax − one-hot(target)) · weight against float64 from the same logits, with the weights of a loss mask (zero
+  rows give zero gradients) and fractional ones."""
+  keys = jax.random.split(jax.random.key(3), 3)
+  logits = (jax.random.normal(keys[0], shape, jnp.float32) * 4 + jnp.linspace(-8, 8, shape[-1])).astype(dtype)
+  targets = jax.random.randint(keys[1], shape[:-1], 0, shape[-1])
+  weights = jnp.where(jax.random.uniform(keys[2], shape[:-1]) > 0.3, jax.random.uniform(keys[2], shape[:-1]), 0.0)
+  log_normalizer, _ = float64_statistics(logits, targets)
+  gradient = jax.jit(
+    lambda x, n, t, w: softmax_gradient(
+      x, n, t, w, out_dtype, backend=backend, config=config if backend != "xla" else None
+    )
+  )(logits, jnp.asarray(log_normalizer, jnp.float32), targets, weights)
+  x = np.asarray(jnp.asarray(logits, jnp.float32), np.float64)
+  one_hot = np.arange(shape[-1]) == np.asarray(targets)[..., None]
+  want = (np.exp(x - log_normalizer[..., None]) - one_hot) * np.asarray(weights, np.float64)[..., None]
+  assert gradient.dtype == out_dtype and gradient.shape == shape
+  # one rounding to the output dtype (the fp32 log-normaliser's rounding is far below it)
+  tolerance = 1e-6 if out_dtype == jnp.float32 else 4e-3
+  np.testing.assert_allclose(np.asarray(gradient, np.float64), want, rtol=tolerance, atol=tolerance * 1e-3)
+  assert not np.asarray(gradient)[np.asarray(weights) == 0].any()
+
+
 class _Head:
   def __init__(self, weights, dtype):
     self.weights, self.dtype = weights, dtype
@@ -61,8 +106,9 @@ class _Head:
 
 
 @pytest.mark.parametrize("logits_dtype", ["bfloat16", "float32"])
-def test_the_loss_with_the_kernel_equals_the_loss_with_xla(logits_dtype):
-  """The fused loss's value and both gradients are the same whichever backend takes the row statistics."""
+def test_the_loss_with_the_kernels_equals_the_loss_with_xla(logits_dtype):
+  """The fused loss's value and both gradients are the same whichever backend takes the row statistics and the
+  softmax gradient."""
   keys = jax.random.split(jax.random.key(1), 4)
   hidden = jax.random.normal(keys[0], (2, 32, 16))
   weights = jax.random.normal(keys[1], (16, 300)) * 2.0
@@ -124,4 +170,12 @@ def test_bad_inputs_and_backends_are_refused():
     row_log_normalizer_and_pick(jnp.zeros((3, 8), jnp.int32), jnp.zeros((3,), jnp.int32), backend="pallas_gpu")
   with pytest.raises(ValueError, match="block_columns must be a power of two"):
     RowStatsConfig(block_columns=1000)
+  with pytest.raises(ValueError, match=r"RowStatsConfig.row_splits must be a power of two <= 64; got 3"):
+    RowStatsConfig(row_splits=3)
+  with pytest.raises(ValueError, match=r"SoftmaxGradConfig.num_warps must be a power of two <= 16; got 32"):
+    SoftmaxGradConfig(num_warps=32)
+  with pytest.raises(ValueError, match=r"weights must have shape \(3,\); got \(4,\)"):
+    softmax_gradient(
+      jnp.zeros((3, 8)), jnp.zeros(3), jnp.zeros(3, jnp.int32), jnp.zeros(4), jnp.float32, backend="pallas_gpu"
+    )
   assert (resolve_backend("auto", "tpu"), resolve_backend("auto", "cpu")) == ("xla", "xla")
