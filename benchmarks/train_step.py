@@ -19,6 +19,8 @@ On a GPU host (jax[cuda]), then the PyTorch peers of benchmarks/peers/ at the sa
       --seq_lens 8192,32768                                              # 7:1 hybrids beside the pure rows
   python3 benchmarks/train_step.py --out_dir $OUT --archs tnl --sizes 1b --seq_lens 8192 \
       --gpu_overrides fused_forward_states=true,packed_operands=true    # GPU kernel knobs (docs/tuning.md)
+  python3 benchmarks/train_step.py --out_dir $OUT --archs tnl --sizes 1b --seq_lens 8192 \
+      --compiler_options xla_gpu_enable_cublaslt=true                   # XLA options (trainer.train.compiler_options)
   python3 benchmarks/peers/torch_models.py --out benchmarks/peers/torch_models_h200.json   # fla HGRN2, HF LLaMA
   python3 benchmarks/peers/torch_models.py --out benchmarks/peers/torch_models_h200_retnet.json --models retnet
 The markdown's "peer" columns are read from --peers (comma-separated files, default the two above; the peer of
@@ -163,7 +165,29 @@ def _layers_label(row) -> str:
   overrides = row.get("linear_attention_gpu_overrides")
   if overrides:
     label += ", kernels: " + " ".join(f"{knob}={str(value).lower()}" for knob, value in overrides.items())
+  if row.get("compiler_options"):
+    label += ", XLA: " + " ".join(f"{name}={str(value).lower()}" for name, value in row["compiler_options"].items())
   return label
+
+
+def parse_compiler_options(text: str) -> dict:
+  """'name=value,...' as {name: value}: true/false as bools, integers and decimals as numbers, else the string."""
+  options = {}
+  for item in filter(None, text.split(",")):
+    name, separator, value = item.partition("=")
+    if not separator or not name:
+      raise ValueError(f"--compiler_options item {item!r} is not name=value")
+    if value.lower() in ("true", "false"):
+      options[name] = value.lower() == "true"
+    else:
+      try:
+        options[name] = int(value)
+      except ValueError:
+        try:
+          options[name] = float(value)
+        except ValueError:
+          options[name] = value
+  return options
 
 
 def cli_spec(arch, size, seq_len, args, mesh) -> dict:
@@ -190,6 +214,7 @@ def cli_spec(arch, size, seq_len, args, mesh) -> dict:
     loss_chunk_length=args.loss_chunk_length if args.loss_chunk_length < seq_len else None,
     loss_logits_dtype=args.loss_logits_dtype,
     optimizer=optim.OptimizerConfig(warmup_steps=10),
+    compiler_options=parse_compiler_options(args.compiler_options),
   )
 
 
@@ -220,6 +245,7 @@ def gin_spec(gin_files, bindings) -> dict:
       "loss_logits_dtype", inspect.signature(trainer.train).parameters["loss_logits_dtype"].default
     ),
     optimizer=bound.get("optimizer", optim.OptimizerConfig()),
+    compiler_options=bound.get("compiler_options"),
   )
 
 
@@ -237,6 +263,7 @@ def compile_spec(spec: dict) -> tuple[trainer.TrainProgram, jax.stages.Compiled,
     per_shard_microbatch_size=spec["per_shard_microbatch_size"],
     loss_chunk_length=spec["loss_chunk_length"],
     loss_logits_dtype=spec["loss_logits_dtype"],
+    compiler_options=spec.get("compiler_options"),
   )
   row = {
     "arch": config.arch,
@@ -256,6 +283,7 @@ def compile_spec(spec: dict) -> tuple[trainer.TrainProgram, jax.stages.Compiled,
     "attention_impl": program.model_config.attention_impl,
     "loss_chunk_length": spec["loss_chunk_length"],
     "loss_logits_dtype": spec["loss_logits_dtype"],
+    "compiler_options": dict(spec.get("compiler_options") or {}),
   }
   start = time.perf_counter()
   compiled = program.lower_train_step().compile()
@@ -482,6 +510,11 @@ def main(argv=None) -> list[dict]:
     default="",
     help="GpuKernelConfig knobs of the linear-attention GPU kernels (ModelConfig.linear_attention_gpu_overrides), "
     "e.g. fused_forward_states=true,packed_operands=true",
+  )
+  parser.add_argument(
+    "--compiler_options",
+    default="",
+    help="XLA options the step compiles with (trainer.train.compiler_options), e.g. xla_gpu_enable_cublaslt=true",
   )
   parser.add_argument(
     "--gin_file",

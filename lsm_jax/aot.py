@@ -55,6 +55,7 @@ PROGRAM_ARGUMENTS = (
   "loss_chunk_length",
   "loss_logits_dtype",
   "seed",
+  "compiler_options",
 )
 LIBTPU_MISSING = (
   "compiling for a TPU topology needs libtpu on this host (no TPU is needed): "

@@ -132,6 +132,30 @@ class TrainProgram:
       return self.eval_step.lower(self.abstract_state["params"], self.abstract_rest, self.abstract_batch)
 
 
+def _checked_compiler_options(options, platform: str) -> dict | None:
+  """`options` ({XLA option: bool, int, float or str}) checked: their types here, their names and values by
+  compiling an empty program with them when this host's backend is `platform` (a TPU topology compiled from a CPU
+  host is checked by its own compile)."""
+  if not options:
+    return None
+  if not isinstance(options, dict) or not all(
+    isinstance(name, str) and isinstance(value, (bool, int, float, str)) for name, value in options.items()
+  ):
+    raise TypeError(
+      f"trainer.train.compiler_options must map XLA option names to bools, numbers or strings "
+      f"(e.g. {{'xla_gpu_enable_cublaslt': True}}), got {options!r}"
+    )
+  if jax.default_backend() == platform:
+    try:
+      jax.jit(lambda: jnp.zeros(()), compiler_options=options).lower().compile()
+    except Exception as error:  # XLA names the unknown option or the bad value
+      raise ValueError(
+        f"trainer.train.compiler_options {options!r}: {error}; valid: the options of the {platform} XLA compiler "
+        "(XLA's DebugOptions, e.g. xla_gpu_autotune_level=4)"
+      ) from None
+  return dict(options)
+
+
 def build_train_program(
   model_config: model_configs.ModelConfig,
   *,
@@ -144,6 +168,7 @@ def build_train_program(
   loss_chunk_length: int | None = None,
   loss_logits_dtype: str = "bfloat16",
   seed: int = 0,
+  compiler_options: dict | None = None,
 ) -> TrainProgram:
   """Validates the numbers, then builds the abstract model, shardings and jitted steps (nothing compiled).
 
@@ -183,6 +208,7 @@ def build_train_program(
       f"trainer.train.loss_logits_dtype {loss_logits_dtype!r} is not one of {', '.join(losses.LOGITS_DTYPES)}"
     )
   platform = mesh.devices.flat[0].platform
+  compiler_options = _checked_compiler_options(compiler_options, platform)
   model_config = model_config.resolved_for(platform)
   shape = dict(
     arch=model_config.arch,
@@ -336,10 +362,14 @@ def build_train_program(
       in_shardings=(state_shardings, rest_shardings, batch_shardings),
       out_shardings=(state_shardings, replicated),
       donate_argnums=0,
+      compiler_options=compiler_options,
     ),
     # Validation keeps fp32 logits whatever the training loss uses: it is the number the scaling laws fit.
     eval_step=jax.jit(
-      loss_sums, in_shardings=(param_shardings, rest_shardings, batch_shardings), out_shardings=replicated
+      loss_sums,
+      in_shardings=(param_shardings, rest_shardings, batch_shardings),
+      out_shardings=replicated,
+      compiler_options=compiler_options,
     ),
     model_from_params=model_from_params,
     _init=jax.jit(init_state, out_shardings=(state_shardings, rest_shardings)),
@@ -649,6 +679,7 @@ def train(
   per_shard_microbatch_size: int | None = None,
   loss_chunk_length: int | None = None,
   loss_logits_dtype: str = "bfloat16",
+  compiler_options: dict | None = None,
   eval_every_steps: int = 0,
   eval_batches: int = 4,
   log_every_steps: int = 1,
@@ -679,6 +710,9 @@ def train(
   (None: one microbatch). `loss_chunk_length`: time chunk for the vocabulary projection + softmax (None: whole
   sequence). `loss_logits_dtype`: 'float32' or 'bfloat16', the dtype the vocabulary head writes the training
   loss's logits in (the softmax runs in fp32 from them either way; validation always uses fp32).
+  `compiler_options`: XLA options the training and validation steps compile with ({name: value}, e.g.
+  {'xla_gpu_autotune_level': 4}; None: XLA's defaults); an unknown name or a bad value stops the run before the
+  model is built.
   `make_loader`: `lsm_jax.data.loader.make_loader` unless gin passes a configured one.
   `prefetch_batches`: global batches a background thread builds ahead of the step (2: the next batch is ready
   when the step is dispatched while one more absorbs a slow read). `device_memory_limit_gib`: memory per device
@@ -734,6 +768,7 @@ def train(
     loss_chunk_length=loss_chunk_length,
     loss_logits_dtype=loss_logits_dtype,
     seed=seed,
+    compiler_options=compiler_options,
   )
   if global_batch_size % jax.process_count():
     raise ValueError(

@@ -242,6 +242,24 @@ def test_train_step_rows_take_and_state_gpu_kernel_overrides(tmp_path):
     train_step.cli_spec("tnl", "tiny", 128, argparse.Namespace(**{**vars(args), "gpu_overrides": "packed=true"}), None)
 
 
+def test_train_step_rows_take_and_state_compiler_options(tmp_path):
+  import train_step
+
+  options = train_step.parse_compiler_options("xla_gpu_enable_cublaslt=true,xla_gpu_autotune_level=4,xla_dump_to=/x")
+  assert options == {"xla_gpu_enable_cublaslt": True, "xla_gpu_autotune_level": 4, "xla_dump_to": "/x"}
+  with pytest.raises(ValueError, match="--compiler_options item 'xla_gpu_enable_cublaslt' is not name=value"):
+    train_step.parse_compiler_options("xla_gpu_enable_cublaslt")
+  row = {
+    "arch": "tnl",
+    "remat_policy": "none",
+    "norm_backend": train_step.GPU_NORM_BACKEND,
+    "compiler_options": options,
+  }
+  assert train_step._layers_label(row).endswith(
+    ", XLA: xla_gpu_enable_cublaslt=true xla_gpu_autotune_level=4 xla_dump_to=/x"
+  )
+
+
 def test_committed_peer_files_carry_their_provenance():
   # The peers the benchmarks compare against are data in the repository, each with how it was measured.
   peers_dir = os.path.join(REPO, "benchmarks", "peers")

@@ -104,6 +104,30 @@ def test_an_unknown_loss_logits_dtype_is_refused_before_compiling(tmp_path):
   assert not os.path.exists(os.path.join(str(tmp_path / "run"), "metrics.jsonl"))
 
 
+def test_an_unknown_compiler_option_is_refused_before_compiling(tmp_path):
+  with pytest.raises(ValueError, match="compiler_options .*No such compile option: 'xla_gpu_no_such_option'"):
+    _train(str(tmp_path / "run"), "trainer.train.compiler_options = {'xla_gpu_no_such_option': True}")
+  with pytest.raises(ValueError, match="'sometimes' is not a valid bool value"):
+    _train(str(tmp_path / "run"), "trainer.train.compiler_options = {'xla_gpu_enable_cublaslt': 'sometimes'}")
+  assert not os.path.exists(os.path.join(str(tmp_path / "run"), "metrics.jsonl"))
+
+
+def test_compiler_options_reach_the_compiled_steps(tmp_path):
+  """The options are those the train and eval steps compile with: XLA's dump option writes their HLO where told."""
+  dump = tmp_path / "dump"
+  gin.clear_config()
+  try:
+    train.parse_gin([SMOKE], ["MODEL_DIR = '/unused'", ONE_DEVICE])
+    arguments = aot.program_arguments_from_gin()
+  finally:
+    gin.clear_config()
+  mesh = sharding.make_mesh(arguments.pop("mesh_config"))
+  program = trainer.build_train_program(mesh=mesh, **{**arguments, "compiler_options": {"xla_dump_to": str(dump)}})
+  assert not any("train_step" in name for name in os.listdir(dump))  # only the options' check compiled so far
+  program.lower_train_step().compile()
+  assert any("train_step" in name for name in os.listdir(dump))
+
+
 # --- milestones, storage, saves ------------------------------------------------------------------------------------
 
 
