@@ -56,7 +56,7 @@ import numpy as np  # noqa: E402
 
 from lsm_jax import losses, metrics, optim, sharding, trainer  # noqa: E402
 from lsm_jax.models import configs  # noqa: E402
-from pallas_kernels import rms_norm  # noqa: E402
+from pallas_kernels import glu, rms_norm  # noqa: E402
 from pallas_kernels.linear_attention import gpu  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -82,9 +82,10 @@ def model_config(
   gpu_overrides=(),
   fused_mlp: bool | None = None,
   norm_backend: str | None = None,
+  glu_backend: str | None = None,
 ) -> configs.ModelConfig:
-  """The model file's configuration of (arch, size) with these settings; fused_mlp and norm_backend None keep
-  the file's."""
+  """The model file's configuration of (arch, size) with these settings; fused_mlp, norm_backend and glu_backend
+  None keep the file's."""
   settings = dict(
     remat_policy=remat_policy,
     scan_layers=scan_layers,
@@ -95,6 +96,8 @@ def model_config(
     settings["fused_mlp"] = fused_mlp
   if norm_backend is not None:
     settings["norm_backend"] = norm_backend
+  if glu_backend is not None:
+    settings["glu_backend"] = glu_backend
   if size == "tiny":
     # The family's gin settings (a hybrid's layer pattern) at the tiny shape; hybrids get the four layers their
     # pattern needs to hold a softmax layer.
@@ -138,6 +141,7 @@ def synthetic_batch(program: trainer.TrainProgram, seed: int, mean_document: int
 LOSS_CHUNK_LENGTH = 1024  # positions per loss chunk, as gin/runs/pretrain.gin trains
 LOSS_LOGITS_DTYPE = "bfloat16"  # the training loss's logits, as gin/runs/pretrain.gin trains
 GPU_NORM_BACKEND = rms_norm.resolve_backend("auto", "gpu")  # what ModelConfig.norm_backend "auto" runs on a GPU
+GPU_GLU_BACKEND = glu.resolve_backend("auto", "gpu")  # what ModelConfig.glu_backend "auto" runs on a GPU
 
 
 def peak_memory_bytes(devices) -> int | None:
@@ -157,6 +161,8 @@ def _layers_label(row) -> str:
   norm_backend = row.get("norm_backend", "xla")  # rows without one were measured with XLA's norms
   if row.get("arch") != "llama" and norm_backend != GPU_NORM_BACKEND:
     label += f", {norm_backend} norms"
+  if row.get("fused_mlp") and row.get("glu_backend", "xla") != GPU_GLU_BACKEND:
+    label += f", {row['glu_backend']} GLU gradient"
   if row.get("loss_chunk_length") not in (None, LOSS_CHUNK_LENGTH):
     label += f", loss chunks of {row['loss_chunk_length']}"
   logits_dtype = row.get("loss_logits_dtype", "float32")  # rows without one were measured with fp32 logits
@@ -206,6 +212,7 @@ def cli_spec(arch, size, seq_len, args, mesh) -> dict:
       gpu.parse_overrides(filter(None, args.gpu_overrides.split(","))),
       args.fused_mlp,
       args.norm_backend,
+      args.glu_backend,
     ),
     mesh=mesh,
     seq_len=seq_len,
@@ -278,6 +285,7 @@ def compile_spec(spec: dict) -> tuple[trainer.TrainProgram, jax.stages.Compiled,
     "unroll_layers": config.unroll_layers,
     "fused_mlp": config.fused_mlp,
     "norm_backend": program.model_config.norm_backend,
+    "glu_backend": program.model_config.glu_backend,
     "linear_attention_backend": program.model_config.linear_attention_backend,
     "linear_attention_gpu_overrides": dict(config.linear_attention_gpu_overrides),
     "attention_impl": program.model_config.attention_impl,
@@ -549,6 +557,12 @@ def main(argv=None) -> list[dict]:
     choices=configs.NORM_BACKENDS,
     default=None,
     help="the linear architectures' residual RMS norms (ModelConfig.norm_backend); default: the model file's",
+  )
+  parser.add_argument(
+    "--glu_backend",
+    choices=configs.GLU_BACKENDS,
+    default=None,
+    help="the fused GLU's product gradient (ModelConfig.glu_backend); default: the model file's",
   )
   parser.add_argument(
     "--profile_steps",

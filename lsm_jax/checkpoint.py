@@ -522,6 +522,7 @@ EXECUTION_MODEL_FIELDS = (
   "attention_impl",
   "unroll_layers",
   "fused_mlp",
+  "glu_backend",
   "norm_backend",
 )
 

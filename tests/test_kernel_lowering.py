@@ -19,6 +19,7 @@ from lsm_jax import losses
 from lsm_jax.models import build_model, get_config
 from pallas_kernels.attention import flash
 from pallas_kernels.cross_entropy import gpu as cross_entropy_gpu
+from pallas_kernels.glu import gpu as glu_gpu
 from pallas_kernels.linear_attention import gpu, tpu
 from pallas_kernels.linear_attention.gpu.forward import FUSED_FORWARD_STATES
 from pallas_kernels.rms_norm import gpu as rms_norm_gpu
@@ -30,7 +31,7 @@ BATCH, TIME, HEADS = 1, 100, 2  # T not a multiple of the chunk: the padded path
 def lowering_for_the_gpu(monkeypatch):
   """The kernels' interpret-mode switch turned off, as on a GPU."""
   modules = [importlib.import_module(f"{gpu.__name__}.{info.name}") for info in pkgutil.iter_modules(gpu.__path__)]
-  for module in [*modules, flash, rms_norm_gpu, cross_entropy_gpu]:
+  for module in [*modules, flash, rms_norm_gpu, cross_entropy_gpu, glu_gpu]:
     if hasattr(module, "interpret_mode"):
       monkeypatch.setattr(module, "interpret_mode", lambda: False)
 
@@ -43,7 +44,8 @@ def lowered_kernel_names(fn, *args, platform="cuda"):
     assert "__gpu$xla.gpu.triton" in text
     return set(
       re.findall(
-        r"linear_attention_[a-z_]+|flash_attention_[a-z_]+|rms_norm_(?:gated_)?(?:forward|backward)|cross_entropy_[a-z_]+",
+        r"linear_attention_[a-z_]+|flash_attention_[a-z_]+|rms_norm_(?:gated_)?(?:forward|backward)|cross_entropy_[a-z_]+"
+        r"|glu_gradient",
         text,
       )
     )
@@ -183,7 +185,9 @@ def test_models_lower_with_their_gpu_kernels(lowering_for_the_gpu, arch, remat_p
   """A training step's loss and gradients of each architecture as a GPU host runs it (its "auto" kernels resolved
   for the GPU: the Pallas linear-attention and flash-attention kernels), scanned layers and documents."""
   tiny = dict(num_layers=2, d_model=128, num_heads=2, head_dim=64, ffn_dim=128, vocab_size=64)
-  config = get_config(arch, "70m", remat_policy=remat_policy, norm_backend="pallas_gpu", **tiny).resolved_for("gpu")
+  config = get_config(
+    arch, "70m", remat_policy=remat_policy, norm_backend="pallas_gpu", glu_backend="pallas_gpu", fused_mlp=True, **tiny
+  ).resolved_for("gpu")
   model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(model, nnx.Param)
 
@@ -198,6 +202,7 @@ def test_models_lower_with_their_gpu_kernels(lowering_for_the_gpu, arch, remat_p
   # LLaMA's norms have a gain and stay XLA's; the others' run the fused kernels both ways when asked to.
   norms = {"rms_norm_forward", "rms_norm_backward", "rms_norm_gated_forward", "rms_norm_gated_backward"}
   assert norms.isdisjoint(names) if arch == "llama" else norms <= names, names
+  assert "glu_gradient" in names, names  # the fused GLU's product gradient (SwiGLU for LLaMA, SGLU otherwise)
 
 
 @pytest.mark.parametrize("width", [1536, 256])

@@ -23,7 +23,7 @@ from gin import config_parser
 
 from lsm_jax import layer_pattern as layer_pattern_lib
 from lsm_jax import train as train_cli
-from pallas_kernels import rms_norm
+from pallas_kernels import glu, rms_norm
 from pallas_kernels.linear_attention import api as linear_attention_api
 
 # The four architectures of the paper; the hybrid families (linear layers interleaved with softmax ones,
@@ -38,6 +38,9 @@ LINEAR_ATTENTION_BACKENDS = linear_attention_api.BACKENDS
 # norms): "pallas_gpu" runs them as fused Pallas GPU kernels, "auto" resolves by rms_norm.resolve_backend (the
 # kernels on a GPU, XLA elsewhere). LLaMA's norms (with a gain) are always XLA's.
 NORM_BACKENDS = rms_norm.BACKENDS
+# The fused GLU's product gradient (fused_mlp): "pallas_gpu" forms it in one Pallas GPU kernel, "auto" resolves by
+# glu.resolve_backend (XLA's autodiff until the kernel is measured faster in a training step).
+GLU_BACKENDS = glu.BACKENDS
 # "none": keep every activation; "full": recompute the whole layer in the backward pass; the dots policies are
 # jax.checkpoint_policies of the same name (save matmul outputs, recompute the cheap elementwise work), the
 # mixer-kernel ones also keep the token mixers' fused-kernel outputs: HGRN2's GPU per-chunk states recomputed
@@ -84,6 +87,7 @@ class ModelConfig:
   # The GLU's up and gate projections as one matmul of their weights stacked at use (layers.GatedMLP; parameters
   # and checkpoints unchanged).
   fused_mlp: bool = False
+  glu_backend: str = "auto"  # GLU_BACKENDS
   norm_backend: str = "auto"  # NORM_BACKENDS
   remat_policy: str = "none"  # REMAT_POLICIES; where "none" does not fit, dots_and_mixer_kernels_saveable
   # is the fastest on the H200 (docs/performance.md)
@@ -111,6 +115,7 @@ class ModelConfig:
     _check_choice("param_dtype", self.param_dtype, DTYPES)
     _check_choice("linear_attention_backend", self.linear_attention_backend, LINEAR_ATTENTION_BACKENDS)
     _check_choice("norm_backend", self.norm_backend, NORM_BACKENDS)
+    _check_choice("glu_backend", self.glu_backend, GLU_BACKENDS)
     _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
     _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
     if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size <= 0):
@@ -161,6 +166,7 @@ class ModelConfig:
       attention_impl=attention_impl,
       linear_attention_backend=linear_attention_api.resolve_backend(self.linear_attention_backend, platform),
       norm_backend=rms_norm.resolve_backend(self.norm_backend, platform),
+      glu_backend=glu.resolve_backend(self.glu_backend, platform),
     )
 
   def to_json(self) -> str:

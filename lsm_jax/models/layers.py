@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen, nnx
 
-from pallas_kernels import rms_norm
+from pallas_kernels import glu, rms_norm
 from pallas_kernels.linear_attention import api as linear_attention_api
 from pallas_kernels.linear_attention import common, sequence_parallel
 
@@ -94,13 +94,24 @@ class GatedMLP(nnx.Module):
   SGLU, the activation-free GLU of TNL, HGRN2 and cosFormer2 (paper eqs. 10, 14, 18).
 
   fused: x W_u and x W_v as one matmul with the two weights stacked at use ([d, 2, ffn], the parameters stay two):
-  the backward then takes x's gradient from one matmul instead of summing two."""
+  the backward then takes x's gradient from one matmul instead of summing two. The product's gradient, one array
+  of that matmul's layout, comes from `glu_backend` (pallas_kernels.glu)."""
 
   def __init__(
-    self, d_model: int, ffn_dim: int, *, swish: bool, std: float, param_dtype, rngs: nnx.Rngs, fused: bool = False
+    self,
+    d_model: int,
+    ffn_dim: int,
+    *,
+    swish: bool,
+    std: float,
+    param_dtype,
+    rngs: nnx.Rngs,
+    fused: bool = False,
+    glu_backend: str = "auto",
   ):
     self.swish = swish
     self.fused = fused
+    self.glu_backend = glu_backend
     self.up = Linear(d_model, ffn_dim, ("embed", "mlp"), std=std, param_dtype=param_dtype, rngs=rngs)
     self.gate = Linear(d_model, ffn_dim, ("embed", "mlp"), std=std, param_dtype=param_dtype, rngs=rngs)
     self.down = Linear(ffn_dim, d_model, ("mlp", "embed"), std=std, param_dtype=param_dtype, rngs=rngs)
@@ -110,12 +121,11 @@ class GatedMLP(nnx.Module):
       # stacked on a new axis, not concatenated along "mlp": a sharded mlp axis keeps its layout
       kernel = jnp.stack([self.up.kernel[...], self.gate.kernel[...]], axis=1).astype(dtype)
       both = jnp.einsum("...d,dkf->...kf", x.astype(dtype), kernel)
-      up, gate = both[..., 0, :], both[..., 1, :]
+      hidden = sharded_glu(both, swish=self.swish, backend=self.glu_backend)
     else:
       up, gate = self.up(x, dtype), self.gate(x, dtype)
-    if self.swish:
-      gate = jax.nn.silu(gate)
-    hidden = constrain(up * gate, ("activation_batch", "activation_length", "mlp"))
+      hidden = up * (jax.nn.silu(gate) if self.swish else gate)
+    hidden = constrain(hidden, ("activation_batch", "activation_length", "mlp"))
     return self.down(hidden, dtype)
 
 
@@ -229,6 +239,29 @@ def sharded_gated_rms_norm(x, gate_logits=None, *, eps, backend="auto"):
   sigmoid(gate_logits), or norm(x) without a gate (_per_token_shards)."""
   fn = functools.partial(rms_norm.gated_rms_norm, eps=eps)
   return _per_token_shards(fn, rms_norm.resolve_backend(backend), x, gate_logits)
+
+
+def sharded_glu(both, *, swish, backend="auto"):
+  """`pallas_kernels.glu.glu` of a fused GLU's projections [B, T, 2, F] under the active mesh: the product is
+  elementwise, so a Pallas kernel runs per shard of batch, length and the mlp axis (each shard's F still a multiple
+  of 16); XLA's autodiff otherwise."""
+  backend = glu.resolve_backend(backend)
+  mesh = jax.sharding.get_abstract_mesh()
+  if backend == "xla" or mesh.empty or mesh.size == 1:
+    return glu.glu(both, swish=swish, backend=backend)
+  shards = KernelShards(jax.ShapeDtypeStruct((*both.shape[:2], 1, both.shape[-1]), both.dtype))
+  (mlp_axes,) = linen.logical_to_mesh_axes(("mlp",))
+  mlp = shards._usable(mlp_axes, both.shape[-1])
+  width = both.shape[-1] // (math.prod(mesh.shape[a] for a in mlp) if mlp else 1)
+  if width % 16:
+    return glu.glu(both, swish=swish, backend="xla")
+
+  def per_shard(both):
+    return glu.glu(both, swish=swish, backend=backend)
+
+  spec = jax.sharding.PartitionSpec(shards.batch, shards.length, None, mlp)
+  out_spec = jax.sharding.PartitionSpec(shards.batch, shards.length, mlp)
+  return shards.per_shard(per_shard, (spec,), out_spec)(both)
 
 
 def sharded_linear_attention(

@@ -105,6 +105,7 @@ class Block(nnx.Module):
       param_dtype=jnp.dtype(config.param_dtype),
       rngs=rngs,
       fused=config.fused_mlp,
+      glu_backend=config.glu_backend,
     )
 
   # The norms take the residual stream and hand it back (norm.residual): the fused kernels add the mixer's output
