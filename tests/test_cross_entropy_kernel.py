@@ -36,6 +36,8 @@ def float64_statistics(logits, targets):
     # four blocks of 256 over four programs per row, combined; 3 rows of 2,000: eight blocks, two per program
     ((3, 1000), jnp.bfloat16, RowStatsConfig(block_columns=256, row_splits=4)),
     ((3, 2000), jnp.bfloat16, RowStatsConfig(block_rows=2, block_columns=256, row_splits=4)),
+    # five blocks over four programs of two blocks each: the last program's span is empty
+    ((2, 1200), jnp.bfloat16, RowStatsConfig(block_columns=256, row_splits=4)),
     # more programs than blocks: the splits are capped at the blocks
     ((2, 300), jnp.float32, RowStatsConfig(block_columns=128, row_splits=16)),
   ],
