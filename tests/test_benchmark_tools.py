@@ -200,8 +200,11 @@ def test_train_step_rows_take_and_state_gpu_kernel_overrides(tmp_path):
     gpu_overrides="packed_operands=true,fused_forward_states=true",
     fused_mlp=True,
     norm_backend="pallas_gpu",
+    glu_backend="pallas_gpu",
+    compiler_options="",
   )
   spec = train_step.cli_spec("tnl", "tiny", 128, args, mesh=None)
+  assert spec["model_config"].glu_backend == "pallas_gpu"
   assert spec["model_config"].norm_backend == "pallas_gpu"
   assert spec["model_config"].linear_attention_gpu_overrides == (
     ("fused_forward_states", True),
@@ -237,6 +240,13 @@ def test_train_step_rows_take_and_state_gpu_kernel_overrides(tmp_path):
   train_step.write_markdown(str(tmp_path / "t.md"), header, [{**row, "norm_backend": other}], {}, "")
   assert (
     f"| none, stacked layers unrolled, fused mlp, {other} norms, float32 logits," in (tmp_path / "t.md").read_text()
+  )
+  # A fused GLU whose gradient is not the GPU default's names its backend.
+  other = "xla" if train_step.GPU_GLU_BACKEND == "pallas_gpu" else "pallas_gpu"
+  train_step.write_markdown(str(tmp_path / "t.md"), header, [{**row, "glu_backend": other}], {}, "")
+  assert (
+    f"| none, stacked layers unrolled, fused mlp, {other} GLU gradient, float32 logits,"
+    in (tmp_path / "t.md").read_text()
   )
   with pytest.raises(ValueError, match="unknown GpuKernelConfig knob 'packed'"):
     train_step.cli_spec("tnl", "tiny", 128, argparse.Namespace(**{**vars(args), "gpu_overrides": "packed=true"}), None)

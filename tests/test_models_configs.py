@@ -8,6 +8,7 @@ import gin
 import pytest
 
 from lsm_jax.models import configs
+from pallas_kernels import glu
 from pallas_kernels.rms_norm import api as rms_norm
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,23 +66,26 @@ def test_gpu_kernel_overrides_from_a_gin_mapping_survive_json_and_stay_hashable(
 
 
 @pytest.mark.parametrize(
-  "platform, dtype, backend, attention, norm",
+  "platform, dtype, backend, attention, norm, glu_backend",
   [
-    ("tpu", "bfloat16", "pallas_tpu", "splash", "xla"),
-    ("gpu", "bfloat16", "pallas_gpu", "pallas_gpu", rms_norm.GPU_DEFAULT),
-    ("gpu", "float32", "pallas_gpu", "xla", rms_norm.GPU_DEFAULT),
-    ("cpu", "bfloat16", "xla", "xla", "xla"),
+    ("tpu", "bfloat16", "pallas_tpu", "splash", "xla", "xla"),
+    ("gpu", "bfloat16", "pallas_gpu", "pallas_gpu", rms_norm.GPU_DEFAULT, glu.api.GPU_DEFAULT),
+    ("gpu", "float32", "pallas_gpu", "xla", rms_norm.GPU_DEFAULT, glu.api.GPU_DEFAULT),
+    ("cpu", "bfloat16", "xla", "xla", "xla", "xla"),
   ],
 )
-def test_resolved_for_fixes_the_auto_kernel_choices_of_the_platform(platform, dtype, backend, attention, norm):
+def test_resolved_for_fixes_the_auto_kernel_choices_of_the_platform(
+  platform, dtype, backend, attention, norm, glu_backend
+):
   config = configs.get_config("tnl", "70m", dtype=dtype)
   resolved = config.resolved_for(platform)
-  assert (resolved.linear_attention_backend, resolved.attention_impl, resolved.norm_backend) == (
-    backend,
-    attention,
-    norm,
-  )
-  auto = dict(linear_attention_backend="auto", attention_impl="auto", norm_backend="auto")
+  assert (
+    resolved.linear_attention_backend,
+    resolved.attention_impl,
+    resolved.norm_backend,
+    resolved.glu_backend,
+  ) == (backend, attention, norm, glu_backend)
+  auto = dict(linear_attention_backend="auto", attention_impl="auto", norm_backend="auto", glu_backend="auto")
   assert dataclasses.replace(resolved, **auto) == config
   # Explicit choices stay, whatever the platform.
   assert resolved.resolved_for("cpu") == resolved
