@@ -10,7 +10,6 @@ matmul and read again by the statistics and the gradient. benchmarks/train_step.
   python3 benchmarks/cross_entropy_timing.py --rows 4096 --vocab 100280
 """
 
-import argparse
 import itertools
 import json
 import os
@@ -37,11 +36,6 @@ STATISTICS_GRID = {
 GRADIENT_GRID = {"block_rows": (1, 2, 4), "block_columns": (1024, 2048, 4096), "num_warps": (4, 8)}
 
 
-def time_fn(fn, args, reps, calls):
-  """Median ms per call (kernel_timing.time_jax: compiled ahead, warmed up, reps × back-to-back calls)."""
-  return kernel_timing.time_jax(jax.jit(fn), args, reps, calls)["ms"]
-
-
 class _Head:
   """The model's tied head as losses.masked_cross_entropy_sums takes it: fp32 weights used in bf16."""
 
@@ -54,21 +48,6 @@ class _Head:
 
 def _grid(config_class, grid):
   return [config_class(**dict(zip(grid, values))) for values in itertools.product(*grid.values())]
-
-
-def _time_variants(variants, configs, make_fn, args, gigabytes, reps, calls):
-  """Times make_fn(config) for each config into variants (a config the compiler refuses, for registers or shared
-  memory, is logged and skipped); GB/s from `gigabytes` of least traffic. Returns the fastest Pallas config."""
-  for config in configs:
-    try:
-      ms = time_fn(make_fn(config), args, reps, calls)
-    except Exception as error:
-      measurement.log(f"config {config}: {type(error).__name__}: {str(error)[:200]}")
-      continue
-    variants.append({"variant": "pallas_gpu", "config": vars(config), "ms": ms})
-  for variant in variants:
-    variant["gb_s"] = gigabytes / variant["ms"] * 1e3
-  return min((v for v in variants if v["variant"] == "pallas_gpu"), key=lambda v: v["ms"])["config"]
 
 
 def _logits(rows, vocab):
@@ -84,9 +63,13 @@ def measure_statistics(rows, vocab, reps, calls):
     return lambda x, t: cross_entropy.row_log_normalizer_and_pick(x, t, backend=backend, config=config)
 
   variants = [
-    {"variant": "xla", "config": None, "ms": time_fn(statistics("xla", None), (logits, targets), reps, calls)}
+    {
+      "variant": "xla",
+      "config": None,
+      "ms": kernel_timing.median_ms(statistics("xla", None), (logits, targets), reps, calls),
+    }
   ]
-  best = _time_variants(
+  best = kernel_timing.time_config_grid(
     variants,
     _grid(cross_entropy.RowStatsConfig, STATISTICS_GRID),
     lambda config: statistics("pallas_gpu", config),
@@ -106,8 +89,10 @@ def measure_gradient(rows, vocab, reps, calls):
     return lambda x, n, t, w: cross_entropy.softmax_gradient(x, n, t, w, jnp.bfloat16, backend=backend, config=config)
 
   args = (logits, log_normalizer, targets, weights)
-  variants = [{"variant": "xla", "config": None, "ms": time_fn(gradient("xla", None), args, reps, calls)}]
-  best = _time_variants(
+  variants = [
+    {"variant": "xla", "config": None, "ms": kernel_timing.median_ms(gradient("xla", None), args, reps, calls)}
+  ]
+  best = kernel_timing.time_config_grid(
     variants,
     _grid(cross_entropy.SoftmaxGradConfig, GRADIENT_GRID),
     lambda config: gradient("pallas_gpu", config),
@@ -144,7 +129,9 @@ def measure_loss(batch, length, width, vocab, chunk, statistics_config, gradient
       def loss(weight, hidden):
         return losses.masked_cross_entropy_sums(_Head(weight), hidden, targets, mask, chunk, "bfloat16", "auto")[0]
 
-      result[f"{name}_fwd_bwd_ms"] = time_fn(jax.value_and_grad(loss, argnums=(0, 1)), (weight, hidden), reps, calls)
+      result[f"{name}_fwd_bwd_ms"] = kernel_timing.median_ms(
+        jax.value_and_grad(loss, argnums=(0, 1)), (weight, hidden), reps, calls
+      )
   finally:
     gpu.DEFAULT_CONFIG, gpu.DEFAULT_GRADIENT_CONFIG, api.GPU_DEFAULT, api.GPU_GRADIENT_DEFAULT = saved
   return result
@@ -195,20 +182,14 @@ def write_markdown(path, record):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-  parser.add_argument("--name", default="cross_entropy_h200")
+  parser = measurement.kernel_timing_parser(__doc__.splitlines()[0], "cross_entropy_h200")
   parser.add_argument("--rows", type=int, default=4096, help="rows of one loss chunk (batch × chunk)")
   parser.add_argument("--vocab", type=int, default=100280)
   parser.add_argument("--loss_shape", default="4,8192,1536,1024", help="batch,length,width,chunk of the whole loss")
-  parser.add_argument("--reps", type=int, default=5)
-  parser.add_argument("--calls", type=int, default=20)
   args = parser.parse_args()
   if jax.default_backend() != "gpu":
     raise SystemExit("cross_entropy_timing.py times GPU kernels: run it on a GPU host.")
-  record = {
-    **measurement.record_header("cross_entropy_timing.py"),
-  }
+  record = measurement.record_header("cross_entropy_timing.py")
   record["statistics"] = measure_statistics(args.rows, args.vocab, args.reps, args.calls)
   record["gradient"] = measure_gradient(args.rows, args.vocab, args.reps, args.calls)
   best = {kernel: record[kernel]["best_config"] for kernel in ("statistics", "gradient")}
@@ -218,10 +199,7 @@ def main():
     batch, length, width, args.vocab, chunk, best["statistics"], best["gradient"], args.reps, args.calls
   )
   measurement.log(json.dumps(record["loss"]))
-  os.makedirs(args.out_dir, exist_ok=True)
-  with open(os.path.join(args.out_dir, f"{args.name}.json"), "w") as handle:
-    json.dump(record, handle, indent=1)
-  write_markdown(os.path.join(args.out_dir, f"{args.name}.md"), record)
+  measurement.save_results(args.out_dir, args.name, record, write_markdown)
   measurement.log("done at %.0f s" % (time.monotonic() - _STARTED))
 
 

@@ -9,7 +9,6 @@ The gradient alone isolates the kernel; the whole GLU is what a training step ru
   python3 benchmarks/glu_timing.py --rows 32768 --widths 1536:4096,1024:2816
 """
 
-import argparse
 import itertools
 import json
 import os
@@ -34,33 +33,22 @@ from pallas_kernels.glu import gpu as glu_gpu  # noqa: E402
 GRID = {"block_rows": (1, 2, 4, 8), "block_columns": (256, 512, 1024, 2048), "num_warps": (4, 8)}
 
 
-def time_fn(fn, args, reps, calls):
-  """Median ms per call (kernel_timing.time_jax: compiled ahead, warmed up, reps × back-to-back calls)."""
-  return kernel_timing.time_jax(jax.jit(fn), args, reps, calls)["ms"]
-
-
 def measure_gradient(rows, width, swish, reps, calls):
   keys = jax.random.split(jax.random.key(0), 2)
   both = jax.random.normal(keys[0], (rows, 2, width), jnp.float32).astype(jnp.bfloat16)
   d_hidden = jax.random.normal(keys[1], (rows, width), jnp.float32).astype(jnp.bfloat16)
   gigabytes = rows * width * 2 * 5 / 1e9  # d_hidden, up and gate read once, both halves written once
   xla = lambda d, b: glu_api.glu_gradient_xla(d, b, swish=swish)
-  variants = [{"variant": "xla", "config": None, "ms": time_fn(xla, (d_hidden, both), reps, calls)}]
-  for values in itertools.product(*GRID.values()):
-    config = glu.GluGradConfig(**dict(zip(GRID, values)))
-    if rows_dividing(width, config.block_columns) != config.block_columns:
-      continue  # the kernel would halve the block to one that divides F: the same as a smaller config of the grid
-    kernel = lambda d, b, config=config: glu_gpu.glu_gradient_gpu(d, b, swish=swish, config=config)
-    try:
-      ms = time_fn(kernel, (d_hidden, both), reps, calls)
-    except Exception as error:  # a configuration the compiler refuses (registers, shared memory) is skipped
-      measurement.log(f"config {config}: {type(error).__name__}: {str(error)[:200]}")
-      continue
-    variants.append({"variant": "pallas_gpu", "config": vars(config), "ms": ms})
-  for variant in variants:
-    variant["gb_s"] = gigabytes / variant["ms"] * 1e3
-  best = min((v for v in variants if v["variant"] == "pallas_gpu"), key=lambda v: v["ms"])
-  return {"rows": rows, "width": width, "swish": swish, "variants": variants, "best_config": best["config"]}
+  variants = [{"variant": "xla", "config": None, "ms": kernel_timing.median_ms(xla, (d_hidden, both), reps, calls)}]
+  configs = [glu.GluGradConfig(**dict(zip(GRID, values))) for values in itertools.product(*GRID.values())]
+  # a column block the kernel would halve to divide F is the same as a smaller one of the grid
+  configs = [config for config in configs if rows_dividing(width, config.block_columns) == config.block_columns]
+
+  def kernel(config):
+    return lambda d, b: glu_gpu.glu_gradient_gpu(d, b, swish=swish, config=config)
+
+  best = kernel_timing.time_config_grid(variants, configs, kernel, (d_hidden, both), gigabytes, reps, calls)
+  return {"rows": rows, "width": width, "swish": swish, "variants": variants, "best_config": best}
 
 
 def measure_mlp(rows, d_model, width, swish, best_config, reps, calls):
@@ -85,7 +73,9 @@ def measure_mlp(rows, d_model, width, swish, best_config, reps, calls):
       def loss(params, x, graphdef=graphdef):
         return jnp.sum(nnx.merge(graphdef, params)(x, jnp.bfloat16).astype(jnp.float32))
 
-      result[f"{backend}_fwd_bwd_ms"] = time_fn(jax.value_and_grad(loss, argnums=(0, 1)), (params, x), reps, calls)
+      result[f"{backend}_fwd_bwd_ms"] = kernel_timing.median_ms(
+        jax.value_and_grad(loss, argnums=(0, 1)), (params, x), reps, calls
+      )
   finally:
     glu_gpu.DEFAULT_CONFIG = default
   result["xla_over_pallas"] = result["xla_fwd_bwd_ms"] / result["pallas_gpu_fwd_bwd_ms"]
@@ -131,16 +121,12 @@ def write_markdown(path, record):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-  parser.add_argument("--name", default="glu_h200")
+  parser = measurement.kernel_timing_parser(__doc__.splitlines()[0], "glu_h200")
   parser.add_argument("--rows", type=int, default=32768, help="tokens of one step (batch × length)")
   parser.add_argument(
     "--widths", default="1536:4096,1024:2816", help="d_model:F pairs (TNL and HGRN2 1B and 410M by default)"
   )
   parser.add_argument("--swish", action="store_true", help="SwiGLU (LLaMA) instead of the activation-free SGLU")
-  parser.add_argument("--reps", type=int, default=5)
-  parser.add_argument("--calls", type=int, default=20)
   args = parser.parse_args()
   if jax.default_backend() != "gpu":
     raise SystemExit("glu_timing.py times GPU kernels: run it on a GPU host.")
@@ -154,10 +140,7 @@ def main():
       measure_mlp(args.rows, d_model, width, args.swish, gradient["best_config"], args.reps, args.calls)
     )
     measurement.log(json.dumps(record["mlp"][-1]))
-  os.makedirs(args.out_dir, exist_ok=True)
-  with open(os.path.join(args.out_dir, f"{args.name}.json"), "w") as handle:
-    json.dump(record, handle, indent=1)
-  write_markdown(os.path.join(args.out_dir, f"{args.name}.md"), record)
+  measurement.save_results(args.out_dir, args.name, record, write_markdown)
   measurement.log("done at %.0f s" % (time.monotonic() - _STARTED))
 
 

@@ -133,6 +133,27 @@ def time_jax(fn, args, reps, calls):
   return {"ms": time_compiled(compiled, args, reps, calls), "compile_s": compile_s}
 
 
+def median_ms(fn, args, reps, calls):
+  """Median ms per call of fn jitted (time_jax: compiled ahead, warmed up, reps × back-to-back calls)."""
+  return time_jax(jax.jit(fn), args, reps, calls)["ms"]
+
+
+def time_config_grid(variants, configs, make_fn, args, gigabytes, reps, calls):
+  """Appends {"variant": "pallas_gpu", "config", "ms"} to `variants` for make_fn(config) of each config (a config
+  the compiler refuses, for registers or shared memory, is logged and skipped), then every variant's GB/s from
+  `gigabytes` of least traffic. Returns the fastest Pallas config's fields."""
+  for config in configs:
+    try:
+      ms = median_ms(make_fn(config), args, reps, calls)
+    except Exception as error:
+      measurement.log(f"config {config}: {type(error).__name__}: {str(error)[:200]}")
+      continue
+    variants.append({"variant": "pallas_gpu", "config": vars(config), "ms": ms})
+  for variant in variants:
+    variant["gb_s"] = gigabytes / variant["ms"] * 1e3
+  return min((v for v in variants if v["variant"] == "pallas_gpu"), key=lambda v: v["ms"])["config"]
+
+
 def jax_inputs(op, batch, time_, heads, dim, seed=0, dtype=jnp.bfloat16):
   keys = jax.random.split(jax.random.key(seed), 5)
   normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32)

@@ -4,6 +4,7 @@ header of a record."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -40,6 +41,24 @@ def record_header(script: str) -> dict:
 
 def log(*parts):
   print(*parts, flush=True)
+
+
+def kernel_timing_parser(description: str, name: str) -> argparse.ArgumentParser:
+  """The arguments every kernel timing script takes: where its result files go and how many samples it times."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+  parser.add_argument("--name", default=name, help="results file stem")
+  parser.add_argument("--reps", type=int, default=5)
+  parser.add_argument("--calls", type=int, default=20)
+  return parser
+
+
+def save_results(out_dir: str, name: str, record: dict, write_markdown) -> None:
+  """record as <name>.json and write_markdown(<name>.md, record) in out_dir."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f"{name}.json"), "w") as handle:
+    json.dump(record, handle, indent=1)
+  write_markdown(os.path.join(out_dir, f"{name}.md"), record)
 
 
 class Runner:

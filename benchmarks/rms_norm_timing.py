@@ -9,7 +9,6 @@ measures the whole training step with each backend (--norm_backend).
   python3 benchmarks/rms_norm_timing.py --widths 1024,1536,2048,4096
 """
 
-import argparse
 import itertools
 import json
 import os
@@ -28,11 +27,6 @@ from pallas_kernels import rms_norm  # noqa: E402
 
 GRID_ROWS = (1, 2, 4)
 GRID_WARPS = (4, 8)
-
-
-def time_fn(fn, args, reps, calls):
-  """Median ms per call (kernel_timing.time_jax: compiled ahead, warmed up, reps × back-to-back calls)."""
-  return kernel_timing.time_jax(jax.jit(fn), args, reps, calls)["ms"]
 
 
 def norm_fns(backend, config):
@@ -67,19 +61,22 @@ def measure_width(rows, width, reps, calls):
   forward, forward_backward = norm_fns("xla", None)
   result["variants"].append(
     entry(
-      "xla", None, time_fn(forward, (x, delta), reps, calls), time_fn(forward_backward, (x, delta, ds, dy), reps, calls)
+      "xla",
+      None,
+      kernel_timing.median_ms(forward, (x, delta), reps, calls),
+      kernel_timing.median_ms(forward_backward, (x, delta, ds, dy), reps, calls),
     )
   )
   fwd_times = {}
   for block_rows, warps in itertools.product(GRID_ROWS, GRID_WARPS):
     config = rms_norm.NormConfig(block_rows=block_rows, num_warps=warps)
-    fwd_times[(block_rows, warps)] = time_fn(norm_fns("pallas_gpu", config)[0], (x, delta), reps, calls)
+    fwd_times[(block_rows, warps)] = kernel_timing.median_ms(norm_fns("pallas_gpu", config)[0], (x, delta), reps, calls)
   best_rows, best_warps = min(fwd_times, key=fwd_times.get)
   for block_rows, warps in itertools.product(GRID_ROWS, GRID_WARPS):
     config = rms_norm.NormConfig(
       block_rows=best_rows, num_warps=best_warps, block_rows_backward=block_rows, num_warps_backward=warps
     )
-    fwd_bwd = time_fn(norm_fns("pallas_gpu", config)[1], (x, delta, ds, dy), reps, calls)
+    fwd_bwd = kernel_timing.median_ms(norm_fns("pallas_gpu", config)[1], (x, delta, ds, dy), reps, calls)
     fields = {"block_rows": best_rows, "num_warps": best_warps}
     fields |= {"block_rows_backward": block_rows, "num_warps_backward": warps}
     result["variants"].append(entry("pallas_gpu", fields, fwd_times[(best_rows, best_warps)], fwd_bwd))
@@ -94,7 +91,7 @@ def measure_width(rows, width, reps, calls):
       y, vjp = jax.vjp(lambda x, g: rms_norm.gated_rms_norm(x, g, eps=1e-6, backend=backend, config=config), x, gate)
       return y, vjp(dy)
 
-    result[f"gated_{backend}_fwd_bwd_ms"] = time_fn(gated, (x, delta, dy), reps, calls)
+    result[f"gated_{backend}_fwd_bwd_ms"] = kernel_timing.median_ms(gated, (x, delta, dy), reps, calls)
   result["xla_over_best"] = result["variants"][0]["fwd_bwd_ms"] / best["fwd_bwd_ms"]
   return result
 
@@ -143,13 +140,9 @@ def write_markdown(path, record):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-  parser.add_argument("--name", default="rms_norm_h200")
+  parser = measurement.kernel_timing_parser(__doc__.splitlines()[0], "rms_norm_h200")
   parser.add_argument("--rows", type=int, default=32768, help="tokens per call (batch × length)")
   parser.add_argument("--widths", default="1024,1536,2048,4096")
-  parser.add_argument("--reps", type=int, default=5)
-  parser.add_argument("--calls", type=int, default=20)
   args = parser.parse_args()
   if jax.default_backend() != "gpu":
     raise SystemExit("rms_norm_timing.py times GPU kernels: run it on a GPU host.")
@@ -158,14 +151,11 @@ def main():
     **measurement.record_header("rms_norm_timing.py"),
     "results": [],
   }
-  os.makedirs(args.out_dir, exist_ok=True)
   for width in widths:
     result = measure_width(args.rows, width, args.reps, args.calls)
     measurement.log(json.dumps({k: result[k] for k in ("width", "best_config", "xla_over_best")}))
     record["results"].append(result)
-    with open(os.path.join(args.out_dir, f"{args.name}.json"), "w") as handle:
-      json.dump(record, handle, indent=1)
-    write_markdown(os.path.join(args.out_dir, f"{args.name}.md"), record)
+    measurement.save_results(args.out_dir, args.name, record, write_markdown)
   measurement.log("done at %.0f s" % (time.monotonic() - _STARTED))
 
 
