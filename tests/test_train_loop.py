@@ -50,8 +50,9 @@ def _step_dirs(model_dir, kind):
   return sorted(int(name) for name in os.listdir(directory) if name.isdigit()) if os.path.isdir(directory) else []
 
 
-def _smoke_program():
-  """The program of gin/smoke/llama.gin on one device, built from its gin bindings without train()."""
+def _smoke_program(**overrides):
+  """The program of gin/smoke/llama.gin on one device, built from its gin bindings (and `overrides` of
+  build_train_program's arguments) without train()."""
   gin.clear_config()
   try:
     train.parse_gin([SMOKE], ["MODEL_DIR = '/unused'", ONE_DEVICE])
@@ -59,7 +60,7 @@ def _smoke_program():
   finally:
     gin.clear_config()
   mesh = sharding.make_mesh(arguments.pop("mesh_config"))
-  return trainer.build_train_program(mesh=mesh, **arguments)
+  return trainer.build_train_program(mesh=mesh, **{**arguments, **overrides})
 
 
 # --- memory plan ---------------------------------------------------------------------------------------------------
@@ -115,14 +116,7 @@ def test_an_unknown_compiler_option_is_refused_before_compiling(tmp_path):
 def test_compiler_options_reach_the_compiled_steps(tmp_path):
   """The options are those the train and eval steps compile with: XLA's dump option writes their HLO where told."""
   dump = tmp_path / "dump"
-  gin.clear_config()
-  try:
-    train.parse_gin([SMOKE], ["MODEL_DIR = '/unused'", ONE_DEVICE])
-    arguments = aot.program_arguments_from_gin()
-  finally:
-    gin.clear_config()
-  mesh = sharding.make_mesh(arguments.pop("mesh_config"))
-  program = trainer.build_train_program(mesh=mesh, **{**arguments, "compiler_options": {"xla_dump_to": str(dump)}})
+  program = _smoke_program(compiler_options={"xla_dump_to": str(dump)})
   assert not any("train_step" in name for name in os.listdir(dump))  # only the options' check compiled so far
   program.lower_train_step().compile()
   assert any("train_step" in name for name in os.listdir(dump))
