@@ -163,12 +163,13 @@ class KernelShards:
     batch_axes, length_axes, heads_axes, _ = linen.logical_to_mesh_axes(
       ("activation_batch", "activation_length", "activation_heads", None)
     )
-    self.batch = self._usable(batch_axes, x.shape[0])
-    self.length = self._usable(length_axes, x.shape[1])
-    self.heads = self._usable(heads_axes, x.shape[2])
+    self.batch = self.usable_axes(batch_axes, x.shape[0])
+    self.length = self.usable_axes(length_axes, x.shape[1])
+    self.heads = self.usable_axes(heads_axes, x.shape[2])
 
-  def _usable(self, axes, size):
-    # Axes that the dimension divides; anything else stays replicated inside the shard_map.
+  def usable_axes(self, axes, size):
+    """The mesh axes of `axes` (a name, names or None) larger than one, if `size` divides over them; None
+    otherwise: that dimension stays replicated inside the shard_map."""
     mesh = self.mesh
     axes = tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ())) if mesh.shape.get(a, 1) > 1)
     return axes if axes and size % math.prod(mesh.shape[a] for a in axes) == 0 else None
@@ -251,7 +252,7 @@ def sharded_glu(both, *, swish, backend="auto"):
     return glu.glu(both, swish=swish, backend=backend)
   shards = KernelShards(jax.ShapeDtypeStruct((*both.shape[:2], 1, both.shape[-1]), both.dtype))
   (mlp_axes,) = linen.logical_to_mesh_axes(("mlp",))
-  mlp = shards._usable(mlp_axes, both.shape[-1])
+  mlp = shards.usable_axes(mlp_axes, both.shape[-1])
   width = both.shape[-1] // (math.prod(mesh.shape[a] for a in mlp) if mlp else 1)
   if width % 16:
     return glu.glu(both, swish=swish, backend="xla")

@@ -3,9 +3,10 @@
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import backends
 from pallas_kernels.cross_entropy.gpu import row_log_normalizer_and_pick_gpu, softmax_gradient_gpu
 
-BACKENDS = ("auto", "xla", "pallas_gpu")
+BACKENDS = backends.BACKENDS
 
 # What "auto" runs on a GPU: with the kernel, TNL 1B's whole fused loss at 8K (head matmuls, statistics, gradient)
 # took 53.4 ms against 57.2 ms with XLA's statistics on an H200 (benchmarks/results/cross_entropy_h200.md).
@@ -18,11 +19,7 @@ GPU_GRADIENT_DEFAULT = "xla"
 def resolve_backend(backend: str, platform: str | None = None, gpu_default: str | None = None) -> str:
   """Maps "auto" to the backend for `platform` ("tpu", "gpu", "cpu"; None: the default device's): on a GPU
   `gpu_default` (None: the row statistics' GPU_DEFAULT)."""
-  if backend not in BACKENDS:
-    raise ValueError(f"Unknown cross-entropy backend {backend!r}; valid: {', '.join(BACKENDS)}.")
-  if backend != "auto":
-    return backend
-  return (gpu_default or GPU_DEFAULT) if (platform or jax.default_backend()) == "gpu" else "xla"
+  return backends.resolve_backend("cross-entropy", backend, gpu_default or GPU_DEFAULT, platform)
 
 
 def row_log_normalizer_and_pick_xla(logits, targets):

@@ -4,9 +4,10 @@ import functools
 
 import jax
 
+from pallas_kernels import backends
 from pallas_kernels.glu.gpu import glu_gradient_gpu
 
-BACKENDS = ("auto", "xla", "pallas_gpu")
+BACKENDS = backends.BACKENDS
 
 # What "auto" runs on a GPU: XLA's autodiff, the form every committed training-step measurement ran. The kernel is
 # selected with "pallas_gpu" (benchmarks/glu_timing.py times both).
@@ -15,11 +16,7 @@ GPU_DEFAULT = "xla"
 
 def resolve_backend(backend: str, platform: str | None = None) -> str:
   """Maps "auto" to the backend for `platform` ("tpu", "gpu", "cpu"; None: the default device's)."""
-  if backend not in BACKENDS:
-    raise ValueError(f"Unknown GLU backend {backend!r}; valid: {', '.join(BACKENDS)}.")
-  if backend != "auto":
-    return backend
-  return GPU_DEFAULT if (platform or jax.default_backend()) == "gpu" else "xla"
+  return backends.resolve_backend("GLU", backend, GPU_DEFAULT, platform)
 
 
 def _product(both, swish):

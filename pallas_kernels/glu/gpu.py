@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.blocks import is_power_of_two, rows_dividing
+from pallas_kernels.blocks import check_powers_of_two, rows_dividing
 
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
@@ -32,10 +32,7 @@ class GluGradConfig:
   num_warps: int = 4
 
   def __post_init__(self):
-    for name, limit in (("block_rows", 64), ("block_columns", 8192), ("num_warps", 16)):
-      value = getattr(self, name)
-      if not is_power_of_two(value) or value > limit:
-        raise ValueError(f"GluGradConfig.{name} must be a power of two <= {limit}; got {value!r}.")
+    check_powers_of_two(self, (("block_rows", 64), ("block_columns", 8192), ("num_warps", 16)))
 
 
 DEFAULT_CONFIG = GluGradConfig()

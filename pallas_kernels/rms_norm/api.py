@@ -3,10 +3,10 @@
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import backends
 from pallas_kernels.rms_norm.gpu import gated_rms_norm_gpu, residual_rms_norm_gpu
 
-BACKENDS = ("auto", "xla", "pallas_gpu")
-
+BACKENDS = backends.BACKENDS
 
 # What "auto" runs on a GPU: the kernels made the 1B training step at 8K 1.1-1.5% faster than XLA's norms for TNL,
 # HGRN2 and cosFormer2 on an H200 (benchmarks/results/train_step_h200_norms.md). Elsewhere XLA's form runs.
@@ -15,11 +15,7 @@ GPU_DEFAULT = "pallas_gpu"
 
 def resolve_backend(backend: str, platform: str | None = None) -> str:
   """Maps "auto" to the backend for `platform` ("tpu", "gpu", "cpu"; None: the default device's)."""
-  if backend not in BACKENDS:
-    raise ValueError(f"Unknown rms-norm backend {backend!r}; valid: {', '.join(BACKENDS)}.")
-  if backend != "auto":
-    return backend
-  return GPU_DEFAULT if (platform or jax.default_backend()) == "gpu" else "xla"
+  return backends.resolve_backend("rms-norm", backend, GPU_DEFAULT, platform)
 
 
 def residual_rms_norm_xla(x, delta=None, *, eps):
