@@ -56,7 +56,7 @@ import numpy as np  # noqa: E402
 
 from lsm_jax import losses, metrics, optim, sharding, trainer  # noqa: E402
 from lsm_jax.models import configs  # noqa: E402
-from pallas_kernels import glu, rms_norm  # noqa: E402
+from pallas_kernels import cross_entropy, glu, rms_norm  # noqa: E402
 from pallas_kernels.linear_attention import gpu  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -142,6 +142,8 @@ LOSS_CHUNK_LENGTH = 1024  # positions per loss chunk, as gin/runs/pretrain.gin t
 LOSS_LOGITS_DTYPE = "bfloat16"  # the training loss's logits, as gin/runs/pretrain.gin trains
 GPU_NORM_BACKEND = rms_norm.resolve_backend("auto", "gpu")  # what ModelConfig.norm_backend "auto" runs on a GPU
 GPU_GLU_BACKEND = glu.resolve_backend("auto", "gpu")  # what ModelConfig.glu_backend "auto" runs on a GPU
+# what the loss's softmax gradient runs on a GPU
+GPU_SOFTMAX_GRADIENT_BACKEND = cross_entropy.resolve_backend("auto", "gpu", cross_entropy.api.GPU_GRADIENT_DEFAULT)
 
 
 def peak_memory_bytes(devices) -> int | None:
@@ -161,8 +163,12 @@ def _layers_label(row) -> str:
   norm_backend = row.get("norm_backend", "xla")  # rows without one were measured with XLA's norms
   if row.get("arch") != "llama" and norm_backend != GPU_NORM_BACKEND:
     label += f", {norm_backend} norms"
-  if row.get("fused_mlp") and row.get("glu_backend", "xla") != GPU_GLU_BACKEND:
-    label += f", {row['glu_backend']} GLU gradient"
+  glu_backend = row.get("glu_backend", "xla")  # rows without one were measured with XLA's autodiff
+  if row.get("fused_mlp") and glu_backend != GPU_GLU_BACKEND:
+    label += f", {glu_backend} GLU gradient"
+  softmax_gradient_backend = row.get("softmax_gradient_backend", "xla")  # likewise, XLA's fusion
+  if softmax_gradient_backend != GPU_SOFTMAX_GRADIENT_BACKEND:
+    label += f", {softmax_gradient_backend} softmax gradient"
   if row.get("loss_chunk_length") not in (None, LOSS_CHUNK_LENGTH):
     label += f", loss chunks of {row['loss_chunk_length']}"
   logits_dtype = row.get("loss_logits_dtype", "float32")  # rows without one were measured with fp32 logits
@@ -291,6 +297,9 @@ def compile_spec(spec: dict) -> tuple[trainer.TrainProgram, jax.stages.Compiled,
     "attention_impl": program.model_config.attention_impl,
     "loss_chunk_length": spec["loss_chunk_length"],
     "loss_logits_dtype": spec["loss_logits_dtype"],
+    "softmax_gradient_backend": cross_entropy.resolve_backend(
+      "auto", jax.default_backend(), cross_entropy.api.GPU_GRADIENT_DEFAULT
+    ),
     "compiler_options": dict(spec.get("compiler_options") or {}),
   }
   start = time.perf_counter()

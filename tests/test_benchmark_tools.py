@@ -221,6 +221,8 @@ def test_train_step_rows_take_and_state_gpu_kernel_overrides(tmp_path):
     "unroll_layers": True,
     "fused_mlp": True,
     "norm_backend": train_step.GPU_NORM_BACKEND,
+    "glu_backend": train_step.GPU_GLU_BACKEND,
+    "softmax_gradient_backend": train_step.GPU_SOFTMAX_GRADIENT_BACKEND,
     "linear_attention_gpu_overrides": dict(spec["model_config"].linear_attention_gpu_overrides),
     "loss_logits_dtype": spec["loss_logits_dtype"],
     "compile_s": 1.0,
@@ -246,6 +248,13 @@ def test_train_step_rows_take_and_state_gpu_kernel_overrides(tmp_path):
   train_step.write_markdown(str(tmp_path / "t.md"), header, [{**row, "glu_backend": other}], {}, "")
   assert (
     f"| none, stacked layers unrolled, fused mlp, {other} GLU gradient, float32 logits,"
+    in (tmp_path / "t.md").read_text()
+  )
+  # So does a loss whose softmax gradient is not the GPU default's; a row without the field ran XLA's.
+  other = "xla" if train_step.GPU_SOFTMAX_GRADIENT_BACKEND == "pallas_gpu" else "pallas_gpu"
+  train_step.write_markdown(str(tmp_path / "t.md"), header, [{**row, "softmax_gradient_backend": other}], {}, "")
+  assert (
+    f"| none, stacked layers unrolled, fused mlp, {other} softmax gradient, float32 logits,"
     in (tmp_path / "t.md").read_text()
   )
   with pytest.raises(ValueError, match="unknown GpuKernelConfig knob 'packed'"):

@@ -39,7 +39,7 @@ LINEAR_ATTENTION_BACKENDS = linear_attention_api.BACKENDS
 # kernels on a GPU, XLA elsewhere). LLaMA's norms (with a gain) are always XLA's.
 NORM_BACKENDS = rms_norm.BACKENDS
 # The fused GLU's product gradient (fused_mlp): "pallas_gpu" forms it in one Pallas GPU kernel, "auto" resolves by
-# glu.resolve_backend (XLA's autodiff until the kernel is measured faster in a training step).
+# glu.resolve_backend (the kernel on a GPU, XLA's autodiff elsewhere).
 GLU_BACKENDS = glu.BACKENDS
 # "none": keep every activation; "full": recompute the whole layer in the backward pass; the dots policies are
 # jax.checkpoint_policies of the same name (save matmul outputs, recompute the cheap elementwise work), the

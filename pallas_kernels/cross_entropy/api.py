@@ -11,9 +11,9 @@ BACKENDS = backends.BACKENDS
 # What "auto" runs on a GPU: with the kernel, TNL 1B's whole fused loss at 8K (head matmuls, statistics, gradient)
 # took 53.4 ms against 57.2 ms with XLA's statistics on an H200 (benchmarks/results/cross_entropy_h200.md).
 GPU_DEFAULT = "pallas_gpu"
-# What "auto" runs for the softmax gradient on a GPU: XLA's fusion, the form every committed training-step measurement
-# ran; the Pallas kernel is selected with backend="pallas_gpu" (benchmarks/cross_entropy_timing.py times both).
-GPU_GRADIENT_DEFAULT = "xla"
+# What "auto" runs for the softmax gradient on a GPU: the kernel. With both GPU kernels TNL 1B's training step at 8K
+# was the fastest of six variants on an H100 (benchmarks/results/train_step_h100_tnl_gpu_options.md).
+GPU_GRADIENT_DEFAULT = "pallas_gpu"
 
 
 def resolve_backend(backend: str, platform: str | None = None, gpu_default: str | None = None) -> str:

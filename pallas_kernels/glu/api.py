@@ -9,9 +9,9 @@ from pallas_kernels.glu.gpu import glu_gradient_gpu
 
 BACKENDS = backends.BACKENDS
 
-# What "auto" runs on a GPU: XLA's autodiff, the form every committed training-step measurement ran. The kernel is
-# selected with "pallas_gpu" (benchmarks/glu_timing.py times both).
-GPU_DEFAULT = "xla"
+# What "auto" runs on a GPU: the kernel. TNL 1B's training step at 8K was faster with it than with XLA's autodiff on
+# an H100 (benchmarks/results/train_step_h100_tnl_gpu_options.md).
+GPU_DEFAULT = "pallas_gpu"
 
 
 def resolve_backend(backend: str, platform: str | None = None) -> str:

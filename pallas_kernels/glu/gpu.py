@@ -27,9 +27,10 @@ class GluGradConfig:
   """Rows and columns of one program's block (the columns a power of two that divides F, halved until it does) and
   its warps (powers of two)."""
 
-  block_rows: int = 4
-  block_columns: int = 1024
-  num_warps: int = 4
+  # The fastest of the grid at TNL 1B's 32,768 × 4096 on an H100 (benchmarks/results/glu_h100.md)
+  block_rows: int = 1
+  block_columns: int = 2048
+  num_warps: int = 8
 
   def __post_init__(self):
     check_powers_of_two(self, (("block_rows", 64), ("block_columns", 8192), ("num_warps", 16)))
