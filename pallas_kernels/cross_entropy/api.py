@@ -12,7 +12,7 @@ BACKENDS = backends.BACKENDS
 # took 53.4 ms against 57.2 ms with XLA's statistics on an H200 (benchmarks/results/cross_entropy_h200.md).
 GPU_DEFAULT = "pallas_gpu"
 # What "auto" runs for the softmax gradient on a GPU: the kernel. With both GPU kernels TNL 1B's training step at 8K
-# was the fastest of six variants on an H100 (benchmarks/results/train_step_h100_tnl_gpu_options.md).
+# was the fastest of five variants on an H100 (benchmarks/results/train_step_h100_tnl_gpu_options.md).
 GPU_GRADIENT_DEFAULT = "pallas_gpu"
 
 
