@@ -182,7 +182,7 @@ def write_markdown(path, record):
 
 
 def main():
-  parser = measurement.kernel_timing_parser(__doc__.splitlines()[0], "cross_entropy_h200")
+  parser = measurement.kernel_timing_parser(__doc__.splitlines()[0], "cross_entropy")
   parser.add_argument("--rows", type=int, default=4096, help="rows of one loss chunk (batch × chunk)")
   parser.add_argument("--vocab", type=int, default=100280)
   parser.add_argument("--loss_shape", default="4,8192,1536,1024", help="batch,length,width,chunk of the whole loss")
@@ -199,7 +199,7 @@ def main():
     batch, length, width, args.vocab, chunk, best["statistics"], best["gradient"], args.reps, args.calls
   )
   measurement.log(json.dumps(record["loss"]))
-  measurement.save_results(args.out_dir, args.name, record, write_markdown)
+  measurement.save_results(args, record, write_markdown)
   measurement.log("done at %.0f s" % (time.monotonic() - _STARTED))
 
 

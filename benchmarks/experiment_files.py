@@ -303,9 +303,8 @@ def main(argv=None) -> None:
   for size in args.sizes.split(","):
     if size not in CANDIDATES:
       parser.error(f"--sizes: {size!r} has no candidates; valid: {tuple(CANDIDATES)}")
-  device_name = jax.devices()[0].device_kind.lower().replace("nvidia ", "").replace(" ", "_")
   stem = "experiment_defaults" if args.mode == "select" else "experiment_files"
-  base = os.path.join(args.out_dir, f"{stem}_{device_name}")
+  base = os.path.join(args.out_dir, f"{stem}_{measurement.device_name()}")
   os.makedirs(args.out_dir, exist_ok=True)
   header = _header("python benchmarks/experiment_files.py " + " ".join(sys.argv[1:] if argv is None else argv))
   rows = []

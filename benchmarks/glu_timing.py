@@ -121,7 +121,7 @@ def write_markdown(path, record):
 
 
 def main():
-  parser = measurement.kernel_timing_parser(__doc__.splitlines()[0], "glu_h200")
+  parser = measurement.kernel_timing_parser(__doc__.splitlines()[0], "glu")
   parser.add_argument("--rows", type=int, default=32768, help="tokens of one step (batch × length)")
   parser.add_argument(
     "--widths", default="1536:4096,1024:2816", help="d_model:F pairs (TNL and HGRN2 1B and 410M by default)"
@@ -140,7 +140,7 @@ def main():
       measure_mlp(args.rows, d_model, width, args.swish, gradient["best_config"], args.reps, args.calls)
     )
     measurement.log(json.dumps(record["mlp"][-1]))
-  measurement.save_results(args.out_dir, args.name, record, write_markdown)
+  measurement.save_results(args, record, write_markdown)
   measurement.log("done at %.0f s" % (time.monotonic() - _STARTED))
 
 

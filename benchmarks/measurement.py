@@ -39,26 +39,35 @@ def record_header(script: str) -> dict:
   }
 
 
+def device_name() -> str:
+  """The first device's kind as a results file suffix: "h200" for an NVIDIA H200, "h100_80gb_hbm3", "cpu"."""
+  import jax
+
+  return jax.devices()[0].device_kind.lower().replace("nvidia ", "").replace(" ", "_")
+
+
 def log(*parts):
   print(*parts, flush=True)
 
 
-def kernel_timing_parser(description: str, name: str) -> argparse.ArgumentParser:
+def kernel_timing_parser(description: str, op: str) -> argparse.ArgumentParser:
   """The arguments every kernel timing script takes: where its result files go and how many samples it times."""
   parser = argparse.ArgumentParser(description=description)
+  parser.set_defaults(op=op)
   parser.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-  parser.add_argument("--name", default=name, help="results file stem")
+  parser.add_argument("--name", help=f"results file stem (default: {op}_<device>, e.g. {op}_h200)")
   parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--calls", type=int, default=20)
   return parser
 
 
-def save_results(out_dir: str, name: str, record: dict, write_markdown) -> None:
-  """record as <name>.json and write_markdown(<name>.md, record) in out_dir."""
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, f"{name}.json"), "w") as handle:
+def save_results(args: argparse.Namespace, record: dict, write_markdown) -> None:
+  """record as <name>.json and write_markdown(<name>.md, record) in args.out_dir; args from kernel_timing_parser."""
+  name = args.name or f"{args.op}_{device_name()}"
+  os.makedirs(args.out_dir, exist_ok=True)
+  with open(os.path.join(args.out_dir, f"{name}.json"), "w") as handle:
     json.dump(record, handle, indent=1)
-  write_markdown(os.path.join(out_dir, f"{name}.md"), record)
+  write_markdown(os.path.join(args.out_dir, f"{name}.md"), record)
 
 
 class Runner:

@@ -140,7 +140,7 @@ def write_markdown(path, record):
 
 
 def main():
-  parser = measurement.kernel_timing_parser(__doc__.splitlines()[0], "rms_norm_h200")
+  parser = measurement.kernel_timing_parser(__doc__.splitlines()[0], "rms_norm")
   parser.add_argument("--rows", type=int, default=32768, help="tokens per call (batch × length)")
   parser.add_argument("--widths", default="1024,1536,2048,4096")
   args = parser.parse_args()
@@ -155,7 +155,7 @@ def main():
     result = measure_width(args.rows, width, args.reps, args.calls)
     measurement.log(json.dumps({k: result[k] for k in ("width", "best_config", "xla_over_best")}))
     record["results"].append(result)
-    measurement.save_results(args.out_dir, args.name, record, write_markdown)
+    measurement.save_results(args, record, write_markdown)
   measurement.log("done at %.0f s" % (time.monotonic() - _STARTED))
 
 

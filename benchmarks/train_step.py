@@ -601,9 +601,8 @@ def main(argv=None) -> list[dict]:
     return results["rows"]
 
   device = jax.devices()[0]
-  device_name = device.device_kind.lower().replace("nvidia ", "").replace(" ", "_")
   os.makedirs(args.out_dir, exist_ok=True)
-  base = os.path.join(args.out_dir, args.name or f"train_step_{device_name}")
+  base = os.path.join(args.out_dir, args.name or f"train_step_{measurement.device_name()}")
   command = "python benchmarks/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
   header = {
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
