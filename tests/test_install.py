@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from packaging.version import Version
 
 from lsm_jax import train
@@ -22,6 +23,7 @@ def _run(command, **kwargs):
   return result
 
 
+@pytest.mark.slow  # builds a wheel, installs it into a directory, then one CLI training process
 def test_training_from_an_installed_wheel_outside_the_checkout(tmp_path):
   wheel_dir, site, elsewhere = tmp_path / "wheel", tmp_path / "site", tmp_path / "elsewhere"
   elsewhere.mkdir()

@@ -473,6 +473,7 @@ def test_bad_input_names_the_problem(bad, message):
       gpu.linear_attention_gpu(q, q, v, None, None, None, bad.get("chunk_size"))
 
 
+@pytest.mark.slow  # five interpret-mode kernel gradients, up to 1,024 tokens
 def test_bf16_decay_gradient_error_does_not_grow_with_sequence_length():
   """The decay gradient's suffix sum of q·dq − k·dk cancels heavily. Summed over the whole sequence with bf16
   states its error grew with T (9.0e-3 at T=1024 here, 1.7e-1 with bf16 dq/dk operands too); telescoped only to

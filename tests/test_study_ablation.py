@@ -85,6 +85,7 @@ study.StudyGrid:
   return experiments
 
 
+@pytest.mark.slow  # one study process training and evaluating three runs
 def test_micro_ablation_grid_reports_table_5_and_6_layouts(tmp_path):
   experiments = write_micro_grid(tmp_path)
   out = tmp_path / "study"

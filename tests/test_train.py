@@ -78,6 +78,7 @@ def _check_run_directory(model_dir):
   assert os.listdir(os.path.join(model_dir, "tensorboard"))
 
 
+@pytest.mark.slow  # three smoke training runs, each compiling for its own mesh
 def test_smoke_run_then_the_same_run_on_sharded_meshes(tmp_path):
   # One test, not three, so pytest-xdist never trains the single-device reference twice.
   single_dir = str(tmp_path / "single")
